@@ -1,0 +1,302 @@
+#include "cli/commands.h"
+
+#include <chrono>
+#include <cstdio>
+#include <algorithm>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "core/io/npy.h"
+#include "core/model/generator.h"
+#include "core/model/make_model.h"
+#include "core/model/model_runner.h"
+#include "core/model/weights.h"
+#include "core/util/cpu_features.h"
+#include "core/util/thread_pool.h"
+
+namespace dsmoe::cli {
+
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::cerr << "dsmoe: error: " << status.message() << "\n";
+  return 1;
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseIdList(const std::string& text, const char* flag) {
+  std::vector<int32_t> ids;
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t end = text.find(',', i);
+    if (end == std::string::npos) end = text.size();
+    const std::string item = text.substr(i, end - i);
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size() || v < 0 || v > INT32_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": '", item,
+                                                     "' is not a token id (expected a comma-separated "
+                                                     "list of non-negative integers, e.g. 1,2,3)"));
+    }
+    ids.push_back(static_cast<int32_t>(v));
+    i = end + 1;
+  }
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(flag, ": empty list of token ids"));
+  return ids;
+}
+
+// A loaded model with what a computing subcommand needs.
+struct LoadedModel {
+  std::unique_ptr<ModelWeights> weights;
+  std::unique_ptr<ThreadPool> pool;
+  std::vector<int32_t> ids;
+};
+
+absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
+  if (!in.prompt.empty()) {
+    return absl::UnimplementedError(
+        "--prompt needs a tokenizer, which this build of dsmoe does not have yet; pass --ids");
+  }
+  if (in.ids.empty()) return absl::InvalidArgumentError("one of --ids or --prompt is required");
+  LoadedModel m;
+  DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
+  DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model));
+  const int64_t V = m.weights->config().vocab_size;
+  for (int32_t id : m.ids) {
+    if (id >= V) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--ids: token id ", id, " is outside the model's vocabulary [0, ", V, ")"));
+    }
+  }
+  m.pool = std::make_unique<ThreadPool>(in.threads);
+  return m;
+}
+
+// Runs the whole prompt through `runner` in chunks, logits for every position if `logits`.
+absl::Status Prefill(ModelRunner& runner, const std::vector<int32_t>& ids, std::vector<float>* logits) {
+  const int64_t T = static_cast<int64_t>(ids.size());
+  const int64_t chunk = runner.options().max_batch_tokens;
+  const int64_t V = runner.config().vocab_size;
+  if (logits != nullptr) logits->assign(T * V, 0.0f);
+  std::vector<int32_t> slots(chunk, 0), positions(chunk), rows(chunk);
+  for (int64_t begin = 0; begin < T; begin += chunk) {
+    const int64_t n = std::min(chunk, T - begin);
+    for (int64_t i = 0; i < n; ++i) {
+      positions[i] = static_cast<int32_t>(begin + i);
+      rows[i] = static_cast<int32_t>(i);
+    }
+    ForwardBatch batch{std::span(ids).subspan(begin, n), std::span(slots).first(n),
+                       std::span(positions).first(n),
+                       logits != nullptr ? std::span<const int32_t>(rows).first(n) : std::span<const int32_t>()};
+    DSMOE_RETURN_IF_ERROR(runner.Forward(batch, logits != nullptr ? logits->data() + begin * V : nullptr));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const LoadedModel& m, int64_t context) {
+  RunnerOptions options;
+  options.max_context = context;
+  return ModelRunner::Create(*m.weights, *m.pool, options);
+}
+
+absl::StatusOr<DType> ParseDType(const std::string& s) {
+  if (s == "f32") return DType::kF32;
+  if (s == "bf16") return DType::kBF16;
+  if (s == "f16") return DType::kF16;
+  return absl::InvalidArgumentError(absl::StrCat("--dtype: '", s, "' is not one of f32, bf16, f16"));
+}
+
+}  // namespace
+
+int RunMakeModel(const MakeModelOptions& o) {
+  auto config = PresetConfig(o.preset);
+  if (!config.ok()) return Fail(config.status());
+  ModelConfig& c = *config;
+  auto set = [](const std::optional<int64_t>& v, int64_t& field) { if (v) field = *v; };
+  const bool moe_shape_changed = o.shared_experts || o.top_k || o.moe_intermediate;
+  set(o.layers, c.num_hidden_layers);
+  set(o.hidden, c.hidden_size);
+  set(o.heads, c.num_attention_heads);
+  c.num_key_value_heads = c.num_attention_heads;
+  set(o.kv_heads, c.num_key_value_heads);
+  set(o.routed_experts, c.n_routed_experts);
+  set(o.shared_experts, c.n_shared_experts);
+  set(o.top_k, c.num_experts_per_tok);
+  set(o.moe_intermediate, c.moe_intermediate_size);
+  if (moe_shape_changed && !o.intermediate && o.preset != "gshard") {
+    c.intermediate_size = (c.n_shared_experts + c.num_experts_per_tok) * c.moe_intermediate_size;
+  }
+  set(o.intermediate, c.intermediate_size);
+  set(o.vocab, c.vocab_size);
+  set(o.first_dense, c.first_k_dense_replace);
+  set(o.moe_layer_freq, c.moe_layer_freq);
+  set(o.max_position, c.max_position_embeddings);
+  if (o.norm_topk_prob) c.norm_topk_prob = *o.norm_topk_prob;
+  if (o.tie_embeddings) c.tie_word_embeddings = *o.tie_embeddings;
+  if (o.attention_bias) c.attention_bias = *o.attention_bias;
+  if (o.rope_linear_factor) c.rope_scaling = {RopeScaling::Type::kLinear, *o.rope_linear_factor};
+  if (c.vocab_size <= 1) return Fail(absl::InvalidArgumentError("--vocab must be at least 2"));
+  auto dtype = ParseDType(o.dtype);
+  if (!dtype.ok()) return Fail(dtype.status());
+  if (auto s = c.Validate("make-model"); !s.ok()) return Fail(s);
+  const auto t0 = std::chrono::steady_clock::now();
+  if (auto s = WriteRandomCheckpoint(c, {*dtype, o.seed, o.shards}, o.out); !s.ok()) return Fail(s);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const ParameterCount params = CountParameters(c);
+  std::fprintf(stderr, "wrote %s: preset %s, %s, %.1fM parameters (%.1fM active per token), %.1f s\n",
+               o.out.c_str(), o.preset.c_str(), o.dtype.c_str(), params.total / 1e6,
+               params.active / 1e6, secs);
+  return 0;
+}
+
+int RunLogits(const LogitsOptions& o) {
+  auto m = Load(o.input);
+  if (!m.ok()) return Fail(m.status());
+  auto runner = MakeRunner(*m, static_cast<int64_t>(m->ids.size()));
+  if (!runner.ok()) return Fail(runner.status());
+  std::vector<float> logits;
+  if (auto s = Prefill(**runner, m->ids, &logits); !s.ok()) return Fail(s);
+  const int64_t T = static_cast<int64_t>(m->ids.size()), V = m->weights->config().vocab_size;
+  if (auto s = WriteNpyFloat32(o.out, {T, V}, logits.data()); !s.ok()) return Fail(s);
+  return 0;
+}
+
+int RunGenerate(const GenerateOptions& o) {
+  GenerateRequest request;
+  request.max_tokens = o.max_tokens;
+  request.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
+  request.ignore_eos = o.ignore_eos;
+  if (auto s = request.sampling.Validate(); !s.ok()) return Fail(s);
+  if (!o.stop_ids.empty()) {
+    auto stops = ParseIdList(o.stop_ids, "--stop-ids");
+    if (!stops.ok()) return Fail(stops.status());
+    request.stop_token_ids = *stops;
+  }
+  auto m = Load(o.input);
+  if (!m.ok()) return Fail(m.status());
+  request.prompt = m->ids;
+  const ModelConfig& c = m->weights->config();
+  int64_t model_max = c.max_position_embeddings;
+  if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
+    model_max = static_cast<int64_t>(static_cast<double>(model_max) * std::max(1.0, c.rope_scaling.factor));
+  }
+  const int64_t context = std::min<int64_t>(model_max, static_cast<int64_t>(m->ids.size()) + o.max_tokens);
+  auto runner = MakeRunner(*m, context);
+  if (!runner.ok()) return Fail(runner.status());
+  const bool stream = !o.json;
+  auto result = Generate(**runner, m->weights->generation_config(), request, 0, [&](int32_t id) {
+    if (stream) {
+      std::cout << id << " " << std::flush;
+    }
+  });
+  if (!result.ok()) return Fail(result.status());
+  if (o.json) {
+    nlohmann::ordered_json j;
+    j["ids"] = result->output_ids;
+    j["text"] = nullptr;  // no tokenizer in this build
+    j["finish_reason"] = FinishReasonName(result->finish_reason);
+    j["usage"] = {{"prompt_tokens", m->ids.size()}, {"completion_tokens", result->output_ids.size()}};
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << "\n";
+    const double decode_tokens = static_cast<double>(result->output_ids.size()) - 1.0;
+    std::fprintf(stderr, "finish_reason=%s  prompt %zu tokens in %.3f s (%.1f tok/s)  decode %.0f tokens in %.3f s (%.1f tok/s)  threads=%d  kernels=%s\n",
+                 FinishReasonName(result->finish_reason), m->ids.size(), result->prefill_seconds,
+                 static_cast<double>(m->ids.size()) / std::max(result->prefill_seconds, 1e-9),
+                 decode_tokens, result->decode_seconds,
+                 decode_tokens / std::max(result->decode_seconds, 1e-9), m->pool->num_threads(),
+                 GetCpuFeatures().ToString().c_str());
+  }
+  return 0;
+}
+
+namespace {
+// Collects `dsmoe route` output: per MoE layer, per position, the chosen experts and weights.
+class RouteRecorder final : public RoutingObserver {
+ public:
+  void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
+                 const float* weights) override {
+    nlohmann::ordered_json& positions = layers_[layer];
+    for (int64_t t = 0; t < T; ++t) {
+      nlohmann::ordered_json p;
+      p["experts"] = std::vector<int32_t>(experts + t * k, experts + (t + 1) * k);
+      p["weights"] = std::vector<float>(weights + t * k, weights + (t + 1) * k);
+      positions.push_back(std::move(p));
+    }
+  }
+  nlohmann::ordered_json ToJson() const {
+    nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+    for (auto& [layer, positions] : layers_) layers.push_back({{"layer", layer}, {"positions", positions}});
+    return {{"layers", layers}};
+  }
+
+ private:
+  std::map<int64_t, nlohmann::ordered_json> layers_;
+};
+}  // namespace
+
+int RunRoute(const RouteOptions& o) {
+  auto m = Load(o.input);
+  if (!m.ok()) return Fail(m.status());
+  auto runner = MakeRunner(*m, static_cast<int64_t>(m->ids.size()));
+  if (!runner.ok()) return Fail(runner.status());
+  RouteRecorder recorder;
+  (*runner)->set_routing_observer(&recorder);
+  if (auto s = Prefill(**runner, m->ids, nullptr); !s.ok()) return Fail(s);
+  const nlohmann::ordered_json j = recorder.ToJson();
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  for (const auto& layer : j["layers"]) {
+    std::cout << "layer " << layer["layer"].get<int64_t>() << "\n";
+    int64_t pos = 0;
+    for (const auto& p : layer["positions"]) {
+      std::cout << "  pos " << pos++ << ":";
+      for (size_t i = 0; i < p["experts"].size(); ++i) {
+        std::printf(" %d(%.4f)", p["experts"][i].get<int>(), p["weights"][i].get<double>());
+        std::fflush(stdout);
+      }
+      std::cout << "\n";
+    }
+  }
+  return 0;
+}
+
+int RunInfo(const InfoOptions& o) {
+  auto w = ModelWeights::Load(o.model);
+  if (!w.ok()) return Fail(w.status());
+  const ModelConfig& c = (*w)->config();
+  const ParameterCount params = CountParameters(c);
+  nlohmann::ordered_json j;
+  j["model"] = o.model;
+  j["layers"] = c.num_hidden_layers;
+  j["moe_layers"] = c.NumMoeLayers();
+  j["hidden_size"] = c.hidden_size;
+  j["heads"] = c.num_attention_heads;
+  j["kv_heads"] = c.num_key_value_heads;
+  j["routed_experts"] = c.n_routed_experts;
+  j["shared_experts"] = c.n_shared_experts;
+  j["experts_per_token"] = c.num_experts_per_tok;
+  j["expert_width"] = c.moe_intermediate_size;
+  j["vocab_size"] = c.vocab_size;
+  j["parameters"] = params.total;
+  j["active_parameters"] = params.active;
+  j["shards"] = (*w)->checkpoint().ShardNames();
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << j.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace dsmoe::cli

@@ -1,0 +1,65 @@
+// The `dsmoe` subcommands, each a plain options struct and a Run function returning the exit
+// code. main.cc owns the flag parsing (CLI11) and nothing else; these own the work.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace dsmoe::cli {
+
+struct MakeModelOptions {
+  std::string preset = "tiny";
+  std::string dtype = "f32";  // f32 | bf16 | f16
+  uint64_t seed = 0;
+  std::string out;
+  int shards = 1;
+  // Shape overrides of the preset (unset: the preset's value).
+  std::optional<int64_t> layers, hidden, heads, kv_heads, routed_experts, shared_experts, top_k,
+      moe_intermediate, intermediate, vocab, first_dense, moe_layer_freq, max_position;
+  std::optional<bool> norm_topk_prob, tie_embeddings, attention_bias;
+  std::optional<double> rope_linear_factor;
+};
+
+struct ModelInputOptions {
+  std::string model;
+  std::string ids;     // "1,2,3"
+  std::string prompt;  // needs a tokenizer
+  int threads = 0;     // 0: all cores
+};
+
+struct LogitsOptions {
+  ModelInputOptions input;
+  std::string out;
+};
+
+struct GenerateOptions {
+  ModelInputOptions input;
+  int64_t max_tokens = 16;
+  double temperature = 0.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  std::string stop_ids;
+  bool ignore_eos = false;
+  bool json = false;
+};
+
+struct RouteOptions {
+  ModelInputOptions input;
+  bool json = false;
+};
+
+struct InfoOptions {
+  std::string model;
+  bool json = false;
+};
+
+int RunMakeModel(const MakeModelOptions& o);
+int RunLogits(const LogitsOptions& o);
+int RunGenerate(const GenerateOptions& o);
+int RunRoute(const RouteOptions& o);
+int RunInfo(const InfoOptions& o);
+
+}  // namespace dsmoe::cli

@@ -1,0 +1,113 @@
+// dsmoe: one binary, one subcommand per job. This file only declares flags (CLI11) and hands
+// the parsed options to cli/commands.cc.
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+
+namespace {
+
+using dsmoe::cli::ModelInputOptions;
+
+void AddModelInput(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt) {
+  cmd->add_option("--model", in.model, "Checkpoint directory (Hugging Face format)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  auto* ids = cmd->add_option("--ids", in.ids, "Prompt token ids, comma-separated (e.g. 1,2,3)");
+  if (allow_prompt) {
+    auto* prompt = cmd->add_option("--prompt", in.prompt, "Prompt text (needs a tokenizer)");
+    ids->excludes(prompt);
+  } else {
+    ids->required();
+  }
+  cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+}
+
+template <class T>
+void AddOptional(CLI::App* cmd, const std::string& name, std::optional<T>& target,
+                 const std::string& help) {
+  cmd->add_option_function<T>(name, [&target](const T& v) { target = v; }, help);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"dsmoe: serve DeepSeekMoE models (fine-grained + shared experts) on CPU and clusters"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "dsmoe 0.1.0");
+  int rc = 0;
+
+  // make-model
+  dsmoe::cli::MakeModelOptions mk;
+  auto* make = app.add_subcommand("make-model", "Write a random-weight checkpoint in Hugging Face format");
+  make->add_option("--preset", mk.preset, "Shape preset")
+      ->check(CLI::IsMember({"tiny", "gshard", "small", "medium"}))
+      ->capture_default_str();
+  make->add_option("--dtype", mk.dtype, "Weight dtype on disk")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))
+      ->capture_default_str();
+  make->add_option("--seed", mk.seed, "Random seed")->capture_default_str();
+  make->add_option("--out", mk.out, "Output directory")->required();
+  make->add_option("--shards", mk.shards, "Number of safetensors shards")->check(CLI::Range(1, 9999))->capture_default_str();
+  AddOptional(make, "--layers", mk.layers, "Override num_hidden_layers");
+  AddOptional(make, "--hidden", mk.hidden, "Override hidden_size");
+  AddOptional(make, "--heads", mk.heads, "Override num_attention_heads");
+  AddOptional(make, "--kv-heads", mk.kv_heads, "Override num_key_value_heads (GQA < heads, MQA = 1)");
+  AddOptional(make, "--routed-experts", mk.routed_experts, "Override n_routed_experts");
+  AddOptional(make, "--shared-experts", mk.shared_experts, "Override n_shared_experts (0: none)");
+  AddOptional(make, "--top-k", mk.top_k, "Override num_experts_per_tok");
+  AddOptional(make, "--expert-width", mk.moe_intermediate, "Override moe_intermediate_size");
+  AddOptional(make, "--intermediate", mk.intermediate, "Override intermediate_size (dense layers)");
+  AddOptional(make, "--vocab", mk.vocab, "Override vocab_size");
+  AddOptional(make, "--first-dense", mk.first_dense, "Override first_k_dense_replace");
+  AddOptional(make, "--moe-layer-freq", mk.moe_layer_freq, "Override moe_layer_freq");
+  AddOptional(make, "--max-position", mk.max_position, "Override max_position_embeddings");
+  AddOptional(make, "--norm-topk-prob", mk.norm_topk_prob, "Set norm_topk_prob (true|false)");
+  AddOptional(make, "--tie-embeddings", mk.tie_embeddings, "Set tie_word_embeddings (true|false)");
+  AddOptional(make, "--attention-bias", mk.attention_bias, "Set attention_bias (true|false)");
+  AddOptional(make, "--rope-linear-factor", mk.rope_linear_factor, "Use linear RoPE scaling with this factor");
+  make->callback([&] { rc = dsmoe::cli::RunMakeModel(mk); });
+
+  // logits
+  dsmoe::cli::LogitsOptions lg;
+  auto* logits = app.add_subcommand("logits", "Write float32 logits of every position as .npy [T, vocab]");
+  AddModelInput(logits, lg.input, /*allow_prompt=*/false);
+  logits->add_option("--out", lg.out, "Output .npy file")->required();
+  logits->callback([&] { rc = dsmoe::cli::RunLogits(lg); });
+
+  // generate
+  dsmoe::cli::GenerateOptions gen;
+  auto* generate = app.add_subcommand("generate", "Generate tokens (greedy at temperature 0)");
+  AddModelInput(generate, gen.input, /*allow_prompt=*/true);
+  generate->add_option("--max-tokens", gen.max_tokens, "Tokens to generate at most")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
+  generate->add_option("--temperature", gen.temperature, "Sampling temperature (0: greedy)")
+      ->check(CLI::Range(0.0, 1e6))->capture_default_str();
+  generate->add_option("--top-k", gen.top_k, "Keep the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  generate->add_option("--top-p", gen.top_p, "Nucleus sampling mass in (0, 1]")
+      ->check(CLI::Range(1e-9, 1.0))->capture_default_str();
+  generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
+  generate->add_option("--stop-ids", gen.stop_ids, "Extra stop token ids, comma-separated");
+  generate->add_flag("--ignore-eos", gen.ignore_eos, "Do not stop at the model's eos token");
+  generate->add_flag("--json", gen.json, "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
+  generate->callback([&] { rc = dsmoe::cli::RunGenerate(gen); });
+
+  // route
+  dsmoe::cli::RouteOptions rt;
+  auto* route = app.add_subcommand("route", "Show the routed experts and weights chosen per MoE layer and position");
+  AddModelInput(route, rt.input, /*allow_prompt=*/false);
+  route->add_flag("--json", rt.json, "Print {\"layers\": [{\"layer\", \"positions\": [{\"experts\", \"weights\"}]}]}");
+  route->callback([&] { rc = dsmoe::cli::RunRoute(rt); });
+
+  // info
+  dsmoe::cli::InfoOptions inf;
+  auto* info = app.add_subcommand("info", "Describe a checkpoint: shape, experts, parameter counts");
+  info->add_option("--model", inf.model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  info->add_flag("--json", inf.json, "Print as one JSON object");
+  info->callback([&] { rc = dsmoe::cli::RunInfo(inf); });
+
+  CLI11_PARSE(app, argc, argv);
+  return rc;
+}

@@ -1,0 +1,42 @@
+// A Hugging Face checkpoint directory: config.json, generation_config.json, and the weights as
+// one model.safetensors or shards model-0000N-of-0000M.safetensors listed by
+// model.safetensors.index.json. Knows files and tensor names; what the tensors mean is the
+// model layer's business.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/io/safetensors.h"
+#include "core/util/status.h"
+
+namespace dsmoe {
+
+// Thread-safe: shards are opened lazily under a lock, and only those that hold a requested
+// tensor, so a server that needs a few experts maps a few files.
+class Checkpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  // Text of a JSON file in the directory, or NotFound.
+  absl::StatusOr<std::string> ReadJsonFile(const std::string& name) const;
+  bool HasTensor(const std::string& name) const { return tensor_to_shard_.count(name) != 0; }
+  // A view of tensor `name`, valid as long as this Checkpoint lives.
+  absl::StatusOr<TensorView> Tensor(const std::string& name) const;
+  std::vector<std::string> ShardNames() const;
+
+ private:
+  explicit Checkpoint(std::string dir) : dir_(std::move(dir)) {}
+  absl::StatusOr<const SafetensorsFile*> Shard(const std::string& file_name) const;
+
+  std::string dir_;
+  std::map<std::string, std::string> tensor_to_shard_;  // tensor name → shard file name
+  mutable std::mutex mu_;
+  mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;  // guarded by mu_
+};
+
+}  // namespace dsmoe

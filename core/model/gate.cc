@@ -1,0 +1,40 @@
+#include "core/model/gate.h"
+
+#include <cmath>
+
+namespace dsmoe {
+
+void RouteTokens(const GateParams& params, const float* logits, int64_t T, float* scratch,
+                 int32_t* experts, float* weights) {
+  const int64_t E = params.num_experts, k = params.top_k;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits + t * E;
+    float max = l[0];
+    for (int64_t e = 1; e < E; ++e) max = l[e] > max ? l[e] : max;
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += scratch[e] = std::exp(l[e] - max);
+    const float inv = 1.0f / sum;
+    for (int64_t e = 0; e < E; ++e) scratch[e] *= inv;
+
+    // Selection by repeated arg-max: k is small (≤ 8 in every DeepSeekMoE), E ≤ a few hundred.
+    int32_t* out_e = experts + t * k;
+    float* out_w = weights + t * k;
+    float chosen_sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e) {
+        if (scratch[e] >= 0.0f && (best < 0 || scratch[e] > scratch[best])) best = e;
+      }
+      out_e[j] = static_cast<int32_t>(best);
+      out_w[j] = scratch[best];
+      chosen_sum += scratch[best];
+      scratch[best] = -1.0f;  // taken
+    }
+    if (params.norm_topk_prob && k > 1) {
+      const float denom = chosen_sum + 1e-20f;
+      for (int64_t j = 0; j < k; ++j) out_w[j] /= denom;
+    }
+  }
+}
+
+}  // namespace dsmoe

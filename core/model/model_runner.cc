@@ -1,0 +1,246 @@
+#include "core/model/model_runner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/ops/ops.h"
+
+namespace dsmoe {
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeights& weights,
+                                                                 ThreadPool& pool,
+                                                                 const RunnerOptions& options,
+                                                                 RoutedExpertExecutor* experts) {
+  const ModelConfig& c = weights.config();
+  if (weights.embed_tokens.empty()) {
+    return absl::FailedPreconditionError("model runner needs the attention-side weights loaded");
+  }
+  RunnerOptions o = options;
+  // Linear RoPE scaling stretches the usable context by its factor.
+  const int64_t model_max = static_cast<int64_t>(
+      static_cast<double>(c.max_position_embeddings) *
+      (c.rope_scaling.type == RopeScaling::Type::kLinear ? std::max(1.0, c.rope_scaling.factor) : 1.0));
+  if (o.max_context <= 0) o.max_context = model_max;
+  if (o.max_context > model_max) {
+    return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
+                                                   " exceeds the model's maximum of ", model_max,
+                                                   " positions"));
+  }
+  if (o.max_batch_tokens <= 0 || o.num_slots <= 0) {
+    return absl::InvalidArgumentError("max_batch_tokens and num_slots must be > 0");
+  }
+  auto runner = std::unique_ptr<ModelRunner>(new ModelRunner(weights, pool, o));
+  if (c.n_routed_experts > 0) {
+    if (experts != nullptr) {
+      runner->experts_ = experts;
+    } else {
+      runner->local_experts_ = std::make_unique<LocalExpertExecutor>(weights, pool, o.max_batch_tokens);
+      runner->experts_ = runner->local_experts_.get();
+    }
+  }
+  return runner;
+}
+
+ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options)
+    : weights_(weights),
+      config_(weights.config()),
+      pool_(pool),
+      options_(options),
+      gate_{config_.n_routed_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
+      kv_cache_(config_, options.num_slots, options.max_context) {
+  const ModelConfig& c = config_;
+  const int64_t T = options.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();
+  const int64_t half = hd / 2;
+
+  // inv_freq[i] = θ^(−2i/hd); linear scaling divides the position (HF LinearScalingRotaryEmbedding).
+  // Computed in double and rounded once, so the tables are as exact as fp32 allows.
+  rope_cos_.Resize(options.max_context * half);
+  rope_sin_.Resize(options.max_context * half);
+  const double pos_scale =
+      c.rope_scaling.type == RopeScaling::Type::kLinear ? 1.0 / c.rope_scaling.factor : 1.0;
+  for (int64_t p = 0; p < options.max_context; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      const double angle = static_cast<double>(p) * pos_scale * inv_freq;
+      rope_cos_[p * half + i] = static_cast<float>(std::cos(angle));
+      rope_sin_[p * half + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+
+  hidden_.Resize(T * H);
+  normed_.Resize(T * H);
+  proj_.Resize(T * H);
+  shared_out_.Resize(T * H);
+  q_.Resize(T * c.num_attention_heads * hd);
+  attn_.Resize(T * c.num_attention_heads * hd);
+  k_.Resize(T * c.num_key_value_heads * hd);
+  v_.Resize(T * c.num_key_value_heads * hd);
+  int64_t mlp_width = 0;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    mlp_width = std::max(mlp_width, c.IsMoeLayer(i) ? c.shared_intermediate_size() : c.intermediate_size);
+  }
+  mlp_act_.Resize(T * mlp_width);
+  mlp_up_.Resize(T * mlp_width);
+  if (c.n_routed_experts > 0) {
+    router_logits_.Resize(T * c.n_routed_experts);
+    gate_scratch_.Resize(c.n_routed_experts);
+    route_weights_.Resize(T * c.num_experts_per_tok);
+    route_experts_.resize(T * c.num_experts_per_tok);
+  }
+  scores_.Resize(static_cast<size_t>(pool.num_threads()) * options.max_context);
+}
+
+absl::Status ModelRunner::Validate(const ForwardBatch& b) const {
+  const int64_t T = static_cast<int64_t>(b.token_ids.size());
+  if (T == 0) return absl::InvalidArgumentError("empty batch");
+  if (T > options_.max_batch_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ",
+                                                   options_.max_batch_tokens));
+  }
+  if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
+    return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (b.token_ids[t] < 0 || b.token_ids[t] >= config_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", b.token_ids[t],
+                                                     " is outside the vocabulary [0, ",
+                                                     config_.vocab_size, ")"));
+    }
+    if (b.slots[t] < 0 || b.slots[t] >= options_.num_slots) {
+      return absl::InvalidArgumentError(absl::StrCat("slot ", b.slots[t], " outside [0, ",
+                                                     options_.num_slots, ")"));
+    }
+    if (b.positions[t] < 0 || b.positions[t] >= options_.max_context) {
+      return absl::OutOfRangeError(absl::StrCat("position ", b.positions[t],
+                                                " is beyond the context of ", options_.max_context,
+                                                " tokens"));
+    }
+  }
+  for (size_t i = 0; i < b.logit_rows.size(); ++i) {
+    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T || (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
+      return absl::InvalidArgumentError("logit_rows must be ascending indices into the batch");
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ModelRunner::ApplyRope(float* x, int64_t T, int64_t num_heads,
+                            std::span<const int32_t> positions) const {
+  // HF rotate_half convention: the head's first half pairs with its second half.
+  const int64_t hd = config_.head_dim(), half = hd / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* cos = rope_cos_.data() + positions[t] * half;
+    const float* sin = rope_sin_.data() + positions[t] * half;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      float* v = x + (t * num_heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
+      }
+    }
+  }
+}
+
+void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
+  const ModelConfig& c = config_;
+  const int64_t T = static_cast<int64_t>(b.token_ids.size());
+  const int64_t nh = c.num_attention_heads, hd = c.head_dim();
+  const int64_t group = nh / c.num_key_value_heads;  // HF repeat_kv: head h reads kv head h / group
+  const int64_t row = kv_cache_.row_size();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const ops::KernelTable& k = ops::Kernels();
+
+  pool_.ParallelFor(T * nh, [&](int64_t task, int thread) {
+    const int64_t t = task / nh, h = task % nh;
+    const int64_t len = b.positions[t] + 1;
+    const float* keys = kv_cache_.Keys(layer, b.slots[t]) + (h / group) * hd;
+    const float* values = kv_cache_.Values(layer, b.slots[t]) + (h / group) * hd;
+    const float* q = q_.data() + (t * nh + h) * hd;
+    float* s = scores_.data() + thread * options_.max_context;
+    float max = -INFINITY;
+    for (int64_t p = 0; p < len; ++p) {
+      s[p] = k.dot(q, keys + p * row, hd) * scale;
+      max = std::max(max, s[p]);
+    }
+    float sum = 0.0f;
+    for (int64_t p = 0; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
+    const float inv = 1.0f / sum;
+    float* out = attn_.data() + (t * nh + h) * hd;
+    std::memset(out, 0, sizeof(float) * hd);
+    for (int64_t p = 0; p < len; ++p) k.axpy(s[p] * inv, values + p * row, out, hd);
+  });
+}
+
+absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
+  DSMOE_RETURN_IF_ERROR(Validate(b));
+  const ModelConfig& c = config_;
+  const ModelWeights& w = weights_;
+  const ops::KernelTable& kern = ops::Kernels();
+  const int64_t T = static_cast<int64_t>(b.token_ids.size());
+  const int64_t H = c.hidden_size;
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const int64_t kv_row = kv_cache_.row_size();
+  float* h = hidden_.data();
+  float* xn = normed_.data();
+
+  for (int64_t t = 0; t < T; ++t) {  // h = embed(tokens)  [T, H]
+    kern.row_to_f32(w.embed_tokens.Row(b.token_ids[t]), w.embed_tokens.dtype, H, h + t * H);
+  }
+
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const LayerWeights& L = w.layers[layer];
+    auto bias = [](const LinearWeights& lw) { return lw.bias.empty() ? nullptr : lw.bias.data(); };
+
+    // --- self-attention: h += o_proj(attn(rms_norm(h))) ---
+    ops::RmsNorm(h, L.input_norm.data(), T, H, c.rms_norm_eps, xn);
+    ops::Linear(pool_, xn, T, L.attention.q.weight, bias(L.attention.q), q_.data());  // [T, nh·hd]
+    ops::Linear(pool_, xn, T, L.attention.k.weight, bias(L.attention.k), k_.data());  // [T, nkv·hd]
+    ops::Linear(pool_, xn, T, L.attention.v.weight, bias(L.attention.v), v_.data());  // [T, nkv·hd]
+    ApplyRope(q_.data(), T, nh, b.positions);
+    ApplyRope(k_.data(), T, nkv, b.positions);
+    for (int64_t t = 0; t < T; ++t) {  // the cache holds post-RoPE keys
+      std::memcpy(kv_cache_.Keys(layer, b.slots[t]) + b.positions[t] * kv_row, k_.data() + t * kv_row,
+                  sizeof(float) * kv_row);
+      std::memcpy(kv_cache_.Values(layer, b.slots[t]) + b.positions[t] * kv_row,
+                  v_.data() + t * kv_row, sizeof(float) * kv_row);
+    }
+    Attention(layer, b);  // attn_ [T, nh·hd]
+    ops::Linear(pool_, attn_.data(), T, L.attention.o.weight, bias(L.attention.o), proj_.data());
+    ops::AddInPlace(proj_.data(), h, T * H);
+
+    // --- feed-forward: h += mlp(rms_norm(h)) ---
+    ops::RmsNorm(h, L.post_attention_norm.data(), T, H, c.rms_norm_eps, xn);
+    if (!L.is_moe) {
+      const MlpJob job{&L.dense, xn, T, mlp_act_.data(), mlp_up_.data(), proj_.data()};
+      RunMlps(pool_, &job, 1, H);
+      ops::AddInPlace(proj_.data(), h, T * H);
+      continue;
+    }
+    const int64_t k = c.num_experts_per_tok;
+    ops::Linear(pool_, xn, T, L.router, nullptr, router_logits_.data());  // [T, E]
+    RouteTokens(gate_, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
+                route_weights_.data());
+    if (observer_ != nullptr) observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
+    DSMOE_RETURN_IF_ERROR(experts_->Run(layer, xn, T, route_experts_.data(), route_weights_.data(), k,
+                                        proj_.data()));
+    ops::AddInPlace(proj_.data(), h, T * H);
+    if (L.shared.loaded()) {  // shared experts: every token, no gate
+      const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data()};
+      RunMlps(pool_, &job, 1, H);
+      ops::AddInPlace(shared_out_.data(), h, T * H);
+    }
+  }
+
+  // --- logits for the wanted rows: lm_head(rms_norm(h)) ---
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  if (R == 0) return absl::OkStatus();
+  for (int64_t r = 0; r < R; ++r) {
+    ops::RmsNorm(h + b.logit_rows[r] * H, w.final_norm.data(), 1, H, c.rms_norm_eps, xn + r * H);
+  }
+  ops::Linear(pool_, xn, R, w.lm_head, nullptr, logits);
+  return absl::OkStatus();
+}
+
+}  // namespace dsmoe

@@ -1,0 +1,100 @@
+// The forward pass of a DeepSeekMoE model over a batch of tokens from any number of sequences,
+// exactly as Hugging Face's DeepseekForCausalLM computes it, in fp32:
+//
+//   h = embed(tokens)                                                  [T, H]
+//   per layer:  h += o_proj(attention(rope(q), rope(k), v | KV cache))  pre-norm
+//               h += mlp(rms_norm(h))     dense layers: one SwiGLU MLP
+//                                          MoE layers:   Σ_topk w·routed_expert + shared_experts
+//   logits = lm_head(rms_norm(h))                                      [rows wanted, V]
+//
+// Each token carries its sequence's KV-cache slot and its position, so one call can hold a
+// prompt chunk of one sequence and decode steps of others (continuous batching). Its K/V are
+// written to the cache before attention, and token p attends to positions [0, p] of its slot:
+// that is the causal mask, across calls and within one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/model/gate.h"
+#include "core/model/kv_cache.h"
+#include "core/model/mlp.h"
+#include "core/model/routed_experts.h"
+#include "core/model/weights.h"
+#include "core/util/status.h"
+#include "core/util/thread_pool.h"
+
+namespace dsmoe {
+
+struct RunnerOptions {
+  int64_t max_batch_tokens = 256;  // tokens per Forward; longer prompts are fed in chunks
+  int64_t num_slots = 1;           // sequences whose KV cache is held at once
+  int64_t max_context = 0;         // positions per slot; 0: the model's maximum
+};
+
+struct ForwardBatch {
+  std::span<const int32_t> token_ids;
+  std::span<const int32_t> slots;      // KV-cache slot of each token
+  std::span<const int32_t> positions;  // position of each token in its sequence
+  std::span<const int32_t> logit_rows;  // indices of the tokens whose logits are wanted, ascending
+};
+
+// Sees the routing of every MoE layer (for `dsmoe route`, and expert-load accounting).
+class RoutingObserver {
+ public:
+  virtual ~RoutingObserver() = default;
+  // experts/weights: [T, k] as RouteTokens produced them.
+  virtual void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
+                         const float* weights) = 0;
+};
+
+// Thread-compatible: one owner thread calls Forward. Owns its KV cache and activation arena,
+// sized once at creation; Forward itself does not allocate.
+class ModelRunner {
+ public:
+  // REQUIRES: weights (with the attention side loaded), pool and, if given, experts outlive
+  // the runner. experts == nullptr: routed experts are computed locally from `weights`.
+  static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const ModelWeights& weights,
+                                                             ThreadPool& pool,
+                                                             const RunnerOptions& options,
+                                                             RoutedExpertExecutor* experts = nullptr);
+
+  // Writes logits for batch.logit_rows into `logits` ([logit_rows.size(), vocab]). Tokens must
+  // extend their slot's sequence: position p of a slot requires positions [0, p) written by
+  // this or earlier calls.
+  absl::Status Forward(const ForwardBatch& batch, float* logits);
+
+  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
+  const ModelConfig& config() const { return config_; }
+  const RunnerOptions& options() const { return options_; }
+  KvCache& kv_cache() { return kv_cache_; }
+
+ private:
+  ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options);
+  absl::Status Validate(const ForwardBatch& batch) const;
+  void Attention(int64_t layer, const ForwardBatch& batch);
+  void ApplyRope(float* x, int64_t T, int64_t num_heads, std::span<const int32_t> positions) const;
+
+  const ModelWeights& weights_;
+  const ModelConfig& config_;
+  ThreadPool& pool_;
+  RunnerOptions options_;
+  GateParams gate_;
+  std::unique_ptr<LocalExpertExecutor> local_experts_;
+  RoutedExpertExecutor* experts_ = nullptr;
+  RoutingObserver* observer_ = nullptr;
+  KvCache kv_cache_;
+
+  // RoPE tables [max_context, head_dim / 2] (cos and sin of position · inv_freq).
+  FloatBuffer rope_cos_, rope_sin_;
+  // Activation arena, [max_batch_tokens, ·] each.
+  FloatBuffer hidden_, normed_, q_, k_, v_, attn_, proj_, shared_out_;
+  FloatBuffer mlp_act_, mlp_up_;     // [T, max(intermediate, shared width)]
+  FloatBuffer router_logits_, route_weights_, gate_scratch_;
+  std::vector<int32_t> route_experts_;
+  FloatBuffer scores_;  // [threads, max_context] attention scores
+};
+
+}  // namespace dsmoe

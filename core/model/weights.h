@@ -1,0 +1,94 @@
+// The model's weights as named views into a checkpoint, checked against the config.
+//
+// Tensor names are exactly Hugging Face's DeepseekForCausalLM:
+//   model.embed_tokens.weight [V,H]          model.norm.weight [H]        lm_head.weight [V,H]
+//   model.layers.N.input_layernorm.weight [H], .post_attention_layernorm.weight [H]
+//   model.layers.N.self_attn.{q,k,v,o}_proj.weight [nh·hd,H] [nkv·hd,H] [nkv·hd,H] [H,nh·hd]
+//     (+ .bias when attention_bias)
+//   dense layer: model.layers.N.mlp.{gate,up,down}_proj.weight [I,H] [I,H] [H,I]
+//   MoE layer:   model.layers.N.mlp.gate.weight [E,H]   (the router, no bias)
+//                model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight   (width Im)
+//                model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight (width Ks·Im)
+#pragma once
+
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/io/checkpoint.h"
+#include "core/model/config.h"
+#include "core/tensor/tensor.h"
+#include "core/util/status.h"
+
+namespace dsmoe {
+
+struct LinearWeights {
+  MatrixView weight;        // [out, in]
+  std::vector<float> bias;  // [out] or empty
+};
+
+// A SwiGLU MLP: down(silu(gate(x)) · up(x)). Dense layers, each routed expert and the shared
+// experts (one MLP of width n_shared · moe_intermediate_size) all have this form.
+struct MlpWeights {
+  MatrixView gate;  // [width, H]
+  MatrixView up;    // [width, H]
+  MatrixView down;  // [H, width]
+  int64_t width() const { return gate.rows; }
+  bool loaded() const { return !gate.empty(); }
+};
+
+struct AttentionWeights {
+  LinearWeights q, k, v, o;
+};
+
+struct LayerWeights {
+  std::vector<float> input_norm;           // [H]
+  std::vector<float> post_attention_norm;  // [H]
+  AttentionWeights attention;
+  bool is_moe = false;
+  MlpWeights dense;                 // dense layers only
+  MatrixView router;                // MoE layers: the gate, [n_routed, H]
+  MlpWeights shared;                // MoE layers with shared experts
+  std::vector<MlpWeights> routed;   // MoE layers: [n_routed]; not loaded() if not selected
+};
+
+// Which tensors a process needs: an attention server takes everything but the routed experts,
+// an expert server only its routed experts, the single-process engine all of them.
+struct WeightSelection {
+  bool attention_side = true;  // embeddings, norms, attention, dense MLPs, routers, shared, head
+  bool all_routed_experts = true;
+  std::set<std::pair<int64_t, int64_t>> routed_experts;  // (layer, expert), if not all
+
+  static WeightSelection Everything() { return {}; }
+  bool WantsExpert(int64_t layer, int64_t expert) const {
+    return all_routed_experts || routed_experts.count({layer, expert}) != 0;
+  }
+};
+
+// Const after Load; thread-safe. Owns the checkpoint whose mapped memory the views point into.
+class ModelWeights {
+ public:
+  static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(
+      const std::string& dir, const WeightSelection& selection = WeightSelection::Everything());
+
+  const ModelConfig& config() const { return config_; }
+  const GenerationConfig& generation_config() const { return generation_config_; }
+  const Checkpoint& checkpoint() const { return *checkpoint_; }
+
+  MatrixView embed_tokens;       // [V, H]
+  std::vector<float> final_norm;  // [H]
+  MatrixView lm_head;            // [V, H]; the embedding matrix when tie_word_embeddings
+  std::vector<LayerWeights> layers;
+
+ private:
+  ModelWeights() = default;
+  absl::Status LoadTensors(const WeightSelection& selection);
+
+  ModelConfig config_;
+  GenerationConfig generation_config_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+};
+
+}  // namespace dsmoe

@@ -1,0 +1,48 @@
+// The reference kernels: the plainest correct C++, no intrinsics. Every vectorised kernel is
+// tested against these on random shapes (tests/kernels_test.cc).
+#include <cmath>
+
+#include "core/ops/kernels.h"
+
+namespace dsmoe::ops {
+namespace {
+
+void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                int64_t row_end, float* y, int64_t ldy) {
+  const int64_t K = W.cols;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t n = row_begin; n < row_end; ++n) {
+      const void* row = W.Row(n);
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += x[t * K + k] * LoadAsF32(row, W.dtype, k);
+      y[t * ldy + n] = acc;
+    }
+  }
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+void Axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = LoadAsF32(row, dtype, i);
+}
+
+}  // namespace
+
+const KernelTable& ReferenceKernels() {
+  static const KernelTable table{"reference", MatMulRows, Dot, Axpy, SiluMul, RowToF32};
+  return table;
+}
+
+}  // namespace dsmoe::ops

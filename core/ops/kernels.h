@@ -1,0 +1,35 @@
+// Per-ISA compute primitives on fp32 activations. Weights may be F32, BF16 or F16 and are
+// converted to fp32 on the fly inside the kernels (accumulation is always fp32).
+//
+// Each ISA fills one KernelTable: `reference` (plain scalar C++, the ground truth every fast
+// kernel is tested against) and `avx2` (AVX2 + FMA + F16C). Kernels() picks the best one the
+// running CPU supports, once.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor/tensor.h"
+
+namespace dsmoe::ops {
+
+struct KernelTable {
+  const char* name;
+  // y[t * ldy + n] = Σ_k x[t * W.cols + k] · W[n, k]   for t in [0, T), n in [row_begin, row_end).
+  void (*matmul_rows)(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                      int64_t row_end, float* y, int64_t ldy);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y[i] += a · x[i]
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+  // out[i] = silu(gate[i]) · up[i]  (SwiGLU; silu(g) = g / (1 + e^-g))
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
+  // out[i] = row[i] as fp32
+  void (*row_to_f32)(const void* row, DType dtype, int64_t n, float* out);
+};
+
+const KernelTable& ReferenceKernels();
+// Null when this binary was built without them; callers must also check the CPU.
+const KernelTable* Avx2Kernels();
+// The best table for this CPU (thread-safe, chosen on first call).
+const KernelTable& Kernels();
+
+}  // namespace dsmoe::ops

@@ -1,0 +1,44 @@
+#include "core/ops/ops.h"
+
+#include <cmath>
+
+namespace dsmoe::ops {
+
+int64_t RowChunkSize(int64_t rows, int num_threads, int64_t align, int tasks_per_thread) {
+  const int64_t tasks = static_cast<int64_t>(num_threads) * tasks_per_thread;
+  int64_t chunk = (rows + tasks - 1) / tasks;
+  chunk = (chunk + align - 1) / align * align;
+  return chunk < align ? align : chunk;
+}
+
+void Linear(ThreadPool& pool, const float* x, int64_t T, const MatrixView& W, const float* bias,
+            float* y) {
+  const KernelTable& k = Kernels();
+  const int64_t N = W.rows;
+  const int64_t chunk = RowChunkSize(N, pool.num_threads());
+  const int64_t num_tasks = (N + chunk - 1) / chunk;
+  pool.ParallelFor(num_tasks, [&](int64_t task, int) {
+    const int64_t r0 = task * chunk;
+    const int64_t r1 = r0 + chunk < N ? r0 + chunk : N;
+    k.matmul_rows(x, T, W, r0, r1, y, N);
+    if (bias != nullptr) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = r0; n < r1; ++n) y[t * N + n] += bias[n];
+    }
+  });
+}
+
+void RmsNorm(const float* x, const float* weight, int64_t T, int64_t H, double eps, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * H;
+    double sum_sq = 0.0;
+    for (int64_t i = 0; i < H; ++i) sum_sq += static_cast<double>(xr[i]) * xr[i];
+    const float scale = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(H) + eps));
+    float* o = out + t * H;
+    for (int64_t i = 0; i < H; ++i) o[i] = weight[i] * (xr[i] * scale);
+  }
+}
+
+void AddInPlace(const float* x, float* y, int64_t n) { Kernels().axpy(1.0f, x, y, n); }
+
+}  // namespace dsmoe::ops

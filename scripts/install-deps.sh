@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what dsmoe needs to build and test on Debian 12, and nothing when it is all there.
+# Every package comes from Debian's own archive.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  cmake ninja-build g++ pkg-config
+  # core library and CLI
+  libabsl-dev nlohmann-json3-dev libcli11-dev
+  # tests: GoogleTest, and the PyTorch reference implementation
+  libgtest-dev libgmock-dev python3-torch python3-numpy
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

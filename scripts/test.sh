@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs, builds and runs every test (ctest). Extra arguments go to ctest, e.g. -L unit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+scripts/build.sh
+BUILD_DIR=${DSMOE_BUILD_DIR:-build}
+ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" "$@"

@@ -1,0 +1,110 @@
+#!/usr/bin/python3
+"""The `dsmoe` command line as a person uses it: help everywhere, bad flags and values refused
+with a clear message and a non-zero exit, never a crash."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+DSMOE = None
+
+
+def run(*args):
+    return subprocess.run([DSMOE, *args], capture_output=True, text=True, timeout=120)
+
+
+class CliTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.model = os.path.join(cls.tmp.name, "tiny")
+        r = run("make-model", "--preset", "tiny", "--out", cls.model, "--seed", "5")
+        assert r.returncode == 0, r.stderr
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def assertRefused(self, r, *fragments):
+        self.assertNotEqual(r.returncode, 0, r.stdout)
+        self.assertLess(r.returncode, 128, "killed by a signal")
+        for f in fragments:
+            self.assertIn(f, r.stderr + r.stdout)
+
+    def test_help_on_every_subcommand(self):
+        for sub in ["", "make-model", "logits", "generate", "route", "info"]:
+            r = run(*([sub] if sub else []), "--help")
+            self.assertEqual(r.returncode, 0, sub)
+            self.assertIn("--", r.stdout)
+
+    def test_unknown_flag_and_subcommand(self):
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--bogus"), "--bogus")
+        self.assertRefused(run("frobnicate"), "frobnicate")
+        self.assertRefused(run())
+
+    def test_bad_values(self):
+        self.assertRefused(run("make-model", "--preset", "huge", "--out", "x"), "huge")
+        self.assertRefused(run("make-model", "--dtype", "f8", "--out", "x"), "f8")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1,x,3"), "'x' is not a token id")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1,99999"),
+                           "token id 99999 is outside the model's vocabulary [0, 512)")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--max-tokens", "0"), "max-tokens")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--temperature", "-1"), "temperature")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--top-p", "1.5"), "top-p")
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--threads", "0"), "threads")
+        self.assertRefused(run("generate", "--model", self.model), "one of --ids or --prompt is required")
+        self.assertRefused(run("generate", "--model", self.model, "--prompt", "hello"), "tokenizer")
+        self.assertRefused(run("logits", "--model", "/nonexistent", "--ids", "1", "--out", "x.npy"), "nonexistent")
+        self.assertRefused(run("make-model", "--preset", "tiny", "--heads", "5", "--out",
+                               os.path.join(self.tmp.name, "bad")), "not divisible by num_attention_heads")
+
+    def test_broken_checkpoint_is_refused_not_crashed(self):
+        broken = os.path.join(self.tmp.name, "broken")
+        run("make-model", "--preset", "tiny", "--out", broken)
+        with open(os.path.join(broken, "model.safetensors"), "r+b") as f:
+            f.write(b"\xff" * 8)  # header length now absurd
+        r = run("generate", "--model", broken, "--ids", "1,2")
+        self.assertRefused(r, "model.safetensors", "invalid safetensors file")
+
+    def test_generate_json_shape(self):
+        r = run("generate", "--model", self.model, "--ids", "3,4,5", "--max-tokens", "5", "--ignore-eos", "--json",
+                "--threads", "1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(len(out["ids"]), 5)
+        self.assertEqual(out["finish_reason"], "length")
+        self.assertIn("text", out)
+        sampled = [json.loads(run("generate", "--model", self.model, "--ids", "3,4,5", "--max-tokens", "8",
+                                  "--ignore-eos", "--json", "--temperature", "1.0", "--seed", str(s)).stdout)["ids"]
+                   for s in (1, 1, 2)]
+        self.assertEqual(sampled[0], sampled[1], "same seed, same output")
+        self.assertNotEqual(sampled[0], sampled[2], "another seed, another output")
+
+    def test_route_json_shape(self):
+        r = run("route", "--model", self.model, "--ids", "3,4", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        layers = json.loads(r.stdout)["layers"]
+        self.assertEqual([l["layer"] for l in layers], [1, 2, 3])  # layer 0 is dense
+        for l in layers:
+            self.assertEqual(len(l["positions"]), 2)
+            for p in l["positions"]:
+                self.assertEqual(len(p["experts"]), 4)
+                self.assertEqual(p["weights"], sorted(p["weights"], reverse=True))
+
+    def test_info(self):
+        r = run("info", "--model", self.model, "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        info = json.loads(r.stdout)
+        self.assertEqual(info["routed_experts"], 16)
+        self.assertEqual(info["shared_experts"], 2)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsmoe", required=True)
+    a, rest = ap.parse_known_args()
+    DSMOE = a.dsmoe
+    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)

@@ -1,0 +1,164 @@
+// Every vectorised kernel against the scalar reference on random shapes, and the reference
+// itself against double-precision arithmetic written out here.
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "core/ops/kernels.h"
+#include "core/tensor/dtype.h"
+#include "core/util/cpu_features.h"
+#include "tests/test_util.h"
+
+namespace dsmoe {
+namespace {
+
+using testing::RandomFloats;
+
+// Weights of shape [N, K] stored as `dtype`, plus their exact fp32 values.
+struct TestMatrix {
+  std::vector<uint8_t> bytes;
+  std::vector<float> exact;
+  MatrixView view;
+};
+
+TestMatrix MakeMatrix(DType dtype, int64_t N, int64_t K, uint64_t seed) {
+  TestMatrix m;
+  std::vector<float> v = RandomFloats(N * K, seed);
+  m.bytes.resize(N * K * DTypeSize(dtype));
+  m.exact.resize(N * K);
+  for (int64_t i = 0; i < N * K; ++i) {
+    if (dtype == DType::kF32) {
+      std::memcpy(m.bytes.data() + 4 * i, &v[i], 4);
+      m.exact[i] = v[i];
+    } else {
+      const uint16_t h = dtype == DType::kBF16 ? F32ToBf16(v[i]) : F32ToF16(v[i]);
+      std::memcpy(m.bytes.data() + 2 * i, &h, 2);
+      m.exact[i] = dtype == DType::kBF16 ? Bf16ToF32(h) : F16ToF32(h);
+    }
+  }
+  m.view = MatrixView{dtype, N, K, m.bytes.data()};
+  return m;
+}
+
+const ops::KernelTable* FastKernels() {
+  const ops::KernelTable* t = ops::Avx2Kernels();
+  return t != nullptr && GetCpuFeatures().HasAvx2Kernels() ? t : nullptr;
+}
+
+class MatMulTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(MatMulTest, ReferenceMatchesDoublePrecision) {
+  const DType dtype = GetParam();
+  const int64_t T = 3, N = 5, K = 37;
+  TestMatrix W = MakeMatrix(dtype, N, K, 1);
+  std::vector<float> x = RandomFloats(T * K, 2), y(T * N);
+  ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, 0, N, y.data(), N);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0;
+      for (int64_t k = 0; k < K; ++k) want += static_cast<double>(x[t * K + k]) * W.exact[n * K + k];
+      EXPECT_NEAR(y[t * N + n], want, 1e-5) << "t=" << t << " n=" << n;
+    }
+  }
+}
+
+TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
+  const ops::KernelTable* fast = FastKernels();
+  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
+  const DType dtype = GetParam();
+  std::mt19937 rng(42);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t T = 1 + rng() % 9, N = 1 + rng() % 70, K = 1 + rng() % 300;
+    const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
+    TestMatrix W = MakeMatrix(dtype, N, K, trial);
+    std::vector<float> x = RandomFloats(T * K, 100 + trial);
+    std::vector<float> want(T * N, -7.0f), got(T * N, -7.0f);
+    ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
+    fast->matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
+    for (int64_t i = 0; i < T * N; ++i) {
+      ASSERT_NEAR(got[i], want[i], 1e-5f * (1.0f + std::sqrt(static_cast<float>(K))))
+          << "T=" << T << " N=" << N << " K=" << K << " rows [" << r0 << "," << r1 << ") i=" << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
+                         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                         [](const auto& param_info) { return std::string(DTypeName(param_info.param)); });
+
+TEST(Kernels, VectorOpsMatchReference) {
+  const ops::KernelTable* fast = FastKernels();
+  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
+  for (int64_t n : {1, 7, 8, 15, 16, 17, 100, 1031}) {
+    std::vector<float> a = RandomFloats(n, n), b = RandomFloats(n, n + 1, 12.0f);
+    EXPECT_NEAR(fast->dot(a.data(), b.data(), n), ops::ReferenceKernels().dot(a.data(), b.data(), n),
+                1e-4 * n);
+    std::vector<float> y1 = a, y2 = a;
+    fast->axpy(0.37f, b.data(), y1.data(), n);
+    ops::ReferenceKernels().axpy(0.37f, b.data(), y2.data(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(y1[i], y2[i], 1e-5);
+    // SiLU over a wide range of gate values, against the formula in double.
+    std::vector<float> out(n);
+    fast->silu_mul(b.data(), a.data(), out.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = b[i];
+      const double want = g / (1.0 + std::exp(-g)) * a[i];
+      ASSERT_NEAR(out[i], want, 2e-6 * (std::fabs(want) + 1e-3)) << "gate " << g;
+    }
+  }
+}
+
+TEST(Kernels, SiluHandlesExtremes) {
+  const ops::KernelTable& k = ops::Kernels();
+  const std::vector<float> gate = {-1000.f, -90.f, -20.f, 0.f, 20.f, 90.f, 1000.f, -0.5f};
+  const std::vector<float> up(gate.size(), 2.0f);
+  std::vector<float> out(gate.size());
+  k.silu_mul(gate.data(), up.data(), out.data(), static_cast<int64_t>(gate.size()));
+  for (size_t i = 0; i < gate.size(); ++i) {
+    const double want = 2.0 * gate[i] / (1.0 + std::exp(-static_cast<double>(gate[i])));
+    EXPECT_TRUE(std::isfinite(out[i])) << gate[i];
+    EXPECT_NEAR(out[i], want, 1e-5 * (std::fabs(want) + 1)) << gate[i];
+  }
+}
+
+TEST(Kernels, RowToF32ConvertsEveryDType) {
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    TestMatrix m = MakeMatrix(dtype, 1, 29, 5);
+    std::vector<float> out(29);
+    ops::Kernels().row_to_f32(m.view.data, dtype, 29, out.data());
+    for (int i = 0; i < 29; ++i) EXPECT_EQ(out[i], m.exact[i]) << DTypeName(dtype) << " " << i;
+  }
+}
+
+TEST(DType, HalfPrecisionKnownValues) {
+  EXPECT_EQ(F16ToF32(0x3c00), 1.0f);
+  EXPECT_EQ(F16ToF32(0xc000), -2.0f);
+  EXPECT_EQ(F16ToF32(0x7bff), 65504.0f);
+  EXPECT_EQ(F16ToF32(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
+  EXPECT_EQ(F16ToF32(0x0400), std::ldexp(1.0f, -14));  // smallest normal
+  EXPECT_TRUE(std::isinf(F16ToF32(0x7c00)));
+  EXPECT_TRUE(std::isnan(F16ToF32(0x7e00)));
+  EXPECT_EQ(Bf16ToF32(0x3f80), 1.0f);
+  EXPECT_EQ(Bf16ToF32(0xc040), -3.0f);
+}
+
+TEST(DType, HalfRoundTripsEveryValue) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = F16ToF32(static_cast<uint16_t>(h));
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(F32ToF16(f), h) << std::hex << h;
+  }
+}
+
+TEST(DType, RoundingToNearestEven) {
+  // 1 + 2^-8 lies exactly between two bf16 values: ties go to the even mantissa (1.0).
+  EXPECT_EQ(F32ToBf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);
+  // 1 + 3·2^-8 lies between 1+2^-7 (odd) and 1+2^-6 (even): rounds up to even.
+  EXPECT_EQ(F32ToBf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
+  // f16: 1 + 2^-11 is a tie between 1.0 and 1 + 2^-10 → 1.0.
+  EXPECT_EQ(F32ToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);
+  EXPECT_EQ(F32ToF16(70000.0f), 0x7c00);  // overflow → inf
+}
+
+}  // namespace
+}  // namespace dsmoe

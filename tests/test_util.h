@@ -1,0 +1,33 @@
+// Small helpers shared by the unit tests: temporary directories and random data.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/model/config.h"
+#include "core/model/make_model.h"
+
+namespace dsmoe::testing {
+
+// A fresh directory under the system temp dir, removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void WriteFile(const std::string& path, const std::string& bytes);
+std::string ReadFile(const std::string& path);
+std::vector<float> RandomFloats(size_t n, uint64_t seed, float scale = 1.0f);
+
+// The tiny preset, written to `dir` (random weights, seed 3).
+ModelConfig WriteTinyModel(const std::string& dir, DType dtype = DType::kF32);
+
+}  // namespace dsmoe::testing
