@@ -1,5 +1,7 @@
 // dsmoe: one binary, one subcommand per job. This file only declares flags (CLI11) and hands
 // the parsed options to cli/commands.cc.
+#include <cstdio>
+
 #include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
@@ -33,7 +35,8 @@ void AddOptional(CLI::App* cmd, const std::string& name, std::optional<T>& targe
 
 int main(int argc, char** argv) {
   CLI::App app{"dsmoe: serve DeepSeekMoE models (fine-grained + shared experts) on CPU and clusters"};
-  app.require_subcommand(1);
+  // No require_subcommand(): CLI11 would then report a missing subcommand before naming an
+  // unknown word like `dsmoe frobnicate`; we check for a subcommand after parsing instead.
   app.set_version_flag("--version", "dsmoe 0.1.0");
   int rc = 0;
 
@@ -109,5 +112,9 @@ int main(int argc, char** argv) {
   info->callback([&] { rc = dsmoe::cli::RunInfo(inf); });
 
   CLI11_PARSE(app, argc, argv);
+  if (app.get_subcommands().empty()) {
+    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, info, logits, generate, route); see dsmoe --help\n");
+    return 2;
+  }
   return rc;
 }
