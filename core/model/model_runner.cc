@@ -35,7 +35,8 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
     if (experts != nullptr) {
       runner->experts_ = experts;
     } else {
-      runner->local_experts_ = std::make_unique<LocalExpertExecutor>(weights, pool, o.max_batch_tokens);
+      runner->local_experts_ = std::make_unique<LocalExpertExecutor>(
+          weights, pool, o.max_batch_tokens * c.num_experts_per_tok);
       runner->experts_ = runner->local_experts_.get();
     }
   }
@@ -223,14 +224,16 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     RouteTokens(gate_, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
                 route_weights_.data());
     if (observer_ != nullptr) observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
-    DSMOE_RETURN_IF_ERROR(experts_->Run(layer, xn, T, route_experts_.data(), route_weights_.data(), k,
-                                        proj_.data()));
-    ops::AddInPlace(proj_.data(), h, T * H);
-    if (L.shared.loaded()) {  // shared experts: every token, no gate
+    // Routed experts start (possibly on expert servers); the shared experts — every token,
+    // no gate — are computed here meanwhile; then the routed results are combined.
+    DSMOE_RETURN_IF_ERROR(experts_->Start(layer, xn, T, route_experts_.data(), route_weights_.data(), k));
+    if (L.shared.loaded()) {
       const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data()};
       RunMlps(pool_, &job, 1, H);
-      ops::AddInPlace(shared_out_.data(), h, T * H);
     }
+    DSMOE_RETURN_IF_ERROR(experts_->Finish(proj_.data()));
+    ops::AddInPlace(proj_.data(), h, T * H);
+    if (L.shared.loaded()) ops::AddInPlace(shared_out_.data(), h, T * H);
   }
 
   // --- logits for the wanted rows: lm_head(rms_norm(h)) ---

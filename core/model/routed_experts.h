@@ -18,30 +18,73 @@ namespace dsmoe {
 class RoutedExpertExecutor {
  public:
   virtual ~RoutedExpertExecutor() = default;
+
   // out[t] = Σ_j weights[t·k + j] · expert_{experts[t·k + j]}(x[t])  for t in [0, T).
   // x and out are [T, hidden]. `layer` is the checkpoint's layer index.
   virtual absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                            const float* weights, int64_t k, float* out) = 0;
+
+  // The same computation split in two, so the caller can compute the shared experts while the
+  // routed ones are in flight: Start may send work elsewhere and return; Finish waits and
+  // writes `out`. The inputs must stay untouched until Finish returns. By default Start only
+  // records its arguments and Finish calls Run.
+  virtual absl::Status Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                             const float* weights, int64_t k) {
+    pending_ = {layer, x, T, experts, weights, k};
+    return absl::OkStatus();
+  }
+  virtual absl::Status Finish(float* out) {
+    return Run(pending_.layer, pending_.x, pending_.T, pending_.experts, pending_.weights,
+               pending_.k, out);
+  }
+
+ private:
+  struct Pending {
+    int64_t layer = 0;
+    const float* x = nullptr;
+    int64_t T = 0;
+    const int32_t* experts = nullptr;
+    const float* weights = nullptr;
+    int64_t k = 0;
+  } pending_;
+};
+
+// One (token, expert, weight) triple of a batch: what an expert server receives.
+struct ExpertAssignments {
+  const int32_t* token = nullptr;   // row of x
+  const int32_t* expert = nullptr;  // routed expert index within the layer
+  const float* weight = nullptr;
+  int64_t size = 0;
 };
 
 // Computes routed experts in this process: tokens are grouped by expert, and every chosen expert
 // runs once over all its tokens (RunMlps). Thread-compatible; no allocation per call.
 class LocalExpertExecutor final : public RoutedExpertExecutor {
  public:
-  // REQUIRES: `weights` and `pool` outlive this. `max_tokens` bounds T per call.
-  LocalExpertExecutor(const ModelWeights& weights, ThreadPool& pool, int64_t max_tokens);
+  // REQUIRES: `weights` and `pool` outlive this. At most `max_assignments` (token, expert)
+  // pairs per call.
+  LocalExpertExecutor(const ModelWeights& weights, ThreadPool& pool, int64_t max_assignments);
 
   absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                    const float* weights, int64_t k, float* out) override;
 
+  // out[t] = Σ over the assignments of token t of weight · expert(x[t]), for t in [0, T);
+  // tokens without assignments get zeros. FailedPrecondition if an expert is not loaded here.
+  absl::Status RunAssignments(int64_t layer, const float* x, int64_t T,
+                              const ExpertAssignments& assignments, float* out);
+
+  int64_t max_assignments() const { return max_assignments_; }
+
  private:
+  absl::Status Compute(int64_t layer, const float* x, int64_t T, const ExpertAssignments& a, float* out);
+
   const ModelWeights& weights_;
   ThreadPool& pool_;
-  int64_t max_tokens_;
   int64_t max_assignments_;
-  std::vector<int64_t> expert_count_;   // [E] then prefix offsets
-  std::vector<int64_t> slot_of_;        // [max_assignments]: assignment → grouped row
-  std::vector<MlpJob> jobs_;            // [E]
+  std::vector<int64_t> expert_count_;  // [E + 1]: counts, then start offsets, then cursors
+  std::vector<int64_t> slot_of_;       // [max_assignments]: assignment → grouped row
+  std::vector<int32_t> token_of_;      // [max_assignments]: scratch for Run's implicit tokens
+  std::vector<MlpJob> jobs_;           // [E]
   FloatBuffer gathered_, act_, up_, expert_out_;
 };
 
