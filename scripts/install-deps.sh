@@ -8,8 +8,12 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config
   # core library and CLI
   libabsl-dev nlohmann-json3-dev libcli11-dev
+  # services: gRPC and protobuf
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
+  # tests: gRPC clients in Python (integration tests)
+  python3-grpcio python3-protobuf grpc-proto
 )
 
 missing=()

@@ -1,0 +1,99 @@
+// dsmoe-attention-server: attention, KV cache, dense layers, shared experts and the LM head of a
+// DeepSeekMoE model, with continuous batching; routed experts on expert servers (or local).
+#include <cstdio>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "attention-server/attention_service.h"
+#include "core/io/mapped_file.h"
+#include "core/rpc/server.h"
+#include "expert-server/grpc_expert_executor.h"
+#include "router/placement.h"
+
+namespace {
+
+std::vector<std::string> SplitCommas(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dsmoe-attention-server: error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dsmoe::rpc::BlockShutdownSignals();
+  CLI::App app{"dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous batching"};
+  std::string model, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file;
+  int threads = 0, replicas = 1, deadline_ms = 10000;
+  dsmoe::SchedulerOptions sched;
+  app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  app.add_option("--expert-servers", expert_servers,
+                 "Comma-separated expert server addresses, in placement order (none: routed experts run here)");
+  app.add_option("--placement", placement_file, "Placement JSON (default: round-robin over the expert servers)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--replicas", replicas, "Copies of each expert in the computed placement")->check(CLI::Range(1, 4096));
+  app.add_option("--dispatch-deadline-ms", deadline_ms, "Deadline of each expert-server call")->check(CLI::Range(1, 3600000));
+  app.add_option("--num-slots", sched.num_slots, "Sequences running at once")->check(CLI::Range(1, 4096))->capture_default_str();
+  app.add_option("--max-batch-tokens", sched.max_batch_tokens, "Tokens per forward pass")->check(CLI::Range(1, 65536))->capture_default_str();
+  app.add_option("--max-context", sched.max_context, "Context per sequence (default: the model's)")->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  app.add_option("--threads", threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
+  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
+  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  CLI11_PARSE(app, argc, argv);
+
+  const std::vector<std::string> addresses = SplitCommas(expert_servers);
+  dsmoe::WeightSelection selection;
+  selection.all_routed_experts = addresses.empty();  // remote experts: load none here
+  auto weights = dsmoe::ModelWeights::Load(model, selection);
+  if (!weights.ok()) return Fail(weights.status());
+  const dsmoe::ModelConfig& config = (*weights)->config();
+
+  std::optional<dsmoe::router::Placement> placement;
+  std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
+  if (!addresses.empty()) {
+    absl::StatusOr<dsmoe::router::Placement> p =
+        placement_file.empty()
+            ? dsmoe::router::Placement::Compute(config, static_cast<int>(addresses.size()), replicas,
+                                                dsmoe::router::Placement::Strategy::kRoundRobin)
+            : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
+                auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
+                if (!text.ok()) return text.status();
+                return dsmoe::router::Placement::FromJson(*text, config, placement_file);
+              }();
+    if (!p.ok()) return Fail(p.status());
+    if (p->num_servers() != static_cast<int>(addresses.size())) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("the placement names ", p->num_servers(),
+                                                          " expert servers but ", addresses.size(), " were given")));
+    }
+    placement.emplace(std::move(*p));
+    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
+                                                         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms)});
+    if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
+  }
+  dsmoe::ThreadPool pool(threads);
+  auto scheduler = dsmoe::Scheduler::Create(**weights, pool, sched, remote.get());
+  if (!scheduler.ok()) return Fail(scheduler.status());
+  dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
+  dsmoe::rpc::ServerOptions server_options;
+  server_options.address = listen;
+  server_options.ready_file = ready_file;
+  auto server = dsmoe::rpc::StartServer(server_options, {&service});
+  if (!server.ok()) return Fail(server.status());
+  std::printf("dsmoe-attention-server serving on %s (%zu expert servers, %lld slots)\n", server->address().c_str(),
+              addresses.size(), static_cast<long long>(sched.num_slots));
+  std::fflush(stdout);
+  const int sig = dsmoe::rpc::WaitForShutdownSignal();
+  std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}

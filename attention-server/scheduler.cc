@@ -1,0 +1,262 @@
+#include "attention-server/scheduler.h"
+
+#include <algorithm>
+
+namespace dsmoe {
+
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights, ThreadPool& pool,
+                                                             const SchedulerOptions& options,
+                                                             RoutedExpertExecutor* experts) {
+  if (options.num_slots < 1 || options.max_batch_tokens < 1 || options.max_waiting < 0) {
+    return absl::InvalidArgumentError("num_slots and max_batch_tokens must be >= 1");
+  }
+  RunnerOptions ro;
+  ro.max_batch_tokens = options.max_batch_tokens;
+  ro.num_slots = options.num_slots + 1;  // + the scratch slot of ComputeLogits
+  ro.max_context = options.max_context;
+  DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, ro, experts));
+  return std::unique_ptr<Scheduler>(new Scheduler(std::move(runner), options));
+}
+
+Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options)
+    : runner_(std::move(runner)), options_(options), scratch_slot_(static_cast<int32_t>(options.num_slots)) {
+  for (int64_t s = options.num_slots - 1; s >= 0; --s) free_slots_.push_back(static_cast<int32_t>(s));
+  const int64_t B = options.max_batch_tokens;
+  batch_ids_.reserve(B);
+  batch_slots_.reserve(B);
+  batch_pos_.reserve(B);
+  batch_rows_.reserve(B);
+  row_owner_.reserve(B);
+  logits_.resize(static_cast<size_t>(std::min(options.num_slots, B) * runner_->config().vocab_size));
+  loop_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  loop_.join();
+  // Whatever is left is told it was aborted: no sequence ends silently.
+  const absl::Status shutting_down = absl::UnavailableError("the attention server is shutting down");
+  for (auto& s : waiting_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
+  for (auto& [id, s] : running_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
+  for (LogitsJob* job : logits_jobs_) job->result.set_value(shutting_down);
+}
+
+absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params, std::shared_ptr<SequenceSink> sink) {
+  const int64_t V = runner_->config().vocab_size;
+  const int64_t P = static_cast<int64_t>(params.prompt.size());
+  if (P == 0) return absl::InvalidArgumentError("the prompt is empty");
+  if (P >= max_context()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", P, " tokens leaves no room in the context of ",
+                                                   max_context(), " tokens"));
+  }
+  for (int32_t id : params.prompt) {
+    if (id < 0 || id >= V) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
+    }
+  }
+  if (params.max_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", params.max_tokens));
+  }
+  DSMOE_RETURN_IF_ERROR(params.sampling.Validate());
+  auto seq = std::make_unique<Sequence>();
+  seq->sampler = std::make_unique<Sampler>(V, params.sampling);
+  seq->params = std::move(params);
+  seq->sink = std::move(sink);
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the attention server is shutting down");
+    if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
+      return absl::ResourceExhaustedError(absl::StrCat(waiting_.size(), " sequences are already waiting (limit ",
+                                                       options_.max_waiting, ")"));
+    }
+    id = seq->id = next_id_++;
+    waiting_.push_back(std::move(seq));
+  }
+  work_cv_.notify_one();
+  return id;
+}
+
+void Scheduler::Cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancel_requests_.push_back(id);
+  }
+  work_cv_.notify_one();
+}
+
+SchedulerLoad Scheduler::GetLoad() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()), options_.num_slots};
+}
+
+absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t> ids) {
+  LogitsJob job;
+  job.ids = std::move(ids);
+  auto future = job.result.get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the attention server is shutting down");
+    logits_jobs_.push_back(&job);
+  }
+  work_cv_.notify_one();
+  return future.get();
+}
+
+void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& status) {
+  seq->sink->OnFinish(reason, status);
+  std::lock_guard<std::mutex> lock(mu_);
+  free_slots_.push_back(seq->slot);
+  running_.erase(seq->id);  // destroys *seq
+}
+
+void Scheduler::Loop() {
+  std::vector<Sequence*> running;
+  for (;;) {
+    LogitsJob* job = nullptr;
+    std::vector<std::unique_ptr<Sequence>> cancelled_waiting;
+    running.clear();
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [this] {
+        return stop_ || !waiting_.empty() || !running_.empty() || !logits_jobs_.empty() ||
+               !cancel_requests_.empty();
+      });
+      if (stop_) return;
+      for (uint64_t id : cancel_requests_) {
+        if (auto it = running_.find(id); it != running_.end()) {
+          it->second->cancelled = true;
+          continue;
+        }
+        auto w = std::find_if(waiting_.begin(), waiting_.end(), [id](const auto& s) { return s->id == id; });
+        if (w != waiting_.end()) {
+          cancelled_waiting.push_back(std::move(*w));
+          waiting_.erase(w);
+        }
+      }
+      cancel_requests_.clear();
+      while (!free_slots_.empty() && !waiting_.empty()) {
+        std::unique_ptr<Sequence> seq = std::move(waiting_.front());
+        waiting_.pop_front();
+        seq->slot = free_slots_.back();
+        free_slots_.pop_back();
+        const uint64_t id = seq->id;
+        running_.emplace(id, std::move(seq));
+      }
+      if (!logits_jobs_.empty()) {
+        job = logits_jobs_.front();
+        logits_jobs_.pop_front();
+      }
+      for (auto& [id, seq] : running_) running.push_back(seq.get());
+    }
+    const absl::Status cancelled = absl::CancelledError("the request was cancelled");
+    for (auto& seq : cancelled_waiting) seq->sink->OnFinish(FinishReason::kStop, cancelled);
+    // Oldest first: they get the prefill budget first and finish first.
+    std::sort(running.begin(), running.end(), [](Sequence* a, Sequence* b) { return a->id < b->id; });
+    std::vector<Sequence*> live;
+    for (Sequence* seq : running) {
+      if (seq->cancelled) {
+        Finish(seq, FinishReason::kStop, cancelled);
+      } else {
+        live.push_back(seq);
+      }
+    }
+    if (job != nullptr) job->result.set_value(RunLogitsJob(job->ids));
+    if (!live.empty()) Step(live);
+  }
+}
+
+void Scheduler::Step(std::vector<Sequence*>& running) {
+  const int64_t V = runner_->config().vocab_size;
+  batch_ids_.clear();
+  batch_slots_.clear();
+  batch_pos_.clear();
+  batch_rows_.clear();
+  row_owner_.clear();
+  fed_in_step_.assign(running.size(), 0);
+  int64_t budget = options_.max_batch_tokens;
+  std::vector<Sequence*> in_batch;
+  // Decode steps first (one token each), then prompt chunks with what budget is left.
+  for (size_t i = 0; i < running.size() && budget > 0; ++i) {
+    Sequence* s = running[i];
+    if (s->fed < static_cast<int64_t>(s->params.prompt.size())) continue;
+    batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size()));
+    row_owner_.push_back(s);
+    batch_ids_.push_back(s->last_token);
+    batch_slots_.push_back(s->slot);
+    batch_pos_.push_back(static_cast<int32_t>(s->fed));
+    fed_in_step_[i] = 1;
+    --budget;
+  }
+  for (size_t i = 0; i < running.size() && budget > 0; ++i) {
+    Sequence* s = running[i];
+    const int64_t P = static_cast<int64_t>(s->params.prompt.size());
+    if (s->fed >= P) continue;
+    const int64_t n = std::min(budget, P - s->fed);
+    for (int64_t j = 0; j < n; ++j) {
+      batch_ids_.push_back(s->params.prompt[s->fed + j]);
+      batch_slots_.push_back(s->slot);
+      batch_pos_.push_back(static_cast<int32_t>(s->fed + j));
+    }
+    if (s->fed + n == P) {  // the prompt is complete: its last token's logits give token 1
+      batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size() - 1));
+      row_owner_.push_back(s);
+    }
+    fed_in_step_[i] = n;
+    budget -= n;
+  }
+  if (batch_ids_.empty()) return;
+  const absl::Status status = runner_->Forward({batch_ids_, batch_slots_, batch_pos_, batch_rows_}, logits_.data());
+  if (!status.ok()) {
+    // Every sequence with tokens in this batch is affected; the others go on next step.
+    for (size_t i = 0; i < running.size(); ++i) {
+      if (fed_in_step_[i] > 0) Finish(running[i], FinishReason::kStop, status);
+    }
+    return;
+  }
+  for (size_t i = 0; i < running.size(); ++i) running[i]->fed += fed_in_step_[i];
+  for (size_t r = 0; r < row_owner_.size(); ++r) {
+    Sequence* s = row_owner_[r];
+    const int32_t token = s->sampler->Sample(logits_.data() + r * V);
+    s->last_token = token;
+    ++s->generated;
+    s->sink->OnToken(token);
+    const auto& stops = s->params.stop_token_ids;
+    if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
+      Finish(s, FinishReason::kStop, absl::OkStatus());
+    } else if (s->generated >= s->params.max_tokens || s->fed + 1 >= max_context()) {
+      Finish(s, FinishReason::kLength, absl::OkStatus());
+    }
+  }
+}
+
+absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int32_t>& ids) {
+  const int64_t T = static_cast<int64_t>(ids.size()), V = runner_->config().vocab_size;
+  if (T == 0) return absl::InvalidArgumentError("no tokens");
+  if (T > max_context()) {
+    return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the context of ", max_context()));
+  }
+  for (int32_t id : ids) {
+    if (id < 0 || id >= V) return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
+  }
+  std::vector<float> out(static_cast<size_t>(T * V));
+  const int64_t chunk = options_.max_batch_tokens;
+  std::vector<int32_t> slots(chunk, scratch_slot_), pos(chunk), rows(chunk);
+  for (int64_t begin = 0; begin < T; begin += chunk) {
+    const int64_t n = std::min(chunk, T - begin);
+    for (int64_t i = 0; i < n; ++i) {
+      pos[i] = static_cast<int32_t>(begin + i);
+      rows[i] = static_cast<int32_t>(i);
+    }
+    DSMOE_RETURN_IF_ERROR(runner_->Forward({std::span(ids).subspan(begin, n), std::span(slots).first(n),
+                                            std::span(pos).first(n), std::span(rows).first(n)},
+                                           out.data() + begin * V));
+  }
+  return out;
+}
+
+}  // namespace dsmoe

@@ -1,0 +1,122 @@
+// Continuous batching on one attention server. One loop thread owns the ModelRunner: each step
+// it admits waiting sequences into free KV-cache slots, builds one batch of every running
+// sequence's next token plus prompt chunks of newly admitted ones (within max_batch_tokens),
+// runs the forward pass, samples per sequence, streams tokens to each sequence's sink, and
+// frees the slot of every sequence that finished — so requests join and leave between steps.
+//
+// Thread-safe: Submit, Cancel, GetLoad and ComputeLogits may be called from any thread (the
+// RPC handlers); only the loop thread touches the runner.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "core/model/generator.h"
+#include "core/model/model_runner.h"
+#include "core/model/sampler.h"
+#include "core/util/status.h"
+
+namespace dsmoe {
+
+struct SequenceParams {
+  std::vector<int32_t> prompt;
+  int64_t max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_token_ids;  // eos ids included unless the request ignores eos
+};
+
+// Receives one sequence's output, on the scheduler's thread: implementations must not block.
+class SequenceSink {
+ public:
+  virtual ~SequenceSink() = default;
+  virtual void OnToken(int32_t id) = 0;
+  // Last call. `status` is not OK when the sequence failed (it then carries the reason).
+  virtual void OnFinish(FinishReason reason, const absl::Status& status) = 0;
+};
+
+struct SchedulerOptions {
+  int64_t num_slots = 32;          // sequences running at once (KV-cache slots)
+  int64_t max_batch_tokens = 256;  // tokens per forward pass
+  int64_t max_context = 0;         // per sequence; 0: the model's maximum
+  int64_t max_waiting = 1024;      // accepted but not yet running; beyond: RESOURCE_EXHAUSTED
+};
+
+struct SchedulerLoad {
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t num_slots = 0;
+};
+
+class Scheduler {
+ public:
+  // REQUIRES: weights, pool and experts (if given) outlive the scheduler.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const ModelWeights& weights, ThreadPool& pool,
+                                                           const SchedulerOptions& options,
+                                                           RoutedExpertExecutor* experts = nullptr);
+  ~Scheduler();
+
+  // Queues a sequence; its sink hears every token and then OnFinish exactly once.
+  absl::StatusOr<uint64_t> Submit(SequenceParams params, std::shared_ptr<SequenceSink> sink);
+  // Stops a sequence (waiting or running) and frees its slot before the next step. Its sink
+  // gets OnFinish(kAbort, CANCELLED) unless it had already finished.
+  void Cancel(uint64_t id);
+  SchedulerLoad GetLoad() const;
+  // Logits of every position of `ids` (a scratch slot; no state kept), run between steps.
+  absl::StatusOr<std::vector<float>> ComputeLogits(std::vector<int32_t> ids);
+
+  int64_t max_context() const { return runner_->options().max_context; }
+  const ModelConfig& config() const { return runner_->config(); }
+
+ private:
+  struct Sequence {
+    uint64_t id = 0;
+    SequenceParams params;
+    std::shared_ptr<SequenceSink> sink;
+    std::unique_ptr<Sampler> sampler;
+    int32_t slot = -1;
+    int64_t fed = 0;          // tokens written to the KV cache
+    int64_t generated = 0;
+    int32_t last_token = -1;  // sampled, not yet fed
+    bool cancelled = false;
+  };
+  struct LogitsJob {
+    std::vector<int32_t> ids;
+    std::promise<absl::StatusOr<std::vector<float>>> result;
+  };
+
+  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options);
+  void Loop();
+  void Step(std::vector<Sequence*>& running);
+  void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
+  absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids);
+
+  std::unique_ptr<ModelRunner> runner_;
+  SchedulerOptions options_;
+  int32_t scratch_slot_;  // reserved for ComputeLogits
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;                    // guarded by mu_
+  std::unordered_map<uint64_t, std::unique_ptr<Sequence>> running_;  // guarded by mu_
+  std::vector<uint64_t> cancel_requests_;                            // guarded by mu_
+  std::deque<LogitsJob*> logits_jobs_;                               // guarded by mu_
+  std::vector<int32_t> free_slots_;                                  // guarded by mu_
+  uint64_t next_id_ = 1;                                             // guarded by mu_
+  bool stop_ = false;                                                // guarded by mu_
+
+  // Loop-thread state: the batch being built.
+  std::vector<int32_t> batch_ids_, batch_slots_, batch_pos_, batch_rows_;
+  std::vector<Sequence*> row_owner_;
+  std::vector<int64_t> fed_in_step_;
+  std::vector<float> logits_;
+  std::thread loop_;
+};
+
+}  // namespace dsmoe

@@ -1,0 +1,41 @@
+// How every dsmoe service starts: bind (127.0.0.1:0 by default, so tests get an ephemeral
+// port), standard grpc.health.v1 health checking and server reflection, message size limits,
+// and a line on stdout naming the bound port for whoever started the process.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "core/util/status.h"
+
+namespace dsmoe::rpc {
+
+struct ServerOptions {
+  std::string address = "127.0.0.1:0";  // host:port; port 0 picks a free one
+  int max_message_bytes = 64 << 20;     // requests above this are refused by gRPC itself
+  std::string ready_file;               // if set, "<port>\n" is written here once serving
+};
+
+struct RunningServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+  std::string address() const { return "127.0.0.1:" + std::to_string(port); }
+};
+
+// Builds and starts a server for `services` (not owned; must outlive the server).
+absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
+                                          const std::vector<grpc::Service*>& services);
+
+// Blocks SIGTERM and SIGINT in the calling thread (call first in main, before any thread
+// starts, so every thread inherits the mask), then returns.
+void BlockShutdownSignals();
+// Waits for SIGTERM or SIGINT (blocked by BlockShutdownSignals) and returns its number.
+int WaitForShutdownSignal();
+
+// A channel to a dsmoe service with our message size limits.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes = 64 << 20);
+
+}  // namespace dsmoe::rpc

@@ -1,0 +1,81 @@
+#include "expert-server/expert_service.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/rpc/grpc_status.h"
+
+namespace dsmoe {
+
+ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights, const ExpertServiceOptions& options)
+    : weights_(std::move(weights)),
+      options_(options),
+      pool_(options.threads),
+      executor_(*weights_, pool_, options.max_assignments) {
+  for (const LayerWeights& L : weights_->layers) {
+    for (const MlpWeights& m : L.routed) num_held_ += m.loaded() ? 1 : 0;
+  }
+}
+
+grpc::Status ExpertService::ComputeExperts(grpc::ServerContext*,
+                                           const internal::v1::ComputeExpertsRequest* request,
+                                           internal::v1::ComputeExpertsResponse* response) {
+  return rpc::ToGrpc(Compute(*request, response->mutable_output()));
+}
+
+absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r, std::string* output) {
+  const ModelConfig& c = weights_->config();
+  const int64_t H = c.hidden_size, T = r.num_tokens();
+  if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
+  if (T > options_.max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(T, " tokens exceed this server's limit of ",
+                                                     options_.max_tokens, " per request"));
+  }
+  if (r.layer() >= c.num_hidden_layers || !c.IsMoeLayer(r.layer())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " is not a MoE layer"));
+  }
+  if (r.hidden().size() != static_cast<size_t>(T * H) * sizeof(float)) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden holds ", r.hidden().size(), " bytes; ", T,
+                                                   " tokens of hidden size ", H, " need ", T * H * 4));
+  }
+  const int n = r.token_size();
+  if (r.expert_size() != n || r.weight_size() != n) {
+    return absl::InvalidArgumentError("token, expert and weight lists differ in length");
+  }
+  for (int i = 0; i < n; ++i) {
+    if (!std::isfinite(r.weight(i))) return absl::InvalidArgumentError(absl::StrCat("weight ", i, " is not finite"));
+    if (r.expert(i) >= static_cast<uint32_t>(c.n_routed_experts)) {
+      return absl::InvalidArgumentError(absl::StrCat("expert ", r.expert(i), " outside [0, ", c.n_routed_experts, ")"));
+    }
+    if (r.token(i) >= static_cast<uint32_t>(T)) {
+      return absl::InvalidArgumentError(absl::StrCat("assignment ", i, " names token ", r.token(i),
+                                                     " of ", T));
+    }
+  }
+  output->resize(static_cast<size_t>(T * H) * sizeof(float));
+  std::lock_guard<std::mutex> lock(mu_);
+  token_.assign(r.token().begin(), r.token().end());
+  expert_.assign(r.expert().begin(), r.expert().end());
+  // protobuf's repeated float is contiguous float storage.
+  const ExpertAssignments a{token_.data(), expert_.data(), r.weight().data(), n};
+  return executor_.RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T, a,
+                                  reinterpret_cast<float*>(output->data()));
+}
+
+grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1::GetExpertsRequest*,
+                                       internal::v1::GetExpertsResponse* response) {
+  const ModelConfig& c = weights_->config();
+  response->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
+  response->set_num_layers(static_cast<uint32_t>(c.num_hidden_layers));
+  for (size_t l = 0; l < weights_->layers.size(); ++l) {
+    const auto& routed = weights_->layers[l].routed;
+    for (size_t e = 0; e < routed.size(); ++e) {
+      if (!routed[e].loaded()) continue;
+      response->add_layers(static_cast<uint32_t>(l));
+      response->add_experts(static_cast<uint32_t>(e));
+    }
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace dsmoe

@@ -1,0 +1,133 @@
+#include "expert-server/grpc_expert_executor.h"
+
+#include <cstring>
+#include <set>
+
+#include "core/rpc/grpc_status.h"
+#include "core/rpc/server.h"
+
+namespace dsmoe {
+
+GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
+                                       const std::vector<std::string>& addresses,
+                                       const GrpcExpertExecutorOptions& options)
+    : config_(config), placement_(placement), addresses_(addresses), options_(options), planner_(placement) {
+  for (const std::string& a : addresses_) {
+    stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a)));
+  }
+  calls_.resize(addresses_.size());
+}
+
+absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                                     const float* weights, int64_t k, float* out) {
+  DSMOE_RETURN_IF_ERROR(Start(layer, x, T, experts, weights, k));
+  return Finish(out);
+}
+
+absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                                       const float* weights, int64_t k) {
+  const int64_t H = config_.hidden_size;
+  layer_ = layer;
+  num_tokens_ = T;
+  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer, T, k, experts, weights, &work_));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    outstanding_ = 0;
+  }
+  for (size_t s = 0; s < calls_.size(); ++s) {
+    Call& call = calls_[s];
+    const router::ServerWork& w = work_[s];
+    call.active = !w.empty();
+    if (!call.active) continue;
+    auto& req = call.request;
+    req.set_layer(static_cast<uint32_t>(layer));
+    req.set_num_tokens(static_cast<uint32_t>(w.rows.size()));
+    std::string* hidden = req.mutable_hidden();
+    hidden->resize(w.rows.size() * H * sizeof(float));
+    for (size_t i = 0; i < w.rows.size(); ++i) {
+      std::memcpy(hidden->data() + i * H * sizeof(float), x + w.rows[i] * H, H * sizeof(float));
+    }
+    req.mutable_token()->Assign(w.token.begin(), w.token.end());
+    req.mutable_expert()->Assign(w.expert.begin(), w.expert.end());
+    req.mutable_weight()->Assign(w.weight.begin(), w.weight.end());
+    call.response.Clear();
+    call.context = std::make_unique<grpc::ClientContext>();
+    call.context->set_deadline(std::chrono::system_clock::now() + options_.deadline);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++outstanding_;
+    }
+    stubs_[s]->async()->ComputeExperts(call.context.get(), &call.request, &call.response,
+                                       [this, &call](grpc::Status status) {
+                                         std::lock_guard<std::mutex> lock(mu_);
+                                         call.status = std::move(status);
+                                         if (--outstanding_ == 0) done_cv_.notify_one();
+                                       });
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GrpcExpertExecutor::Finish(float* out) {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return outstanding_ == 0; });
+  }
+  const int64_t H = config_.hidden_size;
+  std::memset(out, 0, sizeof(float) * num_tokens_ * H);
+  absl::Status first_error;
+  for (size_t s = 0; s < calls_.size(); ++s) {
+    Call& call = calls_[s];
+    if (!call.active) continue;
+    const router::ServerWork& w = work_[s];
+    if (!call.status.ok()) {
+      std::set<int32_t> experts(w.expert.begin(), w.expert.end());
+      std::string names;
+      for (int32_t e : experts) absl::StrAppend(&names, names.empty() ? "" : ", ", e);
+      first_error.Update(absl::Status(
+          static_cast<absl::StatusCode>(call.status.error_code()),
+          absl::StrCat("expert server ", s, " at ", addresses_[s], " failed on routed experts of layer ",
+                       layer_, " [", names, "]: ", call.status.error_message())));
+      continue;
+    }
+    if (call.response.output().size() != w.rows.size() * H * sizeof(float)) {
+      first_error.Update(absl::InternalError(absl::StrCat("expert server ", s, " at ", addresses_[s],
+                                                          " answered ", call.response.output().size(),
+                                                          " bytes for ", w.rows.size(), " tokens")));
+      continue;
+    }
+    const float* y = reinterpret_cast<const float*>(call.response.output().data());
+    for (size_t i = 0; i < w.rows.size(); ++i) {
+      float* o = out + w.rows[i] * H;
+      for (int64_t h = 0; h < H; ++h) o[h] += y[i * H + h];
+    }
+  }
+  return first_error;
+}
+
+absl::Status GrpcExpertExecutor::VerifyServers() {
+  for (size_t s = 0; s < stubs_.size(); ++s) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.deadline);
+    internal::v1::GetExpertsResponse resp;
+    const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
+    if (!st.ok()) {
+      return absl::UnavailableError(absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
+    }
+    if (resp.hidden_size() != config_.hidden_size) {
+      return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s], " serves hidden size ",
+                                                        resp.hidden_size(), ", the model has ", config_.hidden_size));
+    }
+    std::set<std::pair<int64_t, int64_t>> held;
+    for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
+    for (const auto& le : placement_.ExpertsOf(static_cast<int>(s))) {
+      if (!held.count(le)) {
+        return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
+                                                          " does not hold routed expert (layer ", le.first,
+                                                          ", expert ", le.second, ") that the placement assigns it"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dsmoe

@@ -1,0 +1,68 @@
+// The attention server's client of expert servers: a RoutedExpertExecutor that plans each MoE
+// layer's dispatch (router::DispatchPlanner), sends one ComputeExperts call per expert server
+// concurrently, and adds their combined partial sums. Start returns as soon as the calls are
+// in flight, so the caller computes the shared experts meanwhile.
+//
+// Thread-compatible (one model runner drives it), like every executor.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "core/model/routed_experts.h"
+#include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "router/dispatch.h"
+#include "router/placement.h"
+
+namespace dsmoe {
+
+struct GrpcExpertExecutorOptions {
+  std::chrono::milliseconds deadline{10000};  // per dispatch call
+};
+
+class GrpcExpertExecutor final : public RoutedExpertExecutor {
+ public:
+  // `addresses[s]` is expert server s of `placement`. REQUIRES: placement outlives this.
+  GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
+                     const std::vector<std::string>& addresses, const GrpcExpertExecutorOptions& options);
+
+  absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                   const float* weights, int64_t k, float* out) override;
+  absl::Status Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                     const float* weights, int64_t k) override;
+  absl::Status Finish(float* out) override;
+
+  // Asks every server which experts it holds and checks the placement against it.
+  absl::Status VerifyServers();
+
+ private:
+  struct Call {
+    std::unique_ptr<grpc::ClientContext> context;
+    internal::v1::ComputeExpertsRequest request;
+    internal::v1::ComputeExpertsResponse response;
+    grpc::Status status;
+    bool active = false;
+  };
+
+  const ModelConfig& config_;
+  const router::Placement& placement_;
+  std::vector<std::string> addresses_;
+  GrpcExpertExecutorOptions options_;
+  std::vector<std::unique_ptr<internal::v1::ExpertService::Stub>> stubs_;
+  router::DispatchPlanner planner_;
+  std::vector<router::ServerWork> work_;
+  std::vector<Call> calls_;
+  int64_t layer_ = 0, num_tokens_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  int outstanding_ = 0;  // guarded by mu_
+};
+
+}  // namespace dsmoe

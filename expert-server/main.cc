@@ -1,0 +1,72 @@
+// dsmoe-expert-server: serves the routed experts a placement assigns to it.
+#include <cstdio>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "core/io/mapped_file.h"
+#include "core/rpc/server.h"
+#include "expert-server/expert_service.h"
+#include "router/placement.h"
+
+int main(int argc, char** argv) {
+  dsmoe::rpc::BlockShutdownSignals();
+  CLI::App app{"dsmoe-expert-server: computes routed experts of a DeepSeekMoE model for attention servers"};
+  std::string model, placement_file, listen = "127.0.0.1:0", ready_file;
+  int server_index = 0, servers = 1, replicas = 1;
+  dsmoe::ExpertServiceOptions options;
+  app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  app.add_option("--placement", placement_file, "Placement JSON (default: round-robin over --servers)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--servers", servers, "Number of expert servers (computed placement)")->check(CLI::Range(1, 4096));
+  app.add_option("--replicas", replicas, "Copies of each expert (computed placement)")->check(CLI::Range(1, 4096));
+  app.add_option("--server-index", server_index, "This server's index in the placement")->check(CLI::Range(0, 4095));
+  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
+  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  app.add_option("--threads", options.threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
+  app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")->check(CLI::Range(1, 1 << 20));
+  CLI11_PARSE(app, argc, argv);
+
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "dsmoe-expert-server: error: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  // Placement needs the config; the config comes from the checkpoint.
+  auto config_only = dsmoe::ModelWeights::Load(model, [] {
+    dsmoe::WeightSelection none;
+    none.attention_side = false;
+    none.all_routed_experts = false;
+    return none;
+  }());
+  if (!config_only.ok()) return fail(config_only.status());
+  const dsmoe::ModelConfig& config = (*config_only)->config();
+  absl::StatusOr<dsmoe::router::Placement> placement =
+      placement_file.empty()
+          ? dsmoe::router::Placement::Compute(config, servers, replicas, dsmoe::router::Placement::Strategy::kRoundRobin)
+          : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
+              auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
+              if (!text.ok()) return text.status();
+              return dsmoe::router::Placement::FromJson(*text, config, placement_file);
+            }();
+  if (!placement.ok()) return fail(placement.status());
+  if (server_index >= placement->num_servers()) {
+    return fail(absl::InvalidArgumentError(absl::StrCat("--server-index ", server_index, " but the placement has ",
+                                                        placement->num_servers(), " servers")));
+  }
+  options.max_assignments = options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
+  auto weights = dsmoe::ModelWeights::Load(model, placement->SelectionFor(server_index));
+  if (!weights.ok()) return fail(weights.status());
+  dsmoe::ExpertService service(std::move(*weights), options);
+  dsmoe::rpc::ServerOptions server_options;
+  server_options.address = listen;
+  server_options.ready_file = ready_file;
+  auto server = dsmoe::rpc::StartServer(server_options, {&service});
+  if (!server.ok()) return fail(server.status());
+  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s\n", server_index,
+              static_cast<long long>(service.num_experts_held()), server->address().c_str());
+  std::fflush(stdout);
+  const int sig = dsmoe::rpc::WaitForShutdownSignal();
+  std::printf("dsmoe-expert-server: signal %d, shutting down\n", sig);
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}

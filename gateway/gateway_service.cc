@@ -1,0 +1,228 @@
+#include "gateway/gateway_service.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/model/make_model.h"
+#include "core/rpc/server.h"
+
+namespace dsmoe {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+grpc::Status Invalid(const std::string& message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
+}
+
+// Counts a request in flight for as long as it lives.
+class InFlight {
+ public:
+  explicit InFlight(std::atomic<int64_t>& counter) : counter_(counter) { counter_.fetch_add(1); }
+  ~InFlight() { counter_.fetch_sub(1); }
+
+ private:
+  std::atomic<int64_t>& counter_;
+};
+
+}  // namespace
+
+GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig& generation,
+                               const std::vector<std::string>& attention_servers,
+                               const std::vector<std::string>& expert_servers, const GatewayOptions& options)
+    : config_(config), generation_(generation), options_(options), expert_servers_(expert_servers) {
+  for (const std::string& a : attention_servers) {
+    auto u = std::make_unique<Upstream>();
+    u->address = a;
+    u->stub = internal::v1::AttentionService::NewStub(rpc::MakeChannel(a));
+    upstreams_.push_back(std::move(u));
+  }
+  if (options_.max_context <= 0) options_.max_context = config.max_position_embeddings;
+  if (options_.max_prompt_tokens <= 0) options_.max_prompt_tokens = options_.max_context - 1;
+}
+
+grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
+                                      internal::v1::AttentionGenerateRequest* up) const {
+  if (!r.model().empty() && r.model() != options_.model_name) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("model '", r.model(), "' is not served here (serving '", options_.model_name, "')"));
+  }
+  switch (r.prompt_case()) {
+    case dsmoe::v1::GenerateRequest::kText:
+      return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
+    case dsmoe::v1::GenerateRequest::PROMPT_NOT_SET:
+      return Invalid("a prompt is required: set text or token_ids");
+    case dsmoe::v1::GenerateRequest::kTokenIds:
+      break;
+  }
+  const auto& ids = r.token_ids().ids();
+  if (ids.empty()) return Invalid("the prompt is empty");
+  if (ids.size() > options_.max_prompt_tokens) {
+    return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ",
+                                options_.max_prompt_tokens));
+  }
+  for (int i = 0; i < ids.size(); ++i) {
+    if (ids[i] >= config_.vocab_size) {
+      return Invalid(absl::StrCat("token_ids[", i, "] = ", ids[i], " is outside the vocabulary [0, ",
+                                  config_.vocab_size, ")"));
+    }
+  }
+  const int64_t max_tokens = r.has_max_tokens() ? r.max_tokens() : 16;
+  if (max_tokens < 1 || max_tokens > options_.max_tokens_limit) {
+    return Invalid(absl::StrCat("max_tokens must be in [1, ", options_.max_tokens_limit, "], got ", max_tokens));
+  }
+  const float temperature = r.has_temperature() ? r.temperature() : 1.0f;
+  if (!(temperature >= 0.0f) || !std::isfinite(temperature)) {
+    return Invalid(absl::StrCat("temperature must be >= 0, got ", temperature));
+  }
+  const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
+  if (!(top_p > 0.0f && top_p <= 1.0f)) return Invalid(absl::StrCat("top_p must be in (0, 1], got ", top_p));
+  if (r.stop_size() > 0) return Invalid("stop strings need a tokenizer and this model has none; use stop_token_ids");
+  for (uint32_t id : r.stop_token_ids()) {
+    if (id >= config_.vocab_size) return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
+  }
+  up->mutable_prompt_token_ids()->CopyFrom(ids);
+  up->set_max_tokens(static_cast<uint32_t>(max_tokens));
+  up->set_temperature(temperature);
+  up->set_top_k(r.top_k());
+  up->set_top_p(top_p);
+  up->set_seed(r.seed());
+  up->mutable_stop_token_ids()->CopyFrom(r.stop_token_ids());
+  up->set_ignore_eos(r.ignore_eos());
+  return grpc::Status::OK;
+}
+
+grpc::Status GatewayService::Relay(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest& request,
+                                   const OnMessage& on_message) {
+  if (upstreams_.empty()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention server configured");
+  Upstream* best = upstreams_[0].get();
+  for (auto& u : upstreams_) {
+    if (u->in_flight.load() < best->in_flight.load()) best = u.get();
+  }
+  InFlight counted(best->in_flight);
+  // The upstream call inherits the client's deadline and is cancelled with it.
+  std::unique_ptr<grpc::ClientContext> upstream = grpc::ClientContext::FromServerContext(*context);
+  auto reader = best->stub->Generate(upstream.get(), request);
+  internal::v1::AttentionGenerateResponse message;
+  while (reader->Read(&message)) {
+    if (!on_message(message)) {
+      upstream->TryCancel();
+      break;
+    }
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok() && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return grpc::Status(status.error_code(), absl::StrCat("attention server ", best->address, ": ", status.error_message()));
+  }
+  return status;
+}
+
+grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                      grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
+  const auto start = Clock::now();
+  InFlight counted(in_flight_);
+  if (in_flight_.load() > options_.max_concurrent) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
+  }
+  internal::v1::AttentionGenerateRequest upstream;
+  if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
+  uint32_t completion_tokens = 0;
+  double ttft = -1;
+  dsmoe::v1::FinishReason finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
+    if (m.token_ids_size() > 0 && ttft < 0) ttft = std::chrono::duration<double>(Clock::now() - start).count();
+    completion_tokens += m.token_ids_size();
+    finish = m.finish_reason();
+    if (m.token_ids_size() == 0) return true;  // the final message is sent below, with usage
+    dsmoe::v1::GenerateResponse out;
+    out.mutable_token_ids()->CopyFrom(m.token_ids());
+    return writer->Write(out);
+  });
+  if (!status.ok()) return status;
+  dsmoe::v1::GenerateResponse last;
+  last.set_finish_reason(finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED ? dsmoe::v1::FINISH_REASON_ABORT : finish);
+  last.mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
+  last.mutable_usage()->set_completion_tokens(completion_tokens);
+  last.mutable_usage()->set_time_to_first_token_seconds(ttft < 0 ? 0 : ttft);
+  writer->Write(last);
+  return grpc::Status::OK;
+}
+
+grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                      dsmoe::v1::CompleteResponse* response) {
+  const auto start = Clock::now();
+  InFlight counted(in_flight_);
+  if (in_flight_.load() > options_.max_concurrent) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
+  }
+  internal::v1::AttentionGenerateRequest upstream;
+  if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
+  double ttft = -1;
+  dsmoe::v1::FinishReason finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
+    if (m.token_ids_size() > 0 && ttft < 0) ttft = std::chrono::duration<double>(Clock::now() - start).count();
+    response->mutable_token_ids()->Add(m.token_ids().begin(), m.token_ids().end());
+    finish = m.finish_reason();
+    return true;
+  });
+  if (!status.ok()) return status;
+  response->set_finish_reason(finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED ? dsmoe::v1::FINISH_REASON_ABORT : finish);
+  response->mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
+  response->mutable_usage()->set_completion_tokens(response->token_ids_size());
+  response->mutable_usage()->set_time_to_first_token_seconds(ttft < 0 ? 0 : ttft);
+  return grpc::Status::OK;
+}
+
+grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest*,
+                                      dsmoe::v1::TokenizeResponse*) {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+}
+
+grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest*,
+                                        dsmoe::v1::DetokenizeResponse*) {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+}
+
+grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest*,
+                                          dsmoe::v1::ModelInfo* info) {
+  const ModelConfig& c = config_;
+  info->set_model(options_.model_name);
+  info->set_architecture("DeepseekForCausalLM");
+  info->set_model_type(c.model_type);
+  info->set_vocab_size(static_cast<uint32_t>(c.vocab_size));
+  info->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
+  info->set_num_layers(static_cast<uint32_t>(c.num_hidden_layers));
+  info->set_num_moe_layers(static_cast<uint32_t>(c.NumMoeLayers()));
+  info->set_num_attention_heads(static_cast<uint32_t>(c.num_attention_heads));
+  info->set_num_key_value_heads(static_cast<uint32_t>(c.num_key_value_heads));
+  info->set_num_routed_experts(static_cast<uint32_t>(c.n_routed_experts));
+  info->set_num_shared_experts(static_cast<uint32_t>(c.n_shared_experts));
+  info->set_num_experts_per_tok(static_cast<uint32_t>(c.num_experts_per_tok));
+  info->set_expert_intermediate_size(static_cast<uint32_t>(c.moe_intermediate_size));
+  info->set_max_context(static_cast<uint32_t>(options_.max_context));
+  const ParameterCount params = CountParameters(c);
+  info->set_num_parameters(static_cast<uint64_t>(params.total));
+  info->set_num_active_parameters(static_cast<uint64_t>(params.active));
+  info->set_num_attention_servers(static_cast<uint32_t>(upstreams_.size()));
+  info->set_has_tokenizer(false);
+  for (const std::string& address : expert_servers_) {
+    auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(address));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
+    internal::v1::GetExpertsResponse held;
+    grpc::Status s = stub->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &held);
+    if (!s.ok()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("expert server ", address, ": ", s.error_message()));
+    }
+    auto* e = info->add_expert_servers();
+    e->set_address(address);
+    e->mutable_layers()->CopyFrom(held.layers());
+    e->mutable_experts()->CopyFrom(held.experts());
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace dsmoe

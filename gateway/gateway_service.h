@@ -1,0 +1,69 @@
+// dsmoe-gateway's public API (dsmoe.v1.Gateway): validates and limits requests, spreads them
+// over the attention servers (fewest requests in flight first), relays their token streams,
+// and reports usage. Cancellation and deadlines of the client's call propagate to the
+// attention server, which then frees the sequence's KV cache.
+//
+// Thread-safe: handlers run on gRPC's threads; shared state is atomic or behind a mutex.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/model/config.h"
+#include "dsmoe/internal/v1/attention.grpc.pb.h"
+#include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "dsmoe/v1/gateway.grpc.pb.h"
+
+namespace dsmoe {
+
+struct GatewayOptions {
+  std::string model_name;          // what GenerateRequest.model may say
+  int64_t max_prompt_tokens = 0;   // 0: the model's context
+  int64_t max_tokens_limit = 4096; // bound on GenerateRequest.max_tokens
+  int64_t max_concurrent = 256;    // requests in flight; beyond: RESOURCE_EXHAUSTED
+  int64_t max_context = 0;         // the attention servers' context (0: the model's)
+};
+
+class GatewayService final : public dsmoe::v1::Gateway::Service {
+ public:
+  GatewayService(const ModelConfig& config, const GenerationConfig& generation,
+                 const std::vector<std::string>& attention_servers,
+                 const std::vector<std::string>& expert_servers, const GatewayOptions& options);
+
+  grpc::Status Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                        grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) override;
+  grpc::Status Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                        dsmoe::v1::CompleteResponse* response) override;
+  grpc::Status Tokenize(grpc::ServerContext* context, const dsmoe::v1::TokenizeRequest* request,
+                        dsmoe::v1::TokenizeResponse* response) override;
+  grpc::Status Detokenize(grpc::ServerContext* context, const dsmoe::v1::DetokenizeRequest* request,
+                          dsmoe::v1::DetokenizeResponse* response) override;
+  grpc::Status GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest* request,
+                            dsmoe::v1::ModelInfo* response) override;
+
+ private:
+  struct Upstream {
+    std::string address;
+    std::unique_ptr<internal::v1::AttentionService::Stub> stub;
+    std::atomic<int64_t> in_flight{0};
+  };
+  // Receives each upstream message; returns false to stop relaying (the client went away).
+  using OnMessage = std::function<bool(const internal::v1::AttentionGenerateResponse&)>;
+
+  grpc::Status Validate(const dsmoe::v1::GenerateRequest& request,
+                        internal::v1::AttentionGenerateRequest* upstream) const;
+  // Runs one request on the least-loaded attention server, relaying its messages.
+  grpc::Status Relay(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest& request,
+                     const OnMessage& on_message);
+
+  ModelConfig config_;
+  GenerationConfig generation_;
+  GatewayOptions options_;
+  std::vector<std::unique_ptr<Upstream>> upstreams_;
+  std::vector<std::string> expert_servers_;
+  std::atomic<int64_t> in_flight_{0};
+};
+
+}  // namespace dsmoe

@@ -1,0 +1,74 @@
+// dsmoe-gateway: the public gRPC API of a dsmoe cluster.
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "core/model/weights.h"
+#include "core/rpc/server.h"
+#include "gateway/gateway_service.h"
+
+namespace {
+
+std::vector<std::string> SplitCommas(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dsmoe-gateway: error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dsmoe::rpc::BlockShutdownSignals();
+  CLI::App app{"dsmoe-gateway: the public gRPC API (dsmoe.v1.Gateway) of a dsmoe cluster"};
+  std::string model, attention_servers, expert_servers, listen = "127.0.0.1:0", ready_file;
+  int grace_seconds = 10, max_request_bytes = 4 << 20;
+  dsmoe::GatewayOptions options;
+  app.add_option("--model", model, "Checkpoint directory (config and tokenizer are read; no weights)")
+      ->required()->check(CLI::ExistingDirectory);
+  app.add_option("--model-name", options.model_name, "Name requests may give (default: the directory's name)");
+  app.add_option("--attention-servers", attention_servers, "Comma-separated attention server addresses")->required();
+  app.add_option("--expert-servers", expert_servers, "Comma-separated expert server addresses (for GetModelInfo)");
+  app.add_option("--max-prompt-tokens", options.max_prompt_tokens, "Prompt length limit (default: the context)")->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-tokens-limit", options.max_tokens_limit, "Bound on max_tokens")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  app.add_option("--max-concurrent", options.max_concurrent, "Requests in flight at most")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  app.add_option("--max-context", options.max_context, "The attention servers' context (default: the model's)")->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-request-bytes", max_request_bytes, "Largest request message accepted")->check(CLI::Range(1024, 1 << 30))->capture_default_str();
+  app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")->check(CLI::Range(0, 3600))->capture_default_str();
+  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
+  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  CLI11_PARSE(app, argc, argv);
+
+  dsmoe::WeightSelection nothing;
+  nothing.attention_side = false;
+  nothing.all_routed_experts = false;
+  auto weights = dsmoe::ModelWeights::Load(model, nothing);  // config and generation config only
+  if (!weights.ok()) return Fail(weights.status());
+  if (options.model_name.empty()) options.model_name = std::filesystem::path(model).filename().string();
+  dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(), SplitCommas(attention_servers),
+                                SplitCommas(expert_servers), options);
+  dsmoe::rpc::ServerOptions server_options;
+  server_options.address = listen;
+  server_options.ready_file = ready_file;
+  server_options.max_message_bytes = max_request_bytes;
+  auto server = dsmoe::rpc::StartServer(server_options, {&service});
+  if (!server.ok()) return Fail(server.status());
+  std::printf("dsmoe-gateway serving model '%s' on %s\n", options.model_name.c_str(), server->address().c_str());
+  std::fflush(stdout);
+  const int sig = dsmoe::rpc::WaitForShutdownSignal();
+  std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig, grace_seconds);
+  std::fflush(stdout);
+  // Shutdown refuses new calls at once and waits for those in flight up to the deadline.
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));
+  std::printf("dsmoe-gateway: stopped\n");
+  return 0;
+}

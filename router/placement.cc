@@ -1,0 +1,107 @@
+#include "router/placement.h"
+
+#include <algorithm>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+namespace dsmoe::router {
+
+absl::StatusOr<Placement> Placement::Compute(const ModelConfig& c, int num_servers, int replicas,
+                                             Strategy strategy) {
+  if (num_servers < 1) return absl::InvalidArgumentError("at least one expert server is needed");
+  if (replicas < 1 || replicas > num_servers) {
+    return absl::InvalidArgumentError(absl::StrCat("replicas must be in [1, ", num_servers,
+                                                   "] (one copy per server at most), got ", replicas));
+  }
+  std::vector<std::vector<std::vector<int>>> holders(c.num_hidden_layers);
+  int64_t moe_index = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    const int64_t E = c.n_routed_experts;
+    holders[l].resize(E);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t first = strategy == Strategy::kRoundRobin ? (e + moe_index) % num_servers
+                                                              : e * num_servers / E;
+      for (int r = 0; r < replicas; ++r) holders[l][e].push_back(static_cast<int>((first + r) % num_servers));
+    }
+    ++moe_index;
+  }
+  return Placement(num_servers, std::move(holders));
+}
+
+absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const ModelConfig& c,
+                                              const std::string& source) {
+  auto bad = [&](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", parts...));
+  };
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  if (!j.contains("num_servers") || !j["num_servers"].is_number_unsigned() || j["num_servers"].get<int>() < 1) {
+    return bad("'num_servers' must be a positive integer");
+  }
+  const int S = j["num_servers"].get<int>();
+  if (!j.contains("layers") || !j["layers"].is_array()) return bad("'layers' must be an array");
+  std::vector<std::vector<std::vector<int>>> holders(c.num_hidden_layers);
+  for (const auto& layer : j["layers"]) {
+    if (!layer.is_object() || !layer.contains("layer") || !layer["layer"].is_number_unsigned() ||
+        !layer.contains("servers") || !layer["servers"].is_array()) {
+      return bad("each entry of 'layers' needs an integer 'layer' and an array 'servers'");
+    }
+    const int64_t l = layer["layer"].get<int64_t>();
+    if (l >= c.num_hidden_layers || !c.IsMoeLayer(l)) return bad("layer ", l, " is not a MoE layer of this model");
+    if (!holders[l].empty()) return bad("layer ", l, " is listed twice");
+    if (static_cast<int64_t>(layer["servers"].size()) != c.n_routed_experts) {
+      return bad("layer ", l, " lists ", layer["servers"].size(), " experts, the model has ", c.n_routed_experts);
+    }
+    holders[l].resize(c.n_routed_experts);
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      const auto& list = layer["servers"][e];
+      if (!list.is_array() || list.empty()) return bad("layer ", l, " expert ", e, ": needs a non-empty list of servers");
+      std::set<int> seen;
+      for (const auto& s : list) {
+        if (!s.is_number_unsigned() || s.get<int>() >= S) {
+          return bad("layer ", l, " expert ", e, ": server ", s.dump(), " is not in [0, ", S, ")");
+        }
+        if (!seen.insert(s.get<int>()).second) return bad("layer ", l, " expert ", e, ": server listed twice");
+        holders[l][e].push_back(s.get<int>());
+      }
+    }
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (c.IsMoeLayer(l) && holders[l].empty()) return bad("MoE layer ", l, " has no placement");
+  }
+  return Placement(S, std::move(holders));
+}
+
+std::string Placement::ToJson() const {
+  nlohmann::ordered_json j;
+  j["num_servers"] = num_servers_;
+  j["layers"] = nlohmann::ordered_json::array();
+  for (size_t l = 0; l < holders_.size(); ++l) {
+    if (holders_[l].empty()) continue;
+    j["layers"].push_back({{"layer", l}, {"servers", holders_[l]}});
+  }
+  return j.dump() + "\n";
+}
+
+WeightSelection Placement::SelectionFor(int server) const {
+  WeightSelection s;
+  s.attention_side = false;
+  s.all_routed_experts = false;
+  for (const auto& le : ExpertsOf(server)) s.routed_experts.insert(le);
+  return s;
+}
+
+std::vector<std::pair<int64_t, int64_t>> Placement::ExpertsOf(int server) const {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (size_t l = 0; l < holders_.size(); ++l) {
+    for (size_t e = 0; e < holders_[l].size(); ++e) {
+      const auto& h = holders_[l][e];
+      if (std::find(h.begin(), h.end(), server) != h.end()) out.emplace_back(l, e);
+    }
+  }
+  return out;
+}
+
+}  // namespace dsmoe::router
