@@ -1,6 +1,7 @@
 #include "cli/commands.h"
 
 #include <chrono>
+#include <filesystem>
 #include <cstdio>
 #include <algorithm>
 #include <iostream>
@@ -10,11 +11,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/id_list.h"
 #include "core/io/npy.h"
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
 #include "core/model/model_runner.h"
 #include "core/model/weights.h"
+#include "core/tokenizer/tokenizer.h"
 #include "core/util/cpu_features.h"
 #include "core/util/thread_pool.h"
 
@@ -27,47 +30,34 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
-absl::StatusOr<std::vector<int32_t>> ParseIdList(const std::string& text, const char* flag) {
-  std::vector<int32_t> ids;
-  size_t i = 0;
-  while (i < text.size()) {
-    size_t end = text.find(',', i);
-    if (end == std::string::npos) end = text.size();
-    const std::string item = text.substr(i, end - i);
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(item, &used);
-    } catch (...) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size() || v < 0 || v > INT32_MAX) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, ": '", item,
-                                                     "' is not a token id (expected a comma-separated "
-                                                     "list of non-negative integers, e.g. 1,2,3)"));
-    }
-    ids.push_back(static_cast<int32_t>(v));
-    i = end + 1;
-  }
-  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(flag, ": empty list of token ids"));
-  return ids;
-}
-
 // A loaded model with what a computing subcommand needs.
 struct LoadedModel {
   std::unique_ptr<ModelWeights> weights;
   std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<Tokenizer> tokenizer;  // when the checkpoint has tokenizer.json
   std::vector<int32_t> ids;
 };
 
 absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
-  if (!in.prompt.empty()) {
-    return absl::UnimplementedError(
-        "--prompt needs a tokenizer, which this build of dsmoe does not have yet; pass --ids");
+  if (in.ids.empty() && in.prompt.empty()) {
+    return absl::InvalidArgumentError("one of --ids or --prompt is required");
   }
-  if (in.ids.empty()) return absl::InvalidArgumentError("one of --ids or --prompt is required");
   LoadedModel m;
-  DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
+  const std::string tokenizer_path = in.model + "/tokenizer.json";
+  if (std::filesystem::exists(tokenizer_path)) {
+    DSMOE_ASSIGN_OR_RETURN(m.tokenizer, Tokenizer::FromFile(tokenizer_path));
+  }
+  if (!in.prompt.empty()) {
+    if (m.tokenizer == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--prompt needs a tokenizer and ", in.model,
+          " has no tokenizer.json (make-model --tokenizer FILE adds one); pass --ids instead"));
+    }
+    DSMOE_ASSIGN_OR_RETURN(m.ids, m.tokenizer->Encode(in.prompt, /*add_special_tokens=*/true));
+    if (m.ids.empty()) return absl::InvalidArgumentError("--prompt encodes to no tokens");
+  } else {
+    DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
+  }
   DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model));
   const int64_t V = m.weights->config().vocab_size;
   for (int32_t id : m.ids) {
@@ -143,12 +133,36 @@ int RunMakeModel(const MakeModelOptions& o) {
   if (o.tie_embeddings) c.tie_word_embeddings = *o.tie_embeddings;
   if (o.attention_bias) c.attention_bias = *o.attention_bias;
   if (o.rope_linear_factor) c.rope_scaling = {RopeScaling::Type::kLinear, *o.rope_linear_factor};
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!o.tokenizer.empty()) {
+    auto loaded = Tokenizer::FromFile(o.tokenizer);
+    if (!loaded.ok()) return Fail(loaded.status());
+    tokenizer = std::move(*loaded);
+    if (!o.vocab) c.vocab_size = tokenizer->vocab_size();
+    if (tokenizer->vocab_size() > c.vocab_size) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--vocab ", c.vocab_size, " is smaller than the tokenizer's ",
+                                                          tokenizer->vocab_size(), " ids")));
+    }
+    if (tokenizer->bos_id()) c.bos_token_id = *tokenizer->bos_id();
+    if (tokenizer->eos_id()) c.eos_token_ids = {*tokenizer->eos_id()};
+  }
   if (c.vocab_size <= 1) return Fail(absl::InvalidArgumentError("--vocab must be at least 2"));
   auto dtype = ParseDType(o.dtype);
   if (!dtype.ok()) return Fail(dtype.status());
   if (auto s = c.Validate("make-model"); !s.ok()) return Fail(s);
   const auto t0 = std::chrono::steady_clock::now();
   if (auto s = WriteRandomCheckpoint(c, {*dtype, o.seed, o.shards}, o.out); !s.ok()) return Fail(s);
+  if (tokenizer != nullptr) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::path src = fs::path(o.tokenizer);
+    fs::copy_file(src, fs::path(o.out) / "tokenizer.json", fs::copy_options::overwrite_existing, ec);
+    if (!ec && fs::exists(src.parent_path() / "tokenizer_config.json")) {
+      fs::copy_file(src.parent_path() / "tokenizer_config.json", fs::path(o.out) / "tokenizer_config.json",
+                    fs::copy_options::overwrite_existing, ec);
+    }
+    if (ec) return Fail(absl::PermissionDeniedError(absl::StrCat("copying the tokenizer: ", ec.message())));
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ParameterCount params = CountParameters(c);
   std::fprintf(stderr, "wrote %s: preset %s, %s, %.1fM parameters (%.1fM active per token), %.1f s\n",
@@ -192,16 +206,31 @@ int RunGenerate(const GenerateOptions& o) {
   auto runner = MakeRunner(*m, context);
   if (!runner.ok()) return Fail(runner.status());
   const bool stream = !o.json;
+  std::optional<StreamingDecoder> pieces;
+  if (m->tokenizer != nullptr) pieces.emplace(*m->tokenizer, /*skip_special_tokens=*/true);
   auto result = Generate(**runner, m->weights->generation_config(), request, 0, [&](int32_t id) {
-    if (stream) {
+    if (!stream) return;
+    if (pieces) {
+      auto piece = pieces->Push(id);
+      if (piece.ok()) std::cout << *piece << std::flush;
+    } else {
       std::cout << id << " " << std::flush;
     }
   });
   if (!result.ok()) return Fail(result.status());
+  if (stream && pieces) {
+    if (auto rest = pieces->Finish(); rest.ok()) std::cout << *rest;
+  }
   if (o.json) {
     nlohmann::ordered_json j;
     j["ids"] = result->output_ids;
-    j["text"] = nullptr;  // no tokenizer in this build
+    if (m->tokenizer != nullptr) {
+      auto text = m->tokenizer->Decode(result->output_ids, /*skip_special_tokens=*/true);
+      if (!text.ok()) return Fail(text.status());
+      j["text"] = *text;
+    } else {
+      j["text"] = nullptr;  // the checkpoint has no tokenizer.json
+    }
     j["finish_reason"] = FinishReasonName(result->finish_reason);
     j["usage"] = {{"prompt_tokens", m->ids.size()}, {"completion_tokens", result->output_ids.size()}};
     std::cout << j.dump() << "\n";

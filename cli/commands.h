@@ -15,6 +15,7 @@ struct MakeModelOptions {
   uint64_t seed = 0;
   std::string out;
   int shards = 1;
+  std::string tokenizer;  // a tokenizer.json to copy in; sizes the vocabulary to it
   // Shape overrides of the preset (unset: the preset's value).
   std::optional<int64_t> layers, hidden, heads, kv_heads, routed_experts, shared_experts, top_k,
       moe_intermediate, intermediate, vocab, first_dense, moe_layer_freq, max_position;

@@ -4,7 +4,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli/client_command.h"
+#include "cli/cluster_command.h"
 #include "cli/commands.h"
+#include "cli/tokenize_command.h"
 
 namespace {
 
@@ -68,6 +71,8 @@ int main(int argc, char** argv) {
   AddOptional(make, "--norm-topk-prob", mk.norm_topk_prob, "Set norm_topk_prob (true|false)");
   AddOptional(make, "--tie-embeddings", mk.tie_embeddings, "Set tie_word_embeddings (true|false)");
   AddOptional(make, "--attention-bias", mk.attention_bias, "Set attention_bias (true|false)");
+  make->add_option("--tokenizer", mk.tokenizer, "Copy this tokenizer.json (+ tokenizer_config.json beside it) and size the vocabulary to it")
+      ->check(CLI::ExistingFile);
   AddOptional(make, "--rope-linear-factor", mk.rope_linear_factor, "Use linear RoPE scaling with this factor");
   make->callback([&] { rc = dsmoe::cli::RunMakeModel(mk); });
 
@@ -111,9 +116,76 @@ int main(int argc, char** argv) {
   info->add_flag("--json", inf.json, "Print as one JSON object");
   info->callback([&] { rc = dsmoe::cli::RunInfo(inf); });
 
+  // tokenize / detokenize
+  dsmoe::cli::TokenizeOptions tk;
+  auto* tokenize = app.add_subcommand("tokenize", "Encode text with a Hugging Face tokenizer.json");
+  tokenize->add_option("--tokenizer", tk.tokenizer_path, "tokenizer.json (tokenizer_config.json beside it is read too)")
+      ->required()->check(CLI::ExistingFile);
+  auto* tk_text = tokenize->add_option_function<std::string>("--text", [&](const std::string& v) { tk.text = v; }, "Text to encode");
+  auto* tk_file = tokenize->add_option_function<std::string>("--file", [&](const std::string& v) { tk.file = v; }, "UTF-8 file to encode")
+      ->check(CLI::ExistingFile);
+  tk_text->excludes(tk_file);
+  tokenize->add_flag("--jsonl", tk.jsonl, "With --file: one JSON array of ids per input line");
+  bool no_special = false;
+  tokenize->add_flag("--no-special-tokens", no_special, "Do not add BOS/EOS as the tokenizer would");
+  tokenize->callback([&] {
+    tk.add_special_tokens = !no_special;
+    rc = dsmoe::cli::RunTokenize(tk);
+  });
+  dsmoe::cli::DetokenizeOptions dt;
+  auto* detokenize = app.add_subcommand("detokenize", "Decode token ids with a Hugging Face tokenizer.json");
+  detokenize->add_option("--tokenizer", dt.tokenizer_path, "tokenizer.json")->required()->check(CLI::ExistingFile);
+  detokenize->add_option("--ids", dt.ids, "Token ids, comma-separated")->required();
+  detokenize->add_flag("--skip-special-tokens", dt.skip_special_tokens, "Leave special tokens out of the text");
+  detokenize->callback([&] { rc = dsmoe::cli::RunDetokenize(dt); });
+
+  // cluster up / down
+  auto* cluster = app.add_subcommand("cluster", "Run a local dsmoe cluster (gateway, attention and expert servers)");
+  cluster->require_subcommand(1);
+  dsmoe::cli::ClusterUpOptions up;
+  auto* cluster_up = cluster->add_subcommand("up", "Start the processes on 127.0.0.1 and wait until all serve");
+  cluster_up->add_option("--model", up.model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  cluster_up->add_option("--attention-servers", up.attention_servers, "Attention servers")->check(CLI::Range(1, 64))->capture_default_str();
+  cluster_up->add_option("--expert-servers", up.expert_servers, "Expert servers")->check(CLI::Range(1, 256))->capture_default_str();
+  cluster_up->add_option("--replicas", up.replicas, "Copies of each routed expert")->check(CLI::Range(1, 256))->capture_default_str();
+  cluster_up->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")->check(CLI::ExistingFile);
+  cluster_up->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")->check(CLI::Range(0, 65535));
+  cluster_up->add_option("--threads", up.threads, "Compute threads per server (default: cores shared out)")->check(CLI::Range(1, 1024));
+  cluster_up->add_option("--num-slots", up.num_slots, "Sequences per attention server")->check(CLI::Range(1, 4096))->capture_default_str();
+  cluster_up->add_option("--state-dir", up.state_dir, "Where pids, ports and logs go (default: .dsmoe-cluster)");
+  cluster_up->add_flag("--json", up.json, "Print one JSON object naming every process");
+  cluster_up->callback([&] { rc = dsmoe::cli::RunClusterUp(up); });
+  dsmoe::cli::ClusterDownOptions down;
+  auto* cluster_down = cluster->add_subcommand("down", "Stop the cluster started by `cluster up`");
+  cluster_down->add_option("--state-dir", down.state_dir, "As given to cluster up (default: .dsmoe-cluster)");
+  cluster_down->callback([&] { rc = dsmoe::cli::RunClusterDown(down); });
+
+  // client generate
+  auto* client = app.add_subcommand("client", "Call a dsmoe gateway");
+  client->require_subcommand(1);
+  dsmoe::cli::ClientGenerateOptions cg;
+  auto* client_gen = client->add_subcommand("generate", "Stream a completion from the gateway");
+  client_gen->add_option("--gateway", cg.gateway, "Gateway address host:port")->required();
+  auto* cg_ids = client_gen->add_option("--ids", cg.ids, "Prompt token ids, comma-separated");
+  auto* cg_prompt = client_gen->add_option("--prompt", cg.prompt, "Prompt text (the gateway tokenizes)");
+  cg_ids->excludes(cg_prompt);
+  client_gen->add_option("--max-tokens", cg.max_tokens, "Tokens to generate at most")->check(CLI::Range(int64_t{1}, int64_t{1} << 24))->capture_default_str();
+  client_gen->add_option("--temperature", cg.temperature, "Sampling temperature (0: greedy)")->check(CLI::Range(0.0, 1e6))->capture_default_str();
+  client_gen->add_option("--top-k", cg.top_k, "Keep the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);
+  client_gen->add_option("--top-p", cg.top_p, "Nucleus sampling mass in (0, 1]")->check(CLI::Range(1e-9, 1.0));
+  client_gen->add_option("--seed", cg.seed, "Sampling seed");
+  client_gen->add_option("--stop-ids", cg.stop_ids, "Extra stop token ids, comma-separated");
+  client_gen->add_flag("--ignore-eos", cg.ignore_eos, "Do not stop at the model's eos token");
+  client_gen->add_option("--timeout", cg.timeout_seconds, "Deadline in seconds")->check(CLI::PositiveNumber);
+  client_gen->add_flag("--json", cg.json, "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
+  client_gen->callback([&] {
+    if (cg.ids.empty() && cg.prompt.empty()) throw CLI::ValidationError("one of --ids or --prompt is required");
+    rc = dsmoe::cli::RunClientGenerate(cg);
+  });
+
   CLI11_PARSE(app, argc, argv);
   if (app.get_subcommands().empty()) {
-    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, info, logits, generate, route); see dsmoe --help\n");
+    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, info, logits, generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
     return 2;
   }
   return rc;

@@ -8,11 +8,13 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config
   # core library and CLI
   libabsl-dev nlohmann-json3-dev libcli11-dev
+  # tokenizer: PCRE2 (Unicode regexes of the pre-tokenizers) and ICU (normalization)
+  libpcre2-dev libicu-dev
   # services: gRPC and protobuf
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
-  # tests: gRPC clients in Python (integration tests)
+  # tests: gRPC clients in Python (integration tests); Node.js runs the reference tokenizer
   python3-grpcio python3-protobuf grpc-proto
 )
 
@@ -20,6 +22,9 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js (with npm) runs the reference tokenizer in the tests. The machine image brings its own
+# build; only where there is none do we take Debian's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then missing+=(nodejs npm); fi
 if ((${#missing[@]} == 0)); then
   echo "install-deps: all ${#PACKAGES[@]} packages present"
   exit 0

@@ -4,5 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
+# The reference tokenizer (Hugging Face `tokenizers`, npm) and its conformance fixtures.
+tests/tokenizer/setup_reference.sh
 BUILD_DIR=${DSMOE_BUILD_DIR:-build}
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" "$@"

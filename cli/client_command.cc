@@ -1,0 +1,96 @@
+#include "cli/client_command.h"
+
+#include <chrono>
+#include <iostream>
+
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
+
+#include "cli/id_list.h"
+#include "dsmoe/v1/gateway.grpc.pb.h"
+
+namespace dsmoe::cli {
+
+namespace {
+const char* FinishName(dsmoe::v1::FinishReason r) {
+  switch (r) {
+    case dsmoe::v1::FINISH_REASON_STOP: return "stop";
+    case dsmoe::v1::FINISH_REASON_LENGTH: return "length";
+    case dsmoe::v1::FINISH_REASON_ABORT: return "abort";
+    default: return "unspecified";
+  }
+}
+}  // namespace
+
+int RunClientGenerate(const ClientGenerateOptions& o) {
+  dsmoe::v1::GenerateRequest request;
+  if (!o.prompt.empty()) {
+    request.set_text(o.prompt);
+  } else {
+    auto ids = ParseIdList(o.ids, "--ids");
+    if (!ids.ok()) {
+      std::cerr << "dsmoe: error: " << ids.status().message() << "\n";
+      return 2;
+    }
+    request.mutable_token_ids()->mutable_ids()->Add(ids->begin(), ids->end());
+  }
+  request.set_max_tokens(static_cast<uint32_t>(o.max_tokens));
+  request.set_temperature(static_cast<float>(o.temperature));
+  request.set_top_k(static_cast<uint32_t>(o.top_k));
+  request.set_top_p(static_cast<float>(o.top_p));
+  request.set_seed(o.seed);
+  request.set_ignore_eos(o.ignore_eos);
+  if (!o.stop_ids.empty()) {
+    auto stops = ParseIdList(o.stop_ids, "--stop-ids");
+    if (!stops.ok()) {
+      std::cerr << "dsmoe: error: " << stops.status().message() << "\n";
+      return 2;
+    }
+    request.mutable_stop_token_ids()->Add(stops->begin(), stops->end());
+  }
+  auto stub = dsmoe::v1::Gateway::NewStub(grpc::CreateChannel(o.gateway, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(o.timeout_seconds * 1000)));
+  auto reader = stub->Generate(&context, request);
+  dsmoe::v1::GenerateResponse message;
+  std::vector<uint32_t> ids;
+  std::string text;
+  dsmoe::v1::GenerateResponse last;
+  while (reader->Read(&message)) {
+    ids.insert(ids.end(), message.token_ids().begin(), message.token_ids().end());
+    text += message.text();
+    if (!o.json) {
+      if (!message.text().empty()) {
+        std::cout << message.text() << std::flush;
+      } else {
+        for (uint32_t id : message.token_ids()) std::cout << id << " " << std::flush;
+      }
+    }
+    if (message.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED) last = message;
+  }
+  const grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    if (!o.json) std::cout << "\n";
+    std::cerr << "dsmoe: error: " << status.error_message() << " (gRPC code " << status.error_code() << ")\n";
+    return 1;
+  }
+  if (o.json) {
+    nlohmann::ordered_json j;
+    j["ids"] = ids;
+    j["text"] = text;
+    j["finish_reason"] = FinishName(last.finish_reason());
+    j["usage"] = {{"prompt_tokens", last.usage().prompt_tokens()},
+                  {"completion_tokens", last.usage().completion_tokens()},
+                  {"time_to_first_token_seconds", last.usage().time_to_first_token_seconds()}};
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << "\n";
+    std::cerr << "finish_reason=" << FinishName(last.finish_reason()) << "  prompt_tokens=" << last.usage().prompt_tokens()
+              << "  completion_tokens=" << last.usage().completion_tokens()
+              << "  ttft=" << last.usage().time_to_first_token_seconds() << " s\n";
+  }
+  return 0;
+}
+
+}  // namespace dsmoe::cli

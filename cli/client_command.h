@@ -1,0 +1,27 @@
+// `dsmoe client generate`: calls a dsmoe gateway and streams the answer.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace dsmoe::cli {
+
+struct ClientGenerateOptions {
+  std::string gateway;  // host:port
+  std::string ids;      // comma-separated, or
+  std::string prompt;   // text (the gateway tokenizes)
+  int64_t max_tokens = 16;
+  double temperature = 0.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  std::string stop_ids;
+  bool ignore_eos = false;
+  bool json = false;
+  double timeout_seconds = 600;
+};
+
+int RunClientGenerate(const ClientGenerateOptions& o);
+
+}  // namespace dsmoe::cli

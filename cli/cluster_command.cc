@@ -1,0 +1,278 @@
+#include "cli/cluster_command.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/ascii.h"
+
+#include "core/io/mapped_file.h"
+#include "core/model/weights.h"
+#include "router/placement.h"
+
+extern char** environ;
+
+namespace dsmoe::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::ordered_json;
+
+constexpr char kStateFile[] = "cluster.json";
+constexpr auto kStartTimeout = std::chrono::seconds(120);
+
+std::string DefaultStateDir(const std::string& dir) { return dir.empty() ? ".dsmoe-cluster" : dir; }
+
+// The directory holding this executable: the servers are built beside it.
+fs::path BinaryDir() {
+  std::error_code ec;
+  return fs::read_symlink("/proc/self/exe", ec).parent_path();
+}
+
+struct Process {
+  std::string role;
+  int index = 0;
+  pid_t pid = -1;
+  std::string address;
+  std::string log;
+  std::string ready_file;
+};
+
+// Starts `argv` in its own session (so it outlives this command and the terminal's ^C), with
+// stdout and stderr appended to `log`.
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) return absl::InternalError(absl::StrCat("cannot start ", argv[0], ": ", std::strerror(rc)));
+  return pid;
+}
+
+std::string Tail(const std::string& path, size_t bytes = 2000) {
+  auto text = ReadTextFile(path, 64 << 20);
+  if (!text.ok()) return "";
+  return text->size() > bytes ? text->substr(text->size() - bytes) : *text;
+}
+
+// Waits until every process has written its ready file; fails fast if one exits.
+absl::Status WaitReady(std::vector<Process>& procs) {
+  const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
+  for (Process& p : procs) {
+    for (;;) {
+      if (fs::exists(p.ready_file)) {
+        auto text = ReadTextFile(p.ready_file, 64);
+        if (text.ok() && !text->empty()) {
+          p.address = "127.0.0.1:" + std::string(absl::StripTrailingAsciiWhitespace(*text));
+          break;
+        }
+      }
+      int status = 0;
+      if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+        return absl::InternalError(absl::StrCat(p.role, " ", p.index, " exited while starting; its log ", p.log,
+                                                " ends with:\n", Tail(p.log)));
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        return absl::DeadlineExceededError(absl::StrCat(p.role, " ", p.index, " did not start within ",
+                                                        kStartTimeout.count(), " s; see ", p.log));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Whether `pid` still runs (a zombie, dead but not yet reaped by its new parent, does not).
+bool Alive(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const size_t close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'Z';
+}
+
+void StopAll(const std::vector<Process>& procs) {
+  for (auto it = procs.rbegin(); it != procs.rend(); ++it) {
+    if (it->pid > 0) kill(it->pid, SIGTERM);
+  }
+  for (const Process& p : procs) {
+    if (p.pid > 0) waitpid(p.pid, nullptr, 0);
+  }
+}
+
+std::string Join(const std::vector<Process>& procs, const std::string& role) {
+  std::string out;
+  for (const Process& p : procs) {
+    if (p.role == role) out += (out.empty() ? "" : ",") + p.address;
+  }
+  return out;
+}
+
+absl::Status Up(const ClusterUpOptions& o, Json* state) {
+  const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
+  if (fs::exists(dir / kStateFile)) {
+    return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (", (dir / kStateFile).string(),
+                                                 "); run `dsmoe cluster down` first"));
+  }
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat(dir.string(), ": ", ec.message()));
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().extension() == ".port") fs::remove(entry.path(), ec);
+  }
+  // The placement every server reads: computed here once so they all agree.
+  WeightSelection config_only;
+  config_only.attention_side = false;
+  config_only.all_routed_experts = false;
+  DSMOE_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(o.model, config_only));
+  std::string placement_path = o.placement;
+  if (placement_path.empty()) {
+    DSMOE_ASSIGN_OR_RETURN(auto placement, router::Placement::Compute(weights->config(), o.expert_servers, o.replicas,
+                                                                      router::Placement::Strategy::kRoundRobin));
+    placement_path = (dir / "placement.json").string();
+    std::ofstream(placement_path) << placement.ToJson();
+  }
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const int threads = o.threads > 0 ? o.threads
+                                    : static_cast<int>(std::max(1u, cores / static_cast<unsigned>(o.attention_servers + o.expert_servers)));
+  const fs::path bin = BinaryDir();
+  const std::string model = fs::absolute(o.model).string();
+  std::vector<Process> procs;
+  auto start = [&](const std::string& role, int index, std::vector<std::string> argv) -> absl::Status {
+    Process p;
+    p.role = role;
+    p.index = index;
+    p.log = (dir / absl::StrCat(role, "-", index, ".log")).string();
+    p.ready_file = (dir / absl::StrCat(role, "-", index, ".port")).string();
+    argv.push_back("--ready-file");
+    argv.push_back(p.ready_file);
+    DSMOE_ASSIGN_OR_RETURN(p.pid, Spawn(argv, p.log));
+    procs.push_back(p);
+    return absl::OkStatus();
+  };
+  auto fail = [&](absl::Status s) {
+    StopAll(procs);
+    return s;
+  };
+  for (int i = 0; i < o.expert_servers; ++i) {
+    if (auto s = start("expert-server", i, {(bin / "dsmoe-expert-server").string(), "--model", model, "--placement",
+                                            placement_path, "--server-index", std::to_string(i), "--threads",
+                                            std::to_string(threads)});
+        !s.ok()) return fail(s);
+  }
+  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
+  const std::string experts = Join(procs, "expert-server");
+  for (int i = 0; i < o.attention_servers; ++i) {
+    if (auto s = start("attention-server", i, {(bin / "dsmoe-attention-server").string(), "--model", model,
+                                               "--expert-servers", experts, "--placement", placement_path, "--threads",
+                                               std::to_string(threads), "--num-slots", std::to_string(o.num_slots)});
+        !s.ok()) return fail(s);
+  }
+  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
+  if (auto s = start("gateway", 0, {(bin / "dsmoe-gateway").string(), "--model", model, "--attention-servers",
+                                    Join(procs, "attention-server"), "--expert-servers", experts, "--listen",
+                                    absl::StrCat("127.0.0.1:", o.gateway_port)});
+      !s.ok()) return fail(s);
+  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
+
+  (*state)["gateway"] = Join(procs, "gateway");
+  (*state)["state_dir"] = dir.string();
+  (*state)["placement"] = placement_path;
+  Json list = Json::array();
+  for (const Process& p : procs) {
+    list.push_back({{"role", p.role}, {"index", p.index}, {"pid", p.pid}, {"address", p.address},
+                    {"metrics_url", nullptr}, {"log", p.log}});
+  }
+  (*state)["processes"] = list;
+  std::ofstream(dir / kStateFile) << state->dump(2) << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunClusterUp(const ClusterUpOptions& o) {
+  Json state;
+  if (auto s = Up(o, &state); !s.ok()) {
+    std::cerr << "dsmoe: error: " << s.message() << "\n";
+    return 1;
+  }
+  if (o.json) {
+    std::cout << state.dump() << "\n";
+  } else {
+    for (const auto& p : state["processes"]) {
+      std::cout << p["role"].get<std::string>() << " " << p["index"].get<int>() << "  pid "
+                << p["pid"].get<int>() << "  " << p["address"].get<std::string>() << "  log "
+                << p["log"].get<std::string>() << "\n";
+    }
+    std::cout << "gateway: " << state["gateway"].get<std::string>() << "\n";
+  }
+  return 0;
+}
+
+int RunClusterDown(const ClusterDownOptions& o) {
+  const fs::path file = fs::path(DefaultStateDir(o.state_dir)) / kStateFile;
+  auto text = ReadTextFile(file.string(), 1 << 20);
+  if (!text.ok()) {
+    std::cerr << "dsmoe: error: no cluster is up (" << file.string() << " not found)\n";
+    return 1;
+  }
+  Json state = Json::parse(*text, nullptr, false);
+  if (state.is_discarded() || !state.contains("processes")) {
+    std::cerr << "dsmoe: error: " << file.string() << " is not a cluster state file\n";
+    return 1;
+  }
+  // Front to back: the gateway first (it drains its streams), then attention, then experts.
+  std::vector<std::pair<std::string, pid_t>> order;
+  for (const char* role : {"gateway", "attention-server", "expert-server"}) {
+    for (const auto& p : state["processes"]) {
+      if (p["role"] == role) order.emplace_back(role, p["pid"].get<pid_t>());
+    }
+  }
+  int stopped = 0;
+  for (const auto& [role, pid] : order) {
+    if (kill(pid, SIGTERM) != 0) continue;  // already gone
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+    while (Alive(pid) && std::chrono::steady_clock::now() < deadline) {
+      waitpid(pid, nullptr, WNOHANG);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (Alive(pid)) {
+      std::cerr << "dsmoe: " << role << " pid " << pid << " ignored SIGTERM; killing it\n";
+      kill(pid, SIGKILL);
+    }
+    ++stopped;
+  }
+  std::error_code ec;
+  fs::remove(file, ec);
+  std::cout << "stopped " << stopped << " processes\n";
+  return 0;
+}
+
+}  // namespace dsmoe::cli

@@ -1,0 +1,29 @@
+// `dsmoe cluster up|down`: a whole dsmoe cluster on 127.0.0.1 — expert servers, attention
+// servers and the gateway as separate processes — for demos, tests and benchmarks.
+#pragma once
+
+#include <string>
+
+namespace dsmoe::cli {
+
+struct ClusterUpOptions {
+  std::string model;
+  int attention_servers = 1;
+  int expert_servers = 2;
+  int replicas = 1;
+  int gateway_port = 0;   // 0: any free port
+  int threads = 0;        // compute threads per server; 0: cores shared out evenly
+  int num_slots = 32;     // per attention server
+  std::string state_dir;  // pids, ports, logs, placement; default .dsmoe-cluster
+  std::string placement;  // placement JSON; default: computed round-robin
+  bool json = false;
+};
+
+struct ClusterDownOptions {
+  std::string state_dir;
+};
+
+int RunClusterUp(const ClusterUpOptions& o);
+int RunClusterDown(const ClusterDownOptions& o);
+
+}  // namespace dsmoe::cli
