@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 
 #include "core/model/make_model.h"
 #include "core/rpc/server.h"
@@ -29,9 +30,13 @@ class InFlight {
 }  // namespace
 
 GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig& generation,
-                               const std::vector<std::string>& attention_servers,
+                               std::unique_ptr<Tokenizer> tokenizer, const std::vector<std::string>& attention_servers,
                                const std::vector<std::string>& expert_servers, const GatewayOptions& options)
-    : config_(config), generation_(generation), options_(options), expert_servers_(expert_servers) {
+    : config_(config),
+      generation_(generation),
+      tokenizer_(std::move(tokenizer)),
+      options_(options),
+      expert_servers_(expert_servers) {
   for (const std::string& a : attention_servers) {
     auto u = std::make_unique<Upstream>();
     u->address = a;
@@ -48,15 +53,21 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrCat("model '", r.model(), "' is not served here (serving '", options_.model_name, "')"));
   }
+  google::protobuf::RepeatedField<uint32_t> ids;
   switch (r.prompt_case()) {
-    case dsmoe::v1::GenerateRequest::kText:
-      return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
+    case dsmoe::v1::GenerateRequest::kText: {
+      if (tokenizer_ == nullptr) return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
+      auto encoded = tokenizer_->Encode(r.text(), /*add_special_tokens=*/true);
+      if (!encoded.ok()) return Invalid(absl::StrCat("prompt text: ", encoded.status().message()));
+      ids.Add(encoded->begin(), encoded->end());
+      break;
+    }
     case dsmoe::v1::GenerateRequest::PROMPT_NOT_SET:
       return Invalid("a prompt is required: set text or token_ids");
     case dsmoe::v1::GenerateRequest::kTokenIds:
+      ids = r.token_ids().ids();
       break;
   }
-  const auto& ids = r.token_ids().ids();
   if (ids.empty()) return Invalid("the prompt is empty");
   if (ids.size() > options_.max_prompt_tokens) {
     return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ",
@@ -78,11 +89,16 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
   }
   const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
   if (!(top_p > 0.0f && top_p <= 1.0f)) return Invalid(absl::StrCat("top_p must be in (0, 1], got ", top_p));
-  if (r.stop_size() > 0) return Invalid("stop strings need a tokenizer and this model has none; use stop_token_ids");
+  if (r.stop_size() > 0 && tokenizer_ == nullptr) {
+    return Invalid("stop strings need a tokenizer and this model has none; use stop_token_ids");
+  }
+  for (const std::string& stop : r.stop()) {
+    if (stop.empty()) return Invalid("stop strings must not be empty");
+  }
   for (uint32_t id : r.stop_token_ids()) {
     if (id >= config_.vocab_size) return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
   }
-  up->mutable_prompt_token_ids()->CopyFrom(ids);
+  *up->mutable_prompt_token_ids() = std::move(ids);
   up->set_max_tokens(static_cast<uint32_t>(max_tokens));
   up->set_temperature(temperature);
   up->set_top_k(r.top_k());
@@ -105,22 +121,78 @@ grpc::Status GatewayService::Relay(grpc::ServerContext* context, const internal:
   std::unique_ptr<grpc::ClientContext> upstream = grpc::ClientContext::FromServerContext(*context);
   auto reader = best->stub->Generate(upstream.get(), request);
   internal::v1::AttentionGenerateResponse message;
+  bool stopped_here = false;
   while (reader->Read(&message)) {
     if (!on_message(message)) {
+      stopped_here = true;
       upstream->TryCancel();
       break;
     }
   }
   grpc::Status status = reader->Finish();
+  if (stopped_here) return grpc::Status::OK;  // a stop string, or the client went away
   if (!status.ok() && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
     return grpc::Status(status.error_code(), absl::StrCat("attention server ", best->address, ": ", status.error_message()));
   }
   return status;
 }
 
+grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
+                                 const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
+                                 dsmoe::v1::FinishReason* finish, double* ttft) {
+  const auto start = Clock::now();
+  *ttft = -1;
+  *finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+  std::optional<StreamingDecoder> decoder;
+  if (tokenizer_ != nullptr) decoder.emplace(*tokenizer_, /*skip_special_tokens=*/true);
+  // Text produced so far, kept only as long as the longest stop string needs to look back.
+  std::string window;
+  size_t longest_stop = 0;
+  for (const std::string& stop : request.stop()) longest_stop = std::max(longest_stop, stop.size());
+  bool client_gone = false;
+  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
+    if (m.token_ids_size() > 0 && *ttft < 0) *ttft = std::chrono::duration<double>(Clock::now() - start).count();
+    *finish = m.finish_reason();
+    std::string text;
+    if (decoder) {
+      for (uint32_t id : m.token_ids()) {
+        auto piece = decoder->Push(static_cast<int32_t>(id));
+        if (piece.ok()) text += *piece;
+      }
+      if (m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED) {
+        if (auto rest = decoder->Finish(); rest.ok()) text += *rest;
+      }
+    }
+    if (longest_stop > 0 && !text.empty()) {
+      // A stop string may straddle pieces: search the previous tail plus the new text.
+      const size_t tail = window.size();
+      window += text;
+      size_t cut = std::string::npos;
+      for (const std::string& stop : request.stop()) cut = std::min(cut, window.find(stop));
+      if (cut != std::string::npos) {
+        text = cut >= tail ? window.substr(tail, cut - tail) : "";
+        *finish = dsmoe::v1::FINISH_REASON_STOP;
+        if (!emit(m.token_ids(), text)) client_gone = true;
+        return false;  // stops the sequence upstream
+      }
+      if (window.size() > longest_stop) window.erase(0, window.size() - longest_stop);
+    }
+    if (m.token_ids_size() == 0 && text.empty()) return true;
+    if (!emit(m.token_ids(), text)) {
+      client_gone = true;
+      return false;
+    }
+    return true;
+  });
+  if (!status.ok()) return status;
+  if (client_gone) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+  if (*finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED) *finish = dsmoe::v1::FINISH_REASON_ABORT;
+  if (*ttft < 0) *ttft = 0;
+  return grpc::Status::OK;
+}
+
 grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
                                       grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
-  const auto start = Clock::now();
   InFlight counted(in_flight_);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -129,30 +201,30 @@ grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe:
   internal::v1::AttentionGenerateRequest upstream;
   if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
   uint32_t completion_tokens = 0;
-  double ttft = -1;
-  dsmoe::v1::FinishReason finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
-  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
-    if (m.token_ids_size() > 0 && ttft < 0) ttft = std::chrono::duration<double>(Clock::now() - start).count();
-    completion_tokens += m.token_ids_size();
-    finish = m.finish_reason();
-    if (m.token_ids_size() == 0) return true;  // the final message is sent below, with usage
-    dsmoe::v1::GenerateResponse out;
-    out.mutable_token_ids()->CopyFrom(m.token_ids());
-    return writer->Write(out);
-  });
+  dsmoe::v1::FinishReason finish;
+  double ttft;
+  grpc::Status status = Run(
+      context, *request, upstream,
+      [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
+        completion_tokens += ids.size();
+        dsmoe::v1::GenerateResponse out;
+        *out.mutable_token_ids() = ids;
+        out.set_text(text);
+        return writer->Write(out);
+      },
+      &finish, &ttft);
   if (!status.ok()) return status;
   dsmoe::v1::GenerateResponse last;
-  last.set_finish_reason(finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED ? dsmoe::v1::FINISH_REASON_ABORT : finish);
+  last.set_finish_reason(finish);
   last.mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
   last.mutable_usage()->set_completion_tokens(completion_tokens);
-  last.mutable_usage()->set_time_to_first_token_seconds(ttft < 0 ? 0 : ttft);
+  last.mutable_usage()->set_time_to_first_token_seconds(ttft);
   writer->Write(last);
   return grpc::Status::OK;
 }
 
 grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
                                       dsmoe::v1::CompleteResponse* response) {
-  const auto start = Clock::now();
   InFlight counted(in_flight_);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -160,30 +232,48 @@ grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe:
   }
   internal::v1::AttentionGenerateRequest upstream;
   if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
-  double ttft = -1;
-  dsmoe::v1::FinishReason finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
-  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
-    if (m.token_ids_size() > 0 && ttft < 0) ttft = std::chrono::duration<double>(Clock::now() - start).count();
-    response->mutable_token_ids()->Add(m.token_ids().begin(), m.token_ids().end());
-    finish = m.finish_reason();
-    return true;
-  });
+  dsmoe::v1::FinishReason finish;
+  double ttft;
+  grpc::Status status = Run(
+      context, *request, upstream,
+      [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
+        response->mutable_token_ids()->Add(ids.begin(), ids.end());
+        response->mutable_text()->append(text);
+        return true;
+      },
+      &finish, &ttft);
   if (!status.ok()) return status;
-  response->set_finish_reason(finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED ? dsmoe::v1::FINISH_REASON_ABORT : finish);
+  response->set_finish_reason(finish);
   response->mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
   response->mutable_usage()->set_completion_tokens(response->token_ids_size());
-  response->mutable_usage()->set_time_to_first_token_seconds(ttft < 0 ? 0 : ttft);
+  response->mutable_usage()->set_time_to_first_token_seconds(ttft);
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest*,
-                                      dsmoe::v1::TokenizeResponse*) {
-  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest* request,
+                                      dsmoe::v1::TokenizeResponse* response) {
+  if (tokenizer_ == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+  }
+  auto ids = tokenizer_->Encode(request->text(), request->add_special_tokens());
+  if (!ids.ok()) return Invalid(std::string(ids.status().message()));
+  response->mutable_token_ids()->Add(ids->begin(), ids->end());
+  return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest*,
-                                        dsmoe::v1::DetokenizeResponse*) {
-  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest* request,
+                                        dsmoe::v1::DetokenizeResponse* response) {
+  if (tokenizer_ == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+  }
+  const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+  for (int32_t id : ids) {
+    if (id < 0) return Invalid(absl::StrCat("token id ", static_cast<uint32_t>(id), " is out of range"));
+  }
+  auto text = tokenizer_->Decode(ids, request->skip_special_tokens());
+  if (!text.ok()) return Invalid(std::string(text.status().message()));
+  response->set_text(*text);
+  return grpc::Status::OK;
 }
 
 grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest*,
@@ -207,7 +297,7 @@ grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const ds
   info->set_num_parameters(static_cast<uint64_t>(params.total));
   info->set_num_active_parameters(static_cast<uint64_t>(params.active));
   info->set_num_attention_servers(static_cast<uint32_t>(upstreams_.size()));
-  info->set_has_tokenizer(false);
+  info->set_has_tokenizer(tokenizer_ != nullptr);
   for (const std::string& address : expert_servers_) {
     auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(address));
     grpc::ClientContext ctx;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/model/config.h"
+#include "core/tokenizer/tokenizer.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
@@ -28,8 +29,9 @@ struct GatewayOptions {
 
 class GatewayService final : public dsmoe::v1::Gateway::Service {
  public:
+  // `tokenizer` may be null: then only token-id prompts are accepted.
   GatewayService(const ModelConfig& config, const GenerationConfig& generation,
-                 const std::vector<std::string>& attention_servers,
+                 std::unique_ptr<Tokenizer> tokenizer, const std::vector<std::string>& attention_servers,
                  const std::vector<std::string>& expert_servers, const GatewayOptions& options);
 
   grpc::Status Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
@@ -54,12 +56,19 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
 
   grpc::Status Validate(const dsmoe::v1::GenerateRequest& request,
                         internal::v1::AttentionGenerateRequest* upstream) const;
+  // Runs a validated request, calling `emit` with each batch of new token ids and their text
+  // (stop strings applied), then returns the finish reason in `finish`.
+  using Emit = std::function<bool(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text)>;
+  grpc::Status Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
+                   const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
+                   dsmoe::v1::FinishReason* finish, double* ttft);
   // Runs one request on the least-loaded attention server, relaying its messages.
   grpc::Status Relay(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest& request,
                      const OnMessage& on_message);
 
   ModelConfig config_;
   GenerationConfig generation_;
+  std::unique_ptr<Tokenizer> tokenizer_;
   GatewayOptions options_;
   std::vector<std::unique_ptr<Upstream>> upstreams_;
   std::vector<std::string> expert_servers_;

@@ -54,8 +54,15 @@ int main(int argc, char** argv) {
   auto weights = dsmoe::ModelWeights::Load(model, nothing);  // config and generation config only
   if (!weights.ok()) return Fail(weights.status());
   if (options.model_name.empty()) options.model_name = std::filesystem::path(model).filename().string();
-  dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(), SplitCommas(attention_servers),
-                                SplitCommas(expert_servers), options);
+  std::unique_ptr<dsmoe::Tokenizer> tokenizer;
+  const std::string tokenizer_path = model + "/tokenizer.json";
+  if (std::filesystem::exists(tokenizer_path)) {
+    auto loaded = dsmoe::Tokenizer::FromFile(tokenizer_path);
+    if (!loaded.ok()) return Fail(loaded.status());
+    tokenizer = std::move(*loaded);
+  }
+  dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(), std::move(tokenizer),
+                                SplitCommas(attention_servers), SplitCommas(expert_servers), options);
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
