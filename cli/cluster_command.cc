@@ -192,7 +192,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   for (int i = 0; i < o.attention_servers; ++i) {
     if (auto s = start("attention-server", i, {(bin / "dsmoe-attention-server").string(), "--model", model,
                                                "--expert-servers", experts, "--placement", placement_path, "--threads",
-                                               std::to_string(threads), "--num-slots", std::to_string(o.num_slots)});
+                                               std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
+                                               "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)});
         !s.ok()) return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);

@@ -152,6 +152,8 @@ int main(int argc, char** argv) {
   cluster_up->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")->check(CLI::Range(0, 65535));
   cluster_up->add_option("--threads", up.threads, "Compute threads per server (default: cores shared out)")->check(CLI::Range(1, 1024));
   cluster_up->add_option("--num-slots", up.num_slots, "Sequences per attention server")->check(CLI::Range(1, 4096))->capture_default_str();
+  cluster_up->add_option("--dispatch-deadline-ms", up.dispatch_deadline_ms, "Deadline of each attention → expert server call")
+      ->check(CLI::Range(1, 3600000))->capture_default_str();
   cluster_up->add_option("--state-dir", up.state_dir, "Where pids, ports and logs go (default: .dsmoe-cluster)");
   cluster_up->add_flag("--json", up.json, "Print one JSON object naming every process");
   cluster_up->callback([&] { rc = dsmoe::cli::RunClusterUp(up); });

@@ -16,6 +16,7 @@ GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config, const router::
     stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a)));
   }
   calls_.resize(addresses_.size());
+  down_since_.resize(addresses_.size());
 }
 
 absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
@@ -26,10 +27,25 @@ absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T, c
 
 absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                                        const float* weights, int64_t k) {
-  const int64_t H = config_.hidden_size;
   layer_ = layer;
   num_tokens_ = T;
-  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer, T, k, experts, weights, &work_));
+  k_ = k;
+  x_ = x;
+  experts_ = experts;
+  weights_ = weights;
+  const auto now = std::chrono::steady_clock::now();
+  for (size_t s = 0; s < down_since_.size(); ++s) {  // give servers that failed a while ago another try
+    if (down_since_[s] && now - *down_since_[s] >= options_.retry_down_after) {
+      down_since_[s].reset();
+      planner_.SetAvailable(static_cast<int>(s), true);
+    }
+  }
+  return Send();
+}
+
+absl::Status GrpcExpertExecutor::Send() {
+  const int64_t H = config_.hidden_size;
+  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &work_));
   {
     std::lock_guard<std::mutex> lock(mu_);
     outstanding_ = 0;
@@ -40,12 +56,12 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
     call.active = !w.empty();
     if (!call.active) continue;
     auto& req = call.request;
-    req.set_layer(static_cast<uint32_t>(layer));
+    req.set_layer(static_cast<uint32_t>(layer_));
     req.set_num_tokens(static_cast<uint32_t>(w.rows.size()));
     std::string* hidden = req.mutable_hidden();
     hidden->resize(w.rows.size() * H * sizeof(float));
     for (size_t i = 0; i < w.rows.size(); ++i) {
-      std::memcpy(hidden->data() + i * H * sizeof(float), x + w.rows[i] * H, H * sizeof(float));
+      std::memcpy(hidden->data() + i * H * sizeof(float), x_ + w.rows[i] * H, H * sizeof(float));
     }
     req.mutable_token()->Assign(w.token.begin(), w.token.end());
     req.mutable_expert()->Assign(w.expert.begin(), w.expert.end());
@@ -67,12 +83,34 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
   return absl::OkStatus();
 }
 
+void GrpcExpertExecutor::Wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  done_cv_.wait(lock, [this] { return outstanding_ == 0; });
+}
+
 absl::Status GrpcExpertExecutor::Finish(float* out) {
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return outstanding_ == 0; });
-  }
   const int64_t H = config_.hidden_size;
+  // A server that fails in transport (dead, or past its deadline) is marked down and the layer
+  // is dispatched again over the others: replicas take over with identical results. Without a
+  // replica the plan fails, naming the experts no available server holds.
+  for (;;) {
+    Wait();
+    bool transport_failure = false;
+    for (size_t s = 0; s < calls_.size(); ++s) {
+      const grpc::StatusCode code = calls_[s].status.error_code();
+      if (calls_[s].active && (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED)) {
+        transport_failure = true;
+        down_since_[s] = std::chrono::steady_clock::now();
+        planner_.SetAvailable(static_cast<int>(s), false);
+      }
+    }
+    if (!transport_failure) break;
+    absl::Status resent = Send();
+    if (!resent.ok()) {
+      // No replica left for some expert: report the failed calls, which name their experts.
+      break;
+    }
+  }
   std::memset(out, 0, sizeof(float) * num_tokens_ * H);
   absl::Status first_error;
   for (size_t s = 0; s < calls_.size(); ++s) {

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,8 @@
 namespace dsmoe {
 
 struct GrpcExpertExecutorOptions {
-  std::chrono::milliseconds deadline{10000};  // per dispatch call
+  std::chrono::milliseconds deadline{10000};     // per dispatch call
+  std::chrono::milliseconds retry_down_after{2000};  // a failed server is tried again after this
 };
 
 class GrpcExpertExecutor final : public RoutedExpertExecutor {
@@ -42,6 +44,10 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   absl::Status VerifyServers();
 
  private:
+  // Plans and sends the current layer's calls over the servers now considered available.
+  absl::Status Send();
+  // Waits for the calls in flight.
+  void Wait();
   struct Call {
     std::unique_ptr<grpc::ClientContext> context;
     internal::v1::ComputeExpertsRequest request;
@@ -58,7 +64,14 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   router::DispatchPlanner planner_;
   std::vector<router::ServerWork> work_;
   std::vector<Call> calls_;
-  int64_t layer_ = 0, num_tokens_ = 0;
+  // The layer in progress (inputs stay valid until Finish returns).
+  int64_t layer_ = 0, num_tokens_ = 0, k_ = 0;
+  const float* x_ = nullptr;
+  const int32_t* experts_ = nullptr;
+  const float* weights_ = nullptr;
+  // Servers whose last call failed in transport, and since when: they get no work until
+  // retry_down_after has passed.
+  std::vector<std::optional<std::chrono::steady_clock::time_point>> down_since_;
 
   std::mutex mu_;
   std::condition_variable done_cv_;
