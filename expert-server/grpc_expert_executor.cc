@@ -45,7 +45,10 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
 
 absl::Status GrpcExpertExecutor::Send() {
   const int64_t H = config_.hidden_size;
-  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &work_));
+  // Planned aside first: if no server is left for some expert, the previous attempt's work
+  // stays in place to explain which calls failed.
+  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &planned_));
+  work_.swap(planned_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     outstanding_ = 0;

@@ -62,7 +62,7 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   GrpcExpertExecutorOptions options_;
   std::vector<std::unique_ptr<internal::v1::ExpertService::Stub>> stubs_;
   router::DispatchPlanner planner_;
-  std::vector<router::ServerWork> work_;
+  std::vector<router::ServerWork> work_, planned_;
   std::vector<Call> calls_;
   // The layer in progress (inputs stay valid until Finish returns).
   int64_t layer_ = 0, num_tokens_ = 0, k_ = 0;

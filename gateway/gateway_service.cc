@@ -145,38 +145,44 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::
   *finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
   std::optional<StreamingDecoder> decoder;
   if (tokenizer_ != nullptr) decoder.emplace(*tokenizer_, /*skip_special_tokens=*/true);
-  // Text produced so far, kept only as long as the longest stop string needs to look back.
-  std::string window;
-  size_t longest_stop = 0;
-  for (const std::string& stop : request.stop()) longest_stop = std::max(longest_stop, stop.size());
+  // Text not yet sent because it could be the start of a stop string (a stop string may span
+  // several tokens and messages; what was sent cannot be taken back).
+  std::string held;
   bool client_gone = false;
   grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
     if (m.token_ids_size() > 0 && *ttft < 0) *ttft = std::chrono::duration<double>(Clock::now() - start).count();
     *finish = m.finish_reason();
-    std::string text;
+    const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
     if (decoder) {
       for (uint32_t id : m.token_ids()) {
         auto piece = decoder->Push(static_cast<int32_t>(id));
-        if (piece.ok()) text += *piece;
+        if (piece.ok()) held += *piece;
       }
-      if (m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED) {
-        if (auto rest = decoder->Finish(); rest.ok()) text += *rest;
+      if (last) {
+        if (auto rest = decoder->Finish(); rest.ok()) held += *rest;
       }
     }
-    if (longest_stop > 0 && !text.empty()) {
-      // A stop string may straddle pieces: search the previous tail plus the new text.
-      const size_t tail = window.size();
-      window += text;
-      size_t cut = std::string::npos;
-      for (const std::string& stop : request.stop()) cut = std::min(cut, window.find(stop));
-      if (cut != std::string::npos) {
-        text = cut >= tail ? window.substr(tail, cut - tail) : "";
-        *finish = dsmoe::v1::FINISH_REASON_STOP;
-        if (!emit(m.token_ids(), text)) client_gone = true;
-        return false;  // stops the sequence upstream
-      }
-      if (window.size() > longest_stop) window.erase(0, window.size() - longest_stop);
+    size_t cut = std::string::npos;
+    for (const std::string& stop : request.stop()) cut = std::min(cut, held.find(stop));
+    if (cut != std::string::npos) {
+      *finish = dsmoe::v1::FINISH_REASON_STOP;
+      if (!emit(m.token_ids(), held.substr(0, cut))) client_gone = true;
+      return false;  // stops the sequence upstream
     }
+    // Keep back the longest tail of `held` that begins some stop string; send the rest.
+    size_t keep = 0;
+    if (!last) {
+      for (const std::string& stop : request.stop()) {
+        for (size_t n = std::min(stop.size() - 1, held.size()); n > keep; --n) {
+          if (held.compare(held.size() - n, n, stop, 0, n) == 0) {
+            keep = n;
+            break;
+          }
+        }
+      }
+    }
+    std::string text = held.substr(0, held.size() - keep);
+    held.erase(0, held.size() - keep);
     if (m.token_ids_size() == 0 && text.empty()) return true;
     if (!emit(m.token_ids(), text)) {
       client_gone = true;

@@ -1,0 +1,337 @@
+#!/usr/bin/python3
+"""Integration tests of the dsmoe cluster: real processes (`dsmoe cluster up`), real gRPC over
+127.0.0.1 sockets. The single-process engine (`dsmoe generate`, `dsmoe logits`), itself checked
+against the PyTorch reference, is the ground truth.
+
+Usage: cluster_test.py --dsmoe PATH --stubs DIR [unittest args]
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cluster_util as cu  # noqa: E402
+
+TMP = None  # models shared by all tests
+
+
+def prompts(n, vocab, seed=1, lo=3, hi=12):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+class GreedyMatchesSingleProcess(unittest.TestCase):
+    """Token for token, the cluster's greedy output equals the single-process engine's, whatever
+    the number of expert servers, replicas or attention servers."""
+
+    LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 4, 1), (1, 2, 2), (2, 2, 1)]  # (attention, experts, replicas)
+
+    def check_preset(self, name, preset):
+        model = cu.make_model(TMP.name, name, preset)
+        cases = prompts(3, 512, seed=hash(name) & 0xff)
+        want = [cu.single_process_generate(model, p, 12)["ids"] for p in cases]
+        for attention, experts, replicas in self.LAYOUTS:
+            with self.subTest(preset=preset, attention=attention, experts=experts, replicas=replicas):
+                c = cu.Cluster(model, attention, experts, replicas)
+                try:
+                    for p, w in zip(cases, want):
+                        got, finish, _ = c.generate(p, 12)
+                        self.assertEqual(got, w, f"prompt {p}")
+                        self.assertEqual(finish, "FINISH_REASON_LENGTH")
+                finally:
+                    c.close()
+
+    def test_tiny(self):
+        self.check_preset("tiny", "tiny")
+
+    def test_gshard(self):
+        self.check_preset("gshard", "gshard")
+
+
+class ClusterBehaviour(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = cu.make_model(TMP.name, "tiny-bf16", "tiny", "--dtype", "bf16")
+        cls.cluster = cu.Cluster(cls.model, attention=1, experts=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.close()
+
+    def test_logits_match_single_process(self):
+        ids = prompts(1, 512, seed=5, lo=20, hi=21)[0]
+        npy = os.path.join(TMP.name, "single.npy")
+        cu.run("logits", "--model", self.model, "--ids", ",".join(map(str, ids)), "--out", npy)
+        want = np.load(npy).astype(np.float64)
+        resp = self.cluster.attention().ComputeLogits(cu.apb.ComputeLogitsRequest(token_ids=ids), timeout=60)
+        got = np.frombuffer(resp.logits, dtype="<f4").reshape(resp.num_tokens, resp.vocab_size).astype(np.float64)
+        rel = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        self.assertLess(rel.max(), 1e-5, f"relative L2 per position: {rel}")
+
+    def test_32_concurrent_streams_each_equal_their_single_stream_result(self):
+        cases = prompts(32, 512, seed=9, lo=2, hi=30)
+        lengths = [4 + (i * 7) % 20 for i in range(32)]
+        seeds = list(range(32))
+        # Half greedy, half sampled with a seed: batching must change neither.
+        kws = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.8, seed=seeds[i]) for i in range(32)]
+        want = [cu.single_process_generate(self.model, p, n, **kw)["ids"] for p, n, kw in zip(cases, lengths, kws)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+            futures = [pool.submit(self.cluster.generate, p, n, 300, **kw) for p, n, kw in zip(cases, lengths, kws)]
+            results = [f.result() for f in futures]
+        for i, ((got, finish, _), w) in enumerate(zip(results, want)):
+            self.assertEqual(got, w, f"stream {i}")
+            self.assertEqual(finish, "FINISH_REASON_LENGTH")
+
+    def test_streaming_messages_and_usage(self):
+        ids = [5, 6, 7, 8]
+        got, finish, msgs = self.cluster.generate(ids, 9)
+        self.assertEqual(len(got), 9)
+        self.assertGreater(len(msgs), 2, "tokens should arrive in several messages")
+        last = msgs[-1]
+        self.assertEqual(last.usage.prompt_tokens, 4)
+        self.assertEqual(last.usage.completion_tokens, 9)
+        self.assertGreater(last.usage.time_to_first_token_seconds, 0)
+        complete = self.cluster.gateway.Complete(cu.pb.GenerateRequest(
+            token_ids=cu.pb.TokenIds(ids=ids), max_tokens=9, temperature=0.0, ignore_eos=True), timeout=60)
+        self.assertEqual(list(complete.token_ids), got)
+
+    def test_stop_token_ids(self):
+        ids = [5, 6, 7, 8]
+        full, _, _ = self.cluster.generate(ids, 9)
+        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=ids), max_tokens=9, temperature=0.0,
+                                    ignore_eos=True, stop_token_ids=[full[3]])
+        resp = self.cluster.gateway.Complete(req, timeout=60)
+        self.assertEqual(list(resp.token_ids), full[:full.index(full[3]) + 1])
+        self.assertEqual(resp.finish_reason, cu.pb.FINISH_REASON_STOP)
+
+    def test_bad_input_gets_the_right_code_and_the_servers_keep_serving(self):
+        pb, g = cu.pb, self.cluster.gateway
+        C = grpc.StatusCode
+        cases = [
+            (pb.GenerateRequest(), C.INVALID_ARGUMENT, "prompt is required"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[])), C.INVALID_ARGUMENT, "empty"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 512])), C.INVALID_ARGUMENT, "outside the vocabulary"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), max_tokens=0), C.INVALID_ARGUMENT, "max_tokens"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), max_tokens=10**9), C.INVALID_ARGUMENT, "max_tokens"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), temperature=-0.5), C.INVALID_ARGUMENT, "temperature"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), top_p=0.0), C.INVALID_ARGUMENT, "top_p"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), top_p=1.5), C.INVALID_ARGUMENT, "top_p"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), model="gpt-9"), C.NOT_FOUND, "gpt-9"),
+            (pb.GenerateRequest(text="hello"), C.INVALID_ARGUMENT, "tokenizer"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 5000)), C.INVALID_ARGUMENT, "exceeds the limit"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[511] * 3_000_000)), C.RESOURCE_EXHAUSTED, ""),  # 6 MB
+        ]
+        for req, code, fragment in cases:
+            for call in (lambda r: list(g.Generate(r, timeout=30)), lambda r: g.Complete(r, timeout=30)):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    call(req)
+                self.assertEqual(ctx.exception.code(), code, f"{req} → {ctx.exception.details()}")
+                self.assertIn(fragment, ctx.exception.details() or "")
+        got, finish, _ = self.cluster.generate([1, 2, 3], 3)  # still serving
+        self.assertEqual(len(got), 3)
+
+    def test_expert_server_refuses_an_expert_it_does_not_hold(self):
+        placement = json.load(open(self.cluster.state["placement"]))
+        layer = placement["layers"][0]
+        not_held = next(e for e, servers in enumerate(layer["servers"]) if 0 not in servers)
+        req = cu.epb.ComputeExpertsRequest(layer=layer["layer"], num_tokens=1, hidden=b"\0" * 4 * 64,
+                                           token=[0], expert=[not_held], weight=[1.0])
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.cluster.expert(0).ComputeExperts(req, timeout=10)
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn(f"(layer {layer['layer']}, expert {not_held}) is not held", ctx.exception.details())
+        bad = cu.epb.ComputeExpertsRequest(layer=layer["layer"], num_tokens=1, hidden=b"\0" * 8,
+                                           token=[0], expert=[0], weight=[1.0])
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.cluster.expert(0).ComputeExperts(bad, timeout=10)
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_cancelling_a_stream_frees_its_slot(self):
+        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=[1, 2, 3]), max_tokens=3000, temperature=0.0,
+                                    ignore_eos=True)
+        stream = self.cluster.gateway.Generate(req, timeout=60)
+        next(stream)
+        load = self.cluster.attention().GetLoad(cu.apb.GetLoadRequest(), timeout=10)
+        self.assertEqual(load.running, 1)
+        stream.cancel()
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            if self.cluster.attention().GetLoad(cu.apb.GetLoadRequest(), timeout=10).running == 0:
+                break
+            time.sleep(0.05)
+        self.assertEqual(self.cluster.attention().GetLoad(cu.apb.GetLoadRequest(), timeout=10).running, 0)
+
+    def test_client_deadline_is_honoured(self):
+        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=[1, 2, 3]), max_tokens=3000, temperature=0.0,
+                                    ignore_eos=True)
+        start = time.time()
+        with self.assertRaises(grpc.RpcError) as ctx:
+            list(self.cluster.gateway.Generate(req, timeout=0.3))
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(time.time() - start, 3)
+
+    def test_health_and_model_info(self):
+        for p in self.cluster.state["processes"]:
+            ch = grpc.insecure_channel(p["address"])
+            check = ch.unary_unary("/grpc.health.v1.Health/Check",
+                                   request_serializer=cu.health_pb2.HealthCheckRequest.SerializeToString,
+                                   response_deserializer=cu.health_pb2.HealthCheckResponse.FromString)
+            resp = check(cu.health_pb2.HealthCheckRequest(service=""), timeout=10)
+            self.assertEqual(resp.status, cu.health_pb2.HealthCheckResponse.SERVING, p["role"])
+            ch.close()
+        info = self.cluster.gateway.GetModelInfo(cu.pb.GetModelInfoRequest(), timeout=10)
+        self.assertEqual(info.architecture, "DeepseekForCausalLM")
+        self.assertEqual(info.num_routed_experts, 16)
+        self.assertEqual(info.num_shared_experts, 2)
+        self.assertEqual(len(info.expert_servers), 2)
+        held = sum(len(s.experts) for s in info.expert_servers)
+        self.assertEqual(held, 16 * 3)  # every routed expert of the 3 MoE layers, once
+
+
+class ExpertServerFaults(unittest.TestCase):
+    def setUp(self):
+        self.model = cu.make_model(TMP.name, "tiny-faults", "tiny")
+        self.want = cu.single_process_generate(self.model, [4, 5, 6], 10)["ids"]
+
+    def test_killed_expert_server_without_replica_fails_requests_promptly(self):
+        c = cu.Cluster(self.model, experts=2, replicas=1)
+        try:
+            self.assertEqual(c.generate([4, 5, 6], 10)[0], self.want)
+            os.kill(c.processes("expert-server")[1]["pid"], signal.SIGKILL)
+            start = time.time()
+            with self.assertRaises(grpc.RpcError) as ctx:
+                c.generate([4, 5, 6], 10, timeout=30)
+            self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn("routed expert", ctx.exception.details())
+            self.assertLess(time.time() - start, 10)
+        finally:
+            c.close()
+
+    def test_killed_expert_server_with_replicas_changes_nothing(self):
+        c = cu.Cluster(self.model, experts=2, replicas=2)
+        try:
+            self.assertEqual(c.generate([4, 5, 6], 10)[0], self.want)
+            os.kill(c.processes("expert-server")[0]["pid"], signal.SIGKILL)
+            for _ in range(3):
+                self.assertEqual(c.generate([4, 5, 6], 10, timeout=30)[0], self.want)
+        finally:
+            c.close()
+
+    def test_frozen_expert_server_hits_the_dispatch_deadline(self):
+        c = cu.Cluster(self.model, experts=2, replicas=1, extra=("--dispatch-deadline-ms", "500"))
+        pid = c.processes("expert-server")[1]["pid"]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            start = time.time()
+            with self.assertRaises(grpc.RpcError) as ctx:
+                c.generate([4, 5, 6], 10, timeout=30)
+            self.assertIn(ctx.exception.code(), (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
+            self.assertLess(time.time() - start, 5)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(2.5)  # the executor tries a failed server again after 2 s
+            self.assertEqual(c.generate([4, 5, 6], 10, timeout=30)[0], self.want)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            c.close()
+
+
+class GracefulShutdown(unittest.TestCase):
+    def test_sigterm_lets_streams_in_flight_finish(self):
+        model = cu.make_model(TMP.name, "tiny-shutdown", "tiny")
+        c = cu.Cluster(model, experts=1)
+        try:
+            gateway_pid = c.processes("gateway")[0]["pid"]
+            req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=[1, 2]), max_tokens=300, temperature=0.0,
+                                        ignore_eos=True)
+            stream = c.gateway.Generate(req, timeout=120)
+            first = next(stream)
+            os.kill(gateway_pid, signal.SIGTERM)
+            rest = list(stream)
+            total = len(first.token_ids) + sum(len(m.token_ids) for m in rest)
+            self.assertEqual(total, 300)
+            self.assertEqual(rest[-1].finish_reason, cu.pb.FINISH_REASON_LENGTH)
+            # The gateway exits by itself, and new calls are refused.
+            deadline = time.time() + 15
+            while time.time() < deadline and os.path.exists(f"/proc/{gateway_pid}") and \
+                    open(f"/proc/{gateway_pid}/stat").read().split(")")[1].split()[0] != "Z":
+                time.sleep(0.05)
+            alive = os.path.exists(f"/proc/{gateway_pid}") and \
+                open(f"/proc/{gateway_pid}/stat").read().split(")")[1].split()[0] != "Z"
+            self.assertFalse(alive, "gateway still running after SIGTERM")
+            log = open(c.processes("gateway")[0]["log"]).read()
+            self.assertIn("stopped", log)
+        finally:
+            c.close()
+
+
+class TextThroughTheGateway(unittest.TestCase):
+    TOKENIZER = None
+
+    @classmethod
+    def setUpClass(cls):
+        if not cls.TOKENIZER or not os.path.exists(cls.TOKENIZER):
+            raise unittest.SkipTest(f"no tokenizer.json at {cls.TOKENIZER} (run tests/tokenizer/setup_reference.sh)")
+        cls.model = cu.make_model(TMP.name, "tiny-text", "tiny", "--tokenizer", cls.TOKENIZER)
+        cls.cluster = cu.Cluster(cls.model, experts=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.close()
+
+    def test_text_prompt_equals_single_process_and_pieces_concatenate(self):
+        want = json.loads(cu.run("generate", "--model", self.model, "--prompt", "The experts are", "--max-tokens",
+                                 "16", "--ignore-eos", "--json").stdout)
+        req = cu.pb.GenerateRequest(text="The experts are", max_tokens=16, temperature=0.0, ignore_eos=True)
+        msgs = list(self.cluster.gateway.Generate(req, timeout=60))
+        ids = [i for m in msgs for i in m.token_ids]
+        self.assertEqual(ids, want["ids"])
+        self.assertEqual("".join(m.text for m in msgs), want["text"])
+        for m in msgs:
+            m.text.encode("utf-8")  # every piece is whole UTF-8
+
+    def test_stop_string_truncates_and_stops(self):
+        req = cu.pb.GenerateRequest(text="The experts are", max_tokens=16, temperature=0.0, ignore_eos=True)
+        full = self.cluster.gateway.Complete(req, timeout=60).text
+        self.assertGreater(len(full), 6)
+        for stop in (full[3:6], full[1:2], full[-3:]):
+            req.ClearField("stop")
+            req.stop.extend(["never-appears-here", stop])
+            want = full[:full.index(stop)]
+            resp = self.cluster.gateway.Complete(req, timeout=60)
+            self.assertEqual(resp.finish_reason, cu.pb.FINISH_REASON_STOP, stop)
+            self.assertEqual(resp.text, want, stop)
+            streamed = "".join(m.text for m in self.cluster.gateway.Generate(req, timeout=60))
+            self.assertEqual(streamed, want, stop)
+
+    def test_tokenize_and_detokenize(self):
+        g = self.cluster.gateway
+        ids = g.Tokenize(cu.pb.TokenizeRequest(text="Hello, 世界!"), timeout=10).token_ids
+        text = g.Detokenize(cu.pb.DetokenizeRequest(token_ids=ids), timeout=10).text
+        self.assertEqual(text, "Hello, 世界!")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsmoe", required=True)
+    ap.add_argument("--stubs", required=True)
+    ap.add_argument("--tokenizer", help="a tokenizer.json for the text tests")
+    a, rest = ap.parse_known_args()
+    cu.setup(a.dsmoe, a.stubs)
+    TextThroughTheGateway.TOKENIZER = a.tokenizer
+    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-cluster-test-")
+    try:
+        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    finally:
+        TMP.cleanup()

@@ -1,0 +1,93 @@
+"""Helpers for the cluster integration tests: models, a cluster started with `dsmoe cluster up`,
+gRPC stubs for the public and internal APIs, and the single-process reference outputs."""
+import importlib.util
+import json
+import os
+import subprocess
+import tempfile
+
+import grpc
+
+DSMOE = None      # path of the dsmoe binary, set by the test runner
+PY_STUBS = None   # directory of the generated Python stubs
+
+
+def setup(dsmoe, py_stubs):
+    global DSMOE, PY_STUBS, pb, pbg, apb, apbg, epb, epbg, health_pb2
+    DSMOE, PY_STUBS = dsmoe, py_stubs
+    import sys
+    sys.path.insert(0, py_stubs)
+    from dsmoe.v1 import gateway_pb2 as pb, gateway_pb2_grpc as pbg  # noqa: F401
+    from dsmoe.internal.v1 import attention_pb2 as apb, attention_pb2_grpc as apbg  # noqa: F401
+    from dsmoe.internal.v1 import expert_pb2 as epb, expert_pb2_grpc as epbg  # noqa: F401
+    globals().update(pb=pb, pbg=pbg, apb=apb, apbg=apbg, epb=epb, epbg=epbg)
+    # grpc.health.v1 is loaded by path: the installed `grpc` package owns the `grpc` name.
+    path = os.path.join(py_stubs, "grpc_std", "grpc", "health", "v1", "health_pb2.py")
+    spec = importlib.util.spec_from_file_location("dsmoe_health_pb2", path)
+    health_pb2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(health_pb2)
+    globals()["health_pb2"] = health_pb2
+
+
+def run(*args, check=True, timeout=300):
+    r = subprocess.run([DSMOE, *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"dsmoe {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def make_model(directory, name, preset, *flags):
+    path = os.path.join(directory, name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        run("make-model", "--preset", preset, "--seed", "11", "--out", path, *flags)
+    return path
+
+
+def single_process_generate(model, ids, max_tokens, **kw):
+    args = ["generate", "--model", model, "--ids", ",".join(map(str, ids)), "--max-tokens", str(max_tokens),
+            "--json", "--threads", "1"]
+    if kw.get("ignore_eos", True):
+        args.append("--ignore-eos")
+    if "temperature" in kw:
+        args += ["--temperature", str(kw["temperature"]), "--seed", str(kw.get("seed", 0))]
+    return json.loads(run(*args).stdout)
+
+
+class Cluster:
+    """A cluster from `dsmoe cluster up`, stopped by close()."""
+
+    def __init__(self, model, attention=1, experts=2, replicas=1, extra=()):
+        self.tmp = tempfile.TemporaryDirectory(prefix="dsmoe-cluster-")
+        self.state_dir = os.path.join(self.tmp.name, "state")
+        r = run("cluster", "up", "--model", model, "--attention-servers", str(attention), "--expert-servers",
+                str(experts), "--replicas", str(replicas), "--state-dir", self.state_dir, "--json", *extra)
+        self.state = json.loads(r.stdout)
+        self.gateway_address = self.state["gateway"]
+        self.channel = grpc.insecure_channel(self.gateway_address)
+        self.gateway = pbg.GatewayStub(self.channel)
+
+    def processes(self, role):
+        return [p for p in self.state["processes"] if p["role"] == role]
+
+    def attention(self, index=0):
+        return apbg.AttentionServiceStub(grpc.insecure_channel(self.processes("attention-server")[index]["address"]))
+
+    def expert(self, index=0):
+        return epbg.ExpertServiceStub(grpc.insecure_channel(self.processes("expert-server")[index]["address"]))
+
+    def generate(self, ids, max_tokens, timeout=120, **kw):
+        """Streams one request; returns (ids, finish_reason name, messages)."""
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=max_tokens,
+                                 temperature=kw.get("temperature", 0.0), ignore_eos=kw.get("ignore_eos", True))
+        if "seed" in kw:
+            req.seed = kw["seed"]
+        out, msgs = [], []
+        for m in self.gateway.Generate(req, timeout=timeout):
+            out.extend(m.token_ids)
+            msgs.append(m)
+        return out, pb.FinishReason.Name(msgs[-1].finish_reason), msgs
+
+    def close(self):
+        self.channel.close()
+        run("cluster", "down", "--state-dir", self.state_dir, check=False)
+        self.tmp.cleanup()
