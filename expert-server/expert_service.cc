@@ -1,5 +1,6 @@
 #include "expert-server/expert_service.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -20,10 +21,20 @@ ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights, const Expert
 grpc::Status ExpertService::ComputeExperts(grpc::ServerContext*,
                                            const internal::v1::ComputeExpertsRequest* request,
                                            internal::v1::ComputeExpertsResponse* response) {
-  return rpc::ToGrpc(Compute(*request, response->mutable_output()));
+  double seconds = 0;
+  const absl::Status status = Compute(*request, response->mutable_output(), &seconds);
+  response->set_compute_seconds(seconds);
+  return rpc::ToGrpc(status);
 }
 
-absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r, std::string* output) {
+grpc::Status ExpertService::Echo(grpc::ServerContext*, const internal::v1::EchoMessage* request,
+                                 internal::v1::EchoMessage* response) {
+  response->set_payload(request->payload());
+  return grpc::Status::OK;
+}
+
+absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r, std::string* output,
+                                    double* compute_seconds) {
   const ModelConfig& c = weights_->config();
   const int64_t H = c.hidden_size, T = r.num_tokens();
   if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
@@ -58,8 +69,11 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   expert_.assign(r.expert().begin(), r.expert().end());
   // protobuf's repeated float is contiguous float storage.
   const ExpertAssignments a{token_.data(), expert_.data(), r.weight().data(), n};
-  return executor_.RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T, a,
-                                  reinterpret_cast<float*>(output->data()));
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Status status = executor_.RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()),
+                                                       T, a, reinterpret_cast<float*>(output->data()));
+  *compute_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return status;
 }
 
 grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1::GetExpertsRequest*,

@@ -32,11 +32,14 @@ class ExpertService final : public internal::v1::ExpertService::Service {
                               internal::v1::ComputeExpertsResponse* response) override;
   grpc::Status GetExperts(grpc::ServerContext* context, const internal::v1::GetExpertsRequest* request,
                           internal::v1::GetExpertsResponse* response) override;
+  grpc::Status Echo(grpc::ServerContext* context, const internal::v1::EchoMessage* request,
+                    internal::v1::EchoMessage* response) override;
 
   int64_t num_experts_held() const { return num_held_; }
 
  private:
-  absl::Status Compute(const internal::v1::ComputeExpertsRequest& request, std::string* output);
+  absl::Status Compute(const internal::v1::ComputeExpertsRequest& request, std::string* output,
+                       double* compute_seconds);
 
   std::unique_ptr<ModelWeights> weights_;
   ExpertServiceOptions options_;
