@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
 # The main job on a built-in default: install, build, write the tiny DeepSeekMoE checkpoint
-# (Hugging Face format, random weights) and generate from it.
+# (Hugging Face format, random weights, DeepSeek-V3's real tokenizer), bring up a local cluster
+# — the gateway, 1 attention server, 2 expert servers, each its own process on 127.0.0.1 —,
+# stream a completion through the gateway's gRPC API, and shut everything down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 BUILD_DIR=${DSMOE_BUILD_DIR:-build}
+DSMOE="$BUILD_DIR/bin/dsmoe"
 MODEL=${DSMOE_DEMO_MODEL:-out/tiny}
-DSMOE="$BUILD_DIR/cli/dsmoe"
+STATE=out/cluster
+
 if [[ ! -f "$MODEL/config.json" ]]; then
-  "$DSMOE" make-model --preset tiny --dtype bf16 --seed 1 --out "$MODEL"
+  if TOKENIZER=$(scripts/fetch-tokenizer.sh 2>/dev/null); then
+    "$DSMOE" make-model --preset tiny --dtype bf16 --seed 1 --tokenizer "$TOKENIZER" --out "$MODEL"
+  else
+    echo "(no tokenizer available: the demo uses token ids)"
+    "$DSMOE" make-model --preset tiny --dtype bf16 --seed 1 --out "$MODEL"
+  fi
 fi
 "$DSMOE" info --model "$MODEL"
-echo "--- greedy generation (token ids as they are produced):"
-"$DSMOE" generate --model "$MODEL" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
-echo "--- the same as JSON:"
-"$DSMOE" generate --model "$MODEL" --ids 100,200,300,400 --max-tokens 8 --json
+
+"$DSMOE" cluster down --state-dir "$STATE" >/dev/null 2>&1 || true
+"$DSMOE" cluster up --model "$MODEL" --attention-servers 1 --expert-servers 2 --state-dir "$STATE"
+trap '"$DSMOE" cluster down --state-dir "$STATE"' EXIT
+GATEWAY=$(sed -n 's/.*"gateway": "\([^"]*\)".*/\1/p' "$STATE/cluster.json")
+
+echo "--- streaming a completion through the gateway at $GATEWAY (random weights: expect gibberish)"
+if [[ -f "$MODEL/tokenizer.json" ]]; then
+  "$DSMOE" client generate --gateway "$GATEWAY" --prompt "Mixture-of-Experts models route each token" \
+    --max-tokens 32 --ignore-eos
+  "$DSMOE" client generate --gateway "$GATEWAY" --prompt "Shared experts" --max-tokens 8 --ignore-eos --json
+else
+  "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
+  "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 8 --ignore-eos --json
+fi
+echo "--- logs of every process are in $STATE/"
