@@ -1,10 +1,12 @@
 // Loading weights: shapes checked against the config with errors naming the tensor, and a
 // selection loads only what a role needs.
+#include <cstring>
 #include <filesystem>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "core/model/make_model.h"
 #include "core/model/weights.h"
 #include "tests/test_util.h"
 
@@ -96,6 +98,35 @@ TEST(ModelWeights, TruncatedShardIsRefused) {
   const absl::Status s = ModelWeights::Load(dir.path()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("run past the end of the data"));
+}
+
+}  // namespace
+}  // namespace dsmoe
+
+namespace dsmoe {
+namespace {
+
+TEST(ModelWeights, HugePageCopyHoldsTheSameBytesOnce) {
+  testing::TempDir dir;
+  ModelConfig c = *PresetConfig("tiny");
+  c.tie_word_embeddings = true;
+  ASSERT_TRUE(WriteRandomCheckpoint(c, {DType::kBF16, 5, 2}, dir.path()).ok());
+  auto mapped = ModelWeights::Load(dir.path(), WeightSelection::Everything(), {/*copy_to_huge_pages=*/false});
+  auto copied = ModelWeights::Load(dir.path());
+  ASSERT_TRUE(mapped.ok() && copied.ok());
+  EXPECT_FALSE((*mapped)->in_huge_pages());
+  EXPECT_TRUE((*copied)->in_huge_pages());
+  EXPECT_EQ((*copied)->lm_head.data, (*copied)->embed_tokens.data);  // tied: one copy
+  EXPECT_EQ((*copied)->MatrixBytes(), (*mapped)->MatrixBytes());
+  std::vector<const MatrixView*> a, b;
+  (*mapped)->ForEachMatrix([&](MatrixView& m) { a.push_back(&m); });
+  (*copied)->ForEachMatrix([&](MatrixView& m) { b.push_back(&m); });
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i]->NumBytes(), b[i]->NumBytes());
+    ASSERT_NE(a[i]->data, b[i]->data);
+    ASSERT_EQ(std::memcmp(a[i]->data, b[i]->data, a[i]->NumBytes()), 0) << "matrix " << i;
+  }
 }
 
 }  // namespace

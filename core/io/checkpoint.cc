@@ -96,6 +96,11 @@ absl::StatusOr<TensorView> Checkpoint::Tensor(const std::string& name) const {
   return shard->Tensor(name);
 }
 
+void Checkpoint::ReleaseMappings() {
+  std::lock_guard<std::mutex> lock(mu_);
+  shards_.clear();
+}
+
 std::vector<std::string> Checkpoint::ShardNames() const {
   std::set<std::string> files;
   for (auto& kv : tensor_to_shard_) files.insert(kv.second);

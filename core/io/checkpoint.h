@@ -28,6 +28,9 @@ class Checkpoint {
   // A view of tensor `name`, valid as long as this Checkpoint lives.
   absl::StatusOr<TensorView> Tensor(const std::string& name) const;
   std::vector<std::string> ShardNames() const;
+  // Unmaps every opened shard: views from Tensor() become invalid. Shards are mapped again
+  // on the next Tensor() call.
+  void ReleaseMappings();
 
  private:
   explicit Checkpoint(std::string dir) : dir_(std::move(dir)) {}

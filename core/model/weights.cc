@@ -1,6 +1,9 @@
 #include "core/model/weights.h"
 
+#include <cstring>
 #include <filesystem>
+#include <map>
+#include <set>
 
 namespace dsmoe {
 
@@ -50,7 +53,8 @@ class TensorLoader {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& dir,
-                                                                 const WeightSelection& selection) {
+                                                                 const WeightSelection& selection,
+                                                                 const WeightLoadOptions& options) {
   auto w = std::unique_ptr<ModelWeights>(new ModelWeights());
   DSMOE_ASSIGN_OR_RETURN(w->checkpoint_, Checkpoint::Open(dir));
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
@@ -67,7 +71,42 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::stri
     w->generation_config_ = GenerationConfig::FromModel(w->config_);
   }
   DSMOE_RETURN_IF_ERROR(w->LoadTensors(selection));
+  if (options.copy_to_huge_pages) DSMOE_RETURN_IF_ERROR(w->CopyToHugePages());
   return w;
+}
+
+size_t ModelWeights::MatrixBytes() {
+  std::set<const void*> seen;
+  size_t bytes = 0;
+  ForEachMatrix([&](MatrixView& m) {
+    if (seen.insert(m.data).second) bytes += m.NumBytes();
+  });
+  return bytes;
+}
+
+absl::Status ModelWeights::CopyToHugePages() {
+  constexpr size_t kAlign = 64;  // cache line: rows of a matrix start aligned when cols allow
+  size_t total = 0;
+  std::set<const void*> seen;
+  ForEachMatrix([&](MatrixView& m) {
+    if (seen.insert(m.data).second) total += (m.NumBytes() + kAlign - 1) / kAlign * kAlign;
+  });
+  DSMOE_ASSIGN_OR_RETURN(buffer_, HugePageBuffer::Allocate(total));
+  std::map<const void*, const void*> moved;  // old → new, so tied matrices stay one copy
+  size_t offset = 0;
+  ForEachMatrix([&](MatrixView& m) {
+    auto it = moved.find(m.data);
+    if (it == moved.end()) {
+      std::byte* dst = buffer_->data() + offset;
+      std::memcpy(dst, m.data, m.NumBytes());
+      offset += (m.NumBytes() + kAlign - 1) / kAlign * kAlign;
+      it = moved.emplace(m.data, dst).first;
+    }
+    m.data = it->second;
+  });
+  // Nothing points into the file mappings any more: unmap them, so the weights are resident once.
+  checkpoint_->ReleaseMappings();
+  return absl::OkStatus();
 }
 
 absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {

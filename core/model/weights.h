@@ -20,6 +20,7 @@
 #include "core/io/checkpoint.h"
 #include "core/model/config.h"
 #include "core/tensor/tensor.h"
+#include "core/util/huge_pages.h"
 #include "core/util/status.h"
 
 namespace dsmoe {
@@ -67,11 +68,28 @@ struct WeightSelection {
   }
 };
 
-// Const after Load; thread-safe. Owns the checkpoint whose mapped memory the views point into.
+struct WeightLoadOptions {
+  // Copy the selected weights, in the order the forward pass reads them, into one anonymous
+  // buffer advised for transparent huge pages, then drop the file mappings. Off: the views
+  // point into the memory-mapped checkpoint (4 KiB pages; nothing is copied).
+  bool copy_to_huge_pages = true;
+};
+
+// Const after Load; thread-safe. Owns the memory the views point into: the weight buffer, or
+// the checkpoint's mappings.
 class ModelWeights {
  public:
   static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(
-      const std::string& dir, const WeightSelection& selection = WeightSelection::Everything());
+      const std::string& dir, const WeightSelection& selection = WeightSelection::Everything(),
+      const WeightLoadOptions& options = {});
+
+  // Every weight matrix, in forward order (embeddings, layer by layer, head); a matrix seen
+  // twice (tied embeddings) is visited twice.
+  template <class Fn>
+  void ForEachMatrix(Fn&& fn);
+  // Bytes of all distinct loaded weight matrices.
+  size_t MatrixBytes();
+  bool in_huge_pages() const { return buffer_ != nullptr; }
 
   const ModelConfig& config() const { return config_; }
   const GenerationConfig& generation_config() const { return generation_config_; }
@@ -86,9 +104,33 @@ class ModelWeights {
   ModelWeights() = default;
   absl::Status LoadTensors(const WeightSelection& selection);
 
+  absl::Status CopyToHugePages();
+
   ModelConfig config_;
   GenerationConfig generation_config_;
   std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<HugePageBuffer> buffer_;
 };
+
+template <class Fn>
+void ModelWeights::ForEachMatrix(Fn&& fn) {
+  auto mlp = [&](MlpWeights& m) {
+    if (!m.loaded()) return;
+    fn(m.gate);
+    fn(m.up);
+    fn(m.down);
+  };
+  if (!embed_tokens.empty()) fn(embed_tokens);
+  for (LayerWeights& L : layers) {
+    for (LinearWeights* lw : {&L.attention.q, &L.attention.k, &L.attention.v, &L.attention.o}) {
+      if (!lw->weight.empty()) fn(lw->weight);
+    }
+    mlp(L.dense);
+    if (!L.router.empty()) fn(L.router);
+    mlp(L.shared);
+    for (MlpWeights& m : L.routed) mlp(m);
+  }
+  if (!lm_head.empty()) fn(lm_head);
+}
 
 }  // namespace dsmoe
