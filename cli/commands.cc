@@ -58,7 +58,8 @@ absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
   } else {
     DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
   }
-  DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model));
+  DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model, WeightSelection::Everything(),
+                                                        {/*copy_to_huge_pages=*/!in.mmap_weights}));
   const int64_t V = m.weights->config().vocab_size;
   for (int32_t id : m.ids) {
     if (id >= V) {

@@ -26,6 +26,8 @@ void AddModelInput(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt) {
   }
   cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
+  cmd->add_flag("--mmap-weights", in.mmap_weights,
+                "Read weights through the file mapping (4 KiB pages) instead of copying them into huge pages");
 }
 
 template <class T>
