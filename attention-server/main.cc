@@ -7,6 +7,7 @@
 
 #include "attention-server/attention_service.h"
 #include "core/io/mapped_file.h"
+#include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
 #include "router/placement.h"
@@ -32,7 +33,8 @@ int Fail(const absl::Status& s) {
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous batching"};
-  std::string model, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file;
+  std::string model, model_name, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file,
+      metrics_listen = "127.0.0.1:0";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
   app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
@@ -48,7 +50,10 @@ int main(int argc, char** argv) {
   app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   app.add_option("--threads", threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+      ->capture_default_str();
+  app.add_option("--model-name", model_name, "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
   const std::vector<std::string> addresses = SplitCommas(expert_servers);
@@ -57,6 +62,10 @@ int main(int argc, char** argv) {
   auto weights = dsmoe::ModelWeights::Load(model, selection);
   if (!weights.ok()) return Fail(weights.status());
   const dsmoe::ModelConfig& config = (*weights)->config();
+  if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
+  // Registered before anything runs, so every series exists from the first scrape.
+  dsmoe::rpc::MetricsRegistry metrics(model_name);
+  dsmoe::AttentionMetrics attention_metrics(metrics, config);
 
   std::optional<dsmoe::router::Placement> placement;
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
@@ -77,23 +86,31 @@ int main(int argc, char** argv) {
     }
     placement.emplace(std::move(*p));
     remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
-                                                         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms)});
+                                                         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
+                                                                                          std::chrono::milliseconds(2000), &metrics});
     if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
   }
   dsmoe::ThreadPool pool(threads);
-  auto scheduler = dsmoe::Scheduler::Create(**weights, pool, sched, remote.get());
+  auto scheduler = dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
+  if (!metrics_listen.empty()) {
+    auto port = metrics.Serve(metrics_listen);
+    if (!port.ok()) return Fail(port.status());
+    server_options.metrics_port = *port;
+  }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  std::printf("dsmoe-attention-server serving on %s (%zu expert servers, %lld slots)\n", server->address().c_str(),
-              addresses.size(), static_cast<long long>(sched.num_slots));
+  std::printf("dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
+              server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
+              server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  metrics.StopServing();  // before the instruments it reads go away
   return 0;
 }

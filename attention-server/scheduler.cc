@@ -6,7 +6,8 @@ namespace dsmoe {
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights, ThreadPool& pool,
                                                              const SchedulerOptions& options,
-                                                             RoutedExpertExecutor* experts) {
+                                                             RoutedExpertExecutor* experts,
+                                                             AttentionMetrics* metrics) {
   if (options.num_slots < 1 || options.max_batch_tokens < 1 || options.max_waiting < 0) {
     return absl::InvalidArgumentError("num_slots and max_batch_tokens must be >= 1");
   }
@@ -15,11 +16,16 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights&
   ro.num_slots = options.num_slots + 1;  // + the scratch slot of ComputeLogits
   ro.max_context = options.max_context;
   DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, ro, experts));
-  return std::unique_ptr<Scheduler>(new Scheduler(std::move(runner), options));
+  // Set before the loop thread starts: the runner calls the observer from that thread only.
+  if (metrics != nullptr) runner->set_routing_observer(&metrics->expert_load());
+  return std::unique_ptr<Scheduler>(new Scheduler(std::move(runner), options, metrics));
 }
 
-Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options)
-    : runner_(std::move(runner)), options_(options), scratch_slot_(static_cast<int32_t>(options.num_slots)) {
+Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options, AttentionMetrics* metrics)
+    : runner_(std::move(runner)),
+      options_(options),
+      metrics_(metrics != nullptr ? &metrics->scheduler() : nullptr),
+      scratch_slot_(static_cast<int32_t>(options.num_slots)) {
   for (int64_t s = options.num_slots - 1; s >= 0; --s) free_slots_.push_back(static_cast<int32_t>(s));
   const int64_t B = options.max_batch_tokens;
   batch_ids_.reserve(B);
@@ -66,6 +72,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params, std::shared_pt
   seq->sampler = std::make_unique<Sampler>(V, params.sampling);
   seq->params = std::move(params);
   seq->sink = std::move(sink);
+  seq->arrived = std::chrono::steady_clock::now();
   uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -76,6 +83,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params, std::shared_pt
     }
     id = seq->id = next_id_++;
     waiting_.push_back(std::move(seq));
+    PublishLoadLocked();
   }
   work_cv_.notify_one();
   return id;
@@ -109,9 +117,29 @@ absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t>
 
 void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& status) {
   seq->sink->OnFinish(reason, status);
+  if (metrics_ != nullptr) {
+    (!status.ok()                        ? metrics_->finished_abort
+     : reason == FinishReason::kLength ? metrics_->finished_length
+                                       : metrics_->finished_stop)
+        ->Increment();
+    kv_tokens_ -= seq->fed;
+    PublishKvUsage();
+  }
   std::lock_guard<std::mutex> lock(mu_);
   free_slots_.push_back(seq->slot);
   running_.erase(seq->id);  // destroys *seq
+  PublishLoadLocked();
+}
+
+void Scheduler::PublishLoadLocked() {
+  if (metrics_ == nullptr) return;
+  metrics_->running->Set(static_cast<double>(running_.size()));
+  metrics_->waiting->Set(static_cast<double>(waiting_.size()));
+}
+
+void Scheduler::PublishKvUsage() {
+  const double capacity = static_cast<double>(options_.num_slots) * static_cast<double>(max_context());
+  metrics_->kv_cache_usage->Set(capacity > 0 ? static_cast<double>(kv_tokens_) / capacity : 0.0);
 }
 
 void Scheduler::Loop() {
@@ -144,6 +172,10 @@ void Scheduler::Loop() {
         waiting_.pop_front();
         seq->slot = free_slots_.back();
         free_slots_.pop_back();
+        if (metrics_ != nullptr) {
+          metrics_->queue_time->Observe(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - seq->arrived).count());
+        }
         const uint64_t id = seq->id;
         running_.emplace(id, std::move(seq));
       }
@@ -152,9 +184,13 @@ void Scheduler::Loop() {
         logits_jobs_.pop_front();
       }
       for (auto& [id, seq] : running_) running.push_back(seq.get());
+      PublishLoadLocked();
     }
     const absl::Status cancelled = absl::CancelledError("the request was cancelled");
-    for (auto& seq : cancelled_waiting) seq->sink->OnFinish(FinishReason::kStop, cancelled);
+    for (auto& seq : cancelled_waiting) {
+      seq->sink->OnFinish(FinishReason::kStop, cancelled);
+      if (metrics_ != nullptr) metrics_->finished_abort->Increment();
+    }
     // Oldest first: they get the prefill budget first and finish first.
     std::sort(running.begin(), running.end(), [](Sequence* a, Sequence* b) { return a->id < b->id; });
     std::vector<Sequence*> live;
@@ -210,7 +246,12 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     budget -= n;
   }
   if (batch_ids_.empty()) return;
+  const auto start = std::chrono::steady_clock::now();
   const absl::Status status = runner_->Forward({batch_ids_, batch_slots_, batch_pos_, batch_rows_}, logits_.data());
+  if (metrics_ != nullptr) {
+    metrics_->forward_time->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    metrics_->batch_tokens->Observe(static_cast<double>(batch_ids_.size()));
+  }
   if (!status.ok()) {
     // Every sequence with tokens in this batch is affected; the others go on next step.
     for (size_t i = 0; i < running.size(); ++i) {
@@ -219,6 +260,18 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     return;
   }
   for (size_t i = 0; i < running.size(); ++i) running[i]->fed += fed_in_step_[i];
+  if (metrics_ != nullptr) {
+    // Every token fed is held in the KV cache; decode rows are one per sequence, the rest prompt.
+    const int64_t fed = static_cast<int64_t>(batch_ids_.size());
+    int64_t decode = 0;
+    for (size_t i = 0; i < running.size(); ++i) {
+      if (fed_in_step_[i] == 1 && running[i]->fed > static_cast<int64_t>(running[i]->params.prompt.size())) ++decode;
+    }
+    kv_tokens_ += fed;
+    metrics_->prompt_tokens->Increment(static_cast<double>(fed - decode));
+    metrics_->generation_tokens->Increment(static_cast<double>(row_owner_.size()));
+    PublishKvUsage();
+  }
   for (size_t r = 0; r < row_owner_.size(); ++r) {
     Sequence* s = row_owner_[r];
     const int32_t token = s->sampler->Sample(logits_.data() + r * V);

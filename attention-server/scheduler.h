@@ -8,6 +8,7 @@
 // RPC handlers); only the loop thread touches the runner.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -18,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "attention-server/attention_metrics.h"
 #include "core/model/generator.h"
 #include "core/model/model_runner.h"
 #include "core/model/sampler.h"
@@ -56,10 +58,12 @@ struct SchedulerLoad {
 
 class Scheduler {
  public:
-  // REQUIRES: weights, pool and experts (if given) outlive the scheduler.
+  // REQUIRES: weights, pool, experts and metrics (if given) outlive the scheduler. With
+  // metrics, the runner's routing is counted there and the scheduler keeps its gauges current.
   static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const ModelWeights& weights, ThreadPool& pool,
                                                            const SchedulerOptions& options,
-                                                           RoutedExpertExecutor* experts = nullptr);
+                                                           RoutedExpertExecutor* experts = nullptr,
+                                                           AttentionMetrics* metrics = nullptr);
   ~Scheduler();
 
   // Queues a sequence; its sink hears every token and then OnFinish exactly once.
@@ -85,20 +89,27 @@ class Scheduler {
     int64_t generated = 0;
     int32_t last_token = -1;  // sampled, not yet fed
     bool cancelled = false;
+    std::chrono::steady_clock::time_point arrived;
   };
   struct LogitsJob {
     std::vector<int32_t> ids;
     std::promise<absl::StatusOr<std::vector<float>>> result;
   };
 
-  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options);
+  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options, AttentionMetrics* metrics);
   void Loop();
   void Step(std::vector<Sequence*>& running);
   void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
   absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids);
+  // Publishes running/waiting. REQUIRES: mu_ held.
+  void PublishLoadLocked();
+  // Publishes the KV-cache usage after kv_tokens_ changed. Loop thread only.
+  void PublishKvUsage();
 
   std::unique_ptr<ModelRunner> runner_;
   SchedulerOptions options_;
+  SchedulerMetrics* metrics_;  // null: no metrics
+  int64_t kv_tokens_ = 0;      // tokens held in the running sequences' slots; loop thread only
   int32_t scratch_slot_;  // reserved for ComputeLogits
 
   mutable std::mutex mu_;

@@ -17,6 +17,8 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
@@ -49,6 +51,7 @@ struct Process {
   std::string address;
   std::string log;
   std::string ready_file;
+  int metrics_port = 0;  // 0: none reported
 };
 
 // Starts `argv` in its own session (so it outlives this command and the terminal's ^C), with
@@ -82,7 +85,8 @@ std::string Tail(const std::string& path, size_t bytes = 2000) {
   return text->size() > bytes ? text->substr(text->size() - bytes) : *text;
 }
 
-// Waits until every process has written its ready file; fails fast if one exits.
+// Waits until every process has written its ready file ("<grpc port>\n<metrics port>\n");
+// fails fast if one exits.
 absl::Status WaitReady(std::vector<Process>& procs) {
   const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
   for (Process& p : procs) {
@@ -90,7 +94,9 @@ absl::Status WaitReady(std::vector<Process>& procs) {
       if (fs::exists(p.ready_file)) {
         auto text = ReadTextFile(p.ready_file, 64);
         if (text.ok() && !text->empty()) {
-          p.address = "127.0.0.1:" + std::string(absl::StripTrailingAsciiWhitespace(*text));
+          const std::vector<std::string> lines = absl::StrSplit(*text, '\n', absl::SkipWhitespace());
+          p.address = "127.0.0.1:" + std::string(absl::StripAsciiWhitespace(lines[0]));
+          if (lines.size() > 1 && !absl::SimpleAtoi(lines[1], &p.metrics_port)) p.metrics_port = 0;
           break;
         }
       }
@@ -173,6 +179,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     p.ready_file = (dir / absl::StrCat(role, "-", index, ".port")).string();
     argv.push_back("--ready-file");
     argv.push_back(p.ready_file);
+    // Every server exports Prometheus metrics on a port of its own, loopback only.
+    argv.push_back("--metrics-listen");
+    argv.push_back("127.0.0.1:0");
     DSMOE_ASSIGN_OR_RETURN(p.pid, Spawn(argv, p.log));
     procs.push_back(p);
     return absl::OkStatus();
@@ -209,7 +218,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   Json list = Json::array();
   for (const Process& p : procs) {
     list.push_back({{"role", p.role}, {"index", p.index}, {"pid", p.pid}, {"address", p.address},
-                    {"metrics_url", nullptr}, {"log", p.log}});
+                    {"metrics_url", p.metrics_port > 0 ? Json(absl::StrCat("http://127.0.0.1:", p.metrics_port, "/metrics"))
+                                                       : Json(nullptr)},
+                    {"log", p.log}});
   }
   (*state)["processes"] = list;
   std::ofstream(dir / kStateFile) << state->dump(2) << "\n";

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 
 #include "core/rpc/grpc_status.h"
@@ -16,6 +17,29 @@ ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights, const Expert
   for (const LayerWeights& L : weights_->layers) {
     for (const MlpWeights& m : L.routed) num_held_ += m.loaded() ? 1 : 0;
   }
+  if (options_.metrics != nullptr) {
+    rpc::MetricsRegistry& r = *options_.metrics;
+    auto& tokens = r.Counter("dsmoe_expert_server_tokens_total",
+                             "Routed (token, expert) assignments computed by this expert server, per layer and expert");
+    expert_tokens_.resize(weights_->layers.size());
+    for (size_t l = 0; l < weights_->layers.size(); ++l) {
+      const auto& routed = weights_->layers[l].routed;
+      expert_tokens_[l].assign(routed.size(), nullptr);
+      for (size_t e = 0; e < routed.size(); ++e) {
+        if (routed[e].loaded()) expert_tokens_[l][e] = &tokens.Add({{"layer", std::to_string(l)}, {"expert", std::to_string(e)}});
+      }
+    }
+    tokens_ = &r.Counter("dsmoe_expert_server_rows_total", "Hidden-state rows (tokens) received in ComputeExperts calls")
+                   .Add({});
+    compute_time_ = &r.Histogram("dsmoe_expert_server_compute_seconds", "Expert computation time of one ComputeExperts call")
+                         .Add({}, rpc::RpcLatencyBuckets());
+    requests_ = rpc::AddCodeCounters(
+        r.Counter("dsmoe_expert_server_requests_total", "ComputeExperts calls served, by gRPC code"), {});
+    r.Gauge("dsmoe_expert_server_experts_held", "Routed experts this expert server holds")
+        .Add({})
+        .Set(static_cast<double>(num_held_));
+    counts_.assign(static_cast<size_t>(std::max<int64_t>(weights_->config().n_routed_experts, 0)), 0);
+  }
 }
 
 grpc::Status ExpertService::ComputeExperts(grpc::ServerContext*,
@@ -24,6 +48,7 @@ grpc::Status ExpertService::ComputeExperts(grpc::ServerContext*,
   double seconds = 0;
   const absl::Status status = Compute(*request, response->mutable_output(), &seconds);
   response->set_compute_seconds(seconds);
+  if (tokens_ != nullptr) rpc::CountCode(requests_, static_cast<int>(status.code()));
   return rpc::ToGrpc(status);
 }
 
@@ -73,6 +98,18 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   const absl::Status status = executor_.RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()),
                                                        T, a, reinterpret_cast<float*>(output->data()));
   *compute_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (status.ok() && tokens_ != nullptr) {
+    // What was computed, counted per expert first: one atomic add per expert in the request.
+    // Every expert was checked as held by RunAssignments, so its counter exists.
+    std::fill(counts_.begin(), counts_.end(), 0);
+    for (int i = 0; i < n; ++i) ++counts_[expert_[i]];
+    const auto& layer_counters = expert_tokens_[r.layer()];
+    for (size_t e = 0; e < counts_.size(); ++e) {
+      if (counts_[e] > 0 && layer_counters[e] != nullptr) layer_counters[e]->Increment(static_cast<double>(counts_[e]));
+    }
+    tokens_->Increment(static_cast<double>(T));
+    compute_time_->Observe(*compute_seconds);
+  }
   return status;
 }
 

@@ -11,6 +11,7 @@
 
 #include "core/model/routed_experts.h"
 #include "core/model/weights.h"
+#include "core/rpc/metrics.h"
 #include "core/util/thread_pool.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 
@@ -20,6 +21,7 @@ struct ExpertServiceOptions {
   int threads = 0;                   // compute threads; 0: all cores
   int64_t max_tokens = 4096;         // tokens per request
   int64_t max_assignments = 32768;   // (token, expert) pairs per request
+  rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
 };
 
 class ExpertService final : public internal::v1::ExpertService::Service {
@@ -48,6 +50,14 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   ThreadPool pool_;
   LocalExpertExecutor executor_;
   std::vector<int32_t> token_, expert_;  // guarded by mu_
+
+  // Metrics (null without a registry). Children looked up once; [layer][expert] is null for
+  // experts this server does not hold.
+  std::vector<std::vector<prometheus::Counter*>> expert_tokens_;
+  prometheus::Counter* tokens_ = nullptr;
+  prometheus::Histogram* compute_time_ = nullptr;
+  rpc::CodeCounters requests_{};
+  std::vector<int64_t> counts_;  // [n_routed_experts] scratch; guarded by mu_
 };
 
 }  // namespace dsmoe

@@ -17,6 +17,30 @@ GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config, const router::
   }
   calls_.resize(addresses_.size());
   down_since_.resize(addresses_.size());
+  if (options_.metrics != nullptr) {
+    for (size_t s = 0; s < addresses_.size(); ++s) {
+      metrics_.push_back(std::make_unique<DispatchMetrics>(*options_.metrics, static_cast<int>(s)));
+    }
+  }
+}
+
+DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
+  const prometheus::Labels labels = {{"expert_server", std::to_string(server)}};
+  round_trip = &r.Histogram("dsmoe_dispatch_round_trip_seconds",
+                            "Round trip of one ComputeExperts call to an expert server (send to reply)")
+                    .Add(labels, rpc::RpcLatencyBuckets());
+  sent_bytes = &r.Counter("dsmoe_dispatch_sent_bytes_total", "Bytes of ComputeExperts requests sent (protobuf size)")
+                    .Add(labels);
+  received_bytes = &r.Counter("dsmoe_dispatch_received_bytes_total",
+                              "Bytes of ComputeExperts replies received (protobuf size)")
+                        .Add(labels);
+  assignments = &r.Counter("dsmoe_dispatch_assignments_total",
+                           "Routed (token, expert) assignments dispatched to an expert server")
+                     .Add(labels);
+  tokens = &r.Counter("dsmoe_dispatch_tokens_total", "Hidden-state rows (tokens) sent to an expert server").Add(labels);
+  calls = rpc::AddCodeCounters(
+      r.Counter("dsmoe_dispatch_calls_total", "ComputeExperts calls to an expert server, by gRPC code (failures: code != OK)"),
+      labels);
 }
 
 absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
@@ -72,18 +96,34 @@ absl::Status GrpcExpertExecutor::Send() {
     call.response.Clear();
     call.context = std::make_unique<grpc::ClientContext>();
     call.context->set_deadline(std::chrono::system_clock::now() + options_.deadline);
+    DispatchMetrics* m = metrics_.empty() ? nullptr : metrics_[s].get();
+    if (m != nullptr) {
+      m->assignments->Increment(static_cast<double>(w.token.size()));
+      m->tokens->Increment(static_cast<double>(w.rows.size()));
+      call.sent_at = std::chrono::steady_clock::now();
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++outstanding_;
     }
     stubs_[s]->async()->ComputeExperts(call.context.get(), &call.request, &call.response,
-                                       [this, &call](grpc::Status status) {
+                                       [this, &call, m](grpc::Status status) {
+                                         if (m != nullptr) Record(*m, call, status);
                                          std::lock_guard<std::mutex> lock(mu_);
                                          call.status = std::move(status);
                                          if (--outstanding_ == 0) done_cv_.notify_one();
                                        });
   }
   return absl::OkStatus();
+}
+
+void GrpcExpertExecutor::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
+  // The call is complete: its request and reply are not touched by anyone else until the next
+  // Send, which waits for this callback.
+  m.round_trip->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - call.sent_at).count());
+  m.sent_bytes->Increment(static_cast<double>(call.request.ByteSizeLong()));
+  if (status.ok()) m.received_bytes->Increment(static_cast<double>(call.response.ByteSizeLong()));
+  rpc::CountCode(m.calls, status.error_code());
 }
 
 void GrpcExpertExecutor::Wait() {

@@ -17,6 +17,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "core/model/routed_experts.h"
+#include "core/rpc/metrics.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
@@ -26,6 +27,20 @@ namespace dsmoe {
 struct GrpcExpertExecutorOptions {
   std::chrono::milliseconds deadline{10000};     // per dispatch call
   std::chrono::milliseconds retry_down_after{2000};  // a failed server is tried again after this
+  rpc::MetricsRegistry* metrics = nullptr;       // where dispatch metrics go; null: none
+};
+
+// Per expert server (label expert_server = its index in the placement): the instruments of the
+// calls to it, looked up once. Updated from gRPC's callback threads (atomic adds; histogram
+// observations take prometheus-cpp's per-histogram lock).
+struct DispatchMetrics {
+  DispatchMetrics(rpc::MetricsRegistry& registry, int server);
+  prometheus::Histogram* round_trip;  // send → reply, seconds
+  prometheus::Counter* sent_bytes;       // request messages (protobuf size)
+  prometheus::Counter* received_bytes;   // reply messages
+  prometheus::Counter* assignments;      // routed (token, expert) assignments sent
+  prometheus::Counter* tokens;           // hidden-state rows sent
+  rpc::CodeCounters calls;               // finished calls by gRPC code (OK included)
 };
 
 class GrpcExpertExecutor final : public RoutedExpertExecutor {
@@ -48,12 +63,16 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   absl::Status Send();
   // Waits for the calls in flight.
   void Wait();
+  struct Call;
+  // Counts a finished call (on gRPC's callback thread).
+  static void Record(DispatchMetrics& m, const Call& call, const grpc::Status& status);
   struct Call {
     std::unique_ptr<grpc::ClientContext> context;
     internal::v1::ComputeExpertsRequest request;
     internal::v1::ComputeExpertsResponse response;
     grpc::Status status;
     bool active = false;
+    std::chrono::steady_clock::time_point sent_at;
   };
 
   const ModelConfig& config_;
@@ -64,6 +83,7 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   router::DispatchPlanner planner_;
   std::vector<router::ServerWork> work_, planned_;
   std::vector<Call> calls_;
+  std::vector<std::unique_ptr<DispatchMetrics>> metrics_;  // [server]; empty without metrics
   // The layer in progress (inputs stay valid until Finish returns).
   int64_t layer_ = 0, num_tokens_ = 0, k_ = 0;
   const float* x_ = nullptr;

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/io/mapped_file.h"
+#include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/expert_service.h"
 #include "router/placement.h"
@@ -12,7 +13,7 @@
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-expert-server: computes routed experts of a DeepSeekMoE model for attention servers"};
-  std::string model, placement_file, listen = "127.0.0.1:0", ready_file;
+  std::string model, model_name, placement_file, listen = "127.0.0.1:0", ready_file, metrics_listen = "127.0.0.1:0";
   int server_index = 0, servers = 1, replicas = 1;
   dsmoe::ExpertServiceOptions options;
   app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
@@ -22,7 +23,10 @@ int main(int argc, char** argv) {
   app.add_option("--replicas", replicas, "Copies of each expert (computed placement)")->check(CLI::Range(1, 4096));
   app.add_option("--server-index", server_index, "This server's index in the placement")->check(CLI::Range(0, 4095));
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+      ->capture_default_str();
+  app.add_option("--model-name", model_name, "The `model` label of the metrics (default: the directory's name)");
   app.add_option("--threads", options.threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
   app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")->check(CLI::Range(1, 1 << 20));
   CLI11_PARSE(app, argc, argv);
@@ -56,17 +60,27 @@ int main(int argc, char** argv) {
   options.max_assignments = options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
   auto weights = dsmoe::ModelWeights::Load(model, placement->SelectionFor(server_index));
   if (!weights.ok()) return fail(weights.status());
+  if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
+  dsmoe::rpc::MetricsRegistry metrics(model_name, {{"expert_server", std::to_string(server_index)}});
+  options.metrics = &metrics;
   dsmoe::ExpertService service(std::move(*weights), options);
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
+  if (!metrics_listen.empty()) {
+    auto port = metrics.Serve(metrics_listen);
+    if (!port.ok()) return fail(port.status());
+    server_options.metrics_port = *port;
+  }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return fail(server.status());
-  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s\n", server_index,
-              static_cast<long long>(service.num_experts_held()), server->address().c_str());
+  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s, metrics on port %d\n", server_index,
+              static_cast<long long>(service.num_experts_held()), server->address().c_str(),
+              server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-expert-server: signal %d, shutting down\n", sig);
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  metrics.StopServing();
   return 0;
 }

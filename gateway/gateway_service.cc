@@ -17,14 +17,22 @@ grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
 
-// Counts a request in flight for as long as it lives.
+// Counts a request in flight for as long as it lives (and in `gauge`, if given).
 class InFlight {
  public:
-  explicit InFlight(std::atomic<int64_t>& counter) : counter_(counter) { counter_.fetch_add(1); }
-  ~InFlight() { counter_.fetch_sub(1); }
+  explicit InFlight(std::atomic<int64_t>& counter, prometheus::Gauge* gauge = nullptr)
+      : counter_(counter), gauge_(gauge) {
+    counter_.fetch_add(1);
+    if (gauge_ != nullptr) gauge_->Increment();
+  }
+  ~InFlight() {
+    counter_.fetch_sub(1);
+    if (gauge_ != nullptr) gauge_->Decrement();
+  }
 
  private:
   std::atomic<int64_t>& counter_;
+  prometheus::Gauge* gauge_;
 };
 
 }  // namespace
@@ -45,6 +53,63 @@ GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig
   }
   if (options_.max_context <= 0) options_.max_context = config.max_position_embeddings;
   if (options_.max_prompt_tokens <= 0) options_.max_prompt_tokens = options_.max_context - 1;
+  if (options_.metrics != nullptr) metrics_ = std::make_unique<Metrics>(*options_.metrics);
+}
+
+GatewayService::Metrics::Metrics(rpc::MetricsRegistry& r) {
+  auto& req = r.Counter("dsmoe_requests_total", "Gateway calls finished, by method and gRPC code (errors: code != OK)");
+  const char* names[kNumMethods] = {"Generate", "Complete", "Tokenize", "Detokenize", "GetModelInfo"};
+  for (int m = 0; m < kNumMethods; ++m) requests[m] = rpc::AddCodeCounters(req, {{"method", names[m]}});
+  auto& finished = r.Counter("dsmoe_requests_finished_total",
+                             "Generate/Complete requests completed, by finish_reason (stop, length, abort)");
+  finished_stop = &finished.Add({{"finish_reason", "stop"}});
+  finished_length = &finished.Add({{"finish_reason", "length"}});
+  finished_abort = &finished.Add({{"finish_reason", "abort"}});
+  ttft = &r.Histogram("dsmoe_time_to_first_token_seconds", "Time from a request's arrival to its first generated token")
+              .Add({}, rpc::RequestLatencyBuckets());
+  inter_token = &r.Histogram("dsmoe_inter_token_latency_seconds", "Time between successive generated tokens of a request")
+                     .Add({}, rpc::TokenLatencyBuckets());
+  e2e = &r.Histogram("dsmoe_e2e_request_latency_seconds", "Time from a request's arrival to its last token")
+             .Add({}, rpc::RequestLatencyBuckets());
+  in_flight = &r.Gauge("dsmoe_requests_in_flight", "Gateway requests (Generate, Complete) in flight").Add({});
+}
+
+grpc::Status GatewayService::Counted(Method method, grpc::Status status) {
+  if (metrics_ != nullptr) rpc::CountCode(metrics_->requests[method], status.error_code());
+  return status;
+}
+
+void GatewayService::CountFinished(dsmoe::v1::FinishReason reason) {
+  if (metrics_ == nullptr) return;
+  (reason == dsmoe::v1::FINISH_REASON_STOP     ? metrics_->finished_stop
+   : reason == dsmoe::v1::FINISH_REASON_LENGTH ? metrics_->finished_length
+                                               : metrics_->finished_abort)
+      ->Increment();
+}
+
+grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                      grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
+  return Counted(kGenerate, GenerateImpl(context, request, writer));
+}
+
+grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                      dsmoe::v1::CompleteResponse* response) {
+  return Counted(kComplete, CompleteImpl(context, request, response));
+}
+
+grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest* request,
+                                      dsmoe::v1::TokenizeResponse* response) {
+  return Counted(kTokenize, TokenizeImpl(request, response));
+}
+
+grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest* request,
+                                        dsmoe::v1::DetokenizeResponse* response) {
+  return Counted(kDetokenize, DetokenizeImpl(request, response));
+}
+
+grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest*,
+                                          dsmoe::v1::ModelInfo* info) {
+  return Counted(kGetModelInfo, GetModelInfoImpl(context, info));
 }
 
 grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
@@ -141,6 +206,7 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::
                                  const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
                                  dsmoe::v1::FinishReason* finish, double* ttft) {
   const auto start = Clock::now();
+  auto last_token_at = start;
   *ttft = -1;
   *finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
   std::optional<StreamingDecoder> decoder;
@@ -150,7 +216,18 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::
   std::string held;
   bool client_gone = false;
   grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
-    if (m.token_ids_size() > 0 && *ttft < 0) *ttft = std::chrono::duration<double>(Clock::now() - start).count();
+    if (m.token_ids_size() > 0) {
+      const auto now = Clock::now();
+      if (*ttft < 0) {
+        *ttft = std::chrono::duration<double>(now - start).count();
+        if (metrics_ != nullptr) metrics_->ttft->Observe(*ttft);
+      } else if (metrics_ != nullptr) {
+        // Tokens arriving together share the gap since the previous ones.
+        const double gap = std::chrono::duration<double>(now - last_token_at).count() / m.token_ids_size();
+        for (int i = 0; i < m.token_ids_size(); ++i) metrics_->inter_token->Observe(gap);
+      }
+      last_token_at = now;
+    }
     *finish = m.finish_reason();
     const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
     if (decoder) {
@@ -194,12 +271,14 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::
   if (client_gone) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
   if (*finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED) *finish = dsmoe::v1::FINISH_REASON_ABORT;
   if (*ttft < 0) *ttft = 0;
+  if (metrics_ != nullptr) metrics_->e2e->Observe(std::chrono::duration<double>(Clock::now() - start).count());
+  CountFinished(*finish);
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
-                                      grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
-  InFlight counted(in_flight_);
+grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                          grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
+  InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
@@ -229,9 +308,9 @@ grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe:
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
-                                      dsmoe::v1::CompleteResponse* response) {
-  InFlight counted(in_flight_);
+grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                                          dsmoe::v1::CompleteResponse* response) {
+  InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
@@ -256,8 +335,8 @@ grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe:
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest* request,
-                                      dsmoe::v1::TokenizeResponse* response) {
+grpc::Status GatewayService::TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,
+                                          dsmoe::v1::TokenizeResponse* response) {
   if (tokenizer_ == nullptr) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
   }
@@ -267,8 +346,8 @@ grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::Tok
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest* request,
-                                        dsmoe::v1::DetokenizeResponse* response) {
+grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request,
+                                            dsmoe::v1::DetokenizeResponse* response) {
   if (tokenizer_ == nullptr) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
   }
@@ -282,8 +361,7 @@ grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::D
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest*,
-                                          dsmoe::v1::ModelInfo* info) {
+grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context, dsmoe::v1::ModelInfo* info) {
   const ModelConfig& c = config_;
   info->set_model(options_.model_name);
   info->set_architecture("DeepseekForCausalLM");

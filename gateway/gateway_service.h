@@ -6,12 +6,14 @@
 // Thread-safe: handlers run on gRPC's threads; shared state is atomic or behind a mutex.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/model/config.h"
+#include "core/rpc/metrics.h"
 #include "core/tokenizer/tokenizer.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
@@ -25,6 +27,7 @@ struct GatewayOptions {
   int64_t max_tokens_limit = 4096; // bound on GenerateRequest.max_tokens
   int64_t max_concurrent = 256;    // requests in flight; beyond: RESOURCE_EXHAUSTED
   int64_t max_context = 0;         // the attention servers' context (0: the model's)
+  rpc::MetricsRegistry* metrics = nullptr;  // where request metrics go; null: none
 };
 
 class GatewayService final : public dsmoe::v1::Gateway::Service {
@@ -46,6 +49,31 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
                             dsmoe::v1::ModelInfo* response) override;
 
  private:
+  enum Method { kGenerate, kComplete, kTokenize, kDetokenize, kGetModelInfo, kNumMethods };
+  // Request instruments, looked up once (docs/metrics.md).
+  struct Metrics {
+    explicit Metrics(rpc::MetricsRegistry& registry);
+    std::array<rpc::CodeCounters, kNumMethods> requests;  // by method and gRPC code
+    prometheus::Counter* finished_stop;
+    prometheus::Counter* finished_length;
+    prometheus::Counter* finished_abort;
+    prometheus::Histogram* ttft;
+    prometheus::Histogram* inter_token;
+    prometheus::Histogram* e2e;
+    prometheus::Gauge* in_flight;
+  };
+  // Counts a finished call of `method` and returns its status.
+  grpc::Status Counted(Method method, grpc::Status status);
+  void CountFinished(dsmoe::v1::FinishReason reason);
+
+  grpc::Status GenerateImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                            grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer);
+  grpc::Status CompleteImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+                            dsmoe::v1::CompleteResponse* response);
+  grpc::Status TokenizeImpl(const dsmoe::v1::TokenizeRequest* request, dsmoe::v1::TokenizeResponse* response);
+  grpc::Status DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request, dsmoe::v1::DetokenizeResponse* response);
+  grpc::Status GetModelInfoImpl(grpc::ServerContext* context, dsmoe::v1::ModelInfo* response);
+
   struct Upstream {
     std::string address;
     std::unique_ptr<internal::v1::AttentionService::Stub> stub;
@@ -73,6 +101,7 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
   std::vector<std::unique_ptr<Upstream>> upstreams_;
   std::vector<std::string> expert_servers_;
   std::atomic<int64_t> in_flight_{0};
+  std::unique_ptr<Metrics> metrics_;  // null without a registry
 };
 
 }  // namespace dsmoe

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/model/weights.h"
+#include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "gateway/gateway_service.h"
 
@@ -30,7 +31,8 @@ int Fail(const absl::Status& s) {
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-gateway: the public gRPC API (dsmoe.v1.Gateway) of a dsmoe cluster"};
-  std::string model, attention_servers, expert_servers, listen = "127.0.0.1:0", ready_file;
+  std::string model, attention_servers, expert_servers, listen = "127.0.0.1:0", ready_file,
+      metrics_listen = "127.0.0.1:0";
   int grace_seconds = 10, max_request_bytes = 4 << 20;
   dsmoe::GatewayOptions options;
   app.add_option("--model", model, "Checkpoint directory (config and tokenizer are read; no weights)")
@@ -45,7 +47,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-request-bytes", max_request_bytes, "Largest request message accepted")->check(CLI::Range(1024, 1 << 30))->capture_default_str();
   app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")->check(CLI::Range(0, 3600))->capture_default_str();
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port here once serving");
+  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   dsmoe::WeightSelection nothing;
@@ -53,7 +57,9 @@ int main(int argc, char** argv) {
   nothing.all_routed_experts = false;
   auto weights = dsmoe::ModelWeights::Load(model, nothing);  // config and generation config only
   if (!weights.ok()) return Fail(weights.status());
-  if (options.model_name.empty()) options.model_name = std::filesystem::path(model).filename().string();
+  if (options.model_name.empty()) options.model_name = dsmoe::rpc::ModelNameFromPath(model);
+  dsmoe::rpc::MetricsRegistry metrics(options.model_name);
+  options.metrics = &metrics;
   std::unique_ptr<dsmoe::Tokenizer> tokenizer;
   const std::string tokenizer_path = model + "/tokenizer.json";
   if (std::filesystem::exists(tokenizer_path)) {
@@ -67,15 +73,22 @@ int main(int argc, char** argv) {
   server_options.address = listen;
   server_options.ready_file = ready_file;
   server_options.max_message_bytes = max_request_bytes;
+  if (!metrics_listen.empty()) {
+    auto port = metrics.Serve(metrics_listen);
+    if (!port.ok()) return Fail(port.status());
+    server_options.metrics_port = *port;
+  }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  std::printf("dsmoe-gateway serving model '%s' on %s\n", options.model_name.c_str(), server->address().c_str());
+  std::printf("dsmoe-gateway serving model '%s' on %s, metrics on port %d\n", options.model_name.c_str(),
+              server->address().c_str(), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig, grace_seconds);
   std::fflush(stdout);
   // Shutdown refuses new calls at once and waits for those in flight up to the deadline.
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));
+  metrics.StopServing();
   std::printf("dsmoe-gateway: stopped\n");
   return 0;
 }

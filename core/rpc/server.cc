@@ -32,6 +32,7 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
     {
       std::ofstream out(tmp);
       out << port << "\n";
+      if (options.metrics_port > 0) out << options.metrics_port << "\n";
     }
     if (std::rename(tmp.c_str(), options.ready_file.c_str()) != 0) {
       return absl::PermissionDeniedError(absl::StrCat("cannot write ", options.ready_file));

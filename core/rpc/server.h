@@ -1,6 +1,6 @@
 // How every dsmoe service starts: bind (127.0.0.1:0 by default, so tests get an ephemeral
 // port), standard grpc.health.v1 health checking and server reflection, message size limits,
-// and a line on stdout naming the bound port for whoever started the process.
+// and a ready file naming the bound ports for whoever started the process.
 #pragma once
 
 #include <memory>
@@ -17,6 +17,7 @@ struct ServerOptions {
   std::string address = "127.0.0.1:0";  // host:port; port 0 picks a free one
   int max_message_bytes = 64 << 20;     // requests above this are refused by gRPC itself
   std::string ready_file;               // if set, "<port>\n" is written here once serving
+  int metrics_port = 0;                 // if > 0, written as the ready file's second line
 };
 
 struct RunningServer {
