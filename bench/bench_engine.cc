@@ -1,12 +1,12 @@
-// Prefill and decode throughput of the single-process engine on the small and medium presets,
-// F32/BF16/F16 weights, 1..N threads, printed as one table measured in one run.
+// The single-process engine against this machine's limits, in one run:
+//   machine:  streaming read bandwidth (1..N threads, huge and 4 KiB pages), GEMM FMA rate;
+//   per preset × dtype × threads: decode tokens/s at batch 1/4/16/64, prefill tokens/s of a
+//   512-token prompt, weight bytes read per decoded token, and the fraction of the roofline
+//   reached (bandwidth for batch-1 decode, GEMM rate for prefill).
 //
 //   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16] [--threads 1,2]
-//                      [--prompt 128] [--decode 64] [--dir /tmp/dsmoe-bench]
-//
-// "weights/token" is the bytes of weights a decode step must read (attention, dense and shared
-// MLPs, router, the top-k routed experts of each MoE layer, the head, one embedding row); times
-// decode tokens/s it gives the memory bandwidth the decode loop sustains.
+//                      [--batches 1,4,16,64] [--prompt 512] [--steps 16] [--mmap-weights]
+//                      [--dir /tmp/dsmoe-bench]
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -14,16 +14,17 @@
 #include <string>
 #include <vector>
 
-#include "core/model/generator.h"
+#include "bench/machine_probe.h"
 #include "core/model/make_model.h"
 #include "core/model/model_runner.h"
+#include "core/model/sampler.h"
 #include "core/model/weights.h"
 #include "core/util/cpu_features.h"
-#include "core/util/thread_pool.h"
 
 namespace {
 
 using namespace dsmoe;
+using Clock = std::chrono::steady_clock;
 
 std::vector<std::string> Split(const std::string& s) {
   std::vector<std::string> out;
@@ -32,103 +33,195 @@ std::vector<std::string> Split(const std::string& s) {
   return out;
 }
 
-double DecodeBytesPerToken(const ModelConfig& c, DType dtype) {
+// Weight bytes a batch-1 decode step reads: attention, dense and shared MLPs, routers, the
+// top-k routed experts of each MoE layer, the head and one embedding row.
+double DecodeBytesPerToken(const ModelConfig& c, double bytes_per_weight) {
   const double H = c.hidden_size, hd = c.head_dim();
   double params = 0;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    params += H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);  // q, k, v, o
+    params += H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
     if (c.IsMoeLayer(i)) {
-      params += c.n_routed_experts * H;  // router
+      params += c.n_routed_experts * H;
       params += 3 * H * (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
     } else {
       params += 3 * H * c.intermediate_size;
     }
   }
-  params += c.vocab_size * H + H;  // head + one embedding row
-  return params * static_cast<double>(DTypeSize(dtype));
+  params += c.vocab_size * H + H;
+  return params * bytes_per_weight;
 }
 
-struct Row {
+double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct Result {
   std::string preset, dtype;
   int threads;
-  double prefill_tps, decode_tps, bytes_per_token;
+  std::vector<double> decode_tps;  // per batch size
+  double prefill_tps;
+  double bytes_per_token;
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string presets = "small,medium", dtypes = "f32,bf16", threads = "1,2",
+  std::string presets = "small,medium", dtypes = "f32,bf16", threads_arg = "1,2", batches_arg = "1,4,16,64",
               dir = "/tmp/dsmoe-bench";
-  int64_t prompt_len = 128, decode_len = 64;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
+  int64_t prompt_len = 512, steps = 16;
+  bool mmap_weights = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--mmap-weights") {
+      mmap_weights = true;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "%s needs a value\n", flag.c_str());
+      return 2;
+    }
+    const std::string value = argv[++i];
     if (flag == "--presets") presets = value;
     else if (flag == "--dtypes") dtypes = value;
-    else if (flag == "--threads") threads = value;
+    else if (flag == "--threads") threads_arg = value;
+    else if (flag == "--batches") batches_arg = value;
     else if (flag == "--dir") dir = value;
     else if (flag == "--prompt") prompt_len = std::stoll(value);
-    else if (flag == "--decode") decode_len = std::stoll(value);
+    else if (flag == "--steps") steps = std::stoll(value);
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
     }
   }
-  std::printf("CPU kernels: %s\n", GetCpuFeatures().ToString().c_str());
-  std::vector<Row> rows;
+  std::vector<int> thread_counts, batches;
+  for (const auto& t : Split(threads_arg)) thread_counts.push_back(std::stoi(t));
+  for (const auto& b : Split(batches_arg)) batches.push_back(std::stoi(b));
+
+  std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
+              mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
+  std::printf("| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | GEMM GFLOP/s |\n|---|---|---|---|\n");
+  std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size());
+  for (size_t i = 0; i < thread_counts.size(); ++i) {
+    ThreadPool pool(thread_counts[i]);
+    bandwidth[i] = bench::ReadBandwidth(pool, size_t{1} << 30, true);
+    const double plain = bench::ReadBandwidth(pool, size_t{1} << 30, false);
+    gemm[i] = bench::GemmRate(pool);
+    std::printf("| %d | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i], plain, gemm[i]);
+  }
+  std::fflush(stdout);
+
+  std::vector<Result> results;
   for (const std::string& preset : Split(presets)) {
     for (const std::string& dtype_name : Split(dtypes)) {
       const DType dtype = dtype_name == "bf16" ? DType::kBF16 : dtype_name == "f16" ? DType::kF16 : DType::kF32;
       const std::string model_dir = dir + "/" + preset + "-" + dtype_name;
       auto config = PresetConfig(preset);
-      if (!config.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
-        return 1;
-      }
+      if (!config.ok()) return 1;
       if (!std::filesystem::exists(model_dir + "/config.json")) {
         std::printf("writing %s ...\n", model_dir.c_str());
         std::fflush(stdout);
-        if (auto s = WriteRandomCheckpoint(*config, {dtype, 1, 1}, model_dir); !s.ok()) {
-          std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-          return 1;
-        }
+        if (!WriteRandomCheckpoint(*config, {dtype, 1, 1}, model_dir).ok()) return 1;
       }
-      auto weights = ModelWeights::Load(model_dir);
+      auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
       if (!weights.ok()) {
         std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
         return 1;
       }
-      for (const std::string& t : Split(threads)) {
-        ThreadPool pool(std::stoi(t));
+      const ModelConfig& c = (*weights)->config();
+      const int64_t V = c.vocab_size;
+      const int max_batch = *std::max_element(batches.begin(), batches.end());
+      for (int threads : thread_counts) {
+        ThreadPool pool(threads);
         RunnerOptions options;
-        options.max_context = prompt_len + decode_len + 1;
+        options.num_slots = max_batch;
+        options.max_context = prompt_len + steps + 16;
+        options.max_batch_tokens = 256;
         auto runner = ModelRunner::Create(**weights, pool, options);
         if (!runner.ok()) return 1;
-        GenerateRequest request;
-        for (int64_t i = 0; i < prompt_len; ++i) request.prompt.push_back(static_cast<int32_t>(2 + (i * 7919) % 500));
-        request.max_tokens = decode_len + 1;
-        request.ignore_eos = true;
-        // One warm-up pass touches every page of the mapped weights.
-        GenerateRequest warm = request;
-        warm.max_tokens = 2;
-        (void)Generate(**runner, (*weights)->generation_config(), warm);
-        auto result = Generate(**runner, (*weights)->generation_config(), request);
-        if (!result.ok()) return 1;
-        rows.push_back({preset, dtype_name, pool.num_threads(), prompt_len / result->prefill_seconds,
-                        decode_len / result->decode_seconds, DecodeBytesPerToken(*config, dtype)});
-        const Row& r = rows.back();
-        std::printf("%-7s %-5s threads=%d  prefill %8.1f tok/s  decode %7.2f tok/s  weights/token %7.1f MB  %.1f GB/s\n",
-                    r.preset.c_str(), r.dtype.c_str(), r.threads, r.prefill_tps, r.decode_tps,
-                    r.bytes_per_token / 1e6, r.bytes_per_token * r.decode_tps / 1e9);
+        ModelRunner& r = **runner;
+        std::vector<float> logits(static_cast<size_t>(std::max<int64_t>(max_batch, 256)) * V);
+        Result res{preset, dtype_name, threads, {}, 0, DecodeBytesPerToken(c, static_cast<double>(DTypeSize(dtype)))};
+
+        // Prefill: one prompt of prompt_len tokens, in chunks of 256, logits of the last only.
+        std::vector<int32_t> ids(256), slots(256, 0), pos(256);
+        auto prefill = [&]() {
+          for (int64_t begin = 0; begin < prompt_len; begin += 256) {
+            const int64_t n = std::min<int64_t>(256, prompt_len - begin);
+            for (int64_t i = 0; i < n; ++i) {
+              ids[i] = static_cast<int32_t>(2 + ((begin + i) * 7919) % (V - 2));
+              pos[i] = static_cast<int32_t>(begin + i);
+            }
+            const int32_t last = static_cast<int32_t>(n - 1);
+            (void)r.Forward({std::span(ids).first(n), std::span(slots).first(n), std::span(pos).first(n),
+                             begin + n == prompt_len ? std::span<const int32_t>(&last, 1) : std::span<const int32_t>()},
+                            logits.data());
+          }
+        };
+        prefill();  // warm-up: every weight page touched once
+        auto t0 = Clock::now();
+        prefill();
+        res.prefill_tps = static_cast<double>(prompt_len) / Seconds(t0);
+
+        // Decode at each batch size: B sequences with 8-token prompts, then `steps` steps.
+        for (int B : batches) {
+          std::vector<int32_t> bid, bslot, bpos, rows;
+          for (int b = 0; b < B; ++b) {
+            for (int i = 0; i < 8; ++i) {
+              bid.push_back(static_cast<int32_t>(3 + (b * 31 + i * 17) % (V - 3)));
+              bslot.push_back(b);
+              bpos.push_back(i);
+            }
+            rows.push_back(static_cast<int32_t>(bid.size() - 1));
+          }
+          for (size_t begin = 0; begin < bid.size(); begin += 256) {  // prompts, in chunks
+            const size_t n = std::min<size_t>(256, bid.size() - begin);
+            std::vector<int32_t> chunk_rows;
+            for (int32_t row : rows) {
+              if (row >= static_cast<int32_t>(begin) && row < static_cast<int32_t>(begin + n)) chunk_rows.push_back(row - static_cast<int32_t>(begin));
+            }
+            (void)r.Forward({std::span(bid).subspan(begin, n), std::span(bslot).subspan(begin, n),
+                             std::span(bpos).subspan(begin, n), chunk_rows},
+                            logits.data());
+          }
+          std::vector<int32_t> step_ids(B), step_slots(B), step_pos(B, 8), step_rows(B);
+          for (int b = 0; b < B; ++b) {
+            step_slots[b] = b;
+            step_rows[b] = b;
+            step_ids[b] = ArgMax(logits.data() + b * V, V);
+          }
+          t0 = Clock::now();
+          for (int64_t s = 0; s < steps; ++s) {
+            (void)r.Forward({step_ids, step_slots, step_pos, step_rows}, logits.data());
+            for (int b = 0; b < B; ++b) {
+              step_ids[b] = ArgMax(logits.data() + b * V, V);
+              ++step_pos[b];
+            }
+          }
+          res.decode_tps.push_back(static_cast<double>(B * steps) / Seconds(t0));
+        }
+        results.push_back(res);
+        std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(), dtype_name.c_str(), threads,
+                    res.prefill_tps);
+        for (size_t i = 0; i < batches.size(); ++i) std::printf(" b%d %.1f", batches[i], res.decode_tps[i]);
+        std::printf(" tok/s\n");
         std::fflush(stdout);
       }
     }
   }
-  std::printf("\n| preset | dtype | threads | prefill tok/s | decode tok/s | weights read/token | decode GB/s |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
-  for (const Row& r : rows) {
-    std::printf("| %s | %s | %d | %.1f | %.2f | %.1f MB | %.1f |\n", r.preset.c_str(), r.dtype.c_str(),
-                r.threads, r.prefill_tps, r.decode_tps, r.bytes_per_token / 1e6,
-                r.bytes_per_token * r.decode_tps / 1e9);
+
+  std::printf("\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth roofline |");
+  for (size_t i = 1; i < batches.size(); ++i) std::printf(" decode b%d tok/s |", batches[i]);
+  std::printf(" prefill %lld tok/s | prefill %% of GEMM roofline |\n|---|---|---|---|---|---|", (long long)prompt_len);
+  for (size_t i = 1; i < batches.size(); ++i) std::printf("---|");
+  std::printf("---|---|\n");
+  for (const Result& r : results) {
+    const size_t ti = std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
+    const ModelConfig c = *PresetConfig(r.preset);
+    const double roofline_tps = bandwidth[ti] * 1e9 / r.bytes_per_token;
+    const double active = CountParameters(c).active - static_cast<double>(c.vocab_size * c.hidden_size);
+    const double prefill_roofline = gemm[ti] * 1e9 / (2.0 * active);
+    std::printf("| %s | %s | %d | %.0f MB | %.1f | %.0f%% |", r.preset.c_str(), r.dtype.c_str(), r.threads,
+                r.bytes_per_token / 1e6, r.decode_tps[0], 100.0 * r.decode_tps[0] / roofline_tps);
+    for (size_t i = 1; i < r.decode_tps.size(); ++i) std::printf(" %.1f |", r.decode_tps[i]);
+    std::printf(" %.1f | %.0f%% |\n", r.prefill_tps, 100.0 * r.prefill_tps / prefill_roofline);
   }
   return 0;
 }

@@ -12,9 +12,10 @@ inline void CpuRelax() {
   _mm_pause();
 #endif
 }
-// Workers spin this many rounds for the next job before sleeping: decode issues a parallel
-// loop every few microseconds, and a futex wake-up costs more than the loop itself.
-constexpr int kSpinRounds = 1 << 14;
+// Workers spin this many rounds (tens of microseconds) for the next job before sleeping:
+// decode issues a parallel loop every few microseconds, and a futex wake-up costs more than
+// the loop itself; longer spinning would only burn cores other processes may need.
+constexpr int kSpinRounds = 4096;
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
@@ -31,24 +32,35 @@ ThreadPool::~ThreadPool() {
   for (auto& w : workers_) w.join();
 }
 
-void ThreadPool::DrainTasks(int thread) {
+void ThreadPool::DrainTasks(uint64_t generation, int thread) {
   for (;;) {
-    const int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (task >= num_tasks_) return;
-    invoke_(ctx_, task, thread);
+    uint64_t v = next_.load(std::memory_order_acquire);
+    do {
+      // A job that has changed, or has no task left, is done for us. A successful claim below
+      // proves the job is still `generation` and unfinished, so its fields are current.
+      if ((v >> 32) != (generation & 0xffffffffu) ||
+          static_cast<int64_t>(v & 0xffffffffu) >= num_tasks_.load(std::memory_order_relaxed)) {
+        return;
+      }
+    } while (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel));
+    invoke_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed),
+                                            static_cast<int64_t>(v & 0xffffffffu), thread);
+    done_.fetch_add(1, std::memory_order_release);
   }
 }
 
 void ThreadPool::Run(int64_t num_tasks, InvokeFn invoke, void* ctx) {
-  invoke_ = invoke;
-  ctx_ = ctx;
-  num_tasks_ = num_tasks;
-  next_task_.store(0, std::memory_order_relaxed);
-  busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-  generation_.fetch_add(1, std::memory_order_release);  // publishes the job
+  const uint64_t generation = ++last_generation_;
+  invoke_.store(invoke, std::memory_order_relaxed);
+  ctx_.store(ctx, std::memory_order_relaxed);
+  num_tasks_.store(num_tasks, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  next_.store((generation & 0xffffffffu) << 32, std::memory_order_release);
+  generation_.store(generation, std::memory_order_release);  // publishes the job
   generation_.notify_all();
-  DrainTasks(0);
-  while (busy_workers_.load(std::memory_order_acquire) != 0) CpuRelax();
+  DrainTasks(generation, 0);
+  // Only tasks that were claimed are waited for: every claim of this job completes.
+  while (done_.load(std::memory_order_acquire) != num_tasks) CpuRelax();
 }
 
 void ThreadPool::WorkerLoop(int thread) {
@@ -65,8 +77,7 @@ void ThreadPool::WorkerLoop(int thread) {
     }
     seen = gen;
     if (stop_.load(std::memory_order_acquire)) return;
-    DrainTasks(thread);
-    busy_workers_.fetch_sub(1, std::memory_order_release);
+    DrainTasks(gen, thread);
   }
 }
 

@@ -3,6 +3,10 @@
 // Thread-compatible: ParallelFor is called by one owner thread at a time (the model runner's
 // loop); the workers only ever run the loop body it hands them. Nothing allocates per call,
 // so it is safe to use in the decode loop.
+//
+// The calling thread works too, and waits only for tasks that were started, never for idle
+// workers: when other processes hold the cores (several servers on one machine), a worker
+// that is not scheduled in time simply takes no task instead of stalling the loop.
 #pragma once
 
 #include <atomic>
@@ -45,17 +49,21 @@ class ThreadPool {
 
   void Run(int64_t num_tasks, InvokeFn invoke, void* ctx);
   void WorkerLoop(int thread);
-  void DrainTasks(int thread);
+  // Claims and runs tasks of job `generation` until none is left or the job has changed.
+  void DrainTasks(uint64_t generation, int thread);
 
   int num_threads_;
   std::vector<std::thread> workers_;
+  uint64_t last_generation_ = 0;  // owner thread only
 
-  // The current job, published by bumping generation_.
-  InvokeFn invoke_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t num_tasks_ = 0;
-  alignas(64) std::atomic<int64_t> next_task_{0};
-  alignas(64) std::atomic<int> busy_workers_{0};
+  // The current job. Its fields are written before the generation that publishes it, and only
+  // read by a thread that has claimed one of its tasks (see DrainTasks).
+  std::atomic<InvokeFn> invoke_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> num_tasks_{0};
+  // High 32 bits: the job's generation; low 32 bits: the next task to claim.
+  alignas(64) std::atomic<uint64_t> next_{0};
+  alignas(64) std::atomic<int64_t> done_{0};
   alignas(64) std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_{false};
 };

@@ -1,0 +1,76 @@
+// What this machine can do, measured in the same run as the benchmarks that are judged
+// against it: streaming read bandwidth (huge pages and 4 KiB pages) and the fp32 FMA rate of
+// dsmoe's own GEMM kernel.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <sys/mman.h>
+
+#include "core/ops/kernels.h"
+#include "core/util/huge_pages.h"
+#include "core/util/thread_pool.h"
+
+namespace dsmoe::bench {
+
+// Best-of-3 GB/s of summing `bytes` of floats, split over the pool's threads.
+inline double ReadBandwidth(ThreadPool& pool, size_t bytes, bool huge_pages) {
+  std::unique_ptr<HugePageBuffer> huge;
+  void* plain = nullptr;
+  float* data;
+  if (huge_pages) {
+    huge = *HugePageBuffer::Allocate(bytes);
+    data = reinterpret_cast<float*>(huge->data());
+  } else {
+    plain = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    madvise(plain, bytes, MADV_NOHUGEPAGE);
+    data = static_cast<float*>(plain);
+  }
+  const size_t n = bytes / sizeof(float);
+  for (size_t i = 0; i < n; ++i) data[i] = static_cast<float>(i & 1023) * 1e-3f;
+  const ops::KernelTable& k = ops::Kernels();
+  const int threads = pool.num_threads();
+  std::vector<float> ones(4096, 1.0f), partial(threads);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.ParallelFor(threads, [&](int64_t task, int) {
+      const size_t begin = n / threads * task, end = task + 1 == threads ? n : n / threads * (task + 1);
+      float s = 0;
+      for (size_t i = begin; i < end; i += 4096) s += k.dot(data + i, ones.data(), static_cast<int64_t>(std::min<size_t>(4096, end - i)));
+      partial[task] = s;
+    });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(bytes) / secs / 1e9);
+  }
+  if (plain != nullptr) munmap(plain, bytes);
+  return best;
+}
+
+// GFLOP/s of the fp32 GEMM kernel on an L2-resident block (the compute ceiling of prefill).
+inline double GemmRate(ThreadPool& pool) {
+  const int64_t N = 256, K = 512, T = 64;
+  std::vector<float> w(N * K, 0.01f), x(T * K, 0.02f), y(T * N);
+  const MatrixView W{DType::kF32, N, K, w.data()};
+  const ops::KernelTable& k = ops::Kernels();
+  const int threads = pool.num_threads();
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const int iters = 50;
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.ParallelFor(threads, [&](int64_t, int) {
+      std::vector<float> local(T * N);
+      for (int i = 0; i < iters; ++i) k.matmul_rows(x.data(), T, W, 0, N, local.data(), N);
+      y[0] += local[0];
+    });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * N * K * T * iters * threads / secs / 1e9);
+  }
+  return best;
+}
+
+}  // namespace dsmoe::bench
