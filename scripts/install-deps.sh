@@ -19,7 +19,7 @@ PACKAGES=(
   # tests: gRPC clients in Python (integration tests); Node.js runs the reference tokenizer
   python3-grpcio python3-protobuf grpc-proto
   # tests: a real Prometheus (+ promtool) scrapes a local cluster; unzip unpacks helm (deploy tests)
-  prometheus unzip
+  prometheus unzip python3-yaml
 )
 
 missing=()

