@@ -15,6 +15,7 @@
 #include "core/io/npy.h"
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
+#include "core/model/quantize.h"
 #include "core/model/model_runner.h"
 #include "core/model/weights.h"
 #include "core/tokenizer/tokenizer.h"
@@ -169,6 +170,17 @@ int RunMakeModel(const MakeModelOptions& o) {
   std::fprintf(stderr, "wrote %s: preset %s, %s, %.1fM parameters (%.1fM active per token), %.1f s\n",
                o.out.c_str(), o.preset.c_str(), o.dtype.c_str(), params.total / 1e6,
                params.active / 1e6, secs);
+  return 0;
+}
+
+int RunQuantize(const QuantizeOptions& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto report = QuantizeCheckpoint(o.model, o.out);
+  if (!report.ok()) return Fail(report.status());
+  std::fprintf(stderr, "wrote %s: %lld tensors quantized to Q8_0, %lld copied; %.1f MB -> %.1f MB, %.1f s\n",
+               o.out.c_str(), static_cast<long long>(report->quantized_tensors),
+               static_cast<long long>(report->copied_tensors), report->bytes_in / 1e6, report->bytes_out / 1e6,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
 }
 

@@ -58,7 +58,13 @@ struct InfoOptions {
   bool json = false;
 };
 
+struct QuantizeOptions {
+  std::string model;
+  std::string out;
+};
+
 int RunMakeModel(const MakeModelOptions& o);
+int RunQuantize(const QuantizeOptions& o);
 int RunLogits(const LogitsOptions& o);
 int RunGenerate(const GenerateOptions& o);
 int RunRoute(const RouteOptions& o);

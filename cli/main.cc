@@ -78,6 +78,13 @@ int main(int argc, char** argv) {
   AddOptional(make, "--rope-linear-factor", mk.rope_linear_factor, "Use linear RoPE scaling with this factor");
   make->callback([&] { rc = dsmoe::cli::RunMakeModel(mk); });
 
+  // quantize
+  dsmoe::cli::QuantizeOptions qz;
+  auto* quantize = app.add_subcommand("quantize", "Write an 8-bit (Q8_0) copy of a checkpoint: half the bytes of BF16");
+  quantize->add_option("--model", qz.model, "Checkpoint directory to read")->required()->check(CLI::ExistingDirectory);
+  quantize->add_option("--out", qz.out, "Output directory")->required();
+  quantize->callback([&] { rc = dsmoe::cli::RunQuantize(qz); });
+
   // logits
   dsmoe::cli::LogitsOptions lg;
   auto* logits = app.add_subcommand("logits", "Write float32 logits of every position as .npy [T, vocab]");
@@ -189,7 +196,7 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   if (app.get_subcommands().empty()) {
-    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, info, logits, generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
+    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, quantize, info, logits, generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
     return 2;
   }
   return rc;

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/model/quantize.h"
 #include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
 #include "core/util/cpu_features.h"
@@ -17,6 +18,7 @@ using testing::RandomFloats;
 // Weights of shape [N, K] stored as `dtype`, plus their exact fp32 values.
 struct TestMatrix {
   std::vector<uint8_t> bytes;
+  std::vector<uint16_t> scales;
   std::vector<float> exact;
   MatrixView view;
 };
@@ -24,6 +26,19 @@ struct TestMatrix {
 TestMatrix MakeMatrix(DType dtype, int64_t N, int64_t K, uint64_t seed) {
   TestMatrix m;
   std::vector<float> v = RandomFloats(N * K, seed);
+  if (dtype == DType::kQ8_0) {  // K must be a multiple of 32
+    m.bytes.resize(N * K);
+    m.scales.resize(N * K / kQ8Block);
+    m.exact.resize(N * K);
+    for (int64_t r = 0; r < N; ++r) {
+      QuantizeRowQ8(v.data() + r * K, K, reinterpret_cast<int8_t*>(m.bytes.data()) + r * K,
+                    m.scales.data() + r * (K / kQ8Block));
+    }
+    m.view = MatrixView{dtype, N, K, m.bytes.data(), m.scales.data()};
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t k = 0; k < K; ++k) m.exact[r * K + k] = m.view.At(r, k);
+    return m;
+  }
   m.bytes.resize(N * K * DTypeSize(dtype));
   m.exact.resize(N * K);
   for (int64_t i = 0; i < N * K; ++i) {
@@ -49,7 +64,7 @@ class MatMulTest : public ::testing::TestWithParam<DType> {};
 
 TEST_P(MatMulTest, ReferenceMatchesDoublePrecision) {
   const DType dtype = GetParam();
-  const int64_t T = 3, N = 5, K = 37;
+  const int64_t T = 3, N = 5, K = dtype == DType::kQ8_0 ? 64 : 37;
   TestMatrix W = MakeMatrix(dtype, N, K, 1);
   std::vector<float> x = RandomFloats(T * K, 2), y(T * N);
   ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, 0, N, y.data(), N);
@@ -68,7 +83,8 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
   const DType dtype = GetParam();
   std::mt19937 rng(42);
   for (int trial = 0; trial < 60; ++trial) {
-    const int64_t T = 1 + rng() % 9, N = 1 + rng() % 70, K = 1 + rng() % 300;
+    const int64_t T = 1 + rng() % 9, N = 1 + rng() % 70;
+    const int64_t K = dtype == DType::kQ8_0 ? kQ8Block * (1 + rng() % 12) : 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
     TestMatrix W = MakeMatrix(dtype, N, K, trial);
     std::vector<float> x = RandomFloats(T * K, 100 + trial);
@@ -83,7 +99,7 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
-                         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kQ8_0),
                          [](const auto& param_info) { return std::string(DTypeName(param_info.param)); });
 
 TEST(Kernels, VectorOpsMatchReference) {
@@ -128,6 +144,23 @@ TEST(Kernels, RowToF32ConvertsEveryDType) {
     ops::Kernels().row_to_f32(m.view.data, dtype, 29, out.data());
     for (int i = 0; i < 29; ++i) EXPECT_EQ(out[i], m.exact[i]) << DTypeName(dtype) << " " << i;
   }
+}
+
+TEST(Q8, QuantizationErrorIsWithinHalfAStep) {
+  std::vector<float> x = RandomFloats(256, 3, 5.0f);
+  x[7] = 0.0f;
+  std::vector<float> zeros(32, 0.0f);
+  std::vector<int8_t> q(256);
+  std::vector<uint16_t> d(8);
+  QuantizeRowQ8(x.data(), 256, q.data(), d.data());
+  for (int64_t i = 0; i < 256; ++i) {
+    const float step = F16ToF32(d[i / 32]);
+    EXPECT_LE(std::fabs(x[i] - q[i] * step), 0.5f * step + 1e-6f) << i;
+    EXPECT_LE(std::abs(q[i]), 127);
+  }
+  QuantizeRowQ8(zeros.data(), 32, q.data(), d.data());  // an all-zero block stays zero
+  EXPECT_EQ(F16ToF32(d[0]), 0.0f);
+  EXPECT_EQ(q[0], 0);
 }
 
 TEST(DType, HalfPrecisionKnownValues) {

@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include "core/model/generator.h"
+#include "core/model/make_model.h"
 #include "core/model/model_runner.h"
+#include "core/model/quantize.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -190,6 +192,57 @@ TEST_F(ModelRunnerTest, GenerationStopsAtEosAndAtTheContextEnd) {
   EXPECT_EQ(stopped->finish_reason, FinishReason::kStop);
   req.prompt.clear();
   EXPECT_EQ(Generate(*r, weights_->generation_config(), req).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dsmoe
+
+namespace dsmoe {
+namespace {
+
+// Q8_0 against the BF16 model it was made from: what a user trading accuracy for bytes gets.
+TEST(Quantized, LogitsStayCloseToBf16AndTop1MostlyAgrees) {
+  testing::TempDir dir;
+  const std::string bf16 = dir.File("bf16"), q8 = dir.File("q8");
+  ModelConfig c = *PresetConfig("tiny");
+  ASSERT_TRUE(WriteRandomCheckpoint(c, {DType::kBF16, 21, 1}, bf16).ok());
+  auto report = QuantizeCheckpoint(bf16, q8);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_GT(report->quantized_tensors, 0);
+  EXPECT_LT(report->bytes_out, report->bytes_in * 0.6);  // linear weights at ~1.06 bytes instead of 2
+  auto wa = ModelWeights::Load(bf16);
+  auto wb = ModelWeights::Load(q8);
+  ASSERT_TRUE(wa.ok() && wb.ok()) << wb.status();
+  EXPECT_EQ((*wb)->layers[1].routed[0].gate.dtype, DType::kQ8_0);
+  EXPECT_EQ((*wb)->layers[1].router.dtype, DType::kBF16);  // routing decisions stay in the source dtype
+  ThreadPool pool(2);
+  RunnerOptions o;
+  o.max_context = 128;
+  o.max_batch_tokens = 128;
+  auto ra = ModelRunner::Create(**wa, pool, o);
+  auto rb = ModelRunner::Create(**wb, pool, o);
+  const int64_t T = 96, V = c.vocab_size;
+  std::vector<int32_t> ids(T), slots(T, 0), pos(T), rows(T);
+  for (int64_t t = 0; t < T; ++t) {
+    ids[t] = static_cast<int32_t>(2 + (t * 37) % 500);
+    pos[t] = rows[t] = static_cast<int32_t>(t);
+  }
+  std::vector<float> la(T * V), lb(T * V);
+  ASSERT_TRUE((*ra)->Forward({ids, slots, pos, rows}, la.data()).ok());
+  ASSERT_TRUE((*rb)->Forward({ids, slots, pos, rows}, lb.data()).ok());
+  double worst = 0, mean = 0;
+  int agree = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const double e = RelativeL2(lb.data() + t * V, la.data() + t * V, V);
+    worst = std::max(worst, e);
+    mean += e / T;
+    agree += ArgMax(la.data() + t * V, V) == ArgMax(lb.data() + t * V, V);
+  }
+  std::printf("Q8_0 vs BF16 (tiny, %lld positions): logit relative L2 mean %.4f max %.4f, top-1 agreement %d/%lld\n",
+              static_cast<long long>(T), mean, worst, agree, static_cast<long long>(T));
+  EXPECT_LT(mean, 0.03);
+  EXPECT_LT(worst, 0.1);
+  EXPECT_GE(agree, T * 9 / 10);
 }
 
 }  // namespace

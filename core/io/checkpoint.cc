@@ -1,5 +1,6 @@
 #include "core/io/checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
@@ -94,6 +95,22 @@ absl::StatusOr<TensorView> Checkpoint::Tensor(const std::string& name) const {
   }
   DSMOE_ASSIGN_OR_RETURN(const SafetensorsFile* shard, Shard(it->second));
   return shard->Tensor(name);
+}
+
+std::vector<std::string> Checkpoint::TensorNamesInFileOrder() const {
+  std::vector<std::string> names;
+  for (const std::string& file : ShardNames()) {
+    auto shard = Shard(file);
+    if (!shard.ok()) continue;
+    std::vector<std::pair<uint64_t, std::string>> by_offset;
+    for (const auto& [name, entry] : (*shard)->entries()) {
+      auto it = tensor_to_shard_.find(name);
+      if (it != tensor_to_shard_.end() && it->second == file) by_offset.emplace_back(entry.begin, name);
+    }
+    std::sort(by_offset.begin(), by_offset.end());
+    for (auto& [offset, name] : by_offset) names.push_back(std::move(name));
+  }
+  return names;
 }
 
 void Checkpoint::ReleaseMappings() {

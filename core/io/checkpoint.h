@@ -28,6 +28,8 @@ class Checkpoint {
   // A view of tensor `name`, valid as long as this Checkpoint lives.
   absl::StatusOr<TensorView> Tensor(const std::string& name) const;
   std::vector<std::string> ShardNames() const;
+  // Every tensor name, shard by shard in file order, each shard's tensors by data offset.
+  std::vector<std::string> TensorNamesInFileOrder() const;
   // Unmaps every opened shard: views from Tensor() become invalid. Shards are mapped again
   // on the next Tensor() call.
   void ReleaseMappings();

@@ -20,7 +20,22 @@ class TensorLoader {
     if (t.shape != std::vector<int64_t>{rows, cols}) {
       return WrongShape(name, t.shape, {rows, cols}, why);
     }
-    return MatrixView{t.dtype, rows, cols, t.data};
+    if (t.dtype != DType::kI8) return MatrixView{t.dtype, rows, cols, t.data};
+    // Q8_0 (dsmoe quantize): int8 values with an F16 scale per block of 32 along each row.
+    const std::string scale_name = name + "_scale";
+    if (cols % kQ8Block != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt_.dir(), ": tensor '", name, "' is I8 but its ", cols,
+                                                      " columns are not a multiple of the Q8_0 block of ", kQ8Block));
+    }
+    DSMOE_ASSIGN_OR_RETURN(TensorView scales, ckpt_.Tensor(scale_name));
+    if (scales.dtype != DType::kF16) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt_.dir(), ": tensor '", scale_name, "' must be F16, is ",
+                                                     std::string(DTypeName(scales.dtype))));
+    }
+    if (scales.shape != std::vector<int64_t>{rows, cols / kQ8Block}) {
+      return WrongShape(scale_name, scales.shape, {rows, cols / kQ8Block}, "Q8_0 scales: one per 32 weights");
+    }
+    return MatrixView{DType::kQ8_0, rows, cols, t.data, static_cast<const uint16_t*>(scales.data)};
   }
 
   absl::StatusOr<std::vector<float>> Vector(const std::string& name, int64_t n, const char* why) {
@@ -79,30 +94,37 @@ size_t ModelWeights::MatrixBytes() {
   std::set<const void*> seen;
   size_t bytes = 0;
   ForEachMatrix([&](MatrixView& m) {
-    if (seen.insert(m.data).second) bytes += m.NumBytes();
+    if (seen.insert(m.data).second) bytes += m.NumBytes() + m.ScaleBytes();
   });
   return bytes;
 }
 
 absl::Status ModelWeights::CopyToHugePages() {
   constexpr size_t kAlign = 64;  // cache line: rows of a matrix start aligned when cols allow
+  auto padded = [](size_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
   size_t total = 0;
   std::set<const void*> seen;
   ForEachMatrix([&](MatrixView& m) {
-    if (seen.insert(m.data).second) total += (m.NumBytes() + kAlign - 1) / kAlign * kAlign;
+    if (seen.insert(m.data).second) total += padded(m.NumBytes()) + padded(m.ScaleBytes());
   });
   DSMOE_ASSIGN_OR_RETURN(buffer_, HugePageBuffer::Allocate(total));
-  std::map<const void*, const void*> moved;  // old → new, so tied matrices stay one copy
+  std::map<const void*, MatrixView> moved;  // old data → the copy, so tied matrices stay one copy
   size_t offset = 0;
+  auto copy = [&](const void* src, size_t bytes) {
+    std::byte* dst = buffer_->data() + offset;
+    std::memcpy(dst, src, bytes);
+    offset += padded(bytes);
+    return dst;
+  };
   ForEachMatrix([&](MatrixView& m) {
     auto it = moved.find(m.data);
     if (it == moved.end()) {
-      std::byte* dst = buffer_->data() + offset;
-      std::memcpy(dst, m.data, m.NumBytes());
-      offset += (m.NumBytes() + kAlign - 1) / kAlign * kAlign;
-      it = moved.emplace(m.data, dst).first;
+      MatrixView copied = m;
+      copied.data = copy(m.data, m.NumBytes());  // a Q8_0 matrix's scales follow its values
+      if (m.scales != nullptr) copied.scales = reinterpret_cast<const uint16_t*>(copy(m.scales, m.ScaleBytes()));
+      it = moved.emplace(m.data, copied).first;
     }
-    m.data = it->second;
+    m = it->second;
   });
   // Nothing points into the file mappings any more: unmap them, so the weights are resident once.
   checkpoint_->ReleaseMappings();

@@ -9,6 +9,8 @@ std::string_view DTypeName(DType t) {
     case DType::kF32: return "F32";
     case DType::kBF16: return "BF16";
     case DType::kF16: return "F16";
+    case DType::kI8: return "I8";
+    case DType::kQ8_0: return "Q8_0";
   }
   return "?";
 }
@@ -17,6 +19,7 @@ std::optional<DType> ParseDTypeName(std::string_view name) {
   if (name == "F32") return DType::kF32;
   if (name == "BF16") return DType::kBF16;
   if (name == "F16") return DType::kF16;
+  if (name == "I8") return DType::kI8;
   return std::nullopt;
 }
 

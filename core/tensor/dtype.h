@@ -8,9 +8,15 @@
 
 namespace dsmoe {
 
-enum class DType : uint8_t { kF32, kBF16, kF16 };
+// kI8 is a raw int8 tensor as stored; kQ8_0 is a weight matrix of int8 values with one F16
+// scale per block of kQ8Block consecutive values along a row (llama.cpp's Q8_0 layout, stored
+// in safetensors as an I8 tensor plus an F16 "<name>_scale" tensor [rows, cols / 32]).
+enum class DType : uint8_t { kF32, kBF16, kF16, kI8, kQ8_0 };
+inline constexpr int64_t kQ8Block = 32;
 
-inline constexpr size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
+inline constexpr size_t DTypeSize(DType t) {
+  return t == DType::kF32 ? 4 : (t == DType::kBF16 || t == DType::kF16) ? 2 : 1;
+}
 
 // Names as the safetensors header spells them.
 std::string_view DTypeName(DType t);
@@ -66,6 +72,8 @@ inline float LoadAsF32(const void* data, DType t, size_t i) {
     case DType::kF32: return static_cast<const float*>(data)[i];
     case DType::kBF16: return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
     case DType::kF16: return F16ToF32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kI8: return static_cast<float>(static_cast<const int8_t*>(data)[i]);
+    case DType::kQ8_0: break;  // needs its scales: see MatrixView::At
   }
   return 0.0f;
 }

@@ -35,15 +35,28 @@ struct MatrixView {
   int64_t rows = 0;
   int64_t cols = 0;
   const void* data = nullptr;
+  const uint16_t* scales = nullptr;  // kQ8_0 only: F16 [rows, cols / kQ8Block]
 
   const void* Row(int64_t r) const {
     return static_cast<const char*>(data) + static_cast<size_t>(r * cols) * DTypeSize(dtype);
   }
+  const uint16_t* RowScales(int64_t r) const { return scales + r * (cols / kQ8Block); }
+  // Element (r, k) as fp32, whatever the dtype (slow: for references and tests).
+  float At(int64_t r, int64_t k) const {
+    if (dtype == DType::kQ8_0) {
+      return static_cast<float>(static_cast<const int8_t*>(Row(r))[k]) * F16ToF32(RowScales(r)[k / kQ8Block]);
+    }
+    return LoadAsF32(Row(r), dtype, k);
+  }
+  // Bytes of the values, and of the Q8_0 scales (0 for other dtypes).
   size_t NumBytes() const { return static_cast<size_t>(rows * cols) * DTypeSize(dtype); }
+  size_t ScaleBytes() const {
+    return dtype == DType::kQ8_0 ? static_cast<size_t>(rows * (cols / kQ8Block)) * sizeof(uint16_t) : 0;
+  }
   bool empty() const { return data == nullptr; }
   // Rows [begin, begin + count) as a matrix of their own (e.g. a tensor-parallel slice).
   MatrixView RowSlice(int64_t begin, int64_t count) const {
-    return MatrixView{dtype, count, cols, Row(begin)};
+    return MatrixView{dtype, count, cols, Row(begin), scales == nullptr ? nullptr : RowScales(begin)};
   }
 };
 

@@ -38,6 +38,9 @@ VARIANTS = {
     "norm_topk_prob": (["--preset", "tiny", "--norm-topk-prob", "true", "--dtype", "bf16"], 12),
     "sharded": (["--preset", "tiny", "--shards", "3", "--dtype", "bf16"], 12),
     "rope_linear": (["--preset", "tiny", "--rope-linear-factor", "2.5"], 40),
+    # Q8_0 weights (dsmoe quantize of a BF16 checkpoint), against the dequantized reference.
+    "tiny_q8": (["--preset", "tiny", "--dtype", "bf16", "QUANTIZE"], 12),
+    "gshard_q8": (["--preset", "gshard", "--dtype", "bf16", "QUANTIZE"], 12),
     # Longer than the engine's 256-token batch: prefill runs in chunks through the KV cache.
     "long_prompt_chunked": (["--preset", "tiny", "--layers", "2", "--max-position", "512"], 300),
 }
@@ -65,7 +68,14 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         model = a.keep or os.path.join(tmp, "model")
-        run([a.dsmoe, "make-model", *flags, "--seed", "7", "--out", model])
+        quantize = "QUANTIZE" in flags
+        make_flags = [f for f in flags if f != "QUANTIZE"]
+        if quantize:
+            source = os.path.join(tmp, "source")
+            run([a.dsmoe, "make-model", *make_flags, "--seed", "7", "--out", source])
+            run([a.dsmoe, "quantize", "--model", source, "--out", model])
+        else:
+            run([a.dsmoe, "make-model", *make_flags, "--seed", "7", "--out", model])
         ref = Reference(model)
         vocab = ref.cfg["vocab_size"]
         rng = random.Random(zlib.crc32(a.variant.encode()))

@@ -39,6 +39,8 @@ def _read_safetensors(path):
             arr = np.frombuffer(buf, dtype="<f4").astype(np.float64)
         elif info["dtype"] == "F16":
             arr = np.frombuffer(buf, dtype="<f2").astype(np.float64)
+        elif info["dtype"] == "I8":
+            arr = np.frombuffer(buf, dtype="i1").astype(np.float64)
         elif info["dtype"] == "BF16":
             u16 = np.frombuffer(buf, dtype="<u2").astype(np.uint32)
             arr = (u16 << 16).view(np.float32).astype(np.float64)
@@ -60,6 +62,11 @@ def load_checkpoint(model_dir):
         files = ["model.safetensors"]
     for fn in files:
         tensors.update(_read_safetensors(os.path.join(model_dir, fn)))
+    # Q8_0 (dsmoe quantize): W[r, k] = q[r, k] * scale[r, k // 32], scales stored in F16.
+    for name in [n for n in tensors if n.endswith("_scale")]:
+        base = name[: -len("_scale")]
+        scale = tensors.pop(name)
+        tensors[base] = tensors[base] * scale.repeat_interleave(32, dim=1)
     return cfg, tensors
 
 

@@ -55,6 +55,11 @@ void ToBf16(const MatrixView& m, uint16_t* out) {
     std::memcpy(out, m.data, n * 2);
     return;
   }
+  if (m.dtype == DType::kQ8_0) {  // dequantized: the GPU computes in bf16
+    for (int64_t r = 0; r < m.rows; ++r)
+      for (int64_t k = 0; k < m.cols; ++k) out[r * m.cols + k] = F32ToBf16(m.At(r, k));
+    return;
+  }
   for (size_t i = 0; i < n; ++i) out[i] = F32ToBf16(LoadAsF32(m.data, m.dtype, i));
 }
 
@@ -104,8 +109,8 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
     const size_t off = up.Add(static_cast<size_t>(m.rows * m.cols) * sizeof(float),
                               [m](uint8_t* host, const uint8_t*) {
                                 float* out = reinterpret_cast<float*>(host);
-                                for (size_t i = 0; i < static_cast<size_t>(m.rows * m.cols); ++i) {
-                                  out[i] = LoadAsF32(m.data, m.dtype, i);
+                                for (int64_t r = 0; r < m.rows; ++r) {
+                                  for (int64_t k = 0; k < m.cols; ++k) out[r * m.cols + k] = m.At(r, k);
                                 }
                               });
     patch32.push_back({field, off});

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "core/ops/kernels.h"
 
@@ -13,10 +14,12 @@ namespace {
 // other translation units (the linker could keep this AVX2 copy for a CPU without AVX2).
 // Hence local, internal-linkage versions of the few helpers it needs.
 inline const void* RowPtr(const MatrixView& W, int64_t r) {
-  return static_cast<const char*>(W.data) + static_cast<size_t>(r * W.cols) * (W.dtype == DType::kF32 ? 4 : 2);
+  const size_t elem = W.dtype == DType::kF32 ? 4 : (W.dtype == DType::kBF16 || W.dtype == DType::kF16) ? 2 : 1;
+  return static_cast<const char*>(W.data) + static_cast<size_t>(r * W.cols) * elem;
 }
 inline float ScalarLoad(const void* row, DType dtype, int64_t k) {
   if (dtype == DType::kF32) return static_cast<const float*>(row)[k];
+  if (dtype == DType::kI8 || dtype == DType::kQ8_0) return static_cast<float>(static_cast<const int8_t*>(row)[k]);
   const uint16_t h = static_cast<const uint16_t*>(row)[k];
   if (dtype == DType::kBF16) {
     const uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -110,9 +113,100 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
   }
 }
 
+// Q8_0 rows: 32 int8 weights and one F16 scale per block. Per token, each block's products
+// are summed unscaled (the int8 → fp32 widening is exact), then scaled once: acc += d · Σ q·x.
+// Four rows at a time share each activation load.
+inline __m256 Int8ToF32(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+template <int RB>
+inline void Q8RowsOneToken(const float* x, int64_t K, const MatrixView& W, int64_t n0, float* y) {
+  __m256 acc[RB];
+  const int8_t* rows[RB];
+  const uint16_t* scales[RB];
+  for (int r = 0; r < RB; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    rows[r] = static_cast<const int8_t*>(W.data) + (n0 + r) * K;
+    scales[r] = W.scales + (n0 + r) * (K / kQ8Block);
+  }
+  for (int64_t b = 0; b < K / kQ8Block; ++b) {
+    const float* xb = x + b * kQ8Block;
+    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
+                 x3 = _mm256_loadu_ps(xb + 24);
+    for (int r = 0; r < RB; ++r) {
+      const int8_t* q = rows[r] + b * kQ8Block;
+      __m256 s = _mm256_mul_ps(Int8ToF32(q), x0);
+      s = _mm256_fmadd_ps(Int8ToF32(q + 8), x1, s);
+      s = _mm256_fmadd_ps(Int8ToF32(q + 16), x2, s);
+      s = _mm256_fmadd_ps(Int8ToF32(q + 24), x3, s);
+      acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(scales[r][b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) y[n0 + r] = HorizontalSum(acc[r]);
+}
+
+// Per-thread scratch for dequantized rows, grown once. Plain malloc, not std::vector: this file
+// is compiled for AVX2 and must not instantiate library templates other files also use.
+struct ScratchBuffer {
+  float* data = nullptr;
+  size_t capacity = 0;
+  ~ScratchBuffer() { std::free(data); }
+};
+inline float* Q8Scratch(size_t floats) {
+  thread_local ScratchBuffer buffer;
+  if (buffer.capacity < floats) {
+    std::free(buffer.data);
+    buffer.data = static_cast<float*>(std::malloc(floats * sizeof(float)));
+    buffer.capacity = floats;
+  }
+  return buffer.data;
+}
+
+// Dequantizes rows [r0, r1) of a Q8_0 matrix to fp32 `out` ([r1 - r0, K]).
+inline void DequantizeQ8Rows(const MatrixView& W, int64_t r0, int64_t r1, float* out) {
+  const int64_t K = W.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* q = static_cast<const int8_t*>(W.data) + r * K;
+    const uint16_t* sc = W.scales + r * (K / kQ8Block);
+    float* o = out + (r - r0) * K;
+    for (int64_t b = 0; b < K / kQ8Block; ++b) {
+      const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[b]));
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_ps(o + b * kQ8Block + 8 * j, _mm256_mul_ps(Int8ToF32(q + b * kQ8Block + 8 * j), d));
+      }
+    }
+  }
+}
+
+void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
+                  float* y, int64_t ldy) {
+  const int64_t K = W.cols;
+  if (T <= 2) {  // decode: stream the int8 rows once per token, straight from memory
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t n = row_begin;
+      for (; n + 4 <= row_end; n += 4) Q8RowsOneToken<4>(x + t * K, K, W, n, y + t * ldy);
+      for (; n < row_end; ++n) Q8RowsOneToken<1>(x + t * K, K, W, n, y + t * ldy);
+    }
+    return;
+  }
+  // Batches: dequantize a block of rows once (thread-local scratch, grown once), then run the
+  // fp32 tiles over every token.
+  constexpr int64_t kRowBlock = 16;
+  float* scratch = Q8Scratch(static_cast<size_t>(kRowBlock * K));
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowBlock) {
+    const int64_t r1 = r0 + kRowBlock < row_end ? r0 + kRowBlock : row_end;
+    DequantizeQ8Rows(W, r0, r1, scratch);
+    const MatrixView block{DType::kF32, r1 - r0, K, scratch, nullptr};
+    MatMulRowsTyped<DType::kF32>(x, T, block, 0, r1 - r0, y + r0, ldy);
+  }
+}
+
 void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                 int64_t row_end, float* y, int64_t ldy) {
   switch (W.dtype) {
+    case DType::kQ8_0: return MatMulRowsQ8(x, T, W, row_begin, row_end, y, ldy);
+    case DType::kI8: return;  // not a weight format: Q8_0 carries its scales
     case DType::kF32: return MatMulRowsTyped<DType::kF32>(x, T, W, row_begin, row_end, y, ldy);
     case DType::kBF16: return MatMulRowsTyped<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
     case DType::kF16: return MatMulRowsTyped<DType::kF16>(x, T, W, row_begin, row_end, y, ldy);
@@ -185,6 +279,9 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
     case DType::kF16:
       for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Load8<DType::kF16>(row, i));
       break;
+    case DType::kI8:
+    case DType::kQ8_0:
+      break;  // rows of these need their scales: the scalar tail below handles kI8 only
   }
   for (; i < n; ++i) out[i] = ScalarLoad(row, dtype, i);
 }

@@ -12,9 +12,8 @@ void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begi
   const int64_t K = W.cols;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t n = row_begin; n < row_end; ++n) {
-      const void* row = W.Row(n);
       float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += x[t * K + k] * LoadAsF32(row, W.dtype, k);
+      for (int64_t k = 0; k < K; ++k) acc += x[t * K + k] * W.At(n, k);
       y[t * ldy + n] = acc;
     }
   }
