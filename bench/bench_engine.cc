@@ -4,7 +4,7 @@
 //   512-token prompt, weight bytes read per decoded token, and the fraction of the roofline
 //   reached (bandwidth for batch-1 decode, GEMM rate for prefill).
 //
-//   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16] [--threads 1,2]
+//   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16,q8] [--threads 1,2]
 //                      [--batches 1,4,16,64] [--prompt 512] [--steps 16] [--mmap-weights]
 //                      [--dir /tmp/dsmoe-bench]
 #include <chrono>
@@ -17,6 +17,7 @@
 #include "bench/machine_probe.h"
 #include "core/model/make_model.h"
 #include "core/model/model_runner.h"
+#include "core/model/quantize.h"
 #include "core/model/sampler.h"
 #include "core/model/weights.h"
 #include "core/util/cpu_features.h"
@@ -64,7 +65,7 @@ struct Result {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string presets = "small,medium", dtypes = "f32,bf16", threads_arg = "1,2", batches_arg = "1,4,16,64",
+  std::string presets = "small,medium", dtypes = "f32,bf16,q8", threads_arg = "1,2", batches_arg = "1,4,16,64",
               dir = "/tmp/dsmoe-bench";
   int64_t prompt_len = 512, steps = 16;
   bool mmap_weights = false;
@@ -111,14 +112,22 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (const std::string& preset : Split(presets)) {
     for (const std::string& dtype_name : Split(dtypes)) {
-      const DType dtype = dtype_name == "bf16" ? DType::kBF16 : dtype_name == "f16" ? DType::kF16 : DType::kF32;
+      // "q8" is the Q8_0 quantization (dsmoe quantize) of the BF16 checkpoint.
+      const bool q8 = dtype_name == "q8";
+      const DType dtype = dtype_name == "bf16" || q8 ? DType::kBF16 : dtype_name == "f16" ? DType::kF16 : DType::kF32;
+      const std::string source_dir = dir + "/" + preset + "-" + (q8 ? std::string("bf16") : dtype_name);
       const std::string model_dir = dir + "/" + preset + "-" + dtype_name;
       auto config = PresetConfig(preset);
       if (!config.ok()) return 1;
-      if (!std::filesystem::exists(model_dir + "/config.json")) {
-        std::printf("writing %s ...\n", model_dir.c_str());
+      if (!std::filesystem::exists(source_dir + "/config.json")) {
+        std::printf("writing %s ...\n", source_dir.c_str());
         std::fflush(stdout);
-        if (!WriteRandomCheckpoint(*config, {dtype, 1, 1}, model_dir).ok()) return 1;
+        if (!WriteRandomCheckpoint(*config, {dtype, 1, 1}, source_dir).ok()) return 1;
+      }
+      if (q8 && !std::filesystem::exists(model_dir + "/config.json")) {
+        std::printf("quantizing %s ...\n", model_dir.c_str());
+        std::fflush(stdout);
+        if (!QuantizeCheckpoint(source_dir, model_dir).ok()) return 1;
       }
       auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
       if (!weights.ok()) {
@@ -138,7 +147,8 @@ int main(int argc, char** argv) {
         if (!runner.ok()) return 1;
         ModelRunner& r = **runner;
         std::vector<float> logits(static_cast<size_t>(std::max<int64_t>(max_batch, 256)) * V);
-        Result res{preset, dtype_name, threads, {}, 0, DecodeBytesPerToken(c, static_cast<double>(DTypeSize(dtype)))};
+        const double bytes_per_weight = q8 ? (kQ8Block + 2.0) / kQ8Block : static_cast<double>(DTypeSize(dtype));
+        Result res{preset, dtype_name, threads, {}, 0, DecodeBytesPerToken(c, bytes_per_weight)};
 
         // Prefill: one prompt of prompt_len tokens, in chunks of 256, logits of the last only.
         std::vector<int32_t> ids(256), slots(256, 0), pos(256);
