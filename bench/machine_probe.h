@@ -51,21 +51,21 @@ inline double ReadBandwidth(ThreadPool& pool, size_t bytes, bool huge_pages) {
   return best;
 }
 
-// GFLOP/s of the fp32 GEMM kernel on an L2-resident block (the compute ceiling of prefill).
+// GFLOP/s of the fp32 GEMM kernel on L2-resident blocks, every thread on its own block (the
+// compute ceiling prefill is judged by).
 inline double GemmRate(ThreadPool& pool) {
-  const int64_t N = 256, K = 512, T = 64;
-  std::vector<float> w(N * K, 0.01f), x(T * K, 0.02f), y(T * N);
-  const MatrixView W{DType::kF32, N, K, w.data()};
-  const ops::KernelTable& k = ops::Kernels();
+  const int64_t N = 128, K = 512, T = 64;
   const int threads = pool.num_threads();
+  std::vector<std::vector<float>> w(threads, std::vector<float>(N * K, 0.01f)),
+      x(threads, std::vector<float>(T * K, 0.02f)), y(threads, std::vector<float>(T * N));
+  const ops::KernelTable& k = ops::Kernels();
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
-    const int iters = 50;
+    const int iters = 40;
     const auto t0 = std::chrono::steady_clock::now();
-    pool.ParallelFor(threads, [&](int64_t, int) {
-      std::vector<float> local(T * N);
-      for (int i = 0; i < iters; ++i) k.matmul_rows(x.data(), T, W, 0, N, local.data(), N);
-      y[0] += local[0];
+    pool.ParallelFor(threads, [&](int64_t task, int) {
+      const MatrixView W{DType::kF32, N, K, w[task].data()};
+      for (int i = 0; i < iters; ++i) k.matmul_rows(x[task].data(), T, W, 0, N, y[task].data(), N);
     });
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * N * K * T * iters * threads / secs / 1e9);

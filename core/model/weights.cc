@@ -1,5 +1,8 @@
 #include "core/model/weights.h"
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -114,6 +117,11 @@ absl::Status ModelWeights::CopyToHugePages() {
     std::byte* dst = buffer_->data() + offset;
     std::memcpy(dst, src, bytes);
     offset += padded(bytes);
+    // Drop the source pages from this process at once (they stay in the page cache), so the
+    // resident size never holds the weights twice.
+    const uintptr_t page = 4096, begin = reinterpret_cast<uintptr_t>(src);
+    const uintptr_t first = (begin + page - 1) / page * page, last = (begin + bytes) / page * page;
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
     return dst;
   };
   ForEachMatrix([&](MatrixView& m) {
