@@ -10,14 +10,17 @@ ExpertLoadMetrics::ExpertLoadMetrics(rpc::MetricsRegistry& registry, const Model
                                      ExpertLoadOptions options)
     : options_(std::move(options)), num_experts_(std::max<int64_t>(config.n_routed_experts, 0)) {
   options_.num_buckets = std::max(options_.num_buckets, 1);
-  bucket_ns_ = std::max<int64_t>(1, static_cast<int64_t>(options_.window_seconds * 1e9 / options_.num_buckets));
-  auto& tokens = registry.Counter("dsmoe_expert_tokens_total",
-                                  "Routed (token, expert) assignments chosen by the gate, per MoE layer and routed expert");
+  bucket_ns_ = std::max<int64_t>(
+      1, static_cast<int64_t>(options_.window_seconds * 1e9 / options_.num_buckets));
+  auto& tokens = registry.Counter(
+      "dsmoe_expert_tokens_total",
+      "Routed (token, expert) assignments chosen by the gate, per MoE layer and routed expert");
   auto& shared = registry.Counter("dsmoe_shared_expert_tokens_total",
                                   "Tokens that passed through the shared experts, per MoE layer");
-  auto& imbalance = registry.Gauge("dsmoe_expert_load_imbalance",
-                                   "Max over routed experts / mean over routed experts of the tokens routed in the "
-                                   "recent window, per MoE layer (1 = even; 0 = none routed)");
+  auto& imbalance = registry.Gauge(
+      "dsmoe_expert_load_imbalance",
+      "Max over routed experts / mean over routed experts of the tokens routed in the "
+      "recent window, per MoE layer (1 = even; 0 = none routed)");
   layers_.resize(static_cast<size_t>(config.num_hidden_layers));
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     if (!config.IsMoeLayer(l) || num_experts_ == 0) continue;
@@ -39,7 +42,8 @@ ExpertLoadMetrics::ExpertLoadMetrics(rpc::MetricsRegistry& registry, const Model
 
 int64_t ExpertLoadMetrics::Epoch() const { return options_.now_ns() / bucket_ns_; }
 
-void ExpertLoadMetrics::OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts, const float*) {
+void ExpertLoadMetrics::OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
+                                  const float*) {
   if (layer < 0 || layer >= static_cast<int64_t>(layers_.size()) || !layers_[layer].moe) return;
   Layer& L = layers_[layer];
   // Count per expert first, so the shared counters see one atomic add per expert chosen in
@@ -53,7 +57,8 @@ void ExpertLoadMetrics::OnRouting(int64_t layer, int64_t T, int64_t k, const int
   const int64_t epoch = Epoch();
   const int b = static_cast<int>(epoch % options_.num_buckets);
   std::atomic<int64_t>* bucket = L.window.get() + b * num_experts_;
-  if (L.bucket_epoch[b].load(std::memory_order_relaxed) != epoch) {  // a sub-window that has expired: reuse it
+  if (L.bucket_epoch[b].load(std::memory_order_relaxed) !=
+      epoch) {  // a sub-window that has expired: reuse it
     for (int64_t e = 0; e < num_experts_; ++e) bucket[e].store(0, std::memory_order_relaxed);
     L.bucket_epoch[b].store(epoch, std::memory_order_release);
   }
@@ -72,7 +77,8 @@ std::vector<int64_t> ExpertLoadMetrics::WindowCounts(int64_t layer) const {
   const int64_t now = Epoch();
   for (int b = 0; b < options_.num_buckets; ++b) {
     const int64_t epoch = L.bucket_epoch[b].load(std::memory_order_acquire);
-    if (epoch < 0 || epoch <= now - options_.num_buckets || epoch > now) continue;  // outside the window
+    if (epoch < 0 || epoch <= now - options_.num_buckets || epoch > now)
+      continue;  // outside the window
     const std::atomic<int64_t>* bucket = L.window.get() + b * num_experts_;
     for (int64_t e = 0; e < num_experts_; ++e) out[e] += bucket[e].load(std::memory_order_relaxed);
   }
@@ -94,21 +100,32 @@ void ExpertLoadMetrics::UpdateImbalance() {
 }
 
 SchedulerMetrics::SchedulerMetrics(rpc::MetricsRegistry& r)
-    : running(&r.Gauge("dsmoe_requests_running", "Sequences holding a KV-cache slot (being prefilled or decoded)").Add({})),
-      waiting(&r.Gauge("dsmoe_requests_waiting", "Sequences accepted and waiting for a KV-cache slot").Add({})),
+    : running(&r.Gauge("dsmoe_requests_running",
+                       "Sequences holding a KV-cache slot (being prefilled or decoded)")
+                   .Add({})),
+      waiting(
+          &r.Gauge("dsmoe_requests_waiting", "Sequences accepted and waiting for a KV-cache slot")
+               .Add({})),
       kv_cache_usage(&r.Gauge("dsmoe_kv_cache_usage_ratio",
-                              "Tokens held in the KV cache / tokens its slots can hold (0..1)").Add({})),
-      queue_time(&r.Histogram("dsmoe_request_queue_time_seconds",
-                              "Time from a sequence's arrival to its admission into a KV-cache slot")
-                      .Add({}, rpc::TokenLatencyBuckets())),
-      forward_time(&r.Histogram("dsmoe_forward_pass_seconds", "Duration of one forward pass (one scheduler step)")
+                              "Tokens held in the KV cache / tokens its slots can hold (0..1)")
+                          .Add({})),
+      queue_time(
+          &r.Histogram("dsmoe_request_queue_time_seconds",
+                       "Time from a sequence's arrival to its admission into a KV-cache slot")
+               .Add({}, rpc::TokenLatencyBuckets())),
+      forward_time(&r.Histogram("dsmoe_forward_pass_seconds",
+                                "Duration of one forward pass (one scheduler step)")
                         .Add({}, rpc::TokenLatencyBuckets())),
-      batch_tokens(&r.Histogram("dsmoe_batch_tokens", "Tokens in one forward pass (decode steps + prompt chunks)")
-                        .Add({}, std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096})),
+      batch_tokens(&r.Histogram("dsmoe_batch_tokens",
+                                "Tokens in one forward pass (decode steps + prompt chunks)")
+                        .Add({}, std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024,
+                                                     2048, 4096})),
       prompt_tokens(&r.Counter("dsmoe_prompt_tokens_total", "Prompt tokens prefilled").Add({})),
-      generation_tokens(&r.Counter("dsmoe_generation_tokens_total", "Tokens generated (sampled)").Add({})) {
-  auto& finished = r.Counter("dsmoe_sequences_finished_total",
-                             "Sequences the attention server finished, by finish_reason (abort: cancelled or failed)");
+      generation_tokens(
+          &r.Counter("dsmoe_generation_tokens_total", "Tokens generated (sampled)").Add({})) {
+  auto& finished = r.Counter(
+      "dsmoe_sequences_finished_total",
+      "Sequences the attention server finished, by finish_reason (abort: cancelled or failed)");
   finished_stop = &finished.Add({{"finish_reason", "stop"}});
   finished_length = &finished.Add({{"finish_reason", "length"}});
   finished_abort = &finished.Add({{"finish_reason", "abort"}});

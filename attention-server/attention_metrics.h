@@ -22,7 +22,8 @@ struct ExpertLoadOptions {
   int num_buckets = 6;
   // Monotonic nanoseconds; injectable so tests can move time.
   std::function<int64_t()> now_ns = [] {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
         .count();
   };
 };
@@ -37,9 +38,11 @@ struct ExpertLoadOptions {
 // window is atomics; a bucket being recycled while read can make one reading slightly off).
 class ExpertLoadMetrics final : public RoutingObserver {
  public:
-  ExpertLoadMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config, ExpertLoadOptions options = {});
+  ExpertLoadMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config,
+                    ExpertLoadOptions options = {});
 
-  void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts, const float* weights) override;
+  void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
+                 const float* weights) override;
 
   // Sets every MoE layer's imbalance gauge from the window (runs before each scrape).
   void UpdateImbalance();
@@ -52,8 +55,9 @@ class ExpertLoadMetrics final : public RoutingObserver {
     std::vector<prometheus::Counter*> expert_tokens;  // [E]
     prometheus::Counter* shared_tokens = nullptr;     // null without shared experts
     prometheus::Gauge* imbalance = nullptr;
-    std::unique_ptr<std::atomic<int64_t>[]> window;        // [num_buckets, E]
-    std::unique_ptr<std::atomic<int64_t>[]> bucket_epoch;  // [num_buckets]: which sub-window it holds
+    std::unique_ptr<std::atomic<int64_t>[]> window;  // [num_buckets, E]
+    std::unique_ptr<std::atomic<int64_t>[]>
+        bucket_epoch;  // [num_buckets]: which sub-window it holds
   };
   int64_t Epoch() const;
 
@@ -68,24 +72,25 @@ class ExpertLoadMetrics final : public RoutingObserver {
 struct SchedulerMetrics {
   explicit SchedulerMetrics(rpc::MetricsRegistry& registry);
 
-  prometheus::Gauge* running;            // sequences holding a KV-cache slot
-  prometheus::Gauge* waiting;            // accepted, waiting for a slot
-  prometheus::Gauge* kv_cache_usage;     // tokens held / tokens the slots can hold
-  prometheus::Histogram* queue_time;     // submit → admitted into a slot
-  prometheus::Histogram* forward_time;   // one forward pass (one scheduler step)
-  prometheus::Histogram* batch_tokens;   // tokens per forward pass
-  prometheus::Counter* prompt_tokens;    // prompt tokens prefilled
+  prometheus::Gauge* running;              // sequences holding a KV-cache slot
+  prometheus::Gauge* waiting;              // accepted, waiting for a slot
+  prometheus::Gauge* kv_cache_usage;       // tokens held / tokens the slots can hold
+  prometheus::Histogram* queue_time;       // submit → admitted into a slot
+  prometheus::Histogram* forward_time;     // one forward pass (one scheduler step)
+  prometheus::Histogram* batch_tokens;     // tokens per forward pass
+  prometheus::Counter* prompt_tokens;      // prompt tokens prefilled
   prometheus::Counter* generation_tokens;  // tokens sampled
-  prometheus::Counter* finished_stop;    // sequences finished by a stop token
-  prometheus::Counter* finished_length;  // ... by max_tokens or the context
-  prometheus::Counter* finished_abort;   // ... cancelled, failed or shut down
+  prometheus::Counter* finished_stop;      // sequences finished by a stop token
+  prometheus::Counter* finished_length;    // ... by max_tokens or the context
+  prometheus::Counter* finished_abort;     // ... cancelled, failed or shut down
 };
 
 // Everything an attention server exports, on one registry.
 // Thread-safe as its parts are (see above).
 class AttentionMetrics {
  public:
-  AttentionMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config, ExpertLoadOptions options = {});
+  AttentionMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config,
+                   ExpertLoadOptions options = {});
   ExpertLoadMetrics& expert_load() { return expert_load_; }
   SchedulerMetrics& scheduler() { return scheduler_; }
 

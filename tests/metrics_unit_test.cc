@@ -1,14 +1,14 @@
 // The services' metric instruments against hand-computed values: expert-load counting, the
 // imbalance gauge over its window (with a clock the test moves), code counters, the endpoint,
 // and the cost of counting one MoE layer's routing (the hot path).
+#include <gtest/gtest.h>
+#include <prometheus/metric_family.h>
+
 #include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <prometheus/metric_family.h>
 
 #include "attention-server/attention_metrics.h"
 #include "core/rpc/metrics.h"
@@ -17,7 +17,8 @@ namespace dsmoe {
 namespace {
 
 // The value of the series `name{labels}` (model label aside) in the registry, or -1 if absent.
-double Value(rpc::MetricsRegistry& registry, const std::string& name, const prometheus::Labels& labels) {
+double Value(rpc::MetricsRegistry& registry, const std::string& name,
+             const prometheus::Labels& labels) {
   for (const prometheus::MetricFamily& f : registry.registry().Collect()) {
     if (f.name != name) continue;
     for (const prometheus::ClientMetric& m : f.metric) {
@@ -30,7 +31,8 @@ double Value(rpc::MetricsRegistry& registry, const std::string& name, const prom
       if (!match) continue;
       if (f.type == prometheus::MetricType::Counter) return m.counter.value;
       if (f.type == prometheus::MetricType::Gauge) return m.gauge.value;
-      if (f.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
+      if (f.type == prometheus::MetricType::Histogram)
+        return static_cast<double>(m.histogram.sample_count);
     }
   }
   return -1;
@@ -93,7 +95,8 @@ TEST(ExpertLoadMetrics, ImbalanceIsMaxOverMeanOfTheWindow) {
   FakeClock clock;
   ExpertLoadMetrics load(registry, SmallMoe(), {60, 6, clock.fn()});
   load.UpdateImbalance();
-  EXPECT_EQ(Value(registry, "dsmoe_expert_load_imbalance", {{"layer", "1"}}), 0);  // nothing routed yet
+  EXPECT_EQ(Value(registry, "dsmoe_expert_load_imbalance", {{"layer", "1"}}),
+            0);  // nothing routed yet
   // 8 experts; 8 assignments all to expert 3 → max 8, mean 1.
   std::vector<int32_t> hot(8, 3);
   load.OnRouting(1, 4, 2, hot.data(), nullptr);
@@ -128,7 +131,8 @@ TEST(ExpertLoadMetrics, ScrapeRunsTheImbalanceHook) {
   std::vector<int32_t> hot(4, 0);
   metrics.expert_load().OnRouting(3, 2, 2, hot.data(), nullptr);
   const std::string text = registry.Text();  // what a scrape collects
-  EXPECT_NE(text.find("dsmoe_expert_load_imbalance{model=\"m\",layer=\"3\"} 8"), std::string::npos) << text;
+  EXPECT_NE(text.find("dsmoe_expert_load_imbalance{model=\"m\",layer=\"3\"} 8"), std::string::npos)
+      << text;
 }
 
 TEST(Metrics, CodeCountersCoverEveryGrpcCode) {
@@ -185,11 +189,16 @@ TEST(ExpertLoadMetrics, CostOfCountingOneLayer) {
   const int iters = 20000;
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < iters; ++i) load.OnRouting(1 + i % 3, T, k, experts.data(), nullptr);
-  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count() / iters;
-  std::printf("OnRouting(T=256, k=6, E=64): %.0f ns per layer, %.2f ns per assignment\n", ns, ns / (T * k));
+  const double ns =
+      std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count() /
+      iters;
+  std::printf("OnRouting(T=256, k=6, E=64): %.0f ns per layer, %.2f ns per assignment\n", ns,
+              ns / (T * k));
   EXPECT_LT(ns, 1e6);
   double total = 0;
-  for (int e = 0; e < 64; ++e) total += Value(registry, "dsmoe_expert_tokens_total", {{"layer", "1"}, {"expert", std::to_string(e)}});
+  for (int e = 0; e < 64; ++e)
+    total += Value(registry, "dsmoe_expert_tokens_total",
+                   {{"layer", "1"}, {"expert", std::to_string(e)}});
   EXPECT_EQ(total, static_cast<double>((iters + 2) / 3) * T * k);
 }
 

@@ -7,17 +7,17 @@
 // one atomic add on a child (prometheus::Counter/Gauge), never a label lookup.
 #pragma once
 
-#include <array>
-#include <functional>
-#include <memory>
-#include <string>
-#include <vector>
-
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+
+#include <array>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "core/util/status.h"
 
@@ -34,7 +34,8 @@ const std::string& GrpcCodeName(int code);
 // One Counter child per gRPC code of a family (label `code`), created up front so that every
 // code's series exists (rate() is defined from start-up on) and counting is an index.
 using CodeCounters = std::array<prometheus::Counter*, kNumGrpcCodes>;
-CodeCounters AddCodeCounters(prometheus::Family<prometheus::Counter>& family, prometheus::Labels labels);
+CodeCounters AddCodeCounters(prometheus::Family<prometheus::Counter>& family,
+                             prometheus::Labels labels);
 // Adds 1 to the child of `code` (out-of-range codes count as UNKNOWN).
 inline void CountCode(const CodeCounters& counters, int code) {
   counters[code >= 0 && code < kNumGrpcCodes ? code : 2]->Increment();
@@ -46,7 +47,7 @@ std::string ModelNameFromPath(const std::string& model_dir);
 // Bucket bounds (seconds) shared by the services, so dashboards can compare them.
 const std::vector<double>& RequestLatencyBuckets();  // TTFT, end-to-end: 5 ms .. 10 min
 const std::vector<double>& TokenLatencyBuckets();    // inter-token, queue: 1 ms .. 60 s
-const std::vector<double>& RpcLatencyBuckets();      // dispatch round trips, compute: 50 µs .. 10 s
+const std::vector<double>& RpcLatencyBuckets();  // dispatch round trips, compute: 50 µs .. 10 s
 
 // A registry of families that all carry `model` (and any further constant labels, e.g. the
 // expert server's index), plus the endpoint serving it.
@@ -60,9 +61,11 @@ class MetricsRegistry {
   MetricsRegistry(const MetricsRegistry&) = delete;
   MetricsRegistry& operator=(const MetricsRegistry&) = delete;
 
-  prometheus::Family<prometheus::Counter>& Counter(const std::string& name, const std::string& help);
+  prometheus::Family<prometheus::Counter>& Counter(const std::string& name,
+                                                   const std::string& help);
   prometheus::Family<prometheus::Gauge>& Gauge(const std::string& name, const std::string& help);
-  prometheus::Family<prometheus::Histogram>& Histogram(const std::string& name, const std::string& help);
+  prometheus::Family<prometheus::Histogram>& Histogram(const std::string& name,
+                                                       const std::string& help);
 
   // Runs before every scrape, on the scraping thread: for values that are computed rather than
   // counted (a gauge over a recent window). REQUIRES: called before Serve.
