@@ -7,6 +7,7 @@
 //   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16,q8] [--threads 1,2]
 //                      [--batches 1,4,16,64] [--prompt 512] [--steps 16] [--mmap-weights]
 //                      [--dir /tmp/dsmoe-bench]
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -52,12 +53,37 @@ double DecodeBytesPerToken(const ModelConfig& c, double bytes_per_weight) {
   return params * bytes_per_weight;
 }
 
+// Counts the distinct routed experts each MoE layer runs per forward pass: at batch B a step
+// reads every expert some token chose, once (the grouped expert FFN), which bounds what
+// batching can gain when routing is spread over many experts.
+class DistinctExperts final : public RoutingObserver {
+ public:
+  explicit DistinctExperts(int64_t num_experts) : seen_(num_experts) {}
+  void OnRouting(int64_t, int64_t T, int64_t k, const int32_t* experts, const float*) override {
+    std::fill(seen_.begin(), seen_.end(), 0);
+    for (int64_t i = 0; i < T * k; ++i) {
+      if (!seen_[experts[i]]) {
+        seen_[experts[i]] = 1;
+        ++total_;
+      }
+    }
+    ++layers_;
+  }
+  void Reset() { total_ = layers_ = 0; }
+  double PerLayer() const { return layers_ ? static_cast<double>(total_) / layers_ : 0; }
+
+ private:
+  std::vector<char> seen_;
+  int64_t total_ = 0, layers_ = 0;
+};
+
 double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 struct Result {
   std::string preset, dtype;
   int threads;
   std::vector<double> decode_tps;  // per batch size
+  std::vector<double> experts_per_layer;  // distinct routed experts per MoE layer per step
   double prefill_tps;
   double bytes_per_token;
 };
@@ -146,9 +172,10 @@ int main(int argc, char** argv) {
         auto runner = ModelRunner::Create(**weights, pool, options);
         if (!runner.ok()) return 1;
         ModelRunner& r = **runner;
+        DistinctExperts distinct(std::max<int64_t>(c.n_routed_experts, 1));
         std::vector<float> logits(static_cast<size_t>(std::max<int64_t>(max_batch, 256)) * V);
         const double bytes_per_weight = q8 ? (kQ8Block + 2.0) / kQ8Block : static_cast<double>(DTypeSize(dtype));
-        Result res{preset, dtype_name, threads, {}, 0, DecodeBytesPerToken(c, bytes_per_weight)};
+        Result res{preset, dtype_name, threads, {}, {}, 0, DecodeBytesPerToken(c, bytes_per_weight)};
 
         // Prefill: one prompt of prompt_len tokens, in chunks of 256, logits of the last only.
         std::vector<int32_t> ids(256), slots(256, 0), pos(256);
@@ -197,6 +224,8 @@ int main(int argc, char** argv) {
             step_rows[b] = b;
             step_ids[b] = ArgMax(logits.data() + b * V, V);
           }
+          distinct.Reset();
+          r.set_routing_observer(&distinct);
           t0 = Clock::now();
           for (int64_t s = 0; s < steps; ++s) {
             (void)r.Forward({step_ids, step_slots, step_pos, step_rows}, logits.data());
@@ -206,6 +235,8 @@ int main(int argc, char** argv) {
             }
           }
           res.decode_tps.push_back(static_cast<double>(B * steps) / Seconds(t0));
+          r.set_routing_observer(nullptr);
+          res.experts_per_layer.push_back(distinct.PerLayer());
         }
         results.push_back(res);
         std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(), dtype_name.c_str(), threads,
@@ -217,6 +248,26 @@ int main(int argc, char** argv) {
     }
   }
 
+  std::printf("\nBatch decode reads each chosen expert once per step. Distinct routed experts per MoE layer per step, and the\n"
+              "decode tokens/s the measured bandwidth allows at that batch (weights read per step / batch):\n\n");
+  std::printf("| preset | dtype | threads |");
+  for (int b : batches) std::printf(" b%d experts/layer | b%d roofline tok/s | b%d measured |", b, b, b);
+  std::printf("\n|---|---|---|");
+  for (size_t i = 0; i < batches.size(); ++i) std::printf("---|---|---|");
+  std::printf("\n");
+  for (const Result& r : results) {
+    const size_t ti = std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
+    const ModelConfig c = *PresetConfig(r.preset);
+    const double per_weight = r.bytes_per_token / DecodeBytesPerToken(c, 1.0);
+    const double expert_bytes = 3.0 * c.hidden_size * c.moe_intermediate_size * per_weight;
+    std::printf("| %s | %s | %d |", r.preset.c_str(), r.dtype.c_str(), r.threads);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      // Bytes of one step: the batch-1 bytes with top-k experts replaced by the distinct ones.
+      const double step_bytes = r.bytes_per_token + c.NumMoeLayers() * (r.experts_per_layer[i] - c.num_experts_per_tok) * expert_bytes;
+      std::printf(" %.1f | %.1f | %.1f |", r.experts_per_layer[i], bandwidth[ti] * 1e9 / step_bytes * batches[i], r.decode_tps[i]);
+    }
+    std::printf("\n");
+  }
   std::printf("\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth roofline |");
   for (size_t i = 1; i < batches.size(); ++i) std::printf(" decode b%d tok/s |", batches[i]);
   std::printf(" prefill %lld tok/s | prefill %% of GEMM roofline |\n|---|---|---|---|---|---|", (long long)prompt_len);
