@@ -83,7 +83,7 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
   const DType dtype = GetParam();
   std::mt19937 rng(42);
   for (int trial = 0; trial < 60; ++trial) {
-    const int64_t T = 1 + rng() % (trial % 3 == 0 ? 40 : 9), N = 1 + rng() % 70;  // T >= 12: the panel GEMM
+    const int64_t T = 1 + rng() % (trial % 3 == 0 ? 150 : 9), N = 1 + rng() % 70;  // T >= 48: the panel GEMM
     const int64_t K = dtype == DType::kQ8_0 ? kQ8Block * (1 + rng() % 12) : 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
     TestMatrix W = MakeMatrix(dtype, N, K, trial);

@@ -196,8 +196,9 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
     if (T == 1) return RowStream<D, 1>(x, K, W, row_begin, row_end, y, ldy);
     return RowStream<D, 2>(x, K, W, row_begin, row_end, y, ldy);
   }
-  // Packing a panel costs about as much as 8 tokens of dot-product tiles: worth it from ~12 on.
-  if (T >= 12 && row_end - row_begin >= kPanel) return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
+  // Packing a panel (scalar transposition) costs about as much as 20-30 tokens of dot-product
+  // tiles: the panel GEMM pays for projections over a prompt chunk, not for an expert's few tokens.
+  if (T >= 48 && row_end - row_begin >= kPanel) return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
   // Walk a block of rows against every token group before moving on, so the block stays in
   // L1/L2 while it is reused.
   constexpr int64_t kRowBlock = 16;
@@ -219,19 +220,33 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
                int64_t ldy) {
   const int64_t K = W.cols;
   constexpr int MR = 4;  // 8 accumulators + 2 panel vectors + a broadcast: no spills (6 spills on gcc 12)
-  float* panel = PanelScratch(static_cast<size_t>(K * kPanel) + 8);
-  panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel) + 31) & ~uintptr_t{31});
+  // Blocking: 8 panels (128 rows) are packed once, then swept by blocks of 64 tokens, so the
+  // tokens' activations (64 × K floats) stay in L2 across the panels instead of streaming
+  // from memory once per panel.
+  constexpr int64_t kPanelsPerBlock = 8, kTokenBlock = 64;
+  float* packed = PanelScratch(static_cast<size_t>(kPanelsPerBlock * kPanel * K) + 8);
+  packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed) + 31) & ~uintptr_t{31});
   int64_t n = row_begin;
-  for (; n + kPanel <= row_end; n += kPanel) {
-    PackPanel<D>(W, n, K, panel);
-    int64_t t = 0;
-    for (; t + MR <= T; t += MR) PanelTile<MR>(x + t * K, K, panel, y + t * ldy + n, ldy);
-    switch (T - t) {
-      case 3: PanelTile<3>(x + t * K, K, panel, y + t * ldy + n, ldy); break;
-      case 2: PanelTile<2>(x + t * K, K, panel, y + t * ldy + n, ldy); break;
-      case 1: PanelTile<1>(x + t * K, K, panel, y + t * ldy + n, ldy); break;
-      default: break;
+  while (n + kPanel <= row_end) {
+    const int64_t fit = (row_end - n) / kPanel;
+    const int64_t panels = fit < kPanelsPerBlock ? fit : kPanelsPerBlock;
+    for (int64_t p = 0; p < panels; ++p) PackPanel<D>(W, n + p * kPanel, K, packed + p * kPanel * K);
+    for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
+      const int64_t t1 = t0 + kTokenBlock < T ? t0 + kTokenBlock : T;
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* panel = packed + p * kPanel * K;
+        float* yp = y + n + p * kPanel;
+        int64_t t = t0;
+        for (; t + MR <= t1; t += MR) PanelTile<MR>(x + t * K, K, panel, yp + t * ldy, ldy);
+        switch (t1 - t) {
+          case 3: PanelTile<3>(x + t * K, K, panel, yp + t * ldy, ldy); break;
+          case 2: PanelTile<2>(x + t * K, K, panel, yp + t * ldy, ldy); break;
+          case 1: PanelTile<1>(x + t * K, K, panel, yp + t * ldy, ldy); break;
+          default: break;
+        }
+      }
     }
+    n += panels * kPanel;
   }
   if (n < row_end) {  // fewer than 16 rows left: the dot-product tiles
     for (int64_t t = 0; t < T; t += 4) {
