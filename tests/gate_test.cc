@@ -47,6 +47,35 @@ TEST(Gate, RenormalisesOnlyWhenAskedAndKAboveOne) {
   CheckAgainstNaive(16, 1, true, 5);  // k = 1: HF leaves the raw probability
 }
 
+TEST(Gate, GroupLimitedGreedyMatchesNaive) {
+  const int64_t E = 32, G = 8, per = E / G, k = 4, keep_groups = 3, T = 20;
+  std::vector<float> logits = testing::RandomFloats(T * E, 77, 3.0f);
+  std::vector<float> scratch(E), weights(T * k);
+  std::vector<int32_t> experts(T * k);
+  GateParams p{E, k, true, TopkMethod::kGroupLimitedGreedy, G, keep_groups, 2.5f};
+  RouteTokens(p, logits.data(), T, scratch.data(), experts.data(), weights.data());
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> prob(E);
+    double sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(logits[t * E + e]);
+    for (double& v : prob) v /= sum;
+    std::vector<int> groups(G);
+    std::iota(groups.begin(), groups.end(), 0);
+    auto group_best = [&](int g) { return *std::max_element(prob.begin() + g * per, prob.begin() + (g + 1) * per); };
+    std::stable_sort(groups.begin(), groups.end(), [&](int a, int b) { return group_best(a) > group_best(b); });
+    std::vector<int> allowed;
+    for (int j = 0; j < keep_groups; ++j)
+      for (int e = groups[j] * per; e < (groups[j] + 1) * per; ++e) allowed.push_back(e);
+    std::stable_sort(allowed.begin(), allowed.end(), [&](int a, int b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
+    double chosen = 0;
+    for (int j = 0; j < k; ++j) chosen += prob[allowed[j]];
+    for (int j = 0; j < k; ++j) {
+      EXPECT_EQ(experts[t * k + j], allowed[j]) << "token " << t;
+      EXPECT_NEAR(weights[t * k + j], 2.5 * prob[allowed[j]] / chosen, 1e-5);
+    }
+  }
+}
+
 TEST(Gate, TiesGoToTheLowerIndex) {
   const std::vector<float> logits = {0.5f, 2.0f, 2.0f, 2.0f};
   std::vector<float> scratch(4), w(2);

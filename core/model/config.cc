@@ -144,6 +144,12 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
   r.Int("moe_layer_freq", &c.moe_layer_freq);
   r.Bool("norm_topk_prob", &c.norm_topk_prob);
   r.String("scoring_func", &c.scoring_func);
+  r.String("topk_method", &c.topk_method);
+  r.Int("n_group", &c.n_group, true);
+  r.Int("topk_group", &c.topk_group, true);
+  r.Float("routed_scaling_factor", &c.routed_scaling_factor);
+  if (c.n_group == 0) c.n_group = 1;
+  if (c.topk_group == 0) c.topk_group = 1;
   r.String("hidden_act", &c.hidden_act);
   r.Float("rms_norm_eps", &c.rms_norm_eps);
   r.Float("rope_theta", &c.rope_theta);
@@ -204,6 +210,16 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
     if (scoring_func != "softmax") {
       return bad("scoring_func '", scoring_func, "' is not supported (DeepseekConfig: softmax)");
     }
+    if (topk_method != "greedy" && topk_method != "group_limited_greedy") {
+      return bad("topk_method '", topk_method, "' is not supported (greedy, group_limited_greedy)");
+    }
+    if (n_group < 1 || n_group > 64 || n_routed_experts % n_group != 0 || topk_group < 1 || topk_group > n_group) {
+      return bad("n_group ", n_group, " / topk_group ", topk_group, " must divide the ", n_routed_experts,
+                 " routed experts into at most 64 groups and keep 1..n_group of them");
+    }
+    if (topk_method == "group_limited_greedy" && topk_group * (n_routed_experts / n_group) < num_experts_per_tok) {
+      return bad("the ", topk_group, " groups kept hold fewer experts than num_experts_per_tok ", num_experts_per_tok);
+    }
   }
   if (hidden_act != "silu") return bad("hidden_act '", hidden_act, "' is not supported (silu)");
   if (!(rms_norm_eps > 0)) return bad("rms_norm_eps must be > 0");
@@ -254,6 +270,12 @@ std::string ModelConfig::ToJson() const {
   }
   j["rope_theta"] = rope_theta;
   j["scoring_func"] = scoring_func;
+  if (topk_method != "greedy") {
+    j["topk_method"] = topk_method;
+    j["n_group"] = n_group;
+    j["topk_group"] = topk_group;
+  }
+  if (routed_scaling_factor != 1.0) j["routed_scaling_factor"] = routed_scaling_factor;
   j["seq_aux"] = true;
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["torch_dtype"] = torch_dtype;

@@ -33,6 +33,11 @@ struct ModelConfig {
   int64_t moe_layer_freq = 1;
   bool norm_topk_prob = false;
   std::string scoring_func = "softmax";
+  // Not in DeepseekConfig (v1); read when a config carries them (later DeepSeek gates).
+  std::string topk_method = "greedy";  // or "group_limited_greedy"
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  double routed_scaling_factor = 1.0;
   std::string hidden_act = "silu";
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;

@@ -16,6 +16,27 @@ void RouteTokens(const GateParams& params, const float* logits, int64_t T, float
     const float inv = 1.0f / sum;
     for (int64_t e = 0; e < E; ++e) scratch[e] *= inv;
 
+    if (params.topk_method == TopkMethod::kGroupLimitedGreedy && params.n_group > 1) {
+      // Keep the topk_group groups whose best expert scores highest; the rest cannot be chosen.
+      const int64_t G = params.n_group, per = E / G;
+      float best[64];
+      bool keep[64] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        best[g] = scratch[g * per];
+        for (int64_t e = g * per + 1; e < (g + 1) * per; ++e) best[g] = scratch[e] > best[g] ? scratch[e] : best[g];
+      }
+      for (int64_t j = 0; j < params.topk_group; ++j) {
+        int64_t top = -1;
+        for (int64_t g = 0; g < G; ++g) {
+          if (!keep[g] && (top < 0 || best[g] > best[top])) top = g;
+        }
+        keep[top] = true;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        if (keep[g]) continue;
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) scratch[e] = -1.0f;  // excluded
+      }
+    }
     // Selection by repeated arg-max: k is small (≤ 8 in every DeepSeekMoE), E ≤ a few hundred.
     int32_t* out_e = experts + t * k;
     float* out_w = weights + t * k;
@@ -33,6 +54,9 @@ void RouteTokens(const GateParams& params, const float* logits, int64_t T, float
     if (params.norm_topk_prob && k > 1) {
       const float denom = chosen_sum + 1e-20f;
       for (int64_t j = 0; j < k; ++j) out_w[j] /= denom;
+    }
+    if (params.routed_scaling_factor != 1.0f) {
+      for (int64_t j = 0; j < k; ++j) out_w[j] *= params.routed_scaling_factor;
     }
   }
 }

@@ -48,7 +48,13 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const Ru
       config_(weights.config()),
       pool_(pool),
       options_(options),
-      gate_{config_.n_routed_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
+      gate_{config_.n_routed_experts,
+            config_.num_experts_per_tok,
+            config_.norm_topk_prob,
+            config_.topk_method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy : TopkMethod::kGreedy,
+            config_.n_group,
+            config_.topk_group,
+            static_cast<float>(config_.routed_scaling_factor)},
       kv_cache_(config_, options.num_slots, options.max_context) {
   const ModelConfig& c = config_;
   const int64_t T = options.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();

@@ -39,10 +39,10 @@ void ThreadPool::DrainTasks(uint64_t generation, int thread) {
       // A job that has changed, or has no task left, is done for us. A successful claim below
       // proves the job is still `generation` and unfinished, so its fields are current.
       if ((v >> 32) != (generation & 0xffffffffu) ||
-          static_cast<int64_t>(v & 0xffffffffu) >= num_tasks_.load(std::memory_order_relaxed)) {
+          static_cast<int64_t>(v & 0xffffffffu) >= num_tasks_.load(std::memory_order_seq_cst)) {
         return;
       }
-    } while (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel));
+    } while (!next_.compare_exchange_weak(v, v + 1, std::memory_order_seq_cst));
     invoke_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed),
                                             static_cast<int64_t>(v & 0xffffffffu), thread);
     done_.fetch_add(1, std::memory_order_release);
@@ -51,11 +51,15 @@ void ThreadPool::DrainTasks(uint64_t generation, int thread) {
 
 void ThreadPool::Run(int64_t num_tasks, InvokeFn invoke, void* ctx) {
   const uint64_t generation = ++last_generation_;
+  // The claim counter moves to the new generation before anything else changes: a worker still
+  // draining the previous job could otherwise read the new task count, see an index of the old
+  // job as unclaimed and win its CAS (the counter unchanged), running a task twice. Sequentially
+  // consistent, so that whoever sees the new count also sees the counter reset.
+  next_.store((generation & 0xffffffffu) << 32, std::memory_order_seq_cst);
   invoke_.store(invoke, std::memory_order_relaxed);
   ctx_.store(ctx, std::memory_order_relaxed);
-  num_tasks_.store(num_tasks, std::memory_order_relaxed);
+  num_tasks_.store(num_tasks, std::memory_order_seq_cst);
   done_.store(0, std::memory_order_relaxed);
-  next_.store((generation & 0xffffffffu) << 32, std::memory_order_release);
   generation_.store(generation, std::memory_order_release);  // publishes the job
   generation_.notify_all();
   DrainTasks(generation, 0);
