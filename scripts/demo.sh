@@ -36,4 +36,11 @@ else
   "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
   "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 8 --ignore-eos --json
 fi
+echo "--- Prometheus metrics of every process (metrics_url in $STATE/cluster.json):"
+sed -n 's/.*"role": "\([^"]*\)".*/\1/p; s/.*"metrics_url": "\([^"]*\)".*/  \1/p' "$STATE/cluster.json"
+ATTENTION_METRICS=$(grep -A6 '"attention-server"' "$STATE/cluster.json" | sed -n 's/.*"metrics_url": "\([^"]*\)".*/\1/p' | head -1)
+if [[ -n "$ATTENTION_METRICS" ]] && command -v curl >/dev/null; then
+  echo "--- expert load so far (dsmoe_expert_tokens_total, first MoE layer):"
+  curl -s "$ATTENTION_METRICS" | grep '^dsmoe_expert_tokens_total' | head -8
+fi
 echo "--- logs of every process are in $STATE/"
