@@ -14,15 +14,6 @@
 
 namespace {
 
-std::vector<std::string> SplitCommas(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "dsmoe-attention-server: error: %s\n", std::string(s.message()).c_str());
   return 1;
@@ -56,7 +47,7 @@ int main(int argc, char** argv) {
   app.add_option("--model-name", model_name, "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
-  const std::vector<std::string> addresses = SplitCommas(expert_servers);
+  const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
   dsmoe::WeightSelection selection;
   selection.all_routed_experts = addresses.empty();  // remote experts: load none here
   auto weights = dsmoe::ModelWeights::Load(model, selection);

@@ -12,15 +12,6 @@
 
 namespace {
 
-std::vector<std::string> SplitCommas(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "dsmoe-gateway: error: %s\n", std::string(s.message()).c_str());
   return 1;
@@ -68,7 +59,7 @@ int main(int argc, char** argv) {
     tokenizer = std::move(*loaded);
   }
   dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(), std::move(tokenizer),
-                                SplitCommas(attention_servers), SplitCommas(expert_servers), options);
+                                dsmoe::rpc::SplitAddresses(attention_servers), dsmoe::rpc::SplitAddresses(expert_servers), options);
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;

@@ -98,29 +98,30 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const Ru
   scores_.Resize(static_cast<size_t>(pool.num_threads()) * options.max_context);
 }
 
-absl::Status ModelRunner::Validate(const ForwardBatch& b) const {
+absl::Status ValidateBatch(const ForwardBatch& b, int64_t vocab_size, int64_t max_batch_tokens,
+                           int64_t num_slots, int64_t max_context) {
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   if (T == 0) return absl::InvalidArgumentError("empty batch");
-  if (T > options_.max_batch_tokens) {
+  if (T > max_batch_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ",
-                                                   options_.max_batch_tokens));
+                                                   max_batch_tokens));
   }
   if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
     return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
   }
   for (int64_t t = 0; t < T; ++t) {
-    if (b.token_ids[t] < 0 || b.token_ids[t] >= config_.vocab_size) {
+    if (b.token_ids[t] < 0 || b.token_ids[t] >= vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("token id ", b.token_ids[t],
                                                      " is outside the vocabulary [0, ",
-                                                     config_.vocab_size, ")"));
+                                                     vocab_size, ")"));
     }
-    if (b.slots[t] < 0 || b.slots[t] >= options_.num_slots) {
+    if (b.slots[t] < 0 || b.slots[t] >= num_slots) {
       return absl::InvalidArgumentError(absl::StrCat("slot ", b.slots[t], " outside [0, ",
-                                                     options_.num_slots, ")"));
+                                                     num_slots, ")"));
     }
-    if (b.positions[t] < 0 || b.positions[t] >= options_.max_context) {
+    if (b.positions[t] < 0 || b.positions[t] >= max_context) {
       return absl::OutOfRangeError(absl::StrCat("position ", b.positions[t],
-                                                " is beyond the context of ", options_.max_context,
+                                                " is beyond the context of ", max_context,
                                                 " tokens"));
     }
   }
@@ -181,7 +182,8 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
 }
 
 absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
-  DSMOE_RETURN_IF_ERROR(Validate(b));
+  DSMOE_RETURN_IF_ERROR(ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots,
+                                      options_.max_context));
   const ModelConfig& c = config_;
   const ModelWeights& w = weights_;
   const ops::KernelTable& kern = ops::Kernels();

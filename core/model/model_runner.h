@@ -41,6 +41,11 @@ struct ForwardBatch {
   std::span<const int32_t> logit_rows;  // indices of the tokens whose logits are wanted, ascending
 };
 
+// Checks a batch against a runner's limits (shared by the CPU and CUDA runners): lengths agree,
+// token ids in the vocabulary, slots and positions in range, logit rows ascending.
+absl::Status ValidateBatch(const ForwardBatch& batch, int64_t vocab_size, int64_t max_batch_tokens,
+                           int64_t num_slots, int64_t max_context);
+
 // Sees the routing of every MoE layer (for `dsmoe route`, and expert-load accounting).
 class RoutingObserver {
  public:
@@ -73,7 +78,6 @@ class ModelRunner {
 
  private:
   ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options);
-  absl::Status Validate(const ForwardBatch& batch) const;
   void Attention(int64_t layer, const ForwardBatch& batch);
   void ApplyRope(float* x, int64_t T, int64_t num_heads, std::span<const int32_t> positions) const;
 

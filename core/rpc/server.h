@@ -36,6 +36,9 @@ void BlockShutdownSignals();
 // Waits for SIGTERM or SIGINT (blocked by BlockShutdownSignals) and returns its number.
 int WaitForShutdownSignal();
 
+// "host:port,host:port" → addresses (empty items dropped), as the servers' flags take them.
+std::vector<std::string> SplitAddresses(const std::string& list);
+
 // A channel to a dsmoe service with our message size limits.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes = 64 << 20);
 

@@ -176,37 +176,7 @@ CudaModelRunner::~CudaModelRunner() {
 }
 
 absl::Status CudaModelRunner::Validate(const ForwardBatch& b) const {
-  const int64_t T = static_cast<int64_t>(b.token_ids.size());
-  if (T == 0) return absl::InvalidArgumentError("empty batch");
-  if (T > options_.max_batch_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ",
-                                                   options_.max_batch_tokens));
-  }
-  if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
-    return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    if (b.token_ids[t] < 0 || b.token_ids[t] >= config_.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", b.token_ids[t],
-                                                     " is outside the vocabulary [0, ",
-                                                     config_.vocab_size, ")"));
-    }
-    if (b.slots[t] < 0 || b.slots[t] >= options_.num_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("slot ", b.slots[t], " outside [0, ",
-                                                     options_.num_slots, ")"));
-    }
-    if (b.positions[t] < 0 || b.positions[t] >= options_.max_context) {
-      return absl::OutOfRangeError(absl::StrCat("position ", b.positions[t],
-                                                " is beyond the context of ", options_.max_context,
-                                                " tokens"));
-    }
-  }
-  for (size_t i = 0; i < b.logit_rows.size(); ++i) {
-    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T || (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
-      return absl::InvalidArgumentError("logit_rows must be ascending indices into the batch");
-    }
-  }
-  return absl::OkStatus();
+  return ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots, options_.max_context);
 }
 
 absl::Status CudaModelRunner::Enqueue(int64_t T, int64_t R) {

@@ -138,19 +138,25 @@ inline void RowStream(const float* x, int64_t K, const MatrixView& W, int64_t ro
 // reference machine where the dot-product tiles reach 47.
 constexpr int64_t kPanel = 16;
 
-struct PanelBuffer {
+// Per-thread scratch, grown once. Plain malloc, not std::vector: this file is compiled for AVX2
+// and must not instantiate library templates other files also use.
+struct ScratchBuffer {
   float* data = nullptr;
   size_t capacity = 0;
-  ~PanelBuffer() { std::free(data); }
-};
-inline float* PanelScratch(size_t floats) {
-  thread_local PanelBuffer buffer;
-  if (buffer.capacity < floats) {
-    std::free(buffer.data);
-    buffer.data = static_cast<float*>(std::malloc(floats * sizeof(float)));
-    buffer.capacity = floats;
+  ~ScratchBuffer() { std::free(data); }
+  float* Get(size_t floats) {
+    if (capacity < floats) {
+      std::free(data);
+      data = static_cast<float*>(std::malloc(floats * sizeof(float)));
+      capacity = floats;
+    }
+    return data;
   }
-  return buffer.data;
+};
+
+inline float* PanelScratch(size_t floats) {  // separate from Q8Scratch: Q8 batches use both
+  thread_local ScratchBuffer buffer;
+  return buffer.Get(floats);
 }
 
 template <DType D>
@@ -268,21 +274,10 @@ inline __m256 Int8ToF32(const int8_t* q) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
 }
 
-// Per-thread scratch for dequantized rows, grown once. Plain malloc, not std::vector: this file
-// is compiled for AVX2 and must not instantiate library templates other files also use.
-struct ScratchBuffer {
-  float* data = nullptr;
-  size_t capacity = 0;
-  ~ScratchBuffer() { std::free(data); }
-};
+// Per-thread scratch for dequantized rows and quantized activations.
 inline float* Q8Scratch(size_t floats) {
   thread_local ScratchBuffer buffer;
-  if (buffer.capacity < floats) {
-    std::free(buffer.data);
-    buffer.data = static_cast<float*>(std::malloc(floats * sizeof(float)));
-    buffer.capacity = floats;
-  }
-  return buffer.data;
+  return buffer.Get(floats);
 }
 
 // One token's activations in 16-bit fixed point per block of 32 (x ≈ x16 · sx, relative error
