@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
   cluster_up->add_option("--replicas", up.replicas, "Copies of each routed expert")->check(CLI::Range(1, 256))->capture_default_str();
   cluster_up->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")->check(CLI::ExistingFile);
   cluster_up->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")->check(CLI::Range(0, 65535));
-  cluster_up->add_option("--threads", up.threads, "Compute threads per server (default: cores shared out)")->check(CLI::Range(1, 1024));
+  cluster_up->add_option("--threads", up.threads, "Compute threads per server (default: all cores; the servers take turns)")->check(CLI::Range(1, 1024));
   cluster_up->add_option("--num-slots", up.num_slots, "Sequences per attention server")->check(CLI::Range(1, 4096))->capture_default_str();
   cluster_up->add_option("--dispatch-deadline-ms", up.dispatch_deadline_ms, "Deadline of each attention → expert server call")
       ->check(CLI::Range(1, 3600000))->capture_default_str();
