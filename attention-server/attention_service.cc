@@ -56,16 +56,17 @@ dsmoe::v1::FinishReason ToProto(FinishReason r) {
 
 }  // namespace
 
-grpc::Status AttentionService::Generate(grpc::ServerContext* context,
-                                        const internal::v1::AttentionGenerateRequest* request,
-                                        grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) {
+grpc::Status AttentionService::Generate(
+    grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest* request,
+    grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) {
   SequenceParams params;
   params.prompt.assign(request->prompt_token_ids().begin(), request->prompt_token_ids().end());
   params.max_tokens = request->max_tokens();
   params.sampling = {request->temperature(), request->top_k(), request->top_p(), request->seed()};
   params.stop_token_ids.assign(request->stop_token_ids().begin(), request->stop_token_ids().end());
   if (!request->ignore_eos()) {
-    for (int64_t id : generation_.eos_token_ids) params.stop_token_ids.push_back(static_cast<int32_t>(id));
+    for (int64_t id : generation_.eos_token_ids)
+      params.stop_token_ids.push_back(static_cast<int32_t>(id));
   }
   auto sink = std::make_shared<QueueSink>();
   auto id = scheduler_.Submit(std::move(params), sink);
@@ -103,7 +104,8 @@ grpc::Status AttentionService::GetLoad(grpc::ServerContext*, const internal::v1:
   return grpc::Status::OK;
 }
 
-grpc::Status AttentionService::ComputeLogits(grpc::ServerContext*, const internal::v1::ComputeLogitsRequest* request,
+grpc::Status AttentionService::ComputeLogits(grpc::ServerContext*,
+                                             const internal::v1::ComputeLogitsRequest* request,
                                              internal::v1::ComputeLogitsResponse* response) {
   std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
   auto logits = scheduler_.ComputeLogits(std::move(ids));
@@ -111,7 +113,8 @@ grpc::Status AttentionService::ComputeLogits(grpc::ServerContext*, const interna
   const int64_t V = scheduler_.config().vocab_size;
   response->set_num_tokens(static_cast<uint32_t>(logits->size() / V));
   response->set_vocab_size(static_cast<uint32_t>(V));
-  response->set_logits(reinterpret_cast<const char*>(logits->data()), logits->size() * sizeof(float));
+  response->set_logits(reinterpret_cast<const char*>(logits->data()),
+                       logits->size() * sizeof(float));
   return grpc::Status::OK;
 }
 

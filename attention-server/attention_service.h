@@ -16,11 +16,13 @@ class AttentionService final : public internal::v1::AttentionService::Service {
   AttentionService(Scheduler& scheduler, const GenerationConfig& generation)
       : scheduler_(scheduler), generation_(generation) {}
 
-  grpc::Status Generate(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest* request,
-                        grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) override;
+  grpc::Status Generate(
+      grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest* request,
+      grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) override;
   grpc::Status GetLoad(grpc::ServerContext* context, const internal::v1::GetLoadRequest* request,
                        internal::v1::LoadReport* response) override;
-  grpc::Status ComputeLogits(grpc::ServerContext* context, const internal::v1::ComputeLogitsRequest* request,
+  grpc::Status ComputeLogits(grpc::ServerContext* context,
+                             const internal::v1::ComputeLogitsRequest* request,
                              internal::v1::ComputeLogitsResponse* response) override;
 
  private:

@@ -1,9 +1,8 @@
 // dsmoe-attention-server: attention, KV cache, dense layers, shared experts and the LM head of a
 // DeepSeekMoE model, with continuous batching; routed experts on expert servers (or local).
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <sstream>
-
-#include <CLI/CLI.hpp>
 
 #include "attention-server/attention_service.h"
 #include "core/io/mapped_file.h"
@@ -23,28 +22,47 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
-  CLI::App app{"dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous batching"};
+  CLI::App app{
+      "dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous "
+      "batching"};
   std::string model, model_name, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file,
-      metrics_listen = "127.0.0.1:0";
+                                                                 metrics_listen = "127.0.0.1:0";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
-  app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  app.add_option("--model", model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   app.add_option("--expert-servers", expert_servers,
-                 "Comma-separated expert server addresses, in placement order (none: routed experts run here)");
-  app.add_option("--placement", placement_file, "Placement JSON (default: round-robin over the expert servers)")
+                 "Comma-separated expert server addresses, in placement order (none: routed "
+                 "experts run here)");
+  app.add_option("--placement", placement_file,
+                 "Placement JSON (default: round-robin over the expert servers)")
       ->check(CLI::ExistingFile);
-  app.add_option("--replicas", replicas, "Copies of each expert in the computed placement")->check(CLI::Range(1, 4096));
-  app.add_option("--dispatch-deadline-ms", deadline_ms, "Deadline of each expert-server call")->check(CLI::Range(1, 3600000));
-  app.add_option("--num-slots", sched.num_slots, "Sequences running at once")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--max-batch-tokens", sched.max_batch_tokens, "Tokens per forward pass")->check(CLI::Range(1, 65536))->capture_default_str();
-  app.add_option("--max-context", sched.max_context, "Context per sequence (default: the model's)")->check(CLI::Range(1, 1 << 24));
-  app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")->check(CLI::Range(0, 1 << 20))->capture_default_str();
-  app.add_option("--threads", threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
-  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+  app.add_option("--replicas", replicas, "Copies of each expert in the computed placement")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--dispatch-deadline-ms", deadline_ms, "Deadline of each expert-server call")
+      ->check(CLI::Range(1, 3600000));
+  app.add_option("--num-slots", sched.num_slots, "Sequences running at once")
+      ->check(CLI::Range(1, 4096))
       ->capture_default_str();
-  app.add_option("--model-name", model_name, "The `model` label of the metrics (default: the directory's name)");
+  app.add_option("--max-batch-tokens", sched.max_batch_tokens, "Tokens per forward pass")
+      ->check(CLI::Range(1, 65536))
+      ->capture_default_str();
+  app.add_option("--max-context", sched.max_context, "Context per sequence (default: the model's)")
+      ->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--threads", threads, "Compute threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
+  app.add_option("--ready-file", ready_file,
+                 "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen,
+                 "Address of the Prometheus /metrics endpoint (empty: none)")
+      ->capture_default_str();
+  app.add_option("--model-name", model_name,
+                 "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
@@ -62,27 +80,30 @@ int main(int argc, char** argv) {
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
   if (!addresses.empty()) {
     absl::StatusOr<dsmoe::router::Placement> p =
-        placement_file.empty()
-            ? dsmoe::router::Placement::Compute(config, static_cast<int>(addresses.size()), replicas,
-                                                dsmoe::router::Placement::Strategy::kRoundRobin)
-            : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
-                auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
-                if (!text.ok()) return text.status();
-                return dsmoe::router::Placement::FromJson(*text, config, placement_file);
-              }();
+        placement_file.empty() ? dsmoe::router::Placement::Compute(
+                                     config, static_cast<int>(addresses.size()), replicas,
+                                     dsmoe::router::Placement::Strategy::kRoundRobin)
+                               : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
+      auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
+      if (!text.ok()) return text.status();
+      return dsmoe::router::Placement::FromJson(*text, config, placement_file);
+    }();
     if (!p.ok()) return Fail(p.status());
     if (p->num_servers() != static_cast<int>(addresses.size())) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("the placement names ", p->num_servers(),
-                                                          " expert servers but ", addresses.size(), " were given")));
+                                                          " expert servers but ", addresses.size(),
+                                                          " were given")));
     }
     placement.emplace(std::move(*p));
-    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
-                                                         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
-                                                                                          std::chrono::milliseconds(2000), &metrics});
+    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(
+        config, *placement, addresses,
+        dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
+                                         std::chrono::milliseconds(2000), &metrics});
     if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
   }
   dsmoe::ThreadPool pool(threads);
-  auto scheduler = dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
+  auto scheduler =
+      dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
   dsmoe::rpc::ServerOptions server_options;
@@ -95,9 +116,10 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  std::printf("dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
-              server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
-              server_options.metrics_port);
+  std::printf(
+      "dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
+      server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
+      server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);

@@ -4,7 +4,8 @@
 
 namespace dsmoe {
 
-absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights, ThreadPool& pool,
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights,
+                                                             ThreadPool& pool,
                                                              const SchedulerOptions& options,
                                                              RoutedExpertExecutor* experts,
                                                              AttentionMetrics* metrics) {
@@ -21,19 +22,22 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights&
   return std::unique_ptr<Scheduler>(new Scheduler(std::move(runner), options, metrics));
 }
 
-Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options, AttentionMetrics* metrics)
+Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options,
+                     AttentionMetrics* metrics)
     : runner_(std::move(runner)),
       options_(options),
       metrics_(metrics != nullptr ? &metrics->scheduler() : nullptr),
       scratch_slot_(static_cast<int32_t>(options.num_slots)) {
-  for (int64_t s = options.num_slots - 1; s >= 0; --s) free_slots_.push_back(static_cast<int32_t>(s));
+  for (int64_t s = options.num_slots - 1; s >= 0; --s)
+    free_slots_.push_back(static_cast<int32_t>(s));
   const int64_t B = options.max_batch_tokens;
   batch_ids_.reserve(B);
   batch_slots_.reserve(B);
   batch_pos_.reserve(B);
   batch_rows_.reserve(B);
   row_owner_.reserve(B);
-  logits_.resize(static_cast<size_t>(std::min(options.num_slots, B) * runner_->config().vocab_size));
+  logits_.resize(
+      static_cast<size_t>(std::min(options.num_slots, B) * runner_->config().vocab_size));
   loop_ = std::thread([this] { Loop(); });
 }
 
@@ -45,27 +49,31 @@ Scheduler::~Scheduler() {
   work_cv_.notify_all();
   loop_.join();
   // Whatever is left is told it was aborted: no sequence ends silently.
-  const absl::Status shutting_down = absl::UnavailableError("the attention server is shutting down");
+  const absl::Status shutting_down =
+      absl::UnavailableError("the attention server is shutting down");
   for (auto& s : waiting_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
   for (auto& [id, s] : running_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
   for (LogitsJob* job : logits_jobs_) job->result.set_value(shutting_down);
 }
 
-absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params, std::shared_ptr<SequenceSink> sink) {
+absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
+                                           std::shared_ptr<SequenceSink> sink) {
   const int64_t V = runner_->config().vocab_size;
   const int64_t P = static_cast<int64_t>(params.prompt.size());
   if (P == 0) return absl::InvalidArgumentError("the prompt is empty");
   if (P >= max_context()) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt of ", P, " tokens leaves no room in the context of ",
-                                                   max_context(), " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", P, " tokens leaves no room in the context of ", max_context(), " tokens"));
   }
   for (int32_t id : params.prompt) {
     if (id < 0 || id >= V) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
     }
   }
   if (params.max_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", params.max_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be >= 1, got ", params.max_tokens));
   }
   DSMOE_RETURN_IF_ERROR(params.sampling.Validate());
   auto seq = std::make_unique<Sequence>();
@@ -78,8 +86,8 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params, std::shared_pt
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return absl::UnavailableError("the attention server is shutting down");
     if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
-      return absl::ResourceExhaustedError(absl::StrCat(waiting_.size(), " sequences are already waiting (limit ",
-                                                       options_.max_waiting, ")"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          waiting_.size(), " sequences are already waiting (limit ", options_.max_waiting, ")"));
     }
     id = seq->id = next_id_++;
     waiting_.push_back(std::move(seq));
@@ -99,7 +107,8 @@ void Scheduler::Cancel(uint64_t id) {
 
 SchedulerLoad Scheduler::GetLoad() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return {static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()), options_.num_slots};
+  return {static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()),
+          options_.num_slots};
 }
 
 absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t> ids) {
@@ -118,7 +127,7 @@ absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t>
 void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& status) {
   seq->sink->OnFinish(reason, status);
   if (metrics_ != nullptr) {
-    (!status.ok()                        ? metrics_->finished_abort
+    (!status.ok()                      ? metrics_->finished_abort
      : reason == FinishReason::kLength ? metrics_->finished_length
                                        : metrics_->finished_stop)
         ->Increment();
@@ -138,7 +147,8 @@ void Scheduler::PublishLoadLocked() {
 }
 
 void Scheduler::PublishKvUsage() {
-  const double capacity = static_cast<double>(options_.num_slots) * static_cast<double>(max_context());
+  const double capacity =
+      static_cast<double>(options_.num_slots) * static_cast<double>(max_context());
   metrics_->kv_cache_usage->Set(capacity > 0 ? static_cast<double>(kv_tokens_) / capacity : 0.0);
 }
 
@@ -160,7 +170,8 @@ void Scheduler::Loop() {
           it->second->cancelled = true;
           continue;
         }
-        auto w = std::find_if(waiting_.begin(), waiting_.end(), [id](const auto& s) { return s->id == id; });
+        auto w = std::find_if(waiting_.begin(), waiting_.end(),
+                              [id](const auto& s) { return s->id == id; });
         if (w != waiting_.end()) {
           cancelled_waiting.push_back(std::move(*w));
           waiting_.erase(w);
@@ -174,7 +185,8 @@ void Scheduler::Loop() {
         free_slots_.pop_back();
         if (metrics_ != nullptr) {
           metrics_->queue_time->Observe(
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - seq->arrived).count());
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - seq->arrived)
+                  .count());
         }
         const uint64_t id = seq->id;
         running_.emplace(id, std::move(seq));
@@ -192,7 +204,8 @@ void Scheduler::Loop() {
       if (metrics_ != nullptr) metrics_->finished_abort->Increment();
     }
     // Oldest first: they get the prefill budget first and finish first.
-    std::sort(running.begin(), running.end(), [](Sequence* a, Sequence* b) { return a->id < b->id; });
+    std::sort(running.begin(), running.end(),
+              [](Sequence* a, Sequence* b) { return a->id < b->id; });
     std::vector<Sequence*> live;
     for (Sequence* seq : running) {
       if (seq->cancelled) {
@@ -247,9 +260,11 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   }
   if (batch_ids_.empty()) return;
   const auto start = std::chrono::steady_clock::now();
-  const absl::Status status = runner_->Forward({batch_ids_, batch_slots_, batch_pos_, batch_rows_}, logits_.data());
+  const absl::Status status =
+      runner_->Forward({batch_ids_, batch_slots_, batch_pos_, batch_rows_}, logits_.data());
   if (metrics_ != nullptr) {
-    metrics_->forward_time->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    metrics_->forward_time->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     metrics_->batch_tokens->Observe(static_cast<double>(batch_ids_.size()));
   }
   if (!status.ok()) {
@@ -265,7 +280,9 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     const int64_t fed = static_cast<int64_t>(batch_ids_.size());
     int64_t decode = 0;
     for (size_t i = 0; i < running.size(); ++i) {
-      if (fed_in_step_[i] == 1 && running[i]->fed > static_cast<int64_t>(running[i]->params.prompt.size())) ++decode;
+      if (fed_in_step_[i] == 1 &&
+          running[i]->fed > static_cast<int64_t>(running[i]->params.prompt.size()))
+        ++decode;
     }
     kv_tokens_ += fed;
     metrics_->prompt_tokens->Increment(static_cast<double>(fed - decode));
@@ -291,10 +308,13 @@ absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int
   const int64_t T = static_cast<int64_t>(ids.size()), V = runner_->config().vocab_size;
   if (T == 0) return absl::InvalidArgumentError("no tokens");
   if (T > max_context()) {
-    return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the context of ", max_context()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(T, " tokens exceed the context of ", max_context()));
   }
   for (int32_t id : ids) {
-    if (id < 0 || id >= V) return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
+    if (id < 0 || id >= V)
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " is outside the vocabulary"));
   }
   std::vector<float> out(static_cast<size_t>(T * V));
   const int64_t chunk = options_.max_batch_tokens;
@@ -305,9 +325,10 @@ absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int
       pos[i] = static_cast<int32_t>(begin + i);
       rows[i] = static_cast<int32_t>(i);
     }
-    DSMOE_RETURN_IF_ERROR(runner_->Forward({std::span(ids).subspan(begin, n), std::span(slots).first(n),
-                                            std::span(pos).first(n), std::span(rows).first(n)},
-                                           out.data() + begin * V));
+    DSMOE_RETURN_IF_ERROR(
+        runner_->Forward({std::span(ids).subspan(begin, n), std::span(slots).first(n),
+                          std::span(pos).first(n), std::span(rows).first(n)},
+                         out.data() + begin * V));
   }
   return out;
 }

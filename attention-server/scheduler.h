@@ -60,7 +60,8 @@ class Scheduler {
  public:
   // REQUIRES: weights, pool, experts and metrics (if given) outlive the scheduler. With
   // metrics, the runner's routing is counted there and the scheduler keeps its gauges current.
-  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const ModelWeights& weights, ThreadPool& pool,
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const ModelWeights& weights,
+                                                           ThreadPool& pool,
                                                            const SchedulerOptions& options,
                                                            RoutedExpertExecutor* experts = nullptr,
                                                            AttentionMetrics* metrics = nullptr);
@@ -85,7 +86,7 @@ class Scheduler {
     std::shared_ptr<SequenceSink> sink;
     std::unique_ptr<Sampler> sampler;
     int32_t slot = -1;
-    int64_t fed = 0;          // tokens written to the KV cache
+    int64_t fed = 0;  // tokens written to the KV cache
     int64_t generated = 0;
     int32_t last_token = -1;  // sampled, not yet fed
     bool cancelled = false;
@@ -96,7 +97,8 @@ class Scheduler {
     std::promise<absl::StatusOr<std::vector<float>>> result;
   };
 
-  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options, AttentionMetrics* metrics);
+  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options,
+            AttentionMetrics* metrics);
   void Loop();
   void Step(std::vector<Sequence*>& running);
   void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
@@ -110,7 +112,7 @@ class Scheduler {
   SchedulerOptions options_;
   SchedulerMetrics* metrics_;  // null: no metrics
   int64_t kv_tokens_ = 0;      // tokens held in the running sequences' slots; loop thread only
-  int32_t scratch_slot_;  // reserved for ComputeLogits
+  int32_t scratch_slot_;       // reserved for ComputeLogits
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;

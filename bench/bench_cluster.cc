@@ -8,6 +8,8 @@
 //
 // Without --model it writes the small preset (BF16) under /tmp/dsmoe-bench. Both sides share
 // this machine's cores, as they would on one host.
+#include <grpcpp/grpcpp.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -16,20 +18,18 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
-#include <nlohmann/json.hpp>
 
 #include "attention-server/scheduler.h"
 #include "core/io/mapped_file.h"
 #include "core/model/make_model.h"
 #include "core/rpc/server.h"
-#include "router/placement.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
+#include "router/placement.h"
 
 namespace {
 
@@ -46,14 +46,16 @@ std::vector<int> SplitInts(const std::string& s) {
 
 std::vector<int32_t> Prompt(int stream, int length, int64_t vocab) {
   std::vector<int32_t> p;
-  for (int i = 0; i < length; ++i) p.push_back(static_cast<int32_t>(2 + (stream * 131 + i * 7919) % (vocab - 2)));
+  for (int i = 0; i < length; ++i)
+    p.push_back(static_cast<int32_t>(2 + (stream * 131 + i * 7919) % (vocab - 2)));
   return p;
 }
 
 // Counts tokens and signals when every sequence has finished.
 class CountingSink final : public SequenceSink {
  public:
-  CountingSink(std::atomic<int64_t>& tokens, std::atomic<int>& remaining, std::condition_variable& cv, std::mutex& mu)
+  CountingSink(std::atomic<int64_t>& tokens, std::atomic<int>& remaining,
+               std::condition_variable& cv, std::mutex& mu)
       : tokens_(tokens), remaining_(remaining), cv_(cv), mu_(mu) {}
   void OnToken(int32_t) override { tokens_.fetch_add(1); }
   void OnFinish(FinishReason, const absl::Status&) override {
@@ -84,14 +86,17 @@ double SingleProcess(const ModelWeights& weights, int streams, int tokens, int p
     SequenceParams p;
     p.prompt = Prompt(s, prompt_len, weights.config().vocab_size);
     p.max_tokens = tokens;
-    (void)(*scheduler)->Submit(std::move(p), std::make_shared<CountingSink>(count, remaining, cv, mu));
+    (void)(*scheduler)
+        ->Submit(std::move(p), std::make_shared<CountingSink>(count, remaining, cv, mu));
   }
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return remaining.load() == 0; });
-  return static_cast<double>(count.load()) / std::chrono::duration<double>(Clock::now() - start).count();
+  return static_cast<double>(count.load()) /
+         std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, int tokens, int prompt_len) {
+double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, int tokens,
+                      int prompt_len) {
   auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(gateway));
   std::atomic<int64_t> count{0};
   std::atomic<int> failures{0};
@@ -100,7 +105,8 @@ double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, in
   for (int s = 0; s < streams; ++s) {
     threads.emplace_back([&, s] {
       dsmoe::v1::GenerateRequest req;
-      for (int32_t id : Prompt(s, prompt_len, vocab)) req.mutable_token_ids()->add_ids(static_cast<uint32_t>(id));
+      for (int32_t id : Prompt(s, prompt_len, vocab))
+        req.mutable_token_ids()->add_ids(static_cast<uint32_t>(id));
       req.set_max_tokens(static_cast<uint32_t>(tokens));
       req.set_temperature(0.0f);
       req.set_ignore_eos(true);
@@ -114,7 +120,8 @@ double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, in
   }
   for (auto& t : threads) t.join();
   if (failures.load() > 0) std::fprintf(stderr, "%d streams failed\n", failures.load());
-  return static_cast<double>(count.load()) / std::chrono::duration<double>(Clock::now() - start).count();
+  return static_cast<double>(count.load()) /
+         std::chrono::duration<double>(Clock::now() - start).count();
 }
 
 double Median(std::vector<double> v) {
@@ -133,12 +140,14 @@ DispatchRow MeasureDispatch(const std::string& expert_address, const ModelConfig
   auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(expert_address));
   const int64_t layer = held.front().first, H = c.hidden_size, k = c.num_experts_per_tok;
   std::vector<int64_t> experts;
-  for (auto [l, e] : held) if (l == layer) experts.push_back(e);
+  for (auto [l, e] : held)
+    if (l == layer) experts.push_back(e);
   internal::v1::ComputeExpertsRequest req;
   req.set_layer(static_cast<uint32_t>(layer));
   req.set_num_tokens(static_cast<uint32_t>(tokens));
   std::string hidden(static_cast<size_t>(tokens * H) * 4, '\0');
-  for (size_t i = 0; i < hidden.size() / 4; ++i) reinterpret_cast<float*>(hidden.data())[i] = 0.01f * static_cast<float>(i % 97);
+  for (size_t i = 0; i < hidden.size() / 4; ++i)
+    reinterpret_cast<float*>(hidden.data())[i] = 0.01f * static_cast<float>(i % 97);
   req.set_hidden(hidden);
   // Half of each token's top-k lands on this server (two servers, round-robin placement).
   for (int t = 0; t < tokens; ++t) {
@@ -177,11 +186,16 @@ int main(int argc, char** argv) {
   int tokens = 32, prompt_len = 16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--model") model = value;
-    else if (flag == "--streams") streams_arg = value;
-    else if (flag == "--tokens") tokens = std::stoi(value);
-    else if (flag == "--prompt") prompt_len = std::stoi(value);
-    else if (flag == "--cluster-threads") threads = value;
+    if (flag == "--model")
+      model = value;
+    else if (flag == "--streams")
+      streams_arg = value;
+    else if (flag == "--tokens")
+      tokens = std::stoi(value);
+    else if (flag == "--prompt")
+      prompt_len = std::stoi(value);
+    else if (flag == "--cluster-threads")
+      threads = value;
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -191,7 +205,8 @@ int main(int argc, char** argv) {
     model = "/tmp/dsmoe-bench/small-bf16";
     if (!fs::exists(model + "/config.json")) {
       std::printf("writing %s ...\n", model.c_str());
-      if (!WriteRandomCheckpoint(*PresetConfig("small"), {DType::kBF16, 1, 1}, model).ok()) return 1;
+      if (!WriteRandomCheckpoint(*PresetConfig("small"), {DType::kBF16, 1, 1}, model).ok())
+        return 1;
     }
   }
   auto weights = ModelWeights::Load(model);
@@ -203,11 +218,12 @@ int main(int argc, char** argv) {
 
   // The cluster, as `dsmoe cluster up` starts it.
   const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
-  const fs::path state = fs::temp_directory_path() / ("dsmoe-bench-cluster-" + std::to_string(getpid()));
+  const fs::path state =
+      fs::temp_directory_path() / ("dsmoe-bench-cluster-" + std::to_string(getpid()));
   const std::string up = (bin / "dsmoe").string() + " cluster up --model " + model +
                          " --attention-servers 1 --expert-servers 2 --json" +
-                         (threads != "0" ? " --threads " + threads : std::string()) + " --state-dir " + state.string() + " > " +
-                         (state.string() + ".json");
+                         (threads != "0" ? " --threads " + threads : std::string()) +
+                         " --state-dir " + state.string() + " > " + (state.string() + ".json");
   if (std::system(up.c_str()) != 0) {
     std::fprintf(stderr, "cluster up failed\n");
     return 1;
@@ -221,10 +237,13 @@ int main(int argc, char** argv) {
   auto placement_text = ReadTextFile(cluster["placement"].get<std::string>(), 64 << 20);
   auto placement = router::Placement::FromJson(*placement_text, c, "placement");
 
-  std::printf("model %s: %lld layers, hidden %lld, %lld routed experts (top-%lld) + %lld shared\n", model.c_str(),
-              (long long)c.num_hidden_layers, (long long)c.hidden_size, (long long)c.n_routed_experts,
-              (long long)c.num_experts_per_tok, (long long)c.n_shared_experts);
-  std::printf("\n| streams | single process tok/s | cluster tok/s | cluster / single |\n|---|---|---|---|\n");
+  std::printf("model %s: %lld layers, hidden %lld, %lld routed experts (top-%lld) + %lld shared\n",
+              model.c_str(), (long long)c.num_hidden_layers, (long long)c.hidden_size,
+              (long long)c.n_routed_experts, (long long)c.num_experts_per_tok,
+              (long long)c.n_shared_experts);
+  std::printf(
+      "\n| streams | single process tok/s | cluster tok/s | cluster / single "
+      "|\n|---|---|---|---|\n");
   SingleProcess(**weights, 4, 4, prompt_len);  // warm-up: page the weights in
   ThroughGateway(gateway, c.vocab_size, 4, 4, prompt_len);
   for (int n : SplitInts(streams_arg)) {
@@ -233,13 +252,18 @@ int main(int argc, char** argv) {
     std::printf("| %d | %.1f | %.1f | %.2f |\n", n, single, clustered, clustered / single);
     std::fflush(stdout);
   }
-  std::printf("\n| tokens | request bytes | dispatch RTT µs | expert compute µs | transport µs | bare echo µs | transport / echo |\n|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "\n| tokens | request bytes | dispatch RTT µs | expert compute µs | transport µs | bare echo "
+      "µs | transport / echo |\n|---|---|---|---|---|---|---|\n");
   for (int t : {1, 8, 32}) {
     const DispatchRow r = MeasureDispatch(expert0, c, placement->ExpertsOf(0), t);
-    std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.2f |\n", r.tokens, r.request_bytes, r.rtt_us, r.compute_us,
-                r.rtt_us - r.compute_us, r.echo_us, (r.rtt_us - r.compute_us) / r.echo_us);
+    std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.2f |\n", r.tokens, r.request_bytes,
+                r.rtt_us, r.compute_us, r.rtt_us - r.compute_us, r.echo_us,
+                (r.rtt_us - r.compute_us) / r.echo_us);
   }
-  std::system(((bin / "dsmoe").string() + " cluster down --state-dir " + state.string() + " > /dev/null").c_str());
+  std::system(
+      ((bin / "dsmoe").string() + " cluster down --state-dir " + state.string() + " > /dev/null")
+          .c_str());
   fs::remove(state.string() + ".json");
   return 0;
 }

@@ -44,7 +44,8 @@ double DecodeBytesPerToken(const ModelConfig& c, double bytes_per_weight) {
     params += H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
     if (c.IsMoeLayer(i)) {
       params += c.n_routed_experts * H;
-      params += 3 * H * (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
+      params +=
+          3 * H * (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
     } else {
       params += 3 * H * c.intermediate_size;
     }
@@ -77,12 +78,14 @@ class DistinctExperts final : public RoutingObserver {
   int64_t total_ = 0, layers_ = 0;
 };
 
-double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double Seconds(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 struct Result {
   std::string preset, dtype;
   int threads;
-  std::vector<double> decode_tps;  // per batch size
+  std::vector<double> decode_tps;         // per batch size
   std::vector<double> experts_per_layer;  // distinct routed experts per MoE layer per step
   double prefill_tps;
   double bytes_per_token;
@@ -91,8 +94,8 @@ struct Result {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string presets = "small,medium", dtypes = "f32,bf16,q8", threads_arg = "1,2", batches_arg = "1,4,16,64",
-              dir = "/tmp/dsmoe-bench";
+  std::string presets = "small,medium", dtypes = "f32,bf16,q8", threads_arg = "1,2",
+              batches_arg = "1,4,16,64", dir = "/tmp/dsmoe-bench";
   int64_t prompt_len = 512, steps = 16;
   bool mmap_weights = false;
   for (int i = 1; i < argc; ++i) {
@@ -106,13 +109,20 @@ int main(int argc, char** argv) {
       return 2;
     }
     const std::string value = argv[++i];
-    if (flag == "--presets") presets = value;
-    else if (flag == "--dtypes") dtypes = value;
-    else if (flag == "--threads") threads_arg = value;
-    else if (flag == "--batches") batches_arg = value;
-    else if (flag == "--dir") dir = value;
-    else if (flag == "--prompt") prompt_len = std::stoll(value);
-    else if (flag == "--steps") steps = std::stoll(value);
+    if (flag == "--presets")
+      presets = value;
+    else if (flag == "--dtypes")
+      dtypes = value;
+    else if (flag == "--threads")
+      threads_arg = value;
+    else if (flag == "--batches")
+      batches_arg = value;
+    else if (flag == "--dir")
+      dir = value;
+    else if (flag == "--prompt")
+      prompt_len = std::stoll(value);
+    else if (flag == "--steps")
+      steps = std::stoll(value);
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -124,7 +134,9 @@ int main(int argc, char** argv) {
 
   std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
-  std::printf("| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | GEMM GFLOP/s |\n|---|---|---|---|\n");
+  std::printf(
+      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | GEMM GFLOP/s "
+      "|\n|---|---|---|---|\n");
   std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size());
   for (size_t i = 0; i < thread_counts.size(); ++i) {
     ThreadPool pool(thread_counts[i]);
@@ -140,8 +152,11 @@ int main(int argc, char** argv) {
     for (const std::string& dtype_name : Split(dtypes)) {
       // "q8" is the Q8_0 quantization (dsmoe quantize) of the BF16 checkpoint.
       const bool q8 = dtype_name == "q8";
-      const DType dtype = dtype_name == "bf16" || q8 ? DType::kBF16 : dtype_name == "f16" ? DType::kF16 : DType::kF32;
-      const std::string source_dir = dir + "/" + preset + "-" + (q8 ? std::string("bf16") : dtype_name);
+      const DType dtype = dtype_name == "bf16" || q8 ? DType::kBF16
+                          : dtype_name == "f16"      ? DType::kF16
+                                                     : DType::kF32;
+      const std::string source_dir =
+          dir + "/" + preset + "-" + (q8 ? std::string("bf16") : dtype_name);
       const std::string model_dir = dir + "/" + preset + "-" + dtype_name;
       auto config = PresetConfig(preset);
       if (!config.ok()) return 1;
@@ -174,8 +189,10 @@ int main(int argc, char** argv) {
         ModelRunner& r = **runner;
         DistinctExperts distinct(std::max<int64_t>(c.n_routed_experts, 1));
         std::vector<float> logits(static_cast<size_t>(std::max<int64_t>(max_batch, 256)) * V);
-        const double bytes_per_weight = q8 ? (kQ8Block + 2.0) / kQ8Block : static_cast<double>(DTypeSize(dtype));
-        Result res{preset, dtype_name, threads, {}, {}, 0, DecodeBytesPerToken(c, bytes_per_weight)};
+        const double bytes_per_weight =
+            q8 ? (kQ8Block + 2.0) / kQ8Block : static_cast<double>(DTypeSize(dtype));
+        Result res{
+            preset, dtype_name, threads, {}, {}, 0, DecodeBytesPerToken(c, bytes_per_weight)};
 
         // Prefill: one prompt of prompt_len tokens, in chunks of 256, logits of the last only.
         std::vector<int32_t> ids(256), slots(256, 0), pos(256);
@@ -187,9 +204,11 @@ int main(int argc, char** argv) {
               pos[i] = static_cast<int32_t>(begin + i);
             }
             const int32_t last = static_cast<int32_t>(n - 1);
-            (void)r.Forward({std::span(ids).first(n), std::span(slots).first(n), std::span(pos).first(n),
-                             begin + n == prompt_len ? std::span<const int32_t>(&last, 1) : std::span<const int32_t>()},
-                            logits.data());
+            (void)r.Forward(
+                {std::span(ids).first(n), std::span(slots).first(n), std::span(pos).first(n),
+                 begin + n == prompt_len ? std::span<const int32_t>(&last, 1)
+                                         : std::span<const int32_t>()},
+                logits.data());
           }
         };
         prefill();  // warm-up: every weight page touched once
@@ -212,7 +231,8 @@ int main(int argc, char** argv) {
             const size_t n = std::min<size_t>(256, bid.size() - begin);
             std::vector<int32_t> chunk_rows;
             for (int32_t row : rows) {
-              if (row >= static_cast<int32_t>(begin) && row < static_cast<int32_t>(begin + n)) chunk_rows.push_back(row - static_cast<int32_t>(begin));
+              if (row >= static_cast<int32_t>(begin) && row < static_cast<int32_t>(begin + n))
+                chunk_rows.push_back(row - static_cast<int32_t>(begin));
             }
             (void)r.Forward({std::span(bid).subspan(begin, n), std::span(bslot).subspan(begin, n),
                              std::span(bpos).subspan(begin, n), chunk_rows},
@@ -239,48 +259,63 @@ int main(int argc, char** argv) {
           res.experts_per_layer.push_back(distinct.PerLayer());
         }
         results.push_back(res);
-        std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(), dtype_name.c_str(), threads,
-                    res.prefill_tps);
-        for (size_t i = 0; i < batches.size(); ++i) std::printf(" b%d %.1f", batches[i], res.decode_tps[i]);
+        std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(),
+                    dtype_name.c_str(), threads, res.prefill_tps);
+        for (size_t i = 0; i < batches.size(); ++i)
+          std::printf(" b%d %.1f", batches[i], res.decode_tps[i]);
         std::printf(" tok/s\n");
         std::fflush(stdout);
       }
     }
   }
 
-  std::printf("\nBatch decode reads each chosen expert once per step. Distinct routed experts per MoE layer per step, and the\n"
-              "decode tokens/s the measured bandwidth allows at that batch (weights read per step / batch):\n\n");
+  std::printf(
+      "\nBatch decode reads each chosen expert once per step. Distinct routed experts per MoE "
+      "layer per step, and the\n"
+      "decode tokens/s the measured bandwidth allows at that batch (weights read per step / "
+      "batch):\n\n");
   std::printf("| preset | dtype | threads |");
-  for (int b : batches) std::printf(" b%d experts/layer | b%d roofline tok/s | b%d measured |", b, b, b);
+  for (int b : batches)
+    std::printf(" b%d experts/layer | b%d roofline tok/s | b%d measured |", b, b, b);
   std::printf("\n|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|---|---|");
   std::printf("\n");
   for (const Result& r : results) {
-    const size_t ti = std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
+    const size_t ti =
+        std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
     const ModelConfig c = *PresetConfig(r.preset);
     const double per_weight = r.bytes_per_token / DecodeBytesPerToken(c, 1.0);
     const double expert_bytes = 3.0 * c.hidden_size * c.moe_intermediate_size * per_weight;
     std::printf("| %s | %s | %d |", r.preset.c_str(), r.dtype.c_str(), r.threads);
     for (size_t i = 0; i < batches.size(); ++i) {
       // Bytes of one step: the batch-1 bytes with top-k experts replaced by the distinct ones.
-      const double step_bytes = r.bytes_per_token + c.NumMoeLayers() * (r.experts_per_layer[i] - c.num_experts_per_tok) * expert_bytes;
-      std::printf(" %.1f | %.1f | %.1f |", r.experts_per_layer[i], bandwidth[ti] * 1e9 / step_bytes * batches[i], r.decode_tps[i]);
+      const double step_bytes =
+          r.bytes_per_token +
+          c.NumMoeLayers() * (r.experts_per_layer[i] - c.num_experts_per_tok) * expert_bytes;
+      std::printf(" %.1f | %.1f | %.1f |", r.experts_per_layer[i],
+                  bandwidth[ti] * 1e9 / step_bytes * batches[i], r.decode_tps[i]);
     }
     std::printf("\n");
   }
-  std::printf("\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth roofline |");
+  std::printf(
+      "\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth "
+      "roofline |");
   for (size_t i = 1; i < batches.size(); ++i) std::printf(" decode b%d tok/s |", batches[i]);
-  std::printf(" prefill %lld tok/s | prefill %% of GEMM roofline |\n|---|---|---|---|---|---|", (long long)prompt_len);
+  std::printf(" prefill %lld tok/s | prefill %% of GEMM roofline |\n|---|---|---|---|---|---|",
+              (long long)prompt_len);
   for (size_t i = 1; i < batches.size(); ++i) std::printf("---|");
   std::printf("---|---|\n");
   for (const Result& r : results) {
-    const size_t ti = std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
+    const size_t ti =
+        std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
     const ModelConfig c = *PresetConfig(r.preset);
     const double roofline_tps = bandwidth[ti] * 1e9 / r.bytes_per_token;
-    const double active = CountParameters(c).active - static_cast<double>(c.vocab_size * c.hidden_size);
+    const double active =
+        CountParameters(c).active - static_cast<double>(c.vocab_size * c.hidden_size);
     const double prefill_roofline = gemm[ti] * 1e9 / (2.0 * active);
-    std::printf("| %s | %s | %d | %.0f MB | %.1f | %.0f%% |", r.preset.c_str(), r.dtype.c_str(), r.threads,
-                r.bytes_per_token / 1e6, r.decode_tps[0], 100.0 * r.decode_tps[0] / roofline_tps);
+    std::printf("| %s | %s | %d | %.0f MB | %.1f | %.0f%% |", r.preset.c_str(), r.dtype.c_str(),
+                r.threads, r.bytes_per_token / 1e6, r.decode_tps[0],
+                100.0 * r.decode_tps[0] / roofline_tps);
     for (size_t i = 1; i < r.decode_tps.size(); ++i) std::printf(" %.1f |", r.decode_tps[i]);
     std::printf(" %.1f | %.0f%% |\n", r.prefill_tps, 100.0 * r.prefill_tps / prefill_roofline);
   }

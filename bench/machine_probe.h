@@ -3,13 +3,13 @@
 // dsmoe's own GEMM kernel.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
 #include <vector>
-
-#include <sys/mman.h>
 
 #include "core/ops/kernels.h"
 #include "core/util/huge_pages.h"
@@ -39,12 +39,15 @@ inline double ReadBandwidth(ThreadPool& pool, size_t bytes, bool huge_pages) {
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     pool.ParallelFor(threads, [&](int64_t task, int) {
-      const size_t begin = n / threads * task, end = task + 1 == threads ? n : n / threads * (task + 1);
+      const size_t begin = n / threads * task,
+                   end = task + 1 == threads ? n : n / threads * (task + 1);
       float s = 0;
-      for (size_t i = begin; i < end; i += 4096) s += k.dot(data + i, ones.data(), static_cast<int64_t>(std::min<size_t>(4096, end - i)));
+      for (size_t i = begin; i < end; i += 4096)
+        s += k.dot(data + i, ones.data(), static_cast<int64_t>(std::min<size_t>(4096, end - i)));
       partial[task] = s;
     });
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, static_cast<double>(bytes) / secs / 1e9);
   }
   if (plain != nullptr) munmap(plain, bytes);
@@ -67,7 +70,8 @@ inline double GemmRate(ThreadPool& pool) {
       const MatrixView W{DType::kF32, N, K, w[task].data()};
       for (int i = 0; i < iters; ++i) k.matmul_rows(x[task].data(), T, W, 0, N, y[task].data(), N);
     });
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * N * K * T * iters * threads / secs / 1e9);
   }
   return best;

@@ -1,9 +1,9 @@
 #include "cli/client_command.h"
 
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <iostream>
-
-#include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/id_list.h"
@@ -14,10 +14,14 @@ namespace dsmoe::cli {
 namespace {
 const char* FinishName(dsmoe::v1::FinishReason r) {
   switch (r) {
-    case dsmoe::v1::FINISH_REASON_STOP: return "stop";
-    case dsmoe::v1::FINISH_REASON_LENGTH: return "length";
-    case dsmoe::v1::FINISH_REASON_ABORT: return "abort";
-    default: return "unspecified";
+    case dsmoe::v1::FINISH_REASON_STOP:
+      return "stop";
+    case dsmoe::v1::FINISH_REASON_LENGTH:
+      return "length";
+    case dsmoe::v1::FINISH_REASON_ABORT:
+      return "abort";
+    default:
+      return "unspecified";
   }
 }
 }  // namespace
@@ -48,7 +52,8 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     }
     request.mutable_stop_token_ids()->Add(stops->begin(), stops->end());
   }
-  auto stub = dsmoe::v1::Gateway::NewStub(grpc::CreateChannel(o.gateway, grpc::InsecureChannelCredentials()));
+  auto stub = dsmoe::v1::Gateway::NewStub(
+      grpc::CreateChannel(o.gateway, grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(static_cast<int64_t>(o.timeout_seconds * 1000)));
@@ -72,7 +77,8 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   const grpc::Status status = reader->Finish();
   if (!status.ok()) {
     if (!o.json) std::cout << "\n";
-    std::cerr << "dsmoe: error: " << status.error_message() << " (gRPC code " << status.error_code() << ")\n";
+    std::cerr << "dsmoe: error: " << status.error_message() << " (gRPC code " << status.error_code()
+              << ")\n";
     return 1;
   }
   if (o.json) {
@@ -86,7 +92,8 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     std::cout << j.dump() << "\n";
   } else {
     std::cout << "\n";
-    std::cerr << "finish_reason=" << FinishName(last.finish_reason()) << "  prompt_tokens=" << last.usage().prompt_tokens()
+    std::cerr << "finish_reason=" << FinishName(last.finish_reason())
+              << "  prompt_tokens=" << last.usage().prompt_tokens()
               << "  completion_tokens=" << last.usage().completion_tokens()
               << "  ttft=" << last.usage().time_to_first_token_seconds() << " s\n";
   }

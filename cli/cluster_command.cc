@@ -11,15 +11,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <thread>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
 #include "router/placement.h"
@@ -75,7 +73,8 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::str
   const int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
-  if (rc != 0) return absl::InternalError(absl::StrCat("cannot start ", argv[0], ": ", std::strerror(rc)));
+  if (rc != 0)
+    return absl::InternalError(absl::StrCat("cannot start ", argv[0], ": ", std::strerror(rc)));
   return pid;
 }
 
@@ -94,7 +93,8 @@ absl::Status WaitReady(std::vector<Process>& procs) {
       if (fs::exists(p.ready_file)) {
         auto text = ReadTextFile(p.ready_file, 64);
         if (text.ok() && !text->empty()) {
-          const std::vector<std::string> lines = absl::StrSplit(*text, '\n', absl::SkipWhitespace());
+          const std::vector<std::string> lines =
+              absl::StrSplit(*text, '\n', absl::SkipWhitespace());
           p.address = "127.0.0.1:" + std::string(absl::StripAsciiWhitespace(lines[0]));
           if (lines.size() > 1 && !absl::SimpleAtoi(lines[1], &p.metrics_port)) p.metrics_port = 0;
           break;
@@ -102,11 +102,13 @@ absl::Status WaitReady(std::vector<Process>& procs) {
       }
       int status = 0;
       if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
-        return absl::InternalError(absl::StrCat(p.role, " ", p.index, " exited while starting; its log ", p.log,
+        return absl::InternalError(absl::StrCat(p.role, " ", p.index,
+                                                " exited while starting; its log ", p.log,
                                                 " ends with:\n", Tail(p.log)));
       }
       if (std::chrono::steady_clock::now() > deadline) {
-        return absl::DeadlineExceededError(absl::StrCat(p.role, " ", p.index, " did not start within ",
+        return absl::DeadlineExceededError(absl::StrCat(p.role, " ", p.index,
+                                                        " did not start within ",
                                                         kStartTimeout.count(), " s; see ", p.log));
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -144,7 +146,8 @@ std::string Join(const std::vector<Process>& procs, const std::string& role) {
 absl::Status Up(const ClusterUpOptions& o, Json* state) {
   const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
   if (fs::exists(dir / kStateFile)) {
-    return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (", (dir / kStateFile).string(),
+    return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (",
+                                                 (dir / kStateFile).string(),
                                                  "); run `dsmoe cluster down` first"));
   }
   std::error_code ec;
@@ -160,8 +163,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   DSMOE_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(o.model, config_only));
   std::string placement_path = o.placement;
   if (placement_path.empty()) {
-    DSMOE_ASSIGN_OR_RETURN(auto placement, router::Placement::Compute(weights->config(), o.expert_servers, o.replicas,
-                                                                      router::Placement::Strategy::kRoundRobin));
+    DSMOE_ASSIGN_OR_RETURN(
+        auto placement, router::Placement::Compute(weights->config(), o.expert_servers, o.replicas,
+                                                   router::Placement::Strategy::kRoundRobin));
     placement_path = (dir / "placement.json").string();
     std::ofstream(placement_path) << placement.ToJson();
   }
@@ -174,7 +178,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   const fs::path bin = BinaryDir();
   const std::string model = fs::absolute(o.model).string();
   std::vector<Process> procs;
-  auto start = [&](const std::string& role, int index, std::vector<std::string> argv) -> absl::Status {
+  auto start = [&](const std::string& role, int index,
+                   std::vector<std::string> argv) -> absl::Status {
     Process p;
     p.role = role;
     p.index = index;
@@ -194,25 +199,31 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     return s;
   };
   for (int i = 0; i < o.expert_servers; ++i) {
-    if (auto s = start("expert-server", i, {(bin / "dsmoe-expert-server").string(), "--model", model, "--placement",
-                                            placement_path, "--server-index", std::to_string(i), "--threads",
-                                            std::to_string(threads)});
-        !s.ok()) return fail(s);
+    if (auto s = start("expert-server", i,
+                       {(bin / "dsmoe-expert-server").string(), "--model", model, "--placement",
+                        placement_path, "--server-index", std::to_string(i), "--threads",
+                        std::to_string(threads)});
+        !s.ok())
+      return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
   const std::string experts = Join(procs, "expert-server");
   for (int i = 0; i < o.attention_servers; ++i) {
-    if (auto s = start("attention-server", i, {(bin / "dsmoe-attention-server").string(), "--model", model,
-                                               "--expert-servers", experts, "--placement", placement_path, "--threads",
-                                               std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
-                                               "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)});
-        !s.ok()) return fail(s);
+    if (auto s = start("attention-server", i,
+                       {(bin / "dsmoe-attention-server").string(), "--model", model,
+                        "--expert-servers", experts, "--placement", placement_path, "--threads",
+                        std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
+                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)});
+        !s.ok())
+      return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
-  if (auto s = start("gateway", 0, {(bin / "dsmoe-gateway").string(), "--model", model, "--attention-servers",
-                                    Join(procs, "attention-server"), "--expert-servers", experts, "--listen",
-                                    absl::StrCat("127.0.0.1:", o.gateway_port)});
-      !s.ok()) return fail(s);
+  if (auto s = start("gateway", 0,
+                     {(bin / "dsmoe-gateway").string(), "--model", model, "--attention-servers",
+                      Join(procs, "attention-server"), "--expert-servers", experts, "--listen",
+                      absl::StrCat("127.0.0.1:", o.gateway_port)});
+      !s.ok())
+    return fail(s);
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
 
   (*state)["gateway"] = Join(procs, "gateway");
@@ -220,10 +231,15 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   (*state)["placement"] = placement_path;
   Json list = Json::array();
   for (const Process& p : procs) {
-    list.push_back({{"role", p.role}, {"index", p.index}, {"pid", p.pid}, {"address", p.address},
-                    {"metrics_url", p.metrics_port > 0 ? Json(absl::StrCat("http://127.0.0.1:", p.metrics_port, "/metrics"))
-                                                       : Json(nullptr)},
-                    {"log", p.log}});
+    list.push_back(
+        {{"role", p.role},
+         {"index", p.index},
+         {"pid", p.pid},
+         {"address", p.address},
+         {"metrics_url", p.metrics_port > 0
+                             ? Json(absl::StrCat("http://127.0.0.1:", p.metrics_port, "/metrics"))
+                             : Json(nullptr)},
+         {"log", p.log}});
   }
   (*state)["processes"] = list;
   std::ofstream(dir / kStateFile) << state->dump(2) << "\n";

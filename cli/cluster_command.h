@@ -11,12 +11,12 @@ struct ClusterUpOptions {
   int attention_servers = 1;
   int expert_servers = 2;
   int replicas = 1;
-  int gateway_port = 0;   // 0: any free port
-  int threads = 0;        // compute threads per server; 0: all cores (servers take turns)
-  int num_slots = 32;     // per attention server
+  int gateway_port = 0;  // 0: any free port
+  int threads = 0;       // compute threads per server; 0: all cores (servers take turns)
+  int num_slots = 32;    // per attention server
   int dispatch_deadline_ms = 10000;  // attention → expert server call deadline
-  std::string state_dir;  // pids, ports, logs, placement; default .dsmoe-cluster
-  std::string placement;  // placement JSON; default: computed round-robin
+  std::string state_dir;             // pids, ports, logs, placement; default .dsmoe-cluster
+  std::string placement;             // placement JSON; default: computed round-robin
   bool json = false;
 };
 

@@ -1,22 +1,21 @@
 #include "cli/commands.h"
 
-#include <chrono>
-#include <filesystem>
-#include <cstdio>
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "cli/id_list.h"
 #include "core/io/npy.h"
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
-#include "core/model/quantize.h"
 #include "core/model/model_runner.h"
+#include "core/model/quantize.h"
 #include "core/model/weights.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/cpu_features.h"
@@ -60,7 +59,7 @@ absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
     DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
   }
   DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model, WeightSelection::Everything(),
-                                                        {/*copy_to_huge_pages=*/!in.mmap_weights}));
+                                                       {/*copy_to_huge_pages=*/!in.mmap_weights}));
   const int64_t V = m.weights->config().vocab_size;
   for (int32_t id : m.ids) {
     if (id >= V) {
@@ -73,7 +72,8 @@ absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
 }
 
 // Runs the whole prompt through `runner` in chunks, logits for every position if `logits`.
-absl::Status Prefill(ModelRunner& runner, const std::vector<int32_t>& ids, std::vector<float>* logits) {
+absl::Status Prefill(ModelRunner& runner, const std::vector<int32_t>& ids,
+                     std::vector<float>* logits) {
   const int64_t T = static_cast<int64_t>(ids.size());
   const int64_t chunk = runner.options().max_batch_tokens;
   const int64_t V = runner.config().vocab_size;
@@ -85,10 +85,11 @@ absl::Status Prefill(ModelRunner& runner, const std::vector<int32_t>& ids, std::
       positions[i] = static_cast<int32_t>(begin + i);
       rows[i] = static_cast<int32_t>(i);
     }
-    ForwardBatch batch{std::span(ids).subspan(begin, n), std::span(slots).first(n),
-                       std::span(positions).first(n),
-                       logits != nullptr ? std::span<const int32_t>(rows).first(n) : std::span<const int32_t>()};
-    DSMOE_RETURN_IF_ERROR(runner.Forward(batch, logits != nullptr ? logits->data() + begin * V : nullptr));
+    ForwardBatch batch{
+        std::span(ids).subspan(begin, n), std::span(slots).first(n), std::span(positions).first(n),
+        logits != nullptr ? std::span<const int32_t>(rows).first(n) : std::span<const int32_t>()};
+    DSMOE_RETURN_IF_ERROR(
+        runner.Forward(batch, logits != nullptr ? logits->data() + begin * V : nullptr));
   }
   return absl::OkStatus();
 }
@@ -103,7 +104,8 @@ absl::StatusOr<DType> ParseDType(const std::string& s) {
   if (s == "f32") return DType::kF32;
   if (s == "bf16") return DType::kBF16;
   if (s == "f16") return DType::kF16;
-  return absl::InvalidArgumentError(absl::StrCat("--dtype: '", s, "' is not one of f32, bf16, f16"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--dtype: '", s, "' is not one of f32, bf16, f16"));
 }
 
 }  // namespace
@@ -112,7 +114,9 @@ int RunMakeModel(const MakeModelOptions& o) {
   auto config = PresetConfig(o.preset);
   if (!config.ok()) return Fail(config.status());
   ModelConfig& c = *config;
-  auto set = [](const std::optional<int64_t>& v, int64_t& field) { if (v) field = *v; };
+  auto set = [](const std::optional<int64_t>& v, int64_t& field) {
+    if (v) field = *v;
+  };
   const bool moe_shape_changed = o.shared_experts || o.top_k || o.moe_intermediate;
   set(o.layers, c.num_hidden_layers);
   set(o.hidden, c.hidden_size);
@@ -142,7 +146,8 @@ int RunMakeModel(const MakeModelOptions& o) {
     tokenizer = std::move(*loaded);
     if (!o.vocab) c.vocab_size = tokenizer->vocab_size();
     if (tokenizer->vocab_size() > c.vocab_size) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat("--vocab ", c.vocab_size, " is smaller than the tokenizer's ",
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--vocab ", c.vocab_size,
+                                                          " is smaller than the tokenizer's ",
                                                           tokenizer->vocab_size(), " ids")));
     }
     if (tokenizer->bos_id()) c.bos_token_id = *tokenizer->bos_id();
@@ -158,16 +163,21 @@ int RunMakeModel(const MakeModelOptions& o) {
     namespace fs = std::filesystem;
     std::error_code ec;
     const fs::path src = fs::path(o.tokenizer);
-    fs::copy_file(src, fs::path(o.out) / "tokenizer.json", fs::copy_options::overwrite_existing, ec);
+    fs::copy_file(src, fs::path(o.out) / "tokenizer.json", fs::copy_options::overwrite_existing,
+                  ec);
     if (!ec && fs::exists(src.parent_path() / "tokenizer_config.json")) {
-      fs::copy_file(src.parent_path() / "tokenizer_config.json", fs::path(o.out) / "tokenizer_config.json",
-                    fs::copy_options::overwrite_existing, ec);
+      fs::copy_file(src.parent_path() / "tokenizer_config.json",
+                    fs::path(o.out) / "tokenizer_config.json", fs::copy_options::overwrite_existing,
+                    ec);
     }
-    if (ec) return Fail(absl::PermissionDeniedError(absl::StrCat("copying the tokenizer: ", ec.message())));
+    if (ec)
+      return Fail(
+          absl::PermissionDeniedError(absl::StrCat("copying the tokenizer: ", ec.message())));
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ParameterCount params = CountParameters(c);
-  std::fprintf(stderr, "wrote %s: preset %s, %s, %.1fM parameters (%.1fM active per token), %.1f s\n",
+  std::fprintf(stderr,
+               "wrote %s: preset %s, %s, %.1fM parameters (%.1fM active per token), %.1f s\n",
                o.out.c_str(), o.preset.c_str(), o.dtype.c_str(), params.total / 1e6,
                params.active / 1e6, secs);
   return 0;
@@ -177,10 +187,12 @@ int RunQuantize(const QuantizeOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   auto report = QuantizeCheckpoint(o.model, o.out);
   if (!report.ok()) return Fail(report.status());
-  std::fprintf(stderr, "wrote %s: %lld tensors quantized to Q8_0, %lld copied; %.1f MB -> %.1f MB, %.1f s\n",
-               o.out.c_str(), static_cast<long long>(report->quantized_tensors),
-               static_cast<long long>(report->copied_tensors), report->bytes_in / 1e6, report->bytes_out / 1e6,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  std::fprintf(
+      stderr, "wrote %s: %lld tensors quantized to Q8_0, %lld copied; %.1f MB -> %.1f MB, %.1f s\n",
+      o.out.c_str(), static_cast<long long>(report->quantized_tensors),
+      static_cast<long long>(report->copied_tensors), report->bytes_in / 1e6,
+      report->bytes_out / 1e6,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
 }
 
@@ -213,9 +225,11 @@ int RunGenerate(const GenerateOptions& o) {
   const ModelConfig& c = m->weights->config();
   int64_t model_max = c.max_position_embeddings;
   if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
-    model_max = static_cast<int64_t>(static_cast<double>(model_max) * std::max(1.0, c.rope_scaling.factor));
+    model_max =
+        static_cast<int64_t>(static_cast<double>(model_max) * std::max(1.0, c.rope_scaling.factor));
   }
-  const int64_t context = std::min<int64_t>(model_max, static_cast<int64_t>(m->ids.size()) + o.max_tokens);
+  const int64_t context =
+      std::min<int64_t>(model_max, static_cast<int64_t>(m->ids.size()) + o.max_tokens);
   auto runner = MakeRunner(*m, context);
   if (!runner.ok()) return Fail(runner.status());
   const bool stream = !o.json;
@@ -245,12 +259,15 @@ int RunGenerate(const GenerateOptions& o) {
       j["text"] = nullptr;  // the checkpoint has no tokenizer.json
     }
     j["finish_reason"] = FinishReasonName(result->finish_reason);
-    j["usage"] = {{"prompt_tokens", m->ids.size()}, {"completion_tokens", result->output_ids.size()}};
+    j["usage"] = {{"prompt_tokens", m->ids.size()},
+                  {"completion_tokens", result->output_ids.size()}};
     std::cout << j.dump() << "\n";
   } else {
     std::cout << "\n";
     const double decode_tokens = static_cast<double>(result->output_ids.size()) - 1.0;
-    std::fprintf(stderr, "finish_reason=%s  prompt %zu tokens in %.3f s (%.1f tok/s)  decode %.0f tokens in %.3f s (%.1f tok/s)  threads=%d  kernels=%s\n",
+    std::fprintf(stderr,
+                 "finish_reason=%s  prompt %zu tokens in %.3f s (%.1f tok/s)  decode %.0f tokens "
+                 "in %.3f s (%.1f tok/s)  threads=%d  kernels=%s\n",
                  FinishReasonName(result->finish_reason), m->ids.size(), result->prefill_seconds,
                  static_cast<double>(m->ids.size()) / std::max(result->prefill_seconds, 1e-9),
                  decode_tokens, result->decode_seconds,
@@ -276,7 +293,8 @@ class RouteRecorder final : public RoutingObserver {
   }
   nlohmann::ordered_json ToJson() const {
     nlohmann::ordered_json layers = nlohmann::ordered_json::array();
-    for (auto& [layer, positions] : layers_) layers.push_back({{"layer", layer}, {"positions", positions}});
+    for (auto& [layer, positions] : layers_)
+      layers.push_back({{"layer", layer}, {"positions", positions}});
     return {{"layers", layers}};
   }
 

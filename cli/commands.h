@@ -25,9 +25,9 @@ struct MakeModelOptions {
 
 struct ModelInputOptions {
   std::string model;
-  std::string ids;     // "1,2,3"
-  std::string prompt;  // needs a tokenizer
-  int threads = 0;     // 0: all cores
+  std::string ids;            // "1,2,3"
+  std::string prompt;         // needs a tokenizer
+  int threads = 0;            // 0: all cores
   bool mmap_weights = false;  // serve weights from the file mapping instead of a huge-page copy
 };
 

@@ -19,14 +19,16 @@ absl::StatusOr<std::vector<int32_t>> ParseIdList(const std::string& text, const 
       used = 0;
     }
     if (item.empty() || used != item.size() || v < 0 || v > INT32_MAX) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, ": '", item,
-                                                     "' is not a token id (expected a comma-separated "
-                                                     "list of non-negative integers, e.g. 1,2,3)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": '", item,
+                       "' is not a token id (expected a comma-separated "
+                       "list of non-negative integers, e.g. 1,2,3)"));
     }
     ids.push_back(static_cast<int32_t>(v));
     i = end + 1;
   }
-  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(flag, ": empty list of token ids"));
+  if (ids.empty())
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": empty list of token ids"));
   return ids;
 }
 

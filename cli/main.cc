@@ -1,8 +1,7 @@
 // dsmoe: one binary, one subcommand per job. This file only declares flags (CLI11) and hands
 // the parsed options to cli/commands.cc.
-#include <cstdio>
-
 #include <CLI/CLI.hpp>
+#include <cstdio>
 
 #include "cli/client_command.h"
 #include "cli/cluster_command.h"
@@ -27,19 +26,22 @@ void AddModelInput(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt) {
   cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
   cmd->add_flag("--mmap-weights", in.mmap_weights,
-                "Read weights through the file mapping (4 KiB pages) instead of copying them into huge pages");
+                "Read weights through the file mapping (4 KiB pages) instead of copying them into "
+                "huge pages");
 }
 
 template <class T>
 void AddOptional(CLI::App* cmd, const std::string& name, std::optional<T>& target,
                  const std::string& help) {
-  cmd->add_option_function<T>(name, [&target](const T& v) { target = v; }, help);
+  cmd->add_option_function<T>(
+      name, [&target](const T& v) { target = v; }, help);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"dsmoe: serve DeepSeekMoE models (fine-grained + shared experts) on CPU and clusters"};
+  CLI::App app{
+      "dsmoe: serve DeepSeekMoE models (fine-grained + shared experts) on CPU and clusters"};
   // No require_subcommand(): CLI11 would then report a missing subcommand before naming an
   // unknown word like `dsmoe frobnicate`; we check for a subcommand after parsing instead.
   app.set_version_flag("--version", "dsmoe 0.1.0");
@@ -47,7 +49,8 @@ int main(int argc, char** argv) {
 
   // make-model
   dsmoe::cli::MakeModelOptions mk;
-  auto* make = app.add_subcommand("make-model", "Write a random-weight checkpoint in Hugging Face format");
+  auto* make =
+      app.add_subcommand("make-model", "Write a random-weight checkpoint in Hugging Face format");
   make->add_option("--preset", mk.preset, "Shape preset")
       ->check(CLI::IsMember({"tiny", "gshard", "small", "medium"}))
       ->capture_default_str();
@@ -56,11 +59,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   make->add_option("--seed", mk.seed, "Random seed")->capture_default_str();
   make->add_option("--out", mk.out, "Output directory")->required();
-  make->add_option("--shards", mk.shards, "Number of safetensors shards")->check(CLI::Range(1, 9999))->capture_default_str();
+  make->add_option("--shards", mk.shards, "Number of safetensors shards")
+      ->check(CLI::Range(1, 9999))
+      ->capture_default_str();
   AddOptional(make, "--layers", mk.layers, "Override num_hidden_layers");
   AddOptional(make, "--hidden", mk.hidden, "Override hidden_size");
   AddOptional(make, "--heads", mk.heads, "Override num_attention_heads");
-  AddOptional(make, "--kv-heads", mk.kv_heads, "Override num_key_value_heads (GQA < heads, MQA = 1)");
+  AddOptional(make, "--kv-heads", mk.kv_heads,
+              "Override num_key_value_heads (GQA < heads, MQA = 1)");
   AddOptional(make, "--routed-experts", mk.routed_experts, "Override n_routed_experts");
   AddOptional(make, "--shared-experts", mk.shared_experts, "Override n_shared_experts (0: none)");
   AddOptional(make, "--top-k", mk.top_k, "Override num_experts_per_tok");
@@ -73,21 +79,28 @@ int main(int argc, char** argv) {
   AddOptional(make, "--norm-topk-prob", mk.norm_topk_prob, "Set norm_topk_prob (true|false)");
   AddOptional(make, "--tie-embeddings", mk.tie_embeddings, "Set tie_word_embeddings (true|false)");
   AddOptional(make, "--attention-bias", mk.attention_bias, "Set attention_bias (true|false)");
-  make->add_option("--tokenizer", mk.tokenizer, "Copy this tokenizer.json (+ tokenizer_config.json beside it) and size the vocabulary to it")
+  make->add_option("--tokenizer", mk.tokenizer,
+                   "Copy this tokenizer.json (+ tokenizer_config.json beside it) and size the "
+                   "vocabulary to it")
       ->check(CLI::ExistingFile);
-  AddOptional(make, "--rope-linear-factor", mk.rope_linear_factor, "Use linear RoPE scaling with this factor");
+  AddOptional(make, "--rope-linear-factor", mk.rope_linear_factor,
+              "Use linear RoPE scaling with this factor");
   make->callback([&] { rc = dsmoe::cli::RunMakeModel(mk); });
 
   // quantize
   dsmoe::cli::QuantizeOptions qz;
-  auto* quantize = app.add_subcommand("quantize", "Write an 8-bit (Q8_0) copy of a checkpoint: half the bytes of BF16");
-  quantize->add_option("--model", qz.model, "Checkpoint directory to read")->required()->check(CLI::ExistingDirectory);
+  auto* quantize = app.add_subcommand(
+      "quantize", "Write an 8-bit (Q8_0) copy of a checkpoint: half the bytes of BF16");
+  quantize->add_option("--model", qz.model, "Checkpoint directory to read")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   quantize->add_option("--out", qz.out, "Output directory")->required();
   quantize->callback([&] { rc = dsmoe::cli::RunQuantize(qz); });
 
   // logits
   dsmoe::cli::LogitsOptions lg;
-  auto* logits = app.add_subcommand("logits", "Write float32 logits of every position as .npy [T, vocab]");
+  auto* logits =
+      app.add_subcommand("logits", "Write float32 logits of every position as .npy [T, vocab]");
   AddModelInput(logits, lg.input, /*allow_prompt=*/false);
   logits->add_option("--out", lg.out, "Output .npy file")->required();
   logits->callback([&] { rc = dsmoe::cli::RunLogits(lg); });
@@ -100,75 +113,118 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
       ->capture_default_str();
   generate->add_option("--temperature", gen.temperature, "Sampling temperature (0: greedy)")
-      ->check(CLI::Range(0.0, 1e6))->capture_default_str();
+      ->check(CLI::Range(0.0, 1e6))
+      ->capture_default_str();
   generate->add_option("--top-k", gen.top_k, "Keep the k most likely tokens (0: all)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   generate->add_option("--top-p", gen.top_p, "Nucleus sampling mass in (0, 1]")
-      ->check(CLI::Range(1e-9, 1.0))->capture_default_str();
+      ->check(CLI::Range(1e-9, 1.0))
+      ->capture_default_str();
   generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   generate->add_option("--stop-ids", gen.stop_ids, "Extra stop token ids, comma-separated");
   generate->add_flag("--ignore-eos", gen.ignore_eos, "Do not stop at the model's eos token");
-  generate->add_flag("--json", gen.json, "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
+  generate->add_flag("--json", gen.json,
+                     "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
   generate->callback([&] { rc = dsmoe::cli::RunGenerate(gen); });
 
   // route
   dsmoe::cli::RouteOptions rt;
-  auto* route = app.add_subcommand("route", "Show the routed experts and weights chosen per MoE layer and position");
+  auto* route = app.add_subcommand(
+      "route", "Show the routed experts and weights chosen per MoE layer and position");
   AddModelInput(route, rt.input, /*allow_prompt=*/false);
-  route->add_flag("--json", rt.json, "Print {\"layers\": [{\"layer\", \"positions\": [{\"experts\", \"weights\"}]}]}");
+  route->add_flag("--json", rt.json,
+                  "Print {\"layers\": [{\"layer\", \"positions\": [{\"experts\", \"weights\"}]}]}");
   route->callback([&] { rc = dsmoe::cli::RunRoute(rt); });
 
   // info
   dsmoe::cli::InfoOptions inf;
-  auto* info = app.add_subcommand("info", "Describe a checkpoint: shape, experts, parameter counts");
-  info->add_option("--model", inf.model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  auto* info =
+      app.add_subcommand("info", "Describe a checkpoint: shape, experts, parameter counts");
+  info->add_option("--model", inf.model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   info->add_flag("--json", inf.json, "Print as one JSON object");
   info->callback([&] { rc = dsmoe::cli::RunInfo(inf); });
 
   // tokenize / detokenize
   dsmoe::cli::TokenizeOptions tk;
   auto* tokenize = app.add_subcommand("tokenize", "Encode text with a Hugging Face tokenizer.json");
-  tokenize->add_option("--tokenizer", tk.tokenizer_path, "tokenizer.json (tokenizer_config.json beside it is read too)")
-      ->required()->check(CLI::ExistingFile);
-  auto* tk_text = tokenize->add_option_function<std::string>("--text", [&](const std::string& v) { tk.text = v; }, "Text to encode");
-  auto* tk_file = tokenize->add_option_function<std::string>("--file", [&](const std::string& v) { tk.file = v; }, "UTF-8 file to encode")
+  tokenize
+      ->add_option("--tokenizer", tk.tokenizer_path,
+                   "tokenizer.json (tokenizer_config.json beside it is read too)")
+      ->required()
       ->check(CLI::ExistingFile);
+  auto* tk_text = tokenize->add_option_function<std::string>(
+      "--text", [&](const std::string& v) { tk.text = v; }, "Text to encode");
+  auto* tk_file =
+      tokenize
+          ->add_option_function<std::string>(
+              "--file", [&](const std::string& v) { tk.file = v; }, "UTF-8 file to encode")
+          ->check(CLI::ExistingFile);
   tk_text->excludes(tk_file);
   tokenize->add_flag("--jsonl", tk.jsonl, "With --file: one JSON array of ids per input line");
   bool no_special = false;
-  tokenize->add_flag("--no-special-tokens", no_special, "Do not add BOS/EOS as the tokenizer would");
+  tokenize->add_flag("--no-special-tokens", no_special,
+                     "Do not add BOS/EOS as the tokenizer would");
   tokenize->callback([&] {
     tk.add_special_tokens = !no_special;
     rc = dsmoe::cli::RunTokenize(tk);
   });
   dsmoe::cli::DetokenizeOptions dt;
-  auto* detokenize = app.add_subcommand("detokenize", "Decode token ids with a Hugging Face tokenizer.json");
-  detokenize->add_option("--tokenizer", dt.tokenizer_path, "tokenizer.json")->required()->check(CLI::ExistingFile);
+  auto* detokenize =
+      app.add_subcommand("detokenize", "Decode token ids with a Hugging Face tokenizer.json");
+  detokenize->add_option("--tokenizer", dt.tokenizer_path, "tokenizer.json")
+      ->required()
+      ->check(CLI::ExistingFile);
   detokenize->add_option("--ids", dt.ids, "Token ids, comma-separated")->required();
-  detokenize->add_flag("--skip-special-tokens", dt.skip_special_tokens, "Leave special tokens out of the text");
+  detokenize->add_flag("--skip-special-tokens", dt.skip_special_tokens,
+                       "Leave special tokens out of the text");
   detokenize->callback([&] { rc = dsmoe::cli::RunDetokenize(dt); });
 
   // cluster up / down
-  auto* cluster = app.add_subcommand("cluster", "Run a local dsmoe cluster (gateway, attention and expert servers)");
+  auto* cluster = app.add_subcommand(
+      "cluster", "Run a local dsmoe cluster (gateway, attention and expert servers)");
   cluster->require_subcommand(1);
   dsmoe::cli::ClusterUpOptions up;
-  auto* cluster_up = cluster->add_subcommand("up", "Start the processes on 127.0.0.1 and wait until all serve");
-  cluster_up->add_option("--model", up.model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
-  cluster_up->add_option("--attention-servers", up.attention_servers, "Attention servers")->check(CLI::Range(1, 64))->capture_default_str();
-  cluster_up->add_option("--expert-servers", up.expert_servers, "Expert servers")->check(CLI::Range(1, 256))->capture_default_str();
-  cluster_up->add_option("--replicas", up.replicas, "Copies of each routed expert")->check(CLI::Range(1, 256))->capture_default_str();
-  cluster_up->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")->check(CLI::ExistingFile);
-  cluster_up->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")->check(CLI::Range(0, 65535));
-  cluster_up->add_option("--threads", up.threads, "Compute threads per server (default: all cores; the servers take turns)")->check(CLI::Range(1, 1024));
-  cluster_up->add_option("--num-slots", up.num_slots, "Sequences per attention server")->check(CLI::Range(1, 4096))->capture_default_str();
-  cluster_up->add_option("--dispatch-deadline-ms", up.dispatch_deadline_ms, "Deadline of each attention → expert server call")
-      ->check(CLI::Range(1, 3600000))->capture_default_str();
-  cluster_up->add_option("--state-dir", up.state_dir, "Where pids, ports and logs go (default: .dsmoe-cluster)");
+  auto* cluster_up =
+      cluster->add_subcommand("up", "Start the processes on 127.0.0.1 and wait until all serve");
+  cluster_up->add_option("--model", up.model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  cluster_up->add_option("--attention-servers", up.attention_servers, "Attention servers")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  cluster_up->add_option("--expert-servers", up.expert_servers, "Expert servers")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  cluster_up->add_option("--replicas", up.replicas, "Copies of each routed expert")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  cluster_up->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")
+      ->check(CLI::ExistingFile);
+  cluster_up->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")
+      ->check(CLI::Range(0, 65535));
+  cluster_up
+      ->add_option("--threads", up.threads,
+                   "Compute threads per server (default: all cores; the servers take turns)")
+      ->check(CLI::Range(1, 1024));
+  cluster_up->add_option("--num-slots", up.num_slots, "Sequences per attention server")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  cluster_up
+      ->add_option("--dispatch-deadline-ms", up.dispatch_deadline_ms,
+                   "Deadline of each attention → expert server call")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  cluster_up->add_option("--state-dir", up.state_dir,
+                         "Where pids, ports and logs go (default: .dsmoe-cluster)");
   cluster_up->add_flag("--json", up.json, "Print one JSON object naming every process");
   cluster_up->callback([&] { rc = dsmoe::cli::RunClusterUp(up); });
   dsmoe::cli::ClusterDownOptions down;
   auto* cluster_down = cluster->add_subcommand("down", "Stop the cluster started by `cluster up`");
-  cluster_down->add_option("--state-dir", down.state_dir, "As given to cluster up (default: .dsmoe-cluster)");
+  cluster_down->add_option("--state-dir", down.state_dir,
+                           "As given to cluster up (default: .dsmoe-cluster)");
   cluster_down->callback([&] { rc = dsmoe::cli::RunClusterDown(down); });
 
   // client generate
@@ -178,25 +234,37 @@ int main(int argc, char** argv) {
   auto* client_gen = client->add_subcommand("generate", "Stream a completion from the gateway");
   client_gen->add_option("--gateway", cg.gateway, "Gateway address host:port")->required();
   auto* cg_ids = client_gen->add_option("--ids", cg.ids, "Prompt token ids, comma-separated");
-  auto* cg_prompt = client_gen->add_option("--prompt", cg.prompt, "Prompt text (the gateway tokenizes)");
+  auto* cg_prompt =
+      client_gen->add_option("--prompt", cg.prompt, "Prompt text (the gateway tokenizes)");
   cg_ids->excludes(cg_prompt);
-  client_gen->add_option("--max-tokens", cg.max_tokens, "Tokens to generate at most")->check(CLI::Range(int64_t{1}, int64_t{1} << 24))->capture_default_str();
-  client_gen->add_option("--temperature", cg.temperature, "Sampling temperature (0: greedy)")->check(CLI::Range(0.0, 1e6))->capture_default_str();
-  client_gen->add_option("--top-k", cg.top_k, "Keep the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);
-  client_gen->add_option("--top-p", cg.top_p, "Nucleus sampling mass in (0, 1]")->check(CLI::Range(1e-9, 1.0));
+  client_gen->add_option("--max-tokens", cg.max_tokens, "Tokens to generate at most")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
+      ->capture_default_str();
+  client_gen->add_option("--temperature", cg.temperature, "Sampling temperature (0: greedy)")
+      ->check(CLI::Range(0.0, 1e6))
+      ->capture_default_str();
+  client_gen->add_option("--top-k", cg.top_k, "Keep the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  client_gen->add_option("--top-p", cg.top_p, "Nucleus sampling mass in (0, 1]")
+      ->check(CLI::Range(1e-9, 1.0));
   client_gen->add_option("--seed", cg.seed, "Sampling seed");
   client_gen->add_option("--stop-ids", cg.stop_ids, "Extra stop token ids, comma-separated");
   client_gen->add_flag("--ignore-eos", cg.ignore_eos, "Do not stop at the model's eos token");
-  client_gen->add_option("--timeout", cg.timeout_seconds, "Deadline in seconds")->check(CLI::PositiveNumber);
-  client_gen->add_flag("--json", cg.json, "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
+  client_gen->add_option("--timeout", cg.timeout_seconds, "Deadline in seconds")
+      ->check(CLI::PositiveNumber);
+  client_gen->add_flag("--json", cg.json,
+                       "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
   client_gen->callback([&] {
-    if (cg.ids.empty() && cg.prompt.empty()) throw CLI::ValidationError("one of --ids or --prompt is required");
+    if (cg.ids.empty() && cg.prompt.empty())
+      throw CLI::ValidationError("one of --ids or --prompt is required");
     rc = dsmoe::cli::RunClientGenerate(cg);
   });
 
   CLI11_PARSE(app, argc, argv);
   if (app.get_subcommands().empty()) {
-    std::fprintf(stderr, "dsmoe: error: a subcommand is required (make-model, quantize, info, logits, generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
+    std::fprintf(stderr,
+                 "dsmoe: error: a subcommand is required (make-model, quantize, info, logits, "
+                 "generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
     return 2;
   }
   return rc;

@@ -18,9 +18,9 @@
 namespace dsmoe {
 
 struct ExpertServiceOptions {
-  int threads = 0;                   // compute threads; 0: all cores
-  int64_t max_tokens = 4096;         // tokens per request
-  int64_t max_assignments = 32768;   // (token, expert) pairs per request
+  int threads = 0;                          // compute threads; 0: all cores
+  int64_t max_tokens = 4096;                // tokens per request
+  int64_t max_assignments = 32768;          // (token, expert) pairs per request
   rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
 };
 
@@ -32,7 +32,8 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   grpc::Status ComputeExperts(grpc::ServerContext* context,
                               const internal::v1::ComputeExpertsRequest* request,
                               internal::v1::ComputeExpertsResponse* response) override;
-  grpc::Status GetExperts(grpc::ServerContext* context, const internal::v1::GetExpertsRequest* request,
+  grpc::Status GetExperts(grpc::ServerContext* context,
+                          const internal::v1::GetExpertsRequest* request,
                           internal::v1::GetExpertsResponse* response) override;
   grpc::Status Echo(grpc::ServerContext* context, const internal::v1::EchoMessage* request,
                     internal::v1::EchoMessage* response) override;

@@ -8,10 +8,15 @@
 
 namespace dsmoe {
 
-GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
+GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config,
+                                       const router::Placement& placement,
                                        const std::vector<std::string>& addresses,
                                        const GrpcExpertExecutorOptions& options)
-    : config_(config), placement_(placement), addresses_(addresses), options_(options), planner_(placement) {
+    : config_(config),
+      placement_(placement),
+      addresses_(addresses),
+      options_(options),
+      planner_(placement) {
   for (const std::string& a : addresses_) {
     stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a)));
   }
@@ -26,10 +31,12 @@ GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config, const router::
 
 DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
   const prometheus::Labels labels = {{"expert_server", std::to_string(server)}};
-  round_trip = &r.Histogram("dsmoe_dispatch_round_trip_seconds",
-                            "Round trip of one ComputeExperts call to an expert server (send to reply)")
-                    .Add(labels, rpc::RpcLatencyBuckets());
-  sent_bytes = &r.Counter("dsmoe_dispatch_sent_bytes_total", "Bytes of ComputeExperts requests sent (protobuf size)")
+  round_trip =
+      &r.Histogram("dsmoe_dispatch_round_trip_seconds",
+                   "Round trip of one ComputeExperts call to an expert server (send to reply)")
+           .Add(labels, rpc::RpcLatencyBuckets());
+  sent_bytes = &r.Counter("dsmoe_dispatch_sent_bytes_total",
+                          "Bytes of ComputeExperts requests sent (protobuf size)")
                     .Add(labels);
   received_bytes = &r.Counter("dsmoe_dispatch_received_bytes_total",
                               "Bytes of ComputeExperts replies received (protobuf size)")
@@ -37,20 +44,24 @@ DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
   assignments = &r.Counter("dsmoe_dispatch_assignments_total",
                            "Routed (token, expert) assignments dispatched to an expert server")
                      .Add(labels);
-  tokens = &r.Counter("dsmoe_dispatch_tokens_total", "Hidden-state rows (tokens) sent to an expert server").Add(labels);
+  tokens = &r.Counter("dsmoe_dispatch_tokens_total",
+                      "Hidden-state rows (tokens) sent to an expert server")
+                .Add(labels);
   calls = rpc::AddCodeCounters(
-      r.Counter("dsmoe_dispatch_calls_total", "ComputeExperts calls to an expert server, by gRPC code (failures: code != OK)"),
+      r.Counter("dsmoe_dispatch_calls_total",
+                "ComputeExperts calls to an expert server, by gRPC code (failures: code != OK)"),
       labels);
 }
 
-absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
-                                     const float* weights, int64_t k, float* out) {
+absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
+                                     const int32_t* experts, const float* weights, int64_t k,
+                                     float* out) {
   DSMOE_RETURN_IF_ERROR(Start(layer, x, T, experts, weights, k));
   return Finish(out);
 }
 
-absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
-                                       const float* weights, int64_t k) {
+absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
+                                       const int32_t* experts, const float* weights, int64_t k) {
   layer_ = layer;
   num_tokens_ = T;
   k_ = k;
@@ -58,7 +69,8 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
   experts_ = experts;
   weights_ = weights;
   const auto now = std::chrono::steady_clock::now();
-  for (size_t s = 0; s < down_since_.size(); ++s) {  // give servers that failed a while ago another try
+  for (size_t s = 0; s < down_since_.size();
+       ++s) {  // give servers that failed a while ago another try
     if (down_since_[s] && now - *down_since_[s] >= options_.retry_down_after) {
       down_since_[s].reset();
       planner_.SetAvailable(static_cast<int>(s), true);
@@ -120,7 +132,8 @@ absl::Status GrpcExpertExecutor::Send() {
 void GrpcExpertExecutor::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
   // The call is complete: its request and reply are not touched by anyone else until the next
   // Send, which waits for this callback.
-  m.round_trip->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - call.sent_at).count());
+  m.round_trip->Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - call.sent_at).count());
   m.sent_bytes->Increment(static_cast<double>(call.request.ByteSizeLong()));
   if (status.ok()) m.received_bytes->Increment(static_cast<double>(call.response.ByteSizeLong()));
   rpc::CountCode(m.calls, status.error_code());
@@ -141,7 +154,8 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
     bool transport_failure = false;
     for (size_t s = 0; s < calls_.size(); ++s) {
       const grpc::StatusCode code = calls_[s].status.error_code();
-      if (calls_[s].active && (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED)) {
+      if (calls_[s].active &&
+          (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED)) {
         transport_failure = true;
         down_since_[s] = std::chrono::steady_clock::now();
         planner_.SetAvailable(static_cast<int>(s), false);
@@ -164,16 +178,17 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
       std::set<int32_t> experts(w.expert.begin(), w.expert.end());
       std::string names;
       for (int32_t e : experts) absl::StrAppend(&names, names.empty() ? "" : ", ", e);
-      first_error.Update(absl::Status(
-          static_cast<absl::StatusCode>(call.status.error_code()),
-          absl::StrCat("expert server ", s, " at ", addresses_[s], " failed on routed experts of layer ",
-                       layer_, " [", names, "]: ", call.status.error_message())));
+      first_error.Update(
+          absl::Status(static_cast<absl::StatusCode>(call.status.error_code()),
+                       absl::StrCat("expert server ", s, " at ", addresses_[s],
+                                    " failed on routed experts of layer ", layer_, " [", names,
+                                    "]: ", call.status.error_message())));
       continue;
     }
     if (call.response.output().size() != w.rows.size() * H * sizeof(float)) {
-      first_error.Update(absl::InternalError(absl::StrCat("expert server ", s, " at ", addresses_[s],
-                                                          " answered ", call.response.output().size(),
-                                                          " bytes for ", w.rows.size(), " tokens")));
+      first_error.Update(absl::InternalError(
+          absl::StrCat("expert server ", s, " at ", addresses_[s], " answered ",
+                       call.response.output().size(), " bytes for ", w.rows.size(), " tokens")));
       continue;
     }
     const float* y = reinterpret_cast<const float*>(call.response.output().data());
@@ -192,19 +207,21 @@ absl::Status GrpcExpertExecutor::VerifyServers() {
     internal::v1::GetExpertsResponse resp;
     const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
     if (!st.ok()) {
-      return absl::UnavailableError(absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
+      return absl::UnavailableError(
+          absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
     }
     if (resp.hidden_size() != config_.hidden_size) {
-      return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s], " serves hidden size ",
-                                                        resp.hidden_size(), ", the model has ", config_.hidden_size));
+      return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
+                                                        " serves hidden size ", resp.hidden_size(),
+                                                        ", the model has ", config_.hidden_size));
     }
     std::set<std::pair<int64_t, int64_t>> held;
     for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
     for (const auto& le : placement_.ExpertsOf(static_cast<int>(s))) {
       if (!held.count(le)) {
-        return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
-                                                          " does not hold routed expert (layer ", le.first,
-                                                          ", expert ", le.second, ") that the placement assigns it"));
+        return absl::FailedPreconditionError(absl::StrCat(
+            "expert server ", s, " at ", addresses_[s], " does not hold routed expert (layer ",
+            le.first, ", expert ", le.second, ") that the placement assigns it"));
       }
     }
   }

@@ -6,6 +6,8 @@
 // Thread-compatible (one model runner drives it), like every executor.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <memory>
@@ -13,8 +15,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "core/model/routed_experts.h"
 #include "core/rpc/metrics.h"
@@ -25,9 +25,9 @@
 namespace dsmoe {
 
 struct GrpcExpertExecutorOptions {
-  std::chrono::milliseconds deadline{10000};     // per dispatch call
+  std::chrono::milliseconds deadline{10000};         // per dispatch call
   std::chrono::milliseconds retry_down_after{2000};  // a failed server is tried again after this
-  rpc::MetricsRegistry* metrics = nullptr;       // where dispatch metrics go; null: none
+  rpc::MetricsRegistry* metrics = nullptr;           // where dispatch metrics go; null: none
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the
@@ -35,19 +35,20 @@ struct GrpcExpertExecutorOptions {
 // observations take prometheus-cpp's per-histogram lock).
 struct DispatchMetrics {
   DispatchMetrics(rpc::MetricsRegistry& registry, int server);
-  prometheus::Histogram* round_trip;  // send → reply, seconds
-  prometheus::Counter* sent_bytes;       // request messages (protobuf size)
-  prometheus::Counter* received_bytes;   // reply messages
-  prometheus::Counter* assignments;      // routed (token, expert) assignments sent
-  prometheus::Counter* tokens;           // hidden-state rows sent
-  rpc::CodeCounters calls;               // finished calls by gRPC code (OK included)
+  prometheus::Histogram* round_trip;    // send → reply, seconds
+  prometheus::Counter* sent_bytes;      // request messages (protobuf size)
+  prometheus::Counter* received_bytes;  // reply messages
+  prometheus::Counter* assignments;     // routed (token, expert) assignments sent
+  prometheus::Counter* tokens;          // hidden-state rows sent
+  rpc::CodeCounters calls;              // finished calls by gRPC code (OK included)
 };
 
 class GrpcExpertExecutor final : public RoutedExpertExecutor {
  public:
   // `addresses[s]` is expert server s of `placement`. REQUIRES: placement outlives this.
   GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
-                     const std::vector<std::string>& addresses, const GrpcExpertExecutorOptions& options);
+                     const std::vector<std::string>& addresses,
+                     const GrpcExpertExecutorOptions& options);
 
   absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                    const float* weights, int64_t k, float* out) override;

@@ -1,8 +1,7 @@
 // dsmoe-expert-server: serves the routed experts a placement assigns to it.
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
-
-#include <CLI/CLI.hpp>
 
 #include "core/io/mapped_file.h"
 #include "core/rpc/metrics.h"
@@ -12,23 +11,36 @@
 
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
-  CLI::App app{"dsmoe-expert-server: computes routed experts of a DeepSeekMoE model for attention servers"};
-  std::string model, model_name, placement_file, listen = "127.0.0.1:0", ready_file, metrics_listen = "127.0.0.1:0";
+  CLI::App app{
+      "dsmoe-expert-server: computes routed experts of a DeepSeekMoE model for attention servers"};
+  std::string model, model_name, placement_file, listen = "127.0.0.1:0", ready_file,
+                                                 metrics_listen = "127.0.0.1:0";
   int server_index = 0, servers = 1, replicas = 1;
   dsmoe::ExpertServiceOptions options;
-  app.add_option("--model", model, "Checkpoint directory")->required()->check(CLI::ExistingDirectory);
-  app.add_option("--placement", placement_file, "Placement JSON (default: round-robin over --servers)")
+  app.add_option("--model", model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--placement", placement_file,
+                 "Placement JSON (default: round-robin over --servers)")
       ->check(CLI::ExistingFile);
-  app.add_option("--servers", servers, "Number of expert servers (computed placement)")->check(CLI::Range(1, 4096));
-  app.add_option("--replicas", replicas, "Copies of each expert (computed placement)")->check(CLI::Range(1, 4096));
-  app.add_option("--server-index", server_index, "This server's index in the placement")->check(CLI::Range(0, 4095));
+  app.add_option("--servers", servers, "Number of expert servers (computed placement)")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--replicas", replicas, "Copies of each expert (computed placement)")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--server-index", server_index, "This server's index in the placement")
+      ->check(CLI::Range(0, 4095));
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+  app.add_option("--ready-file", ready_file,
+                 "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen,
+                 "Address of the Prometheus /metrics endpoint (empty: none)")
       ->capture_default_str();
-  app.add_option("--model-name", model_name, "The `model` label of the metrics (default: the directory's name)");
-  app.add_option("--threads", options.threads, "Compute threads (default: all cores)")->check(CLI::Range(1, 1024));
-  app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")->check(CLI::Range(1, 1 << 20));
+  app.add_option("--model-name", model_name,
+                 "The `model` label of the metrics (default: the directory's name)");
+  app.add_option("--threads", options.threads, "Compute threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")
+      ->check(CLI::Range(1, 1 << 20));
   CLI11_PARSE(app, argc, argv);
 
   auto fail = [](const absl::Status& s) {
@@ -46,22 +58,25 @@ int main(int argc, char** argv) {
   const dsmoe::ModelConfig& config = (*config_only)->config();
   absl::StatusOr<dsmoe::router::Placement> placement =
       placement_file.empty()
-          ? dsmoe::router::Placement::Compute(config, servers, replicas, dsmoe::router::Placement::Strategy::kRoundRobin)
+          ? dsmoe::router::Placement::Compute(config, servers, replicas,
+                                              dsmoe::router::Placement::Strategy::kRoundRobin)
           : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
-              auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
-              if (!text.ok()) return text.status();
-              return dsmoe::router::Placement::FromJson(*text, config, placement_file);
-            }();
+    auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
+    if (!text.ok()) return text.status();
+    return dsmoe::router::Placement::FromJson(*text, config, placement_file);
+  }();
   if (!placement.ok()) return fail(placement.status());
   if (server_index >= placement->num_servers()) {
-    return fail(absl::InvalidArgumentError(absl::StrCat("--server-index ", server_index, " but the placement has ",
+    return fail(absl::InvalidArgumentError(absl::StrCat("--server-index ", server_index,
+                                                        " but the placement has ",
                                                         placement->num_servers(), " servers")));
   }
   options.max_assignments = options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
   auto weights = dsmoe::ModelWeights::Load(model, placement->SelectionFor(server_index));
   if (!weights.ok()) return fail(weights.status());
   if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
-  dsmoe::rpc::MetricsRegistry metrics(model_name, {{"expert_server", std::to_string(server_index)}});
+  dsmoe::rpc::MetricsRegistry metrics(model_name,
+                                      {{"expert_server", std::to_string(server_index)}});
   options.metrics = &metrics;
   dsmoe::ExpertService service(std::move(*weights), options);
   dsmoe::rpc::ServerOptions server_options;
@@ -74,9 +89,9 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return fail(server.status());
-  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s, metrics on port %d\n", server_index,
-              static_cast<long long>(service.num_experts_held()), server->address().c_str(),
-              server_options.metrics_port);
+  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s, metrics on port %d\n",
+              server_index, static_cast<long long>(service.num_experts_held()),
+              server->address().c_str(), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-expert-server: signal %d, shutting down\n", sig);

@@ -38,8 +38,10 @@ class InFlight {
 }  // namespace
 
 GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig& generation,
-                               std::unique_ptr<Tokenizer> tokenizer, const std::vector<std::string>& attention_servers,
-                               const std::vector<std::string>& expert_servers, const GatewayOptions& options)
+                               std::unique_ptr<Tokenizer> tokenizer,
+                               const std::vector<std::string>& attention_servers,
+                               const std::vector<std::string>& expert_servers,
+                               const GatewayOptions& options)
     : config_(config),
       generation_(generation),
       tokenizer_(std::move(tokenizer)),
@@ -57,21 +59,30 @@ GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig
 }
 
 GatewayService::Metrics::Metrics(rpc::MetricsRegistry& r) {
-  auto& req = r.Counter("dsmoe_requests_total", "Gateway calls finished, by method and gRPC code (errors: code != OK)");
-  const char* names[kNumMethods] = {"Generate", "Complete", "Tokenize", "Detokenize", "GetModelInfo"};
-  for (int m = 0; m < kNumMethods; ++m) requests[m] = rpc::AddCodeCounters(req, {{"method", names[m]}});
-  auto& finished = r.Counter("dsmoe_requests_finished_total",
-                             "Generate/Complete requests completed, by finish_reason (stop, length, abort)");
+  auto& req = r.Counter("dsmoe_requests_total",
+                        "Gateway calls finished, by method and gRPC code (errors: code != OK)");
+  const char* names[kNumMethods] = {"Generate", "Complete", "Tokenize", "Detokenize",
+                                    "GetModelInfo"};
+  for (int m = 0; m < kNumMethods; ++m)
+    requests[m] = rpc::AddCodeCounters(req, {{"method", names[m]}});
+  auto& finished =
+      r.Counter("dsmoe_requests_finished_total",
+                "Generate/Complete requests completed, by finish_reason (stop, length, abort)");
   finished_stop = &finished.Add({{"finish_reason", "stop"}});
   finished_length = &finished.Add({{"finish_reason", "length"}});
   finished_abort = &finished.Add({{"finish_reason", "abort"}});
-  ttft = &r.Histogram("dsmoe_time_to_first_token_seconds", "Time from a request's arrival to its first generated token")
+  ttft = &r.Histogram("dsmoe_time_to_first_token_seconds",
+                      "Time from a request's arrival to its first generated token")
               .Add({}, rpc::RequestLatencyBuckets());
-  inter_token = &r.Histogram("dsmoe_inter_token_latency_seconds", "Time between successive generated tokens of a request")
+  inter_token = &r.Histogram("dsmoe_inter_token_latency_seconds",
+                             "Time between successive generated tokens of a request")
                      .Add({}, rpc::TokenLatencyBuckets());
-  e2e = &r.Histogram("dsmoe_e2e_request_latency_seconds", "Time from a request's arrival to its last token")
+  e2e = &r.Histogram("dsmoe_e2e_request_latency_seconds",
+                     "Time from a request's arrival to its last token")
              .Add({}, rpc::RequestLatencyBuckets());
-  in_flight = &r.Gauge("dsmoe_requests_in_flight", "Gateway requests (Generate, Complete) in flight").Add({});
+  in_flight =
+      &r.Gauge("dsmoe_requests_in_flight", "Gateway requests (Generate, Complete) in flight")
+           .Add({});
 }
 
 grpc::Status GatewayService::Counted(Method method, grpc::Status status) {
@@ -87,27 +98,32 @@ void GatewayService::CountFinished(dsmoe::v1::FinishReason reason) {
       ->Increment();
 }
 
-grpc::Status GatewayService::Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+grpc::Status GatewayService::Generate(grpc::ServerContext* context,
+                                      const dsmoe::v1::GenerateRequest* request,
                                       grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
   return Counted(kGenerate, GenerateImpl(context, request, writer));
 }
 
-grpc::Status GatewayService::Complete(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+grpc::Status GatewayService::Complete(grpc::ServerContext* context,
+                                      const dsmoe::v1::GenerateRequest* request,
                                       dsmoe::v1::CompleteResponse* response) {
   return Counted(kComplete, CompleteImpl(context, request, response));
 }
 
-grpc::Status GatewayService::Tokenize(grpc::ServerContext*, const dsmoe::v1::TokenizeRequest* request,
+grpc::Status GatewayService::Tokenize(grpc::ServerContext*,
+                                      const dsmoe::v1::TokenizeRequest* request,
                                       dsmoe::v1::TokenizeResponse* response) {
   return Counted(kTokenize, TokenizeImpl(request, response));
 }
 
-grpc::Status GatewayService::Detokenize(grpc::ServerContext*, const dsmoe::v1::DetokenizeRequest* request,
+grpc::Status GatewayService::Detokenize(grpc::ServerContext*,
+                                        const dsmoe::v1::DetokenizeRequest* request,
                                         dsmoe::v1::DetokenizeResponse* response) {
   return Counted(kDetokenize, DetokenizeImpl(request, response));
 }
 
-grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest*,
+grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context,
+                                          const dsmoe::v1::GetModelInfoRequest*,
                                           dsmoe::v1::ModelInfo* info) {
   return Counted(kGetModelInfo, GetModelInfoImpl(context, info));
 }
@@ -116,12 +132,14 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
                                       internal::v1::AttentionGenerateRequest* up) const {
   if (!r.model().empty() && r.model() != options_.model_name) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                        absl::StrCat("model '", r.model(), "' is not served here (serving '", options_.model_name, "')"));
+                        absl::StrCat("model '", r.model(), "' is not served here (serving '",
+                                     options_.model_name, "')"));
   }
   google::protobuf::RepeatedField<uint32_t> ids;
   switch (r.prompt_case()) {
     case dsmoe::v1::GenerateRequest::kText: {
-      if (tokenizer_ == nullptr) return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
+      if (tokenizer_ == nullptr)
+        return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
       auto encoded = tokenizer_->Encode(r.text(), /*add_special_tokens=*/true);
       if (!encoded.ok()) return Invalid(absl::StrCat("prompt text: ", encoded.status().message()));
       ids.Add(encoded->begin(), encoded->end());
@@ -140,20 +158,22 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
   }
   for (int i = 0; i < ids.size(); ++i) {
     if (ids[i] >= config_.vocab_size) {
-      return Invalid(absl::StrCat("token_ids[", i, "] = ", ids[i], " is outside the vocabulary [0, ",
-                                  config_.vocab_size, ")"));
+      return Invalid(absl::StrCat("token_ids[", i, "] = ", ids[i],
+                                  " is outside the vocabulary [0, ", config_.vocab_size, ")"));
     }
   }
   const int64_t max_tokens = r.has_max_tokens() ? r.max_tokens() : 16;
   if (max_tokens < 1 || max_tokens > options_.max_tokens_limit) {
-    return Invalid(absl::StrCat("max_tokens must be in [1, ", options_.max_tokens_limit, "], got ", max_tokens));
+    return Invalid(absl::StrCat("max_tokens must be in [1, ", options_.max_tokens_limit, "], got ",
+                                max_tokens));
   }
   const float temperature = r.has_temperature() ? r.temperature() : 1.0f;
   if (!(temperature >= 0.0f) || !std::isfinite(temperature)) {
     return Invalid(absl::StrCat("temperature must be >= 0, got ", temperature));
   }
   const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
-  if (!(top_p > 0.0f && top_p <= 1.0f)) return Invalid(absl::StrCat("top_p must be in (0, 1], got ", top_p));
+  if (!(top_p > 0.0f && top_p <= 1.0f))
+    return Invalid(absl::StrCat("top_p must be in (0, 1], got ", top_p));
   if (r.stop_size() > 0 && tokenizer_ == nullptr) {
     return Invalid("stop strings need a tokenizer and this model has none; use stop_token_ids");
   }
@@ -161,7 +181,8 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
     if (stop.empty()) return Invalid("stop strings must not be empty");
   }
   for (uint32_t id : r.stop_token_ids()) {
-    if (id >= config_.vocab_size) return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
+    if (id >= config_.vocab_size)
+      return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
   }
   *up->mutable_prompt_token_ids() = std::move(ids);
   up->set_max_tokens(static_cast<uint32_t>(max_tokens));
@@ -174,9 +195,11 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::Relay(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest& request,
+grpc::Status GatewayService::Relay(grpc::ServerContext* context,
+                                   const internal::v1::AttentionGenerateRequest& request,
                                    const OnMessage& on_message) {
-  if (upstreams_.empty()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention server configured");
+  if (upstreams_.empty())
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention server configured");
   Upstream* best = upstreams_[0].get();
   for (auto& u : upstreams_) {
     if (u->in_flight.load() < best->in_flight.load()) best = u.get();
@@ -197,14 +220,16 @@ grpc::Status GatewayService::Relay(grpc::ServerContext* context, const internal:
   grpc::Status status = reader->Finish();
   if (stopped_here) return grpc::Status::OK;  // a stop string, or the client went away
   if (!status.ok() && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return grpc::Status(status.error_code(), absl::StrCat("attention server ", best->address, ": ", status.error_message()));
+    return grpc::Status(status.error_code(), absl::StrCat("attention server ", best->address, ": ",
+                                                          status.error_message()));
   }
   return status;
 }
 
-grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
-                                 const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
-                                 dsmoe::v1::FinishReason* finish, double* ttft) {
+grpc::Status GatewayService::Run(grpc::ServerContext* context,
+                                 const dsmoe::v1::GenerateRequest& request,
+                                 const internal::v1::AttentionGenerateRequest& upstream,
+                                 const Emit& emit, dsmoe::v1::FinishReason* finish, double* ttft) {
   const auto start = Clock::now();
   auto last_token_at = start;
   *ttft = -1;
@@ -215,73 +240,78 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context, const dsmoe::v1::
   // several tokens and messages; what was sent cannot be taken back).
   std::string held;
   bool client_gone = false;
-  grpc::Status status = Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
-    if (m.token_ids_size() > 0) {
-      const auto now = Clock::now();
-      if (*ttft < 0) {
-        *ttft = std::chrono::duration<double>(now - start).count();
-        if (metrics_ != nullptr) metrics_->ttft->Observe(*ttft);
-      } else if (metrics_ != nullptr) {
-        // Tokens arriving together share the gap since the previous ones.
-        const double gap = std::chrono::duration<double>(now - last_token_at).count() / m.token_ids_size();
-        for (int i = 0; i < m.token_ids_size(); ++i) metrics_->inter_token->Observe(gap);
-      }
-      last_token_at = now;
-    }
-    *finish = m.finish_reason();
-    const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
-    if (decoder) {
-      for (uint32_t id : m.token_ids()) {
-        auto piece = decoder->Push(static_cast<int32_t>(id));
-        if (piece.ok()) held += *piece;
-      }
-      if (last) {
-        if (auto rest = decoder->Finish(); rest.ok()) held += *rest;
-      }
-    }
-    size_t cut = std::string::npos;
-    for (const std::string& stop : request.stop()) cut = std::min(cut, held.find(stop));
-    if (cut != std::string::npos) {
-      *finish = dsmoe::v1::FINISH_REASON_STOP;
-      if (!emit(m.token_ids(), held.substr(0, cut))) client_gone = true;
-      return false;  // stops the sequence upstream
-    }
-    // Keep back the longest tail of `held` that begins some stop string; send the rest.
-    size_t keep = 0;
-    if (!last) {
-      for (const std::string& stop : request.stop()) {
-        for (size_t n = std::min(stop.size() - 1, held.size()); n > keep; --n) {
-          if (held.compare(held.size() - n, n, stop, 0, n) == 0) {
-            keep = n;
-            break;
+  grpc::Status status =
+      Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
+        if (m.token_ids_size() > 0) {
+          const auto now = Clock::now();
+          if (*ttft < 0) {
+            *ttft = std::chrono::duration<double>(now - start).count();
+            if (metrics_ != nullptr) metrics_->ttft->Observe(*ttft);
+          } else if (metrics_ != nullptr) {
+            // Tokens arriving together share the gap since the previous ones.
+            const double gap =
+                std::chrono::duration<double>(now - last_token_at).count() / m.token_ids_size();
+            for (int i = 0; i < m.token_ids_size(); ++i) metrics_->inter_token->Observe(gap);
+          }
+          last_token_at = now;
+        }
+        *finish = m.finish_reason();
+        const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+        if (decoder) {
+          for (uint32_t id : m.token_ids()) {
+            auto piece = decoder->Push(static_cast<int32_t>(id));
+            if (piece.ok()) held += *piece;
+          }
+          if (last) {
+            if (auto rest = decoder->Finish(); rest.ok()) held += *rest;
           }
         }
-      }
-    }
-    std::string text = held.substr(0, held.size() - keep);
-    held.erase(0, held.size() - keep);
-    if (m.token_ids_size() == 0 && text.empty()) return true;
-    if (!emit(m.token_ids(), text)) {
-      client_gone = true;
-      return false;
-    }
-    return true;
-  });
+        size_t cut = std::string::npos;
+        for (const std::string& stop : request.stop()) cut = std::min(cut, held.find(stop));
+        if (cut != std::string::npos) {
+          *finish = dsmoe::v1::FINISH_REASON_STOP;
+          if (!emit(m.token_ids(), held.substr(0, cut))) client_gone = true;
+          return false;  // stops the sequence upstream
+        }
+        // Keep back the longest tail of `held` that begins some stop string; send the rest.
+        size_t keep = 0;
+        if (!last) {
+          for (const std::string& stop : request.stop()) {
+            for (size_t n = std::min(stop.size() - 1, held.size()); n > keep; --n) {
+              if (held.compare(held.size() - n, n, stop, 0, n) == 0) {
+                keep = n;
+                break;
+              }
+            }
+          }
+        }
+        std::string text = held.substr(0, held.size() - keep);
+        held.erase(0, held.size() - keep);
+        if (m.token_ids_size() == 0 && text.empty()) return true;
+        if (!emit(m.token_ids(), text)) {
+          client_gone = true;
+          return false;
+        }
+        return true;
+      });
   if (!status.ok()) return status;
   if (client_gone) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
   if (*finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED) *finish = dsmoe::v1::FINISH_REASON_ABORT;
   if (*ttft < 0) *ttft = 0;
-  if (metrics_ != nullptr) metrics_->e2e->Observe(std::chrono::duration<double>(Clock::now() - start).count());
+  if (metrics_ != nullptr)
+    metrics_->e2e->Observe(std::chrono::duration<double>(Clock::now() - start).count());
   CountFinished(*finish);
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context,
+                                          const dsmoe::v1::GenerateRequest* request,
                                           grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
   InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
+                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent,
+                                     " concurrent requests"));
   }
   internal::v1::AttentionGenerateRequest upstream;
   if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
@@ -308,12 +338,14 @@ grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context, const ds
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
+grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context,
+                                          const dsmoe::v1::GenerateRequest* request,
                                           dsmoe::v1::CompleteResponse* response) {
   InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent, " concurrent requests"));
+                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent,
+                                     " concurrent requests"));
   }
   internal::v1::AttentionGenerateRequest upstream;
   if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
@@ -338,7 +370,8 @@ grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context, const ds
 grpc::Status GatewayService::TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,
                                           dsmoe::v1::TokenizeResponse* response) {
   if (tokenizer_ == nullptr) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this model has no tokenizer (no tokenizer.json)");
   }
   auto ids = tokenizer_->Encode(request->text(), request->add_special_tokens());
   if (!ids.ok()) return Invalid(std::string(ids.status().message()));
@@ -349,11 +382,13 @@ grpc::Status GatewayService::TokenizeImpl(const dsmoe::v1::TokenizeRequest* requ
 grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request,
                                             dsmoe::v1::DetokenizeResponse* response) {
   if (tokenizer_ == nullptr) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this model has no tokenizer (no tokenizer.json)");
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this model has no tokenizer (no tokenizer.json)");
   }
   const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
   for (int32_t id : ids) {
-    if (id < 0) return Invalid(absl::StrCat("token id ", static_cast<uint32_t>(id), " is out of range"));
+    if (id < 0)
+      return Invalid(absl::StrCat("token id ", static_cast<uint32_t>(id), " is out of range"));
   }
   auto text = tokenizer_->Decode(ids, request->skip_special_tokens());
   if (!text.ok()) return Invalid(std::string(text.status().message()));
@@ -361,7 +396,8 @@ grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* 
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context, dsmoe::v1::ModelInfo* info) {
+grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context,
+                                              dsmoe::v1::ModelInfo* info) {
   const ModelConfig& c = config_;
   info->set_model(options_.model_name);
   info->set_architecture("DeepseekForCausalLM");
@@ -385,11 +421,13 @@ grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context, dsmo
   for (const std::string& address : expert_servers_) {
     auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(address));
     grpc::ClientContext ctx;
-    ctx.set_deadline(std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
+    ctx.set_deadline(
+        std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
     internal::v1::GetExpertsResponse held;
     grpc::Status s = stub->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &held);
     if (!s.ok()) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("expert server ", address, ": ", s.error_message()));
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          absl::StrCat("expert server ", address, ": ", s.error_message()));
     }
     auto* e = info->add_expert_servers();
     e->set_address(address);

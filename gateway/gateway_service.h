@@ -22,11 +22,11 @@
 namespace dsmoe {
 
 struct GatewayOptions {
-  std::string model_name;          // what GenerateRequest.model may say
-  int64_t max_prompt_tokens = 0;   // 0: the model's context
-  int64_t max_tokens_limit = 4096; // bound on GenerateRequest.max_tokens
-  int64_t max_concurrent = 256;    // requests in flight; beyond: RESOURCE_EXHAUSTED
-  int64_t max_context = 0;         // the attention servers' context (0: the model's)
+  std::string model_name;                   // what GenerateRequest.model may say
+  int64_t max_prompt_tokens = 0;            // 0: the model's context
+  int64_t max_tokens_limit = 4096;          // bound on GenerateRequest.max_tokens
+  int64_t max_concurrent = 256;             // requests in flight; beyond: RESOURCE_EXHAUSTED
+  int64_t max_context = 0;                  // the attention servers' context (0: the model's)
   rpc::MetricsRegistry* metrics = nullptr;  // where request metrics go; null: none
 };
 
@@ -34,7 +34,8 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
  public:
   // `tokenizer` may be null: then only token-id prompts are accepted.
   GatewayService(const ModelConfig& config, const GenerationConfig& generation,
-                 std::unique_ptr<Tokenizer> tokenizer, const std::vector<std::string>& attention_servers,
+                 std::unique_ptr<Tokenizer> tokenizer,
+                 const std::vector<std::string>& attention_servers,
                  const std::vector<std::string>& expert_servers, const GatewayOptions& options);
 
   grpc::Status Generate(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
@@ -45,7 +46,8 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
                         dsmoe::v1::TokenizeResponse* response) override;
   grpc::Status Detokenize(grpc::ServerContext* context, const dsmoe::v1::DetokenizeRequest* request,
                           dsmoe::v1::DetokenizeResponse* response) override;
-  grpc::Status GetModelInfo(grpc::ServerContext* context, const dsmoe::v1::GetModelInfoRequest* request,
+  grpc::Status GetModelInfo(grpc::ServerContext* context,
+                            const dsmoe::v1::GetModelInfoRequest* request,
                             dsmoe::v1::ModelInfo* response) override;
 
  private:
@@ -70,8 +72,10 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
                             grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer);
   grpc::Status CompleteImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
                             dsmoe::v1::CompleteResponse* response);
-  grpc::Status TokenizeImpl(const dsmoe::v1::TokenizeRequest* request, dsmoe::v1::TokenizeResponse* response);
-  grpc::Status DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request, dsmoe::v1::DetokenizeResponse* response);
+  grpc::Status TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,
+                            dsmoe::v1::TokenizeResponse* response);
+  grpc::Status DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request,
+                              dsmoe::v1::DetokenizeResponse* response);
   grpc::Status GetModelInfoImpl(grpc::ServerContext* context, dsmoe::v1::ModelInfo* response);
 
   struct Upstream {
@@ -86,12 +90,14 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
                         internal::v1::AttentionGenerateRequest* upstream) const;
   // Runs a validated request, calling `emit` with each batch of new token ids and their text
   // (stop strings applied), then returns the finish reason in `finish`.
-  using Emit = std::function<bool(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text)>;
+  using Emit = std::function<bool(const google::protobuf::RepeatedField<uint32_t>& ids,
+                                  const std::string& text)>;
   grpc::Status Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
                    const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
                    dsmoe::v1::FinishReason* finish, double* ttft);
   // Runs one request on the least-loaded attention server, relaying its messages.
-  grpc::Status Relay(grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest& request,
+  grpc::Status Relay(grpc::ServerContext* context,
+                     const internal::v1::AttentionGenerateRequest& request,
                      const OnMessage& on_message);
 
   ModelConfig config_;

@@ -1,9 +1,8 @@
 // dsmoe-gateway: the public gRPC API of a dsmoe cluster.
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
-
-#include <CLI/CLI.hpp>
 
 #include "core/model/weights.h"
 #include "core/rpc/metrics.h"
@@ -23,23 +22,43 @@ int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-gateway: the public gRPC API (dsmoe.v1.Gateway) of a dsmoe cluster"};
   std::string model, attention_servers, expert_servers, listen = "127.0.0.1:0", ready_file,
-      metrics_listen = "127.0.0.1:0";
+                                                        metrics_listen = "127.0.0.1:0";
   int grace_seconds = 10, max_request_bytes = 4 << 20;
   dsmoe::GatewayOptions options;
-  app.add_option("--model", model, "Checkpoint directory (config and tokenizer are read; no weights)")
-      ->required()->check(CLI::ExistingDirectory);
-  app.add_option("--model-name", options.model_name, "Name requests may give (default: the directory's name)");
-  app.add_option("--attention-servers", attention_servers, "Comma-separated attention server addresses")->required();
-  app.add_option("--expert-servers", expert_servers, "Comma-separated expert server addresses (for GetModelInfo)");
-  app.add_option("--max-prompt-tokens", options.max_prompt_tokens, "Prompt length limit (default: the context)")->check(CLI::Range(1, 1 << 24));
-  app.add_option("--max-tokens-limit", options.max_tokens_limit, "Bound on max_tokens")->check(CLI::Range(1, 1 << 24))->capture_default_str();
-  app.add_option("--max-concurrent", options.max_concurrent, "Requests in flight at most")->check(CLI::Range(1, 1 << 20))->capture_default_str();
-  app.add_option("--max-context", options.max_context, "The attention servers' context (default: the model's)")->check(CLI::Range(1, 1 << 24));
-  app.add_option("--max-request-bytes", max_request_bytes, "Largest request message accepted")->check(CLI::Range(1024, 1 << 30))->capture_default_str();
-  app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")->check(CLI::Range(0, 3600))->capture_default_str();
+  app.add_option("--model", model,
+                 "Checkpoint directory (config and tokenizer are read; no weights)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--model-name", options.model_name,
+                 "Name requests may give (default: the directory's name)");
+  app.add_option("--attention-servers", attention_servers,
+                 "Comma-separated attention server addresses")
+      ->required();
+  app.add_option("--expert-servers", expert_servers,
+                 "Comma-separated expert server addresses (for GetModelInfo)");
+  app.add_option("--max-prompt-tokens", options.max_prompt_tokens,
+                 "Prompt length limit (default: the context)")
+      ->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-tokens-limit", options.max_tokens_limit, "Bound on max_tokens")
+      ->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  app.add_option("--max-concurrent", options.max_concurrent, "Requests in flight at most")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--max-context", options.max_context,
+                 "The attention servers' context (default: the model's)")
+      ->check(CLI::Range(1, 1 << 24));
+  app.add_option("--max-request-bytes", max_request_bytes, "Largest request message accepted")
+      ->check(CLI::Range(1024, 1 << 30))
+      ->capture_default_str();
+  app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")
+      ->check(CLI::Range(0, 3600))
+      ->capture_default_str();
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file, "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen, "Address of the Prometheus /metrics endpoint (empty: none)")
+  app.add_option("--ready-file", ready_file,
+                 "Write the bound port (and the metrics port) here once serving");
+  app.add_option("--metrics-listen", metrics_listen,
+                 "Address of the Prometheus /metrics endpoint (empty: none)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
@@ -58,8 +77,9 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) return Fail(loaded.status());
     tokenizer = std::move(*loaded);
   }
-  dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(), std::move(tokenizer),
-                                dsmoe::rpc::SplitAddresses(attention_servers), dsmoe::rpc::SplitAddresses(expert_servers), options);
+  dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(),
+                                std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
+                                dsmoe::rpc::SplitAddresses(expert_servers), options);
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
@@ -71,11 +91,12 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  std::printf("dsmoe-gateway serving model '%s' on %s, metrics on port %d\n", options.model_name.c_str(),
-              server->address().c_str(), server_options.metrics_port);
+  std::printf("dsmoe-gateway serving model '%s' on %s, metrics on port %d\n",
+              options.model_name.c_str(), server->address().c_str(), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
-  std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig, grace_seconds);
+  std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig,
+              grace_seconds);
   std::fflush(stdout);
   // Shutdown refuses new calls at once and waits for those in flight up to the deadline.
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));

@@ -22,8 +22,8 @@ absl::Status DispatchPlanner::Plan(int64_t layer, int64_t T, int64_t k, const in
         if (available_[s] && (best < 0 || load_[s] < load_[best])) best = s;
       }
       if (best < 0) {
-        return absl::UnavailableError(absl::StrCat("no available expert server holds routed expert (layer ",
-                                                   layer, ", expert ", e, ")"));
+        return absl::UnavailableError(absl::StrCat(
+            "no available expert server holds routed expert (layer ", layer, ", expert ", e, ")"));
       }
       ++load_[best];
       ServerWork& w = (*work)[best];

@@ -43,8 +43,8 @@ class DispatchPlanner {
  private:
   const Placement& placement_;
   std::vector<bool> available_;
-  std::vector<int64_t> load_;        // assignments per server in the current plan
-  std::vector<int32_t> row_index_;   // per server: batch row → index into rows, or -1
+  std::vector<int64_t> load_;       // assignments per server in the current plan
+  std::vector<int32_t> row_index_;  // per server: batch row → index into rows, or -1
 };
 
 }  // namespace dsmoe::router

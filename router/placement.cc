@@ -1,9 +1,8 @@
 #include "router/placement.h"
 
 #include <algorithm>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 namespace dsmoe::router {
 
@@ -12,7 +11,8 @@ absl::StatusOr<Placement> Placement::Compute(const ModelConfig& c, int num_serve
   if (num_servers < 1) return absl::InvalidArgumentError("at least one expert server is needed");
   if (replicas < 1 || replicas > num_servers) {
     return absl::InvalidArgumentError(absl::StrCat("replicas must be in [1, ", num_servers,
-                                                   "] (one copy per server at most), got ", replicas));
+                                                   "] (one copy per server at most), got ",
+                                                   replicas));
   }
   std::vector<std::vector<std::vector<int>>> holders(c.num_hidden_layers);
   int64_t moe_index = 0;
@@ -21,9 +21,10 @@ absl::StatusOr<Placement> Placement::Compute(const ModelConfig& c, int num_serve
     const int64_t E = c.n_routed_experts;
     holders[l].resize(E);
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t first = strategy == Strategy::kRoundRobin ? (e + moe_index) % num_servers
-                                                              : e * num_servers / E;
-      for (int r = 0; r < replicas; ++r) holders[l][e].push_back(static_cast<int>((first + r) % num_servers));
+      const int64_t first =
+          strategy == Strategy::kRoundRobin ? (e + moe_index) % num_servers : e * num_servers / E;
+      for (int r = 0; r < replicas; ++r)
+        holders[l][e].push_back(static_cast<int>((first + r) % num_servers));
     }
     ++moe_index;
   }
@@ -37,7 +38,8 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const Mod
   };
   nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
-  if (!j.contains("num_servers") || !j["num_servers"].is_number_unsigned() || j["num_servers"].get<int>() < 1) {
+  if (!j.contains("num_servers") || !j["num_servers"].is_number_unsigned() ||
+      j["num_servers"].get<int>() < 1) {
     return bad("'num_servers' must be a positive integer");
   }
   const int S = j["num_servers"].get<int>();
@@ -49,21 +51,25 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const Mod
       return bad("each entry of 'layers' needs an integer 'layer' and an array 'servers'");
     }
     const int64_t l = layer["layer"].get<int64_t>();
-    if (l >= c.num_hidden_layers || !c.IsMoeLayer(l)) return bad("layer ", l, " is not a MoE layer of this model");
+    if (l >= c.num_hidden_layers || !c.IsMoeLayer(l))
+      return bad("layer ", l, " is not a MoE layer of this model");
     if (!holders[l].empty()) return bad("layer ", l, " is listed twice");
     if (static_cast<int64_t>(layer["servers"].size()) != c.n_routed_experts) {
-      return bad("layer ", l, " lists ", layer["servers"].size(), " experts, the model has ", c.n_routed_experts);
+      return bad("layer ", l, " lists ", layer["servers"].size(), " experts, the model has ",
+                 c.n_routed_experts);
     }
     holders[l].resize(c.n_routed_experts);
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       const auto& list = layer["servers"][e];
-      if (!list.is_array() || list.empty()) return bad("layer ", l, " expert ", e, ": needs a non-empty list of servers");
+      if (!list.is_array() || list.empty())
+        return bad("layer ", l, " expert ", e, ": needs a non-empty list of servers");
       std::set<int> seen;
       for (const auto& s : list) {
         if (!s.is_number_unsigned() || s.get<int>() >= S) {
           return bad("layer ", l, " expert ", e, ": server ", s.dump(), " is not in [0, ", S, ")");
         }
-        if (!seen.insert(s.get<int>()).second) return bad("layer ", l, " expert ", e, ": server listed twice");
+        if (!seen.insert(s.get<int>()).second)
+          return bad("layer ", l, " expert ", e, ": server listed twice");
         holders[l][e].push_back(s.get<int>());
       }
     }

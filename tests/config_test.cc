@@ -1,8 +1,9 @@
 // config.json parsing: Hugging Face's keys and defaults, type checks that name the key.
+#include "core/model/config.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "core/model/config.h"
 #include "core/model/make_model.h"
 
 namespace dsmoe {
@@ -42,7 +43,8 @@ TEST(ModelConfig, ParsesTheReleased16BConfig) {
 }
 
 TEST(ModelConfig, AbsentKeysTakeDeepseekConfigDefaults) {
-  auto c = ModelConfig::FromJson(R"({"model_type": "deepseek", "num_attention_heads": 8, "hidden_size": 64})", "c.json");
+  auto c = ModelConfig::FromJson(
+      R"({"model_type": "deepseek", "num_attention_heads": 8, "hidden_size": 64})", "c.json");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->num_key_value_heads, 8);  // None → num_attention_heads
   EXPECT_EQ(c->n_routed_experts, 0);     // dense model
@@ -54,7 +56,8 @@ TEST(ModelConfig, AbsentKeysTakeDeepseekConfigDefaults) {
 
 TEST(ModelConfig, NullExpertKeysMeanNone) {
   auto c = ModelConfig::FromJson(
-      R"({"n_shared_experts": null, "n_routed_experts": 8, "num_experts_per_tok": 2, "num_key_value_heads": null})", "c.json");
+      R"({"n_shared_experts": null, "n_routed_experts": 8, "num_experts_per_tok": 2, "num_key_value_heads": null})",
+      "c.json");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->n_shared_experts, 0);
   EXPECT_EQ(c->num_key_value_heads, c->num_attention_heads);
@@ -78,19 +81,23 @@ TEST_P(BadConfigTest, IsRefusedNamingTheKey) {
 INSTANTIATE_TEST_SUITE_P(
     Cases, BadConfigTest,
     ::testing::Values(
-        BadConfig{"[1]", "not a JSON object"},
-        BadConfig{"{", "not valid JSON"},
-        BadConfig{R"({"hidden_size": "2048"})", "key 'hidden_size' must be an integer, got \"2048\""},
+        BadConfig{"[1]", "not a JSON object"}, BadConfig{"{", "not valid JSON"},
+        BadConfig{R"({"hidden_size": "2048"})",
+                  "key 'hidden_size' must be an integer, got \"2048\""},
         BadConfig{R"({"hidden_size": 20.5})", "key 'hidden_size' must be an integer"},
         BadConfig{R"({"norm_topk_prob": 1})", "key 'norm_topk_prob' must be true or false"},
         BadConfig{R"({"rope_theta": "big"})", "key 'rope_theta' must be a number"},
         BadConfig{R"({"eos_token_id": "x"})", "key 'eos_token_id' must be an integer or a list"},
         BadConfig{R"({"model_type": "llama"})", "model_type 'llama' is not supported"},
-        BadConfig{R"({"hidden_size": 100, "num_attention_heads": 32})", "not divisible by num_attention_heads"},
+        BadConfig{R"({"hidden_size": 100, "num_attention_heads": 32})",
+                  "not divisible by num_attention_heads"},
         BadConfig{R"({"num_key_value_heads": 5})", "not divisible by num_key_value_heads 5"},
-        BadConfig{R"({"n_routed_experts": 4, "num_experts_per_tok": 5})", "num_experts_per_tok must be in [1, n_routed_experts=4]"},
-        BadConfig{R"({"n_routed_experts": 4, "num_experts_per_tok": 2, "scoring_func": "sigmoid"})", "scoring_func 'sigmoid'"},
-        BadConfig{R"({"rope_scaling": {"type": "dynamic", "factor": 2.0}})", "rope_scaling type 'dynamic' is not supported"},
+        BadConfig{R"({"n_routed_experts": 4, "num_experts_per_tok": 5})",
+                  "num_experts_per_tok must be in [1, n_routed_experts=4]"},
+        BadConfig{R"({"n_routed_experts": 4, "num_experts_per_tok": 2, "scoring_func": "sigmoid"})",
+                  "scoring_func 'sigmoid'"},
+        BadConfig{R"({"rope_scaling": {"type": "dynamic", "factor": 2.0}})",
+                  "rope_scaling type 'dynamic' is not supported"},
         BadConfig{R"({"rope_scaling": {"type": "linear"}})", "rope_scaling"},
         BadConfig{R"({"hidden_act": "gelu"})", "hidden_act 'gelu'"},
         BadConfig{R"({"vocab_size": 0})", "key 'vocab_size' must be > 0"},
@@ -109,7 +116,8 @@ TEST(ModelConfig, RoundTripsThroughJson) {
 
 TEST(GenerationConfig, OverridesEosAndChecksRange) {
   const ModelConfig model = *PresetConfig("tiny");
-  auto g = GenerationConfig::FromJson(R"({"bos_token_id": 0, "eos_token_id": [1, 5]})", "g.json", model);
+  auto g =
+      GenerationConfig::FromJson(R"({"bos_token_id": 0, "eos_token_id": [1, 5]})", "g.json", model);
   ASSERT_TRUE(g.ok());
   EXPECT_EQ(g->eos_token_ids, (std::vector<int64_t>{1, 5}));
   auto bad = GenerationConfig::FromJson(R"({"eos_token_id": 9999})", "g.json", model);

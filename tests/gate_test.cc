@@ -1,11 +1,12 @@
 // The router against a naive implementation: softmax in double, full sort, take k.
+#include "core/model/gate.h"
+
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 
-#include <gtest/gtest.h>
-
-#include "core/model/gate.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -61,12 +62,17 @@ TEST(Gate, GroupLimitedGreedyMatchesNaive) {
     for (double& v : prob) v /= sum;
     std::vector<int> groups(G);
     std::iota(groups.begin(), groups.end(), 0);
-    auto group_best = [&](int g) { return *std::max_element(prob.begin() + g * per, prob.begin() + (g + 1) * per); };
-    std::stable_sort(groups.begin(), groups.end(), [&](int a, int b) { return group_best(a) > group_best(b); });
+    auto group_best = [&](int g) {
+      return *std::max_element(prob.begin() + g * per, prob.begin() + (g + 1) * per);
+    };
+    std::stable_sort(groups.begin(), groups.end(),
+                     [&](int a, int b) { return group_best(a) > group_best(b); });
     std::vector<int> allowed;
     for (int j = 0; j < keep_groups; ++j)
       for (int e = groups[j] * per; e < (groups[j] + 1) * per; ++e) allowed.push_back(e);
-    std::stable_sort(allowed.begin(), allowed.end(), [&](int a, int b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
+    std::stable_sort(allowed.begin(), allowed.end(), [&](int a, int b) {
+      return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
+    });
     double chosen = 0;
     for (int j = 0; j < k; ++j) chosen += prob[allowed[j]];
     for (int j = 0; j < k; ++j) {

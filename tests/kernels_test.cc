@@ -1,11 +1,12 @@
 // Every vectorised kernel against the scalar reference on random shapes, and the reference
 // itself against double-precision arithmetic written out here.
-#include <cmath>
+#include "core/ops/kernels.h"
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "core/model/quantize.h"
-#include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
 #include "core/util/cpu_features.h"
 #include "tests/test_util.h"
@@ -71,7 +72,8 @@ TEST_P(MatMulTest, ReferenceMatchesDoublePrecision) {
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t n = 0; n < N; ++n) {
       double want = 0;
-      for (int64_t k = 0; k < K; ++k) want += static_cast<double>(x[t * K + k]) * W.exact[n * K + k];
+      for (int64_t k = 0; k < K; ++k)
+        want += static_cast<double>(x[t * K + k]) * W.exact[n * K + k];
       EXPECT_NEAR(y[t * N + n], want, 1e-5) << "t=" << t << " n=" << n;
     }
   }
@@ -83,7 +85,8 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
   const DType dtype = GetParam();
   std::mt19937 rng(42);
   for (int trial = 0; trial < 60; ++trial) {
-    const int64_t T = 1 + rng() % (trial % 3 == 0 ? 150 : 9), N = 1 + rng() % 70;  // T >= 48: the panel GEMM
+    const int64_t T = 1 + rng() % (trial % 3 == 0 ? 150 : 9),
+                  N = 1 + rng() % 70;  // T >= 48: the panel GEMM
     const int64_t K = dtype == DType::kQ8_0 ? kQ8Block * (1 + rng() % 12) : 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
     TestMatrix W = MakeMatrix(dtype, N, K, trial);
@@ -100,15 +103,17 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
 
 INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
                          ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kQ8_0),
-                         [](const auto& param_info) { return std::string(DTypeName(param_info.param)); });
+                         [](const auto& param_info) {
+                           return std::string(DTypeName(param_info.param));
+                         });
 
 TEST(Kernels, VectorOpsMatchReference) {
   const ops::KernelTable* fast = FastKernels();
   if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
   for (int64_t n : {1, 7, 8, 15, 16, 17, 100, 1031}) {
     std::vector<float> a = RandomFloats(n, n), b = RandomFloats(n, n + 1, 12.0f);
-    EXPECT_NEAR(fast->dot(a.data(), b.data(), n), ops::ReferenceKernels().dot(a.data(), b.data(), n),
-                1e-4 * n);
+    EXPECT_NEAR(fast->dot(a.data(), b.data(), n),
+                ops::ReferenceKernels().dot(a.data(), b.data(), n), 1e-4 * n);
     std::vector<float> y1 = a, y2 = a;
     fast->axpy(0.37f, b.data(), y1.data(), n);
     ops::ReferenceKernels().axpy(0.37f, b.data(), y2.data(), n);

@@ -1,15 +1,16 @@
 // Properties of the engine that the reference comparison does not cover: the KV cache gives
 // the same tokens as recomputing from scratch, batching several sequences changes no one's
 // logits, thread count changes nothing, and bad batches are refused.
-#include <cmath>
-#include <numeric>
+#include "core/model/model_runner.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <numeric>
+
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
-#include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "tests/test_util.h"
 
@@ -25,7 +26,8 @@ class ModelRunnerTest : public ::testing::Test {
     weights_ = *ModelWeights::Load(dir_.path());
   }
 
-  std::unique_ptr<ModelRunner> MakeRunner(ThreadPool& pool, int64_t slots = 1, int64_t max_batch = 64) {
+  std::unique_ptr<ModelRunner> MakeRunner(ThreadPool& pool, int64_t slots = 1,
+                                          int64_t max_batch = 64) {
     RunnerOptions o;
     o.num_slots = slots;
     o.max_context = 128;
@@ -76,14 +78,16 @@ TEST_F(ModelRunnerTest, KvCacheGenerationEqualsRecomputingFromScratch) {
   const int64_t V = weights_->config().vocab_size;
   for (int32_t expected : result->output_ids) {
     const std::vector<float> logits = AllLogits(*fresh, seq);
-    EXPECT_EQ(ArgMax(logits.data() + (seq.size() - 1) * V, V), expected) << "after " << seq.size() << " tokens";
+    EXPECT_EQ(ArgMax(logits.data() + (seq.size() - 1) * V, V), expected)
+        << "after " << seq.size() << " tokens";
     seq.push_back(expected);
   }
 }
 
 TEST_F(ModelRunnerTest, BatchingSequencesChangesNoOnesLogits) {
   ThreadPool pool(2);
-  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5, 6, 7}, {300, 200}, {42, 43, 44, 45}};
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 2, 3, 4, 5, 6, 7}, {300, 200}, {42, 43, 44, 45}};
   const int64_t V = weights_->config().vocab_size;
   // Alone: each prompt on its own runner.
   std::vector<std::vector<float>> alone;
@@ -125,7 +129,8 @@ TEST_F(ModelRunnerTest, BatchingSequencesChangesNoOnesLogits) {
     extended.push_back(next[s]);
     auto solo = MakeRunner(pool);
     const std::vector<float> want = AllLogits(*solo, extended);
-    EXPECT_LT(RelativeL2(step.data() + s * V, want.data() + prompts[s].size() * V, V), 1e-6) << "slot " << s;
+    EXPECT_LT(RelativeL2(step.data() + s * V, want.data() + prompts[s].size() * V, V), 1e-6)
+        << "slot " << s;
   }
 }
 
@@ -146,7 +151,8 @@ TEST_F(ModelRunnerTest, RefusesBadBatches) {
   const std::vector<int32_t> bad_token = {512};
   absl::Status s = r->Forward({bad_token, zero, zero, row}, logits.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("token id 512 is outside the vocabulary [0, 512)"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("token id 512 is outside the vocabulary [0, 512)"));
   const std::vector<int32_t> far = {128};
   s = r->Forward({zero, zero, far, row}, logits.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange);
@@ -191,7 +197,8 @@ TEST_F(ModelRunnerTest, GenerationStopsAtEosAndAtTheContextEnd) {
   EXPECT_EQ(stopped->output_ids.size(), 1u);
   EXPECT_EQ(stopped->finish_reason, FinishReason::kStop);
   req.prompt.clear();
-  EXPECT_EQ(Generate(*r, weights_->generation_config(), req).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Generate(*r, weights_->generation_config(), req).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
@@ -209,12 +216,14 @@ TEST(Quantized, LogitsStayCloseToBf16AndTop1MostlyAgrees) {
   auto report = QuantizeCheckpoint(bf16, q8);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(report->quantized_tensors, 0);
-  EXPECT_LT(report->bytes_out, report->bytes_in * 0.6);  // linear weights at ~1.06 bytes instead of 2
+  EXPECT_LT(report->bytes_out,
+            report->bytes_in * 0.6);  // linear weights at ~1.06 bytes instead of 2
   auto wa = ModelWeights::Load(bf16);
   auto wb = ModelWeights::Load(q8);
   ASSERT_TRUE(wa.ok() && wb.ok()) << wb.status();
   EXPECT_EQ((*wb)->layers[1].routed[0].gate.dtype, DType::kQ8_0);
-  EXPECT_EQ((*wb)->layers[1].router.dtype, DType::kBF16);  // routing decisions stay in the source dtype
+  EXPECT_EQ((*wb)->layers[1].router.dtype,
+            DType::kBF16);  // routing decisions stay in the source dtype
   ThreadPool pool(2);
   RunnerOptions o;
   o.max_context = 128;
@@ -238,8 +247,10 @@ TEST(Quantized, LogitsStayCloseToBf16AndTop1MostlyAgrees) {
     mean += e / T;
     agree += ArgMax(la.data() + t * V, V) == ArgMax(lb.data() + t * V, V);
   }
-  std::printf("Q8_0 vs BF16 (tiny, %lld positions): logit relative L2 mean %.4f max %.4f, top-1 agreement %d/%lld\n",
-              static_cast<long long>(T), mean, worst, agree, static_cast<long long>(T));
+  std::printf(
+      "Q8_0 vs BF16 (tiny, %lld positions): logit relative L2 mean %.4f max %.4f, top-1 agreement "
+      "%d/%lld\n",
+      static_cast<long long>(T), mean, worst, agree, static_cast<long long>(T));
   EXPECT_LT(mean, 0.03);
   EXPECT_LT(worst, 0.1);
   EXPECT_GE(agree, T * 9 / 10);

@@ -1,12 +1,12 @@
 // The decode loop allocates nothing: a decode step (Forward of one token per sequence, then
 // sampling) is run with every global operator new counted. Its own binary, since replacing
 // operator new is program-wide.
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <new>
 #include <numeric>
-
-#include <gtest/gtest.h>
 
 #include "core/model/model_runner.h"
 #include "core/model/sampler.h"
@@ -53,7 +53,8 @@ TEST(DecodeLoop, AllocatesNothing) {
   for (int step = 0; step < 20; ++step) {
     step_ids[0] = greedy.Sample(logits.data());
     step_ids[1] = sampled.Sample(logits.data() + V);
-    const absl::Status s = (*runner)->Forward({step_ids, step_slots, step_pos, step_rows}, logits.data());
+    const absl::Status s =
+        (*runner)->Forward({step_ids, step_slots, step_pos, step_rows}, logits.data());
     if (!s.ok()) break;
     ++step_pos[0];
     ++step_pos[1];

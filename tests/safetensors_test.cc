@@ -1,12 +1,13 @@
 // The safetensors reader on valid and malformed files: every refusal names the file, the
 // tensor and what was expected, and nothing crashes.
-#include <cstring>
+#include "core/io/safetensors.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "core/io/checkpoint.h"
-#include "core/io/safetensors.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -30,7 +31,8 @@ absl::Status OpenStatus(const std::string& path) { return SafetensorsFile::Open(
 TEST(Safetensors, WriterOutputReadsBack) {
   TempDir dir;
   const std::string path = dir.File("a.safetensors");
-  auto writer = SafetensorsWriter::Create(path, {{"x", DType::kF32, {2, 3}}, {"y", DType::kBF16, {4}}});
+  auto writer =
+      SafetensorsWriter::Create(path, {{"x", DType::kF32, {2, 3}}, {"y", DType::kBF16, {4}}});
   ASSERT_TRUE(writer.ok()) << writer.status();
   const float x[6] = {1, 2, 3, 4, 5, 6};
   const uint16_t y[4] = {0x3f80, 0x4000, 0x4040, 0x4080};
@@ -92,23 +94,33 @@ INSTANTIATE_TEST_SUITE_P(
         Malformed{"HeaderHuge", HeaderLength(uint64_t{1} << 40) + "{}", "exceeds the 100 MB limit"},
         Malformed{"NotJson", RawFile("{not json", 0), "not valid JSON"},
         Malformed{"NotObject", RawFile("[1,2]", 0), "not a JSON object"},
-        Malformed{"UnknownDType", RawFile(R"({"w":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}})", 4),
+        Malformed{"UnknownDType",
+                  RawFile(R"({"w":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}})", 4),
                   "tensor 'w': unknown dtype 'F99'"},
         Malformed{"MissingShape", RawFile(R"({"w":{"dtype":"F32","data_offsets":[0,4]}})", 4),
                   "tensor 'w': missing array 'shape'"},
-        Malformed{"NegativeDim", RawFile(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4),
+        Malformed{"NegativeDim",
+                  RawFile(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4),
                   "not a non-negative integer"},
-        Malformed{"OffsetsPastEnd", RawFile(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
+        Malformed{"OffsetsPastEnd",
+                  RawFile(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
                   "tensor 'w': data_offsets [0, 16] run past the end of the data (8 bytes)"},
-        Malformed{"OffsetsReversed", RawFile(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})", 4),
+        Malformed{"OffsetsReversed",
+                  RawFile(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})", 4),
                   "reversed"},
-        Malformed{"SizeMismatch", RawFile(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
+        Malformed{"SizeMismatch",
+                  RawFile(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
                   "shape [3] of F32 needs 12 bytes but data_offsets span 8"},
-        Malformed{"Overlap",
-                  RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
-                  "(overlap)"},
-        Malformed{"Gap", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "(gap)"},
-        Malformed{"TrailingBytes", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 12),
+        Malformed{
+            "Overlap",
+            RawFile(
+                R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                12),
+            "(overlap)"},
+        Malformed{"Gap", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+                  "(gap)"},
+        Malformed{"TrailingBytes",
+                  RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 12),
                   "tensors cover 4 bytes but the data region holds 12"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
@@ -127,26 +139,32 @@ TEST(Checkpoint, RefusesMissingDirectoryAndWeights) {
   EXPECT_EQ(Checkpoint::Open("/nonexistent/dsmoe").status().code(), absl::StatusCode::kNotFound);
   TempDir dir;
   const absl::Status s = Checkpoint::Open(dir.path()).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("neither model.safetensors nor model.safetensors.index.json"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("neither model.safetensors nor model.safetensors.index.json"));
 }
 
 TEST(Checkpoint, IndexMustMatchItsShards) {
   TempDir dir;
   WriteFile(dir.File("model-00001-of-00001.safetensors"),
             RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4));
-  WriteFile(dir.File("model.safetensors.index.json"),
-            R"({"weight_map":{"a":"model-00001-of-00001.safetensors","b":"model-00001-of-00001.safetensors"}})");
+  WriteFile(
+      dir.File("model.safetensors.index.json"),
+      R"({"weight_map":{"a":"model-00001-of-00001.safetensors","b":"model-00001-of-00001.safetensors"}})");
   absl::Status s = Checkpoint::Open(dir.path()).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("tensor 'b' is mapped to model-00001-of-00001.safetensors but that file does not contain it"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("tensor 'b' is mapped to model-00001-of-00001.safetensors but that file "
+                        "does not contain it"));
 
-  WriteFile(dir.File("model.safetensors.index.json"), R"({"weight_map":{"a":"missing.safetensors"}})");
+  WriteFile(dir.File("model.safetensors.index.json"),
+            R"({"weight_map":{"a":"missing.safetensors"}})");
   s = Checkpoint::Open(dir.path()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(s.message()), HasSubstr("missing.safetensors"));
 
   WriteFile(dir.File("model.safetensors.index.json"), R"({"weight_map":{"a":"../etc/passwd"}})");
   s = Checkpoint::Open(dir.path()).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("must name a file inside the checkpoint directory"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("must name a file inside the checkpoint directory"));
 
   WriteFile(dir.File("model.safetensors.index.json"), R"({"metadata":{}})");
   s = Checkpoint::Open(dir.path()).status();

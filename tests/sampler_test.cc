@@ -1,8 +1,8 @@
-#include <cmath>
+#include "core/model/sampler.h"
 
 #include <gtest/gtest.h>
 
-#include "core/model/sampler.h"
+#include <cmath>
 
 namespace dsmoe {
 namespace {
@@ -25,7 +25,8 @@ TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
 
 TEST(Sampler, FrequenciesFollowTheTemperedSoftmax) {
   // p = softmax(logits / T) with T = 2: logits chosen so that p = {0.5, 0.3, 0.2}.
-  const std::vector<float> logits = {2.0f * std::log(0.5f), 2.0f * std::log(0.3f), 2.0f * std::log(0.2f)};
+  const std::vector<float> logits = {2.0f * std::log(0.5f), 2.0f * std::log(0.3f),
+                                     2.0f * std::log(0.2f)};
   Sampler s(3, {2.0, 0, 1.0, 123});
   std::vector<int> counts(3);
   const int n = 20000;
@@ -60,8 +61,10 @@ TEST(Sampler, SameSeedSameDraws) {
 }
 
 TEST(SamplingParams, RejectsOutOfRangeValues) {
-  EXPECT_EQ(SamplingParams({-0.1, 0, 1.0, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(SamplingParams({1.0, -1, 1.0, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SamplingParams({-0.1, 0, 1.0, 0}).Validate().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SamplingParams({1.0, -1, 1.0, 0}).Validate().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SamplingParams({1.0, 0, 0.0, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SamplingParams({1.0, 0, 1.5, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SamplingParams({0.0, 0, 1.0, 0}).Validate().ok());

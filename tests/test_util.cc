@@ -1,10 +1,10 @@
 #include "tests/test_util.h"
 
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-
-#include <gtest/gtest.h>
 
 namespace dsmoe::testing {
 

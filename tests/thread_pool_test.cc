@@ -1,10 +1,10 @@
-#include <atomic>
-#include <chrono>
-#include <thread>
+#include "core/util/thread_pool.h"
 
 #include <gtest/gtest.h>
 
-#include "core/util/thread_pool.h"
+#include <atomic>
+#include <chrono>
+#include <thread>
 
 namespace dsmoe {
 namespace {
@@ -21,7 +21,8 @@ TEST(ThreadPool, RunsEveryTaskExactlyOnceAcrossManyLoops) {
         hits[task].fetch_add(1);
         if (thread < 0 || thread >= threads) bad_thread = 1;
       });
-      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "round " << round << " task " << i;
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(hits[i].load(), 1) << "round " << round << " task " << i;
       ASSERT_EQ(bad_thread.load(), 0);
     }
   }
@@ -35,7 +36,8 @@ TEST(ThreadPool, UsesMoreThanOneThreadWhenAsked) {
   pool.ParallelFor(2, [&](int64_t, int thread) {
     seen_mask |= 1 << thread;
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (seen_mask.load() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    while (seen_mask.load() != 3 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::yield();
   });
   EXPECT_EQ(seen_mask.load(), 3);
 }

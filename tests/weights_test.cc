@@ -1,13 +1,14 @@
 // Loading weights: shapes checked against the config with errors naming the tensor, and a
 // selection loads only what a role needs.
-#include <cstring>
-#include <filesystem>
+#include "core/model/weights.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <filesystem>
+
 #include "core/model/make_model.h"
-#include "core/model/weights.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -57,9 +58,10 @@ TEST(ModelWeights, WrongShapeNamesTensorAndExpectation) {
   testing::WriteFile(dir.File("config.json"), c.ToJson());
   const absl::Status s = ModelWeights::Load(dir.path()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("tensor 'model.layers.1.mlp.shared_experts.gate_proj.weight' has shape [64, 64], "
-                        "expected [96, 64] (shared experts: n_shared_experts·moe_intermediate_size)"));
+  EXPECT_THAT(
+      std::string(s.message()),
+      HasSubstr("tensor 'model.layers.1.mlp.shared_experts.gate_proj.weight' has shape [64, 64], "
+                "expected [96, 64] (shared experts: n_shared_experts·moe_intermediate_size)"));
 }
 
 TEST(ModelWeights, MissingTensorIsNamed) {
@@ -69,7 +71,8 @@ TEST(ModelWeights, MissingTensorIsNamed) {
   testing::WriteFile(dir.File("config.json"), c.ToJson());
   const absl::Status s = ModelWeights::Load(dir.path()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("tensor 'model.layers.0.self_attn.q_proj.bias' is missing"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("tensor 'model.layers.0.self_attn.q_proj.bias' is missing"));
 }
 
 TEST(ModelWeights, BadConfigKeyNamesTheFile) {
@@ -111,7 +114,8 @@ TEST(ModelWeights, HugePageCopyHoldsTheSameBytesOnce) {
   ModelConfig c = *PresetConfig("tiny");
   c.tie_word_embeddings = true;
   ASSERT_TRUE(WriteRandomCheckpoint(c, {DType::kBF16, 5, 2}, dir.path()).ok());
-  auto mapped = ModelWeights::Load(dir.path(), WeightSelection::Everything(), {/*copy_to_huge_pages=*/false});
+  auto mapped =
+      ModelWeights::Load(dir.path(), WeightSelection::Everything(), {/*copy_to_huge_pages=*/false});
   auto copied = ModelWeights::Load(dir.path());
   ASSERT_TRUE(mapped.ok() && copied.ok());
   EXPECT_FALSE((*mapped)->in_huge_pages());

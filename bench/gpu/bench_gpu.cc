@@ -31,13 +31,13 @@ namespace {
 
 using namespace dsmoe;
 
-#define CHECK_OK(expr)                                                                    \
-  do {                                                                                    \
-    const absl::Status check_status_ = (expr);                                            \
-    if (!check_status_.ok()) {                                                            \
+#define CHECK_OK(expr)                                                                           \
+  do {                                                                                           \
+    const absl::Status check_status_ = (expr);                                                   \
+    if (!check_status_.ok()) {                                                                   \
       std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, check_status_.ToString().c_str()); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
 #define CHECK_CUDA(expr) CHECK_OK(::dsmoe::cuda::CudaStatus((expr), #expr))
 
@@ -56,7 +56,8 @@ void FillRandomBf16(uint16_t* d, size_t n, float scale, uint64_t seed) {
   std::uniform_real_distribution<float> dist(-scale, scale);
   for (uint16_t& v : host) v = F32ToBf16(dist(rng));
   for (size_t off = 0; off < n; off += chunk) {
-    CHECK_CUDA(cudaMemcpy(d + off, host.data(), std::min(chunk, n - off) * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(
+        cudaMemcpy(d + off, host.data(), std::min(chunk, n - off) * 2, cudaMemcpyHostToDevice));
   }
 }
 
@@ -88,7 +89,8 @@ double HbmBandwidth() {
   char* src = DeviceAlloc<char>(bytes);
   char* dst = DeviceAlloc<char>(bytes);
   CHECK_CUDA(cudaMemset(src, 1, bytes));
-  const double ms = MedianMs([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
+  const double ms =
+      MedianMs([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
   CHECK_CUDA(cudaFree(src));
   CHECK_CUDA(cudaFree(dst));
   return 2.0 * static_cast<double>(bytes) / (ms * 1e-3);
@@ -142,11 +144,13 @@ GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T) {
     std::copy_n(perm.begin(), k, experts.begin() + t * k);
   }
   int32_t* d_experts = DeviceAlloc<int32_t>(T * k);
-  CHECK_CUDA(cudaMemcpy(d_experts, experts.data(), T * k * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CHECK_CUDA(
+      cudaMemcpy(d_experts, experts.data(), T * k * sizeof(int32_t), cudaMemcpyHostToDevice));
   const int64_t tiles = cuda::MaxGroupedTiles(T, k, E);
-  cuda::GroupedPlan plan{DeviceAlloc<int32_t>(E + 1), DeviceAlloc<int32_t>(E), DeviceAlloc<int32_t>(T * (k + 1)),
-                         DeviceAlloc<int32_t>(T * k), DeviceAlloc<int32_t>(tiles), DeviceAlloc<int32_t>(tiles),
-                         DeviceAlloc<int32_t>(1)};
+  cuda::GroupedPlan plan{
+      DeviceAlloc<int32_t>(E + 1), DeviceAlloc<int32_t>(E),     DeviceAlloc<int32_t>(T * (k + 1)),
+      DeviceAlloc<int32_t>(T * k), DeviceAlloc<int32_t>(tiles), DeviceAlloc<int32_t>(tiles),
+      DeviceAlloc<int32_t>(1)};
   uint16_t* x = DeviceAlloc<uint16_t>(T * H);
   FillRandomBf16(x, T * H, 1.0f, 6);
   uint16_t* act = DeviceAlloc<uint16_t>(T * k * W);
@@ -168,10 +172,10 @@ GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T) {
   for (void* p : {static_cast<void*>(weights), static_cast<void*>(d_gu), static_cast<void*>(d_down),
                   static_cast<void*>(d_width), static_cast<void*>(d_experts), static_cast<void*>(x),
                   static_cast<void*>(act), static_cast<void*>(out), static_cast<void*>(xs),
-                  static_cast<void*>(gu_out), static_cast<void*>(plan.group_offset), static_cast<void*>(plan.cursor),
-                  static_cast<void*>(plan.row_token), static_cast<void*>(plan.assign_row),
-                  static_cast<void*>(plan.tile_group), static_cast<void*>(plan.tile_row),
-                  static_cast<void*>(plan.num_tiles)}) {
+                  static_cast<void*>(gu_out), static_cast<void*>(plan.group_offset),
+                  static_cast<void*>(plan.cursor), static_cast<void*>(plan.row_token),
+                  static_cast<void*>(plan.assign_row), static_cast<void*>(plan.tile_group),
+                  static_cast<void*>(plan.tile_row), static_cast<void*>(plan.num_tiles)}) {
     CHECK_CUDA(cudaFree(p));
   }
   return {T, flops / (ms * 1e-3) / 1e12, flops / (dense_ms * 1e-3) / 1e12, ms * 1e3};
@@ -186,7 +190,8 @@ double DecodeBytesPerToken(const ModelConfig& c) {
     bytes += 2 * H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
     if (c.IsMoeLayer(i)) {
       bytes += 4 * c.n_routed_experts * H;
-      bytes += 2 * 3 * H * (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
+      bytes += 2 * 3 * H *
+               (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
     } else {
       bytes += 2 * 3 * H * c.intermediate_size;
     }
@@ -205,9 +210,12 @@ int main(int argc, char** argv) {
   int device = 0, steps = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--dir") dir = value;
-    else if (flag == "--device") device = std::stoi(value);
-    else if (flag == "--steps") steps = std::stoi(value);
+    if (flag == "--dir")
+      dir = value;
+    else if (flag == "--device")
+      device = std::stoi(value);
+    else if (flag == "--steps")
+      steps = std::stoi(value);
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -236,9 +244,11 @@ int main(int argc, char** argv) {
   for (int64_t T : {256, 4096}) {
     grouped.push_back(GroupedExperts(gemm, T));
     const GroupedResult& g = grouped.back();
-    std::printf("grouped experts T=%ld: %.1f us, %.1f TFLOP/s; dense cuBLAS same FLOPs %.1f TFLOP/s (%.0f%%)\n",
-                static_cast<long>(T), g.grouped_us, g.grouped_tflops, g.dense_tflops,
-                100 * g.grouped_tflops / g.dense_tflops);
+    std::printf(
+        "grouped experts T=%ld: %.1f us, %.1f TFLOP/s; dense cuBLAS same FLOPs %.1f TFLOP/s "
+        "(%.0f%%)\n",
+        static_cast<long>(T), g.grouped_us, g.grouped_tflops, g.dense_tflops,
+        100 * g.grouped_tflops / g.dense_tflops);
     std::fflush(stdout);
   }
 
@@ -261,8 +271,8 @@ int main(int argc, char** argv) {
   auto runner_or = cuda::CudaModelRunner::Create(**weights, o);
   CHECK_OK(runner_or.status());
   cuda::CudaModelRunner& runner = **runner_or;
-  std::printf("medium bf16: %.2f GB of weights on the GPU, uploaded in %.1f s\n", runner.weight_bytes() / 1e9,
-              Seconds(t_create));
+  std::printf("medium bf16: %.2f GB of weights on the GPU, uploaded in %.1f s\n",
+              runner.weight_bytes() / 1e9, Seconds(t_create));
   const int64_t V = config.vocab_size;
   float* logits = nullptr;
   CHECK_CUDA(cudaMallocHost(&logits, 256 * V * sizeof(float)));
@@ -328,7 +338,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < steps; ++i) step();
     const double sec = Seconds(t1);
     decode.push_back({B, B * steps / sec, sec / steps * 1e6});
-    std::printf("decode batch %d: %.0f tokens/s, %.0f us/step\n", B, decode.back().tps, decode.back().step_us);
+    std::printf("decode batch %d: %.0f tokens/s, %.0f us/step\n", B, decode.back().tps,
+                decode.back().step_us);
     std::fflush(stdout);
     release_all();
   }
@@ -339,20 +350,23 @@ int main(int argc, char** argv) {
   std::printf("| HBM copy bandwidth (D2D, read+write) | %.0f GB/s | |\n", hbm / 1e9);
   std::printf("| cuBLAS dense bf16 GEMM 8192^3 | %.0f TFLOP/s | |\n", peak);
   for (const GroupedResult& g : grouped) {
-    std::printf("| grouped expert GEMM, batch %ld (64 experts, top-6, 1024x704) | %.1f TFLOP/s (%.0f us) | |\n",
-                static_cast<long>(g.tokens), g.grouped_tflops, g.grouped_us);
-    std::printf("| cuBLAS dense GEMM, same FLOPs, batch %ld | %.1f TFLOP/s | |\n", static_cast<long>(g.tokens),
-                g.dense_tflops);
+    std::printf(
+        "| grouped expert GEMM, batch %ld (64 experts, top-6, 1024x704) | %.1f TFLOP/s (%.0f us) | "
+        "|\n",
+        static_cast<long>(g.tokens), g.grouped_tflops, g.grouped_us);
+    std::printf("| cuBLAS dense GEMM, same FLOPs, batch %ld | %.1f TFLOP/s | |\n",
+                static_cast<long>(g.tokens), g.dense_tflops);
     std::printf("| grouped / dense, batch %ld | %.0f%% | %s |\n", static_cast<long>(g.tokens),
                 100 * g.grouped_tflops / g.dense_tflops, g.tokens == 256 ? ">= 50%" : "");
   }
   std::printf("| medium bf16 prefill | %.0f tok/s | |\n", prefill_tps);
   for (const DecodeRow& d : decode) {
-    std::printf("| medium bf16 decode, batch %d | %.0f tok/s (%.0f us/step) | |\n", d.B, d.tps, d.step_us);
+    std::printf("| medium bf16 decode, batch %d | %.0f tok/s (%.0f us/step) | |\n", d.B, d.tps,
+                d.step_us);
   }
   std::printf("| batch-1 decode: weights read/token | %.0f MB | |\n", bytes_per_token / 1e6);
-  std::printf("| batch-1 decode: fraction of HBM bandwidth | %.0f%% (%.0f GB/s) | >= 60%% |\n", 100 * bw_fraction,
-              bytes_per_token * decode[0].tps / 1e9);
+  std::printf("| batch-1 decode: fraction of HBM bandwidth | %.0f%% (%.0f GB/s) | >= 60%% |\n",
+              100 * bw_fraction, bytes_per_token * decode[0].tps / 1e9);
   CHECK_CUDA(cudaFreeHost(logits));
   return 0;
 }

@@ -2,9 +2,8 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 namespace dsmoe {
 
@@ -36,14 +35,14 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     }
     for (auto& [tensor, shard] : map->items()) {
       if (!shard.is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map['",
-                                                       tensor, "'] is not a file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path.string(), ": weight_map['", tensor, "'] is not a file name"));
       }
       const std::string file = shard.get<std::string>();
       if (file.find('/') != std::string::npos || file == ".." || file.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            index_path.string(), ": weight_map['", tensor, "'] = '", file,
-            "' must name a file inside the checkpoint directory"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path.string(), ": weight_map['", tensor, "'] = '", file,
+                         "' must name a file inside the checkpoint directory"));
       }
       ckpt->tensor_to_shard_[tensor] = file;
     }
@@ -66,8 +65,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   }
   const fs::path single = fs::path(dir) / kSingleFile;
   if (!fs::exists(single)) {
-    return absl::NotFoundError(absl::StrCat(dir, ": neither ", kSingleFile, " nor ", kIndexFile,
-                                            " is present"));
+    return absl::NotFoundError(
+        absl::StrCat(dir, ": neither ", kSingleFile, " nor ", kIndexFile, " is present"));
   }
   DSMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt->Shard(kSingleFile));
   for (auto& kv : file->entries()) ckpt->tensor_to_shard_[kv.first] = kSingleFile;
@@ -105,7 +104,8 @@ std::vector<std::string> Checkpoint::TensorNamesInFileOrder() const {
     std::vector<std::pair<uint64_t, std::string>> by_offset;
     for (const auto& [name, entry] : (*shard)->entries()) {
       auto it = tensor_to_shard_.find(name);
-      if (it != tensor_to_shard_.end() && it->second == file) by_offset.emplace_back(entry.begin, name);
+      if (it != tensor_to_shard_.end() && it->second == file)
+        by_offset.emplace_back(entry.begin, name);
     }
     std::sort(by_offset.begin(), by_offset.end());
     for (auto& [offset, name] : by_offset) names.push_back(std::move(name));

@@ -22,14 +22,15 @@ absl::Status WriteNpyFloat32(const std::string& path, const std::vector<int64_t>
   header += '\n';
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) {
-    return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
   }
   const unsigned char preamble[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
   const uint16_t len = static_cast<uint16_t>(header.size());
   bool ok = std::fwrite(preamble, 1, 8, f) == 8 && std::fwrite(&len, 2, 1, f) == 1 &&
             std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
-            (count == 0 ||
-             std::fwrite(data, sizeof(float), static_cast<size_t>(count), f) == static_cast<size_t>(count));
+            (count == 0 || std::fwrite(data, sizeof(float), static_cast<size_t>(count), f) ==
+                               static_cast<size_t>(count));
   ok = (std::fclose(f) == 0) && ok;
   if (!ok) return absl::DataLossError(absl::StrCat(path, ": write failed"));
   return absl::OkStatus();

@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-
 #include <nlohmann/json.hpp>
 
 namespace dsmoe {
@@ -18,9 +17,9 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 // part of the format version Hugging Face checkpoints use).
 std::optional<size_t> FormatDTypeSize(const std::string& name) {
   static const std::map<std::string, size_t> kSizes = {
-      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2},
-      {"U16", 2},  {"F16", 2}, {"BF16", 2}, {"I32", 4},    {"U32", 4},     {"F32", 4},
-      {"F64", 8},  {"I64", 8}, {"U64", 8}};
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+      {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+      {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
   auto it = kSizes.find(name);
   if (it == kSizes.end()) return std::nullopt;
   return it->second;
@@ -41,15 +40,16 @@ absl::Status SafetensorsFile::ParseHeader() {
     return absl::InvalidArgumentError(absl::StrCat(path, ": invalid safetensors file: ", what));
   };
   const size_t file_size = file_->size();
-  if (file_size < 8) return bad(absl::StrCat("only ", file_size, " bytes, no 8-byte header length"));
+  if (file_size < 8)
+    return bad(absl::StrCat("only ", file_size, " bytes, no 8-byte header length"));
   uint64_t header_len = 0;
   std::memcpy(&header_len, file_->data(), 8);  // little-endian on every platform we build for
   if (header_len > kMaxHeaderBytes) {
     return bad(absl::StrCat("header length ", header_len, " exceeds the 100 MB limit"));
   }
   if (header_len > file_size - 8) {
-    return bad(absl::StrCat("header length ", header_len, " runs past the end of the ",
-                            file_size, "-byte file"));
+    return bad(absl::StrCat("header length ", header_len, " runs past the end of the ", file_size,
+                            "-byte file"));
   }
   const char* header_begin = reinterpret_cast<const char*>(file_->data()) + 8;
   nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr,
@@ -69,7 +69,9 @@ absl::Status SafetensorsFile::ParseHeader() {
       }
       continue;
     }
-    auto bad_tensor = [&](const std::string& what) { return bad(absl::StrCat("tensor '", name, "': ", what)); };
+    auto bad_tensor = [&](const std::string& what) {
+      return bad(absl::StrCat("tensor '", name, "': ", what));
+    };
     if (!value.is_object()) return bad_tensor("entry is not an object");
     SafetensorsEntry e;
     auto dtype = value.find("dtype");
@@ -81,7 +83,8 @@ absl::Status SafetensorsFile::ParseHeader() {
     if (shape == value.end() || !shape->is_array()) return bad_tensor("missing array 'shape'");
     uint64_t numel = 1;
     for (auto& d : *shape) {
-      if (!d.is_number_unsigned()) return bad_tensor("shape holds a value that is not a non-negative integer");
+      if (!d.is_number_unsigned())
+        return bad_tensor("shape holds a value that is not a non-negative integer");
       const uint64_t dim = d.get<uint64_t>();
       if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 8 / dim) {
         return bad_tensor("shape overflows");
@@ -128,8 +131,8 @@ absl::Status SafetensorsFile::ParseHeader() {
     expected = kv->second.end;
   }
   if (expected != data_size) {
-    return bad(absl::StrCat("tensors cover ", expected, " bytes but the data region holds ",
-                            data_size));
+    return bad(
+        absl::StrCat("tensors cover ", expected, " bytes but the data region holds ", data_size));
   }
   return absl::OkStatus();
 }
@@ -167,10 +170,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   text.append((8 - text.size() % 8) % 8, ' ');  // keep tensor data 8-byte aligned
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) {
-    return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
   }
   const uint64_t len = text.size();
-  if (std::fwrite(&len, 8, 1, f) != 1 || std::fwrite(text.data(), 1, text.size(), f) != text.size()) {
+  if (std::fwrite(&len, 8, 1, f) != 1 ||
+      std::fwrite(text.data(), 1, text.size(), f) != text.size()) {
     std::fclose(f);
     return absl::DataLossError(absl::StrCat(path, ": write failed"));
   }
@@ -183,14 +188,15 @@ SafetensorsWriter::~SafetensorsWriter() {
 
 absl::Status SafetensorsWriter::Append(const void* bytes, size_t size) {
   if (next_ >= specs_.size()) {
-    return absl::FailedPreconditionError(absl::StrCat(path_, ": more tensors appended than specified"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(path_, ": more tensors appended than specified"));
   }
   const Spec& s = specs_[next_];
   size_t expected = DTypeSize(s.dtype);
   for (int64_t d : s.shape) expected *= static_cast<size_t>(d);
   if (size != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", s.name, "' needs ",
-                                                   expected, " bytes, got ", size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": tensor '", s.name, "' needs ", expected, " bytes, got ", size));
   }
   if (size > 0 && std::fwrite(bytes, 1, size, file_) != size) {
     return absl::DataLossError(absl::StrCat(path_, ": write failed: ", std::strerror(errno)));
@@ -201,8 +207,8 @@ absl::Status SafetensorsWriter::Append(const void* bytes, size_t size) {
 
 absl::Status SafetensorsWriter::Finish() {
   if (next_ != specs_.size()) {
-    return absl::FailedPreconditionError(absl::StrCat(path_, ": only ", next_, " of ",
-                                                      specs_.size(), " tensors written"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(path_, ": only ", next_, " of ", specs_.size(), " tensors written"));
   }
   const int rc = std::fclose(file_);
   file_ = nullptr;

@@ -73,7 +73,8 @@ class KeyReader {
   void Rope(const char* key, RopeScaling* out) {
     const Json* v = Find(key);
     if (v == nullptr || v->is_null()) return;
-    if (!v->is_object()) return Fail(key, "an object like {\"type\": \"linear\", \"factor\": 2.0} or null", *v);
+    if (!v->is_object())
+      return Fail(key, "an object like {\"type\": \"linear\", \"factor\": 2.0} or null", *v);
     auto type = v->find("type");
     if (type == v->end()) type = v->find("rope_type");  // newer HF spelling
     auto factor = v->find("factor");
@@ -123,8 +124,10 @@ int64_t ModelConfig::NumMoeLayers() const {
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
                                                   const std::string& source) {
   Json obj = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (obj.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
-  if (!obj.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  if (obj.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
+  if (!obj.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
   ModelConfig c;
   KeyReader r(obj, source);
   r.String("model_type", &c.model_type);
@@ -170,19 +173,21 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", parts...));
   };
   if (model_type != "deepseek") {
-    return bad("model_type '", model_type,
-               "' is not supported; dsmoe serves DeepSeekMoE checkpoints (model_type \"deepseek\")");
+    return bad(
+        "model_type '", model_type,
+        "' is not supported; dsmoe serves DeepSeekMoE checkpoints (model_type \"deepseek\")");
   }
   struct Positive {
     const char* key;
     int64_t value;
   };
-  for (const Positive& p : {Positive{"vocab_size", vocab_size}, Positive{"hidden_size", hidden_size},
-                            Positive{"num_hidden_layers", num_hidden_layers},
-                            Positive{"num_attention_heads", num_attention_heads},
-                            Positive{"num_key_value_heads", num_key_value_heads},
-                            Positive{"moe_layer_freq", moe_layer_freq},
-                            Positive{"max_position_embeddings", max_position_embeddings}}) {
+  for (const Positive& p :
+       {Positive{"vocab_size", vocab_size}, Positive{"hidden_size", hidden_size},
+        Positive{"num_hidden_layers", num_hidden_layers},
+        Positive{"num_attention_heads", num_attention_heads},
+        Positive{"num_key_value_heads", num_key_value_heads},
+        Positive{"moe_layer_freq", moe_layer_freq},
+        Positive{"max_position_embeddings", max_position_embeddings}}) {
     if (p.value <= 0) return bad("key '", p.key, "' must be > 0, got ", p.value);
   }
   if (hidden_size % num_attention_heads != 0) {
@@ -193,13 +198,15 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
     return bad("num_attention_heads ", num_attention_heads,
                " is not divisible by num_key_value_heads ", num_key_value_heads);
   }
-  if (head_dim() % 2 != 0) return bad("head_dim ", head_dim(), " must be even for rotary embeddings");
+  if (head_dim() % 2 != 0)
+    return bad("head_dim ", head_dim(), " must be even for rotary embeddings");
   if (first_k_dense_replace < 0) return bad("first_k_dense_replace must be >= 0");
   if (n_shared_experts < 0 || n_routed_experts < 0) return bad("expert counts must be >= 0");
   bool any_dense = false;
   for (int64_t i = 0; i < num_hidden_layers; ++i) any_dense |= !IsMoeLayer(i);
   if (any_dense && intermediate_size <= 0) {
-    return bad("intermediate_size must be > 0 (the model has dense layers), got ", intermediate_size);
+    return bad("intermediate_size must be > 0 (the model has dense layers), got ",
+               intermediate_size);
   }
   if (n_routed_experts > 0) {
     if (moe_intermediate_size <= 0) return bad("moe_intermediate_size must be > 0");
@@ -213,19 +220,24 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
     if (topk_method != "greedy" && topk_method != "group_limited_greedy") {
       return bad("topk_method '", topk_method, "' is not supported (greedy, group_limited_greedy)");
     }
-    if (n_group < 1 || n_group > 64 || n_routed_experts % n_group != 0 || topk_group < 1 || topk_group > n_group) {
-      return bad("n_group ", n_group, " / topk_group ", topk_group, " must divide the ", n_routed_experts,
+    if (n_group < 1 || n_group > 64 || n_routed_experts % n_group != 0 || topk_group < 1 ||
+        topk_group > n_group) {
+      return bad("n_group ", n_group, " / topk_group ", topk_group, " must divide the ",
+                 n_routed_experts,
                  " routed experts into at most 64 groups and keep 1..n_group of them");
     }
-    if (topk_method == "group_limited_greedy" && topk_group * (n_routed_experts / n_group) < num_experts_per_tok) {
-      return bad("the ", topk_group, " groups kept hold fewer experts than num_experts_per_tok ", num_experts_per_tok);
+    if (topk_method == "group_limited_greedy" &&
+        topk_group * (n_routed_experts / n_group) < num_experts_per_tok) {
+      return bad("the ", topk_group, " groups kept hold fewer experts than num_experts_per_tok ",
+                 num_experts_per_tok);
     }
   }
   if (hidden_act != "silu") return bad("hidden_act '", hidden_act, "' is not supported (silu)");
   if (!(rms_norm_eps > 0)) return bad("rms_norm_eps must be > 0");
   if (!(rope_theta > 0)) return bad("rope_theta must be > 0");
   for (int64_t id : eos_token_ids) {
-    if (id < 0 || id >= vocab_size) return bad("eos_token_id ", id, " is outside the vocabulary [0, ", vocab_size, ")");
+    if (id < 0 || id >= vocab_size)
+      return bad("eos_token_id ", id, " is outside the vocabulary [0, ", vocab_size, ")");
   }
   return absl::OkStatus();
 }
@@ -303,9 +315,8 @@ absl::StatusOr<GenerationConfig> GenerationConfig::FromJson(const std::string& t
   DSMOE_RETURN_IF_ERROR(r.status());
   for (int64_t id : g.eos_token_ids) {
     if (id < 0 || id >= model.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": eos_token_id ", id,
-                                                     " is outside the vocabulary [0, ",
-                                                     model.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": eos_token_id ", id, " is outside the vocabulary [0, ", model.vocab_size, ")"));
     }
   }
   return g;

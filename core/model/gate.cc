@@ -23,7 +23,8 @@ void RouteTokens(const GateParams& params, const float* logits, int64_t T, float
       bool keep[64] = {};
       for (int64_t g = 0; g < G; ++g) {
         best[g] = scratch[g * per];
-        for (int64_t e = g * per + 1; e < (g + 1) * per; ++e) best[g] = scratch[e] > best[g] ? scratch[e] : best[g];
+        for (int64_t e = g * per + 1; e < (g + 1) * per; ++e)
+          best[g] = scratch[e] > best[g] ? scratch[e] : best[g];
       }
       for (int64_t j = 0; j < params.topk_group; ++j) {
         int64_t top = -1;

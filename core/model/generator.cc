@@ -5,7 +5,9 @@
 
 namespace dsmoe {
 
-const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ? "stop" : "length"; }
+const char* FinishReasonName(FinishReason r) {
+  return r == FinishReason::kStop ? "stop" : "length";
+}
 
 absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationConfig& generation,
                                         const GenerateRequest& request, int32_t slot,
@@ -16,11 +18,12 @@ absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationCon
   const int64_t V = runner.config().vocab_size;
   if (P == 0) return absl::InvalidArgumentError("the prompt is empty");
   if (P >= max_context) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt of ", P, " tokens leaves no room in the context of ",
-                                                   max_context, " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", P, " tokens leaves no room in the context of ", max_context, " tokens"));
   }
   if (request.max_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", request.max_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be > 0, got ", request.max_tokens));
   }
   DSMOE_RETURN_IF_ERROR(request.sampling.Validate());
   std::vector<int32_t> stop_ids = request.stop_token_ids;
@@ -41,9 +44,10 @@ absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationCon
     for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(begin + i);
     const int32_t last = static_cast<int32_t>(n - 1);
     const bool final_chunk = begin + n == P;
-    ForwardBatch batch{std::span(request.prompt).subspan(begin, n), std::span(slots).first(n),
-                       std::span(positions).first(n),
-                       final_chunk ? std::span<const int32_t>(&last, 1) : std::span<const int32_t>()};
+    ForwardBatch batch{
+        std::span(request.prompt).subspan(begin, n), std::span(slots).first(n),
+        std::span(positions).first(n),
+        final_chunk ? std::span<const int32_t>(&last, 1) : std::span<const int32_t>()};
     DSMOE_RETURN_IF_ERROR(runner.Forward(batch, logits.data()));
   }
   const auto t1 = Clock::now();

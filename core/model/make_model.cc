@@ -3,7 +3,6 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "core/io/safetensors.h"
@@ -64,7 +63,9 @@ class Rng {
     return z ^ (z >> 31);
   }
   // Uniform in [-1, 1).
-  float Symmetric() { return static_cast<float>(static_cast<double>(Next() >> 11) * 0x1.0p-52 - 1.0); }
+  float Symmetric() {
+    return static_cast<float>(static_cast<double>(Next() >> 11) * 0x1.0p-52 - 1.0);
+  }
 
  private:
   uint64_t state_;
@@ -112,7 +113,8 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.num_experts_per_tok = top_k;
     c.first_k_dense_replace = first_dense;
     c.vocab_size = vocab;
-    // The dense layers match a MoE layer's activated width, as in DeepSeekMoE 16B (10944 ≈ 8 × 1408).
+    // The dense layers match a MoE layer's activated width, as in DeepSeekMoE 16B (10944 ≈ 8 ×
+    // 1408).
     c.intermediate_size = (shared + top_k) * width;
   };
   if (name == "tiny") {
@@ -141,7 +143,8 @@ ParameterCount CountParameters(const ModelConfig& c) {
   // does not choose. (Of the embedding table a token reads one row; weight bytes read per
   // token are the benchmark's business.)
   const int64_t expert = 3 * c.hidden_size * c.moe_intermediate_size;
-  count.active = count.total - c.NumMoeLayers() * (c.n_routed_experts - c.num_experts_per_tok) * expert;
+  count.active =
+      count.total - c.NumMoeLayers() * (c.n_routed_experts - c.num_experts_per_tok) * expert;
   return count;
 }
 
@@ -159,8 +162,8 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
                         : options.dtype == DType::kBF16 ? "bfloat16"
                                                         : "float16";
   DSMOE_RETURN_IF_ERROR(WriteJson(fs::path(dir) / "config.json", written.ToJson()));
-  DSMOE_RETURN_IF_ERROR(
-      WriteJson(fs::path(dir) / "generation_config.json", GenerationConfig::FromModel(written).ToJson()));
+  DSMOE_RETURN_IF_ERROR(WriteJson(fs::path(dir) / "generation_config.json",
+                                  GenerationConfig::FromModel(written).ToJson()));
 
   const std::vector<TensorPlan> plan = PlanTensors(config);
   const int64_t elem = static_cast<int64_t>(DTypeSize(options.dtype));
@@ -193,14 +196,17 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
       specs.push_back({t->name, options.dtype, t->shape});
       weight_map[t->name] = name;
     }
-    DSMOE_ASSIGN_OR_RETURN(auto writer, SafetensorsWriter::Create((fs::path(dir) / name).string(), specs));
+    DSMOE_ASSIGN_OR_RETURN(auto writer,
+                           SafetensorsWriter::Create((fs::path(dir) / name).string(), specs));
     for (const TensorPlan* t : shard_tensors[s]) {
       const int64_t n = NumElements(t->shape);
       Rng rng(HashName(t->name, options.seed));
       values.resize(n);
-      const float std_dev = t->init == TensorPlan::Init::kLinear
-                                ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(t->shape.back())))
-                                : t->init == TensorPlan::Init::kEmbedding ? 1.0f : 0.1f;
+      const float std_dev =
+          t->init == TensorPlan::Init::kLinear
+              ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(t->shape.back())))
+          : t->init == TensorPlan::Init::kEmbedding ? 1.0f
+                                                    : 0.1f;
       const float half_width = std_dev * std::sqrt(3.0f);  // uniform[-a, a] has std a/√3
       for (int64_t i = 0; i < n; ++i) {
         values[i] = t->init == TensorPlan::Init::kNorm ? 1.0f + 0.25f * rng.Symmetric()
@@ -222,7 +228,8 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
     nlohmann::ordered_json index;
     index["metadata"] = {{"total_size", total_bytes}};
     index["weight_map"] = weight_map;
-    DSMOE_RETURN_IF_ERROR(WriteJson(fs::path(dir) / "model.safetensors.index.json", index.dump(2) + "\n"));
+    DSMOE_RETURN_IF_ERROR(
+        WriteJson(fs::path(dir) / "model.safetensors.index.json", index.dump(2) + "\n"));
   } else {
     fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
   }

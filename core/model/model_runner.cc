@@ -18,9 +18,10 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
   }
   RunnerOptions o = options;
   // Linear RoPE scaling stretches the usable context by its factor.
-  const int64_t model_max = static_cast<int64_t>(
-      static_cast<double>(c.max_position_embeddings) *
-      (c.rope_scaling.type == RopeScaling::Type::kLinear ? std::max(1.0, c.rope_scaling.factor) : 1.0));
+  const int64_t model_max = static_cast<int64_t>(static_cast<double>(c.max_position_embeddings) *
+                                                 (c.rope_scaling.type == RopeScaling::Type::kLinear
+                                                      ? std::max(1.0, c.rope_scaling.factor)
+                                                      : 1.0));
   if (o.max_context <= 0) o.max_context = model_max;
   if (o.max_context > model_max) {
     return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
@@ -43,7 +44,8 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
   return runner;
 }
 
-ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options)
+ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
+                         const RunnerOptions& options)
     : weights_(weights),
       config_(weights.config()),
       pool_(pool),
@@ -51,7 +53,8 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const Ru
       gate_{config_.n_routed_experts,
             config_.num_experts_per_tok,
             config_.norm_topk_prob,
-            config_.topk_method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy : TopkMethod::kGreedy,
+            config_.topk_method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy
+                                                          : TopkMethod::kGreedy,
             config_.n_group,
             config_.topk_group,
             static_cast<float>(config_.routed_scaling_factor)},
@@ -60,15 +63,17 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const Ru
   const int64_t T = options.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();
   const int64_t half = hd / 2;
 
-  // inv_freq[i] = θ^(−2i/hd); linear scaling divides the position (HF LinearScalingRotaryEmbedding).
-  // Computed in double and rounded once, so the tables are as exact as fp32 allows.
+  // inv_freq[i] = θ^(−2i/hd); linear scaling divides the position (HF
+  // LinearScalingRotaryEmbedding). Computed in double and rounded once, so the tables are as exact
+  // as fp32 allows.
   rope_cos_.Resize(options.max_context * half);
   rope_sin_.Resize(options.max_context * half);
   const double pos_scale =
       c.rope_scaling.type == RopeScaling::Type::kLinear ? 1.0 / c.rope_scaling.factor : 1.0;
   for (int64_t p = 0; p < options.max_context; ++p) {
     for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      const double inv_freq =
+          std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
       const double angle = static_cast<double>(p) * pos_scale * inv_freq;
       rope_cos_[p * half + i] = static_cast<float>(std::cos(angle));
       rope_sin_[p * half + i] = static_cast<float>(std::sin(angle));
@@ -85,7 +90,8 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool, const Ru
   v_.Resize(T * c.num_key_value_heads * hd);
   int64_t mlp_width = 0;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    mlp_width = std::max(mlp_width, c.IsMoeLayer(i) ? c.shared_intermediate_size() : c.intermediate_size);
+    mlp_width =
+        std::max(mlp_width, c.IsMoeLayer(i) ? c.shared_intermediate_size() : c.intermediate_size);
   }
   mlp_act_.Resize(T * mlp_width);
   mlp_up_.Resize(T * mlp_width);
@@ -103,30 +109,29 @@ absl::Status ValidateBatch(const ForwardBatch& b, int64_t vocab_size, int64_t ma
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   if (T == 0) return absl::InvalidArgumentError("empty batch");
   if (T > max_batch_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ",
-                                                   max_batch_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ", max_batch_tokens));
   }
   if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
     return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
   }
   for (int64_t t = 0; t < T; ++t) {
     if (b.token_ids[t] < 0 || b.token_ids[t] >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", b.token_ids[t],
-                                                     " is outside the vocabulary [0, ",
-                                                     vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", b.token_ids[t], " is outside the vocabulary [0, ", vocab_size, ")"));
     }
     if (b.slots[t] < 0 || b.slots[t] >= num_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("slot ", b.slots[t], " outside [0, ",
-                                                     num_slots, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("slot ", b.slots[t], " outside [0, ", num_slots, ")"));
     }
     if (b.positions[t] < 0 || b.positions[t] >= max_context) {
-      return absl::OutOfRangeError(absl::StrCat("position ", b.positions[t],
-                                                " is beyond the context of ", max_context,
-                                                " tokens"));
+      return absl::OutOfRangeError(absl::StrCat(
+          "position ", b.positions[t], " is beyond the context of ", max_context, " tokens"));
     }
   }
   for (size_t i = 0; i < b.logit_rows.size(); ++i) {
-    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T || (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
+    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T ||
+        (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
       return absl::InvalidArgumentError("logit_rows must be ascending indices into the batch");
     }
   }
@@ -182,8 +187,8 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
 }
 
 absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
-  DSMOE_RETURN_IF_ERROR(ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots,
-                                      options_.max_context));
+  DSMOE_RETURN_IF_ERROR(ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens,
+                                      options_.num_slots, options_.max_context));
   const ModelConfig& c = config_;
   const ModelWeights& w = weights_;
   const ops::KernelTable& kern = ops::Kernels();
@@ -210,8 +215,8 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     ApplyRope(q_.data(), T, nh, b.positions);
     ApplyRope(k_.data(), T, nkv, b.positions);
     for (int64_t t = 0; t < T; ++t) {  // the cache holds post-RoPE keys
-      std::memcpy(kv_cache_.Keys(layer, b.slots[t]) + b.positions[t] * kv_row, k_.data() + t * kv_row,
-                  sizeof(float) * kv_row);
+      std::memcpy(kv_cache_.Keys(layer, b.slots[t]) + b.positions[t] * kv_row,
+                  k_.data() + t * kv_row, sizeof(float) * kv_row);
       std::memcpy(kv_cache_.Values(layer, b.slots[t]) + b.positions[t] * kv_row,
                   v_.data() + t * kv_row, sizeof(float) * kv_row);
     }
@@ -231,10 +236,12 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     ops::Linear(pool_, xn, T, L.router, nullptr, router_logits_.data());  // [T, E]
     RouteTokens(gate_, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
                 route_weights_.data());
-    if (observer_ != nullptr) observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
+    if (observer_ != nullptr)
+      observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
     // Routed experts start (possibly on expert servers); the shared experts — every token,
     // no gate — are computed here meanwhile; then the routed results are combined.
-    DSMOE_RETURN_IF_ERROR(experts_->Start(layer, xn, T, route_experts_.data(), route_weights_.data(), k));
+    DSMOE_RETURN_IF_ERROR(
+        experts_->Start(layer, xn, T, route_experts_.data(), route_weights_.data(), k));
     if (L.shared.loaded()) {
       const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data()};
       RunMlps(pool_, &job, 1, H);

@@ -36,8 +36,8 @@ struct RunnerOptions {
 
 struct ForwardBatch {
   std::span<const int32_t> token_ids;
-  std::span<const int32_t> slots;      // KV-cache slot of each token
-  std::span<const int32_t> positions;  // position of each token in its sequence
+  std::span<const int32_t> slots;       // KV-cache slot of each token
+  std::span<const int32_t> positions;   // position of each token in its sequence
   std::span<const int32_t> logit_rows;  // indices of the tokens whose logits are wanted, ascending
 };
 
@@ -61,10 +61,9 @@ class ModelRunner {
  public:
   // REQUIRES: weights (with the attention side loaded), pool and, if given, experts outlive
   // the runner. experts == nullptr: routed experts are computed locally from `weights`.
-  static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const ModelWeights& weights,
-                                                             ThreadPool& pool,
-                                                             const RunnerOptions& options,
-                                                             RoutedExpertExecutor* experts = nullptr);
+  static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(
+      const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options,
+      RoutedExpertExecutor* experts = nullptr);
 
   // Writes logits for batch.logit_rows into `logits` ([logit_rows.size(), vocab]). Tokens must
   // extend their slot's sequence: position p of a slot requires positions [0, p) written by
@@ -95,7 +94,7 @@ class ModelRunner {
   FloatBuffer rope_cos_, rope_sin_;
   // Activation arena, [max_batch_tokens, ·] each.
   FloatBuffer hidden_, normed_, q_, k_, v_, attn_, proj_, shared_out_;
-  FloatBuffer mlp_act_, mlp_up_;     // [T, max(intermediate, shared width)]
+  FloatBuffer mlp_act_, mlp_up_;  // [T, max(intermediate, shared width)]
   FloatBuffer router_logits_, route_weights_, gate_scratch_;
   std::vector<int32_t> route_experts_;
   FloatBuffer scores_;  // [threads, max_context] attention scores

@@ -4,9 +4,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <vector>
-
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "core/io/checkpoint.h"
 #include "core/io/safetensors.h"
@@ -19,7 +18,8 @@ namespace {
 namespace fs = std::filesystem;
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // The linear layers whose weights are quantized; everything else is copied.
@@ -51,14 +51,17 @@ void QuantizeRowQ8(const float* row, int64_t n, int8_t* values, uint16_t* scales
   }
 }
 
-absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir, const std::string& out_dir) {
+absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir,
+                                                  const std::string& out_dir) {
   DSMOE_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(in_dir));
   DSMOE_ASSIGN_OR_RETURN(std::string config_text, ckpt->ReadJsonFile("config.json"));
   DSMOE_RETURN_IF_ERROR(ModelConfig::FromJson(config_text, in_dir + "/config.json").status());
   std::error_code ec;
-  if (fs::equivalent(in_dir, out_dir, ec)) return absl::InvalidArgumentError("--out must differ from --model");
+  if (fs::equivalent(in_dir, out_dir, ec))
+    return absl::InvalidArgumentError("--out must differ from --model");
   fs::create_directories(out_dir, ec);
-  if (ec) return absl::PermissionDeniedError(absl::StrCat(out_dir, ": cannot create: ", ec.message()));
+  if (ec)
+    return absl::PermissionDeniedError(absl::StrCat(out_dir, ": cannot create: ", ec.message()));
 
   QuantizeReport report;
   std::vector<std::string> names = ckpt->TensorNamesInFileOrder();
@@ -72,8 +75,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir, con
       specs.push_back({name, t.dtype, t.shape});
     }
   }
-  DSMOE_ASSIGN_OR_RETURN(auto writer, SafetensorsWriter::Create((fs::path(out_dir) / "model.safetensors").string(),
-                                                                specs, {{"format", "pt"}, {"quantization", "dsmoe_q8_0"}}));
+  DSMOE_ASSIGN_OR_RETURN(auto writer, SafetensorsWriter::Create(
+                                          (fs::path(out_dir) / "model.safetensors").string(), specs,
+                                          {{"format", "pt"}, {"quantization", "dsmoe_q8_0"}}));
   std::vector<float> row;
   std::vector<int8_t> values;
   std::vector<uint16_t> scales;
@@ -92,7 +96,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir, con
     scales.resize(static_cast<size_t>(rows * cols / kQ8Block));
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t k = 0; k < cols; ++k) row[k] = LoadAsF32(t.data, t.dtype, r * cols + k);
-      QuantizeRowQ8(row.data(), cols, values.data() + r * cols, scales.data() + r * (cols / kQ8Block));
+      QuantizeRowQ8(row.data(), cols, values.data() + r * cols,
+                    scales.data() + r * (cols / kQ8Block));
     }
     DSMOE_RETURN_IF_ERROR(writer->Append(values.data(), values.size()));
     DSMOE_RETURN_IF_ERROR(writer->Append(scales.data(), scales.size() * sizeof(uint16_t)));
@@ -102,12 +107,15 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir, con
   DSMOE_RETURN_IF_ERROR(writer->Finish());
 
   nlohmann::ordered_json config = nlohmann::ordered_json::parse(config_text);
-  config["quantization_config"] = {{"quant_method", "dsmoe_q8_0"}, {"block_size", kQ8Block}, {"bits", 8}};
+  config["quantization_config"] = {
+      {"quant_method", "dsmoe_q8_0"}, {"block_size", kQ8Block}, {"bits", 8}};
   std::ofstream(fs::path(out_dir) / "config.json") << config.dump(2) << "\n";
   for (const char* extra : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
     if (fs::exists(fs::path(in_dir) / extra)) {
-      fs::copy_file(fs::path(in_dir) / extra, fs::path(out_dir) / extra, fs::copy_options::overwrite_existing, ec);
-      if (ec) return absl::PermissionDeniedError(absl::StrCat("copying ", extra, ": ", ec.message()));
+      fs::copy_file(fs::path(in_dir) / extra, fs::path(out_dir) / extra,
+                    fs::copy_options::overwrite_existing, ec);
+      if (ec)
+        return absl::PermissionDeniedError(absl::StrCat("copying ", extra, ": ", ec.message()));
     }
   }
   fs::remove(fs::path(out_dir) / "model.safetensors.index.json", ec);

@@ -22,7 +22,8 @@ struct QuantizeReport {
 // Reads the checkpoint in `in_dir` (any dtype) and writes the quantized one to `out_dir` as one
 // model.safetensors, with config.json (plus "quantization_config"), generation_config.json and
 // any tokenizer files copied over.
-absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir, const std::string& out_dir);
+absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir,
+                                                  const std::string& out_dir);
 
 // One row of n values (n a multiple of 32) → n int8 values and n/32 F16 scales.
 void QuantizeRowQ8(const float* row, int64_t n, int8_t* values, uint16_t* scales);

@@ -40,13 +40,13 @@ absl::Status LocalExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
 absl::Status LocalExpertExecutor::RunAssignments(int64_t layer, const float* x, int64_t T,
                                                  const ExpertAssignments& a, float* out) {
   if (a.size > max_assignments_) {
-    return absl::ResourceExhaustedError(absl::StrCat(a.size, " expert assignments exceed the limit of ",
-                                                     max_assignments_, " per call"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        a.size, " expert assignments exceed the limit of ", max_assignments_, " per call"));
   }
   for (int64_t i = 0; i < a.size; ++i) {
     if (a.token[i] < 0 || a.token[i] >= T) {
-      return absl::InvalidArgumentError(absl::StrCat("assignment ", i, " names token ", a.token[i],
-                                                     " of a batch of ", T));
+      return absl::InvalidArgumentError(
+          absl::StrCat("assignment ", i, " names token ", a.token[i], " of a batch of ", T));
     }
   }
   return Compute(layer, x, T, a, out);
@@ -69,8 +69,8 @@ absl::Status LocalExpertExecutor::Compute(int64_t layer, const float* x, int64_t
       return absl::InvalidArgumentError(absl::StrCat("expert index ", e, " outside [0, ", E, ")"));
     }
     if (!L.routed[e].loaded()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("routed expert (layer ", layer, ", expert ", e, ") is not held by this process"));
+      return absl::FailedPreconditionError(absl::StrCat("routed expert (layer ", layer, ", expert ",
+                                                        e, ") is not held by this process"));
     }
     ++expert_count_[e + 1];
   }
@@ -86,8 +86,11 @@ absl::Status LocalExpertExecutor::Compute(int64_t layer, const float* x, int64_t
   for (int64_t e = 0; e < E; ++e) {
     const int64_t end = cursor[e];
     if (end > start) {
-      jobs_[num_jobs++] = MlpJob{&L.routed[e], gathered_.data() + start * H, end - start,
-                                 act_.data() + start * I, up_.data() + start * I,
+      jobs_[num_jobs++] = MlpJob{&L.routed[e],
+                                 gathered_.data() + start * H,
+                                 end - start,
+                                 act_.data() + start * I,
+                                 up_.data() + start * I,
                                  expert_out_.data() + start * H};
     }
     start = end;

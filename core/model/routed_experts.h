@@ -76,7 +76,8 @@ class LocalExpertExecutor final : public RoutedExpertExecutor {
   int64_t max_assignments() const { return max_assignments_; }
 
  private:
-  absl::Status Compute(int64_t layer, const float* x, int64_t T, const ExpertAssignments& a, float* out);
+  absl::Status Compute(int64_t layer, const float* x, int64_t T, const ExpertAssignments& a,
+                       float* out);
 
   const ModelWeights& weights_;
   ThreadPool& pool_;

@@ -30,8 +30,11 @@ Sampler::Sampler(int64_t vocab_size, const SamplingParams& params)
 int32_t Sampler::Sample(const float* logits) {
   if (params_.temperature == 0.0) return ArgMax(logits, vocab_size_);
   candidates_.clear();
-  for (int64_t i = 0; i < vocab_size_; ++i) candidates_.emplace_back(logits[i], static_cast<int32_t>(i));
-  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  for (int64_t i = 0; i < vocab_size_; ++i)
+    candidates_.emplace_back(logits[i], static_cast<int32_t>(i));
+  auto by_logit = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   size_t keep = candidates_.size();
   if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < keep) {
     keep = static_cast<size_t>(params_.top_k);

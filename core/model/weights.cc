@@ -27,16 +27,19 @@ class TensorLoader {
     // Q8_0 (dsmoe quantize): int8 values with an F16 scale per block of 32 along each row.
     const std::string scale_name = name + "_scale";
     if (cols % kQ8Block != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt_.dir(), ": tensor '", name, "' is I8 but its ", cols,
-                                                      " columns are not a multiple of the Q8_0 block of ", kQ8Block));
+      return absl::InvalidArgumentError(
+          absl::StrCat(ckpt_.dir(), ": tensor '", name, "' is I8 but its ", cols,
+                       " columns are not a multiple of the Q8_0 block of ", kQ8Block));
     }
     DSMOE_ASSIGN_OR_RETURN(TensorView scales, ckpt_.Tensor(scale_name));
     if (scales.dtype != DType::kF16) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt_.dir(), ": tensor '", scale_name, "' must be F16, is ",
+      return absl::InvalidArgumentError(absl::StrCat(ckpt_.dir(), ": tensor '", scale_name,
+                                                     "' must be F16, is ",
                                                      std::string(DTypeName(scales.dtype))));
     }
     if (scales.shape != std::vector<int64_t>{rows, cols / kQ8Block}) {
-      return WrongShape(scale_name, scales.shape, {rows, cols / kQ8Block}, "Q8_0 scales: one per 32 weights");
+      return WrongShape(scale_name, scales.shape, {rows, cols / kQ8Block},
+                        "Q8_0 scales: one per 32 weights");
     }
     return MatrixView{DType::kQ8_0, rows, cols, t.data, static_cast<const uint16_t*>(scales.data)};
   }
@@ -129,7 +132,8 @@ absl::Status ModelWeights::CopyToHugePages() {
     if (it == moved.end()) {
       MatrixView copied = m;
       copied.data = copy(m.data, m.NumBytes());  // a Q8_0 matrix's scales follow its values
-      if (m.scales != nullptr) copied.scales = reinterpret_cast<const uint16_t*>(copy(m.scales, m.ScaleBytes()));
+      if (m.scales != nullptr)
+        copied.scales = reinterpret_cast<const uint16_t*>(copy(m.scales, m.ScaleBytes()));
       it = moved.emplace(m.data, copied).first;
     }
     m = it->second;
@@ -146,14 +150,15 @@ absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {
   const int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
 
   if (selection.attention_side) {
-    DSMOE_ASSIGN_OR_RETURN(embed_tokens, load.Matrix("model.embed_tokens.weight", V, H,
-                                                     "vocab_size × hidden_size"));
+    DSMOE_ASSIGN_OR_RETURN(
+        embed_tokens, load.Matrix("model.embed_tokens.weight", V, H, "vocab_size × hidden_size"));
     DSMOE_ASSIGN_OR_RETURN(final_norm, load.Vector("model.norm.weight", H, "hidden_size"));
     if (c.tie_word_embeddings) {
       lm_head = embed_tokens;
     } else {
-      DSMOE_ASSIGN_OR_RETURN(lm_head, load.Matrix("lm_head.weight", V, H,
-                                                  "vocab_size × hidden_size; tie_word_embeddings is false"));
+      DSMOE_ASSIGN_OR_RETURN(lm_head,
+                             load.Matrix("lm_head.weight", V, H,
+                                         "vocab_size × hidden_size; tie_word_embeddings is false"));
     }
   }
 
@@ -163,7 +168,8 @@ absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
     L.is_moe = c.IsMoeLayer(i);
     if (selection.attention_side) {
-      DSMOE_ASSIGN_OR_RETURN(L.input_norm, load.Vector(p + "input_layernorm.weight", H, "hidden_size"));
+      DSMOE_ASSIGN_OR_RETURN(L.input_norm,
+                             load.Vector(p + "input_layernorm.weight", H, "hidden_size"));
       DSMOE_ASSIGN_OR_RETURN(L.post_attention_norm,
                              load.Vector(p + "post_attention_layernorm.weight", H, "hidden_size"));
       struct Proj {
@@ -176,24 +182,26 @@ absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {
            {Proj{"q_proj", q_out, H, &L.attention.q, "num_attention_heads·head_dim × hidden_size"},
             Proj{"k_proj", kv_out, H, &L.attention.k, "num_key_value_heads·head_dim × hidden_size"},
             Proj{"v_proj", kv_out, H, &L.attention.v, "num_key_value_heads·head_dim × hidden_size"},
-            Proj{"o_proj", H, q_out, &L.attention.o, "hidden_size × num_attention_heads·head_dim"}}) {
+            Proj{"o_proj", H, q_out, &L.attention.o,
+                 "hidden_size × num_attention_heads·head_dim"}}) {
         const std::string base = p + "self_attn." + pr.name;
-        DSMOE_ASSIGN_OR_RETURN(pr.dst->weight, load.Matrix(base + ".weight", pr.out, pr.in, pr.why));
+        DSMOE_ASSIGN_OR_RETURN(pr.dst->weight,
+                               load.Matrix(base + ".weight", pr.out, pr.in, pr.why));
         if (c.attention_bias) {
-          DSMOE_ASSIGN_OR_RETURN(pr.dst->bias, load.Vector(base + ".bias", pr.out,
-                                                           "attention_bias is true"));
+          DSMOE_ASSIGN_OR_RETURN(pr.dst->bias,
+                                 load.Vector(base + ".bias", pr.out, "attention_bias is true"));
         }
       }
       if (!L.is_moe) {
-        DSMOE_ASSIGN_OR_RETURN(L.dense, load.Mlp(p + "mlp", H, c.intermediate_size,
-                                                 "dense layer: intermediate_size"));
+        DSMOE_ASSIGN_OR_RETURN(
+            L.dense, load.Mlp(p + "mlp", H, c.intermediate_size, "dense layer: intermediate_size"));
       } else {
         DSMOE_ASSIGN_OR_RETURN(L.router, load.Matrix(p + "mlp.gate.weight", c.n_routed_experts, H,
                                                      "router: n_routed_experts × hidden_size"));
         if (c.n_shared_experts > 0) {
-          DSMOE_ASSIGN_OR_RETURN(L.shared, load.Mlp(p + "mlp.shared_experts", H,
-                                                    c.shared_intermediate_size(),
-                                                    "shared experts: n_shared_experts·moe_intermediate_size"));
+          DSMOE_ASSIGN_OR_RETURN(
+              L.shared, load.Mlp(p + "mlp.shared_experts", H, c.shared_intermediate_size(),
+                                 "shared experts: n_shared_experts·moe_intermediate_size"));
         }
       }
     }
@@ -201,9 +209,9 @@ absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {
       L.routed.resize(c.n_routed_experts);
       for (int64_t e = 0; e < c.n_routed_experts; ++e) {
         if (!selection.WantsExpert(i, e)) continue;
-        DSMOE_ASSIGN_OR_RETURN(L.routed[e], load.Mlp(absl::StrCat(p, "mlp.experts.", e), H,
-                                                     c.moe_intermediate_size,
-                                                     "routed expert: moe_intermediate_size"));
+        DSMOE_ASSIGN_OR_RETURN(
+            L.routed[e], load.Mlp(absl::StrCat(p, "mlp.experts.", e), H, c.moe_intermediate_size,
+                                  "routed expert: moe_intermediate_size"));
       }
     }
   }

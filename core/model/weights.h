@@ -49,10 +49,10 @@ struct LayerWeights {
   std::vector<float> post_attention_norm;  // [H]
   AttentionWeights attention;
   bool is_moe = false;
-  MlpWeights dense;                 // dense layers only
-  MatrixView router;                // MoE layers: the gate, [n_routed, H]
-  MlpWeights shared;                // MoE layers with shared experts
-  std::vector<MlpWeights> routed;   // MoE layers: [n_routed]; not loaded() if not selected
+  MlpWeights dense;                // dense layers only
+  MatrixView router;               // MoE layers: the gate, [n_routed, H]
+  MlpWeights shared;               // MoE layers with shared experts
+  std::vector<MlpWeights> routed;  // MoE layers: [n_routed]; not loaded() if not selected
 };
 
 // Which tensors a process needs: an attention server takes everything but the routed experts,
@@ -95,9 +95,9 @@ class ModelWeights {
   const GenerationConfig& generation_config() const { return generation_config_; }
   const Checkpoint& checkpoint() const { return *checkpoint_; }
 
-  MatrixView embed_tokens;       // [V, H]
+  MatrixView embed_tokens;        // [V, H]
   std::vector<float> final_norm;  // [H]
-  MatrixView lm_head;            // [V, H]; the embedding matrix when tie_word_embeddings
+  MatrixView lm_head;             // [V, H]; the embedding matrix when tie_word_embeddings
   std::vector<LayerWeights> layers;
 
  private:

@@ -3,11 +3,11 @@
 // and a ready file naming the bound ports for whoever started the process.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "core/util/status.h"
 
@@ -40,6 +40,7 @@ int WaitForShutdownSignal();
 std::vector<std::string> SplitAddresses(const std::string& list);
 
 // A channel to a dsmoe service with our message size limits.
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes = 64 << 20);
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           int max_message_bytes = 64 << 20);
 
 }  // namespace dsmoe::rpc

@@ -69,11 +69,16 @@ uint16_t F32ToF16(float f);
 // Element i of a row stored as `t`, as fp32.
 inline float LoadAsF32(const void* data, DType t, size_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(data)[i];
-    case DType::kBF16: return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
-    case DType::kF16: return F16ToF32(static_cast<const uint16_t*>(data)[i]);
-    case DType::kI8: return static_cast<float>(static_cast<const int8_t*>(data)[i]);
-    case DType::kQ8_0: break;  // needs its scales: see MatrixView::At
+    case DType::kF32:
+      return static_cast<const float*>(data)[i];
+    case DType::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kI8:
+      return static_cast<float>(static_cast<const int8_t*>(data)[i]);
+    case DType::kQ8_0:
+      break;  // needs its scales: see MatrixView::At
   }
   return 0.0f;
 }

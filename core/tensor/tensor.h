@@ -44,19 +44,22 @@ struct MatrixView {
   // Element (r, k) as fp32, whatever the dtype (slow: for references and tests).
   float At(int64_t r, int64_t k) const {
     if (dtype == DType::kQ8_0) {
-      return static_cast<float>(static_cast<const int8_t*>(Row(r))[k]) * F16ToF32(RowScales(r)[k / kQ8Block]);
+      return static_cast<float>(static_cast<const int8_t*>(Row(r))[k]) *
+             F16ToF32(RowScales(r)[k / kQ8Block]);
     }
     return LoadAsF32(Row(r), dtype, k);
   }
   // Bytes of the values, and of the Q8_0 scales (0 for other dtypes).
   size_t NumBytes() const { return static_cast<size_t>(rows * cols) * DTypeSize(dtype); }
   size_t ScaleBytes() const {
-    return dtype == DType::kQ8_0 ? static_cast<size_t>(rows * (cols / kQ8Block)) * sizeof(uint16_t) : 0;
+    return dtype == DType::kQ8_0 ? static_cast<size_t>(rows * (cols / kQ8Block)) * sizeof(uint16_t)
+                                 : 0;
   }
   bool empty() const { return data == nullptr; }
   // Rows [begin, begin + count) as a matrix of their own (e.g. a tensor-parallel slice).
   MatrixView RowSlice(int64_t begin, int64_t count) const {
-    return MatrixView{dtype, count, cols, Row(begin), scales == nullptr ? nullptr : RowScales(begin)};
+    return MatrixView{dtype, count, cols, Row(begin),
+                      scales == nullptr ? nullptr : RowScales(begin)};
   }
 };
 

@@ -15,7 +15,8 @@ CpuFeatures Probe() {
   f.f16c = f.avx2;  // every AVX2 CPU shipped has F16C; gcc 12 cannot probe it by name.
 #endif
   // DSMOE_FORCE_SCALAR=1 pins the portable kernels (for debugging and A/B measurement).
-  if (const char* force = std::getenv("DSMOE_FORCE_SCALAR"); force && std::strcmp(force, "1") == 0) {
+  if (const char* force = std::getenv("DSMOE_FORCE_SCALAR");
+      force && std::strcmp(force, "1") == 0) {
     f = CpuFeatures{};
   }
   return f;

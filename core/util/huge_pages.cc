@@ -19,12 +19,15 @@ absl::StatusOr<std::unique_ptr<HugePageBuffer>> HugePageBuffer::Allocate(size_t 
   if (size == 0) return std::unique_ptr<HugePageBuffer>(new HugePageBuffer(nullptr, 0, nullptr, 0));
   // Over-map by one huge page so the usable range can start on a 2 MiB boundary.
   const size_t mapping_size = size + kHugePage;
-  void* p = mmap(nullptr, mapping_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p = mmap(nullptr, mapping_size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot map ", mapping_size, " bytes: ", std::strerror(errno)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot map ", mapping_size, " bytes: ", std::strerror(errno)));
   }
   auto* mapping = static_cast<std::byte*>(p);
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(mapping) + kHugePage - 1) / kHugePage * kHugePage;
+  const uintptr_t aligned =
+      (reinterpret_cast<uintptr_t>(mapping) + kHugePage - 1) / kHugePage * kHugePage;
   auto* data = reinterpret_cast<std::byte*>(aligned);
   // Advisory: without THP support the memory is still usable with normal pages.
   (void)madvise(data, size, MADV_HUGEPAGE);

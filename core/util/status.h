@@ -11,10 +11,10 @@
 #define DSMOE_CONCAT_(a, b) DSMOE_CONCAT_INNER_(a, b)
 
 // Evaluates `expr` (an absl::Status); returns it from the enclosing function if not OK.
-#define DSMOE_RETURN_IF_ERROR(expr)                 \
-  do {                                              \
-    ::absl::Status dsmoe_status_ = (expr);          \
-    if (!dsmoe_status_.ok()) return dsmoe_status_;  \
+#define DSMOE_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    ::absl::Status dsmoe_status_ = (expr);         \
+    if (!dsmoe_status_.ok()) return dsmoe_status_; \
   } while (0)
 
 // `DSMOE_ASSIGN_OR_RETURN(auto x, MakeX());` declares x from an OK StatusOr, or returns its

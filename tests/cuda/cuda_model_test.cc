@@ -1,11 +1,11 @@
 // The GPU model runner against the CPU engine (ModelRunner) on checkpoints the test writes, the
 // GPU expert executor against LocalExpertExecutor, KV-cache decode (CUDA graphs) against
 // recomputing from scratch, and a clear error where there is no GPU.
-#include <cstdio>
-#include <numeric>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <cstdio>
+#include <numeric>
 
 #include "core/model/cuda/cuda_expert_executor.h"
 #include "core/model/cuda/cuda_model_runner.h"
@@ -18,10 +18,11 @@
 namespace dsmoe {
 namespace {
 
-using testing::RelErr;
 using ::testing::HasSubstr;
+using testing::RelErr;
 
-std::unique_ptr<ModelWeights> WriteAndLoad(const testing::TempDir& dir, const std::string& preset, DType dtype) {
+std::unique_ptr<ModelWeights> WriteAndLoad(const testing::TempDir& dir, const std::string& preset,
+                                           DType dtype) {
   ModelConfig c = *PresetConfig(preset);
   const absl::Status s = WriteRandomCheckpoint(c, {dtype, 11, 1}, dir.path());
   EXPECT_TRUE(s.ok()) << s;
@@ -32,12 +33,14 @@ std::unique_ptr<ModelWeights> WriteAndLoad(const testing::TempDir& dir, const st
 
 std::vector<int32_t> Prompt(int64_t n, int64_t vocab, int salt) {
   std::vector<int32_t> ids(n);
-  for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * 7919 + salt * 131 + 3) % vocab);
+  for (int64_t i = 0; i < n; ++i)
+    ids[i] = static_cast<int32_t>((i * 7919 + salt * 131 + 3) % vocab);
   return ids;
 }
 
 TEST(CudaWithoutGpu, CreateFailsWithAClearStatus) {
-  if (testing::NoGpuReason().empty()) GTEST_SKIP() << "a GPU is present; this checks the machines without one";
+  if (testing::NoGpuReason().empty())
+    GTEST_SKIP() << "a GPU is present; this checks the machines without one";
   testing::TempDir dir;
   auto w = WriteAndLoad(dir, "tiny", DType::kBF16);
   auto runner = cuda::CudaModelRunner::Create(*w, {});
@@ -50,8 +53,8 @@ TEST(CudaWithoutGpu, CreateFailsWithAClearStatus) {
 }
 
 struct Agreement {
-  double rel_err = 0;   // relative L2 of all logits
-  double top1 = 0;      // fraction of positions whose argmax agrees
+  double rel_err = 0;  // relative L2 of all logits
+  double top1 = 0;     // fraction of positions whose argmax agrees
 };
 
 Agreement Compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t V) {
@@ -59,7 +62,8 @@ Agreement Compare(const std::vector<float>& gpu, const std::vector<float>& cpu, 
   a.rel_err = RelErr(gpu, cpu);
   const int64_t rows = static_cast<int64_t>(cpu.size()) / V;
   int64_t same = 0;
-  for (int64_t r = 0; r < rows; ++r) same += ArgMax(gpu.data() + r * V, V) == ArgMax(cpu.data() + r * V, V);
+  for (int64_t r = 0; r < rows; ++r)
+    same += ArgMax(gpu.data() + r * V, V) == ArgMax(cpu.data() + r * V, V);
   a.top1 = static_cast<double>(same) / static_cast<double>(rows);
   return a;
 }
@@ -91,8 +95,16 @@ TEST_P(CudaModelTest, MatchesCpuEngine) {
 
   const std::vector<int32_t> a = Prompt(29, V, 1), b = Prompt(13, V, 2);
   std::vector<int32_t> ids, slots, pos, rows;
-  for (size_t i = 0; i < a.size(); ++i) { ids.push_back(a[i]); slots.push_back(0); pos.push_back(static_cast<int32_t>(i)); }
-  for (size_t i = 0; i < b.size(); ++i) { ids.push_back(b[i]); slots.push_back(1); pos.push_back(static_cast<int32_t>(i)); }
+  for (size_t i = 0; i < a.size(); ++i) {
+    ids.push_back(a[i]);
+    slots.push_back(0);
+    pos.push_back(static_cast<int32_t>(i));
+  }
+  for (size_t i = 0; i < b.size(); ++i) {
+    ids.push_back(b[i]);
+    slots.push_back(1);
+    pos.push_back(static_cast<int32_t>(i));
+  }
   rows.resize(ids.size());
   std::iota(rows.begin(), rows.end(), 0);
   std::vector<float> want(ids.size() * V), got(ids.size() * V);
@@ -102,7 +114,8 @@ TEST_P(CudaModelTest, MatchesCpuEngine) {
   std::vector<float> all_got = got, all_want = want;
 
   // Decode: both sequences step together, fed the CPU's greedy tokens so both stay on one path.
-  std::vector<int32_t> next = {ArgMax(want.data() + (a.size() - 1) * V, V), ArgMax(want.data() + (ids.size() - 1) * V, V)};
+  std::vector<int32_t> next = {ArgMax(want.data() + (a.size() - 1) * V, V),
+                               ArgMax(want.data() + (ids.size() - 1) * V, V)};
   std::vector<int32_t> step_pos = {static_cast<int32_t>(a.size()), static_cast<int32_t>(b.size())};
   const std::vector<int32_t> step_slots = {0, 1}, step_rows = {0, 1};
   for (int step = 0; step < 8; ++step) {
@@ -118,9 +131,10 @@ TEST_P(CudaModelTest, MatchesCpuEngine) {
   }
   EXPECT_GE((*gpu)->num_graphs(), 1);  // the decode steps (and the all-logits prefill)
   const Agreement prefill = Compare(got, want, V), overall = Compare(all_got, all_want, V);
-  std::printf("[gpu-vs-cpu] %s %s: prefill rel-L2 %.3g top-1 %.3f; with decode rel-L2 %.3g top-1 %.3f\n",
-              preset.c_str(), std::string(DTypeName(dtype)).c_str(), prefill.rel_err, prefill.top1,
-              overall.rel_err, overall.top1);
+  std::printf(
+      "[gpu-vs-cpu] %s %s: prefill rel-L2 %.3g top-1 %.3f; with decode rel-L2 %.3g top-1 %.3f\n",
+      preset.c_str(), std::string(DTypeName(dtype)).c_str(), prefill.rel_err, prefill.top1,
+      overall.rel_err, overall.top1);
   ::testing::Test::RecordProperty("rel_err", std::to_string(overall.rel_err));
   ::testing::Test::RecordProperty("top1", std::to_string(overall.top1));
   // bf16 weights and activations against fp32: ~1e-2; a wrong kernel gives O(1).
@@ -134,7 +148,8 @@ INSTANTIATE_TEST_SUITE_P(Presets, CudaModelTest,
                                            std::pair<std::string, DType>{"gshard", DType::kBF16},
                                            std::pair<std::string, DType>{"small", DType::kBF16}),
                          [](const auto& param_info) {
-                           return param_info.param.first + "_" + std::string(DTypeName(param_info.param.second));
+                           return param_info.param.first + "_" +
+                                  std::string(DTypeName(param_info.param.second));
                          });
 
 // Decode through the paged cache (graph replays) equals one recomputation from scratch.
@@ -162,7 +177,8 @@ TEST(CudaModelRunner, KvCacheDecodeEqualsRecompute) {
   }
   std::vector<float> stepped;
   for (int step = 0; step < 12; ++step) {
-    const std::vector<int32_t> tok = {seq.back()}, slot = {2}, p = {static_cast<int32_t>(seq.size() - 1)}, row = {0};
+    const std::vector<int32_t> tok = {seq.back()}, slot = {2},
+                               p = {static_cast<int32_t>(seq.size() - 1)}, row = {0};
     std::vector<float> logits(V);
     const absl::Status s = (*dec)->Forward({tok, slot, p, row}, logits.data());
     ASSERT_TRUE(s.ok()) << s;
@@ -177,7 +193,8 @@ TEST(CudaModelRunner, KvCacheDecodeEqualsRecompute) {
   std::iota(pos.begin(), pos.end(), 0);
   for (int64_t r = n - 12; r < n; ++r) rows.push_back(static_cast<int32_t>(r));
   std::vector<float> recomputed(12 * V);
-  ASSERT_TRUE((*fresh)->Forward({std::span(seq).first(n), slots, pos, rows}, recomputed.data()).ok());
+  ASSERT_TRUE(
+      (*fresh)->Forward({std::span(seq).first(n), slots, pos, rows}, recomputed.data()).ok());
   const Agreement a = Compare(stepped, recomputed, V);
   std::printf("[kv-decode-vs-recompute] rel-L2 %.3g top-1 %.3f\n", a.rel_err, a.top1);
   EXPECT_LT(a.rel_err, 1e-2);
@@ -201,12 +218,15 @@ TEST(CudaModelRunner, RefusesBadBatchesAndRunsOutOfPagesCleanly) {
   ASSERT_TRUE(r.ok());
   std::vector<float> logits(512);
   const std::vector<int32_t> zero = {0}, bad = {512};
-  EXPECT_EQ((*r)->Forward({bad, zero, zero, zero}, logits.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*r)->Forward({bad, zero, zero, zero}, logits.data()).code(),
+            absl::StatusCode::kInvalidArgument);
   const std::vector<int32_t> skip = {40};
-  EXPECT_EQ((*r)->Forward({zero, zero, skip, zero}, logits.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*r)->Forward({zero, zero, skip, zero}, logits.data()).code(),
+            absl::StatusCode::kInvalidArgument);
   std::vector<int32_t> ids(33, 5), slots(33, 0), pos(33);
   std::iota(pos.begin(), pos.end(), 0);
-  EXPECT_EQ((*r)->Forward({ids, slots, pos, {}}, logits.data()).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ((*r)->Forward({ids, slots, pos, {}}, logits.data()).code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 // GPU attention with CPU routed experts (an expert server on CPU serving a GPU attention side)
@@ -232,7 +252,8 @@ TEST(CudaModelRunner, ExternalCpuExpertsMatchGpuExperts) {
   ASSERT_TRUE((*with_cpu)->Forward({ids, slots, pos, rows}, a.data()).ok());
   ASSERT_TRUE((*all_gpu)->Forward({ids, slots, pos, rows}, b.data()).ok());
   const Agreement ag = Compare(a, b, V);
-  std::printf("[gpu-attention+cpu-experts vs all-gpu] rel-L2 %.3g top-1 %.3f\n", ag.rel_err, ag.top1);
+  std::printf("[gpu-attention+cpu-experts vs all-gpu] rel-L2 %.3g top-1 %.3f\n", ag.rel_err,
+              ag.top1);
   EXPECT_LT(ag.rel_err, 0.05);
 }
 
@@ -267,10 +288,12 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
     const int64_t layer = c.first_k_dense_replace;
     std::vector<float> want(T * H), got(T * H, NAN);
     ASSERT_TRUE(local.Run(layer, x.data(), T, experts.data(), weights.data(), k, want.data()).ok());
-    const absl::Status s = (*gpu)->Run(layer, x.data(), T, experts.data(), weights.data(), k, got.data());
+    const absl::Status s =
+        (*gpu)->Run(layer, x.data(), T, experts.data(), weights.data(), k, got.data());
     ASSERT_TRUE(s.ok()) << s;
     const double err = RelErr(got, want);
-    std::printf("[gpu-experts-vs-local] %s T=%ld rel-L2 %.3g\n", GetParam().c_str(), static_cast<long>(T), err);
+    std::printf("[gpu-experts-vs-local] %s T=%ld rel-L2 %.3g\n", GetParam().c_str(),
+                static_cast<long>(T), err);
     EXPECT_LT(err, 1e-2) << GetParam() << " T=" << T;
     // Bad input is refused, not computed.
     experts[0] = static_cast<int32_t>(E);
@@ -279,7 +302,8 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, CudaExpertExecutorTest, ::testing::Values("tiny", "gshard", "small"));
+INSTANTIATE_TEST_SUITE_P(Presets, CudaExpertExecutorTest,
+                         ::testing::Values("tiny", "gshard", "small"));
 
 }  // namespace
 }  // namespace dsmoe

@@ -1,16 +1,17 @@
 // Every CUDA kernel against the CPU reference (core/ops/kernels.h, ops.h, gate.h, and the
 // formulas of core/model/model_runner.cc) on random shapes. Bounds: fp32 results to ~1e-5
 // relative L2; results rounded to bf16 (or computed from bf16 inputs) to ~1e-2.
+#include "core/ops/cuda/cuda_ops.h"
+
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
 
-#include <gtest/gtest.h>
-
 #include "core/model/gate.h"
 #include "core/ops/cuda/cublas_gemm.h"
-#include "core/ops/cuda/cuda_ops.h"
 #include "core/ops/kernels.h"
 #include "core/ops/ops.h"
 #include "core/tensor/dtype.h"
@@ -50,15 +51,18 @@ TEST(CudaKernels, RmsNormMatchesCpu) {
       const int64_t R = static_cast<int64_t>(rows.size());
       std::vector<float> want(T * H), want_rows(R * H);
       ops::RmsNorm(x.data(), w.data(), T, H, 1e-6, want.data());
-      for (int64_t r = 0; r < R; ++r) std::copy_n(want.data() + rows[r] * H, H, want_rows.data() + r * H);
+      for (int64_t r = 0; r < R; ++r)
+        std::copy_n(want.data() + rows[r] * H, H, want_rows.data() + r * H);
 
       DeviceVector<float> dx(x), dw(w), out32(T * H);
       DeviceVector<uint16_t> out16(T * H), rows16(R * H);
       DeviceVector<int32_t> drows(rows);
       out32.Poison();
       out16.Poison();
-      ASSERT_CUDA_OK(cuda::LaunchRmsNorm(dx.get(), dw.get(), nullptr, T, H, 1e-6f, out16.get(), out32.get(), nullptr));
-      ASSERT_CUDA_OK(cuda::LaunchRmsNorm(dx.get(), dw.get(), drows.get(), R, H, 1e-6f, rows16.get(), nullptr, nullptr));
+      ASSERT_CUDA_OK(cuda::LaunchRmsNorm(dx.get(), dw.get(), nullptr, T, H, 1e-6f, out16.get(),
+                                         out32.get(), nullptr));
+      ASSERT_CUDA_OK(cuda::LaunchRmsNorm(dx.get(), dw.get(), drows.get(), R, H, 1e-6f, rows16.get(),
+                                         nullptr, nullptr));
       EXPECT_LT(RelErr(out32.Download(), want), 1e-5) << T << "x" << H;
       EXPECT_LT(RelErr(FromBf16(out16.Download()), want), 5e-3) << T << "x" << H;
       EXPECT_LT(RelErr(FromBf16(rows16.Download()), want_rows), 5e-3) << T << "x" << H;
@@ -92,7 +96,8 @@ TEST(CudaKernels, SiluMulMatchesCpu) {
       const std::vector<float> gu = RandomFloats(T * 2 * W, T * W, 4.0f);
       std::vector<float> want(T * W);
       for (int64_t t = 0; t < T; ++t) {
-        ops::ReferenceKernels().silu_mul(gu.data() + t * 2 * W, gu.data() + t * 2 * W + W, want.data() + t * W, W);
+        ops::ReferenceKernels().silu_mul(gu.data() + t * 2 * W, gu.data() + t * 2 * W + W,
+                                         want.data() + t * W, W);
       }
       DeviceVector<float> d(gu);
       DeviceVector<uint16_t> out(T * W);
@@ -106,7 +111,8 @@ TEST(CudaKernels, SiluMulMatchesCpu) {
 TEST(CudaKernels, ResidualBiasAndConversion) {
   DSMOE_SKIP_WITHOUT_GPU();
   const int64_t T = 9, N = 130;
-  const std::vector<float> x = RandomFloats(T * N, 3), y = RandomFloats(T * N, 4), b = RandomFloats(N, 5);
+  const std::vector<float> x = RandomFloats(T * N, 3), y = RandomFloats(T * N, 4),
+                           b = RandomFloats(N, 5);
   DeviceVector<float> dx(x), dy(y), db(b);
   DeviceVector<uint16_t> d16(T * N);
   ASSERT_CUDA_OK(cuda::LaunchAddInPlace(dx.get(), dy.get(), T * N, nullptr));
@@ -130,7 +136,8 @@ TEST(CudaKernels, GateTopKMatchesRouteTokens) {
         const std::vector<float> logits = RandomFloats(T * E, ++seed, 4.0f);
         std::vector<int32_t> want_e(T * k);
         std::vector<float> want_w(T * k), scratch(E);
-        RouteTokens(GateParams{E, k, norm}, logits.data(), T, scratch.data(), want_e.data(), want_w.data());
+        RouteTokens(GateParams{E, k, norm}, logits.data(), T, scratch.data(), want_e.data(),
+                    want_w.data());
         DeviceVector<float> dl(logits), dw(T * k);
         DeviceVector<int32_t> de(T * k);
         ASSERT_CUDA_OK(cuda::LaunchGateTopK(dl.get(), T, E, k, norm, de.get(), dw.get(), nullptr));
@@ -166,8 +173,8 @@ TEST(CudaKernels, CublasGemmMatchesCpu) {
       // The fp32 router GEMM.
       const std::vector<float> wf = RandomFloats(N * K, ++seed);
       std::vector<float> want_f(T * N);
-      ops::ReferenceKernels().matmul_rows(x.data(), T, MatrixView{DType::kF32, N, K, wf.data()}, 0, N,
-                                          want_f.data(), N);
+      ops::ReferenceKernels().matmul_rows(x.data(), T, MatrixView{DType::kF32, N, K, wf.data()}, 0,
+                                          N, want_f.data(), N);
       DeviceVector<float> dxf(x), dwf(wf), dyf(T * N);
       ASSERT_TRUE((*gemm)->F32(dxf.get(), T, dwf.get(), N, K, dyf.get(), nullptr).ok());
       EXPECT_LT(RelErr(dyf.Download(), want_f), 1e-5);
@@ -179,11 +186,15 @@ TEST(CudaKernels, CublasGemmMatchesCpu) {
 // batch (a prefill), pages scattered in the pool, GQA.
 TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
   DSMOE_SKIP_WITHOUT_GPU();
-  struct Shape { int nh, nkv, hd, page; };
-  for (const Shape& sh : {Shape{4, 4, 16, 4}, Shape{8, 2, 64, 16}, Shape{16, 16, 64, 16}, Shape{4, 1, 128, 8}}) {
+  struct Shape {
+    int nh, nkv, hd, page;
+  };
+  for (const Shape& sh :
+       {Shape{4, 4, 16, 4}, Shape{8, 2, 64, 16}, Shape{16, 16, 64, 16}, Shape{4, 1, 128, 8}}) {
     const int nh = sh.nh, nkv = sh.nkv, hd = sh.hd, ps = sh.page, half = hd / 2;
     const std::vector<int> lens = {37, 5};
-    const int max_ctx = 64, pages_per_slot = (max_ctx + ps - 1) / ps, num_pages = 2 * pages_per_slot;
+    const int max_ctx = 64, pages_per_slot = (max_ctx + ps - 1) / ps,
+              num_pages = 2 * pages_per_slot;
     std::vector<int32_t> slots, positions;
     for (int s = 0; s < 2; ++s) {
       for (int p = 0; p < lens[s]; ++p) {
@@ -213,11 +224,11 @@ TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
     DeviceVector<uint16_t> keys(cache), values(cache), out(T * nh * hd);
     out.Poison();
     cuda::PagedKvLayer kv{keys.get(), values.get(), dtable.get(), pages_per_slot, ps};
-    ASSERT_CUDA_OK(cuda::LaunchRopeKvWrite(dqkv.get(), dbias.get(), dpos.get(), dslots.get(), dcos.get(),
-                                           dsin.get(), T, nh, nkv, hd, kv, nullptr));
+    ASSERT_CUDA_OK(cuda::LaunchRopeKvWrite(dqkv.get(), dbias.get(), dpos.get(), dslots.get(),
+                                           dcos.get(), dsin.get(), T, nh, nkv, hd, kv, nullptr));
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    ASSERT_CUDA_OK(cuda::LaunchPagedAttention(dqkv.get(), dpos.get(), dslots.get(), T, nh, nkv, hd, scale,
-                                              kv, out.get(), nullptr));
+    ASSERT_CUDA_OK(cuda::LaunchPagedAttention(dqkv.get(), dpos.get(), dslots.get(), T, nh, nkv, hd,
+                                              scale, kv, out.get(), nullptr));
     // CPU: bias, rotate_half RoPE (ModelRunner::ApplyRope), keys/values through bf16 (the
     // cache's type), softmax attention (ModelRunner::Attention).
     for (int64_t t = 0; t < T; ++t) {
@@ -265,7 +276,8 @@ TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
         }
       }
     }
-    EXPECT_LT(RelErr(FromBf16(out.Download()), want), 1e-2) << "attention nh " << nh << " nkv " << nkv << " hd " << hd;
+    EXPECT_LT(RelErr(FromBf16(out.Download()), want), 1e-2)
+        << "attention nh " << nh << " nkv " << nkv << " hd " << hd;
   }
 }
 

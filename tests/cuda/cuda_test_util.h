@@ -1,13 +1,13 @@
 // Helpers for the GPU tests: skipping without a GPU, device buffers, error measures.
 #pragma once
 
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <cuda_runtime.h>
-#include <gtest/gtest.h>
 
 #include "core/ops/cuda/cuda_status.h"
 
@@ -19,10 +19,10 @@ inline std::string NoGpuReason() {
   return s.ok() ? std::string() : std::string(s.message());
 }
 
-#define DSMOE_SKIP_WITHOUT_GPU()                                              \
-  do {                                                                        \
-    const std::string why = ::dsmoe::testing::NoGpuReason();                  \
-    if (!why.empty()) GTEST_SKIP() << "needs a CUDA GPU (" << why << ")";     \
+#define DSMOE_SKIP_WITHOUT_GPU()                                          \
+  do {                                                                    \
+    const std::string why = ::dsmoe::testing::NoGpuReason();              \
+    if (!why.empty()) GTEST_SKIP() << "needs a CUDA GPU (" << why << ")"; \
   } while (0)
 
 #define ASSERT_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(expr)
@@ -31,7 +31,9 @@ inline std::string NoGpuReason() {
 template <class T>
 class DeviceVector {
  public:
-  explicit DeviceVector(size_t n) : n_(n) { EXPECT_EQ(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
+  explicit DeviceVector(size_t n) : n_(n) {
+    EXPECT_EQ(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
+  }
   explicit DeviceVector(const std::vector<T>& v) : DeviceVector(v.size()) { Upload(v); }
   ~DeviceVector() { cudaFree(p_); }
   DeviceVector(const DeviceVector&) = delete;

@@ -1,8 +1,8 @@
 #include "core/model/cuda/cuda_expert_executor.h"
 
-#include <algorithm>
-
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "core/ops/cuda/cuda_status.h"
 
@@ -25,7 +25,8 @@ absl::StatusOr<std::unique_ptr<CudaExpertExecutor>> CudaExpertExecutor::Create(
   ex->device_ = device;
   ex->max_tokens_ = max_tokens;
   ex->max_k_ = c.num_experts_per_tok;
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ex->stream_, cudaStreamNonBlocking), "stream");
+  DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ex->stream_, cudaStreamNonBlocking),
+                             "stream");
   DeviceWeightParts parts;
   parts.attention_side = false;
   DSMOE_ASSIGN_OR_RETURN(ex->dw_, DeviceWeights::Create(weights, parts));
@@ -90,22 +91,32 @@ absl::Status CudaExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
       return absl::InvalidArgumentError(absl::StrCat("expert index ", e, " outside [0, ", E, ")"));
     }
     if (!D.routed_loaded[e]) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("routed expert (layer ", layer, ", expert ", e, ") is not held by this process"));
+      return absl::FailedPreconditionError(absl::StrCat("routed expert (layer ", layer, ", expert ",
+                                                        e, ") is not held by this process"));
     }
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
   cudaStream_t s = stream_;
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(x_, x, T * H * sizeof(float), cudaMemcpyHostToDevice, s), "H2D");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(route_e_, experts, T * k * sizeof(int32_t), cudaMemcpyHostToDevice, s), "H2D");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(route_w_, weights, T * k * sizeof(float), cudaMemcpyHostToDevice, s), "H2D");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(x_, x, T * H * sizeof(float), cudaMemcpyHostToDevice, s), "H2D");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(route_e_, experts, T * k * sizeof(int32_t), cudaMemcpyHostToDevice, s),
+      "H2D");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(route_w_, weights, T * k * sizeof(float), cudaMemcpyHostToDevice, s), "H2D");
   DSMOE_CUDA_RETURN_IF_ERROR(LaunchF32ToBf16(x_, T * H, x_bf16_, s), "to bf16");
   const int ki = static_cast<int>(k);
-  DSMOE_CUDA_RETURN_IF_ERROR(LaunchBuildGroupedPlan(route_e_, T, ki, static_cast<int>(E), true, false, plan_, s), "grouping");
-  DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedGateUp(x_bf16_, T, ki, plan_, D.groups, act_, s), "experts gate/up");
-  DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedDown(act_, T, ki, plan_, D.groups, expert_out_, s), "experts down");
-  DSMOE_CUDA_RETURN_IF_ERROR(LaunchCombine(expert_out_, plan_, route_w_, T, ki, true, -1, H, false, out_, s), "combine");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, out_, T * H * sizeof(float), cudaMemcpyDeviceToHost, s), "D2H");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      LaunchBuildGroupedPlan(route_e_, T, ki, static_cast<int>(E), true, false, plan_, s),
+      "grouping");
+  DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedGateUp(x_bf16_, T, ki, plan_, D.groups, act_, s),
+                             "experts gate/up");
+  DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedDown(act_, T, ki, plan_, D.groups, expert_out_, s),
+                             "experts down");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      LaunchCombine(expert_out_, plan_, route_w_, T, ki, true, -1, H, false, out_, s), "combine");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(out, out_, T * H * sizeof(float), cudaMemcpyDeviceToHost, s), "D2H");
   return CudaStatus(cudaStreamSynchronize(s), "routed experts");
 }
 

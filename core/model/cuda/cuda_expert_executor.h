@@ -5,10 +5,10 @@
 // goes back.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <memory>
-
-#include <cuda_runtime_api.h>
 
 #include "core/model/cuda/device_weights.h"
 #include "core/model/routed_experts.h"

@@ -1,10 +1,10 @@
 #include "core/model/cuda/cuda_model_runner.h"
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-
-#include <cuda_runtime.h>
 
 #include "core/ops/cuda/cuda_status.h"
 
@@ -36,41 +36,49 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
   DSMOE_RETURN_IF_ERROR(CheckCudaDevice(options.device));
   const ModelConfig& c = weights.config();
   if (weights.embed_tokens.empty()) {
-    return absl::FailedPreconditionError("GPU model runner needs the attention-side weights loaded");
+    return absl::FailedPreconditionError(
+        "GPU model runner needs the attention-side weights loaded");
   }
   if (c.head_dim() > 256 || c.head_dim() % 2 != 0) {
-    return absl::UnimplementedError(absl::StrCat("GPU attention supports even head_dim <= 256, not ", c.head_dim()));
+    return absl::UnimplementedError(
+        absl::StrCat("GPU attention supports even head_dim <= 256, not ", c.head_dim()));
   }
   if (c.n_routed_experts > 256) {
-    return absl::UnimplementedError(absl::StrCat("GPU gate supports <= 256 routed experts, not ", c.n_routed_experts));
+    return absl::UnimplementedError(
+        absl::StrCat("GPU gate supports <= 256 routed experts, not ", c.n_routed_experts));
   }
   if (c.hidden_size % 8 != 0 || c.moe_intermediate_size % 8 != 0) {
-    return absl::UnimplementedError("GPU grouped GEMMs need hidden and expert widths divisible by 8");
+    return absl::UnimplementedError(
+        "GPU grouped GEMMs need hidden and expert widths divisible by 8");
   }
   if (experts == nullptr) {
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
       const LayerWeights& L = weights.layers[i];
       for (size_t e = 0; e < L.routed.size(); ++e) {
         if (L.is_moe && !L.routed[e].loaded()) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "routed expert (layer ", i, ", expert ", e,
-              ") is not loaded; load every routed expert or give the runner a RoutedExpertExecutor"));
+          return absl::FailedPreconditionError(
+              absl::StrCat("routed expert (layer ", i, ", expert ", e,
+                           ") is not loaded; load every routed expert or give the runner a "
+                           "RoutedExpertExecutor"));
         }
       }
     }
   }
   CudaRunnerOptions o = options;
-  const int64_t model_max = static_cast<int64_t>(
-      static_cast<double>(c.max_position_embeddings) *
-      (c.rope_scaling.type == RopeScaling::Type::kLinear ? std::max(1.0, c.rope_scaling.factor) : 1.0));
+  const int64_t model_max = static_cast<int64_t>(static_cast<double>(c.max_position_embeddings) *
+                                                 (c.rope_scaling.type == RopeScaling::Type::kLinear
+                                                      ? std::max(1.0, c.rope_scaling.factor)
+                                                      : 1.0));
   if (o.max_context <= 0) o.max_context = model_max;
   if (o.max_context > model_max) {
     return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
                                                    " exceeds the model's maximum of ", model_max,
                                                    " positions"));
   }
-  if (o.max_batch_tokens <= 0 || o.num_slots <= 0 || o.max_batch_tokens * std::max<int64_t>(c.num_experts_per_tok, 1) > 65536) {
-    return absl::InvalidArgumentError("max_batch_tokens and num_slots must be > 0 (and tokens × top-k <= 65536)");
+  if (o.max_batch_tokens <= 0 || o.num_slots <= 0 ||
+      o.max_batch_tokens * std::max<int64_t>(c.num_experts_per_tok, 1) > 65536) {
+    return absl::InvalidArgumentError(
+        "max_batch_tokens and num_slots must be > 0 (and tokens × top-k <= 65536)");
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(o.device), "cudaSetDevice");
   auto runner = std::unique_ptr<CudaModelRunner>(new CudaModelRunner(weights, o));
@@ -138,7 +146,8 @@ absl::Status CudaModelRunner::Init(RoutedExpertExecutor* experts) {
     DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_x_, T * H * sizeof(float)), "pinned buffer");
     DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_out_, T * H * sizeof(float)), "pinned buffer");
     DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_route_w_, T * k * sizeof(float)), "pinned buffer");
-    DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_route_e_, T * k * sizeof(int32_t)), "pinned buffer");
+    DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_route_e_, T * k * sizeof(int32_t)),
+                               "pinned buffer");
   }
 
   // RoPE tables exactly as the CPU runner computes them (double, rounded once; linear scaling
@@ -149,16 +158,19 @@ absl::Status CudaModelRunner::Init(RoutedExpertExecutor* experts) {
       c.rope_scaling.type == RopeScaling::Type::kLinear ? 1.0 / c.rope_scaling.factor : 1.0;
   for (int64_t p = 0; p < options_.max_context; ++p) {
     for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      const double inv_freq =
+          std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
       const double angle = static_cast<double>(p) * pos_scale * inv_freq;
       cos_table[p * half + i] = static_cast<float>(std::cos(angle));
       sin_table[p * half + i] = static_cast<float>(std::sin(angle));
     }
   }
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_cos_, cos_table.data(), cos_table.size() * sizeof(float),
-                                        cudaMemcpyHostToDevice), "RoPE table");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_sin_, sin_table.data(), sin_table.size() * sizeof(float),
-                                        cudaMemcpyHostToDevice), "RoPE table");
+  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_cos_, cos_table.data(),
+                                        cos_table.size() * sizeof(float), cudaMemcpyHostToDevice),
+                             "RoPE table");
+  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_sin_, sin_table.data(),
+                                        sin_table.size() * sizeof(float), cudaMemcpyHostToDevice),
+                             "RoPE table");
   return absl::OkStatus();
 }
 
@@ -168,22 +180,25 @@ CudaModelRunner::~CudaModelRunner() {
   kv_.reset();
   dw_.reset();
   if (arena_ != nullptr) cudaFree(arena_);
-  for (void* p : {static_cast<void*>(h_inputs_), static_cast<void*>(h_x_), static_cast<void*>(h_out_),
-                  static_cast<void*>(h_route_w_), static_cast<void*>(h_route_e_)}) {
+  for (void* p :
+       {static_cast<void*>(h_inputs_), static_cast<void*>(h_x_), static_cast<void*>(h_out_),
+        static_cast<void*>(h_route_w_), static_cast<void*>(h_route_e_)}) {
     if (p != nullptr) cudaFreeHost(p);
   }
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 absl::Status CudaModelRunner::Validate(const ForwardBatch& b) const {
-  return ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots, options_.max_context);
+  return ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots,
+                       options_.max_context);
 }
 
 absl::Status CudaModelRunner::Enqueue(int64_t T, int64_t R) {
   const ModelConfig& c = config_;
   const int64_t maxT = options_.max_batch_tokens;
   const int64_t H = c.hidden_size, hd = c.head_dim();
-  const int nh = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
+  const int nh = static_cast<int>(c.num_attention_heads),
+            nkv = static_cast<int>(c.num_key_value_heads);
   const int64_t nqkv = (nh + 2 * nkv) * hd;
   const int64_t E = c.n_routed_experts;
   const int k = static_cast<int>(std::max<int64_t>(c.num_experts_per_tok, 1));
@@ -200,45 +215,59 @@ absl::Status CudaModelRunner::Enqueue(int64_t T, int64_t R) {
     const DeviceLayer& D = dw_->layers[layer];
     const PagedKvLayer kv = kv_->Layer(layer);
     // --- self-attention: h += o_proj(attn(rms_norm(h))) ---
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, D.input_norm, nullptr, T, H, eps, xn_, nullptr, s), "rms_norm");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, D.input_norm, nullptr, T, H, eps, xn_, nullptr, s),
+                               "rms_norm");
     DSMOE_RETURN_IF_ERROR(gemm_->Bf16(xn_, T, D.qkv, nqkv, H, 0.0f, qkv_, s));  // [T, (nh+2nkv)·hd]
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchRopeKvWrite(qkv_, D.qkv_bias, positions, slots, rope_cos_, rope_sin_,
-                                                 T, nh, nkv, static_cast<int>(hd), kv, s), "rope");
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchPagedAttention(qkv_, positions, slots, T, nh, nkv, static_cast<int>(hd),
-                                                    scale, kv, attn_, s), "attention");  // [T, nh·hd]
+    DSMOE_CUDA_RETURN_IF_ERROR(
+        LaunchRopeKvWrite(qkv_, D.qkv_bias, positions, slots, rope_cos_, rope_sin_, T, nh, nkv,
+                          static_cast<int>(hd), kv, s),
+        "rope");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchPagedAttention(qkv_, positions, slots, T, nh, nkv,
+                                                    static_cast<int>(hd), scale, kv, attn_, s),
+                               "attention");                                     // [T, nh·hd]
     DSMOE_RETURN_IF_ERROR(gemm_->Bf16(attn_, T, D.o, H, nh * hd, 1.0f, h_, s));  // h += attn·Woᵀ
-    if (D.o_bias != nullptr) DSMOE_CUDA_RETURN_IF_ERROR(LaunchAddBias(D.o_bias, T, H, h_, s), "o bias");
+    if (D.o_bias != nullptr)
+      DSMOE_CUDA_RETURN_IF_ERROR(LaunchAddBias(D.o_bias, T, H, h_, s), "o bias");
 
     // --- feed-forward: h += mlp(rms_norm(h)) ---
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, D.post_attention_norm, nullptr, T, H, eps, xn_,
-                                             D.is_moe ? xn_f32_ : nullptr, s), "rms_norm");
+                                             D.is_moe ? xn_f32_ : nullptr, s),
+                               "rms_norm");
     if (!D.is_moe) {
       const int64_t W = D.dense.width;
-      DSMOE_RETURN_IF_ERROR(gemm_->Bf16(xn_, T, D.dense.gate_up, 2 * W, H, 0.0f, dense_gu_, s));  // [T, 2W]
-      DSMOE_CUDA_RETURN_IF_ERROR(LaunchSiluMul(dense_gu_, T, W, dense_act_, s), "silu_mul");      // [T, W]
+      DSMOE_RETURN_IF_ERROR(
+          gemm_->Bf16(xn_, T, D.dense.gate_up, 2 * W, H, 0.0f, dense_gu_, s));  // [T, 2W]
+      DSMOE_CUDA_RETURN_IF_ERROR(LaunchSiluMul(dense_gu_, T, W, dense_act_, s),
+                                 "silu_mul");  // [T, W]
       DSMOE_RETURN_IF_ERROR(gemm_->Bf16(dense_act_, T, D.dense.down, H, W, 1.0f, h_, s));
       continue;
     }
-    int32_t* route_e = route_experts_ + layer * maxT * k;  // [T, k]
-    float* route_w = route_weights_ + layer * maxT * k;    // [T, k]
+    int32_t* route_e = route_experts_ + layer * maxT * k;                              // [T, k]
+    float* route_w = route_weights_ + layer * maxT * k;                                // [T, k]
     DSMOE_RETURN_IF_ERROR(gemm_->F32(xn_f32_, T, D.router, E, H, router_logits_, s));  // [T, E]
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGateTopK(router_logits_, T, static_cast<int>(E), k, c.norm_topk_prob,
-                                              route_e, route_w, s), "gate");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGateTopK(router_logits_, T, static_cast<int>(E), k,
+                                              c.norm_topk_prob, route_e, route_w, s),
+                               "gate");
     const bool routed_here = experts_ == nullptr;
     if (!routed_here) DSMOE_RETURN_IF_ERROR(ExternalExperts(layer, T));
     if (!routed_here && !D.has_shared) continue;
     // Routed experts (if here) and the shared expert: one grouped launch per projection.
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchBuildGroupedPlan(route_e, T, k, static_cast<int>(E), routed_here,
-                                                      D.has_shared, plan_, s), "grouping");
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedGateUp(xn_, T, k, plan_, D.groups, group_act_, s), "experts gate/up");
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedDown(group_act_, T, k, plan_, D.groups, expert_out_, s), "experts down");
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchCombine(expert_out_, plan_, route_w, T, k, routed_here,
-                                             D.has_shared ? static_cast<int>(E) : -1, H, true, h_, s),
-                               "combine");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchBuildGroupedPlan(route_e, T, k, static_cast<int>(E),
+                                                      routed_here, D.has_shared, plan_, s),
+                               "grouping");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedGateUp(xn_, T, k, plan_, D.groups, group_act_, s),
+                               "experts gate/up");
+    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedDown(group_act_, T, k, plan_, D.groups, expert_out_, s),
+                               "experts down");
+    DSMOE_CUDA_RETURN_IF_ERROR(
+        LaunchCombine(expert_out_, plan_, route_w, T, k, routed_here,
+                      D.has_shared ? static_cast<int>(E) : -1, H, true, h_, s),
+        "combine");
   }
   if (R == 0) return absl::OkStatus();
   // --- logits for the wanted rows: lm_head(rms_norm(h)) ---
-  DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, dw_->final_norm, rows, R, H, eps, xn_, nullptr, s), "final norm");
+  DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, dw_->final_norm, rows, R, H, eps, xn_, nullptr, s),
+                             "final norm");
   return gemm_->Bf16(xn_, R, dw_->lm_head, c.vocab_size, H, 0.0f, logits_, s);  // [R, V]
 }
 
@@ -247,12 +276,20 @@ absl::Status CudaModelRunner::ExternalExperts(int64_t layer, int64_t T) {
   const int64_t k = config_.num_experts_per_tok;
   const int32_t* route_e = route_experts_ + layer * maxT * k;
   const float* route_w = route_weights_ + layer * maxT * k;
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_x_, xn_f32_, T * H * sizeof(float), cudaMemcpyDeviceToHost, stream_), "D2H");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_route_e_, route_e, T * k * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "D2H");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_route_w_, route_w, T * k * sizeof(float), cudaMemcpyDeviceToHost, stream_), "D2H");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(h_x_, xn_f32_, T * H * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+      "D2H");
+  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_route_e_, route_e, T * k * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, stream_),
+                             "D2H");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(h_route_w_, route_w, T * k * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+      "D2H");
   DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_), "routing to host");
   DSMOE_RETURN_IF_ERROR(experts_->Run(layer, h_x_, T, h_route_e_, h_route_w_, k, h_out_));
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ext_out_, h_out_, T * H * sizeof(float), cudaMemcpyHostToDevice, stream_), "H2D");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(ext_out_, h_out_, T * H * sizeof(float), cudaMemcpyHostToDevice, stream_),
+      "H2D");
   DSMOE_CUDA_RETURN_IF_ERROR(LaunchAddInPlace(ext_out_, h_, T * H, stream_), "residual");
   // h_out_ is reused by the next layer: wait for the copy before returning to the host loop.
   return CudaStatus(cudaStreamSynchronize(stream_), "experts to device");
@@ -270,16 +307,18 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
   std::memcpy(h_inputs_ + 2 * maxT, b.positions.data(), T * sizeof(int32_t));
   if (R > 0) std::memcpy(h_inputs_ + 3 * maxT, b.logit_rows.data(), R * sizeof(int32_t));
   DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_inputs_, h_inputs_, 4 * maxT * sizeof(int32_t),
-                                             cudaMemcpyHostToDevice, stream_), "inputs to device");
+                                             cudaMemcpyHostToDevice, stream_),
+                             "inputs to device");
   DSMOE_RETURN_IF_ERROR(kv_->Sync(stream_));
 
-  const bool graph = options_.use_cuda_graphs && experts_ == nullptr && R == T &&
-                     T <= options_.max_graph_tokens;
+  const bool graph =
+      options_.use_cuda_graphs && experts_ == nullptr && R == T && T <= options_.max_graph_tokens;
   if (graph) {
     auto it = graphs_.find(T);
     if (it == graphs_.end()) {
       cudaGraph_t g = nullptr;
-      DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
+      DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+                                 "graph capture");
       const absl::Status enqueued = Enqueue(T, R);
       const cudaError_t ended = cudaStreamEndCapture(stream_, &g);
       if (!enqueued.ok() || ended != cudaSuccess) {
@@ -299,8 +338,10 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
     DSMOE_RETURN_IF_ERROR(Enqueue(T, R));
   }
   if (R > 0) {
-    DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_logits, logits_, R * config_.vocab_size * sizeof(float),
-                                               cudaMemcpyDeviceToHost, stream_), "logits to host");
+    DSMOE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host_logits, logits_, R * config_.vocab_size * sizeof(float),
+                        cudaMemcpyDeviceToHost, stream_),
+        "logits to host");
   }
   const int64_t k = config_.num_experts_per_tok;
   if (observer_ != nullptr && config_.n_routed_experts > 0) {
@@ -308,12 +349,16 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
     observed_weights_.resize(config_.num_hidden_layers * T * k);
     for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
       if (!config_.IsMoeLayer(layer)) continue;
-      DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(observed_experts_.data() + layer * T * k,
-                                                 route_experts_ + layer * maxT * k, T * k * sizeof(int32_t),
-                                                 cudaMemcpyDeviceToHost, stream_), "routing to host");
-      DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(observed_weights_.data() + layer * T * k,
-                                                 route_weights_ + layer * maxT * k, T * k * sizeof(float),
-                                                 cudaMemcpyDeviceToHost, stream_), "routing to host");
+      DSMOE_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(observed_experts_.data() + layer * T * k,
+                          route_experts_ + layer * maxT * k, T * k * sizeof(int32_t),
+                          cudaMemcpyDeviceToHost, stream_),
+          "routing to host");
+      DSMOE_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(observed_weights_.data() + layer * T * k,
+                          route_weights_ + layer * maxT * k, T * k * sizeof(float),
+                          cudaMemcpyDeviceToHost, stream_),
+          "routing to host");
     }
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_), "forward pass");

@@ -21,12 +21,12 @@
 // decisions (routing, page lookups, sequence lengths) are read from device memory.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <vector>
-
-#include <cuda_runtime_api.h>
 
 #include "core/model/cuda/device_weights.h"
 #include "core/model/cuda/paged_kv_cache.h"
@@ -36,7 +36,7 @@
 namespace dsmoe::cuda {
 
 struct CudaRunnerOptions {
-  int device = 0;                 // CUDA device index
+  int device = 0;                  // CUDA device index
   int64_t max_batch_tokens = 256;  // tokens per Forward
   int64_t num_slots = 1;           // sequences whose KV cache is held at once
   int64_t max_context = 0;         // positions per slot; 0: the model's maximum

@@ -1,9 +1,9 @@
 #include "core/model/cuda/device_weights.h"
 
+#include <cuda_runtime.h>
+
 #include <cstring>
 #include <functional>
-
-#include <cuda_runtime.h>
 
 #include "core/ops/cuda/cuda_status.h"
 #include "core/tensor/dtype.h"
@@ -74,8 +74,8 @@ struct Patch {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
-                                                                     const DeviceWeightParts& parts) {
+absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(
+    const ModelWeights& weights, const DeviceWeightParts& parts) {
   const ModelConfig& c = weights.config();
   const int64_t H = c.hidden_size;
   if (parts.attention_side && weights.embed_tokens.empty()) {
@@ -100,9 +100,10 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
     return off;
   };
   auto add_floats = [&](const float** field, std::vector<float> values) {
-    const size_t off = up.Add(values.size() * sizeof(float), [values](uint8_t* host, const uint8_t*) {
-      std::memcpy(host, values.data(), values.size() * sizeof(float));
-    });
+    const size_t off =
+        up.Add(values.size() * sizeof(float), [values](uint8_t* host, const uint8_t*) {
+          std::memcpy(host, values.data(), values.size() * sizeof(float));
+        });
     patch32.push_back({field, off});
   };
   auto add_matrix_f32 = [&](const float** field, const MatrixView& m) {
@@ -110,7 +111,8 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
                               [m](uint8_t* host, const uint8_t*) {
                                 float* out = reinterpret_cast<float*>(host);
                                 for (int64_t r = 0; r < m.rows; ++r) {
-                                  for (int64_t k = 0; k < m.cols; ++k) out[r * m.cols + k] = m.At(r, k);
+                                  for (int64_t k = 0; k < m.cols; ++k)
+                                    out[r * m.cols + k] = m.At(r, k);
                                 }
                               });
     patch32.push_back({field, off});
@@ -191,15 +193,17 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
     auto table = [&](const std::vector<size_t>& offsets) {
       return up.Add(offsets.size() * sizeof(void*), [offsets](uint8_t* host, const uint8_t* base) {
         const uint8_t** out = reinterpret_cast<const uint8_t**>(host);
-        for (size_t j = 0; j < offsets.size(); ++j) out[j] = offsets[j] == kNone ? nullptr : base + offsets[j];
+        for (size_t j = 0; j < offsets.size(); ++j)
+          out[j] = offsets[j] == kNone ? nullptr : base + offsets[j];
       });
     };
     g.gate_up_table = table(g.gate_up);
     g.down_table = table(g.down);
     const std::vector<int32_t> widths = g.width;
-    g.width_table = up.Add(widths.size() * sizeof(int32_t), [widths](uint8_t* host, const uint8_t*) {
-      std::memcpy(host, widths.data(), widths.size() * sizeof(int32_t));
-    });
+    g.width_table =
+        up.Add(widths.size() * sizeof(int32_t), [widths](uint8_t* host, const uint8_t*) {
+          std::memcpy(host, widths.data(), widths.size() * sizeof(int32_t));
+        });
     D.groups.num_groups = static_cast<int>(G);
     D.groups.max_width = (max_width + 7) / 8 * 8;
     D.groups.hidden = static_cast<int>(H);

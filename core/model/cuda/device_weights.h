@@ -31,11 +31,11 @@ struct DeviceLayer {
   const uint16_t* o = nullptr;                 // [H, nh·hd]
   const float* o_bias = nullptr;               // [H] or null
   bool is_moe = false;
-  DeviceMlp dense;                     // dense layers
-  const float* router = nullptr;       // MoE: [E, H] fp32
+  DeviceMlp dense;                // dense layers
+  const float* router = nullptr;  // MoE: [E, H] fp32
   bool has_shared = false;
-  GroupedWeights groups;               // MoE: E routed (+ 1 shared) groups
-  std::vector<bool> routed_loaded;     // [E]: which routed experts are on the device
+  GroupedWeights groups;            // MoE: E routed (+ 1 shared) groups
+  std::vector<bool> routed_loaded;  // [E]: which routed experts are on the device
 };
 
 // What to upload. An attention-side runner needs everything but may leave the routed experts to

@@ -1,8 +1,8 @@
 #include "core/model/cuda/paged_kv_cache.h"
 
-#include <algorithm>
-
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "core/ops/cuda/cuda_status.h"
 
@@ -26,8 +26,9 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(const ModelCo
   if (c.num_pages_ > INT32_MAX) return absl::InvalidArgumentError("paged KV cache: too many pages");
   c.row_ = config.num_key_value_heads * config.head_dim();
   c.bytes_ = static_cast<size_t>(2 * c.num_layers_ * c.num_pages_ * page_size * c.row_) * 2;
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&c.storage_, c.bytes_),
-                             absl::StrCat("allocating the KV cache (", c.bytes_, " bytes)").c_str());
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMalloc(&c.storage_, c.bytes_),
+      absl::StrCat("allocating the KV cache (", c.bytes_, " bytes)").c_str());
   const size_t table = static_cast<size_t>(num_slots * c.pages_per_slot_);
   DSMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&c.device_table_, table * sizeof(int32_t)), "page table");
   DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&c.host_table_, table * sizeof(int32_t)), "page table");
@@ -36,7 +37,8 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(const ModelCo
   c.dirty_end_ = static_cast<int64_t>(table);
   // Pages are handed out lowest first (popped from the back).
   c.free_pages_.resize(c.num_pages_);
-  for (int64_t i = 0; i < c.num_pages_; ++i) c.free_pages_[i] = static_cast<int32_t>(c.num_pages_ - 1 - i);
+  for (int64_t i = 0; i < c.num_pages_; ++i)
+    c.free_pages_[i] = static_cast<int32_t>(c.num_pages_ - 1 - i);
   return cache;
 }
 
@@ -46,7 +48,8 @@ PagedKvCache::~PagedKvCache() {
   if (host_table_ != nullptr) cudaFreeHost(host_table_);
 }
 
-absl::Status PagedKvCache::Reserve(std::span<const int32_t> slots, std::span<const int32_t> positions) {
+absl::Status PagedKvCache::Reserve(std::span<const int32_t> slots,
+                                   std::span<const int32_t> positions) {
   std::vector<int64_t> taken;  // entries assigned by this call, undone if the batch is refused
   auto undo = [&] {
     for (int64_t entry : taken) {
@@ -75,7 +78,8 @@ absl::Status PagedKvCache::Reserve(std::span<const int32_t> slots, std::span<con
     for (int64_t i = 0; i <= positions[t] / page_size_; ++i) {
       if (row[i] < 0) {
         undo();
-        return absl::InvalidArgumentError(absl::StrCat("slot ", slots[t], " position ", positions[t],
+        return absl::InvalidArgumentError(absl::StrCat("slot ", slots[t], " position ",
+                                                       positions[t],
                                                        ": earlier positions were never written"));
       }
     }

@@ -9,12 +9,12 @@
 // Thread-compatible: owned by one CudaModelRunner.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <vector>
-
-#include <cuda_runtime_api.h>
 
 #include "core/model/config.h"
 #include "core/ops/cuda/cuda_ops.h"
@@ -28,8 +28,7 @@ class PagedKvCache {
   static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(const ModelConfig& config,
                                                               int64_t num_slots,
                                                               int64_t max_context,
-                                                              int64_t page_size,
-                                                              int64_t num_pages);
+                                                              int64_t page_size, int64_t num_pages);
   ~PagedKvCache();
   PagedKvCache(const PagedKvCache&) = delete;
   PagedKvCache& operator=(const PagedKvCache&) = delete;
@@ -54,7 +53,7 @@ class PagedKvCache {
   int64_t num_layers_ = 0, num_slots_ = 0, pages_per_slot_ = 0, page_size_ = 0, num_pages_ = 0;
   int64_t row_ = 0;  // nkv · hd
   size_t bytes_ = 0;
-  uint16_t* storage_ = nullptr;   // keys then values: [2][layers][num_pages][page_size][row]
+  uint16_t* storage_ = nullptr;  // keys then values: [2][layers][num_pages][page_size][row]
   int32_t* device_table_ = nullptr;
   int32_t* host_table_ = nullptr;  // pinned mirror, [num_slots][pages_per_slot], -1: none
   std::vector<int32_t> free_pages_;

@@ -15,12 +15,15 @@ namespace {
 // other translation units (the linker could keep this AVX2 copy for a CPU without AVX2).
 // Hence local, internal-linkage versions of the few helpers it needs.
 inline const void* RowPtr(const MatrixView& W, int64_t r) {
-  const size_t elem = W.dtype == DType::kF32 ? 4 : (W.dtype == DType::kBF16 || W.dtype == DType::kF16) ? 2 : 1;
+  const size_t elem = W.dtype == DType::kF32                                ? 4
+                      : (W.dtype == DType::kBF16 || W.dtype == DType::kF16) ? 2
+                                                                            : 1;
   return static_cast<const char*>(W.data) + static_cast<size_t>(r * W.cols) * elem;
 }
 inline float ScalarLoad(const void* row, DType dtype, int64_t k) {
   if (dtype == DType::kF32) return static_cast<const float*>(row)[k];
-  if (dtype == DType::kI8 || dtype == DType::kQ8_0) return static_cast<float>(static_cast<const int8_t*>(row)[k]);
+  if (dtype == DType::kI8 || dtype == DType::kQ8_0)
+    return static_cast<float>(static_cast<const int8_t*>(row)[k]);
   const uint16_t h = static_cast<const uint16_t*>(row)[k];
   if (dtype == DType::kBF16) {
     const uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -60,7 +63,8 @@ inline float HorizontalSum(__m256 v) {
 // One register tile: RB weight rows × TB tokens, RB·TB accumulators (≤ 12 of the 16 ymm
 // registers, leaving room for the loads). Each weight vector loaded is used TB times.
 template <DType D, int RB, int TB>
-inline void Tile(const float* x, int64_t K, const MatrixView& W, int64_t n0, float* y, int64_t ldy) {
+inline void Tile(const float* x, int64_t K, const MatrixView& W, int64_t n0, float* y,
+                 int64_t ldy) {
   __m256 acc[RB][TB];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -100,8 +104,8 @@ inline void RowsForTokens(const float* x, int64_t K, const MatrixView& W, int64_
 // interleaved row streams reach ~60% — with UNROLL independent accumulators per token to hide
 // the FMA latency.
 template <DType D, int TB>
-inline void RowStream(const float* x, int64_t K, const MatrixView& W, int64_t row_begin, int64_t row_end,
-                      float* y, int64_t ldy) {
+inline void RowStream(const float* x, int64_t K, const MatrixView& W, int64_t row_begin,
+                      int64_t row_end, float* y, int64_t ldy) {
   constexpr int UNROLL = TB == 1 ? 4 : 2;
   constexpr int64_t STEP = 8 * UNROLL;
   const int64_t Kmain = K / STEP * STEP;
@@ -113,13 +117,15 @@ inline void RowStream(const float* x, int64_t K, const MatrixView& W, int64_t ro
     for (int64_t k = 0; k < Kmain; k += STEP) {
       for (int u = 0; u < UNROLL; ++u) {
         const __m256 w = Load8<D>(row, k + 8 * u);
-        for (int t = 0; t < TB; ++t) acc[t][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k + 8 * u), acc[t][u]);
+        for (int t = 0; t < TB; ++t)
+          acc[t][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k + 8 * u), acc[t][u]);
       }
     }
     int64_t k = Kmain;
     for (; k + 8 <= K; k += 8) {
       const __m256 w = Load8<D>(row, k);
-      for (int t = 0; t < TB; ++t) acc[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k), acc[t][0]);
+      for (int t = 0; t < TB; ++t)
+        acc[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k), acc[t][0]);
     }
     for (int t = 0; t < TB; ++t) {
       __m256 sum = acc[t][0];
@@ -177,7 +183,8 @@ inline void PanelTile(const float* x, int64_t K, const float* panel, float* y, i
   __m256 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_load_ps(panel + k * kPanel), b1 = _mm256_load_ps(panel + k * kPanel + 8);
+    const __m256 b0 = _mm256_load_ps(panel + k * kPanel),
+                 b1 = _mm256_load_ps(panel + k * kPanel + 8);
     for (int i = 0; i < MR; ++i) {
       const __m256 a = _mm256_broadcast_ss(x + i * K + k);
       acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
@@ -191,8 +198,8 @@ inline void PanelTile(const float* x, int64_t K, const float* panel, float* y, i
 }
 
 template <DType D>
-void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end, float* y,
-               int64_t ldy);
+void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
+               float* y, int64_t ldy);
 
 template <DType D>
 void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
@@ -204,7 +211,8 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
   }
   // Packing a panel (scalar transposition) costs about as much as 20-30 tokens of dot-product
   // tiles: the panel GEMM pays for projections over a prompt chunk, not for an expert's few tokens.
-  if (T >= 48 && row_end - row_begin >= kPanel) return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
+  if (T >= 48 && row_end - row_begin >= kPanel)
+    return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
   // Walk a block of rows against every token group before moving on, so the block stays in
   // L1/L2 while it is reused.
   constexpr int64_t kRowBlock = 16;
@@ -213,19 +221,27 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) RowsForTokens<D, 4>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
     switch (T - t) {
-      case 3: RowsForTokens<D, 3>(x + t * K, K, W, r0, r1, y + t * ldy, ldy); break;
-      case 2: RowsForTokens<D, 2>(x + t * K, K, W, r0, r1, y + t * ldy, ldy); break;
-      case 1: RowsForTokens<D, 1>(x + t * K, K, W, r0, r1, y + t * ldy, ldy); break;
-      default: break;
+      case 3:
+        RowsForTokens<D, 3>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
+        break;
+      case 2:
+        RowsForTokens<D, 2>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
+        break;
+      case 1:
+        RowsForTokens<D, 1>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
+        break;
+      default:
+        break;
     }
   }
 }
 
 template <DType D>
-void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end, float* y,
-               int64_t ldy) {
+void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
+               float* y, int64_t ldy) {
   const int64_t K = W.cols;
-  constexpr int MR = 4;  // 8 accumulators + 2 panel vectors + a broadcast: no spills (6 spills on gcc 12)
+  constexpr int MR =
+      4;  // 8 accumulators + 2 panel vectors + a broadcast: no spills (6 spills on gcc 12)
   // Blocking: 8 panels (128 rows) are packed once, then swept by blocks of 64 tokens, so the
   // tokens' activations (64 × K floats) stay in L2 across the panels instead of streaming
   // from memory once per panel.
@@ -236,7 +252,8 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
   while (n + kPanel <= row_end) {
     const int64_t fit = (row_end - n) / kPanel;
     const int64_t panels = fit < kPanelsPerBlock ? fit : kPanelsPerBlock;
-    for (int64_t p = 0; p < panels; ++p) PackPanel<D>(W, n + p * kPanel, K, packed + p * kPanel * K);
+    for (int64_t p = 0; p < panels; ++p)
+      PackPanel<D>(W, n + p * kPanel, K, packed + p * kPanel * K);
     for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
       const int64_t t1 = t0 + kTokenBlock < T ? t0 + kTokenBlock : T;
       for (int64_t p = 0; p < panels; ++p) {
@@ -245,10 +262,17 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
         int64_t t = t0;
         for (; t + MR <= t1; t += MR) PanelTile<MR>(x + t * K, K, panel, yp + t * ldy, ldy);
         switch (t1 - t) {
-          case 3: PanelTile<3>(x + t * K, K, panel, yp + t * ldy, ldy); break;
-          case 2: PanelTile<2>(x + t * K, K, panel, yp + t * ldy, ldy); break;
-          case 1: PanelTile<1>(x + t * K, K, panel, yp + t * ldy, ldy); break;
-          default: break;
+          case 3:
+            PanelTile<3>(x + t * K, K, panel, yp + t * ldy, ldy);
+            break;
+          case 2:
+            PanelTile<2>(x + t * K, K, panel, yp + t * ldy, ldy);
+            break;
+          case 1:
+            PanelTile<1>(x + t * K, K, panel, yp + t * ldy, ldy);
+            break;
+          default:
+            break;
         }
       }
     }
@@ -258,10 +282,18 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
     for (int64_t t = 0; t < T; t += 4) {
       const int64_t tb = T - t < 4 ? T - t : 4;
       switch (tb) {
-        case 4: RowsForTokens<D, 4>(x + t * K, K, W, n, row_end, y + t * ldy, ldy); break;
-        case 3: RowsForTokens<D, 3>(x + t * K, K, W, n, row_end, y + t * ldy, ldy); break;
-        case 2: RowsForTokens<D, 2>(x + t * K, K, W, n, row_end, y + t * ldy, ldy); break;
-        default: RowsForTokens<D, 1>(x + t * K, K, W, n, row_end, y + t * ldy, ldy); break;
+        case 4:
+          RowsForTokens<D, 4>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
+          break;
+        case 3:
+          RowsForTokens<D, 3>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
+          break;
+        case 2:
+          RowsForTokens<D, 2>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
+          break;
+        default:
+          RowsForTokens<D, 1>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
+          break;
       }
     }
   }
@@ -271,7 +303,8 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
 // are summed unscaled (the int8 → fp32 widening is exact), then scaled once: acc += d · Σ q·x.
 // Four rows at a time share each activation load.
 inline __m256 Int8ToF32(const int8_t* q) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
 }
 
 // Per-thread scratch for dequantized rows and quantized activations.
@@ -288,7 +321,8 @@ inline void QuantizeActivationsQ16(const float* x, int64_t K, int16_t* x16, floa
   for (int64_t b = 0; b < K / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
     __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb));
-    for (int j = 1; j < 4; ++j) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
+    for (int j = 1; j < 4; ++j)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -307,8 +341,8 @@ inline void QuantizeActivationsQ16(const float* x, int64_t K, int16_t* x16, floa
 }
 
 template <int RB>
-inline void Q8RowsOneToken(const int16_t* x16, const float* sx, int64_t K, const MatrixView& W, int64_t n0,
-                           float* y) {
+inline void Q8RowsOneToken(const int16_t* x16, const float* sx, int64_t K, const MatrixView& W,
+                           int64_t n0, float* y) {
   __m256 acc[RB];
   const int8_t* rows[RB];
   const uint16_t* scales[RB];
@@ -320,11 +354,13 @@ inline void Q8RowsOneToken(const int16_t* x16, const float* sx, int64_t K, const
   const int64_t blocks = K / kQ8Block;
   auto block = [&](int64_t b, const __m256* c) {
     const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kQ8Block));
-    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kQ8Block + 16));
+    const __m256i xb =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kQ8Block + 16));
     for (int r = 0; r < RB; ++r) {
       const int8_t* q = rows[r] + b * kQ8Block;
       const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      const __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      const __m256i wb =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
       const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(wa, xa), _mm256_madd_epi16(wb, xb));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), c[r], acc[r]);
     }
@@ -336,7 +372,8 @@ inline void Q8RowsOneToken(const int16_t* x16, const float* sx, int64_t K, const
     __m256 c8[RB];
     const __m256 s8 = _mm256_loadu_ps(sx + b);
     for (int r = 0; r < RB; ++r) {
-      c8[r] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales[r] + b))), s8);
+      c8[r] = _mm256_mul_ps(
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales[r] + b))), s8);
     }
     for (int j = 0; j < 8; ++j) {
       __m256 c[RB];
@@ -363,17 +400,19 @@ inline void DequantizeQ8Rows(const MatrixView& W, int64_t r0, int64_t r1, float*
     for (int64_t b = 0; b < K / kQ8Block; ++b) {
       const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[b]));
       for (int j = 0; j < 4; ++j) {
-        _mm256_storeu_ps(o + b * kQ8Block + 8 * j, _mm256_mul_ps(Int8ToF32(q + b * kQ8Block + 8 * j), d));
+        _mm256_storeu_ps(o + b * kQ8Block + 8 * j,
+                         _mm256_mul_ps(Int8ToF32(q + b * kQ8Block + 8 * j), d));
       }
     }
   }
 }
 
-void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
-                  float* y, int64_t ldy) {
+void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                  int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols;
   if (T <= 2) {  // decode: stream the int8 rows once per token, straight from memory
-    float* scratch = Q8Scratch(static_cast<size_t>(K + K / kQ8Block));  // x16 uses the first K/2 floats
+    float* scratch =
+        Q8Scratch(static_cast<size_t>(K + K / kQ8Block));  // x16 uses the first K/2 floats
     int16_t* x16 = reinterpret_cast<int16_t*>(scratch);
     float* sx = scratch + K;
     for (int64_t t = 0; t < T; ++t) {
@@ -395,14 +434,19 @@ void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_be
   }
 }
 
-void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                int64_t row_end, float* y, int64_t ldy) {
+void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
+                float* y, int64_t ldy) {
   switch (W.dtype) {
-    case DType::kQ8_0: return MatMulRowsQ8(x, T, W, row_begin, row_end, y, ldy);
-    case DType::kI8: return;  // not a weight format: Q8_0 carries its scales
-    case DType::kF32: return MatMulRowsTyped<DType::kF32>(x, T, W, row_begin, row_end, y, ldy);
-    case DType::kBF16: return MatMulRowsTyped<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
-    case DType::kF16: return MatMulRowsTyped<DType::kF16>(x, T, W, row_begin, row_end, y, ldy);
+    case DType::kQ8_0:
+      return MatMulRowsQ8(x, T, W, row_begin, row_end, y, ldy);
+    case DType::kI8:
+      return;  // not a weight format: Q8_0 carries its scales
+    case DType::kF32:
+      return MatMulRowsTyped<DType::kF32>(x, T, W, row_begin, row_end, y, ldy);
+    case DType::kBF16:
+      return MatMulRowsTyped<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
+    case DType::kF16:
+      return MatMulRowsTyped<DType::kF16>(x, T, W, row_begin, row_end, y, ldy);
   }
 }
 
@@ -413,7 +457,8 @@ float Dot(const float* a, const float* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= n; i += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
   float s = HorizontalSum(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
@@ -444,7 +489,8 @@ inline __m256 Exp(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
   p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 

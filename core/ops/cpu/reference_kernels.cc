@@ -7,8 +7,8 @@
 namespace dsmoe::ops {
 namespace {
 
-void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                int64_t row_end, float* y, int64_t ldy) {
+void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
+                float* y, int64_t ldy) {
   const int64_t K = W.cols;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t n = row_begin; n < row_end; ++n) {

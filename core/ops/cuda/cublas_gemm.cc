@@ -31,8 +31,8 @@ absl::Status CublasGemm::Bind(cudaStream_t stream) {
 
 // Row-major y[T, N] = x[T, K]·Wᵀ is, in cuBLAS's column-major terms, yᵀ (N×T, ld N) =
 // op(A)·B with A = W seen as K×N (ld K) transposed and B = xᵀ (K×T, ld K).
-absl::Status CublasGemm::Bf16(const uint16_t* x, int64_t T, const uint16_t* w, int64_t N,
-                              int64_t K, float beta, float* y, cudaStream_t stream) {
+absl::Status CublasGemm::Bf16(const uint16_t* x, int64_t T, const uint16_t* w, int64_t N, int64_t K,
+                              float beta, float* y, cudaStream_t stream) {
   if (T <= 0) return absl::OkStatus();
   DSMOE_RETURN_IF_ERROR(Bind(stream));
   const float alpha = 1.0f;

@@ -2,11 +2,11 @@
 // and fp32 output, so residual adds can be folded in as beta = 1 (h += x·Woᵀ in one call).
 #pragma once
 
-#include <cstdint>
-#include <memory>
-
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
 
 #include "core/util/status.h"
 

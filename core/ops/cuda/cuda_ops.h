@@ -14,9 +14,9 @@
 // in tests/cuda/cuda_ops_test.cc.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 namespace dsmoe::cuda {
 

@@ -21,10 +21,11 @@ absl::Status CheckCudaDevice(int device) {
     (void)cudaGetLastError();  // clear the sticky-free error so later calls start clean
     return absl::FailedPreconditionError(absl::StrCat("no CUDA device: ", cudaGetErrorString(err)));
   }
-  if (count == 0) return absl::FailedPreconditionError("no CUDA device: the runtime sees 0 devices");
+  if (count == 0)
+    return absl::FailedPreconditionError("no CUDA device: the runtime sees 0 devices");
   if (device < 0 || device >= count) {
-    return absl::FailedPreconditionError(absl::StrCat("no CUDA device ", device, ": the runtime sees ",
-                                                      count, " device(s)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("no CUDA device ", device, ": the runtime sees ", count, " device(s)"));
   }
   return absl::OkStatus();
 }

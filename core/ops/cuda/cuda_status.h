@@ -1,10 +1,10 @@
 // CUDA and cuBLAS errors as absl::Status, for the host code of the CUDA backend.
 #pragma once
 
-#include <string>
-
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
+
+#include <string>
 
 #include "core/util/status.h"
 

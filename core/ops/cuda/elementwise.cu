@@ -78,7 +78,8 @@ __global__ void AddBiasKernel(const float* __restrict__ bias, int64_t n, int64_t
   if (i < n) y[i] += bias[i % N];
 }
 
-__global__ void F32ToBf16Kernel(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) {
+__global__ void F32ToBf16Kernel(const float* __restrict__ x, int64_t n,
+                                uint16_t* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = ToBf16Bits(x[i]);
 }
@@ -110,7 +111,8 @@ __global__ void RopeKvWriteKernel(float* __restrict__ qkv, const float* __restri
   }
   __syncthreads();
   const int kv_row = nkv * hd;
-  const int32_t page = kv.page_table[static_cast<int64_t>(slots[t]) * kv.pages_per_slot + p / kv.page_size];
+  const int32_t page =
+      kv.page_table[static_cast<int64_t>(slots[t]) * kv.pages_per_slot + p / kv.page_size];
   const int64_t dst = (static_cast<int64_t>(page) * kv.page_size + p % kv.page_size) * kv_row;
   for (int i = threadIdx.x; i < kv_row; i += blockDim.x) {
     kv.keys[dst + i] = ToBf16Bits(row[nh * hd + i]);

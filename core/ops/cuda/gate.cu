@@ -133,7 +133,8 @@ __global__ void CombineKernel(const float* __restrict__ expert_out, GroupedPlan 
     float sum = 0.0f;
     if (routed) {
       for (int j = 0; j < k; ++j) {
-        sum += weights[t * k + j] * expert_out[static_cast<int64_t>(plan.assign_row[t * k + j]) * H + i];
+        sum += weights[t * k + j] *
+               expert_out[static_cast<int64_t>(plan.assign_row[t * k + j]) * H + i];
       }
     }
     if (shared_row >= 0) sum += expert_out[shared_row * H + i];

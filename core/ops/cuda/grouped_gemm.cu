@@ -25,13 +25,13 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kBlockFeatures = 32;           // BM
+constexpr int kBlockFeatures = 32;            // BM
 constexpr int kBlockRows = kGroupedTileRows;  // BN
 constexpr int kBlockK = 64;                   // BK
 constexpr int kStages = 3;
-constexpr int kPad = 8;                       // bf16 elements; keeps rows 16-byte aligned
-constexpr int kLd = kBlockK + kPad;           // smem row stride (elements)
-constexpr int kThreads = 128;                 // 4 warps: 2 (features) × 2 (rows) of 16×16
+constexpr int kPad = 8;              // bf16 elements; keeps rows 16-byte aligned
+constexpr int kLd = kBlockK + kPad;  // smem row stride (elements)
+constexpr int kThreads = 128;        // 4 warps: 2 (features) × 2 (rows) of 16×16
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kThreads)
   const int row0 = plan.tile_row[tile];
   const int rows = min(kBlockRows, plan.group_offset[g + 1] - row0);
   const int W = w.width[g];
-  const int N = kGlu ? W : w.hidden;   // output features of this group
-  const int K = kGlu ? w.hidden : W;   // reduction length
+  const int N = kGlu ? W : w.hidden;  // output features of this group
+  const int K = kGlu ? w.hidden : W;  // reduction length
   const int f0 = blockIdx.x * kBlockFeatures;
   if (f0 >= N) return;
   const __nv_bfloat16* weight =
@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = threadIdx.x; c < kBlockFeatures * kChunksPerRow; c += kThreads) {
       const int f = c / kChunksPerRow, kc = (c % kChunksPerRow) * 8;
       const bool valid = f0 + f < N && k0 + kc < K;
-      const __nv_bfloat16* src = valid ? weight + static_cast<int64_t>(f0 + f) * K + k0 + kc : weight;
+      const __nv_bfloat16* src =
+          valid ? weight + static_cast<int64_t>(f0 + f) * K + k0 + kc : weight;
       CpAsync16(&smem.pipe.a[stage][0][f][kc], src, valid);
       if constexpr (kGlu) {
         const __nv_bfloat16* src_up = valid ? src + static_cast<int64_t>(W) * K : weight;
