@@ -5,7 +5,6 @@
 #include <sstream>
 
 #include "attention-server/attention_service.h"
-#include "core/io/mapped_file.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
@@ -79,15 +78,8 @@ int main(int argc, char** argv) {
   std::optional<dsmoe::router::Placement> placement;
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
   if (!addresses.empty()) {
-    absl::StatusOr<dsmoe::router::Placement> p =
-        placement_file.empty() ? dsmoe::router::Placement::Compute(
-                                     config, static_cast<int>(addresses.size()), replicas,
-                                     dsmoe::router::Placement::Strategy::kRoundRobin)
-                               : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
-      auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
-      if (!text.ok()) return text.status();
-      return dsmoe::router::Placement::FromJson(*text, config, placement_file);
-    }();
+    absl::StatusOr<dsmoe::router::Placement> p = dsmoe::router::Placement::LoadOrCompute(
+        placement_file, config, static_cast<int>(addresses.size()), replicas);
     if (!p.ok()) return Fail(p.status());
     if (p->num_servers() != static_cast<int>(addresses.size())) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("the placement names ", p->num_servers(),

@@ -223,13 +223,8 @@ int RunGenerate(const GenerateOptions& o) {
   if (!m.ok()) return Fail(m.status());
   request.prompt = m->ids;
   const ModelConfig& c = m->weights->config();
-  int64_t model_max = c.max_position_embeddings;
-  if (c.rope_scaling.type == RopeScaling::Type::kLinear) {
-    model_max =
-        static_cast<int64_t>(static_cast<double>(model_max) * std::max(1.0, c.rope_scaling.factor));
-  }
   const int64_t context =
-      std::min<int64_t>(model_max, static_cast<int64_t>(m->ids.size()) + o.max_tokens);
+      std::min<int64_t>(c.MaxContext(), static_cast<int64_t>(m->ids.size()) + o.max_tokens);
   auto runner = MakeRunner(*m, context);
   if (!runner.ok()) return Fail(runner.status());
   const bool stream = !o.json;

@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <iostream>
 
-#include "core/io/mapped_file.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/expert_service.h"
@@ -57,14 +56,7 @@ int main(int argc, char** argv) {
   if (!config_only.ok()) return fail(config_only.status());
   const dsmoe::ModelConfig& config = (*config_only)->config();
   absl::StatusOr<dsmoe::router::Placement> placement =
-      placement_file.empty()
-          ? dsmoe::router::Placement::Compute(config, servers, replicas,
-                                              dsmoe::router::Placement::Strategy::kRoundRobin)
-          : [&]() -> absl::StatusOr<dsmoe::router::Placement> {
-    auto text = dsmoe::ReadTextFile(placement_file, 64 << 20);
-    if (!text.ok()) return text.status();
-    return dsmoe::router::Placement::FromJson(*text, config, placement_file);
-  }();
+      dsmoe::router::Placement::LoadOrCompute(placement_file, config, servers, replicas);
   if (!placement.ok()) return fail(placement.status());
   if (server_index >= placement->num_servers()) {
     return fail(absl::InvalidArgumentError(absl::StrCat("--server-index ", server_index,

@@ -4,6 +4,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/io/mapped_file.h"
+
 namespace dsmoe::router {
 
 absl::StatusOr<Placement> Placement::Compute(const ModelConfig& c, int num_servers, int replicas,
@@ -78,6 +80,14 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const Mod
     if (c.IsMoeLayer(l) && holders[l].empty()) return bad("MoE layer ", l, " has no placement");
   }
   return Placement(S, std::move(holders));
+}
+
+absl::StatusOr<Placement> Placement::LoadOrCompute(const std::string& file,
+                                                   const ModelConfig& config, int num_servers,
+                                                   int replicas) {
+  if (file.empty()) return Compute(config, num_servers, replicas, Strategy::kRoundRobin);
+  DSMOE_ASSIGN_OR_RETURN(std::string text, ReadTextFile(file, 64 << 20));
+  return FromJson(text, config, file);
 }
 
 std::string Placement::ToJson() const {

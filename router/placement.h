@@ -28,6 +28,10 @@ class Placement {
   // layer must be held somewhere.
   static absl::StatusOr<Placement> FromJson(const std::string& text, const ModelConfig& config,
                                             const std::string& source);
+  // The placement servers are started with: `file` if given, else round-robin over
+  // `num_servers` with `replicas` copies.
+  static absl::StatusOr<Placement> LoadOrCompute(const std::string& file, const ModelConfig& config,
+                                                 int num_servers, int replicas);
   std::string ToJson() const;
 
   int num_servers() const { return num_servers_; }

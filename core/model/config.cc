@@ -121,6 +121,14 @@ int64_t ModelConfig::NumMoeLayers() const {
   return n;
 }
 
+int64_t ModelConfig::MaxContext() const {
+  const double stretch =
+      rope_scaling.type == RopeScaling::Type::kLinear && rope_scaling.factor > 1.0
+          ? rope_scaling.factor
+          : 1.0;
+  return static_cast<int64_t>(static_cast<double>(max_position_embeddings) * stretch);
+}
+
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text,
                                                   const std::string& source) {
   Json obj = Json::parse(text, nullptr, /*allow_exceptions=*/false);

@@ -56,6 +56,8 @@ struct ModelConfig {
     return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
   }
   int64_t NumMoeLayers() const;
+  // Positions a sequence may reach: max_position_embeddings, stretched by linear RoPE scaling.
+  int64_t MaxContext() const;
   int64_t shared_intermediate_size() const { return n_shared_experts * moe_intermediate_size; }
 
   // Parses config.json text; `source` names the file in errors. Every present key is

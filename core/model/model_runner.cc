@@ -17,11 +17,7 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
     return absl::FailedPreconditionError("model runner needs the attention-side weights loaded");
   }
   RunnerOptions o = options;
-  // Linear RoPE scaling stretches the usable context by its factor.
-  const int64_t model_max = static_cast<int64_t>(static_cast<double>(c.max_position_embeddings) *
-                                                 (c.rope_scaling.type == RopeScaling::Type::kLinear
-                                                      ? std::max(1.0, c.rope_scaling.factor)
-                                                      : 1.0));
+  const int64_t model_max = c.MaxContext();
   if (o.max_context <= 0) o.max_context = model_max;
   if (o.max_context > model_max) {
     return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
