@@ -237,7 +237,8 @@ TEST(CudaModelRunner, ExternalCpuExpertsMatchGpuExperts) {
   auto w = WriteAndLoad(dir, "tiny", DType::kBF16);
   const int64_t V = w->config().vocab_size;
   ThreadPool pool(4);
-  LocalExpertExecutor cpu_experts(*w, pool, 64);
+  // Capacity in (token, expert) assignments: 24 prompt tokens × top-k.
+  LocalExpertExecutor cpu_experts(*w, pool, 64 * w->config().num_experts_per_tok);
   cuda::CudaRunnerOptions o;
   o.max_context = 64;
   o.max_batch_tokens = 64;
@@ -267,7 +268,7 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
   const int64_t H = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok;
   ThreadPool pool(4);
   for (int64_t T : {1, 7, 100}) {
-    LocalExpertExecutor local(*w, pool, T);
+    LocalExpertExecutor local(*w, pool, T * k);  // capacity in assignments
     auto gpu = cuda::CudaExpertExecutor::Create(*w, 0, T);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     // x through bf16, as the GPU sees it, so only accumulation and act rounding differ.

@@ -13,13 +13,11 @@ namespace {
 
 constexpr int kMaxExpertsPerLane = 8;  // E <= 256
 
-// One warp per token.
-__global__ void GateTopKKernel(const float* __restrict__ logits, int64_t T, int E, int k,
-                               bool norm_topk_prob, int32_t* __restrict__ experts,
-                               float* __restrict__ weights) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+// Softmax + top-k of token t by one warp (every lane calls it).
+__device__ void GateTopKWarp(const float* __restrict__ logits, int64_t t, int E, int k,
+                             bool norm_topk_prob, int32_t* __restrict__ experts,
+                             float* __restrict__ weights) {
   const int lane = threadIdx.x % 32;
-  if (t >= T) return;
   const float* l = logits + t * E;
   float v[kMaxExpertsPerLane];
   float max = -INFINITY;
@@ -81,11 +79,19 @@ __global__ void GateTopKKernel(const float* __restrict__ logits, int64_t T, int 
   }
 }
 
+// One warp per token.
+__global__ void GateTopKKernel(const float* __restrict__ logits, int64_t T, int E, int k,
+                               bool norm_topk_prob, int32_t* __restrict__ experts,
+                               float* __restrict__ weights) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t < T) GateTopKWarp(logits, t, E, k, norm_topk_prob, experts, weights);
+}
+
 constexpr int kMaxGroups = 1024;
 
-// One block: counting sort of the assignments by expert, then the tile list.
-__global__ void BuildGroupedPlanKernel(const int32_t* __restrict__ experts, int64_t T, int k, int E,
-                                       bool routed, bool shared, GroupedPlan plan) {
+// By the whole block: counting sort of the assignments by expert, then the tile list.
+__device__ void BuildGroupedPlanBlock(const int32_t* __restrict__ experts, int64_t T, int k, int E,
+                                      bool routed, bool shared, GroupedPlan plan) {
   __shared__ int counts[kMaxGroups];
   __shared__ int cursor[kMaxGroups];
   const int G = E + (shared ? 1 : 0);
@@ -122,6 +128,24 @@ __global__ void BuildGroupedPlanKernel(const int32_t* __restrict__ experts, int6
       plan.row_token[cursor[E] + t] = static_cast<int32_t>(t);
     }
   }
+}
+
+__global__ void BuildGroupedPlanKernel(const int32_t* __restrict__ experts, int64_t T, int k, int E,
+                                       bool routed, bool shared, GroupedPlan plan) {
+  BuildGroupedPlanBlock(experts, T, k, E, routed, shared, plan);
+}
+
+// Both in one block (a decode step's layer saves a launch): the warps route the tokens in turn,
+// then the block groups them.
+__global__ void RouteAndPlanKernel(const float* __restrict__ logits, int64_t T, int E, int k,
+                                   bool norm_topk_prob, int32_t* __restrict__ experts,
+                                   float* __restrict__ weights, bool shared, GroupedPlan plan) {
+  for (int64_t t = threadIdx.x / 32; t < T; t += blockDim.x / 32) {
+    GateTopKWarp(logits, t, E, k, norm_topk_prob, experts, weights);
+  }
+  __threadfence_block();
+  __syncthreads();
+  BuildGroupedPlanBlock(experts, T, k, E, true, shared, plan);
 }
 
 __global__ void CombineKernel(const float* __restrict__ expert_out, GroupedPlan plan,
@@ -166,6 +190,18 @@ cudaError_t LaunchBuildGroupedPlan(const int32_t* experts, int64_t T, int k, int
                                    bool shared, GroupedPlan plan, cudaStream_t stream) {
   if (E + 1 > kMaxGroups || T * k > 65536) return cudaErrorInvalidValue;
   BuildGroupedPlanKernel<<<1, 1024, 0, stream>>>(experts, T, k, E, routed, shared, plan);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRouteAndPlan(const float* logits, int64_t T, int E, int k, bool norm_topk_prob,
+                               int32_t* experts, float* weights, bool shared, GroupedPlan plan,
+                               cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  if (E > 32 * kMaxExpertsPerLane || k < 1 || k > E || E + 1 > kMaxGroups || T * k > 65536) {
+    return cudaErrorInvalidValue;
+  }
+  RouteAndPlanKernel<<<1, 1024, 0, stream>>>(logits, T, E, k, norm_topk_prob, experts, weights,
+                                             shared, plan);
   return cudaGetLastError();
 }
 
