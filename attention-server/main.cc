@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "attention-server/attention_service.h"
+#include "attention-server/batch_runner_factory.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
@@ -26,6 +27,7 @@ int main(int argc, char** argv) {
       "batching"};
   std::string model, model_name, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file,
                                                                  metrics_listen = "127.0.0.1:0";
+  std::string device_name = "cpu";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
   app.add_option("--model", model, "Checkpoint directory")
@@ -52,6 +54,8 @@ int main(int argc, char** argv) {
   app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
+  app.add_option("--device", device_name, "Where the forward pass runs: cpu, cuda or cuda:N")
+      ->capture_default_str();
   app.add_option("--threads", threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
@@ -64,6 +68,8 @@ int main(int argc, char** argv) {
                  "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
+  const absl::StatusOr<dsmoe::Device> device = dsmoe::ParseDevice(device_name);
+  if (!device.ok()) return Fail(device.status());
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
   dsmoe::WeightSelection selection;
   selection.all_routed_experts = addresses.empty();  // remote experts: load none here
@@ -94,8 +100,9 @@ int main(int argc, char** argv) {
     if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
   }
   dsmoe::ThreadPool pool(threads);
-  auto scheduler =
-      dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
+  auto runner = dsmoe::CreateBatchRunner(*device, **weights, pool, sched, remote.get());
+  if (!runner.ok()) return Fail(runner.status());
+  auto scheduler = dsmoe::Scheduler::Create(std::move(*runner), sched, &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
   dsmoe::rpc::ServerOptions server_options;
@@ -109,9 +116,10 @@ int main(int argc, char** argv) {
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   std::printf(
-      "dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
-      server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
-      server_options.metrics_port);
+      "dsmoe-attention-server serving on %s (%s, %zu expert servers, %lld slots), metrics on port "
+      "%d\n",
+      server->address().c_str(), device->ToString().c_str(), addresses.size(),
+      static_cast<long long>(sched.num_slots), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);

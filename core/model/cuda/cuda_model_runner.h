@@ -50,29 +50,30 @@ struct CudaRunnerOptions {
 // Thread-compatible: one owner thread calls Forward. Owns its device memory (weights, KV cache,
 // activation arena, all allocated in Create) and its stream; Forward allocates nothing on the
 // device except when it captures a new graph.
-class CudaModelRunner {
+class CudaModelRunner final : public BatchRunner {
  public:
   // REQUIRES: weights (attention side loaded; routed experts too unless `experts` is given) and
   // `experts` outlive the runner. FAILED_PRECONDITION "no CUDA device: ..." without a GPU.
   static absl::StatusOr<std::unique_ptr<CudaModelRunner>> Create(
       const ModelWeights& weights, const CudaRunnerOptions& options,
       RoutedExpertExecutor* experts = nullptr);
-  ~CudaModelRunner();
+  ~CudaModelRunner() override;
   CudaModelRunner(const CudaModelRunner&) = delete;
   CudaModelRunner& operator=(const CudaModelRunner&) = delete;
 
   // As ModelRunner::Forward: logits for batch.logit_rows into host_logits ([rows, vocab]).
   // Page-locked host_logits (cudaMallocHost) makes the copy a DMA.
-  absl::Status Forward(const ForwardBatch& batch, float* host_logits);
+  absl::Status Forward(const ForwardBatch& batch, float* host_logits) override;
 
   // Frees a finished sequence's KV-cache pages.
-  void ReleaseSlot(int32_t slot) { kv_->Release(slot); }
+  void ReleaseSlot(int32_t slot) override { kv_->Release(slot); }
 
-  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
+  void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // While set (not owned), Forward times its phases (benchmarks; per-phase profiles run without
   // CUDA graphs).
   void set_profiler(StepProfiler* profiler) { profiler_ = profiler; }
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
+  int64_t max_context() const override { return options_.max_context; }
   const CudaRunnerOptions& options() const { return options_; }
   const PagedKvCache& kv_cache() const { return *kv_; }
   size_t weight_bytes() const { return dw_->num_bytes(); }

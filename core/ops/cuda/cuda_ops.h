@@ -119,11 +119,18 @@ struct GroupedPlan {
   int32_t* num_tiles = nullptr;
 };
 int64_t MaxGroupedTiles(int64_t T, int64_t k, int64_t num_groups);
+int64_t MaxGroupedTilesForRows(int64_t rows, int64_t num_groups);  // any number of grouped rows
 
 // Builds the plan from experts [T, k] (ignored when !routed). num_groups = E + (shared ? 1 : 0).
 // One block; T·k <= 65536.
 cudaError_t LaunchBuildGroupedPlan(const int32_t* experts, int64_t T, int k, int E, bool routed,
                                    bool shared, GroupedPlan plan, cudaStream_t stream);
+
+// The plan of an expert server's request: A explicit (token, expert) assignments, any number per
+// token (assignment a reads row tokens[a] of x), routed groups only. Tiles for
+// MaxGroupedTilesForRows(A, E); A <= 65536.
+cudaError_t LaunchBuildAssignmentPlan(const int32_t* experts, const int32_t* tokens, int64_t A,
+                                      int E, GroupedPlan plan, cudaStream_t stream);
 
 // LaunchGateTopK then LaunchBuildGroupedPlan (routed) in one single-block launch: for decode
 // batches (up to kFusedRouteMaxTokens tokens), where the launch costs more than the work.
@@ -171,5 +178,11 @@ cudaError_t LaunchGroupedDown(const uint16_t* act_bf16, int64_t T, int k, Groupe
 cudaError_t LaunchCombine(const float* expert_out, GroupedPlan plan, const float* weights,
                           int64_t T, int k, bool routed, int shared_group, int64_t H,
                           bool accumulate, float* y, cudaStream_t stream);
+
+// y[t] = Σ_{a in [token_offsets[t], token_offsets[t + 1])} weights[a]·expert_out[assign_row[a]]
+// (assignments sorted by token, summed in order): the combine of LaunchBuildAssignmentPlan.
+cudaError_t LaunchCombineAssignments(const float* expert_out, GroupedPlan plan,
+                                     const float* weights, const int32_t* token_offsets, int64_t T,
+                                     int64_t H, float* y, cudaStream_t stream);
 
 }  // namespace dsmoe::cuda
