@@ -6,6 +6,7 @@
 
 #include "attention-server/attention_service.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
 #include "router/placement.h"
@@ -28,6 +29,9 @@ int main(int argc, char** argv) {
                                                                  metrics_listen = "127.0.0.1:0";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
+  dsmoe::rpc::ServerOptions server_options;
+  dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only the gateway calls it
+  dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -64,6 +68,10 @@ int main(int argc, char** argv) {
                  "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
+  auto security = dsmoe::rpc::TransportSecurity::Load(tls);
+  if (!security.ok()) return Fail(security.status());
+  server_options.security = *security;
+
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
   dsmoe::WeightSelection selection;
   selection.all_routed_experts = addresses.empty();  // remote experts: load none here
@@ -90,7 +98,7 @@ int main(int argc, char** argv) {
     remote = std::make_unique<dsmoe::GrpcExpertExecutor>(
         config, *placement, addresses,
         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
-                                         std::chrono::milliseconds(2000), &metrics});
+                                         std::chrono::milliseconds(2000), &metrics, *security});
     if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
   }
   dsmoe::ThreadPool pool(threads);
@@ -98,7 +106,6 @@ int main(int argc, char** argv) {
       dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
-  dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
   if (!metrics_listen.empty()) {
@@ -109,9 +116,10 @@ int main(int argc, char** argv) {
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   std::printf(
-      "dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
-      server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
-      server_options.metrics_port);
+      "dsmoe-attention-server serving on %s (%s; %zu expert servers, %lld slots), metrics on port "
+      "%d\n",
+      server->address().c_str(), security->Describe().c_str(), addresses.size(),
+      static_cast<long long>(sched.num_slots), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);

@@ -14,6 +14,9 @@ PACKAGES=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   # services: Prometheus metrics (prometheus-cpp core + pull exposer)
   prometheus-cpp-dev
+  # services: TLS certificate checks and API-key hashing (libssl); `cluster up` makes its
+  # certificates with the openssl tool
+  libssl-dev openssl
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
   # tests: gRPC clients in Python (integration tests); Node.js runs the reference tokenizer

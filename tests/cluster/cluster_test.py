@@ -184,7 +184,7 @@ class ClusterBehaviour(unittest.TestCase):
 
     def test_health_and_model_info(self):
         for p in self.cluster.state["processes"]:
-            ch = grpc.insecure_channel(p["address"])
+            ch = self.cluster.channel_to(p["address"])  # mutual TLS, as every client of the cluster
             check = ch.unary_unary("/grpc.health.v1.Health/Check",
                                    request_serializer=cu.health_pb2.HealthCheckRequest.SerializeToString,
                                    response_deserializer=cu.health_pb2.HealthCheckResponse.FromString)
