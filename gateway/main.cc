@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
   if (!no_auth) {
     auto keys = dsmoe::ApiKeyStore::LoadFile(api_keys_file);
     if (!keys.ok()) return Fail(keys.status());
-    std::printf("dsmoe-gateway: %d API keys from %s", keys->size(), api_keys_file.c_str());
+    std::printf("dsmoe-gateway: %d API key(s) from %s", keys->size(), api_keys_file.c_str());
     if (limits.enabled()) {
       std::printf(", each limited to %g requests/s (burst %g) and %g tokens/min",
                   limits.requests_per_second, limits.request_burst, limits.tokens_per_minute);

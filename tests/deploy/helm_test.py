@@ -4,7 +4,9 @@
 rendered object validated against the Kubernetes schemas (validate_k8s.mjs: kubernetes-models,
 prometheus-operator models), values.schema.json refusing bad values, and the generated
 placement: it covers every routed expert of the model, the real expert server loads it, and a
-local cluster started from it generates what a single process does.
+local cluster started from it generates what a single process does; and the security values:
+TLS, mutual TLS and API keys by default, the cert-manager Certificate naming every address the
+servers dial, plain text only when asked, every rendered flag known to the real binaries.
 
 Needs tests/deploy/setup_tools.sh (helm, node packages) and the built dsmoe binaries.
 Usage: helm_test.py --dsmoe build/bin/dsmoe [unittest args]"""
@@ -326,9 +328,11 @@ class Placement(unittest.TestCase):
                     self.fail(f"expert server {index} exited: {p.stdout.read()}")
                 self.assertLess(time.time(), deadline, "expert server did not start")
                 time.sleep(0.05)
-            line = p.stdout.readline()
-            # "dsmoe-expert-server I serving N routed experts on ..."
-            return int(line.split(" serving ")[1].split()[0])
+            # "dsmoe-expert-server I serving N routed experts on ..." (after the plain-text warning)
+            for line in p.stdout:
+                if line.startswith(f"dsmoe-expert-server {index} serving "):
+                    return int(line.split(" serving ")[1].split()[0])
+            self.fail(f"expert server {index} did not say what it serves")
         finally:
             p.terminate()
             p.wait(timeout=30)

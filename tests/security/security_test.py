@@ -240,6 +240,27 @@ class TransportSecurity(unittest.TestCase):
         finally:
             ch.close()
 
+    def test_gateway_requires_client_certificates_when_configured(self):
+        gateway = Server("dsmoe-gateway", ["--model", self.model, "--attention-servers", "127.0.0.1:1", "--no-auth",
+                                           "--tls-cert", self.server_cert, "--tls-key", self.server_key,
+                                           "--tls-ca", self.ca, "--tls-client-auth", "require"], "gateway-mtls")
+        try:
+            self.assertIn("--no-auth", gateway.text())  # the warning names the flag
+            for creds, ok in ((cu.tls_credentials(self.ca, *self.client), True), (cu.tls_credentials(self.ca), False)):
+                ch = grpc.secure_channel(gateway.address, creds)
+                try:
+                    if ok:
+                        self.assertEqual(health_check(ch), cu.health_pb2.HealthCheckResponse.SERVING)
+                    else:
+                        with self.assertRaises(grpc.RpcError) as ctx:
+                            health_check(ch)
+                        self.assertEqual(ctx.exception.code(), C.UNAVAILABLE)
+                finally:
+                    ch.close()
+            self.assertIn("peer did not return a certificate", gateway.wait_log("peer did not return a certificate"))
+        finally:
+            gateway.stop()
+
     def server_args(self, cert, key, ca=None):
         return ["--model", self.model, "--servers", "1", "--threads", "1", "--tls-cert", cert, "--tls-key", key,
                 "--tls-ca", ca or self.ca, "--listen", "127.0.0.1:0"]
