@@ -7,6 +7,7 @@
 #include "attention-server/attention_service.h"
 #include "attention-server/batch_runner_factory.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
 #include "router/placement.h"
@@ -30,6 +31,9 @@ int main(int argc, char** argv) {
   std::string device_name = "cpu";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
+  dsmoe::rpc::ServerOptions server_options;
+  dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only the gateway calls it
+  dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -70,6 +74,10 @@ int main(int argc, char** argv) {
 
   const absl::StatusOr<dsmoe::Device> device = dsmoe::ParseDevice(device_name);
   if (!device.ok()) return Fail(device.status());
+  auto security = dsmoe::rpc::TransportSecurity::Load(tls);
+  if (!security.ok()) return Fail(security.status());
+  server_options.security = *security;
+
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
   dsmoe::WeightSelection selection;
   selection.all_routed_experts = addresses.empty();  // remote experts: load none here
@@ -96,7 +104,7 @@ int main(int argc, char** argv) {
     remote = std::make_unique<dsmoe::GrpcExpertExecutor>(
         config, *placement, addresses,
         dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
-                                         std::chrono::milliseconds(2000), &metrics});
+                                         std::chrono::milliseconds(2000), &metrics, *security});
     if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
   }
   dsmoe::ThreadPool pool(threads);
@@ -105,7 +113,6 @@ int main(int argc, char** argv) {
   auto scheduler = dsmoe::Scheduler::Create(std::move(*runner), sched, &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
-  dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
   if (!metrics_listen.empty()) {
@@ -116,10 +123,10 @@ int main(int argc, char** argv) {
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   std::printf(
-      "dsmoe-attention-server serving on %s (%s, %zu expert servers, %lld slots), metrics on port "
-      "%d\n",
-      server->address().c_str(), device->ToString().c_str(), addresses.size(),
-      static_cast<long long>(sched.num_slots), server_options.metrics_port);
+      "dsmoe-attention-server serving on %s (%s; %s; %zu expert servers, %lld slots), metrics on "
+      "port %d\n",
+      server->address().c_str(), device->ToString().c_str(), security->Describe().c_str(),
+      addresses.size(), static_cast<long long>(sched.num_slots), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);

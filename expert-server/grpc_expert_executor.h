@@ -18,6 +18,7 @@
 
 #include "core/model/routed_experts.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/transport_security.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
@@ -28,6 +29,9 @@ struct GrpcExpertExecutorOptions {
   std::chrono::milliseconds deadline{10000};         // per dispatch call
   std::chrono::milliseconds retry_down_after{2000};  // a failed server is tried again after this
   rpc::MetricsRegistry* metrics = nullptr;           // where dispatch metrics go; null: none
+  // How the expert servers are reached (mutual TLS with this process's certificate, or plain
+  // text when chosen explicitly).
+  rpc::TransportSecurity security;  // default: TLS with the system roots, no identity
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the

@@ -123,8 +123,8 @@ class ClusterBehaviour(unittest.TestCase):
         model = cu.make_model(TMP.name, "device-flag", "tiny")
         for device, why in (("gpu0", 'device "gpu0" is not one of cpu, cuda, cuda:N'),
                             ("cuda:0", ("no CUDA backend", "no CUDA device"))):
-            r = subprocess.run([server, "--model", model, "--device", device, "--listen",
-                                "127.0.0.1:0", "--metrics-listen", ""],
+            r = subprocess.run([server, "--model", model, "--device", device, "--insecure",
+                                "--listen", "127.0.0.1:0", "--metrics-listen", ""],
                                capture_output=True, text=True, timeout=120)
             self.assertEqual(r.returncode, 1, r.stderr)
             reasons = (why,) if isinstance(why, str) else why
@@ -198,7 +198,7 @@ class ClusterBehaviour(unittest.TestCase):
 
     def test_health_and_model_info(self):
         for p in self.cluster.state["processes"]:
-            ch = grpc.insecure_channel(p["address"])
+            ch = self.cluster.channel_to(p["address"])  # mutual TLS, as every client of the cluster
             check = ch.unary_unary("/grpc.health.v1.Health/Check",
                                    request_serializer=cu.health_pb2.HealthCheckRequest.SerializeToString,
                                    response_deserializer=cu.health_pb2.HealthCheckResponse.FromString)

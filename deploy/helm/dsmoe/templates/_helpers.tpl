@@ -143,7 +143,7 @@ initContainers:
 {{- end }}
 {{- end -}}
 
-{{/* gRPC health probes on the service port. */}}
+{{/* gRPC health probes on the plain-text health port (tls.healthPort). */}}
 {{- define "dsmoe.probes" -}}
 startupProbe:
   grpc:
