@@ -58,11 +58,11 @@ cudaError_t LaunchGemvF32(const float* x, int64_t T, const float* w, int64_t N, 
                           cudaStream_t stream);
 // Batches up to this many tokens take the dense GEMV instead of cuBLAS (see GemvBeatsCublas).
 inline constexpr int64_t kGemvMaxTokens = 8;
-// Whether the dense GEMV beats cuBLAS for y[T, N] (H200, dsmoe_bench_gpu): for projections of a
-// few thousand features at up to 8 rows (3072 × 1024 at batch 1: 9 vs 15 µs); not for the LM
-// head's tens of thousands, where cuBLAS already streams the weights well (32000 × 1024: 29 µs
-// both at batch 1, 28 vs 44 µs at batch 4).
-inline bool GemvBeatsCublas(int64_t T, int64_t N) { return T <= kGemvMaxTokens && N < 8192; }
+// Whether the dense GEMV beats cuBLAS for y[T, N] (H200, dsmoe_bench_gpu): projections of a few
+// thousand features up to 8 rows (3072 × 1024: 7.6 vs 14.3 µs at batch 1, 11.8 vs 13.2 at 8);
+// the LM head's tens of thousands only at batch 1 (32000 × 1024: 22.5 vs 27.7 µs; 33.6 vs 28.5
+// at batch 4, where cuBLAS already streams the weights well).
+inline bool GemvBeatsCublas(int64_t T, int64_t N) { return T <= (N < 8192 ? kGemvMaxTokens : 1); }
 
 // ---- Attention over a paged KV cache ---------------------------------------------------------
 
