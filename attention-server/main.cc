@@ -5,6 +5,8 @@
 #include <sstream>
 
 #include "attention-server/attention_service.h"
+#include "attention-server/placement_service.h"
+#include "attention-server/rebalancer.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
@@ -28,6 +30,9 @@ int main(int argc, char** argv) {
                                                                  metrics_listen = "127.0.0.1:0";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
+  dsmoe::RebalancerOptions rebalance;
+  rebalance.planner.num_replicas = -1;  // default: one per expert server
+  double load_window_seconds = 60;
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -62,6 +67,28 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--model-name", model_name,
                  "The `model` label of the metrics (default: the directory's name)");
+  app.add_option("--load-window-seconds", load_window_seconds,
+                 "Routing load is measured over this recent window (imbalance gauge, planner)")
+      ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-period", rebalance.period_seconds,
+                 "Automatic rebalancing: look at the load this often, in seconds (0: off; "
+                 "`dsmoe placement apply` works either way)")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-threshold", rebalance.threshold,
+                 "Automatic rebalancing when some MoE layer's per-server load imbalance (max / "
+                 "mean over expert servers) exceeds this")
+      ->check(CLI::Range(1.0, 1000.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-replicas", rebalance.planner.num_replicas,
+                 "Replica budget of the planner: physical experts per MoE layer beyond one per "
+                 "routed expert (default: one per expert server)")
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--rebalance-slots", rebalance.planner.slots_per_server,
+                 "Physical experts an expert server may hold per MoE layer (0: just enough)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
@@ -73,7 +100,7 @@ int main(int argc, char** argv) {
   if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
   // Registered before anything runs, so every series exists from the first scrape.
   dsmoe::rpc::MetricsRegistry metrics(model_name);
-  dsmoe::AttentionMetrics attention_metrics(metrics, config);
+  dsmoe::AttentionMetrics attention_metrics(metrics, config, {load_window_seconds, 6});
 
   std::optional<dsmoe::router::Placement> placement;
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
@@ -97,6 +124,15 @@ int main(int argc, char** argv) {
   auto scheduler =
       dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
+  std::unique_ptr<dsmoe::Rebalancer> rebalancer;
+  if (remote != nullptr) {
+    if (rebalance.planner.num_replicas < 0)
+      rebalance.planner.num_replicas = static_cast<int>(addresses.size());
+    rebalancer = std::make_unique<dsmoe::Rebalancer>(config, **scheduler, *remote,
+                                                     attention_metrics.expert_load().window(),
+                                                     &metrics, rebalance);
+  }
+  dsmoe::PlacementService placement_service(rebalancer.get(), config, load_window_seconds);
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
@@ -106,7 +142,7 @@ int main(int argc, char** argv) {
     if (!port.ok()) return Fail(port.status());
     server_options.metrics_port = *port;
   }
-  auto server = dsmoe::rpc::StartServer(server_options, {&service});
+  auto server = dsmoe::rpc::StartServer(server_options, {&service, &placement_service});
   if (!server.ok()) return Fail(server.status());
   std::printf(
       "dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",

@@ -17,6 +17,10 @@ struct ClusterUpOptions {
   int dispatch_deadline_ms = 10000;  // attention → expert server call deadline
   std::string state_dir;             // pids, ports, logs, placement; default .dsmoe-cluster
   std::string placement;             // placement JSON; default: computed round-robin
+  // Passed to every attention server when set (> 0): automatic rebalancing and the load window.
+  double rebalance_period = 0;
+  double rebalance_threshold = 0;
+  double load_window_seconds = 0;
   bool json = false;
 };
 

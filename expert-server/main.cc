@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   dsmoe::rpc::MetricsRegistry metrics(model_name,
                                       {{"expert_server", std::to_string(server_index)}});
   options.metrics = &metrics;
+  options.model_dir = model;  // SetPlacement loads more experts from here
   dsmoe::ExpertService service(std::move(*weights), options);
   dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;

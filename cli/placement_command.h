@@ -1,0 +1,21 @@
+// `dsmoe placement show|plan|apply`: the expert placement of a running cluster, through its
+// attention servers' PlacementService.
+#pragma once
+
+#include <string>
+
+namespace dsmoe::cli {
+
+struct PlacementOptions {
+  std::string action;     // show | plan | apply
+  std::string attention;  // attention server addresses, comma-separated; default: the cluster's
+  std::string state_dir;  // of `dsmoe cluster up`, to find them (default .dsmoe-cluster)
+  std::string placement;  // apply: this placement JSON (default: plan from the measured load)
+  std::string out;        // plan: also write the planned placement JSON here
+  double timeout_seconds = 300;
+  bool json = false;
+};
+
+int RunPlacement(const PlacementOptions& o);
+
+}  // namespace dsmoe::cli
