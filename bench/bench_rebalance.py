@@ -43,7 +43,8 @@ def prompts(n, seed):
 
 
 def measure(cluster, args, seed, label):
-    """Runs args.rounds rounds; returns (tokens/s, mean imbalance, worst imbalance, outputs)."""
+    """Runs args.rounds rounds; returns (tokens/s, mean imbalance, worst imbalance, outputs,
+    critical path)."""
     rates, outputs = [], []
     before = lu.server_layer_loads(cluster)
     for r in range(args.rounds):
@@ -54,8 +55,9 @@ def measure(cluster, args, seed, label):
             raise SystemExit(f"{label}: {len(errors)} requests failed: {errors[:3]}")
         rates.append(lu.decode_rate(streams))
         outputs.append([s.ids for s in streams])
-    mean_imb, worst_imb = lu.imbalance(before, lu.server_layer_loads(cluster), SERVERS)
-    return statistics.mean(rates), mean_imb, worst_imb, outputs
+    after = lu.server_layer_loads(cluster)
+    mean_imb, worst_imb = lu.imbalance(before, after, SERVERS)
+    return statistics.mean(rates), mean_imb, worst_imb, outputs, lu.critical_path(before, after, SERVERS)
 
 
 def placement(cluster, action, *flags):
@@ -95,9 +97,10 @@ def main():
         streams, threads = lu.run_streams(c, prompts(a.streams, 50), a.tokens * 2)
         while min(len(s.ids) for s in streams) < a.tokens // 2:
             time.sleep(0.005)
-        t0 = time.monotonic()
-        applied = placement(c, "apply")[0]
-        t1 = time.monotonic()
+        r, t0, t1 = lu.apply_placement(c)
+        applied = {"duration_seconds": r.duration_seconds, "load_seconds": r.load_seconds,
+                   "switch_seconds": r.switch_seconds, "experts_loaded": r.experts_loaded,
+                   "experts_dropped": r.experts_dropped}
         lu.wait(threads)
         if any(s.error for s in streams):
             raise SystemExit(f"requests failed during the rebalance: {[s.error for s in streams if s.error][:3]}")
@@ -142,6 +145,10 @@ def main():
     print(f"imbalance static -> planned -> live: {static[1]:.3f} -> {planned[1]:.3f} -> {live_after[1]:.3f} "
           f"(target <= 1.15)")
     print(f"outputs identical static vs planned: {same}")
+    print(f"expert critical path per step (sum over layers of the busiest server / even share): static "
+          f"{static[4]:.3f}, planned {planned[4]:.3f}, live {live_after[4]:.3f}: with a core set per expert "
+          f"server the expert phase would speed up {static[4] / planned[4]:.2f}x (planned), "
+          f"{static[4] / live_after[4]:.2f}x (live)")
     print(f"rebalance (placement apply): {applied['duration_seconds']:.3f} s (load {applied['load_seconds']:.3f} s, "
           f"switch {applied['switch_seconds'] * 1e3:.2f} ms; {applied['experts_loaded']} experts loaded, "
           f"{applied['experts_dropped']} dropped)")

@@ -158,8 +158,10 @@ void PlaceByExchange(Packing& p, int item) {
 // EPLB's balanced packing: heaviest first onto the least-loaded server with a free slot that
 // does not hold the expert yet.
 void PackGreedy(Packing& p) {
-  std::vector<int> order(p.num_items());
-  std::iota(order.begin(), order.end(), 0);
+  std::vector<int> order;
+  for (int i = 0; i < p.num_items(); ++i) {
+    if (p.server(i) < 0) order.push_back(i);  // placed ones stay
+  }
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int b) { return p.weight(a) > p.weight(b); });
   for (int item : order) {
@@ -303,6 +305,41 @@ Packing EplbPacking(const std::vector<double>& w, const Shape& sh, int budget,
   return p;
 }
 
+// Where the experts are now, kept as far as slots allow (heaviest experts first), then the
+// remaining replicas packed like EPLB's: a start that moves few experts.
+Packing StickyPacking(const std::vector<double>& w, const Shape& sh,
+                      const std::vector<int>& replicas,
+                      const std::vector<std::vector<int>>& current) {
+  Packing p(sh.S, sh.C, sh.E);
+  std::vector<std::vector<int>> items_of(sh.E);
+  for (int e = 0; e < sh.E; ++e) {
+    for (int r = 0; r < replicas[e]; ++r) items_of[e].push_back(p.AddItem(e, w[e] / replicas[e]));
+  }
+  std::vector<int> order(sh.E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return w[a] > w[b]; });
+  for (int e : order) {
+    size_t next = 0;
+    for (int s : current[e]) {
+      if (next == items_of[e].size()) break;
+      if (s >= 0 && s < sh.S && !p.Full(s) && !p.Holds(s, e)) p.Put(items_of[e][next++], s);
+    }
+  }
+  PackGreedy(p);
+  return p;
+}
+
+// Local search and uneven shares, alternating until the maximum stops falling.
+void Refine(Packing& p, const std::vector<double>& w, const std::vector<int>& replicas,
+            const PlannerOptions& options) {
+  for (int round = 0; round < 8; ++round) {
+    const double before = p.Max();
+    LocalSearch(p);
+    if (options.uneven_shares) BalanceShares(p, w, replicas);
+    if (p.Max() >= before * (1 - 1e-12)) break;
+  }
+}
+
 }  // namespace
 
 double LayerPlan::max_load() const {
@@ -317,8 +354,8 @@ absl::StatusOr<LayerPlan> PlanLayerEplb(const std::vector<double>& load,
   return ToPlan(p, load, sh.S);
 }
 
-absl::StatusOr<LayerPlan> PlanLayer(const std::vector<double>& load,
-                                    const PlannerOptions& options) {
+absl::StatusOr<LayerPlan> PlanLayer(const std::vector<double>& load, const PlannerOptions& options,
+                                    const std::vector<std::vector<int>>* current) {
   DSMOE_ASSIGN_OR_RETURN(Shape sh, Validate(load, options));
   const std::vector<double> w = Effective(load);
   std::vector<int> replicas;
@@ -338,15 +375,19 @@ absl::StatusOr<LayerPlan> PlanLayer(const std::vector<double>& load,
       replicas = std::move(r);
     }
   }
-  for (int round = 0; round < 8; ++round) {
-    const double before = p.Max();
-    LocalSearch(p);
-    if (options.uneven_shares) BalanceShares(p, w, replicas);
-    if (p.Max() >= before * (1 - 1e-12)) break;
-  }
+  Refine(p, w, replicas, options);
   LayerPlan refined = ToPlan(p, load, sh.S);
   // Refinement only lowers the maximum; the guard covers rounding of the shares.
-  return refined.max_load() <= eplb.max_load() ? refined : eplb;
+  if (refined.max_load() > eplb.max_load()) refined = eplb;
+  if (current == nullptr || static_cast<int>(current->size()) != sh.E) return refined;
+  // The same replica counts, started from where the experts are: preferred when its maximum
+  // is within keep_tolerance of the best plan's (and never above EPLB's), since every expert
+  // that stays is one less to load.
+  Packing q = StickyPacking(w, sh, replicas, *current);
+  Refine(q, w, replicas, options);
+  LayerPlan sticky = ToPlan(q, load, sh.S);
+  const double limit = std::min(eplb.max_load(), refined.max_load() * (1 + options.keep_tolerance));
+  return sticky.max_load() <= limit ? sticky : refined;
 }
 
 std::vector<double> ServerLoads(const Placement& placement, int64_t layer,
@@ -435,7 +476,9 @@ absl::StatusOr<Placement> PlanPlacement(const Placement& current,
       }
       load = loads[l];
     }
-    DSMOE_ASSIGN_OR_RETURN(LayerPlan plan, PlanLayer(load, options));
+    std::vector<std::vector<int>> now(E);
+    for (int64_t e = 0; e < E; ++e) now[e] = current.Holders(l, e);
+    DSMOE_ASSIGN_OR_RETURN(LayerPlan plan, PlanLayer(load, options, &now));
     const std::vector<int> perm = Relabel(plan.holders, current, l, options.num_servers);
     for (auto& h : plan.holders) {
       for (int& s : h) s = perm[s];

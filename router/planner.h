@@ -27,6 +27,9 @@ struct PlannerOptions {
   // uneven shares for replicated experts (water-filling). Off: EPLB's plan exactly.
   bool refine = true;
   bool uneven_shares = true;
+  // With a current placement: keep experts where they are (fewer to load) when that plan's
+  // maximum is within this fraction of the best plan's — and never above EPLB's.
+  double keep_tolerance = 0.02;
 };
 
 // One layer's plan.
@@ -44,8 +47,10 @@ struct LayerPlan {
 absl::StatusOr<LayerPlan> PlanLayerEplb(const std::vector<double>& load,
                                         const PlannerOptions& options);
 // EPLB's plan refined (options.refine, options.uneven_shares); its maximum is never above
-// EPLB's.
-absl::StatusOr<LayerPlan> PlanLayer(const std::vector<double>& load, const PlannerOptions& options);
+// EPLB's. `current` ([expert] → servers holding it now), if given, lets it prefer a plan that
+// moves fewer experts (options.keep_tolerance).
+absl::StatusOr<LayerPlan> PlanLayer(const std::vector<double>& load, const PlannerOptions& options,
+                                    const std::vector<std::vector<int>>* current = nullptr);
 
 // Per-server load of `layer` under `placement` (Σ over experts of load · share), and its
 // imbalance: max / mean over servers (1 = even; 0 when there is no load).

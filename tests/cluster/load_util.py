@@ -96,3 +96,27 @@ def imbalance(before, after, num_servers):
         diff[l][s] += v - before.get((s, l), 0.0)
     per_layer = [max(v) / (sum(v) / num_servers) for v in diff.values() if sum(v) > 0]
     return statistics.mean(per_layer), max(per_layer)
+
+
+def critical_path(before, after, num_servers):
+    """Σ over MoE layers of the busiest server's assignments / Σ of all assignments × servers:
+    the expert work a step waits for when each server computes on cores of its own, relative to
+    a perfect balance (1 = perfectly even; static placement under skew is above)."""
+    diff = collections.defaultdict(lambda: [0.0] * num_servers)
+    for (s, l), v in after.items():
+        diff[l][s] += v - before.get((s, l), 0.0)
+    worst = sum(max(v) for v in diff.values())
+    total = sum(sum(v) for v in diff.values())
+    return worst * num_servers / total if total else 0.0
+
+
+def apply_placement(cluster, timeout=300):
+    """PlacementService.ApplyPlacement (plan from the window) on the first attention server,
+    timed here: (response, monotonic start, monotonic end)."""
+    from dsmoe.internal.v1 import placement_pb2, placement_pb2_grpc
+    stub = placement_pb2_grpc.PlacementServiceStub(
+        cu.grpc.insecure_channel(cluster.processes("attention-server")[0]["address"]))
+    stub.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=30)  # connected before timing
+    start = time.monotonic()
+    r = stub.ApplyPlacement(placement_pb2.ApplyPlacementRequest(), timeout=timeout)
+    return r, start, time.monotonic()

@@ -18,6 +18,8 @@ import time
 import unittest
 import urllib.request
 
+from google.protobuf import json_format
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 import load_util as lu  # noqa: E402
@@ -90,11 +92,9 @@ class LiveRebalance(unittest.TestCase):
         deadline = time.time() + 120
         while min(len(s.ids) for s in streams) < TOKENS // 4 and time.time() < deadline:
             time.sleep(0.005)
-        start = time.monotonic()
-        r = placement(self.cluster, "apply", "--json")
-        end = time.monotonic()
+        r, start, end = lu.apply_placement(self.cluster)  # the RPC `placement apply` makes, timed closely
         lu.wait(threads)
-        applied = json.loads(r.stdout)[0]
+        applied = json.loads(json_format.MessageToJson(r, preserving_proto_field_name=True))
         still_running = sum(len(s.ids) < TOKENS for s in streams)
         worst, p99, n_in, n_out = lu.gap_report(streams, start, end)
         print(f"\nrebalance to version {applied['version']}: {applied['duration_seconds']:.3f} s "
