@@ -6,12 +6,20 @@
 
 namespace dsmoe {
 
+namespace {
+
+std::vector<bool> MoeLayers(const ModelConfig& c) {
+  std::vector<bool> out(static_cast<size_t>(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) out[l] = c.IsMoeLayer(l);
+  return out;
+}
+
+}  // namespace
+
 ExpertLoadMetrics::ExpertLoadMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config,
                                      ExpertLoadOptions options)
-    : options_(std::move(options)), num_experts_(std::max<int64_t>(config.n_routed_experts, 0)) {
-  options_.num_buckets = std::max(options_.num_buckets, 1);
-  bucket_ns_ = std::max<int64_t>(
-      1, static_cast<int64_t>(options_.window_seconds * 1e9 / options_.num_buckets));
+    : num_experts_(std::max<int64_t>(config.n_routed_experts, 0)),
+      window_(MoeLayers(config), num_experts_, std::move(options)) {
   auto& tokens = registry.Counter(
       "dsmoe_expert_tokens_total",
       "Routed (token, expert) assignments chosen by the gate, per MoE layer and routed expert");
@@ -32,15 +40,9 @@ ExpertLoadMetrics::ExpertLoadMetrics(rpc::MetricsRegistry& registry, const Model
     }
     if (config.n_shared_experts > 0) L.shared_tokens = &shared.Add({{"layer", layer}});
     L.imbalance = &imbalance.Add({{"layer", layer}});
-    L.window.reset(new std::atomic<int64_t>[options_.num_buckets * num_experts_]);
-    L.bucket_epoch.reset(new std::atomic<int64_t>[options_.num_buckets]);
-    for (int64_t i = 0; i < options_.num_buckets * num_experts_; ++i) L.window[i].store(0);
-    for (int b = 0; b < options_.num_buckets; ++b) L.bucket_epoch[b].store(-1);
   }
   counts_.assign(static_cast<size_t>(num_experts_), 0);
 }
-
-int64_t ExpertLoadMetrics::Epoch() const { return options_.now_ns() / bucket_ns_; }
 
 void ExpertLoadMetrics::OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
                                   const float*) {
@@ -54,35 +56,12 @@ void ExpertLoadMetrics::OnRouting(int64_t layer, int64_t T, int64_t k, const int
     const int32_t e = experts[i];
     if (e >= 0 && e < num_experts_) ++counts_[e];
   }
-  const int64_t epoch = Epoch();
-  const int b = static_cast<int>(epoch % options_.num_buckets);
-  std::atomic<int64_t>* bucket = L.window.get() + b * num_experts_;
-  if (L.bucket_epoch[b].load(std::memory_order_relaxed) !=
-      epoch) {  // a sub-window that has expired: reuse it
-    for (int64_t e = 0; e < num_experts_; ++e) bucket[e].store(0, std::memory_order_relaxed);
-    L.bucket_epoch[b].store(epoch, std::memory_order_release);
-  }
+  window_.Add(layer, counts_.data());
   for (int64_t e = 0; e < num_experts_; ++e) {
     if (counts_[e] == 0) continue;
     L.expert_tokens[e]->Increment(static_cast<double>(counts_[e]));
-    bucket[e].fetch_add(counts_[e], std::memory_order_relaxed);
   }
   if (L.shared_tokens != nullptr) L.shared_tokens->Increment(static_cast<double>(T));
-}
-
-std::vector<int64_t> ExpertLoadMetrics::WindowCounts(int64_t layer) const {
-  std::vector<int64_t> out(static_cast<size_t>(num_experts_), 0);
-  if (layer < 0 || layer >= static_cast<int64_t>(layers_.size()) || !layers_[layer].moe) return out;
-  const Layer& L = layers_[layer];
-  const int64_t now = Epoch();
-  for (int b = 0; b < options_.num_buckets; ++b) {
-    const int64_t epoch = L.bucket_epoch[b].load(std::memory_order_acquire);
-    if (epoch < 0 || epoch <= now - options_.num_buckets || epoch > now)
-      continue;  // outside the window
-    const std::atomic<int64_t>* bucket = L.window.get() + b * num_experts_;
-    for (int64_t e = 0; e < num_experts_; ++e) out[e] += bucket[e].load(std::memory_order_relaxed);
-  }
-  return out;
 }
 
 void ExpertLoadMetrics::UpdateImbalance() {

@@ -12,21 +12,13 @@
 #include "core/model/config.h"
 #include "core/model/model_runner.h"
 #include "core/rpc/metrics.h"
+#include "router/load_window.h"
 
 namespace dsmoe {
 
-struct ExpertLoadOptions {
-  // The imbalance gauge looks at the routing of the last window_seconds, kept as num_buckets
-  // sub-windows so that old load leaves the window in steps rather than all at once.
-  double window_seconds = 60;
-  int num_buckets = 6;
-  // Monotonic nanoseconds; injectable so tests can move time.
-  std::function<int64_t()> now_ns = [] {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  };
-};
+// The imbalance gauge (and the placement planner) look at the routing of the last
+// window_seconds (router/load_window.h).
+using ExpertLoadOptions = router::LoadWindowOptions;
 
 // Counts every routed (token, expert) assignment the gate makes, per (layer, expert):
 // dsmoe_expert_tokens_total; the tokens through each MoE layer's shared experts; and, per MoE
@@ -47,7 +39,8 @@ class ExpertLoadMetrics final : public RoutingObserver {
   // Sets every MoE layer's imbalance gauge from the window (runs before each scrape).
   void UpdateImbalance();
   // Tokens routed to each expert of `layer` within the window ([n_routed_experts]).
-  std::vector<int64_t> WindowCounts(int64_t layer) const;
+  std::vector<int64_t> WindowCounts(int64_t layer) const { return window_.Counts(layer); }
+  const router::LoadWindow& window() const { return window_; }
 
  private:
   struct Layer {
@@ -55,15 +48,10 @@ class ExpertLoadMetrics final : public RoutingObserver {
     std::vector<prometheus::Counter*> expert_tokens;  // [E]
     prometheus::Counter* shared_tokens = nullptr;     // null without shared experts
     prometheus::Gauge* imbalance = nullptr;
-    std::unique_ptr<std::atomic<int64_t>[]> window;  // [num_buckets, E]
-    std::unique_ptr<std::atomic<int64_t>[]>
-        bucket_epoch;  // [num_buckets]: which sub-window it holds
   };
-  int64_t Epoch() const;
 
-  ExpertLoadOptions options_;
   int64_t num_experts_;
-  int64_t bucket_ns_;
+  router::LoadWindow window_;
   std::vector<Layer> layers_;    // [num_hidden_layers]
   std::vector<int64_t> counts_;  // [E] scratch of OnRouting
 };

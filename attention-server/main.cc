@@ -6,6 +6,8 @@
 
 #include "attention-server/attention_service.h"
 #include "attention-server/batch_runner_factory.h"
+#include "attention-server/placement_service.h"
+#include "attention-server/rebalancer.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
@@ -34,6 +36,9 @@ int main(int argc, char** argv) {
   dsmoe::rpc::ServerOptions server_options;
   dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only the gateway calls it
   dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
+  dsmoe::RebalancerOptions rebalance;
+  rebalance.planner.num_replicas = -1;  // default: one per expert server
+  double load_window_seconds = 60;
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -70,6 +75,28 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--model-name", model_name,
                  "The `model` label of the metrics (default: the directory's name)");
+  app.add_option("--load-window-seconds", load_window_seconds,
+                 "Routing load is measured over this recent window (imbalance gauge, planner)")
+      ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-period", rebalance.period_seconds,
+                 "Automatic rebalancing: look at the load this often, in seconds (0: off; "
+                 "`dsmoe placement apply` works either way)")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-threshold", rebalance.threshold,
+                 "Automatic rebalancing when some MoE layer's per-server load imbalance (max / "
+                 "mean over expert servers) exceeds this")
+      ->check(CLI::Range(1.0, 1000.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-replicas", rebalance.planner.num_replicas,
+                 "Replica budget of the planner: physical experts per MoE layer beyond one per "
+                 "routed expert (default: one per expert server)")
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--rebalance-slots", rebalance.planner.slots_per_server,
+                 "Physical experts an expert server may hold per MoE layer (0: just enough)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   const absl::StatusOr<dsmoe::Device> device = dsmoe::ParseDevice(device_name);
@@ -87,7 +114,7 @@ int main(int argc, char** argv) {
   if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
   // Registered before anything runs, so every series exists from the first scrape.
   dsmoe::rpc::MetricsRegistry metrics(model_name);
-  dsmoe::AttentionMetrics attention_metrics(metrics, config);
+  dsmoe::AttentionMetrics attention_metrics(metrics, config, {load_window_seconds, 6});
 
   std::optional<dsmoe::router::Placement> placement;
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
@@ -112,6 +139,16 @@ int main(int argc, char** argv) {
   if (!runner.ok()) return Fail(runner.status());
   auto scheduler = dsmoe::Scheduler::Create(std::move(*runner), sched, &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
+  std::unique_ptr<dsmoe::Rebalancer> rebalancer;
+  if (remote != nullptr) {
+    if (rebalance.planner.num_replicas < 0)
+      rebalance.planner.num_replicas = static_cast<int>(addresses.size());
+    rebalance.security = *security;
+    rebalancer = std::make_unique<dsmoe::Rebalancer>(config, **scheduler, *remote,
+                                                     attention_metrics.expert_load().window(),
+                                                     &metrics, rebalance);
+  }
+  dsmoe::PlacementService placement_service(rebalancer.get(), config, load_window_seconds);
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
   server_options.address = listen;
   server_options.ready_file = ready_file;
@@ -120,7 +157,7 @@ int main(int argc, char** argv) {
     if (!port.ok()) return Fail(port.status());
     server_options.metrics_port = *port;
   }
-  auto server = dsmoe::rpc::StartServer(server_options, {&service});
+  auto server = dsmoe::rpc::StartServer(server_options, {&service, &placement_service});
   if (!server.ok()) return Fail(server.status());
   std::printf(
       "dsmoe-attention-server serving on %s (%s; %s; %zu expert servers, %lld slots), metrics on "

@@ -58,6 +58,7 @@ Scheduler::~Scheduler() {
   for (auto& s : waiting_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
   for (auto& [id, s] : running_) s->sink->OnFinish(FinishReason::kStop, shutting_down);
   for (LogitsJob* job : logits_jobs_) job->result.set_value(shutting_down);
+  for (BetweenStepsJob* job : between_steps_) job->done.set_value();  // not run: see stop_
 }
 
 absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
@@ -128,6 +129,21 @@ absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t>
   return future.get();
 }
 
+absl::Status Scheduler::RunBetweenSteps(std::function<void()> fn) {
+  BetweenStepsJob job;
+  job.fn = std::move(fn);
+  auto future = job.done.get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the attention server is shutting down");
+    between_steps_.push_back(&job);
+  }
+  work_cv_.notify_one();
+  future.wait();
+  if (job.fn) return absl::UnavailableError("the attention server is shutting down");
+  return absl::OkStatus();
+}
+
 void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& status) {
   seq->sink->OnFinish(reason, status);
   if (metrics_ != nullptr) {
@@ -161,15 +177,17 @@ void Scheduler::Loop() {
   std::vector<Sequence*> running;
   for (;;) {
     LogitsJob* job = nullptr;
+    std::deque<BetweenStepsJob*> between;
     std::vector<std::unique_ptr<Sequence>> cancelled_waiting;
     running.clear();
     {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, [this] {
         return stop_ || !waiting_.empty() || !running_.empty() || !logits_jobs_.empty() ||
-               !cancel_requests_.empty();
+               !cancel_requests_.empty() || !between_steps_.empty();
       });
       if (stop_) return;
+      between.swap(between_steps_);
       for (uint64_t id : cancel_requests_) {
         if (auto it = running_.find(id); it != running_.end()) {
           it->second->cancelled = true;
@@ -202,6 +220,11 @@ void Scheduler::Loop() {
       }
       for (auto& [id, seq] : running_) running.push_back(seq.get());
       PublishLoadLocked();
+    }
+    for (BetweenStepsJob* b : between) {
+      b->fn();
+      b->fn = nullptr;  // marks it run
+      b->done.set_value();
     }
     const absl::Status cancelled = absl::CancelledError("the request was cancelled");
     for (auto& seq : cancelled_waiting) {

@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -81,6 +82,10 @@ class Scheduler {
   SchedulerLoad GetLoad() const;
   // Logits of every position of `ids` (a scratch slot; no state kept), run between steps.
   absl::StatusOr<std::vector<float>> ComputeLogits(std::vector<int32_t> ids);
+  // Runs `fn` on the loop thread between two steps (no forward pass in flight; the next step
+  // sees everything it did) and waits for it. UNAVAILABLE, without running it, if the scheduler
+  // is shutting down. What a placement switch needs: every step sees one placement.
+  absl::Status RunBetweenSteps(std::function<void()> fn);
 
   int64_t max_context() const { return runner_->max_context(); }
   const ModelConfig& config() const { return runner_->config(); }
@@ -97,6 +102,10 @@ class Scheduler {
     int32_t last_token = -1;  // sampled, not yet fed
     bool cancelled = false;
     std::chrono::steady_clock::time_point arrived;
+  };
+  struct BetweenStepsJob {
+    std::function<void()> fn;
+    std::promise<void> done;
   };
   struct LogitsJob {
     std::vector<int32_t> ids;
@@ -126,6 +135,7 @@ class Scheduler {
   std::unordered_map<uint64_t, std::unique_ptr<Sequence>> running_;  // guarded by mu_
   std::vector<uint64_t> cancel_requests_;                            // guarded by mu_
   std::deque<LogitsJob*> logits_jobs_;                               // guarded by mu_
+  std::deque<BetweenStepsJob*> between_steps_;                       // guarded by mu_
   std::vector<int32_t> free_slots_;                                  // guarded by mu_
   uint64_t next_id_ = 1;                                             // guarded by mu_
   bool stop_ = false;                                                // guarded by mu_

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
+#include "cli/cluster_state.h"
 #include "cli/id_list.h"
 #include "core/io/mapped_file.h"
 #include "core/rpc/server.h"
@@ -38,37 +39,24 @@ struct Target {
 absl::StatusOr<Target> ResolveTarget(const ClientGenerateOptions& o) {
   nlohmann::json state;
   if (o.gateway.empty() || !o.state_dir.empty()) {
-    const std::string dir = o.state_dir.empty() ? ".dsmoe-cluster" : o.state_dir;
-    auto text = ReadTextFile(dir + "/cluster.json", 1 << 20);
-    if (!text.ok()) {
-      return absl::NotFoundError(absl::StrCat("no --gateway and no cluster state in ", dir, " (",
-                                              text.status().message(), ")"));
+    auto read = ReadClusterState(o.state_dir);
+    if (!read.ok() && o.gateway.empty()) {
+      return absl::NotFoundError(absl::StrCat("no --gateway given and ", read.status().message()));
     }
-    state = nlohmann::json::parse(*text, nullptr, false);
-    if (state.is_discarded()) return absl::InvalidArgumentError(dir + "/cluster.json is not JSON");
+    DSMOE_RETURN_IF_ERROR(read.status());
+    state = std::move(*read);
   }
-  auto from_state = [&](const char* field) -> std::string {
-    if (!state.contains("security") || !state["security"].contains(field)) return "";
-    const auto& v = state["security"][field];
-    return v.is_string() ? v.get<std::string>() : "";
-  };
   Target t;
   t.gateway = !o.gateway.empty() ? o.gateway : state.value("gateway", "");
-  rpc::TransportSecurityOptions tls;
-  const bool state_insecure = state.contains("security") && !state["security"].value("tls", true);
-  tls.insecure = o.insecure || (o.ca.empty() && state_insecure);
-  tls.ca_file = !o.ca.empty() ? o.ca : from_state("ca");
-  tls.cert_file = !o.cert.empty() ? o.cert : (o.key.empty() ? from_state("client_cert") : "");
-  tls.key_file = !o.key.empty() ? o.key : (o.cert.empty() ? from_state("client_key") : "");
-  tls.server_name = o.server_name;
-  DSMOE_ASSIGN_OR_RETURN(t.security, rpc::TransportSecurity::Load(tls));
+  DSMOE_ASSIGN_OR_RETURN(t.security,
+                         ClientSecurity(state, {o.ca, o.cert, o.key, o.server_name, o.insecure}));
   std::string key_file = o.api_key_file;
   if (!o.api_key.empty()) {
     t.api_key = o.api_key;
   } else if (const char* env = std::getenv("DSMOE_API_KEY"); key_file.empty() && env != nullptr) {
     t.api_key = env;
   } else {
-    if (key_file.empty()) key_file = from_state("api_key_file");
+    if (key_file.empty()) key_file = StateSecurityField(state, "api_key_file");
     if (!key_file.empty()) {
       DSMOE_ASSIGN_OR_RETURN(std::string text, ReadTextFile(key_file, 4096));
       t.api_key = std::string(absl::StripAsciiWhitespace(text));

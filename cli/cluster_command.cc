@@ -110,6 +110,12 @@ std::string Join(const std::vector<Process>& procs, const std::string& role) {
 }
 
 absl::Status Up(const ClusterUpOptions& o, Json* state) {
+  if (o.rebalance_period > 0 && o.attention_servers > 1) {
+    // Each attention server would plan and switch on its own and drop experts the others use.
+    return absl::InvalidArgumentError(
+        "--rebalance-period needs a single attention server; with several, use `dsmoe "
+        "placement apply`, which switches them all before dropping old experts");
+  }
   const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
   if (fs::exists(dir / kStateFile)) {
     return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (",
@@ -185,14 +191,31 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
   const std::string experts = Join(procs, "expert-server");
+  std::vector<std::string> rebalance_flags;
+  for (const auto& [flag, value] : {std::pair{"--rebalance-period", o.rebalance_period},
+                                    std::pair{"--rebalance-threshold", o.rebalance_threshold},
+                                    std::pair{"--load-window-seconds", o.load_window_seconds}}) {
+    if (value > 0) {
+      rebalance_flags.push_back(flag);
+      rebalance_flags.push_back(absl::StrCat(value));
+    }
+  }
   for (int i = 0; i < o.attention_servers; ++i) {
-    if (auto s = start("attention-server", i,
-                       {(bin / "dsmoe-attention-server").string(), "--model", model,
-                        "--expert-servers", experts, "--placement", placement_path, "--threads",
-                        std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
-                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)});
-        !s.ok())
-      return fail(s);
+    std::vector<std::string> argv = {(bin / "dsmoe-attention-server").string(),
+                                     "--model",
+                                     model,
+                                     "--expert-servers",
+                                     experts,
+                                     "--placement",
+                                     placement_path,
+                                     "--threads",
+                                     std::to_string(threads),
+                                     "--num-slots",
+                                     std::to_string(o.num_slots),
+                                     "--dispatch-deadline-ms",
+                                     std::to_string(o.dispatch_deadline_ms)};
+    argv.insert(argv.end(), rebalance_flags.begin(), rebalance_flags.end());
+    if (auto s = start("attention-server", i, std::move(argv)); !s.ok()) return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
   std::vector<std::string> gateway = {

@@ -23,6 +23,10 @@ struct ClusterUpOptions {
   bool insecure = false;                     // plain text everywhere (warned about)
   bool no_auth = false;                      // the gateway takes calls without an API key
   bool gateway_require_client_cert = false;  // the gateway also requires client certificates
+  // Passed to every attention server when set (> 0): automatic rebalancing and the load window.
+  double rebalance_period = 0;
+  double rebalance_threshold = 0;
+  double load_window_seconds = 0;
   bool json = false;
 };
 

@@ -158,7 +158,13 @@ int RunMakeModel(const MakeModelOptions& o) {
   if (!dtype.ok()) return Fail(dtype.status());
   if (auto s = c.Validate("make-model"); !s.ok()) return Fail(s);
   const auto t0 = std::chrono::steady_clock::now();
-  if (auto s = WriteRandomCheckpoint(c, {*dtype, o.seed, o.shards}, o.out); !s.ok()) return Fail(s);
+  CheckpointWriteOptions write{*dtype, o.seed, o.shards, {}, static_cast<float>(o.router_bias)};
+  if (!o.router_bias_experts.empty()) {
+    auto ids = ParseIdList(o.router_bias_experts, "--router-bias-experts");
+    if (!ids.ok()) return Fail(ids.status());
+    write.router_bias_experts.assign(ids->begin(), ids->end());
+  }
+  if (auto s = WriteRandomCheckpoint(c, write, o.out); !s.ok()) return Fail(s);
   if (tokenizer != nullptr) {
     namespace fs = std::filesystem;
     std::error_code ec;

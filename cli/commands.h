@@ -21,6 +21,8 @@ struct MakeModelOptions {
       moe_intermediate, intermediate, vocab, first_dense, moe_layer_freq, max_position;
   std::optional<bool> norm_topk_prob, tie_embeddings, attention_bias;
   std::optional<double> rope_linear_factor;
+  std::string router_bias_experts;  // "0,4,8": routed experts whose gate rows are scaled
+  double router_bias = 1.0;
 };
 
 struct ModelInputOptions {

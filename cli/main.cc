@@ -6,6 +6,7 @@
 #include "cli/client_command.h"
 #include "cli/cluster_command.h"
 #include "cli/commands.h"
+#include "cli/placement_command.h"
 #include "cli/tokenize_command.h"
 
 namespace {
@@ -77,6 +78,12 @@ int main(int argc, char** argv) {
   AddOptional(make, "--moe-layer-freq", mk.moe_layer_freq, "Override moe_layer_freq");
   AddOptional(make, "--max-position", mk.max_position, "Override max_position_embeddings");
   AddOptional(make, "--norm-topk-prob", mk.norm_topk_prob, "Set norm_topk_prob (true|false)");
+  make->add_option("--router-bias-experts", mk.router_bias_experts,
+                   "Routed experts the router favours in every MoE layer, comma-separated "
+                   "(their gate rows are scaled by --router-bias): a skewed load");
+  make->add_option("--router-bias", mk.router_bias, "Scale of the favoured experts' gate rows")
+      ->check(CLI::Range(1e-3, 1e3))
+      ->capture_default_str();
   AddOptional(make, "--tie-embeddings", mk.tie_embeddings, "Set tie_word_embeddings (true|false)");
   AddOptional(make, "--attention-bias", mk.attention_bias, "Set attention_bias (true|false)");
   make->add_option("--tokenizer", mk.tokenizer,
@@ -217,6 +224,19 @@ int main(int argc, char** argv) {
                    "Deadline of each attention → expert server call")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
+  cluster_up
+      ->add_option("--rebalance-period", up.rebalance_period,
+                   "Attention servers rebalance the expert placement on their own, looking "
+                   "this often (seconds; needs one attention server)")
+      ->check(CLI::Range(0.001, 86400.0));
+  cluster_up
+      ->add_option("--rebalance-threshold", up.rebalance_threshold,
+                   "... when a layer's per-server load imbalance exceeds this (default 1.15)")
+      ->check(CLI::Range(1.0, 1000.0));
+  cluster_up
+      ->add_option("--load-window-seconds", up.load_window_seconds,
+                   "Window of the routing load the planner and imbalance gauges use (default 60)")
+      ->check(CLI::Range(1.0, 86400.0));
   cluster_up->add_option("--state-dir", up.state_dir,
                          "Where pids, ports and logs go (default: .dsmoe-cluster)");
   cluster_up->add_flag("--insecure", up.insecure,
@@ -231,6 +251,43 @@ int main(int argc, char** argv) {
   cluster_down->add_option("--state-dir", down.state_dir,
                            "As given to cluster up (default: .dsmoe-cluster)");
   cluster_down->callback([&] { rc = dsmoe::cli::RunClusterDown(down); });
+
+  // placement show | plan | apply
+  dsmoe::cli::PlacementOptions pl;
+  auto* placement = app.add_subcommand(
+      "placement", "Show, plan or change the expert placement of a running cluster");
+  placement->require_subcommand(1);
+  for (const auto& [name, help] :
+       {std::pair{"show", "The placement in use, per-layer load and per-server imbalance"},
+        std::pair{"plan", "Plan a placement from the measured load (changes nothing)"},
+        std::pair{"apply", "Switch to a planned (or given) placement without stopping"}}) {
+    auto* sub = placement->add_subcommand(name, help);
+    sub->add_option("--attention", pl.attention,
+                    "Attention server addresses, comma-separated (default: the cluster in "
+                    "--state-dir)");
+    sub->add_option("--state-dir", pl.state_dir,
+                    "As given to cluster up: attention servers, CA and client certificate "
+                    "(default: .dsmoe-cluster)");
+    sub->add_option("--ca", pl.tls.ca, "PEM CA that signed the servers' certificates")
+        ->check(CLI::ExistingFile);
+    sub->add_option("--cert", pl.tls.cert, "PEM client certificate")->check(CLI::ExistingFile);
+    sub->add_option("--key", pl.tls.key, "PEM key of --cert")->check(CLI::ExistingFile);
+    sub->add_flag("--insecure", pl.tls.insecure, "Plain text, no TLS");
+    sub->add_option("--timeout", pl.timeout_seconds, "Deadline of each call in seconds")
+        ->check(CLI::PositiveNumber);
+    sub->add_flag("--json", pl.json, "Print JSON");
+    if (std::string(name) == "plan")
+      sub->add_option("--out", pl.out, "Write the planned placement JSON here");
+    if (std::string(name) == "apply") {
+      sub->add_option("--placement", pl.placement,
+                      "Placement JSON to switch to (default: plan from the measured load)")
+          ->check(CLI::ExistingFile);
+    }
+    sub->callback([&pl, &rc, name = std::string(name)] {
+      pl.action = name;
+      rc = dsmoe::cli::RunPlacement(pl);
+    });
+  }
 
   // client generate
   auto* client = app.add_subcommand("client", "Call a dsmoe gateway");
@@ -284,9 +341,10 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   if (app.get_subcommands().empty()) {
-    std::fprintf(stderr,
-                 "dsmoe: error: a subcommand is required (make-model, quantize, info, logits, "
-                 "generate, route, tokenize, detokenize, cluster, client); see dsmoe --help\n");
+    std::fprintf(
+        stderr,
+        "dsmoe: error: a subcommand is required (make-model, quantize, info, logits, "
+        "generate, route, tokenize, detokenize, cluster, placement, client); see dsmoe --help\n");
     return 2;
   }
   return rc;

@@ -1,5 +1,9 @@
 #include "expert-server/expert_service.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,24 +19,25 @@ ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights,
       options_(options),
       pool_(options.threads),
       executor_(*weights_, pool_, options.max_assignments) {
-  for (const LayerWeights& L : weights_->layers) {
-    for (const MlpWeights& m : L.routed) num_held_ += m.loaded() ? 1 : 0;
+  owner_.resize(weights_->layers.size());
+  for (size_t l = 0; l < weights_->layers.size(); ++l) {
+    const auto& routed = weights_->layers[l].routed;
+    owner_[l].resize(routed.size());
+    for (size_t e = 0; e < routed.size(); ++e) {
+      if (routed[e].loaded()) held_.insert({l, e});
+    }
   }
+  target_ = held_;
   if (options_.metrics != nullptr) {
     rpc::MetricsRegistry& r = *options_.metrics;
-    auto& tokens = r.Counter(
+    tokens_family_ = &r.Counter(
         "dsmoe_expert_server_tokens_total",
         "Routed (token, expert) assignments computed by this expert server, per layer and expert");
     expert_tokens_.resize(weights_->layers.size());
     for (size_t l = 0; l < weights_->layers.size(); ++l) {
-      const auto& routed = weights_->layers[l].routed;
-      expert_tokens_[l].assign(routed.size(), nullptr);
-      for (size_t e = 0; e < routed.size(); ++e) {
-        if (routed[e].loaded())
-          expert_tokens_[l][e] =
-              &tokens.Add({{"layer", std::to_string(l)}, {"expert", std::to_string(e)}});
-      }
+      expert_tokens_[l].assign(weights_->layers[l].routed.size(), nullptr);
     }
+    for (const auto& [l, e] : held_) CountHeld(l, e);
     tokens_ = &r.Counter("dsmoe_expert_server_rows_total",
                          "Hidden-state rows (tokens) received in ComputeExperts calls")
                    .Add({});
@@ -42,11 +47,159 @@ ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights,
     requests_ = rpc::AddCodeCounters(r.Counter("dsmoe_expert_server_requests_total",
                                                "ComputeExperts calls served, by gRPC code"),
                                      {});
-    r.Gauge("dsmoe_expert_server_experts_held", "Routed experts this expert server holds")
-        .Add({})
-        .Set(static_cast<double>(num_held_));
+    held_gauge_ =
+        &r.Gauge("dsmoe_expert_server_experts_held", "Routed experts this expert server holds")
+             .Add({});
+    held_gauge_->Set(static_cast<double>(held_.size()));
+    version_gauge_ = &r.Gauge("dsmoe_expert_server_placement_version",
+                              "Version of the latest placement this expert server serves (0: the "
+                              "one it started with)")
+                          .Add({});
     counts_.assign(static_cast<size_t>(std::max<int64_t>(weights_->config().n_routed_experts, 0)),
                    0);
+  }
+}
+
+ExpertService::~ExpertService() {
+  if (loader_.joinable()) loader_.join();
+}
+
+void ExpertService::CountHeld(int64_t l, int64_t e) {
+  if (tokens_family_ == nullptr || expert_tokens_[l][e] != nullptr) return;
+  expert_tokens_[l][e] =
+      &tokens_family_->Add({{"layer", std::to_string(l)}, {"expert", std::to_string(e)}});
+}
+
+int64_t ExpertService::num_experts_held() const {
+  std::lock_guard<std::mutex> lock(state_mu_);
+  return static_cast<int64_t>(held_.size());
+}
+
+absl::Status ExpertService::CheckExperts(const ExpertSet& experts) const {
+  const ModelConfig& c = weights_->config();
+  for (const auto& [l, e] : experts) {
+    if (l >= c.num_hidden_layers || !c.IsMoeLayer(l))
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, " is not a MoE layer"));
+    if (e >= c.n_routed_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert ", e, " of layer ", l, " outside [0, ", c.n_routed_experts, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
+                                         const internal::v1::SetPlacementRequest* request,
+                                         internal::v1::SetPlacementResponse* response) {
+  if (request->layers_size() != request->experts_size()) {
+    return rpc::ToGrpc(absl::InvalidArgumentError("layers and experts differ in length"));
+  }
+  ExpertSet want;
+  for (int i = 0; i < request->layers_size(); ++i)
+    want.insert({request->layers(i), request->experts(i)});
+  if (auto s = CheckExperts(want); !s.ok()) return rpc::ToGrpc(s);
+  if (options_.model_dir.empty()) {
+    return rpc::ToGrpc(absl::FailedPreconditionError(
+        "this expert server was started without a checkpoint directory to load from"));
+  }
+  ExpertSet to_load, to_drop;
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    if (state_ == internal::v1::PLACEMENT_STATE_LOADING) {
+      if (want == target_ && request->version() == version_) {  // a retry of the same change
+        response->set_state(state_);
+        return grpc::Status::OK;
+      }
+      return rpc::ToGrpc(absl::FailedPreconditionError(absl::StrCat(
+          "placement version ", version_, " is still loading; try again once it serves")));
+    }
+    std::set_difference(want.begin(), want.end(), held_.begin(), held_.end(),
+                        std::inserter(to_load, to_load.end()));
+    std::set_difference(held_.begin(), held_.end(), want.begin(), want.end(),
+                        std::inserter(to_drop, to_drop.end()));
+    target_ = want;
+    version_ = request->version();
+    error_.clear();
+    response->set_num_loading(static_cast<uint32_t>(to_load.size()));
+    response->set_num_dropping(static_cast<uint32_t>(to_drop.size()));
+    if (to_load.empty()) {
+      {
+        std::lock_guard<std::mutex> compute(mu_);
+        SwapLocked(nullptr, to_load, to_drop);
+      }
+      held_ = want;
+      state_ = internal::v1::PLACEMENT_STATE_SERVING;
+      if (held_gauge_ != nullptr) {
+        held_gauge_->Set(static_cast<double>(held_.size()));
+        version_gauge_->Set(static_cast<double>(version_));
+      }
+      response->set_state(state_);
+      std::printf("expert server: placement %llu serves %zu experts (dropped %zu)\n",
+                  static_cast<unsigned long long>(version_), held_.size(), to_drop.size());
+      std::fflush(stdout);
+      return grpc::Status::OK;
+    }
+    state_ = internal::v1::PLACEMENT_STATE_LOADING;
+    response->set_state(state_);
+  }
+  // The previous loader has finished (state was not LOADING): join it before starting anew.
+  if (loader_.joinable()) loader_.join();
+  loader_ = std::thread([this, v = request->version(), to_load = std::move(to_load),
+                         to_drop = std::move(to_drop)]() mutable {
+    Load(v, std::move(to_load), std::move(to_drop));
+  });
+  return grpc::Status::OK;
+}
+
+void ExpertService::Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop) {
+  // Below the serving threads: loading competes with computing for the same cores, and a
+  // rebalance must not stall the tokens in flight.
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+  const auto start = std::chrono::steady_clock::now();
+  WeightSelection selection;
+  selection.attention_side = false;
+  selection.all_routed_experts = false;
+  selection.routed_experts = to_load;
+  absl::StatusOr<std::unique_ptr<ModelWeights>> loaded =
+      ModelWeights::Load(options_.model_dir, selection);
+  std::lock_guard<std::mutex> lock(state_mu_);
+  if (!loaded.ok()) {
+    state_ = internal::v1::PLACEMENT_STATE_FAILED;
+    error_ = std::string(loaded.status().message());
+    std::fprintf(stderr, "expert server: placement %llu failed to load: %s\n",
+                 static_cast<unsigned long long>(version), error_.c_str());
+    return;
+  }
+  std::shared_ptr<ModelWeights> group(std::move(*loaded));
+  {
+    std::lock_guard<std::mutex> compute(mu_);
+    SwapLocked(group, to_load, to_drop);
+  }
+  held_ = target_;
+  state_ = internal::v1::PLACEMENT_STATE_SERVING;
+  if (held_gauge_ != nullptr) {
+    held_gauge_->Set(static_cast<double>(held_.size()));
+    version_gauge_->Set(static_cast<double>(version));
+  }
+  std::printf(
+      "expert server: placement %llu serves %zu experts (loaded %zu in %.3f s, dropped "
+      "%zu)\n",
+      static_cast<unsigned long long>(version), held_.size(), to_load.size(),
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+      to_drop.size());
+  std::fflush(stdout);
+}
+
+void ExpertService::SwapLocked(const std::shared_ptr<ModelWeights>& loaded,
+                               const ExpertSet& to_load, const ExpertSet& to_drop) {
+  for (const auto& [l, e] : to_load) {
+    weights_->layers[l].routed[e] = loaded->layers[l].routed[e];
+    owner_[l][e] = loaded;
+    CountHeld(l, e);
+  }
+  for (const auto& [l, e] : to_drop) {
+    weights_->layers[l].routed[e] = MlpWeights{};
+    owner_[l][e].reset();
   }
 }
 
@@ -132,14 +285,14 @@ grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1:
   const ModelConfig& c = weights_->config();
   response->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
   response->set_num_layers(static_cast<uint32_t>(c.num_hidden_layers));
-  for (size_t l = 0; l < weights_->layers.size(); ++l) {
-    const auto& routed = weights_->layers[l].routed;
-    for (size_t e = 0; e < routed.size(); ++e) {
-      if (!routed[e].loaded()) continue;
-      response->add_layers(static_cast<uint32_t>(l));
-      response->add_experts(static_cast<uint32_t>(e));
-    }
+  std::lock_guard<std::mutex> lock(state_mu_);
+  for (const auto& [l, e] : held_) {
+    response->add_layers(static_cast<uint32_t>(l));
+    response->add_experts(static_cast<uint32_t>(e));
   }
+  response->set_placement_version(version_);
+  response->set_placement_state(state_);
+  response->set_placement_error(error_);
   return grpc::Status::OK;
 }
 

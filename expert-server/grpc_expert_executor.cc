@@ -13,10 +13,10 @@ GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config,
                                        const std::vector<std::string>& addresses,
                                        const GrpcExpertExecutorOptions& options)
     : config_(config),
-      placement_(placement),
+      placement_(std::make_shared<const router::Placement>(placement)),
       addresses_(addresses),
       options_(options),
-      planner_(placement) {
+      planner_(*placement_) {
   for (const std::string& a : addresses_) {
     stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a, options_.security)));
   }
@@ -200,6 +200,17 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
   return first_error;
 }
 
+void GrpcExpertExecutor::SetPlacement(std::shared_ptr<const router::Placement> placement) {
+  planner_.SetPlacement(*placement);
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  placement_ = std::move(placement);
+}
+
+std::shared_ptr<const router::Placement> GrpcExpertExecutor::placement() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return placement_;
+}
+
 absl::Status GrpcExpertExecutor::VerifyServers() {
   for (size_t s = 0; s < stubs_.size(); ++s) {
     grpc::ClientContext ctx;
@@ -217,7 +228,7 @@ absl::Status GrpcExpertExecutor::VerifyServers() {
     }
     std::set<std::pair<int64_t, int64_t>> held;
     for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
-    for (const auto& le : placement_.ExpertsOf(static_cast<int>(s))) {
+    for (const auto& le : placement()->ExpertsOf(static_cast<int>(s))) {
       if (!held.count(le)) {
         return absl::FailedPreconditionError(absl::StrCat(
             "expert server ", s, " at ", addresses_[s], " does not hold routed expert (layer ",

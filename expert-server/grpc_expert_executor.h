@@ -49,7 +49,7 @@ struct DispatchMetrics {
 
 class GrpcExpertExecutor final : public RoutedExpertExecutor {
  public:
-  // `addresses[s]` is expert server s of `placement`. REQUIRES: placement outlives this.
+  // `addresses[s]` is expert server s of `placement` (copied).
   GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
                      const std::vector<std::string>& addresses,
                      const GrpcExpertExecutorOptions& options);
@@ -62,6 +62,14 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
 
   // Asks every server which experts it holds and checks the placement against it.
   absl::Status VerifyServers();
+
+  // Dispatches with `placement` from the next layer on. Call from the thread that runs the
+  // forward passes, between two of them, so that no step mixes placements. REQUIRES: the same
+  // number of servers.
+  void SetPlacement(std::shared_ptr<const router::Placement> placement);
+  // The placement in use (any thread).
+  std::shared_ptr<const router::Placement> placement() const;
+  const std::vector<std::string>& addresses() const { return addresses_; }
 
  private:
   // Plans and sends the current layer's calls over the servers now considered available.
@@ -81,7 +89,8 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   };
 
   const ModelConfig& config_;
-  const router::Placement& placement_;
+  mutable std::mutex placement_mu_;  // guards placement_ against readers on other threads
+  std::shared_ptr<const router::Placement> placement_;
   std::vector<std::string> addresses_;
   GrpcExpertExecutorOptions options_;
   std::vector<std::unique_ptr<internal::v1::ExpertService::Stub>> stubs_;

@@ -77,6 +77,7 @@ int main(int argc, char** argv) {
   dsmoe::rpc::MetricsRegistry metrics(model_name,
                                       {{"expert_server", std::to_string(server_index)}});
   options.metrics = &metrics;
+  options.model_dir = model;  // SetPlacement loads more experts from here
   dsmoe::ExpertService service(std::move(*weights), options);
   server_options.address = listen;
   server_options.ready_file = ready_file;

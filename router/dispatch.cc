@@ -3,29 +3,57 @@
 namespace dsmoe::router {
 
 DispatchPlanner::DispatchPlanner(const Placement& placement)
-    : placement_(placement),
-      available_(placement.num_servers(), true),
-      load_(placement.num_servers(), 0) {}
+    : available_(placement.num_servers(), true) {
+  SetPlacement(placement);
+}
+
+void DispatchPlanner::SetPlacement(const Placement& placement) {
+  placement_ = &placement;
+  available_.resize(placement.num_servers(), true);
+  credit_offset_.assign(placement.num_layers(), {});
+  int64_t n = 0;
+  for (int l = 0; l < placement.num_layers(); ++l) {
+    for (int64_t e = 0; e < placement.num_experts(l); ++e) {
+      credit_offset_[l].push_back(n);
+      n += static_cast<int64_t>(placement.Holders(l, e).size());
+    }
+  }
+  credit_.assign(n, 0.0);
+}
 
 absl::Status DispatchPlanner::Plan(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
                                    const float* weights, std::vector<ServerWork>* work) {
-  const int S = placement_.num_servers();
+  const int S = placement_->num_servers();
   work->resize(S);
   for (ServerWork& w : *work) w.Clear();
-  std::fill(load_.begin(), load_.end(), 0);
   row_index_.assign(static_cast<size_t>(S) * T, -1);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = experts[t * k + j];
+      const std::vector<int>& holders = placement_->Holders(layer, e);
       int best = -1;
-      for (int s : placement_.Holders(layer, e)) {
-        if (available_[s] && (best < 0 || load_[s] < load_[best])) best = s;
+      if (holders.size() == 1) {
+        if (available_[holders[0]]) best = holders[0];
+      } else {
+        const std::vector<double>& shares = placement_->Shares(layer, e);
+        double* credit = credit_.data() + credit_offset_[layer][e];
+        double total = 0;
+        int best_r = -1;
+        for (size_t r = 0; r < holders.size(); ++r) {
+          if (!available_[holders[r]]) continue;
+          credit[r] += shares[r];
+          total += shares[r];
+          if (best_r < 0 || credit[r] > credit[best_r]) best_r = static_cast<int>(r);
+        }
+        if (best_r >= 0) {
+          credit[best_r] -= total;
+          best = holders[best_r];
+        }
       }
       if (best < 0) {
         return absl::UnavailableError(absl::StrCat(
             "no available expert server holds routed expert (layer ", layer, ", expert ", e, ")"));
       }
-      ++load_[best];
       ServerWork& w = (*work)[best];
       int32_t& idx = row_index_[static_cast<size_t>(best) * T + t];
       if (idx < 0) {

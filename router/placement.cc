@@ -1,12 +1,76 @@
 #include "router/placement.h"
 
 #include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "core/io/mapped_file.h"
 
 namespace dsmoe::router {
+
+Placement::Placement(int num_servers, std::vector<std::vector<std::vector<int>>> holders)
+    : num_servers_(num_servers), holders_(std::move(holders)) {
+  shares_.resize(holders_.size());
+  for (size_t l = 0; l < holders_.size(); ++l) {
+    shares_[l].resize(holders_[l].size());
+    for (size_t e = 0; e < holders_[l].size(); ++e)
+      shares_[l][e].assign(holders_[l][e].size(), 1.0 / holders_[l][e].size());
+  }
+}
+
+absl::StatusOr<Placement> Placement::FromHolders(
+    int num_servers, std::vector<std::vector<std::vector<int>>> holders,
+    std::vector<std::vector<std::vector<double>>> shares, uint64_t version) {
+  if (num_servers < 1) return absl::InvalidArgumentError("at least one expert server is needed");
+  for (size_t l = 0; l < holders.size(); ++l) {
+    for (size_t e = 0; e < holders[l].size(); ++e) {
+      const auto& h = holders[l][e];
+      if (h.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", l, " expert ", e, ": needs a non-empty list of servers"));
+      }
+      std::set<int> seen;
+      for (int s : h) {
+        if (s < 0 || s >= num_servers || !seen.insert(s).second) {
+          return absl::InvalidArgumentError(absl::StrCat("layer ", l, " expert ", e, ": server ", s,
+                                                         " is out of range or listed twice"));
+        }
+      }
+    }
+  }
+  Placement p(num_servers, std::move(holders));
+  p.version_ = version;
+  if (shares.empty()) return p;
+  if (shares.size() != p.holders_.size())
+    return absl::InvalidArgumentError("shares must cover the same layers as the servers");
+  for (size_t l = 0; l < shares.size(); ++l) {
+    if (shares[l].empty()) continue;  // equal shares in this layer
+    if (shares[l].size() != p.holders_[l].size()) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": shares list ",
+                                                     shares[l].size(), " experts, servers ",
+                                                     p.holders_[l].size()));
+    }
+    for (size_t e = 0; e < shares[l].size(); ++e) {
+      const auto& w = shares[l][e];
+      if (w.size() != p.holders_[l][e].size()) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " expert ", e, ": ", w.size(),
+                                                       " shares for ", p.holders_[l][e].size(),
+                                                       " servers"));
+      }
+      double total = 0;
+      for (double x : w) {
+        if (!(x > 0) || !std::isfinite(x)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("layer ", l, " expert ", e, ": shares must be positive"));
+        }
+        total += x;
+      }
+      for (size_t r = 0; r < w.size(); ++r) p.shares_[l][e][r] = w[r] / total;
+    }
+  }
+  return p;
+}
 
 absl::StatusOr<Placement> Placement::Compute(const ModelConfig& c, int num_servers, int replicas,
                                              Strategy strategy) {
@@ -46,7 +110,13 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const Mod
   }
   const int S = j["num_servers"].get<int>();
   if (!j.contains("layers") || !j["layers"].is_array()) return bad("'layers' must be an array");
+  uint64_t version = 1;
+  if (j.contains("version")) {
+    if (!j["version"].is_number_unsigned()) return bad("'version' must be a non-negative integer");
+    version = j["version"].get<uint64_t>();
+  }
   std::vector<std::vector<std::vector<int>>> holders(c.num_hidden_layers);
+  std::vector<std::vector<std::vector<double>>> shares(c.num_hidden_layers);
   for (const auto& layer : j["layers"]) {
     if (!layer.is_object() || !layer.contains("layer") || !layer["layer"].is_number_unsigned() ||
         !layer.contains("servers") || !layer["servers"].is_array()) {
@@ -75,11 +145,28 @@ absl::StatusOr<Placement> Placement::FromJson(const std::string& text, const Mod
         holders[l][e].push_back(s.get<int>());
       }
     }
+    if (layer.contains("shares")) {  // optional: per expert, one positive number per server
+      const auto& w = layer["shares"];
+      if (!w.is_array() || w.size() != holders[l].size())
+        return bad("layer ", l, ": 'shares' must list every expert");
+      shares[l].resize(holders[l].size());
+      for (size_t e = 0; e < w.size(); ++e) {
+        if (!w[e].is_array() || w[e].size() != holders[l][e].size())
+          return bad("layer ", l, " expert ", e, ": one share per server is needed");
+        for (const auto& x : w[e]) {
+          if (!x.is_number() || !(x.get<double>() > 0))
+            return bad("layer ", l, " expert ", e, ": shares must be positive numbers");
+          shares[l][e].push_back(x.get<double>());
+        }
+      }
+    }
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     if (c.IsMoeLayer(l) && holders[l].empty()) return bad("MoE layer ", l, " has no placement");
   }
-  return Placement(S, std::move(holders));
+  auto p = FromHolders(S, std::move(holders), std::move(shares), version);
+  if (!p.ok()) return bad(p.status().message());
+  return p;
 }
 
 absl::StatusOr<Placement> Placement::LoadOrCompute(const std::string& file,
@@ -92,11 +179,20 @@ absl::StatusOr<Placement> Placement::LoadOrCompute(const std::string& file,
 
 std::string Placement::ToJson() const {
   nlohmann::ordered_json j;
+  j["version"] = version_;
   j["num_servers"] = num_servers_;
   j["layers"] = nlohmann::ordered_json::array();
   for (size_t l = 0; l < holders_.size(); ++l) {
     if (holders_[l].empty()) continue;
-    j["layers"].push_back({{"layer", l}, {"servers", holders_[l]}});
+    nlohmann::ordered_json layer = {{"layer", l}, {"servers", holders_[l]}};
+    // Shares only when some replicated expert's split is not even (the default).
+    bool even = true;
+    for (size_t e = 0; e < shares_[l].size(); ++e) {
+      for (double x : shares_[l][e])
+        even = even && std::abs(x - 1.0 / shares_[l][e].size()) < 1e-12;
+    }
+    if (!even) layer["shares"] = shares_[l];
+    j["layers"].push_back(std::move(layer));
   }
   return j.dump() + "\n";
 }

@@ -1,5 +1,8 @@
 // Placement: which expert servers hold which routed experts. A logical expert (layer, expert)
-// has one or more physical copies (replicas), each on a different expert server.
+// has one or more physical copies (replicas), each on a different expert server, and each
+// replica a share of the expert's tokens (equal unless a planner chose otherwise; dispatch
+// splits tokens in these proportions). A version number tells placements apart while one
+// replaces another in a running cluster (router/README.md).
 //
 // Immutable after construction; thread-safe.
 #pragma once
@@ -32,12 +35,34 @@ class Placement {
   // `num_servers` with `replicas` copies.
   static absl::StatusOr<Placement> LoadOrCompute(const std::string& file, const ModelConfig& config,
                                                  int num_servers, int replicas);
+  // Holders [layer][expert] → servers (empty for dense layers) and, optionally, the share of
+  // each holder ([layer][expert][replica], positive; empty: equal shares). Checked like
+  // FromJson.
+  static absl::StatusOr<Placement> FromHolders(int num_servers,
+                                               std::vector<std::vector<std::vector<int>>> holders,
+                                               std::vector<std::vector<std::vector<double>>> shares,
+                                               uint64_t version);
   std::string ToJson() const;
+
+  uint64_t version() const { return version_; }
+  void set_version(uint64_t v) { version_ = v; }
+  int num_layers() const { return static_cast<int>(holders_.size()); }
+  // Routed experts of `layer` (0 for dense layers).
+  int64_t num_experts(int64_t layer) const { return static_cast<int64_t>(holders_[layer].size()); }
 
   int num_servers() const { return num_servers_; }
   // Servers holding (layer, expert); empty for dense layers.
   const std::vector<int>& Holders(int64_t layer, int64_t expert) const {
     return holders_[layer][expert];
+  }
+  // Share of the expert's tokens of each holder, in Holders order; sums to 1.
+  const std::vector<double>& Shares(int64_t layer, int64_t expert) const {
+    return shares_[layer][expert];
+  }
+  // Whether both hold the same experts on the same servers with the same shares.
+  bool SameAs(const Placement& other) const {
+    return num_servers_ == other.num_servers_ && holders_ == other.holders_ &&
+           shares_ == other.shares_;
   }
   // What expert server `server` must load.
   WeightSelection SelectionFor(int server) const;
@@ -45,10 +70,11 @@ class Placement {
   std::vector<std::pair<int64_t, int64_t>> ExpertsOf(int server) const;
 
  private:
-  Placement(int num_servers, std::vector<std::vector<std::vector<int>>> holders)
-      : num_servers_(num_servers), holders_(std::move(holders)) {}
+  Placement(int num_servers, std::vector<std::vector<std::vector<int>>> holders);
   int num_servers_;
-  std::vector<std::vector<std::vector<int>>> holders_;  // [layer][expert] → servers
+  uint64_t version_ = 1;
+  std::vector<std::vector<std::vector<int>>> holders_;    // [layer][expert] → servers
+  std::vector<std::vector<std::vector<double>>> shares_;  // [layer][expert][replica]
 };
 
 }  // namespace dsmoe::router

@@ -148,10 +148,29 @@ ParameterCount CountParameters(const ModelConfig& c) {
   return count;
 }
 
+namespace {
+
+bool IsRouter(const std::string& name) {
+  const std::string suffix = ".mlp.gate.weight";
+  return name.size() > suffix.size() &&
+         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
 absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWriteOptions& options,
                                    const std::string& dir) {
   namespace fs = std::filesystem;
   DSMOE_RETURN_IF_ERROR(config.Validate("generated config"));
+  for (int64_t e : options.router_bias_experts) {
+    if (e < 0 || e >= config.n_routed_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("router bias: expert ", e, " outside [0, ", config.n_routed_experts, ")"));
+    }
+  }
+  if (!(options.router_bias > 0) || !std::isfinite(options.router_bias)) {
+    return absl::InvalidArgumentError("router bias must be a positive number");
+  }
   if (options.num_shards < 1) return absl::InvalidArgumentError("--shards must be >= 1");
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -211,6 +230,12 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
       for (int64_t i = 0; i < n; ++i) {
         values[i] = t->init == TensorPlan::Init::kNorm ? 1.0f + 0.25f * rng.Symmetric()
                                                        : half_width * rng.Symmetric();
+      }
+      if (IsRouter(t->name)) {  // [E, H]: scale the biased experts' rows
+        const int64_t H = t->shape.back();
+        for (int64_t e : options.router_bias_experts) {
+          for (int64_t h = 0; h < H; ++h) values[e * H + h] *= options.router_bias;
+        }
       }
       if (options.dtype == DType::kF32) {
         DSMOE_RETURN_IF_ERROR(writer->Append(values.data(), n * sizeof(float)));

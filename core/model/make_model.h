@@ -32,6 +32,11 @@ struct CheckpointWriteOptions {
   DType dtype = DType::kF32;
   uint64_t seed = 0;
   int num_shards = 1;
+  // A skewed router, for load-balancing experiments: in every MoE layer the gate rows of these
+  // routed experts are multiplied by router_bias, so their logits spread wider and they win
+  // top-k far more often than the others.
+  std::vector<int64_t> router_bias_experts;
+  float router_bias = 1.0f;
 };
 
 // Creates `dir` if needed and writes the checkpoint there.

@@ -259,8 +259,15 @@ class DashboardQueries(unittest.TestCase):
 
         def work():
             rng = random.Random(3)
+            rebalance_at = time.time() + 4  # once Prometheus has scraped: the rebalance panels have data
             while not cls.stop.is_set():
                 try:
+                    if rebalance_at and time.time() > rebalance_at:
+                        rebalance_at = None
+                        try:
+                            cu.run("placement", "apply", "--state-dir", cls.cluster.state_dir)
+                        except AssertionError as e:
+                            cls.errors.append(e)
                     cls.cluster.generate([rng.randrange(3, 500) for _ in range(rng.randrange(3, 20))], 8)
                     if rng.random() < 0.2:
                         cls.cluster.generate([100000], 1)  # INVALID_ARGUMENT: the errors panel has data

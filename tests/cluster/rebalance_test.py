@@ -1,0 +1,212 @@
+#!/usr/bin/python3
+"""Live rebalancing of the expert placement on a real cluster (`dsmoe cluster up`: separate
+processes, gRPC over 127.0.0.1): under a steady 16-stream load a rebalance loads new replicas,
+switches between steps and drops old ones; no request fails and every output equals the same
+workload's output without rebalancing. The inter-token gap during the switch against the p99
+outside it is printed (timing targets are the benchmark's: bench/bench_rebalance.py).
+
+Usage: rebalance_test.py --dsmoe PATH --stubs DIR [unittest args]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.request
+
+from google.protobuf import json_format
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cluster_util as cu  # noqa: E402
+import load_util as lu  # noqa: E402
+
+TMP = None
+STREAMS, TOKENS = 16, 96
+
+
+def prompts(n, vocab=512, seed=4):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randrange(3, 10))] for _ in range(n)]
+
+
+def skewed_model():
+    # tiny: 16 routed experts, 3 MoE layers. Round-robin over 4 servers puts experts 0, 4, 8 of
+    # MoE layer i on server i mod 4: favouring them loads one server per layer.
+    return cu.make_model(TMP.name, "tiny-skewed", "tiny", "--router-bias-experts", "0,4,8",
+                         "--router-bias", "3")
+
+
+def metric(url, name, **labels):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def placement(cluster, action, *flags, check=True):
+    return cu.run("placement", action, "--state-dir", cluster.state_dir, *flags, check=check)
+
+
+class LiveRebalance(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = skewed_model()
+        cls.cluster = cu.Cluster(cls.model, attention=1, experts=4, extra=("--load-window-seconds", "30"))
+        cls.prompts = prompts(STREAMS)
+        # The reference: the same workload, placement unchanged (this also fills the window).
+        streams, threads = lu.run_streams(cls.cluster, cls.prompts, TOKENS)
+        lu.wait(threads)
+        cls.reference = [s.ids for s in streams]
+        assert all(s.error is None and len(s.ids) == TOKENS for s in streams), [s.error for s in streams]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.close()
+
+    def attention_metrics(self):
+        return self.cluster.processes("attention-server")[0]["metrics_url"]
+
+    def test_1_plan_changes_nothing_and_predicts_a_better_balance(self):
+        before = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
+        self.assertEqual(before["version"], "1")
+        worst = max(l["imbalance"] for l in before["layers"])
+        self.assertGreater(worst, 1.3, "the biased router should overload one server per layer")
+        out = os.path.join(TMP.name, "plan.json")
+        plan = json.loads(placement(self.cluster, "plan", "--json", "--out", out).stdout)
+        self.assertEqual(plan["version"], "2")
+        self.assertLess(max(plan["imbalance_after"]), max(plan["imbalance_before"]))
+        self.assertGreater(plan["experts_to_load"], 0)
+        with open(out) as f:
+            self.assertEqual(json.load(f)["version"], 2)
+        again = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
+        self.assertEqual(again["version"], "1")
+
+    def test_2_live_rebalance_under_16_streams(self):
+        streams, threads = lu.run_streams(self.cluster, self.prompts, TOKENS)
+        # Start once every stream is decoding, so the switch lands mid-generation.
+        deadline = time.time() + 120
+        while min(len(s.ids) for s in streams) < TOKENS // 4 and time.time() < deadline:
+            time.sleep(0.005)
+        r, start, end = lu.apply_placement(self.cluster)  # the RPC `placement apply` makes, timed closely
+        lu.wait(threads)
+        applied = json.loads(json_format.MessageToJson(r, preserving_proto_field_name=True))
+        still_running = sum(len(s.ids) < TOKENS for s in streams)
+        worst, p99, n_in, n_out = lu.gap_report(streams, start, end)
+        print(f"\nrebalance to version {applied['version']}: {applied['duration_seconds']:.3f} s "
+              f"(load {applied['load_seconds']:.3f} s, switch {applied['switch_seconds']:.4f} s, "
+              f"{applied['experts_loaded']} experts loaded, {applied['experts_dropped']} dropped); "
+              f"worst inter-token gap during it {worst * 1e3:.1f} ms ({n_in} gaps) vs p99 outside "
+              f"{p99 * 1e3:.1f} ms ({n_out} gaps): {worst / p99:.2f}x", flush=True)
+        self.assertTrue(applied["switched"])
+        self.assertEqual(applied["version"], "2")
+        self.assertGreater(applied["experts_loaded"], 0)
+        self.assertGreater(n_in, 0, "no stream was generating during the rebalance")
+        for i, s in enumerate(streams):
+            self.assertIsNone(s.error, f"stream {i}")
+            self.assertEqual(s.finish, "FINISH_REASON_LENGTH")
+            self.assertEqual(s.ids, self.reference[i], f"stream {i} differs from the run without rebalancing")
+        self.assertGreater(still_running + n_in, 0)
+        # The placement in use, and the expert servers hold exactly it: old replicas dropped.
+        report = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
+        self.assertEqual(report["version"], "2")
+        self.assertLess(max(l["imbalance"] for l in report["layers"]),
+                        max(applied["imbalance_before"]))
+        p = json.loads(report["placement_json"])
+        for i in range(4):
+            held = self.cluster.expert(i).GetExperts(cu.epb.GetExpertsRequest(), timeout=10)
+            self.assertEqual(held.placement_version, 2)
+            self.assertEqual(held.placement_state, cu.epb.PLACEMENT_STATE_SERVING)
+            want = {(l["layer"], e) for l in p["layers"] for e, servers in enumerate(l["servers"]) if i in servers}
+            self.assertEqual(set(zip(held.layers, held.experts)), want, f"expert server {i}")
+        url = self.attention_metrics()
+        self.assertEqual(metric(url, "dsmoe_placement_version"), 2)
+        self.assertEqual(metric(url, "dsmoe_rebalances_total", result="success"), 1)
+        self.assertEqual(metric(url, "dsmoe_rebalance_duration_seconds_count"), 1)
+        self.assertGreater(metric(url, "dsmoe_rebalance_last_success_timestamp_seconds"), 1.7e9)
+        self.assertGreater(metric(url, "dsmoe_rebalance_imbalance", layer="1", when="before"),
+                           metric(url, "dsmoe_rebalance_imbalance", layer="1", when="after"))
+
+    def test_3_same_placement_again_is_a_no_op(self):
+        p = os.path.join(TMP.name, "current.json")
+        report = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
+        with open(p, "w") as f:
+            f.write(report["placement_json"])
+        r = json.loads(placement(self.cluster, "apply", "--json", "--placement", p).stdout)[0]
+        self.assertFalse(r["switched"])
+        self.assertEqual(r["experts_loaded"], 0)
+
+    def test_4_bad_placements_are_refused_and_serving_goes_on(self):
+        bad = os.path.join(TMP.name, "bad.json")
+        with open(bad, "w") as f:
+            json.dump({"num_servers": 3, "layers": []}, f)
+        r = placement(self.cluster, "apply", "--placement", bad, check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("MoE layer 1 has no placement", r.stderr)
+        with open(bad, "w") as f:  # valid for the model, but for 3 expert servers
+            json.dump({"num_servers": 3, "layers": [{"layer": l, "servers": [[e % 3] for e in range(16)]}
+                                                     for l in (1, 2, 3)]}, f)
+        r = placement(self.cluster, "apply", "--placement", bad, check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("3 expert servers", r.stderr)
+        # An expert server refuses an expert the model does not have, and keeps serving.
+        with self.assertRaises(cu.grpc.RpcError) as e:
+            self.cluster.expert(0).SetPlacement(cu.epb.SetPlacementRequest(version=9, layers=[1], experts=[99]),
+                                                timeout=10)
+        self.assertEqual(e.exception.code(), cu.grpc.StatusCode.INVALID_ARGUMENT)
+        got, finish, _ = self.cluster.generate(self.prompts[0], TOKENS)
+        self.assertEqual(got, self.reference[0])
+        r = placement(self.cluster, "show", "--attention", "127.0.0.1:1", "--timeout", "2", check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("127.0.0.1:1", r.stderr)
+
+
+class AutomaticRebalance(unittest.TestCase):
+    def test_the_attention_server_rebalances_on_its_own(self):
+        model = skewed_model()
+        cluster = cu.Cluster(model, attention=1, experts=4,
+                             extra=("--rebalance-period", "1", "--rebalance-threshold", "1.15",
+                                    "--load-window-seconds", "10"))
+        try:
+            reference = None
+            url = cluster.processes("attention-server")[0]["metrics_url"]
+            deadline = time.time() + 120
+            rounds = 0
+            while time.time() < deadline:
+                streams, threads = lu.run_streams(cluster, prompts(STREAMS, seed=8), 48)
+                lu.wait(threads)
+                rounds += 1
+                for s in streams:
+                    self.assertIsNone(s.error)
+                ids = [s.ids for s in streams]
+                if reference is None:
+                    reference = ids
+                self.assertEqual(ids, reference, f"round {rounds}")
+                if (metric(url, "dsmoe_placement_version") or 0) >= 2 and rounds >= 3:
+                    break
+            self.assertGreaterEqual(metric(url, "dsmoe_placement_version"), 2, "no automatic rebalance")
+            self.assertEqual(metric(url, "dsmoe_rebalances_total", result="failure"), 0)
+            report = json.loads(placement(cluster, "show", "--json").stdout)[0]
+            self.assertTrue(report["automatic"])
+            self.assertLessEqual(max(l["imbalance"] for l in report["layers"]), 1.15 + 0.1)
+            with open(cluster.processes("attention-server")[0]["log"]) as f:
+                self.assertIn("rebalance: automatic", f.read())
+        finally:
+            cluster.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsmoe", required=True)
+    ap.add_argument("--stubs", required=True)
+    a, rest = ap.parse_known_args()
+    cu.setup(a.dsmoe, a.stubs)
+    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-rebalance-test-")
+    try:
+        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    finally:
+        TMP.cleanup()
