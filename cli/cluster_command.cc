@@ -178,8 +178,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   const fs::path bin = BinaryDir();
   const std::string model = fs::absolute(o.model).string();
   std::vector<Process> procs;
-  auto start = [&](const std::string& role, int index,
-                   std::vector<std::string> argv) -> absl::Status {
+  auto start = [&](const std::string& role, int index, std::vector<std::string> argv,
+                   const std::vector<std::string>& more = {}) -> absl::Status {
+    argv.insert(argv.end(), more.begin(), more.end());
     Process p;
     p.role = role;
     p.index = index;
@@ -208,12 +209,16 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
   const std::string experts = Join(procs, "expert-server");
+  const std::vector<std::string> health_flags = {
+      "--health-check-period-ms", std::to_string(o.health_check_period_ms),
+      "--health-check-timeout-ms", std::to_string(o.health_check_timeout_ms)};
   for (int i = 0; i < o.attention_servers; ++i) {
     if (auto s = start("attention-server", i,
                        {(bin / "dsmoe-attention-server").string(), "--model", model,
                         "--expert-servers", experts, "--placement", placement_path, "--threads",
                         std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
-                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)});
+                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)},
+                       health_flags);
         !s.ok())
       return fail(s);
   }
@@ -221,7 +226,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   if (auto s = start("gateway", 0,
                      {(bin / "dsmoe-gateway").string(), "--model", model, "--attention-servers",
                       Join(procs, "attention-server"), "--expert-servers", experts, "--listen",
-                      absl::StrCat("127.0.0.1:", o.gateway_port)});
+                      absl::StrCat("127.0.0.1:", o.gateway_port)},
+                     health_flags);
       !s.ok())
     return fail(s);
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);

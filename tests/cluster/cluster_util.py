@@ -91,3 +91,30 @@ class Cluster:
         self.channel.close()
         run("cluster", "down", "--state-dir", self.state_dir, check=False)
         self.tmp.cleanup()
+
+
+def health_status(address, service="", timeout=2):
+    """grpc.health.v1 Check of `service` ("" = the server as a whole): "SERVING", "NOT_SERVING",
+    or the gRPC code's name if the check itself failed (e.g. "UNAVAILABLE")."""
+    ch = grpc.insecure_channel(address)
+    try:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check",
+                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        resp = check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as e:
+        return e.code().name
+    finally:
+        ch.close()
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Polls `predicate` until it is true; fails naming `what` after `timeout` seconds."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
