@@ -134,7 +134,9 @@ def main():
     tmp = tempfile.TemporaryDirectory(prefix="dsmoe-load-")
     model = a.model or cu.make_model(tmp.name, a.preset, a.preset)
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
-    extra = ["--num-slots", str(a.num_slots), "--health-check-period-ms", "250", "--health-check-timeout-ms", "1000"]
+    extra = ["--num-slots", str(a.num_slots)]
+    if a.kill_expert:  # rejoin soon after the restart (the defaults: every 1 s, 2 s deadline)
+        extra += ["--health-check-period-ms", "250"]
     c = cu.Cluster(model, attention=a.attention_servers, experts=a.expert_servers, replicas=a.replicas, extra=extra)
     restarted = None
     problems = []

@@ -35,10 +35,11 @@ for t in "${TARGETS[@]}"; do
     failed+=("$t")
     tail -40 "$BUILD_DIR/$t.log"
   fi
-  # The summary: executions, speed, coverage and corpus size at the end.
+  # The summary: executions, speed, new inputs, and coverage and corpus size at the end.
   grep -E "^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)" \
     "$BUILD_DIR/$t.log" | tr '\n' ' ' || true
-  grep -E "#[0-9]+ +DONE" "$BUILD_DIR/$t.log" | tail -1 || true
+  echo
+  grep -E "^#[0-9]+" "$BUILD_DIR/$t.log" | tail -1 || true
 done
 if ((${#failed[@]} > 0)); then
   echo "fuzz: crashes in ${failed[*]}; inputs in $BUILD_DIR/artifacts/" >&2

@@ -22,7 +22,7 @@ PACKAGES=(
   python3-grpcio python3-protobuf
   # tests: a real Prometheus (+ promtool) scrapes a local cluster; unzip unpacks helm (deploy tests)
   prometheus unzip python3-yaml
-  # fuzzing (tests/fuzz, a build of its own): clang with libFuzzer and the sanitizer runtimes
+  # tests: fuzzing (tests/fuzz, a build of its own), clang with libFuzzer and sanitizer runtimes
   clang libclang-rt-dev
 )
 

@@ -64,7 +64,11 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const std::byte* file, 
   out.data_offset = 8 + header_len;
   const uint64_t data_size = file_size - 8 - header_len;
 
-  for (auto& [name, value] : header.items()) {
+  for (auto& item : header.items()) {
+    // Not a structured binding: the lambda below captures the name (clang 14, the fuzz build's
+    // compiler, cannot capture bindings).
+    const std::string& name = item.key();
+    const nlohmann::json& value = item.value();
     if (name == "__metadata__") {
       if (!value.is_object()) return bad("__metadata__ is not an object");
       for (auto& [k, v] : value.items()) {

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 
 TMP = None
-FAST_HEALTH = ("--health-check-period-ms", "200", "--health-check-timeout-ms", "300")
+FAST_HEALTH = ("--health-check-period-ms", "200", "--health-check-timeout-ms", "500")
 C = grpc.StatusCode
 
 

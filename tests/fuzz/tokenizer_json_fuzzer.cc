@@ -16,7 +16,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (bool special : {false, true}) {
       auto ids = (*tokenizer)->Encode(text, special);
       DSMOE_FUZZ_CHECK(ids.ok());
-      for (int32_t id : *ids) DSMOE_FUZZ_CHECK(id >= 0 && id < (*tokenizer)->vocab_size());
+      for (int32_t id : *ids) {
+        if (id < 0 || id >= (*tokenizer)->vocab_size()) {
+          std::fprintf(stderr, "id %d outside [0, %d) encoding '%.*s'\n", id,
+                       (*tokenizer)->vocab_size(), static_cast<int>(text.size()), text.data());
+        }
+        DSMOE_FUZZ_CHECK(id >= 0 && id < (*tokenizer)->vocab_size());
+      }
       DSMOE_FUZZ_CHECK((*tokenizer)->Decode(*ids, /*skip_special_tokens=*/true).ok());
     }
   }
