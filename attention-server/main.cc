@@ -5,10 +5,12 @@
 #include <sstream>
 
 #include "attention-server/attention_service.h"
+#include "attention-server/batch_runner_factory.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/health_flags.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/readiness.h"
+#include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
 #include "router/placement.h"
@@ -53,8 +55,12 @@ int main(int argc, char** argv) {
       "batching"};
   std::string model, model_name, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file,
                                                                  metrics_listen = "127.0.0.1:0";
+  std::string device_name = "cpu";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
+  dsmoe::rpc::ServerOptions server_options;
+  dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only the gateway calls it
+  dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -82,6 +88,8 @@ int main(int argc, char** argv) {
   app.add_option("--max-waiting", sched.max_waiting, "Queued sequences at most")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
+  app.add_option("--device", device_name, "Where the forward pass runs: cpu, cuda or cuda:N")
+      ->capture_default_str();
   app.add_option("--threads", threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
@@ -93,6 +101,12 @@ int main(int argc, char** argv) {
   app.add_option("--model-name", model_name,
                  "The `model` label of the metrics (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
+
+  const absl::StatusOr<dsmoe::Device> device = dsmoe::ParseDevice(device_name);
+  if (!device.ok()) return Fail(device.status());
+  auto security = dsmoe::rpc::TransportSecurity::Load(tls);
+  if (!security.ok()) return Fail(security.status());
+  server_options.security = *security;
 
   const std::vector<std::string> addresses = dsmoe::rpc::SplitAddresses(expert_servers);
   dsmoe::WeightSelection selection;
@@ -121,21 +135,22 @@ int main(int argc, char** argv) {
     // An expert server counts only once it answers health checks and holds what the placement
     // says; the first check runs once this server is up (it may start before its experts).
     expert_health = std::make_unique<dsmoe::rpc::HealthChecker>(
-        addresses, health_flags.Options("dsmoe-attention-server", "expert server"),
+        addresses, *security, health_flags.Options("dsmoe-attention-server", "expert server"),
         [&remote](int s) { return remote->VerifyServer(s); });
     dsmoe::GrpcExpertExecutorOptions executor_options;
     executor_options.deadline = std::chrono::milliseconds(deadline_ms);
     executor_options.metrics = &metrics;
+    executor_options.security = *security;
     executor_options.health = expert_health.get();
     remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
                                                          executor_options);
   }
   dsmoe::ThreadPool pool(threads);
-  auto scheduler =
-      dsmoe::Scheduler::Create(**weights, pool, sched, remote.get(), &attention_metrics);
+  auto runner = dsmoe::CreateBatchRunner(*device, **weights, pool, sched, remote.get());
+  if (!runner.ok()) return Fail(runner.status());
+  auto scheduler = dsmoe::Scheduler::Create(std::move(*runner), sched, &attention_metrics);
   if (!scheduler.ok()) return Fail(scheduler.status());
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
-  dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;  // the ready file is written once ready (below)
   if (!metrics_listen.empty()) {
     auto port = metrics.Serve(metrics_listen);
@@ -157,9 +172,10 @@ int main(int argc, char** argv) {
     });
   }
   std::printf(
-      "dsmoe-attention-server serving on %s (%zu expert servers, %lld slots), metrics on port %d\n",
-      server->address().c_str(), addresses.size(), static_cast<long long>(sched.num_slots),
-      server_options.metrics_port);
+      "dsmoe-attention-server serving on %s (%s; %s; %zu expert servers, %lld slots), metrics on "
+      "port %d\n",
+      server->address().c_str(), device->ToString().c_str(), security->Describe().c_str(),
+      addresses.size(), static_cast<long long>(sched.num_slots), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);

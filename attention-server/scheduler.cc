@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "attention-server/batch_runner_factory.h"
+
 namespace dsmoe {
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights,
@@ -9,20 +11,22 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights&
                                                              const SchedulerOptions& options,
                                                              RoutedExpertExecutor* experts,
                                                              AttentionMetrics* metrics) {
+  DSMOE_ASSIGN_OR_RETURN(auto runner, CreateBatchRunner(Device{}, weights, pool, options, experts));
+  return Create(std::move(runner), options, metrics);
+}
+
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<BatchRunner> runner,
+                                                             const SchedulerOptions& options,
+                                                             AttentionMetrics* metrics) {
   if (options.num_slots < 1 || options.max_batch_tokens < 1 || options.max_waiting < 0) {
     return absl::InvalidArgumentError("num_slots and max_batch_tokens must be >= 1");
   }
-  RunnerOptions ro;
-  ro.max_batch_tokens = options.max_batch_tokens;
-  ro.num_slots = options.num_slots + 1;  // + the scratch slot of ComputeLogits
-  ro.max_context = options.max_context;
-  DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, ro, experts));
   // Set before the loop thread starts: the runner calls the observer from that thread only.
   if (metrics != nullptr) runner->set_routing_observer(&metrics->expert_load());
   return std::unique_ptr<Scheduler>(new Scheduler(std::move(runner), options, metrics));
 }
 
-Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options,
+Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions& options,
                      AttentionMetrics* metrics)
     : runner_(std::move(runner)),
       options_(options),
@@ -134,6 +138,7 @@ void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& s
     kv_tokens_ -= seq->fed;
     PublishKvUsage();
   }
+  runner_->ReleaseSlot(seq->slot);
   std::lock_guard<std::mutex> lock(mu_);
   free_slots_.push_back(seq->slot);
   running_.erase(seq->id);  // destroys *seq
@@ -331,6 +336,12 @@ absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int
   std::vector<float> out(static_cast<size_t>(T * V));
   const int64_t chunk = options_.max_batch_tokens;
   std::vector<int32_t> slots(chunk, scratch_slot_), pos(chunk), rows(chunk);
+  // The scratch slot's cache is released however the job ends.
+  struct Release {
+    BatchRunner* runner;
+    int32_t slot;
+    ~Release() { runner->ReleaseSlot(slot); }
+  } release{runner_.get(), scratch_slot_};
   for (int64_t begin = 0; begin < T; begin += chunk) {
     const int64_t n = std::min(chunk, T - begin);
     for (int64_t i = 0; i < n; ++i) {

@@ -1,8 +1,9 @@
-// Continuous batching on one attention server. One loop thread owns the ModelRunner: each step
-// it admits waiting sequences into free KV-cache slots, builds one batch of every running
-// sequence's next token plus prompt chunks of newly admitted ones (within max_batch_tokens),
-// runs the forward pass, samples per sequence, streams tokens to each sequence's sink, and
-// frees the slot of every sequence that finished — so requests join and leave between steps.
+// Continuous batching on one attention server. One loop thread owns the BatchRunner (CPU or
+// GPU): each step it admits waiting sequences into free KV-cache slots, builds one batch of every
+// running sequence's next token plus prompt chunks of newly admitted ones (within
+// max_batch_tokens), runs the forward pass, samples per sequence, streams tokens to each
+// sequence's sink, and frees the slot of every sequence that finished — so requests join and
+// leave between steps.
 //
 // Thread-safe: Submit, Cancel, GetLoad and ComputeLogits may be called from any thread (the
 // RPC handlers); only the loop thread touches the runner.
@@ -65,6 +66,11 @@ class Scheduler {
                                                            const SchedulerOptions& options,
                                                            RoutedExpertExecutor* experts = nullptr,
                                                            AttentionMetrics* metrics = nullptr);
+  // With a runner built by the caller (e.g. on a GPU). It must hold options.num_slots + 1 slots
+  // (the last is ComputeLogits' scratch slot) and max_batch_tokens tokens per Forward.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(std::unique_ptr<BatchRunner> runner,
+                                                           const SchedulerOptions& options,
+                                                           AttentionMetrics* metrics = nullptr);
   ~Scheduler();
 
   // Queues a sequence; its sink hears every token and then OnFinish exactly once.
@@ -76,7 +82,7 @@ class Scheduler {
   // Logits of every position of `ids` (a scratch slot; no state kept), run between steps.
   absl::StatusOr<std::vector<float>> ComputeLogits(std::vector<int32_t> ids);
 
-  int64_t max_context() const { return runner_->options().max_context; }
+  int64_t max_context() const { return runner_->max_context(); }
   const ModelConfig& config() const { return runner_->config(); }
 
  private:
@@ -97,7 +103,7 @@ class Scheduler {
     std::promise<absl::StatusOr<std::vector<float>>> result;
   };
 
-  Scheduler(std::unique_ptr<ModelRunner> runner, const SchedulerOptions& options,
+  Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions& options,
             AttentionMetrics* metrics);
   void Loop();
   void Step(std::vector<Sequence*>& running);
@@ -108,7 +114,7 @@ class Scheduler {
   // Publishes the KV-cache usage after kv_tokens_ changed. Loop thread only.
   void PublishKvUsage();
 
-  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<BatchRunner> runner_;
   SchedulerOptions options_;
   SchedulerMetrics* metrics_;  // null: no metrics
   int64_t kv_tokens_ = 0;      // tokens held in the running sequences' slots; loop thread only

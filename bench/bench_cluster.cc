@@ -5,6 +5,10 @@
 // bytes.
 //
 //   dsmoe_bench_cluster [--model DIR] [--streams 1,8,32] [--tokens 32] [--prompt 16]
+//                       [--insecure 1]
+//
+// The cluster runs as `cluster up` starts it: TLS, mutual TLS between the servers and an API
+// key at the gateway; --insecure 1 runs it in plain text instead, to measure what TLS costs.
 //
 // Without --model it writes the small preset (BF16) under /tmp/dsmoe-bench. Both sides share
 // this machine's cores, as they would on one host.
@@ -15,6 +19,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -95,9 +100,35 @@ double SingleProcess(const ModelWeights& weights, int streams, int tokens, int p
          std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, int tokens,
-                      int prompt_len) {
-  auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(gateway));
+// How the cluster's processes are reached: its CA and client certificate, and the API key.
+struct Access {
+  rpc::TransportSecurity security;
+  std::string api_key;
+};
+
+Access AccessOf(const nlohmann::json& cluster) {
+  const auto& s = cluster["security"];
+  if (!s["tls"].get<bool>()) return {rpc::TransportSecurity::Insecure(), ""};
+  rpc::TransportSecurityOptions tls;
+  tls.ca_file = s["ca"];
+  tls.cert_file = s["client_cert"];
+  tls.key_file = s["client_key"];
+  auto loaded = rpc::TransportSecurity::Load(tls);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(loaded.status().message()).c_str());
+    std::exit(1);
+  }
+  std::string key;
+  if (s["api_key_file"].is_string()) {
+    key = *ReadTextFile(s["api_key_file"].get<std::string>(), 4096);
+    while (!key.empty() && key.back() == '\n') key.pop_back();
+  }
+  return {*loaded, key};
+}
+
+double ThroughGateway(const std::string& gateway, const Access& access, int64_t vocab, int streams,
+                      int tokens, int prompt_len) {
+  auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(gateway, access.security));
   std::atomic<int64_t> count{0};
   std::atomic<int> failures{0};
   const auto start = Clock::now();
@@ -111,6 +142,7 @@ double ThroughGateway(const std::string& gateway, int64_t vocab, int streams, in
       req.set_temperature(0.0f);
       req.set_ignore_eos(true);
       grpc::ClientContext ctx;
+      if (!access.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + access.api_key);
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
       auto reader = stub->Generate(&ctx, req);
       dsmoe::v1::GenerateResponse m;
@@ -135,9 +167,11 @@ struct DispatchRow {
   double rtt_us, compute_us, echo_us;
 };
 
-DispatchRow MeasureDispatch(const std::string& expert_address, const ModelConfig& c,
+DispatchRow MeasureDispatch(const std::string& expert_address, const Access& access,
+                            const ModelConfig& c,
                             const std::vector<std::pair<int64_t, int64_t>>& held, int tokens) {
-  auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(expert_address));
+  auto stub =
+      internal::v1::ExpertService::NewStub(rpc::MakeChannel(expert_address, access.security));
   const int64_t layer = held.front().first, H = c.hidden_size, k = c.num_experts_per_tok;
   std::vector<int64_t> experts;
   for (auto [l, e] : held)
@@ -183,6 +217,7 @@ DispatchRow MeasureDispatch(const std::string& expert_address, const ModelConfig
 
 int main(int argc, char** argv) {
   std::string model, streams_arg = "1,8,32", threads = "0";
+  bool insecure = false;
   int tokens = 32, prompt_len = 16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -196,6 +231,8 @@ int main(int argc, char** argv) {
       prompt_len = std::stoi(value);
     else if (flag == "--cluster-threads")
       threads = value;
+    else if (flag == "--insecure")
+      insecure = value == "1";
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -223,13 +260,15 @@ int main(int argc, char** argv) {
   const std::string up = (bin / "dsmoe").string() + " cluster up --model " + model +
                          " --attention-servers 1 --expert-servers 2 --json" +
                          (threads != "0" ? " --threads " + threads : std::string()) +
-                         " --state-dir " + state.string() + " > " + (state.string() + ".json");
+                         (insecure ? " --insecure --no-auth" : "") + " --state-dir " +
+                         state.string() + " > " + (state.string() + ".json");
   if (std::system(up.c_str()) != 0) {
     std::fprintf(stderr, "cluster up failed\n");
     return 1;
   }
   auto cluster = nlohmann::json::parse(*ReadTextFile(state.string() + ".json", 1 << 20));
   const std::string gateway = cluster["gateway"];
+  const Access access = AccessOf(cluster);
   std::string expert0;
   for (auto& p : cluster["processes"]) {
     if (p["role"] == "expert-server" && p["index"] == 0) expert0 = p["address"];
@@ -237,6 +276,7 @@ int main(int argc, char** argv) {
   auto placement_text = ReadTextFile(cluster["placement"].get<std::string>(), 64 << 20);
   auto placement = router::Placement::FromJson(*placement_text, c, "placement");
 
+  std::printf("transport: %s\n", access.security.Describe().c_str());
   std::printf("model %s: %lld layers, hidden %lld, %lld routed experts (top-%lld) + %lld shared\n",
               model.c_str(), (long long)c.num_hidden_layers, (long long)c.hidden_size,
               (long long)c.n_routed_experts, (long long)c.num_experts_per_tok,
@@ -245,10 +285,10 @@ int main(int argc, char** argv) {
       "\n| streams | single process tok/s | cluster tok/s | cluster / single "
       "|\n|---|---|---|---|\n");
   SingleProcess(**weights, 4, 4, prompt_len);  // warm-up: page the weights in
-  ThroughGateway(gateway, c.vocab_size, 4, 4, prompt_len);
+  ThroughGateway(gateway, access, c.vocab_size, 4, 4, prompt_len);
   for (int n : SplitInts(streams_arg)) {
     const double single = SingleProcess(**weights, n, tokens, prompt_len);
-    const double clustered = ThroughGateway(gateway, c.vocab_size, n, tokens, prompt_len);
+    const double clustered = ThroughGateway(gateway, access, c.vocab_size, n, tokens, prompt_len);
     std::printf("| %d | %.1f | %.1f | %.2f |\n", n, single, clustered, clustered / single);
     std::fflush(stdout);
   }
@@ -256,7 +296,7 @@ int main(int argc, char** argv) {
       "\n| tokens | request bytes | dispatch RTT µs | expert compute µs | transport µs | bare echo "
       "µs | transport / echo |\n|---|---|---|---|---|---|---|\n");
   for (int t : {1, 8, 32}) {
-    const DispatchRow r = MeasureDispatch(expert0, c, placement->ExpertsOf(0), t);
+    const DispatchRow r = MeasureDispatch(expert0, access, c, placement->ExpertsOf(0), t);
     std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.2f |\n", r.tokens, r.request_bytes,
                 r.rtt_us, r.compute_us, r.rtt_us - r.compute_us, r.echo_us,
                 (r.rtt_us - r.compute_us) / r.echo_us);

@@ -14,7 +14,7 @@ BIN=${DSMOE_GPU_BIN:-}
 if [[ -z "$BIN" && -x .gpu-carry/bin/dsmoe_cuda_tests ]]; then BIN=.gpu-carry/bin; fi
 if [[ -z "$BIN" ]]; then
   cmake -S . -B build-cuda -G Ninja -DDSMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null || exit 1
-  ninja -C build-cuda dsmoe_cuda_tests dsmoe_bench_gpu || exit 1
+  ninja -C build-cuda dsmoe_cuda_tests dsmoe_cuda_serving_tests dsmoe_bench_gpu || exit 1
   BIN=build-cuda/bin
 fi
 if [[ -d .gpu-carry/lib ]]; then export LD_LIBRARY_PATH="$PWD/.gpu-carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
@@ -31,18 +31,20 @@ if ldd "$BIN/dsmoe_cuda_tests" 2>&1 | grep -q 'GLIBCXX.*not found' && [[ -d .gpu
 fi
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv 2>/dev/null
-if ldd "$BIN/dsmoe_cuda_tests" | grep 'not found'; then echo "missing shared libraries" >&2; exit 1; fi
+if ldd "$BIN"/* | grep "not found"; then echo "missing shared libraries" >&2; exit 1; fi
 
 echo "== gpu tests =="
 "$BIN/dsmoe_cuda_tests" --gtest_color=no 2>&1 | tee "$LOG_DIR/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
+"$BIN/dsmoe_cuda_serving_tests" --gtest_color=no 2>&1 | tee -a "$LOG_DIR/gpu-tests.log"
+tests_rc=$(( tests_rc || PIPESTATUS[0] ))
 echo "== gpu benchmark =="
 "$BIN/dsmoe_bench_gpu" "$@" 2>&1 | tee "$LOG_DIR/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo
 echo "== summary =="
-grep -E '^\[(gpu|kv)' "$LOG_DIR/gpu-tests.log"
+grep -E '^\[(gpu|kv|cpu)' "$LOG_DIR/gpu-tests.log"
 grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$LOG_DIR/gpu-tests.log" | grep -v '^\[  SKIPPED \] [A-Z]' | head -40
 echo "tests exit code $tests_rc, benchmark exit code $bench_rc"
 echo

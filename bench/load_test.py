@@ -161,7 +161,7 @@ def main():
             time.sleep(max(0.0, t0 + 2 * a.seconds / 3 - time.time()))
             restarted = restart_expert(argv, victim["address"], victim["log"])
             attention = c.processes("attention-server")
-            cu.wait_for(lambda: all(cu.health_status(p["address"]) == "SERVING" for p in attention), 30,
+            cu.wait_for(lambda: all(c.health(p["address"]) == "SERVING" for p in attention), 30,
                         "the attention servers ready again")
             window = (killed_at, time.time())
         for cl in clients:

@@ -3,10 +3,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/ascii.h"
 #include "cli/id_list.h"
+#include "core/io/mapped_file.h"
+#include "core/rpc/server.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
 
 namespace dsmoe::cli {
@@ -24,6 +28,55 @@ const char* FinishName(dsmoe::v1::FinishReason r) {
       return "unspecified";
   }
 }
+// The gateway's address, channel security and API key, from the flags and the cluster state.
+struct Target {
+  std::string gateway;
+  rpc::TransportSecurity security;
+  std::string api_key;  // empty: none sent
+};
+
+absl::StatusOr<Target> ResolveTarget(const ClientGenerateOptions& o) {
+  nlohmann::json state;
+  if (o.gateway.empty() || !o.state_dir.empty()) {
+    const std::string dir = o.state_dir.empty() ? ".dsmoe-cluster" : o.state_dir;
+    auto text = ReadTextFile(dir + "/cluster.json", 1 << 20);
+    if (!text.ok()) {
+      return absl::NotFoundError(absl::StrCat("no --gateway and no cluster state in ", dir, " (",
+                                              text.status().message(), ")"));
+    }
+    state = nlohmann::json::parse(*text, nullptr, false);
+    if (state.is_discarded()) return absl::InvalidArgumentError(dir + "/cluster.json is not JSON");
+  }
+  auto from_state = [&](const char* field) -> std::string {
+    if (!state.contains("security") || !state["security"].contains(field)) return "";
+    const auto& v = state["security"][field];
+    return v.is_string() ? v.get<std::string>() : "";
+  };
+  Target t;
+  t.gateway = !o.gateway.empty() ? o.gateway : state.value("gateway", "");
+  rpc::TransportSecurityOptions tls;
+  const bool state_insecure = state.contains("security") && !state["security"].value("tls", true);
+  tls.insecure = o.insecure || (o.ca.empty() && state_insecure);
+  tls.ca_file = !o.ca.empty() ? o.ca : from_state("ca");
+  tls.cert_file = !o.cert.empty() ? o.cert : (o.key.empty() ? from_state("client_cert") : "");
+  tls.key_file = !o.key.empty() ? o.key : (o.cert.empty() ? from_state("client_key") : "");
+  tls.server_name = o.server_name;
+  DSMOE_ASSIGN_OR_RETURN(t.security, rpc::TransportSecurity::Load(tls));
+  std::string key_file = o.api_key_file;
+  if (!o.api_key.empty()) {
+    t.api_key = o.api_key;
+  } else if (const char* env = std::getenv("DSMOE_API_KEY"); key_file.empty() && env != nullptr) {
+    t.api_key = env;
+  } else {
+    if (key_file.empty()) key_file = from_state("api_key_file");
+    if (!key_file.empty()) {
+      DSMOE_ASSIGN_OR_RETURN(std::string text, ReadTextFile(key_file, 4096));
+      t.api_key = std::string(absl::StripAsciiWhitespace(text));
+    }
+  }
+  return t;
+}
+
 }  // namespace
 
 int RunClientGenerate(const ClientGenerateOptions& o) {
@@ -52,9 +105,14 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     }
     request.mutable_stop_token_ids()->Add(stops->begin(), stops->end());
   }
-  auto stub = dsmoe::v1::Gateway::NewStub(
-      grpc::CreateChannel(o.gateway, grpc::InsecureChannelCredentials()));
+  auto target = ResolveTarget(o);
+  if (!target.ok()) {
+    std::cerr << "dsmoe: error: " << target.status().message() << "\n";
+    return 2;
+  }
+  auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(target->gateway, target->security));
   grpc::ClientContext context;
+  if (!target->api_key.empty()) context.AddMetadata("authorization", "Bearer " + target->api_key);
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(static_cast<int64_t>(o.timeout_seconds * 1000)));
   auto reader = stub->Generate(&context, request);

@@ -8,9 +8,16 @@
 namespace dsmoe::cli {
 
 struct ClientGenerateOptions {
-  std::string gateway;  // host:port
-  std::string ids;      // comma-separated, or
-  std::string prompt;   // text (the gateway tokenizes)
+  std::string gateway;    // host:port; empty: the one in the cluster state
+  std::string state_dir;  // a `cluster up` state dir: gateway, CA, client certificate, API key
+  // Security: TLS with this CA (empty: the state's, else the system roots), an optional client
+  // certificate, and the API key sent as `authorization: Bearer`. Explicit flags win over the
+  // state; the key also comes from $DSMOE_API_KEY.
+  std::string ca, cert, key, server_name;
+  std::string api_key, api_key_file;
+  bool insecure = false;
+  std::string ids;     // comma-separated, or
+  std::string prompt;  // text (the gateway tokenizes)
   int64_t max_tokens = 16;
   double temperature = 0.0;
   int64_t top_k = 0;

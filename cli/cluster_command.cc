@@ -1,8 +1,6 @@
 #include "cli/cluster_command.h"
 
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,11 +16,11 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "cli/cluster_certs.h"
+#include "cli/process.h"
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
 #include "router/placement.h"
-
-extern char** environ;
 
 namespace dsmoe::cli {
 
@@ -51,38 +49,6 @@ struct Process {
   std::string ready_file;
   int metrics_port = 0;  // 0: none reported
 };
-
-// Starts `argv` in its own session (so it outlives this command and the terminal's ^C), with
-// stdout and stderr appended to `log`.
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log) {
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0)
-    return absl::InternalError(absl::StrCat("cannot start ", argv[0], ": ", std::strerror(rc)));
-  return pid;
-}
-
-std::string Tail(const std::string& path, size_t bytes = 2000) {
-  auto text = ReadTextFile(path, 64 << 20);
-  if (!text.ok()) return "";
-  return text->size() > bytes ? text->substr(text->size() - bytes) : *text;
-}
 
 // Waits until every process has written its ready file ("<grpc port>\n<metrics port>\n");
 // fails fast if one exits.
@@ -173,6 +139,16 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   // and the thread pool never waits for a worker the OS has not scheduled, so sharing cores
   // costs little while splitting them leaves cores idle (measured: 32 streams through the
   // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1).
+  // Credentials made for this cluster alone (cli/cluster_certs.h), and the flags that use them.
+  ClusterCredentials credentials;
+  if (!o.insecure || !o.no_auth) {
+    DSMOE_ASSIGN_OR_RETURN(credentials, MakeClusterCredentials((dir / "tls").string()));
+  }
+  std::vector<std::string> tls_flags = {"--insecure"};
+  if (!o.insecure) {
+    tls_flags = {"--tls-cert", credentials.server_cert, "--tls-key", credentials.server_key,
+                 "--tls-ca",   credentials.ca};
+  }
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int threads = o.threads > 0 ? o.threads : static_cast<int>(cores);
   const fs::path bin = BinaryDir();
@@ -191,6 +167,7 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     // Every server exports Prometheus metrics on a port of its own, loopback only.
     argv.push_back("--metrics-listen");
     argv.push_back("127.0.0.1:0");
+    argv.insert(argv.end(), tls_flags.begin(), tls_flags.end());
     DSMOE_ASSIGN_OR_RETURN(p.pid, Spawn(argv, p.log));
     procs.push_back(p);
     return absl::OkStatus();
@@ -223,18 +200,36 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
       return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
-  if (auto s = start("gateway", 0,
-                     {(bin / "dsmoe-gateway").string(), "--model", model, "--attention-servers",
-                      Join(procs, "attention-server"), "--expert-servers", experts, "--listen",
-                      absl::StrCat("127.0.0.1:", o.gateway_port)},
-                     health_flags);
-      !s.ok())
-    return fail(s);
+  std::vector<std::string> gateway = {
+      (bin / "dsmoe-gateway").string(),          "--model",          model,   "--attention-servers",
+      Join(procs, "attention-server"),           "--expert-servers", experts, "--listen",
+      absl::StrCat("127.0.0.1:", o.gateway_port)};
+  if (o.no_auth) {
+    gateway.push_back("--no-auth");
+  } else {
+    gateway.insert(gateway.end(), {"--api-keys", credentials.api_key_hashes_file});
+  }
+  if (!o.insecure) {
+    gateway.insert(gateway.end(),
+                   {"--tls-client-auth", o.gateway_require_client_cert ? "require" : "none"});
+  }
+  if (auto s = start("gateway", 0, gateway, health_flags); !s.ok()) return fail(s);
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
 
   (*state)["gateway"] = Join(procs, "gateway");
   (*state)["state_dir"] = dir.string();
   (*state)["placement"] = placement_path;
+  // What a client needs (`dsmoe client generate --state-dir` reads it from here).
+  auto or_null = [](const std::string& s) { return s.empty() ? Json(nullptr) : Json(s); };
+  (*state)["security"] = {
+      {"tls", !o.insecure},
+      {"ca", or_null(o.insecure ? "" : credentials.ca)},
+      {"client_cert", or_null(o.insecure ? "" : credentials.client_cert)},
+      {"client_key", or_null(o.insecure ? "" : credentials.client_key)},
+      {"server_cert", or_null(o.insecure ? "" : credentials.server_cert)},
+      {"server_key", or_null(o.insecure ? "" : credentials.server_key)},
+      {"gateway_requires_client_cert", !o.insecure && o.gateway_require_client_cert},
+      {"api_key_file", or_null(o.no_auth ? "" : credentials.api_key_file)}};
   Json list = Json::array();
   for (const Process& p : procs) {
     list.push_back(

@@ -19,6 +19,12 @@ struct ClusterUpOptions {
   int health_check_timeout_ms = 2000;  // deadline of one check
   std::string state_dir;               // pids, ports, logs, placement; default .dsmoe-cluster
   std::string placement;               // placement JSON; default: computed round-robin
+  // Security (docs/security.md). By default every endpoint speaks TLS with certificates made
+  // for this cluster, the servers require each other's client certificates, and the gateway
+  // requires the API key written to <state dir>/tls/api-key.
+  bool insecure = false;                     // plain text everywhere (warned about)
+  bool no_auth = false;                      // the gateway takes calls without an API key
+  bool gateway_require_client_cert = false;  // the gateway also requires client certificates
   bool json = false;
 };
 

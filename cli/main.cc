@@ -230,6 +230,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cluster_up->add_option("--state-dir", up.state_dir,
                          "Where pids, ports and logs go (default: .dsmoe-cluster)");
+  cluster_up->add_flag("--insecure", up.insecure,
+                       "Plain text between all processes, no TLS (a warning is logged)");
+  cluster_up->add_flag("--no-auth", up.no_auth, "The gateway takes calls without an API key");
+  cluster_up->add_flag("--gateway-require-client-cert", up.gateway_require_client_cert,
+                       "The gateway also requires a client certificate (tls/client.pem)");
   cluster_up->add_flag("--json", up.json, "Print one JSON object naming every process");
   cluster_up->callback([&] { rc = dsmoe::cli::RunClusterUp(up); });
   dsmoe::cli::ClusterDownOptions down;
@@ -243,7 +248,24 @@ int main(int argc, char** argv) {
   client->require_subcommand(1);
   dsmoe::cli::ClientGenerateOptions cg;
   auto* client_gen = client->add_subcommand("generate", "Stream a completion from the gateway");
-  client_gen->add_option("--gateway", cg.gateway, "Gateway address host:port")->required();
+  client_gen->add_option("--gateway", cg.gateway,
+                         "Gateway address host:port (default: the cluster state's)");
+  client_gen->add_option("--state-dir", cg.state_dir,
+                         "State dir of `cluster up`: gateway, CA, client certificate and API key "
+                         "(default: .dsmoe-cluster when --gateway is not given)");
+  client_gen->add_option("--ca", cg.ca, "PEM CA that signed the gateway's certificate")
+      ->check(CLI::ExistingFile);
+  client_gen->add_option("--cert", cg.cert, "PEM client certificate (if the gateway asks)")
+      ->check(CLI::ExistingFile);
+  client_gen->add_option("--key", cg.key, "PEM key of --cert")->check(CLI::ExistingFile);
+  client_gen->add_option("--tls-server-name", cg.server_name,
+                         "Name expected in the gateway's certificate (default: its host)");
+  client_gen->add_option("--api-key", cg.api_key,
+                         "API key (visible to other local users in ps: prefer --api-key-file "
+                         "or $DSMOE_API_KEY)");
+  client_gen->add_option("--api-key-file", cg.api_key_file, "File holding the API key")
+      ->check(CLI::ExistingFile);
+  client_gen->add_flag("--insecure", cg.insecure, "Plain text, no TLS");
   auto* cg_ids = client_gen->add_option("--ids", cg.ids, "Prompt token ids, comma-separated");
   auto* cg_prompt =
       client_gen->add_option("--prompt", cg.prompt, "Prompt text (the gateway tokenizes)");

@@ -18,7 +18,7 @@ GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config,
       options_(options),
       planner_(placement) {
   for (const std::string& a : addresses_) {
-    stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a)));
+    stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a, options_.security)));
   }
   calls_.resize(addresses_.size());
   down_since_.resize(addresses_.size());

@@ -19,6 +19,7 @@
 #include "core/model/routed_experts.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/transport_security.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
@@ -30,6 +31,9 @@ struct GrpcExpertExecutorOptions {
   // Without a health checker: a failed server is tried again after this.
   std::chrono::milliseconds retry_down_after{2000};
   rpc::MetricsRegistry* metrics = nullptr;  // where dispatch metrics go; null: none
+  // How the expert servers are reached (mutual TLS with this process's certificate, or plain
+  // text when chosen explicitly).
+  rpc::TransportSecurity security;  // default: TLS with the system roots, no identity
   // The expert servers' health (target s = expert server s), if checked: then only servers
   // it reports serving get work, a failed call marks its server down there, and a server
   // rejoins as soon as its checks pass again. Not owned; must outlive the executor.

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "core/rpc/metrics.h"
+#include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "expert-server/expert_service.h"
 #include "router/placement.h"
@@ -16,6 +17,9 @@ int main(int argc, char** argv) {
                                                  metrics_listen = "127.0.0.1:0";
   int server_index = 0, servers = 1, replicas = 1;
   dsmoe::ExpertServiceOptions options;
+  dsmoe::rpc::ServerOptions server_options;
+  dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only attention servers and the gateway
+  dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -46,6 +50,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dsmoe-expert-server: error: %s\n", std::string(s.message()).c_str());
     return 1;
   };
+  auto security = dsmoe::rpc::TransportSecurity::Load(tls);
+  if (!security.ok()) return fail(security.status());
+  server_options.security = *security;
   // Placement needs the config; the config comes from the checkpoint.
   auto config_only = dsmoe::ModelWeights::Load(model, [] {
     dsmoe::WeightSelection none;
@@ -71,7 +78,6 @@ int main(int argc, char** argv) {
                                       {{"expert_server", std::to_string(server_index)}});
   options.metrics = &metrics;
   dsmoe::ExpertService service(std::move(*weights), options);
-  dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   server_options.ready_file = ready_file;
   if (!metrics_listen.empty()) {
@@ -84,9 +90,9 @@ int main(int argc, char** argv) {
   // The service's own name answers liveness probes; "" (ready) is SERVING from the start.
   server->server->GetHealthCheckService()->SetServingStatus(
       dsmoe::internal::v1::ExpertService::service_full_name(), true);
-  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s, metrics on port %d\n",
+  std::printf("dsmoe-expert-server %d serving %lld routed experts on %s (%s), metrics on port %d\n",
               server_index, static_cast<long long>(service.num_experts_held()),
-              server->address().c_str(), server_options.metrics_port);
+              server->address().c_str(), security->Describe().c_str(), server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-expert-server: signal %d, shutting down\n", sig);

@@ -53,7 +53,8 @@ GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig
     auto u = std::make_unique<Upstream>();
     u->index = static_cast<int>(upstreams_.size());
     u->address = a;
-    u->stub = internal::v1::AttentionService::NewStub(rpc::MakeChannel(a));
+    u->stub =
+        internal::v1::AttentionService::NewStub(rpc::MakeChannel(a, options_.upstream_security));
     upstreams_.push_back(std::move(u));
   }
   if (options_.max_context <= 0) options_.max_context = config.max_position_embeddings;
@@ -88,6 +89,14 @@ GatewayService::Metrics::Metrics(rpc::MetricsRegistry& r) {
            .Add({});
 }
 
+grpc::Status GatewayService::Admit(grpc::ServerContext* context, int* key) {
+  *key = -1;
+  if (options_.auth == nullptr) return grpc::Status::OK;
+  Authenticator::Admission a = options_.auth->Admit(context);
+  *key = a.key;
+  return a.status;
+}
+
 grpc::Status GatewayService::Counted(Method method, grpc::Status status) {
   if (metrics_ != nullptr) rpc::CountCode(metrics_->requests[method], status.error_code());
   return status;
@@ -104,30 +113,40 @@ void GatewayService::CountFinished(dsmoe::v1::FinishReason reason) {
 grpc::Status GatewayService::Generate(grpc::ServerContext* context,
                                       const dsmoe::v1::GenerateRequest* request,
                                       grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
-  return Counted(kGenerate, GenerateImpl(context, request, writer));
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kGenerate, s);
+  return Counted(kGenerate, GenerateImpl(context, request, key, writer));
 }
 
 grpc::Status GatewayService::Complete(grpc::ServerContext* context,
                                       const dsmoe::v1::GenerateRequest* request,
                                       dsmoe::v1::CompleteResponse* response) {
-  return Counted(kComplete, CompleteImpl(context, request, response));
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kComplete, s);
+  return Counted(kComplete, CompleteImpl(context, request, key, response));
 }
 
-grpc::Status GatewayService::Tokenize(grpc::ServerContext*,
+grpc::Status GatewayService::Tokenize(grpc::ServerContext* context,
                                       const dsmoe::v1::TokenizeRequest* request,
                                       dsmoe::v1::TokenizeResponse* response) {
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kTokenize, s);
   return Counted(kTokenize, TokenizeImpl(request, response));
 }
 
-grpc::Status GatewayService::Detokenize(grpc::ServerContext*,
+grpc::Status GatewayService::Detokenize(grpc::ServerContext* context,
                                         const dsmoe::v1::DetokenizeRequest* request,
                                         dsmoe::v1::DetokenizeResponse* response) {
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kDetokenize, s);
   return Counted(kDetokenize, DetokenizeImpl(request, response));
 }
 
 grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context,
                                           const dsmoe::v1::GetModelInfoRequest*,
                                           dsmoe::v1::ModelInfo* info) {
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kGetModelInfo, s);
   return Counted(kGetModelInfo, GetModelInfoImpl(context, info));
 }
 
@@ -259,7 +278,7 @@ grpc::Status GatewayService::RelayOnce(grpc::ServerContext* context, Upstream& u
 
 grpc::Status GatewayService::Run(grpc::ServerContext* context,
                                  const dsmoe::v1::GenerateRequest& request,
-                                 const internal::v1::AttentionGenerateRequest& upstream,
+                                 const internal::v1::AttentionGenerateRequest& upstream, int key,
                                  const Emit& emit, dsmoe::v1::FinishReason* finish, double* ttft) {
   const auto start = Clock::now();
   auto last_token_at = start;
@@ -274,6 +293,7 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context,
   grpc::Status status =
       Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
         if (m.token_ids_size() > 0) {
+          if (key >= 0) options_.auth->ChargeTokens(key, m.token_ids_size());
           const auto now = Clock::now();
           if (*ttft < 0) {
             *ttft = std::chrono::duration<double>(now - start).count();
@@ -336,7 +356,7 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context,
 }
 
 grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context,
-                                          const dsmoe::v1::GenerateRequest* request,
+                                          const dsmoe::v1::GenerateRequest* request, int key,
                                           grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
   InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
@@ -350,7 +370,7 @@ grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context,
   dsmoe::v1::FinishReason finish;
   double ttft;
   grpc::Status status = Run(
-      context, *request, upstream,
+      context, *request, upstream, key,
       [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
         completion_tokens += ids.size();
         dsmoe::v1::GenerateResponse out;
@@ -370,7 +390,7 @@ grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context,
 }
 
 grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context,
-                                          const dsmoe::v1::GenerateRequest* request,
+                                          const dsmoe::v1::GenerateRequest* request, int key,
                                           dsmoe::v1::CompleteResponse* response) {
   InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
   if (in_flight_.load() > options_.max_concurrent) {
@@ -383,7 +403,7 @@ grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context,
   dsmoe::v1::FinishReason finish;
   double ttft;
   grpc::Status status = Run(
-      context, *request, upstream,
+      context, *request, upstream, key,
       [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
         response->mutable_token_ids()->Add(ids.begin(), ids.end());
         response->mutable_text()->append(text);
@@ -450,7 +470,8 @@ grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context,
   info->set_num_attention_servers(static_cast<uint32_t>(upstreams_.size()));
   info->set_has_tokenizer(tokenizer_ != nullptr);
   for (const std::string& address : expert_servers_) {
-    auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(address));
+    auto stub =
+        internal::v1::ExpertService::NewStub(rpc::MakeChannel(address, options_.upstream_security));
     grpc::ClientContext ctx;
     ctx.set_deadline(
         std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));

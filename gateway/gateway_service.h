@@ -17,10 +17,12 @@
 #include "core/model/config.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/transport_security.h"
 #include "core/tokenizer/tokenizer.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
+#include "gateway/auth.h"
 
 namespace dsmoe {
 
@@ -31,6 +33,10 @@ struct GatewayOptions {
   int64_t max_concurrent = 256;             // requests in flight; beyond: RESOURCE_EXHAUSTED
   int64_t max_context = 0;                  // the attention servers' context (0: the model's)
   rpc::MetricsRegistry* metrics = nullptr;  // where request metrics go; null: none
+  // How attention and expert servers are reached (mutual TLS, or plain text when chosen).
+  rpc::TransportSecurity upstream_security;  // default: TLS with the system roots, no identity
+  // Who may call (API keys and their rate limits); null: anyone who reaches the port.
+  Authenticator* auth = nullptr;
   // The attention servers' health (target i = attention server i), if checked: requests go to
   // serving ones first and never to down ones. Not owned; must outlive the service.
   rpc::HealthChecker* upstream_health = nullptr;
@@ -76,12 +82,14 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
   };
   // Counts a finished call of `method` and returns its status.
   grpc::Status Counted(Method method, grpc::Status status);
+  // Admits the call (API key, rate limits) or returns why not; `key` is the caller's key.
+  grpc::Status Admit(grpc::ServerContext* context, int* key);
   void CountFinished(dsmoe::v1::FinishReason reason);
 
   grpc::Status GenerateImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
-                            grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer);
+                            int key, grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer);
   grpc::Status CompleteImpl(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest* request,
-                            dsmoe::v1::CompleteResponse* response);
+                            int key, dsmoe::v1::CompleteResponse* response);
   grpc::Status TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,
                             dsmoe::v1::TokenizeResponse* response);
   grpc::Status DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request,
@@ -110,9 +118,10 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
   // (stop strings applied), then returns the finish reason in `finish`.
   using Emit = std::function<bool(const google::protobuf::RepeatedField<uint32_t>& ids,
                                   const std::string& text)>;
+  // Generated tokens are charged to API key `key` (if any) as they arrive.
   grpc::Status Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
-                   const internal::v1::AttentionGenerateRequest& upstream, const Emit& emit,
-                   dsmoe::v1::FinishReason* finish, double* ttft);
+                   const internal::v1::AttentionGenerateRequest& upstream, int key,
+                   const Emit& emit, dsmoe::v1::FinishReason* finish, double* ttft);
   // Runs one request on the best attention server (Pick), relaying its messages; retries on
   // another one while the request has produced no tokens.
   grpc::Status Relay(grpc::ServerContext* context,

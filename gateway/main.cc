@@ -9,6 +9,7 @@
 #include "core/rpc/health_flags.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/readiness.h"
+#include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "gateway/gateway_service.h"
 
@@ -28,6 +29,38 @@ int main(int argc, char** argv) {
                                                         metrics_listen = "127.0.0.1:0";
   int grace_seconds = 10, max_request_bytes = 4 << 20;
   dsmoe::GatewayOptions options;
+  dsmoe::rpc::ServerOptions server_options;
+  // The public endpoint: TLS; client certificates only if --tls-client-auth=require. Its calls
+  // to attention and expert servers present --tls-cert (mutual TLS).
+  dsmoe::rpc::TransportSecurityOptions tls;
+  tls.require_client_cert = false;
+  dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
+  std::string api_keys_file;
+  bool no_auth = false;
+  dsmoe::RateLimits limits;
+  app.add_option("--api-keys", api_keys_file,
+                 "File of API keys callers must send as `authorization: Bearer <key>` (one per "
+                 "line: sha256:<hex digest> or the key; docs/security.md)")
+      ->check(CLI::ExistingFile)
+      ->group("Security");
+  app.add_flag("--no-auth", no_auth, "Accept calls without an API key (a warning is logged)")
+      ->group("Security");
+  app.add_option("--rate-limit-rps", limits.requests_per_second,
+                 "Requests per second per API key (0: no limit)")
+      ->check(CLI::Range(0.0, 1e9))
+      ->group("Security");
+  app.add_option("--rate-limit-burst", limits.request_burst,
+                 "Requests an idle key may send at once (default: max(1, --rate-limit-rps))")
+      ->check(CLI::Range(1.0, 1e9))
+      ->group("Security");
+  app.add_option("--rate-limit-tokens-per-minute", limits.tokens_per_minute,
+                 "Generated tokens per minute per API key (0: no limit)")
+      ->check(CLI::Range(0.0, 1e12))
+      ->group("Security");
+  app.add_option("--rate-limit-token-burst", limits.token_burst,
+                 "Tokens an idle key may generate at once (default: one minute's worth)")
+      ->check(CLI::Range(1.0, 1e12))
+      ->group("Security");
   app.add_option("--model", model,
                  "Checkpoint directory (config and tokenizer are read; no weights)")
       ->required()
@@ -66,6 +99,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
+  auto security = dsmoe::rpc::TransportSecurity::Load(tls);
+  if (!security.ok()) return Fail(security.status());
+  server_options.security = *security;
+  options.upstream_security = *security;
+  if (api_keys_file.empty() == !no_auth) {
+    return Fail(absl::InvalidArgumentError(
+        no_auth ? "--no-auth and --api-keys exclude each other"
+                : "the gateway needs --api-keys FILE (or --no-auth to let anyone call it)"));
+  }
+
   dsmoe::WeightSelection nothing;
   nothing.attention_side = false;
   nothing.all_routed_experts = false;
@@ -74,6 +117,23 @@ int main(int argc, char** argv) {
   if (options.model_name.empty()) options.model_name = dsmoe::rpc::ModelNameFromPath(model);
   dsmoe::rpc::MetricsRegistry metrics(options.model_name);
   options.metrics = &metrics;
+  std::unique_ptr<dsmoe::Authenticator> auth;
+  if (!no_auth) {
+    auto keys = dsmoe::ApiKeyStore::LoadFile(api_keys_file);
+    if (!keys.ok()) return Fail(keys.status());
+    std::printf("dsmoe-gateway: %d API key(s) from %s", keys->size(), api_keys_file.c_str());
+    if (limits.enabled()) {
+      std::printf(", each limited to %g requests/s (burst %g) and %g tokens/min",
+                  limits.requests_per_second, limits.request_burst, limits.tokens_per_minute);
+    }
+    std::printf("\n");
+    auth = std::make_unique<dsmoe::Authenticator>(std::move(*keys), limits, &metrics);
+    options.auth = auth.get();
+  } else {
+    std::fprintf(stderr,
+                 "dsmoe-gateway: WARNING: --no-auth: every caller that reaches the port may "
+                 "generate\n");
+  }
   std::unique_ptr<dsmoe::Tokenizer> tokenizer;
   const std::string tokenizer_path = model + "/tokenizer.json";
   if (std::filesystem::exists(tokenizer_path)) {
@@ -84,13 +144,12 @@ int main(int argc, char** argv) {
   // Requests go to attention servers that answer health checks; one that stops answering is
   // taken out (its streams are ended) and rejoins when it answers again.
   auto upstream_health = std::make_unique<dsmoe::rpc::HealthChecker>(
-      dsmoe::rpc::SplitAddresses(attention_servers),
+      dsmoe::rpc::SplitAddresses(attention_servers), *security,
       health_flags.Options("dsmoe-gateway", "attention server"));
   options.upstream_health = upstream_health.get();
   dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(),
                                 std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
                                 dsmoe::rpc::SplitAddresses(expert_servers), options);
-  dsmoe::rpc::ServerOptions server_options;
   server_options.address = listen;
   // The ready file is written once an attention server is ready (below).
   server_options.max_message_bytes = max_request_bytes;
@@ -113,8 +172,9 @@ int main(int argc, char** argv) {
     }
     readiness.Set(any, "no attention server is ready");
   });
-  std::printf("dsmoe-gateway serving model '%s' on %s, metrics on port %d\n",
-              options.model_name.c_str(), server->address().c_str(), server_options.metrics_port);
+  std::printf("dsmoe-gateway serving model '%s' on %s (%s), metrics on port %d\n",
+              options.model_name.c_str(), server->address().c_str(), security->Describe().c_str(),
+              server_options.metrics_port);
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig,

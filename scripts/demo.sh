@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a built-in default: install, build, write the tiny DeepSeekMoE checkpoint
 # (Hugging Face format, random weights, DeepSeek-V3's real tokenizer), bring up a local cluster
-# — the gateway, 1 attention server, 2 expert servers, each its own process on 127.0.0.1 —,
-# stream a completion through the gateway's gRPC API, and shut everything down.
+# — the gateway, 1 attention server, 2 expert servers, each its own process on 127.0.0.1, with
+# TLS, mutual TLS between them and an API key at the gateway (certificates and key made for
+# this cluster under $STATE/tls) —, stream a completion through the gateway's gRPC API, and
+# shut everything down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -28,14 +30,17 @@ trap '"$DSMOE" cluster down --state-dir "$STATE"' EXIT
 GATEWAY=$(sed -n 's/.*"gateway": "\([^"]*\)".*/\1/p' "$STATE/cluster.json")
 
 echo "--- streaming a completion through the gateway at $GATEWAY (random weights: expect gibberish)"
+# --state-dir gives the client the cluster's CA and API key (tls/ca.pem, tls/api-key).
+CLIENT=("$DSMOE" client generate --gateway "$GATEWAY" --state-dir "$STATE")
 if [[ -f "$MODEL/tokenizer.json" ]]; then
-  "$DSMOE" client generate --gateway "$GATEWAY" --prompt "Mixture-of-Experts models route each token" \
-    --max-tokens 32 --ignore-eos
-  "$DSMOE" client generate --gateway "$GATEWAY" --prompt "Shared experts" --max-tokens 8 --ignore-eos --json
+  "${CLIENT[@]}" --prompt "Mixture-of-Experts models route each token" --max-tokens 32 --ignore-eos
+  "${CLIENT[@]}" --prompt "Shared experts" --max-tokens 8 --ignore-eos --json
 else
-  "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
-  "$DSMOE" client generate --gateway "$GATEWAY" --ids 100,200,300,400 --max-tokens 8 --ignore-eos --json
+  "${CLIENT[@]}" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
+  "${CLIENT[@]}" --ids 100,200,300,400 --max-tokens 8 --ignore-eos --json
 fi
+echo "--- without the API key the gateway refuses (UNAUTHENTICATED):"
+"$DSMOE" client generate --gateway "$GATEWAY" --ca "$STATE/tls/ca.pem" --ids 1,2 --max-tokens 2 || true
 echo "--- Prometheus metrics of every process (metrics_url in $STATE/cluster.json):"
 sed -n 's/.*"role": "\([^"]*\)".*/\1/p; s/.*"metrics_url": "\([^"]*\)".*/  \1/p' "$STATE/cluster.json"
 ATTENTION_METRICS=$(grep -A6 '"attention-server"' "$STATE/cluster.json" | sed -n 's/.*"metrics_url": "\([^"]*\)".*/\1/p' | head -1)

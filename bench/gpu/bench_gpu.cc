@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/model/cuda/cuda_model_runner.h"
+#include "core/model/cuda/step_profiler.h"
 #include "core/model/make_model.h"
 #include "core/ops/cuda/cublas_gemm.h"
 #include "core/ops/cuda/cuda_ops.h"
@@ -110,14 +111,34 @@ double DenseGemmTflops(cuda::CublasGemm& gemm, int64_t M, int64_t N, int64_t K) 
   return 2.0 * M * N * K / (ms * 1e-3) / 1e12;
 }
 
+// Microseconds of one small-batch projection y[T, N] = x[T, K]·Wᵀ: cuBLAS and the GEMV kernel.
+std::pair<double, double> SmallBatchProjectionUs(cuda::CublasGemm& gemm, int64_t T, int64_t N,
+                                                 int64_t K) {
+  uint16_t* x = DeviceAlloc<uint16_t>(T * K);
+  uint16_t* w = DeviceAlloc<uint16_t>(N * K);
+  float* y = DeviceAlloc<float>(T * N);
+  FillRandomBf16(x, T * K, 1.0f, 11);
+  FillRandomBf16(w, N * K, 0.05f, 12);
+  const double cublas_ms =
+      MedianMs([&] { CHECK_OK(gemm.Bf16(x, T, w, N, K, 0.0f, y, nullptr)); }, 3, 31);
+  const double gemv_ms =
+      MedianMs([&] { CHECK_CUDA(cuda::LaunchGemvBf16(x, T, w, N, K, false, y, nullptr)); }, 3, 31);
+  CHECK_CUDA(cudaFree(x));
+  CHECK_CUDA(cudaFree(w));
+  CHECK_CUDA(cudaFree(y));
+  return {cublas_ms * 1e3, gemv_ms * 1e3};
+}
+
 struct GroupedResult {
   int64_t tokens;
   double grouped_tflops, dense_tflops, grouped_us;
+  double gemv_us;            // the same problem on the GEMV-shaped kernel
+  double roofline_fraction;  // bytes of the experts chosen / time, over the HBM bandwidth
 };
 
 // The routed experts of one medium-preset MoE layer (E = 64, H = 1024, W = 704, top-6), random
 // distinct experts per token.
-GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T) {
+GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T, double hbm) {
   const int E = 64, H = 1024, W = 704, k = 6;
   std::vector<const uint16_t*> gu_ptrs(E), down_ptrs(E);
   std::vector<int32_t> widths(E, W);
@@ -156,11 +177,20 @@ GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T) {
   uint16_t* act = DeviceAlloc<uint16_t>(T * k * W);
   float* out = DeviceAlloc<float>(T * k * H);
   CHECK_CUDA(cuda::LaunchBuildGroupedPlan(d_experts, T, k, E, true, false, plan, nullptr));
-  const double ms = MedianMs([&] {
-    CHECK_CUDA(cuda::LaunchGroupedGateUp(x, T, k, plan, gw, act, nullptr));
-    CHECK_CUDA(cuda::LaunchGroupedDown(act, T, k, plan, gw, out, nullptr));
-  });
+  auto grouped_ms = [&](cuda::GroupedAlgo algo) {
+    return MedianMs([&] {
+      CHECK_CUDA(cuda::LaunchGroupedGateUp(x, T, k, plan, gw, act, nullptr, algo));
+      CHECK_CUDA(cuda::LaunchGroupedDown(act, T, k, plan, gw, out, nullptr, algo));
+    });
+  };
+  const double ms = grouped_ms(cuda::GroupedAlgo::kTensorCore);
+  const double gemv_ms = grouped_ms(cuda::GroupedAlgo::kGemv);
   const double flops = 2.0 * T * k * (2.0 * W * H + 1.0 * W * H);
+  // The weights that must be read at least once: every chosen expert's three matrices.
+  std::vector<bool> chosen(E, false);
+  for (int32_t e : experts) chosen[e] = true;
+  const double bytes = 2.0 * 3 * W * H * std::count(chosen.begin(), chosen.end(), true);
+  const double best_ms = std::min(ms, gemv_ms);
   // The same FLOPs as dense GEMMs: all T·k rows against one expert's matrices.
   uint16_t* xs = DeviceAlloc<uint16_t>(T * k * H);
   FillRandomBf16(xs, T * k * H, 1.0f, 7);
@@ -178,7 +208,12 @@ GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T) {
                   static_cast<void*>(plan.tile_row), static_cast<void*>(plan.num_tiles)}) {
     CHECK_CUDA(cudaFree(p));
   }
-  return {T, flops / (ms * 1e-3) / 1e12, flops / (dense_ms * 1e-3) / 1e12, ms * 1e3};
+  return {T,
+          flops / (ms * 1e-3) / 1e12,
+          flops / (dense_ms * 1e-3) / 1e12,
+          ms * 1e3,
+          gemv_ms * 1e3,
+          bytes / (best_ms * 1e-3) / hbm};
 }
 
 // Bytes of weights one decode step must read (bf16): attention, dense and shared MLPs, router
@@ -241,16 +276,32 @@ int main(int argc, char** argv) {
   std::printf("cuBLAS bf16 GEMM 8192^3: %.0f TFLOP/s\n", peak);
   std::fflush(stdout);
   std::vector<GroupedResult> grouped;
-  for (int64_t T : {256, 4096}) {
-    grouped.push_back(GroupedExperts(gemm, T));
+  for (int64_t T : {1, 4, 8, 16, 32, 64, 256, 4096}) {
+    grouped.push_back(GroupedExperts(gemm, T, hbm));
     const GroupedResult& g = grouped.back();
     std::printf(
-        "grouped experts T=%ld: %.1f us, %.1f TFLOP/s; dense cuBLAS same FLOPs %.1f TFLOP/s "
-        "(%.0f%%)\n",
-        static_cast<long>(T), g.grouped_us, g.grouped_tflops, g.dense_tflops,
-        100 * g.grouped_tflops / g.dense_tflops);
+        "grouped experts T=%ld: tensor cores %.1f us (%.1f TFLOP/s), gemv %.1f us; dense cuBLAS "
+        "same FLOPs %.1f TFLOP/s (%.0f%%); chosen-expert bytes at %.0f%% of HBM bandwidth\n",
+        static_cast<long>(T), g.grouped_us, g.grouped_tflops, g.gemv_us, g.dense_tflops,
+        100 * g.grouped_tflops / g.dense_tflops, 100 * g.roofline_fraction);
     std::fflush(stdout);
   }
+
+  // Small-batch projections of the medium preset: q/k/v (3072 × 1024) and the LM head.
+  struct ProjectionRow {
+    int64_t T, N, K;
+    double cublas_us, gemv_us;
+  };
+  std::vector<ProjectionRow> projections;
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{3072, 1024}, {32000, 1024}}) {
+    for (int64_t T : {1, 4, 8, 16, 32}) {
+      const auto [cublas_us, gemv_us] = SmallBatchProjectionUs(gemm, T, N, K);
+      projections.push_back({T, N, K, cublas_us, gemv_us});
+      std::printf("projection %ldx%ldx%ld: cuBLAS %.1f us, GEMV %.1f us\n", static_cast<long>(T),
+                  static_cast<long>(N), static_cast<long>(K), cublas_us, gemv_us);
+    }
+  }
+  std::fflush(stdout);
 
   // --- The medium preset, bf16 ---
   const ModelConfig config = *PresetConfig("medium");
@@ -312,6 +363,7 @@ int main(int argc, char** argv) {
     double tps, step_us;
   };
   std::vector<DecodeRow> decode;
+  std::vector<double> decode_device_us;  // device time of a graph step (coarse profile)
   for (int B : {1, 32, 256}) {
     const int64_t prompt = 64;
     for (int s0 = 0; s0 < B; s0 += 4) {
@@ -340,6 +392,26 @@ int main(int argc, char** argv) {
     decode.push_back({B, B * steps / sec, sec / steps * 1e6});
     std::printf("decode batch %d: %.0f tokens/s, %.0f us/step\n", B, decode.back().tps,
                 decode.back().step_us);
+    // Where the time goes: the device's share of a graph step (the rest of the wall time is the
+    // host's), then phase by phase (no graph: kernels launched one by one, so the total exceeds
+    // the graph step by the launch gaps).
+    for (bool per_phase : {false, true}) {
+      auto profiler = cuda::StepProfiler::Create(per_phase);
+      CHECK_OK(profiler.status());
+      runner.set_profiler(profiler->get());
+      for (int i = 0; i < 5; ++i) step();
+      runner.set_profiler(nullptr);
+      const int n = (*profiler)->steps();
+      double total = 0;
+      for (const auto& [phase, us] : (*profiler)->totals_us()) total += us / n;
+      std::printf("  %s profile of batch %d, us per step (total %.0f):",
+                  per_phase ? "per-phase (no graph)" : "graph", B, total);
+      for (const auto& [phase, us] : (*profiler)->totals_us()) {
+        std::printf(" %s %.1f", phase.c_str(), us / n);
+      }
+      std::printf("\n");
+      if (!per_phase) decode_device_us.push_back(total);
+    }
     std::fflush(stdout);
     release_all();
   }
@@ -350,6 +422,7 @@ int main(int argc, char** argv) {
   std::printf("| HBM copy bandwidth (D2D, read+write) | %.0f GB/s | |\n", hbm / 1e9);
   std::printf("| cuBLAS dense bf16 GEMM 8192^3 | %.0f TFLOP/s | |\n", peak);
   for (const GroupedResult& g : grouped) {
+    if (g.tokens != 256 && g.tokens != 4096) continue;
     std::printf(
         "| grouped expert GEMM, batch %ld (64 experts, top-6, 1024x704) | %.1f TFLOP/s (%.0f us) | "
         "|\n",
@@ -358,11 +431,25 @@ int main(int argc, char** argv) {
                 static_cast<long>(g.tokens), g.dense_tflops);
     std::printf("| grouped / dense, batch %ld | %.0f%% | %s |\n", static_cast<long>(g.tokens),
                 100 * g.grouped_tflops / g.dense_tflops, g.tokens == 256 ? ">= 50%" : "");
+    std::printf(
+        "| grouped, batch %ld: chosen experts' bytes / time vs HBM bandwidth | %.0f%% | |\n",
+        static_cast<long>(g.tokens), 100 * g.roofline_fraction);
+  }
+  for (const GroupedResult& g : grouped) {
+    std::printf("| grouped experts, batch %ld: tensor-core / GEMV kernel | %.1f / %.1f us | |\n",
+                static_cast<long>(g.tokens), g.grouped_us, g.gemv_us);
+  }
+  for (const ProjectionRow& p : projections) {
+    std::printf("| projection %ldx%ldx%ld: cuBLAS / GEMV kernel | %.1f / %.1f us | |\n",
+                static_cast<long>(p.T), static_cast<long>(p.N), static_cast<long>(p.K), p.cublas_us,
+                p.gemv_us);
   }
   std::printf("| medium bf16 prefill | %.0f tok/s | |\n", prefill_tps);
-  for (const DecodeRow& d : decode) {
-    std::printf("| medium bf16 decode, batch %d | %.0f tok/s (%.0f us/step) | |\n", d.B, d.tps,
-                d.step_us);
+  for (size_t i = 0; i < decode.size(); ++i) {
+    const DecodeRow& d = decode[i];
+    std::printf(
+        "| medium bf16 decode, batch %d | %.0f tok/s (%.0f us/step, of which device %.0f us) | |\n",
+        d.B, d.tps, d.step_us, decode_device_us[i]);
   }
   std::printf("| batch-1 decode: weights read/token | %.0f MB | |\n", bytes_per_token / 1e6);
   std::printf("| batch-1 decode: fraction of HBM bandwidth | %.0f%% (%.0f GB/s) | >= 60%% |\n",

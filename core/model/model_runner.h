@@ -55,9 +55,26 @@ class RoutingObserver {
                          const float* weights) = 0;
 };
 
+// What a scheduler drives: forward passes over batches of tokens from many sequences, each in
+// its KV-cache slot, on the CPU (ModelRunner) or a GPU (cuda::CudaModelRunner).
+class BatchRunner {
+ public:
+  virtual ~BatchRunner() = default;
+  // Writes logits for batch.logit_rows into `logits` ([logit_rows.size(), vocab]). Tokens must
+  // extend their slot's sequence: position p of a slot requires positions [0, p) written by
+  // this or earlier calls.
+  virtual absl::Status Forward(const ForwardBatch& batch, float* logits) = 0;
+  // The sequence in `slot` is finished: its cache may be reused (a paged cache frees its pages).
+  virtual void ReleaseSlot(int32_t slot) = 0;
+  // Called (on the Forward thread) with every MoE layer's routing. Null: nobody.
+  virtual void set_routing_observer(RoutingObserver* observer) = 0;
+  virtual const ModelConfig& config() const = 0;
+  virtual int64_t max_context() const = 0;  // positions per slot
+};
+
 // Thread-compatible: one owner thread calls Forward. Owns its KV cache and activation arena,
 // sized once at creation; Forward itself does not allocate.
-class ModelRunner {
+class ModelRunner final : public BatchRunner {
  public:
   // REQUIRES: weights (with the attention side loaded), pool and, if given, experts outlive
   // the runner. experts == nullptr: routed experts are computed locally from `weights`.
@@ -65,13 +82,12 @@ class ModelRunner {
       const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options,
       RoutedExpertExecutor* experts = nullptr);
 
-  // Writes logits for batch.logit_rows into `logits` ([logit_rows.size(), vocab]). Tokens must
-  // extend their slot's sequence: position p of a slot requires positions [0, p) written by
-  // this or earlier calls.
-  absl::Status Forward(const ForwardBatch& batch, float* logits);
-
-  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
-  const ModelConfig& config() const { return config_; }
+  absl::Status Forward(const ForwardBatch& batch, float* logits) override;
+  // A slot's cache is a fixed region, overwritten by the next sequence: nothing to free.
+  void ReleaseSlot(int32_t /*slot*/) override {}
+  void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
+  const ModelConfig& config() const override { return config_; }
+  int64_t max_context() const override { return options_.max_context; }
   const RunnerOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_cache_; }
 

@@ -35,8 +35,8 @@ struct HealthChecker::Target {
   grpc::Status status;
 };
 
-HealthChecker::HealthChecker(std::vector<std::string> addresses, HealthCheckOptions options,
-                             Verify verify)
+HealthChecker::HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
+                             HealthCheckOptions options, Verify verify)
     : addresses_(std::move(addresses)),
       health_(new std::atomic<int>[addresses_.size()]),
       options_(std::move(options)),
@@ -44,7 +44,7 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses, HealthCheckOpti
   for (size_t i = 0; i < addresses_.size(); ++i) {
     health_[i].store(static_cast<int>(TargetHealth::kDown));
     auto t = std::make_unique<Target>();
-    t->stub = grpc::health::v1::Health::NewStub(MakeChannel(addresses_[i]));
+    t->stub = grpc::health::v1::Health::NewStub(MakeChannel(addresses_[i], security));
     targets_.push_back(std::move(t));
   }
 }

@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/rpc/transport_security.h"
 #include "core/util/status.h"
 
 namespace dsmoe::rpc {
@@ -53,9 +54,10 @@ class HealthChecker {
   // Called on the checker's thread after target i's health changed.
   using OnChange = std::function<void(int target, TargetHealth now)>;
 
-  // Every target starts kDown until its first check. `verify` may be empty.
-  HealthChecker(std::vector<std::string> addresses, HealthCheckOptions options,
-                Verify verify = nullptr);
+  // Every target starts kDown until its first check; checks reach the targets with `security`
+  // (the same transport the calls to them use). `verify` may be empty.
+  HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
+                HealthCheckOptions options, Verify verify = nullptr);
   ~HealthChecker();  // stops the thread
   HealthChecker(const HealthChecker&) = delete;
   HealthChecker& operator=(const HealthChecker&) = delete;

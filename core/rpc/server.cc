@@ -1,21 +1,92 @@
 #include "core/rpc/server.h"
 
+#include <errno.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 
 namespace dsmoe::rpc {
 
+namespace {
+constexpr char kHealthCheck[] = "/grpc.health.v1.Health/Check";
+}  // namespace
+
+// Serves Health/Check on the plain-text health port by asking the main server's own health
+// service over its in-process channel (no TLS there: it never leaves the process), so the
+// answer is whatever the main server reports and nothing else is reachable in plain text.
+// Every other method is UNIMPLEMENTED. Thread-safe (one reactor per call).
+class HealthForwarder final : public grpc::CallbackGenericService {
+ public:
+  explicit HealthForwarder(std::shared_ptr<grpc::Channel> main) : stub_(std::move(main)) {}
+
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Reactor(ctx, &stub_);
+  }
+
+ private:
+  class Reactor final : public grpc::ServerGenericBidiReactor {
+   public:
+    Reactor(grpc::GenericCallbackServerContext* ctx, grpc::GenericStub* stub) : stub_(stub) {
+      if (ctx->method() != kHealthCheck) {
+        Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                            "the health port serves only grpc.health.v1.Health/Check"));
+        return;
+      }
+      upstream_.set_deadline(
+          std::min(ctx->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
+      StartRead(&request_);
+    }
+    void OnReadDone(bool ok) override {
+      if (!ok) {
+        Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request message"));
+        return;
+      }
+      stub_->UnaryCall(&upstream_, kHealthCheck, grpc::StubOptions(), &request_, &response_,
+                       [this](grpc::Status s) {
+                         if (s.ok()) {
+                           StartWriteAndFinish(&response_, grpc::WriteOptions(), s);
+                         } else {
+                           Finish(s);
+                         }
+                       });
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    grpc::GenericStub* stub_;
+    grpc::ClientContext upstream_;
+    grpc::ByteBuffer request_, response_;
+  };
+  grpc::GenericStub stub_;
+};
+
+RunningServer::RunningServer() = default;
+RunningServer::RunningServer(RunningServer&&) noexcept = default;
+RunningServer& RunningServer::operator=(RunningServer&&) noexcept = default;
+RunningServer::~RunningServer() {
+  if (health_server != nullptr) health_server->Shutdown();
+}
+
 absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
                                           const std::vector<grpc::Service*>& services) {
+  DSMOE_ASSIGN_OR_RETURN(auto credentials, options.security.ServerCredentials());
+  if (options.security.insecure()) {
+    std::fprintf(stderr,
+                 "%s: WARNING: serving PLAINTEXT gRPC on %s (--insecure): no encryption, no "
+                 "client authentication; anyone who reaches the port can call every method\n",
+                 program_invocation_short_name, options.address.c_str());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options.address, credentials, &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);
@@ -25,6 +96,19 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
   }
   running.port = port;
+  if (!options.health_address.empty()) {
+    running.health_forwarder = std::make_unique<HealthForwarder>(
+        running.server->InProcessChannel(grpc::ChannelArguments()));
+    grpc::ServerBuilder health;
+    health.AddListeningPort(options.health_address, grpc::InsecureServerCredentials(),
+                            &running.health_port);
+    health.RegisterCallbackGenericService(running.health_forwarder.get());
+    running.health_server = health.BuildAndStart();
+    if (running.health_server == nullptr || running.health_port == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on ", options.health_address, " (health port)"));
+    }
+  }
   if (!options.ready_file.empty()) {
     DSMOE_RETURN_IF_ERROR(WriteReadyFile(options.ready_file, port, options.metrics_port));
   }
@@ -75,15 +159,18 @@ std::vector<std::string> SplitAddresses(const std::string& list) {
   return out;
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, int max_message_bytes) {
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           const TransportSecurity& security,
+                                           int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
+  security.ConfigureChannel(&args);
   // A restarted server must be found again within a second, not after gRPC's default backoff
   // (which grows to two minutes): health checks and retries depend on reconnecting.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(address, security.ChannelCredentials(), args);
 }
 
 }  // namespace dsmoe::rpc

@@ -1,6 +1,8 @@
 // How every dsmoe service starts: bind (127.0.0.1:0 by default, so tests get an ephemeral
-// port), standard grpc.health.v1 health checking and server reflection, message size limits,
-// and a ready file naming the bound ports for whoever started the process.
+// port) with its transport security (TLS, mutual TLS, or plain text when asked), standard
+// grpc.health.v1 health checking and server reflection, message size limits, an optional
+// plain-text port serving only health checks (for Kubernetes probes, which cannot present a
+// client certificate), and a ready file naming the bound ports for whoever started the process.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -9,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/rpc/transport_security.h"
 #include "core/util/status.h"
 
 namespace dsmoe::rpc {
@@ -18,12 +21,30 @@ struct ServerOptions {
   int max_message_bytes = 64 << 20;     // requests above this are refused by gRPC itself
   std::string ready_file;               // if set, "<port>\n" is written here once serving
   int metrics_port = 0;                 // if > 0, written as the ready file's second line
+  // TLS and who may connect. The default (TLS without a certificate) refuses to start: the
+  // caller sets what it loaded, or TransportSecurity::Insecure() explicitly.
+  TransportSecurity security;
+  // If set (host:port), a second, plain-text port serving only grpc.health.v1 Health/Check,
+  // answered by this server's own health service: what Kubernetes gRPC probes reach.
+  std::string health_address;
 };
 
+class HealthForwarder;
+
 struct RunningServer {
+  RunningServer();
+  RunningServer(RunningServer&&) noexcept;
+  RunningServer& operator=(RunningServer&&) noexcept;
+  ~RunningServer();  // the health port closes before the server
+
   std::unique_ptr<grpc::Server> server;
   int port = 0;
+  int health_port = 0;  // 0: no health port
   std::string address() const { return "127.0.0.1:" + std::to_string(port); }
+
+  // Declared after `server`, destroyed before it.
+  std::unique_ptr<HealthForwarder> health_forwarder;
+  std::unique_ptr<grpc::Server> health_server;
 };
 
 // Builds and starts a server for `services` (not owned; must outlive the server).
@@ -43,8 +64,10 @@ int WaitForShutdownSignal();
 // "host:port,host:port" → addresses (empty items dropped), as the servers' flags take them.
 std::vector<std::string> SplitAddresses(const std::string& list);
 
-// A channel to a dsmoe service with our message size limits.
+// A channel to a dsmoe service with `security` (TLS with the cluster CA and this process's
+// client certificate, or plain text) and our message size limits.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           const TransportSecurity& security,
                                            int max_message_bytes = 64 << 20);
 
 }  // namespace dsmoe::rpc

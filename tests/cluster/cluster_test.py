@@ -116,6 +116,20 @@ class ClusterBehaviour(unittest.TestCase):
         self.assertEqual(list(resp.token_ids), full[:full.index(full[3]) + 1])
         self.assertEqual(resp.finish_reason, cu.pb.FINISH_REASON_STOP)
 
+    def test_attention_server_device_flag(self):
+        """--device: a name that is not a device is refused; cuda:N where dsmoe was built without
+        CUDA, or where there is no GPU, stops the server at start-up with the reason."""
+        server = os.path.join(os.path.dirname(cu.DSMOE), "dsmoe-attention-server")
+        model = cu.make_model(TMP.name, "device-flag", "tiny")
+        for device, why in (("gpu0", 'device "gpu0" is not one of cpu, cuda, cuda:N'),
+                            ("cuda:0", ("no CUDA backend", "no CUDA device"))):
+            r = subprocess.run([server, "--model", model, "--device", device, "--insecure",
+                                "--listen", "127.0.0.1:0", "--metrics-listen", ""],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            reasons = (why,) if isinstance(why, str) else why
+            self.assertTrue(any(w in r.stderr for w in reasons), r.stderr)
+
     def test_bad_input_gets_the_right_code_and_the_servers_keep_serving(self):
         pb, g = cu.pb, self.cluster.gateway
         C = grpc.StatusCode
@@ -184,7 +198,7 @@ class ClusterBehaviour(unittest.TestCase):
 
     def test_health_and_model_info(self):
         for p in self.cluster.state["processes"]:
-            ch = grpc.insecure_channel(p["address"])
+            ch = self.cluster.channel_to(p["address"])  # mutual TLS, as every client of the cluster
             check = ch.unary_unary("/grpc.health.v1.Health/Check",
                                    request_serializer=cu.health_pb2.HealthCheckRequest.SerializeToString,
                                    response_deserializer=cu.health_pb2.HealthCheckResponse.FromString)

@@ -53,8 +53,21 @@ def single_process_generate(model, ids, max_tokens, **kw):
     return json.loads(run(*args).stdout)
 
 
+def read(path, mode="rb"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def tls_credentials(ca, cert=None, key=None):
+    """grpc channel credentials: TLS trusting `ca`, presenting `cert`/`key` if given."""
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key) if key else None,
+                                        certificate_chain=read(cert) if cert else None)
+
+
 class Cluster:
-    """A cluster from `dsmoe cluster up`, stopped by close()."""
+    """A cluster from `dsmoe cluster up` (by default TLS, mutual TLS between the servers and an
+    API key at the gateway: the clients below use the cluster's CA, client certificate and
+    key), stopped by close()."""
 
     def __init__(self, model, attention=1, experts=2, replicas=1, extra=()):
         self.tmp = tempfile.TemporaryDirectory(prefix="dsmoe-cluster-")
@@ -62,18 +75,35 @@ class Cluster:
         r = run("cluster", "up", "--model", model, "--attention-servers", str(attention), "--expert-servers",
                 str(experts), "--replicas", str(replicas), "--state-dir", self.state_dir, "--json", *extra)
         self.state = json.loads(r.stdout)
+        self.security = self.state["security"]
+        key_file = self.security["api_key_file"]
+        self.api_key = read(key_file, "r").strip() if key_file else None
         self.gateway_address = self.state["gateway"]
-        self.channel = grpc.insecure_channel(self.gateway_address)
+        self.channel = self.channel_to(self.gateway_address, api_key=True)
         self.gateway = pbg.GatewayStub(self.channel)
+
+    def channel_to(self, address, api_key=False):
+        """A channel to one of the cluster's processes, as an authorised client reaches it."""
+        if not self.security["tls"]:
+            return grpc.insecure_channel(address)
+        creds = tls_credentials(self.security["ca"], self.security["client_cert"], self.security["client_key"])
+        if api_key and self.api_key:
+            # `authorization: Bearer <key>` on every call (what the gateway asks for).
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.api_key))
+        return grpc.secure_channel(address, creds)
+
+    def health(self, address, service=""):
+        """health_status() of one of the cluster's processes, reached as its peers reach it."""
+        return health_status(address, service, channel=self.channel_to(address))
 
     def processes(self, role):
         return [p for p in self.state["processes"] if p["role"] == role]
 
     def attention(self, index=0):
-        return apbg.AttentionServiceStub(grpc.insecure_channel(self.processes("attention-server")[index]["address"]))
+        return apbg.AttentionServiceStub(self.channel_to(self.processes("attention-server")[index]["address"]))
 
     def expert(self, index=0):
-        return epbg.ExpertServiceStub(grpc.insecure_channel(self.processes("expert-server")[index]["address"]))
+        return epbg.ExpertServiceStub(self.channel_to(self.processes("expert-server")[index]["address"]))
 
     def generate(self, ids, max_tokens, timeout=120, **kw):
         """Streams one request; returns (ids, finish_reason name, messages)."""
@@ -93,10 +123,11 @@ class Cluster:
         self.tmp.cleanup()
 
 
-def health_status(address, service="", timeout=2):
+def health_status(address, service="", timeout=2, channel=None):
     """grpc.health.v1 Check of `service` ("" = the server as a whole): "SERVING", "NOT_SERVING",
-    or the gRPC code's name if the check itself failed (e.g. "UNAVAILABLE")."""
-    ch = grpc.insecure_channel(address)
+    or the gRPC code's name if the check itself failed (e.g. "UNAVAILABLE"). Plain text unless
+    `channel` (e.g. Cluster.channel_to(address)) is given."""
+    ch = channel or grpc.insecure_channel(address)
     try:
         check = ch.unary_unary("/grpc.health.v1.Health/Check",
                                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,

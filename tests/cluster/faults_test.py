@@ -149,7 +149,7 @@ class ExpertServerFaults(FaultTest):
                 self.assert_identical(s.wait(), w, f"stream {i}")
             # The replicas cover every expert: the attention server stays ready, and says why
             # its first expert server is out.
-            self.assertEqual(cu.health_status(attention["address"]), "SERVING")
+            self.assertEqual(c.health(attention["address"]), "SERVING")
             cu.wait_for(lambda: "expert server 0 at" in read(attention["log"]), 5, "the log line")
             self.assertRegex(read(attention["log"]), r"expert server 0 at \S+ is down")
             self.assert_identical(Stream(c.gateway, cases[0], 300).wait(), want[0], "after the kill")
@@ -191,7 +191,7 @@ class ExpertServerFaults(FaultTest):
         c = cu.Cluster(self.model, experts=2, extra=FAST_HEALTH + ("--placement", placement))
         try:
             attention, gateway = c.processes("attention-server")[0], c.processes("gateway")[0]
-            self.assertEqual(cu.health_status(attention["address"]), "SERVING")
+            self.assertEqual(c.health(attention["address"]), "SERVING")
             dead = c.processes("expert-server")[1]
             argv = command_line(dead["pid"])
 
@@ -209,9 +209,9 @@ class ExpertServerFaults(FaultTest):
 
             # Readiness follows: the attention server (and so the gateway, whose only attention
             # server it is) is no longer ready, but alive.
-            cu.wait_for(lambda: cu.health_status(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
-            cu.wait_for(lambda: cu.health_status(gateway["address"]) == "NOT_SERVING", 5, "gateway NOT_SERVING")
-            self.assertEqual(cu.health_status(attention["address"], "dsmoe.internal.v1.AttentionService"), "SERVING")
+            cu.wait_for(lambda: c.health(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
+            cu.wait_for(lambda: c.health(gateway["address"]) == "NOT_SERVING", 5, "gateway NOT_SERVING")
+            self.assertEqual(c.health(attention["address"], "dsmoe.internal.v1.AttentionService"), "SERVING")
 
             # 2. While it is down, 24 concurrent requests: exactly those routed to E fail, at
             #    the first position that needs it; the others are untouched.
@@ -230,8 +230,8 @@ class ExpertServerFaults(FaultTest):
             # 3. Back on its port, the server rejoins by itself and everything works again.
             proc = spawn(same_port(argv, dead["address"]), dead["log"])
             try:
-                cu.wait_for(lambda: cu.health_status(attention["address"]) == "SERVING", 15, "attention SERVING again")
-                cu.wait_for(lambda: cu.health_status(gateway["address"]) == "SERVING", 5, "gateway SERVING again")
+                cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 15, "attention SERVING again")
+                cu.wait_for(lambda: c.health(gateway["address"]) == "SERVING", 5, "gateway SERVING again")
                 streams = [Stream(c.gateway, p, 3) for p in short_cases]
                 for i, (s, w) in enumerate(zip(streams, short_want)):
                     self.assert_identical(s.wait(), w, f"short request {i} after the restart")
@@ -261,7 +261,7 @@ class ExpertServerFaults(FaultTest):
                 self.assertEqual(s.tokens, w[:len(s.tokens)])
                 self.assertIn("tokens were delivered", s.details)
             self.assertLess(time.time() - start, 5)
-            cu.wait_for(lambda: cu.health_status(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
+            cu.wait_for(lambda: c.health(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
             # Taken out: a new request fails at once, without waiting for a deadline.
             start = time.time()
             s = Stream(c.gateway, cases[0], 200).wait()
@@ -269,7 +269,7 @@ class ExpertServerFaults(FaultTest):
             self.assertIn("routed expert", s.details)
             self.assertLess(time.time() - start, 0.45)
             os.kill(pid, signal.SIGCONT)
-            cu.wait_for(lambda: cu.health_status(attention["address"]) == "SERVING", 5, "attention SERVING again")
+            cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 5, "attention SERVING again")
             for i, (p, w) in enumerate(zip(cases, want)):
                 self.assert_identical(Stream(c.gateway, p, 200).wait(), w, f"request {i} after SIGCONT")
         finally:
@@ -279,12 +279,13 @@ class ExpertServerFaults(FaultTest):
     def test_attention_server_is_ready_only_once_its_expert_server_is(self):
         # Started before its expert server (as Kubernetes may): it serves gRPC at once but is not
         # ready, writes no ready file, and becomes ready by itself when the expert server starts.
+        # (Plain text: these two are started by hand, without the cluster's certificates.)
         port = free_port()
         bin_dir = os.path.dirname(cu.DSMOE)
         d = tempfile.mkdtemp(dir=TMP.name)
         ready = os.path.join(d, "attention.port")
         att = spawn([os.path.join(bin_dir, "dsmoe-attention-server"), "--model", self.model, "--expert-servers",
-                     f"127.0.0.1:{port}", "--ready-file", ready, "--threads", "1", *FAST_HEALTH],
+                     f"127.0.0.1:{port}", "--ready-file", ready, "--threads", "1", "--insecure", *FAST_HEALTH],
                     os.path.join(d, "attention.log"))
         expert = None
         try:
@@ -295,7 +296,8 @@ class ExpertServerFaults(FaultTest):
             time.sleep(0.5)
             self.assertFalse(os.path.exists(ready))
             expert = spawn([os.path.join(bin_dir, "dsmoe-expert-server"), "--model", self.model, "--server-index", "0",
-                            "--listen", f"127.0.0.1:{port}", "--threads", "1"], os.path.join(d, "expert.log"))
+                            "--listen", f"127.0.0.1:{port}", "--threads", "1", "--insecure"],
+                           os.path.join(d, "expert.log"))
             cu.wait_for(lambda: cu.health_status(address) == "SERVING", 30, "attention SERVING")
             cu.wait_for(lambda: os.path.exists(ready), 5, "the ready file")
             ids = [5, 6, 7]
@@ -354,7 +356,7 @@ class AttentionServerFaults(FaultTest):
             self.assert_failed_mid_stream(long.wait(), long_want, "the long request")
             for i, (s, w) in enumerate(zip(streams, short_want)):
                 self.assert_identical(s.wait(), w, f"short request {i}")
-            self.assertEqual(cu.health_status(c.gateway_address), "SERVING")  # attention 1 still is
+            self.assertEqual(c.health(c.gateway_address), "SERVING")  # attention 1 still is
             # Restarted on the same port, it gets requests again.
             proc = spawn(same_port(argv, self.att[0]["address"]), self.att[0]["log"])
             try:
@@ -387,7 +389,7 @@ class AttentionServerFaults(FaultTest):
     def check_rejoins(self, c):
         """Attention server 0 gets requests again: with one request running on each server's
         single slot, two concurrent requests run on both at once."""
-        cu.wait_for(lambda: cu.health_status(self.att[0]["address"]) == "SERVING", 15, "attention 0 SERVING")
+        cu.wait_for(lambda: c.health(self.att[0]["address"]) == "SERVING", 15, "attention 0 SERVING")
         cu.wait_for(lambda: self.load(c, 0) == (0, 0), 10, "attention 0 idle")
         time.sleep(1)  # a few gateway health periods: it has seen attention 0 serve again
         ids = [[7, 8, 9], [9, 8, 7]]

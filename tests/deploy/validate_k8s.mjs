@@ -1,6 +1,7 @@
 // Validates Kubernetes manifests (multi-document YAML, e.g. `helm template` output) offline
 // against the API schemas bundled in npm kubernetes-models (core Kubernetes, ~1.34) and
-// @kubernetes-models/prometheus-operator (ServiceMonitor, PodMonitor). `kubectl apply
+// @kubernetes-models/prometheus-operator (ServiceMonitor, PodMonitor) and
+// @kubernetes-models/cert-manager (Certificate). `kubectl apply
 // --dry-run=client` cannot do this: it needs a cluster for API discovery.
 // Usage: node validate_k8s.mjs FILE.yaml... ('-' = stdin). Exit 1 on any invalid object.
 import { readFileSync } from "node:fs";
@@ -10,6 +11,9 @@ import { parseAllDocuments } from "yaml";
 async function modelsFor(apiVersion) {
   if (apiVersion.startsWith("monitoring.coreos.com/")) {
     return import(`@kubernetes-models/prometheus-operator/${apiVersion}`);
+  }
+  if (apiVersion.startsWith("cert-manager.io/")) {
+    return import(`@kubernetes-models/cert-manager/${apiVersion}`);
   }
   return import(`kubernetes-models/${apiVersion}`);
 }

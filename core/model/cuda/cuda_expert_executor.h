@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/model/cuda/device_weights.h"
 #include "core/model/routed_experts.h"
@@ -27,7 +28,17 @@ class CudaExpertExecutor final : public RoutedExpertExecutor {
   absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                    const float* weights, int64_t k, float* out) override;
 
+  // As LocalExpertExecutor::RunAssignments (what an expert server computes): out[t] = Σ over
+  // the assignments of token t, in their order, of weight · expert(x[t]); zeros for tokens
+  // without any. At most max_tokens tokens and max_tokens × top-k assignments.
+  absl::Status RunAssignments(int64_t layer, const float* x, int64_t T,
+                              const ExpertAssignments& assignments, float* out);
+
  private:
+  // INVALID_ARGUMENT / FAILED_PRECONDITION unless layer is a MoE layer whose experts[0, n) are
+  // all held here.
+  absl::Status CheckExperts(int64_t layer, const int32_t* experts, int64_t n) const;
+
   explicit CudaExpertExecutor(const ModelWeights& weights) : weights_(weights) {}
 
   const ModelWeights& weights_;
@@ -39,7 +50,11 @@ class CudaExpertExecutor final : public RoutedExpertExecutor {
   float *x_ = nullptr, *route_w_ = nullptr, *expert_out_ = nullptr, *out_ = nullptr;
   uint16_t *x_bf16_ = nullptr, *act_ = nullptr;
   int32_t* route_e_ = nullptr;
+  int32_t *route_t_ = nullptr, *token_offsets_ = nullptr;  // RunAssignments: tokens, CSR
   GroupedPlan plan_;
+  // RunAssignments' host staging: assignments sorted by token (stable), and the CSR offsets.
+  std::vector<int32_t> sorted_expert_, sorted_token_, offsets_;
+  std::vector<float> sorted_weight_;
 };
 
 }  // namespace dsmoe::cuda

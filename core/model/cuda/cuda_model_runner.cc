@@ -206,66 +206,109 @@ absl::Status CudaModelRunner::Enqueue(int64_t T, int64_t R) {
   const int32_t* positions = d_inputs_ + 2 * maxT;
   const int32_t* rows = d_inputs_ + 3 * maxT;
   cudaStream_t s = stream_;
+  auto mark = [&](const char* phase) {
+    if (profiler_ != nullptr && profiler_->per_phase()) profiler_->Mark(phase, s);
+  };
 
   DSMOE_CUDA_RETURN_IF_ERROR(LaunchEmbed(dw_->embed_tokens, ids, T, H, h_, s), "embed");
+  mark("embed");
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     const DeviceLayer& D = dw_->layers[layer];
     const PagedKvLayer kv = kv_->Layer(layer);
     // --- self-attention: h += o_proj(attn(rms_norm(h))) ---
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, D.input_norm, nullptr, T, H, eps, xn_, nullptr, s),
                                "rms_norm");
-    DSMOE_RETURN_IF_ERROR(gemm_->Bf16(xn_, T, D.qkv, nqkv, H, 0.0f, qkv_, s));  // [T, (nh+2nkv)·hd]
+    mark("rms_norm");
+    DSMOE_RETURN_IF_ERROR(Project(xn_, T, D.qkv, nqkv, H, false, qkv_));  // [T, (nh+2nkv)·hd]
+    mark("qkv_proj");
     DSMOE_CUDA_RETURN_IF_ERROR(
         LaunchRopeKvWrite(qkv_, D.qkv_bias, positions, slots, rope_cos_, rope_sin_, T, nh, nkv,
                           static_cast<int>(hd), kv, s),
         "rope");
+    mark("rope_kv_write");
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchPagedAttention(qkv_, positions, slots, T, nh, nkv,
                                                     static_cast<int>(hd), scale, kv, attn_, s),
-                               "attention");                                     // [T, nh·hd]
-    DSMOE_RETURN_IF_ERROR(gemm_->Bf16(attn_, T, D.o, H, nh * hd, 1.0f, h_, s));  // h += attn·Woᵀ
+                               "attention");  // [T, nh·hd]
+    mark("attention");
+    DSMOE_RETURN_IF_ERROR(Project(attn_, T, D.o, H, nh * hd, true, h_));  // h += attn·Woᵀ
     if (D.o_bias != nullptr)
       DSMOE_CUDA_RETURN_IF_ERROR(LaunchAddBias(D.o_bias, T, H, h_, s), "o bias");
+    mark("o_proj");
 
     // --- feed-forward: h += mlp(rms_norm(h)) ---
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, D.post_attention_norm, nullptr, T, H, eps, xn_,
                                              D.is_moe ? xn_f32_ : nullptr, s),
                                "rms_norm");
+    mark("rms_norm");
     if (!D.is_moe) {
       const int64_t W = D.dense.width;
       DSMOE_RETURN_IF_ERROR(
-          gemm_->Bf16(xn_, T, D.dense.gate_up, 2 * W, H, 0.0f, dense_gu_, s));  // [T, 2W]
+          Project(xn_, T, D.dense.gate_up, 2 * W, H, false, dense_gu_));  // [T, 2W]
       DSMOE_CUDA_RETURN_IF_ERROR(LaunchSiluMul(dense_gu_, T, W, dense_act_, s),
                                  "silu_mul");  // [T, W]
-      DSMOE_RETURN_IF_ERROR(gemm_->Bf16(dense_act_, T, D.dense.down, H, W, 1.0f, h_, s));
+      DSMOE_RETURN_IF_ERROR(Project(dense_act_, T, D.dense.down, H, W, true, h_));
+      mark("dense_mlp");
       continue;
     }
-    int32_t* route_e = route_experts_ + layer * maxT * k;                              // [T, k]
-    float* route_w = route_weights_ + layer * maxT * k;                                // [T, k]
-    DSMOE_RETURN_IF_ERROR(gemm_->F32(xn_f32_, T, D.router, E, H, router_logits_, s));  // [T, E]
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchGateTopK(router_logits_, T, static_cast<int>(E), k,
-                                              c.norm_topk_prob, route_e, route_w, s),
-                               "gate");
+    int32_t* route_e = route_experts_ + layer * maxT * k;                           // [T, k]
+    float* route_w = route_weights_ + layer * maxT * k;                             // [T, k]
+    DSMOE_RETURN_IF_ERROR(ProjectF32(xn_f32_, T, D.router, E, H, router_logits_));  // [T, E]
+    mark("router_logits");
     const bool routed_here = experts_ == nullptr;
-    if (!routed_here) DSMOE_RETURN_IF_ERROR(ExternalExperts(layer, T));
-    if (!routed_here && !D.has_shared) continue;
-    // Routed experts (if here) and the shared expert: one grouped launch per projection.
-    DSMOE_CUDA_RETURN_IF_ERROR(LaunchBuildGroupedPlan(route_e, T, k, static_cast<int>(E),
-                                                      routed_here, D.has_shared, plan_, s),
-                               "grouping");
+    if (routed_here && T <= kFusedRouteMaxTokens) {
+      // Routing and grouping in one launch (decode steps).
+      DSMOE_CUDA_RETURN_IF_ERROR(
+          LaunchRouteAndPlan(router_logits_, T, static_cast<int>(E), k, c.norm_topk_prob, route_e,
+                             route_w, D.has_shared, plan_, s),
+          "gate and grouping");
+    } else {
+      DSMOE_CUDA_RETURN_IF_ERROR(LaunchGateTopK(router_logits_, T, static_cast<int>(E), k,
+                                                c.norm_topk_prob, route_e, route_w, s),
+                                 "gate");
+      if (!routed_here) DSMOE_RETURN_IF_ERROR(ExternalExperts(layer, T));
+      if (!routed_here && !D.has_shared) continue;
+      // Routed experts (if here) and the shared expert: one grouped launch per projection.
+      DSMOE_CUDA_RETURN_IF_ERROR(LaunchBuildGroupedPlan(route_e, T, k, static_cast<int>(E),
+                                                        routed_here, D.has_shared, plan_, s),
+                                 "grouping");
+    }
+    mark("gate_and_grouping");
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedGateUp(xn_, T, k, plan_, D.groups, group_act_, s),
                                "experts gate/up");
+    mark("experts_gate_up");
     DSMOE_CUDA_RETURN_IF_ERROR(LaunchGroupedDown(group_act_, T, k, plan_, D.groups, expert_out_, s),
                                "experts down");
+    mark("experts_down");
     DSMOE_CUDA_RETURN_IF_ERROR(
         LaunchCombine(expert_out_, plan_, route_w, T, k, routed_here,
                       D.has_shared ? static_cast<int>(E) : -1, H, true, h_, s),
         "combine");
+    mark("experts_combine");
   }
   if (R == 0) return absl::OkStatus();
   // --- logits for the wanted rows: lm_head(rms_norm(h)) ---
   DSMOE_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(h_, dw_->final_norm, rows, R, H, eps, xn_, nullptr, s),
                              "final norm");
-  return gemm_->Bf16(xn_, R, dw_->lm_head, c.vocab_size, H, 0.0f, logits_, s);  // [R, V]
+  mark("rms_norm");
+  DSMOE_RETURN_IF_ERROR(Project(xn_, R, dw_->lm_head, c.vocab_size, H, false, logits_));
+  mark("lm_head");  // [R, V]
+  return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::Project(const uint16_t* x, int64_t T, const uint16_t* w, int64_t N,
+                                      int64_t K, bool accumulate, float* y) {
+  if (GemvBeatsCublas(T, N) && K % 8 == 0) {
+    return CudaStatus(LaunchGemvBf16(x, T, w, N, K, accumulate, y, stream_), "gemv");
+  }
+  return gemm_->Bf16(x, T, w, N, K, accumulate ? 1.0f : 0.0f, y, stream_);
+}
+
+absl::Status CudaModelRunner::ProjectF32(const float* x, int64_t T, const float* w, int64_t N,
+                                         int64_t K, float* y) {
+  if (GemvBeatsCublas(T, N) && K % 8 == 0) {
+    return CudaStatus(LaunchGemvF32(x, T, w, N, K, y, stream_), "gemv (fp32)");
+  }
+  return gemm_->F32(x, T, w, N, K, y, stream_);
 }
 
 absl::Status CudaModelRunner::ExternalExperts(int64_t layer, int64_t T) {
@@ -299,6 +342,7 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
   const int64_t maxT = options_.max_batch_tokens;
   DSMOE_RETURN_IF_ERROR(kv_->Reserve(b.slots, b.positions));
+  if (profiler_ != nullptr) DSMOE_RETURN_IF_ERROR(profiler_->Begin(stream_));
   std::memcpy(h_inputs_, b.token_ids.data(), T * sizeof(int32_t));
   std::memcpy(h_inputs_ + maxT, b.slots.data(), T * sizeof(int32_t));
   std::memcpy(h_inputs_ + 2 * maxT, b.positions.data(), T * sizeof(int32_t));
@@ -307,9 +351,11 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
                                              cudaMemcpyHostToDevice, stream_),
                              "inputs to device");
   DSMOE_RETURN_IF_ERROR(kv_->Sync(stream_));
+  if (profiler_ != nullptr) profiler_->Mark("inputs_to_device", stream_);
 
-  const bool graph =
-      options_.use_cuda_graphs && experts_ == nullptr && R == T && T <= options_.max_graph_tokens;
+  const bool graph = options_.use_cuda_graphs && experts_ == nullptr &&
+                     (profiler_ == nullptr || !profiler_->per_phase()) && R == T &&
+                     T <= options_.max_graph_tokens;
   if (graph) {
     auto it = graphs_.find(T);
     if (it == graphs_.end()) {
@@ -331,14 +377,17 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
       it = graphs_.emplace(T, exec).first;
     }
     DSMOE_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second, stream_), "graph launch");
+    if (profiler_ != nullptr) profiler_->Mark("decode_graph", stream_);
   } else {
     DSMOE_RETURN_IF_ERROR(Enqueue(T, R));
+    if (profiler_ != nullptr && !profiler_->per_phase()) profiler_->Mark("forward", stream_);
   }
   if (R > 0) {
     DSMOE_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(host_logits, logits_, R * config_.vocab_size * sizeof(float),
                         cudaMemcpyDeviceToHost, stream_),
         "logits to host");
+    if (profiler_ != nullptr) profiler_->Mark("logits_to_host", stream_);
   }
   const int64_t k = config_.num_experts_per_tok;
   if (observer_ != nullptr && config_.n_routed_experts > 0) {
@@ -359,6 +408,7 @@ absl::Status CudaModelRunner::Forward(const ForwardBatch& b, float* host_logits)
     }
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_), "forward pass");
+  if (profiler_ != nullptr) DSMOE_RETURN_IF_ERROR(profiler_->End());
   if (observer_ != nullptr && config_.n_routed_experts > 0) {
     for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
       if (!config_.IsMoeLayer(layer)) continue;

@@ -4,7 +4,7 @@
 //
 //   h = embed(tokens)                                       [T, H] fp32
 //   per layer:  xn = rms_norm(h)                            [T, H] bf16
-//               qkv = xn·Wqkvᵀ                              [T, (nh+2nkv)·hd]  (cuBLAS)
+//               qkv = xn·Wqkvᵀ                              [T, (nh+2nkv)·hd]  (cuBLAS/GEMV)
 //               rope(q, k); cache[slot][pos] = k, v         (paged, bf16)
 //               h += attention(q | cache)·Woᵀ               (cuBLAS, beta = 1)
 //               xn = rms_norm(h)
@@ -30,6 +30,7 @@
 
 #include "core/model/cuda/device_weights.h"
 #include "core/model/cuda/paged_kv_cache.h"
+#include "core/model/cuda/step_profiler.h"
 #include "core/model/model_runner.h"
 #include "core/ops/cuda/cublas_gemm.h"
 
@@ -49,26 +50,30 @@ struct CudaRunnerOptions {
 // Thread-compatible: one owner thread calls Forward. Owns its device memory (weights, KV cache,
 // activation arena, all allocated in Create) and its stream; Forward allocates nothing on the
 // device except when it captures a new graph.
-class CudaModelRunner {
+class CudaModelRunner final : public BatchRunner {
  public:
   // REQUIRES: weights (attention side loaded; routed experts too unless `experts` is given) and
   // `experts` outlive the runner. FAILED_PRECONDITION "no CUDA device: ..." without a GPU.
   static absl::StatusOr<std::unique_ptr<CudaModelRunner>> Create(
       const ModelWeights& weights, const CudaRunnerOptions& options,
       RoutedExpertExecutor* experts = nullptr);
-  ~CudaModelRunner();
+  ~CudaModelRunner() override;
   CudaModelRunner(const CudaModelRunner&) = delete;
   CudaModelRunner& operator=(const CudaModelRunner&) = delete;
 
   // As ModelRunner::Forward: logits for batch.logit_rows into host_logits ([rows, vocab]).
   // Page-locked host_logits (cudaMallocHost) makes the copy a DMA.
-  absl::Status Forward(const ForwardBatch& batch, float* host_logits);
+  absl::Status Forward(const ForwardBatch& batch, float* host_logits) override;
 
   // Frees a finished sequence's KV-cache pages.
-  void ReleaseSlot(int32_t slot) { kv_->Release(slot); }
+  void ReleaseSlot(int32_t slot) override { kv_->Release(slot); }
 
-  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
-  const ModelConfig& config() const { return config_; }
+  void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
+  // While set (not owned), Forward times its phases (benchmarks; per-phase profiles run without
+  // CUDA graphs).
+  void set_profiler(StepProfiler* profiler) { profiler_ = profiler; }
+  const ModelConfig& config() const override { return config_; }
+  int64_t max_context() const override { return options_.max_context; }
   const CudaRunnerOptions& options() const { return options_; }
   const PagedKvCache& kv_cache() const { return *kv_; }
   size_t weight_bytes() const { return dw_->num_bytes(); }
@@ -83,12 +88,19 @@ class CudaModelRunner {
   // !external_experts_).
   absl::Status Enqueue(int64_t T, int64_t R);
   absl::Status ExternalExperts(int64_t layer, int64_t T);
+  // y[T, N] = x·Wᵀ (+ y when accumulate) on stream_: the GEMV kernel for decode-sized batches,
+  // cuBLAS otherwise.
+  absl::Status Project(const uint16_t* x, int64_t T, const uint16_t* w, int64_t N, int64_t K,
+                       bool accumulate, float* y);
+  absl::Status ProjectF32(const float* x, int64_t T, const float* w, int64_t N, int64_t K,
+                          float* y);
 
   const ModelWeights& weights_;
   const ModelConfig& config_;
   CudaRunnerOptions options_;
   RoutedExpertExecutor* experts_ = nullptr;
   RoutingObserver* observer_ = nullptr;
+  StepProfiler* profiler_ = nullptr;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<DeviceWeights> dw_;
   std::unique_ptr<PagedKvCache> kv_;

@@ -46,6 +46,24 @@ cudaError_t LaunchAddBias(const float* bias, int64_t T, int64_t N, float* y, cud
 // out[i] = bf16(x[i]), round to nearest even.
 cudaError_t LaunchF32ToBf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream);
 
+// ---- Dense projections of small batches ------------------------------------------------------
+
+// y[T, N] = x[T, K]·Wᵀ (+ y when accumulate), W [N, K] bf16, x bf16, fp32 accumulation: one warp
+// per output feature, for the few rows of a decode step (cuBLAS is faster from a few dozen rows;
+// see kGemvMaxTokens). K % 8 == 0 and 16-byte aligned rows, else cudaErrorInvalidValue.
+cudaError_t LaunchGemvBf16(const uint16_t* x_bf16, int64_t T, const uint16_t* w, int64_t N,
+                           int64_t K, bool accumulate, float* y, cudaStream_t stream);
+// The same in fp32 (the router: its logits decide the routing, so they stay fp32 end to end).
+cudaError_t LaunchGemvF32(const float* x, int64_t T, const float* w, int64_t N, int64_t K, float* y,
+                          cudaStream_t stream);
+// Batches up to this many tokens take the dense GEMV instead of cuBLAS (see GemvBeatsCublas).
+inline constexpr int64_t kGemvMaxTokens = 8;
+// Whether the dense GEMV beats cuBLAS for y[T, N] (H200, dsmoe_bench_gpu): for projections of a
+// few thousand features at up to 8 rows (3072 × 1024 at batch 1: 9 vs 15 µs); not for the LM
+// head's tens of thousands, where cuBLAS already streams the weights well (32000 × 1024: 29 µs
+// both at batch 1, 28 vs 44 µs at batch 4).
+inline bool GemvBeatsCublas(int64_t T, int64_t N) { return T <= kGemvMaxTokens && N < 8192; }
+
 // ---- Attention over a paged KV cache ---------------------------------------------------------
 
 // One layer's view of the paged cache. Keys and values are bf16, [num_pages, page_size, nkv, hd];
@@ -101,11 +119,25 @@ struct GroupedPlan {
   int32_t* num_tiles = nullptr;
 };
 int64_t MaxGroupedTiles(int64_t T, int64_t k, int64_t num_groups);
+int64_t MaxGroupedTilesForRows(int64_t rows, int64_t num_groups);  // any number of grouped rows
 
 // Builds the plan from experts [T, k] (ignored when !routed). num_groups = E + (shared ? 1 : 0).
 // One block; T·k <= 65536.
 cudaError_t LaunchBuildGroupedPlan(const int32_t* experts, int64_t T, int k, int E, bool routed,
                                    bool shared, GroupedPlan plan, cudaStream_t stream);
+
+// The plan of an expert server's request: A explicit (token, expert) assignments, any number per
+// token (assignment a reads row tokens[a] of x), routed groups only. Tiles for
+// MaxGroupedTilesForRows(A, E); A <= 65536.
+cudaError_t LaunchBuildAssignmentPlan(const int32_t* experts, const int32_t* tokens, int64_t A,
+                                      int E, GroupedPlan plan, cudaStream_t stream);
+
+// LaunchGateTopK then LaunchBuildGroupedPlan (routed) in one single-block launch: for decode
+// batches (up to kFusedRouteMaxTokens tokens), where the launch costs more than the work.
+cudaError_t LaunchRouteAndPlan(const float* logits, int64_t T, int E, int k, bool norm_topk_prob,
+                               int32_t* experts, float* weights, bool shared, GroupedPlan plan,
+                               cudaStream_t stream);
+inline constexpr int64_t kFusedRouteMaxTokens = 16;  // one block: slower than two launches beyond
 
 // Per-group weights, device arrays of num_groups entries (null pointers for groups no token
 // can reach, e.g. experts this process does not hold).
@@ -118,15 +150,27 @@ struct GroupedWeights {
   int hidden = 0;     // H
 };
 
+// How the grouped GEMMs run: tensor-core tiles (32 features × 32 rows, WMMA) or, for small
+// batches where groups hold a few rows, one warp per output feature streaming its weight row
+// (GEMV-shaped). kAuto picks the GEMV up to kGroupedGemvMaxTokens tokens. Same results either way
+// up to fp32 summation order.
+enum class GroupedAlgo { kAuto, kTensorCore, kGemv };
+// Measured on an H200 (dsmoe_bench_gpu, 64 experts of 1024 × 704, top-6): GEMV 14 vs 28 µs at
+// batch 1, but 54 vs 49 µs at batch 4 (each expert then has about one row, and the GEMV pays for
+// its row-pass bound).
+inline constexpr int64_t kGroupedGemvMaxTokens = 2;
+
 // act[r, i] = bf16(silu(x[row_token[r]]·gate_gᵀ)[i] · (x[row_token[r]]·up_gᵀ)[i]) for every grouped
 // row r of group g and i < W_g. x [T, H] bf16, act [rows, max_width] bf16. H % 8 == 0,
 // W_g % 8 == 0. `T` only sizes the grid (it bounds the rows).
 cudaError_t LaunchGroupedGateUp(const uint16_t* x_bf16, int64_t T, int k, GroupedPlan plan,
-                                GroupedWeights w, uint16_t* act_bf16, cudaStream_t stream);
+                                GroupedWeights w, uint16_t* act_bf16, cudaStream_t stream,
+                                GroupedAlgo algo = GroupedAlgo::kAuto);
 
 // out[r] = act[r, :W_g]·down_gᵀ for every grouped row r of group g: out [rows, H] fp32.
 cudaError_t LaunchGroupedDown(const uint16_t* act_bf16, int64_t T, int k, GroupedPlan plan,
-                              GroupedWeights w, float* out, cudaStream_t stream);
+                              GroupedWeights w, float* out, cudaStream_t stream,
+                              GroupedAlgo algo = GroupedAlgo::kAuto);
 
 // y[t] (+)= Σ_j weights[t·k + j]·expert_out[assign_row[t·k + j]]  (in routing order, so the sum
 // is deterministic) + expert_out[group_offset[shared_group] + t] if shared_group >= 0.
@@ -134,5 +178,11 @@ cudaError_t LaunchGroupedDown(const uint16_t* act_bf16, int64_t T, int k, Groupe
 cudaError_t LaunchCombine(const float* expert_out, GroupedPlan plan, const float* weights,
                           int64_t T, int k, bool routed, int shared_group, int64_t H,
                           bool accumulate, float* y, cudaStream_t stream);
+
+// y[t] = Σ_{a in [token_offsets[t], token_offsets[t + 1])} weights[a]·expert_out[assign_row[a]]
+// (assignments sorted by token, summed in order): the combine of LaunchBuildAssignmentPlan.
+cudaError_t LaunchCombineAssignments(const float* expert_out, GroupedPlan plan,
+                                     const float* weights, const int32_t* token_offsets, int64_t T,
+                                     int64_t H, float* y, cudaStream_t stream);
 
 }  // namespace dsmoe::cuda

@@ -3,17 +3,11 @@
 #include <cuda_bf16.h>
 
 #include "core/ops/cuda/cuda_ops.h"
+#include "core/ops/cuda/kernel_util.cuh"
 
 namespace dsmoe::cuda {
 
 namespace {
-
-__device__ __forceinline__ uint16_t ToBf16Bits(float f) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-__device__ __forceinline__ float Bf16BitsToFloat(uint16_t b) {
-  return __bfloat162float(__ushort_as_bfloat16(b));
-}
 
 inline unsigned Blocks(int64_t n, int threads) {
   return static_cast<unsigned>((n + threads - 1) / threads);

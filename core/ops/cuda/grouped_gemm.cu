@@ -14,10 +14,17 @@
 //
 // Gate/up: the block loads gate rows f and up rows W + f together and applies SiLU-mul in the
 // epilogue, so the [rows, 2W] intermediate never reaches memory.
+//
+// Small batches (decode) take a GEMV-shaped kernel instead: a group then has a handful of rows,
+// so the tensor-core tile is mostly padding and its K loop is a chain of dependent pipeline
+// waits. There one warp owns one output feature of one tile: it streams the feature's weight
+// row(s) with 16-byte loads (all independent, so the row is in flight at once) and dots them with
+// up to 8 grouped rows at a time, re-reading the row from cache for more rows.
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include "core/ops/cuda/cuda_ops.h"
+#include "core/ops/cuda/kernel_util.cuh"
 
 namespace dsmoe::cuda {
 
@@ -155,28 +162,134 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace
+constexpr int kGemvWarps = 8;  // warps (output features) per block
 
-cudaError_t LaunchGroupedGateUp(const uint16_t* x_bf16, int64_t T, int k, GroupedPlan plan,
-                                GroupedWeights w, uint16_t* act_bf16, cudaStream_t stream) {
+// Same contract as GroupedGemmKernel; a warp computes one output feature of one tile (more per
+// warp shrank the grid of these narrow matrices and lost bandwidth on an H200).
+template <bool kGlu, int kRows>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    GroupedGemvKernel(const __nv_bfloat16* __restrict__ in, int64_t ld_in, GroupedPlan plan,
+                      GroupedWeights w, void* __restrict__ out, int64_t ld_out) {
+  constexpr int kA = kGlu ? 2 : 1;  // weight rows per feature: gate (and up)
+  const int tile = blockIdx.y;
+  if (tile >= *plan.num_tiles) return;
+  const int g = plan.tile_group[tile];
+  const int row0 = plan.tile_row[tile];
+  const int tile_rows = min(kGroupedTileRows, plan.group_offset[g + 1] - row0);
+  const int W = w.width[g];
+  const int N = kGlu ? W : w.hidden;
+  const int K = kGlu ? w.hidden : W;
+  const int f = blockIdx.x * kGemvWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (f >= N) return;
+  const uint16_t* weight = reinterpret_cast<const uint16_t*>(kGlu ? w.gate_up[g] : w.down[g]);
+  const uint16_t* wrow[kA];  // feature f's gate row, then (kGlu) its up row W + f
+#pragma unroll
+  for (int a = 0; a < kA; ++a) wrow[a] = weight + (static_cast<int64_t>(a) * W + f) * K;
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(in);
+
+  for (int r0 = 0; r0 < tile_rows; r0 += kRows) {
+    const int rows = min(kRows, tile_rows - r0);
+    const uint16_t* xr[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row0 + r0 + min(r, rows - 1);
+      xr[r] = x + (kGlu ? plan.row_token[row] : row) * ld_in;
+    }
+    float acc[kA][kRows] = {};
+#pragma unroll 4
+    for (int c = lane * 8; c < K; c += 32 * 8) {
+      float wf[kA][8];
+#pragma unroll
+      for (int a = 0; a < kA; ++a) {
+        UnpackBf16x8(__ldg(reinterpret_cast<const uint4*>(wrow[a] + c)), wf[a]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < rows) {
+          float xf[8];
+          UnpackBf16x8(*reinterpret_cast<const uint4*>(xr[r] + c), xf);
+#pragma unroll
+          for (int a = 0; a < kA; ++a) {
+#pragma unroll
+            for (int d = 0; d < 8; ++d) acc[a][r] += wf[a][d] * xf[d];
+          }
+        }
+      }
+    }
+    // Warp sums; lane r writes row r.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int a = 0; a < kA; ++a) {
+        for (int o = 16; o > 0; o >>= 1) acc[a][r] += __shfl_xor_sync(0xffffffffu, acc[a][r], o);
+      }
+      if (lane == r && r < rows) {
+        const int64_t o = static_cast<int64_t>(row0 + r0 + r) * ld_out + f;
+        if constexpr (kGlu) {
+          const float gate = acc[0][r], up = acc[1][r];
+          static_cast<__nv_bfloat16*>(out)[o] =
+              __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * up);
+        } else {
+          static_cast<float*>(out)[o] = acc[0][r];
+        }
+      }
+    }
+  }
+}
+
+template <bool kGlu, int kRows>
+void LaunchGroupedGemv(dim3 grid, const __nv_bfloat16* in, int64_t ld_in, GroupedPlan plan,
+                       GroupedWeights w, void* out, int64_t ld_out, cudaStream_t stream) {
+  GroupedGemvKernel<kGlu, kRows>
+      <<<grid, kGemvWarps * 32, 0, stream>>>(in, ld_in, plan, w, out, ld_out);
+}
+
+template <bool kGlu>
+cudaError_t LaunchGrouped(const uint16_t* in, int64_t ld_in, int64_t T, int k, GroupedPlan plan,
+                          GroupedWeights w, void* out, int64_t ld_out, GroupedAlgo algo,
+                          cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
   if (w.hidden % 8 != 0 || w.max_width % 8 != 0) return cudaErrorInvalidValue;
-  const dim3 grid((w.max_width + kBlockFeatures - 1) / kBlockFeatures,
-                  static_cast<unsigned>(MaxGroupedTiles(T, k, w.num_groups)));
-  GroupedGemmKernel<true><<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const __nv_bfloat16*>(x_bf16), w.hidden, plan, w, act_bf16, w.max_width);
+  if (algo == GroupedAlgo::kAuto) {
+    algo = T <= kGroupedGemvMaxTokens ? GroupedAlgo::kGemv : GroupedAlgo::kTensorCore;
+  }
+  const int features = kGlu ? w.max_width : w.hidden;
+  const unsigned tiles = static_cast<unsigned>(MaxGroupedTiles(T, k, w.num_groups));
+  const auto* x = reinterpret_cast<const __nv_bfloat16*>(in);
+  if (algo == GroupedAlgo::kGemv) {
+    const dim3 grid((features + kGemvWarps - 1) / kGemvWarps, tiles);
+    switch (GemvRowsPerPass(T)) {
+      case 1:
+        LaunchGroupedGemv<kGlu, 1>(grid, x, ld_in, plan, w, out, ld_out, stream);
+        break;
+      case 2:
+        LaunchGroupedGemv<kGlu, 2>(grid, x, ld_in, plan, w, out, ld_out, stream);
+        break;
+      case 4:
+        LaunchGroupedGemv<kGlu, 4>(grid, x, ld_in, plan, w, out, ld_out, stream);
+        break;
+      default:
+        LaunchGroupedGemv<kGlu, 8>(grid, x, ld_in, plan, w, out, ld_out, stream);
+    }
+  } else {
+    const dim3 grid((features + kBlockFeatures - 1) / kBlockFeatures, tiles);
+    GroupedGemmKernel<kGlu><<<grid, kThreads, 0, stream>>>(x, ld_in, plan, w, out, ld_out);
+  }
   return cudaGetLastError();
 }
 
+}  // namespace
+
+cudaError_t LaunchGroupedGateUp(const uint16_t* x_bf16, int64_t T, int k, GroupedPlan plan,
+                                GroupedWeights w, uint16_t* act_bf16, cudaStream_t stream,
+                                GroupedAlgo algo) {
+  return LaunchGrouped<true>(x_bf16, w.hidden, T, k, plan, w, act_bf16, w.max_width, algo, stream);
+}
+
 cudaError_t LaunchGroupedDown(const uint16_t* act_bf16, int64_t T, int k, GroupedPlan plan,
-                              GroupedWeights w, float* out, cudaStream_t stream) {
-  if (T <= 0) return cudaSuccess;
-  if (w.hidden % 8 != 0 || w.max_width % 8 != 0) return cudaErrorInvalidValue;
-  const dim3 grid((w.hidden + kBlockFeatures - 1) / kBlockFeatures,
-                  static_cast<unsigned>(MaxGroupedTiles(T, k, w.num_groups)));
-  GroupedGemmKernel<false><<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<const __nv_bfloat16*>(act_bf16), w.max_width, plan, w, out, w.hidden);
-  return cudaGetLastError();
+                              GroupedWeights w, float* out, cudaStream_t stream, GroupedAlgo algo) {
+  return LaunchGrouped<false>(act_bf16, w.max_width, T, k, plan, w, out, w.hidden, algo, stream);
 }
 
 }  // namespace dsmoe::cuda

@@ -144,11 +144,12 @@ initContainers:
 {{- end -}}
 
 {{/*
-gRPC health probes on the service port: (dict "root" $ "port" P "service" "dsmoe.v1.Gateway").
-Readiness asks for the overall status (""), which means "can serve": an attention server reports
-SERVING only while every routed expert has a live expert server, the gateway while at least one
-attention server is ready. Startup and liveness ask for the process's own gRPC service, SERVING
-from start-up to shutdown, so a pod waiting for its dependencies is not restarted.
+gRPC health probes on the plain-text health port (tls.healthPort):
+(dict "root" $ "port" P "service" "dsmoe.v1.Gateway"). Readiness asks for the overall status
+(""), which means "can serve": an attention server reports SERVING only while every routed
+expert has a live expert server, the gateway while at least one attention server is ready.
+Startup and liveness ask for the process's own gRPC service, SERVING from start-up to
+shutdown, so a pod waiting for its dependencies is not restarted.
 */}}
 {{- define "dsmoe.probes" -}}
 startupProbe:
