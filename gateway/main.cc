@@ -151,7 +151,7 @@ int main(int argc, char** argv) {
                                 std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
                                 dsmoe::rpc::SplitAddresses(expert_servers), options);
   server_options.address = listen;
-  // The ready file is written once an attention server is ready (below).
+  // The ready file is written once the attention servers were checked (below).
   server_options.max_message_bytes = max_request_bytes;
   if (!metrics_listen.empty()) {
     auto port = metrics.Serve(metrics_listen);
@@ -160,9 +160,10 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
-  // Ready when at least one attention server is.
+  // Ready (health "") when at least one attention server is. The ready file only says the
+  // gateway is up and has checked its attention servers once: it serves whatever they can.
   dsmoe::rpc::Readiness readiness(server->server.get(), dsmoe::v1::Gateway::service_full_name(),
-                                  ready_file, server->port, server_options.metrics_port,
+                                  /*ready_file=*/"", server->port, server_options.metrics_port,
                                   "dsmoe-gateway");
   upstream_health->Start([&](int index, dsmoe::rpc::TargetHealth now) {
     service.OnUpstreamHealth(index, now);
@@ -172,6 +173,11 @@ int main(int argc, char** argv) {
     }
     readiness.Set(any, "no attention server is ready");
   });
+  if (!ready_file.empty()) {
+    if (auto s = dsmoe::rpc::WriteReadyFile(ready_file, server->port, server_options.metrics_port);
+        !s.ok())
+      return Fail(s);
+  }
   std::printf("dsmoe-gateway serving model '%s' on %s (%s), metrics on port %d\n",
               options.model_name.c_str(), server->address().c_str(), security->Describe().c_str(),
               server_options.metrics_port);
