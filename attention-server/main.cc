@@ -8,7 +8,10 @@
 #include "attention-server/batch_runner_factory.h"
 #include "attention-server/placement_service.h"
 #include "attention-server/rebalancer.h"
+#include "core/rpc/health_checker.h"
+#include "core/rpc/health_flags.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/readiness.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "expert-server/grpc_expert_executor.h"
@@ -19,6 +22,30 @@ namespace {
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "dsmoe-attention-server: error: %s\n", std::string(s.message()).c_str());
   return 1;
+}
+
+// "" when every routed expert has a serving holder; else which ones have none.
+std::string MissingExperts(const dsmoe::ModelConfig& config,
+                           const dsmoe::router::Placement& placement,
+                           const dsmoe::rpc::HealthChecker& health) {
+  int64_t num_missing = 0;
+  std::string first;
+  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+    if (!config.IsMoeLayer(layer)) continue;
+    for (int64_t e = 0; e < config.n_routed_experts; ++e) {
+      bool held = false;
+      for (int s : placement.Holders(layer, e)) {
+        held = held || health.health(s) == dsmoe::rpc::TargetHealth::kServing;
+      }
+      if (held) continue;
+      if (num_missing++ < 8) {
+        absl::StrAppend(&first, first.empty() ? "" : ", ", "(", layer, ", ", e, ")");
+      }
+    }
+  }
+  if (num_missing == 0) return "";
+  return absl::StrCat("no serving expert server holds ", num_missing, " routed experts ", first,
+                      num_missing > 8 ? ", ..." : "");
 }
 
 }  // namespace
@@ -50,8 +77,11 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--replicas", replicas, "Copies of each expert in the computed placement")
       ->check(CLI::Range(1, 4096));
-  app.add_option("--dispatch-deadline-ms", deadline_ms, "Deadline of each expert-server call")
-      ->check(CLI::Range(1, 3600000));
+  app.add_option("--dispatch-deadline-ms", deadline_ms,
+                 "Deadline of each expert-server call (a slower server is taken out)")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  dsmoe::rpc::HealthCheckFlags health_flags(app, "expert servers");
   app.add_option("--num-slots", sched.num_slots, "Sequences running at once")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -117,6 +147,7 @@ int main(int argc, char** argv) {
   dsmoe::AttentionMetrics attention_metrics(metrics, config, {load_window_seconds, 6});
 
   std::optional<dsmoe::router::Placement> placement;
+  std::unique_ptr<dsmoe::rpc::HealthChecker> expert_health;
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
   if (!addresses.empty()) {
     absl::StatusOr<dsmoe::router::Placement> p = dsmoe::router::Placement::LoadOrCompute(
@@ -128,11 +159,18 @@ int main(int argc, char** argv) {
                                                           " were given")));
     }
     placement.emplace(std::move(*p));
-    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(
-        config, *placement, addresses,
-        dsmoe::GrpcExpertExecutorOptions{std::chrono::milliseconds(deadline_ms),
-                                         std::chrono::milliseconds(2000), &metrics, *security});
-    if (auto s = remote->VerifyServers(); !s.ok()) return Fail(s);
+    // An expert server counts only once it answers health checks and holds what the placement
+    // says; the first check runs once this server is up (it may start before its experts).
+    expert_health = std::make_unique<dsmoe::rpc::HealthChecker>(
+        addresses, *security, health_flags.Options("dsmoe-attention-server", "expert server"),
+        [&remote](int s) { return remote->VerifyServer(s); });
+    dsmoe::GrpcExpertExecutorOptions executor_options;
+    executor_options.deadline = std::chrono::milliseconds(deadline_ms);
+    executor_options.metrics = &metrics;
+    executor_options.security = *security;
+    executor_options.health = expert_health.get();
+    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
+                                                         executor_options);
   }
   dsmoe::ThreadPool pool(threads);
   auto runner = dsmoe::CreateBatchRunner(*device, **weights, pool, sched, remote.get());
@@ -150,8 +188,7 @@ int main(int argc, char** argv) {
   }
   dsmoe::PlacementService placement_service(rebalancer.get(), config, load_window_seconds);
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
-  server_options.address = listen;
-  server_options.ready_file = ready_file;
+  server_options.address = listen;  // the ready file is written once ready (below)
   if (!metrics_listen.empty()) {
     auto port = metrics.Serve(metrics_listen);
     if (!port.ok()) return Fail(port.status());
@@ -159,6 +196,18 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service, &placement_service});
   if (!server.ok()) return Fail(server.status());
+  // Ready means "can serve": every routed expert reachable on some live expert server.
+  dsmoe::rpc::Readiness readiness(
+      server->server.get(), dsmoe::internal::v1::AttentionService::service_full_name(), ready_file,
+      server->port, server_options.metrics_port, "dsmoe-attention-server");
+  if (expert_health == nullptr) {
+    readiness.Set(true);
+  } else {
+    expert_health->Start([&](int, dsmoe::rpc::TargetHealth) {
+      const std::string missing = MissingExperts(config, *remote->placement(), *expert_health);
+      readiness.Set(missing.empty(), missing);
+    });
+  }
   std::printf(
       "dsmoe-attention-server serving on %s (%s; %s; %zu expert servers, %lld slots), metrics on "
       "port %d\n",
@@ -168,6 +217,7 @@ int main(int argc, char** argv) {
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  expert_health.reset();  // its callback publishes to the server's health service
   metrics.StopServing();  // before the instruments it reads go away
   return 0;
 }

@@ -296,10 +296,22 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     metrics_->batch_tokens->Observe(static_cast<double>(batch_ids_.size()));
   }
   if (!status.ok()) {
-    // Every sequence with tokens in this batch is affected; the others go on next step.
+    std::vector<Sequence*> affected;
     for (size_t i = 0; i < running.size(); ++i) {
-      if (fed_in_step_[i] > 0) Finish(running[i], FinishReason::kStop, status);
+      if (fed_in_step_[i] > 0) affected.push_back(running[i]);
     }
+    if (affected.size() > 1 && status.code() == absl::StatusCode::kUnavailable) {
+      // Some routed experts have no live server: only the sequences that need them must fail.
+      // Each sequence runs this step alone (nothing was committed: `fed` is unchanged and the
+      // KV-cache rows written are rewritten identically), so those that do not need the
+      // missing experts go on unharmed. Costs one pass per sequence, and only on failure.
+      for (Sequence* seq : affected) {
+        std::vector<Sequence*> one = {seq};
+        Step(one);
+      }
+      return;
+    }
+    for (Sequence* seq : affected) Finish(seq, FinishReason::kStop, status);
     return;
   }
   for (size_t i = 0; i < running.size(); ++i) running[i]->fed += fed_in_step_[i];

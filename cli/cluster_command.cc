@@ -160,8 +160,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   const fs::path bin = BinaryDir();
   const std::string model = fs::absolute(o.model).string();
   std::vector<Process> procs;
-  auto start = [&](const std::string& role, int index,
-                   std::vector<std::string> argv) -> absl::Status {
+  auto start = [&](const std::string& role, int index, std::vector<std::string> argv,
+                   const std::vector<std::string>& more = {}) -> absl::Status {
+    argv.insert(argv.end(), more.begin(), more.end());
     Process p;
     p.role = role;
     p.index = index;
@@ -200,22 +201,20 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
       rebalance_flags.push_back(absl::StrCat(value));
     }
   }
+  const std::vector<std::string> health_flags = {
+      "--health-check-period-ms", std::to_string(o.health_check_period_ms),
+      "--health-check-timeout-ms", std::to_string(o.health_check_timeout_ms)};
+  std::vector<std::string> attention_flags = health_flags;
+  attention_flags.insert(attention_flags.end(), rebalance_flags.begin(), rebalance_flags.end());
   for (int i = 0; i < o.attention_servers; ++i) {
-    std::vector<std::string> argv = {(bin / "dsmoe-attention-server").string(),
-                                     "--model",
-                                     model,
-                                     "--expert-servers",
-                                     experts,
-                                     "--placement",
-                                     placement_path,
-                                     "--threads",
-                                     std::to_string(threads),
-                                     "--num-slots",
-                                     std::to_string(o.num_slots),
-                                     "--dispatch-deadline-ms",
-                                     std::to_string(o.dispatch_deadline_ms)};
-    argv.insert(argv.end(), rebalance_flags.begin(), rebalance_flags.end());
-    if (auto s = start("attention-server", i, std::move(argv)); !s.ok()) return fail(s);
+    if (auto s = start("attention-server", i,
+                       {(bin / "dsmoe-attention-server").string(), "--model", model,
+                        "--expert-servers", experts, "--placement", placement_path, "--threads",
+                        std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
+                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)},
+                       attention_flags);
+        !s.ok())
+      return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
   std::vector<std::string> gateway = {
@@ -231,7 +230,7 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     gateway.insert(gateway.end(),
                    {"--tls-client-auth", o.gateway_require_client_cert ? "require" : "none"});
   }
-  if (auto s = start("gateway", 0, gateway); !s.ok()) return fail(s);
+  if (auto s = start("gateway", 0, gateway, health_flags); !s.ok()) return fail(s);
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
 
   (*state)["gateway"] = Join(procs, "gateway");

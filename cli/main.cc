@@ -237,6 +237,17 @@ int main(int argc, char** argv) {
       ->add_option("--load-window-seconds", up.load_window_seconds,
                    "Window of the routing load the planner and imbalance gauges use (default 60)")
       ->check(CLI::Range(1.0, 86400.0));
+  cluster_up
+      ->add_option("--health-check-period-ms", up.health_check_period_ms,
+                   "Interval of the health checks (attention → expert servers, gateway → "
+                   "attention servers)")
+      ->check(CLI::Range(10, 3600000))
+      ->capture_default_str();
+  cluster_up
+      ->add_option("--health-check-timeout-ms", up.health_check_timeout_ms,
+                   "Deadline of one health check")
+      ->check(CLI::Range(10, 3600000))
+      ->capture_default_str();
   cluster_up->add_option("--state-dir", up.state_dir,
                          "Where pids, ports and logs go (default: .dsmoe-cluster)");
   cluster_up->add_flag("--insecure", up.insecure,

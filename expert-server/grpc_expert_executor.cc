@@ -69,10 +69,12 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
   experts_ = experts;
   weights_ = weights;
   const auto now = std::chrono::steady_clock::now();
-  for (size_t s = 0; s < down_since_.size();
-       ++s) {  // give servers that failed a while ago another try
-    if (down_since_[s] && now - *down_since_[s] >= options_.retry_down_after) {
-      down_since_[s].reset();
+  for (size_t s = 0; s < down_since_.size(); ++s) {
+    if (options_.health != nullptr) {  // the checker's verdict, current to one period
+      planner_.SetAvailable(static_cast<int>(s), options_.health->health(static_cast<int>(s)) ==
+                                                     rpc::TargetHealth::kServing);
+    } else if (down_since_[s] && now - *down_since_[s] >= options_.retry_down_after) {
+      down_since_[s].reset();  // give servers that failed a while ago another try
       planner_.SetAvailable(static_cast<int>(s), true);
     }
   }
@@ -157,7 +159,13 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
       if (calls_[s].active &&
           (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED)) {
         transport_failure = true;
-        down_since_[s] = std::chrono::steady_clock::now();
+        if (options_.health != nullptr) {
+          options_.health->MarkDown(
+              static_cast<int>(s),
+              absl::StrCat("a dispatch call failed: ", calls_[s].status.error_message()));
+        } else {
+          down_since_[s] = std::chrono::steady_clock::now();
+        }
         planner_.SetAvailable(static_cast<int>(s), false);
       }
     }
@@ -211,29 +219,27 @@ std::shared_ptr<const router::Placement> GrpcExpertExecutor::placement() const {
   return placement_;
 }
 
-absl::Status GrpcExpertExecutor::VerifyServers() {
-  for (size_t s = 0; s < stubs_.size(); ++s) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + options_.deadline);
-    internal::v1::GetExpertsResponse resp;
-    const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
-    if (!st.ok()) {
-      return absl::UnavailableError(
-          absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
-    }
-    if (resp.hidden_size() != config_.hidden_size) {
-      return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
-                                                        " serves hidden size ", resp.hidden_size(),
-                                                        ", the model has ", config_.hidden_size));
-    }
-    std::set<std::pair<int64_t, int64_t>> held;
-    for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
-    for (const auto& le : placement()->ExpertsOf(static_cast<int>(s))) {
-      if (!held.count(le)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "expert server ", s, " at ", addresses_[s], " does not hold routed expert (layer ",
-            le.first, ", expert ", le.second, ") that the placement assigns it"));
-      }
+absl::Status GrpcExpertExecutor::VerifyServer(int s) const {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.deadline);
+  internal::v1::GetExpertsResponse resp;
+  const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
+  if (!st.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
+  }
+  if (resp.hidden_size() != config_.hidden_size) {
+    return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
+                                                      " serves hidden size ", resp.hidden_size(),
+                                                      ", the model has ", config_.hidden_size));
+  }
+  std::set<std::pair<int64_t, int64_t>> held;
+  for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
+  for (const auto& le : placement()->ExpertsOf(s)) {
+    if (!held.count(le)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert server ", s, " at ", addresses_[s], " does not hold routed expert (layer ",
+          le.first, ", expert ", le.second, ") that the placement assigns it"));
     }
   }
   return absl::OkStatus();

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/model/routed_experts.h"
+#include "core/rpc/health_checker.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/transport_security.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
@@ -26,12 +27,17 @@
 namespace dsmoe {
 
 struct GrpcExpertExecutorOptions {
-  std::chrono::milliseconds deadline{10000};         // per dispatch call
-  std::chrono::milliseconds retry_down_after{2000};  // a failed server is tried again after this
-  rpc::MetricsRegistry* metrics = nullptr;           // where dispatch metrics go; null: none
+  std::chrono::milliseconds deadline{10000};  // per dispatch call
+  // Without a health checker: a failed server is tried again after this.
+  std::chrono::milliseconds retry_down_after{2000};
+  rpc::MetricsRegistry* metrics = nullptr;  // where dispatch metrics go; null: none
   // How the expert servers are reached (mutual TLS with this process's certificate, or plain
   // text when chosen explicitly).
   rpc::TransportSecurity security;  // default: TLS with the system roots, no identity
+  // The expert servers' health (target s = expert server s), if checked: then only servers
+  // it reports serving get work, a failed call marks its server down there, and a server
+  // rejoins as soon as its checks pass again. Not owned; must outlive the executor.
+  rpc::HealthChecker* health = nullptr;
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the
@@ -60,8 +66,10 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
                      const float* weights, int64_t k) override;
   absl::Status Finish(float* out) override;
 
-  // Asks every server which experts it holds and checks the placement against it.
-  absl::Status VerifyServers();
+  // Asks expert server `server` which experts it holds and checks the placement against it
+  // (the health checker's Verify: a server rejoins only if it holds what it should).
+  // Thread-safe (its own call).
+  absl::Status VerifyServer(int server) const;
 
   // Dispatches with `placement` from the next layer on. Call from the thread that runs the
   // forward passes, between two of them, so that no step mixes placements. REQUIRES: the same
@@ -103,8 +111,8 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   const float* x_ = nullptr;
   const int32_t* experts_ = nullptr;
   const float* weights_ = nullptr;
-  // Servers whose last call failed in transport, and since when: they get no work until
-  // retry_down_after has passed.
+  // Without a health checker: servers whose last call failed in transport, and since when;
+  // they get no work until retry_down_after has passed.
   std::vector<std::optional<std::chrono::steady_clock::time_point>> down_since_;
 
   std::mutex mu_;

@@ -88,6 +88,9 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return fail(server.status());
+  // The service's own name answers liveness probes; "" (ready) is SERVING from the start.
+  server->server->GetHealthCheckService()->SetServingStatus(
+      dsmoe::internal::v1::ExpertService::service_full_name(), true);
   std::printf("dsmoe-expert-server %d serving %lld routed experts on %s (%s), metrics on port %d\n",
               server_index, static_cast<long long>(service.num_experts_held()),
               server->address().c_str(), security->Describe().c_str(), server_options.metrics_port);

@@ -5,7 +5,9 @@
 #include <optional>
 
 #include "core/model/make_model.h"
+#include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
+#include "gateway/request_validation.h"
 
 namespace dsmoe {
 
@@ -49,6 +51,7 @@ GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig
       expert_servers_(expert_servers) {
   for (const std::string& a : attention_servers) {
     auto u = std::make_unique<Upstream>();
+    u->index = static_cast<int>(upstreams_.size());
     u->address = a;
     u->stub =
         internal::v1::AttentionService::NewStub(rpc::MakeChannel(a, options_.upstream_security));
@@ -149,69 +152,45 @@ grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context,
 
 grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
                                       internal::v1::AttentionGenerateRequest* up) const {
-  if (!r.model().empty() && r.model() != options_.model_name) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                        absl::StrCat("model '", r.model(), "' is not served here (serving '",
-                                     options_.model_name, "')"));
-  }
-  google::protobuf::RepeatedField<uint32_t> ids;
-  switch (r.prompt_case()) {
-    case dsmoe::v1::GenerateRequest::kText: {
-      if (tokenizer_ == nullptr)
-        return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
-      auto encoded = tokenizer_->Encode(r.text(), /*add_special_tokens=*/true);
-      if (!encoded.ok()) return Invalid(absl::StrCat("prompt text: ", encoded.status().message()));
-      ids.Add(encoded->begin(), encoded->end());
-      break;
-    }
-    case dsmoe::v1::GenerateRequest::PROMPT_NOT_SET:
-      return Invalid("a prompt is required: set text or token_ids");
-    case dsmoe::v1::GenerateRequest::kTokenIds:
-      ids = r.token_ids().ids();
-      break;
-  }
-  if (ids.empty()) return Invalid("the prompt is empty");
-  if (ids.size() > options_.max_prompt_tokens) {
-    return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ",
-                                options_.max_prompt_tokens));
-  }
-  for (int i = 0; i < ids.size(); ++i) {
-    if (ids[i] >= config_.vocab_size) {
-      return Invalid(absl::StrCat("token_ids[", i, "] = ", ids[i],
-                                  " is outside the vocabulary [0, ", config_.vocab_size, ")"));
+  const RequestLimits limits{options_.model_name, config_.vocab_size, options_.max_prompt_tokens,
+                             options_.max_tokens_limit};
+  return rpc::ToGrpc(ValidateGenerateRequest(r, limits, tokenizer_.get(), up));
+}
+
+GatewayService::Upstream* GatewayService::Pick(const std::vector<bool>& tried) const {
+  // Serving servers first; one that is up but not serving (some routed expert has no live
+  // server) can still run the requests that do not need those experts, so it comes next;
+  // a down one never. Among equals, the fewest requests in flight.
+  Upstream* best = nullptr;
+  int best_rank = 0;
+  for (const auto& u : upstreams_) {
+    if (tried[u->index]) continue;
+    const int rank = static_cast<int>(UpstreamHealth(u->index));
+    if (rank == static_cast<int>(rpc::TargetHealth::kDown)) continue;
+    if (best == nullptr || rank > best_rank ||
+        (rank == best_rank && u->in_flight.load() < best->in_flight.load())) {
+      best = u.get();
+      best_rank = rank;
     }
   }
-  const int64_t max_tokens = r.has_max_tokens() ? r.max_tokens() : 16;
-  if (max_tokens < 1 || max_tokens > options_.max_tokens_limit) {
-    return Invalid(absl::StrCat("max_tokens must be in [1, ", options_.max_tokens_limit, "], got ",
-                                max_tokens));
+  return best;
+}
+
+rpc::TargetHealth GatewayService::UpstreamHealth(int index) const {
+  return options_.upstream_health == nullptr ? rpc::TargetHealth::kServing
+                                             : options_.upstream_health->health(index);
+}
+
+void GatewayService::OnUpstreamHealth(int index, rpc::TargetHealth now) {
+  if (now != rpc::TargetHealth::kDown) return;
+  // Its streams would otherwise hang until their deadlines (a frozen process keeps its
+  // connections open): end them now, so the requests without tokens go elsewhere.
+  Upstream& u = *upstreams_[index];
+  std::lock_guard<std::mutex> lock(u.mu);
+  for (ActiveCall* call : u.calls) {
+    call->aborted = true;
+    call->context->TryCancel();
   }
-  const float temperature = r.has_temperature() ? r.temperature() : 1.0f;
-  if (!(temperature >= 0.0f) || !std::isfinite(temperature)) {
-    return Invalid(absl::StrCat("temperature must be >= 0, got ", temperature));
-  }
-  const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
-  if (!(top_p > 0.0f && top_p <= 1.0f))
-    return Invalid(absl::StrCat("top_p must be in (0, 1], got ", top_p));
-  if (r.stop_size() > 0 && tokenizer_ == nullptr) {
-    return Invalid("stop strings need a tokenizer and this model has none; use stop_token_ids");
-  }
-  for (const std::string& stop : r.stop()) {
-    if (stop.empty()) return Invalid("stop strings must not be empty");
-  }
-  for (uint32_t id : r.stop_token_ids()) {
-    if (id >= config_.vocab_size)
-      return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
-  }
-  *up->mutable_prompt_token_ids() = std::move(ids);
-  up->set_max_tokens(static_cast<uint32_t>(max_tokens));
-  up->set_temperature(temperature);
-  up->set_top_k(r.top_k());
-  up->set_top_p(top_p);
-  up->set_seed(r.seed());
-  up->mutable_stop_token_ids()->CopyFrom(r.stop_token_ids());
-  up->set_ignore_eos(r.ignore_eos());
-  return grpc::Status::OK;
 }
 
 grpc::Status GatewayService::Relay(grpc::ServerContext* context,
@@ -219,17 +198,58 @@ grpc::Status GatewayService::Relay(grpc::ServerContext* context,
                                    const OnMessage& on_message) {
   if (upstreams_.empty())
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention server configured");
-  Upstream* best = upstreams_[0].get();
-  for (auto& u : upstreams_) {
-    if (u->in_flight.load() < best->in_flight.load()) best = u.get();
+  // A request that has produced no token yet can run anywhere with the same result (sampling
+  // is seeded per request): if its attention server fails, it is retried on another one.
+  // Once tokens went out, a retry would repeat or contradict them, so the client is told.
+  std::vector<bool> tried(upstreams_.size(), false);
+  std::string failures;
+  for (;;) {
+    Upstream* u = Pick(tried);
+    if (u == nullptr) break;
+    tried[u->index] = true;
+    int64_t tokens = 0;
+    grpc::Status status = RelayOnce(context, *u, request, on_message, &tokens);
+    if (status.ok() || context->IsCancelled()) return status;
+    if (tokens > 0) {
+      return grpc::Status(status.error_code(),
+                          absl::StrCat("the request failed after ", tokens,
+                                       " tokens were delivered (not retried: they were already "
+                                       "sent): ",
+                                       status.error_message()));
+    }
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE) return status;
+    absl::StrAppend(&failures, failures.empty() ? "" : "; ", status.error_message());
+    if (options_.upstream_health != nullptr) options_.upstream_health->CheckNow();
   }
-  InFlight counted(best->in_flight);
+  if (!failures.empty()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        absl::StrCat("no attention server could run the request (", failures, ")"));
+  }
+  std::string why;
+  for (const auto& u : upstreams_) {
+    absl::StrAppend(&why, why.empty() ? "" : "; ", u->address, ": ",
+                    options_.upstream_health->Reason(u->index));
+  }
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      absl::StrCat("no attention server is available (", why, ")"));
+}
+
+grpc::Status GatewayService::RelayOnce(grpc::ServerContext* context, Upstream& u,
+                                       const internal::v1::AttentionGenerateRequest& request,
+                                       const OnMessage& on_message, int64_t* tokens) {
+  InFlight counted(u.in_flight);
   // The upstream call inherits the client's deadline and is cancelled with it.
   std::unique_ptr<grpc::ClientContext> upstream = grpc::ClientContext::FromServerContext(*context);
-  auto reader = best->stub->Generate(upstream.get(), request);
+  ActiveCall call{upstream.get()};
+  {
+    std::lock_guard<std::mutex> lock(u.mu);  // from now on, a "down" verdict cancels it
+    u.calls.insert(&call);
+  }
+  auto reader = u.stub->Generate(upstream.get(), request);
   internal::v1::AttentionGenerateResponse message;
   bool stopped_here = false;
   while (reader->Read(&message)) {
+    *tokens += message.token_ids_size();
     if (!on_message(message)) {
       stopped_here = true;
       upstream->TryCancel();
@@ -237,10 +257,21 @@ grpc::Status GatewayService::Relay(grpc::ServerContext* context,
     }
   }
   grpc::Status status = reader->Finish();
+  bool aborted;
+  {
+    std::lock_guard<std::mutex> lock(u.mu);
+    u.calls.erase(&call);
+    aborted = call.aborted;
+  }
   if (stopped_here) return grpc::Status::OK;  // a stop string, or the client went away
-  if (!status.ok() && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return grpc::Status(status.error_code(), absl::StrCat("attention server ", best->address, ": ",
-                                                          status.error_message()));
+  if (aborted && !context->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        absl::StrCat("attention server ", u.address, " is down (",
+                                     options_.upstream_health->Reason(u.index), ")"));
+  }
+  if (!status.ok()) {
+    return grpc::Status(status.error_code(),
+                        absl::StrCat("attention server ", u.address, ": ", status.error_message()));
   }
   return status;
 }

@@ -9,10 +9,13 @@
 #include <array>
 #include <atomic>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "core/model/config.h"
+#include "core/rpc/health_checker.h"
 #include "core/rpc/metrics.h"
 #include "core/rpc/transport_security.h"
 #include "core/tokenizer/tokenizer.h"
@@ -34,6 +37,9 @@ struct GatewayOptions {
   rpc::TransportSecurity upstream_security;  // default: TLS with the system roots, no identity
   // Who may call (API keys and their rate limits); null: anyone who reaches the port.
   Authenticator* auth = nullptr;
+  // The attention servers' health (target i = attention server i), if checked: requests go to
+  // serving ones first and never to down ones. Not owned; must outlive the service.
+  rpc::HealthChecker* upstream_health = nullptr;
 };
 
 class GatewayService final : public dsmoe::v1::Gateway::Service {
@@ -55,6 +61,10 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
   grpc::Status GetModelInfo(grpc::ServerContext* context,
                             const dsmoe::v1::GetModelInfoRequest* request,
                             dsmoe::v1::ModelInfo* response) override;
+
+  // The upstream_health checker's OnChange: when attention server `index` is declared down, its
+  // calls in flight are cancelled (requests without tokens yet are then retried elsewhere).
+  void OnUpstreamHealth(int index, rpc::TargetHealth now);
 
  private:
   enum Method { kGenerate, kComplete, kTokenize, kDetokenize, kGetModelInfo, kNumMethods };
@@ -86,10 +96,18 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
                               dsmoe::v1::DetokenizeResponse* response);
   grpc::Status GetModelInfoImpl(grpc::ServerContext* context, dsmoe::v1::ModelInfo* response);
 
+  // An upstream call in flight, which a "down" verdict on its server cancels.
+  struct ActiveCall {
+    grpc::ClientContext* context;
+    bool aborted = false;  // guarded by the upstream's mu
+  };
   struct Upstream {
+    int index = 0;
     std::string address;
     std::unique_ptr<internal::v1::AttentionService::Stub> stub;
     std::atomic<int64_t> in_flight{0};
+    std::mutex mu;
+    std::set<ActiveCall*> calls;  // guarded by mu
   };
   // Receives each upstream message; returns false to stop relaying (the client went away).
   using OnMessage = std::function<bool(const internal::v1::AttentionGenerateResponse&)>;
@@ -104,10 +122,18 @@ class GatewayService final : public dsmoe::v1::Gateway::Service {
   grpc::Status Run(grpc::ServerContext* context, const dsmoe::v1::GenerateRequest& request,
                    const internal::v1::AttentionGenerateRequest& upstream, int key,
                    const Emit& emit, dsmoe::v1::FinishReason* finish, double* ttft);
-  // Runs one request on the least-loaded attention server, relaying its messages.
+  // Runs one request on the best attention server (Pick), relaying its messages; retries on
+  // another one while the request has produced no tokens.
   grpc::Status Relay(grpc::ServerContext* context,
                      const internal::v1::AttentionGenerateRequest& request,
                      const OnMessage& on_message);
+  // One attempt on `upstream`; `tokens` counts the token ids relayed.
+  grpc::Status RelayOnce(grpc::ServerContext* context, Upstream& upstream,
+                         const internal::v1::AttentionGenerateRequest& request,
+                         const OnMessage& on_message, int64_t* tokens);
+  // The attention server to try next among those not yet `tried`; null if none is left.
+  Upstream* Pick(const std::vector<bool>& tried) const;
+  rpc::TargetHealth UpstreamHealth(int index) const;
 
   ModelConfig config_;
   GenerationConfig generation_;

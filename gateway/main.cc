@@ -5,7 +5,10 @@
 #include <sstream>
 
 #include "core/model/weights.h"
+#include "core/rpc/health_checker.h"
+#include "core/rpc/health_flags.h"
 #include "core/rpc/metrics.h"
+#include "core/rpc/readiness.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "gateway/gateway_service.h"
@@ -87,6 +90,7 @@ int main(int argc, char** argv) {
   app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")
       ->check(CLI::Range(0, 3600))
       ->capture_default_str();
+  dsmoe::rpc::HealthCheckFlags health_flags(app, "attention servers");
   app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
   app.add_option("--ready-file", ready_file,
                  "Write the bound port (and the metrics port) here once serving");
@@ -137,11 +141,17 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) return Fail(loaded.status());
     tokenizer = std::move(*loaded);
   }
+  // Requests go to attention servers that answer health checks; one that stops answering is
+  // taken out (its streams are ended) and rejoins when it answers again.
+  auto upstream_health = std::make_unique<dsmoe::rpc::HealthChecker>(
+      dsmoe::rpc::SplitAddresses(attention_servers), *security,
+      health_flags.Options("dsmoe-gateway", "attention server"));
+  options.upstream_health = upstream_health.get();
   dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(),
                                 std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
                                 dsmoe::rpc::SplitAddresses(expert_servers), options);
   server_options.address = listen;
-  server_options.ready_file = ready_file;
+  // The ready file is written once the attention servers were checked (below).
   server_options.max_message_bytes = max_request_bytes;
   if (!metrics_listen.empty()) {
     auto port = metrics.Serve(metrics_listen);
@@ -150,6 +160,24 @@ int main(int argc, char** argv) {
   }
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
+  // Ready (health "") when at least one attention server is. The ready file only says the
+  // gateway is up and has checked its attention servers once: it serves whatever they can.
+  dsmoe::rpc::Readiness readiness(server->server.get(), dsmoe::v1::Gateway::service_full_name(),
+                                  /*ready_file=*/"", server->port, server_options.metrics_port,
+                                  "dsmoe-gateway");
+  upstream_health->Start([&](int index, dsmoe::rpc::TargetHealth now) {
+    service.OnUpstreamHealth(index, now);
+    bool any = false;
+    for (int i = 0; i < upstream_health->num_targets(); ++i) {
+      any = any || upstream_health->health(i) == dsmoe::rpc::TargetHealth::kServing;
+    }
+    readiness.Set(any, "no attention server is ready");
+  });
+  if (!ready_file.empty()) {
+    if (auto s = dsmoe::rpc::WriteReadyFile(ready_file, server->port, server_options.metrics_port);
+        !s.ok())
+      return Fail(s);
+  }
   std::printf("dsmoe-gateway serving model '%s' on %s (%s), metrics on port %d\n",
               options.model_name.c_str(), server->address().c_str(), security->Describe().c_str(),
               server_options.metrics_port);
@@ -160,6 +188,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   // Shutdown refuses new calls at once and waits for those in flight up to the deadline.
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));
+  // Stopped before what its callback touches (the readiness, the service) goes away.
+  upstream_health.reset();
   metrics.StopServing();
   std::printf("dsmoe-gateway: stopped\n");
   return 0;

@@ -1,5 +1,7 @@
 #include "router/dispatch.h"
 
+#include <set>
+
 namespace dsmoe::router {
 
 DispatchPlanner::DispatchPlanner(const Placement& placement)
@@ -27,6 +29,7 @@ absl::Status DispatchPlanner::Plan(int64_t layer, int64_t T, int64_t k, const in
   work->resize(S);
   for (ServerWork& w : *work) w.Clear();
   row_index_.assign(static_cast<size_t>(S) * T, -1);
+  std::set<int32_t> missing;  // experts without an available holder (stays empty normally)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = experts[t * k + j];
@@ -51,8 +54,8 @@ absl::Status DispatchPlanner::Plan(int64_t layer, int64_t T, int64_t k, const in
         }
       }
       if (best < 0) {
-        return absl::UnavailableError(absl::StrCat(
-            "no available expert server holds routed expert (layer ", layer, ", expert ", e, ")"));
+        missing.insert(e);  // the whole plan is checked, so the error names every such expert
+        continue;
       }
       ServerWork& w = (*work)[best];
       int32_t& idx = row_index_[static_cast<size_t>(best) * T + t];
@@ -64,6 +67,19 @@ absl::Status DispatchPlanner::Plan(int64_t layer, int64_t T, int64_t k, const in
       w.expert.push_back(e);
       w.weight.push_back(weights[t * k + j]);
     }
+  }
+  if (!missing.empty()) {
+    std::set<int> down;
+    std::string names;
+    for (int32_t e : missing) {
+      absl::StrAppend(&names, names.empty() ? "" : ", ", e);
+      for (int s : placement_->Holders(layer, e)) down.insert(s);
+    }
+    std::string servers;
+    for (int s : down) absl::StrAppend(&servers, servers.empty() ? "" : ", ", s);
+    return absl::UnavailableError(
+        absl::StrCat("no available expert server holds routed experts of layer ", layer, " [",
+                     names, "] (expert servers holding them: ", servers, ", none available)"));
   }
   return absl::OkStatus();
 }

@@ -12,6 +12,8 @@ PACKAGES=(
   libpcre2-dev libicu-dev
   # services: gRPC and protobuf
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  # services: grpc.health.v1's .proto (the servers' health checkers of one another)
+  grpc-proto
   # services: Prometheus metrics (prometheus-cpp core + pull exposer)
   prometheus-cpp-dev
   # services: TLS certificate checks and API-key hashing (libssl)
@@ -19,11 +21,13 @@ PACKAGES=(
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
   # tests: gRPC clients in Python (integration tests); Node.js runs the reference tokenizer
-  python3-grpcio python3-protobuf grpc-proto
+  python3-grpcio python3-protobuf
   # tests: a real Prometheus (+ promtool) scrapes a local cluster; unzip unpacks helm (deploy tests)
   prometheus unzip python3-yaml
   # tests and `dsmoe cluster up`: the openssl tool makes certificates (throw-away cluster CA)
   openssl
+  # tests: fuzzing (tests/fuzz, a build of its own), clang with libFuzzer and sanitizer runtimes
+  clang libclang-rt-dev
 )
 
 missing=()

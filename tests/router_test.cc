@@ -369,7 +369,11 @@ TEST(Dispatch, SplitsAReplicatedExpertsTokensByShare) {
   a.SetPlacement(*q);
   const absl::Status down = a.Plan(1, 8, 1, e0.data(), w0.data(), &wa);
   EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(down.message().find("expert 0"), std::string::npos);
+  // The message names the layer and every expert without a holder ([0]), and who held them.
+  EXPECT_NE(down.message().find("routed experts of layer 1 [0]"), std::string::npos)
+      << down.message();
+  EXPECT_NE(down.message().find("expert servers holding them: 0"), std::string::npos)
+      << down.message();
 }
 
 }  // namespace

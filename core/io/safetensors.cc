@@ -29,21 +29,25 @@ std::optional<size_t> FormatDTypeSize(const std::string& name) {
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   DSMOE_ASSIGN_OR_RETURN(auto mapped, MappedFile::Open(path));
+  DSMOE_ASSIGN_OR_RETURN(SafetensorsHeader header,
+                         ParseSafetensorsHeader(mapped->data(), mapped->size(), path));
   auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile(std::move(mapped)));
-  DSMOE_RETURN_IF_ERROR(file->ParseHeader());
+  file->data_begin_ = file->file_->data() + header.data_offset;
+  file->header_ = std::move(header);
   return file;
 }
 
-absl::Status SafetensorsFile::ParseHeader() {
-  const std::string& path = file_->path();
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const std::byte* file, size_t size,
+                                                         const std::string& path) {
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": invalid safetensors file: ", what));
   };
-  const size_t file_size = file_->size();
+  const size_t file_size = size;
+  SafetensorsHeader out;
   if (file_size < 8)
     return bad(absl::StrCat("only ", file_size, " bytes, no 8-byte header length"));
   uint64_t header_len = 0;
-  std::memcpy(&header_len, file_->data(), 8);  // little-endian on every platform we build for
+  std::memcpy(&header_len, file, 8);  // little-endian on every platform we build for
   if (header_len > kMaxHeaderBytes) {
     return bad(absl::StrCat("header length ", header_len, " exceeds the 100 MB limit"));
   }
@@ -51,21 +55,25 @@ absl::Status SafetensorsFile::ParseHeader() {
     return bad(absl::StrCat("header length ", header_len, " runs past the end of the ", file_size,
                             "-byte file"));
   }
-  const char* header_begin = reinterpret_cast<const char*>(file_->data()) + 8;
+  const char* header_begin = reinterpret_cast<const char*>(file) + 8;
   nlohmann::json header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr,
                                                 /*allow_exceptions=*/false);
   if (header.is_discarded()) return bad("header is not valid JSON");
   if (!header.is_object()) return bad("header is not a JSON object");
 
-  data_begin_ = file_->data() + 8 + header_len;
+  out.data_offset = 8 + header_len;
   const uint64_t data_size = file_size - 8 - header_len;
 
-  for (auto& [name, value] : header.items()) {
+  for (auto& item : header.items()) {
+    // Not a structured binding: the lambda below captures the name (clang 14, the fuzz build's
+    // compiler, cannot capture bindings).
+    const std::string& name = item.key();
+    const nlohmann::json& value = item.value();
     if (name == "__metadata__") {
       if (!value.is_object()) return bad("__metadata__ is not an object");
       for (auto& [k, v] : value.items()) {
         if (!v.is_string()) return bad(absl::StrCat("__metadata__.", k, " is not a string"));
-        metadata_[k] = v.get<std::string>();
+        out.metadata[k] = v.get<std::string>();
       }
       continue;
     }
@@ -111,12 +119,12 @@ absl::Status SafetensorsFile::ParseHeader() {
                                      " needs ", numel * *elem_size, " bytes but data_offsets span ",
                                      e.end - e.begin));
     }
-    entries_.emplace(name, std::move(e));
+    out.entries.emplace(name, std::move(e));
   }
 
   // Tensors must tile the data region: no overlap (which would alias weights) and no gap.
   std::vector<const std::pair<const std::string, SafetensorsEntry>*> by_offset;
-  for (auto& kv : entries_) by_offset.push_back(&kv);
+  for (auto& kv : out.entries) by_offset.push_back(&kv);
   std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
     return a->second.begin != b->second.begin ? a->second.begin < b->second.begin
                                               : a->second.end < b->second.end;
@@ -134,12 +142,12 @@ absl::Status SafetensorsFile::ParseHeader() {
     return bad(
         absl::StrCat("tensors cover ", expected, " bytes but the data region holds ", data_size));
   }
-  return absl::OkStatus();
+  return out;
 }
 
 absl::StatusOr<TensorView> SafetensorsFile::Tensor(const std::string& name) const {
-  auto it = entries_.find(name);
-  if (it == entries_.end()) {
+  auto it = header_.entries.find(name);
+  if (it == header_.entries.end()) {
     return absl::NotFoundError(absl::StrCat(path(), ": tensor '", name, "' is missing"));
   }
   const SafetensorsEntry& e = it->second;

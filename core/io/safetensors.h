@@ -25,15 +25,26 @@ struct SafetensorsEntry {
   uint64_t end = 0;
 };
 
+// A parsed and validated safetensors header: what Open checks, as a pure function of the
+// file's bytes (the fuzz target tests/fuzz/safetensors_fuzzer.cc calls it directly).
+struct SafetensorsHeader {
+  std::map<std::string, SafetensorsEntry> entries;
+  std::map<std::string, std::string> metadata;
+  uint64_t data_offset = 0;  // where the data region begins: 8 + header length
+};
+// `file` is the whole file; `source` names it in errors (InvalidArgument).
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const std::byte* file, size_t size,
+                                                         const std::string& source);
+
 // Immutable after Open; thread-safe.
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
 
   const std::string& path() const { return file_->path(); }
-  bool Contains(const std::string& name) const { return entries_.count(name) != 0; }
-  const std::map<std::string, SafetensorsEntry>& entries() const { return entries_; }
-  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool Contains(const std::string& name) const { return header_.entries.count(name) != 0; }
+  const std::map<std::string, SafetensorsEntry>& entries() const { return header_.entries; }
+  const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
 
   // A view of tensor `name`; NotFound if absent, InvalidArgument if its dtype is not one
   // dsmoe computes with (F32, BF16, F16).
@@ -41,12 +52,10 @@ class SafetensorsFile {
 
  private:
   explicit SafetensorsFile(std::unique_ptr<MappedFile> file) : file_(std::move(file)) {}
-  absl::Status ParseHeader();
 
   std::unique_ptr<MappedFile> file_;
   const std::byte* data_begin_ = nullptr;
-  std::map<std::string, SafetensorsEntry> entries_;
-  std::map<std::string, std::string> metadata_;
+  SafetensorsHeader header_;
 };
 
 // Writes a safetensors file whose tensor list is fixed up front, streaming each tensor's bytes

@@ -198,6 +198,27 @@ absl::Status ModelConfig::Validate(const std::string& source) const {
         Positive{"max_position_embeddings", max_position_embeddings}}) {
     if (p.value <= 0) return bad("key '", p.key, "' must be > 0, got ", p.value);
   }
+  // Upper bounds far above any DeepSeekMoE checkpoint (V3: 61 layers, hidden 7168, 256 routed
+  // experts, vocab 129280), so that everything sized from a config — per-layer loops, parameter
+  // counts, the context — stays within int64 (the config fuzz target found hangs and overflows).
+  struct AtMost {
+    const char* key;
+    int64_t value, limit;
+  };
+  for (const AtMost& m :
+       {AtMost{"num_hidden_layers", num_hidden_layers, 1 << 10},
+        AtMost{"hidden_size", hidden_size, 1 << 16}, AtMost{"vocab_size", vocab_size, 1 << 24},
+        AtMost{"intermediate_size", intermediate_size, 1 << 20},
+        AtMost{"moe_intermediate_size", moe_intermediate_size, 1 << 20},
+        AtMost{"num_attention_heads", num_attention_heads, 1 << 12},
+        AtMost{"n_routed_experts", n_routed_experts, 1 << 12},
+        AtMost{"n_shared_experts", n_shared_experts, 1 << 12},
+        AtMost{"max_position_embeddings", max_position_embeddings, 1 << 24}}) {
+    if (m.value > m.limit) return bad("key '", m.key, "' must be <= ", m.limit, ", got ", m.value);
+  }
+  if (rope_scaling.factor > 1024) {
+    return bad("rope_scaling.factor must be <= 1024, got ", rope_scaling.factor);
+  }
   if (hidden_size % num_attention_heads != 0) {
     return bad("hidden_size ", hidden_size, " is not divisible by num_attention_heads ",
                num_attention_heads);

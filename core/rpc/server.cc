@@ -110,18 +110,23 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
     }
   }
   if (!options.ready_file.empty()) {
-    // Written whole to a temporary name, then renamed: a reader never sees half a file.
-    const std::string tmp = options.ready_file + ".tmp";
-    {
-      std::ofstream out(tmp);
-      out << port << "\n";
-      if (options.metrics_port > 0) out << options.metrics_port << "\n";
-    }
-    if (std::rename(tmp.c_str(), options.ready_file.c_str()) != 0) {
-      return absl::PermissionDeniedError(absl::StrCat("cannot write ", options.ready_file));
-    }
+    DSMOE_RETURN_IF_ERROR(WriteReadyFile(options.ready_file, port, options.metrics_port));
   }
   return running;
+}
+
+absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port) {
+  // Written whole to a temporary name, then renamed: a reader never sees half a file.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << port << "\n";
+    if (metrics_port > 0) out << metrics_port << "\n";
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
+  }
+  return absl::OkStatus();
 }
 
 void BlockShutdownSignals() {
@@ -161,6 +166,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
   security.ConfigureChannel(&args);
+  // A restarted server must be found again within a second, not after gRPC's default backoff
+  // (which grows to two minutes): health checks and retries depend on reconnecting.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   return grpc::CreateCustomChannel(address, security.ChannelCredentials(), args);
 }
 

@@ -51,6 +51,10 @@ struct RunningServer {
 absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
                                           const std::vector<grpc::Service*>& services);
 
+// Writes "<port>\n[<metrics_port>\n]" to `path` atomically. For servers that are ready later
+// than they start listening (StartServer writes it at once when options.ready_file is set).
+absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port);
+
 // Blocks SIGTERM and SIGINT in the calling thread (call first in main, before any thread
 // starts, so every thread inherits the mask), then returns.
 void BlockShutdownSignals();

@@ -91,6 +91,9 @@ class PostProcessor {
   // Adds special tokens around a single encoded sequence (only called when the caller asked
   // for special tokens).
   virtual absl::Status Process(std::vector<int32_t>& ids) const = 0;
+  // The largest id it adds (-1: none): a template may name ids the vocabulary lacks, and
+  // Tokenizer::vocab_size must cover every id Encode can return.
+  virtual int32_t MaxId() const { return -1; }
 };
 
 absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const Json& j, const JsonPath& at);

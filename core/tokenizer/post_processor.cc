@@ -2,6 +2,7 @@
 // TemplateProcessing (the "single" template), RobertaProcessing / BertProcessing (cls $A sep)
 // and Sequence. Pair templates are parsed for validation but never applied: dsmoe encodes one
 // sequence at a time.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,12 @@ class AffixProcessor final : public PostProcessor {
     ids.insert(ids.end(), suffix_.begin(), suffix_.end());
     return absl::OkStatus();
   }
+  int32_t MaxId() const override {
+    int32_t m = -1;
+    for (int32_t id : prefix_) m = std::max(m, id);
+    for (int32_t id : suffix_) m = std::max(m, id);
+    return m;
+  }
 
  private:
   std::vector<int32_t> prefix_, suffix_;
@@ -40,6 +47,11 @@ class SequenceProcessor final : public PostProcessor {
     for (const auto& s : stages_) DSMOE_RETURN_IF_ERROR(s->Process(ids));
     return absl::OkStatus();
   }
+  int32_t MaxId() const override {
+    int32_t m = -1;
+    for (const auto& s : stages_) m = std::max(m, s->MaxId());
+    return m;
+  }
 
  private:
   std::vector<std::unique_ptr<PostProcessor>> stages_;
@@ -56,8 +68,10 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> MakeTemplate(const Json& j, const
     if (!ids->is_array()) return here.Field("ids").Error("expected an array of ids");
     std::vector<int32_t>& v = special_ids[it.key()];
     for (const Json& id : *ids) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0)
-        return here.Field("ids").Error("expected non-negative ids");
+      // The same bound as the model's vocabulary: ids beyond it would not fit an int32 (and
+      // size a model's embedding table from them).
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (16 << 20))
+        return here.Field("ids").Error("expected ids in [0, 16M]");
       v.push_back(static_cast<int32_t>(id.get<int64_t>()));
     }
   }

@@ -151,7 +151,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     DSMOE_ASSIGN_OR_RETURN(auto added, ParseAddedTokens(root, at));
     DSMOE_ASSIGN_OR_RETURN(
         t->added_, AddedVocabulary::Build(std::move(added), *t->model_, t->normalizer_.get()));
-    t->vocab_size_ = std::max(t->model_->max_id(), t->added_->max_id()) + 1;
+    t->vocab_size_ = std::max({t->model_->max_id(), t->added_->max_id(),
+                               t->post_processor_ ? t->post_processor_->MaxId() : -1}) +
+                     1;
     t->concat_safe_ = t->decoder_ != nullptr && t->decoder_->ConcatenationSafe();
     t->trailing_strip_ = t->decoder_ != nullptr ? t->decoder_->TrailingStripChars() : 0;
     t->groups_bytes_ = t->decoder_ != nullptr && t->decoder_->GroupsByteTokens();

@@ -92,6 +92,10 @@ class Cluster:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.api_key))
         return grpc.secure_channel(address, creds)
 
+    def health(self, address, service=""):
+        """health_status() of one of the cluster's processes, reached as its peers reach it."""
+        return health_status(address, service, channel=self.channel_to(address))
+
     def processes(self, role):
         return [p for p in self.state["processes"] if p["role"] == role]
 
@@ -117,3 +121,31 @@ class Cluster:
         self.channel.close()
         run("cluster", "down", "--state-dir", self.state_dir, check=False)
         self.tmp.cleanup()
+
+
+def health_status(address, service="", timeout=2, channel=None):
+    """grpc.health.v1 Check of `service` ("" = the server as a whole): "SERVING", "NOT_SERVING",
+    or the gRPC code's name if the check itself failed (e.g. "UNAVAILABLE"). Plain text unless
+    `channel` (e.g. Cluster.channel_to(address)) is given."""
+    ch = channel or grpc.insecure_channel(address)
+    try:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check",
+                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        resp = check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as e:
+        return e.code().name
+    finally:
+        ch.close()
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Polls `predicate` until it is true; fails naming `what` after `timeout` seconds."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -131,6 +131,14 @@ class LintAndTemplate(unittest.TestCase):
             self.assertEqual(c["readinessProbe"]["grpc"]["port"], 8081, kind)
             self.assertEqual(c["livenessProbe"]["grpc"]["port"], 8081, kind)
             self.assertIn({"name": "health", "containerPort": 8081}, c["ports"], kind)
+            # Readiness is the overall status ("can serve"); liveness and startup the process's
+            # own service, so a server waiting for its dependencies is not restarted.
+            self.assertNotIn("service", c["readinessProbe"]["grpc"], kind)
+            own = {"Deployment/rel-dsmoe-gateway": "dsmoe.v1.Gateway",
+                   "StatefulSet/rel-dsmoe-attention": "dsmoe.internal.v1.AttentionService",
+                   "StatefulSet/rel-dsmoe-expert": "dsmoe.internal.v1.ExpertService"}[kind]
+            self.assertEqual(c["livenessProbe"]["grpc"]["service"], own, kind)
+            self.assertEqual(c["startupProbe"]["grpc"]["service"], own, kind)
             self.assertIn({"name": "metrics", "containerPort": 9400}, c["ports"], kind)
             self.assertTrue(any(a == "--metrics-listen=0.0.0.0:9400" for a in c["args"]), kind)
             vol = objs[kind]["spec"]["template"]["spec"]["volumes"][0]

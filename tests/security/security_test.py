@@ -250,7 +250,9 @@ class TransportSecurity(unittest.TestCase):
                 ch = grpc.secure_channel(gateway.address, creds)
                 try:
                     if ok:
-                        self.assertEqual(health_check(ch), cu.health_pb2.HealthCheckResponse.SERVING)
+                        # Answered over mutual TLS; NOT_SERVING because readiness means "can
+                        # serve" and its only attention server does not exist.
+                        self.assertEqual(health_check(ch), cu.health_pb2.HealthCheckResponse.NOT_SERVING)
                     else:
                         with self.assertRaises(grpc.RpcError) as ctx:
                             health_check(ch)

@@ -143,11 +143,19 @@ initContainers:
 {{- end }}
 {{- end -}}
 
-{{/* gRPC health probes on the plain-text health port (tls.healthPort). */}}
+{{/*
+gRPC health probes on the plain-text health port (tls.healthPort):
+(dict "root" $ "port" P "service" "dsmoe.v1.Gateway"). Readiness asks for the overall status
+(""), which means "can serve": an attention server reports SERVING only while every routed
+expert has a live expert server, the gateway while at least one attention server is ready.
+Startup and liveness ask for the process's own gRPC service, SERVING from start-up to
+shutdown, so a pod waiting for its dependencies is not restarted.
+*/}}
 {{- define "dsmoe.probes" -}}
 startupProbe:
   grpc:
     port: {{ .port }}
+    service: {{ .service }}
   periodSeconds: {{ .root.Values.probes.startup.periodSeconds }}
   failureThreshold: {{ .root.Values.probes.startup.failureThreshold }}
 readinessProbe:
@@ -158,6 +166,7 @@ readinessProbe:
 livenessProbe:
   grpc:
     port: {{ .port }}
+    service: {{ .service }}
   periodSeconds: {{ .root.Values.probes.liveness.periodSeconds }}
   failureThreshold: {{ .root.Values.probes.liveness.failureThreshold }}
 {{- end -}}

@@ -1,0 +1,187 @@
+#include "core/rpc/health_checker.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdio>
+
+#include "core/rpc/server.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace dsmoe::rpc {
+
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+
+const char* TargetHealthName(TargetHealth h) {
+  switch (h) {
+    case TargetHealth::kServing:
+      return "serving";
+    case TargetHealth::kNotServing:
+      return "not serving";
+    case TargetHealth::kDown:
+      break;
+  }
+  return "down";
+}
+
+struct HealthChecker::Target {
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub;
+  int failures = 0;                        // checks failed in a row; guarded by mu_
+  std::string reason = "not checked yet";  // guarded by mu_
+  // The round in progress (checker thread only).
+  std::unique_ptr<grpc::ClientContext> context;
+  HealthCheckRequest request;  // service "": the server as a whole
+  HealthCheckResponse response;
+  grpc::Status status;
+};
+
+HealthChecker::HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
+                             HealthCheckOptions options, Verify verify)
+    : addresses_(std::move(addresses)),
+      health_(new std::atomic<int>[addresses_.size()]),
+      options_(std::move(options)),
+      verify_(std::move(verify)) {
+  for (size_t i = 0; i < addresses_.size(); ++i) {
+    health_[i].store(static_cast<int>(TargetHealth::kDown));
+    auto t = std::make_unique<Target>();
+    t->stub = grpc::health::v1::Health::NewStub(MakeChannel(addresses_[i], security));
+    targets_.push_back(std::move(t));
+  }
+}
+
+HealthChecker::~HealthChecker() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void HealthChecker::Start(OnChange on_change) {
+  on_change_ = std::move(on_change);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < targets_.size(); ++i) changed_.push_back(static_cast<int>(i));
+  }
+  Round();  // reports every target once, so the caller starts from real states
+  for (int i = 0; i < num_targets(); ++i) {
+    if (health(i) == TargetHealth::kDown) Log(i, TargetHealth::kDown, Reason(i));
+  }
+  thread_ = std::thread([this] { Loop(); });
+}
+
+std::string HealthChecker::Reason(int target) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return targets_[target]->reason;
+}
+
+void HealthChecker::MarkDown(int target, const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    targets_[target]->failures = options_.failure_threshold;
+    if (SetLocked(target, TargetHealth::kDown, reason)) changed_.push_back(target);
+    wake_ = true;  // check it again soon: a restarted server rejoins without waiting a period
+  }
+  cv_.notify_all();
+}
+
+void HealthChecker::CheckNow() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+void HealthChecker::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, options_.period, [this] { return stop_ || wake_; });
+      if (stop_) return;
+      wake_ = false;
+    }
+    Round();
+  }
+}
+
+void HealthChecker::Round() {
+  // Every check at once; each completes by its own deadline.
+  std::mutex done_mu;
+  std::condition_variable done_cv;
+  size_t outstanding = targets_.size();
+  for (auto& t : targets_) {
+    t->context = std::make_unique<grpc::ClientContext>();
+    t->context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+    t->response.Clear();
+    t->stub->async()->Check(t->context.get(), &t->request, &t->response,
+                            [&, target = t.get()](grpc::Status status) {
+                              std::lock_guard<std::mutex> lock(done_mu);
+                              target->status = std::move(status);
+                              if (--outstanding == 0) done_cv.notify_all();
+                            });
+  }
+  {
+    std::unique_lock<std::mutex> lock(done_mu);
+    done_cv.wait(lock, [&] { return outstanding == 0; });
+  }
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    Target& t = *targets_[i];
+    TargetHealth next;
+    std::string reason;
+    if (!t.status.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++t.failures;
+      if (t.failures < options_.failure_threshold &&
+          health(static_cast<int>(i)) != TargetHealth::kDown)
+        continue;  // one miss is not yet a verdict
+      if (SetLocked(static_cast<int>(i), TargetHealth::kDown,
+                    absl::StrCat("health check failed: ", t.status.error_message())))
+        changed_.push_back(static_cast<int>(i));
+      continue;
+    }
+    if (t.response.status() == HealthCheckResponse::SERVING) {
+      next = TargetHealth::kServing;
+      if (health(static_cast<int>(i)) != TargetHealth::kServing && verify_) {
+        // On the way up: the target must also be what we expect (outside the lock: it calls it).
+        if (absl::Status s = verify_(static_cast<int>(i)); !s.ok()) {
+          next = TargetHealth::kDown;
+          reason = std::string(s.message());
+        }
+      }
+    } else {
+      next = TargetHealth::kNotServing;
+      reason = "it reports NOT_SERVING";
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    t.failures = 0;
+    if (SetLocked(static_cast<int>(i), next, reason)) changed_.push_back(static_cast<int>(i));
+  }
+  std::vector<int> changed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    changed.swap(changed_);
+  }
+  if (on_change_) {
+    for (int i : changed) on_change_(i, health(i));
+  }
+}
+
+bool HealthChecker::SetLocked(int target, TargetHealth h, const std::string& reason) {
+  targets_[target]->reason = reason;
+  const TargetHealth old = health(target);
+  if (old == h) return false;
+  health_[target].store(static_cast<int>(h), std::memory_order_release);
+  Log(target, h, reason);
+  return true;
+}
+
+void HealthChecker::Log(int target, TargetHealth h, const std::string& reason) const {
+  std::printf("%s: %s %d at %s is %s%s%s\n", options_.log_prefix.c_str(),
+              options_.target_kind.c_str(), target, addresses_[target].c_str(), TargetHealthName(h),
+              reason.empty() ? "" : ": ", reason.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace dsmoe::rpc

@@ -1,0 +1,106 @@
+// Active health checking of the servers a service depends on: attention servers check their
+// expert servers, the gateway checks its attention servers. A background thread sends one
+// grpc.health.v1 Check (overall service "") to every target each period, all at once, each
+// with its own deadline, so one frozen target delays nobody's verdict.
+//
+// A target is kServing after a check answers SERVING (and, on the way up, `verify` accepted
+// it), kNotServing while it answers NOT_SERVING (alive, but says it cannot serve everything),
+// and kDown after `failure_threshold` checks in a row failed (refused, reset, past the
+// deadline) or after a caller reported a failed call with MarkDown. A down target rejoins by
+// itself at the first check that passes again: nothing else has to happen.
+//
+// Thread-safe: health() is one atomic load (the dispatch and request paths read it); MarkDown
+// and CheckNow may be called from any thread. Callbacks run on the checker's thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/rpc/transport_security.h"
+#include "core/util/status.h"
+
+namespace dsmoe::rpc {
+
+struct HealthCheckOptions {
+  // Between two rounds of checks: bounds how long a dead target keeps receiving work it would
+  // fail, and how soon a healthy one rejoins.
+  std::chrono::milliseconds period{1000};
+  // Deadline of one Check: a target that takes longer counts as failed (a frozen process).
+  std::chrono::milliseconds timeout{2000};
+  // Failed checks in a row before a serving target is declared down, so one check delayed on
+  // a saturated machine does not take a busy target out (refused connections count the same:
+  // a dead process also fails every call sent to it, which MarkDown reports at once).
+  int failure_threshold = 2;
+  // How log lines name the process and its targets: "<log_prefix>: <target_kind> <i> at <addr>".
+  std::string log_prefix = "dsmoe";
+  std::string target_kind = "server";
+};
+
+enum class TargetHealth : int { kDown = 0, kNotServing = 1, kServing = 2 };
+const char* TargetHealthName(TargetHealth h);
+
+class HealthChecker {
+ public:
+  // Called on the checker's thread when target i answers SERVING after not serving (the first
+  // time included); an error keeps it out (e.g. it does not hold what it should).
+  using Verify = std::function<absl::Status(int target)>;
+  // Called on the checker's thread after target i's health changed.
+  using OnChange = std::function<void(int target, TargetHealth now)>;
+
+  // Every target starts kDown until its first check; checks reach the targets with `security`
+  // (the same transport the calls to them use). `verify` may be empty.
+  HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
+                HealthCheckOptions options, Verify verify = nullptr);
+  ~HealthChecker();  // stops the thread
+  HealthChecker(const HealthChecker&) = delete;
+  HealthChecker& operator=(const HealthChecker&) = delete;
+
+  // Runs the first round of checks before returning (so callers see real states at once), then
+  // checks in the background. `on_change` hears every change from the first round on.
+  void Start(OnChange on_change);
+
+  int num_targets() const { return static_cast<int>(addresses_.size()); }
+  const std::string& address(int target) const { return addresses_[target]; }
+  TargetHealth health(int target) const {
+    return static_cast<TargetHealth>(health_[target].load(std::memory_order_acquire));
+  }
+  // Why the target is not serving (empty while it serves).
+  std::string Reason(int target) const;
+
+  // A call to `target` failed in transport: it is down now, until a check passes.
+  void MarkDown(int target, const std::string& reason);
+  // Runs the next round now instead of at the end of the period.
+  void CheckNow();
+
+ private:
+  struct Target;
+  void Loop();
+  void Round();
+  // Sets the target's health (REQUIRES: mu_ held); returns whether it changed.
+  bool SetLocked(int target, TargetHealth h, const std::string& reason);
+  void Log(int target, TargetHealth h, const std::string& reason) const;
+
+  const std::vector<std::string> addresses_;
+  // Per target, the TargetHealth as int: written under mu_, read by anyone without it.
+  std::unique_ptr<std::atomic<int>[]> health_;
+  std::vector<std::unique_ptr<Target>> targets_;
+  HealthCheckOptions options_;
+  Verify verify_;
+  OnChange on_change_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool wake_ = false;         // guarded by mu_
+  bool stop_ = false;         // guarded by mu_
+  std::vector<int> changed_;  // guarded by mu_: targets changed outside the thread
+  std::thread thread_;
+};
+
+}  // namespace dsmoe::rpc

@@ -1,0 +1,37 @@
+// What "ready" means to the outside, published in one place: the overall ("") grpc.health.v1
+// status (Kubernetes readiness probes and the servers' own health checkers read it) and, the
+// first time the server is ready, the ready file that `dsmoe cluster up` waits for. The
+// services' own names stay SERVING while the process runs: liveness probes ask for those.
+//
+// Thread-safe.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <mutex>
+#include <string>
+
+namespace dsmoe::rpc {
+
+class Readiness {
+ public:
+  // Starts NOT_SERVING; `service` (the server's own gRPC service name) SERVING from now on.
+  // REQUIRES: server outlives this. `ready_file` may be empty.
+  Readiness(grpc::Server* server, const std::string& service, std::string ready_file, int port,
+            int metrics_port, std::string log_prefix);
+  // Publishes the new state; `why_not` (logged on changes) says what is missing.
+  void Set(bool ready, const std::string& why_not = "");
+  bool ready() const;
+
+ private:
+  grpc::Server* server_;
+  std::string ready_file_;
+  int port_, metrics_port_;
+  std::string log_prefix_;
+  mutable std::mutex mu_;
+  bool ready_ = false;       // guarded by mu_
+  bool ever_ready_ = false;  // guarded by mu_
+  bool ever_set_ = false;    // guarded by mu_
+};
+
+}  // namespace dsmoe::rpc

@@ -1,0 +1,30 @@
+// The gateway's check of a public GenerateRequest, as a pure function of the request, the
+// limits and the tokenizer: a bad request gets INVALID_ARGUMENT (or NOT_FOUND for another
+// model) naming the field, a good one becomes the attention server's request. No I/O, so the
+// fuzz target tests/fuzz/request_fuzzer.cc calls it directly.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/tokenizer/tokenizer.h"
+#include "core/util/status.h"
+#include "dsmoe/internal/v1/attention.pb.h"
+#include "dsmoe/v1/gateway.pb.h"
+
+namespace dsmoe {
+
+struct RequestLimits {
+  std::string model_name;         // what GenerateRequest.model may say (empty also accepted)
+  int64_t vocab_size = 0;         // token ids must be below this
+  int64_t max_prompt_tokens = 0;  // prompt length bound (after tokenizing)
+  int64_t max_tokens_limit = 0;   // bound on max_tokens
+};
+
+// `tokenizer` may be null: then only token-id prompts are accepted. On success `upstream`
+// holds the prompt ids and the sampling parameters with their defaults filled in.
+absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& request,
+                                     const RequestLimits& limits, const Tokenizer* tokenizer,
+                                     internal::v1::AttentionGenerateRequest* upstream);
+
+}  // namespace dsmoe

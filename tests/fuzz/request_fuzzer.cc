@@ -1,0 +1,51 @@
+// Fuzz target: the gateway's request validation (gateway/request_validation.h) on any bytes
+// parsed as a dsmoe.v1.GenerateRequest, with and without a tokenizer. A refused request gets
+// INVALID_ARGUMENT or NOT_FOUND with a message; an accepted one must be something an attention
+// server can run: a non-empty prompt within the limits and the vocabulary, max_tokens within
+// its bound, finite non-negative temperature, top_p in (0, 1], stop ids in the vocabulary.
+#include <cmath>
+#include <cstdint>
+#include <memory>
+
+#include "core/tokenizer/tokenizer.h"
+#include "gateway/request_validation.h"
+#include "tests/fuzz/fuzz_check.h"
+
+namespace {
+
+const dsmoe::Tokenizer* SharedTokenizer() {
+  static const dsmoe::Tokenizer* t = [] {
+    auto loaded = dsmoe::Tokenizer::FromFile(std::string(DSMOE_FUZZ_TOKENIZERS) + "/deepseek.json");
+    if (!loaded.ok()) std::abort();
+    return loaded->release();
+  }();
+  return t;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  dsmoe::v1::GenerateRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
+  const dsmoe::RequestLimits limits{"tiny", /*vocab_size=*/512, /*max_prompt_tokens=*/64,
+                                    /*max_tokens_limit=*/100};
+  for (const dsmoe::Tokenizer* tokenizer : {SharedTokenizer(), (const dsmoe::Tokenizer*)nullptr}) {
+    dsmoe::internal::v1::AttentionGenerateRequest up;
+    const absl::Status s = dsmoe::ValidateGenerateRequest(request, limits, tokenizer, &up);
+    if (!s.ok()) {
+      DSMOE_FUZZ_CHECK(s.code() == absl::StatusCode::kInvalidArgument ||
+                       s.code() == absl::StatusCode::kNotFound);
+      DSMOE_FUZZ_CHECK(!s.message().empty());
+      continue;
+    }
+    DSMOE_FUZZ_CHECK(up.prompt_token_ids_size() >= 1 &&
+                     up.prompt_token_ids_size() <= limits.max_prompt_tokens);
+    for (uint32_t id : up.prompt_token_ids()) DSMOE_FUZZ_CHECK(id < limits.vocab_size);
+    for (uint32_t id : up.stop_token_ids()) DSMOE_FUZZ_CHECK(id < limits.vocab_size);
+    DSMOE_FUZZ_CHECK(up.max_tokens() >= 1 && up.max_tokens() <= limits.max_tokens_limit);
+    DSMOE_FUZZ_CHECK(std::isfinite(up.temperature()) && up.temperature() >= 0);
+    DSMOE_FUZZ_CHECK(up.top_p() > 0 && up.top_p() <= 1);
+    DSMOE_FUZZ_CHECK(request.model().empty() || request.model() == limits.model_name);
+  }
+  return 0;
+}
