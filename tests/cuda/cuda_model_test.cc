@@ -18,18 +18,11 @@
 namespace dsmoe {
 namespace {
 
+using testing::Agreement;
+using testing::Compare;
 using ::testing::HasSubstr;
 using testing::RelErr;
-
-std::unique_ptr<ModelWeights> WriteAndLoad(const testing::TempDir& dir, const std::string& preset,
-                                           DType dtype) {
-  ModelConfig c = *PresetConfig(preset);
-  const absl::Status s = WriteRandomCheckpoint(c, {dtype, 11, 1}, dir.path());
-  EXPECT_TRUE(s.ok()) << s;
-  auto w = ModelWeights::Load(dir.path());
-  EXPECT_TRUE(w.ok()) << w.status();
-  return std::move(*w);
-}
+using testing::WriteAndLoad;
 
 std::vector<int32_t> Prompt(int64_t n, int64_t vocab, int salt) {
   std::vector<int32_t> ids(n);
@@ -50,22 +43,6 @@ TEST(CudaWithoutGpu, CreateFailsWithAClearStatus) {
   auto ex = cuda::CudaExpertExecutor::Create(*w, 0, 8);
   ASSERT_FALSE(ex.ok());
   EXPECT_EQ(ex.status().code(), absl::StatusCode::kFailedPrecondition);
-}
-
-struct Agreement {
-  double rel_err = 0;  // relative L2 of all logits
-  double top1 = 0;     // fraction of positions whose argmax agrees
-};
-
-Agreement Compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t V) {
-  Agreement a;
-  a.rel_err = RelErr(gpu, cpu);
-  const int64_t rows = static_cast<int64_t>(cpu.size()) / V;
-  int64_t same = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    same += ArgMax(gpu.data() + r * V, V) == ArgMax(cpu.data() + r * V, V);
-  a.top1 = static_cast<double>(same) / static_cast<double>(rows);
-  return a;
 }
 
 class CudaModelTest : public ::testing::TestWithParam<std::pair<std::string, DType>> {};
@@ -274,18 +251,7 @@ TEST_P(CudaExpertExecutorTest, MatchesLocalExecutor) {
     // x through bf16, as the GPU sees it, so only accumulation and act rounding differ.
     std::vector<float> x = testing::RandomFloats(T * H, T + E);
     for (float& v : x) v = Bf16ToF32(F32ToBf16(v));
-    std::vector<int32_t> experts(T * k);
-    std::vector<float> weights(T * k);
-    std::mt19937 rng(static_cast<unsigned>(T));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> perm(E);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
-      for (int64_t j = 0; j < k; ++j) {
-        experts[t * k + j] = perm[j];
-        weights[t * k + j] = std::uniform_real_distribution<float>(0.05f, 1.0f)(rng);
-      }
-    }
+    auto [experts, weights] = testing::RandomRouting(T, E, k, static_cast<unsigned>(T), 0.05f);
     const int64_t layer = c.first_k_dense_replace;
     std::vector<float> want(T * H), got(T * H, NAN);
     ASSERT_TRUE(local.Run(layer, x.data(), T, experts.data(), weights.data(), k, want.data()).ok());

@@ -294,18 +294,7 @@ TEST(CudaKernels, GroupedExpertsMatchCpuWithBothKernels) {
 
   for (int64_t T : {1, 6, 16, 40, 300}) {
     const std::vector<float> x = RoundBf16(RandomFloats(T * H, 500 + T));
-    std::vector<int32_t> experts(T * k);
-    std::vector<float> weights(T * k);
-    std::mt19937 rng(static_cast<unsigned>(T));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> perm(E);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
-      for (int j = 0; j < k; ++j) {
-        experts[t * k + j] = perm[j];
-        weights[t * k + j] = std::uniform_real_distribution<float>(0.1f, 1.0f)(rng);
-      }
-    }
+    const auto [experts, weights] = testing::RandomRouting(T, E, k, static_cast<unsigned>(T), 0.1f);
     // CPU: act = bf16(silu(x·gateᵀ) ⊙ x·upᵀ), y = Σ w·act·downᵀ + shared.
     auto expert = [&](int g, const float* xt, float* y) {
       const int W = widths[g];

@@ -17,25 +17,16 @@
 namespace dsmoe {
 namespace {
 
-using testing::RelErr;
-
-std::unique_ptr<ModelWeights> WriteAndLoad(const testing::TempDir& dir, const std::string& preset) {
-  const absl::Status s =
-      WriteRandomCheckpoint(*PresetConfig(preset), {DType::kBF16, 5, 1}, dir.path());
-  EXPECT_TRUE(s.ok()) << s;
-  auto w = ModelWeights::Load(dir.path());
-  EXPECT_TRUE(w.ok()) << w.status();
-  return std::move(*w);
-}
-
-// Top-1 agreement of two [rows, V] logit arrays.
-double Top1(const std::vector<float>& a, const std::vector<float>& b, int64_t V) {
-  int64_t same = 0, rows = static_cast<int64_t>(a.size()) / V;
-  for (int64_t r = 0; r < rows; ++r) {
-    const auto ra = a.begin() + r * V, rb = b.begin() + r * V;
-    same += std::max_element(ra, ra + V) - ra == std::max_element(rb, rb + V) - rb;
-  }
-  return static_cast<double>(same) / static_cast<double>(rows);
+// Teacher-forced logits of `ids` through two schedulers agree (bf16 GPU vs fp32 CPU bounds).
+void ExpectSameLogits(Scheduler& got, Scheduler& want, const std::vector<int32_t>& ids, int64_t V,
+                      const char* label) {
+  auto a = got.ComputeLogits(ids);
+  auto b = want.ComputeLogits(ids);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const testing::Agreement ag = testing::Compare(*a, *b, V);
+  std::printf("[%s] logits rel-L2 %.3g top-1 %.3f\n", label, ag.rel_err, ag.top1);
+  EXPECT_LT(ag.rel_err, 2e-2) << label;
+  EXPECT_GE(ag.top1, 0.95) << label;
 }
 
 // Collects one sequence's tokens and its end.
@@ -81,7 +72,7 @@ class Collector final : public SequenceSink {
 TEST(GpuServing, SchedulerOnGpuMatchesCpuAndRecyclesSlots) {
   DSMOE_SKIP_WITHOUT_GPU();
   testing::TempDir dir;
-  auto w = WriteAndLoad(dir, "small");
+  auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 5);
   const int64_t V = w->config().vocab_size;
   ThreadPool pool(4);
   SchedulerOptions o;
@@ -100,13 +91,7 @@ TEST(GpuServing, SchedulerOnGpuMatchesCpuAndRecyclesSlots) {
   // Teacher-forced logits of a 100-token prompt (two 64-token chunks) through each scheduler.
   std::vector<int32_t> ids(100);
   for (int i = 0; i < 100; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 3) % V);
-  auto lg = (*gpu)->ComputeLogits(ids);
-  auto lc = (*cpu)->ComputeLogits(ids);
-  ASSERT_TRUE(lg.ok() && lc.ok());
-  const double err = RelErr(*lg, *lc), top1 = Top1(*lg, *lc, V);
-  std::printf("[gpu-scheduler-vs-cpu] logits rel-L2 %.3g top-1 %.3f\n", err, top1);
-  EXPECT_LT(err, 2e-2);
-  EXPECT_GE(top1, 0.95);
+  ExpectSameLogits(**gpu, **cpu, ids, V, "gpu-scheduler-vs-cpu");
 
   // Eight greedy sequences through three slots: queued ones start as others finish.
   std::vector<std::shared_ptr<Collector>> sinks;
@@ -135,7 +120,7 @@ TEST(GpuServing, SchedulerOnGpuMatchesCpuAndRecyclesSlots) {
 TEST(GpuServing, CpuAttentionWithGpuExpertsMatchesCpu) {
   DSMOE_SKIP_WITHOUT_GPU();
   testing::TempDir dir;
-  auto w = WriteAndLoad(dir, "small");
+  auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 5);
   const int64_t V = w->config().vocab_size;
   ThreadPool pool(4);
   SchedulerOptions o;
@@ -149,13 +134,7 @@ TEST(GpuServing, CpuAttentionWithGpuExpertsMatchesCpu) {
   ASSERT_TRUE(with_gpu_experts.ok() && cpu.ok());
   std::vector<int32_t> ids(90);
   for (int i = 0; i < 90; ++i) ids[i] = static_cast<int32_t>((i * 104729 + 11) % V);
-  auto a = (*with_gpu_experts)->ComputeLogits(ids);
-  auto b = (*cpu)->ComputeLogits(ids);
-  ASSERT_TRUE(a.ok() && b.ok());
-  const double err = RelErr(*a, *b), top1 = Top1(*a, *b, V);
-  std::printf("[cpu-attention+gpu-experts vs cpu] logits rel-L2 %.3g top-1 %.3f\n", err, top1);
-  EXPECT_LT(err, 2e-2);
-  EXPECT_GE(top1, 0.95);
+  ExpectSameLogits(**with_gpu_experts, **cpu, ids, V, "cpu-attention+gpu-experts vs cpu");
 }
 
 }  // namespace

@@ -1,15 +1,24 @@
-// Helpers for the GPU tests: skipping without a GPU, device buffers, error measures.
+// Helpers for the GPU tests: skipping without a GPU, device buffers, error measures, random
+// checkpoints and routings.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "core/model/make_model.h"
+#include "core/model/sampler.h"
+#include "core/model/weights.h"
 #include "core/ops/cuda/cuda_status.h"
+#include "tests/test_util.h"
 
 namespace dsmoe::testing {
 
@@ -70,6 +79,53 @@ inline double RelErr(const float* a, const float* b, size_t n) {
 inline double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   return RelErr(a.data(), b.data(), std::min(a.size(), b.size()));
+}
+
+// A random checkpoint of `preset` written into `dir`, loaded whole.
+inline std::unique_ptr<ModelWeights> WriteAndLoad(const TempDir& dir, const std::string& preset,
+                                                  DType dtype, uint64_t seed = 11) {
+  const absl::Status s = WriteRandomCheckpoint(*PresetConfig(preset), {dtype, seed, 1}, dir.path());
+  EXPECT_TRUE(s.ok()) << s;
+  auto w = ModelWeights::Load(dir.path());
+  EXPECT_TRUE(w.ok()) << w.status();
+  return std::move(*w);
+}
+
+// How two [rows, V] logit arrays agree.
+struct Agreement {
+  double rel_err = 0;  // relative L2 of all logits
+  double top1 = 0;     // fraction of rows whose argmax agrees
+};
+inline Agreement Compare(const std::vector<float>& got, const std::vector<float>& want, int64_t V) {
+  Agreement a;
+  a.rel_err = RelErr(got, want);
+  const int64_t rows = static_cast<int64_t>(want.size()) / V;
+  int64_t same = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    same += ArgMax(got.data() + r * V, V) == ArgMax(want.data() + r * V, V);
+  a.top1 = static_cast<double>(same) / static_cast<double>(rows);
+  return a;
+}
+
+// A random routing of T tokens: k distinct experts of E each, weights uniform in
+// [min_weight, 1).
+struct Routing {
+  std::vector<int32_t> experts;  // [T, k]
+  std::vector<float> weights;    // [T, k]
+};
+inline Routing RandomRouting(int64_t T, int64_t E, int64_t k, unsigned seed, float min_weight) {
+  Routing r{std::vector<int32_t>(T * k), std::vector<float>(T * k)};
+  std::mt19937 rng(seed);
+  std::vector<int32_t> perm(E);
+  for (int64_t t = 0; t < T; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int64_t j = 0; j < k; ++j) {
+      r.experts[t * k + j] = perm[j];
+      r.weights[t * k + j] = std::uniform_real_distribution<float>(min_weight, 1.0f)(rng);
+    }
+  }
+  return r;
 }
 
 }  // namespace dsmoe::testing
