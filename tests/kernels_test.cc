@@ -101,6 +101,28 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
   }
 }
 
+// Every token count from 1 to 100 crosses each path of the fast kernel: the row stream (≤ 4
+// tokens), the broadcast tiles over panels of 24 tokens with 1–3 vectors, the weight-panel GEMM
+// (≥ 48 tokens) and its leftover rows; row ranges end inside a group of 4 rows and K is not a
+// multiple of 8 (except for Q8_0, whose blocks are 32 wide).
+TEST_P(MatMulTest, FastKernelMatchesReferenceForEveryTokenCount) {
+  const ops::KernelTable* fast = FastKernels();
+  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
+  const DType dtype = GetParam();
+  const int64_t N = 37, K = dtype == DType::kQ8_0 ? 96 : 53, r0 = 2, r1 = 35;
+  // Q8_0's decode path multiplies int8 weights with activations rounded to 16 bits per block.
+  const float tolerance = dtype == DType::kQ8_0 ? 3e-4f : 1e-4f;
+  TestMatrix W = MakeMatrix(dtype, N, K, 9);
+  for (int64_t T = 1; T <= 100; ++T) {
+    std::vector<float> x = RandomFloats(T * K, 500 + T);
+    std::vector<float> want(T * N, -7.0f), got(T * N, -7.0f);
+    ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
+    fast->matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
+    for (int64_t i = 0; i < T * N; ++i)
+      ASSERT_NEAR(got[i], want[i], tolerance) << "T=" << T << " i=" << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
                          ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kQ8_0),
                          [](const auto& param_info) {
@@ -125,6 +147,49 @@ TEST(Kernels, VectorOpsMatchReference) {
       const double g = b[i];
       const double want = g / (1.0 + std::exp(-g)) * a[i];
       ASSERT_NEAR(out[i], want, 2e-6 * (std::fabs(want) + 1e-3)) << "gate " << g;
+    }
+  }
+}
+
+// The attention of one query over cached rows, in double precision, written out here.
+std::vector<double> AttendInDouble(const std::vector<float>& q, const std::vector<float>& keys,
+                                   const std::vector<float>& values, int64_t stride, int64_t len,
+                                   int64_t hd, double scale) {
+  std::vector<double> s(len), out(hd, 0.0);
+  double max = -INFINITY, sum = 0.0;
+  for (int64_t p = 0; p < len; ++p) {
+    for (int64_t d = 0; d < hd; ++d) s[p] += static_cast<double>(q[d]) * keys[p * stride + d];
+    s[p] *= scale;
+    max = std::max(max, s[p]);
+  }
+  for (int64_t p = 0; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
+  for (int64_t p = 0; p < len; ++p)
+    for (int64_t d = 0; d < hd; ++d) out[d] += s[p] / sum * values[p * stride + d];
+  return out;
+}
+
+TEST(Kernels, AttendMatchesDoublePrecision) {
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 40; ++trial) {
+    // Head sizes with and without a multiple of 8, one to several hundred positions, rows wider
+    // than a head (other kv heads interleaved, as in the cache).
+    const int64_t hd = std::vector<int64_t>{8, 16, 24, 64, 72, 128, 7, 13}[trial % 8];
+    const int64_t len = 1 + rng() % (trial % 2 ? 600 : 9), stride = hd * (1 + trial % 3);
+    std::vector<float> q = RandomFloats(hd, trial, 3.0f),
+                       keys = RandomFloats(len * stride, 100 + trial),
+                       values = RandomFloats(len * stride, 200 + trial);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const std::vector<double> want = AttendInDouble(q, keys, values, stride, len, hd, scale);
+    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+    if (FastKernels() != nullptr) tables.push_back(FastKernels());
+    for (const ops::KernelTable* k : tables) {
+      std::vector<float> scores(len), out(hd, -7.0f);
+      k->attend(q.data(), keys.data(), values.data(), stride, len, hd, scale, scores.data(),
+                out.data());
+      for (int64_t d = 0; d < hd; ++d) {
+        ASSERT_NEAR(out[d], want[d], 2e-5)
+            << k->name << " hd=" << hd << " len=" << len << " stride=" << stride << " d=" << d;
+      }
     }
   }
 }

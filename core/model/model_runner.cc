@@ -167,18 +167,8 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
     const float* keys = kv_cache_.Keys(layer, b.slots[t]) + (h / group) * hd;
     const float* values = kv_cache_.Values(layer, b.slots[t]) + (h / group) * hd;
     const float* q = q_.data() + (t * nh + h) * hd;
-    float* s = scores_.data() + thread * options_.max_context;
-    float max = -INFINITY;
-    for (int64_t p = 0; p < len; ++p) {
-      s[p] = k.dot(q, keys + p * row, hd) * scale;
-      max = std::max(max, s[p]);
-    }
-    float sum = 0.0f;
-    for (int64_t p = 0; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
-    const float inv = 1.0f / sum;
-    float* out = attn_.data() + (t * nh + h) * hd;
-    std::memset(out, 0, sizeof(float) * hd);
-    for (int64_t p = 0; p < len; ++p) k.axpy(s[p] * inv, values + p * row, out, hd);
+    k.attend(q, keys, values, row, len, hd, scale, scores_.data() + thread * options_.max_context,
+             attn_.data() + (t * nh + h) * hd);
   });
 }
 

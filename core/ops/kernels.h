@@ -24,6 +24,11 @@ struct KernelTable {
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
   // out[i] = row[i] as fp32
   void (*row_to_f32)(const void* row, DType dtype, int64_t n, float* out);
+  // One query's attention over `len` cached positions (head size hd):
+  //   scores[p] = scale · q·K[p],  out = Σ_p softmax(scores)[p] · V[p],
+  // where K[p] = keys + p·stride and V[p] = values + p·stride. `scores` holds len floats.
+  void (*attend)(const float* q, const float* keys, const float* values, int64_t stride,
+                 int64_t len, int64_t hd, float scale, float* scores, float* out);
 };
 
 const KernelTable& ReferenceKernels();

@@ -60,45 +60,6 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One register tile: RB weight rows × TB tokens, RB·TB accumulators (≤ 12 of the 16 ymm
-// registers, leaving room for the loads). Each weight vector loaded is used TB times.
-template <DType D, int RB, int TB>
-inline void Tile(const float* x, int64_t K, const MatrixView& W, int64_t n0, float* y,
-                 int64_t ldy) {
-  __m256 acc[RB][TB];
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
-  const void* rows[RB];
-  for (int r = 0; r < RB; ++r) rows[r] = RowPtr(W, n0 + r);
-  const int64_t K8 = K & ~int64_t{7};
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 xv[TB];
-    for (int t = 0; t < TB; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 w = Load8<D>(rows[r], k);
-      for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_fmadd_ps(w, xv[t], acc[r][t]);
-    }
-  }
-  for (int r = 0; r < RB; ++r) {
-    for (int t = 0; t < TB; ++t) {
-      float s = HorizontalSum(acc[r][t]);
-      for (int64_t k = K8; k < K; ++k) s += x[t * K + k] * ScalarLoad(rows[r], D, k);
-      y[t * ldy + n0 + r] = s;
-    }
-  }
-}
-
-// Tokens [0, TB) against rows [row_begin, row_end), four rows at a time (prefill: each weight
-// vector loaded serves TB tokens).
-template <DType D, int TB>
-inline void RowsForTokens(const float* x, int64_t K, const MatrixView& W, int64_t row_begin,
-                          int64_t row_end, float* y, int64_t ldy) {
-  constexpr int RB = TB <= 3 ? 4 : 2;
-  int64_t n = row_begin;
-  for (; n + RB <= row_end; n += RB) Tile<D, RB, TB>(x, K, W, n, y, ldy);
-  for (; n < row_end; ++n) Tile<D, 1, TB>(x, K, W, n, y, ldy);
-}
-
 // Few tokens (decode): one row at a time, so the weights are read as one sequential stream —
 // on the reference machine a single stream reaches ~85% of the read bandwidth where four
 // interleaved row streams reach ~60% — with UNROLL independent accumulators per token to hide
@@ -201,39 +162,201 @@ template <DType D>
 void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
                float* y, int64_t ldy);
 
+// Few tokens (a decode batch, an expert's share of a prompt chunk): the outer-product kernel
+// with the roles turned around. The tokens are packed once per call into panels of up to 24,
+// transposed (xt[k][w], w = 8·⌈n/8⌉, zero-padded); each group of 4 weight rows is widened to
+// fp32 once into an L1 buffer; the register tile is 4 rows × up to 3 vectors of 8 tokens, each
+// weight broadcast against the token vectors. Every weight byte is read from memory once per
+// call, as in the decode row stream, while the FMAs run at the GEMM rate.
+constexpr int64_t kTokenPanel = 24;  // 3 vectors: 12 accumulators + 3 tokens + 1 broadcast
+constexpr int kRowGroup = 4;
+
+// Scratch for the packed tokens and the widened row group (separate from the other scratch
+// buffers: a Q8_0 batch uses this and the panel scratch in one call).
+inline float* TokenPanelScratch(size_t floats) {
+  thread_local ScratchBuffer buffer;
+  return buffer.Get(floats);
+}
+
+// In-register transpose of 8 vectors (rows) of 8 floats.
+inline void Transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+               t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]),
+               t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+               t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+inline int64_t PanelWidth(int64_t T, int64_t p) {
+  const int64_t n = T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
+  return (n + 7) / 8 * 8;
+}
+
+// x [T, K] → panels of kTokenPanel tokens at xt + p·kTokenPanel·K, each [K][PanelWidth].
+inline void PackTokenPanels(const float* x, int64_t T, int64_t K, float* xt) {
+  const int64_t K8 = K & ~int64_t{7};
+  for (int64_t t0 = 0; t0 < T; t0 += 8) {  // one group of 8 tokens at a time
+    const int64_t p = t0 / kTokenPanel, w = PanelWidth(T, p);
+    float* out = xt + p * kTokenPanel * K + (t0 - p * kTokenPanel);
+    const int64_t valid = T - t0 < 8 ? T - t0 : 8;
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j)
+        r[j] = j < valid ? _mm256_loadu_ps(x + (t0 + j) * K + k) : _mm256_setzero_ps();
+      Transpose8x8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * w, r[j]);
+    }
+    for (int64_t k = K8; k < K; ++k)
+      for (int j = 0; j < 8; ++j) out[k * w + j] = j < valid ? x[(t0 + j) * K + k] : 0.0f;
+  }
+}
+
+// Row n of W as fp32 into out[0, K).
+template <DType D>
+inline void WidenRow(const MatrixView& W, int64_t n, float* out) {
+  const int64_t K = W.cols;
+  if constexpr (D == DType::kQ8_0) {
+    const int8_t* q = static_cast<const int8_t*>(W.data) + n * K;
+    const uint16_t* sc = W.scales + n * (K / kQ8Block);
+    for (int64_t b = 0; b < K / kQ8Block; ++b) {
+      const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[b]));
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b * kQ8Block + 8 * j))));
+        _mm256_storeu_ps(out + b * kQ8Block + 8 * j, _mm256_mul_ps(v, d));
+      }
+    }
+  } else {
+    const void* row = RowPtr(W, n);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, Load8<D>(row, k));
+    for (; k < K; ++k) out[k] = ScalarLoad(row, D, k);
+  }
+}
+
+// Weight bytes to bring into cache while a tile computes: the next row group's, spread over
+// the tile's k loop (`stride` bytes further each k), so its widening finds them in cache
+// instead of stalling on memory between two compute phases.
+struct Prefetch {
+  const char* begin;
+  int64_t stride;  // 0: nothing to bring in (begin then points at data already in cache)
+};
+
+// RB widened rows (wf, stride K) × the NV token vectors of one panel (xt, width w = 8·NV).
+template <int RB, int NV>
+inline void BroadcastTile(const float* xt, int64_t K, const float* wf, float* y, int64_t ldy,
+                          int64_t tokens, Prefetch pf) {
+  __m256 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  constexpr int64_t w = 8 * NV;
+  const char* ahead = pf.begin;
+  for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    ahead += pf.stride;
+    __m256 xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(xt + k * w + 8 * v);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 b = _mm256_broadcast_ss(wf + r * K + k);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(b, xv[v], acc[r][v]);
+    }
+  }
+  // Whole-vector stores with constant indices first: a store of acc[r][v] inside a loop with a
+  // runtime bound makes gcc keep the accumulators in memory and store them on every k.
+  alignas(32) float tile[RB][NV][8];
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(tile[r][v], acc[r][v]);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int r = 0; r < RB; ++r) y[t * ldy + r] = tile[r][t / 8][t % 8];
+}
+
+template <int RB>
+inline void BroadcastPanel(const float* xt, int64_t K, int64_t tokens, const float* wf, float* y,
+                           int64_t ldy, Prefetch pf) {
+  switch ((tokens + 7) / 8) {
+    case 1:
+      return BroadcastTile<RB, 1>(xt, K, wf, y, ldy, tokens, pf);
+    case 2:
+      return BroadcastTile<RB, 2>(xt, K, wf, y, ldy, tokens, pf);
+    default:
+      return BroadcastTile<RB, 3>(xt, K, wf, y, ldy, tokens, pf);
+  }
+}
+
+constexpr int64_t kPanelGemmMinTokens = 48;
+
+template <DType D>
+void SmallBatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                    int64_t row_end, float* y, int64_t ldy) {
+  const int64_t K = W.cols, panels = (T + kTokenPanel - 1) / kTokenPanel;
+  float* xt = TokenPanelScratch(static_cast<size_t>((panels * kTokenPanel + kRowGroup) * K));
+  float* wf = xt + panels * kTokenPanel * K;
+  PackTokenPanels(x, T, K, xt);
+  // Bytes of one row (Q8_0: its int8 values; the scales are few and follow their own stream).
+  const int64_t row_bytes = K * (D == DType::kF32 ? 4 : D == DType::kQ8_0 ? 1 : 2);
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowGroup) {
+    const int64_t rb = row_end - n0 < kRowGroup ? row_end - n0 : kRowGroup;
+    for (int64_t r = 0; r < rb; ++r) WidenRow<D>(W, n0 + r, wf + r * K);
+    const int64_t next = row_end - (n0 + rb) < kRowGroup ? row_end - (n0 + rb) : kRowGroup;
+    Prefetch pf{static_cast<const char*>(W.data) + (n0 + rb) * row_bytes,
+                (next * row_bytes + K - 1) / K};
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t tokens = T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
+      const float* panel = xt + p * kTokenPanel * K;
+      float* yp = y + p * kTokenPanel * ldy + n0;
+      switch (rb) {
+        case 4:
+          BroadcastPanel<4>(panel, K, tokens, wf, yp, ldy, pf);
+          break;
+        case 3:
+          BroadcastPanel<3>(panel, K, tokens, wf, yp, ldy, pf);
+          break;
+        case 2:
+          BroadcastPanel<2>(panel, K, tokens, wf, yp, ldy, pf);
+          break;
+        default:
+          BroadcastPanel<1>(panel, K, tokens, wf, yp, ldy, pf);
+          break;
+      }
+      pf = {reinterpret_cast<const char*>(wf), 0};  // the first panel brought them in
+    }
+  }
+}
+
 template <DType D>
 void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                      int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols;
-  if (T <= 2) {
-    if (T == 1) return RowStream<D, 1>(x, K, W, row_begin, row_end, y, ldy);
-    return RowStream<D, 2>(x, K, W, row_begin, row_end, y, ldy);
+  switch (T) {  // up to 4 tokens the row stream beats the broadcast tiles (8-token vectors)
+    case 1:
+      return RowStream<D, 1>(x, K, W, row_begin, row_end, y, ldy);
+    case 2:
+      return RowStream<D, 2>(x, K, W, row_begin, row_end, y, ldy);
+    case 3:
+      return RowStream<D, 3>(x, K, W, row_begin, row_end, y, ldy);
+    case 4:
+      return RowStream<D, 4>(x, K, W, row_begin, row_end, y, ldy);
+    default:
+      break;
   }
-  // Packing a panel (scalar transposition) costs about as much as 20-30 tokens of dot-product
-  // tiles: the panel GEMM pays for projections over a prompt chunk, not for an expert's few tokens.
-  if (T >= 48 && row_end - row_begin >= kPanel)
-    return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
-  // Walk a block of rows against every token group before moving on, so the block stays in
-  // L1/L2 while it is reused.
-  constexpr int64_t kRowBlock = 16;
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowBlock) {
-    const int64_t r1 = r0 + kRowBlock < row_end ? r0 + kRowBlock : row_end;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) RowsForTokens<D, 4>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
-    switch (T - t) {
-      case 3:
-        RowsForTokens<D, 3>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
-        break;
-      case 2:
-        RowsForTokens<D, 2>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
-        break;
-      case 1:
-        RowsForTokens<D, 1>(x + t * K, K, W, r0, r1, y + t * ldy, ldy);
-        break;
-      default:
-        break;
-    }
-  }
+  // Packing a weight panel (a scalar transposition) pays for itself over a prompt chunk's
+  // tokens, not over an expert's few.
+  if (T < kPanelGemmMinTokens || row_end - row_begin < kPanel)
+    return SmallBatchGemm<D>(x, T, W, row_begin, row_end, y, ldy);
+  return PanelGemm<D>(x, T, W, row_begin, row_end, y, ldy);
 }
 
 template <DType D>
@@ -278,25 +401,7 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
     }
     n += panels * kPanel;
   }
-  if (n < row_end) {  // fewer than 16 rows left: the dot-product tiles
-    for (int64_t t = 0; t < T; t += 4) {
-      const int64_t tb = T - t < 4 ? T - t : 4;
-      switch (tb) {
-        case 4:
-          RowsForTokens<D, 4>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
-          break;
-        case 3:
-          RowsForTokens<D, 3>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
-          break;
-        case 2:
-          RowsForTokens<D, 2>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
-          break;
-        default:
-          RowsForTokens<D, 1>(x + t * K, K, W, n, row_end, y + t * ldy, ldy);
-          break;
-      }
-    }
-  }
+  if (n < row_end) SmallBatchGemm<D>(x, T, W, n, row_end, y, ldy);  // < 16 rows left
 }
 
 // Q8_0 rows: 32 int8 weights and one F16 scale per block. Per token, each block's products
@@ -422,8 +527,10 @@ void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_be
     }
     return;
   }
-  // Batches: dequantize a block of rows once (thread-local scratch, grown once), then run the
-  // fp32 tiles over every token.
+  if (T < kPanelGemmMinTokens)
+    return SmallBatchGemm<DType::kQ8_0>(x, T, W, row_begin, row_end, y, ldy);
+  // Prompt chunks: dequantize a block of rows once (thread-local scratch, grown once), then run
+  // the fp32 panel GEMM over every token.
   constexpr int64_t kRowBlock = 16;
   float* scratch = Q8Scratch(static_cast<size_t>(kRowBlock * K));
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowBlock) {
@@ -525,10 +632,122 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = ScalarLoad(row, dtype, i);
 }
 
+// Σ_p s[p] · V[p][0, 8·NV) into out (NV ≤ 8 vectors in registers across all positions).
+template <int NV>
+inline void WeightedValueSum(const float* s, const float* values, int64_t stride, int64_t len,
+                             float* out) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    const __m256 b = _mm256_broadcast_ss(s + p);
+    for (int v = 0; v < NV; ++v)
+      acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(values + p * stride + 8 * v), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+
+// Fused single-query attention: four key rows per pass share each query load and one
+// horizontal-add tree; the softmax runs on vectors; the weighted value sum keeps up to 64 output
+// dimensions in registers across all positions (instead of a function call per position).
+void Attend(const float* q, const float* keys, const float* values, int64_t stride, int64_t len,
+            int64_t hd, float scale, float* s, float* out) {
+  const int64_t hd8 = hd & ~int64_t{7};
+  auto tail_dot = [&](const float* key) {
+    float t = 0.0f;
+    for (int64_t d = hd8; d < hd; ++d) t += q[d] * key[d];
+    return t;
+  };
+  int64_t p = 0;
+  for (; p + 4 <= len; p += 4) {
+    const float* k0 = keys + p * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd8; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + d), qv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + stride + d), qv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 2 * stride + d), qv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 3 * stride + d), qv, a3);
+    }
+    // Lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the four partial sums.
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    if (hd8 < hd) {
+      dots = _mm_add_ps(dots, _mm_setr_ps(tail_dot(k0), tail_dot(k0 + stride),
+                                          tail_dot(k0 + 2 * stride), tail_dot(k0 + 3 * stride)));
+    }
+    _mm_storeu_ps(s + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
+  }
+  for (; p < len; ++p) {
+    const float* key = keys + p * stride;
+    s[p] = (Dot(q, key, hd8) + tail_dot(key)) * scale;
+  }
+
+  // Softmax over the scores.
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  p = 0;
+  for (; p + 8 <= len; p += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + p));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float max = lanes[0];
+  for (int i = 1; i < 8; ++i) max = lanes[i] > max ? lanes[i] : max;
+  for (; p < len; ++p) max = s[p] > max ? s[p] : max;
+  const __m256 m = _mm256_set1_ps(max);
+  __m256 vsum = _mm256_setzero_ps();
+  p = 0;
+  for (; p + 8 <= len; p += 8) {
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + p), m));
+    _mm256_storeu_ps(s + p, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = HorizontalSum(vsum);
+  for (; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
+  const float inv = 1.0f / sum;
+
+  // out = Σ_p s[p] · V[p] / sum, 64 dimensions at a time.
+  for (int64_t d0 = 0; d0 < hd8; d0 += 64) {
+    switch ((hd8 - d0 < 64 ? hd8 - d0 : 64) / 8) {
+      case 1:
+        WeightedValueSum<1>(s, values + d0, stride, len, out + d0);
+        break;
+      case 2:
+        WeightedValueSum<2>(s, values + d0, stride, len, out + d0);
+        break;
+      case 3:
+        WeightedValueSum<3>(s, values + d0, stride, len, out + d0);
+        break;
+      case 4:
+        WeightedValueSum<4>(s, values + d0, stride, len, out + d0);
+        break;
+      case 5:
+        WeightedValueSum<5>(s, values + d0, stride, len, out + d0);
+        break;
+      case 6:
+        WeightedValueSum<6>(s, values + d0, stride, len, out + d0);
+        break;
+      case 7:
+        WeightedValueSum<7>(s, values + d0, stride, len, out + d0);
+        break;
+      default:
+        WeightedValueSum<8>(s, values + d0, stride, len, out + d0);
+        break;
+    }
+  }
+  for (int64_t d = hd8; d < hd; ++d) {
+    float t = 0.0f;
+    for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * values[pp * stride + d];
+    out[d] = t;
+  }
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t d = 0;
+  for (; d + 8 <= hd; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(out + d), vinv));
+  for (; d < hd; ++d) out[d] *= inv;
+}
+
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2", MatMulRows, Dot, Axpy, SiluMul, RowToF32};
+  static const KernelTable table{"avx2", MatMulRows, Dot, Axpy, SiluMul, RowToF32, Attend};
   return &table;
 }
 

@@ -37,10 +37,23 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = LoadAsF32(row, dtype, i);
 }
 
+void Attend(const float* q, const float* keys, const float* values, int64_t stride, int64_t len,
+            int64_t hd, float scale, float* scores, float* out) {
+  float max = -INFINITY;
+  for (int64_t p = 0; p < len; ++p) {
+    scores[p] = Dot(q, keys + p * stride, hd) * scale;
+    max = scores[p] > max ? scores[p] : max;
+  }
+  float sum = 0.0f;
+  for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - max);
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
+  for (int64_t p = 0; p < len; ++p) Axpy(scores[p] / sum, values + p * stride, out, hd);
+}
+
 }  // namespace
 
 const KernelTable& ReferenceKernels() {
-  static const KernelTable table{"reference", MatMulRows, Dot, Axpy, SiluMul, RowToF32};
+  static const KernelTable table{"reference", MatMulRows, Dot, Axpy, SiluMul, RowToF32, Attend};
   return table;
 }
 

@@ -1,0 +1,168 @@
+// The matrix kernels alone, on the shapes the medium preset runs, side by side with OpenBLAS
+// sgemm on the same machine in the same run (one thread):
+//   - matmul_rows over a layer's worth of expert matrices (64 × [704, 1024]) for T tokens each,
+//     weights streamed from memory as in the model: GFLOP/s and weight GB/s per dtype and T;
+//   - a projection [3072, 1024] at prefill sizes (T = 64 … 256);
+//   - OpenBLAS sgemm (fp32, row-major x · Wᵀ), the compute ceiling prefill is judged by.
+//
+//   dsmoe_bench_kernels [--tokens 1,2,4,8,16,24,32,48,64,128,256] [--dtypes f32,bf16,q8]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/ops/kernels.h"
+#include "core/tensor/dtype.h"
+#include "core/util/cpu_features.h"
+#include "core/util/huge_pages.h"
+
+#ifdef DSMOE_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+namespace {
+
+using namespace dsmoe;
+using Clock = std::chrono::steady_clock;
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
+  return out;
+}
+
+// `count` random matrices [rows, cols] of one dtype in one buffer (Q8_0 with its scales).
+struct MatrixSet {
+  DType dtype;
+  int64_t rows, cols, count;
+  std::unique_ptr<HugePageBuffer> buffer;  // huge pages, as the engine keeps its weights
+  uint8_t* data;
+  std::vector<uint16_t> scales;
+
+  MatrixSet(DType d, int64_t r, int64_t c, int64_t n) : dtype(d), rows(r), cols(c), count(n) {
+    const int64_t elems = r * c * n;
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    buffer = *HugePageBuffer::Allocate(elems * (d == DType::kQ8_0 ? 1 : DTypeSize(d)));
+    data = reinterpret_cast<uint8_t*>(buffer->data());
+    if (d == DType::kQ8_0) {
+      for (int64_t i = 0; i < elems; ++i)
+        data[i] = static_cast<uint8_t>(static_cast<int8_t>(dist(rng) * 127));
+      scales.resize(elems / kQ8Block, F32ToF16(0.01f));
+      return;
+    }
+    for (int64_t i = 0; i < elems; ++i) {
+      const float v = dist(rng) * 0.05f;
+      if (d == DType::kF32) reinterpret_cast<float*>(data)[i] = v;
+      if (d == DType::kBF16) reinterpret_cast<uint16_t*>(data)[i] = F32ToBf16(v);
+      if (d == DType::kF16) reinterpret_cast<uint16_t*>(data)[i] = F32ToF16(v);
+    }
+  }
+  MatrixView At(int64_t i) const {
+    const size_t values = static_cast<size_t>(rows * cols);
+    return {dtype, rows, cols, data + i * values * (dtype == DType::kQ8_0 ? 1 : DTypeSize(dtype)),
+            dtype == DType::kQ8_0 ? scales.data() + i * values / kQ8Block : nullptr};
+  }
+  double BytesPerMatrix() const {
+    return static_cast<double>(rows * cols) *
+           (dtype == DType::kQ8_0 ? (kQ8Block + 2.0) / kQ8Block : DTypeSize(dtype));
+  }
+};
+
+// Best of `reps` timings of fn(), in seconds.
+template <class Fn>
+double BestSeconds(int reps, Fn fn) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+DType ParseDType(const std::string& name) {
+  if (name == "bf16") return DType::kBF16;
+  if (name == "f16") return DType::kF16;
+  if (name == "q8") return DType::kQ8_0;
+  return DType::kF32;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string tokens_arg = "1,2,4,8,16,24,32,48,64,128,256", dtypes_arg = "f32,bf16,q8";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--tokens") {
+      tokens_arg = argv[i + 1];
+    } else if (flag == "--dtypes") {
+      dtypes_arg = argv[i + 1];
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  std::vector<int64_t> token_counts;
+  for (const auto& t : Split(tokens_arg)) token_counts.push_back(std::stoll(t));
+  const ops::KernelTable& k = ops::Kernels();
+  std::printf("kernels: %s (%s), one thread\n\n", k.name, GetCpuFeatures().ToString().c_str());
+
+  double blas_gflops = 0;
+#ifdef DSMOE_HAVE_OPENBLAS
+  {
+    openblas_set_num_threads(1);
+    const int64_t M = 256, N = 1024, K = 1024;
+    std::vector<float> a(M * K, 0.01f), b(N * K, 0.02f), c(M * N);
+    const double secs = BestSeconds(5, [&] {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a.data(), K, b.data(), K,
+                  0.0f, c.data(), N);
+    });
+    blas_gflops = 2.0 * M * N * K / secs / 1e9;
+    std::printf("OpenBLAS sgemm %lldx%lldx%lld: %.1f GFLOP/s\n\n", (long long)M, (long long)N,
+                (long long)K, blas_gflops);
+  }
+#else
+  std::printf("OpenBLAS sgemm: not built in (libopenblas-dev missing)\n\n");
+#endif
+
+  // A layer's routed experts: each matrix once per pass, so the weights come from memory.
+  std::printf(
+      "Expert matrices 64 × [704, 1024], each run over T tokens (weights from memory):\n\n");
+  std::printf("| dtype | T | GFLOP/s | weight GB/s | %% of sgemm |\n|---|---|---|---|---|\n");
+  for (const std::string& dname : Split(dtypes_arg)) {
+    const MatrixSet experts(ParseDType(dname), 704, 1024, 64);
+    for (int64_t T : token_counts) {
+      std::vector<float> x(T * experts.cols, 0.5f), y(T * experts.rows);
+      const double secs = BestSeconds(3, [&] {
+        for (int64_t e = 0; e < experts.count; ++e)
+          k.matmul_rows(x.data(), T, experts.At(e), 0, experts.rows, y.data(), experts.rows);
+      });
+      const double flops = 2.0 * T * experts.rows * experts.cols * experts.count;
+      std::printf("| %s | %lld | %.1f | %.1f | %.0f%% |\n", dname.c_str(), (long long)T,
+                  flops / secs / 1e9, experts.BytesPerMatrix() * experts.count / secs / 1e9,
+                  blas_gflops > 0 ? 100.0 * flops / secs / 1e9 / blas_gflops : 0.0);
+    }
+  }
+
+  std::printf("\nProjection [3072, 1024] over T prompt tokens:\n\n");
+  std::printf("| dtype | T | GFLOP/s | %% of sgemm |\n|---|---|---|---|\n");
+  for (const std::string& dname : Split(dtypes_arg)) {
+    const MatrixSet proj(ParseDType(dname), 3072, 1024, 1);
+    for (int64_t T : token_counts) {
+      if (T < 16) continue;
+      std::vector<float> x(T * proj.cols, 0.5f), y(T * proj.rows);
+      const double secs = BestSeconds(
+          3, [&] { k.matmul_rows(x.data(), T, proj.At(0), 0, proj.rows, y.data(), proj.rows); });
+      const double gflops = 2.0 * T * proj.rows * proj.cols / secs / 1e9;
+      std::printf("| %s | %lld | %.1f | %.0f%% |\n", dname.c_str(), (long long)T, gflops,
+                  blas_gflops > 0 ? 100.0 * gflops / blas_gflops : 0.0);
+    }
+  }
+  return 0;
+}
