@@ -14,6 +14,7 @@
 #include "core/rpc/readiness.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
+#include "core/rpc/serving_flags.h"
 #include "expert-server/grpc_expert_executor.h"
 #include "router/placement.h"
 
@@ -55,11 +56,11 @@ int main(int argc, char** argv) {
   CLI::App app{
       "dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous "
       "batching"};
-  std::string model, model_name, expert_servers, placement_file, listen = "127.0.0.1:0", ready_file,
-                                                                 metrics_listen = "127.0.0.1:0";
+  std::string model, expert_servers, placement_file;
   std::string device_name = "cpu";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
+  dsmoe::rpc::ServingFlags serving;
   dsmoe::rpc::ServerOptions server_options;
   dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only the gateway calls it
   dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
@@ -97,14 +98,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
-  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file,
-                 "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen,
-                 "Address of the Prometheus /metrics endpoint (empty: none)")
-      ->capture_default_str();
-  app.add_option("--model-name", model_name,
-                 "The `model` label of the metrics (default: the directory's name)");
+  dsmoe::rpc::AddServingFlags(app, &serving);
   app.add_option("--load-window-seconds", load_window_seconds,
                  "Routing load is measured over this recent window (imbalance gauge, planner)")
       ->check(CLI::Range(1.0, 86400.0))
@@ -141,9 +135,8 @@ int main(int argc, char** argv) {
   auto weights = dsmoe::ModelWeights::Load(model, selection);
   if (!weights.ok()) return Fail(weights.status());
   const dsmoe::ModelConfig& config = (*weights)->config();
-  if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
   // Registered before anything runs, so every series exists from the first scrape.
-  dsmoe::rpc::MetricsRegistry metrics(model_name);
+  dsmoe::rpc::MetricsRegistry metrics(serving.ModelName(model));
   dsmoe::AttentionMetrics attention_metrics(metrics, config, {load_window_seconds, 6});
 
   std::optional<dsmoe::router::Placement> placement;
@@ -188,18 +181,14 @@ int main(int argc, char** argv) {
   }
   dsmoe::PlacementService placement_service(rebalancer.get(), config, load_window_seconds);
   dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
-  server_options.address = listen;  // the ready file is written once ready (below)
-  if (!metrics_listen.empty()) {
-    auto port = metrics.Serve(metrics_listen);
-    if (!port.ok()) return Fail(port.status());
-    server_options.metrics_port = *port;
-  }
+  // The ready file is written once ready (below).
+  if (auto s = serving.Apply(metrics, &server_options); !s.ok()) return Fail(s);
   auto server = dsmoe::rpc::StartServer(server_options, {&service, &placement_service});
   if (!server.ok()) return Fail(server.status());
   // Ready means "can serve": every routed expert reachable on some live expert server.
   dsmoe::rpc::Readiness readiness(
-      server->server.get(), dsmoe::internal::v1::AttentionService::service_full_name(), ready_file,
-      server->port, server_options.metrics_port, "dsmoe-attention-server");
+      server->server.get(), dsmoe::internal::v1::AttentionService::service_full_name(),
+      serving.ready_file, server->port, server_options.metrics_port, "dsmoe-attention-server");
   if (expert_health == nullptr) {
     readiness.Set(true);
   } else {

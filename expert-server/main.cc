@@ -6,6 +6,7 @@
 #include "core/rpc/metrics.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
+#include "core/rpc/serving_flags.h"
 #include "expert-server/expert_service.h"
 #include "router/placement.h"
 
@@ -13,10 +14,10 @@ int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{
       "dsmoe-expert-server: computes routed experts of a DeepSeekMoE model for attention servers"};
-  std::string model, model_name, placement_file, listen = "127.0.0.1:0", ready_file,
-                                                 metrics_listen = "127.0.0.1:0";
+  std::string model, placement_file;
   int server_index = 0, servers = 1, replicas = 1;
   dsmoe::ExpertServiceOptions options;
+  dsmoe::rpc::ServingFlags serving;
   dsmoe::rpc::ServerOptions server_options;
   dsmoe::rpc::TransportSecurityOptions tls;  // mutual TLS: only attention servers and the gateway
   dsmoe::rpc::AddSecurityFlags(app, &tls, &server_options.health_address);
@@ -32,14 +33,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 4096));
   app.add_option("--server-index", server_index, "This server's index in the placement")
       ->check(CLI::Range(0, 4095));
-  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file,
-                 "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen,
-                 "Address of the Prometheus /metrics endpoint (empty: none)")
-      ->capture_default_str();
-  app.add_option("--model-name", model_name,
-                 "The `model` label of the metrics (default: the directory's name)");
+  dsmoe::rpc::AddServingFlags(app, &serving);
   app.add_option("--threads", options.threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
   app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")
@@ -73,19 +67,13 @@ int main(int argc, char** argv) {
   options.max_assignments = options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
   auto weights = dsmoe::ModelWeights::Load(model, placement->SelectionFor(server_index));
   if (!weights.ok()) return fail(weights.status());
-  if (model_name.empty()) model_name = dsmoe::rpc::ModelNameFromPath(model);
-  dsmoe::rpc::MetricsRegistry metrics(model_name,
+  dsmoe::rpc::MetricsRegistry metrics(serving.ModelName(model),
                                       {{"expert_server", std::to_string(server_index)}});
   options.metrics = &metrics;
   options.model_dir = model;  // SetPlacement loads more experts from here
   dsmoe::ExpertService service(std::move(*weights), options);
-  server_options.address = listen;
-  server_options.ready_file = ready_file;
-  if (!metrics_listen.empty()) {
-    auto port = metrics.Serve(metrics_listen);
-    if (!port.ok()) return fail(port.status());
-    server_options.metrics_port = *port;
-  }
+  server_options.ready_file = serving.ready_file;  // ready as soon as it serves
+  if (auto s = serving.Apply(metrics, &server_options); !s.ok()) return fail(s);
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return fail(server.status());
   // The service's own name answers liveness probes; "" (ready) is SERVING from the start.

@@ -11,6 +11,7 @@
 #include "core/rpc/readiness.h"
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
+#include "core/rpc/serving_flags.h"
 #include "gateway/gateway_service.h"
 
 namespace {
@@ -25,10 +26,10 @@ int Fail(const absl::Status& s) {
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-gateway: the public gRPC API (dsmoe.v1.Gateway) of a dsmoe cluster"};
-  std::string model, attention_servers, expert_servers, listen = "127.0.0.1:0", ready_file,
-                                                        metrics_listen = "127.0.0.1:0";
+  std::string model, attention_servers, expert_servers;
   int grace_seconds = 10, max_request_bytes = 4 << 20;
   dsmoe::GatewayOptions options;
+  dsmoe::rpc::ServingFlags serving;
   dsmoe::rpc::ServerOptions server_options;
   // The public endpoint: TLS; client certificates only if --tls-client-auth=require. Its calls
   // to attention and expert servers present --tls-cert (mutual TLS).
@@ -65,8 +66,6 @@ int main(int argc, char** argv) {
                  "Checkpoint directory (config and tokenizer are read; no weights)")
       ->required()
       ->check(CLI::ExistingDirectory);
-  app.add_option("--model-name", options.model_name,
-                 "Name requests may give (default: the directory's name)");
   app.add_option("--attention-servers", attention_servers,
                  "Comma-separated attention server addresses")
       ->required();
@@ -91,12 +90,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 3600))
       ->capture_default_str();
   dsmoe::rpc::HealthCheckFlags health_flags(app, "attention servers");
-  app.add_option("--listen", listen, "Address to serve on")->capture_default_str();
-  app.add_option("--ready-file", ready_file,
-                 "Write the bound port (and the metrics port) here once serving");
-  app.add_option("--metrics-listen", metrics_listen,
-                 "Address of the Prometheus /metrics endpoint (empty: none)")
-      ->capture_default_str();
+  // The model name is also the `model` label of the gateway's metrics.
+  dsmoe::rpc::AddServingFlags(app, &serving,
+                              "Name requests may give (default: the directory's name)");
   CLI11_PARSE(app, argc, argv);
 
   auto security = dsmoe::rpc::TransportSecurity::Load(tls);
@@ -114,7 +110,7 @@ int main(int argc, char** argv) {
   nothing.all_routed_experts = false;
   auto weights = dsmoe::ModelWeights::Load(model, nothing);  // config and generation config only
   if (!weights.ok()) return Fail(weights.status());
-  if (options.model_name.empty()) options.model_name = dsmoe::rpc::ModelNameFromPath(model);
+  options.model_name = serving.ModelName(model);
   dsmoe::rpc::MetricsRegistry metrics(options.model_name);
   options.metrics = &metrics;
   std::unique_ptr<dsmoe::Authenticator> auth;
@@ -150,14 +146,9 @@ int main(int argc, char** argv) {
   dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(),
                                 std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
                                 dsmoe::rpc::SplitAddresses(expert_servers), options);
-  server_options.address = listen;
   // The ready file is written once the attention servers were checked (below).
   server_options.max_message_bytes = max_request_bytes;
-  if (!metrics_listen.empty()) {
-    auto port = metrics.Serve(metrics_listen);
-    if (!port.ok()) return Fail(port.status());
-    server_options.metrics_port = *port;
-  }
+  if (auto s = serving.Apply(metrics, &server_options); !s.ok()) return Fail(s);
   auto server = dsmoe::rpc::StartServer(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
   // Ready (health "") when at least one attention server is. The ready file only says the
@@ -173,8 +164,9 @@ int main(int argc, char** argv) {
     }
     readiness.Set(any, "no attention server is ready");
   });
-  if (!ready_file.empty()) {
-    if (auto s = dsmoe::rpc::WriteReadyFile(ready_file, server->port, server_options.metrics_port);
+  if (!serving.ready_file.empty()) {
+    if (auto s = dsmoe::rpc::WriteReadyFile(serving.ready_file, server->port,
+                                            server_options.metrics_port);
         !s.ok())
       return Fail(s);
   }

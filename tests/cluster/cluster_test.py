@@ -5,7 +5,6 @@ against the PyTorch reference, is the ground truth.
 
 Usage: cluster_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
-import argparse
 import concurrent.futures
 import json
 import os
@@ -13,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -23,9 +21,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
-
-TMP = None  # models shared by all tests
-
 
 def prompts(n, vocab, seed=1, lo=3, hi=12):
     rng = random.Random(seed)
@@ -39,7 +34,7 @@ class GreedyMatchesSingleProcess(unittest.TestCase):
     LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 4, 1), (1, 2, 2), (2, 2, 1)]  # (attention, experts, replicas)
 
     def check_preset(self, name, preset):
-        model = cu.make_model(TMP.name, name, preset)
+        model = cu.make_model(cu.TMP, name, preset)
         cases = prompts(3, 512, seed=hash(name) & 0xff)
         want = [cu.single_process_generate(model, p, 12)["ids"] for p in cases]
         for attention, experts, replicas in self.LAYOUTS:
@@ -63,7 +58,7 @@ class GreedyMatchesSingleProcess(unittest.TestCase):
 class ClusterBehaviour(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.model = cu.make_model(TMP.name, "tiny-bf16", "tiny", "--dtype", "bf16")
+        cls.model = cu.make_model(cu.TMP, "tiny-bf16", "tiny", "--dtype", "bf16")
         cls.cluster = cu.Cluster(cls.model, attention=1, experts=2)
 
     @classmethod
@@ -72,7 +67,7 @@ class ClusterBehaviour(unittest.TestCase):
 
     def test_logits_match_single_process(self):
         ids = prompts(1, 512, seed=5, lo=20, hi=21)[0]
-        npy = os.path.join(TMP.name, "single.npy")
+        npy = os.path.join(cu.TMP, "single.npy")
         cu.run("logits", "--model", self.model, "--ids", ",".join(map(str, ids)), "--out", npy)
         want = np.load(npy).astype(np.float64)
         resp = self.cluster.attention().ComputeLogits(cu.apb.ComputeLogitsRequest(token_ids=ids), timeout=60)
@@ -120,7 +115,7 @@ class ClusterBehaviour(unittest.TestCase):
         """--device: a name that is not a device is refused; cuda:N where dsmoe was built without
         CUDA, or where there is no GPU, stops the server at start-up with the reason."""
         server = os.path.join(os.path.dirname(cu.DSMOE), "dsmoe-attention-server")
-        model = cu.make_model(TMP.name, "device-flag", "tiny")
+        model = cu.make_model(cu.TMP, "device-flag", "tiny")
         for device, why in (("gpu0", 'device "gpu0" is not one of cpu, cuda, cuda:N'),
                             ("cuda:0", ("no CUDA backend", "no CUDA device"))):
             r = subprocess.run([server, "--model", model, "--device", device, "--insecure",
@@ -216,7 +211,7 @@ class ClusterBehaviour(unittest.TestCase):
 
 class ExpertServerFaults(unittest.TestCase):
     def setUp(self):
-        self.model = cu.make_model(TMP.name, "tiny-faults", "tiny")
+        self.model = cu.make_model(cu.TMP, "tiny-faults", "tiny")
         self.want = cu.single_process_generate(self.model, [4, 5, 6], 10)["ids"]
 
     def test_killed_expert_server_without_replica_fails_requests_promptly(self):
@@ -263,7 +258,7 @@ class ExpertServerFaults(unittest.TestCase):
 
 class GracefulShutdown(unittest.TestCase):
     def test_sigterm_lets_streams_in_flight_finish(self):
-        model = cu.make_model(TMP.name, "tiny-shutdown", "tiny")
+        model = cu.make_model(cu.TMP, "tiny-shutdown", "tiny")
         c = cu.Cluster(model, experts=1)
         try:
             gateway_pid = c.processes("gateway")[0]["pid"]
@@ -291,13 +286,12 @@ class GracefulShutdown(unittest.TestCase):
 
 
 class TextThroughTheGateway(unittest.TestCase):
-    TOKENIZER = None
-
     @classmethod
     def setUpClass(cls):
-        if not cls.TOKENIZER or not os.path.exists(cls.TOKENIZER):
-            raise unittest.SkipTest(f"no tokenizer.json at {cls.TOKENIZER} (run tests/tokenizer/setup_reference.sh)")
-        cls.model = cu.make_model(TMP.name, "tiny-text", "tiny", "--tokenizer", cls.TOKENIZER)
+        tokenizer = cu.ARGS.tokenizer
+        if not tokenizer or not os.path.exists(tokenizer):
+            raise unittest.SkipTest(f"no tokenizer.json at {tokenizer} (run tests/tokenizer/setup_reference.sh)")
+        cls.model = cu.make_model(cu.TMP, "tiny-text", "tiny", "--tokenizer", tokenizer)
         cls.cluster = cu.Cluster(cls.model, experts=2)
 
     @classmethod
@@ -337,15 +331,4 @@ class TextThroughTheGateway(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dsmoe", required=True)
-    ap.add_argument("--stubs", required=True)
-    ap.add_argument("--tokenizer", help="a tokenizer.json for the text tests")
-    a, rest = ap.parse_known_args()
-    cu.setup(a.dsmoe, a.stubs)
-    TextThroughTheGateway.TOKENIZER = a.tokenizer
-    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-cluster-test-")
-    try:
-        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
-    finally:
-        TMP.cleanup()
+    cu.main(tokenizer="a tokenizer.json for the text tests")

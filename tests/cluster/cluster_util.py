@@ -1,21 +1,43 @@
 """Helpers for the cluster integration tests: models, a cluster started with `dsmoe cluster up`,
 gRPC stubs for the public and internal APIs, and the single-process reference outputs."""
+import argparse
 import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import unittest
 
 import grpc
 
 DSMOE = None      # path of the dsmoe binary, set by the test runner
 PY_STUBS = None   # directory of the generated Python stubs
+TMP = None        # the test run's scratch directory, made by main() and removed after the run
+ARGS = None       # main()'s parsed flags
+
+
+def main(**flags):
+    """Runs the tests of the calling file as ctest invokes it: `<name>_test.py --dsmoe BIN
+    --stubs DIR [--flag VALUE for each of `flags` ({name: help}, optional)] [unittest args, e.g.
+    a suite]`. Loads the stubs, makes TMP (prefix dsmoe-<name>-test-), keeps the flags in ARGS;
+    exits with unittest's status."""
+    global ARGS, TMP
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsmoe", required=True)
+    ap.add_argument("--stubs", required=True)
+    for name, help in flags.items():
+        ap.add_argument("--" + name.replace("_", "-"), help=help)
+    ARGS, rest = ap.parse_known_args()
+    setup(os.path.abspath(ARGS.dsmoe), os.path.abspath(ARGS.stubs))
+    name = os.path.basename(sys.argv[0]).removesuffix(".py").removesuffix("_test")
+    with tempfile.TemporaryDirectory(prefix=f"dsmoe-{name}-test-") as TMP:
+        unittest.main(module="__main__", argv=[sys.argv[0], *rest], verbosity=2)
 
 
 def setup(dsmoe, py_stubs):
     global DSMOE, PY_STUBS, pb, pbg, apb, apbg, epb, epbg, health_pb2
     DSMOE, PY_STUBS = dsmoe, py_stubs
-    import sys
     sys.path.insert(0, py_stubs)
     from dsmoe.v1 import gateway_pb2 as pb, gateway_pb2_grpc as pbg  # noqa: F401
     from dsmoe.internal.v1 import attention_pb2 as apb, attention_pb2_grpc as apbg  # noqa: F401

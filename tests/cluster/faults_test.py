@@ -6,7 +6,6 @@ which gRPC code, and checks exactly that. Health checks run every 200 ms here.
 
 Usage: faults_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
-import argparse
 import json
 import os
 import random
@@ -25,7 +24,6 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 
-TMP = None
 FAST_HEALTH = ("--health-check-period-ms", "200", "--health-check-timeout-ms", "500")
 C = grpc.StatusCode
 
@@ -112,7 +110,7 @@ class FaultTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.model = cu.make_model(TMP.name, "tiny-faults", "tiny")
+        cls.model = cu.make_model(cu.TMP, "tiny-faults", "tiny")
 
     def clean(self, ids, n):
         return cu.single_process_generate(self.model, ids, n)["ids"]
@@ -163,7 +161,7 @@ class ExpertServerFaults(FaultTest):
         layers = [dict(layer=l, servers=[[1] if (l, e) == (layer, expert) else [0]
                                          for e in range(cfg["n_routed_experts"])])
                   for l in range(cfg["num_hidden_layers"]) if l >= cfg["first_k_dense_replace"]]
-        path = os.path.join(TMP.name, f"placement-{layer}-{expert}.json")
+        path = os.path.join(cu.TMP, f"placement-{layer}-{expert}.json")
         with open(path, "w") as f:
             json.dump(dict(num_servers=2, layers=layers), f)
         return path
@@ -282,7 +280,7 @@ class ExpertServerFaults(FaultTest):
         # (Plain text: these two are started by hand, without the cluster's certificates.)
         port = free_port()
         bin_dir = os.path.dirname(cu.DSMOE)
-        d = tempfile.mkdtemp(dir=TMP.name)
+        d = tempfile.mkdtemp(dir=cu.TMP)
         ready = os.path.join(d, "attention.port")
         att = spawn([os.path.join(bin_dir, "dsmoe-attention-server"), "--model", self.model, "--expert-servers",
                      f"127.0.0.1:{port}", "--ready-file", ready, "--threads", "1", "--insecure", *FAST_HEALTH],
@@ -403,13 +401,4 @@ class AttentionServerFaults(FaultTest):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dsmoe", required=True)
-    ap.add_argument("--stubs", required=True)
-    a, rest = ap.parse_known_args()
-    cu.setup(a.dsmoe, a.stubs)
-    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-faults-test-")
-    try:
-        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
-    finally:
-        TMP.cleanup()
+    cu.main()

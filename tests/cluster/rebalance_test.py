@@ -7,13 +7,11 @@ outside it is printed (timing targets are the benchmark's: bench/bench_rebalance
 
 Usage: rebalance_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
-import argparse
 import json
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import urllib.request
@@ -24,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 import load_util as lu  # noqa: E402
 
-TMP = None
 STREAMS, TOKENS = 16, 96
 
 
@@ -36,7 +33,7 @@ def prompts(n, vocab=512, seed=4):
 def skewed_model():
     # tiny: 16 routed experts, 3 MoE layers. Round-robin over 4 servers puts experts 0, 4, 8 of
     # MoE layer i on server i mod 4: favouring them loads one server per layer.
-    return cu.make_model(TMP.name, "tiny-skewed", "tiny", "--router-bias-experts", "0,4,8",
+    return cu.make_model(cu.TMP, "tiny-skewed", "tiny", "--router-bias-experts", "0,4,8",
                          "--router-bias", "3")
 
 
@@ -76,7 +73,7 @@ class LiveRebalance(unittest.TestCase):
         self.assertEqual(before["version"], "1")
         worst = max(l["imbalance"] for l in before["layers"])
         self.assertGreater(worst, 1.3, "the biased router should overload one server per layer")
-        out = os.path.join(TMP.name, "plan.json")
+        out = os.path.join(cu.TMP, "plan.json")
         plan = json.loads(placement(self.cluster, "plan", "--json", "--out", out).stdout)
         self.assertEqual(plan["version"], "2")
         self.assertLess(max(plan["imbalance_after"]), max(plan["imbalance_before"]))
@@ -132,7 +129,7 @@ class LiveRebalance(unittest.TestCase):
                            metric(url, "dsmoe_rebalance_imbalance", layer="1", when="after"))
 
     def test_3_same_placement_again_is_a_no_op(self):
-        p = os.path.join(TMP.name, "current.json")
+        p = os.path.join(cu.TMP, "current.json")
         report = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
         with open(p, "w") as f:
             f.write(report["placement_json"])
@@ -141,7 +138,7 @@ class LiveRebalance(unittest.TestCase):
         self.assertEqual(r["experts_loaded"], 0)
 
     def test_4_bad_placements_are_refused_and_serving_goes_on(self):
-        bad = os.path.join(TMP.name, "bad.json")
+        bad = os.path.join(cu.TMP, "bad.json")
         with open(bad, "w") as f:
             json.dump({"num_servers": 3, "layers": []}, f)
         r = placement(self.cluster, "apply", "--placement", bad, check=False)
@@ -200,13 +197,4 @@ class AutomaticRebalance(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dsmoe", required=True)
-    ap.add_argument("--stubs", required=True)
-    a, rest = ap.parse_known_args()
-    cu.setup(a.dsmoe, a.stubs)
-    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-rebalance-test-")
-    try:
-        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
-    finally:
-        TMP.cleanup()
+    cu.main()

@@ -10,7 +10,6 @@
   (deploy/grafana) parses (promtool check rules) and returns data.
 
 Usage: metrics_test.py --dsmoe build/bin/dsmoe --stubs build/proto/python [Suite]"""
-import argparse
 import collections
 import json
 import math
@@ -344,9 +343,4 @@ class DashboardQueries(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dsmoe", required=True)
-    ap.add_argument("--stubs", required=True)
-    args, rest = ap.parse_known_args()
-    cu.setup(os.path.abspath(args.dsmoe), os.path.abspath(args.stubs))
-    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
+    cu.main()

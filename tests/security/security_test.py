@@ -17,14 +17,12 @@ and a retry-after trailer, and serve again after the wait.
 
 Usage: security_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
-import argparse
 import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import urllib.request
@@ -34,7 +32,6 @@ import grpc
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cluster"))
 import cluster_util as cu  # noqa: E402
 
-TMP = None
 C = grpc.StatusCode
 
 
@@ -117,8 +114,8 @@ class Server:
     """A dsmoe server process started by hand, with its log in a file."""
 
     def __init__(self, binary, args, name):
-        self.log = os.path.join(TMP.name, f"{name}.log")
-        self.ready = os.path.join(TMP.name, f"{name}.ready")
+        self.log = os.path.join(cu.TMP, f"{name}.log")
+        self.ready = os.path.join(cu.TMP, f"{name}.ready")
         if os.path.exists(self.ready):
             os.remove(self.ready)
         with open(self.log, "w") as log:
@@ -164,8 +161,8 @@ def run_server(binary, args, timeout=60):
 class TransportSecurity(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.model = cu.make_model(TMP.name, "tiny", "tiny")
-        cls.pki = Pki(os.path.join(TMP.name, "pki"))
+        cls.model = cu.make_model(cu.TMP, "tiny", "tiny")
+        cls.pki = Pki(os.path.join(cu.TMP, "pki"))
         p = cls.pki
         cls.ca = p.ca("cluster-ca")
         p.ca("rogue-ca")
@@ -314,12 +311,12 @@ class GatewayAuth(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.model = cu.make_model(TMP.name, "tiny", "tiny")
+        cls.model = cu.make_model(cu.TMP, "tiny", "tiny")
         cls.cluster = cu.Cluster(cls.model, attention=1, experts=2)
         s = cls.cluster.security
         assert s["tls"] and s["api_key_file"], s
         import hashlib
-        keys = os.path.join(TMP.name, "api-keys")
+        keys = os.path.join(cu.TMP, "api-keys")
         with open(keys, "w") as f:
             f.write(f"# test keys\n{cls.KEY_A}\nsha256:{hashlib.sha256(cls.KEY_B.encode()).hexdigest()}  # b\n")
         cls.limited = Server("dsmoe-gateway", [
@@ -461,13 +458,4 @@ class GatewayAuth(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dsmoe", required=True)
-    ap.add_argument("--stubs", required=True)
-    a, rest = ap.parse_known_args()
-    cu.setup(os.path.abspath(a.dsmoe), a.stubs)
-    TMP = tempfile.TemporaryDirectory(prefix="dsmoe-security-test-")
-    try:
-        unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
-    finally:
-        TMP.cleanup()
+    cu.main()
