@@ -1,8 +1,10 @@
 // The single-process engine against this machine's limits, in one run:
-//   machine:  streaming read bandwidth (1..N threads, huge and 4 KiB pages), GEMM FMA rate;
+//   machine:  streaming read bandwidth (1..N threads, huge and 4 KiB pages), the FMA rate of
+//             dsmoe's GEMM kernel and of OpenBLAS sgemm (when built with it);
 //   per preset × dtype × threads: decode tokens/s at batch 1/4/16/64, prefill tokens/s of a
 //   512-token prompt, weight bytes read per decoded token, and the fraction of the roofline
-//   reached (bandwidth for batch-1 decode, GEMM rate for prefill).
+//   reached (bandwidth for batch-1 decode, GEMM rate for prefill), and prefill against the
+//   sgemm-bound rate (OpenBLAS GFLOP/s / 2·active parameters per token).
 //
 //   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16,q8] [--threads 1,2]
 //                      [--batches 1,4,16,64] [--prompt 512] [--steps 16] [--mmap-weights]
@@ -135,15 +137,18 @@ int main(int argc, char** argv) {
   std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
   std::printf(
-      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | GEMM GFLOP/s "
-      "|\n|---|---|---|---|\n");
-  std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size());
+      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | dsmoe GEMM GFLOP/s | "
+      "OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|\n");
+  std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size()),
+      sgemm(thread_counts.size());
   for (size_t i = 0; i < thread_counts.size(); ++i) {
     ThreadPool pool(thread_counts[i]);
     bandwidth[i] = bench::ReadBandwidth(pool, size_t{1} << 30, true);
     const double plain = bench::ReadBandwidth(pool, size_t{1} << 30, false);
     gemm[i] = bench::GemmRate(pool);
-    std::printf("| %d | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i], plain, gemm[i]);
+    sgemm[i] = bench::SgemmRate(thread_counts[i]);
+    std::printf("| %d | %.1f | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i], plain,
+                gemm[i], sgemm[i]);
   }
   std::fflush(stdout);
 
@@ -301,10 +306,12 @@ int main(int argc, char** argv) {
       "\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth "
       "roofline |");
   for (size_t i = 1; i < batches.size(); ++i) std::printf(" decode b%d tok/s |", batches[i]);
-  std::printf(" prefill %lld tok/s | prefill %% of GEMM roofline |\n|---|---|---|---|---|---|",
-              (long long)prompt_len);
+  std::printf(
+      " prefill %lld tok/s | prefill %% of GEMM roofline | prefill / sgemm-bound rate "
+      "|\n|---|---|---|---|---|---|",
+      (long long)prompt_len);
   for (size_t i = 1; i < batches.size(); ++i) std::printf("---|");
-  std::printf("---|---|\n");
+  std::printf("---|---|---|\n");
   for (const Result& r : results) {
     const size_t ti =
         std::find(thread_counts.begin(), thread_counts.end(), r.threads) - thread_counts.begin();
@@ -317,7 +324,11 @@ int main(int argc, char** argv) {
                 r.threads, r.bytes_per_token / 1e6, r.decode_tps[0],
                 100.0 * r.decode_tps[0] / roofline_tps);
     for (size_t i = 1; i < r.decode_tps.size(); ++i) std::printf(" %.1f |", r.decode_tps[i]);
-    std::printf(" %.1f | %.0f%% |\n", r.prefill_tps, 100.0 * r.prefill_tps / prefill_roofline);
+    std::printf(" %.1f | %.0f%% |", r.prefill_tps, 100.0 * r.prefill_tps / prefill_roofline);
+    if (sgemm[ti] > 0)
+      std::printf(" %.2f× |\n", r.prefill_tps / (sgemm[ti] * 1e9 / (2.0 * active)));
+    else
+      std::printf(" (no OpenBLAS) |\n");
   }
   return 0;
 }

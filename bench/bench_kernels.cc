@@ -15,14 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "bench/machine_probe.h"
 #include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
 #include "core/util/cpu_features.h"
 #include "core/util/huge_pages.h"
-
-#ifdef DSMOE_HAVE_OPENBLAS
-#include <cblas.h>
-#endif
 
 namespace {
 
@@ -113,23 +110,11 @@ int main(int argc, char** argv) {
   const ops::KernelTable& k = ops::Kernels();
   std::printf("kernels: %s (%s), one thread\n\n", k.name, GetCpuFeatures().ToString().c_str());
 
-  double blas_gflops = 0;
-#ifdef DSMOE_HAVE_OPENBLAS
-  {
-    openblas_set_num_threads(1);
-    const int64_t M = 256, N = 1024, K = 1024;
-    std::vector<float> a(M * K, 0.01f), b(N * K, 0.02f), c(M * N);
-    const double secs = BestSeconds(5, [&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a.data(), K, b.data(), K,
-                  0.0f, c.data(), N);
-    });
-    blas_gflops = 2.0 * M * N * K / secs / 1e9;
-    std::printf("OpenBLAS sgemm %lldx%lldx%lld: %.1f GFLOP/s\n\n", (long long)M, (long long)N,
-                (long long)K, blas_gflops);
-  }
-#else
-  std::printf("OpenBLAS sgemm: not built in (libopenblas-dev missing)\n\n");
-#endif
+  const double blas_gflops = bench::SgemmRate(1);
+  if (blas_gflops > 0)
+    std::printf("OpenBLAS sgemm 256x1024x1024: %.1f GFLOP/s\n\n", blas_gflops);
+  else
+    std::printf("OpenBLAS sgemm: not built in (libopenblas-dev missing)\n\n");
 
   // A layer's routed experts: each matrix once per pass, so the weights come from memory.
   std::printf(
@@ -147,6 +132,24 @@ int main(int argc, char** argv) {
       std::printf("| %s | %lld | %.1f | %.1f | %.0f%% |\n", dname.c_str(), (long long)T,
                   flops / secs / 1e9, experts.BytesPerMatrix() * experts.count / secs / 1e9,
                   blas_gflops > 0 ? 100.0 * flops / secs / 1e9 / blas_gflops : 0.0);
+    }
+  }
+
+  // The decode row stream's own ceiling: one small matrix read over and over from L2, so the
+  // GB/s it reaches bounds what it can draw from memory (it must exceed the DRAM bandwidth).
+  std::printf("\nDecode GEMV on a [128, 1024] matrix held in L2 (the kernel's own ceiling):\n\n");
+  std::printf("| dtype | T | weight GB/s from L2 |\n|---|---|---|\n");
+  for (const std::string& dname : Split(dtypes_arg)) {
+    const MatrixSet small(ParseDType(dname), 128, 1024, 1);
+    for (int64_t T : {1, 2}) {
+      std::vector<float> x(T * small.cols, 0.5f), y(T * small.rows);
+      const int iters = 2000;
+      const double secs = BestSeconds(3, [&] {
+        for (int i = 0; i < iters; ++i)
+          k.matmul_rows(x.data(), T, small.At(0), 0, small.rows, y.data(), small.rows);
+      });
+      std::printf("| %s | %lld | %.1f |\n", dname.c_str(), (long long)T,
+                  small.BytesPerMatrix() * iters / secs / 1e9);
     }
   }
 

@@ -1,6 +1,6 @@
 // What this machine can do, measured in the same run as the benchmarks that are judged
-// against it: streaming read bandwidth (huge pages and 4 KiB pages) and the fp32 FMA rate of
-// dsmoe's own GEMM kernel.
+// against it: streaming read bandwidth (huge pages and 4 KiB pages), the fp32 FMA rate of
+// dsmoe's own GEMM kernel, and OpenBLAS sgemm where the binary was built with it.
 #pragma once
 
 #include <sys/mman.h>
@@ -14,6 +14,10 @@
 #include "core/ops/kernels.h"
 #include "core/util/huge_pages.h"
 #include "core/util/thread_pool.h"
+
+#ifdef DSMOE_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
 
 namespace dsmoe::bench {
 
@@ -75,6 +79,30 @@ inline double GemmRate(ThreadPool& pool) {
     best = std::max(best, 2.0 * N * K * T * iters * threads / secs / 1e9);
   }
   return best;
+}
+
+// GFLOP/s of OpenBLAS sgemm (x · Wᵀ, 256 × 1024 × 1024 fp32, best of 5) on `threads` threads;
+// 0 when this binary was built without OpenBLAS.
+inline double SgemmRate(int threads) {
+#ifdef DSMOE_HAVE_OPENBLAS
+  openblas_set_num_threads(threads);
+  const int64_t M = 256, N = 1024, K = 1024;
+  std::vector<float> a(M * K, 0.01f), b(N * K, 0.02f), c(M * N);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a.data(), K, b.data(), K,
+                0.0f, c.data(), N);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * M * N * K / secs / 1e9);
+  }
+  openblas_set_num_threads(1);  // no OpenBLAS workers competing with the engine's threads later
+  return best;
+#else
+  (void)threads;
+  return 0;
+#endif
 }
 
 }  // namespace dsmoe::bench

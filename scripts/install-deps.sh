@@ -20,6 +20,8 @@ PACKAGES=(
   libssl-dev
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
+  # benchmarks: OpenBLAS sgemm, the reference compute rate prefill is judged by
+  libopenblas-dev
   # tests: gRPC clients in Python (integration tests); Node.js runs the reference tokenizer
   python3-grpcio python3-protobuf
   # tests: a real Prometheus (+ promtool) scrapes a local cluster; unzip unpacks helm (deploy tests)

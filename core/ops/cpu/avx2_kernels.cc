@@ -445,54 +445,51 @@ inline void QuantizeActivationsQ16(const float* x, int64_t K, int16_t* x16, floa
   }
 }
 
-template <int RB>
-inline void Q8RowsOneToken(const int16_t* x16, const float* sx, int64_t K, const MatrixView& W,
-                           int64_t n0, float* y) {
-  __m256 acc[RB];
-  const int8_t* rows[RB];
-  const uint16_t* scales[RB];
-  for (int r = 0; r < RB; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    rows[r] = static_cast<const int8_t*>(W.data) + (n0 + r) * K;
-    scales[r] = W.scales + (n0 + r) * (K / kQ8Block);
-  }
+// One Q8_0 row against TB tokens' 16-bit activations (x16/sx: token t at t·K and t·K/32):
+// each block of 32 weights is loaded and widened once for all tokens. Blocks alternate between
+// two accumulators per token, so the FMA latency chain does not bound the stream.
+template <int TB>
+inline void Q8RowStream(const int16_t* x16, const float* sx, int64_t K, const MatrixView& W,
+                        int64_t n, float* y, int64_t ldy) {
+  const int8_t* row = static_cast<const int8_t*>(W.data) + n * K;
+  const uint16_t* scales = W.scales + n * (K / kQ8Block);
   const int64_t blocks = K / kQ8Block;
-  auto block = [&](int64_t b, const __m256* c) {
-    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kQ8Block));
-    const __m256i xb =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kQ8Block + 16));
-    for (int r = 0; r < RB; ++r) {
-      const int8_t* q = rows[r] + b * kQ8Block;
-      const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      const __m256i wb =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(wa, xa), _mm256_madd_epi16(wb, xb));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), c[r], acc[r]);
+  __m256 acc[TB][2];
+  for (int t = 0; t < TB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, int parity, const __m256* c) {
+    const __m256i wa =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kQ8Block)));
+    const __m256i wb = _mm256_cvtepi8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kQ8Block + 16)));
+    for (int t = 0; t < TB; ++t) {
+      const int16_t* xt = x16 + t * K + b * kQ8Block;
+      const __m256i dot = _mm256_add_epi32(
+          _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt))),
+          _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 16))));
+      acc[t][parity] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), c[t], acc[t][parity]);
     }
   };
   int64_t b = 0;
-  // Eight blocks at a time: eight scales per row (weight F16 × activation) make one vector,
-  // and each block's is broadcast from it with a lane permute.
+  // Eight blocks at a time: eight weight scales (F16) times each token's eight activation
+  // scales make one vector per token, and each block's is broadcast from it by a lane permute.
   for (; b + 8 <= blocks; b += 8) {
-    __m256 c8[RB];
-    const __m256 s8 = _mm256_loadu_ps(sx + b);
-    for (int r = 0; r < RB; ++r) {
-      c8[r] = _mm256_mul_ps(
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales[r] + b))), s8);
-    }
+    const __m256 w8 =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
+    __m256 c8[TB];
+    for (int t = 0; t < TB; ++t) c8[t] = _mm256_mul_ps(w8, _mm256_loadu_ps(sx + t * blocks + b));
     for (int j = 0; j < 8; ++j) {
-      __m256 c[RB];
+      __m256 c[TB];
       const __m256i lane = _mm256_set1_epi32(j);
-      for (int r = 0; r < RB; ++r) c[r] = _mm256_permutevar8x32_ps(c8[r], lane);
-      block(b + j, c);
+      for (int t = 0; t < TB; ++t) c[t] = _mm256_permutevar8x32_ps(c8[t], lane);
+      block(b + j, j & 1, c);
     }
   }
   for (; b < blocks; ++b) {
-    __m256 c[RB];
-    for (int r = 0; r < RB; ++r) c[r] = _mm256_set1_ps(_cvtsh_ss(scales[r][b]) * sx[b]);
-    block(b, c);
+    __m256 c[TB];
+    for (int t = 0; t < TB; ++t) c[t] = _mm256_set1_ps(_cvtsh_ss(scales[b]) * sx[t * blocks + b]);
+    block(b, 0, c);
   }
-  for (int r = 0; r < RB; ++r) y[n0 + r] = HorizontalSum(acc[r]);
+  for (int t = 0; t < TB; ++t) y[t * ldy + n] = HorizontalSum(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
 // Dequantizes rows [r0, r1) of a Q8_0 matrix to fp32 `out` ([r1 - r0, K]).
@@ -515,15 +512,19 @@ inline void DequantizeQ8Rows(const MatrixView& W, int64_t r0, int64_t r1, float*
 void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                   int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols;
-  if (T <= 2) {  // decode: stream the int8 rows once per token, straight from memory
-    float* scratch =
-        Q8Scratch(static_cast<size_t>(K + K / kQ8Block));  // x16 uses the first K/2 floats
+  if (T <= 2) {  // decode: stream the int8 rows once, straight from memory, for both tokens
+    const int64_t blocks = K / kQ8Block;
+    // x16 takes T·K int16 (T·K/2 floats of room), sx T·blocks floats after it.
+    float* scratch = Q8Scratch(static_cast<size_t>(T * (K + blocks)));
     int16_t* x16 = reinterpret_cast<int16_t*>(scratch);
-    float* sx = scratch + K;
-    for (int64_t t = 0; t < T; ++t) {
-      QuantizeActivationsQ16(x + t * K, K, x16, sx);
-      int64_t n = row_begin;
-      for (; n < row_end; ++n) Q8RowsOneToken<1>(x16, sx, K, W, n, y + t * ldy);  // one stream
+    float* sx = scratch + T * K;
+    for (int64_t t = 0; t < T; ++t)
+      QuantizeActivationsQ16(x + t * K, K, x16 + t * K, sx + t * blocks);
+    for (int64_t n = row_begin; n < row_end; ++n) {
+      if (T == 1)
+        Q8RowStream<1>(x16, sx, K, W, n, y, ldy);
+      else
+        Q8RowStream<2>(x16, sx, K, W, n, y, ldy);
     }
     return;
   }
