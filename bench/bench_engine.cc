@@ -137,18 +137,19 @@ int main(int argc, char** argv) {
   std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
   std::printf(
-      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | dsmoe GEMM GFLOP/s | "
-      "OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|\n");
+      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | FMA peak GFLOP/s (registers "
+      "only) | dsmoe GEMM GFLOP/s | OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|---|\n");
   std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size()),
-      sgemm(thread_counts.size());
+      sgemm(thread_counts.size()), peak(thread_counts.size());
   for (size_t i = 0; i < thread_counts.size(); ++i) {
     ThreadPool pool(thread_counts[i]);
     bandwidth[i] = bench::ReadBandwidth(pool, size_t{1} << 30, true);
     const double plain = bench::ReadBandwidth(pool, size_t{1} << 30, false);
     gemm[i] = bench::GemmRate(pool);
     sgemm[i] = bench::SgemmRate(thread_counts[i]);
-    std::printf("| %d | %.1f | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i], plain,
-                gemm[i], sgemm[i]);
+    peak[i] = bench::FmaPeak(pool);
+    std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i],
+                plain, peak[i], gemm[i], sgemm[i]);
   }
   std::fflush(stdout);
 
@@ -329,6 +330,15 @@ int main(int argc, char** argv) {
       std::printf(" %.2f× |\n", r.prefill_tps / (sgemm[ti] * 1e9 / (2.0 * active)));
     else
       std::printf(" (no OpenBLAS) |\n");
+  }
+  // Prefill at 3× the sgemm-bound rate means matrix math at 3× sgemm's GFLOP/s: possible only
+  // where that stays below the FMA peak (wider vectors or matrix tiles raise the peak).
+  std::printf("\n| threads | 3× OpenBLAS sgemm GFLOP/s | FMA peak GFLOP/s | 3× sgemm / peak |\n");
+  std::printf("|---|---|---|---|\n");
+  for (size_t i = 0; i < thread_counts.size(); ++i) {
+    if (sgemm[i] <= 0 || peak[i] <= 0) continue;
+    std::printf("| %d | %.1f | %.1f | %.2f |\n", thread_counts[i], 3 * sgemm[i], peak[i],
+                3 * sgemm[i] / peak[i]);
   }
   return 0;
 }

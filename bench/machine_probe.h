@@ -3,6 +3,7 @@
 // dsmoe's own GEMM kernel, and OpenBLAS sgemm where the binary was built with it.
 #pragma once
 
+#include <immintrin.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "core/ops/kernels.h"
+#include "core/util/cpu_features.h"
 #include "core/util/huge_pages.h"
 #include "core/util/thread_pool.h"
 
@@ -77,6 +79,54 @@ inline double GemmRate(ThreadPool& pool) {
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * N * K * T * iters * threads / secs / 1e9);
+  }
+  return best;
+}
+
+// The machine's fp32 FMA ceiling: GFLOP/s of 8-wide FMAs on registers only (12 independent
+// chains, no memory), every thread at once. No GEMM can exceed it; 0 without AVX2/FMA.
+// Twelve named accumulators, not an array: gcc keeps an array of vectors in memory here.
+__attribute__((target("avx2,fma"))) inline float FmaChains(int64_t iterations, float seed) {
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-4f);
+  __m256 c0 = _mm256_set1_ps(seed), c1 = _mm256_add_ps(c0, b), c2 = _mm256_add_ps(c1, b),
+         c3 = _mm256_add_ps(c2, b), c4 = _mm256_add_ps(c3, b), c5 = _mm256_add_ps(c4, b),
+         c6 = _mm256_add_ps(c5, b), c7 = _mm256_add_ps(c6, b), c8 = _mm256_add_ps(c7, b),
+         c9 = _mm256_add_ps(c8, b), c10 = _mm256_add_ps(c9, b), c11 = _mm256_add_ps(c10, b);
+  for (int64_t it = 0; it < iterations; ++it) {
+    c0 = _mm256_fmadd_ps(c0, a, b);
+    c1 = _mm256_fmadd_ps(c1, a, b);
+    c2 = _mm256_fmadd_ps(c2, a, b);
+    c3 = _mm256_fmadd_ps(c3, a, b);
+    c4 = _mm256_fmadd_ps(c4, a, b);
+    c5 = _mm256_fmadd_ps(c5, a, b);
+    c6 = _mm256_fmadd_ps(c6, a, b);
+    c7 = _mm256_fmadd_ps(c7, a, b);
+    c8 = _mm256_fmadd_ps(c8, a, b);
+    c9 = _mm256_fmadd_ps(c9, a, b);
+    c10 = _mm256_fmadd_ps(c10, a, b);
+    c11 = _mm256_fmadd_ps(c11, a, b);
+  }
+  const __m256 sum =
+      _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                                  _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7))),
+                    _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+  return _mm256_cvtss_f32(sum);
+}
+
+inline double FmaPeak(ThreadPool& pool) {
+  if (!GetCpuFeatures().HasAvx2Kernels()) return 0;
+  const int threads = pool.num_threads();
+  const int64_t iterations = 20'000'000;
+  std::vector<float> sink(threads);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.ParallelFor(threads, [&](int64_t task, int) {
+      sink[task] = FmaChains(iterations, static_cast<float>(task));
+    });
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * 8 * 12 * iterations * threads / secs / 1e9);
   }
   return best;
 }
