@@ -15,7 +15,9 @@ void Linear(ThreadPool& pool, const float* x, int64_t T, const MatrixView& W, co
             float* y) {
   const KernelTable& k = Kernels();
   const int64_t N = W.rows;
-  const int64_t chunk = RowChunkSize(N, pool.num_threads());
+  // Decode streams each thread's rows in few long chunks; batches and prompt chunks are
+  // compute-bound, and finer chunks keep both cores busy to the end when one is interrupted.
+  const int64_t chunk = RowChunkSize(N, pool.num_threads(), 8, T >= 16 ? 8 : 2);
   const int64_t num_tasks = (N + chunk - 1) / chunk;
   pool.ParallelFor(num_tasks, [&](int64_t task, int) {
     const int64_t r0 = task * chunk;
