@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -78,6 +79,31 @@ class DistinctExperts final : public RoutingObserver {
  private:
   std::vector<char> seen_;
   int64_t total_ = 0, layers_ = 0;
+};
+
+// Peak resident memory since the last ResetPeakResident (VmHWM of /proc/self/status), bytes.
+double PeakResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;  // kB
+  }
+  return 0;
+}
+// Writing 5 to clear_refs resets the peak to the current resident size (Linux ≥ 4.0).
+void ResetPeakResident() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+// Bytes of the checkpoint's files (config, safetensors shards, tokenizer) on disk.
+double BytesOnDisk(const std::string& dir) {
+  double total = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir))
+    if (entry.is_regular_file()) total += static_cast<double>(entry.file_size());
+  return total;
+}
+
+// A model's memory while it serves: peak resident against weights on disk + KV cache.
+struct Memory {
+  std::string preset, dtype;
+  double disk, kv_cache, peak;
 };
 
 double Seconds(Clock::time_point t0) {
@@ -154,6 +180,7 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::vector<Result> results;
+  std::vector<Memory> memories;
   for (const std::string& preset : Split(presets)) {
     for (const std::string& dtype_name : Split(dtypes)) {
       // "q8" is the Q8_0 quantization (dsmoe quantize) of the BF16 checkpoint.
@@ -176,6 +203,9 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
         if (!QuantizeCheckpoint(source_dir, model_dir).ok()) return 1;
       }
+      ResetPeakResident();  // this model's peak alone, not the probes' or the last model's
+      const double resident_before = PeakResidentBytes();
+      Memory memory{preset, dtype_name, BytesOnDisk(model_dir), 0, 0};
       auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
       if (!weights.ok()) {
         std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
@@ -193,6 +223,7 @@ int main(int argc, char** argv) {
         auto runner = ModelRunner::Create(**weights, pool, options);
         if (!runner.ok()) return 1;
         ModelRunner& r = **runner;
+        memory.kv_cache = std::max(memory.kv_cache, static_cast<double>(r.kv_cache().NumBytes()));
         DistinctExperts distinct(std::max<int64_t>(c.n_routed_experts, 1));
         std::vector<float> logits(static_cast<size_t>(std::max<int64_t>(max_batch, 256)) * V);
         const double bytes_per_weight =
@@ -265,6 +296,7 @@ int main(int argc, char** argv) {
           res.experts_per_layer.push_back(distinct.PerLayer());
         }
         results.push_back(res);
+        memory.peak = std::max(memory.peak, PeakResidentBytes() - resident_before);
         std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(),
                     dtype_name.c_str(), threads, res.prefill_tps);
         for (size_t i = 0; i < batches.size(); ++i)
@@ -272,7 +304,18 @@ int main(int argc, char** argv) {
         std::printf(" tok/s\n");
         std::fflush(stdout);
       }
+      memories.push_back(memory);
     }
+  }
+
+  std::printf(
+      "\nMemory while serving (peak resident of the process above what it held before loading "
+      "the model):\n\n| preset | dtype | weights on disk | KV cache | peak resident | peak / "
+      "(disk + KV cache) |\n|---|---|---|---|---|---|\n");
+  for (const Memory& m : memories) {
+    std::printf("| %s | %s | %.0f MB | %.0f MB | %.0f MB | %.3f |\n", m.preset.c_str(),
+                m.dtype.c_str(), m.disk / 1e6, m.kv_cache / 1e6, m.peak / 1e6,
+                m.peak / (m.disk + m.kv_cache));
   }
 
   std::printf(

@@ -514,7 +514,7 @@ inline void DequantizeQ8Rows(const MatrixView& W, int64_t r0, int64_t r1, float*
 void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                   int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols;
-  if (T <= 2) {  // decode: stream the int8 rows once, straight from memory, for both tokens
+  if (T <= 4) {  // decode: stream the int8 rows once, straight from memory, for all the tokens
     const int64_t blocks = K / kQ8Block;
     // x16 takes T·K int16 (T·K/2 floats of room), sx T·blocks floats after it.
     float* scratch = Q8Scratch(static_cast<size_t>(T * (K + blocks)));
@@ -523,10 +523,20 @@ void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_be
     for (int64_t t = 0; t < T; ++t)
       QuantizeActivationsQ16(x + t * K, K, x16 + t * K, sx + t * blocks);
     for (int64_t n = row_begin; n < row_end; ++n) {
-      if (T == 1)
-        Q8RowStream<1>(x16, sx, K, W, n, y, ldy);
-      else
-        Q8RowStream<2>(x16, sx, K, W, n, y, ldy);
+      switch (T) {
+        case 1:
+          Q8RowStream<1>(x16, sx, K, W, n, y, ldy);
+          break;
+        case 2:
+          Q8RowStream<2>(x16, sx, K, W, n, y, ldy);
+          break;
+        case 3:
+          Q8RowStream<3>(x16, sx, K, W, n, y, ldy);
+          break;
+        default:
+          Q8RowStream<4>(x16, sx, K, W, n, y, ldy);
+          break;
+      }
     }
     return;
   }
