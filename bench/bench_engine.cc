@@ -16,10 +16,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "bench/bench_args.h"
 #include "bench/machine_probe.h"
 #include "core/model/make_model.h"
 #include "core/model/model_runner.h"
@@ -32,13 +32,6 @@ namespace {
 
 using namespace dsmoe;
 using Clock = std::chrono::steady_clock;
-
-std::vector<std::string> Split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
-  return out;
-}
 
 // Weight bytes a batch-1 decode step reads: attention, dense and shared MLPs, routers, the
 // top-k routed experts of each MoE layer, the head and one embedding row.
@@ -163,8 +156,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<int> thread_counts, batches;
-  for (const auto& t : Split(threads_arg)) thread_counts.push_back(std::stoi(t));
-  for (const auto& b : Split(batches_arg)) batches.push_back(std::stoi(b));
+  for (const auto& t : bench::SplitList(threads_arg)) thread_counts.push_back(std::stoi(t));
+  for (const auto& b : bench::SplitList(batches_arg)) batches.push_back(std::stoi(b));
 
   std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
@@ -187,8 +180,8 @@ int main(int argc, char** argv) {
 
   std::vector<Result> results;
   std::vector<Memory> memories;
-  for (const std::string& preset : Split(presets)) {
-    for (const std::string& dtype_name : Split(dtypes)) {
+  for (const std::string& preset : bench::SplitList(presets)) {
+    for (const std::string& dtype_name : bench::SplitList(dtypes)) {
       // "q8" is the Q8_0 quantization (dsmoe quantize) of the BF16 checkpoint.
       const bool q8 = dtype_name == "q8";
       const DType dtype = dtype_name == "bf16" || q8 ? DType::kBF16

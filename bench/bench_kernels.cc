@@ -11,10 +11,10 @@
 #include <cstdio>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "bench/bench_args.h"
 #include "bench/machine_probe.h"
 #include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
@@ -25,13 +25,6 @@ namespace {
 
 using namespace dsmoe;
 using Clock = std::chrono::steady_clock;
-
-std::vector<std::string> Split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
-  return out;
-}
 
 // `count` random matrices [rows, cols] of one dtype in one buffer (Q8_0 with its scales).
 struct MatrixSet {
@@ -106,7 +99,7 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<int64_t> token_counts;
-  for (const auto& t : Split(tokens_arg)) token_counts.push_back(std::stoll(t));
+  for (const auto& t : bench::SplitList(tokens_arg)) token_counts.push_back(std::stoll(t));
   const ops::KernelTable& k = ops::Kernels();
   std::printf("kernels: %s (%s), one thread\n\n", k.name, GetCpuFeatures().ToString().c_str());
 
@@ -120,7 +113,7 @@ int main(int argc, char** argv) {
   std::printf(
       "Expert matrices 64 × [704, 1024], each run over T tokens (weights from memory):\n\n");
   std::printf("| dtype | T | GFLOP/s | weight GB/s | %% of sgemm |\n|---|---|---|---|---|\n");
-  for (const std::string& dname : Split(dtypes_arg)) {
+  for (const std::string& dname : bench::SplitList(dtypes_arg)) {
     const MatrixSet experts(ParseDType(dname), 704, 1024, 64);
     for (int64_t T : token_counts) {
       std::vector<float> x(T * experts.cols, 0.5f), y(T * experts.rows);
@@ -139,7 +132,7 @@ int main(int argc, char** argv) {
   // GB/s it reaches bounds what it can draw from memory (it must exceed the DRAM bandwidth).
   std::printf("\nDecode GEMV on a [128, 1024] matrix held in L2 (the kernel's own ceiling):\n\n");
   std::printf("| dtype | T | weight GB/s from L2 |\n|---|---|---|\n");
-  for (const std::string& dname : Split(dtypes_arg)) {
+  for (const std::string& dname : bench::SplitList(dtypes_arg)) {
     const MatrixSet small(ParseDType(dname), 128, 1024, 1);
     for (int64_t T : {1, 2}) {
       std::vector<float> x(T * small.cols, 0.5f), y(T * small.rows);
@@ -155,7 +148,7 @@ int main(int argc, char** argv) {
 
   std::printf("\nProjection [3072, 1024] over T prompt tokens:\n\n");
   std::printf("| dtype | T | GFLOP/s | %% of sgemm |\n|---|---|---|---|\n");
-  for (const std::string& dname : Split(dtypes_arg)) {
+  for (const std::string& dname : bench::SplitList(dtypes_arg)) {
     const MatrixSet proj(ParseDType(dname), 3072, 1024, 1);
     for (int64_t T : token_counts) {
       if (T < 16) continue;

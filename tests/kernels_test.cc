@@ -75,6 +75,23 @@ float ActivationRoundingBound(DType dtype, const TestMatrix& W, const float* x_r
   return static_cast<float>(bound);
 }
 
+// The fast kernel's y for rows [r0, r1) of W against the reference's, every other element
+// left untouched by both; `tolerance` beyond Q8_0's activation rounding.
+void ExpectMatMulMatchesReference(const ops::KernelTable& fast, DType dtype, const TestMatrix& W,
+                                  int64_t T, int64_t r0, int64_t r1, uint64_t seed,
+                                  float tolerance) {
+  const int64_t N = W.view.rows, K = W.view.cols;
+  std::vector<float> x = RandomFloats(T * K, seed);
+  std::vector<float> want(T * N, -7.0f), got(T * N, -7.0f);
+  ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
+  fast.matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
+  for (int64_t i = 0; i < T * N; ++i) {
+    const float rounding = ActivationRoundingBound(dtype, W, x.data() + i / N * K, i % N, T);
+    ASSERT_NEAR(got[i], want[i], tolerance + rounding)
+        << "T=" << T << " N=" << N << " K=" << K << " rows [" << r0 << "," << r1 << ") i=" << i;
+  }
+}
+
 const ops::KernelTable* FastKernels() {
   const ops::KernelTable* t = ops::Avx2Kernels();
   return t != nullptr && GetCpuFeatures().HasAvx2Kernels() ? t : nullptr;
@@ -109,15 +126,9 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
     const int64_t K = dtype == DType::kQ8_0 ? kQ8Block * (1 + rng() % 12) : 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
     TestMatrix W = MakeMatrix(dtype, N, K, trial);
-    std::vector<float> x = RandomFloats(T * K, 100 + trial);
-    std::vector<float> want(T * N, -7.0f), got(T * N, -7.0f);
-    ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
-    fast->matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
-    for (int64_t i = 0; i < T * N; ++i) {
-      const float rounding = ActivationRoundingBound(dtype, W, x.data() + i / N * K, i % N, T);
-      ASSERT_NEAR(got[i], want[i], 1e-5f * (1.0f + std::sqrt(static_cast<float>(K))) + rounding)
-          << "T=" << T << " N=" << N << " K=" << K << " rows [" << r0 << "," << r1 << ") i=" << i;
-    }
+    ExpectMatMulMatchesReference(*fast, dtype, W, T, r0, r1, 100 + trial,
+                                 1e-5f * (1.0f + std::sqrt(static_cast<float>(K))));
+    if (HasFatalFailure()) return;
   }
 }
 
@@ -132,14 +143,8 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceForEveryTokenCount) {
   const int64_t N = 37, K = dtype == DType::kQ8_0 ? 96 : 53, r0 = 2, r1 = 35;
   TestMatrix W = MakeMatrix(dtype, N, K, 9);
   for (int64_t T = 1; T <= 100; ++T) {
-    std::vector<float> x = RandomFloats(T * K, 500 + T);
-    std::vector<float> want(T * N, -7.0f), got(T * N, -7.0f);
-    ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
-    fast->matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
-    for (int64_t i = 0; i < T * N; ++i) {
-      const float rounding = ActivationRoundingBound(dtype, W, x.data() + i / N * K, i % N, T);
-      ASSERT_NEAR(got[i], want[i], 1e-4f + rounding) << "T=" << T << " i=" << i;
-    }
+    ExpectMatMulMatchesReference(*fast, dtype, W, T, r0, r1, 500 + T, 1e-4f);
+    if (HasFatalFailure()) return;
   }
 }
 

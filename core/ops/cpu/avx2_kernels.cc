@@ -307,6 +307,9 @@ void SmallBatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_
   float* xt = TokenPanelScratch(static_cast<size_t>((panels * kTokenPanel + kRowGroup) * K));
   float* wf = xt + panels * kTokenPanel * K;
   PackTokenPanels(x, T, K, xt);
+  using PanelFn = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, Prefetch);
+  static constexpr PanelFn kPanels[] = {BroadcastPanel<1>, BroadcastPanel<2>, BroadcastPanel<3>,
+                                        BroadcastPanel<4>};
   // Bytes of one row (Q8_0: its int8 values; the scales are few and follow their own stream).
   const int64_t row_bytes = K * (D == DType::kF32 ? 4 : D == DType::kQ8_0 ? 1 : 2);
   for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowGroup) {
@@ -319,20 +322,7 @@ void SmallBatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_
       const int64_t tokens = T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
       const float* panel = xt + p * kTokenPanel * K;
       float* yp = y + p * kTokenPanel * ldy + n0;
-      switch (rb) {
-        case 4:
-          BroadcastPanel<4>(panel, K, tokens, wf, yp, ldy, pf);
-          break;
-        case 3:
-          BroadcastPanel<3>(panel, K, tokens, wf, yp, ldy, pf);
-          break;
-        case 2:
-          BroadcastPanel<2>(panel, K, tokens, wf, yp, ldy, pf);
-          break;
-        default:
-          BroadcastPanel<1>(panel, K, tokens, wf, yp, ldy, pf);
-          break;
-      }
+      kPanels[rb - 1](panel, K, tokens, wf, yp, ldy, pf);
       pf = {reinterpret_cast<const char*>(wf), 0};  // the first panel brought them in
     }
   }
@@ -522,22 +512,11 @@ void MatMulRowsQ8(const float* x, int64_t T, const MatrixView& W, int64_t row_be
     float* sx = scratch + T * K;
     for (int64_t t = 0; t < T; ++t)
       QuantizeActivationsQ16(x + t * K, K, x16 + t * K, sx + t * blocks);
-    for (int64_t n = row_begin; n < row_end; ++n) {
-      switch (T) {
-        case 1:
-          Q8RowStream<1>(x16, sx, K, W, n, y, ldy);
-          break;
-        case 2:
-          Q8RowStream<2>(x16, sx, K, W, n, y, ldy);
-          break;
-        case 3:
-          Q8RowStream<3>(x16, sx, K, W, n, y, ldy);
-          break;
-        default:
-          Q8RowStream<4>(x16, sx, K, W, n, y, ldy);
-          break;
-      }
-    }
+    using RowStreamFn = void (*)(const int16_t*, const float*, int64_t, const MatrixView&, int64_t,
+                                 float*, int64_t);
+    static constexpr RowStreamFn kStreams[] = {Q8RowStream<1>, Q8RowStream<2>, Q8RowStream<3>,
+                                               Q8RowStream<4>};
+    for (int64_t n = row_begin; n < row_end; ++n) kStreams[T - 1](x16, sx, K, W, n, y, ldy);
     return;
   }
   if (T < kPanelGemmMinTokens)
@@ -717,34 +696,12 @@ void Attend(const float* q, const float* keys, const float* values, int64_t stri
   const float inv = 1.0f / sum;
 
   // out = Σ_p s[p] · V[p] / sum, 64 dimensions at a time.
-  for (int64_t d0 = 0; d0 < hd8; d0 += 64) {
-    switch ((hd8 - d0 < 64 ? hd8 - d0 : 64) / 8) {
-      case 1:
-        WeightedValueSum<1>(s, values + d0, stride, len, out + d0);
-        break;
-      case 2:
-        WeightedValueSum<2>(s, values + d0, stride, len, out + d0);
-        break;
-      case 3:
-        WeightedValueSum<3>(s, values + d0, stride, len, out + d0);
-        break;
-      case 4:
-        WeightedValueSum<4>(s, values + d0, stride, len, out + d0);
-        break;
-      case 5:
-        WeightedValueSum<5>(s, values + d0, stride, len, out + d0);
-        break;
-      case 6:
-        WeightedValueSum<6>(s, values + d0, stride, len, out + d0);
-        break;
-      case 7:
-        WeightedValueSum<7>(s, values + d0, stride, len, out + d0);
-        break;
-      default:
-        WeightedValueSum<8>(s, values + d0, stride, len, out + d0);
-        break;
-    }
-  }
+  using ValueSum = void (*)(const float*, const float*, int64_t, int64_t, float*);
+  static constexpr ValueSum kValueSums[] = {
+      WeightedValueSum<1>, WeightedValueSum<2>, WeightedValueSum<3>, WeightedValueSum<4>,
+      WeightedValueSum<5>, WeightedValueSum<6>, WeightedValueSum<7>, WeightedValueSum<8>};
+  for (int64_t d0 = 0; d0 < hd8; d0 += 64)
+    kValueSums[(hd8 - d0 < 64 ? hd8 - d0 : 64) / 8 - 1](s, values + d0, stride, len, out + d0);
   for (int64_t d = hd8; d < hd; ++d) {
     float t = 0.0f;
     for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * values[pp * stride + d];
