@@ -219,6 +219,42 @@ TEST(Kernels, AttendMatchesDoublePrecision) {
   }
 }
 
+TEST(Kernels, AttendCausalMatchesDoublePrecision) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 40; ++trial) {
+    // 1 to 20 queries (blocks of 8 and a remainder), starting anywhere in the cache.
+    const int64_t hd = std::vector<int64_t>{8, 16, 64, 128, 24, 12}[trial % 6];
+    const int64_t Q = 1 + rng() % 20, first = rng() % (trial % 2 ? 300 : 5);
+    const int64_t stride = hd * (1 + trial % 3), len = first + Q;
+    const int64_t q_stride = hd * 3, out_stride = hd * 2;  // queries of other heads between
+    std::vector<float> q = RandomFloats(Q * q_stride, trial, 3.0f),
+                       keys = RandomFloats(len * stride, 300 + trial),
+                       values = RandomFloats(len * stride, 400 + trial);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+    if (FastKernels() != nullptr) tables.push_back(FastKernels());
+    for (const ops::KernelTable* k : tables) {
+      std::vector<float> scratch(8 * (hd + len)), out(Q * out_stride, -7.0f);
+      k->attend_causal(q.data(), q_stride, Q, first, keys.data(), values.data(), stride, hd, scale,
+                       scratch.data(), out.data(), out_stride);
+      for (int64_t i = 0; i < Q; ++i) {
+        const std::vector<float> qi(q.begin() + i * q_stride, q.begin() + i * q_stride + hd);
+        const std::vector<double> want =
+            AttendInDouble(qi, keys, values, stride, first + i + 1, hd, scale);
+        for (int64_t d = 0; d < out_stride; ++d) {
+          if (d >= hd) {  // between the outputs: untouched
+            ASSERT_EQ(out[i * out_stride + d], -7.0f) << k->name;
+            continue;
+          }
+          ASSERT_NEAR(out[i * out_stride + d], want[d], 2e-5)
+              << k->name << " hd=" << hd << " Q=" << Q << " first=" << first << " i=" << i
+              << " d=" << d;
+        }
+      }
+    }
+  }
+}
+
 TEST(Kernels, SiluHandlesExtremes) {
   const ops::KernelTable& k = ops::Kernels();
   const std::vector<float> gate = {-1000.f, -90.f, -20.f, 0.f, 20.f, 90.f, 1000.f, -0.5f};

@@ -97,7 +97,12 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
     route_weights_.Resize(T * c.num_experts_per_tok);
     route_experts_.resize(T * c.num_experts_per_tok);
   }
-  scores_.Resize(static_cast<size_t>(pool.num_threads()) * options.max_context);
+  scores_.Resize(static_cast<size_t>(pool.num_threads() * AttentionScratch()));
+  attention_runs_.resize(T + 1);
+}
+
+int64_t ModelRunner::AttentionScratch() const {
+  return 8 * (config_.head_dim() + options_.max_context);  // ops::KernelTable::attend_causal
 }
 
 absl::Status ValidateBatch(const ForwardBatch& b, int64_t vocab_size, int64_t max_batch_tokens,
@@ -161,14 +166,32 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const ops::KernelTable& k = ops::Kernels();
 
-  pool_.ParallelFor(T * nh, [&](int64_t task, int thread) {
-    const int64_t t = task / nh, h = task % nh;
-    const int64_t len = b.positions[t] + 1;
-    const float* keys = kv_cache_.Keys(layer, b.slots[t]) + (h / group) * hd;
-    const float* values = kv_cache_.Values(layer, b.slots[t]) + (h / group) * hd;
-    const float* q = q_.data() + (t * nh + h) * hd;
-    k.attend(q, keys, values, row, len, hd, scale, scores_.data() + thread * options_.max_context,
-             attn_.data() + (t * nh + h) * hd);
+  // Runs of consecutive tokens of one sequence at consecutive positions (a prompt chunk), at
+  // most 8 each; a decode batch makes one run per token.
+  int64_t runs = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool continues = t > 0 && b.slots[t] == b.slots[t - 1] &&
+                           b.positions[t] == b.positions[t - 1] + 1 &&
+                           t - attention_runs_[runs - 1] < 8;
+    if (!continues) attention_runs_[runs++] = static_cast<int32_t>(t);
+  }
+  attention_runs_[runs] = static_cast<int32_t>(T);
+
+  const int64_t qkv_stride = nh * hd;
+  pool_.ParallelFor(runs * nh, [&](int64_t task, int thread) {
+    const int64_t run = task / nh, h = task % nh;
+    const int64_t t0 = attention_runs_[run], n = attention_runs_[run + 1] - t0;
+    const float* keys = kv_cache_.Keys(layer, b.slots[t0]) + (h / group) * hd;
+    const float* values = kv_cache_.Values(layer, b.slots[t0]) + (h / group) * hd;
+    float* scratch = scores_.data() + thread * AttentionScratch();
+    const float* q = q_.data() + t0 * qkv_stride + h * hd;
+    float* out = attn_.data() + t0 * qkv_stride + h * hd;
+    if (n == 1) {
+      k.attend(q, keys, values, row, b.positions[t0] + 1, hd, scale, scratch, out);
+    } else {
+      k.attend_causal(q, qkv_stride, n, b.positions[t0], keys, values, row, hd, scale, scratch, out,
+                      qkv_stride);
+    }
   });
 }
 

@@ -113,7 +113,11 @@ class ModelRunner final : public BatchRunner {
   FloatBuffer mlp_act_, mlp_up_;  // [T, max(intermediate, shared width)]
   FloatBuffer router_logits_, route_weights_, gate_scratch_;
   std::vector<int32_t> route_experts_;
-  FloatBuffer scores_;  // [threads, max_context] attention scores
+  FloatBuffer scores_;  // [threads, AttentionScratch()] attention scores
+  // Runs of up to 8 consecutive tokens of one sequence (consecutive positions): the units
+  // attention works on, each run reading its sequence's cache once for all its tokens.
+  std::vector<int32_t> attention_runs_;  // first token of each run, then T (one past the last)
+  int64_t AttentionScratch() const;
 };
 
 }  // namespace dsmoe

@@ -714,10 +714,94 @@ void Attend(const float* q, const float* keys, const float* values, int64_t stri
   for (; d < hd; ++d) out[d] *= inv;
 }
 
+// Eight queries at once, one per vector lane: scores s[p] (8 lanes) = Σ_d qt[d] · K[p][d] with
+// the queries packed transposed (qt[d][8]) and each key element broadcast, four keys per pass;
+// the softmax then runs on whole vectors (each lane its own query), and the output is built
+// transposed, ot[d][8] = Σ_p s[p] · V[p][d], eight dimensions per pass, then turned back. Each
+// cached row is read once for the eight queries instead of once per query.
+void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t first,
+                       const float* keys, const float* values, int64_t stride, int64_t hd,
+                       float scale, float* scratch, float* out, int64_t out_stride) {
+  const int64_t len = first + Q;  // positions the last query sees
+  float* qt = scratch;            // [hd][8]
+  float* s = scratch + hd * 8;    // [len][8]
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t i = 0; i < 8; ++i) qt[d * 8 + i] = i < Q ? q[i * q_stride + d] : 0.0f;
+
+  int64_t p = 0;
+  for (; p + 4 <= len; p += 4) {
+    const float* k0 = keys + p * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; ++d) {
+      const __m256 qv = _mm256_loadu_ps(qt + d * 8);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + d), qv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + stride + d), qv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 2 * stride + d), qv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 3 * stride + d), qv, a3);
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a0, sc));
+    _mm256_storeu_ps(s + (p + 1) * 8, _mm256_mul_ps(a1, sc));
+    _mm256_storeu_ps(s + (p + 2) * 8, _mm256_mul_ps(a2, sc));
+    _mm256_storeu_ps(s + (p + 3) * 8, _mm256_mul_ps(a3, sc));
+  }
+  for (; p < len; ++p) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; ++d)
+      a = _mm256_fmadd_ps(_mm256_broadcast_ss(keys + p * stride + d), _mm256_loadu_ps(qt + d * 8),
+                          a);
+    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, _mm256_set1_ps(scale)));
+  }
+  // Causal mask: query i does not see positions after first + i (only the last Q rows).
+  for (int64_t pp = first + 1; pp < len; ++pp)
+    for (int64_t i = 0; i < pp - first; ++i) s[pp * 8 + i] = -INFINITY;
+
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (p = 0; p < len; ++p) m = _mm256_max_ps(m, _mm256_loadu_ps(s + p * 8));
+  __m256 sum = _mm256_setzero_ps();
+  for (p = 0; p < len; ++p) {
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + p * 8), m));
+    _mm256_storeu_ps(s + p * 8, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+
+  for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+    __m256 ot[8];
+    for (int j = 0; j < 8; ++j) ot[j] = _mm256_setzero_ps();
+    for (p = 0; p < len; ++p) {
+      const __m256 w = _mm256_loadu_ps(s + p * 8);
+      const float* v = values + p * stride + d0;
+      for (int j = 0; j < 8; ++j) ot[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + j), w, ot[j]);
+    }
+    for (int j = 0; j < 8; ++j) ot[j] = _mm256_mul_ps(ot[j], inv);
+    Transpose8x8(ot);  // ot[i] = query i's dimensions d0 .. d0 + 7
+    for (int64_t i = 0; i < Q; ++i) _mm256_storeu_ps(out + i * out_stride + d0, ot[i]);
+  }
+}
+
+void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const float* keys,
+                  const float* values, int64_t stride, int64_t hd, float scale, float* scratch,
+                  float* out, int64_t out_stride) {
+  for (int64_t i0 = 0; i0 < Q; i0 += 8) {
+    const int64_t n = Q - i0 < 8 ? Q - i0 : 8;
+    if (n == 1 || hd % 8 != 0) {  // one query, or a head the 8-wide transposes do not fit
+      for (int64_t i = i0; i < i0 + n; ++i) {
+        Attend(q + i * q_stride, keys, values, stride, first + i + 1, hd, scale, scratch,
+               out + i * out_stride);
+      }
+      continue;
+    }
+    AttendCausalBlock(q + i0 * q_stride, q_stride, n, first + i0, keys, values, stride, hd, scale,
+                      scratch, out + i0 * out_stride, out_stride);
+  }
+}
+
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2", MatMulRows, Dot, Axpy, SiluMul, RowToF32, Attend};
+  static const KernelTable table{"avx2",  MatMulRows, Dot,    Axpy,
+                                 SiluMul, RowToF32,   Attend, AttendCausal};
   return &table;
 }
 

@@ -50,10 +50,20 @@ void Attend(const float* q, const float* keys, const float* values, int64_t stri
   for (int64_t p = 0; p < len; ++p) Axpy(scores[p] / sum, values + p * stride, out, hd);
 }
 
+void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const float* keys,
+                  const float* values, int64_t stride, int64_t hd, float scale, float* scratch,
+                  float* out, int64_t out_stride) {
+  for (int64_t i = 0; i < Q; ++i) {
+    Attend(q + i * q_stride, keys, values, stride, first + i + 1, hd, scale, scratch,
+           out + i * out_stride);
+  }
+}
+
 }  // namespace
 
 const KernelTable& ReferenceKernels() {
-  static const KernelTable table{"reference", MatMulRows, Dot, Axpy, SiluMul, RowToF32, Attend};
+  static const KernelTable table{"reference", MatMulRows, Dot,    Axpy,
+                                 SiluMul,     RowToF32,   Attend, AttendCausal};
   return table;
 }
 
