@@ -66,7 +66,8 @@ class Dockerfile(unittest.TestCase):
         wanted, take = set(), False
         for line in groups:
             if line.strip().startswith("#"):
-                take = not line.strip().startswith("# tests")
+                # The image builds neither tests nor benchmarks (DSMOE_BUILD_TESTS/BENCH=OFF).
+                take = not line.strip().startswith(("# tests", "# benchmarks"))
                 continue
             if take:
                 wanted |= set(line.split())
