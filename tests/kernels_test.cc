@@ -234,7 +234,7 @@ TEST(Kernels, AttendCausalMatchesDoublePrecision) {
     std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
     if (FastKernels() != nullptr) tables.push_back(FastKernels());
     for (const ops::KernelTable* k : tables) {
-      std::vector<float> scratch(8 * (hd + len)), out(Q * out_stride, -7.0f);
+      std::vector<float> scratch(8 * len + 80 * hd), out(Q * out_stride, -7.0f);
       k->attend_causal(q.data(), q_stride, Q, first, keys.data(), values.data(), stride, hd, scale,
                        scratch.data(), out.data(), out_stride);
       for (int64_t i = 0; i < Q; ++i) {

@@ -102,7 +102,7 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
 }
 
 int64_t ModelRunner::AttentionScratch() const {
-  return 8 * (config_.head_dim() + options_.max_context);  // ops::KernelTable::attend_causal
+  return 8 * options_.max_context + 80 * config_.head_dim();  // ops::KernelTable::attend_causal
 }
 
 absl::Status ValidateBatch(const ForwardBatch& b, int64_t vocab_size, int64_t max_batch_tokens,

@@ -31,7 +31,7 @@ struct KernelTable {
                  int64_t len, int64_t hd, float scale, float* scores, float* out);
   // Causal attention of Q consecutive queries of one sequence (prefill): query i (at
   // q + i·q_stride, output at out + i·out_stride) is at position first + i and attends to cached
-  // positions [0, first + i]. Same K/V layout as `attend`; `scratch` holds 8·(hd + first + Q)
+  // positions [0, first + i]. Same K/V layout as `attend`; `scratch` holds 8·(first + Q) + 80·hd
   // floats. Reading each cached row once for several queries is what keeps long prompts fast.
   void (*attend_causal)(const float* q, int64_t q_stride, int64_t Q, int64_t first,
                         const float* keys, const float* values, int64_t stride, int64_t hd,

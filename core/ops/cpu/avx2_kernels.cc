@@ -724,33 +724,43 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
                        float scale, float* scratch, float* out, int64_t out_stride) {
   const int64_t len = first + Q;  // positions the last query sees
   float* qt = scratch;            // [hd][8]
-  float* s = scratch + hd * 8;    // [len][8]
+  float* s = scratch + hd * 8;    // [len][8], then the output sums and a chunk of values
   for (int64_t d = 0; d < hd; ++d)
     for (int64_t i = 0; i < 8; ++i) qt[d * 8 + i] = i < Q ? q[i * q_stride + d] : 0.0f;
 
+  // Eight keys per pass: eight independent FMA chains, as many as the 4-cycle FMA latency needs
+  // to keep both FMA units busy (four left the pass latency-bound at half that rate).
+  const __m256 sc = _mm256_set1_ps(scale);
   int64_t p = 0;
-  for (; p + 4 <= len; p += 4) {
+  for (; p + 8 <= len; p += 8) {
     const float* k0 = keys + p * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int64_t d = 0; d < hd; ++d) {
       const __m256 qv = _mm256_loadu_ps(qt + d * 8);
       a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + d), qv, a0);
       a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + stride + d), qv, a1);
       a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 2 * stride + d), qv, a2);
       a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 3 * stride + d), qv, a3);
+      a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 4 * stride + d), qv, a4);
+      a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 5 * stride + d), qv, a5);
+      a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 6 * stride + d), qv, a6);
+      a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 7 * stride + d), qv, a7);
     }
-    const __m256 sc = _mm256_set1_ps(scale);
     _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a0, sc));
     _mm256_storeu_ps(s + (p + 1) * 8, _mm256_mul_ps(a1, sc));
     _mm256_storeu_ps(s + (p + 2) * 8, _mm256_mul_ps(a2, sc));
     _mm256_storeu_ps(s + (p + 3) * 8, _mm256_mul_ps(a3, sc));
+    _mm256_storeu_ps(s + (p + 4) * 8, _mm256_mul_ps(a4, sc));
+    _mm256_storeu_ps(s + (p + 5) * 8, _mm256_mul_ps(a5, sc));
+    _mm256_storeu_ps(s + (p + 6) * 8, _mm256_mul_ps(a6, sc));
+    _mm256_storeu_ps(s + (p + 7) * 8, _mm256_mul_ps(a7, sc));
   }
   for (; p < len; ++p) {
     __m256 a = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; ++d)
       a = _mm256_fmadd_ps(_mm256_broadcast_ss(keys + p * stride + d), _mm256_loadu_ps(qt + d * 8),
                           a);
-    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, sc));
   }
   // Causal mask: query i does not see positions after first + i (only the last Q rows).
   for (int64_t pp = first + 1; pp < len; ++pp)
@@ -758,25 +768,70 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
 
   __m256 m = _mm256_set1_ps(-INFINITY);
   for (p = 0; p < len; ++p) m = _mm256_max_ps(m, _mm256_loadu_ps(s + p * 8));
+  // Value rows are hd floats each, one cache row apart (other heads between): fetch a chunk's
+  // rows ahead of the pass that needs them, or every first touch waits on a far cache.
+  constexpr int64_t kChunk = 64;
+  auto prefetch_values = [&](int64_t row) {
+    for (int64_t d = 0; d < hd; d += 16) _mm_prefetch(values + row * stride + d, _MM_HINT_T0);
+  };
   __m256 sum = _mm256_setzero_ps();
   for (p = 0; p < len; ++p) {
+    if (p < kChunk) prefetch_values(p);
     const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + p * 8), m));
     _mm256_storeu_ps(s + p * 8, e);
     sum = _mm256_add_ps(sum, e);
   }
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
 
-  for (int64_t d0 = 0; d0 < hd; d0 += 8) {
-    __m256 ot[8];
-    for (int j = 0; j < 8; ++j) ot[j] = _mm256_setzero_ps();
-    for (p = 0; p < len; ++p) {
-      const __m256 w = _mm256_loadu_ps(s + p * 8);
-      const float* v = values + p * stride + d0;
-      for (int j = 0; j < 8; ++j) ot[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + j), w, ot[j]);
+  // Positions in chunks of 64 whose value rows are first copied next to each other: each group
+  // of 8 dimensions then passes over the chunk in L1. In the cache the rows lie a multiple of
+  // 4 KiB apart (one cache row), so they all fall in the same L1 set and evict one another; and
+  // one pass over all positions per group would fetch every row hd/8 times from far caches.
+  // The running sums wait in `ot` between chunks.
+  float* ot = s + len * 8;     // [hd][8]: output dimension d for the 8 queries
+  float* chunk = ot + hd * 8;  // [kChunk][hd]: the chunk's value rows, contiguous
+  for (int64_t i = 0; i < hd * 8; ++i) ot[i] = 0.0f;
+  for (int64_t p0 = 0; p0 < len; p0 += kChunk) {
+    const int64_t p1 = p0 + kChunk < len ? p0 + kChunk : len;
+    for (p = p0; p < p1; ++p) {
+      for (int64_t d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(chunk + (p - p0) * hd + d, _mm256_loadu_ps(values + p * stride + d));
     }
-    for (int j = 0; j < 8; ++j) ot[j] = _mm256_mul_ps(ot[j], inv);
-    Transpose8x8(ot);  // ot[i] = query i's dimensions d0 .. d0 + 7
-    for (int64_t i = 0; i < Q; ++i) _mm256_storeu_ps(out + i * out_stride + d0, ot[i]);
+    for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+      __m256 a0 = _mm256_loadu_ps(ot + d0 * 8), a1 = _mm256_loadu_ps(ot + (d0 + 1) * 8),
+             a2 = _mm256_loadu_ps(ot + (d0 + 2) * 8), a3 = _mm256_loadu_ps(ot + (d0 + 3) * 8),
+             a4 = _mm256_loadu_ps(ot + (d0 + 4) * 8), a5 = _mm256_loadu_ps(ot + (d0 + 5) * 8),
+             a6 = _mm256_loadu_ps(ot + (d0 + 6) * 8), a7 = _mm256_loadu_ps(ot + (d0 + 7) * 8);
+      for (p = p0; p < p1; ++p) {
+        // The next chunk's rows, one per position of the first pass: spread out, so the
+        // prefetches do not overflow the queue of misses in flight and get dropped.
+        if (d0 == 0 && p + kChunk < len) prefetch_values(p + kChunk);
+        const __m256 w = _mm256_loadu_ps(s + p * 8);
+        const float* v = chunk + (p - p0) * hd + d0;
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(v), w, a0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 1), w, a1);
+        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 2), w, a2);
+        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 3), w, a3);
+        a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 4), w, a4);
+        a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 5), w, a5);
+        a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 6), w, a6);
+        a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 7), w, a7);
+      }
+      _mm256_storeu_ps(ot + d0 * 8, a0);
+      _mm256_storeu_ps(ot + (d0 + 1) * 8, a1);
+      _mm256_storeu_ps(ot + (d0 + 2) * 8, a2);
+      _mm256_storeu_ps(ot + (d0 + 3) * 8, a3);
+      _mm256_storeu_ps(ot + (d0 + 4) * 8, a4);
+      _mm256_storeu_ps(ot + (d0 + 5) * 8, a5);
+      _mm256_storeu_ps(ot + (d0 + 6) * 8, a6);
+      _mm256_storeu_ps(ot + (d0 + 7) * 8, a7);
+    }
+  }
+  for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+    __m256 block[8];
+    for (int j = 0; j < 8; ++j) block[j] = _mm256_mul_ps(_mm256_loadu_ps(ot + (d0 + j) * 8), inv);
+    Transpose8x8(block);  // block[i] = query i's dimensions d0 .. d0 + 7
+    for (int64_t i = 0; i < Q; ++i) _mm256_storeu_ps(out + i * out_stride + d0, block[i]);
   }
 }
 
