@@ -116,16 +116,22 @@ SchedulerLoad Scheduler::GetLoad() const {
           options_.num_slots};
 }
 
+template <class Job>
+absl::Status Scheduler::Enqueue(std::deque<Job*>& queue, Job* job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the attention server is shutting down");
+    queue.push_back(job);
+  }
+  work_cv_.notify_one();
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t> ids) {
   LogitsJob job;
   job.ids = std::move(ids);
   auto future = job.result.get_future();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return absl::UnavailableError("the attention server is shutting down");
-    logits_jobs_.push_back(&job);
-  }
-  work_cv_.notify_one();
+  DSMOE_RETURN_IF_ERROR(Enqueue(logits_jobs_, &job));
   return future.get();
 }
 
@@ -133,12 +139,7 @@ absl::Status Scheduler::RunBetweenSteps(std::function<void()> fn) {
   BetweenStepsJob job;
   job.fn = std::move(fn);
   auto future = job.done.get_future();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return absl::UnavailableError("the attention server is shutting down");
-    between_steps_.push_back(&job);
-  }
-  work_cv_.notify_one();
+  DSMOE_RETURN_IF_ERROR(Enqueue(between_steps_, &job));
   future.wait();
   if (job.fn) return absl::UnavailableError("the attention server is shutting down");
   return absl::OkStatus();

@@ -129,6 +129,10 @@ class Scheduler {
   int64_t kv_tokens_ = 0;      // tokens held in the running sequences' slots; loop thread only
   int32_t scratch_slot_;       // reserved for ComputeLogits
 
+  // Queues `job` for the step loop and wakes it; UNAVAILABLE once stopping.
+  template <class Job>
+  absl::Status Enqueue(std::deque<Job*>& queue, Job* job);
+
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
   std::deque<std::unique_ptr<Sequence>> waiting_;                    // guarded by mu_

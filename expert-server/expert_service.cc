@@ -123,16 +123,7 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
     response->set_num_loading(static_cast<uint32_t>(to_load.size()));
     response->set_num_dropping(static_cast<uint32_t>(to_drop.size()));
     if (to_load.empty()) {
-      {
-        std::lock_guard<std::mutex> compute(mu_);
-        SwapLocked(nullptr, to_load, to_drop);
-      }
-      held_ = want;
-      state_ = internal::v1::PLACEMENT_STATE_SERVING;
-      if (held_gauge_ != nullptr) {
-        held_gauge_->Set(static_cast<double>(held_.size()));
-        version_gauge_->Set(static_cast<double>(version_));
-      }
+      ServeTargetLocked(nullptr, to_load, to_drop);  // only drops: nothing to load
       response->set_state(state_);
       std::printf("expert server: placement %llu serves %zu experts (dropped %zu)\n",
                   static_cast<unsigned long long>(version_), held_.size(), to_drop.size());
@@ -170,17 +161,7 @@ void ExpertService::Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop)
                  static_cast<unsigned long long>(version), error_.c_str());
     return;
   }
-  std::shared_ptr<ModelWeights> group(std::move(*loaded));
-  {
-    std::lock_guard<std::mutex> compute(mu_);
-    SwapLocked(group, to_load, to_drop);
-  }
-  held_ = target_;
-  state_ = internal::v1::PLACEMENT_STATE_SERVING;
-  if (held_gauge_ != nullptr) {
-    held_gauge_->Set(static_cast<double>(held_.size()));
-    version_gauge_->Set(static_cast<double>(version));
-  }
+  ServeTargetLocked(std::shared_ptr<ModelWeights>(std::move(*loaded)), to_load, to_drop);
   std::printf(
       "expert server: placement %llu serves %zu experts (loaded %zu in %.3f s, dropped "
       "%zu)\n",
@@ -188,6 +169,20 @@ void ExpertService::Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop)
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
       to_drop.size());
   std::fflush(stdout);
+}
+
+void ExpertService::ServeTargetLocked(const std::shared_ptr<ModelWeights>& loaded,
+                                      const ExpertSet& to_load, const ExpertSet& to_drop) {
+  {
+    std::lock_guard<std::mutex> compute(mu_);
+    SwapLocked(loaded, to_load, to_drop);
+  }
+  held_ = target_;
+  state_ = internal::v1::PLACEMENT_STATE_SERVING;
+  if (held_gauge_ != nullptr) {
+    held_gauge_->Set(static_cast<double>(held_.size()));
+    version_gauge_->Set(static_cast<double>(version_));
+  }
 }
 
 void ExpertService::SwapLocked(const std::shared_ptr<ModelWeights>& loaded,

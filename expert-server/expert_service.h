@@ -58,6 +58,10 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   absl::Status CheckExperts(const ExpertSet& experts) const;
   // Loads `to_load` (background thread), then swaps the set. Runs on loader_.
   void Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop);
+  // Puts target_ in use: swaps `to_load` (from `loaded`) in and `to_drop` out under mu_, then
+  // serves it (held set, state, gauges). REQUIRES: state_mu_ held.
+  void ServeTargetLocked(const std::shared_ptr<ModelWeights>& loaded, const ExpertSet& to_load,
+                         const ExpertSet& to_drop);
   // Makes the loaded experts serve and drops `to_drop`. REQUIRES: mu_ held.
   void SwapLocked(const std::shared_ptr<ModelWeights>& loaded, const ExpertSet& to_load,
                   const ExpertSet& to_drop);
