@@ -30,10 +30,7 @@ absl::StatusOr<std::unique_ptr<BatchRunner>> CreateBatchRunner(const Device& dev
   DSMOE_ASSIGN_OR_RETURN(auto runner, cuda::CudaModelRunner::Create(weights, co, experts));
   return std::unique_ptr<BatchRunner>(std::move(runner));
 #else
-  return absl::FailedPreconditionError(
-      absl::StrCat("--device ", device.ToString(),
-                   ": this build of dsmoe has no CUDA backend (build with -DDSMOE_CUDA=ON, "
-                   "e.g. scripts/build-cuda.sh)"));
+  return NoCudaBackendError(device);
 #endif
 }
 

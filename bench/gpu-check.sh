@@ -14,7 +14,8 @@ BIN=${DSMOE_GPU_BIN:-}
 if [[ -z "$BIN" && -x .gpu-carry/bin/dsmoe_cuda_tests ]]; then BIN=.gpu-carry/bin; fi
 if [[ -z "$BIN" ]]; then
   cmake -S . -B build-cuda -G Ninja -DDSMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null || exit 1
-  ninja -C build-cuda dsmoe_cuda_tests dsmoe_cuda_serving_tests dsmoe_bench_gpu || exit 1
+  ninja -C build-cuda dsmoe_cuda_tests dsmoe_cuda_serving_tests dsmoe_expert_service_tests \
+    dsmoe_bench_gpu || exit 1
   BIN=build-cuda/bin
 fi
 if [[ -d .gpu-carry/lib ]]; then export LD_LIBRARY_PATH="$PWD/.gpu-carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
@@ -38,13 +39,16 @@ echo "== gpu tests =="
 tests_rc=${PIPESTATUS[0]}
 "$BIN/dsmoe_cuda_serving_tests" --gtest_color=no 2>&1 | tee -a "$LOG_DIR/gpu-tests.log"
 tests_rc=$(( tests_rc || PIPESTATUS[0] ))
+# The expert server's service with its experts on the GPU (placement changes while serving).
+"$BIN/dsmoe_expert_service_tests" --gtest_color=no 2>&1 | tee -a "$LOG_DIR/gpu-tests.log"
+tests_rc=$(( tests_rc || PIPESTATUS[0] ))
 echo "== gpu benchmark =="
 "$BIN/dsmoe_bench_gpu" "$@" 2>&1 | tee "$LOG_DIR/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo
 echo "== summary =="
-grep -E '^\[(gpu|kv|cpu)' "$LOG_DIR/gpu-tests.log"
+grep -E '^\[(gpu|kv|cpu|expert-service)' "$LOG_DIR/gpu-tests.log"
 grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$LOG_DIR/gpu-tests.log" | grep -v '^\[  SKIPPED \] [A-Z]' | head -40
 echo "tests exit code $tests_rc, benchmark exit code $bench_rc"
 echo

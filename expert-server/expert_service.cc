@@ -13,30 +13,19 @@
 
 namespace dsmoe {
 
-ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights,
+ExpertService::ExpertService(std::unique_ptr<ExpertStore> store,
                              const ExpertServiceOptions& options)
-    : weights_(std::move(weights)),
-      options_(options),
-      pool_(options.threads),
-      executor_(*weights_, pool_, options.max_assignments) {
-  owner_.resize(weights_->layers.size());
-  for (size_t l = 0; l < weights_->layers.size(); ++l) {
-    const auto& routed = weights_->layers[l].routed;
-    owner_[l].resize(routed.size());
-    for (size_t e = 0; e < routed.size(); ++e) {
-      if (routed[e].loaded()) held_.insert({l, e});
-    }
-  }
+    : store_(std::move(store)), options_(options), held_(store_->InitiallyHeld()) {
   target_ = held_;
+  const ModelConfig& c = store_->config();
   if (options_.metrics != nullptr) {
     rpc::MetricsRegistry& r = *options_.metrics;
     tokens_family_ = &r.Counter(
         "dsmoe_expert_server_tokens_total",
         "Routed (token, expert) assignments computed by this expert server, per layer and expert");
-    expert_tokens_.resize(weights_->layers.size());
-    for (size_t l = 0; l < weights_->layers.size(); ++l) {
-      expert_tokens_[l].assign(weights_->layers[l].routed.size(), nullptr);
-    }
+    expert_tokens_.assign(c.num_hidden_layers, std::vector<prometheus::Counter*>(
+                                                   std::max<int64_t>(c.n_routed_experts, 0)));
+    std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [l, e] : held_) CountHeld(l, e);
     tokens_ = &r.Counter("dsmoe_expert_server_rows_total",
                          "Hidden-state rows (tokens) received in ComputeExperts calls")
@@ -55,8 +44,7 @@ ExpertService::ExpertService(std::unique_ptr<ModelWeights> weights,
                               "Version of the latest placement this expert server serves (0: the "
                               "one it started with)")
                           .Add({});
-    counts_.assign(static_cast<size_t>(std::max<int64_t>(weights_->config().n_routed_experts, 0)),
-                   0);
+    counts_.assign(static_cast<size_t>(std::max<int64_t>(c.n_routed_experts, 0)), 0);
   }
 }
 
@@ -76,7 +64,7 @@ int64_t ExpertService::num_experts_held() const {
 }
 
 absl::Status ExpertService::CheckExperts(const ExpertSet& experts) const {
-  const ModelConfig& c = weights_->config();
+  const ModelConfig& c = store_->config();
   for (const auto& [l, e] : experts) {
     if (l >= c.num_hidden_layers || !c.IsMoeLayer(l))
       return absl::InvalidArgumentError(absl::StrCat("layer ", l, " is not a MoE layer"));
@@ -98,11 +86,7 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
   for (int i = 0; i < request->layers_size(); ++i)
     want.insert({request->layers(i), request->experts(i)});
   if (auto s = CheckExperts(want); !s.ok()) return rpc::ToGrpc(s);
-  if (options_.model_dir.empty()) {
-    return rpc::ToGrpc(absl::FailedPreconditionError(
-        "this expert server was started without a checkpoint directory to load from"));
-  }
-  ExpertSet to_load, to_drop;
+  PlacementChange change;
   {
     std::lock_guard<std::mutex> lock(state_mu_);
     if (state_ == internal::v1::PLACEMENT_STATE_LOADING) {
@@ -114,19 +98,22 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
           "placement version ", version_, " is still loading; try again once it serves")));
     }
     std::set_difference(want.begin(), want.end(), held_.begin(), held_.end(),
-                        std::inserter(to_load, to_load.end()));
+                        std::inserter(change.to_load, change.to_load.end()));
     std::set_difference(held_.begin(), held_.end(), want.begin(), want.end(),
-                        std::inserter(to_drop, to_drop.end()));
+                        std::inserter(change.to_drop, change.to_drop.end()));
+    change.target = want;
     target_ = want;
     version_ = request->version();
     error_.clear();
-    response->set_num_loading(static_cast<uint32_t>(to_load.size()));
-    response->set_num_dropping(static_cast<uint32_t>(to_drop.size()));
-    if (to_load.empty()) {
-      ServeTargetLocked(nullptr, to_load, to_drop);  // only drops: nothing to load
+    response->set_num_loading(static_cast<uint32_t>(change.to_load.size()));
+    response->set_num_dropping(static_cast<uint32_t>(change.to_drop.size()));
+    if (!store_->PrepareIsSlow(change)) {  // e.g. only drops on the CPU: a swap of views
+      absl::StatusOr<ExpertStore::Commit> commit = store_->Prepare(change);
+      if (!commit.ok()) return rpc::ToGrpc(commit.status());
+      ServeTargetLocked(std::move(*commit), change.to_load);
       response->set_state(state_);
       std::printf("expert server: placement %llu serves %zu experts (dropped %zu)\n",
-                  static_cast<unsigned long long>(version_), held_.size(), to_drop.size());
+                  static_cast<unsigned long long>(version_), held_.size(), change.to_drop.size());
       std::fflush(stdout);
       return grpc::Status::OK;
     }
@@ -135,66 +122,48 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
   }
   // The previous loader has finished (state was not LOADING): join it before starting anew.
   if (loader_.joinable()) loader_.join();
-  loader_ = std::thread([this, v = request->version(), to_load = std::move(to_load),
-                         to_drop = std::move(to_drop)]() mutable {
-    Load(v, std::move(to_load), std::move(to_drop));
+  loader_ = std::thread([this, v = request->version(), change = std::move(change)]() mutable {
+    Load(v, std::move(change));
   });
   return grpc::Status::OK;
 }
 
-void ExpertService::Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop) {
+void ExpertService::Load(uint64_t version, PlacementChange change) {
   // Below the serving threads: loading competes with computing for the same cores, and a
   // rebalance must not stall the tokens in flight.
   setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
   const auto start = std::chrono::steady_clock::now();
-  WeightSelection selection;
-  selection.attention_side = false;
-  selection.all_routed_experts = false;
-  selection.routed_experts = to_load;
-  absl::StatusOr<std::unique_ptr<ModelWeights>> loaded =
-      ModelWeights::Load(options_.model_dir, selection);
+  absl::StatusOr<ExpertStore::Commit> commit = store_->Prepare(change);
   std::lock_guard<std::mutex> lock(state_mu_);
-  if (!loaded.ok()) {
+  if (!commit.ok()) {
     state_ = internal::v1::PLACEMENT_STATE_FAILED;
-    error_ = std::string(loaded.status().message());
+    error_ = std::string(commit.status().message());
     std::fprintf(stderr, "expert server: placement %llu failed to load: %s\n",
                  static_cast<unsigned long long>(version), error_.c_str());
     return;
   }
-  ServeTargetLocked(std::shared_ptr<ModelWeights>(std::move(*loaded)), to_load, to_drop);
+  ServeTargetLocked(std::move(*commit), change.to_load);
   std::printf(
       "expert server: placement %llu serves %zu experts (loaded %zu in %.3f s, dropped "
       "%zu)\n",
-      static_cast<unsigned long long>(version), held_.size(), to_load.size(),
+      static_cast<unsigned long long>(version), held_.size(), change.to_load.size(),
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-      to_drop.size());
+      change.to_drop.size());
   std::fflush(stdout);
 }
 
-void ExpertService::ServeTargetLocked(const std::shared_ptr<ModelWeights>& loaded,
-                                      const ExpertSet& to_load, const ExpertSet& to_drop) {
+void ExpertService::ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load) {
   {
     std::lock_guard<std::mutex> compute(mu_);
-    SwapLocked(loaded, to_load, to_drop);
+    commit();
+    for (const auto& [l, e] : to_load) CountHeld(l, e);
   }
+  commit = nullptr;  // what the change replaced is freed here, outside the compute lock
   held_ = target_;
   state_ = internal::v1::PLACEMENT_STATE_SERVING;
   if (held_gauge_ != nullptr) {
     held_gauge_->Set(static_cast<double>(held_.size()));
     version_gauge_->Set(static_cast<double>(version_));
-  }
-}
-
-void ExpertService::SwapLocked(const std::shared_ptr<ModelWeights>& loaded,
-                               const ExpertSet& to_load, const ExpertSet& to_drop) {
-  for (const auto& [l, e] : to_load) {
-    weights_->layers[l].routed[e] = loaded->layers[l].routed[e];
-    owner_[l][e] = loaded;
-    CountHeld(l, e);
-  }
-  for (const auto& [l, e] : to_drop) {
-    weights_->layers[l].routed[e] = MlpWeights{};
-    owner_[l][e].reset();
   }
 }
 
@@ -216,7 +185,7 @@ grpc::Status ExpertService::Echo(grpc::ServerContext*, const internal::v1::EchoM
 
 absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r,
                                     std::string* output, double* compute_seconds) {
-  const ModelConfig& c = weights_->config();
+  const ModelConfig& c = store_->config();
   const int64_t H = c.hidden_size, T = r.num_tokens();
   if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
   if (T > options_.max_tokens) {
@@ -255,8 +224,8 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   const ExpertAssignments a{token_.data(), expert_.data(), r.weight().data(), n};
   const auto start = std::chrono::steady_clock::now();
   const absl::Status status =
-      executor_.RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T, a,
-                               reinterpret_cast<float*>(output->data()));
+      store_->RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T, a,
+                             reinterpret_cast<float*>(output->data()));
   *compute_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (status.ok() && tokens_ != nullptr) {
@@ -277,7 +246,7 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
 
 grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1::GetExpertsRequest*,
                                        internal::v1::GetExpertsResponse* response) {
-  const ModelConfig& c = weights_->config();
+  const ModelConfig& c = store_->config();
   response->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
   response->set_num_layers(static_cast<uint32_t>(c.num_hidden_layers));
   std::lock_guard<std::mutex> lock(state_mu_);

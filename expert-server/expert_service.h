@@ -1,11 +1,11 @@
 // dsmoe-expert-server's service: holds a subset of routed experts (any set of (layer, expert),
-// loaded straight from the checkpoint) and computes them for attention servers, combining each
-// token's weighted expert outputs before replying. SetPlacement changes the set while serving:
-// a background thread loads the new experts, which then replace the old set between two
-// computations.
+// loaded straight from the checkpoint, on the CPU or a GPU: see ExpertStore) and computes them
+// for attention servers, combining each token's weighted expert outputs before replying.
+// SetPlacement changes the set while serving: a background thread loads (and uploads) the new
+// set, which then replaces the old one between two computations.
 //
 // Thread-safe: gRPC handler threads may call concurrently; computations are serialised (each
-// one already uses every core through the thread pool).
+// one already uses every core through the thread pool, or the whole GPU).
 #pragma once
 
 #include <condition_variable>
@@ -14,26 +14,22 @@
 #include <set>
 #include <thread>
 
-#include "core/model/routed_experts.h"
-#include "core/model/weights.h"
 #include "core/rpc/metrics.h"
-#include "core/util/thread_pool.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "expert-server/expert_store.h"
 
 namespace dsmoe {
 
 struct ExpertServiceOptions {
-  int threads = 0;                          // compute threads; 0: all cores
   int64_t max_tokens = 4096;                // tokens per request
   int64_t max_assignments = 32768;          // (token, expert) pairs per request
   rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
-  std::string model_dir;                    // the checkpoint SetPlacement loads from
 };
 
 class ExpertService final : public internal::v1::ExpertService::Service {
  public:
-  // REQUIRES: `weights` was loaded with the selection this server serves.
-  ExpertService(std::unique_ptr<ModelWeights> weights, const ExpertServiceOptions& options);
+  // Serves what `store` holds. REQUIRES: the store computes at least options' limits per call.
+  ExpertService(std::unique_ptr<ExpertStore> store, const ExpertServiceOptions& options);
   ~ExpertService() override;
 
   grpc::Status ComputeExperts(grpc::ServerContext* context,
@@ -54,31 +50,18 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   absl::Status Compute(const internal::v1::ComputeExpertsRequest& request, std::string* output,
                        double* compute_seconds);
 
-  using ExpertSet = std::set<std::pair<int64_t, int64_t>>;  // (layer, expert)
   absl::Status CheckExperts(const ExpertSet& experts) const;
-  // Loads `to_load` (background thread), then swaps the set. Runs on loader_.
-  void Load(uint64_t version, ExpertSet to_load, ExpertSet to_drop);
-  // Puts target_ in use: swaps `to_load` (from `loaded`) in and `to_drop` out under mu_, then
-  // serves it (held set, state, gauges). REQUIRES: state_mu_ held.
-  void ServeTargetLocked(const std::shared_ptr<ModelWeights>& loaded, const ExpertSet& to_load,
-                         const ExpertSet& to_drop);
-  // Makes the loaded experts serve and drops `to_drop`. REQUIRES: mu_ held.
-  void SwapLocked(const std::shared_ptr<ModelWeights>& loaded, const ExpertSet& to_load,
-                  const ExpertSet& to_drop);
-  void CountHeld(int64_t layer, int64_t expert);
+  // Prepares `change` (background thread), then serves it. Runs on loader_.
+  void Load(uint64_t version, PlacementChange change);
+  // Puts target_ in use: commits the prepared change between two computations, then serves it
+  // (held set, state, gauges). REQUIRES: state_mu_ held.
+  void ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load);
+  void CountHeld(int64_t layer, int64_t expert);  // REQUIRES: mu_ held
 
-  // The composite the executor reads: its routed views point into its own buffer (the experts
-  // loaded at start-up) or into a loaded group's (owner_). Views change only under mu_.
-  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<ExpertStore> store_;  // computed and changed only under mu_
   ExpertServiceOptions options_;
-  std::mutex mu_;  // serialises computations and view swaps
-  ThreadPool pool_;
-  LocalExpertExecutor executor_;
+  std::mutex mu_;                        // serialises computations and commits
   std::vector<int32_t> token_, expert_;  // guarded by mu_
-  // [layer][expert]: the group of loaded weights a view points into (null: weights_ itself, or
-  // not held). A group's memory is freed when its last expert is dropped; the start-up
-  // buffer is kept whole.
-  std::vector<std::vector<std::shared_ptr<ModelWeights>>> owner_;  // guarded by mu_
 
   // Placement changes.
   mutable std::mutex state_mu_;

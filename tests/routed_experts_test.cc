@@ -16,24 +16,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Naive: one token, one expert, straight from the definition down(silu(gate x) ⊙ up x).
-std::vector<double> NaiveExpert(const MlpWeights& m, const float* x) {
-  const int64_t W = m.width(), H = m.gate.cols;
-  std::vector<double> act(W), out(H);
-  for (int64_t r = 0; r < W; ++r) {
-    double g = 0, u = 0;
-    for (int64_t k = 0; k < H; ++k) {
-      g += x[k] * double(LoadAsF32(m.gate.Row(r), m.gate.dtype, k));
-      u += x[k] * double(LoadAsF32(m.up.Row(r), m.up.dtype, k));
-    }
-    act[r] = g / (1 + std::exp(-g)) * u;
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t r = 0; r < W; ++r) out[h] += act[r] * LoadAsF32(m.down.Row(h), m.down.dtype, r);
-  }
-  return out;
-}
-
 TEST(LocalExpertExecutor, SplitAcrossTwoHoldersEqualsOneAndTheNaiveSum) {
   testing::TempDir dir;
   const ModelConfig c = testing::WriteTinyModel(dir.path(), DType::kBF16);
@@ -86,7 +68,7 @@ TEST(LocalExpertExecutor, SplitAcrossTwoHoldersEqualsOneAndTheNaiveSum) {
     std::vector<double> naive(H);
     for (int64_t j = 0; j < k; ++j) {
       const std::vector<double> y =
-          NaiveExpert((*all)->layers[layer].routed[experts[t * k + j]], x.data() + t * H);
+          testing::NaiveExpert((*all)->layers[layer].routed[experts[t * k + j]], x.data() + t * H);
       for (int64_t h = 0; h < H; ++h) naive[h] += weights[t * k + j] * y[h];
     }
     for (int64_t h = 0; h < H; ++h) {

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -43,6 +44,23 @@ ModelConfig WriteTinyModel(const std::string& dir, DType dtype) {
   const absl::Status s = WriteRandomCheckpoint(config, {dtype, 3, 1}, dir);
   EXPECT_TRUE(s.ok()) << s;
   return config;
+}
+
+std::vector<double> NaiveExpert(const MlpWeights& m, const float* x) {
+  const int64_t W = m.width(), H = m.gate.cols;
+  std::vector<double> act(W), out(H);
+  for (int64_t r = 0; r < W; ++r) {
+    double g = 0, u = 0;
+    for (int64_t k = 0; k < H; ++k) {
+      g += x[k] * double(LoadAsF32(m.gate.Row(r), m.gate.dtype, k));
+      u += x[k] * double(LoadAsF32(m.up.Row(r), m.up.dtype, k));
+    }
+    act[r] = g / (1 + std::exp(-g)) * u;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t r = 0; r < W; ++r) out[h] += act[r] * LoadAsF32(m.down.Row(h), m.down.dtype, r);
+  }
+  return out;
 }
 
 }  // namespace dsmoe::testing

@@ -8,6 +8,7 @@
 
 #include "core/model/config.h"
 #include "core/model/make_model.h"
+#include "core/model/weights.h"
 
 namespace dsmoe::testing {
 
@@ -29,5 +30,9 @@ std::vector<float> RandomFloats(size_t n, uint64_t seed, float scale = 1.0f);
 
 // The tiny preset, written to `dir` (random weights, seed 3).
 ModelConfig WriteTinyModel(const std::string& dir, DType dtype = DType::kF32);
+
+// One routed expert (any MLP) on one token, straight from the definition
+// down(silu(gate x) ⊙ up x), in double precision.
+std::vector<double> NaiveExpert(const MlpWeights& m, const float* x);
 
 }  // namespace dsmoe::testing

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${1:-/work/build-cuda}
 cmake -S . -B "$BUILD" -G Ninja -DDSMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
-BINARIES=(dsmoe_cuda_tests dsmoe_cuda_serving_tests dsmoe_bench_gpu)
+BINARIES=(dsmoe_cuda_tests dsmoe_cuda_serving_tests dsmoe_expert_service_tests dsmoe_bench_gpu)
 ninja -C "$BUILD" -j2 "${BINARIES[@]}"
 grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >> .git/info/exclude
 rm -rf .gpu-carry && mkdir -p .gpu-carry/bin .gpu-carry/lib .gpu-carry/libstd

@@ -23,4 +23,11 @@ absl::StatusOr<Device> ParseDevice(std::string_view text) {
       absl::StrCat("device \"", std::string(text), "\" is not one of cpu, cuda, cuda:N"));
 }
 
+absl::Status NoCudaBackendError(const Device& device) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("--device ", device.ToString(),
+                   ": this build of dsmoe has no CUDA backend (build with -DDSMOE_CUDA=ON, "
+                   "e.g. scripts/build-cuda.sh)"));
+}
+
 }  // namespace dsmoe

@@ -20,4 +20,7 @@ struct Device {
 // "cpu", "cuda", "cuda:N" → Device; anything else INVALID_ARGUMENT naming the text.
 absl::StatusOr<Device> ParseDevice(std::string_view text);
 
+// What a server says when asked for a GPU in a build without the CUDA backend.
+absl::Status NoCudaBackendError(const Device& device);
+
 }  // namespace dsmoe

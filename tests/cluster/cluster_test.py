@@ -111,19 +111,21 @@ class ClusterBehaviour(unittest.TestCase):
         self.assertEqual(list(resp.token_ids), full[:full.index(full[3]) + 1])
         self.assertEqual(resp.finish_reason, cu.pb.FINISH_REASON_STOP)
 
-    def test_attention_server_device_flag(self):
-        """--device: a name that is not a device is refused; cuda:N where dsmoe was built without
-        CUDA, or where there is no GPU, stops the server at start-up with the reason."""
-        server = os.path.join(os.path.dirname(cu.DSMOE), "dsmoe-attention-server")
+    def test_device_flag(self):
+        """--device on both servers that compute: a name that is not a device is refused; cuda:N
+        where dsmoe was built without CUDA, or where there is no GPU, stops the server at start-up
+        with the reason."""
         model = cu.make_model(cu.TMP, "device-flag", "tiny")
-        for device, why in (("gpu0", 'device "gpu0" is not one of cpu, cuda, cuda:N'),
-                            ("cuda:0", ("no CUDA backend", "no CUDA device"))):
-            r = subprocess.run([server, "--model", model, "--device", device, "--insecure",
-                                "--listen", "127.0.0.1:0", "--metrics-listen", ""],
-                               capture_output=True, text=True, timeout=120)
-            self.assertEqual(r.returncode, 1, r.stderr)
-            reasons = (why,) if isinstance(why, str) else why
-            self.assertTrue(any(w in r.stderr for w in reasons), r.stderr)
+        for name in ("dsmoe-attention-server", "dsmoe-expert-server"):
+            server = os.path.join(os.path.dirname(cu.DSMOE), name)
+            for device, why in (("gpu0", 'device "gpu0" is not one of cpu, cuda, cuda:N'),
+                                ("cuda:0", ("no CUDA backend", "no CUDA device"))):
+                r = subprocess.run([server, "--model", model, "--device", device, "--insecure",
+                                    "--listen", "127.0.0.1:0", "--metrics-listen", ""],
+                                   capture_output=True, text=True, timeout=120)
+                self.assertEqual(r.returncode, 1, (name, r.stderr))
+                reasons = (why,) if isinstance(why, str) else why
+                self.assertTrue(any(w in r.stderr for w in reasons), (name, r.stderr))
 
     def test_bad_input_gets_the_right_code_and_the_servers_keep_serving(self):
         pb, g = cu.pb, self.cluster.gateway

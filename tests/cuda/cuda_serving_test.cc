@@ -1,7 +1,8 @@
 // The attention server's scheduler on a GPU (CreateBatchRunner with cuda:0): its logits against
 // the CPU scheduler's, continuous batching with more sequences than slots (every finished
 // sequence's KV pages are freed for the next), and the CPU attention side with routed experts
-// on the GPU. Skipped without a GPU.
+// on the GPU: in process, and through an expert server on the GPU over real gRPC (its placement
+// changes: tests/expert_service_test.cc). Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <condition_variable>
@@ -11,6 +12,11 @@
 #include "core/model/cuda/cuda_expert_executor.h"
 #include "core/model/cuda/cuda_model_runner.h"
 #include "core/model/make_model.h"
+#include "core/rpc/server.h"
+#include "expert-server/expert_service.h"
+#include "expert-server/expert_store.h"
+#include "expert-server/grpc_expert_executor.h"
+#include "router/placement.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 
@@ -135,6 +141,55 @@ TEST(GpuServing, CpuAttentionWithGpuExpertsMatchesCpu) {
   std::vector<int32_t> ids(90);
   for (int i = 0; i < 90; ++i) ids[i] = static_cast<int32_t>((i * 104729 + 11) % V);
   ExpectSameLogits(**with_gpu_experts, **cpu, ids, V, "cpu-attention+gpu-experts vs cpu");
+}
+
+// An expert server as dsmoe-expert-server --device cuda:0 runs it: its experts opened on the GPU.
+std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir, const ModelConfig& c,
+                                                const WeightSelection& selection,
+                                                int64_t max_tokens) {
+  ExpertStoreOptions so;
+  so.device = Device{Device::Kind::kCuda, 0};
+  so.model_dir = dir;
+  so.max_tokens = max_tokens;
+  so.max_assignments = max_tokens * c.num_experts_per_tok;
+  auto store = OpenExpertStore(so, selection);
+  EXPECT_TRUE(store.ok()) << store.status();
+  if (!store.ok()) return nullptr;
+  ExpertServiceOptions o;
+  o.max_tokens = so.max_tokens;
+  o.max_assignments = so.max_assignments;
+  return std::make_unique<ExpertService>(std::move(*store), o);
+}
+
+TEST(GpuServing, ExpertServerOnGpuServesCpuAttentionOverGrpc) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  testing::TempDir dir;
+  auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 6);
+  const ModelConfig& c = w->config();
+  const int64_t V = c.vocab_size;
+  auto placement = router::Placement::Compute(c, 1, 1, router::Placement::Strategy::kRoundRobin);
+  ASSERT_TRUE(placement.ok());
+  auto service = GpuExpertService(dir.path(), c, placement->SelectionFor(0), 64);
+  ASSERT_NE(service, nullptr);
+  rpc::ServerOptions so;
+  so.security = rpc::TransportSecurity::Insecure();
+  auto server = rpc::StartServer(so, {static_cast<grpc::Service*>(service.get())});
+  ASSERT_TRUE(server.ok()) << server.status();
+  GrpcExpertExecutorOptions eo;
+  eo.security = rpc::TransportSecurity::Insecure();
+  GrpcExpertExecutor remote(c, *placement, {server->address()}, eo);
+  ThreadPool pool(4);
+  SchedulerOptions o;
+  o.num_slots = 2;
+  o.max_batch_tokens = 64;
+  o.max_context = 128;
+  auto with_gpu_server = Scheduler::Create(*w, pool, o, &remote);
+  auto cpu = Scheduler::Create(*w, pool, o);
+  ASSERT_TRUE(with_gpu_server.ok() && cpu.ok());
+  std::vector<int32_t> ids(90);
+  for (int i = 0; i < 90; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 3) % V);
+  ExpectSameLogits(**with_gpu_server, **cpu, ids, V, "cpu-attention+gpu-expert-server vs cpu");
+  server->server->Shutdown();
 }
 
 }  // namespace

@@ -141,6 +141,7 @@ class LintAndTemplate(unittest.TestCase):
             self.assertEqual(c["startupProbe"]["grpc"]["service"], own, kind)
             self.assertIn({"name": "metrics", "containerPort": 9400}, c["ports"], kind)
             self.assertTrue(any(a == "--metrics-listen=0.0.0.0:9400" for a in c["args"]), kind)
+            self.assertFalse(any(a.startswith("--device") for a in c["args"]), kind)  # CPU: the default
             vol = objs[kind]["spec"]["template"]["spec"]["volumes"][0]
             self.assertEqual(vol["persistentVolumeClaim"]["claimName"], "deepseek-moe-16b", kind)
 
@@ -149,6 +150,7 @@ class LintAndTemplate(unittest.TestCase):
         for kind in ("StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
             spec = objs[kind]["spec"]["template"]["spec"]
             self.assertEqual(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], 1, kind)
+            self.assertIn("--device=cuda", spec["containers"][0]["args"], kind)
             self.assertEqual(spec["initContainers"][0]["name"], "download-model", kind)
             self.assertIn("emptyDir", spec["volumes"][0])
             self.assertEqual(spec["tolerations"][0]["key"], "nvidia.com/gpu")
@@ -263,7 +265,7 @@ class Security(unittest.TestCase):
 
     def test_the_binaries_take_every_rendered_flag(self):
         """Each flag the chart renders exists in the real server's --help (chart and binaries agree)."""
-        for values in (None, VALUES["certmanager"], VALUES["insecure"]):
+        for values in (None, VALUES["certmanager"], VALUES["insecure"], VALUES["gpu"]):
             objs = self.rendered(values)
             for kind, binary in COMPONENTS.items():
                 with self.subTest(values=values, kind=kind):

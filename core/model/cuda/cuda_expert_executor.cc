@@ -21,7 +21,7 @@ absl::StatusOr<std::unique_ptr<CudaExpertExecutor>> CudaExpertExecutor::Create(
     return absl::InvalidArgumentError("max_tokens must be in (0, 65536 / top-k]");
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device), "cudaSetDevice");
-  auto ex = std::unique_ptr<CudaExpertExecutor>(new CudaExpertExecutor(weights));
+  auto ex = std::unique_ptr<CudaExpertExecutor>(new CudaExpertExecutor(c));
   ex->device_ = device;
   ex->max_tokens_ = max_tokens;
   ex->max_k_ = c.num_experts_per_tok;
@@ -80,7 +80,7 @@ CudaExpertExecutor::~CudaExpertExecutor() {
 absl::Status CudaExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
                                      const int32_t* experts, const float* weights, int64_t k,
                                      float* out) {
-  const ModelConfig& c = weights_.config();
+  const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, E = c.n_routed_experts;
   if (T <= 0) return absl::OkStatus();
   if (T > max_tokens_ || k > max_k_ || k < 1) {
@@ -117,7 +117,7 @@ absl::Status CudaExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
 
 absl::Status CudaExpertExecutor::CheckExperts(int64_t layer, const int32_t* experts,
                                               int64_t n) const {
-  const ModelConfig& c = weights_.config();
+  const ModelConfig& c = config_;
   const int64_t E = c.n_routed_experts;
   if (layer < 0 || layer >= c.num_hidden_layers || !dw_->layers[layer].is_moe) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
@@ -138,7 +138,7 @@ absl::Status CudaExpertExecutor::CheckExperts(int64_t layer, const int32_t* expe
 
 absl::Status CudaExpertExecutor::RunAssignments(int64_t layer, const float* x, int64_t T,
                                                 const ExpertAssignments& a, float* out) {
-  const ModelConfig& c = weights_.config();
+  const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, E = c.n_routed_experts, A = a.size;
   if (T <= 0) return absl::OkStatus();
   if (T > max_tokens_ || A > max_tokens_ * max_k_) {

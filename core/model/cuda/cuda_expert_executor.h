@@ -20,7 +20,8 @@ namespace dsmoe::cuda {
 class CudaExpertExecutor final : public RoutedExpertExecutor {
  public:
   // Uploads every routed expert `weights` holds (any WeightSelection) to `device` as bf16.
-  // REQUIRES: `weights` outlives this. `max_tokens` bounds T per call.
+  // Nothing of `weights` is used afterwards: the host copy may be dropped (an expert server on
+  // a GPU keeps only the device copy). `max_tokens` bounds T per call.
   static absl::StatusOr<std::unique_ptr<CudaExpertExecutor>> Create(const ModelWeights& weights,
                                                                     int device, int64_t max_tokens);
   ~CudaExpertExecutor() override;
@@ -39,9 +40,9 @@ class CudaExpertExecutor final : public RoutedExpertExecutor {
   // all held here.
   absl::Status CheckExperts(int64_t layer, const int32_t* experts, int64_t n) const;
 
-  explicit CudaExpertExecutor(const ModelWeights& weights) : weights_(weights) {}
+  explicit CudaExpertExecutor(const ModelConfig& config) : config_(config) {}
 
-  const ModelWeights& weights_;
+  const ModelConfig config_;
   int device_ = 0;
   int64_t max_tokens_ = 0, max_k_ = 0;
   cudaStream_t stream_ = nullptr;

@@ -1,0 +1,74 @@
+// Where an expert server keeps its routed experts and computes them: host memory and the CPU
+// kernels, or one GPU (`--device cuda:N`). The service above it owns the placement state
+// machine; a store only knows how to compute the experts it holds and how to change that set.
+//
+// A placement change is prepared first (loading from the checkpoint, uploading to the GPU),
+// while the current set keeps serving, and then committed between two computations.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "core/model/routed_experts.h"
+#include "core/model/weights.h"
+#include "core/util/device.h"
+#include "core/util/status.h"
+
+namespace dsmoe {
+
+using ExpertSet = std::set<std::pair<int64_t, int64_t>>;  // (layer, expert)
+
+// A change of the held set: `target` is the set afterwards, `to_load` what it adds and
+// `to_drop` what it removes.
+struct PlacementChange {
+  ExpertSet target, to_load, to_drop;
+};
+
+struct ExpertStoreOptions {
+  Device device;                    // cpu, or cuda:N
+  std::string model_dir;            // the checkpoint every load reads
+  int threads = 0;                  // CPU compute threads; 0: all cores
+  int64_t max_tokens = 4096;        // tokens per computation
+  int64_t max_assignments = 32768;  // (token, expert) pairs per computation
+};
+
+class ExpertStore {
+ public:
+  virtual ~ExpertStore() = default;
+
+  virtual const ModelConfig& config() const = 0;
+  // The (layer, expert) pairs held when the store was opened.
+  virtual ExpertSet InitiallyHeld() const = 0;
+
+  // out[t] = Σ over the assignments of token t of weight · expert(x[t]); zeros for tokens with
+  // none. FAILED_PRECONDITION if an expert is not held. Not concurrently with itself or with a
+  // commit (the service serialises them).
+  virtual absl::Status RunAssignments(int64_t layer, const float* x, int64_t T,
+                                      const ExpertAssignments& assignments, float* out) = 0;
+
+  // Whether preparing `change` does real work (loads or uploads weights), so that it belongs
+  // on a background thread.
+  virtual bool PrepareIsSlow(const PlacementChange& change) const = 0;
+
+  // What puts a prepared change in use: quick, run between two computations.
+  using Commit = std::function<void()>;
+  // Loads what `change` needs while the current set keeps serving. At most one change is
+  // prepared at a time; the returned commit must run before the next Prepare.
+  virtual absl::StatusOr<Commit> Prepare(const PlacementChange& change) = 0;
+};
+
+// Loads the experts `selection` names onto `options.device`. FAILED_PRECONDITION with the reason
+// when the device cannot be used (a build without CUDA, no GPU).
+absl::StatusOr<std::unique_ptr<ExpertStore>> OpenExpertStore(const ExpertStoreOptions& options,
+                                                             const WeightSelection& selection);
+
+// The routed-experts-only selection of `experts`.
+WeightSelection ExpertsOnly(const ExpertSet& experts);
+// The routed experts `weights` has loaded.
+ExpertSet LoadedExperts(const ModelWeights& weights);
+
+}  // namespace dsmoe
