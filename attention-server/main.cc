@@ -16,6 +16,7 @@
 #include "core/rpc/server.h"
 #include "core/rpc/serving_flags.h"
 #include "expert-server/grpc_expert_executor.h"
+#include "expert-server/nccl_transport.h"
 #include "router/placement.h"
 
 namespace {
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
       "dsmoe-attention-server: the attention side of a DeepSeekMoE model, with continuous "
       "batching"};
   std::string model, expert_servers, placement_file;
-  std::string device_name = "cpu";
+  std::string device_name = "cpu", expert_transport = "grpc";
   int threads = 0, replicas = 1, deadline_ms = 10000;
   dsmoe::SchedulerOptions sched;
   dsmoe::rpc::ServingFlags serving;
@@ -81,6 +82,11 @@ int main(int argc, char** argv) {
   app.add_option("--dispatch-deadline-ms", deadline_ms,
                  "Deadline of each expert-server call (a slower server is taken out)")
       ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  app.add_option("--expert-transport", expert_transport,
+                 "How hidden states reach the expert servers: grpc, or nccl (GPU to GPU, with "
+                 "--device cuda and expert servers on GPUs; gRPC where a channel cannot open)")
+      ->check(CLI::IsMember({"grpc", "nccl"}))
       ->capture_default_str();
   dsmoe::rpc::HealthCheckFlags health_flags(app, "expert servers");
   app.add_option("--num-slots", sched.num_slots, "Sequences running at once")
@@ -141,6 +147,7 @@ int main(int argc, char** argv) {
 
   std::optional<dsmoe::router::Placement> placement;
   std::unique_ptr<dsmoe::rpc::HealthChecker> expert_health;
+  std::unique_ptr<dsmoe::DispatchSideChannel> nccl_links;  // outlives remote (declared first)
   std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
   if (!addresses.empty()) {
     absl::StatusOr<dsmoe::router::Placement> p = dsmoe::router::Placement::LoadOrCompute(
@@ -162,6 +169,17 @@ int main(int argc, char** argv) {
     executor_options.metrics = &metrics;
     executor_options.security = *security;
     executor_options.health = expert_health.get();
+    if (expert_transport == "nccl") {
+      absl::StatusOr<std::unique_ptr<dsmoe::DispatchSideChannel>> links = dsmoe::OpenNcclTransport(
+          *device, addresses, *security, config.hidden_size, sched.max_batch_tokens);
+      if (links.ok()) {
+        nccl_links = std::move(*links);
+        executor_options.side_channel = nccl_links.get();
+      } else {
+        std::fprintf(stderr, "dsmoe-attention-server: --expert-transport nccl: %s; using gRPC\n",
+                     std::string(links.status().message()).c_str());
+      }
+    }
     remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
                                                          executor_options);
   }

@@ -48,7 +48,7 @@ bench_rc=${PIPESTATUS[0]}
 
 echo
 echo "== summary =="
-grep -E '^\[(gpu|kv|cpu|expert-service)' "$LOG_DIR/gpu-tests.log"
+grep -E '^\[(gpu|kv|cpu|nccl|expert-service)' "$LOG_DIR/gpu-tests.log"
 grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$LOG_DIR/gpu-tests.log" | grep -v '^\[  SKIPPED \] [A-Z]' | head -40
 echo "tests exit code $tests_rc, benchmark exit code $bench_rc"
 echo

@@ -186,7 +186,7 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     if (auto s = start("expert-server", i,
                        {(bin / "dsmoe-expert-server").string(), "--model", model, "--placement",
                         placement_path, "--server-index", std::to_string(i), "--threads",
-                        std::to_string(threads)});
+                        std::to_string(threads), "--device", o.device});
         !s.ok())
       return fail(s);
   }
@@ -211,7 +211,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
                        {(bin / "dsmoe-attention-server").string(), "--model", model,
                         "--expert-servers", experts, "--placement", placement_path, "--threads",
                         std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
-                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms)},
+                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms),
+                        "--device", o.device, "--expert-transport", o.expert_transport},
                        attention_flags);
         !s.ok())
       return fail(s);

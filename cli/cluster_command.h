@@ -14,11 +14,13 @@ struct ClusterUpOptions {
   int gateway_port = 0;  // 0: any free port
   int threads = 0;       // compute threads per server; 0: all cores (servers take turns)
   int num_slots = 32;    // per attention server
-  int dispatch_deadline_ms = 10000;    // attention → expert server call deadline
-  int health_check_period_ms = 1000;   // attention → expert and gateway → attention checks
-  int health_check_timeout_ms = 2000;  // deadline of one check
-  std::string state_dir;               // pids, ports, logs, placement; default .dsmoe-cluster
-  std::string placement;               // placement JSON; default: computed round-robin
+  int dispatch_deadline_ms = 10000;       // attention → expert server call deadline
+  int health_check_period_ms = 1000;      // attention → expert and gateway → attention checks
+  int health_check_timeout_ms = 2000;     // deadline of one check
+  std::string device = "cpu";             // every attention and expert server's --device
+  std::string expert_transport = "grpc";  // the attention servers' --expert-transport
+  std::string state_dir;                  // pids, ports, logs, placement; default .dsmoe-cluster
+  std::string placement;                  // placement JSON; default: computed round-robin
   // Security (docs/security.md). By default every endpoint speaks TLS with certificates made
   // for this cluster, the servers require each other's client certificates, and the gateway
   // requires the API key written to <state dir>/tls/api-key.

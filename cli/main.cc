@@ -248,6 +248,16 @@ int main(int argc, char** argv) {
                    "Deadline of one health check")
       ->check(CLI::Range(10, 3600000))
       ->capture_default_str();
+  cluster_up
+      ->add_option("--device", up.device,
+                   "Where every attention and expert server computes: cpu, cuda or cuda:N")
+      ->capture_default_str();
+  cluster_up
+      ->add_option("--expert-transport", up.expert_transport,
+                   "Attention → expert server tensors: grpc, or nccl (GPU to GPU; gRPC where a "
+                   "channel cannot open)")
+      ->check(CLI::IsMember({"grpc", "nccl"}))
+      ->capture_default_str();
   cluster_up->add_option("--state-dir", up.state_dir,
                          "Where pids, ports and logs go (default: .dsmoe-cluster)");
   cluster_up->add_flag("--insecure", up.insecure,

@@ -1,6 +1,11 @@
 #include "expert-server/cuda_expert_store.h"
 
+#include <map>
+#include <mutex>
+
 #include "core/model/cuda/cuda_expert_executor.h"
+#include "core/ops/cuda/cuda_status.h"
+#include "expert-server/nccl_channel.h"
 
 namespace dsmoe::cuda {
 namespace {
@@ -26,6 +31,10 @@ absl::StatusOr<std::unique_ptr<CudaExpertExecutor>> Upload(const ExpertStoreOpti
 // change that fails to upload leaves the serving set untouched.
 class CudaExpertStore final : public ExpertStore {
  public:
+  // Channels kept open at most. An attention server that closed its side after a failure, or
+  // went away, leaves ours behind: past this, the least recently used one is dropped.
+  static constexpr size_t kMaxChannels = 64;
+
   static absl::StatusOr<std::unique_ptr<ExpertStore>> Open(const ExpertStoreOptions& options,
                                                            const WeightSelection& selection) {
     auto store = std::unique_ptr<CudaExpertStore>(new CudaExpertStore(options));
@@ -44,6 +53,59 @@ class CudaExpertStore final : public ExpertStore {
 
   bool PrepareIsSlow(const PlacementChange&) const override { return true; }
 
+  absl::StatusOr<uint64_t> OpenChannel(const std::string& unique_id, Deadline deadline) override {
+    DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<nccl::Channel> channel,
+                           nccl::Channel::Join(unique_id, 1, options_.device.index, deadline));
+    std::lock_guard<std::mutex> lock(channels_mu_);
+    if (channels_.size() >= kMaxChannels) {
+      auto oldest = channels_.begin();
+      for (auto it = channels_.begin(); it != channels_.end(); ++it) {
+        if (it->second.last_used < oldest->second.last_used) oldest = it;
+      }
+      channels_.erase(oldest);  // a computation using it keeps its reference until done
+    }
+    const uint64_t id = ++last_channel_;
+    channels_[id] = {std::shared_ptr<nccl::Channel>(std::move(channel)),
+                     std::chrono::steady_clock::now()};
+    return id;
+  }
+
+  absl::Status RunAssignmentsOverChannel(uint64_t id, int64_t layer, int64_t T,
+                                         const ExpertAssignments& assignments,
+                                         Deadline deadline) override {
+    std::shared_ptr<nccl::Channel> channel;
+    {
+      std::lock_guard<std::mutex> lock(channels_mu_);
+      auto it = channels_.find(id);
+      if (it == channels_.end()) {
+        return absl::NotFoundError(absl::StrCat("no NCCL channel ", id, " is open here"));
+      }
+      channel = it->second.channel;
+      it->second.last_used = std::chrono::steady_clock::now();
+    }
+    const size_t n = static_cast<size_t>(T * config_->hidden_size);
+    CudaExpertExecutor::DeviceIo io;
+    // The channel has its own stream: each transfer is waited for on the host, which orders it
+    // against the executor's stream.
+    io.receive = [&](float* x, cudaStream_t) {
+      DSMOE_RETURN_IF_ERROR(channel->Exchange(nullptr, 0, x, n));
+      return channel->Wait(deadline);
+    };
+    io.send = [&](const float* out, cudaStream_t s) {
+      DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s), "routed experts");
+      DSMOE_RETURN_IF_ERROR(channel->Exchange(out, n, nullptr, 0));
+      return channel->Wait(deadline);
+    };
+    absl::Status status = executor_->RunAssignments(layer, T, assignments, io);
+    if (!status.ok()) CloseChannel(id);  // the sides are out of step: the caller closes its too
+    return status;
+  }
+
+  void CloseChannel(uint64_t id) override {
+    std::lock_guard<std::mutex> lock(channels_mu_);
+    channels_.erase(id);
+  }
+
   absl::StatusOr<Commit> Prepare(const PlacementChange& change) override {
     DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<CudaExpertExecutor> next,
                            Upload(options_, ExpertsOnly(change.target), nullptr, nullptr));
@@ -59,6 +121,13 @@ class CudaExpertStore final : public ExpertStore {
   std::unique_ptr<ModelConfig> config_;
   ExpertSet initially_held_;
   std::unique_ptr<CudaExpertExecutor> executor_;
+  struct ChannelEntry {
+    std::shared_ptr<nccl::Channel> channel;  // used only under the service's compute lock
+    std::chrono::steady_clock::time_point last_used;
+  };
+  std::mutex channels_mu_;  // guards the map
+  std::map<uint64_t, ChannelEntry> channels_;
+  uint64_t last_channel_ = 0;
 };
 
 }  // namespace

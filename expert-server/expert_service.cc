@@ -167,11 +167,30 @@ void ExpertService::ServeTargetLocked(ExpertStore::Commit commit, const ExpertSe
   }
 }
 
-grpc::Status ExpertService::ComputeExperts(grpc::ServerContext*,
+namespace {
+
+// The call's deadline on the steady clock, at most `cap` away (a call without one gets `cap`).
+ExpertStore::Deadline SteadyDeadline(const grpc::ServerContext* context,
+                                     std::chrono::milliseconds cap) {
+  const auto now = std::chrono::steady_clock::now();
+  const auto capped = now + cap;
+  if (context == nullptr) return capped;
+  const auto left = context->deadline() - std::chrono::system_clock::now();
+  return left < cap ? now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(left)
+                    : capped;
+}
+
+}  // namespace
+
+grpc::Status ExpertService::ComputeExperts(grpc::ServerContext* context,
                                            const internal::v1::ComputeExpertsRequest* request,
                                            internal::v1::ComputeExpertsResponse* response) {
   double seconds = 0;
-  const absl::Status status = Compute(*request, response->mutable_output(), &seconds);
+  const absl::Status status = Compute(*request, response->mutable_output(), &seconds,
+                                      SteadyDeadline(context, std::chrono::seconds(30)));
+  if (!status.ok() && request->nccl_channel() != 0) {
+    store_->CloseChannel(request->nccl_channel());  // the caller closes its side on any error
+  }
   response->set_compute_seconds(seconds);
   if (tokens_ != nullptr) rpc::CountCode(requests_, static_cast<int>(status.code()));
   return rpc::ToGrpc(status);
@@ -183,8 +202,32 @@ grpc::Status ExpertService::Echo(grpc::ServerContext*, const internal::v1::EchoM
   return grpc::Status::OK;
 }
 
+grpc::Status ExpertService::OpenNcclChannel(grpc::ServerContext* context,
+                                            const internal::v1::OpenNcclChannelRequest* request,
+                                            internal::v1::OpenNcclChannelResponse* response) {
+  constexpr uint32_t kDefaultMs = 30000, kMaxMs = 120000;
+  constexpr size_t kUniqueIdBytes = 128;  // NCCL_UNIQUE_ID_BYTES (nccl.h: not in CPU builds)
+  if (request->nccl_unique_id().size() != kUniqueIdBytes) {
+    return rpc::ToGrpc(absl::InvalidArgumentError(absl::StrCat(
+        "nccl_unique_id has ", request->nccl_unique_id().size(), " bytes, not ", kUniqueIdBytes)));
+  }
+  const uint32_t ms = request->timeout_ms() == 0 ? kDefaultMs : request->timeout_ms();
+  if (ms > kMaxMs) {
+    return rpc::ToGrpc(absl::InvalidArgumentError(
+        absl::StrCat("timeout_ms ", ms, " is above this server's limit of ", kMaxMs)));
+  }
+  absl::StatusOr<uint64_t> channel = store_->OpenChannel(
+      request->nccl_unique_id(), SteadyDeadline(context, std::chrono::milliseconds(ms)));
+  if (!channel.ok()) return rpc::ToGrpc(channel.status());
+  response->set_channel(*channel);
+  std::printf("expert server: NCCL channel %llu open\n", static_cast<unsigned long long>(*channel));
+  std::fflush(stdout);
+  return grpc::Status::OK;
+}
+
 absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r,
-                                    std::string* output, double* compute_seconds) {
+                                    std::string* output, double* compute_seconds,
+                                    ExpertStore::Deadline deadline) {
   const ModelConfig& c = store_->config();
   const int64_t H = c.hidden_size, T = r.num_tokens();
   if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
@@ -195,7 +238,11 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   if (r.layer() >= c.num_hidden_layers || !c.IsMoeLayer(r.layer())) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " is not a MoE layer"));
   }
-  if (r.hidden().size() != static_cast<size_t>(T * H) * sizeof(float)) {
+  const bool over_channel = r.nccl_channel() != 0;
+  if (over_channel && !r.hidden().empty()) {
+    return absl::InvalidArgumentError("hidden must be empty when nccl_channel carries it");
+  }
+  if (!over_channel && r.hidden().size() != static_cast<size_t>(T * H) * sizeof(float)) {
     return absl::InvalidArgumentError(absl::StrCat("hidden holds ", r.hidden().size(), " bytes; ",
                                                    T, " tokens of hidden size ", H, " need ",
                                                    T * H * 4));
@@ -216,7 +263,7 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
           absl::StrCat("assignment ", i, " names token ", r.token(i), " of ", T));
     }
   }
-  output->resize(static_cast<size_t>(T * H) * sizeof(float));
+  if (!over_channel) output->resize(static_cast<size_t>(T * H) * sizeof(float));
   std::lock_guard<std::mutex> lock(mu_);
   token_.assign(r.token().begin(), r.token().end());
   expert_.assign(r.expert().begin(), r.expert().end());
@@ -224,8 +271,10 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   const ExpertAssignments a{token_.data(), expert_.data(), r.weight().data(), n};
   const auto start = std::chrono::steady_clock::now();
   const absl::Status status =
-      store_->RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T, a,
-                             reinterpret_cast<float*>(output->data()));
+      over_channel
+          ? store_->RunAssignmentsOverChannel(r.nccl_channel(), r.layer(), T, a, deadline)
+          : store_->RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T,
+                                   a, reinterpret_cast<float*>(output->data()));
   *compute_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (status.ok() && tokens_ != nullptr) {

@@ -43,12 +43,15 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   grpc::Status SetPlacement(grpc::ServerContext* context,
                             const internal::v1::SetPlacementRequest* request,
                             internal::v1::SetPlacementResponse* response) override;
+  grpc::Status OpenNcclChannel(grpc::ServerContext* context,
+                               const internal::v1::OpenNcclChannelRequest* request,
+                               internal::v1::OpenNcclChannelResponse* response) override;
 
   int64_t num_experts_held() const;
 
  private:
   absl::Status Compute(const internal::v1::ComputeExpertsRequest& request, std::string* output,
-                       double* compute_seconds);
+                       double* compute_seconds, ExpertStore::Deadline deadline);
 
   absl::Status CheckExperts(const ExpertSet& experts) const;
   // Prepares `change` (background thread), then serves it. Runs on loader_.

@@ -8,6 +8,22 @@
 #endif
 
 namespace dsmoe {
+
+absl::StatusOr<uint64_t> ExpertStore::OpenChannel(const std::string&, Deadline) {
+#ifdef DSMOE_WITH_CUDA
+  return absl::FailedPreconditionError(
+      "this expert server holds its experts on the CPU: the NCCL transport needs --device cuda");
+#else
+  return absl::FailedPreconditionError(
+      "this build of dsmoe has no CUDA backend, hence no NCCL transport");
+#endif
+}
+
+absl::Status ExpertStore::RunAssignmentsOverChannel(uint64_t channel, int64_t, int64_t,
+                                                    const ExpertAssignments&, Deadline) {
+  return absl::NotFoundError(absl::StrCat("no NCCL channel ", channel, " is open here"));
+}
+
 namespace {
 
 // Experts in host memory, computed by the CPU kernels. The executor reads a composite of views:

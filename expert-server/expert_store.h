@@ -6,6 +6,7 @@
 // while the current set keeps serving, and then committed between two computations.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -59,6 +60,21 @@ class ExpertStore {
   // Loads what `change` needs while the current set keeps serving. At most one change is
   // prepared at a time; the returned commit must run before the next Prepare.
   virtual absl::StatusOr<Commit> Prepare(const PlacementChange& change) = 0;
+
+  // The NCCL transport (OpenNcclChannel): stores on a GPU in builds with CUDA; the others say
+  // why not (FAILED_PRECONDITION), and the attention server keeps to gRPC.
+  using Deadline = std::chrono::steady_clock::time_point;
+  // Joins the two-rank communicator `unique_id` as the expert side (rank 1), waiting for the
+  // caller until `deadline`; returns the channel's id. Any thread.
+  virtual absl::StatusOr<uint64_t> OpenChannel(const std::string& unique_id, Deadline deadline);
+  // RunAssignments with the hidden states received through channel `channel` and the output
+  // sent back through it. Any error closes the channel (the caller closes its side too).
+  // Serialised like RunAssignments.
+  virtual absl::Status RunAssignmentsOverChannel(uint64_t channel, int64_t layer, int64_t T,
+                                                 const ExpertAssignments& assignments,
+                                                 Deadline deadline);
+  // Closes channel `channel` if open (a call on it failed before reaching the store).
+  virtual void CloseChannel(uint64_t /*channel*/) {}
 };
 
 // Loads the experts `selection` names onto `options.device`. FAILED_PRECONDITION with the reason

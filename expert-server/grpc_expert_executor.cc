@@ -82,7 +82,6 @@ absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
 }
 
 absl::Status GrpcExpertExecutor::Send() {
-  const int64_t H = config_.hidden_size;
   // Planned aside first: if no server is left for some expert, the previous attempt's work
   // stays in place to explain which calls failed.
   DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &planned_));
@@ -99,11 +98,7 @@ absl::Status GrpcExpertExecutor::Send() {
     auto& req = call.request;
     req.set_layer(static_cast<uint32_t>(layer_));
     req.set_num_tokens(static_cast<uint32_t>(w.rows.size()));
-    std::string* hidden = req.mutable_hidden();
-    hidden->resize(w.rows.size() * H * sizeof(float));
-    for (size_t i = 0; i < w.rows.size(); ++i) {
-      std::memcpy(hidden->data() + i * H * sizeof(float), x_ + w.rows[i] * H, H * sizeof(float));
-    }
+    StageHidden(static_cast<int>(s), call, w);
     req.mutable_token()->Assign(w.token.begin(), w.token.end());
     req.mutable_expert()->Assign(w.expert.begin(), w.expert.end());
     req.mutable_weight()->Assign(w.weight.begin(), w.weight.end());
@@ -131,6 +126,55 @@ absl::Status GrpcExpertExecutor::Send() {
   return absl::OkStatus();
 }
 
+void GrpcExpertExecutor::StageHidden(int server, Call& call, const router::ServerWork& w) {
+  const int64_t H = config_.hidden_size;
+  auto& req = call.request;
+  call.side_output = nullptr;
+  call.over_side_channel = false;
+  DispatchSideChannel* side = options_.side_channel;
+  if (side != nullptr && side->ChannelTo(server) != 0) {
+    const uint64_t channel = side->ChannelTo(server);
+    const absl::Status posted = side->Post(server, x_, w.rows);
+    if (posted.ok()) {
+      call.over_side_channel = true;
+      req.set_nccl_channel(channel);
+      req.clear_hidden();
+      return;
+    }
+    std::fprintf(stderr, "dispatch: expert server %d: this call goes by gRPC: %s\n", server,
+                 std::string(posted.message()).c_str());
+  }
+  req.set_nccl_channel(0);
+  std::string* hidden = req.mutable_hidden();
+  hidden->resize(w.rows.size() * H * sizeof(float));
+  for (size_t i = 0; i < w.rows.size(); ++i) {
+    std::memcpy(hidden->data() + i * H * sizeof(float), x_ + w.rows[i] * H, H * sizeof(float));
+  }
+}
+
+bool GrpcExpertExecutor::CollectSideChannel() {
+  bool resend = false;
+  for (size_t s = 0; s < calls_.size(); ++s) {
+    Call& call = calls_[s];
+    if (!call.active || !call.over_side_channel || call.side_output != nullptr) continue;
+    absl::StatusOr<const float*> out =
+        options_.side_channel->Collect(static_cast<int>(s), call.status);
+    if (out.ok()) {
+      call.side_output = *out;
+      continue;
+    }
+    call.over_side_channel = false;  // closed: the next send to this server goes by gRPC
+    if (call.status.ok()) {
+      // The server computed, but its outputs did not arrive: the channel failed, not the
+      // server, which stays available for the resend by gRPC.
+      std::fprintf(stderr, "dispatch: expert server %zu: sent again by gRPC: %s\n", s,
+                   std::string(out.status().message()).c_str());
+      resend = true;
+    }
+  }
+  return resend;
+}
+
 void GrpcExpertExecutor::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
   // The call is complete: its request and reply are not touched by anyone else until the next
   // Send, which waits for this callback.
@@ -154,6 +198,7 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
   for (;;) {
     Wait();
     bool transport_failure = false;
+    if (options_.side_channel != nullptr) transport_failure = CollectSideChannel();
     for (size_t s = 0; s < calls_.size(); ++s) {
       const grpc::StatusCode code = calls_[s].status.error_code();
       if (calls_[s].active &&
@@ -193,13 +238,16 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
                                     "]: ", call.status.error_message())));
       continue;
     }
-    if (call.response.output().size() != w.rows.size() * H * sizeof(float)) {
+    if (call.side_output == nullptr &&
+        call.response.output().size() != w.rows.size() * H * sizeof(float)) {
       first_error.Update(absl::InternalError(
           absl::StrCat("expert server ", s, " at ", addresses_[s], " answered ",
                        call.response.output().size(), " bytes for ", w.rows.size(), " tokens")));
       continue;
     }
-    const float* y = reinterpret_cast<const float*>(call.response.output().data());
+    const float* y = call.side_output != nullptr
+                         ? call.side_output
+                         : reinterpret_cast<const float*>(call.response.output().data());
     for (size_t i = 0; i < w.rows.size(); ++i) {
       float* o = out + w.rows[i] * H;
       for (int64_t h = 0; h < H; ++h) o[h] += y[i * H + h];

@@ -26,6 +26,24 @@
 
 namespace dsmoe {
 
+// Carries calls' hidden states and outputs outside the gRPC messages: the NCCL transport
+// (expert-server/nccl_links.h). The gRPC call still carries the routing and the status. Used
+// from the executor's thread only.
+class DispatchSideChannel {
+ public:
+  virtual ~DispatchSideChannel() = default;
+  // The open channel to expert server `server`, as ComputeExpertsRequest.nccl_channel names it;
+  // 0: none (the call carries its tensors itself). May start opening one.
+  virtual uint64_t ChannelTo(int server) = 0;
+  // Starts one call's transfer: rows `rows` of `x` ([*, H], host) go to `server`, and room is
+  // made for as many output rows. An error closes the channel (the call then goes by gRPC).
+  virtual absl::Status Post(int server, const float* x, const std::vector<int32_t>& rows) = 0;
+  // Once that call has finished with `status`: if OK, waits for the outputs and returns them
+  // ([rows, H], host, valid until the next Post to `server`); otherwise closes the channel
+  // (the expert server closes its side too) and returns the reason.
+  virtual absl::StatusOr<const float*> Collect(int server, const grpc::Status& status) = 0;
+};
+
 struct GrpcExpertExecutorOptions {
   std::chrono::milliseconds deadline{10000};  // per dispatch call
   // Without a health checker: a failed server is tried again after this.
@@ -38,6 +56,9 @@ struct GrpcExpertExecutorOptions {
   // it reports serving get work, a failed call marks its server down there, and a server
   // rejoins as soon as its checks pass again. Not owned; must outlive the executor.
   rpc::HealthChecker* health = nullptr;
+  // If set, calls to servers it has a channel to move their tensors through it (NCCL). Not
+  // owned; must outlive the executor.
+  DispatchSideChannel* side_channel = nullptr;
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the
@@ -94,7 +115,15 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
     grpc::Status status;
     bool active = false;
     std::chrono::steady_clock::time_point sent_at;
+    bool over_side_channel = false;      // tensors through options_.side_channel
+    const float* side_output = nullptr;  // its outputs once collected
   };
+  // Fills the call's hidden states: through the side channel when one is open to `server`,
+  // else into the request.
+  void StageHidden(int server, Call& call, const router::ServerWork& work);
+  // Settles the side-channel transfers of the calls that finished (before any resend); true if
+  // a call must be sent again (its server answered but the channel lost the outputs).
+  bool CollectSideChannel();
 
   const ModelConfig& config_;
   mutable std::mutex placement_mu_;  // guards placement_ against readers on other threads

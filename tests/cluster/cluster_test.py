@@ -54,6 +54,24 @@ class GreedyMatchesSingleProcess(unittest.TestCase):
     def test_gshard(self):
         self.check_preset("gshard", "gshard")
 
+    def test_nccl_transport_falls_back_to_grpc_off_gpus(self):
+        """--expert-transport nccl where no channel can open (attention and experts on the CPU):
+        the attention server says why and carries the tensors by gRPC, with the same output."""
+        model = cu.make_model(cu.TMP, "tiny", "tiny")
+        cases = prompts(2, 512, seed=3)
+        want = [cu.single_process_generate(model, p, 8)["ids"] for p in cases]
+        c = cu.Cluster(model, 1, 2, 1, extra=("--expert-transport", "nccl"))
+        try:
+            for p, w in zip(cases, want):
+                got, _, _ = c.generate(p, 8)
+                self.assertEqual(got, w, f"prompt {p}")
+            log = cu.read(c.processes("attention-server")[0]["log"], "r")
+            self.assertIn("--expert-transport nccl: ", log)
+            self.assertIn("using gRPC", log)
+            self.assertTrue("computes on the CPU" in log or "no CUDA backend" in log, log)
+        finally:
+            c.close()
+
 
 class ClusterBehaviour(unittest.TestCase):
     @classmethod
@@ -168,6 +186,39 @@ class ClusterBehaviour(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as ctx:
             self.cluster.expert(0).ComputeExperts(bad, timeout=10)
         self.assertEqual(ctx.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_nccl_channel_requests_on_a_cpu_expert_server(self):
+        """The NCCL transport's set-up and data calls, refused with the reason by an expert server
+        that computes on the CPU; the server keeps serving."""
+        C, expert = grpc.StatusCode, self.cluster.expert(0)
+        placement = json.load(open(self.cluster.state["placement"]))
+        layer = placement["layers"][0]
+        held = next(e for e, servers in enumerate(layer["servers"]) if 0 in servers)
+        cases = [
+            (expert.OpenNcclChannel, cu.epb.OpenNcclChannelRequest(nccl_unique_id=b"\1" * 128),
+             C.FAILED_PRECONDITION, ("on the CPU", "no CUDA backend")),
+            (expert.OpenNcclChannel, cu.epb.OpenNcclChannelRequest(nccl_unique_id=b"\1" * 5),
+             C.INVALID_ARGUMENT, ("5 bytes, not 128",)),
+            (expert.OpenNcclChannel, cu.epb.OpenNcclChannelRequest(nccl_unique_id=b"\1" * 128, timeout_ms=10**9),
+             C.INVALID_ARGUMENT, ("timeout_ms",)),
+            (expert.ComputeExperts, cu.epb.ComputeExpertsRequest(
+                layer=layer["layer"], num_tokens=1, token=[0], expert=[held], weight=[1.0], nccl_channel=7),
+             C.NOT_FOUND, ("no NCCL channel 7",)),
+            (expert.ComputeExperts, cu.epb.ComputeExpertsRequest(
+                layer=layer["layer"], num_tokens=1, hidden=b"\0" * 4 * 64, token=[0], expert=[held], weight=[1.0],
+                nccl_channel=7),
+             C.INVALID_ARGUMENT, ("hidden must be empty",)),
+        ]
+        for method, req, code, fragments in cases:
+            with self.subTest(code=code, fragments=fragments):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    method(req, timeout=10)
+                self.assertEqual(ctx.exception.code(), code, ctx.exception.details())
+                self.assertTrue(any(f in ctx.exception.details() for f in fragments), ctx.exception.details())
+        ok = expert.ComputeExperts(cu.epb.ComputeExpertsRequest(
+            layer=layer["layer"], num_tokens=1, hidden=b"\0" * 4 * 64, token=[0], expert=[held], weight=[1.0]),
+            timeout=10)
+        self.assertEqual(len(ok.output), 4 * 64)
 
     def test_cancelling_a_stream_frees_its_slot(self):
         req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=[1, 2, 3]), max_tokens=3000, temperature=0.0,

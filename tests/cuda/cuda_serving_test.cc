@@ -16,6 +16,7 @@
 #include "expert-server/expert_service.h"
 #include "expert-server/expert_store.h"
 #include "expert-server/grpc_expert_executor.h"
+#include "expert-server/nccl_links.h"
 #include "router/placement.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
@@ -143,12 +144,12 @@ TEST(GpuServing, CpuAttentionWithGpuExpertsMatchesCpu) {
   ExpectSameLogits(**with_gpu_experts, **cpu, ids, V, "cpu-attention+gpu-experts vs cpu");
 }
 
-// An expert server as dsmoe-expert-server --device cuda:0 runs it: its experts opened on the GPU.
+// An expert server as dsmoe-expert-server --device cuda:N runs it: its experts opened on GPU N.
 std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir, const ModelConfig& c,
                                                 const WeightSelection& selection,
-                                                int64_t max_tokens) {
+                                                int64_t max_tokens, int device = 0) {
   ExpertStoreOptions so;
-  so.device = Device{Device::Kind::kCuda, 0};
+  so.device = Device{Device::Kind::kCuda, device};
   so.model_dir = dir;
   so.max_tokens = max_tokens;
   so.max_assignments = max_tokens * c.num_experts_per_tok;
@@ -161,35 +162,86 @@ std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir, const Mo
   return std::make_unique<ExpertService>(std::move(*store), o);
 }
 
-TEST(GpuServing, ExpertServerOnGpuServesCpuAttentionOverGrpc) {
-  DSMOE_SKIP_WITHOUT_GPU();
+int NumGpus() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+// A CPU attention side whose routed experts are on an expert server on GPU `expert_gpu`, over
+// real gRPC on 127.0.0.1; with `nccl_gpu` >= 0 its dispatch also moves hidden states and outputs
+// through NcclLinks from that GPU (the routing and status still by gRPC). The logits must match
+// the CPU engine's whatever the transport. Returns how many NCCL channels opened (-1: the
+// expert server did not start).
+int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label) {
+  setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // NCCL's bootstrap stays on loopback
   testing::TempDir dir;
-  auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 6);
+  auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 8);
   const ModelConfig& c = w->config();
-  const int64_t V = c.vocab_size;
   auto placement = router::Placement::Compute(c, 1, 1, router::Placement::Strategy::kRoundRobin);
-  ASSERT_TRUE(placement.ok());
-  auto service = GpuExpertService(dir.path(), c, placement->SelectionFor(0), 64);
-  ASSERT_NE(service, nullptr);
+  EXPECT_TRUE(placement.ok());
+  auto service = GpuExpertService(dir.path(), c, placement->SelectionFor(0), 64, expert_gpu);
+  if (service == nullptr) return -1;
   rpc::ServerOptions so;
   so.security = rpc::TransportSecurity::Insecure();
   auto server = rpc::StartServer(so, {static_cast<grpc::Service*>(service.get())});
-  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_TRUE(server.ok()) << server.status();
   GrpcExpertExecutorOptions eo;
   eo.security = rpc::TransportSecurity::Insecure();
+  std::unique_ptr<NcclLinks> links;
+  if (nccl_gpu >= 0) {
+    NcclLinksOptions lo;
+    lo.device = nccl_gpu;
+    lo.hidden = c.hidden_size;
+    lo.max_rows = 64;
+    links = std::make_unique<NcclLinks>(std::vector<std::string>{server->address()},
+                                        rpc::TransportSecurity::Insecure(), lo);
+    links->ChannelTo(0);  // starts the set-up; dispatch uses gRPC until it is done
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (links->num_opening() > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(links->num_opening(), 0) << "the set-up did not end within its timeout";
+    eo.side_channel = links.get();
+  }
+  const int open = links != nullptr ? links->num_open() : 0;
   GrpcExpertExecutor remote(c, *placement, {server->address()}, eo);
   ThreadPool pool(4);
   SchedulerOptions o;
   o.num_slots = 2;
   o.max_batch_tokens = 64;
   o.max_context = 128;
-  auto with_gpu_server = Scheduler::Create(*w, pool, o, &remote);
+  auto remote_experts = Scheduler::Create(*w, pool, o, &remote);
   auto cpu = Scheduler::Create(*w, pool, o);
-  ASSERT_TRUE(with_gpu_server.ok() && cpu.ok());
+  EXPECT_TRUE(remote_experts.ok() && cpu.ok());
   std::vector<int32_t> ids(90);
-  for (int i = 0; i < 90; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 3) % V);
-  ExpectSameLogits(**with_gpu_server, **cpu, ids, V, "cpu-attention+gpu-expert-server vs cpu");
+  for (int i = 0; i < 90; ++i) ids[i] = static_cast<int32_t>((i * 6007 + 5) % c.vocab_size);
+  ExpectSameLogits(**remote_experts, **cpu, ids, c.vocab_size, label);
+  if (links != nullptr) {
+    EXPECT_EQ(links->num_open(), open) << "a channel closed while serving";
+  }
   server->server->Shutdown();
+  return open;
+}
+
+TEST(GpuServing, ExpertServerOnGpuServesCpuAttentionOverGrpc) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  EXPECT_EQ(ServeThroughGpuExpertServer(0, -1, "cpu-attention+gpu-expert-server vs cpu"), 0);
+}
+
+TEST(GpuServing, NcclTransportBetweenTwoGpusMatchesCpu) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  if (NumGpus() < 2) GTEST_SKIP() << "needs 2 GPUs (NCCL refuses two ranks on one device)";
+  EXPECT_EQ(ServeThroughGpuExpertServer(1, 0, "nccl gpu0 -> expert server gpu1 vs cpu"), 1)
+      << "the channel did not open";
+}
+
+// Both ranks on one GPU: NCCL is expected to refuse the channel ("duplicate GPU"), and then
+// dispatch carries the tensors by gRPC; either way the logits match.
+TEST(GpuServing, NcclTransportOnOneGpuServesEitherWay) {
+  DSMOE_SKIP_WITHOUT_GPU();
+  const int open = ServeThroughGpuExpertServer(0, 0, "nccl on one gpu vs cpu");
+  std::printf("[gpu] NCCL channels opened with both ranks on GPU 0: %d\n", open);
+  EXPECT_GE(open, 0) << "the GPU expert server did not start";
 }
 
 }  // namespace

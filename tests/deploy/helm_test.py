@@ -154,6 +154,8 @@ class LintAndTemplate(unittest.TestCase):
             self.assertEqual(spec["initContainers"][0]["name"], "download-model", kind)
             self.assertIn("emptyDir", spec["volumes"][0])
             self.assertEqual(spec["tolerations"][0]["key"], "nvidia.com/gpu")
+        attention_args = objs["StatefulSet/rel-dsmoe-attention"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        self.assertIn("--expert-transport=nccl", attention_args)
         self.assertNotIn("nvidia.com/gpu", objs["Deployment/rel-dsmoe-gateway"]["spec"]["template"]["spec"]["containers"][0]
                          ["resources"].get("limits", {}))
         self.assertIn("ServiceMonitor/rel-dsmoe", objs)
@@ -165,7 +167,8 @@ class LintAndTemplate(unittest.TestCase):
     def test_schema_refuses_bad_values(self):
         for bad, message in [("experts.placement.copies=0", "minimum"), ("gateway.port=notaport", "want integer"),
                              ("model.source=s3", "model/source"), ("model.path=relative/dir", "pattern"),
-                             ("model.source=download", "minItems"), ("attention.gpu.enabled=maybe", "want boolean")]:
+                             ("model.source=download", "minItems"), ("attention.gpu.enabled=maybe", "want boolean"),
+                             ("attention.expertTransport=rdma", "expertTransport")]:
             with self.subTest(bad=bad):
                 r = helm("lint", CHART, "--set", bad, check=False)
                 self.assertNotEqual(r.returncode, 0, bad)

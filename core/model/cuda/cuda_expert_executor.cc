@@ -138,6 +138,20 @@ absl::Status CudaExpertExecutor::CheckExperts(int64_t layer, const int32_t* expe
 
 absl::Status CudaExpertExecutor::RunAssignments(int64_t layer, const float* x, int64_t T,
                                                 const ExpertAssignments& a, float* out) {
+  const size_t bytes = static_cast<size_t>(T * config_.hidden_size) * sizeof(float);
+  DeviceIo io;
+  io.receive = [x, bytes](float* dx, cudaStream_t s) {
+    return CudaStatus(cudaMemcpyAsync(dx, x, bytes, cudaMemcpyHostToDevice, s), "H2D");
+  };
+  io.send = [out, bytes](const float* dout, cudaStream_t s) {
+    DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, dout, bytes, cudaMemcpyDeviceToHost, s), "D2H");
+    return CudaStatus(cudaStreamSynchronize(s), "routed experts");
+  };
+  return RunAssignments(layer, T, a, io);
+}
+
+absl::Status CudaExpertExecutor::RunAssignments(int64_t layer, int64_t T,
+                                                const ExpertAssignments& a, const DeviceIo& io) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, E = c.n_routed_experts, A = a.size;
   if (T <= 0) return absl::OkStatus();
@@ -174,7 +188,7 @@ absl::Status CudaExpertExecutor::RunAssignments(int64_t layer, const float* x, i
   auto upload = [&](void* dst, const void* src, size_t bytes) {
     return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "H2D");
   };
-  DSMOE_RETURN_IF_ERROR(upload(x_, x, T * H * sizeof(float)));
+  DSMOE_RETURN_IF_ERROR(io.receive(x_, s));
   DSMOE_RETURN_IF_ERROR(upload(route_e_, sorted_expert_.data(), A * sizeof(int32_t)));
   DSMOE_RETURN_IF_ERROR(upload(route_t_, sorted_token_.data(), A * sizeof(int32_t)));
   DSMOE_RETURN_IF_ERROR(upload(route_w_, sorted_weight_.data(), A * sizeof(float)));
@@ -193,9 +207,7 @@ absl::Status CudaExpertExecutor::RunAssignments(int64_t layer, const float* x, i
   DSMOE_CUDA_RETURN_IF_ERROR(
       LaunchCombineAssignments(expert_out_, plan_, route_w_, token_offsets_, T, H, out_, s),
       "combine");
-  DSMOE_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(out, out_, T * H * sizeof(float), cudaMemcpyDeviceToHost, s), "D2H");
-  return CudaStatus(cudaStreamSynchronize(s), "routed experts");
+  return io.send(out_, s);
 }
 
 }  // namespace dsmoe::cuda

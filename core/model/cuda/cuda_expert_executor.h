@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -34,6 +35,19 @@ class CudaExpertExecutor final : public RoutedExpertExecutor {
   // without any. At most max_tokens tokens and max_tokens × top-k assignments.
   absl::Status RunAssignments(int64_t layer, const float* x, int64_t T,
                               const ExpertAssignments& assignments, float* out);
+
+  // How a computation's hidden states reach the device and its output leaves it, when not
+  // through host memory (the NCCL transport receives and sends them GPU to GPU).
+  struct DeviceIo {
+    // Fills `x` ([T, H] fp32 on the device): enqueued on `stream`, or done before returning.
+    std::function<absl::Status(float* x, cudaStream_t stream)> receive;
+    // Takes `out` ([T, H] fp32 on the device), which is ready once `stream` reaches this point.
+    std::function<absl::Status(const float* out, cudaStream_t stream)> send;
+  };
+  // RunAssignments with the input and output moved by `io`. The assignments are checked before
+  // `io.receive` is called.
+  absl::Status RunAssignments(int64_t layer, int64_t T, const ExpertAssignments& assignments,
+                              const DeviceIo& io);
 
  private:
   // INVALID_ARGUMENT / FAILED_PRECONDITION unless layer is a MoE layer whose experts[0, n) are

@@ -1,0 +1,78 @@
+// The attention server's side of the NCCL transport (`--expert-transport nccl` with
+// `--device cuda:N`): one nccl::Channel to each expert server that accepts one, through which
+// the dispatch executor moves hidden states and expert outputs GPU to GPU while the gRPC call
+// carries the routing and the status.
+//
+// Channels open in the background, one thread per expert server, the first time dispatch asks
+// for one: until a channel is open — and for good to a server that refuses (experts on the
+// CPU, a build without CUDA) — calls carry their tensors in the gRPC message. A channel that
+// fails is closed on both sides and tried again after `retry_after`. Only in CUDA builds.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/rpc/transport_security.h"
+#include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "expert-server/grpc_expert_executor.h"
+#include "expert-server/nccl_channel.h"
+
+namespace dsmoe {
+
+struct NcclLinksOptions {
+  int device = 0;        // the attention server's CUDA device
+  int64_t hidden = 0;    // hidden size H
+  int64_t max_rows = 0;  // rows (tokens) of one call at most
+  std::chrono::milliseconds open_timeout{10000};
+  std::chrono::milliseconds retry_after{60000};
+  std::chrono::milliseconds transfer_timeout{10000};  // outputs, once the reply said OK
+};
+
+class NcclLinks final : public DispatchSideChannel {
+ public:
+  // `addresses[s]`: expert server s, reached with `security` for the set-up calls.
+  NcclLinks(const std::vector<std::string>& addresses, const rpc::TransportSecurity& security,
+            const NcclLinksOptions& options);
+  ~NcclLinks() override;  // cancels the openings in flight, closes every channel
+
+  uint64_t ChannelTo(int server) override;
+  absl::Status Post(int server, const float* x, const std::vector<int32_t>& rows) override;
+  absl::StatusOr<const float*> Collect(int server, const grpc::Status& status) override;
+
+  // Channels open now, and set-ups in flight (any thread).
+  int num_open() const;
+  int num_opening() const;
+
+ private:
+  enum State : int { kUntried, kOpening, kOpen, kClosed };
+  struct Link {
+    std::atomic<int> state{kUntried};
+    std::unique_ptr<internal::v1::ExpertService::Stub> stub;
+    // Written by the opener before state becomes kOpen, then by the dispatch thread only.
+    std::unique_ptr<nccl::Channel> channel;
+    uint64_t id = 0;
+    float *host_in = nullptr, *host_out = nullptr;  // pinned, [max_rows, H]
+    float *device_in = nullptr, *device_out = nullptr;
+    size_t rows = 0;  // of the call in flight
+    std::chrono::steady_clock::time_point retry_at;
+    std::thread opener;
+    std::mutex call_mu;  // guards call (the set-up call in flight, cancelled on shutdown)
+    grpc::ClientContext* call = nullptr;
+    std::atomic<bool> cancel{false};
+  };
+  // Runs on link s's opener thread.
+  void Open(int server);
+  // Closes link s after a failure; it is tried again after retry_after.
+  void Close(int server, const absl::Status& why);
+
+  NcclLinksOptions options_;
+  std::vector<std::string> addresses_;
+  std::vector<std::unique_ptr<Link>> links_;  // [server]
+};
+
+}  // namespace dsmoe
