@@ -1,27 +1,84 @@
 #include "expert-server/nccl_channel.h"
 
+#include <dlfcn.h>
+
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 
 #include "core/ops/cuda/cuda_status.h"
 
 namespace dsmoe::nccl {
+
+// NCCL's entry points, from the library loaded at run time. It is 200 MB and not part of every
+// CUDA installation: the servers start without it, and the transport then keeps to gRPC.
+struct Api {
+  decltype(&ncclGetUniqueId) GetUniqueId;
+  decltype(&ncclGetErrorString) GetErrorString;
+  decltype(&ncclGetLastError) GetLastError;
+  decltype(&ncclCommInitRankConfig) CommInitRankConfig;
+  decltype(&ncclCommGetAsyncError) CommGetAsyncError;
+  decltype(&ncclCommAbort) CommAbort;
+  decltype(&ncclGroupStart) GroupStart;
+  decltype(&ncclGroupEnd) GroupEnd;
+  decltype(&ncclSend) Send;
+  decltype(&ncclRecv) Recv;
+};
+
 namespace {
 
-absl::Status NcclError(const char* what, ncclResult_t r, ncclComm_t comm) {
-  const char* last = comm != nullptr ? ncclGetLastError(comm) : nullptr;
-  return absl::UnavailableError(
-      absl::StrCat("NCCL ", what, ": ", ncclGetErrorString(r), last != nullptr && *last ? " (" : "",
-                   last != nullptr ? last : "", last != nullptr && *last ? ")" : ""));
+// Loads $DSMOE_NCCL_LIBRARY or libnccl.so.2 once (any thread).
+absl::StatusOr<const Api*> LoadApi() {
+  static const absl::StatusOr<Api> api = []() -> absl::StatusOr<Api> {
+    const char* env = std::getenv("DSMOE_NCCL_LIBRARY");
+    const char* name = env != nullptr && *env ? env : "libnccl.so.2";
+    void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);  // kept for the process's life
+    if (lib == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot load NCCL (", dlerror(), ")"));
+    }
+    Api a{};
+    bool missing = false;
+    auto bind = [&](auto& fn, const char* symbol) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, symbol));
+      missing = missing || fn == nullptr;
+    };
+    bind(a.GetUniqueId, "ncclGetUniqueId");
+    bind(a.GetErrorString, "ncclGetErrorString");
+    bind(a.GetLastError, "ncclGetLastError");
+    bind(a.CommInitRankConfig, "ncclCommInitRankConfig");
+    bind(a.CommGetAsyncError, "ncclCommGetAsyncError");
+    bind(a.CommAbort, "ncclCommAbort");
+    bind(a.GroupStart, "ncclGroupStart");
+    bind(a.GroupEnd, "ncclGroupEnd");
+    bind(a.Send, "ncclSend");
+    bind(a.Recv, "ncclRecv");
+    if (missing) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, " lacks entry points this build needs (NCCL 2.14 or later)"));
+    }
+    return a;
+  }();
+  if (!api.ok()) return api.status();
+  return &*api;
+}
+
+absl::Status NcclError(const Api& nccl, const char* what, ncclResult_t r, ncclComm_t comm) {
+  const char* last = comm != nullptr ? nccl.GetLastError(comm) : nullptr;
+  const bool detail = last != nullptr && *last;
+  return absl::UnavailableError(absl::StrCat("NCCL ", what, ": ", nccl.GetErrorString(r),
+                                             detail ? " (" : "", detail ? last : "",
+                                             detail ? ")" : ""));
 }
 
 }  // namespace
 
 absl::StatusOr<std::string> NewUniqueId() {
+  DSMOE_ASSIGN_OR_RETURN(const Api* nccl, LoadApi());
   ncclUniqueId id;
-  if (const ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
-    return NcclError("unique id", r, nullptr);
+  if (const ncclResult_t r = nccl->GetUniqueId(&id); r != ncclSuccess) {
+    return NcclError(*nccl, "unique id", r, nullptr);
   }
   return std::string(id.internal, sizeof(id.internal));
 }
@@ -36,9 +93,11 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Join(const std::string& unique
   }
   if (rank != 0 && rank != 1) return absl::InvalidArgumentError("a channel has ranks 0 and 1");
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
+  DSMOE_ASSIGN_OR_RETURN(const Api* nccl, LoadApi());
   DSMOE_RETURN_IF_ERROR(cuda::CheckCudaDevice(device));
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device), "cudaSetDevice");
   auto channel = std::unique_ptr<Channel>(new Channel());
+  channel->api_ = nccl;
   channel->rank_ = rank;
   channel->device_ = device;
   DSMOE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&channel->stream_, cudaStreamNonBlocking),
@@ -46,10 +105,10 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Join(const std::string& unique
   // Non-blocking: the join can be given up (deadline, or the peer refused) by aborting.
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  const ncclResult_t r = ncclCommInitRankConfig(&channel->comm_, 2, id, rank, &config);
+  const ncclResult_t r = nccl->CommInitRankConfig(&channel->comm_, 2, id, rank, &config);
   if (r != ncclSuccess && r != ncclInProgress) {
     channel->Abort();
-    return NcclError("joining the channel", r, nullptr);
+    return NcclError(*nccl, "joining the channel", r, nullptr);
   }
   DSMOE_RETURN_IF_ERROR(channel->Settle("joining the channel", deadline, cancel));
   return channel;
@@ -62,7 +121,7 @@ Channel::~Channel() {
 
 void Channel::Abort() {
   if (comm_ == nullptr) return;
-  ncclCommAbort(comm_);
+  Nccl().CommAbort(comm_);
   comm_ = nullptr;
 }
 
@@ -70,11 +129,11 @@ absl::Status Channel::Settle(const char* what, Deadline deadline, const std::ato
   for (;;) {
     if (comm_ == nullptr) return absl::UnavailableError("the NCCL channel is broken");
     ncclResult_t state = ncclSuccess;
-    const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+    const ncclResult_t r = Nccl().CommGetAsyncError(comm_, &state);
     if (r != ncclSuccess) state = r;
     if (state == ncclSuccess) return absl::OkStatus();
     if (state != ncclInProgress) {
-      absl::Status error = NcclError(what, state, comm_);
+      absl::Status error = NcclError(Nccl(), what, state, comm_);
       Abort();
       return error;
     }
@@ -95,17 +154,18 @@ absl::Status Channel::Exchange(const float* send, size_t send_count, float* recv
   if (comm_ == nullptr) return absl::UnavailableError("the NCCL channel is broken");
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
   const int peer = 1 - rank_;
-  ncclResult_t r = ncclGroupStart();
+  const Api& nccl = Nccl();
+  ncclResult_t r = nccl.GroupStart();
   if (r == ncclSuccess && send_count > 0) {
-    r = ncclSend(send, send_count, ncclFloat32, peer, comm_, stream_);
+    r = nccl.Send(send, send_count, ncclFloat32, peer, comm_, stream_);
   }
   if ((r == ncclSuccess || r == ncclInProgress) && recv_count > 0) {
-    r = ncclRecv(recv, recv_count, ncclFloat32, peer, comm_, stream_);
+    r = nccl.Recv(recv, recv_count, ncclFloat32, peer, comm_, stream_);
   }
-  const ncclResult_t end = ncclGroupEnd();
+  const ncclResult_t end = nccl.GroupEnd();
   if (r == ncclSuccess || r == ncclInProgress) r = end;
   if (r != ncclSuccess && r != ncclInProgress) {
-    absl::Status error = NcclError("exchange", r, comm_);
+    absl::Status error = NcclError(nccl, "exchange", r, comm_);
     Abort();
     return error;
   }
@@ -123,9 +183,9 @@ absl::Status Channel::Wait(Deadline deadline) {
       return cuda::CudaStatus(q, "NCCL transfer");
     }
     ncclResult_t state = ncclSuccess;
-    ncclCommGetAsyncError(comm_, &state);
+    Nccl().CommGetAsyncError(comm_, &state);
     if (state != ncclSuccess && state != ncclInProgress) {
-      absl::Status error = NcclError("transfer", state, comm_);
+      absl::Status error = NcclError(Nccl(), "transfer", state, comm_);
       Abort();
       return error;
     }

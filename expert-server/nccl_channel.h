@@ -7,7 +7,9 @@
 // a deadline passed, a non-OK gRPC reply — aborts the communicator: a channel that failed once
 // is broken for good, and both sides go back to gRPC for that pair.
 //
-// Only in builds with DSMOE_CUDA (NCCL comes with the CUDA toolkit). Thread-compatible.
+// Only in builds with DSMOE_CUDA. NCCL itself is loaded at run time (libnccl.so.2, or
+// $DSMOE_NCCL_LIBRARY): without it every call says so (FAILED_PRECONDITION) and the transport
+// keeps to gRPC. Thread-compatible.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,6 +23,8 @@
 #include "core/util/status.h"
 
 namespace dsmoe::nccl {
+
+struct Api;  // NCCL's entry points, loaded at run time
 
 using Deadline = std::chrono::steady_clock::time_point;
 
@@ -59,6 +63,9 @@ class Channel {
   // `deadline`.
   absl::Status Settle(const char* what, Deadline deadline, const std::atomic<bool>* cancel);
 
+  const Api& Nccl() const { return *api_; }
+
+  const Api* api_ = nullptr;
   ncclComm_t comm_ = nullptr;  // null once aborted
   int rank_ = 0;
   int device_ = 0;

@@ -3,6 +3,7 @@
 // sequence's KV pages are freed for the next), and the CPU attention side with routed experts
 // on the GPU: in process, and through an expert server on the GPU over real gRPC (its placement
 // changes: tests/expert_service_test.cc). Skipped without a GPU.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <condition_variable>
@@ -162,6 +163,31 @@ std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir, const Mo
   return std::make_unique<ExpertService>(std::move(*store), o);
 }
 
+// NCCL's bootstrap sockets (listening for the peer, and joining) stay on loopback. Read once,
+// when NCCL first initialises.
+void KeepNcclOnLoopback() { setenv("NCCL_SOCKET_IFNAME", "lo", 0); }
+
+// Runs without a GPU: NCCL is found at run time, or the reason is clear; joining needs a GPU.
+TEST(NcclChannel, LoadsAtRunTimeOrSaysWhy) {
+  KeepNcclOnLoopback();
+  absl::StatusOr<std::string> a = nccl::NewUniqueId(), b = nccl::NewUniqueId();
+  if (!a.ok()) {
+    EXPECT_EQ(a.status().code(), absl::StatusCode::kFailedPrecondition) << a.status();
+    EXPECT_THAT(std::string(a.status().message()), ::testing::HasSubstr("cannot load NCCL"));
+    GTEST_SKIP() << a.status();
+  }
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->size(), 128u);
+  EXPECT_NE(*a, *b) << "two channels got the same id";
+  auto bad = nccl::Channel::Join("short", 0, 0, std::chrono::steady_clock::now());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  if (!testing::NoGpuReason().empty()) {
+    auto no_gpu = nccl::Channel::Join(*a, 0, 0, std::chrono::steady_clock::now());
+    EXPECT_EQ(no_gpu.status().code(), absl::StatusCode::kFailedPrecondition) << no_gpu.status();
+    EXPECT_THAT(std::string(no_gpu.status().message()), ::testing::HasSubstr("no CUDA device"));
+  }
+}
+
 int NumGpus() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
@@ -173,7 +199,7 @@ int NumGpus() {
 // the CPU engine's whatever the transport. Returns how many NCCL channels opened (-1: the
 // expert server did not start).
 int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label) {
-  setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // NCCL's bootstrap stays on loopback
+  KeepNcclOnLoopback();
   testing::TempDir dir;
   auto w = testing::WriteAndLoad(dir, "small", DType::kBF16, 8);
   const ModelConfig& c = w->config();
