@@ -51,7 +51,10 @@ class CudaExpertStore final : public ExpertStore {
     return executor_->RunAssignments(layer, x, T, assignments, out);
   }
 
-  bool PrepareIsSlow(const PlacementChange&) const override { return true; }
+  // Any real change re-uploads the whole new set (which also frees what it drops).
+  bool PrepareIsSlow(const PlacementChange& change) const override {
+    return !change.to_load.empty() || !change.to_drop.empty();
+  }
 
   absl::StatusOr<uint64_t> OpenChannel(const std::string& unique_id, Deadline deadline) override {
     DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<nccl::Channel> channel,
@@ -107,6 +110,7 @@ class CudaExpertStore final : public ExpertStore {
   }
 
   absl::StatusOr<Commit> Prepare(const PlacementChange& change) override {
+    if (!PrepareIsSlow(change)) return Commit([] {});  // the same set again
     DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<CudaExpertExecutor> next,
                            Upload(options_, ExpertsOnly(change.target), nullptr, nullptr));
     // std::function needs a copyable callable: the executor travels in a shared_ptr.
