@@ -166,12 +166,17 @@ void PanelGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
 
 // Few tokens (a decode batch, an expert's share of a prompt chunk): the outer-product kernel
 // with the roles turned around. The tokens are packed once per call into panels of up to 24,
-// transposed (xt[k][w], w = 8·⌈n/8⌉, zero-padded); each group of 4 weight rows is widened to
-// fp32 once into an L1 buffer; the register tile is 4 rows × up to 3 vectors of 8 tokens, each
-// weight broadcast against the token vectors. Every weight byte is read from memory once per
-// call, as in the decode row stream, while the FMAs run at the GEMM rate.
+// transposed (xt[k][w], w = 8·⌈n/8⌉, zero-padded); each group of 12 weight rows is widened to
+// fp32 once into a buffer; the register tiles hold 12 accumulators whatever the panel's width —
+// 12 rows × 1 vector of 8 tokens, 6 × 2 or 4 × 3 — each weight broadcast against the token
+// vectors. Every weight byte is read from memory once per call, as in the decode row stream,
+// while the FMAs run at the GEMM rate (fewer accumulators leave them waiting on their latency:
+// 4 rows × 1 or 2 vectors ran at half the rate).
 constexpr int64_t kTokenPanel = 24;  // 3 vectors: 12 accumulators + 3 tokens + 1 broadcast
-constexpr int kRowGroup = 4;
+constexpr int kRowGroup = 12;
+// Widened rows lie K + 16 floats apart: rows of 1024 floats 4 KiB apart would all fall in one
+// L1 set, and a tile reads 12 of them at once (8 ways: they evicted one another).
+inline int64_t WidenedStride(int64_t K) { return K + 16; }
 
 // Scratch for the packed tokens and the widened row group (separate from the other scratch
 // buffers: a Q8_0 batch uses this and the panel scratch in one call).
@@ -256,28 +261,35 @@ struct Prefetch {
 };
 
 // RB widened rows (wf, stride K) × the NV token vectors of one panel (xt, width w = 8·NV).
+// (The loops over r and v must be unrolled whole, or gcc keeps the accumulators in memory.)
 template <int RB, int NV>
 inline void BroadcastTile(const float* xt, int64_t K, const float* wf, float* y, int64_t ldy,
                           int64_t tokens, Prefetch pf) {
   __m256 acc[RB][NV];
+#pragma GCC unroll 12
   for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
   constexpr int64_t w = 8 * NV;
+  const int64_t ldw = WidenedStride(K);
   const char* ahead = pf.begin;
   for (int64_t k = 0; k < K; ++k) {
     _mm_prefetch(ahead, _MM_HINT_T0);
     ahead += pf.stride;
     __m256 xv[NV];
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(xt + k * w + 8 * v);
+#pragma GCC unroll 12
     for (int r = 0; r < RB; ++r) {
-      const __m256 b = _mm256_broadcast_ss(wf + r * K + k);
+      const __m256 b = _mm256_broadcast_ss(wf + r * ldw + k);
+#pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(b, xv[v], acc[r][v]);
     }
   }
   // Whole-vector stores with constant indices first: a store of acc[r][v] inside a loop with a
   // runtime bound makes gcc keep the accumulators in memory and store them on every k.
   alignas(32) float tile[RB][NV][8];
-#pragma GCC unroll 4
+#pragma GCC unroll 12
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) _mm256_store_ps(tile[r][v], acc[r][v]);
@@ -298,23 +310,49 @@ inline void BroadcastPanel(const float* xt, int64_t K, int64_t tokens, const flo
   }
 }
 
+// One widened row group (rb rows at wf) × one token panel. A whole group runs as tiles of 12
+// accumulators; a last, partial group 4 rows at a time. Only the first tile prefetches `pf`.
+inline void GroupPanel(const float* xt, int64_t K, int64_t tokens, int64_t rb, const float* wf,
+                       float* y, int64_t ldy, Prefetch pf) {
+  const Prefetch cached{reinterpret_cast<const char*>(wf), 0};
+  const int64_t ldw = WidenedStride(K);
+  if (rb == kRowGroup) {
+    switch ((tokens + 7) / 8) {
+      case 1:
+        return BroadcastTile<12, 1>(xt, K, wf, y, ldy, tokens, pf);
+      case 2:
+        BroadcastTile<6, 2>(xt, K, wf, y, ldy, tokens, pf);
+        return BroadcastTile<6, 2>(xt, K, wf + 6 * ldw, y + 6, ldy, tokens, cached);
+      default:
+        BroadcastTile<4, 3>(xt, K, wf, y, ldy, tokens, pf);
+        BroadcastTile<4, 3>(xt, K, wf + 4 * ldw, y + 4, ldy, tokens, cached);
+        return BroadcastTile<4, 3>(xt, K, wf + 8 * ldw, y + 8, ldy, tokens, cached);
+    }
+  }
+  using PanelFn = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, Prefetch);
+  static constexpr PanelFn kPanels[] = {BroadcastPanel<1>, BroadcastPanel<2>, BroadcastPanel<3>,
+                                        BroadcastPanel<4>};
+  for (int64_t r = 0; r < rb; r += 4) {
+    const int64_t n = rb - r < 4 ? rb - r : 4;
+    kPanels[n - 1](xt, K, tokens, wf + r * ldw, y + r, ldy, r == 0 ? pf : cached);
+  }
+}
+
 constexpr int64_t kPanelGemmMinTokens = 48;
 
 template <DType D>
 void SmallBatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                     int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols, panels = (T + kTokenPanel - 1) / kTokenPanel;
-  float* xt = TokenPanelScratch(static_cast<size_t>((panels * kTokenPanel + kRowGroup) * K));
+  float* xt = TokenPanelScratch(
+      static_cast<size_t>(panels * kTokenPanel * K + kRowGroup * WidenedStride(K)));
   float* wf = xt + panels * kTokenPanel * K;
   PackTokenPanels(x, T, K, xt);
-  using PanelFn = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, Prefetch);
-  static constexpr PanelFn kPanels[] = {BroadcastPanel<1>, BroadcastPanel<2>, BroadcastPanel<3>,
-                                        BroadcastPanel<4>};
   // Bytes of one row (Q8_0: its int8 values; the scales are few and follow their own stream).
   const int64_t row_bytes = K * (D == DType::kF32 ? 4 : D == DType::kQ8_0 ? 1 : 2);
   for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowGroup) {
     const int64_t rb = row_end - n0 < kRowGroup ? row_end - n0 : kRowGroup;
-    for (int64_t r = 0; r < rb; ++r) WidenRow<D>(W, n0 + r, wf + r * K);
+    for (int64_t r = 0; r < rb; ++r) WidenRow<D>(W, n0 + r, wf + r * WidenedStride(K));
     const int64_t next = row_end - (n0 + rb) < kRowGroup ? row_end - (n0 + rb) : kRowGroup;
     Prefetch pf{static_cast<const char*>(W.data) + (n0 + rb) * row_bytes,
                 (next * row_bytes + K - 1) / K};
@@ -322,7 +360,7 @@ void SmallBatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_
       const int64_t tokens = T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
       const float* panel = xt + p * kTokenPanel * K;
       float* yp = y + p * kTokenPanel * ldy + n0;
-      kPanels[rb - 1](panel, K, tokens, wf, yp, ldy, pf);
+      GroupPanel(panel, K, tokens, rb, wf, yp, ldy, pf);
       pf = {reinterpret_cast<const char*>(wf), 0};  // the first panel brought them in
     }
   }
