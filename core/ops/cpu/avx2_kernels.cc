@@ -65,7 +65,9 @@ inline float HorizontalSum(__m256 v) {
 // interleaved row streams reach ~60% — with UNROLL independent accumulators per token, TB·UNROLL
 // ≥ 8 FMAs in flight per step: each accumulator is updated once per step, so fewer would leave
 // the step bound by the 4-cycle FMA latency instead of the loads (T = 2 with 4 accumulators
-// read 17 GB/s from L2; with 8, more than the memory can deliver).
+// read 17 GB/s from L2; with 8, more than the memory can deliver). Two rows at a time, each
+// activation vector then feeding two FMAs, was slower at 2–4 tokens too (bf16 weights from
+// memory: 5.0–5.6 GB/s against 6.9–8.5): the second stream costs more than the loads it saves.
 template <DType D, int TB>
 inline void RowStream(const float* x, int64_t K, const MatrixView& W, int64_t row_begin,
                       int64_t row_end, float* y, int64_t ldy) {
