@@ -129,10 +129,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     if (entry.path().extension() == ".port") fs::remove(entry.path(), ec);
   }
   // The placement every server reads: computed here once so they all agree.
-  WeightSelection config_only;
-  config_only.attention_side = false;
-  config_only.all_routed_experts = false;
-  DSMOE_ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(o.model, config_only));
+  DSMOE_ASSIGN_OR_RETURN(auto weights,
+                         ModelWeights::Load(o.model, WeightSelection::RoutedExperts()));
   std::string placement_path = o.placement;
   if (placement_path.empty()) {
     DSMOE_ASSIGN_OR_RETURN(

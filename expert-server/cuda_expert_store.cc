@@ -80,9 +80,7 @@ class CudaExpertStore final : public ExpertStore {
     {
       std::lock_guard<std::mutex> lock(channels_mu_);
       auto it = channels_.find(id);
-      if (it == channels_.end()) {
-        return absl::NotFoundError(absl::StrCat("no NCCL channel ", id, " is open here"));
-      }
+      if (it == channels_.end()) return NoSuchChannel(id);
       channel = it->second.channel;
       it->second.last_used = std::chrono::steady_clock::now();
     }
@@ -99,9 +97,7 @@ class CudaExpertStore final : public ExpertStore {
       DSMOE_RETURN_IF_ERROR(channel->Exchange(out, n, nullptr, 0));
       return channel->Wait(deadline);
     };
-    absl::Status status = executor_->RunAssignments(layer, T, assignments, io);
-    if (!status.ok()) CloseChannel(id);  // the sides are out of step: the caller closes its too
-    return status;
+    return executor_->RunAssignments(layer, T, assignments, io);
   }
 
   void CloseChannel(uint64_t id) override {
@@ -111,17 +107,17 @@ class CudaExpertStore final : public ExpertStore {
 
   absl::StatusOr<Commit> Prepare(const PlacementChange& change) override {
     if (!PrepareIsSlow(change)) return Commit([] {});  // the same set again
-    DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<CudaExpertExecutor> next,
-                           Upload(options_, ExpertsOnly(change.target), nullptr, nullptr));
+    DSMOE_ASSIGN_OR_RETURN(
+        std::unique_ptr<CudaExpertExecutor> next,
+        Upload(options_, WeightSelection::RoutedExperts(change.target), nullptr, nullptr));
     // std::function needs a copyable callable: the executor travels in a shared_ptr.
     auto holder = std::make_shared<std::unique_ptr<CudaExpertExecutor>>(std::move(next));
     return Commit([this, holder] { executor_.swap(*holder); });  // the old one freed with holder
   }
 
  private:
-  explicit CudaExpertStore(const ExpertStoreOptions& options) : options_(options) {}
+  explicit CudaExpertStore(const ExpertStoreOptions& options) : ExpertStore(options) {}
 
-  ExpertStoreOptions options_;
   std::unique_ptr<ModelConfig> config_;
   ExpertSet initially_held_;
   std::unique_ptr<CudaExpertExecutor> executor_;

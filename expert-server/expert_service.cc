@@ -170,12 +170,11 @@ void ExpertService::ServeTargetLocked(ExpertStore::Commit commit, const ExpertSe
 namespace {
 
 // The call's deadline on the steady clock, at most `cap` away (a call without one gets `cap`).
-ExpertStore::Deadline SteadyDeadline(const grpc::ServerContext* context,
+ExpertStore::Deadline SteadyDeadline(const grpc::ServerContext& context,
                                      std::chrono::milliseconds cap) {
   const auto now = std::chrono::steady_clock::now();
   const auto capped = now + cap;
-  if (context == nullptr) return capped;
-  const auto left = context->deadline() - std::chrono::system_clock::now();
+  const auto left = context.deadline() - std::chrono::system_clock::now();
   return left < cap ? now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(left)
                     : capped;
 }
@@ -187,9 +186,10 @@ grpc::Status ExpertService::ComputeExperts(grpc::ServerContext* context,
                                            internal::v1::ComputeExpertsResponse* response) {
   double seconds = 0;
   const absl::Status status = Compute(*request, response->mutable_output(), &seconds,
-                                      SteadyDeadline(context, std::chrono::seconds(30)));
+                                      SteadyDeadline(*context, std::chrono::seconds(30)));
   if (!status.ok() && request->nccl_channel() != 0) {
-    store_->CloseChannel(request->nccl_channel());  // the caller closes its side on any error
+    // The two sides are out of step now; the caller closes its side on any error.
+    store_->CloseChannel(request->nccl_channel());
   }
   response->set_compute_seconds(seconds);
   if (tokens_ != nullptr) rpc::CountCode(requests_, static_cast<int>(status.code()));
@@ -217,7 +217,7 @@ grpc::Status ExpertService::OpenNcclChannel(grpc::ServerContext* context,
         absl::StrCat("timeout_ms ", ms, " is above this server's limit of ", kMaxMs)));
   }
   absl::StatusOr<uint64_t> channel = store_->OpenChannel(
-      request->nccl_unique_id(), SteadyDeadline(context, std::chrono::milliseconds(ms)));
+      request->nccl_unique_id(), SteadyDeadline(*context, std::chrono::milliseconds(ms)));
   if (!channel.ok()) return rpc::ToGrpc(channel.status());
   response->set_channel(*channel);
   std::printf("expert server: NCCL channel %llu open\n", static_cast<unsigned long long>(*channel));
@@ -231,9 +231,9 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   const ModelConfig& c = store_->config();
   const int64_t H = c.hidden_size, T = r.num_tokens();
   if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
-  if (T > options_.max_tokens) {
+  if (T > store_->options().max_tokens) {
     return absl::ResourceExhaustedError(absl::StrCat(T, " tokens exceed this server's limit of ",
-                                                     options_.max_tokens, " per request"));
+                                                     store_->options().max_tokens, " per request"));
   }
   if (r.layer() >= c.num_hidden_layers || !c.IsMoeLayer(r.layer())) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " is not a MoE layer"));
@@ -250,6 +250,11 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
   const int n = r.token_size();
   if (r.expert_size() != n || r.weight_size() != n) {
     return absl::InvalidArgumentError("token, expert and weight lists differ in length");
+  }
+  if (n > store_->max_assignments()) {
+    return absl::ResourceExhaustedError(absl::StrCat(n,
+                                                     " assignments exceed this server's limit of ",
+                                                     store_->max_assignments(), " per request"));
   }
   for (int i = 0; i < n; ++i) {
     if (!std::isfinite(r.weight(i)))

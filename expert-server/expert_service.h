@@ -21,14 +21,12 @@
 namespace dsmoe {
 
 struct ExpertServiceOptions {
-  int64_t max_tokens = 4096;                // tokens per request
-  int64_t max_assignments = 32768;          // (token, expert) pairs per request
   rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
 };
 
 class ExpertService final : public internal::v1::ExpertService::Service {
  public:
-  // Serves what `store` holds. REQUIRES: the store computes at least options' limits per call.
+  // Serves what `store` holds, within its limits per request (max_tokens, max_assignments).
   ExpertService(std::unique_ptr<ExpertStore> store, const ExpertServiceOptions& options);
   ~ExpertService() override;
 

@@ -21,6 +21,10 @@ absl::StatusOr<uint64_t> ExpertStore::OpenChannel(const std::string&, Deadline) 
 
 absl::Status ExpertStore::RunAssignmentsOverChannel(uint64_t channel, int64_t, int64_t,
                                                     const ExpertAssignments&, Deadline) {
+  return NoSuchChannel(channel);
+}
+
+absl::Status ExpertStore::NoSuchChannel(uint64_t channel) {
   return absl::NotFoundError(absl::StrCat("no NCCL channel ", channel, " is open here"));
 }
 
@@ -32,10 +36,10 @@ namespace {
 class CpuExpertStore final : public ExpertStore {
  public:
   CpuExpertStore(std::unique_ptr<ModelWeights> weights, const ExpertStoreOptions& options)
-      : weights_(std::move(weights)),
-        options_(options),
+      : ExpertStore(options),
+        weights_(std::move(weights)),
         pool_(options.threads),
-        executor_(*weights_, pool_, options.max_assignments),
+        executor_(*weights_, pool_, MaxAssignments(options, weights_->config())),
         initially_held_(LoadedExperts(*weights_)) {
     owner_.resize(weights_->layers.size());
     for (size_t l = 0; l < weights_->layers.size(); ++l)
@@ -58,8 +62,9 @@ class CpuExpertStore final : public ExpertStore {
   absl::StatusOr<Commit> Prepare(const PlacementChange& change) override {
     std::shared_ptr<ModelWeights> loaded;
     if (!change.to_load.empty()) {
-      DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> w,
-                             ModelWeights::Load(options_.model_dir, ExpertsOnly(change.to_load)));
+      DSMOE_ASSIGN_OR_RETURN(
+          std::unique_ptr<ModelWeights> w,
+          ModelWeights::Load(options_.model_dir, WeightSelection::RoutedExperts(change.to_load)));
       loaded = std::move(w);
     }
     return Commit([this, loaded, change] { Swap(loaded, change); });
@@ -78,7 +83,6 @@ class CpuExpertStore final : public ExpertStore {
   }
 
   std::unique_ptr<ModelWeights> weights_;
-  ExpertStoreOptions options_;
   ThreadPool pool_;
   LocalExpertExecutor executor_;
   const ExpertSet initially_held_;
@@ -87,14 +91,6 @@ class CpuExpertStore final : public ExpertStore {
 };
 
 }  // namespace
-
-WeightSelection ExpertsOnly(const ExpertSet& experts) {
-  WeightSelection selection;
-  selection.attention_side = false;
-  selection.all_routed_experts = false;
-  selection.routed_experts = experts;
-  return selection;
-}
 
 ExpertSet LoadedExperts(const ModelWeights& weights) {
   ExpertSet loaded;

@@ -6,6 +6,7 @@
 // while the current set keeps serving, and then committed between two computations.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -30,18 +31,24 @@ struct PlacementChange {
 };
 
 struct ExpertStoreOptions {
-  Device device;                    // cpu, or cuda:N
-  std::string model_dir;            // the checkpoint every load reads
-  int threads = 0;                  // CPU compute threads; 0: all cores
-  int64_t max_tokens = 4096;        // tokens per computation
-  int64_t max_assignments = 32768;  // (token, expert) pairs per computation
+  Device device;              // cpu, or cuda:N
+  std::string model_dir;      // the checkpoint every load reads
+  int threads = 0;            // CPU compute threads; 0: all cores
+  int64_t max_tokens = 4096;  // tokens per computation (and top-k assignments each)
 };
 
 class ExpertStore {
  public:
+  explicit ExpertStore(const ExpertStoreOptions& options) : options_(options) {}
   virtual ~ExpertStore() = default;
 
+  const ExpertStoreOptions& options() const { return options_; }
   virtual const ModelConfig& config() const = 0;
+  // (token, expert) assignments per computation at most: max_tokens × top-k.
+  int64_t max_assignments() const { return MaxAssignments(options_, config()); }
+  static int64_t MaxAssignments(const ExpertStoreOptions& options, const ModelConfig& config) {
+    return options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
+  }
   // The (layer, expert) pairs held when the store was opened.
   virtual ExpertSet InitiallyHeld() const = 0;
 
@@ -68,13 +75,19 @@ class ExpertStore {
   // caller until `deadline`; returns the channel's id. Any thread.
   virtual absl::StatusOr<uint64_t> OpenChannel(const std::string& unique_id, Deadline deadline);
   // RunAssignments with the hidden states received through channel `channel` and the output
-  // sent back through it. Any error closes the channel (the caller closes its side too).
-  // Serialised like RunAssignments.
+  // sent back through it. Serialised like RunAssignments.
   virtual absl::Status RunAssignmentsOverChannel(uint64_t channel, int64_t layer, int64_t T,
                                                  const ExpertAssignments& assignments,
                                                  Deadline deadline);
-  // Closes channel `channel` if open (a call on it failed before reaching the store).
+  // Closes channel `channel` if open: the service does after any failed call on it, since the
+  // caller closes its side then.
   virtual void CloseChannel(uint64_t /*channel*/) {}
+
+ protected:
+  // NOT_FOUND naming `channel`.
+  static absl::Status NoSuchChannel(uint64_t channel);
+
+  const ExpertStoreOptions options_;
 };
 
 // Loads the experts `selection` names onto `options.device`. FAILED_PRECONDITION with the reason
@@ -82,8 +95,6 @@ class ExpertStore {
 absl::StatusOr<std::unique_ptr<ExpertStore>> OpenExpertStore(const ExpertStoreOptions& options,
                                                              const WeightSelection& selection);
 
-// The routed-experts-only selection of `experts`.
-WeightSelection ExpertsOnly(const ExpertSet& experts);
 // The routed experts `weights` has loaded.
 ExpertSet LoadedExperts(const ModelWeights& weights);
 

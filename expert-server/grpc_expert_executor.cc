@@ -132,8 +132,8 @@ void GrpcExpertExecutor::StageHidden(int server, Call& call, const router::Serve
   call.side_output = nullptr;
   call.over_side_channel = false;
   DispatchSideChannel* side = options_.side_channel;
-  if (side != nullptr && side->ChannelTo(server) != 0) {
-    const uint64_t channel = side->ChannelTo(server);
+  const uint64_t channel = side != nullptr ? side->ChannelTo(server) : 0;
+  if (channel != 0) {
     const absl::Status posted = side->Post(server, x_, w.rows);
     if (posted.ok()) {
       call.over_side_channel = true;

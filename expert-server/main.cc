@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", store_options.threads, "CPU compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
-  app.add_option("--max-tokens", options.max_tokens, "Tokens per request at most")
+  app.add_option("--max-tokens", store_options.max_tokens, "Tokens per request at most")
       ->check(CLI::Range(1, 1 << 20));
   CLI11_PARSE(app, argc, argv);
 
@@ -56,12 +56,7 @@ int main(int argc, char** argv) {
   if (!security.ok()) return fail(security.status());
   server_options.security = *security;
   // Placement needs the config; the config comes from the checkpoint.
-  auto config_only = dsmoe::ModelWeights::Load(model, [] {
-    dsmoe::WeightSelection none;
-    none.attention_side = false;
-    none.all_routed_experts = false;
-    return none;
-  }());
+  auto config_only = dsmoe::ModelWeights::Load(model, dsmoe::WeightSelection::RoutedExperts());
   if (!config_only.ok()) return fail(config_only.status());
   const dsmoe::ModelConfig& config = (*config_only)->config();
   absl::StatusOr<dsmoe::router::Placement> placement =
@@ -72,11 +67,8 @@ int main(int argc, char** argv) {
                                                         " but the placement has ",
                                                         placement->num_servers(), " servers")));
   }
-  options.max_assignments = options.max_tokens * std::max<int64_t>(config.num_experts_per_tok, 1);
   store_options.device = *device;
   store_options.model_dir = model;  // SetPlacement loads more experts from here
-  store_options.max_tokens = options.max_tokens;
-  store_options.max_assignments = options.max_assignments;
   auto store = dsmoe::OpenExpertStore(store_options, placement->SelectionFor(server_index));
   if (!store.ok()) return fail(store.status());
   dsmoe::rpc::MetricsRegistry metrics(serving.ModelName(model),

@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -85,7 +84,7 @@ absl::StatusOr<std::string> NewUniqueId() {
 
 absl::StatusOr<std::unique_ptr<Channel>> Channel::Join(const std::string& unique_id, int rank,
                                                        int device, Deadline deadline,
-                                                       const std::atomic<bool>* cancel) {
+                                                       const Cancelled& cancelled) {
   ncclUniqueId id;
   if (unique_id.size() != sizeof(id.internal)) {
     return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id has ", sizeof(id.internal),
@@ -110,7 +109,7 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Join(const std::string& unique
     channel->Abort();
     return NcclError(*nccl, "joining the channel", r, nullptr);
   }
-  DSMOE_RETURN_IF_ERROR(channel->Settle("joining the channel", deadline, cancel));
+  DSMOE_RETURN_IF_ERROR(channel->Settle("joining the channel", deadline, cancelled));
   return channel;
 }
 
@@ -125,7 +124,7 @@ void Channel::Abort() {
   comm_ = nullptr;
 }
 
-absl::Status Channel::Settle(const char* what, Deadline deadline, const std::atomic<bool>* cancel) {
+absl::Status Channel::Settle(const char* what, Deadline deadline, const Cancelled& cancelled) {
   for (;;) {
     if (comm_ == nullptr) return absl::UnavailableError("the NCCL channel is broken");
     ncclResult_t state = ncclSuccess;
@@ -137,7 +136,7 @@ absl::Status Channel::Settle(const char* what, Deadline deadline, const std::ato
       Abort();
       return error;
     }
-    if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+    if (cancelled && cancelled()) {
       Abort();
       return absl::CancelledError(absl::StrCat("NCCL ", what, ": the peer gave up"));
     }
@@ -170,7 +169,7 @@ absl::Status Channel::Exchange(const float* send, size_t send_count, float* recv
     return error;
   }
   // A non-blocking communicator may still be enqueueing: wait for that (not for the transfer).
-  return Settle("exchange", std::chrono::steady_clock::now() + std::chrono::seconds(10), nullptr);
+  return Settle("exchange", std::chrono::steady_clock::now() + std::chrono::seconds(10), {});
 }
 
 absl::Status Channel::Wait(Deadline deadline) {

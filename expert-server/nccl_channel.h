@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -33,11 +34,13 @@ absl::StatusOr<std::string> NewUniqueId();
 
 class Channel {
  public:
+  // Asked while waiting: true gives the wait up (the peer said no, or shutdown).
+  using Cancelled = std::function<bool()>;
   // Joins the communicator named by `unique_id` as `rank` (0 or 1) on CUDA device `device`,
-  // waiting for the peer until `deadline` or until `*cancel` turns true (the peer said no).
+  // waiting for the peer until `deadline` or until `cancelled()` (if given) says so.
   static absl::StatusOr<std::unique_ptr<Channel>> Join(const std::string& unique_id, int rank,
                                                        int device, Deadline deadline,
-                                                       const std::atomic<bool>* cancel = nullptr);
+                                                       const Cancelled& cancelled = {});
   ~Channel();
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
@@ -61,7 +64,7 @@ class Channel {
   Channel() = default;
   // Polls the communicator until it leaves ncclInProgress; aborts it on error or past
   // `deadline`.
-  absl::Status Settle(const char* what, Deadline deadline, const std::atomic<bool>* cancel);
+  absl::Status Settle(const char* what, Deadline deadline, const Cancelled& cancelled);
 
   const Api& Nccl() const { return *api_; }
 

@@ -99,18 +99,10 @@ void NcclLinks::Open(int server) {
     }
     if (!call_status.ok()) refused = true;
   });
-  // Cancelled by whichever comes first: the expert server's refusal, or shutdown.
-  std::atomic<bool> give_up{false};
-  std::thread watch([&] {
-    while (!refused && !link.cancel && std::chrono::steady_clock::now() < deadline && !give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    give_up = true;
-  });
+  // Given up on whichever comes first: the expert server's refusal, or shutdown.
   absl::StatusOr<std::unique_ptr<nccl::Channel>> channel =
-      nccl::Channel::Join(*unique_id, 0, options_.device, deadline, &give_up);
-  give_up = true;
-  watch.join();
+      nccl::Channel::Join(*unique_id, 0, options_.device, deadline,
+                          [&] { return refused.load() || link.cancel.load(); });
   call.join();
   if (!call_status.ok()) {
     return fail(absl::Status(static_cast<absl::StatusCode>(call_status.error_code()),

@@ -105,10 +105,8 @@ int main(int argc, char** argv) {
                 : "the gateway needs --api-keys FILE (or --no-auth to let anyone call it)"));
   }
 
-  dsmoe::WeightSelection nothing;
-  nothing.attention_side = false;
-  nothing.all_routed_experts = false;
-  auto weights = dsmoe::ModelWeights::Load(model, nothing);  // config and generation config only
+  // The config and generation config only.
+  auto weights = dsmoe::ModelWeights::Load(model, dsmoe::WeightSelection::RoutedExperts());
   if (!weights.ok()) return Fail(weights.status());
   options.model_name = serving.ModelName(model);
   dsmoe::rpc::MetricsRegistry metrics(options.model_name);

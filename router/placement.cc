@@ -198,11 +198,8 @@ std::string Placement::ToJson() const {
 }
 
 WeightSelection Placement::SelectionFor(int server) const {
-  WeightSelection s;
-  s.attention_side = false;
-  s.all_routed_experts = false;
-  for (const auto& le : ExpertsOf(server)) s.routed_experts.insert(le);
-  return s;
+  const std::vector<std::pair<int64_t, int64_t>> experts = ExpertsOf(server);
+  return WeightSelection::RoutedExperts({experts.begin(), experts.end()});
 }
 
 std::vector<std::pair<int64_t, int64_t>> Placement::ExpertsOf(int server) const {

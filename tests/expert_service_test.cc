@@ -31,14 +31,12 @@ class ExpertServiceOnDevice : public ::testing::TestWithParam<std::string> {
   // The service as dsmoe-expert-server --device <param> runs it, holding `experts`; null (and
   // the test skipped) where the device cannot be used.
   std::unique_ptr<ExpertService> Open(const ExpertSet& experts) {
-    const ModelConfig& c = weights_->config();
     ExpertStoreOptions so;
     so.device = *ParseDevice(GetParam());
     so.model_dir = dir_.path();
     so.threads = 2;
     so.max_tokens = 8;
-    so.max_assignments = so.max_tokens * c.num_experts_per_tok;
-    auto store = OpenExpertStore(so, ExpertsOnly(experts));
+    auto store = OpenExpertStore(so, WeightSelection::RoutedExperts(experts));
     if (!store.ok()) {
       // Only a missing GPU or CUDA backend is a reason to skip; anything else fails.
       EXPECT_TRUE(so.device.is_cuda() &&
@@ -47,10 +45,7 @@ class ExpertServiceOnDevice : public ::testing::TestWithParam<std::string> {
       unusable_ = std::string(store.status().message());
       return nullptr;
     }
-    ExpertServiceOptions o;
-    o.max_tokens = so.max_tokens;
-    o.max_assignments = so.max_assignments;
-    return std::make_unique<ExpertService>(std::move(*store), o);
+    return std::make_unique<ExpertService>(std::move(*store), ExpertServiceOptions{});
   }
 
   // One ComputeExperts call: token 0 routed to `expert` of `layer` with weight 0.75.
@@ -162,6 +157,41 @@ TEST_P(ExpertServiceOnDevice, PlacementChangeAddsKeepsAndDropsExpertsWhileServin
                 e, err);
     EXPECT_LT(err, Tolerance()) << "expert " << e;
   }
+}
+
+// The store's limits are the service's: 8 tokens and 8 × top-k assignments per request (what
+// a GPU store has room for), checked before any computation.
+TEST_P(ExpertServiceOnDevice, RequestsAboveTheStoresLimitsAreRefused) {
+  const ModelConfig& c = weights_->config();
+  const int64_t H = c.hidden_size, layer = c.first_k_dense_replace;
+  std::unique_ptr<ExpertService> service = Open({{layer, 0}});
+  if (service == nullptr) GTEST_SKIP() << GetParam() << " cannot be used here: " << unusable_;
+  const int64_t max_assignments = 8 * c.num_experts_per_tok;
+  auto call = [&](int64_t tokens, int64_t assignments) {
+    internal::v1::ComputeExpertsRequest req;
+    req.set_layer(static_cast<uint32_t>(layer));
+    req.set_num_tokens(static_cast<uint32_t>(tokens));
+    const std::vector<float> x = testing::RandomFloats(tokens * H, 5);
+    req.set_hidden(x.data(), x.size() * sizeof(float));
+    for (int64_t i = 0; i < assignments; ++i) {
+      req.add_token(static_cast<uint32_t>(i % tokens));
+      req.add_expert(0);
+      req.add_weight(0.5f);
+    }
+    internal::v1::ComputeExpertsResponse resp;
+    grpc::ServerContext context;
+    return service->ComputeExperts(&context, &req, &resp);
+  };
+  EXPECT_TRUE(call(8, max_assignments).ok()) << "at the limits";
+  const grpc::Status tokens = call(9, 9);
+  EXPECT_EQ(tokens.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(tokens.error_message().find("9 tokens exceed"), std::string::npos)
+      << tokens.error_message();
+  const grpc::Status assignments = call(8, max_assignments + 1);
+  EXPECT_EQ(assignments.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(assignments.error_message().find(absl::StrCat(max_assignments + 1, " assignments")),
+            std::string::npos)
+      << assignments.error_message();
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, ExpertServiceOnDevice, ::testing::Values("cpu", "cuda:0"),

@@ -63,6 +63,14 @@ struct WeightSelection {
   std::set<std::pair<int64_t, int64_t>> routed_experts;  // (layer, expert), if not all
 
   static WeightSelection Everything() { return {}; }
+  // Only the routed experts `experts` (an expert server's share); none: the config alone.
+  static WeightSelection RoutedExperts(std::set<std::pair<int64_t, int64_t>> experts = {}) {
+    WeightSelection s;
+    s.attention_side = false;
+    s.all_routed_experts = false;
+    s.routed_experts = std::move(experts);
+    return s;
+  }
   bool WantsExpert(int64_t layer, int64_t expert) const {
     return all_routed_experts || routed_experts.count({layer, expert}) != 0;
   }

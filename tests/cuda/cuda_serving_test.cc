@@ -146,21 +146,17 @@ TEST(GpuServing, CpuAttentionWithGpuExpertsMatchesCpu) {
 }
 
 // An expert server as dsmoe-expert-server --device cuda:N runs it: its experts opened on GPU N.
-std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir, const ModelConfig& c,
+std::unique_ptr<ExpertService> GpuExpertService(const std::string& dir,
                                                 const WeightSelection& selection,
                                                 int64_t max_tokens, int device = 0) {
   ExpertStoreOptions so;
   so.device = Device{Device::Kind::kCuda, device};
   so.model_dir = dir;
   so.max_tokens = max_tokens;
-  so.max_assignments = max_tokens * c.num_experts_per_tok;
   auto store = OpenExpertStore(so, selection);
   EXPECT_TRUE(store.ok()) << store.status();
   if (!store.ok()) return nullptr;
-  ExpertServiceOptions o;
-  o.max_tokens = so.max_tokens;
-  o.max_assignments = so.max_assignments;
-  return std::make_unique<ExpertService>(std::move(*store), o);
+  return std::make_unique<ExpertService>(std::move(*store), ExpertServiceOptions{});
 }
 
 // NCCL's bootstrap sockets (listening for the peer, and joining) stay on loopback. Read once,
@@ -205,7 +201,7 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
   const ModelConfig& c = w->config();
   auto placement = router::Placement::Compute(c, 1, 1, router::Placement::Strategy::kRoundRobin);
   EXPECT_TRUE(placement.ok());
-  auto service = GpuExpertService(dir.path(), c, placement->SelectionFor(0), 64, expert_gpu);
+  auto service = GpuExpertService(dir.path(), placement->SelectionFor(0), 64, expert_gpu);
   if (service == nullptr) return -1;
   rpc::ServerOptions so;
   so.security = rpc::TransportSecurity::Insecure();
