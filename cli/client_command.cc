@@ -79,14 +79,14 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     }
     request.mutable_token_ids()->mutable_ids()->Add(ids->begin(), ids->end());
   }
-  request.set_max_tokens(static_cast<uint32_t>(o.max_tokens));
-  request.set_temperature(static_cast<float>(o.temperature));
-  request.set_top_k(static_cast<uint32_t>(o.top_k));
-  request.set_top_p(static_cast<float>(o.top_p));
-  request.set_seed(o.seed);
-  request.set_ignore_eos(o.ignore_eos);
-  if (!o.stop_ids.empty()) {
-    auto stops = ParseIdList(o.stop_ids, "--stop-ids");
+  request.set_max_tokens(static_cast<uint32_t>(o.sampling.max_tokens));
+  request.set_temperature(static_cast<float>(o.sampling.temperature));
+  request.set_top_k(static_cast<uint32_t>(o.sampling.top_k));
+  request.set_top_p(static_cast<float>(o.sampling.top_p));
+  request.set_seed(o.sampling.seed);
+  request.set_ignore_eos(o.sampling.ignore_eos);
+  if (!o.sampling.stop_ids.empty()) {
+    auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
     if (!stops.ok()) {
       std::cerr << "dsmoe: error: " << stops.status().message() << "\n";
       return 2;

@@ -5,6 +5,8 @@
 #include <optional>
 #include <string>
 
+#include "cli/sampling_options.h"
+
 namespace dsmoe::cli {
 
 struct ClientGenerateOptions {
@@ -18,13 +20,7 @@ struct ClientGenerateOptions {
   bool insecure = false;
   std::string ids;     // comma-separated, or
   std::string prompt;  // text (the gateway tokenizes)
-  int64_t max_tokens = 16;
-  double temperature = 0.0;
-  int64_t top_k = 0;
-  double top_p = 1.0;
-  uint64_t seed = 0;
-  std::string stop_ids;
-  bool ignore_eos = false;
+  SamplingOptions sampling;
   bool json = false;
   double timeout_seconds = 600;
 };

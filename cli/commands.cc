@@ -216,12 +216,12 @@ int RunLogits(const LogitsOptions& o) {
 
 int RunGenerate(const GenerateOptions& o) {
   GenerateRequest request;
-  request.max_tokens = o.max_tokens;
-  request.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
-  request.ignore_eos = o.ignore_eos;
+  request.max_tokens = o.sampling.max_tokens;
+  request.sampling = {o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, o.sampling.seed};
+  request.ignore_eos = o.sampling.ignore_eos;
   if (auto s = request.sampling.Validate(); !s.ok()) return Fail(s);
-  if (!o.stop_ids.empty()) {
-    auto stops = ParseIdList(o.stop_ids, "--stop-ids");
+  if (!o.sampling.stop_ids.empty()) {
+    auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
     if (!stops.ok()) return Fail(stops.status());
     request.stop_token_ids = *stops;
   }
@@ -229,8 +229,8 @@ int RunGenerate(const GenerateOptions& o) {
   if (!m.ok()) return Fail(m.status());
   request.prompt = m->ids;
   const ModelConfig& c = m->weights->config();
-  const int64_t context =
-      std::min<int64_t>(c.MaxContext(), static_cast<int64_t>(m->ids.size()) + o.max_tokens);
+  const int64_t context = std::min<int64_t>(
+      c.MaxContext(), static_cast<int64_t>(m->ids.size()) + o.sampling.max_tokens);
   auto runner = MakeRunner(*m, context);
   if (!runner.ok()) return Fail(runner.status());
   const bool stream = !o.json;

@@ -1,11 +1,13 @@
-// The `dsmoe` subcommands, each a plain options struct and a Run function returning the exit
-// code. main.cc owns the flag parsing (CLI11) and nothing else; these own the work.
+// The `dsmoe` model subcommands, each a plain options struct and a Run function returning the
+// exit code. cli/flags_*.cc declare the flags (CLI11) that fill the structs; these own the work.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "cli/sampling_options.h"
 
 namespace dsmoe::cli {
 
@@ -40,13 +42,7 @@ struct LogitsOptions {
 
 struct GenerateOptions {
   ModelInputOptions input;
-  int64_t max_tokens = 16;
-  double temperature = 0.0;
-  int64_t top_k = 0;
-  double top_p = 1.0;
-  uint64_t seed = 0;
-  std::string stop_ids;
-  bool ignore_eos = false;
+  SamplingOptions sampling;
   bool json = false;
 };
 

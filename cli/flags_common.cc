@@ -1,0 +1,41 @@
+#include "cli/flags.h"
+
+namespace dsmoe::cli {
+
+void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt) {
+  cmd->add_option("--model", in.model, "Checkpoint directory (Hugging Face format)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  auto* ids = cmd->add_option("--ids", in.ids, "Prompt token ids, comma-separated (e.g. 1,2,3)");
+  if (allow_prompt) {
+    auto* prompt = cmd->add_option("--prompt", in.prompt, "Prompt text (needs a tokenizer)");
+    ids->excludes(prompt);
+  } else {
+    ids->required();
+  }
+  cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_flag("--mmap-weights", in.mmap_weights,
+                "Read weights through the file mapping (4 KiB pages) instead of copying them into "
+                "huge pages");
+}
+
+void AddSamplingFlags(CLI::App* cmd, SamplingOptions& sampling) {
+  cmd->add_option("--max-tokens", sampling.max_tokens, "Tokens to generate at most")
+      ->check(CLI::Range(int64_t{1}, SamplingOptions::kMaxTokensLimit))
+      ->capture_default_str();
+  cmd->add_option("--temperature", sampling.temperature, "Sampling temperature (0: greedy)")
+      ->check(CLI::Range(0.0, 1e6))
+      ->capture_default_str();
+  cmd->add_option("--top-k", sampling.top_k, "Keep the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--top-p", sampling.top_p, "Nucleus sampling mass in (0, 1]")
+      ->check(CLI::Range(1e-9, 1.0))
+      ->capture_default_str();
+  cmd->add_option("--seed", sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--stop-ids", sampling.stop_ids, "Extra stop token ids, comma-separated");
+  cmd->add_flag("--ignore-eos", sampling.ignore_eos, "Do not stop at the model's eos token");
+}
+
+}  // namespace dsmoe::cli
