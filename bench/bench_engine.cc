@@ -22,6 +22,7 @@
 #include "bench/bench_args.h"
 #include "bench/machine_probe.h"
 #include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "core/model/sampler.h"
