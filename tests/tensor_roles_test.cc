@@ -79,6 +79,18 @@ TEST(TensorRoles, ListEveryTensorOfACheckpointInOrder) {
   EXPECT_EQ(CountParameters(SmallConfig()).active, total - 3 * 8 * 4);
 }
 
+// Counted by hand for SmallConfig: per layer attention q 8·8 + k 4·8 + v 4·8 + o 8·8 = 192;
+// layer 0 dense 3·12·8 = 288; layer 1 one routed expert of two, 3·4·8 = 96, and the shared
+// expert 96; head 16·8 = 128; one embedding row 8. Router 2·8.
+TEST(ModelFacts, DecodeWeightsAreWhatOneTokenReads) {
+  const DecodeWeights w = CountDecodeWeights(SmallConfig());
+  EXPECT_EQ(w.matrices, 192 + 288 + 192 + 96 + 96 + 128 + 8);
+  EXPECT_EQ(w.routers, 16);
+  ModelConfig tied = SmallConfig();
+  tied.tie_word_embeddings = true;  // the head is the embedding matrix: still read whole
+  EXPECT_EQ(CountDecodeWeights(tied).matrices, w.matrices);
+}
+
 TEST(TensorRoles, TiedEmbeddingsAndNoBiasesDropTheirTensors) {
   ModelConfig c = SmallConfig();
   c.tie_word_embeddings = true;
