@@ -11,22 +11,17 @@ absl::StatusOr<std::unique_ptr<BatchRunner>> CreateBatchRunner(const Device& dev
                                                                ThreadPool& pool,
                                                                const SchedulerOptions& options,
                                                                RoutedExpertExecutor* experts) {
-  const int64_t slots = options.num_slots + 1;  // + the scratch slot of ComputeLogits
+  BatchLimits limits = options;  // the scheduler's limits, less its queue
+  limits.num_slots += 1;         // + the scratch slot of ComputeLogits
   if (!device.is_cuda()) {
-    RunnerOptions ro;
-    ro.max_batch_tokens = options.max_batch_tokens;
-    ro.num_slots = slots;
-    ro.max_context = options.max_context;
-    DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, ro, experts));
+    DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, limits, experts));
     return std::unique_ptr<BatchRunner>(std::move(runner));
   }
 #ifdef DSMOE_WITH_CUDA
   cuda::CudaRunnerOptions co;
+  static_cast<BatchLimits&>(co) = limits;
   co.device = device.index;
-  co.max_batch_tokens = options.max_batch_tokens;
-  co.num_slots = slots;
-  co.max_context = options.max_context;
-  co.max_graph_tokens = std::min<int64_t>(options.max_batch_tokens, co.max_graph_tokens);
+  co.max_graph_tokens = std::min<int64_t>(limits.max_batch_tokens, co.max_graph_tokens);
   DSMOE_ASSIGN_OR_RETURN(auto runner, cuda::CudaModelRunner::Create(weights, co, experts));
   return std::unique_ptr<BatchRunner>(std::move(runner));
 #else

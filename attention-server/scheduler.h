@@ -45,11 +45,11 @@ class SequenceSink {
   virtual void OnFinish(FinishReason reason, const absl::Status& status) = 0;
 };
 
-struct SchedulerOptions {
-  int64_t num_slots = 32;          // sequences running at once (KV-cache slots)
-  int64_t max_batch_tokens = 256;  // tokens per forward pass
-  int64_t max_context = 0;         // per sequence; 0: the model's maximum
-  int64_t max_waiting = 1024;      // accepted but not yet running; beyond: RESOURCE_EXHAUSTED
+// The runner's limits (num_slots: sequences running at once; the runner holds one more, the
+// scratch slot of ComputeLogits), and the queue's.
+struct SchedulerOptions : BatchLimits {
+  SchedulerOptions() { num_slots = 32; }
+  int64_t max_waiting = 1024;  // accepted but not yet running; beyond: RESOURCE_EXHAUSTED
 };
 
 struct SchedulerLoad {

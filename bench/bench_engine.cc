@@ -22,6 +22,7 @@
 #include "bench/bench_args.h"
 #include "bench/machine_probe.h"
 #include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "core/model/sampler.h"
@@ -33,23 +34,10 @@ namespace {
 using namespace dsmoe;
 using Clock = std::chrono::steady_clock;
 
-// Weight bytes a batch-1 decode step reads: attention, dense and shared MLPs, routers, the
-// top-k routed experts of each MoE layer, the head and one embedding row.
+// Weight bytes a batch-1 decode step reads (core/model/model_facts.h).
 double DecodeBytesPerToken(const ModelConfig& c, double bytes_per_weight) {
-  const double H = c.hidden_size, hd = c.head_dim();
-  double params = 0;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    params += H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
-    if (c.IsMoeLayer(i)) {
-      params += c.n_routed_experts * H;
-      params +=
-          3 * H * (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
-    } else {
-      params += 3 * H * c.intermediate_size;
-    }
-  }
-  params += c.vocab_size * H + H;
-  return params * bytes_per_weight;
+  const DecodeWeights w = CountDecodeWeights(c);
+  return static_cast<double>(w.matrices + w.routers) * bytes_per_weight;
 }
 
 // Counts the distinct routed experts each MoE layer runs per forward pass: at batch B a step

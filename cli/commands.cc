@@ -14,6 +14,7 @@
 #include "core/io/npy.h"
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "core/model/weights.h"

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <optional>
 
-#include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 #include "gateway/request_validation.h"

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 
 namespace dsmoe {
 namespace {

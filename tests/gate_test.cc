@@ -1,6 +1,7 @@
 // The router against a naive implementation: softmax in double, full sort, take k.
 #include "core/model/gate.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -89,6 +90,66 @@ TEST(Gate, TiesGoToTheLowerIndex) {
   RouteTokens({4, 2, false}, logits.data(), 1, scratch.data(), e.data(), w.data());
   EXPECT_EQ(e[0], 1);
   EXPECT_EQ(e[1], 2);
+}
+
+// A DeepSeekMoE config.json (the keys of deepseek-moe-16b-base, shrunk), plus `extra` keys.
+ModelConfig MoeConfig(const std::string& extra) {
+  const std::string text =
+      R"({"model_type": "deepseek", "hidden_size": 64, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "first_k_dense_replace": 1, "intermediate_size": 128,
+    "moe_intermediate_size": 32, "n_routed_experts": 16, "n_shared_experts": 2,
+    "num_experts_per_tok": 4, "norm_topk_prob": false, "scoring_func": "softmax",
+    "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1)" +
+      extra + "}";
+  auto c = ModelConfig::FromJson(text, "config.json");
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *c : ModelConfig{};
+}
+
+// The GPU gate (softmax, greedy top-k, optional renormalisation) routes these as RouteTokens.
+TEST(GpuGate, AcceptsWhatItComputesLikeTheCpuGate) {
+  EXPECT_TRUE(CheckGpuGateSupports(MoeConfig("")).ok());
+  EXPECT_TRUE(CheckGpuGateSupports(MoeConfig(R"(, "norm_topk_prob": true)")).ok());
+  EXPECT_TRUE(CheckGpuGateSupports(MoeConfig(R"(, "routed_scaling_factor": 1.0)")).ok());
+  // Group-limited with every group kept (or one group) is greedy: RouteTokens excludes nothing.
+  EXPECT_TRUE(CheckGpuGateSupports(MoeConfig(R"(, "topk_method": "group_limited_greedy",
+      "n_group": 4, "topk_group": 4)"))
+                  .ok());
+  EXPECT_TRUE(
+      CheckGpuGateSupports(MoeConfig(R"(, "topk_method": "group_limited_greedy", "n_group": 1)"))
+          .ok());
+  ModelConfig dense = MoeConfig("");
+  dense.n_routed_experts = 0;  // no gate at all
+  dense.routed_scaling_factor = 2.0;
+  EXPECT_TRUE(CheckGpuGateSupports(dense).ok());
+}
+
+TEST(GpuGate, RefusesGroupLimitedGreedyNamingTheKeys) {
+  const absl::Status s = CheckGpuGateSupports(
+      MoeConfig(R"(, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2)"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              ::testing::HasSubstr("topk_method \"group_limited_greedy\""));
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("n_group 4, topk_group 2"));
+}
+
+TEST(GpuGate, RefusesARoutedScalingFactorNamingIt) {
+  const absl::Status s = CheckGpuGateSupports(MoeConfig(R"(, "routed_scaling_factor": 2.5)"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("routed_scaling_factor 2.5"));
+}
+
+TEST(GpuGate, GateParamsFollowTheConfig) {
+  const GateParams p = GateParamsFromConfig(MoeConfig(
+      R"(, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+      "routed_scaling_factor": 2.5, "norm_topk_prob": true)"));
+  EXPECT_EQ(p.num_experts, 16);
+  EXPECT_EQ(p.top_k, 4);
+  EXPECT_TRUE(p.norm_topk_prob);
+  EXPECT_EQ(p.topk_method, TopkMethod::kGroupLimitedGreedy);
+  EXPECT_EQ(p.n_group, 4);
+  EXPECT_EQ(p.topk_group, 2);
+  EXPECT_EQ(p.routed_scaling_factor, 2.5f);
 }
 
 }  // namespace

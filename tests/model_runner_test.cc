@@ -162,6 +162,65 @@ TEST_F(ModelRunnerTest, RefusesBadBatches) {
   EXPECT_EQ(r->Forward({{}, {}, {}, {}}, logits.data()).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(BatchLimits, ResolveFillsTheModelContextAndRefusesWhatCannotBeSized) {
+  ModelConfig c = *PresetConfig("tiny");  // max_position_embeddings 4096
+  auto r = BatchLimits({8, 2, 0}).Resolve(c);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->max_context, 4096);
+  EXPECT_EQ(r->num_slots, 2);
+  c.rope_scaling = {RopeScaling::Type::kLinear, 2.0};  // linear scaling stretches the context
+  EXPECT_EQ(BatchLimits({8, 2, 0}).Resolve(c)->max_context, 8192);
+  absl::StatusOr<BatchLimits> bad = BatchLimits({8, 2, 8193}).Resolve(c);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("max context 8193 exceeds the model's maximum of 8192"));
+  EXPECT_EQ(BatchLimits({0, 2, 16}).Resolve(c).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BatchLimits({8, 0, 16}).Resolve(c).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BatchLimits, CheckBatchRefusesBeyondEachLimit) {
+  const BatchLimits limits{2, 3, 10};
+  const std::vector<int32_t> ids = {1, 2}, slots = {0, 2}, pos = {0, 9}, rows = {0, 1};
+  EXPECT_TRUE(CheckBatch({ids, slots, pos, rows}, limits, 16).ok());
+  const std::vector<int32_t> three = {1, 2, 3};
+  EXPECT_THAT(std::string(CheckBatch({three, three, three, {}}, limits, 16).message()),
+              HasSubstr("batch of 3 tokens exceeds max_batch_tokens 2"));
+  const std::vector<int32_t> slot3 = {0, 3};
+  EXPECT_THAT(std::string(CheckBatch({ids, slot3, pos, rows}, limits, 16).message()),
+              HasSubstr("slot 3 outside [0, 3)"));
+  const std::vector<int32_t> pos10 = {0, 10};
+  EXPECT_EQ(CheckBatch({ids, slots, pos10, rows}, limits, 16).code(),
+            absl::StatusCode::kOutOfRange);
+  const std::vector<int32_t> descending = {1, 0};
+  EXPECT_EQ(CheckBatch({ids, slots, pos, descending}, limits, 16).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// RoPE against the closed form (HF: angle = position / factor · θ^(−2i / head_dim)).
+TEST(RopeTable, MatchesTheClosedFormWithLinearScaling) {
+  ModelConfig c = *PresetConfig("tiny");  // head_dim 16
+  c.rope_theta = 500.0;
+  c.rope_scaling = {RopeScaling::Type::kLinear, 4.0};
+  const RopeTable rope(c, 64);
+  const int64_t half = 8;
+  ASSERT_EQ(rope.cos().size(), static_cast<size_t>(64 * half));
+  for (int64_t p : {0, 1, 5, 63}) {
+    for (int64_t i : {0, 3, 7}) {
+      const double angle = p / 4.0 * std::pow(500.0, -2.0 * i / 16.0);
+      EXPECT_NEAR(rope.cos()[p * half + i], std::cos(angle), 1e-7) << p << " " << i;
+      EXPECT_NEAR(rope.sin()[p * half + i], std::sin(angle), 1e-7) << p << " " << i;
+    }
+  }
+  // Apply rotates each (first half, second half) pair of a head by the angle.
+  std::vector<float> x(16, 0.0f);
+  x[3] = 1.0f;  // pair (3, 11)
+  const std::vector<int32_t> position = {5};
+  rope.Apply(x.data(), 1, 1, position);
+  const double angle = 5 / 4.0 * std::pow(500.0, -6.0 / 16.0);
+  EXPECT_NEAR(x[3], std::cos(angle), 1e-6);
+  EXPECT_NEAR(x[11], std::sin(angle), 1e-6);
+}
+
 TEST_F(ModelRunnerTest, MissingRoutedExpertFailsThePreconditionNamingIt) {
   WeightSelection no_experts;
   no_experts.all_routed_experts = false;

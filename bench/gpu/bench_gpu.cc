@@ -23,6 +23,7 @@
 #include "core/model/cuda/cuda_model_runner.h"
 #include "core/model/cuda/step_profiler.h"
 #include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "core/ops/cuda/cublas_gemm.h"
 #include "core/ops/cuda/cuda_ops.h"
 #include "core/ops/cuda/cuda_status.h"
@@ -216,22 +217,11 @@ GroupedResult GroupedExperts(cuda::CublasGemm& gemm, int64_t T, double hbm) {
           bytes / (best_ms * 1e-3) / hbm};
 }
 
-// Bytes of weights one decode step must read (bf16): attention, dense and shared MLPs, router
-// (fp32 on the GPU), the top-k routed experts of each MoE layer, the head, one embedding row.
+// Bytes of weights one decode step must read (core/model/model_facts.h): bf16 matrices, the
+// routers in fp32 on the GPU.
 double DecodeBytesPerToken(const ModelConfig& c) {
-  const double H = c.hidden_size, hd = c.head_dim();
-  double bytes = 0;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    bytes += 2 * H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
-    if (c.IsMoeLayer(i)) {
-      bytes += 4 * c.n_routed_experts * H;
-      bytes += 2 * 3 * H *
-               (c.shared_intermediate_size() + c.num_experts_per_tok * c.moe_intermediate_size);
-    } else {
-      bytes += 2 * 3 * H * c.intermediate_size;
-    }
-  }
-  return bytes + 2 * (c.vocab_size * H + H);
+  const DecodeWeights w = CountDecodeWeights(c);
+  return 2.0 * static_cast<double>(w.matrices) + 4.0 * static_cast<double>(w.routers);
 }
 
 double Seconds(std::chrono::steady_clock::time_point a) {

@@ -4,6 +4,41 @@
 
 namespace dsmoe {
 
+GateParams GateParamsFromConfig(const ModelConfig& c) {
+  return {c.n_routed_experts,
+          c.num_experts_per_tok,
+          c.norm_topk_prob,
+          c.topk_method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy
+                                                  : TopkMethod::kGreedy,
+          c.n_group,
+          c.topk_group,
+          static_cast<float>(c.routed_scaling_factor)};
+}
+
+absl::Status CheckGpuGateSupports(const ModelConfig& c) {
+  if (c.n_routed_experts == 0) return absl::OkStatus();  // a dense model: no gate
+  const GateParams gate = GateParamsFromConfig(c);
+  // RouteTokens keeps every group when n_group is 1 or topk_group == n_group: plain greedy.
+  if (gate.topk_method == TopkMethod::kGroupLimitedGreedy && gate.n_group > 1 &&
+      gate.topk_group < gate.n_group) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the GPU gate does not implement topk_method \"group_limited_greedy\" (n_group ", c.n_group,
+        ", topk_group ", c.topk_group,
+        "): it would route this model's tokens differently from the CPU gate; run it on the CPU"));
+  }
+  if (gate.routed_scaling_factor != 1.0f) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the GPU gate does not apply routed_scaling_factor ", c.routed_scaling_factor,
+        " (only 1): it would weight this model's routed experts differently from the CPU gate; "
+        "run it on the CPU"));
+  }
+  if (c.n_routed_experts > 256) {
+    return absl::UnimplementedError(
+        absl::StrCat("GPU gate supports <= 256 routed experts, not ", c.n_routed_experts));
+  }
+  return absl::OkStatus();
+}
+
 void RouteTokens(const GateParams& params, const float* logits, int64_t T, float* scratch,
                  int32_t* experts, float* weights) {
   const int64_t E = params.num_experts, k = params.top_k;

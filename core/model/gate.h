@@ -11,6 +11,9 @@
 
 #include <cstdint>
 
+#include "core/model/config.h"
+#include "core/util/status.h"
+
 namespace dsmoe {
 
 enum class TopkMethod { kGreedy, kGroupLimitedGreedy };
@@ -24,6 +27,19 @@ struct GateParams {
   int64_t topk_group = 1;  // group-limited: groups kept
   float routed_scaling_factor = 1.0f;
 };
+
+// The gate a config asks for (n_routed_experts, num_experts_per_tok, norm_topk_prob, topk_method,
+// n_group, topk_group, routed_scaling_factor).
+GateParams GateParamsFromConfig(const ModelConfig& config);
+
+// Whether the GPU gate (core/ops/cuda/gate.cu: softmax, greedy top-k, renormalised iff
+// norm_topk_prob, at most 256 routed experts) routes `config`'s tokens exactly as RouteTokens
+// does. FAILED_PRECONDITION naming the config key and value when it would not — a
+// group-limited top-k that excludes groups, a routed_scaling_factor other than 1 — and
+// UNIMPLEMENTED beyond 256 routed experts; OK for a model without routed experts. Checked by
+// cuda::CudaModelRunner::Create (the GPU expert executor computes no gate: it applies the
+// weights it is given).
+absl::Status CheckGpuGateSupports(const ModelConfig& config);
 
 // For each of T tokens: logits[t·E .. t·E+E) → experts[t·k ..] (descending weight, ties to the
 // lower index) and weights[t·k ..]. `scratch` holds E floats. No allocation.

@@ -6,51 +6,11 @@
 #include <nlohmann/json.hpp>
 
 #include "core/io/safetensors.h"
+#include "core/model/tensor_roles.h"
 
 namespace dsmoe {
 
 namespace {
-
-struct TensorPlan {
-  std::string name;
-  std::vector<int64_t> shape;
-  enum class Init { kLinear, kEmbedding, kNorm, kBias } init;
-};
-
-std::vector<TensorPlan> PlanTensors(const ModelConfig& c) {
-  using I = TensorPlan::Init;
-  const int64_t H = c.hidden_size, hd = c.head_dim();
-  const int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
-  std::vector<TensorPlan> plan;
-  plan.push_back({"model.embed_tokens.weight", {c.vocab_size, H}, I::kEmbedding});
-  auto mlp = [&](const std::string& p, int64_t width) {
-    plan.push_back({p + ".gate_proj.weight", {width, H}, I::kLinear});
-    plan.push_back({p + ".up_proj.weight", {width, H}, I::kLinear});
-    plan.push_back({p + ".down_proj.weight", {H, width}, I::kLinear});
-  };
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    plan.push_back({p + "input_layernorm.weight", {H}, I::kNorm});
-    for (auto [name, out, in] : {std::tuple{"q_proj", q_out, H}, std::tuple{"k_proj", kv_out, H},
-                                 std::tuple{"v_proj", kv_out, H}, std::tuple{"o_proj", H, q_out}}) {
-      plan.push_back({p + "self_attn." + name + ".weight", {out, in}, I::kLinear});
-      if (c.attention_bias) plan.push_back({p + "self_attn." + name + ".bias", {out}, I::kBias});
-    }
-    plan.push_back({p + "post_attention_layernorm.weight", {H}, I::kNorm});
-    if (!c.IsMoeLayer(i)) {
-      mlp(p + "mlp", c.intermediate_size);
-      continue;
-    }
-    plan.push_back({p + "mlp.gate.weight", {c.n_routed_experts, H}, I::kLinear});
-    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-      mlp(p + "mlp.experts." + std::to_string(e), c.moe_intermediate_size);
-    }
-    if (c.n_shared_experts > 0) mlp(p + "mlp.shared_experts", c.shared_intermediate_size());
-  }
-  plan.push_back({"model.norm.weight", {H}, I::kNorm});
-  if (!c.tie_word_embeddings) plan.push_back({"lm_head.weight", {c.vocab_size, H}, I::kLinear});
-  return plan;
-}
 
 // SplitMix64: tiny, fast, and good enough for test weights.
 class Rng {
@@ -133,34 +93,60 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
   return c;
 }
 
-ParameterCount CountParameters(const ModelConfig& c) {
-  ParameterCount count;
-  for (const TensorPlan& t : PlanTensors(c)) {
-    const int64_t n = NumElements(t.shape);
-    count.total += n;
-  }
-  // Active, as the DeepSeekMoE paper counts it (16B: 2.8B): all but the routed experts a token
-  // does not choose. (Of the embedding table a token reads one row; weight bytes read per
-  // token are the benchmark's business.)
-  const int64_t expert = 3 * c.hidden_size * c.moe_intermediate_size;
-  count.active =
-      count.total - c.NumMoeLayers() * (c.n_routed_experts - c.num_experts_per_tok) * expert;
-  return count;
-}
-
 namespace {
 
-bool IsRouter(const std::string& name) {
-  const std::string suffix = ".mlp.gate.weight";
-  return name.size() > suffix.size() &&
-         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+// The tensor's values, as fp32: depend only on (seed, name).
+void RandomValues(const CheckpointTensor& t, const CheckpointWriteOptions& options,
+                  std::vector<float>& values) {
+  const TensorKind kind = RoleInfo(t.role).kind;
+  const int64_t n = NumElements(t.shape);
+  Rng rng(HashName(t.name, options.seed));
+  values.resize(n);
+  const bool linear = kind == TensorKind::kLinear || kind == TensorKind::kRouter;
+  const float std_dev =
+      linear                           ? static_cast<float>(1.0 /
+                                  std::sqrt(static_cast<double>(t.shape.back())))  // 1/sqrt(fan_in)
+      : kind == TensorKind::kEmbedding ? 1.0f
+                                       : 0.1f;
+  const float half_width = std_dev * std::sqrt(3.0f);  // uniform[-a, a] has std a/√3
+  for (int64_t i = 0; i < n; ++i) {
+    values[i] =
+        kind == TensorKind::kNorm ? 1.0f + 0.25f * rng.Symmetric() : half_width * rng.Symmetric();
+  }
+  if (kind == TensorKind::kRouter) {  // [E, H]: scale the biased experts' rows
+    const int64_t H = t.shape.back();
+    for (int64_t e : options.router_bias_experts) {
+      for (int64_t h = 0; h < H; ++h) values[e * H + h] *= options.router_bias;
+    }
+  }
 }
 
-}  // namespace
+// Writes one safetensors file holding `tensors`.
+absl::Status WriteShard(const std::string& path,
+                        const std::vector<const CheckpointTensor*>& tensors,
+                        const CheckpointWriteOptions& options) {
+  std::vector<SafetensorsWriter::Spec> specs;
+  for (const CheckpointTensor* t : tensors) specs.push_back({t->name, options.dtype, t->shape});
+  DSMOE_ASSIGN_OR_RETURN(auto writer, SafetensorsWriter::Create(path, specs));
+  std::vector<float> values;
+  std::vector<uint16_t> halves;
+  for (const CheckpointTensor* t : tensors) {
+    RandomValues(*t, options, values);
+    const int64_t n = static_cast<int64_t>(values.size());
+    if (options.dtype == DType::kF32) {
+      DSMOE_RETURN_IF_ERROR(writer->Append(values.data(), n * sizeof(float)));
+      continue;
+    }
+    halves.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      halves[i] = options.dtype == DType::kBF16 ? F32ToBf16(values[i]) : F32ToF16(values[i]);
+    }
+    DSMOE_RETURN_IF_ERROR(writer->Append(halves.data(), n * sizeof(uint16_t)));
+  }
+  return writer->Finish();
+}
 
-absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWriteOptions& options,
-                                   const std::string& dir) {
-  namespace fs = std::filesystem;
+absl::Status CheckWriteOptions(const ModelConfig& config, const CheckpointWriteOptions& options) {
   DSMOE_RETURN_IF_ERROR(config.Validate("generated config"));
   for (int64_t e : options.router_bias_experts) {
     if (e < 0 || e >= config.n_routed_experts) {
@@ -172,6 +158,15 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
     return absl::InvalidArgumentError("router bias must be a positive number");
   }
   if (options.num_shards < 1) return absl::InvalidArgumentError("--shards must be >= 1");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWriteOptions& options,
+                                   const std::string& dir) {
+  namespace fs = std::filesystem;
+  DSMOE_RETURN_IF_ERROR(CheckWriteOptions(config, options));
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::PermissionDeniedError(absl::StrCat(dir, ": cannot create: ", ec.message()));
@@ -184,24 +179,22 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
   DSMOE_RETURN_IF_ERROR(WriteJson(fs::path(dir) / "generation_config.json",
                                   GenerationConfig::FromModel(written).ToJson()));
 
-  const std::vector<TensorPlan> plan = PlanTensors(config);
+  const std::vector<CheckpointTensor> plan = CheckpointTensors(config);
   const int64_t elem = static_cast<int64_t>(DTypeSize(options.dtype));
   int64_t total_bytes = 0;
-  for (const TensorPlan& t : plan) total_bytes += NumElements(t.shape) * elem;
+  for (const CheckpointTensor& t : plan) total_bytes += NumElements(t.shape) * elem;
   const int shards = std::min<int>(options.num_shards, static_cast<int>(plan.size()));
 
   // Contiguous runs of tensors, cut where the running size passes each 1/shards mark.
-  std::vector<std::vector<const TensorPlan*>> shard_tensors(shards);
+  std::vector<std::vector<const CheckpointTensor*>> shard_tensors(shards);
   int64_t running = 0;
-  for (const TensorPlan& t : plan) {
+  for (const CheckpointTensor& t : plan) {
     int s = static_cast<int>(running * shards / std::max<int64_t>(total_bytes, 1));
     s = std::min(s, shards - 1);
     shard_tensors[s].push_back(&t);
     running += NumElements(t.shape) * elem;
   }
   nlohmann::ordered_json weight_map;
-  std::vector<float> values;
-  std::vector<uint16_t> halves;
   for (int s = 0; s < shards; ++s) {
     if (shard_tensors[s].empty()) continue;
     char name[64];
@@ -210,44 +203,8 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWr
     } else {
       std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", s + 1, shards);
     }
-    std::vector<SafetensorsWriter::Spec> specs;
-    for (const TensorPlan* t : shard_tensors[s]) {
-      specs.push_back({t->name, options.dtype, t->shape});
-      weight_map[t->name] = name;
-    }
-    DSMOE_ASSIGN_OR_RETURN(auto writer,
-                           SafetensorsWriter::Create((fs::path(dir) / name).string(), specs));
-    for (const TensorPlan* t : shard_tensors[s]) {
-      const int64_t n = NumElements(t->shape);
-      Rng rng(HashName(t->name, options.seed));
-      values.resize(n);
-      const float std_dev =
-          t->init == TensorPlan::Init::kLinear
-              ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(t->shape.back())))
-          : t->init == TensorPlan::Init::kEmbedding ? 1.0f
-                                                    : 0.1f;
-      const float half_width = std_dev * std::sqrt(3.0f);  // uniform[-a, a] has std a/√3
-      for (int64_t i = 0; i < n; ++i) {
-        values[i] = t->init == TensorPlan::Init::kNorm ? 1.0f + 0.25f * rng.Symmetric()
-                                                       : half_width * rng.Symmetric();
-      }
-      if (IsRouter(t->name)) {  // [E, H]: scale the biased experts' rows
-        const int64_t H = t->shape.back();
-        for (int64_t e : options.router_bias_experts) {
-          for (int64_t h = 0; h < H; ++h) values[e * H + h] *= options.router_bias;
-        }
-      }
-      if (options.dtype == DType::kF32) {
-        DSMOE_RETURN_IF_ERROR(writer->Append(values.data(), n * sizeof(float)));
-      } else {
-        halves.resize(n);
-        for (int64_t i = 0; i < n; ++i) {
-          halves[i] = options.dtype == DType::kBF16 ? F32ToBf16(values[i]) : F32ToF16(values[i]);
-        }
-        DSMOE_RETURN_IF_ERROR(writer->Append(halves.data(), n * sizeof(uint16_t)));
-      }
-    }
-    DSMOE_RETURN_IF_ERROR(writer->Finish());
+    for (const CheckpointTensor* t : shard_tensors[s]) weight_map[t->name] = name;
+    DSMOE_RETURN_IF_ERROR(WriteShard((fs::path(dir) / name).string(), shard_tensors[s], options));
   }
   if (shards > 1) {
     nlohmann::ordered_json index;

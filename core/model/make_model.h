@@ -43,12 +43,4 @@ struct CheckpointWriteOptions {
 absl::Status WriteRandomCheckpoint(const ModelConfig& config, const CheckpointWriteOptions& options,
                                    const std::string& dir);
 
-// Parameter counts: total, and active per token as the paper counts them (all but the routed
-// experts not chosen).
-struct ParameterCount {
-  int64_t total = 0;
-  int64_t active = 0;
-};
-ParameterCount CountParameters(const ModelConfig& config);
-
 }  // namespace dsmoe

@@ -16,17 +16,7 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
   if (weights.embed_tokens.empty()) {
     return absl::FailedPreconditionError("model runner needs the attention-side weights loaded");
   }
-  RunnerOptions o = options;
-  const int64_t model_max = c.MaxContext();
-  if (o.max_context <= 0) o.max_context = model_max;
-  if (o.max_context > model_max) {
-    return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
-                                                   " exceeds the model's maximum of ", model_max,
-                                                   " positions"));
-  }
-  if (o.max_batch_tokens <= 0 || o.num_slots <= 0) {
-    return absl::InvalidArgumentError("max_batch_tokens and num_slots must be > 0");
-  }
+  DSMOE_ASSIGN_OR_RETURN(const RunnerOptions o, options.Resolve(c));
   auto runner = std::unique_ptr<ModelRunner>(new ModelRunner(weights, pool, o));
   if (c.n_routed_experts > 0) {
     if (experts != nullptr) {
@@ -46,35 +36,11 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
       config_(weights.config()),
       pool_(pool),
       options_(options),
-      gate_{config_.n_routed_experts,
-            config_.num_experts_per_tok,
-            config_.norm_topk_prob,
-            config_.topk_method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy
-                                                          : TopkMethod::kGreedy,
-            config_.n_group,
-            config_.topk_group,
-            static_cast<float>(config_.routed_scaling_factor)},
-      kv_cache_(config_, options.num_slots, options.max_context) {
+      gate_(GateParamsFromConfig(config_)),
+      kv_cache_(config_, options.num_slots, options.max_context),
+      rope_(config_, options.max_context) {
   const ModelConfig& c = config_;
   const int64_t T = options.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();
-  const int64_t half = hd / 2;
-
-  // inv_freq[i] = θ^(−2i/hd); linear scaling divides the position (HF
-  // LinearScalingRotaryEmbedding). Computed in double and rounded once, so the tables are as exact
-  // as fp32 allows.
-  rope_cos_.Resize(options.max_context * half);
-  rope_sin_.Resize(options.max_context * half);
-  const double pos_scale =
-      c.rope_scaling.type == RopeScaling::Type::kLinear ? 1.0 / c.rope_scaling.factor : 1.0;
-  for (int64_t p = 0; p < options.max_context; ++p) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq =
-          std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
-      const double angle = static_cast<double>(p) * pos_scale * inv_freq;
-      rope_cos_[p * half + i] = static_cast<float>(std::cos(angle));
-      rope_sin_[p * half + i] = static_cast<float>(std::sin(angle));
-    }
-  }
 
   hidden_.Resize(T * H);
   normed_.Resize(T * H);
@@ -103,58 +69,6 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
 
 int64_t ModelRunner::AttentionScratch() const {
   return 8 * options_.max_context + 80 * config_.head_dim();  // ops::KernelTable::attend_causal
-}
-
-absl::Status ValidateBatch(const ForwardBatch& b, int64_t vocab_size, int64_t max_batch_tokens,
-                           int64_t num_slots, int64_t max_context) {
-  const int64_t T = static_cast<int64_t>(b.token_ids.size());
-  if (T == 0) return absl::InvalidArgumentError("empty batch");
-  if (T > max_batch_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ", max_batch_tokens));
-  }
-  if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
-    return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    if (b.token_ids[t] < 0 || b.token_ids[t] >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "token id ", b.token_ids[t], " is outside the vocabulary [0, ", vocab_size, ")"));
-    }
-    if (b.slots[t] < 0 || b.slots[t] >= num_slots) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("slot ", b.slots[t], " outside [0, ", num_slots, ")"));
-    }
-    if (b.positions[t] < 0 || b.positions[t] >= max_context) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "position ", b.positions[t], " is beyond the context of ", max_context, " tokens"));
-    }
-  }
-  for (size_t i = 0; i < b.logit_rows.size(); ++i) {
-    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T ||
-        (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
-      return absl::InvalidArgumentError("logit_rows must be ascending indices into the batch");
-    }
-  }
-  return absl::OkStatus();
-}
-
-void ModelRunner::ApplyRope(float* x, int64_t T, int64_t num_heads,
-                            std::span<const int32_t> positions) const {
-  // HF rotate_half convention: the head's first half pairs with its second half.
-  const int64_t hd = config_.head_dim(), half = hd / 2;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* cos = rope_cos_.data() + positions[t] * half;
-    const float* sin = rope_sin_.data() + positions[t] * half;
-    for (int64_t h = 0; h < num_heads; ++h) {
-      float* v = x + (t * num_heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cos[i] - b * sin[i];
-        v[i + half] = b * cos[i] + a * sin[i];
-      }
-    }
-  }
 }
 
 void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
@@ -196,8 +110,7 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
 }
 
 absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
-  DSMOE_RETURN_IF_ERROR(ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens,
-                                      options_.num_slots, options_.max_context));
+  DSMOE_RETURN_IF_ERROR(CheckBatch(b, options_, config_.vocab_size));
   const ModelConfig& c = config_;
   const ModelWeights& w = weights_;
   const ops::KernelTable& kern = ops::Kernels();
@@ -221,8 +134,8 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     ops::Linear(pool_, xn, T, L.attention.q.weight, bias(L.attention.q), q_.data());  // [T, nh·hd]
     ops::Linear(pool_, xn, T, L.attention.k.weight, bias(L.attention.k), k_.data());  // [T, nkv·hd]
     ops::Linear(pool_, xn, T, L.attention.v.weight, bias(L.attention.v), v_.data());  // [T, nkv·hd]
-    ApplyRope(q_.data(), T, nh, b.positions);
-    ApplyRope(k_.data(), T, nkv, b.positions);
+    rope_.Apply(q_.data(), T, nh, b.positions);
+    rope_.Apply(k_.data(), T, nkv, b.positions);
     for (int64_t t = 0; t < T; ++t) {  // the cache holds post-RoPE keys
       std::memcpy(kv_cache_.Keys(layer, b.slots[t]) + b.positions[t] * kv_row,
                   k_.data() + t * kv_row, sizeof(float) * kv_row);

@@ -18,9 +18,11 @@
 #include <span>
 #include <vector>
 
+#include "core/model/forward_batch.h"
 #include "core/model/gate.h"
 #include "core/model/kv_cache.h"
 #include "core/model/mlp.h"
+#include "core/model/rope.h"
 #include "core/model/routed_experts.h"
 #include "core/model/weights.h"
 #include "core/util/status.h"
@@ -28,23 +30,8 @@
 
 namespace dsmoe {
 
-struct RunnerOptions {
-  int64_t max_batch_tokens = 256;  // tokens per Forward; longer prompts are fed in chunks
-  int64_t num_slots = 1;           // sequences whose KV cache is held at once
-  int64_t max_context = 0;         // positions per slot; 0: the model's maximum
-};
-
-struct ForwardBatch {
-  std::span<const int32_t> token_ids;
-  std::span<const int32_t> slots;       // KV-cache slot of each token
-  std::span<const int32_t> positions;   // position of each token in its sequence
-  std::span<const int32_t> logit_rows;  // indices of the tokens whose logits are wanted, ascending
-};
-
-// Checks a batch against a runner's limits (shared by the CPU and CUDA runners): lengths agree,
-// token ids in the vocabulary, slots and positions in range, logit rows ascending.
-absl::Status ValidateBatch(const ForwardBatch& batch, int64_t vocab_size, int64_t max_batch_tokens,
-                           int64_t num_slots, int64_t max_context);
+// The CPU runner has no options beyond the limits it is sized for.
+using RunnerOptions = BatchLimits;
 
 // Sees the routing of every MoE layer (for `dsmoe route`, and expert-load accounting).
 class RoutingObserver {
@@ -94,7 +81,6 @@ class ModelRunner final : public BatchRunner {
  private:
   ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options);
   void Attention(int64_t layer, const ForwardBatch& batch);
-  void ApplyRope(float* x, int64_t T, int64_t num_heads, std::span<const int32_t> positions) const;
 
   const ModelWeights& weights_;
   const ModelConfig& config_;
@@ -105,9 +91,7 @@ class ModelRunner final : public BatchRunner {
   RoutedExpertExecutor* experts_ = nullptr;
   RoutingObserver* observer_ = nullptr;
   KvCache kv_cache_;
-
-  // RoPE tables [max_context, head_dim / 2] (cos and sin of position · inv_freq).
-  FloatBuffer rope_cos_, rope_sin_;
+  RopeTable rope_;
   // Activation arena, [max_batch_tokens, ·] each.
   FloatBuffer hidden_, normed_, q_, k_, v_, attn_, proj_, shared_out_;
   FloatBuffer mlp_act_, mlp_up_;  // [T, max(intermediate, shared width)]

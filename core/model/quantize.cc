@@ -5,11 +5,13 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <vector>
 
 #include "core/io/checkpoint.h"
 #include "core/io/safetensors.h"
 #include "core/model/config.h"
+#include "core/model/tensor_roles.h"
 
 namespace dsmoe {
 
@@ -17,20 +19,20 @@ namespace {
 
 namespace fs = std::filesystem;
 
-bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+// The linear layers whose weights are quantized (tensor_roles.h: TensorKind::kLinear); the
+// embeddings, norms, biases and routers, and any tensor the model does not use, are copied.
+std::set<std::string> QuantizedNames(const ModelConfig& config) {
+  std::set<std::string> names;
+  for (const CheckpointTensor& t : CheckpointTensors(config)) {
+    if (RoleInfo(t.role).kind == TensorKind::kLinear) names.insert(t.name);
+  }
+  return names;
 }
 
-// The linear layers whose weights are quantized; everything else is copied.
-bool IsQuantizedLinear(const std::string& name, const TensorView& t) {
-  if (t.shape.size() != 2 || t.shape[1] % kQ8Block != 0 || t.dtype == DType::kI8) return false;
-  if (name == "lm_head.weight") return true;
-  for (const char* proj : {".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight",
-                           ".gate_proj.weight", ".up_proj.weight", ".down_proj.weight"}) {
-    if (EndsWith(name, proj)) return true;
-  }
-  return false;  // embed_tokens, norms, mlp.gate (the router), biases
+bool IsQuantizedLinear(const std::set<std::string>& linear, const std::string& name,
+                       const TensorView& t) {
+  return t.shape.size() == 2 && t.shape[1] % kQ8Block == 0 && t.dtype != DType::kI8 &&
+         linear.count(name) != 0;
 }
 
 }  // namespace
@@ -55,7 +57,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir,
                                                   const std::string& out_dir) {
   DSMOE_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(in_dir));
   DSMOE_ASSIGN_OR_RETURN(std::string config_text, ckpt->ReadJsonFile("config.json"));
-  DSMOE_RETURN_IF_ERROR(ModelConfig::FromJson(config_text, in_dir + "/config.json").status());
+  DSMOE_ASSIGN_OR_RETURN(const ModelConfig model,
+                         ModelConfig::FromJson(config_text, in_dir + "/config.json"));
+  const std::set<std::string> linear = QuantizedNames(model);
   std::error_code ec;
   if (fs::equivalent(in_dir, out_dir, ec))
     return absl::InvalidArgumentError("--out must differ from --model");
@@ -68,9 +72,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir,
   std::vector<SafetensorsWriter::Spec> specs;
   for (const std::string& name : names) {
     DSMOE_ASSIGN_OR_RETURN(TensorView t, ckpt->Tensor(name));
-    if (IsQuantizedLinear(name, t)) {
+    if (IsQuantizedLinear(linear, name, t)) {
       specs.push_back({name, DType::kI8, t.shape});
-      specs.push_back({name + "_scale", DType::kF16, {t.shape[0], t.shape[1] / kQ8Block}});
+      specs.push_back({Q8ScaleName(name), DType::kF16, {t.shape[0], t.shape[1] / kQ8Block}});
     } else {
       specs.push_back({name, t.dtype, t.shape});
     }
@@ -84,7 +88,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const std::string& in_dir,
   for (const std::string& name : names) {
     DSMOE_ASSIGN_OR_RETURN(TensorView t, ckpt->Tensor(name));
     report.bytes_in += static_cast<int64_t>(t.NumBytes());
-    if (!IsQuantizedLinear(name, t)) {
+    if (!IsQuantizedLinear(linear, name, t)) {
       DSMOE_RETURN_IF_ERROR(writer->Append(t.data, t.NumBytes()));
       report.bytes_out += static_cast<int64_t>(t.NumBytes());
       ++report.copied_tensors;

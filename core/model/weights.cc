@@ -8,24 +8,28 @@
 #include <map>
 #include <set>
 
+#include "core/model/tensor_roles.h"
+
 namespace dsmoe {
 
 namespace {
 
-// Looks tensors up by name and checks their shapes against what the config implies.
+// Looks the tensors of a role up by name (tensor_roles.h) and checks their shapes against what
+// the config implies.
 class TensorLoader {
  public:
-  explicit TensorLoader(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+  TensorLoader(const Checkpoint& ckpt, const ModelConfig& config) : ckpt_(ckpt), config_(config) {}
 
-  absl::StatusOr<MatrixView> Matrix(const std::string& name, int64_t rows, int64_t cols,
-                                    const char* why) {
+  absl::StatusOr<MatrixView> Matrix(TensorRole role, int64_t layer = -1, int64_t expert = -1) {
+    const std::string name = TensorName(role, layer, expert);
+    const std::vector<int64_t> want = TensorShape(role, config_);
+    const char* why = RoleInfo(role).shape_why;
     DSMOE_ASSIGN_OR_RETURN(TensorView t, ckpt_.Tensor(name));
-    if (t.shape != std::vector<int64_t>{rows, cols}) {
-      return WrongShape(name, t.shape, {rows, cols}, why);
-    }
+    if (t.shape != want) return WrongShape(name, t.shape, want, why);
+    const int64_t rows = want[0], cols = want[1];
     if (t.dtype != DType::kI8) return MatrixView{t.dtype, rows, cols, t.data};
     // Q8_0 (dsmoe quantize): int8 values with an F16 scale per block of 32 along each row.
-    const std::string scale_name = name + "_scale";
+    const std::string scale_name = Q8ScaleName(name);
     if (cols % kQ8Block != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(ckpt_.dir(), ": tensor '", name, "' is I8 but its ", cols,
@@ -44,20 +48,21 @@ class TensorLoader {
     return MatrixView{DType::kQ8_0, rows, cols, t.data, static_cast<const uint16_t*>(scales.data)};
   }
 
-  absl::StatusOr<std::vector<float>> Vector(const std::string& name, int64_t n, const char* why) {
+  absl::StatusOr<std::vector<float>> Vector(TensorRole role, int64_t layer = -1) {
+    const std::string name = TensorName(role, layer);
+    const std::vector<int64_t> want = TensorShape(role, config_);
     DSMOE_ASSIGN_OR_RETURN(TensorView t, ckpt_.Tensor(name));
-    if (t.shape != std::vector<int64_t>{n}) return WrongShape(name, t.shape, {n}, why);
-    std::vector<float> v(n);
-    for (int64_t i = 0; i < n; ++i) v[i] = LoadAsF32(t.data, t.dtype, i);
+    if (t.shape != want) return WrongShape(name, t.shape, want, RoleInfo(role).shape_why);
+    std::vector<float> v(want[0]);
+    for (int64_t i = 0; i < want[0]; ++i) v[i] = LoadAsF32(t.data, t.dtype, i);
     return v;
   }
 
-  absl::StatusOr<MlpWeights> Mlp(const std::string& prefix, int64_t hidden, int64_t width,
-                                 const char* why) {
+  absl::StatusOr<MlpWeights> Mlp(const MlpRoles& roles, int64_t layer, int64_t expert = -1) {
     MlpWeights m;
-    DSMOE_ASSIGN_OR_RETURN(m.gate, Matrix(prefix + ".gate_proj.weight", width, hidden, why));
-    DSMOE_ASSIGN_OR_RETURN(m.up, Matrix(prefix + ".up_proj.weight", width, hidden, why));
-    DSMOE_ASSIGN_OR_RETURN(m.down, Matrix(prefix + ".down_proj.weight", hidden, width, why));
+    DSMOE_ASSIGN_OR_RETURN(m.gate, Matrix(roles.gate, layer, expert));
+    DSMOE_ASSIGN_OR_RETURN(m.up, Matrix(roles.up, layer, expert));
+    DSMOE_ASSIGN_OR_RETURN(m.down, Matrix(roles.down, layer, expert));
     return m;
   }
 
@@ -69,7 +74,34 @@ class TensorLoader {
                                                    ShapeToString(want), " (", why, ")"));
   }
   const Checkpoint& ckpt_;
+  const ModelConfig& config_;
 };
+
+// A layer's attention-side tensors: norms, attention, and the dense MLP or the router and
+// shared experts.
+absl::Status LoadAttentionSide(TensorLoader& load, const ModelConfig& c, int64_t layer,
+                               LayerWeights& L) {
+  DSMOE_ASSIGN_OR_RETURN(L.input_norm, load.Vector(TensorRole::kInputNorm, layer));
+  DSMOE_ASSIGN_OR_RETURN(L.post_attention_norm, load.Vector(TensorRole::kPostAttentionNorm, layer));
+  LinearWeights* projections[] = {&L.attention.q, &L.attention.k, &L.attention.v, &L.attention.o};
+  for (size_t p = 0; p < std::size(projections); ++p) {
+    const ProjectionRoles& roles = kAttentionProjections[p];
+    DSMOE_ASSIGN_OR_RETURN(projections[p]->weight, load.Matrix(roles.weight, layer));
+    if (HasTensor(roles.bias, c, layer)) {
+      DSMOE_ASSIGN_OR_RETURN(projections[p]->bias, load.Vector(roles.bias, layer));
+    }
+  }
+  if (HasTensor(TensorRole::kDenseGate, c, layer)) {
+    DSMOE_ASSIGN_OR_RETURN(L.dense, load.Mlp(kDenseMlpRoles, layer));
+  }
+  if (HasTensor(TensorRole::kRouter, c, layer)) {
+    DSMOE_ASSIGN_OR_RETURN(L.router, load.Matrix(TensorRole::kRouter, layer));
+  }
+  if (HasTensor(TensorRole::kSharedGate, c, layer)) {
+    DSMOE_ASSIGN_OR_RETURN(L.shared, load.Mlp(kSharedMlpRoles, layer));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -145,74 +177,26 @@ absl::Status ModelWeights::CopyToHugePages() {
 
 absl::Status ModelWeights::LoadTensors(const WeightSelection& selection) {
   const ModelConfig& c = config_;
-  TensorLoader load(*checkpoint_);
-  const int64_t H = c.hidden_size, V = c.vocab_size, hd = c.head_dim();
-  const int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
-
+  TensorLoader load(*checkpoint_, c);
   if (selection.attention_side) {
-    DSMOE_ASSIGN_OR_RETURN(
-        embed_tokens, load.Matrix("model.embed_tokens.weight", V, H, "vocab_size × hidden_size"));
-    DSMOE_ASSIGN_OR_RETURN(final_norm, load.Vector("model.norm.weight", H, "hidden_size"));
-    if (c.tie_word_embeddings) {
-      lm_head = embed_tokens;
+    DSMOE_ASSIGN_OR_RETURN(embed_tokens, load.Matrix(TensorRole::kTokenEmbedding));
+    DSMOE_ASSIGN_OR_RETURN(final_norm, load.Vector(TensorRole::kFinalNorm));
+    if (HasTensor(TensorRole::kLmHead, c)) {
+      DSMOE_ASSIGN_OR_RETURN(lm_head, load.Matrix(TensorRole::kLmHead));
     } else {
-      DSMOE_ASSIGN_OR_RETURN(lm_head,
-                             load.Matrix("lm_head.weight", V, H,
-                                         "vocab_size × hidden_size; tie_word_embeddings is false"));
+      lm_head = embed_tokens;  // tie_word_embeddings
     }
   }
-
   layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& L = layers[i];
-    const std::string p = absl::StrCat("model.layers.", i, ".");
     L.is_moe = c.IsMoeLayer(i);
-    if (selection.attention_side) {
-      DSMOE_ASSIGN_OR_RETURN(L.input_norm,
-                             load.Vector(p + "input_layernorm.weight", H, "hidden_size"));
-      DSMOE_ASSIGN_OR_RETURN(L.post_attention_norm,
-                             load.Vector(p + "post_attention_layernorm.weight", H, "hidden_size"));
-      struct Proj {
-        const char* name;
-        int64_t out, in;
-        LinearWeights* dst;
-        const char* why;
-      };
-      for (const Proj& pr :
-           {Proj{"q_proj", q_out, H, &L.attention.q, "num_attention_heads·head_dim × hidden_size"},
-            Proj{"k_proj", kv_out, H, &L.attention.k, "num_key_value_heads·head_dim × hidden_size"},
-            Proj{"v_proj", kv_out, H, &L.attention.v, "num_key_value_heads·head_dim × hidden_size"},
-            Proj{"o_proj", H, q_out, &L.attention.o,
-                 "hidden_size × num_attention_heads·head_dim"}}) {
-        const std::string base = p + "self_attn." + pr.name;
-        DSMOE_ASSIGN_OR_RETURN(pr.dst->weight,
-                               load.Matrix(base + ".weight", pr.out, pr.in, pr.why));
-        if (c.attention_bias) {
-          DSMOE_ASSIGN_OR_RETURN(pr.dst->bias,
-                                 load.Vector(base + ".bias", pr.out, "attention_bias is true"));
-        }
-      }
-      if (!L.is_moe) {
-        DSMOE_ASSIGN_OR_RETURN(
-            L.dense, load.Mlp(p + "mlp", H, c.intermediate_size, "dense layer: intermediate_size"));
-      } else {
-        DSMOE_ASSIGN_OR_RETURN(L.router, load.Matrix(p + "mlp.gate.weight", c.n_routed_experts, H,
-                                                     "router: n_routed_experts × hidden_size"));
-        if (c.n_shared_experts > 0) {
-          DSMOE_ASSIGN_OR_RETURN(
-              L.shared, load.Mlp(p + "mlp.shared_experts", H, c.shared_intermediate_size(),
-                                 "shared experts: n_shared_experts·moe_intermediate_size"));
-        }
-      }
-    }
-    if (L.is_moe) {
-      L.routed.resize(c.n_routed_experts);
-      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-        if (!selection.WantsExpert(i, e)) continue;
-        DSMOE_ASSIGN_OR_RETURN(
-            L.routed[e], load.Mlp(absl::StrCat(p, "mlp.experts.", e), H, c.moe_intermediate_size,
-                                  "routed expert: moe_intermediate_size"));
-      }
+    if (selection.attention_side) DSMOE_RETURN_IF_ERROR(LoadAttentionSide(load, c, i, L));
+    if (!HasTensor(TensorRole::kExpertGate, c, i)) continue;
+    L.routed.resize(c.n_routed_experts);
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      if (!selection.WantsExpert(i, e)) continue;
+      DSMOE_ASSIGN_OR_RETURN(L.routed[e], load.Mlp(kRoutedExpertRoles, i, e));
     }
   }
   return absl::OkStatus();

@@ -1,14 +1,7 @@
 // The model's weights as named views into a checkpoint, checked against the config.
 //
-// Tensor names are exactly Hugging Face's DeepseekForCausalLM:
-//   model.embed_tokens.weight [V,H]          model.norm.weight [H]        lm_head.weight [V,H]
-//   model.layers.N.input_layernorm.weight [H], .post_attention_layernorm.weight [H]
-//   model.layers.N.self_attn.{q,k,v,o}_proj.weight [nh·hd,H] [nkv·hd,H] [nkv·hd,H] [H,nh·hd]
-//     (+ .bias when attention_bias)
-//   dense layer: model.layers.N.mlp.{gate,up,down}_proj.weight [I,H] [I,H] [H,I]
-//   MoE layer:   model.layers.N.mlp.gate.weight [E,H]   (the router, no bias)
-//                model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight   (width Im)
-//                model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight (width Ks·Im)
+// Tensor names and shapes are exactly Hugging Face's DeepseekForCausalLM, as listed once in
+// core/model/tensor_roles.h.
 #pragma once
 
 #include <memory>

@@ -45,6 +45,30 @@ TEST(CudaWithoutGpu, CreateFailsWithAClearStatus) {
   EXPECT_EQ(ex.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// With or without a GPU: a gate the GPU does not compute (core/model/gate.h,
+// CheckGpuGateSupports) is refused before the device is touched, naming the config key.
+TEST(CudaGate, CreateRefusesAGateItWouldComputeDifferently) {
+  for (const bool group_limited : {true, false}) {
+    testing::TempDir dir;
+    ModelConfig c = *PresetConfig("tiny");  // 16 routed experts, top-4
+    if (group_limited) {
+      c.topk_method = "group_limited_greedy";
+      c.n_group = 4;
+      c.topk_group = 2;
+    } else {
+      c.routed_scaling_factor = 2.0;
+    }
+    ASSERT_TRUE(WriteRandomCheckpoint(c, {DType::kBF16, 3, 1}, dir.path()).ok());
+    auto w = ModelWeights::Load(dir.path());
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto runner = cuda::CudaModelRunner::Create(**w, {});
+    ASSERT_FALSE(runner.ok());
+    EXPECT_EQ(runner.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(runner.status().message()),
+                HasSubstr(group_limited ? "group_limited_greedy" : "routed_scaling_factor"));
+  }
+}
+
 class CudaModelTest : public ::testing::TestWithParam<std::pair<std::string, DType>> {};
 
 // The GPU runner against the CPU runner: a prompt of two sequences batched together (all

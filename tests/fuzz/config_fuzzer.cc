@@ -5,7 +5,7 @@
 #include <string>
 
 #include "core/model/config.h"
-#include "core/model/make_model.h"
+#include "core/model/model_facts.h"
 #include "tests/fuzz/fuzz_check.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -3,6 +3,9 @@
 // from the host; all the selected experts of a call run as two grouped GEMM launches (gate/up
 // with SiLU fused, then down) and the weighted combine happens on the device, so only [T, H]
 // goes back.
+//
+// It computes no gate: the routing (experts and their weights, routed_scaling_factor included)
+// comes from the caller's gate, so every config the CPU gate routes runs here unchanged.
 #pragma once
 
 #include <cuda_runtime_api.h>

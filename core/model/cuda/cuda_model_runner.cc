@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/model/gate.h"
+#include "core/model/rope.h"
 #include "core/ops/cuda/cuda_status.h"
 
 namespace dsmoe::cuda {
@@ -33,8 +35,10 @@ class ArenaLayout {
 
 absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
     const ModelWeights& weights, const CudaRunnerOptions& options, RoutedExpertExecutor* experts) {
-  DSMOE_RETURN_IF_ERROR(CheckCudaDevice(options.device));
   const ModelConfig& c = weights.config();
+  // The model before the device: a config the GPU cannot compute is refused on any machine.
+  DSMOE_RETURN_IF_ERROR(CheckGpuGateSupports(c));
+  DSMOE_RETURN_IF_ERROR(CheckCudaDevice(options.device));
   if (weights.embed_tokens.empty()) {
     return absl::FailedPreconditionError(
         "GPU model runner needs the attention-side weights loaded");
@@ -42,10 +46,6 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
   if (c.head_dim() > 256 || c.head_dim() % 2 != 0) {
     return absl::UnimplementedError(
         absl::StrCat("GPU attention supports even head_dim <= 256, not ", c.head_dim()));
-  }
-  if (c.n_routed_experts > 256) {
-    return absl::UnimplementedError(
-        absl::StrCat("GPU gate supports <= 256 routed experts, not ", c.n_routed_experts));
   }
   if (c.hidden_size % 8 != 0 || c.moe_intermediate_size % 8 != 0) {
     return absl::UnimplementedError(
@@ -65,17 +65,11 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
     }
   }
   CudaRunnerOptions o = options;
-  const int64_t model_max = c.MaxContext();
-  if (o.max_context <= 0) o.max_context = model_max;
-  if (o.max_context > model_max) {
-    return absl::InvalidArgumentError(absl::StrCat("max context ", o.max_context,
-                                                   " exceeds the model's maximum of ", model_max,
-                                                   " positions"));
-  }
-  if (o.max_batch_tokens <= 0 || o.num_slots <= 0 ||
-      o.max_batch_tokens * std::max<int64_t>(c.num_experts_per_tok, 1) > 65536) {
+  DSMOE_ASSIGN_OR_RETURN(static_cast<BatchLimits&>(o), options.Resolve(c));
+  if (o.max_batch_tokens * std::max<int64_t>(c.num_experts_per_tok, 1) > 65536) {
     return absl::InvalidArgumentError(
-        "max_batch_tokens and num_slots must be > 0 (and tokens × top-k <= 65536)");
+        absl::StrCat("max_batch_tokens ", o.max_batch_tokens, " × top-k ", c.num_experts_per_tok,
+                     " exceeds the GPU grouping's 65536 assignments"));
   }
   DSMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(o.device), "cudaSetDevice");
   auto runner = std::unique_ptr<CudaModelRunner>(new CudaModelRunner(weights, o));
@@ -147,27 +141,14 @@ absl::Status CudaModelRunner::Init(RoutedExpertExecutor* experts) {
                                "pinned buffer");
   }
 
-  // RoPE tables exactly as the CPU runner computes them (double, rounded once; linear scaling
-  // divides the position).
-  const int64_t half = hd / 2;
-  std::vector<float> cos_table(options_.max_context * half), sin_table(options_.max_context * half);
-  const double pos_scale =
-      c.rope_scaling.type == RopeScaling::Type::kLinear ? 1.0 / c.rope_scaling.factor : 1.0;
-  for (int64_t p = 0; p < options_.max_context; ++p) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq =
-          std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
-      const double angle = static_cast<double>(p) * pos_scale * inv_freq;
-      cos_table[p * half + i] = static_cast<float>(std::cos(angle));
-      sin_table[p * half + i] = static_cast<float>(std::sin(angle));
-    }
-  }
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_cos_, cos_table.data(),
-                                        cos_table.size() * sizeof(float), cudaMemcpyHostToDevice),
-                             "RoPE table");
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_sin_, sin_table.data(),
-                                        sin_table.size() * sizeof(float), cudaMemcpyHostToDevice),
-                             "RoPE table");
+  // The CPU runner's RoPE tables, uploaded.
+  const RopeTable rope(c, options_.max_context);
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(rope_cos_, rope.cos().data(), rope.cos().size_bytes(), cudaMemcpyHostToDevice),
+      "RoPE table");
+  DSMOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(rope_sin_, rope.sin().data(), rope.sin().size_bytes(), cudaMemcpyHostToDevice),
+      "RoPE table");
   return absl::OkStatus();
 }
 
@@ -186,8 +167,7 @@ CudaModelRunner::~CudaModelRunner() {
 }
 
 absl::Status CudaModelRunner::Validate(const ForwardBatch& b) const {
-  return ValidateBatch(b, config_.vocab_size, options_.max_batch_tokens, options_.num_slots,
-                       options_.max_context);
+  return CheckBatch(b, options_, config_.vocab_size);
 }
 
 absl::Status CudaModelRunner::Enqueue(int64_t T, int64_t R) {

@@ -13,6 +13,10 @@
 //                       h += Σ w·routed(xn) + shared(xn)    (grouped GEMMs, one launch each)
 //   logits = lm_head(rms_norm(h[logit_rows]))               [R, V] fp32 → host
 //
+// The gate is the CPU gate's only where CheckGpuGateSupports (core/model/gate.h) says so: Create
+// refuses the other configs (group-limited top-k, a routed scaling factor) before touching the
+// device.
+//
 // Routed experts run on this GPU, or, when a RoutedExpertExecutor is given, wherever it runs
 // them (the hidden states and routing go to the host and back).
 //
@@ -36,11 +40,9 @@
 
 namespace dsmoe::cuda {
 
-struct CudaRunnerOptions {
+// The limits the runner is sized for (BatchLimits), and the GPU's own options.
+struct CudaRunnerOptions : BatchLimits {
   int device = 0;                  // CUDA device index
-  int64_t max_batch_tokens = 256;  // tokens per Forward
-  int64_t num_slots = 1;           // sequences whose KV cache is held at once
-  int64_t max_context = 0;         // positions per slot; 0: the model's maximum
   int64_t page_size = 16;          // KV-cache positions per page
   int64_t num_pages = 0;           // KV-cache pages; 0: every slot can reach max_context
   bool use_cuda_graphs = true;     // replay decode steps from captured graphs
@@ -53,7 +55,8 @@ struct CudaRunnerOptions {
 class CudaModelRunner final : public BatchRunner {
  public:
   // REQUIRES: weights (attention side loaded; routed experts too unless `experts` is given) and
-  // `experts` outlive the runner. FAILED_PRECONDITION "no CUDA device: ..." without a GPU.
+  // `experts` outlive the runner. FAILED_PRECONDITION "no CUDA device: ..." without a GPU, or
+  // naming the config key when the GPU gate cannot route the model as the CPU gate does.
   static absl::StatusOr<std::unique_ptr<CudaModelRunner>> Create(
       const ModelWeights& weights, const CudaRunnerOptions& options,
       RoutedExpertExecutor* experts = nullptr);

@@ -1,0 +1,56 @@
+#include "core/model/forward_batch.h"
+
+namespace dsmoe {
+
+absl::StatusOr<BatchLimits> BatchLimits::Resolve(const ModelConfig& config) const {
+  BatchLimits resolved = *this;
+  const int64_t model_max = config.MaxContext();
+  if (resolved.max_context <= 0) resolved.max_context = model_max;
+  if (resolved.max_context > model_max) {
+    return absl::InvalidArgumentError(absl::StrCat("max context ", resolved.max_context,
+                                                   " exceeds the model's maximum of ", model_max,
+                                                   " positions"));
+  }
+  if (resolved.max_batch_tokens <= 0 || resolved.num_slots <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens (", resolved.max_batch_tokens,
+                                                   ") and num_slots (", resolved.num_slots,
+                                                   ") must be > 0"));
+  }
+  return resolved;
+}
+
+absl::Status CheckBatch(const ForwardBatch& b, const BatchLimits& limits, int64_t vocab_size) {
+  const int64_t T = static_cast<int64_t>(b.token_ids.size());
+  if (T == 0) return absl::InvalidArgumentError("empty batch");
+  if (T > limits.max_batch_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch of ", T, " tokens exceeds max_batch_tokens ", limits.max_batch_tokens));
+  }
+  if (b.slots.size() != b.token_ids.size() || b.positions.size() != b.token_ids.size()) {
+    return absl::InvalidArgumentError("token_ids, slots and positions differ in length");
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (b.token_ids[t] < 0 || b.token_ids[t] >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", b.token_ids[t], " is outside the vocabulary [0, ", vocab_size, ")"));
+    }
+    if (b.slots[t] < 0 || b.slots[t] >= limits.num_slots) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("slot ", b.slots[t], " outside [0, ", limits.num_slots, ")"));
+    }
+    if (b.positions[t] < 0 || b.positions[t] >= limits.max_context) {
+      return absl::OutOfRangeError(absl::StrCat("position ", b.positions[t],
+                                                " is beyond the context of ", limits.max_context,
+                                                " tokens"));
+    }
+  }
+  for (size_t i = 0; i < b.logit_rows.size(); ++i) {
+    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= T ||
+        (i > 0 && b.logit_rows[i] <= b.logit_rows[i - 1])) {
+      return absl::InvalidArgumentError("logit_rows must be ascending indices into the batch");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dsmoe

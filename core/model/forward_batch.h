@@ -1,0 +1,38 @@
+// What both forward-pass engines (the CPU ModelRunner, cuda::CudaModelRunner) share about a
+// batch: its layout, the limits an engine is sized for, and the one check of a batch against
+// them.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "core/model/config.h"
+#include "core/util/status.h"
+
+namespace dsmoe {
+
+struct ForwardBatch {
+  std::span<const int32_t> token_ids;
+  std::span<const int32_t> slots;       // KV-cache slot of each token
+  std::span<const int32_t> positions;   // position of each token in its sequence
+  std::span<const int32_t> logit_rows;  // indices of the tokens whose logits are wanted, ascending
+};
+
+// The limits a forward-pass engine is sized for at creation (its KV cache and activation
+// arena). The CPU runner's options, and part of the GPU runner's and the scheduler's.
+struct BatchLimits {
+  int64_t max_batch_tokens = 256;  // tokens per Forward; longer prompts are fed in chunks
+  int64_t num_slots = 1;           // sequences whose KV cache is held at once
+  int64_t max_context = 0;         // positions per slot; 0: the model's maximum
+
+  // These limits for a model of `config`, max_context 0 made the model's maximum.
+  // INVALID_ARGUMENT when a count is not positive or the context exceeds the model's.
+  absl::StatusOr<BatchLimits> Resolve(const ModelConfig& config) const;
+};
+
+// Checks a batch against resolved limits: lengths agree, at most max_batch_tokens tokens, token
+// ids in the vocabulary, slots in [0, num_slots), positions in [0, max_context) (OUT_OF_RANGE),
+// logit rows ascending indices into the batch. Every other failure is INVALID_ARGUMENT.
+absl::Status CheckBatch(const ForwardBatch& batch, const BatchLimits& limits, int64_t vocab_size);
+
+}  // namespace dsmoe
