@@ -15,8 +15,9 @@
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "core/rpc/serving_flags.h"
-#include "expert-server/grpc_expert_executor.h"
-#include "expert-server/nccl_transport.h"
+#include "expert-server/client/expert_dispatcher.h"
+#include "expert-server/client/expert_server_pool.h"
+#include "expert-server/client/nccl_transport.h"
 #include "router/placement.h"
 
 namespace {
@@ -29,7 +30,7 @@ int Fail(const absl::Status& s) {
 // "" when every routed expert has a serving holder; else which ones have none.
 std::string MissingExperts(const dsmoe::ModelConfig& config,
                            const dsmoe::router::Placement& placement,
-                           const dsmoe::rpc::HealthChecker& health) {
+                           const dsmoe::ExpertServerPool& pool) {
   int64_t num_missing = 0;
   std::string first;
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
@@ -37,7 +38,7 @@ std::string MissingExperts(const dsmoe::ModelConfig& config,
     for (int64_t e = 0; e < config.n_routed_experts; ++e) {
       bool held = false;
       for (int s : placement.Holders(layer, e)) {
-        held = held || health.health(s) == dsmoe::rpc::TargetHealth::kServing;
+        held = held || pool.available(s);
       }
       if (held) continue;
       if (num_missing++ < 8) {
@@ -146,9 +147,9 @@ int main(int argc, char** argv) {
   dsmoe::AttentionMetrics attention_metrics(metrics, config, {load_window_seconds, 6});
 
   std::optional<dsmoe::router::Placement> placement;
-  std::unique_ptr<dsmoe::rpc::HealthChecker> expert_health;
+  std::unique_ptr<dsmoe::ExpertServerPool> expert_pool;
   std::unique_ptr<dsmoe::DispatchSideChannel> nccl_links;  // outlives remote (declared first)
-  std::unique_ptr<dsmoe::GrpcExpertExecutor> remote;
+  std::unique_ptr<dsmoe::ExpertDispatcher> remote;
   if (!addresses.empty()) {
     absl::StatusOr<dsmoe::router::Placement> p = dsmoe::router::Placement::LoadOrCompute(
         placement_file, config, static_cast<int>(addresses.size()), replicas);
@@ -161,17 +162,16 @@ int main(int argc, char** argv) {
     placement.emplace(std::move(*p));
     // An expert server counts only once it answers health checks and holds what the placement
     // says; the first check runs once this server is up (it may start before its experts).
-    expert_health = std::make_unique<dsmoe::rpc::HealthChecker>(
-        addresses, *security, health_flags.Options("dsmoe-attention-server", "expert server"),
-        [&remote](int s) { return remote->VerifyServer(s); });
-    dsmoe::GrpcExpertExecutorOptions executor_options;
+    dsmoe::ExpertServerPoolOptions pool_options;
+    pool_options.security = *security;
+    pool_options.health_checks = health_flags.Options("dsmoe-attention-server", "expert server");
+    expert_pool = std::make_unique<dsmoe::ExpertServerPool>(addresses, pool_options);
+    dsmoe::ExpertDispatcherOptions executor_options;
     executor_options.deadline = std::chrono::milliseconds(deadline_ms);
     executor_options.metrics = &metrics;
-    executor_options.security = *security;
-    executor_options.health = expert_health.get();
     if (expert_transport == "nccl") {
       absl::StatusOr<std::unique_ptr<dsmoe::DispatchSideChannel>> links = dsmoe::OpenNcclTransport(
-          *device, addresses, *security, config.hidden_size, sched.max_batch_tokens);
+          *device, *expert_pool, config.hidden_size, sched.max_batch_tokens);
       if (links.ok()) {
         nccl_links = std::move(*links);
         executor_options.side_channel = nccl_links.get();
@@ -180,8 +180,8 @@ int main(int argc, char** argv) {
                      std::string(links.status().message()).c_str());
       }
     }
-    remote = std::make_unique<dsmoe::GrpcExpertExecutor>(config, *placement, addresses,
-                                                         executor_options);
+    remote = std::make_unique<dsmoe::ExpertDispatcher>(config, *placement, *expert_pool,
+                                                       executor_options);
   }
   dsmoe::ThreadPool pool(threads);
   auto runner = dsmoe::CreateBatchRunner(*device, **weights, pool, sched, remote.get());
@@ -192,7 +192,6 @@ int main(int argc, char** argv) {
   if (remote != nullptr) {
     if (rebalance.planner.num_replicas < 0)
       rebalance.planner.num_replicas = static_cast<int>(addresses.size());
-    rebalance.security = *security;
     rebalancer = std::make_unique<dsmoe::Rebalancer>(config, **scheduler, *remote,
                                                      attention_metrics.expert_load().window(),
                                                      &metrics, rebalance);
@@ -207,13 +206,15 @@ int main(int argc, char** argv) {
   dsmoe::rpc::Readiness readiness(
       server->server.get(), dsmoe::internal::v1::AttentionService::service_full_name(),
       serving.ready_file, server->port, server_options.metrics_port, "dsmoe-attention-server");
-  if (expert_health == nullptr) {
+  if (expert_pool == nullptr) {
     readiness.Set(true);
   } else {
-    expert_health->Start([&](int, dsmoe::rpc::TargetHealth) {
-      const std::string missing = MissingExperts(config, *remote->placement(), *expert_health);
-      readiness.Set(missing.empty(), missing);
-    });
+    expert_pool->StartHealthChecks([&remote](int s) { return remote->VerifyServer(s); },
+                                   [&](int, dsmoe::rpc::TargetHealth) {
+                                     const std::string missing =
+                                         MissingExperts(config, *remote->placement(), *expert_pool);
+                                     readiness.Set(missing.empty(), missing);
+                                   });
   }
   std::printf(
       "dsmoe-attention-server serving on %s (%s; %s; %zu expert servers, %lld slots), metrics on "
@@ -224,7 +225,7 @@ int main(int argc, char** argv) {
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-attention-server: signal %d, shutting down\n", sig);
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  expert_health.reset();  // its callback publishes to the server's health service
+  expert_pool.reset();    // its health callback publishes to the server's health service
   metrics.StopServing();  // before the instruments it reads go away
   return 0;
 }
