@@ -66,7 +66,9 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses,
   }
 }
 
-HealthChecker::~HealthChecker() {
+HealthChecker::~HealthChecker() { Stop(); }
+
+void HealthChecker::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;

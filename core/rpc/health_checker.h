@@ -84,6 +84,9 @@ class HealthChecker {
   void MarkDown(int target, const std::string& reason);
   // Runs the next round now instead of at the end of the period.
   void CheckNow();
+  // Stops the checks (and the callbacks) for good; states stay as they were. Idempotent; the
+  // destructor calls it. For owners whose callbacks use objects that die before the checker.
+  void Stop();
 
  private:
   struct Target;

@@ -84,4 +84,8 @@ void ExpertServerPool::StartHealthChecks(rpc::HealthChecker::Verify verify,
   health_->Start(std::move(on_change));
 }
 
+void ExpertServerPool::StopHealthChecks() {
+  if (health_ != nullptr) health_->Stop();
+}
+
 }  // namespace dsmoe

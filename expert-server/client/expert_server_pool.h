@@ -88,6 +88,9 @@ class ExpertServerPool {
   // `on_change` hears every change of a server's health. Both run on the checker's thread.
   // Called once; without options.health_checks it does nothing.
   void StartHealthChecks(rpc::HealthChecker::Verify verify, rpc::HealthChecker::OnChange on_change);
+  // Stops the health checks and their callbacks (states freeze). Idempotent; for owners whose
+  // callbacks use objects that die before the pool.
+  void StopHealthChecks();
   // The health checker (null without health checks): its per-server states and reasons.
   const rpc::HealthChecker* health_checker() const { return health_.get(); }
 
