@@ -178,22 +178,17 @@ std::string AttentionServer::Describe() const {
                       " slots), metrics on port ", metrics_port_);
 }
 
-void AttentionServer::Wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  shut_down_cv_.wait(lock, [this] { return shut_down_; });
-}
+void AttentionServer::Wait() { shutdown_.Wait(); }
 
 void AttentionServer::Shutdown() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (shut_down_) return;
-  // The checks' callbacks publish readiness on the server: they stop before it does.
-  if (expert_pool_ != nullptr) expert_pool_->StopHealthChecks();
-  if (running_.server != nullptr) {
-    running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  }
-  if (metrics_ != nullptr) metrics_->StopServing();  // before the instruments it reads go away
-  shut_down_ = true;
-  shut_down_cv_.notify_all();
+  shutdown_.Shutdown([this] {
+    // The checks' callbacks publish readiness on the server: they stop before it does.
+    if (expert_pool_ != nullptr) expert_pool_->StopHealthChecks();
+    if (running_.server != nullptr) {
+      running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    }
+    if (metrics_ != nullptr) metrics_->StopServing();  // before the instruments it reads go away
+  });
 }
 
 }  // namespace dsmoe

@@ -16,9 +16,7 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -134,9 +132,7 @@ class AttentionServer {
   rpc::RunningServer running_;
   std::unique_ptr<rpc::Readiness> readiness_;
 
-  std::mutex mu_;
-  std::condition_variable shut_down_cv_;
-  bool shut_down_ = false;  // guarded by mu_
+  rpc::ShutdownOnce shutdown_;
 };
 
 }  // namespace dsmoe

@@ -85,20 +85,15 @@ std::string ExpertServer::Describe() const {
                       "), metrics on port ", metrics_port_);
 }
 
-void ExpertServer::Wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  shut_down_cv_.wait(lock, [this] { return shut_down_; });
-}
+void ExpertServer::Wait() { shutdown_.Wait(); }
 
 void ExpertServer::Shutdown() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (shut_down_) return;
-  if (running_.server != nullptr) {
-    running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  }
-  if (metrics_ != nullptr) metrics_->StopServing();
-  shut_down_ = true;
-  shut_down_cv_.notify_all();
+  shutdown_.Shutdown([this] {
+    if (running_.server != nullptr) {
+      running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    }
+    if (metrics_ != nullptr) metrics_->StopServing();
+  });
 }
 
 }  // namespace dsmoe

@@ -10,9 +10,7 @@
 // thread, Shutdown any number of times.
 #pragma once
 
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "core/rpc/metrics.h"
@@ -84,9 +82,7 @@ class ExpertServer {
   std::unique_ptr<ExpertService> service_;
   rpc::RunningServer running_;
 
-  std::mutex mu_;
-  std::condition_variable shut_down_cv_;
-  bool shut_down_ = false;  // guarded by mu_
+  rpc::ShutdownOnce shutdown_;
 };
 
 }  // namespace dsmoe

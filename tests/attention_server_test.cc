@@ -13,6 +13,7 @@
 #include <cstring>
 #include <thread>
 
+#include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
 #include "expert-server/expert_server.h"
@@ -75,8 +76,7 @@ class AttentionServerTest : public ::testing::Test {
     request.mutable_token_ids()->Assign(ids.begin(), ids.end());
     internal::v1::ComputeLogitsResponse response;
     const grpc::Status s = stub->ComputeLogits(&context, request, &response);
-    if (!s.ok())
-      return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+    if (!s.ok()) return rpc::FromGrpc(s, "ComputeLogits");
     std::vector<float> out(response.logits().size() / sizeof(float));
     std::memcpy(out.data(), response.logits().data(), response.logits().size());
     return out;

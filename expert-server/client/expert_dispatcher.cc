@@ -1,5 +1,6 @@
 #include "expert-server/client/expert_dispatcher.h"
 
+#include <cstdio>
 #include <cstring>
 #include <set>
 
