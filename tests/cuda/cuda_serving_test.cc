@@ -210,7 +210,7 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
   EXPECT_TRUE(server.ok()) << server.status();
   ExpertServerPoolOptions po;
   po.security = rpc::TransportSecurity::Insecure();
-  ExpertServerPool pool({server->address()}, po);
+  ExpertServerPool expert_servers({server->address()}, po);
   ExpertDispatcherOptions eo;
   std::unique_ptr<NcclLinks> links;
   if (nccl_gpu >= 0) {
@@ -218,7 +218,7 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
     lo.device = nccl_gpu;
     lo.hidden = c.hidden_size;
     lo.max_rows = 64;
-    links = std::make_unique<NcclLinks>(pool, lo);
+    links = std::make_unique<NcclLinks>(expert_servers, lo);
     links->ChannelTo(0);  // starts the set-up; dispatch uses gRPC until it is done
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (links->num_opening() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -228,7 +228,7 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
     eo.side_channel = links.get();
   }
   const int open = links != nullptr ? links->num_open() : 0;
-  ExpertDispatcher remote(c, *placement, pool, eo);
+  ExpertDispatcher remote(c, *placement, expert_servers, eo);
   ThreadPool pool(4);
   SchedulerOptions o;
   o.num_slots = 2;
