@@ -58,7 +58,6 @@ class ExpertServerPool {
   ExpertServerPool& operator=(const ExpertServerPool&) = delete;
 
   int num_servers() const { return static_cast<int>(addresses_.size()); }
-  const std::vector<std::string>& addresses() const { return addresses_; }
   const std::string& address(int server) const { return addresses_[server]; }
   // The stub of `server`, for calls the pool has no helper for (ComputeExperts, asynchronous;
   // OpenNcclChannel, cancellable). Valid for the pool's lifetime.
