@@ -52,10 +52,11 @@ class AttentionServerTest : public ::testing::Test {
     return o;
   }
 
-  std::unique_ptr<ExpertServer> StartExpertServer(int index) const {
+  std::unique_ptr<ExpertServer> StartExpertServer(int index, int num_replicas = 1) const {
     ExpertServerOptions o;
     o.model_dir = dir_.path();
     o.num_servers = 2;
+    o.num_replicas = num_replicas;
     o.server_index = index;
     o.store.threads = 1;
     o.tls.insecure = true;
@@ -124,6 +125,37 @@ TEST_F(AttentionServerTest, WithTwoExpertServersInOneProcess) {
   waiter.join();
   (*remote)->Shutdown();
   EXPECT_EQ(Logits((*remote)->address(), ids).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(AttentionServerTest, AReplicaTakesOverFromAServerThatWentAway) {
+  // Two copies of every expert, one on each server.
+  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0, 2), StartExpertServer(1, 2)};
+  ASSERT_TRUE(experts[0] != nullptr && experts[1] != nullptr);
+  AttentionServerOptions o = Options({experts[0]->address(), experts[1]->address()});
+  o.num_replicas = 2;
+  o.expert_health.period = std::chrono::seconds(60);  // only a failed call takes it out here
+  auto remote = AttentionServer::Create(o);
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  auto local = AttentionServer::Create(Options({}));
+  ASSERT_TRUE(local.ok()) << local.status();
+  ASSERT_TRUE((*remote)->ready());
+
+  // Gone without the health checks noticing: the dispatch call to it fails in transport, the
+  // pool marks it down and the layer goes again to the replicas, with the same result.
+  experts[1]->Shutdown();
+  const std::vector<uint32_t> ids = {3, 1, 4, 1, 5, 9, 2, 6};
+  auto got = Logits((*remote)->address(), ids);
+  auto want = Logits((*local)->address(), ids);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(got->size(), want->size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got->size(); ++i) {
+    diff += std::pow((*got)[i] - (*want)[i], 2);
+    norm += std::pow((*want)[i], 2);
+  }
+  EXPECT_LT(std::sqrt(diff / norm), 1e-5);
+  EXPECT_TRUE((*remote)->ready()) << "every routed expert still has a serving holder";
 }
 
 TEST_F(AttentionServerTest, CreateValidatesItsOptions) {
