@@ -4,8 +4,6 @@
 #include <cstdio>
 #include <set>
 
-#include "core/rpc/server.h"
-
 namespace dsmoe {
 
 namespace {
@@ -23,26 +21,24 @@ double Max(const std::vector<double>& v) {
 }  // namespace
 
 Rebalancer::Rebalancer(const ModelConfig& config, Scheduler& scheduler,
-                       GrpcExpertExecutor& executor, const router::LoadWindow& window,
+                       ExpertDispatcher& dispatcher, const router::LoadWindow& window,
                        rpc::MetricsRegistry* metrics, RebalancerOptions options)
     : config_(config),
       scheduler_(scheduler),
-      executor_(executor),
+      dispatcher_(dispatcher),
+      pool_(dispatcher.pool()),
       window_(window),
       options_(std::move(options)) {
-  options_.planner.num_servers = executor_.placement()->num_servers();
+  options_.planner.num_servers = dispatcher_.placement()->num_servers();
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     if (config.IsMoeLayer(l) && config.n_routed_experts > 0) moe_layers_.push_back(l);
-  }
-  for (const std::string& a : executor_.addresses()) {
-    stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a, options_.security)));
   }
   if (metrics != nullptr) {
     rpc::MetricsRegistry& r = *metrics;
     version_ = &r.Gauge("dsmoe_placement_version",
                         "Version of the expert placement the attention server dispatches with")
                     .Add({});
-    version_->Set(static_cast<double>(executor_.placement()->version()));
+    version_->Set(static_cast<double>(dispatcher_.placement()->version()));
     duration_ = &r.Histogram("dsmoe_rebalance_duration_seconds",
                              "Duration of a successful placement change: load new replicas, "
                              "switch between steps, drop old ones")
@@ -108,12 +104,12 @@ std::vector<double> Rebalancer::Imbalances(const router::Placement& p,
 void Rebalancer::UpdateGauges() {
   if (live_.empty()) return;
   const auto loads = WindowLoads();
-  const std::vector<double> now = Imbalances(*executor_.placement(), loads);
+  const std::vector<double> now = Imbalances(*dispatcher_.placement(), loads);
   for (size_t i = 0; i < live_.size(); ++i) live_[i]->Set(now[i]);
 }
 
 absl::StatusOr<router::Placement> Rebalancer::Plan() const {
-  return router::PlanPlacement(*executor_.placement(), WindowLoads(), options_.planner);
+  return router::PlanPlacement(*dispatcher_.placement(), WindowLoads(), options_.planner);
 }
 
 RebalanceStatusReport Rebalancer::status() const {
@@ -182,15 +178,8 @@ absl::Status Rebalancer::SetServerPlacement(int s, uint64_t version,
     req.add_layers(static_cast<uint32_t>(l));
     req.add_experts(static_cast<uint32_t>(e));
   }
-  internal::v1::SetPlacementResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  const grpc::Status st = stubs_[s]->SetPlacement(&ctx, req, &resp);
-  if (!st.ok()) {
-    return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
-                        absl::StrCat("expert server ", s, " at ", executor_.addresses()[s],
-                                     " refused placement ", version, ": ", st.error_message()));
-  }
+  DSMOE_ASSIGN_OR_RETURN(const internal::v1::SetPlacementResponse resp,
+                         pool_.SetPlacement(s, req, std::chrono::seconds(10)));
   if (loading != nullptr) *loading += resp.num_loading();
   if (dropping != nullptr) *dropping += resp.num_dropping();
   return absl::OkStatus();
@@ -198,29 +187,26 @@ absl::Status Rebalancer::SetServerPlacement(int s, uint64_t version,
 
 absl::Status Rebalancer::WaitServing(uint64_t version) {
   const auto deadline = Clock::now() + options_.load_timeout;
-  std::vector<bool> ready(stubs_.size(), false);
+  std::vector<bool> ready(pool_.num_servers(), false);
   for (;;) {
     bool all = true;
-    for (size_t s = 0; s < stubs_.size(); ++s) {
+    for (int s = 0; s < pool_.num_servers(); ++s) {
       if (ready[s]) continue;
-      internal::v1::GetExpertsResponse resp;
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
-      if (!st.ok()) {
-        return absl::UnavailableError(absl::StrCat("expert server ", s, " at ",
-                                                   executor_.addresses()[s],
-                                                   " while loading: ", st.error_message()));
+      absl::StatusOr<internal::v1::GetExpertsResponse> got =
+          pool_.GetExperts(s, std::chrono::seconds(5));
+      if (!got.ok()) {
+        return absl::UnavailableError(
+            absl::StrCat("while placement ", version, " was loading: ", got.status().message()));
       }
+      const internal::v1::GetExpertsResponse& resp = *got;
       if (resp.placement_version() != version) {
-        return absl::AbortedError(absl::StrCat("expert server ", s, " moved to placement ",
+        return absl::AbortedError(absl::StrCat(pool_.Name(s), " moved to placement ",
                                                resp.placement_version(), " while ", version,
                                                " was loading"));
       }
       if (resp.placement_state() == internal::v1::PLACEMENT_STATE_FAILED) {
-        return absl::InternalError(absl::StrCat("expert server ", s, " at ",
-                                                executor_.addresses()[s],
-                                                " failed to load: ", resp.placement_error()));
+        return absl::InternalError(absl::StrCat(pool_.Name(s), " failed to load placement ",
+                                                version, ": ", resp.placement_error()));
       }
       ready[s] = resp.placement_state() == internal::v1::PLACEMENT_STATE_SERVING;
       all = all && ready[s];
@@ -239,7 +225,7 @@ absl::Status Rebalancer::WaitServing(uint64_t version) {
 absl::StatusOr<RebalanceOutcome> Rebalancer::ApplyLocked(router::Placement target,
                                                          bool keep_old_experts) {
   const auto start = Clock::now();
-  const std::shared_ptr<const router::Placement> current = executor_.placement();
+  const std::shared_ptr<const router::Placement> current = dispatcher_.placement();
   if (target.num_servers() != current->num_servers() ||
       target.num_layers() != current->num_layers()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -281,7 +267,7 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::ApplyLocked(router::Placement targe
   out.load_seconds = Seconds(start, loaded);
   // 2. Switch between two steps.
   if (!same) {
-    DSMOE_RETURN_IF_ERROR(scheduler_.RunBetweenSteps([&] { executor_.SetPlacement(next); }));
+    DSMOE_RETURN_IF_ERROR(scheduler_.RunBetweenSteps([&] { dispatcher_.SetPlacement(next); }));
     out.switched = true;
   }
   const auto switched = Clock::now();
@@ -311,7 +297,7 @@ void Rebalancer::AutoLoop() {
       for (double x : l) total += x;
     }
     if (total < static_cast<double>(options_.min_window_tokens)) continue;
-    const auto current = executor_.placement();
+    const auto current = dispatcher_.placement();
     const double before = Max(Imbalances(*current, loads));
     if (before <= options_.threshold) continue;
     auto plan = router::PlanPlacement(*current, loads, options_.planner);

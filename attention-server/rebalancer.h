@@ -25,8 +25,7 @@
 
 #include "attention-server/scheduler.h"
 #include "core/rpc/metrics.h"
-#include "core/rpc/transport_security.h"
-#include "expert-server/grpc_expert_executor.h"
+#include "expert-server/client/expert_dispatcher.h"
 #include "router/load_window.h"
 #include "router/planner.h"
 
@@ -39,7 +38,6 @@ struct RebalancerOptions {
   double min_gain = 0.03;           // ... if the plan lowers it by at least this fraction
   int64_t min_window_tokens = 512;  // ... and the window holds this many routed assignments
   std::chrono::milliseconds load_timeout{120000};  // for new replicas to serve
-  rpc::TransportSecurity security;                 // of the calls to the expert servers
 };
 
 struct RebalanceOutcome {
@@ -59,15 +57,16 @@ struct RebalanceStatusReport {
 
 class Rebalancer {
  public:
-  // REQUIRES: every argument outlives this.
-  Rebalancer(const ModelConfig& config, Scheduler& scheduler, GrpcExpertExecutor& executor,
+  // Talks to the expert servers through `dispatcher.pool()`. REQUIRES: every argument outlives
+  // this.
+  Rebalancer(const ModelConfig& config, Scheduler& scheduler, ExpertDispatcher& dispatcher,
              const router::LoadWindow& window, rpc::MetricsRegistry* metrics,
              RebalancerOptions options);
   ~Rebalancer();  // stops the automatic mode
 
   // Assignments per (layer, expert) in the window, as loads ([layer][expert]).
   std::vector<std::vector<double>> WindowLoads() const;
-  std::shared_ptr<const router::Placement> placement() const { return executor_.placement(); }
+  std::shared_ptr<const router::Placement> placement() const { return dispatcher_.placement(); }
   absl::StatusOr<router::Placement> Plan() const;
   // Predicted per-server imbalance of every MoE layer under `p` for `loads`.
   std::vector<double> Imbalances(const router::Placement& p,
@@ -94,11 +93,11 @@ class Rebalancer {
 
   const ModelConfig& config_;
   Scheduler& scheduler_;
-  GrpcExpertExecutor& executor_;
+  ExpertDispatcher& dispatcher_;
+  ExpertServerPool& pool_;  // the dispatcher's
   const router::LoadWindow& window_;
   RebalancerOptions options_;
   std::vector<int64_t> moe_layers_;
-  std::vector<std::unique_ptr<internal::v1::ExpertService::Stub>> stubs_;
 
   std::mutex apply_mu_;  // one change at a time
   mutable std::mutex status_mu_;

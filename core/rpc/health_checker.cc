@@ -35,7 +35,24 @@ struct HealthChecker::Target {
   grpc::Status status;
 };
 
+namespace {
+
+std::vector<std::shared_ptr<grpc::Channel>> MakeChannels(const std::vector<std::string>& addresses,
+                                                         const TransportSecurity& security) {
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  for (const std::string& a : addresses) channels.push_back(MakeChannel(a, security));
+  return channels;
+}
+
+}  // namespace
+
 HealthChecker::HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
+                             HealthCheckOptions options, Verify verify)
+    : HealthChecker(addresses, MakeChannels(addresses, security), std::move(options),
+                    std::move(verify)) {}
+
+HealthChecker::HealthChecker(std::vector<std::string> addresses,
+                             const std::vector<std::shared_ptr<grpc::Channel>>& channels,
                              HealthCheckOptions options, Verify verify)
     : addresses_(std::move(addresses)),
       health_(new std::atomic<int>[addresses_.size()]),
@@ -44,12 +61,14 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses, const Transport
   for (size_t i = 0; i < addresses_.size(); ++i) {
     health_[i].store(static_cast<int>(TargetHealth::kDown));
     auto t = std::make_unique<Target>();
-    t->stub = grpc::health::v1::Health::NewStub(MakeChannel(addresses_[i], security));
+    t->stub = grpc::health::v1::Health::NewStub(channels[i]);
     targets_.push_back(std::move(t));
   }
 }
 
-HealthChecker::~HealthChecker() {
+HealthChecker::~HealthChecker() { Stop(); }
+
+void HealthChecker::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;

@@ -58,6 +58,12 @@ class HealthChecker {
   // (the same transport the calls to them use). `verify` may be empty.
   HealthChecker(std::vector<std::string> addresses, const TransportSecurity& security,
                 HealthCheckOptions options, Verify verify = nullptr);
+  // The same over channels the caller already has (channels[i] reaches addresses[i]), so a
+  // client pool checks its servers on the connections its calls use: a check then fails
+  // exactly when those calls would.
+  HealthChecker(std::vector<std::string> addresses,
+                const std::vector<std::shared_ptr<grpc::Channel>>& channels,
+                HealthCheckOptions options, Verify verify = nullptr);
   ~HealthChecker();  // stops the thread
   HealthChecker(const HealthChecker&) = delete;
   HealthChecker& operator=(const HealthChecker&) = delete;
@@ -78,6 +84,9 @@ class HealthChecker {
   void MarkDown(int target, const std::string& reason);
   // Runs the next round now instead of at the end of the period.
   void CheckNow();
+  // Stops the checks (and the callbacks) for good; states stay as they were. Idempotent; the
+  // destructor calls it. For owners whose callbacks use objects that die before the checker.
+  void Stop();
 
  private:
   struct Target;

@@ -115,6 +115,19 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
   return running;
 }
 
+void ShutdownOnce::Shutdown(const std::function<void()>& steps) {
+  std::lock_guard<std::mutex> lock(mu_);  // held throughout: a concurrent caller waits for it
+  if (done_) return;
+  steps();
+  done_ = true;
+  done_cv_.notify_all();
+}
+
+void ShutdownOnce::Wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  done_cv_.wait(lock, [this] { return done_; });
+}
+
 absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port) {
   // Written whole to a temporary name, then renamed: a reader never sees half a file.
   const std::string tmp = path + ".tmp";

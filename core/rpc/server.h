@@ -7,7 +7,10 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <condition_variable>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -45,6 +48,21 @@ struct RunningServer {
   // Declared after `server`, destroyed before it.
   std::unique_ptr<HealthForwarder> health_forwarder;
   std::unique_ptr<grpc::Server> health_server;
+};
+
+// The Shutdown / Wait pair every server class offers: Shutdown runs its steps once, whichever
+// thread calls first, and returns only once they are done (so a second caller never sees a half
+// shut down server); Wait blocks until then. Thread-safe.
+class ShutdownOnce {
+ public:
+  // Runs `steps` unless a Shutdown already ran them; returns once they have run.
+  void Shutdown(const std::function<void()>& steps);
+  void Wait();
+
+ private:
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  bool done_ = false;  // guarded by mu_
 };
 
 // Builds and starts a server for `services` (not owned; must outlive the server).

@@ -14,10 +14,11 @@
 #include "core/model/cuda/cuda_model_runner.h"
 #include "core/model/make_model.h"
 #include "core/rpc/server.h"
+#include "expert-server/client/expert_dispatcher.h"
+#include "expert-server/client/expert_server_pool.h"
+#include "expert-server/client/nccl_links.h"
 #include "expert-server/expert_service.h"
 #include "expert-server/expert_store.h"
-#include "expert-server/grpc_expert_executor.h"
-#include "expert-server/nccl_links.h"
 #include "router/placement.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
@@ -207,16 +208,17 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
   so.security = rpc::TransportSecurity::Insecure();
   auto server = rpc::StartServer(so, {static_cast<grpc::Service*>(service.get())});
   EXPECT_TRUE(server.ok()) << server.status();
-  GrpcExpertExecutorOptions eo;
-  eo.security = rpc::TransportSecurity::Insecure();
+  ExpertServerPoolOptions po;
+  po.security = rpc::TransportSecurity::Insecure();
+  ExpertServerPool expert_servers({server->address()}, po);
+  ExpertDispatcherOptions eo;
   std::unique_ptr<NcclLinks> links;
   if (nccl_gpu >= 0) {
     NcclLinksOptions lo;
     lo.device = nccl_gpu;
     lo.hidden = c.hidden_size;
     lo.max_rows = 64;
-    links = std::make_unique<NcclLinks>(std::vector<std::string>{server->address()},
-                                        rpc::TransportSecurity::Insecure(), lo);
+    links = std::make_unique<NcclLinks>(expert_servers, lo);
     links->ChannelTo(0);  // starts the set-up; dispatch uses gRPC until it is done
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (links->num_opening() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -226,7 +228,7 @@ int ServeThroughGpuExpertServer(int expert_gpu, int nccl_gpu, const char* label)
     eo.side_channel = links.get();
   }
   const int open = links != nullptr ? links->num_open() : 0;
-  GrpcExpertExecutor remote(c, *placement, {server->address()}, eo);
+  ExpertDispatcher remote(c, *placement, expert_servers, eo);
   ThreadPool pool(4);
   SchedulerOptions o;
   o.num_slots = 2;

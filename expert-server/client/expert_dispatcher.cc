@@ -1,30 +1,24 @@
-#include "expert-server/grpc_expert_executor.h"
+#include "expert-server/client/expert_dispatcher.h"
 
+#include <cstdio>
 #include <cstring>
 #include <set>
 
 #include "core/rpc/grpc_status.h"
-#include "core/rpc/server.h"
 
 namespace dsmoe {
 
-GrpcExpertExecutor::GrpcExpertExecutor(const ModelConfig& config,
-                                       const router::Placement& placement,
-                                       const std::vector<std::string>& addresses,
-                                       const GrpcExpertExecutorOptions& options)
+ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Placement& placement,
+                                   ExpertServerPool& pool, const ExpertDispatcherOptions& options)
     : config_(config),
       placement_(std::make_shared<const router::Placement>(placement)),
-      addresses_(addresses),
+      pool_(pool),
       options_(options),
       planner_(*placement_) {
-  for (const std::string& a : addresses_) {
-    stubs_.push_back(internal::v1::ExpertService::NewStub(rpc::MakeChannel(a, options_.security)));
-  }
-  calls_.resize(addresses_.size());
-  down_since_.resize(addresses_.size());
+  calls_.resize(pool_.num_servers());
   if (options_.metrics != nullptr) {
-    for (size_t s = 0; s < addresses_.size(); ++s) {
-      metrics_.push_back(std::make_unique<DispatchMetrics>(*options_.metrics, static_cast<int>(s)));
+    for (int s = 0; s < pool_.num_servers(); ++s) {
+      metrics_.push_back(std::make_unique<DispatchMetrics>(*options_.metrics, s));
     }
   }
 }
@@ -53,35 +47,26 @@ DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
       labels);
 }
 
-absl::Status GrpcExpertExecutor::Run(int64_t layer, const float* x, int64_t T,
-                                     const int32_t* experts, const float* weights, int64_t k,
-                                     float* out) {
+absl::Status ExpertDispatcher::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                                   const float* weights, int64_t k, float* out) {
   DSMOE_RETURN_IF_ERROR(Start(layer, x, T, experts, weights, k));
   return Finish(out);
 }
 
-absl::Status GrpcExpertExecutor::Start(int64_t layer, const float* x, int64_t T,
-                                       const int32_t* experts, const float* weights, int64_t k) {
+absl::Status ExpertDispatcher::Start(int64_t layer, const float* x, int64_t T,
+                                     const int32_t* experts, const float* weights, int64_t k) {
   layer_ = layer;
   num_tokens_ = T;
   k_ = k;
   x_ = x;
   experts_ = experts;
   weights_ = weights;
-  const auto now = std::chrono::steady_clock::now();
-  for (size_t s = 0; s < down_since_.size(); ++s) {
-    if (options_.health != nullptr) {  // the checker's verdict, current to one period
-      planner_.SetAvailable(static_cast<int>(s), options_.health->health(static_cast<int>(s)) ==
-                                                     rpc::TargetHealth::kServing);
-    } else if (down_since_[s] && now - *down_since_[s] >= options_.retry_down_after) {
-      down_since_[s].reset();  // give servers that failed a while ago another try
-      planner_.SetAvailable(static_cast<int>(s), true);
-    }
-  }
+  // The pool's verdict: its health checks (current to one period), or the rest after a failure.
+  for (int s = 0; s < pool_.num_servers(); ++s) planner_.SetAvailable(s, pool_.available(s));
   return Send();
 }
 
-absl::Status GrpcExpertExecutor::Send() {
+absl::Status ExpertDispatcher::Send() {
   // Planned aside first: if no server is left for some expert, the previous attempt's work
   // stays in place to explain which calls failed.
   DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &planned_));
@@ -115,18 +100,20 @@ absl::Status GrpcExpertExecutor::Send() {
       std::lock_guard<std::mutex> lock(mu_);
       ++outstanding_;
     }
-    stubs_[s]->async()->ComputeExperts(call.context.get(), &call.request, &call.response,
-                                       [this, &call, m](grpc::Status status) {
-                                         if (m != nullptr) Record(*m, call, status);
-                                         std::lock_guard<std::mutex> lock(mu_);
-                                         call.status = std::move(status);
-                                         if (--outstanding_ == 0) done_cv_.notify_one();
-                                       });
+    pool_.stub(static_cast<int>(s))
+        .async()
+        ->ComputeExperts(call.context.get(), &call.request, &call.response,
+                         [this, &call, m](grpc::Status status) {
+                           if (m != nullptr) Record(*m, call, status);
+                           std::lock_guard<std::mutex> lock(mu_);
+                           call.status = std::move(status);
+                           if (--outstanding_ == 0) done_cv_.notify_one();
+                         });
   }
   return absl::OkStatus();
 }
 
-void GrpcExpertExecutor::StageHidden(int server, Call& call, const router::ServerWork& w) {
+void ExpertDispatcher::StageHidden(int server, Call& call, const router::ServerWork& w) {
   const int64_t H = config_.hidden_size;
   auto& req = call.request;
   call.side_output = nullptr;
@@ -152,13 +139,13 @@ void GrpcExpertExecutor::StageHidden(int server, Call& call, const router::Serve
   }
 }
 
-bool GrpcExpertExecutor::CollectSideChannel() {
+bool ExpertDispatcher::CollectSideChannel() {
   bool resend = false;
   for (size_t s = 0; s < calls_.size(); ++s) {
     Call& call = calls_[s];
     if (!call.active || !call.over_side_channel || call.side_output != nullptr) continue;
     absl::StatusOr<const float*> out =
-        options_.side_channel->Collect(static_cast<int>(s), call.status);
+        options_.side_channel->Collect(static_cast<int>(s), CallResult(static_cast<int>(s)));
     if (out.ok()) {
       call.side_output = *out;
       continue;
@@ -175,7 +162,7 @@ bool GrpcExpertExecutor::CollectSideChannel() {
   return resend;
 }
 
-void GrpcExpertExecutor::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
+void ExpertDispatcher::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
   // The call is complete: its request and reply are not touched by anyone else until the next
   // Send, which waits for this callback.
   m.round_trip->Observe(
@@ -185,64 +172,67 @@ void GrpcExpertExecutor::Record(DispatchMetrics& m, const Call& call, const grpc
   rpc::CountCode(m.calls, status.error_code());
 }
 
-void GrpcExpertExecutor::Wait() {
+void ExpertDispatcher::Wait() {
   std::unique_lock<std::mutex> lock(mu_);
   done_cv_.wait(lock, [this] { return outstanding_ == 0; });
 }
 
-absl::Status GrpcExpertExecutor::Finish(float* out) {
-  const int64_t H = config_.hidden_size;
+bool ExpertDispatcher::MarkTransportFailures() {
+  bool any = false;
+  for (size_t s = 0; s < calls_.size(); ++s) {
+    const Call& call = calls_[s];
+    if (!call.active || !rpc::IsTransportFailure(call.status)) continue;
+    any = true;
+    pool_.MarkDown(static_cast<int>(s),
+                   absl::StrCat("a dispatch call failed: ", call.status.error_message()));
+    planner_.SetAvailable(static_cast<int>(s), false);
+  }
+  return any;
+}
+
+absl::Status ExpertDispatcher::CallResult(int server) const {
+  const Call& call = calls_[server];
+  if (call.status.ok()) return absl::OkStatus();
+  const router::ServerWork& w = work_[server];
+  const std::set<int32_t> experts(w.expert.begin(), w.expert.end());
+  std::string names;
+  for (int32_t e : experts) absl::StrAppend(&names, names.empty() ? "" : ", ", e);
+  return pool_.CallStatus(
+      server, absl::StrCat("ComputeExperts on routed experts of layer ", layer_, " [", names, "]"),
+      call.status);
+}
+
+absl::Status ExpertDispatcher::Finish(float* out) {
   // A server that fails in transport (dead, or past its deadline) is marked down and the layer
   // is dispatched again over the others: replicas take over with identical results. Without a
   // replica the plan fails, naming the experts no available server holds.
   for (;;) {
     Wait();
-    bool transport_failure = false;
-    if (options_.side_channel != nullptr) transport_failure = CollectSideChannel();
-    for (size_t s = 0; s < calls_.size(); ++s) {
-      const grpc::StatusCode code = calls_[s].status.error_code();
-      if (calls_[s].active &&
-          (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED)) {
-        transport_failure = true;
-        if (options_.health != nullptr) {
-          options_.health->MarkDown(
-              static_cast<int>(s),
-              absl::StrCat("a dispatch call failed: ", calls_[s].status.error_message()));
-        } else {
-          down_since_[s] = std::chrono::steady_clock::now();
-        }
-        planner_.SetAvailable(static_cast<int>(s), false);
-      }
-    }
-    if (!transport_failure) break;
-    absl::Status resent = Send();
-    if (!resent.ok()) {
-      // No replica left for some expert: report the failed calls, which name their experts.
-      break;
-    }
+    bool resend = options_.side_channel != nullptr && CollectSideChannel();
+    resend = MarkTransportFailures() || resend;
+    // No replica left for some expert: report the failed calls, which name their experts.
+    if (!resend || !Send().ok()) break;
   }
+  return Combine(out);
+}
+
+absl::Status ExpertDispatcher::Combine(float* out) const {
+  const int64_t H = config_.hidden_size;
   std::memset(out, 0, sizeof(float) * num_tokens_ * H);
   absl::Status first_error;
   for (size_t s = 0; s < calls_.size(); ++s) {
-    Call& call = calls_[s];
+    const Call& call = calls_[s];
     if (!call.active) continue;
     const router::ServerWork& w = work_[s];
     if (!call.status.ok()) {
-      std::set<int32_t> experts(w.expert.begin(), w.expert.end());
-      std::string names;
-      for (int32_t e : experts) absl::StrAppend(&names, names.empty() ? "" : ", ", e);
-      first_error.Update(
-          absl::Status(static_cast<absl::StatusCode>(call.status.error_code()),
-                       absl::StrCat("expert server ", s, " at ", addresses_[s],
-                                    " failed on routed experts of layer ", layer_, " [", names,
-                                    "]: ", call.status.error_message())));
+      first_error.Update(CallResult(static_cast<int>(s)));
       continue;
     }
     if (call.side_output == nullptr &&
         call.response.output().size() != w.rows.size() * H * sizeof(float)) {
       first_error.Update(absl::InternalError(
-          absl::StrCat("expert server ", s, " at ", addresses_[s], " answered ",
-                       call.response.output().size(), " bytes for ", w.rows.size(), " tokens")));
+          absl::StrCat(pool_.Name(static_cast<int>(s)), " answered ", call.response.output().size(),
+                       " bytes for ", w.rows.size(), " tokens")));
       continue;
     }
     const float* y = call.side_output != nullptr
@@ -256,38 +246,32 @@ absl::Status GrpcExpertExecutor::Finish(float* out) {
   return first_error;
 }
 
-void GrpcExpertExecutor::SetPlacement(std::shared_ptr<const router::Placement> placement) {
+void ExpertDispatcher::SetPlacement(std::shared_ptr<const router::Placement> placement) {
   planner_.SetPlacement(*placement);
   std::lock_guard<std::mutex> lock(placement_mu_);
   placement_ = std::move(placement);
 }
 
-std::shared_ptr<const router::Placement> GrpcExpertExecutor::placement() const {
+std::shared_ptr<const router::Placement> ExpertDispatcher::placement() const {
   std::lock_guard<std::mutex> lock(placement_mu_);
   return placement_;
 }
 
-absl::Status GrpcExpertExecutor::VerifyServer(int s) const {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + options_.deadline);
-  internal::v1::GetExpertsResponse resp;
-  const grpc::Status st = stubs_[s]->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &resp);
-  if (!st.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("expert server ", s, " at ", addresses_[s], ": ", st.error_message()));
-  }
+absl::Status ExpertDispatcher::VerifyServer(int s) const {
+  DSMOE_ASSIGN_OR_RETURN(const internal::v1::GetExpertsResponse resp,
+                         pool_.GetExperts(s, options_.deadline));
   if (resp.hidden_size() != config_.hidden_size) {
-    return absl::FailedPreconditionError(absl::StrCat("expert server ", s, " at ", addresses_[s],
-                                                      " serves hidden size ", resp.hidden_size(),
-                                                      ", the model has ", config_.hidden_size));
+    return absl::FailedPreconditionError(absl::StrCat(pool_.Name(s), " serves hidden size ",
+                                                      resp.hidden_size(), ", the model has ",
+                                                      config_.hidden_size));
   }
   std::set<std::pair<int64_t, int64_t>> held;
   for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
   for (const auto& le : placement()->ExpertsOf(s)) {
     if (!held.count(le)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "expert server ", s, " at ", addresses_[s], " does not hold routed expert (layer ",
-          le.first, ", expert ", le.second, ") that the placement assigns it"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(pool_.Name(s), " does not hold routed expert (layer ", le.first, ", expert ",
+                       le.second, ") that the placement assigns it"));
     }
   }
   return absl::OkStatus();

@@ -17,9 +17,8 @@
 #include <thread>
 #include <vector>
 
-#include "core/rpc/transport_security.h"
-#include "dsmoe/internal/v1/expert.grpc.pb.h"
-#include "expert-server/grpc_expert_executor.h"
+#include "expert-server/client/expert_dispatcher.h"
+#include "expert-server/client/expert_server_pool.h"
 #include "expert-server/nccl_channel.h"
 
 namespace dsmoe {
@@ -35,14 +34,14 @@ struct NcclLinksOptions {
 
 class NcclLinks final : public DispatchSideChannel {
  public:
-  // `addresses[s]`: expert server s, reached with `security` for the set-up calls.
-  NcclLinks(const std::vector<std::string>& addresses, const rpc::TransportSecurity& security,
-            const NcclLinksOptions& options);
+  // A channel to each server of `pool`, set up by calls through the pool. REQUIRES: `pool`
+  // outlives this.
+  NcclLinks(ExpertServerPool& pool, const NcclLinksOptions& options);
   ~NcclLinks() override;  // cancels the openings in flight, closes every channel
 
   uint64_t ChannelTo(int server) override;
   absl::Status Post(int server, const float* x, const std::vector<int32_t>& rows) override;
-  absl::StatusOr<const float*> Collect(int server, const grpc::Status& status) override;
+  absl::StatusOr<const float*> Collect(int server, const absl::Status& status) override;
 
   // Channels open now, and set-ups in flight (any thread).
   int num_open() const;
@@ -52,7 +51,6 @@ class NcclLinks final : public DispatchSideChannel {
   enum State : int { kUntried, kOpening, kOpen, kClosed };
   struct Link {
     std::atomic<int> state{kUntried};
-    std::unique_ptr<internal::v1::ExpertService::Stub> stub;
     // Written by the opener before state becomes kOpen, then by the dispatch thread only.
     std::unique_ptr<nccl::Channel> channel;
     uint64_t id = 0;
@@ -70,8 +68,8 @@ class NcclLinks final : public DispatchSideChannel {
   // Closes link s after a failure; it is tried again after retry_after.
   void Close(int server, const absl::Status& why);
 
+  ExpertServerPool& pool_;
   NcclLinksOptions options_;
-  std::vector<std::string> addresses_;
   std::vector<std::unique_ptr<Link>> links_;  // [server]
 };
 

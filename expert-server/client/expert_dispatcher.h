@@ -1,7 +1,9 @@
-// The attention server's client of expert servers: a RoutedExpertExecutor that plans each MoE
-// layer's dispatch (router::DispatchPlanner), sends one ComputeExperts call per expert server
-// concurrently, and adds their combined partial sums. Start returns as soon as the calls are
-// in flight, so the caller computes the shared experts meanwhile.
+// Dispatch and combine across expert servers: a RoutedExpertExecutor that plans each MoE
+// layer's dispatch (router::DispatchPlanner) over the servers of an ExpertServerPool that are
+// available, sends one ComputeExperts call per expert server concurrently, and adds their
+// combined partial sums. Start returns as soon as the calls are in flight, so the caller
+// computes the shared experts meanwhile. A server that fails in transport is marked down in the
+// pool and the layer is dispatched again over the replicas.
 //
 // Thread-compatible (one model runner drives it), like every executor.
 #pragma once
@@ -17,17 +19,16 @@
 #include <vector>
 
 #include "core/model/routed_experts.h"
-#include "core/rpc/health_checker.h"
 #include "core/rpc/metrics.h"
-#include "core/rpc/transport_security.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "expert-server/client/expert_server_pool.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
 
 namespace dsmoe {
 
 // Carries calls' hidden states and outputs outside the gRPC messages: the NCCL transport
-// (expert-server/nccl_links.h). The gRPC call still carries the routing and the status. Used
+// (expert-server/client/nccl_links.h). The gRPC call still carries the routing and the status. Used
 // from the executor's thread only.
 class DispatchSideChannel {
  public:
@@ -41,21 +42,12 @@ class DispatchSideChannel {
   // Once that call has finished with `status`: if OK, waits for the outputs and returns them
   // ([rows, H], host, valid until the next Post to `server`); otherwise closes the channel
   // (the expert server closes its side too) and returns the reason.
-  virtual absl::StatusOr<const float*> Collect(int server, const grpc::Status& status) = 0;
+  virtual absl::StatusOr<const float*> Collect(int server, const absl::Status& status) = 0;
 };
 
-struct GrpcExpertExecutorOptions {
+struct ExpertDispatcherOptions {
   std::chrono::milliseconds deadline{10000};  // per dispatch call
-  // Without a health checker: a failed server is tried again after this.
-  std::chrono::milliseconds retry_down_after{2000};
-  rpc::MetricsRegistry* metrics = nullptr;  // where dispatch metrics go; null: none
-  // How the expert servers are reached (mutual TLS with this process's certificate, or plain
-  // text when chosen explicitly).
-  rpc::TransportSecurity security;  // default: TLS with the system roots, no identity
-  // The expert servers' health (target s = expert server s), if checked: then only servers
-  // it reports serving get work, a failed call marks its server down there, and a server
-  // rejoins as soon as its checks pass again. Not owned; must outlive the executor.
-  rpc::HealthChecker* health = nullptr;
+  rpc::MetricsRegistry* metrics = nullptr;    // where dispatch metrics go; null: none
   // If set, calls to servers it has a channel to move their tensors through it (NCCL). Not
   // owned; must outlive the executor.
   DispatchSideChannel* side_channel = nullptr;
@@ -74,12 +66,12 @@ struct DispatchMetrics {
   rpc::CodeCounters calls;              // finished calls by gRPC code (OK included)
 };
 
-class GrpcExpertExecutor final : public RoutedExpertExecutor {
+class ExpertDispatcher final : public RoutedExpertExecutor {
  public:
-  // `addresses[s]` is expert server s of `placement` (copied).
-  GrpcExpertExecutor(const ModelConfig& config, const router::Placement& placement,
-                     const std::vector<std::string>& addresses,
-                     const GrpcExpertExecutorOptions& options);
+  // Expert server s of `placement` (copied) is server s of `pool`. REQUIRES: `pool` outlives
+  // this and has placement.num_servers() servers.
+  ExpertDispatcher(const ModelConfig& config, const router::Placement& placement,
+                   ExpertServerPool& pool, const ExpertDispatcherOptions& options);
 
   absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                    const float* weights, int64_t k, float* out) override;
@@ -88,7 +80,7 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   absl::Status Finish(float* out) override;
 
   // Asks expert server `server` which experts it holds and checks the placement against it
-  // (the health checker's Verify: a server rejoins only if it holds what it should).
+  // (the pool's health-check Verify: a server rejoins only if it holds what it should).
   // Thread-safe (its own call).
   absl::Status VerifyServer(int server) const;
 
@@ -98,7 +90,7 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   void SetPlacement(std::shared_ptr<const router::Placement> placement);
   // The placement in use (any thread).
   std::shared_ptr<const router::Placement> placement() const;
-  const std::vector<std::string>& addresses() const { return addresses_; }
+  ExpertServerPool& pool() const { return pool_; }
 
  private:
   // Plans and sends the current layer's calls over the servers now considered available.
@@ -124,13 +116,20 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   // Settles the side-channel transfers of the calls that finished (before any resend); true if
   // a call must be sent again (its server answered but the channel lost the outputs).
   bool CollectSideChannel();
+  // Marks the servers whose calls failed in transport down (in the pool and the planner);
+  // true if there was one, so the layer must be sent again.
+  bool MarkTransportFailures();
+  // The finished call to `server` as a status naming the server and the experts it was asked
+  // for.
+  absl::Status CallResult(int server) const;
+  // Adds the calls' outputs into `out` ([T, H]); the first failed call's status otherwise.
+  absl::Status Combine(float* out) const;
 
   const ModelConfig& config_;
   mutable std::mutex placement_mu_;  // guards placement_ against readers on other threads
   std::shared_ptr<const router::Placement> placement_;
-  std::vector<std::string> addresses_;
-  GrpcExpertExecutorOptions options_;
-  std::vector<std::unique_ptr<internal::v1::ExpertService::Stub>> stubs_;
+  ExpertServerPool& pool_;
+  ExpertDispatcherOptions options_;
   router::DispatchPlanner planner_;
   std::vector<router::ServerWork> work_, planned_;
   std::vector<Call> calls_;
@@ -140,10 +139,6 @@ class GrpcExpertExecutor final : public RoutedExpertExecutor {
   const float* x_ = nullptr;
   const int32_t* experts_ = nullptr;
   const float* weights_ = nullptr;
-  // Without a health checker: servers whose last call failed in transport, and since when;
-  // they get no work until retry_down_after has passed.
-  std::vector<std::optional<std::chrono::steady_clock::time_point>> down_since_;
-
   std::mutex mu_;
   std::condition_variable done_cv_;
   int outstanding_ = 0;  // guarded by mu_

@@ -1,4 +1,4 @@
-#include "expert-server/nccl_links.h"
+#include "expert-server/client/nccl_links.h"
 
 #include <cuda_runtime.h>
 
@@ -6,18 +6,13 @@
 #include <cstring>
 
 #include "core/ops/cuda/cuda_status.h"
-#include "core/rpc/server.h"
+#include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
 
-NcclLinks::NcclLinks(const std::vector<std::string>& addresses,
-                     const rpc::TransportSecurity& security, const NcclLinksOptions& options)
-    : options_(options), addresses_(addresses) {
-  for (const std::string& a : addresses_) {
-    auto link = std::make_unique<Link>();
-    link->stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(a, security));
-    links_.push_back(std::move(link));
-  }
+NcclLinks::NcclLinks(ExpertServerPool& pool, const NcclLinksOptions& options)
+    : pool_(pool), options_(options) {
+  for (int s = 0; s < pool_.num_servers(); ++s) links_.push_back(std::make_unique<Link>());
 }
 
 NcclLinks::~NcclLinks() {
@@ -67,10 +62,8 @@ void NcclLinks::Open(int server) {
   const auto deadline = std::chrono::steady_clock::now() + options_.open_timeout;
   auto fail = [&](const absl::Status& why) {
     link.retry_at = std::chrono::steady_clock::now() + options_.retry_after;
-    std::fprintf(stderr,
-                 "dispatch: expert server %d at %s: no NCCL channel (%s); gRPC carries its "
-                 "tensors\n",
-                 server, addresses_[server].c_str(), std::string(why.message()).c_str());
+    std::fprintf(stderr, "dispatch: %s: no NCCL channel (%s); gRPC carries its tensors\n",
+                 pool_.Name(server).c_str(), std::string(why.message()).c_str());
     link.state.store(kClosed, std::memory_order_release);
   };
   absl::StatusOr<std::string> unique_id = nccl::NewUniqueId();
@@ -92,7 +85,7 @@ void NcclLinks::Open(int server) {
     internal::v1::OpenNcclChannelRequest request;
     request.set_nccl_unique_id(*unique_id);
     request.set_timeout_ms(static_cast<uint32_t>(options_.open_timeout.count()));
-    call_status = link.stub->OpenNcclChannel(&context, request, &response);
+    call_status = pool_.stub(server).OpenNcclChannel(&context, request, &response);
     {
       std::lock_guard<std::mutex> lock(link.call_mu);
       link.call = nullptr;
@@ -104,10 +97,7 @@ void NcclLinks::Open(int server) {
       nccl::Channel::Join(*unique_id, 0, options_.device, deadline,
                           [&] { return refused.load() || link.cancel.load(); });
   call.join();
-  if (!call_status.ok()) {
-    return fail(absl::Status(static_cast<absl::StatusCode>(call_status.error_code()),
-                             call_status.error_message()));
-  }
+  if (!call_status.ok()) return fail(rpc::FromGrpc(call_status, "OpenNcclChannel"));
   if (!channel.ok()) return fail(channel.status());
 
   const size_t bytes = static_cast<size_t>(options_.max_rows * options_.hidden) * sizeof(float);
@@ -121,9 +111,8 @@ void NcclLinks::Open(int server) {
   }
   link.channel = std::move(*channel);
   link.id = response.channel();
-  std::printf("dispatch: expert server %d at %s: NCCL channel %llu open (GPU %d)\n", server,
-              addresses_[server].c_str(), static_cast<unsigned long long>(link.id),
-              options_.device);
+  std::printf("dispatch: %s: NCCL channel %llu open (GPU %d)\n", pool_.Name(server).c_str(),
+              static_cast<unsigned long long>(link.id), options_.device);
   std::fflush(stdout);
   link.state.store(kOpen, std::memory_order_release);
 }
@@ -134,8 +123,8 @@ void NcclLinks::Close(int server, const absl::Status& why) {
   link.channel.reset();
   link.retry_at = std::chrono::steady_clock::now() + options_.retry_after;
   link.state.store(kClosed, std::memory_order_release);
-  std::fprintf(stderr, "dispatch: expert server %d at %s: NCCL channel closed (%s)\n", server,
-               addresses_[server].c_str(), std::string(why.message()).c_str());
+  std::fprintf(stderr, "dispatch: %s: NCCL channel closed (%s)\n", pool_.Name(server).c_str(),
+               std::string(why.message()).c_str());
 }
 
 absl::Status NcclLinks::Post(int server, const float* x, const std::vector<int32_t>& rows) {
@@ -174,16 +163,14 @@ absl::Status NcclLinks::Post(int server, const float* x, const std::vector<int32
   return absl::OkStatus();
 }
 
-absl::StatusOr<const float*> NcclLinks::Collect(int server, const grpc::Status& status) {
+absl::StatusOr<const float*> NcclLinks::Collect(int server, const absl::Status& status) {
   Link& link = *links_[server];
   if (link.state.load(std::memory_order_acquire) != kOpen) {
     return absl::UnavailableError("no NCCL channel is open");
   }
   if (!status.ok()) {  // the expert server closes its side on any error: close ours
-    const absl::Status why(static_cast<absl::StatusCode>(status.error_code()),
-                           status.error_message());
-    Close(server, why);
-    return why;
+    Close(server, status);
+    return status;
   }
   const absl::Status s =
       link.channel->Wait(std::chrono::steady_clock::now() + options_.transfer_timeout);

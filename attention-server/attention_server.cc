@@ -1,0 +1,194 @@
+#include "attention-server/attention_server.h"
+
+#include <cstdio>
+
+#include "attention-server/batch_runner_factory.h"
+#include "expert-server/client/nccl_transport.h"
+
+namespace dsmoe {
+
+namespace {
+
+constexpr char kLogName[] = "dsmoe-attention-server";
+
+absl::Status Validate(const AttentionServerOptions& o) {
+  if (o.model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
+  if (o.num_replicas < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_replicas is ", o.num_replicas, ", not >= 1"));
+  }
+  if (o.dispatch_deadline.count() <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dispatch_deadline is ", o.dispatch_deadline.count(), " ms, not > 0"));
+  }
+  const SchedulerOptions& s = o.scheduler;
+  if (s.num_slots < 1 || s.max_batch_tokens < 1 || s.max_context < 0 || s.max_waiting < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("scheduler: num_slots (", s.num_slots,
+                                                   ") and max_batch_tokens (", s.max_batch_tokens,
+                                                   ") must be >= 1, max_context (", s.max_context,
+                                                   ") and max_waiting (", s.max_waiting, ") >= 0"));
+  }
+  if (o.threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("threads is ", o.threads, ", not >= 0"));
+  }
+  if (!(o.load_window_seconds > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("load_window_seconds is ", o.load_window_seconds, ", not > 0"));
+  }
+  if (o.expert_transport == AttentionServerOptions::ExpertTransport::kNccl &&
+      o.expert_servers.empty()) {
+    return absl::InvalidArgumentError(
+        "expert_transport is nccl, but there are no expert servers to reach");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Create(
+    AttentionServerOptions options) {
+  DSMOE_RETURN_IF_ERROR(Validate(options));
+  std::unique_ptr<AttentionServer> server(new AttentionServer(std::move(options)));
+  DSMOE_RETURN_IF_ERROR(server->Start());
+  return server;
+}
+
+absl::Status AttentionServer::Start() {
+  DSMOE_ASSIGN_OR_RETURN(security_, rpc::TransportSecurity::Load(options_.tls));
+  WeightSelection selection;
+  selection.all_routed_experts = options_.expert_servers.empty();  // remote experts: none here
+  DSMOE_ASSIGN_OR_RETURN(weights_, ModelWeights::Load(options_.model_dir, selection));
+  const ModelConfig& config = weights_->config();
+  // Registered before anything runs, so every series exists from the first scrape.
+  metrics_ = std::make_unique<rpc::MetricsRegistry>(options_.serving.ModelName(options_.model_dir));
+  attention_metrics_ = std::make_unique<AttentionMetrics>(
+      *metrics_, config, ExpertLoadOptions{options_.load_window_seconds, 6});
+  if (!options_.expert_servers.empty()) DSMOE_RETURN_IF_ERROR(ConnectExpertServers(config));
+
+  thread_pool_ = std::make_unique<ThreadPool>(options_.threads);
+  DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<BatchRunner> runner,
+                         CreateBatchRunner(options_.device, *weights_, *thread_pool_,
+                                           options_.scheduler, dispatcher_.get()));
+  DSMOE_ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(std::move(runner), options_.scheduler,
+                                                       attention_metrics_.get()));
+  if (dispatcher_ != nullptr) {
+    RebalancerOptions rebalance = options_.rebalance;
+    if (rebalance.planner.num_replicas < 0) {
+      rebalance.planner.num_replicas = expert_pool_->num_servers();
+    }
+    rebalancer_ = std::make_unique<Rebalancer>(config, *scheduler_, *dispatcher_,
+                                               attention_metrics_->expert_load().window(),
+                                               metrics_.get(), rebalance);
+  }
+  placement_service_ =
+      std::make_unique<PlacementService>(rebalancer_.get(), config, options_.load_window_seconds);
+  attention_service_ =
+      std::make_unique<AttentionService>(*scheduler_, weights_->generation_config());
+  return StartServing();
+}
+
+absl::Status AttentionServer::ConnectExpertServers(const ModelConfig& config) {
+  const int num_servers = static_cast<int>(options_.expert_servers.size());
+  DSMOE_ASSIGN_OR_RETURN(router::Placement placement,
+                         router::Placement::LoadOrCompute(options_.placement_file, config,
+                                                          num_servers, options_.num_replicas));
+  if (placement.num_servers() != num_servers) {
+    return absl::InvalidArgumentError(absl::StrCat("the placement names ", placement.num_servers(),
+                                                   " expert servers but ", num_servers,
+                                                   " were given"));
+  }
+  // An expert server counts only once it answers health checks and holds what the placement
+  // says; the checks start with serving (this server may start before its expert servers).
+  ExpertServerPoolOptions pool_options;
+  pool_options.security = security_;
+  pool_options.health_checks = options_.expert_health;
+  pool_options.health_checks->log_prefix = kLogName;
+  pool_options.health_checks->target_kind = "expert server";
+  expert_pool_ = std::make_unique<ExpertServerPool>(options_.expert_servers, pool_options);
+  ExpertDispatcherOptions dispatch;
+  dispatch.deadline = options_.dispatch_deadline;
+  dispatch.metrics = metrics_.get();
+  if (options_.expert_transport == AttentionServerOptions::ExpertTransport::kNccl) {
+    absl::StatusOr<std::unique_ptr<DispatchSideChannel>> links = OpenNcclTransport(
+        options_.device, *expert_pool_, config.hidden_size, options_.scheduler.max_batch_tokens);
+    if (links.ok()) {
+      nccl_links_ = std::move(*links);
+      dispatch.side_channel = nccl_links_.get();
+    } else {  // not an error: every call then carries its tensors itself
+      std::fprintf(stderr, "%s: --expert-transport nccl: %s; using gRPC\n", kLogName,
+                   std::string(links.status().message()).c_str());
+    }
+  }
+  dispatcher_ = std::make_unique<ExpertDispatcher>(config, placement, *expert_pool_, dispatch);
+  return absl::OkStatus();
+}
+
+absl::Status AttentionServer::StartServing() {
+  rpc::ServerOptions server_options;
+  server_options.security = security_;
+  server_options.health_address = options_.health_listen;
+  // No ready file yet: it is written once ready (Readiness).
+  DSMOE_RETURN_IF_ERROR(options_.serving.Apply(*metrics_, &server_options));
+  metrics_port_ = server_options.metrics_port;
+  DSMOE_ASSIGN_OR_RETURN(running_, rpc::StartServer(server_options, {attention_service_.get(),
+                                                                     placement_service_.get()}));
+  // Ready means "can serve": every routed expert reachable on some live expert server.
+  readiness_ = std::make_unique<rpc::Readiness>(
+      running_.server.get(), internal::v1::AttentionService::service_full_name(),
+      options_.serving.ready_file, running_.port, metrics_port_, kLogName);
+  if (expert_pool_ == nullptr) {
+    readiness_->Set(true);
+    return absl::OkStatus();
+  }
+  expert_pool_->StartHealthChecks([this](int s) { return dispatcher_->VerifyServer(s); },
+                                  [this](int, rpc::TargetHealth) {
+                                    const std::string missing = MissingExperts();
+                                    readiness_->Set(missing.empty(), missing);
+                                  });
+  return absl::OkStatus();
+}
+
+std::string AttentionServer::MissingExperts() const {
+  const ModelConfig& config = weights_->config();
+  const std::shared_ptr<const router::Placement> placement = dispatcher_->placement();
+  int64_t num_missing = 0;
+  std::string first;
+  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+    if (!config.IsMoeLayer(layer)) continue;
+    for (int64_t e = 0; e < config.n_routed_experts; ++e) {
+      bool held = false;
+      for (int s : placement->Holders(layer, e)) held = held || expert_pool_->available(s);
+      if (held) continue;
+      if (num_missing++ < 8) {
+        absl::StrAppend(&first, first.empty() ? "" : ", ", "(", layer, ", ", e, ")");
+      }
+    }
+  }
+  if (num_missing == 0) return "";
+  return absl::StrCat("no serving expert server holds ", num_missing, " routed experts ", first,
+                      num_missing > 8 ? ", ..." : "");
+}
+
+AttentionServer::~AttentionServer() { Shutdown(); }
+
+std::string AttentionServer::Describe() const {
+  return absl::StrCat("on ", address(), " (", options_.device.ToString(), "; ",
+                      security_.Describe(), "; ", options_.expert_servers.size(),
+                      " expert servers, ", options_.scheduler.num_slots,
+                      " slots), metrics on port ", metrics_port_);
+}
+
+void AttentionServer::Wait() { shutdown_.Wait(); }
+
+void AttentionServer::Shutdown() {
+  shutdown_.Shutdown([this] {
+    // The checks' callbacks publish readiness on the server: they stop before it does.
+    if (expert_pool_ != nullptr) expert_pool_->StopHealthChecks();
+    if (running_.server != nullptr) {
+      running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    }
+    if (metrics_ != nullptr) metrics_->StopServing();  // before the instruments it reads go away
+  });
+}
+
+}  // namespace dsmoe

@@ -1,0 +1,138 @@
+// dsmoe-attention-server as an object: the model without its routed experts (or with them, when
+// there are no expert servers), a continuous-batching Scheduler, the AttentionService and
+// PlacementService on a gRPC port, and, with expert servers, the client pool of them (health
+// checks, dispatch, the optional NCCL links) and the Rebalancer. The main is flags -> Options ->
+// Create -> wait for a signal -> Shutdown; tests create it beside a gateway and expert servers
+// in one process.
+//
+// Ready ("" SERVING, and the ready file) means every routed expert has a serving holder: at
+// once without expert servers, else as soon as the health checks find one for each.
+//
+// Nothing global: no signal handling, no process-wide state beyond gRPC's own, every port
+// (ephemeral by default) readable from the object.
+//
+// Thread-safe: the accessors are const after Create; Wait and Shutdown may be called from any
+// thread, Shutdown any number of times.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "attention-server/attention_metrics.h"
+#include "attention-server/attention_service.h"
+#include "attention-server/placement_service.h"
+#include "attention-server/rebalancer.h"
+#include "attention-server/scheduler.h"
+#include "core/rpc/health_checker.h"
+#include "core/rpc/metrics.h"
+#include "core/rpc/readiness.h"
+#include "core/rpc/server.h"
+#include "core/rpc/serving_options.h"
+#include "core/rpc/transport_security.h"
+#include "core/util/device.h"
+#include "expert-server/client/expert_dispatcher.h"
+#include "expert-server/client/expert_server_pool.h"
+#include "router/placement.h"
+
+namespace dsmoe {
+
+struct AttentionServerOptions {
+  // The checkpoint directory (required). With expert servers only the attention side is loaded.
+  std::string model_dir;
+  // Expert server addresses in placement order; empty: routed experts run in this process.
+  std::vector<std::string> expert_servers;
+  // Placement JSON shared with the expert servers; "": round-robin over the expert servers with
+  // num_replicas copies of each expert (every process computes the same).
+  std::string placement_file;
+  int num_replicas = 1;
+  // Deadline of each ComputeExperts call: a slower server is taken out (replicas take over).
+  std::chrono::milliseconds dispatch_deadline{10000};
+  // How hidden states reach the expert servers: in the gRPC messages, or GPU to GPU over NCCL
+  // (with a cuda device and expert servers on GPUs; gRPC wherever a channel cannot open).
+  enum class ExpertTransport { kGrpc, kNccl };
+  ExpertTransport expert_transport = ExpertTransport::kGrpc;
+  // Health checks of the expert servers (log lines name this process "dsmoe-attention-server").
+  rpc::HealthCheckOptions expert_health;
+  // Slots, tokens per forward pass, context and queue limits.
+  SchedulerOptions scheduler;
+  Device device;    // where the forward pass runs: cpu or cuda:N
+  int threads = 0;  // CPU compute threads; 0: all cores
+  // Routing load is measured over this recent window (imbalance gauges, planner).
+  double load_window_seconds = 60;
+  // Automatic rebalancing and the planner's budget; planner.num_replicas < 0: one replica per
+  // expert server.
+  RebalancerOptions rebalance = [] {
+    RebalancerOptions o;
+    o.planner.num_replicas = -1;
+    return o;
+  }();
+  // Where it serves (ephemeral ports on 127.0.0.1 by default), the metrics endpoint and name.
+  rpc::ServingOptions serving;
+  // Transport security of its port and of its calls to the expert servers, loaded and checked
+  // in Create. Mutual TLS by default: only the gateway, with a certificate of the cluster.
+  rpc::TransportSecurityOptions tls;
+  // If set, a plain-text port serving only grpc.health.v1 Check (Kubernetes probes).
+  std::string health_listen;
+};
+
+class AttentionServer {
+ public:
+  // Validates `options` (INVALID_ARGUMENT naming the field), loads the security material, the
+  // weights and the placement, and starts serving and checking the expert servers.
+  static absl::StatusOr<std::unique_ptr<AttentionServer>> Create(AttentionServerOptions options);
+  ~AttentionServer();  // Shutdown(), then everything stops in dependency order
+  AttentionServer(const AttentionServer&) = delete;
+  AttentionServer& operator=(const AttentionServer&) = delete;
+
+  int port() const { return running_.port; }
+  std::string address() const { return running_.address(); }  // 127.0.0.1:<port>
+  int metrics_port() const { return metrics_port_; }          // 0: none
+  int health_port() const { return running_.health_port; }    // 0: none
+  bool ready() const { return readiness_->ready(); }
+  // "on <address> (<device>; <security>; <n> expert servers, <n> slots), metrics on port <p>".
+  std::string Describe() const;
+
+  // Blocks until Shutdown has finished (on any thread).
+  void Wait();
+  // Stops the expert servers' health checks, then serving: calls in flight get up to 5 s to
+  // finish, then are cancelled; the metrics endpoint closes. Idempotent; safe from any thread,
+  // concurrently with Wait.
+  void Shutdown();
+
+ private:
+  explicit AttentionServer(AttentionServerOptions options) : options_(std::move(options)) {}
+  absl::Status Start();
+  // The placement, the pool (with its health checks, not yet started), the NCCL links if asked
+  // and the dispatcher. REQUIRES: expert servers were given.
+  absl::Status ConnectExpertServers(const ModelConfig& config);
+  absl::Status StartServing();
+  // "" when every routed expert has a serving holder; else which ones have none.
+  std::string MissingExperts() const;
+
+  const AttentionServerOptions options_;
+  rpc::TransportSecurity security_;
+  int metrics_port_ = 0;
+  // Declared in dependency order: each member is used only by those declared after it, so
+  // destruction (reverse order) never leaves a user behind. Shutdown stops the health checks
+  // first, whose callbacks reach readiness_ and dispatcher_.
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<rpc::MetricsRegistry> metrics_;
+  std::unique_ptr<AttentionMetrics> attention_metrics_;
+  std::unique_ptr<ExpertServerPool> expert_pool_;    // null: local experts
+  std::unique_ptr<DispatchSideChannel> nccl_links_;  // null: gRPC only
+  std::unique_ptr<ExpertDispatcher> dispatcher_;     // null: local experts
+  std::unique_ptr<ThreadPool> thread_pool_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<Rebalancer> rebalancer_;  // null: local experts
+  std::unique_ptr<PlacementService> placement_service_;
+  std::unique_ptr<AttentionService> attention_service_;
+  rpc::RunningServer running_;
+  std::unique_ptr<rpc::Readiness> readiness_;
+
+  rpc::ShutdownOnce shutdown_;
+};
+
+}  // namespace dsmoe

@@ -1,0 +1,177 @@
+// AttentionServer as a class, beside two ExpertServers in one process on ephemeral 127.0.0.1
+// ports: it becomes ready once its health checks find every routed expert, its logits through
+// the expert servers equal those of an attention server that computes the routed experts itself
+// (the model code itself is checked against the PyTorch reference elsewhere), it notices an
+// expert server going away (not ready; the experts only that server held fail, named), its
+// options are validated in Create, and Shutdown is idempotent and releases Wait.
+#include "attention-server/attention_server.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+#include "core/rpc/grpc_status.h"
+#include "core/rpc/server.h"
+#include "dsmoe/internal/v1/attention.grpc.pb.h"
+#include "expert-server/expert_server.h"
+#include "tests/test_util.h"
+
+namespace dsmoe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool WaitFor(const std::function<bool()>& done, std::chrono::seconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  while (!done()) {
+    if (Clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+class AttentionServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { testing::WriteTinyModel(dir_.path()); }
+
+  AttentionServerOptions Options(std::vector<std::string> expert_servers) const {
+    AttentionServerOptions o;
+    o.model_dir = dir_.path();
+    o.expert_servers = std::move(expert_servers);
+    o.threads = 1;
+    o.scheduler.num_slots = 2;
+    o.scheduler.max_batch_tokens = 32;
+    o.expert_health.period = std::chrono::milliseconds(50);
+    o.expert_health.timeout = std::chrono::milliseconds(1000);
+    o.expert_health.failure_threshold = 1;
+    o.tls.insecure = true;
+    o.serving.metrics_listen = "";
+    return o;
+  }
+
+  std::unique_ptr<ExpertServer> StartExpertServer(int index, int num_replicas = 1) const {
+    ExpertServerOptions o;
+    o.model_dir = dir_.path();
+    o.num_servers = 2;
+    o.num_replicas = num_replicas;
+    o.server_index = index;
+    o.store.threads = 1;
+    o.tls.insecure = true;
+    o.serving.metrics_listen = "";
+    auto server = ExpertServer::Create(o);
+    EXPECT_TRUE(server.ok()) << server.status();
+    return server.ok() ? std::move(*server) : nullptr;
+  }
+
+  // Logits of every position of `ids` ([T, V]) from the attention server at `address`.
+  static absl::StatusOr<std::vector<float>> Logits(const std::string& address,
+                                                   const std::vector<uint32_t>& ids) {
+    auto stub = internal::v1::AttentionService::NewStub(
+        rpc::MakeChannel(address, rpc::TransportSecurity::Insecure()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    internal::v1::ComputeLogitsRequest request;
+    request.mutable_token_ids()->Assign(ids.begin(), ids.end());
+    internal::v1::ComputeLogitsResponse response;
+    const grpc::Status s = stub->ComputeLogits(&context, request, &response);
+    if (!s.ok()) return rpc::FromGrpc(s, "ComputeLogits");
+    std::vector<float> out(response.logits().size() / sizeof(float));
+    std::memcpy(out.data(), response.logits().data(), response.logits().size());
+    return out;
+  }
+
+  testing::TempDir dir_;
+};
+
+TEST_F(AttentionServerTest, WithTwoExpertServersInOneProcess) {
+  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0), StartExpertServer(1)};
+  ASSERT_TRUE(experts[0] != nullptr && experts[1] != nullptr);
+  auto remote = AttentionServer::Create(Options({experts[0]->address(), experts[1]->address()}));
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  auto local = AttentionServer::Create(Options({}));
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_TRUE((*local)->ready()) << "local experts: ready at once";
+  ASSERT_TRUE(WaitFor([&] { return (*remote)->ready(); }, std::chrono::seconds(20)))
+      << "the health checks never found every routed expert";
+
+  const std::vector<uint32_t> ids = {1, 17, 4, 33, 2, 9, 41, 5};
+  auto got = Logits((*remote)->address(), ids);
+  auto want = Logits((*local)->address(), ids);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(got->size(), want->size());
+  ASSERT_FALSE(got->empty());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got->size(); ++i) {
+    diff += std::pow((*got)[i] - (*want)[i], 2);
+    norm += std::pow((*want)[i], 2);
+  }
+  EXPECT_LT(std::sqrt(diff / norm), 1e-5) << "dispatch + combine across two servers";
+
+  // Expert server 1 goes away: the checks take it out, and with one copy of each expert the
+  // attention server is no longer ready; a request needing its experts fails, naming them.
+  experts[1]->Shutdown();
+  EXPECT_TRUE(WaitFor([&] { return !(*remote)->ready(); }, std::chrono::seconds(20)));
+  auto failed = Logits((*remote)->address(), ids);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.status().message().find("routed expert"), std::string::npos) << failed.status();
+
+  // Shutdown twice, with a waiter: all return; the port is closed.
+  std::thread waiter([&] { (*remote)->Wait(); });
+  (*remote)->Shutdown();
+  waiter.join();
+  (*remote)->Shutdown();
+  EXPECT_EQ(Logits((*remote)->address(), ids).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(AttentionServerTest, AReplicaTakesOverFromAServerThatWentAway) {
+  // Two copies of every expert, one on each server.
+  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0, 2), StartExpertServer(1, 2)};
+  ASSERT_TRUE(experts[0] != nullptr && experts[1] != nullptr);
+  AttentionServerOptions o = Options({experts[0]->address(), experts[1]->address()});
+  o.num_replicas = 2;
+  o.expert_health.period = std::chrono::seconds(60);  // only a failed call takes it out here
+  auto remote = AttentionServer::Create(o);
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  auto local = AttentionServer::Create(Options({}));
+  ASSERT_TRUE(local.ok()) << local.status();
+  ASSERT_TRUE((*remote)->ready());
+
+  // Gone without the health checks noticing: the dispatch call to it fails in transport, the
+  // pool marks it down and the layer goes again to the replicas, with the same result.
+  experts[1]->Shutdown();
+  const std::vector<uint32_t> ids = {3, 1, 4, 1, 5, 9, 2, 6};
+  auto got = Logits((*remote)->address(), ids);
+  auto want = Logits((*local)->address(), ids);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(got->size(), want->size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got->size(); ++i) {
+    diff += std::pow((*got)[i] - (*want)[i], 2);
+    norm += std::pow((*want)[i], 2);
+  }
+  EXPECT_LT(std::sqrt(diff / norm), 1e-5);
+  EXPECT_TRUE((*remote)->ready()) << "every routed expert still has a serving holder";
+}
+
+TEST_F(AttentionServerTest, CreateValidatesItsOptions) {
+  AttentionServerOptions o = Options({});
+  o.model_dir = "";
+  EXPECT_EQ(AttentionServer::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options({});
+  o.expert_transport = AttentionServerOptions::ExpertTransport::kNccl;
+  EXPECT_EQ(AttentionServer::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options({});
+  o.scheduler.num_slots = 0;
+  EXPECT_EQ(AttentionServer::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options({"127.0.0.1:1", "127.0.0.1:2"});
+  o.dispatch_deadline = std::chrono::milliseconds(0);
+  EXPECT_EQ(AttentionServer::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dsmoe

@@ -1,0 +1,156 @@
+// The expert servers' client pool (expert-server/client/): grpc::Status -> absl::Status with the
+// server and the call named, which failures count as transport failures, and the health
+// transitions a server goes through: resting after a failure without health checks (injected
+// clock), and with health checks against a real gRPC server on 127.0.0.1 (down before the
+// first check, serving after it, kept out by `verify`, out again after MarkDown).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/rpc/grpc_status.h"
+#include "core/rpc/server.h"
+#include "expert-server/client/expert_server_pool.h"
+
+namespace dsmoe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+ExpertServerPoolOptions Insecure() {
+  ExpertServerPoolOptions o;
+  o.security = rpc::TransportSecurity::Insecure();
+  return o;
+}
+
+TEST(GrpcStatus, ConversionKeepsTheCodeAndNamesTheContext) {
+  EXPECT_TRUE(rpc::FromGrpc(grpc::Status::OK, "anything").ok());
+  const absl::Status s =
+      rpc::FromGrpc(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "not held"), "call X");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.message(), "call X: not held");
+  // Every canonical code survives the round trip (gRPC's numbering, 0..16).
+  for (int code = 1; code <= 16; ++code) {
+    const grpc::Status g(static_cast<grpc::StatusCode>(code), "m");
+    EXPECT_EQ(static_cast<int>(rpc::FromGrpc(g).code()), code);
+    EXPECT_EQ(static_cast<int>(rpc::ToGrpc(rpc::FromGrpc(g)).error_code()), code);
+  }
+}
+
+TEST(GrpcStatus, OnlyUnreachableOrLateCallsAreTransportFailures) {
+  for (int code = 0; code <= 16; ++code) {
+    const bool transport = code == 14 /* UNAVAILABLE */ || code == 4 /* DEADLINE_EXCEEDED */;
+    EXPECT_EQ(rpc::IsTransportFailure(grpc::Status(static_cast<grpc::StatusCode>(code), "m")),
+              transport)
+        << "code " << code;
+  }
+}
+
+TEST(ExpertServerPool, CallStatusNamesTheServerAndTheCall) {
+  ExpertServerPool pool({"10.0.0.1:5000", "10.0.0.2:5001"}, Insecure());
+  EXPECT_EQ(pool.num_servers(), 2);
+  EXPECT_EQ(pool.Name(1), "expert server 1 at 10.0.0.2:5001");
+  EXPECT_TRUE(pool.CallStatus(1, "GetExperts", grpc::Status::OK).ok());
+  const absl::Status s =
+      pool.CallStatus(1, "GetExperts", grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "full"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(s.message(), "expert server 1 at 10.0.0.2:5001: GetExperts: full");
+}
+
+TEST(ExpertServerPool, ACallToADeadServerIsUnavailableAndNamed) {
+  // Port 1 on the loopback: nothing listens, the connection is refused at once.
+  ExpertServerPool pool({"127.0.0.1:1"}, Insecure());
+  const auto got = pool.GetExperts(0, milliseconds(2000));
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(got.status().message().find("expert server 0 at 127.0.0.1:1: GetExperts: "),
+            std::string::npos)
+      << got.status();
+}
+
+TEST(ExpertServerPool, WithoutHealthChecksAFailedServerRestsThenRejoins) {
+  Clock::time_point now{};  // the injected clock
+  ExpertServerPoolOptions o = Insecure();
+  o.retry_down_after = milliseconds(2000);
+  o.now = [&now] { return now; };
+  ExpertServerPool pool({"127.0.0.1:1", "127.0.0.1:2"}, o);
+  EXPECT_TRUE(pool.available(0));
+  EXPECT_TRUE(pool.available(1));
+  EXPECT_EQ(pool.health_checker(), nullptr);
+
+  pool.MarkDown(0, "a dispatch call failed");
+  EXPECT_FALSE(pool.available(0));
+  EXPECT_TRUE(pool.available(1)) << "only the failed server rests";
+  now += milliseconds(1999);
+  EXPECT_FALSE(pool.available(0));
+  now += milliseconds(1);
+  EXPECT_TRUE(pool.available(0)) << "after retry_down_after it gets work again";
+  EXPECT_TRUE(pool.available(0));
+
+  // Failing again starts a new rest from that moment.
+  pool.MarkDown(0, "again");
+  now += milliseconds(1000);
+  EXPECT_FALSE(pool.available(0));
+  now += milliseconds(1000);
+  EXPECT_TRUE(pool.available(0));
+}
+
+TEST(ExpertServerPool, WithHealthChecksAServerServesOnlyOnceCheckedAndVerified) {
+  // A real server on an ephemeral port, serving grpc.health.v1 ("" SERVING) and nothing else.
+  rpc::ServerOptions so;
+  so.security = rpc::TransportSecurity::Insecure();
+  auto server = rpc::StartServer(so, {});
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  ExpertServerPoolOptions o = Insecure();
+  rpc::HealthCheckOptions checks;
+  checks.period = milliseconds(50);
+  checks.timeout = milliseconds(1000);
+  checks.failure_threshold = 1;
+  o.health_checks = checks;
+  // Server 1 is a dead address: it stays down whatever the other does.
+  ExpertServerPool pool({server->address(), "127.0.0.1:1"}, o);
+  ASSERT_NE(pool.health_checker(), nullptr);
+  EXPECT_FALSE(pool.available(0)) << "down until its first check";
+
+  std::atomic<bool> holds_its_experts{false};
+  std::atomic<int> changes{0};
+  pool.StartHealthChecks(
+      [&](int) {
+        return holds_its_experts ? absl::OkStatus()
+                                 : absl::FailedPreconditionError("does not hold expert (1, 2)");
+      },
+      [&](int, rpc::TargetHealth) { ++changes; });
+  // The first round ran inside StartHealthChecks: serving, but refused by verify.
+  EXPECT_FALSE(pool.available(0));
+  EXPECT_EQ(pool.health_checker()->Reason(0), "does not hold expert (1, 2)");
+  EXPECT_FALSE(pool.available(1));
+
+  holds_its_experts = true;
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (!pool.available(0) && Clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(pool.available(0)) << "a verified, serving server rejoins by itself";
+  EXPECT_FALSE(pool.available(1));
+
+  const int before = changes.load();
+  holds_its_experts = false;  // so that no check brings it back before we look
+  pool.MarkDown(0, "a dispatch call failed: gone");
+  EXPECT_FALSE(pool.available(0)) << "MarkDown takes it out at once";
+  // It still answers its checks, so once verified it comes back within a period or two.
+  holds_its_experts = true;
+  while (!pool.available(0) && Clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(pool.available(0));
+  EXPECT_GE(changes.load(), before + 2) << "down, then serving again, both reported";
+  server->server->Shutdown();
+}
+
+}  // namespace
+}  // namespace dsmoe
