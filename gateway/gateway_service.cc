@@ -8,6 +8,7 @@
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 #include "gateway/request_validation.h"
+#include "gateway/stop_string_filter.h"
 
 namespace dsmoe {
 
@@ -286,9 +287,9 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context,
   *finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
   std::optional<StreamingDecoder> decoder;
   if (tokenizer_ != nullptr) decoder.emplace(*tokenizer_, /*skip_special_tokens=*/true);
-  // Text not yet sent because it could be the start of a stop string (a stop string may span
+  // Text that could begin a stop string is held back until it cannot (a stop string may span
   // several tokens and messages; what was sent cannot be taken back).
-  std::string held;
+  StopStringFilter stops(std::vector<std::string>(request.stop().begin(), request.stop().end()));
   bool client_gone = false;
   grpc::Status status =
       Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
@@ -308,36 +309,23 @@ grpc::Status GatewayService::Run(grpc::ServerContext* context,
         }
         *finish = m.finish_reason();
         const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+        std::string decoded;
         if (decoder) {
           for (uint32_t id : m.token_ids()) {
             auto piece = decoder->Push(static_cast<int32_t>(id));
-            if (piece.ok()) held += *piece;
+            if (piece.ok()) decoded += *piece;
           }
           if (last) {
-            if (auto rest = decoder->Finish(); rest.ok()) held += *rest;
+            if (auto rest = decoder->Finish(); rest.ok()) decoded += *rest;
           }
         }
-        size_t cut = std::string::npos;
-        for (const std::string& stop : request.stop()) cut = std::min(cut, held.find(stop));
-        if (cut != std::string::npos) {
+        std::string text = stops.Push(decoded);
+        if (stops.stopped()) {
           *finish = dsmoe::v1::FINISH_REASON_STOP;
-          if (!emit(m.token_ids(), held.substr(0, cut))) client_gone = true;
+          if (!emit(m.token_ids(), text)) client_gone = true;
           return false;  // stops the sequence upstream
         }
-        // Keep back the longest tail of `held` that begins some stop string; send the rest.
-        size_t keep = 0;
-        if (!last) {
-          for (const std::string& stop : request.stop()) {
-            for (size_t n = std::min(stop.size() - 1, held.size()); n > keep; --n) {
-              if (held.compare(held.size() - n, n, stop, 0, n) == 0) {
-                keep = n;
-                break;
-              }
-            }
-          }
-        }
-        std::string text = held.substr(0, held.size() - keep);
-        held.erase(0, held.size() - keep);
+        if (last) text += stops.Finish();
         if (m.token_ids_size() == 0 && text.empty()) return true;
         if (!emit(m.token_ids(), text)) {
           client_gone = true;
