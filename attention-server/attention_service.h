@@ -1,8 +1,13 @@
 // dsmoe-attention-server's gRPC handlers. They only translate: requests become Scheduler
-// submissions, and each call's thread drains its sequence's tokens into the stream. The
-// scheduler's loop thread does all model work.
+// submissions; the scheduler's loop thread does all model work.
 //
-// Thread-safe (handlers run on gRPC's threads; the scheduler is thread-safe).
+// Generate uses gRPC's callback API: each stream is a reactor that the scheduler's sink feeds
+// (a token arrives -> a write starts, one in flight at a time, the tokens that arrive meanwhile
+// go out together in the next one), so no thread waits per stream. A cancelled call cancels its
+// sequence, which frees its KV-cache slot before the next step. GetLoad and ComputeLogits stay
+// synchronous (short, or a forward pass the caller waits for anyway).
+//
+// Thread-safe (reactions run on gRPC's threads; the scheduler is thread-safe).
 #pragma once
 
 #include "attention-server/scheduler.h"
@@ -10,15 +15,16 @@
 
 namespace dsmoe {
 
-class AttentionService final : public internal::v1::AttentionService::Service {
+class AttentionService final : public internal::v1::AttentionService::WithCallbackMethod_Generate<
+                                   internal::v1::AttentionService::Service> {
  public:
   // REQUIRES: scheduler outlives this.
   AttentionService(Scheduler& scheduler, const GenerationConfig& generation)
       : scheduler_(scheduler), generation_(generation) {}
 
-  grpc::Status Generate(
-      grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest* request,
-      grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) override;
+  grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse>* Generate(
+      grpc::CallbackServerContext* context,
+      const internal::v1::AttentionGenerateRequest* request) override;
   grpc::Status GetLoad(grpc::ServerContext* context, const internal::v1::GetLoadRequest* request,
                        internal::v1::LoadReport* response) override;
   grpc::Status ComputeLogits(grpc::ServerContext* context,

@@ -77,8 +77,13 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens-limit", options.max_tokens_limit, "Bound on max_tokens")
       ->check(CLI::Range(1, 1 << 24))
       ->capture_default_str();
-  app.add_option("--max-concurrent", options.max_concurrent, "Requests in flight at most")
+  app.add_option("--max-concurrent", options.max_concurrent,
+                 "Requests relayed at once at most; more wait (--max-queued)")
       ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--max-queued", options.max_queued,
+                 "Requests waiting for a place at most; beyond: RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(0, 1 << 24))
       ->capture_default_str();
   app.add_option("--max-context", options.max_context,
                  "The attention servers' context (default: the model's)")
