@@ -1,10 +1,13 @@
 #include "attention-server/attention_service.h"
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
 
 #include "core/rpc/grpc_status.h"
+#include "core/rpc/server.h"
 
 namespace dsmoe {
 
@@ -167,6 +170,15 @@ class GenerateReactor final
 
 }  // namespace
 
+AttentionService::AttentionService(Scheduler& scheduler, const GenerationConfig& generation,
+                                   const ExpertServerList& expert_servers)
+    : scheduler_(scheduler), generation_(generation) {
+  for (const std::string& address : expert_servers.addresses) {
+    expert_servers_.push_back({address, internal::v1::ExpertService::NewStub(
+                                            rpc::MakeChannel(address, expert_servers.security))});
+  }
+}
+
 grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse>* AttentionService::Generate(
     grpc::CallbackServerContext*, const internal::v1::AttentionGenerateRequest* request) {
   SequenceParams params;
@@ -203,6 +215,27 @@ grpc::Status AttentionService::ComputeLogits(grpc::ServerContext*,
   response->set_vocab_size(static_cast<uint32_t>(V));
   response->set_logits(reinterpret_cast<const char*>(logits->data()),
                        logits->size() * sizeof(float));
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionService::GetServingInfo(grpc::ServerContext* context,
+                                              const internal::v1::GetServingInfoRequest*,
+                                              internal::v1::ServingInfo* response) {
+  for (const ExpertServer& server : expert_servers_) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(
+        std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
+    internal::v1::GetExpertsResponse held;
+    grpc::Status s = server.stub->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &held);
+    if (!s.ok()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          absl::StrCat("expert server ", server.address, ": ", s.error_message()));
+    }
+    auto* e = response->add_expert_servers();
+    e->set_address(server.address);
+    e->mutable_layers()->CopyFrom(held.layers());
+    e->mutable_experts()->CopyFrom(held.experts());
+  }
   return grpc::Status::OK;
 }
 

@@ -198,7 +198,8 @@ int main(int argc, char** argv) {
                                                      &metrics, rebalance);
   }
   dsmoe::PlacementService placement_service(rebalancer.get(), config, load_window_seconds);
-  dsmoe::AttentionService service(**scheduler, (*weights)->generation_config());
+  dsmoe::AttentionService service(**scheduler, (*weights)->generation_config(),
+                                  {addresses, *security});
   // The ready file is written once ready (below).
   if (auto s = serving.Apply(metrics, &server_options); !s.ok()) return Fail(s);
   auto server = dsmoe::rpc::StartServer(server_options, {&service, &placement_service});

@@ -382,14 +382,12 @@ std::string GatewayService::Admission::LimitMessage() const {
 GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig& generation,
                                std::unique_ptr<Tokenizer> tokenizer,
                                const std::vector<std::string>& attention_servers,
-                               const std::vector<std::string>& expert_servers,
                                const GatewayOptions& options)
     : config_(config),
       generation_(generation),
       tokenizer_(std::move(tokenizer)),
       options_(options),
       pool_(attention_servers, options.upstream_security, options.upstream_health),
-      expert_servers_(expert_servers),
       admission_(options.max_concurrent, options.max_queued) {
   if (options_.max_context <= 0) options_.max_context = config.max_position_embeddings;
   if (options_.max_prompt_tokens <= 0) options_.max_prompt_tokens = options_.max_context - 1;
@@ -486,11 +484,19 @@ grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* GatewayService::GetModelInfo(grpc::CallbackServerContext* context,
                                                        const dsmoe::v1::GetModelInfoRequest*,
                                                        dsmoe::v1::ModelInfo* info) {
-  int key;
-  grpc::Status s = Admit(context, &key);
-  if (s.ok()) s = GetModelInfoImpl(context, info);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(Counted(kGetModelInfo, s));
+  int key;
+  if (grpc::Status s = Admit(context, &key); !s.ok()) {
+    reactor->Finish(Counted(kGetModelInfo, s));
+    return reactor;
+  }
+  FillModelInfo(info);
+  pool_.GetServingInfo(*context,
+                       [this, reactor, info](absl::StatusOr<internal::v1::ServingInfo> serving) {
+                         if (serving.ok())
+                           info->mutable_expert_servers()->Swap(serving->mutable_expert_servers());
+                         reactor->Finish(Counted(kGetModelInfo, rpc::ToGrpc(serving.status())));
+                       });
   return reactor;
 }
 
@@ -530,8 +536,7 @@ grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* 
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::GetModelInfoImpl(grpc::CallbackServerContext* context,
-                                              dsmoe::v1::ModelInfo* info) {
+void GatewayService::FillModelInfo(dsmoe::v1::ModelInfo* info) {
   const ModelConfig& c = config_;
   info->set_model(options_.model_name);
   info->set_architecture("DeepseekForCausalLM");
@@ -552,24 +557,6 @@ grpc::Status GatewayService::GetModelInfoImpl(grpc::CallbackServerContext* conte
   info->set_num_active_parameters(static_cast<uint64_t>(params.active));
   info->set_num_attention_servers(static_cast<uint32_t>(pool_.num_servers()));
   info->set_has_tokenizer(tokenizer_ != nullptr);
-  for (const std::string& address : expert_servers_) {
-    auto stub =
-        internal::v1::ExpertService::NewStub(rpc::MakeChannel(address, options_.upstream_security));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(
-        std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
-    internal::v1::GetExpertsResponse held;
-    grpc::Status s = stub->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &held);
-    if (!s.ok()) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          absl::StrCat("expert server ", address, ": ", s.error_message()));
-    }
-    auto* e = info->add_expert_servers();
-    e->set_address(address);
-    e->mutable_layers()->CopyFrom(held.layers());
-    e->mutable_experts()->CopyFrom(held.experts());
-  }
-  return grpc::Status::OK;
 }
 
 }  // namespace dsmoe

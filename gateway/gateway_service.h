@@ -27,7 +27,6 @@
 #include "core/rpc/transport_security.h"
 #include "core/tokenizer/tokenizer.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
-#include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
 #include "gateway/auth.h"
 
@@ -45,7 +44,7 @@ struct GatewayOptions {
   int64_t max_queued = 1024;
   int64_t max_context = 0;                  // the attention servers' context (0: the model's)
   rpc::MetricsRegistry* metrics = nullptr;  // where request metrics go; null: none
-  // How attention and expert servers are reached (mutual TLS, or plain text when chosen).
+  // How attention servers are reached (mutual TLS, or plain text when chosen).
   rpc::TransportSecurity upstream_security;  // default: TLS with the system roots, no identity
   // Who may call (API keys and their rate limits); null: anyone who reaches the port.
   Authenticator* auth = nullptr;
@@ -59,8 +58,7 @@ class GatewayService final : public dsmoe::v1::Gateway::CallbackService {
   // `tokenizer` may be null: then only token-id prompts are accepted.
   GatewayService(const ModelConfig& config, const GenerationConfig& generation,
                  std::unique_ptr<Tokenizer> tokenizer,
-                 const std::vector<std::string>& attention_servers,
-                 const std::vector<std::string>& expert_servers, const GatewayOptions& options);
+                 const std::vector<std::string>& attention_servers, const GatewayOptions& options);
   ~GatewayService();
 
   grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>* Generate(
@@ -133,15 +131,15 @@ class GatewayService final : public dsmoe::v1::Gateway::CallbackService {
                             dsmoe::v1::TokenizeResponse* response);
   grpc::Status DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* request,
                               dsmoe::v1::DetokenizeResponse* response);
-  grpc::Status GetModelInfoImpl(grpc::CallbackServerContext* context,
-                                dsmoe::v1::ModelInfo* response);
+  // What the gateway knows itself (the config, its limits); the expert servers come from an
+  // attention server.
+  void FillModelInfo(dsmoe::v1::ModelInfo* response);
 
   ModelConfig config_;
   GenerationConfig generation_;
   std::unique_ptr<Tokenizer> tokenizer_;
   GatewayOptions options_;
   AttentionServerPool pool_;
-  std::vector<std::string> expert_servers_;
   Admission admission_;
   std::unique_ptr<Metrics> metrics_;  // null without a registry
 };

@@ -26,7 +26,7 @@ int Fail(const absl::Status& s) {
 int main(int argc, char** argv) {
   dsmoe::rpc::BlockShutdownSignals();
   CLI::App app{"dsmoe-gateway: the public gRPC API (dsmoe.v1.Gateway) of a dsmoe cluster"};
-  std::string model, attention_servers, expert_servers;
+  std::string model, attention_servers;
   int grace_seconds = 10, max_request_bytes = 4 << 20;
   dsmoe::GatewayOptions options;
   dsmoe::rpc::ServingFlags serving;
@@ -69,8 +69,6 @@ int main(int argc, char** argv) {
   app.add_option("--attention-servers", attention_servers,
                  "Comma-separated attention server addresses")
       ->required();
-  app.add_option("--expert-servers", expert_servers,
-                 "Comma-separated expert server addresses (for GetModelInfo)");
   app.add_option("--max-prompt-tokens", options.max_prompt_tokens,
                  "Prompt length limit (default: the context)")
       ->check(CLI::Range(1, 1 << 24));
@@ -148,7 +146,7 @@ int main(int argc, char** argv) {
   options.upstream_health = upstream_health.get();
   dsmoe::GatewayService service((*weights)->config(), (*weights)->generation_config(),
                                 std::move(tokenizer), dsmoe::rpc::SplitAddresses(attention_servers),
-                                dsmoe::rpc::SplitAddresses(expert_servers), options);
+                                options);
   // The ready file is written once the attention servers were checked (below).
   server_options.max_message_bytes = max_request_bytes;
   if (auto s = serving.Apply(metrics, &server_options); !s.ok()) return Fail(s);

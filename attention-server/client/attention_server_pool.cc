@@ -1,5 +1,7 @@
 #include "attention-server/client/attention_server_pool.h"
 
+#include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include "core/rpc/grpc_status.h"
@@ -230,6 +232,54 @@ std::string AttentionServerPool::NoneAvailable() const {
   for (const auto& s : servers_)
     absl::StrAppend(&why, why.empty() ? "" : "; ", s->address, ": ", Reason(s->index));
   return why;
+}
+
+struct AttentionServerPool::InfoCall {
+  std::chrono::system_clock::time_point deadline;
+  ServingInfoDone done;
+  std::vector<bool> tried;
+  std::string failures;
+  // One per ask (a finished call's context is not reused).
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  internal::v1::GetServingInfoRequest request;
+  internal::v1::ServingInfo response;
+};
+
+void AttentionServerPool::GetServingInfo(const grpc::CallbackServerContext& parent,
+                                         ServingInfoDone done) {
+  auto call = std::make_shared<InfoCall>();
+  // Not the parent's cancellation: a unary ask is short, and its deadline bounds it.
+  call->deadline =
+      std::min(parent.deadline(), std::chrono::system_clock::now() + std::chrono::seconds(10));
+  call->done = std::move(done);
+  call->tried.assign(servers_.size(), false);
+  AskNext(std::move(call));
+}
+
+void AttentionServerPool::AskNext(std::shared_ptr<InfoCall> call) {
+  Server* server = Pick(call->tried);
+  if (server == nullptr) {
+    return call->done(absl::UnavailableError(
+        servers_.empty() ? "no attention server configured"
+        : call->failures.empty()
+            ? absl::StrCat("no attention server is available (", NoneAvailable(), ")")
+            : absl::StrCat("no attention server answered (", call->failures, ")")));
+  }
+  call->tried[server->index] = true;
+  grpc::ClientContext* context =
+      call->contexts.emplace_back(std::make_unique<grpc::ClientContext>()).get();
+  context->set_deadline(call->deadline);
+  server->stub->async()->GetServingInfo(
+      context, &call->request, &call->response, [this, call, server](grpc::Status s) {
+        if (s.ok()) return call->done(std::move(call->response));
+        const std::string message =
+            absl::StrCat("attention server ", server->address, ": ", s.error_message());
+        if (s.error_code() != grpc::StatusCode::UNAVAILABLE) {
+          return call->done(absl::Status(static_cast<absl::StatusCode>(s.error_code()), message));
+        }
+        absl::StrAppend(&call->failures, call->failures.empty() ? "" : "; ", message);
+        AskNext(call);
+      });
 }
 
 void AttentionServerPool::OnHealthChange(int index, rpc::TargetHealth now) {

@@ -19,6 +19,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -70,6 +71,13 @@ class AttentionServerPool {
                                  internal::v1::AttentionGenerateRequest request,
                                  GenerateObserver* observer);
 
+  // Asks the best attention server (the next one if it is unavailable) what GetModelInfo
+  // reports of the serving side: the expert servers and what they hold. `done` runs once, on
+  // gRPC's threads, or before this returns when no server can be asked. Each ask ends within
+  // 10 s and `parent`'s deadline. REQUIRES: parent outlives the call (until `done`).
+  using ServingInfoDone = std::function<void(absl::StatusOr<internal::v1::ServingInfo>)>;
+  void GetServingInfo(const grpc::CallbackServerContext& parent, ServingInfoDone done);
+
   // When server `index` is declared down, its calls in flight are cancelled (a frozen process
   // keeps its connections open; its streams would otherwise hang until their deadlines), so
   // the requests without tokens yet are retried elsewhere.
@@ -81,6 +89,8 @@ class AttentionServerPool {
  private:
   class Relay;
   class Attempt;
+  struct InfoCall;
+  void AskNext(std::shared_ptr<InfoCall> call);
   struct Server {
     int index = 0;
     std::string address;

@@ -5,6 +5,7 @@ text, no API keys) and a second gateway started by hand in front of its attentio
 checked: a request past --max-concurrent waits and then completes token for token as the
 single-process engine computes it; one past --max-queued too is refused at once with
 RESOURCE_EXHAUSTED naming both flags; a request cancelled while waiting gives its place back.
+GetModelInfo's expert servers come from the attention server (this gateway knows none).
 
 Usage: gateway_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
@@ -130,6 +131,18 @@ class GatewayAdmission(unittest.TestCase):
         waiting.wait(30)
         self.assertEqual(waiting.code, C.OK, waiting.details)
         self.assertEqual(waiting.tokens, cu.single_process_generate(self.model, [9, 10], 8)["ids"])
+
+    def test_model_info_lists_the_expert_servers_an_attention_server_reports(self):
+        # This gateway was given no expert servers: what it reports comes from the attention server,
+        # which asks its expert server (one here, holding every routed expert of the 3 MoE layers).
+        info = self.gateway.GetModelInfo(cu.pb.GetModelInfoRequest(), timeout=10)
+        expert = self.cluster.processes("expert-server")[0]["address"]
+        self.assertEqual([s.address for s in info.expert_servers], [expert])
+        held = sorted(zip(info.expert_servers[0].layers, info.expert_servers[0].experts))
+        layers = sorted(set(layer for layer, _ in held))
+        self.assertEqual(len(layers), 3)
+        self.assertEqual(held, [(layer, e) for layer in layers for e in range(16)])
+        self.assertEqual(info.num_attention_servers, 1)
 
 
 if __name__ == "__main__":
