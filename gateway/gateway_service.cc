@@ -62,7 +62,7 @@ class GatewayService::Request : public GenerateObserver {
           break;
         case Admission::Outcome::kQueued: {
           std::lock_guard<std::mutex> lock(mu_);
-          queued_ = true;
+          queued_ = !admitted_;  // a place may have come between Enter and here
           break;
         }
         case Admission::Outcome::kRefused:
@@ -80,6 +80,7 @@ class GatewayService::Request : public GenerateObserver {
     {
       std::lock_guard<std::mutex> lock(mu_);
       queued_ = false;
+      admitted_ = true;
     }
     Start();
     Unref();
@@ -166,7 +167,8 @@ class GatewayService::Request : public GenerateObserver {
   std::atomic<int> refs_{1};  // gRPC's, until OnDone
 
   std::mutex mu_;
-  bool queued_ = false;                              // guarded by mu_
+  bool queued_ = false;                              // guarded by mu_: in the admission queue
+  bool admitted_ = false;                            // guarded by mu_: given a place after waiting
   bool cancelled_ = false;                           // guarded by mu_
   std::shared_ptr<AttentionServerPool::Call> call_;  // guarded by mu_
 };
@@ -299,13 +301,14 @@ class GatewayService::StreamReactor final
   }
 
   std::mutex mu_;
-  std::deque<dsmoe::v1::GenerateResponse> pending_;  // guarded by mu_: the last one is merged into
-  dsmoe::v1::GenerateResponse writing_msg_;          // the write in flight
-  bool writing_ = false;                             // guarded by mu_
-  bool finishing_ = false;                           // guarded by mu_
-  bool broken_ = false;                              // guarded by mu_: a write failed
-  std::optional<grpc::Status> end_;                  // guarded by mu_
-  uint32_t completion_tokens_ = 0;                   // guarded by mu_
+  // Guarded by mu_: messages not yet written; new output is merged into the last one.
+  std::deque<dsmoe::v1::GenerateResponse> pending_;
+  dsmoe::v1::GenerateResponse writing_msg_;  // the write in flight
+  bool writing_ = false;                     // guarded by mu_
+  bool finishing_ = false;                   // guarded by mu_
+  bool broken_ = false;                      // guarded by mu_: a write failed
+  std::optional<grpc::Status> end_;          // guarded by mu_
+  uint32_t completion_tokens_ = 0;           // guarded by mu_
 };
 
 // Complete: the output is gathered into the one response.
