@@ -24,7 +24,7 @@ dsmoe::v1::FinishReason ToProto(FinishReason r) {
 class GenerateReactor final
     : public grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse> {
  public:
-  GenerateReactor(Scheduler& scheduler) : scheduler_(scheduler) {}
+  explicit GenerateReactor(Scheduler& scheduler) : scheduler_(scheduler) {}
 
   // Submits the sequence; the stream then runs by itself.
   void Start(SequenceParams params) {
