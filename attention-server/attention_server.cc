@@ -82,8 +82,8 @@ absl::Status AttentionServer::Start() {
   }
   placement_service_ =
       std::make_unique<PlacementService>(rebalancer_.get(), config, options_.load_window_seconds);
-  attention_service_ =
-      std::make_unique<AttentionService>(*scheduler_, weights_->generation_config());
+  attention_service_ = std::make_unique<AttentionService>(
+      *scheduler_, weights_->generation_config(), expert_pool_.get());
   return StartServing();
 }
 

@@ -1,64 +1,181 @@
 #include "attention-server/attention_service.h"
 
+#include <algorithm>
 #include <chrono>
-#include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <optional>
 
 #include "core/rpc/grpc_status.h"
+#include "core/rpc/server.h"
 
 namespace dsmoe {
 
 namespace {
 
-// Hands tokens from the scheduler's thread to the RPC handler's thread.
-class QueueSink final : public SequenceSink {
- public:
-  void OnToken(int32_t id) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      tokens_.push_back(id);
-    }
-    cv_.notify_one();
-  }
-  void OnFinish(FinishReason reason, const absl::Status& status) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      finished_ = true;
-      reason_ = reason;
-      status_ = status;
-    }
-    cv_.notify_one();
-  }
-  // Waits up to `timeout` for news; moves the tokens out. True once finished.
-  bool Take(std::chrono::milliseconds timeout, std::vector<int32_t>* tokens, FinishReason* reason,
-            absl::Status* status) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, timeout, [this] { return finished_ || !tokens_.empty(); });
-    tokens->swap(tokens_);
-    tokens_.clear();
-    *reason = reason_;
-    *status = status_;
-    return finished_;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<int32_t> tokens_;
-  bool finished_ = false;
-  FinishReason reason_ = FinishReason::kStop;
-  absl::Status status_;
-};
-
 dsmoe::v1::FinishReason ToProto(FinishReason r) {
   return r == FinishReason::kStop ? dsmoe::v1::FINISH_REASON_STOP : dsmoe::v1::FINISH_REASON_LENGTH;
 }
 
+// One Generate stream. The scheduler's thread pushes tokens (through the Sink, which it may
+// hold after the stream ended), gRPC's threads complete writes and report cancellation; each
+// decision is taken under mu_ and the gRPC call it implies made after releasing it. Writes go
+// one at a time, Finish once, and only with no write in flight.
+class GenerateReactor final
+    : public grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse> {
+ public:
+  explicit GenerateReactor(Scheduler& scheduler) : scheduler_(scheduler) {}
+
+  // Submits the sequence; the stream then runs by itself.
+  void Start(SequenceParams params) {
+    auto sink = std::make_shared<Sink>(this);
+    sink_ = sink;
+    auto id = scheduler_.Submit(std::move(params), std::move(sink));
+    if (!id.ok()) {
+      sink_->Detach();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        finishing_ = true;
+      }
+      return Finish(rpc::ToGrpc(id.status()));
+    }
+    bool cancelled;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      id_ = *id;
+      cancelled = cancelled_;  // OnCancel came before the id was known
+    }
+    if (cancelled) scheduler_.Cancel(*id);
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool broke = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (!ok && !end_) {  // the stream broke: stop the sequence
+        end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream to the caller broke");
+        broke = true;
+      }
+    }
+    if (broke) CancelSequence();
+    Pump();
+  }
+  void OnCancel() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      if (!end_)
+        end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request");
+    }
+    CancelSequence();
+    Pump();
+  }
+  void OnDone() override {
+    sink_->Detach();  // the scheduler may still hold the sink; it no longer reaches this
+    delete this;
+  }
+
+ private:
+  // The scheduler's end of the stream. Holds the reactor until Detach (its OnDone).
+  class Sink final : public SequenceSink {
+   public:
+    explicit Sink(GenerateReactor* reactor) : reactor_(reactor) {}
+    void OnToken(int32_t id) override {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (reactor_ != nullptr) reactor_->Add(id);
+    }
+    void OnFinish(FinishReason reason, const absl::Status& status) override {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (reactor_ != nullptr) reactor_->End(reason, status);
+    }
+    void Detach() {
+      std::lock_guard<std::mutex> lock(mu_);
+      reactor_ = nullptr;
+    }
+
+   private:
+    std::mutex mu_;  // held while calling the reactor, so Detach waits for such a call
+    GenerateReactor* reactor_;
+  };
+
+  void Add(int32_t id) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tokens_.push_back(id);
+    }
+    Pump();
+  }
+  void End(FinishReason reason, const absl::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+      reason_ = reason;
+      if (!status.ok() && !end_) end_ = rpc::ToGrpc(status);  // tokens not yet sent are dropped
+    }
+    Pump();
+  }
+  void CancelSequence() {
+    uint64_t id;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      id = id_;
+    }
+    if (id != 0) scheduler_.Cancel(id);
+  }
+  // Starts the next write or finishes the stream, whichever is due.
+  void Pump() {
+    enum { kNothing, kWrite, kFinish } action = kNothing;
+    grpc::Status status;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (writing_ || finishing_) return;
+      if (end_) {
+        finishing_ = true;
+        status = *end_;
+        action = kFinish;
+      } else if (!tokens_.empty() || (finished_ && !last_written_)) {
+        response_.Clear();
+        response_.mutable_token_ids()->Assign(tokens_.begin(), tokens_.end());
+        tokens_.clear();
+        if (finished_) {
+          response_.set_finish_reason(ToProto(reason_));
+          last_written_ = true;
+        }
+        writing_ = true;
+        action = kWrite;
+      } else if (last_written_) {
+        finishing_ = true;
+        action = kFinish;  // with OK
+      }
+    }
+    if (action == kWrite) StartWrite(&response_);
+    if (action == kFinish) Finish(status);
+  }
+
+  Scheduler& scheduler_;
+  std::shared_ptr<Sink> sink_;
+  std::mutex mu_;
+  uint64_t id_ = 0;              // guarded by mu_: the sequence (0 until submitted)
+  std::vector<int32_t> tokens_;  // guarded by mu_: sampled, not yet written
+  bool finished_ = false;        // guarded by mu_: the scheduler finished the sequence
+  FinishReason reason_ = FinishReason::kStop;  // guarded by mu_
+  bool last_written_ = false;                  // guarded by mu_: the message with finish_reason
+  bool writing_ = false;                       // guarded by mu_
+  bool finishing_ = false;                     // guarded by mu_: Finish was (being) called
+  bool cancelled_ = false;                     // guarded by mu_
+  std::optional<grpc::Status> end_;            // guarded by mu_: an error ending the stream
+  internal::v1::AttentionGenerateResponse response_;  // the write in flight
+};
+
 }  // namespace
 
-grpc::Status AttentionService::Generate(
-    grpc::ServerContext* context, const internal::v1::AttentionGenerateRequest* request,
-    grpc::ServerWriter<internal::v1::AttentionGenerateResponse>* writer) {
+AttentionService::AttentionService(Scheduler& scheduler, const GenerationConfig& generation,
+                                   const ExpertServerPool* expert_servers)
+    : scheduler_(scheduler), generation_(generation), expert_servers_(expert_servers) {}
+
+grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse>* AttentionService::Generate(
+    grpc::CallbackServerContext*, const internal::v1::AttentionGenerateRequest* request) {
   SequenceParams params;
   params.prompt.assign(request->prompt_token_ids().begin(), request->prompt_token_ids().end());
   params.max_tokens = request->max_tokens();
@@ -68,31 +185,9 @@ grpc::Status AttentionService::Generate(
     for (int64_t id : generation_.eos_token_ids)
       params.stop_token_ids.push_back(static_cast<int32_t>(id));
   }
-  auto sink = std::make_shared<QueueSink>();
-  auto id = scheduler_.Submit(std::move(params), sink);
-  if (!id.ok()) return rpc::ToGrpc(id.status());
-
-  std::vector<int32_t> tokens;
-  FinishReason reason;
-  absl::Status status;
-  for (;;) {
-    const bool finished = sink->Take(std::chrono::milliseconds(50), &tokens, &reason, &status);
-    if (context->IsCancelled()) {
-      scheduler_.Cancel(*id);
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request");
-    }
-    if (!status.ok()) return rpc::ToGrpc(status);
-    if (!tokens.empty() || finished) {
-      internal::v1::AttentionGenerateResponse response;
-      response.mutable_token_ids()->Assign(tokens.begin(), tokens.end());
-      if (finished) response.set_finish_reason(ToProto(reason));
-      if (!writer->Write(response)) {  // the stream broke: stop the sequence
-        scheduler_.Cancel(*id);
-        return grpc::Status(grpc::StatusCode::CANCELLED, "the stream to the caller broke");
-      }
-    }
-    if (finished) return grpc::Status::OK;
-  }
+  auto* reactor = new GenerateReactor(scheduler_);
+  reactor->Start(std::move(params));
+  return reactor;
 }
 
 grpc::Status AttentionService::GetLoad(grpc::ServerContext*, const internal::v1::GetLoadRequest*,
@@ -115,6 +210,27 @@ grpc::Status AttentionService::ComputeLogits(grpc::ServerContext*,
   response->set_vocab_size(static_cast<uint32_t>(V));
   response->set_logits(reinterpret_cast<const char*>(logits->data()),
                        logits->size() * sizeof(float));
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionService::GetServingInfo(grpc::ServerContext* context,
+                                              const internal::v1::GetServingInfoRequest*,
+                                              internal::v1::ServingInfo* response) {
+  if (expert_servers_ == nullptr) return grpc::Status::OK;  // no expert servers: none to list
+  for (int s = 0; s < expert_servers_->num_servers(); ++s) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        context->deadline() - std::chrono::system_clock::now());
+    absl::StatusOr<internal::v1::GetExpertsResponse> held = expert_servers_->GetExperts(
+        s, std::clamp(left, std::chrono::milliseconds(1), std::chrono::milliseconds(5000)));
+    // Whatever went wrong with one expert server, this attention server cannot say what the
+    // cluster serves: the caller tries another attention server.
+    if (!held.ok())
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(held.status().message()));
+    auto* e = response->add_expert_servers();
+    e->set_address(expert_servers_->address(s));
+    e->mutable_layers()->CopyFrom(held->layers());
+    e->mutable_experts()->CopyFrom(held->experts());
+  }
   return grpc::Status::OK;
 }
 

@@ -13,10 +13,13 @@ UNAVAILABLE or DEADLINE_EXCEEDED naming routed experts.
 
 --check turns the expectations into an exit status (the ctest `load.*` tests): no error (or none
 outside the predicted window), every sampled greedy output identical to the single-process
-engine's, and no process's memory grown by more than its KV-cache bound plus a margin.
+engine's, and no process's memory grown by more than its KV-cache bound plus a margin. With
+--max-threads N, also no process above N threads at any sample (/proc/PID/status, every 0.25 s):
+the servers' streaming handlers are reactors, so streams must not cost a thread each.
 
 Usage: load_test.py --dsmoe build/bin/dsmoe --stubs build/proto/python [--seconds 150]
                     [--clients 64] [--preset tiny] [--kill-expert] [--replicas 2] [--check]
+                    [--max-threads 100]
 """
 import argparse
 import json
@@ -45,6 +48,33 @@ def rss_mb(pid):
     return float("nan")
 
 
+def threads(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:  # a process killed on purpose (--kill-expert)
+        pass
+    return 0
+
+
+class ThreadSampler(threading.Thread):
+    """The most threads each process had at any sample while the load ran."""
+
+    def __init__(self, procs, period=0.25):
+        super().__init__(daemon=True)
+        self.procs, self.period = procs, period
+        self.peak = {(p["role"], p["index"]): threads(p["pid"]) for p in procs}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(self.period):
+            for p in self.procs:
+                k = (p["role"], p["index"])
+                self.peak[k] = max(self.peak[k], threads(p["pid"]))
+
+
 def kv_cache_mb(model, num_slots):
     """The attention server's KV-cache allocation: (slots + 1 scratch) x context x layers x K,V x
     kv heads x head dim x fp32."""
@@ -66,16 +96,16 @@ class Result:
 
 
 class Client(threading.Thread):
-    def __init__(self, gateway, end_time, seed, vocab, results, lock):
+    def __init__(self, gateway, end_time, seed, vocab, results, lock, max_tokens):
         super().__init__(daemon=True)
         self.gateway, self.end_time, self.rng = gateway, end_time, random.Random(seed)
-        self.vocab, self.results, self.lock = vocab, results, lock
+        self.vocab, self.results, self.lock, self.max_tokens = vocab, results, lock, max_tokens
 
     def run(self):
         while time.time() < self.end_time:
             r = Result()
             r.prompt = [self.rng.randrange(2, self.vocab) for _ in range(self.rng.randrange(4, 33))]
-            r.max_tokens = self.rng.randrange(16, 65)
+            r.max_tokens = self.rng.randrange(16, self.max_tokens + 1)
             r.greedy = self.rng.random() < 0.5
             req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=r.prompt), max_tokens=r.max_tokens,
                                         ignore_eos=True, temperature=0.0 if r.greedy else 0.8,
@@ -128,6 +158,8 @@ def main():
     ap.add_argument("--kill-expert", action="store_true", help="kill expert server 1 at 1/3, restart it at 2/3")
     ap.add_argument("--verify", type=int, default=16, help="greedy outputs compared with the single process")
     ap.add_argument("--check", action="store_true", help="exit non-zero unless the expectations hold")
+    ap.add_argument("--max-threads", type=int, help="fail if a process ever has more threads")
+    ap.add_argument("--max-tokens", type=int, default=64, help="longest request (16 to this many tokens)")
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
     cu.setup(a.dsmoe, a.stubs)
@@ -145,10 +177,13 @@ def main():
         # Warm up (first touches of buffers and weights), then take the starting memory.
         c.generate([1, 2, 3], 8)
         rss_start = {(p["role"], p["index"]): rss_mb(p["pid"]) for p in procs}
+        threads_start = {(p["role"], p["index"]): threads(p["pid"]) for p in procs}
+        sampler = ThreadSampler(procs)
+        sampler.start()
         results, lock = [], threading.Lock()
         t0 = time.time()
         end = t0 + a.seconds
-        clients = [Client(c.gateway, end, 1000 + i, vocab, results, lock) for i in range(a.clients)]
+        clients = [Client(c.gateway, end, 1000 + i, vocab, results, lock, a.max_tokens) for i in range(a.clients)]
         for cl in clients:
             cl.start()
         window = None
@@ -167,6 +202,8 @@ def main():
         for cl in clients:
             cl.join(timeout=a.seconds + 180)
         elapsed = time.time() - t0
+        sampler.stop.set()
+        sampler.join()
         rss_end = {(p["role"], p["index"]): rss_mb(restarted.pid if restarted and p["role"] == "expert-server" and
                                                    p["index"] == 1 else p["pid"]) for p in procs}
 
@@ -183,7 +220,8 @@ def main():
                        requests_per_s=round(len(results) / elapsed, 2),
                        ttft_p50_ms=round(percentile(ttft, 50) * 1e3, 1), ttft_p99_ms=round(percentile(ttft, 99) * 1e3, 1),
                        itl_p50_ms=round(percentile(gaps, 50) * 1e3, 2), itl_p99_ms=round(percentile(gaps, 99) * 1e3, 2),
-                       rss_mb={f"{k[0]}-{k[1]}": [round(rss_start[k], 1), round(rss_end[k], 1)] for k in rss_start})
+                       rss_mb={f"{k[0]}-{k[1]}": [round(rss_start[k], 1), round(rss_end[k], 1)] for k in rss_start},
+                       threads={f"{k[0]}-{k[1]}": [threads_start[k], sampler.peak[k]] for k in threads_start})
         print(f"load: {a.clients} clients for {elapsed:.1f} s against {a.attention_servers} attention + "
               f"{a.expert_servers} expert servers (replicas {a.replicas}), model {os.path.basename(model)}")
         print(f"  requests {len(results)} ({figures['requests_per_s']}/s), ok {len(ok)}, errors {errors or 0}")
@@ -200,6 +238,12 @@ def main():
             print(f"    {k[0]}-{k[1]}: {rss_start[k]:.1f} -> {rss_end[k]:.1f} ({grown:+.1f}, bound +{bound:.0f}){note}")
             if grown > bound and not restarted_here:
                 problems.append(f"{k[0]}-{k[1]} grew by {grown:.1f} MB (bound {bound:.0f})")
+
+        print("  threads per process (idle -> most at any sample during the load):")
+        for k in threads_start:
+            print(f"    {k[0]}-{k[1]}: {threads_start[k]} -> {sampler.peak[k]}")
+            if a.max_threads is not None and sampler.peak[k] > a.max_threads:
+                problems.append(f"{k[0]}-{k[1]} reached {sampler.peak[k]} threads (bound {a.max_threads})")
 
         if window is None:
             if errors:

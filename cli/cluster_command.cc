@@ -216,10 +216,13 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
       return fail(s);
   }
   if (auto s = WaitReady(procs); !s.ok()) return fail(s);
-  std::vector<std::string> gateway = {
-      (bin / "dsmoe-gateway").string(),          "--model",          model,   "--attention-servers",
-      Join(procs, "attention-server"),           "--expert-servers", experts, "--listen",
-      absl::StrCat("127.0.0.1:", o.gateway_port)};
+  std::vector<std::string> gateway = {(bin / "dsmoe-gateway").string(),
+                                      "--model",
+                                      model,
+                                      "--attention-servers",
+                                      Join(procs, "attention-server"),
+                                      "--listen",
+                                      absl::StrCat("127.0.0.1:", o.gateway_port)};
   if (o.no_auth) {
     gateway.push_back("--no-auth");
   } else {

@@ -48,7 +48,7 @@ Authenticator::Authenticator(ApiKeyStore keys, const RateLimits& limits,
   }
 }
 
-Authenticator::Admission Authenticator::Admit(grpc::ServerContext* context) {
+Authenticator::Admission Authenticator::Admit(grpc::ServerContextBase* context) {
   auto count = [](prometheus::Counter* c) {
     if (c != nullptr) c->Increment();
   };

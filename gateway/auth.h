@@ -31,7 +31,7 @@ class Authenticator {
     grpc::Status status;  // OK, or what to return
   };
   // Checks the call's credentials and limits; on refusal also sets the retry trailer.
-  Admission Admit(grpc::ServerContext* context);
+  Admission Admit(grpc::ServerContextBase* context);
   // Charges `tokens` generated for `key` to its token limit.
   void ChargeTokens(int key, int64_t tokens) { limiter_.ChargeTokens(key, tokens); }
 

@@ -8,6 +8,7 @@
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 #include "gateway/request_validation.h"
+#include "gateway/stop_string_filter.h"
 
 namespace dsmoe {
 
@@ -19,48 +20,384 @@ grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
 
-// Counts a request in flight for as long as it lives (and in `gauge`, if given).
-class InFlight {
+}  // namespace
+
+// One Generate or Complete: admission, validation, a place (or the queue), the relay through
+// the pool, and on the way the metrics, the charged tokens, the text and the stop strings.
+// Subclasses say where the output goes (a stream, or one response).
+//
+// Lifetime: a reference count. gRPC's OnDone holds one reference; every entry from outside a
+// reaction (the handler itself, a place given by another request's end) holds one while it
+// runs, because the reactor may finish on another thread meanwhile. The last one deletes.
+class GatewayService::Request : public GenerateObserver {
  public:
-  explicit InFlight(std::atomic<int64_t>& counter, prometheus::Gauge* gauge = nullptr)
-      : counter_(counter), gauge_(gauge) {
-    counter_.fetch_add(1);
-    if (gauge_ != nullptr) gauge_->Increment();
+  Request(GatewayService& service, Method method, grpc::CallbackServerContext* context,
+          const dsmoe::v1::GenerateRequest& request)
+      : service_(service),
+        method_(method),
+        context_(context),
+        request_(request),
+        stops_(std::vector<std::string>(request.stop().begin(), request.stop().end())),
+        start_(Clock::now()),
+        last_token_at_(start_) {
+    if (service_.metrics_ != nullptr) service_.metrics_->in_flight->Increment();
+    if (service_.tokenizer_ != nullptr)
+      decoder_.emplace(*service_.tokenizer_, /*skip_special_tokens=*/true);
   }
-  ~InFlight() {
-    counter_.fetch_sub(1);
-    if (gauge_ != nullptr) gauge_->Decrement();
+  virtual ~Request() {
+    if (service_.metrics_ != nullptr) service_.metrics_->in_flight->Decrement();
   }
+
+  // Admits, validates and runs (or queues) the request. Called once, by the handler.
+  void Begin() {
+    Ref();
+    if (grpc::Status s = service_.Admit(context_, &key_); !s.ok()) {
+      End(s);
+    } else if (grpc::Status v = service_.Validate(request_, &upstream_); !v.ok()) {
+      End(v);
+    } else {
+      switch (service_.admission_.Enter(this)) {
+        case Admission::Outcome::kRun:
+          Start();
+          break;
+        case Admission::Outcome::kQueued: {
+          std::lock_guard<std::mutex> lock(mu_);
+          queued_ = !admitted_;  // a place may have come between Enter and here
+          break;
+        }
+        case Admission::Outcome::kRefused:
+          End(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                           service_.admission_.LimitMessage()));
+          break;
+      }
+    }
+    Unref();
+  }
+
+  // The request got a place after waiting for it (on the thread of the request that left it).
+  void Admitted() {
+    Ref();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queued_ = false;
+      admitted_ = true;
+    }
+    Start();
+    Unref();
+  }
+
+  bool OnMessage(const internal::v1::AttentionGenerateResponse& m) override;
+  void OnEnd(const absl::Status& status) override;
+
+ protected:
+  // Output of the relay: token ids and the text they completed (stop strings applied).
+  virtual void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
+                    const std::string& text) = 0;
+  // The request ended with `status` (counted already); on OK, finish_ and ttft_ are final.
+  // Implementations finish the RPC.
+  virtual void Finished(const grpc::Status& status) = 0;
+
+  // The client cancelled or went away: stops the request wherever it is.
+  void Cancel() {
+    std::shared_ptr<AttentionServerPool::Call> call;
+    bool queued;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      call = call_;
+      queued = queued_;
+    }
+    if (queued && service_.admission_.Remove(this)) {
+      End(grpc::Status(grpc::StatusCode::CANCELLED,
+                       "the request was cancelled while waiting for a place"));
+    } else if (call != nullptr) {
+      call->Cancel();
+    }
+  }
+  // The stream to the client broke: the relay stops at its next message.
+  void ClientGone() {
+    client_gone_ = true;
+    Cancel();
+  }
+
+  void Ref() { refs_.fetch_add(1); }
+  void Unref() {
+    if (refs_.fetch_sub(1) == 1) delete this;
+  }
+
+  const internal::v1::AttentionGenerateRequest& upstream() const { return upstream_; }
+  dsmoe::v1::FinishReason finish_ = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+  double ttft_ = -1;
 
  private:
-  std::atomic<int64_t>& counter_;
-  prometheus::Gauge* gauge_;
+  // Relays the request (it holds a place).
+  void Start() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_) {
+        service_.admission_.Release();
+        return End(grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled"));
+      }
+    }
+    relaying_ = true;
+    auto call = service_.pool_.Generate(*context_, upstream_, this);
+    bool cancel;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call_ = call;
+      cancel = cancelled_;  // a Cancel() that came while the call started found no call
+    }
+    if (cancel) call->Cancel();
+  }
+  // Counts the end and hands it to the subclass. Called once.
+  void End(const grpc::Status& status) { Finished(service_.Counted(method_, status)); }
+
+  GatewayService& service_;
+  const Method method_;
+  grpc::CallbackServerContext* const context_;
+  const dsmoe::v1::GenerateRequest& request_;
+  internal::v1::AttentionGenerateRequest upstream_;
+  int key_ = -1;  // the caller's API key, charged for the tokens generated
+  std::optional<StreamingDecoder> decoder_;
+  StopStringFilter stops_;
+  const Clock::time_point start_;
+  Clock::time_point last_token_at_;
+  bool relaying_ = false;  // holds a place (released when the relay ends)
+  std::atomic<bool> client_gone_{false};
+  std::atomic<int> refs_{1};  // gRPC's, until OnDone
+
+  std::mutex mu_;
+  bool queued_ = false;                              // guarded by mu_: in the admission queue
+  bool admitted_ = false;                            // guarded by mu_: given a place after waiting
+  bool cancelled_ = false;                           // guarded by mu_
+  std::shared_ptr<AttentionServerPool::Call> call_;  // guarded by mu_
 };
 
-}  // namespace
+bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateResponse& m) {
+  Metrics* metrics = service_.metrics_.get();
+  if (m.token_ids_size() > 0) {
+    if (key_ >= 0) service_.options_.auth->ChargeTokens(key_, m.token_ids_size());
+    const auto now = Clock::now();
+    if (ttft_ < 0) {
+      ttft_ = std::chrono::duration<double>(now - start_).count();
+      if (metrics != nullptr) metrics->ttft->Observe(ttft_);
+    } else if (metrics != nullptr) {
+      // Tokens arriving together share the gap since the previous ones.
+      const double gap =
+          std::chrono::duration<double>(now - last_token_at_).count() / m.token_ids_size();
+      for (int i = 0; i < m.token_ids_size(); ++i) metrics->inter_token->Observe(gap);
+    }
+    last_token_at_ = now;
+  }
+  finish_ = m.finish_reason();
+  const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
+  std::string decoded;
+  if (decoder_) {
+    for (uint32_t id : m.token_ids()) {
+      auto piece = decoder_->Push(static_cast<int32_t>(id));
+      if (piece.ok()) decoded += *piece;
+    }
+    if (last) {
+      if (auto rest = decoder_->Finish(); rest.ok()) decoded += *rest;
+    }
+  }
+  std::string text = stops_.Push(decoded);
+  if (stops_.stopped()) {
+    finish_ = dsmoe::v1::FINISH_REASON_STOP;
+    Emit(m.token_ids(), text);
+    return false;  // stops the sequence upstream
+  }
+  if (last) text += stops_.Finish();
+  if (m.token_ids_size() > 0 || !text.empty()) Emit(m.token_ids(), text);
+  return !client_gone_;
+}
+
+void GatewayService::Request::OnEnd(const absl::Status& relayed) {
+  if (relaying_) service_.admission_.Release();  // the next waiting request may start now
+  if (client_gone_) {
+    return End(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+  }
+  if (!relayed.ok()) return End(rpc::ToGrpc(relayed));
+  if (finish_ == dsmoe::v1::FINISH_REASON_UNSPECIFIED) finish_ = dsmoe::v1::FINISH_REASON_ABORT;
+  if (ttft_ < 0) ttft_ = 0;
+  if (service_.metrics_ != nullptr) {
+    service_.metrics_->e2e->Observe(std::chrono::duration<double>(Clock::now() - start_).count());
+  }
+  service_.CountFinished(finish_);
+  End(grpc::Status::OK);
+}
+
+// Generate: the output goes out as it comes, one write in flight; what arrives meanwhile is
+// merged into the next message, so a slow client costs one pending message, not a queue.
+class GatewayService::StreamReactor final
+    : public grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>,
+      public GatewayService::Request {
+ public:
+  StreamReactor(GatewayService& service, grpc::CallbackServerContext* context,
+                const dsmoe::v1::GenerateRequest& request)
+      : Request(service, kGenerate, context, request) {}
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) ClientGone();
+    Pump(/*write_done=*/true);
+  }
+  void OnCancel() override { Cancel(); }
+  void OnDone() override { Unref(); }
+
+ private:
+  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
+            const std::string& text) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      completion_tokens_ += ids.size();
+      if (pending_.empty()) pending_.emplace_back();
+      dsmoe::v1::GenerateResponse& next = pending_.back();
+      next.mutable_token_ids()->Add(ids.begin(), ids.end());
+      next.mutable_text()->append(text);
+    }
+    Pump(/*write_done=*/false);
+  }
+  void Finished(const grpc::Status& status) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (status.ok()) {
+        dsmoe::v1::GenerateResponse& last = pending_.emplace_back();
+        last.set_finish_reason(finish_);
+        last.mutable_usage()->set_prompt_tokens(upstream().prompt_token_ids_size());
+        last.mutable_usage()->set_completion_tokens(completion_tokens_);
+        last.mutable_usage()->set_time_to_first_token_seconds(ttft_);
+      }
+      end_ = status;
+    }
+    Pump(/*write_done=*/false);
+  }
+  // Starts the next write, or finishes once everything was written (or the stream broke).
+  // The decision is taken under mu_ (one write in flight, Finish once), the call made after.
+  void Pump(bool write_done) {
+    enum { kNothing, kWrite, kFinish } action = kNothing;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (write_done) writing_ = false;
+      if (writing_ || finishing_) return;
+      if (!pending_.empty() && !broken_) {
+        writing_msg_ = std::move(pending_.front());
+        pending_.pop_front();
+        writing_ = true;
+        action = kWrite;
+      } else if (end_) {
+        finishing_ = true;
+        action = kFinish;
+      }
+    }
+    if (action == kWrite) StartWrite(&writing_msg_);
+    if (action == kFinish) Finish(*end_);
+  }
+  void ClientGone() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = true;
+    }
+    Request::ClientGone();
+  }
+
+  std::mutex mu_;
+  // Guarded by mu_: messages not yet written; new output is merged into the last one.
+  std::deque<dsmoe::v1::GenerateResponse> pending_;
+  dsmoe::v1::GenerateResponse writing_msg_;  // the write in flight
+  bool writing_ = false;                     // guarded by mu_
+  bool finishing_ = false;                   // guarded by mu_
+  bool broken_ = false;                      // guarded by mu_: a write failed
+  std::optional<grpc::Status> end_;          // guarded by mu_
+  uint32_t completion_tokens_ = 0;           // guarded by mu_
+};
+
+// Complete: the output is gathered into the one response.
+class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
+                                              public GatewayService::Request {
+ public:
+  CompleteReactor(GatewayService& service, grpc::CallbackServerContext* context,
+                  const dsmoe::v1::GenerateRequest& request, dsmoe::v1::CompleteResponse* response)
+      : Request(service, kComplete, context, request), response_(response) {}
+
+  void OnCancel() override { Cancel(); }
+  void OnDone() override { Unref(); }
+
+ private:
+  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
+            const std::string& text) override {
+    response_->mutable_token_ids()->Add(ids.begin(), ids.end());
+    response_->mutable_text()->append(text);
+  }
+  void Finished(const grpc::Status& status) override {
+    if (status.ok()) {
+      response_->set_finish_reason(finish_);
+      response_->mutable_usage()->set_prompt_tokens(upstream().prompt_token_ids_size());
+      response_->mutable_usage()->set_completion_tokens(response_->token_ids_size());
+      response_->mutable_usage()->set_time_to_first_token_seconds(ttft_);
+    }
+    Finish(status);
+  }
+
+  dsmoe::v1::CompleteResponse* const response_;  // gRPC's; written only by the relay's calls
+};
+
+GatewayService::Admission::Outcome GatewayService::Admission::Enter(Request* r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (running_ < max_running_) {
+    ++running_;
+    return Outcome::kRun;
+  }
+  if (static_cast<int64_t>(waiting_.size()) < max_queued_) {
+    waiting_.push_back(r);
+    return Outcome::kQueued;
+  }
+  return Outcome::kRefused;
+}
+
+bool GatewayService::Admission::Remove(Request* r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find(waiting_.begin(), waiting_.end(), r);
+  if (it == waiting_.end()) return false;
+  waiting_.erase(it);
+  return true;
+}
+
+void GatewayService::Admission::Release() {
+  Request* next = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (waiting_.empty()) {
+      --running_;
+      return;
+    }
+    next = waiting_.front();  // takes over the place
+    waiting_.pop_front();
+  }
+  next->Admitted();
+}
+
+std::string GatewayService::Admission::LimitMessage() const {
+  return absl::StrCat("the gateway is at its limits: ", max_running_,
+                      " requests in flight (--max-concurrent) and ", max_queued_,
+                      " waiting for a place (--max-queued); retry later");
+}
 
 GatewayService::GatewayService(const ModelConfig& config, const GenerationConfig& generation,
                                std::unique_ptr<Tokenizer> tokenizer,
                                const std::vector<std::string>& attention_servers,
-                               const std::vector<std::string>& expert_servers,
                                const GatewayOptions& options)
     : config_(config),
       generation_(generation),
       tokenizer_(std::move(tokenizer)),
       options_(options),
-      expert_servers_(expert_servers) {
-  for (const std::string& a : attention_servers) {
-    auto u = std::make_unique<Upstream>();
-    u->index = static_cast<int>(upstreams_.size());
-    u->address = a;
-    u->stub =
-        internal::v1::AttentionService::NewStub(rpc::MakeChannel(a, options_.upstream_security));
-    upstreams_.push_back(std::move(u));
-  }
+      pool_(attention_servers, options.upstream_security, options.upstream_health),
+      admission_(options.max_concurrent, options.max_queued) {
   if (options_.max_context <= 0) options_.max_context = config.max_position_embeddings;
   if (options_.max_prompt_tokens <= 0) options_.max_prompt_tokens = options_.max_context - 1;
   if (options_.metrics != nullptr) metrics_ = std::make_unique<Metrics>(*options_.metrics);
 }
+
+GatewayService::~GatewayService() = default;
 
 GatewayService::Metrics::Metrics(rpc::MetricsRegistry& r) {
   auto& req = r.Counter("dsmoe_requests_total",
@@ -89,7 +426,7 @@ GatewayService::Metrics::Metrics(rpc::MetricsRegistry& r) {
            .Add({});
 }
 
-grpc::Status GatewayService::Admit(grpc::ServerContext* context, int* key) {
+grpc::Status GatewayService::Admit(grpc::CallbackServerContext* context, int* key) {
   *key = -1;
   if (options_.auth == nullptr) return grpc::Status::OK;
   Authenticator::Admission a = options_.auth->Admit(context);
@@ -110,44 +447,60 @@ void GatewayService::CountFinished(dsmoe::v1::FinishReason reason) {
       ->Increment();
 }
 
-grpc::Status GatewayService::Generate(grpc::ServerContext* context,
-                                      const dsmoe::v1::GenerateRequest* request,
-                                      grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
-  int key;
-  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kGenerate, s);
-  return Counted(kGenerate, GenerateImpl(context, request, key, writer));
+grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>* GatewayService::Generate(
+    grpc::CallbackServerContext* context, const dsmoe::v1::GenerateRequest* request) {
+  auto* reactor = new StreamReactor(*this, context, *request);
+  reactor->Begin();
+  return reactor;
 }
 
-grpc::Status GatewayService::Complete(grpc::ServerContext* context,
-                                      const dsmoe::v1::GenerateRequest* request,
-                                      dsmoe::v1::CompleteResponse* response) {
-  int key;
-  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kComplete, s);
-  return Counted(kComplete, CompleteImpl(context, request, key, response));
+grpc::ServerUnaryReactor* GatewayService::Complete(grpc::CallbackServerContext* context,
+                                                   const dsmoe::v1::GenerateRequest* request,
+                                                   dsmoe::v1::CompleteResponse* response) {
+  auto* reactor = new CompleteReactor(*this, context, *request, response);
+  reactor->Begin();
+  return reactor;
 }
 
-grpc::Status GatewayService::Tokenize(grpc::ServerContext* context,
-                                      const dsmoe::v1::TokenizeRequest* request,
-                                      dsmoe::v1::TokenizeResponse* response) {
+grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* context,
+                                                   const dsmoe::v1::TokenizeRequest* request,
+                                                   dsmoe::v1::TokenizeResponse* response) {
   int key;
-  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kTokenize, s);
-  return Counted(kTokenize, TokenizeImpl(request, response));
+  grpc::Status s = Admit(context, &key);
+  if (s.ok()) s = TokenizeImpl(request, response);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(Counted(kTokenize, s));
+  return reactor;
 }
 
-grpc::Status GatewayService::Detokenize(grpc::ServerContext* context,
-                                        const dsmoe::v1::DetokenizeRequest* request,
-                                        dsmoe::v1::DetokenizeResponse* response) {
+grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext* context,
+                                                     const dsmoe::v1::DetokenizeRequest* request,
+                                                     dsmoe::v1::DetokenizeResponse* response) {
   int key;
-  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kDetokenize, s);
-  return Counted(kDetokenize, DetokenizeImpl(request, response));
+  grpc::Status s = Admit(context, &key);
+  if (s.ok()) s = DetokenizeImpl(request, response);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(Counted(kDetokenize, s));
+  return reactor;
 }
 
-grpc::Status GatewayService::GetModelInfo(grpc::ServerContext* context,
-                                          const dsmoe::v1::GetModelInfoRequest*,
-                                          dsmoe::v1::ModelInfo* info) {
+grpc::ServerUnaryReactor* GatewayService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                       const dsmoe::v1::GetModelInfoRequest*,
+                                                       dsmoe::v1::ModelInfo* info) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   int key;
-  if (grpc::Status s = Admit(context, &key); !s.ok()) return Counted(kGetModelInfo, s);
-  return Counted(kGetModelInfo, GetModelInfoImpl(context, info));
+  if (grpc::Status s = Admit(context, &key); !s.ok()) {
+    reactor->Finish(Counted(kGetModelInfo, s));
+    return reactor;
+  }
+  FillModelInfo(info);
+  pool_.GetServingInfo(*context,
+                       [this, reactor, info](absl::StatusOr<internal::v1::ServingInfo> serving) {
+                         if (serving.ok())
+                           info->mutable_expert_servers()->Swap(serving->mutable_expert_servers());
+                         reactor->Finish(Counted(kGetModelInfo, rpc::ToGrpc(serving.status())));
+                       });
+  return reactor;
 }
 
 grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
@@ -155,267 +508,6 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
   const RequestLimits limits{options_.model_name, config_.vocab_size, options_.max_prompt_tokens,
                              options_.max_tokens_limit};
   return rpc::ToGrpc(ValidateGenerateRequest(r, limits, tokenizer_.get(), up));
-}
-
-GatewayService::Upstream* GatewayService::Pick(const std::vector<bool>& tried) const {
-  // Serving servers first; one that is up but not serving (some routed expert has no live
-  // server) can still run the requests that do not need those experts, so it comes next;
-  // a down one never. Among equals, the fewest requests in flight.
-  Upstream* best = nullptr;
-  int best_rank = 0;
-  for (const auto& u : upstreams_) {
-    if (tried[u->index]) continue;
-    const int rank = static_cast<int>(UpstreamHealth(u->index));
-    if (rank == static_cast<int>(rpc::TargetHealth::kDown)) continue;
-    if (best == nullptr || rank > best_rank ||
-        (rank == best_rank && u->in_flight.load() < best->in_flight.load())) {
-      best = u.get();
-      best_rank = rank;
-    }
-  }
-  return best;
-}
-
-rpc::TargetHealth GatewayService::UpstreamHealth(int index) const {
-  return options_.upstream_health == nullptr ? rpc::TargetHealth::kServing
-                                             : options_.upstream_health->health(index);
-}
-
-void GatewayService::OnUpstreamHealth(int index, rpc::TargetHealth now) {
-  if (now != rpc::TargetHealth::kDown) return;
-  // Its streams would otherwise hang until their deadlines (a frozen process keeps its
-  // connections open): end them now, so the requests without tokens go elsewhere.
-  Upstream& u = *upstreams_[index];
-  std::lock_guard<std::mutex> lock(u.mu);
-  for (ActiveCall* call : u.calls) {
-    call->aborted = true;
-    call->context->TryCancel();
-  }
-}
-
-grpc::Status GatewayService::Relay(grpc::ServerContext* context,
-                                   const internal::v1::AttentionGenerateRequest& request,
-                                   const OnMessage& on_message) {
-  if (upstreams_.empty())
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention server configured");
-  // A request that has produced no token yet can run anywhere with the same result (sampling
-  // is seeded per request): if its attention server fails, it is retried on another one.
-  // Once tokens went out, a retry would repeat or contradict them, so the client is told.
-  std::vector<bool> tried(upstreams_.size(), false);
-  std::string failures;
-  for (;;) {
-    Upstream* u = Pick(tried);
-    if (u == nullptr) break;
-    tried[u->index] = true;
-    int64_t tokens = 0;
-    grpc::Status status = RelayOnce(context, *u, request, on_message, &tokens);
-    if (status.ok() || context->IsCancelled()) return status;
-    if (tokens > 0) {
-      return grpc::Status(status.error_code(),
-                          absl::StrCat("the request failed after ", tokens,
-                                       " tokens were delivered (not retried: they were already "
-                                       "sent): ",
-                                       status.error_message()));
-    }
-    if (status.error_code() != grpc::StatusCode::UNAVAILABLE) return status;
-    absl::StrAppend(&failures, failures.empty() ? "" : "; ", status.error_message());
-    if (options_.upstream_health != nullptr) options_.upstream_health->CheckNow();
-  }
-  if (!failures.empty()) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        absl::StrCat("no attention server could run the request (", failures, ")"));
-  }
-  std::string why;
-  for (const auto& u : upstreams_) {
-    absl::StrAppend(&why, why.empty() ? "" : "; ", u->address, ": ",
-                    options_.upstream_health->Reason(u->index));
-  }
-  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                      absl::StrCat("no attention server is available (", why, ")"));
-}
-
-grpc::Status GatewayService::RelayOnce(grpc::ServerContext* context, Upstream& u,
-                                       const internal::v1::AttentionGenerateRequest& request,
-                                       const OnMessage& on_message, int64_t* tokens) {
-  InFlight counted(u.in_flight);
-  // The upstream call inherits the client's deadline and is cancelled with it.
-  std::unique_ptr<grpc::ClientContext> upstream = grpc::ClientContext::FromServerContext(*context);
-  ActiveCall call{upstream.get()};
-  {
-    std::lock_guard<std::mutex> lock(u.mu);  // from now on, a "down" verdict cancels it
-    u.calls.insert(&call);
-  }
-  auto reader = u.stub->Generate(upstream.get(), request);
-  internal::v1::AttentionGenerateResponse message;
-  bool stopped_here = false;
-  while (reader->Read(&message)) {
-    *tokens += message.token_ids_size();
-    if (!on_message(message)) {
-      stopped_here = true;
-      upstream->TryCancel();
-      break;
-    }
-  }
-  grpc::Status status = reader->Finish();
-  bool aborted;
-  {
-    std::lock_guard<std::mutex> lock(u.mu);
-    u.calls.erase(&call);
-    aborted = call.aborted;
-  }
-  if (stopped_here) return grpc::Status::OK;  // a stop string, or the client went away
-  if (aborted && !context->IsCancelled()) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        absl::StrCat("attention server ", u.address, " is down (",
-                                     options_.upstream_health->Reason(u.index), ")"));
-  }
-  if (!status.ok()) {
-    return grpc::Status(status.error_code(),
-                        absl::StrCat("attention server ", u.address, ": ", status.error_message()));
-  }
-  return status;
-}
-
-grpc::Status GatewayService::Run(grpc::ServerContext* context,
-                                 const dsmoe::v1::GenerateRequest& request,
-                                 const internal::v1::AttentionGenerateRequest& upstream, int key,
-                                 const Emit& emit, dsmoe::v1::FinishReason* finish, double* ttft) {
-  const auto start = Clock::now();
-  auto last_token_at = start;
-  *ttft = -1;
-  *finish = dsmoe::v1::FINISH_REASON_UNSPECIFIED;
-  std::optional<StreamingDecoder> decoder;
-  if (tokenizer_ != nullptr) decoder.emplace(*tokenizer_, /*skip_special_tokens=*/true);
-  // Text not yet sent because it could be the start of a stop string (a stop string may span
-  // several tokens and messages; what was sent cannot be taken back).
-  std::string held;
-  bool client_gone = false;
-  grpc::Status status =
-      Relay(context, upstream, [&](const internal::v1::AttentionGenerateResponse& m) {
-        if (m.token_ids_size() > 0) {
-          if (key >= 0) options_.auth->ChargeTokens(key, m.token_ids_size());
-          const auto now = Clock::now();
-          if (*ttft < 0) {
-            *ttft = std::chrono::duration<double>(now - start).count();
-            if (metrics_ != nullptr) metrics_->ttft->Observe(*ttft);
-          } else if (metrics_ != nullptr) {
-            // Tokens arriving together share the gap since the previous ones.
-            const double gap =
-                std::chrono::duration<double>(now - last_token_at).count() / m.token_ids_size();
-            for (int i = 0; i < m.token_ids_size(); ++i) metrics_->inter_token->Observe(gap);
-          }
-          last_token_at = now;
-        }
-        *finish = m.finish_reason();
-        const bool last = m.finish_reason() != dsmoe::v1::FINISH_REASON_UNSPECIFIED;
-        if (decoder) {
-          for (uint32_t id : m.token_ids()) {
-            auto piece = decoder->Push(static_cast<int32_t>(id));
-            if (piece.ok()) held += *piece;
-          }
-          if (last) {
-            if (auto rest = decoder->Finish(); rest.ok()) held += *rest;
-          }
-        }
-        size_t cut = std::string::npos;
-        for (const std::string& stop : request.stop()) cut = std::min(cut, held.find(stop));
-        if (cut != std::string::npos) {
-          *finish = dsmoe::v1::FINISH_REASON_STOP;
-          if (!emit(m.token_ids(), held.substr(0, cut))) client_gone = true;
-          return false;  // stops the sequence upstream
-        }
-        // Keep back the longest tail of `held` that begins some stop string; send the rest.
-        size_t keep = 0;
-        if (!last) {
-          for (const std::string& stop : request.stop()) {
-            for (size_t n = std::min(stop.size() - 1, held.size()); n > keep; --n) {
-              if (held.compare(held.size() - n, n, stop, 0, n) == 0) {
-                keep = n;
-                break;
-              }
-            }
-          }
-        }
-        std::string text = held.substr(0, held.size() - keep);
-        held.erase(0, held.size() - keep);
-        if (m.token_ids_size() == 0 && text.empty()) return true;
-        if (!emit(m.token_ids(), text)) {
-          client_gone = true;
-          return false;
-        }
-        return true;
-      });
-  if (!status.ok()) return status;
-  if (client_gone) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-  if (*finish == dsmoe::v1::FINISH_REASON_UNSPECIFIED) *finish = dsmoe::v1::FINISH_REASON_ABORT;
-  if (*ttft < 0) *ttft = 0;
-  if (metrics_ != nullptr)
-    metrics_->e2e->Observe(std::chrono::duration<double>(Clock::now() - start).count());
-  CountFinished(*finish);
-  return grpc::Status::OK;
-}
-
-grpc::Status GatewayService::GenerateImpl(grpc::ServerContext* context,
-                                          const dsmoe::v1::GenerateRequest* request, int key,
-                                          grpc::ServerWriter<dsmoe::v1::GenerateResponse>* writer) {
-  InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
-  if (in_flight_.load() > options_.max_concurrent) {
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent,
-                                     " concurrent requests"));
-  }
-  internal::v1::AttentionGenerateRequest upstream;
-  if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
-  uint32_t completion_tokens = 0;
-  dsmoe::v1::FinishReason finish;
-  double ttft;
-  grpc::Status status = Run(
-      context, *request, upstream, key,
-      [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
-        completion_tokens += ids.size();
-        dsmoe::v1::GenerateResponse out;
-        *out.mutable_token_ids() = ids;
-        out.set_text(text);
-        return writer->Write(out);
-      },
-      &finish, &ttft);
-  if (!status.ok()) return status;
-  dsmoe::v1::GenerateResponse last;
-  last.set_finish_reason(finish);
-  last.mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
-  last.mutable_usage()->set_completion_tokens(completion_tokens);
-  last.mutable_usage()->set_time_to_first_token_seconds(ttft);
-  writer->Write(last);
-  return grpc::Status::OK;
-}
-
-grpc::Status GatewayService::CompleteImpl(grpc::ServerContext* context,
-                                          const dsmoe::v1::GenerateRequest* request, int key,
-                                          dsmoe::v1::CompleteResponse* response) {
-  InFlight counted(in_flight_, metrics_ ? metrics_->in_flight : nullptr);
-  if (in_flight_.load() > options_.max_concurrent) {
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the gateway is at its limit of ", options_.max_concurrent,
-                                     " concurrent requests"));
-  }
-  internal::v1::AttentionGenerateRequest upstream;
-  if (grpc::Status s = Validate(*request, &upstream); !s.ok()) return s;
-  dsmoe::v1::FinishReason finish;
-  double ttft;
-  grpc::Status status = Run(
-      context, *request, upstream, key,
-      [&](const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text) {
-        response->mutable_token_ids()->Add(ids.begin(), ids.end());
-        response->mutable_text()->append(text);
-        return true;
-      },
-      &finish, &ttft);
-  if (!status.ok()) return status;
-  response->set_finish_reason(finish);
-  response->mutable_usage()->set_prompt_tokens(upstream.prompt_token_ids_size());
-  response->mutable_usage()->set_completion_tokens(response->token_ids_size());
-  response->mutable_usage()->set_time_to_first_token_seconds(ttft);
-  return grpc::Status::OK;
 }
 
 grpc::Status GatewayService::TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,
@@ -447,8 +539,7 @@ grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* 
   return grpc::Status::OK;
 }
 
-grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context,
-                                              dsmoe::v1::ModelInfo* info) {
+void GatewayService::FillModelInfo(dsmoe::v1::ModelInfo* info) {
   const ModelConfig& c = config_;
   info->set_model(options_.model_name);
   info->set_architecture("DeepseekForCausalLM");
@@ -467,26 +558,8 @@ grpc::Status GatewayService::GetModelInfoImpl(grpc::ServerContext* context,
   const ParameterCount params = CountParameters(c);
   info->set_num_parameters(static_cast<uint64_t>(params.total));
   info->set_num_active_parameters(static_cast<uint64_t>(params.active));
-  info->set_num_attention_servers(static_cast<uint32_t>(upstreams_.size()));
+  info->set_num_attention_servers(static_cast<uint32_t>(pool_.num_servers()));
   info->set_has_tokenizer(tokenizer_ != nullptr);
-  for (const std::string& address : expert_servers_) {
-    auto stub =
-        internal::v1::ExpertService::NewStub(rpc::MakeChannel(address, options_.upstream_security));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(
-        std::min(context->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(5)));
-    internal::v1::GetExpertsResponse held;
-    grpc::Status s = stub->GetExperts(&ctx, internal::v1::GetExpertsRequest(), &held);
-    if (!s.ok()) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          absl::StrCat("expert server ", address, ": ", s.error_message()));
-    }
-    auto* e = info->add_expert_servers();
-    e->set_address(address);
-    e->mutable_layers()->CopyFrom(held.layers());
-    e->mutable_experts()->CopyFrom(held.experts());
-  }
-  return grpc::Status::OK;
 }
 
 }  // namespace dsmoe

@@ -242,7 +242,8 @@ class Security(unittest.TestCase):
             self.assertEqual(secret, cert["secretName"], kind)
         gw = flags(self.pod(objs, "Deployment/rel-dsmoe-gateway")["containers"][0])
         att = flags(self.pod(objs, "StatefulSet/rel-dsmoe-attention")["containers"][0])
-        dialled = gw["--attention-servers"].split(",") + gw["--expert-servers"].split(",") + att["--expert-servers"].split(",")
+        self.assertNotIn("--expert-servers", gw)  # GetModelInfo asks an attention server
+        dialled = gw["--attention-servers"].split(",") + att["--expert-servers"].split(",")
         dialled += ["rel-dsmoe-gateway.llm.svc.cluster.local:443", "moe.example.com:443"]
         for address in dialled:
             host = address.rsplit(":", 1)[0]

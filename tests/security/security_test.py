@@ -321,7 +321,6 @@ class GatewayAuth(unittest.TestCase):
             f.write(f"# test keys\n{cls.KEY_A}\nsha256:{hashlib.sha256(cls.KEY_B.encode()).hexdigest()}  # b\n")
         cls.limited = Server("dsmoe-gateway", [
             "--model", cls.model, "--attention-servers", cls.cluster.processes("attention-server")[0]["address"],
-            "--expert-servers", ",".join(p["address"] for p in cls.cluster.processes("expert-server")),
             "--tls-cert", s["server_cert"], "--tls-key", s["server_key"], "--tls-ca", s["ca"],
             "--api-keys", keys, "--rate-limit-rps", "1", "--rate-limit-burst", "2",
             "--rate-limit-tokens-per-minute", "60", "--rate-limit-token-burst", "10"], "gateway-limited")

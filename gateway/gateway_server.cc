@@ -1,0 +1,92 @@
+#include "gateway/gateway_server.h"
+
+#include <filesystem>
+#include <utility>
+
+#include "core/model/weights.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace dsmoe {
+
+absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(GatewayServerOptions options) {
+  if (options.api_keys_file.empty() == !options.no_auth) {
+    return absl::InvalidArgumentError(
+        options.no_auth ? "--no-auth and --api-keys exclude each other"
+                        : "the gateway needs --api-keys FILE (or --no-auth to let anyone call it)");
+  }
+  if (options.attention_servers.empty())
+    return absl::InvalidArgumentError("the gateway needs at least one attention server");
+  std::unique_ptr<GatewayServer> server(new GatewayServer(std::move(options)));
+  DSMOE_RETURN_IF_ERROR(server->Start());
+  return server;
+}
+
+absl::Status GatewayServer::Start() {
+  GatewayOptions& o = options_.gateway;
+  // The config and generation config only.
+  DSMOE_ASSIGN_OR_RETURN(auto weights,
+                         ModelWeights::Load(options_.model_dir, WeightSelection::RoutedExperts()));
+  if (o.model_name.empty()) o.model_name = rpc::ModelNameFromPath(options_.model_dir);
+  // The model name is also the `model` label of the gateway's metrics.
+  metrics_ = std::make_unique<rpc::MetricsRegistry>(o.model_name);
+  o.metrics = metrics_.get();
+  if (!options_.no_auth) {
+    DSMOE_ASSIGN_OR_RETURN(ApiKeyStore keys, ApiKeyStore::LoadFile(options_.api_keys_file));
+    auth_ = std::make_unique<Authenticator>(std::move(keys), options_.rate_limits, metrics_.get());
+    o.auth = auth_.get();
+  }
+  std::unique_ptr<Tokenizer> tokenizer;
+  const std::string tokenizer_path = options_.model_dir + "/tokenizer.json";
+  if (std::filesystem::exists(tokenizer_path)) {
+    DSMOE_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile(tokenizer_path));
+  }
+  // Requests go to attention servers that answer health checks; one that stops answering is
+  // taken out (its streams are ended) and rejoins when it answers again.
+  health_ = std::make_unique<rpc::HealthChecker>(options_.attention_servers, o.upstream_security,
+                                                 options_.health);
+  o.upstream_health = health_.get();
+  service_ = std::make_unique<GatewayService>(weights->config(), weights->generation_config(),
+                                              std::move(tokenizer), options_.attention_servers, o);
+  if (!options_.metrics_listen.empty()) {
+    DSMOE_ASSIGN_OR_RETURN(options_.server.metrics_port, metrics_->Serve(options_.metrics_listen));
+  }
+  // The ready file is written once the attention servers were checked (below), not at start.
+  rpc::ServerOptions server_options = options_.server;
+  server_options.ready_file.clear();
+  DSMOE_ASSIGN_OR_RETURN(server_, rpc::StartServer(server_options, {service_.get()}));
+  // Ready (health "") when at least one attention server is. The ready file only says the
+  // gateway is up and has checked its attention servers once: it serves whatever they can.
+  readiness_ = std::make_unique<rpc::Readiness>(
+      server_.server.get(), dsmoe::v1::Gateway::service_full_name(), /*ready_file=*/"",
+      server_.port, options_.server.metrics_port, "dsmoe-gateway");
+  health_->Start([this](int index, rpc::TargetHealth now) {
+    service_->OnUpstreamHealth(index, now);
+    bool any = false;
+    for (int i = 0; i < health_->num_targets(); ++i)
+      any = any || health_->health(i) == rpc::TargetHealth::kServing;
+    readiness_->Set(any, "no attention server is ready");
+  });
+  if (!options_.ready_file.empty()) {
+    DSMOE_RETURN_IF_ERROR(
+        rpc::WriteReadyFile(options_.ready_file, server_.port, options_.server.metrics_port));
+  }
+  return absl::OkStatus();
+}
+
+void GatewayServer::Shutdown(std::chrono::system_clock::time_point deadline) {
+  if (server_.server != nullptr) server_.server->Shutdown(deadline);
+  shut_down_ = true;
+}
+
+void GatewayServer::Wait() {
+  if (server_.server != nullptr) server_.server->Wait();
+}
+
+GatewayServer::~GatewayServer() {
+  if (!shut_down_) Shutdown(std::chrono::system_clock::now());
+  // Stopped before what their callbacks touch (the readiness, the service, the instruments).
+  health_.reset();
+  if (metrics_ != nullptr) metrics_->StopServing();
+}
+
+}  // namespace dsmoe
