@@ -77,7 +77,8 @@ class Scheduler {
   // Queues a sequence; its sink hears every token and then OnFinish exactly once.
   absl::StatusOr<uint64_t> Submit(SequenceParams params, std::shared_ptr<SequenceSink> sink);
   // Stops a sequence (waiting or running) and frees its slot before the next step. Its sink
-  // gets OnFinish(kAbort, CANCELLED) unless it had already finished.
+  // gets OnFinish(kStop, CANCELLED) unless it had already finished (the status, not the
+  // reason, tells a cancellation apart).
   void Cancel(uint64_t id);
   SchedulerLoad GetLoad() const;
   // Logits of every position of `ids` (a scratch slot; no state kept), run between steps.

@@ -4,7 +4,9 @@
 // splits tokens in these proportions). A version number tells placements apart while one
 // replaces another in a running cluster (router/README.md).
 //
-// Immutable after construction; thread-safe.
+// A value type: thread-compatible (const methods may run concurrently; set_version, the one
+// mutator, is for a placement not yet shared, as the rebalancer numbers a plan before it is
+// published). Shared placements are held as shared_ptr<const Placement>.
 #pragma once
 
 #include <cstdint>

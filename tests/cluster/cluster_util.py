@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 
 import grpc
@@ -171,3 +172,32 @@ def wait_for(predicate, timeout, what, interval=0.05):
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Stream:
+    """One greedy Generate call (ignoring eos) on a thread of its own: the tokens as they arrive, then the outcome."""
+
+    def __init__(self, gateway, ids, max_tokens, timeout=60):
+        self.ids, self.tokens, self.code, self.details = ids, [], None, ""
+        self.first, self.done = threading.Event(), threading.Event()
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=max_tokens, temperature=0.0,
+                                 ignore_eos=True)
+        self.call = gateway.Generate(req, timeout=timeout)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            for m in self.call:
+                self.tokens.extend(m.token_ids)
+                if self.tokens:
+                    self.first.set()
+            self.code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            self.code, self.details = e.code(), e.details() or ""
+        finally:
+            self.first.set()
+            self.done.set()
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), f"stream {self.ids} did not end within {timeout} s"
+        return self

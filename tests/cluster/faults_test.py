@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
@@ -31,35 +30,6 @@ C = grpc.StatusCode
 def prompts(n, seed, lo=3, hi=10, vocab=512):
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
-
-
-class Stream:
-    """One Generate call on a thread of its own: the tokens as they arrive, then the outcome."""
-
-    def __init__(self, gateway, ids, max_tokens, timeout=60):
-        self.ids, self.tokens, self.code, self.details = ids, [], None, ""
-        self.first, self.done = threading.Event(), threading.Event()
-        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=ids), max_tokens=max_tokens, temperature=0.0,
-                                    ignore_eos=True)
-        self.call = gateway.Generate(req, timeout=timeout)
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        try:
-            for m in self.call:
-                self.tokens.extend(m.token_ids)
-                if self.tokens:
-                    self.first.set()
-            self.code = C.OK
-        except grpc.RpcError as e:
-            self.code, self.details = e.code(), e.details() or ""
-        finally:
-            self.first.set()
-            self.done.set()
-
-    def wait(self, timeout=60):
-        assert self.done.wait(timeout), f"stream {self.ids} did not end within {timeout} s"
-        return self
 
 
 def free_port():
@@ -139,7 +109,7 @@ class ExpertServerFaults(FaultTest):
         c = cu.Cluster(self.model, experts=2, replicas=2, extra=FAST_HEALTH)
         try:
             attention = c.processes("attention-server")[0]
-            streams = [Stream(c.gateway, p, 300) for p in cases]
+            streams = [cu.Stream(c.gateway, p, 300) for p in cases]
             for s in streams:
                 self.assertTrue(s.first.wait(30))
             os.kill(c.processes("expert-server")[0]["pid"], signal.SIGKILL)
@@ -150,7 +120,7 @@ class ExpertServerFaults(FaultTest):
             self.assertEqual(c.health(attention["address"]), "SERVING")
             cu.wait_for(lambda: "expert server 0 at" in read(attention["log"]), 5, "the log line")
             self.assertRegex(read(attention["log"]), r"expert server 0 at \S+ is down")
-            self.assert_identical(Stream(c.gateway, cases[0], 300).wait(), want[0], "after the kill")
+            self.assert_identical(cu.Stream(c.gateway, cases[0], 300).wait(), want[0], "after the kill")
         finally:
             c.close()
 
@@ -195,7 +165,7 @@ class ExpertServerFaults(FaultTest):
 
             # 1. Killed mid-stream: each long stream fails at the first position after the kill
             #    that needs E, having delivered a correct prefix, and says how far it got.
-            streams = [Stream(c.gateway, p, 300) for p in long_cases]
+            streams = [cu.Stream(c.gateway, p, 300) for p in long_cases]
             for s in streams:
                 self.assertTrue(s.first.wait(30))
             os.kill(dead["pid"], signal.SIGKILL)
@@ -213,7 +183,7 @@ class ExpertServerFaults(FaultTest):
 
             # 2. While it is down, 24 concurrent requests: exactly those routed to E fail, at
             #    the first position that needs it; the others are untouched.
-            streams = [Stream(c.gateway, p, 3) for p in short_cases]
+            streams = [cu.Stream(c.gateway, p, 3) for p in short_cases]
             for i, (s, w, needs) in enumerate(zip(streams, short_want, uses[expert])):
                 s.wait()
                 if not needs:
@@ -230,7 +200,7 @@ class ExpertServerFaults(FaultTest):
             try:
                 cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 15, "attention SERVING again")
                 cu.wait_for(lambda: c.health(gateway["address"]) == "SERVING", 5, "gateway SERVING again")
-                streams = [Stream(c.gateway, p, 3) for p in short_cases]
+                streams = [cu.Stream(c.gateway, p, 3) for p in short_cases]
                 for i, (s, w) in enumerate(zip(streams, short_want)):
                     self.assert_identical(s.wait(), w, f"short request {i} after the restart")
             finally:
@@ -245,7 +215,7 @@ class ExpertServerFaults(FaultTest):
         pid = c.processes("expert-server")[1]["pid"]
         attention = c.processes("attention-server")[0]
         try:
-            streams = [Stream(c.gateway, p, 200) for p in cases]
+            streams = [cu.Stream(c.gateway, p, 200) for p in cases]
             for s in streams:
                 self.assertTrue(s.first.wait(30))
             os.kill(pid, signal.SIGSTOP)
@@ -262,14 +232,14 @@ class ExpertServerFaults(FaultTest):
             cu.wait_for(lambda: c.health(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
             # Taken out: a new request fails at once, without waiting for a deadline.
             start = time.time()
-            s = Stream(c.gateway, cases[0], 200).wait()
+            s = cu.Stream(c.gateway, cases[0], 200).wait()
             self.assertEqual(s.code, C.UNAVAILABLE, s.details)
             self.assertIn("routed expert", s.details)
             self.assertLess(time.time() - start, 0.45)
             os.kill(pid, signal.SIGCONT)
             cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 5, "attention SERVING again")
             for i, (p, w) in enumerate(zip(cases, want)):
-                self.assert_identical(Stream(c.gateway, p, 200).wait(), w, f"request {i} after SIGCONT")
+                self.assert_identical(cu.Stream(c.gateway, p, 200).wait(), w, f"request {i} after SIGCONT")
         finally:
             os.kill(pid, signal.SIGCONT)
             c.close()
@@ -329,14 +299,14 @@ class AttentionServerFaults(FaultTest):
         long_want = [self.clean(p, n) for p, n in zip(long_ids, long_n)]
         longs = []
         for i, (p, n) in enumerate(zip(long_ids, long_n)):
-            longs.append(Stream(c.gateway, p, n))
+            longs.append(cu.Stream(c.gateway, p, n))
             self.assertTrue(longs[-1].first.wait(30))
             self.assertEqual(self.load(c, i), (1, 0), f"long request {i} runs on attention server {i}")
         shorts = prompts(6, seed=55)
         short_want = [self.clean(p, 8) for p in shorts]
         streams = []
         for k, p in enumerate(shorts):
-            streams.append(Stream(c.gateway, p, 8))
+            streams.append(cu.Stream(c.gateway, p, 8))
             # The gateway sends each to the server with fewer requests in flight: they alternate.
             cu.wait_for(lambda: self.load(c, 0)[1] + self.load(c, 1)[1] == k + 1, 10, f"short request {k} queued")
         self.assertEqual(self.load(c, 0), (1, 3))
@@ -392,7 +362,7 @@ class AttentionServerFaults(FaultTest):
         time.sleep(1)  # a few gateway health periods: it has seen attention 0 serve again
         ids = [[7, 8, 9], [9, 8, 7]]
         want = [self.clean(p, 1500) for p in ids]
-        streams = [Stream(c.gateway, p, 1500) for p in ids]
+        streams = [cu.Stream(c.gateway, p, 1500) for p in ids]
         for s in streams:
             self.assertTrue(s.first.wait(30))
         self.assertEqual((self.load(c, 0)[0], self.load(c, 1)[0]), (1, 1), "one request on each attention server")

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import unittest
 
@@ -23,36 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 
 C = grpc.StatusCode
-
-
-class Stream:
-    """One greedy Generate on a thread of its own: the tokens as they arrive, then the outcome."""
-
-    def __init__(self, gateway, ids, max_tokens, timeout=60):
-        self.tokens, self.code, self.details = [], None, ""
-        self.first, self.done = threading.Event(), threading.Event()
-        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=ids), max_tokens=max_tokens, temperature=0.0,
-                                    ignore_eos=True)
-        self.call = gateway.Generate(req, timeout=timeout)
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        try:
-            for m in self.call:
-                self.tokens.extend(m.token_ids)
-                if self.tokens:
-                    self.first.set()
-            self.code = C.OK
-        except grpc.RpcError as e:
-            self.code, self.details = e.code(), e.details() or ""
-        finally:
-            self.first.set()
-            self.done.set()
-
-    def wait(self, timeout=60):
-        if not self.done.wait(timeout):
-            raise AssertionError("the stream did not end")
-        return self
 
 
 def free_port():
@@ -90,17 +59,17 @@ class GatewayAdmission(unittest.TestCase):
 
     def running_stream(self):
         """A stream that holds the one place until cancelled (thousands of tokens)."""
-        s = Stream(self.gateway, [1, 2, 3], 3000)
+        s = cu.Stream(self.gateway, [1, 2, 3], 3000)
         self.assertTrue(s.first.wait(30) and s.tokens, f"the first stream got no token: {s.code} {s.details}")
         return s
 
     def test_past_the_limit_requests_wait_and_past_the_queue_they_are_refused(self):
         first = self.running_stream()
-        waiting = Stream(self.gateway, [4, 5, 6], 10)
+        waiting = cu.Stream(self.gateway, [4, 5, 6], 10)
         time.sleep(0.5)  # had it been admitted, its first token would be here by now
         self.assertEqual(waiting.tokens, [])
         self.assertIsNone(waiting.code)
-        refused = Stream(self.gateway, [7, 8], 10).wait(10)
+        refused = cu.Stream(self.gateway, [7, 8], 10).wait(10)
         self.assertEqual(refused.code, C.RESOURCE_EXHAUSTED, refused.details)
         self.assertIn("--max-concurrent", refused.details)
         self.assertIn("--max-queued", refused.details)
@@ -111,7 +80,7 @@ class GatewayAdmission(unittest.TestCase):
 
     def test_a_request_cancelled_while_waiting_gives_its_place_back(self):
         first = self.running_stream()
-        cancelled = Stream(self.gateway, [4, 5, 6], 10)
+        cancelled = cu.Stream(self.gateway, [4, 5, 6], 10)
         time.sleep(0.3)
         cancelled.call.cancel()
         cancelled.wait(10)
@@ -121,7 +90,7 @@ class GatewayAdmission(unittest.TestCase):
         # refused. Until then, requests are refused for the full queue, and only for that.
         deadline = time.time() + 5
         while True:
-            waiting = Stream(self.gateway, [9, 10], 8)
+            waiting = cu.Stream(self.gateway, [9, 10], 8)
             time.sleep(0.2)
             if waiting.code is None or time.time() > deadline:
                 break
