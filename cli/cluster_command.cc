@@ -109,13 +109,8 @@ std::string Join(const std::vector<Process>& procs, const std::string& role) {
   return out;
 }
 
-absl::Status Up(const ClusterUpOptions& o, Json* state) {
-  if (o.rebalance_period > 0 && o.attention_servers > 1) {
-    // Each attention server would plan and switch on its own and drop experts the others use.
-    return absl::InvalidArgumentError(
-        "--rebalance-period needs a single attention server; with several, use `dsmoe "
-        "placement apply`, which switches them all before dropping old experts");
-  }
+// Makes the state directory, refusing one that already holds a running cluster's state.
+absl::StatusOr<fs::path> PrepareStateDir(const ClusterUpOptions& o) {
   const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
   if (fs::exists(dir / kStateFile)) {
     return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (",
@@ -128,119 +123,126 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   for (const auto& entry : fs::directory_iterator(dir)) {
     if (entry.path().extension() == ".port") fs::remove(entry.path(), ec);
   }
-  // The placement every server reads: computed here once so they all agree.
+  return dir;
+}
+
+// The placement file every server reads: the given one, or one computed here once so that they
+// all agree.
+absl::StatusOr<std::string> PlacementFile(const ClusterUpOptions& o, const fs::path& dir) {
+  if (!o.placement.empty()) return o.placement;
   DSMOE_ASSIGN_OR_RETURN(auto weights,
                          ModelWeights::Load(o.model, WeightSelection::RoutedExperts()));
-  std::string placement_path = o.placement;
-  if (placement_path.empty()) {
-    DSMOE_ASSIGN_OR_RETURN(
-        auto placement, router::Placement::Compute(weights->config(), o.expert_servers, o.replicas,
-                                                   router::Placement::Strategy::kRoundRobin));
-    placement_path = (dir / "placement.json").string();
-    std::ofstream(placement_path) << placement.ToJson();
-  }
-  // Every server gets every core by default: they compute in turns (attention, then experts),
-  // and the thread pool never waits for a worker the OS has not scheduled, so sharing cores
-  // costs little while splitting them leaves cores idle (measured: 32 streams through the
-  // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1).
-  // Credentials made for this cluster alone (cli/cluster_certs.h), and the flags that use them.
-  ClusterCredentials credentials;
-  if (!o.insecure || !o.no_auth) {
-    DSMOE_ASSIGN_OR_RETURN(credentials, MakeClusterCredentials((dir / "tls").string()));
-  }
-  std::vector<std::string> tls_flags = {"--insecure"};
-  if (!o.insecure) {
-    tls_flags = {"--tls-cert", credentials.server_cert, "--tls-key", credentials.server_key,
-                 "--tls-ca",   credentials.ca};
-  }
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const int threads = o.threads > 0 ? o.threads : static_cast<int>(cores);
-  const fs::path bin = BinaryDir();
-  const std::string model = fs::absolute(o.model).string();
-  std::vector<Process> procs;
-  auto start = [&](const std::string& role, int index, std::vector<std::string> argv,
-                   const std::vector<std::string>& more = {}) -> absl::Status {
-    argv.insert(argv.end(), more.begin(), more.end());
+  DSMOE_ASSIGN_OR_RETURN(auto placement,
+                         router::Placement::Compute(weights->config(), o.expert_servers, o.replicas,
+                                                    router::Placement::Strategy::kRoundRobin));
+  const std::string path = (dir / "placement.json").string();
+  std::ofstream(path) << placement.ToJson();
+  return path;
+}
+
+// Starts the cluster's processes with the flags they all share, and remembers them so that a
+// failure part-way stops the ones already started.
+class Launcher {
+ public:
+  Launcher(fs::path dir, std::vector<std::string> shared_flags)
+      : dir_(std::move(dir)), shared_flags_(std::move(shared_flags)) {}
+
+  absl::Status Start(const std::string& role, int index, std::vector<std::string> argv) {
     Process p;
     p.role = role;
     p.index = index;
-    p.log = (dir / absl::StrCat(role, "-", index, ".log")).string();
-    p.ready_file = (dir / absl::StrCat(role, "-", index, ".port")).string();
-    argv.push_back("--ready-file");
-    argv.push_back(p.ready_file);
+    p.log = (dir_ / absl::StrCat(role, "-", index, ".log")).string();
+    p.ready_file = (dir_ / absl::StrCat(role, "-", index, ".port")).string();
+    argv.insert(argv.end(), {"--ready-file", p.ready_file});
     // Every server exports Prometheus metrics on a port of its own, loopback only.
-    argv.push_back("--metrics-listen");
-    argv.push_back("127.0.0.1:0");
-    argv.insert(argv.end(), tls_flags.begin(), tls_flags.end());
+    argv.insert(argv.end(), {"--metrics-listen", "127.0.0.1:0"});
+    argv.insert(argv.end(), shared_flags_.begin(), shared_flags_.end());
     DSMOE_ASSIGN_OR_RETURN(p.pid, Spawn(argv, p.log));
-    procs.push_back(p);
+    procs_.push_back(p);
     return absl::OkStatus();
-  };
-  auto fail = [&](absl::Status s) {
-    StopAll(procs);
-    return s;
-  };
-  for (int i = 0; i < o.expert_servers; ++i) {
-    if (auto s = start("expert-server", i,
-                       {(bin / "dsmoe-expert-server").string(), "--model", model, "--placement",
-                        placement_path, "--server-index", std::to_string(i), "--threads",
-                        std::to_string(threads), "--device", o.device});
-        !s.ok())
-      return fail(s);
   }
-  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
-  const std::string experts = Join(procs, "expert-server");
-  std::vector<std::string> rebalance_flags;
+  absl::Status WaitReady() { return cli::WaitReady(procs_); }
+  // Passes `s` on after stopping every process started so far.
+  absl::Status Fail(absl::Status s) {
+    StopAll(procs_);
+    return s;
+  }
+  const std::vector<Process>& processes() const { return procs_; }
+
+ private:
+  const fs::path dir_;
+  const std::vector<std::string> shared_flags_;  // TLS
+  std::vector<Process> procs_;
+};
+
+std::vector<std::string> HealthFlags(const ClusterUpOptions& o) {
+  return {"--health-check-period-ms", std::to_string(o.health_check_period_ms),
+          "--health-check-timeout-ms", std::to_string(o.health_check_timeout_ms)};
+}
+
+std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const fs::path& bin,
+                                              const std::string& model,
+                                              const std::string& placement,
+                                              const std::string& experts, int threads) {
+  std::vector<std::string> argv = {(bin / "dsmoe-attention-server").string(),
+                                   "--model",
+                                   model,
+                                   "--expert-servers",
+                                   experts,
+                                   "--placement",
+                                   placement,
+                                   "--threads",
+                                   std::to_string(threads),
+                                   "--num-slots",
+                                   std::to_string(o.num_slots),
+                                   "--dispatch-deadline-ms",
+                                   std::to_string(o.dispatch_deadline_ms),
+                                   "--device",
+                                   o.device,
+                                   "--expert-transport",
+                                   o.expert_transport};
+  for (const std::string& f : HealthFlags(o)) argv.push_back(f);
   for (const auto& [flag, value] : {std::pair{"--rebalance-period", o.rebalance_period},
                                     std::pair{"--rebalance-threshold", o.rebalance_threshold},
                                     std::pair{"--load-window-seconds", o.load_window_seconds}}) {
-    if (value > 0) {
-      rebalance_flags.push_back(flag);
-      rebalance_flags.push_back(absl::StrCat(value));
-    }
+    if (value > 0) argv.insert(argv.end(), {flag, absl::StrCat(value)});
   }
-  const std::vector<std::string> health_flags = {
-      "--health-check-period-ms", std::to_string(o.health_check_period_ms),
-      "--health-check-timeout-ms", std::to_string(o.health_check_timeout_ms)};
-  std::vector<std::string> attention_flags = health_flags;
-  attention_flags.insert(attention_flags.end(), rebalance_flags.begin(), rebalance_flags.end());
-  for (int i = 0; i < o.attention_servers; ++i) {
-    if (auto s = start("attention-server", i,
-                       {(bin / "dsmoe-attention-server").string(), "--model", model,
-                        "--expert-servers", experts, "--placement", placement_path, "--threads",
-                        std::to_string(threads), "--num-slots", std::to_string(o.num_slots),
-                        "--dispatch-deadline-ms", std::to_string(o.dispatch_deadline_ms),
-                        "--device", o.device, "--expert-transport", o.expert_transport},
-                       attention_flags);
-        !s.ok())
-      return fail(s);
-  }
-  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
-  std::vector<std::string> gateway = {(bin / "dsmoe-gateway").string(),
-                                      "--model",
-                                      model,
-                                      "--attention-servers",
-                                      Join(procs, "attention-server"),
-                                      "--listen",
-                                      absl::StrCat("127.0.0.1:", o.gateway_port)};
+  return argv;
+}
+
+std::vector<std::string> GatewayFlags(const ClusterUpOptions& o, const fs::path& bin,
+                                      const std::string& model, const std::string& attention,
+                                      const ClusterCredentials& credentials) {
+  std::vector<std::string> argv = {(bin / "dsmoe-gateway").string(),
+                                   "--model",
+                                   model,
+                                   "--attention-servers",
+                                   attention,
+                                   "--listen",
+                                   absl::StrCat("127.0.0.1:", o.gateway_port)};
   if (o.no_auth) {
-    gateway.push_back("--no-auth");
+    argv.push_back("--no-auth");
   } else {
-    gateway.insert(gateway.end(), {"--api-keys", credentials.api_key_hashes_file});
+    argv.insert(argv.end(), {"--api-keys", credentials.api_key_hashes_file});
   }
   if (!o.insecure) {
-    gateway.insert(gateway.end(),
-                   {"--tls-client-auth", o.gateway_require_client_cert ? "require" : "none"});
+    argv.insert(argv.end(),
+                {"--tls-client-auth", o.gateway_require_client_cert ? "require" : "none"});
   }
-  if (auto s = start("gateway", 0, gateway, health_flags); !s.ok()) return fail(s);
-  if (auto s = WaitReady(procs); !s.ok()) return fail(s);
+  for (const std::string& f : HealthFlags(o)) argv.push_back(f);
+  return argv;
+}
 
-  (*state)["gateway"] = Join(procs, "gateway");
-  (*state)["state_dir"] = dir.string();
-  (*state)["placement"] = placement_path;
-  // What a client needs (`dsmoe client generate --state-dir` reads it from here).
+// What `cluster.json` records: the processes, and what a client needs (`dsmoe client generate
+// --state-dir` reads it from here).
+Json DescribeCluster(const ClusterUpOptions& o, const fs::path& dir, const std::string& placement,
+                     const ClusterCredentials& credentials, const std::vector<Process>& procs) {
+  Json state;
+  state["gateway"] = Join(procs, "gateway");
+  state["state_dir"] = dir.string();
+  state["placement"] = placement;
   auto or_null = [](const std::string& s) { return s.empty() ? Json(nullptr) : Json(s); };
-  (*state)["security"] = {
+  state["security"] = {
       {"tls", !o.insecure},
       {"ca", or_null(o.insecure ? "" : credentials.ca)},
       {"client_cert", or_null(o.insecure ? "" : credentials.client_cert)},
@@ -261,7 +263,67 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
                              : Json(nullptr)},
          {"log", p.log}});
   }
-  (*state)["processes"] = list;
+  state["processes"] = list;
+  return state;
+}
+
+// Expert servers, then attention servers, then the gateway, each group ready before the next
+// starts (each needs the addresses of the one before).
+absl::Status Up(const ClusterUpOptions& o, Json* state) {
+  if (o.rebalance_period > 0 && o.attention_servers > 1) {
+    // Each attention server would plan and switch on its own and drop experts the others use.
+    return absl::InvalidArgumentError(
+        "--rebalance-period needs a single attention server; with several, use `dsmoe "
+        "placement apply`, which switches them all before dropping old experts");
+  }
+  DSMOE_ASSIGN_OR_RETURN(const fs::path dir, PrepareStateDir(o));
+  DSMOE_ASSIGN_OR_RETURN(const std::string placement, PlacementFile(o, dir));
+  // Credentials made for this cluster alone (cli/cluster_certs.h), and the flags that use them.
+  ClusterCredentials credentials;
+  if (!o.insecure || !o.no_auth) {
+    DSMOE_ASSIGN_OR_RETURN(credentials, MakeClusterCredentials((dir / "tls").string()));
+  }
+  std::vector<std::string> tls_flags = {"--insecure"};
+  if (!o.insecure) {
+    tls_flags = {"--tls-cert", credentials.server_cert, "--tls-key", credentials.server_key,
+                 "--tls-ca",   credentials.ca};
+  }
+  // Every server gets every core by default: they compute in turns (attention, then experts),
+  // and the thread pool never waits for a worker the OS has not scheduled, so sharing cores
+  // costs little while splitting them leaves cores idle (measured: 32 streams through the
+  // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1).
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const int threads = o.threads > 0 ? o.threads : static_cast<int>(cores);
+  const fs::path bin = BinaryDir();
+  const std::string model = fs::absolute(o.model).string();
+  Launcher launcher(dir, tls_flags);
+  for (int i = 0; i < o.expert_servers; ++i) {
+    const std::vector<std::string> argv = {(bin / "dsmoe-expert-server").string(),
+                                           "--model",
+                                           model,
+                                           "--placement",
+                                           placement,
+                                           "--server-index",
+                                           std::to_string(i),
+                                           "--threads",
+                                           std::to_string(threads),
+                                           "--device",
+                                           o.device};
+    if (auto s = launcher.Start("expert-server", i, argv); !s.ok()) return launcher.Fail(s);
+  }
+  if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
+  const std::string experts = Join(launcher.processes(), "expert-server");
+  for (int i = 0; i < o.attention_servers; ++i) {
+    auto argv = AttentionServerFlags(o, bin, model, placement, experts, threads);
+    if (auto s = launcher.Start("attention-server", i, argv); !s.ok()) return launcher.Fail(s);
+  }
+  if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
+  auto gateway =
+      GatewayFlags(o, bin, model, Join(launcher.processes(), "attention-server"), credentials);
+  if (auto s = launcher.Start("gateway", 0, gateway); !s.ok()) return launcher.Fail(s);
+  if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
+
+  *state = DescribeCluster(o, dir, placement, credentials, launcher.processes());
   std::ofstream(dir / kStateFile) << state->dump(2) << "\n";
   return absl::OkStatus();
 }

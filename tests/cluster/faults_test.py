@@ -295,7 +295,9 @@ class AttentionServerFaults(FaultTest):
         """A long request running on each attention server, short ones queued behind them;
         returns (the long stream on server 0, its clean output, the short streams, theirs)."""
         long_ids = [[3, 4, 5], [6, 5, 4]]
-        long_n = [2000, 1000]  # the one on server 1 ends sooner: the queue behind it drains
+        # Long enough that all six short requests are queued (checked one by one) before the one on
+        # server 1 ends, even on a busy machine; that one ends sooner: the queue behind it drains.
+        long_n = [4000, 3000]
         long_want = [self.clean(p, n) for p, n in zip(long_ids, long_n)]
         longs = []
         for i, (p, n) in enumerate(zip(long_ids, long_n)):
