@@ -93,6 +93,7 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     }
     request.mutable_stop_token_ids()->Add(stops->begin(), stops->end());
   }
+  for (const std::string& stop : o.stop) request.add_stop(stop);
   auto target = ResolveTarget(o);
   if (!target.ok()) {
     std::cerr << "dsmoe: error: " << target.status().message() << "\n";
@@ -108,11 +109,16 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   std::vector<uint32_t> ids;
   std::string text;
   dsmoe::v1::GenerateResponse last;
+  // A text prompt means the gateway has a tokenizer: print only text, so that a token whose
+  // text is held back (half a UTF-8 character, a possible stop string) prints nothing until it
+  // completes. With token ids in, print ids until the gateway's first text shows it has one.
+  bool text_stream = !o.prompt.empty();
   while (reader->Read(&message)) {
     ids.insert(ids.end(), message.token_ids().begin(), message.token_ids().end());
     text += message.text();
+    text_stream = text_stream || !message.text().empty();
     if (!o.json) {
-      if (!message.text().empty()) {
+      if (text_stream) {
         std::cout << message.text() << std::flush;
       } else {
         for (uint32_t id : message.token_ids()) std::cout << id << " " << std::flush;
@@ -122,9 +128,19 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   }
   const grpc::Status status = reader->Finish();
   if (!status.ok()) {
-    if (!o.json) std::cout << "\n";
     std::cerr << "dsmoe: error: " << status.error_message() << " (gRPC code " << status.error_code()
               << ")\n";
+    if (o.json) {
+      // What was delivered before the failure is kept, beside the error.
+      nlohmann::ordered_json j;
+      j["ids"] = ids;
+      j["text"] = text;
+      j["error"] = {{"code", static_cast<int>(status.error_code())},
+                    {"message", status.error_message()}};
+      std::cout << j.dump() << "\n";
+    } else {
+      std::cout << "\n";
+    }
     return 1;
   }
   if (o.json) {

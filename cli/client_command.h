@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "cli/sampling_options.h"
 
@@ -21,6 +22,7 @@ struct ClientGenerateOptions {
   std::string ids;     // comma-separated, or
   std::string prompt;  // text (the gateway tokenizes)
   SamplingOptions sampling;
+  std::vector<std::string> stop;  // stop strings (the gateway needs a tokenizer)
   bool json = false;
   double timeout_seconds = 600;
 };

@@ -22,6 +22,11 @@ void AddClusterCommands(CLI::App& app, int* rc);
 // client generate: a gateway's public API (cli/flags_client.cc).
 void AddClientCommands(CLI::App& app, int* rc);
 
+// The longest --timeout a client command takes: a deadline a million seconds (11.6 days) away
+// is "no deadline" for any call, and a larger one overflows gRPC's clock (1e13 s failed at once
+// with DEADLINE_EXCEEDED).
+inline constexpr double kMaxTimeoutSeconds = 1e6;
+
 // Flag groups more than one subcommand shares (cli/flags_common.cc).
 // --model, --ids [, --prompt], --threads, --mmap-weights.
 void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt);

@@ -28,7 +28,8 @@ void AddGatewayConnectionFlags(CLI::App* cmd, ClientGenerateOptions& cg) {
       ->check(CLI::ExistingFile);
   cmd->add_flag("--insecure", cg.insecure, "Plain text, no TLS");
   cmd->add_option("--timeout", cg.timeout_seconds, "Deadline in seconds")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1e-3, kMaxTimeoutSeconds))
+      ->capture_default_str();
 }
 
 }  // namespace
@@ -44,8 +45,11 @@ void AddClientCommands(CLI::App& app, int* rc) {
       generate->add_option("--prompt", cg->prompt, "Prompt text (the gateway tokenizes)");
   ids->excludes(prompt);
   AddSamplingFlags(generate, cg->sampling);
+  generate->add_option("--stop", cg->stop,
+                       "Stop when the text contains this string (not included; repeat for more)");
   generate->add_flag("--json", cg->json,
-                     "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
+                     "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON (on a "
+                     "failure: {\"ids\", \"text\", \"error\"}, what was delivered before it)");
   generate->callback([cg, rc] {
     if (cg->ids.empty() && cg->prompt.empty())
       throw CLI::ValidationError("one of --ids or --prompt is required");

@@ -127,7 +127,8 @@ void AddPlacement(CLI::App& app, int* rc) {
     sub->add_option("--key", pl->tls.key, "PEM key of --cert")->check(CLI::ExistingFile);
     sub->add_flag("--insecure", pl->tls.insecure, "Plain text, no TLS");
     sub->add_option("--timeout", pl->timeout_seconds, "Deadline of each call in seconds")
-        ->check(CLI::PositiveNumber);
+        ->check(CLI::Range(1e-3, kMaxTimeoutSeconds))
+        ->capture_default_str();
     sub->add_flag("--json", pl->json, "Print JSON");
     if (std::string(name) == "plan")
       sub->add_option("--out", pl->out, "Write the planned placement JSON here");

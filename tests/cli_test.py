@@ -61,6 +61,16 @@ class CliTest(unittest.TestCase):
         self.assertRefused(run("make-model", "--preset", "tiny", "--heads", "5", "--out",
                                os.path.join(self.tmp.name, "bad")), "not divisible by num_attention_heads")
 
+    def test_client_flags_shared_with_generate(self):
+        # One set of sampling flags for both commands: the same limits, refused before any call.
+        for cmd in (["generate", "--model", self.model], ["client", "generate", "--gateway", "127.0.0.1:1"]):
+            self.assertRefused(run(*cmd, "--ids", "1", "--max-tokens", str(2**20 + 1)), "max-tokens")
+            self.assertRefused(run(*cmd, "--ids", "1", "--top-p", "0"), "top-p")
+        # A deadline too far away to represent is refused, not turned into DEADLINE_EXCEEDED.
+        self.assertRefused(run("client", "generate", "--gateway", "127.0.0.1:1", "--ids", "1", "--timeout", "1e13"),
+                           "--timeout")
+        self.assertRefused(run("placement", "show", "--attention", "127.0.0.1:1", "--timeout", "1e13"), "--timeout")
+
     def test_broken_checkpoint_is_refused_not_crashed(self):
         broken = os.path.join(self.tmp.name, "broken")
         run("make-model", "--preset", "tiny", "--out", broken)

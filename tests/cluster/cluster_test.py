@@ -376,6 +376,30 @@ class TextThroughTheGateway(unittest.TestCase):
             streamed = "".join(m.text for m in self.cluster.gateway.Generate(req, timeout=60))
             self.assertEqual(streamed, want, stop)
 
+    def test_client_stop_strings_and_text_only_output(self):
+        """`dsmoe client generate --prompt --stop` prints the text up to the stop string and
+        nothing else (no token ids, even where a token's text is held back)."""
+        req = cu.pb.GenerateRequest(text="The experts are", max_tokens=16, temperature=0.0, ignore_eos=True)
+        full = self.cluster.gateway.Complete(req, timeout=60).text
+        stop = full[4:7]
+        r = cu.run("client", "generate", "--state-dir", self.cluster.state_dir, "--prompt", "The experts are",
+                   "--max-tokens", "16", "--ignore-eos", "--stop", "never-here", "--stop", stop)
+        self.assertEqual(r.stdout, full[:full.index(stop)] + "\n")
+        self.assertIn("finish_reason=stop", r.stderr)
+
+    def test_client_json_keeps_what_was_delivered_before_a_failure(self):
+        # A deadline far shorter than 4,000 tokens take: the stream fails part-way.
+        r = cu.run("client", "generate", "--state-dir", self.cluster.state_dir, "--ids", "5,6,7", "--max-tokens",
+                   "4000", "--ignore-eos", "--timeout", "0.5", "--json", check=False)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        got = json.loads(r.stdout)
+        self.assertEqual(got["error"]["code"], 4, got["error"])  # DEADLINE_EXCEEDED
+        self.assertGreater(len(got["ids"]), 0)
+        self.assertLess(len(got["ids"]), 4000)
+        want = json.loads(cu.run("generate", "--model", self.model, "--ids", "5,6,7", "--max-tokens",
+                                 str(len(got["ids"])), "--ignore-eos", "--json").stdout)
+        self.assertEqual(got["ids"], want["ids"])
+
     def test_tokenize_and_detokenize(self):
         g = self.cluster.gateway
         ids = g.Tokenize(cu.pb.TokenizeRequest(text="Hello, 世界!"), timeout=10).token_ids

@@ -72,116 +72,132 @@ struct Patch {
   size_t offset;
 };
 
+constexpr size_t kNone = ~size_t{0};
+
+// Offsets of a MoE layer's per-group matrices (routed experts, then the shared expert), and of
+// the pointer tables the grouped kernels read.
+struct GroupOffsets {
+  std::vector<size_t> gate_up, down;
+  std::vector<int32_t> width;
+  size_t gate_up_table = 0, down_table = 0, width_table = 0;
+};
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(
-    const ModelWeights& weights, const DeviceWeightParts& parts) {
-  const ModelConfig& c = weights.config();
-  const int64_t H = c.hidden_size;
-  if (parts.attention_side && weights.embed_tokens.empty()) {
-    return absl::FailedPreconditionError("GPU upload: the attention-side weights are not loaded");
-  }
-  auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
-  Uploader up;
-  std::vector<Patch<uint16_t>> patch16;
-  std::vector<Patch<float>> patch32;
+// Plans every piece of a DeviceWeights in an Uploader (first pass), then uploads them and
+// points the fields at the arena (second pass).
+class DeviceWeightsBuilder {
+ public:
+  DeviceWeightsBuilder(const ModelWeights& weights, const DeviceWeightParts& parts)
+      : weights_(weights), parts_(parts), dw_(new DeviceWeights()) {}
 
-  auto add_matrix = [&](const uint16_t** field, std::vector<MatrixView> parts_of) {
+  absl::StatusOr<std::unique_ptr<DeviceWeights>> Build() {
+    if (parts_.attention_side) PlanEmbeddingsAndHead();
+    dw_->layers.resize(weights_.layers.size());
+    group_offsets_.resize(weights_.layers.size());
+    for (size_t i = 0; i < weights_.layers.size(); ++i) {
+      dw_->layers[i].is_moe = weights_.layers[i].is_moe;
+      if (parts_.attention_side) PlanAttentionSide(weights_.layers[i], dw_->layers[i]);
+      if (weights_.layers[i].is_moe) PlanGroups(weights_.layers[i], i);
+    }
+    return Upload();
+  }
+
+ private:
+  size_t AddMatrix(const uint16_t** field, std::vector<MatrixView> parts_of) {
     size_t bytes = 0;
     for (const MatrixView& m : parts_of) bytes += Bf16Bytes(m);
-    const size_t off = up.Add(bytes, [parts_of](uint8_t* host, const uint8_t*) {
+    const size_t off = up_.Add(bytes, [parts_of](uint8_t* host, const uint8_t*) {
       uint16_t* out = reinterpret_cast<uint16_t*>(host);
       for (const MatrixView& m : parts_of) {
         ToBf16(m, out);
         out += m.rows * m.cols;
       }
     });
-    patch16.push_back({field, off});
+    if (field != nullptr) patch16_.push_back({field, off});
     return off;
-  };
-  auto add_floats = [&](const float** field, std::vector<float> values) {
+  }
+  void AddFloats(const float** field, std::vector<float> values) {
     const size_t off =
-        up.Add(values.size() * sizeof(float), [values](uint8_t* host, const uint8_t*) {
+        up_.Add(values.size() * sizeof(float), [values](uint8_t* host, const uint8_t*) {
           std::memcpy(host, values.data(), values.size() * sizeof(float));
         });
-    patch32.push_back({field, off});
-  };
-  auto add_matrix_f32 = [&](const float** field, const MatrixView& m) {
-    const size_t off = up.Add(static_cast<size_t>(m.rows * m.cols) * sizeof(float),
-                              [m](uint8_t* host, const uint8_t*) {
-                                float* out = reinterpret_cast<float*>(host);
-                                for (int64_t r = 0; r < m.rows; ++r) {
-                                  for (int64_t k = 0; k < m.cols; ++k)
-                                    out[r * m.cols + k] = m.At(r, k);
-                                }
-                              });
-    patch32.push_back({field, off});
-  };
+    patch32_.push_back({field, off});
+  }
+  void AddMatrixF32(const float** field, const MatrixView& m) {
+    const size_t off = up_.Add(static_cast<size_t>(m.rows * m.cols) * sizeof(float),
+                               [m](uint8_t* host, const uint8_t*) {
+                                 float* out = reinterpret_cast<float*>(host);
+                                 for (int64_t r = 0; r < m.rows; ++r) {
+                                   for (int64_t k = 0; k < m.cols; ++k)
+                                     out[r * m.cols + k] = m.At(r, k);
+                                 }
+                               });
+    patch32_.push_back({field, off});
+  }
+  // A table of device pointers into the arena, filled in the second pass once its address is
+  // known (kNone: a null pointer, an expert this device does not hold).
+  size_t AddPointerTable(const std::vector<size_t>& offsets) {
+    return up_.Add(offsets.size() * sizeof(void*), [offsets](uint8_t* host, const uint8_t* base) {
+      const uint8_t** out = reinterpret_cast<const uint8_t**>(host);
+      for (size_t j = 0; j < offsets.size(); ++j)
+        out[j] = offsets[j] == kNone ? nullptr : base + offsets[j];
+    });
+  }
 
-  if (parts.attention_side) {
-    add_matrix(&dw->embed_tokens, {weights.embed_tokens});
-    add_floats(&dw->final_norm, weights.final_norm);
-    if (weights.lm_head.data == weights.embed_tokens.data) {
-      dw->lm_head = nullptr;  // tied: set to the embedding below
+  void PlanEmbeddingsAndHead() {
+    AddMatrix(&dw_->embed_tokens, {weights_.embed_tokens});
+    AddFloats(&dw_->final_norm, weights_.final_norm);
+    if (weights_.lm_head.data == weights_.embed_tokens.data) {
+      dw_->lm_head = nullptr;  // tied: set to the embedding once uploaded
     } else {
-      add_matrix(&dw->lm_head, {weights.lm_head});
+      AddMatrix(&dw_->lm_head, {weights_.lm_head});
     }
   }
-  dw->layers.resize(weights.layers.size());
-  // Offsets of each MoE layer's per-group matrices, for the pointer tables.
-  struct GroupOffsets {
-    std::vector<size_t> gate_up, down;
-    std::vector<int32_t> width;
-    size_t gate_up_table = 0, down_table = 0, width_table = 0;
-  };
-  std::vector<GroupOffsets> group_offsets(weights.layers.size());
-  constexpr size_t kNone = ~size_t{0};
 
-  for (size_t i = 0; i < weights.layers.size(); ++i) {
-    const LayerWeights& L = weights.layers[i];
-    DeviceLayer& D = dw->layers[i];
-    D.is_moe = L.is_moe;
-    if (parts.attention_side) {
-      add_floats(&D.input_norm, L.input_norm);
-      add_floats(&D.post_attention_norm, L.post_attention_norm);
-      const AttentionWeights& a = L.attention;
-      add_matrix(&D.qkv, {a.q.weight, a.k.weight, a.v.weight});
-      add_matrix(&D.o, {a.o.weight});
-      if (!a.q.bias.empty()) {
-        std::vector<float> b = a.q.bias;
-        b.insert(b.end(), a.k.bias.begin(), a.k.bias.end());
-        b.insert(b.end(), a.v.bias.begin(), a.v.bias.end());
-        add_floats(&D.qkv_bias, b);
-      }
-      if (!a.o.bias.empty()) add_floats(&D.o_bias, a.o.bias);
-      if (!L.is_moe) {
-        add_matrix(&D.dense.gate_up, {L.dense.gate, L.dense.up});
-        add_matrix(&D.dense.down, {L.dense.down});
-        D.dense.width = L.dense.width();
-      } else {
-        add_matrix_f32(&D.router, L.router);
-      }
+  // Norms, attention (q, k, v as one matrix), the dense MLP or the router.
+  void PlanAttentionSide(const LayerWeights& L, DeviceLayer& D) {
+    AddFloats(&D.input_norm, L.input_norm);
+    AddFloats(&D.post_attention_norm, L.post_attention_norm);
+    const AttentionWeights& a = L.attention;
+    AddMatrix(&D.qkv, {a.q.weight, a.k.weight, a.v.weight});
+    AddMatrix(&D.o, {a.o.weight});
+    if (!a.q.bias.empty()) {
+      std::vector<float> b = a.q.bias;
+      b.insert(b.end(), a.k.bias.begin(), a.k.bias.end());
+      b.insert(b.end(), a.v.bias.begin(), a.v.bias.end());
+      AddFloats(&D.qkv_bias, b);
     }
-    if (!L.is_moe) continue;
-    const int64_t E = c.n_routed_experts;
-    D.has_shared = parts.attention_side && L.shared.loaded();
+    if (!a.o.bias.empty()) AddFloats(&D.o_bias, a.o.bias);
+    if (!L.is_moe) {
+      AddMatrix(&D.dense.gate_up, {L.dense.gate, L.dense.up});
+      AddMatrix(&D.dense.down, {L.dense.down});
+      D.dense.width = L.dense.width();
+    } else {
+      AddMatrixF32(&D.router, L.router);
+    }
+  }
+
+  // A MoE layer's groups for the grouped kernels: the routed experts held here, then the shared
+  // expert (attention side), and their pointer and width tables.
+  void PlanGroups(const LayerWeights& L, size_t layer) {
+    DeviceLayer& D = dw_->layers[layer];
+    const int64_t E = weights_.config().n_routed_experts;
+    D.has_shared = parts_.attention_side && L.shared.loaded();
     const int64_t G = E + (D.has_shared ? 1 : 0);
-    GroupOffsets& g = group_offsets[i];
+    GroupOffsets& g = group_offsets_[layer];
     g.gate_up.assign(G, kNone);
     g.down.assign(G, kNone);
     g.width.assign(G, 0);
     D.routed_loaded.assign(E, false);
     int max_width = 0;
     auto add_group = [&](int64_t idx, const MlpWeights& m) {
-      static const uint16_t* unused = nullptr;  // the tables hold the pointers, not a field
-      g.gate_up[idx] = add_matrix(&unused, {m.gate, m.up});
-      patch16.pop_back();
-      g.down[idx] = add_matrix(&unused, {m.down});
-      patch16.pop_back();
+      g.gate_up[idx] = AddMatrix(nullptr, {m.gate, m.up});  // the tables hold the pointers
+      g.down[idx] = AddMatrix(nullptr, {m.down});
       g.width[idx] = static_cast<int32_t>(m.width());
       max_width = std::max(max_width, static_cast<int>(m.width()));
     };
-    if (parts.routed_experts) {
+    if (parts_.routed_experts) {
       for (int64_t e = 0; e < E; ++e) {
         if (!L.routed[e].loaded()) continue;
         add_group(e, L.routed[e]);
@@ -189,45 +205,56 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(
       }
     }
     if (D.has_shared) add_group(E, L.shared);
-    // Pointer tables, filled in the second pass once the arena's address is known.
-    auto table = [&](const std::vector<size_t>& offsets) {
-      return up.Add(offsets.size() * sizeof(void*), [offsets](uint8_t* host, const uint8_t* base) {
-        const uint8_t** out = reinterpret_cast<const uint8_t**>(host);
-        for (size_t j = 0; j < offsets.size(); ++j)
-          out[j] = offsets[j] == kNone ? nullptr : base + offsets[j];
-      });
-    };
-    g.gate_up_table = table(g.gate_up);
-    g.down_table = table(g.down);
+    g.gate_up_table = AddPointerTable(g.gate_up);
+    g.down_table = AddPointerTable(g.down);
     const std::vector<int32_t> widths = g.width;
     g.width_table =
-        up.Add(widths.size() * sizeof(int32_t), [widths](uint8_t* host, const uint8_t*) {
+        up_.Add(widths.size() * sizeof(int32_t), [widths](uint8_t* host, const uint8_t*) {
           std::memcpy(host, widths.data(), widths.size() * sizeof(int32_t));
         });
     D.groups.num_groups = static_cast<int>(G);
     D.groups.max_width = (max_width + 7) / 8 * 8;
-    D.groups.hidden = static_cast<int>(H);
+    D.groups.hidden = static_cast<int>(weights_.config().hidden_size);
   }
 
-  void* arena = nullptr;
-  DSMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&arena, std::max<size_t>(up.size(), 256)),
-                             "allocating GPU memory for the weights");
-  dw->arena_ = arena;
-  dw->num_bytes_ = up.size();
-  uint8_t* base = static_cast<uint8_t*>(arena);
-  DSMOE_RETURN_IF_ERROR(up.CopyTo(base));
-  for (const auto& p : patch16) *p.field = reinterpret_cast<const uint16_t*>(base + p.offset);
-  for (const auto& p : patch32) *p.field = reinterpret_cast<const float*>(base + p.offset);
-  if (parts.attention_side && dw->lm_head == nullptr) dw->lm_head = dw->embed_tokens;
-  for (size_t i = 0; i < weights.layers.size(); ++i) {
-    DeviceLayer& D = dw->layers[i];
-    if (!D.is_moe) continue;
-    const GroupOffsets& g = group_offsets[i];
-    D.groups.gate_up = reinterpret_cast<const uint16_t* const*>(base + g.gate_up_table);
-    D.groups.down = reinterpret_cast<const uint16_t* const*>(base + g.down_table);
-    D.groups.width = reinterpret_cast<const int32_t*>(base + g.width_table);
+  // One cudaMalloc for the whole plan, every piece copied up, every pointer patched.
+  absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload() {
+    void* arena = nullptr;
+    DSMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&arena, std::max<size_t>(up_.size(), 256)),
+                               "allocating GPU memory for the weights");
+    dw_->arena_ = arena;
+    dw_->num_bytes_ = up_.size();
+    uint8_t* base = static_cast<uint8_t*>(arena);
+    DSMOE_RETURN_IF_ERROR(up_.CopyTo(base));
+    for (const auto& p : patch16_) *p.field = reinterpret_cast<const uint16_t*>(base + p.offset);
+    for (const auto& p : patch32_) *p.field = reinterpret_cast<const float*>(base + p.offset);
+    if (parts_.attention_side && dw_->lm_head == nullptr) dw_->lm_head = dw_->embed_tokens;
+    for (size_t i = 0; i < dw_->layers.size(); ++i) {
+      DeviceLayer& D = dw_->layers[i];
+      if (!D.is_moe) continue;
+      const GroupOffsets& g = group_offsets_[i];
+      D.groups.gate_up = reinterpret_cast<const uint16_t* const*>(base + g.gate_up_table);
+      D.groups.down = reinterpret_cast<const uint16_t* const*>(base + g.down_table);
+      D.groups.width = reinterpret_cast<const int32_t*>(base + g.width_table);
+    }
+    return std::move(dw_);
   }
-  return dw;
+
+  const ModelWeights& weights_;
+  const DeviceWeightParts parts_;
+  std::unique_ptr<DeviceWeights> dw_;
+  Uploader up_;
+  std::vector<Patch<uint16_t>> patch16_;
+  std::vector<Patch<float>> patch32_;
+  std::vector<GroupOffsets> group_offsets_;  // [layer]; used for MoE layers only
+};
+
+absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(
+    const ModelWeights& weights, const DeviceWeightParts& parts) {
+  if (parts.attention_side && weights.embed_tokens.empty()) {
+    return absl::FailedPreconditionError("GPU upload: the attention-side weights are not loaded");
+  }
+  return DeviceWeightsBuilder(weights, parts).Build();
 }
 
 DeviceWeights::~DeviceWeights() {

@@ -63,6 +63,7 @@ class DeviceWeights {
   size_t num_bytes() const { return num_bytes_; }
 
  private:
+  friend class DeviceWeightsBuilder;  // device_weights.cc: plans and uploads every piece
   DeviceWeights() = default;
   void* arena_ = nullptr;
   size_t num_bytes_ = 0;
