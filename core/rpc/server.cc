@@ -87,6 +87,10 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.address, credentials, &port);
+  // No SO_REUSEPORT: with it, gRPC binds one listener per poller, and for port 0 each of them
+  // to a port of its own (only the first is reported: a process listened on an undeclared extra
+  // port); and a second process could bind the same fixed port without an error.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);
@@ -100,6 +104,7 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
     running.health_forwarder = std::make_unique<HealthForwarder>(
         running.server->InProcessChannel(grpc::ChannelArguments()));
     grpc::ServerBuilder health;
+    health.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     health.AddListeningPort(options.health_address, grpc::InsecureServerCredentials(),
                             &running.health_port);
     health.RegisterCallbackGenericService(running.health_forwarder.get());

@@ -1,0 +1,87 @@
+// rpc::StartServer listens exactly where it says: one listening socket per port asked for
+// (port 0 included), and a port another server holds is refused instead of shared. The
+// listening sockets are read from the kernel (/proc/net/tcp6 and tcp, matched to this
+// process's file descriptors), not from what the server reports.
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+
+#include "core/rpc/server.h"
+
+namespace dsmoe::rpc {
+namespace {
+
+// Ports of the TCP sockets in LISTEN state that this process holds.
+std::multiset<int> ListeningPortsOfThisProcess() {
+  std::set<std::string> inodes;  // socket inodes of this process's descriptors
+  if (DIR* dir = opendir("/proc/self/fd")) {
+    while (dirent* e = readdir(dir)) {
+      char target[256];
+      const std::string path = std::string("/proc/self/fd/") + e->d_name;
+      const ssize_t n = readlink(path.c_str(), target, sizeof(target) - 1);
+      if (n <= 0) continue;
+      const std::string link(target, static_cast<size_t>(n));
+      if (link.rfind("socket:[", 0) == 0) inodes.insert(link.substr(8, link.size() - 9));
+    }
+    closedir(dir);
+  }
+  std::multiset<int> ports;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      fields >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >>
+          timeout >> inode;
+      if (state != "0A" || inodes.count(inode) == 0) continue;  // 0A: LISTEN
+      ports.insert(std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16));
+    }
+  }
+  return ports;
+}
+
+ServerOptions PlainText(const std::string& address) {
+  ServerOptions o;
+  o.address = address;
+  o.security = TransportSecurity::Insecure();
+  return o;
+}
+
+TEST(StartServer, PortZeroListensOnOnePortOnly) {
+  const std::multiset<int> before = ListeningPortsOfThisProcess();
+  absl::StatusOr<RunningServer> server = StartServer(PlainText("127.0.0.1:0"), {});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::multiset<int> added = ListeningPortsOfThisProcess();
+  for (int p : before) added.erase(added.find(p));
+  EXPECT_EQ(added, std::multiset<int>{server->port});
+}
+
+TEST(StartServer, AHealthPortIsOneMoreListenerAndNothingElse) {
+  const std::multiset<int> before = ListeningPortsOfThisProcess();
+  ServerOptions o = PlainText("127.0.0.1:0");
+  o.health_address = "127.0.0.1:0";
+  absl::StatusOr<RunningServer> server = StartServer(o, {});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::multiset<int> added = ListeningPortsOfThisProcess();
+  for (int p : before) added.erase(added.find(p));
+  EXPECT_EQ(added, (std::multiset<int>{server->port, server->health_port}));
+}
+
+TEST(StartServer, APortAnotherServerHoldsIsRefused) {
+  absl::StatusOr<RunningServer> first = StartServer(PlainText("127.0.0.1:0"), {});
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<RunningServer> second = StartServer(PlainText(first->address()), {});
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(second.status().message().find(first->address()), std::string::npos) << second.status();
+}
+
+}  // namespace
+}  // namespace dsmoe::rpc
