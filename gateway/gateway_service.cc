@@ -528,11 +528,12 @@ grpc::Status GatewayService::DetokenizeImpl(const dsmoe::v1::DetokenizeRequest* 
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this model has no tokenizer (no tokenizer.json)");
   }
-  const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
-  for (int32_t id : ids) {
-    if (id < 0)
-      return Invalid(absl::StrCat("token id ", static_cast<uint32_t>(id), " is out of range"));
+  // As Generate refuses them: a tokenizer would decode an unknown id to nothing.
+  if (absl::Status s = ValidateTokenIds(request->token_ids(), config_.vocab_size, "token_ids");
+      !s.ok()) {
+    return rpc::ToGrpc(s);
   }
+  const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
   auto text = tokenizer_->Decode(ids, request->skip_special_tokens());
   if (!text.ok()) return Invalid(std::string(text.status().message()));
   response->set_text(*text);

@@ -10,6 +10,17 @@ absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentE
 
 }  // namespace
 
+absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,
+                              int64_t vocab_size, absl::string_view field) {
+  for (int i = 0; i < ids.size(); ++i) {
+    if (ids[i] >= vocab_size) {
+      return Invalid(absl::StrCat(field, "[", i, "] = ", ids[i], " is outside the vocabulary [0, ",
+                                  vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
                                      const RequestLimits& limits, const Tokenizer* tokenizer,
                                      internal::v1::AttentionGenerateRequest* up) {
@@ -38,12 +49,7 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
     return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ",
                                 limits.max_prompt_tokens));
   }
-  for (int i = 0; i < ids.size(); ++i) {
-    if (ids[i] >= limits.vocab_size) {
-      return Invalid(absl::StrCat("token_ids[", i, "] = ", ids[i],
-                                  " is outside the vocabulary [0, ", limits.vocab_size, ")"));
-    }
-  }
+  DSMOE_RETURN_IF_ERROR(ValidateTokenIds(ids, limits.vocab_size, "token_ids"));
   const int64_t max_tokens = r.has_max_tokens() ? r.max_tokens() : 16;
   if (max_tokens < 1 || max_tokens > limits.max_tokens_limit) {
     return Invalid(
@@ -62,10 +68,7 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   for (const std::string& stop : r.stop()) {
     if (stop.empty()) return Invalid("stop strings must not be empty");
   }
-  for (uint32_t id : r.stop_token_ids()) {
-    if (id >= limits.vocab_size)
-      return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
-  }
+  DSMOE_RETURN_IF_ERROR(ValidateTokenIds(r.stop_token_ids(), limits.vocab_size, "stop_token_ids"));
   *up->mutable_prompt_token_ids() = std::move(ids);
   up->set_max_tokens(static_cast<uint32_t>(max_tokens));
   up->set_temperature(temperature);

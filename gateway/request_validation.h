@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/strings/string_view.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/status.h"
 #include "dsmoe/internal/v1/attention.pb.h"
@@ -20,6 +21,11 @@ struct RequestLimits {
   int64_t max_prompt_tokens = 0;  // prompt length bound (after tokenizing)
   int64_t max_tokens_limit = 0;   // bound on max_tokens
 };
+
+// Every id below vocab_size, else INVALID_ARGUMENT "<field>[i] = <id> is outside the vocabulary
+// [0, <vocab_size>)" (prompts, stop token ids, Detokenize: one check, one message).
+absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,
+                              int64_t vocab_size, absl::string_view field);
 
 // `tokenizer` may be null: then only token-id prompts are accepted. On success `upstream`
 // holds the prompt ids and the sampling parameters with their defaults filled in.

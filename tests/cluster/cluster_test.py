@@ -405,6 +405,12 @@ class TextThroughTheGateway(unittest.TestCase):
         ids = g.Tokenize(cu.pb.TokenizeRequest(text="Hello, 世界!"), timeout=10).token_ids
         text = g.Detokenize(cu.pb.DetokenizeRequest(token_ids=ids), timeout=10).text
         self.assertEqual(text, "Hello, 世界!")
+        # An id past the vocabulary is refused, as Generate refuses it, not decoded to nothing.
+        vocab = g.GetModelInfo(cu.pb.GetModelInfoRequest(), timeout=10).vocab_size
+        with self.assertRaises(grpc.RpcError) as e:
+            g.Detokenize(cu.pb.DetokenizeRequest(token_ids=[ids[0], vocab]), timeout=10)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn(f"token_ids[1] = {vocab} is outside the vocabulary [0, {vocab})", e.exception.details())
 
 
 if __name__ == "__main__":
