@@ -76,6 +76,16 @@ absl::Status AttentionServer::Start() {
     if (rebalance.planner.num_replicas < 0) {
       rebalance.planner.num_replicas = expert_pool_->num_servers();
     }
+    if (rebalance.planner.min_copies <= 0) {
+      rebalance.planner.min_copies = dispatcher_->placement()->CopiesRange().first;
+    }
+    if (rebalance.planner.min_copies > expert_pool_->num_servers()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--min-copies ", rebalance.planner.min_copies, " exceeds the ",
+                       expert_pool_->num_servers(),
+                       " expert servers (copies of one expert sit on different "
+                       "servers)"));
+    }
     rebalancer_ = std::make_unique<Rebalancer>(config, *scheduler_, *dispatcher_,
                                                attention_metrics_->expert_load().window(),
                                                metrics_.get(), rebalance);

@@ -63,10 +63,12 @@ struct AttentionServerOptions {
   // Routing load is measured over this recent window (imbalance gauges, planner).
   double load_window_seconds = 60;
   // Automatic rebalancing and the planner's budget; planner.num_replicas < 0: one replica per
-  // expert server.
+  // expert server; planner.min_copies 0: the fewest copies of an expert in the start-up
+  // placement (the redundancy the cluster was started with is kept by every later plan).
   RebalancerOptions rebalance = [] {
     RebalancerOptions o;
     o.planner.num_replicas = -1;
+    o.planner.min_copies = 0;
     return o;
   }();
   // Where it serves (ephemeral ports on 127.0.0.1 by default), the metrics endpoint and name.

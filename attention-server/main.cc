@@ -72,9 +72,14 @@ void AddRebalanceFlags(CLI::App& app, dsmoe::AttentionServerOptions* o) {
       ->check(CLI::Range(1.0, 1000.0))
       ->capture_default_str();
   app.add_option("--rebalance-replicas", o->rebalance.planner.num_replicas,
-                 "Replica budget of the planner: physical experts per MoE layer beyond one per "
-                 "routed expert (default: one per expert server)")
+                 "Replica budget of the planner: physical experts per MoE layer beyond "
+                 "--min-copies per routed expert (default: one per expert server)")
       ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--min-copies", o->rebalance.planner.min_copies,
+                 "Copies every routed expert keeps through every placement change, each on a "
+                 "different expert server (default: as many as the start-up placement gives "
+                 "each)")
+      ->check(CLI::Range(1, 4096));
   app.add_option("--rebalance-slots", o->rebalance.planner.slots_per_server,
                  "Physical experts an expert server may hold per MoE layer (0: just enough)")
       ->check(CLI::Range(0, 1 << 20))

@@ -64,6 +64,10 @@ grpc::Status PlacementService::PlanPlacement(grpc::ServerContext*,
     for (const auto& le : plan->ExpertsOf(s)) to_load += have.count(le) ? 0 : 1;
   }
   response->set_experts_to_load(to_load);
+  const auto [fewest, most] = plan->CopiesRange();
+  response->set_min_copies(static_cast<uint32_t>(fewest));
+  response->set_max_copies(static_cast<uint32_t>(most));
+  response->set_copies_floor(static_cast<uint32_t>(rebalancer_->options().planner.min_copies));
   return grpc::Status::OK;
 }
 
@@ -77,7 +81,8 @@ grpc::Status PlacementService::ApplyPlacement(grpc::ServerContext*,
     if (!p.ok()) return rpc::ToGrpc(p.status());
     target.emplace(std::move(*p));
   }
-  auto outcome = rebalancer_->Apply(std::move(target), request->keep_old_experts());
+  auto outcome =
+      rebalancer_->Apply(std::move(target), request->keep_old_experts(), request->force());
   if (!outcome.ok()) return rpc::ToGrpc(outcome.status());
   response->set_version(outcome->version);
   response->set_switched(outcome->switched);

@@ -118,7 +118,16 @@ RebalanceStatusReport Rebalancer::status() const {
 }
 
 absl::StatusOr<RebalanceOutcome> Rebalancer::Apply(std::optional<router::Placement> target,
-                                                   bool keep_old_experts) {
+                                                   bool keep_old_experts, bool force) {
+  if (target.has_value() && !force) {
+    const int floor = options_.planner.min_copies;
+    if (const int fewest = target->CopiesRange().first; fewest < floor) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the placement leaves a routed expert ", fewest, " cop", fewest == 1 ? "y" : "ies",
+          ", below the floor of ", floor,
+          " (--min-copies): a server's failure would lose experts; force it to apply anyway"));
+    }
+  }
   std::unique_lock<std::mutex> lock(apply_mu_, std::try_to_lock);
   if (!lock.owns_lock()) return absl::AbortedError("another placement change is running");
   absl::StatusOr<RebalanceOutcome> outcome;

@@ -72,8 +72,10 @@ class Rebalancer {
   std::vector<double> Imbalances(const router::Placement& p,
                                  const std::vector<std::vector<double>>& loads) const;
   // Applies `target` (nullopt: Plan()) as described above. ABORTED if a change is running.
+  // A given target that leaves some routed expert fewer copies than options.planner.min_copies
+  // is refused (FAILED_PRECONDITION) unless `force`.
   absl::StatusOr<RebalanceOutcome> Apply(std::optional<router::Placement> target,
-                                         bool keep_old_experts);
+                                         bool keep_old_experts, bool force = false);
   RebalanceStatusReport status() const;
   bool automatic() const { return options_.period_seconds > 0; }
   const RebalancerOptions& options() const { return options_; }

@@ -202,6 +202,7 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
                                    "--expert-transport",
                                    o.expert_transport};
   for (const std::string& f : HealthFlags(o)) argv.push_back(f);
+  if (o.min_copies > 0) argv.insert(argv.end(), {"--min-copies", std::to_string(o.min_copies)});
   for (const auto& [flag, value] : {std::pair{"--rebalance-period", o.rebalance_period},
                                     std::pair{"--rebalance-threshold", o.rebalance_threshold},
                                     std::pair{"--load-window-seconds", o.load_window_seconds}}) {

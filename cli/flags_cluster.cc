@@ -22,6 +22,11 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
   up_cmd->add_option("--replicas", up.replicas, "Copies of each routed expert")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
+  up_cmd
+      ->add_option("--min-copies", up.min_copies,
+                   "Copies every routed expert keeps through placement changes (default: "
+                   "--replicas)")
+      ->check(CLI::Range(1, 256));
   up_cmd->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")
       ->check(CLI::ExistingFile);
   up_cmd->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")
@@ -136,6 +141,9 @@ void AddPlacement(CLI::App& app, int* rc) {
       sub->add_option("--placement", pl->placement,
                       "Placement JSON to switch to (default: plan from the measured load)")
           ->check(CLI::ExistingFile);
+      sub->add_flag("--force", pl->force,
+                    "Apply --placement even where it leaves a routed expert fewer copies than "
+                    "the attention servers' --min-copies");
     }
     sub->callback([pl, rc, name = std::string(name)] {
       pl->action = name;

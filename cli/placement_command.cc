@@ -157,6 +157,7 @@ absl::Status Apply(std::vector<Client>& clients, const PlacementOptions& o) {
     v1::ApplyPlacementRequest req;
     req.set_placement_json(placement);
     req.set_keep_old_experts(several && i < clients.size());
+    req.set_force(o.force);
     v1::ApplyPlacementResponse r;
     DSMOE_RETURN_IF_ERROR(c.Call(&v1::PlacementService::Stub::ApplyPlacement, req, &r));
     if (o.json) {
@@ -206,7 +207,9 @@ int RunPlacement(const PlacementOptions& o) {
       std::cout << ToJson(plan) << "\n";
     } else if (status.ok()) {
       std::cout << "placement version " << plan.version() << " (" << plan.experts_to_load()
-                << " experts to load)" << (o.out.empty() ? "" : ", written to " + o.out) << "\n";
+                << " experts to load)" << (o.out.empty() ? "" : ", written to " + o.out) << "\n"
+                << "copies per routed expert: " << plan.min_copies() << " to " << plan.max_copies()
+                << " (floor " << plan.copies_floor() << ")\n";
       PrintImbalances(plan.layers(), plan.imbalance_before(), plan.imbalance_after());
     }
   } else if (o.action == "apply") {

@@ -15,6 +15,7 @@ struct PlacementOptions {
   ClientTls tls;          // how to call them (default: the cluster state's client certificate)
   std::string placement;  // apply: this placement JSON (default: plan from the measured load)
   std::string out;        // plan: also write the planned placement JSON here
+  bool force = false;     // apply: even below the redundancy floor (--min-copies)
   double timeout_seconds = 300;
   bool json = false;
 };

@@ -197,6 +197,20 @@ std::string Placement::ToJson() const {
   return j.dump() + "\n";
 }
 
+std::pair<int, int> Placement::CopiesRange() const {
+  int lo = 0, hi = 0;
+  bool any = false;
+  for (const auto& layer : holders_) {
+    for (const auto& holders : layer) {
+      const int n = static_cast<int>(holders.size());
+      lo = any ? std::min(lo, n) : n;
+      hi = any ? std::max(hi, n) : n;
+      any = true;
+    }
+  }
+  return {lo, hi};
+}
+
 WeightSelection Placement::SelectionFor(int server) const {
   const std::vector<std::pair<int64_t, int64_t>> experts = ExpertsOf(server);
   return WeightSelection::RoutedExperts({experts.begin(), experts.end()});

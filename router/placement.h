@@ -66,6 +66,8 @@ class Placement {
     return num_servers_ == other.num_servers_ && holders_ == other.holders_ &&
            shares_ == other.shares_;
   }
+  // Fewest and most copies any routed expert has (over MoE layers; 0, 0 without any).
+  std::pair<int, int> CopiesRange() const;
   // What expert server `server` must load.
   WeightSelection SelectionFor(int server) const;
   // (layer, expert) pairs server `server` holds, ordered.

@@ -71,6 +71,7 @@ class Packing {
 
 struct Shape {
   int S = 0, C = 0, E = 0, R = 0;
+  int M = 1;  // copies every expert has at least
 };
 
 absl::StatusOr<Shape> Validate(const std::vector<double>& load, const PlannerOptions& o) {
@@ -89,15 +90,25 @@ absl::StatusOr<Shape> Validate(const std::vector<double>& load, const PlannerOpt
     if (!std::isfinite(load[e]) || load[e] < 0)
       return absl::InvalidArgumentError(absl::StrCat("load of expert ", e, " is ", load[e]));
   }
-  sh.C = o.slots_per_server > 0 ? o.slots_per_server : (sh.E + o.num_replicas + sh.S - 1) / sh.S;
-  if (static_cast<int64_t>(sh.S) * sh.C < sh.E) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(sh.E, " routed experts do not fit on ", sh.S, " servers of ", sh.C, " slots"));
+  if (o.min_copies < 1 || o.min_copies > sh.S) {
+    return absl::InvalidArgumentError(absl::StrCat("min_copies ", o.min_copies,
+                                                   " must be in [1, the ", sh.S,
+                                                   " expert servers]: copies of one expert sit on "
+                                                   "different servers"));
+  }
+  sh.M = o.min_copies;
+  const int64_t floor = static_cast<int64_t>(sh.E) * sh.M;  // physical experts the floor needs
+  sh.C = o.slots_per_server > 0 ? o.slots_per_server
+                                : static_cast<int>((floor + o.num_replicas + sh.S - 1) / sh.S);
+  if (static_cast<int64_t>(sh.S) * sh.C < floor) {
+    return absl::InvalidArgumentError(absl::StrCat(sh.E, " routed experts x ", sh.M,
+                                                   " copies do not fit on ", sh.S, " servers of ",
+                                                   sh.C, " slots"));
   }
   // Replicas beyond the free slots, or beyond one per server for every expert, cannot be used.
   sh.R = std::min<int64_t>({static_cast<int64_t>(o.num_replicas),
-                            static_cast<int64_t>(sh.S) * sh.C - sh.E,
-                            static_cast<int64_t>(sh.E) * (sh.S - 1)});
+                            static_cast<int64_t>(sh.S) * sh.C - floor,
+                            static_cast<int64_t>(sh.E) * (sh.S - sh.M)});
   return sh;
 }
 
@@ -108,10 +119,10 @@ std::vector<double> Effective(const std::vector<double>& load) {
   return total > 0 ? load : std::vector<double>(load.size(), 1.0);
 }
 
-// EPLB's replicate_experts: each of `budget` extra replicas to the expert with the largest load
-// per replica.
+// EPLB's replicate_experts from the floor: each of `budget` extra replicas to the expert with the
+// largest load per replica.
 std::vector<int> Replicate(const std::vector<double>& w, const Shape& sh, int budget) {
-  std::vector<int> r(sh.E, 1);
+  std::vector<int> r(sh.E, sh.M);
   for (int i = 0; i < budget; ++i) {
     int best = -1;
     for (int e = 0; e < sh.E; ++e) {

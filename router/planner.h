@@ -18,7 +18,7 @@ namespace dsmoe::router {
 
 struct PlannerOptions {
   int num_servers = 1;
-  // Replica budget: physical experts per layer beyond one per routed expert.
+  // Replica budget: physical experts per layer beyond min_copies per routed expert.
   int num_replicas = 0;
   // Physical experts an expert server may hold per layer (its memory); 0: just enough,
   // ceil((experts + replicas) / servers).
@@ -30,6 +30,11 @@ struct PlannerOptions {
   // With a current placement: keep experts where they are (fewer to load) when that plan's
   // maximum is within this fraction of the best plan's — and never above EPLB's.
   double keep_tolerance = 0.02;
+  // The redundancy floor: every routed expert keeps at least this many copies, each on a
+  // different server, whatever the load says (the copies asked for at start-up are a promise:
+  // a server may die). The replica budget comes on top: num_replicas copies per layer beyond
+  // min_copies per expert. At most num_servers.
+  int min_copies = 1;
 };
 
 // One layer's plan.
@@ -41,8 +46,9 @@ struct LayerPlan {
 };
 
 // DeepSeek EPLB's baseline (deepseek-ai/EPLB, `replicate_experts` + `balanced_packing`), with
-// the constraint that no server holds two replicas of one expert: give a replica, num_replicas
-// times, to the expert with the largest load per replica; then, heaviest replica first, put
+// the constraint that no server holds two replicas of one expert: starting from min_copies of
+// each expert, give a replica, num_replicas times, to the expert with the largest load per
+// replica; then, heaviest replica first, put
 // each on the least-loaded server that has a free slot and does not hold its expert.
 absl::StatusOr<LayerPlan> PlanLayerEplb(const std::vector<double>& load,
                                         const PlannerOptions& options);

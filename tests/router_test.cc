@@ -1,6 +1,7 @@
 // The router library: placement files with versions and shares, the load window, the placement
 // planner against an exhaustive optimum and against DeepSeek EPLB's baseline, and dispatch
 // splitting replicated experts' tokens by share.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -99,7 +100,8 @@ double CheckPlan(const LayerPlan& plan, const std::vector<double>& load, const P
   int physical = 0;
   for (int e = 0; e < E; ++e) {
     const auto& h = plan.holders[e];
-    EXPECT_FALSE(h.empty()) << "expert " << e << " has no replica";
+    EXPECT_GE(static_cast<int>(h.size()), o.min_copies)
+        << "expert " << e << " below the redundancy floor";
     EXPECT_EQ(std::set<int>(h.begin(), h.end()).size(), h.size())
         << "two replicas of expert " << e << " on one server";
     EXPECT_EQ(plan.shares[e].size(), h.size());
@@ -113,7 +115,7 @@ double CheckPlan(const LayerPlan& plan, const std::vector<double>& load, const P
     EXPECT_NEAR(total, 1.0, 1e-9);
     physical += static_cast<int>(h.size());
   }
-  EXPECT_LE(physical, E + o.num_replicas);
+  EXPECT_LE(physical, E * o.min_copies + o.num_replicas);
   for (int s = 0; s < o.num_servers; ++s) {
     EXPECT_LE(used[s], slots) << "server " << s << " over its slots";
     EXPECT_NEAR(server[s], plan.server_load[s], 1e-9 * (1 + server[s]));
@@ -262,6 +264,52 @@ TEST(Planner, ReplicatesAHotExpertAndEvensTheServers) {
   CheckPlan(*plan, load, o, 3);
   EXPECT_GE(plan->holders[0].size(), 3u);
   EXPECT_LE(Imbalance(plan->server_load), 1.02);
+}
+
+TEST(Planner, TheRedundancyFloorHoldsWhateverTheLoad) {
+  // The scenario: 2 servers, every expert started with 2 copies, a skewed load and the
+  // default budget (one replica per server). The planner may not drop a copy to even the load.
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int S = 2 + trial % 4;
+    const int M = 1 + static_cast<int>(rng() % S);
+    const int R = static_cast<int>(rng() % (2 * S + 1));
+    std::vector<double> load(16);
+    std::exponential_distribution<double> skew(0.05);
+    for (double& l : load) l = skew(rng);
+    PlannerOptions o{S, R, 0, true, true};
+    o.min_copies = M;
+    auto plan = PlanLayer(load, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const int slots = (16 * M + R + S - 1) / S;
+    CheckPlan(*plan, load, o, slots);
+    auto eplb = PlanLayerEplb(load, o);
+    ASSERT_TRUE(eplb.ok());
+    CheckPlan(*eplb, load, o, slots);
+    EXPECT_LE(plan->max_load(), eplb->max_load() * (1 + 1e-9));
+  }
+  // A floor above the number of servers cannot be kept on distinct servers: refused, saying so.
+  PlannerOptions too_many{2, 0, 0};
+  too_many.min_copies = 3;
+  auto refused = PlanLayer({1, 2, 3}, too_many);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()), testing::HasSubstr("min_copies 3"));
+}
+
+TEST(Planner, APlacementWithTwoCopiesKeepsThemAcrossAReplan) {
+  const ModelConfig c = SmallMoe(8);
+  auto current = Placement::Compute(c, 2, 2, Placement::Strategy::kRoundRobin);
+  ASSERT_TRUE(current.ok());
+  std::vector<std::vector<double>> hot(3, std::vector<double>(8, 1.0));
+  hot[0].clear();
+  hot[1][2] = 500;
+  PlannerOptions o{2, 2, 0};
+  o.min_copies = 2;
+  auto plan = PlanPlacement(*current, hot, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (int l : {1, 2}) {
+    for (int e = 0; e < 8; ++e) EXPECT_EQ(plan->Holders(l, e).size(), 2u) << l << ":" << e;
+  }
 }
 
 TEST(Planner, BadInputIsAnError) {

@@ -162,6 +162,58 @@ class LiveRebalance(unittest.TestCase):
         self.assertIn("127.0.0.1:1", r.stderr)
 
 
+class RedundancyFloor(unittest.TestCase):
+    """The copies a cluster is started with are a floor no placement change goes below: with 3
+    expert servers and --replicas 2, a planned and applied placement keeps every routed expert
+    on two servers at least (hot ones may get a third), so a kill -9 of one server afterwards
+    fails nothing (the issue's scenario)."""
+
+    def test_apply_then_kill_one_expert_server(self):
+        model = skewed_model()
+        cluster = cu.Cluster(model, attention=1, experts=3, replicas=2, extra=("--load-window-seconds", "30"))
+        try:
+            work = prompts(8, seed=9)
+            streams, threads = lu.run_streams(cluster, work, 48)  # fills the load window
+            lu.wait(threads)
+            reference = [s.ids for s in streams]
+            plan = json.loads(placement(cluster, "plan", "--json").stdout)
+            self.assertEqual((plan["min_copies"], plan["copies_floor"]), (2, 2), plan)
+            self.assertIn(plan["max_copies"], (2, 3), plan)
+            text = placement(cluster, "plan").stdout
+            self.assertRegex(text, r"copies per routed expert: 2 to [23] \(floor 2\)")
+            # A placement file below the floor is refused, naming the floor and the way past it.
+            thin = os.path.join(cu.TMP, "one-copy.json")
+            with open(thin, "w") as f:
+                json.dump({"num_servers": 3, "layers": [{"layer": l, "servers": [[e % 3] for e in range(16)]}
+                                                        for l in (1, 2, 3)]}, f)
+            r = placement(cluster, "apply", "--placement", thin, check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("below the floor of 2 (--min-copies)", r.stderr)
+            applied = json.loads(placement(cluster, "apply", "--json").stdout)[0]
+            self.assertTrue(applied["switched"], applied)
+            self.assertGreater(applied["experts_dropped"], 0, "the change should move experts")
+            report = json.loads(placement(cluster, "show", "--json").stdout)[0]
+            self.assertEqual(report["version"], "2")
+            for layer in json.loads(report["placement_json"])["layers"]:
+                for e, servers in enumerate(layer["servers"]):
+                    self.assertGreaterEqual(len(set(servers)), 2, f"layer {layer['layer']} expert {e}")
+            # A stream under way when one expert server dies, and requests after it: all complete
+            # as before the change.
+            streams, threads = lu.run_streams(cluster, work, 48)
+            deadline = time.time() + 60
+            while min(len(s.ids) for s in streams) < 8 and time.time() < deadline:
+                time.sleep(0.005)
+            os.kill(cluster.processes("expert-server")[0]["pid"], 9)
+            lu.wait(threads)
+            for i, s in enumerate(streams):
+                self.assertIsNone(s.error, f"stream {i}")
+                self.assertEqual(s.ids, reference[i], f"stream {i}")
+            got, _, _ = cluster.generate(work[0], 48)
+            self.assertEqual(got, reference[0])
+        finally:
+            cluster.close()
+
+
 class AutomaticRebalance(unittest.TestCase):
     def test_the_attention_server_rebalances_on_its_own(self):
         model = skewed_model()

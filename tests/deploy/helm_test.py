@@ -145,6 +145,29 @@ class LintAndTemplate(unittest.TestCase):
             vol = objs[kind]["spec"]["template"]["spec"]["volumes"][0]
             self.assertEqual(vol["persistentVolumeClaim"]["claimName"], "deepseek-moe-16b", kind)
 
+    def test_expert_copies_spread_over_nodes_and_survive_drains(self):
+        """Copies of an expert on different nodes, and a drain never takes every copy."""
+        for copies, when, budget in ((1, "ScheduleAnyway", 1), (2, "DoNotSchedule", 1), (3, "DoNotSchedule", 2)):
+            objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o
+                    for o in objects(render(None, "experts.replicas=4", f"experts.placement.copies={copies}"))}
+            spread = objs["StatefulSet/rel-dsmoe-expert"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+            self.assertEqual(len(spread), 1, copies)
+            self.assertEqual(spread[0]["topologyKey"], "kubernetes.io/hostname")
+            self.assertEqual(spread[0]["whenUnsatisfiable"], when, copies)
+            self.assertEqual(spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"], "expert")
+            pdb = objs["PodDisruptionBudget/rel-dsmoe-expert"]["spec"]
+            self.assertEqual(pdb["maxUnavailable"], budget, copies)
+            self.assertEqual(pdb["selector"]["matchLabels"]["app.kubernetes.io/component"], "expert")
+            for role in ("gateway", "attention"):
+                self.assertEqual(objs[f"PodDisruptionBudget/rel-dsmoe-{role}"]["spec"]["maxUnavailable"], 1)
+        off = {f'{o["kind"]}/{o["metadata"]["name"]}': o
+               for o in objects(render(None, "experts.spreadOverNodes=off", "podDisruptionBudget.enabled=false"))}
+        self.assertNotIn("topologySpreadConstraints", off["StatefulSet/rel-dsmoe-expert"]["spec"]["template"]["spec"])
+        self.assertFalse(any(k.startswith("PodDisruptionBudget/") for k in off))
+        args = objects(render(VALUES["replicas"]))
+        attention = [o for o in args if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "rel-dsmoe-attention"][0]
+        self.assertIn("--min-copies=2", attention["spec"]["template"]["spec"]["containers"][0]["args"])
+
     def test_gpu_values_request_gpus_and_download_the_model(self):
         objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(VALUES["gpu"]))}
         for kind in ("StatefulSet/rel-dsmoe-attention", "StatefulSet/rel-dsmoe-expert"):
@@ -269,7 +292,7 @@ class Security(unittest.TestCase):
 
     def test_the_binaries_take_every_rendered_flag(self):
         """Each flag the chart renders exists in the real server's --help (chart and binaries agree)."""
-        for values in (None, VALUES["certmanager"], VALUES["insecure"], VALUES["gpu"]):
+        for values in (None, VALUES["certmanager"], VALUES["insecure"], VALUES["gpu"], VALUES["replicas"]):
             objs = self.rendered(values)
             for kind, binary in COMPONENTS.items():
                 with self.subTest(values=values, kind=kind):
