@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <thread>
 
 #include "expert-server/client/expert_dispatcher.h"
@@ -64,13 +65,23 @@ TEST_F(ExpertServerTest, TwoInOneProcessServeTheirPlacementEntries) {
     EXPECT_EQ(servers[s]->num_experts_held(), static_cast<int64_t>(placement->ExpertsOf(s).size()));
     EXPECT_TRUE(dispatcher.VerifyServer(s).ok()) << dispatcher.VerifyServer(s);
   }
-  // Swapped: each holds the other's experts, not its own.
+  // Swapped: each holds the other's experts, not its own. The check keeps the server out and
+  // tells it what the placement in use assigns it (re-sync); once it has loaded that, a later
+  // check admits it, and it holds exactly the placement's entries for its new index.
   ExpertServerPool reversed({addresses[1], addresses[0]}, po);
   ExpertDispatcher wrong(config, *placement, reversed, ExpertDispatcherOptions{});
   const absl::Status refused = wrong.VerifyServer(0);
-  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
   EXPECT_NE(refused.message().find("expert server 0 at " + addresses[1]), std::string::npos)
       << refused;
+  EXPECT_NE(refused.message().find("re-sync"), std::string::npos) << refused;
+  absl::Status admitted = refused;
+  for (int i = 0; i < 400 && !admitted.ok(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    admitted = wrong.VerifyServer(0);
+  }
+  EXPECT_TRUE(admitted.ok()) << admitted;
+  EXPECT_EQ(servers[1]->num_experts_held(), static_cast<int64_t>(placement->ExpertsOf(0).size()));
 
   // Wait on one thread, Shutdown on another, then again: all return.
   std::thread waiter([&] { servers[0]->Wait(); });

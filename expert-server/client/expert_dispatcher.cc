@@ -267,14 +267,29 @@ absl::Status ExpertDispatcher::VerifyServer(int s) const {
   }
   std::set<std::pair<int64_t, int64_t>> held;
   for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
-  for (const auto& le : placement()->ExpertsOf(s)) {
-    if (!held.count(le)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(pool_.Name(s), " does not hold routed expert (layer ", le.first, ", expert ",
-                       le.second, ") that the placement assigns it"));
-    }
+  const std::shared_ptr<const router::Placement> p = placement();
+  const std::vector<std::pair<int64_t, int64_t>> assigned = p->ExpertsOf(s);
+  int64_t missing = 0;
+  for (const auto& le : assigned) missing += held.count(le) ? 0 : 1;
+  if (missing == 0) return absl::OkStatus();
+  internal::v1::SetPlacementRequest resync;
+  resync.set_version(p->version());
+  for (const auto& [layer, expert] : assigned) {
+    resync.add_layers(static_cast<uint32_t>(layer));
+    resync.add_experts(static_cast<uint32_t>(expert));
   }
-  return absl::OkStatus();
+  const absl::StatusOr<internal::v1::SetPlacementResponse> told =
+      pool_.SetPlacement(s, resync, options_.deadline);
+  const std::string what =
+      absl::StrCat(pool_.Name(s), " holds placement version ", resp.placement_version(),
+                   " and lacks ", missing, " of the ", assigned.size(),
+                   " routed experts placement version ", p->version(), " assigns it");
+  if (!told.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, "; telling it to load them failed: ", told.status().message()));
+  }
+  return absl::UnavailableError(
+      absl::StrCat(what, ": told it to load them (re-sync); admitted once it serves them"));
 }
 
 }  // namespace dsmoe

@@ -80,8 +80,12 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
   absl::Status Finish(float* out) override;
 
   // Asks expert server `server` which experts it holds and checks the placement against it
-  // (the pool's health-check Verify: a server rejoins only if it holds what it should).
-  // Thread-safe (its own call).
+  // (the pool's health-check Verify: a server rejoins only if it holds what it should). A
+  // server that answers but holds another set — restarted with its start-up placement after a
+  // change, or a change that reached it only in part — is told to load what the placement in
+  // use assigns it (SetPlacement, in the background on its side) and stays out until a later
+  // check finds it serving that: the attention side is the placement's source of truth.
+  // Thread-safe (its own calls).
   absl::Status VerifyServer(int server) const;
 
   // Dispatches with `placement` from the next layer on. Call from the thread that runs the

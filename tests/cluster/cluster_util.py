@@ -201,3 +201,34 @@ class Stream:
     def wait(self, timeout=60):
         assert self.done.wait(timeout), f"stream {self.ids} did not end within {timeout} s"
         return self
+
+
+# Processes started and stopped by hand (fault and restart tests).
+def spawn(argv, log):
+    with open(log, "a") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def command_line(pid):
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read().split("\0")[:-1]
+
+
+def same_port(argv, address):
+    """`argv` with --listen set to `address` and no ready file (the test polls health instead)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--listen", "--ready-file"):
+            skip = True
+            continue
+        out.append(a)
+    return out + ["--listen", address]
+
+
+def stop(proc):
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()

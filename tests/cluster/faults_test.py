@@ -40,41 +40,6 @@ def free_port():
     return port
 
 
-def spawn(argv, log):
-    with open(log, "a") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def command_line(pid):
-    with open(f"/proc/{pid}/cmdline") as f:
-        return f.read().split("\0")[:-1]
-
-
-def same_port(argv, address):
-    """`argv` with --listen set to `address` and no ready file (the test polls health instead)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--listen", "--ready-file"):
-            skip = True
-            continue
-        out.append(a)
-    return out + ["--listen", address]
-
-
-def stop(proc):
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 class FaultTest(unittest.TestCase):
     model = None
 
@@ -118,8 +83,8 @@ class ExpertServerFaults(FaultTest):
             # The replicas cover every expert: the attention server stays ready, and says why
             # its first expert server is out.
             self.assertEqual(c.health(attention["address"]), "SERVING")
-            cu.wait_for(lambda: "expert server 0 at" in read(attention["log"]), 5, "the log line")
-            self.assertRegex(read(attention["log"]), r"expert server 0 at \S+ is down")
+            cu.wait_for(lambda: "expert server 0 at" in cu.read(attention["log"], "r"), 5, "the log line")
+            self.assertRegex(cu.read(attention["log"], "r"), r"expert server 0 at \S+ is down")
             self.assert_identical(cu.Stream(c.gateway, cases[0], 300).wait(), want[0], "after the kill")
         finally:
             c.close()
@@ -161,7 +126,7 @@ class ExpertServerFaults(FaultTest):
             attention, gateway = c.processes("attention-server")[0], c.processes("gateway")[0]
             self.assertEqual(c.health(attention["address"]), "SERVING")
             dead = c.processes("expert-server")[1]
-            argv = command_line(dead["pid"])
+            argv = cu.command_line(dead["pid"])
 
             # 1. Killed mid-stream: each long stream fails at the first position after the kill
             #    that needs E, having delivered a correct prefix, and says how far it got.
@@ -196,7 +161,7 @@ class ExpertServerFaults(FaultTest):
                 self.assertEqual(len(s.tokens), max(0, first - len(short_cases[i]) + 1), f"short request {i}")
 
             # 3. Back on its port, the server rejoins by itself and everything works again.
-            proc = spawn(same_port(argv, dead["address"]), dead["log"])
+            proc = cu.spawn(cu.same_port(argv, dead["address"]), dead["log"])
             try:
                 cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 15, "attention SERVING again")
                 cu.wait_for(lambda: c.health(gateway["address"]) == "SERVING", 5, "gateway SERVING again")
@@ -204,7 +169,7 @@ class ExpertServerFaults(FaultTest):
                 for i, (s, w) in enumerate(zip(streams, short_want)):
                     self.assert_identical(s.wait(), w, f"short request {i} after the restart")
             finally:
-                stop(proc)
+                cu.stop(proc)
         finally:
             c.close()
 
@@ -252,18 +217,18 @@ class ExpertServerFaults(FaultTest):
         bin_dir = os.path.dirname(cu.DSMOE)
         d = tempfile.mkdtemp(dir=cu.TMP)
         ready = os.path.join(d, "attention.port")
-        att = spawn([os.path.join(bin_dir, "dsmoe-attention-server"), "--model", self.model, "--expert-servers",
+        att = cu.spawn([os.path.join(bin_dir, "dsmoe-attention-server"), "--model", self.model, "--expert-servers",
                      f"127.0.0.1:{port}", "--ready-file", ready, "--threads", "1", "--insecure", *FAST_HEALTH],
                     os.path.join(d, "attention.log"))
         expert = None
         try:
-            cu.wait_for(lambda: "serving on" in read(os.path.join(d, "attention.log")), 30, "attention start")
-            address = re.search(r"serving on (\S+)", read(os.path.join(d, "attention.log"))).group(1)
+            cu.wait_for(lambda: "serving on" in cu.read(os.path.join(d, "attention.log"), "r"), 30, "attention start")
+            address = re.search(r"serving on (\S+)", cu.read(os.path.join(d, "attention.log"), "r")).group(1)
             self.assertEqual(cu.health_status(address), "NOT_SERVING")
             self.assertEqual(cu.health_status(address, "dsmoe.internal.v1.AttentionService"), "SERVING")
             time.sleep(0.5)
             self.assertFalse(os.path.exists(ready))
-            expert = spawn([os.path.join(bin_dir, "dsmoe-expert-server"), "--model", self.model, "--server-index", "0",
+            expert = cu.spawn([os.path.join(bin_dir, "dsmoe-expert-server"), "--model", self.model, "--server-index", "0",
                             "--listen", f"127.0.0.1:{port}", "--threads", "1", "--insecure"],
                            os.path.join(d, "expert.log"))
             cu.wait_for(lambda: cu.health_status(address) == "SERVING", 30, "attention SERVING")
@@ -273,8 +238,8 @@ class ExpertServerFaults(FaultTest):
                 cu.apb.AttentionGenerateRequest(prompt_token_ids=ids, max_tokens=8, top_p=1.0, ignore_eos=True), timeout=30)
             self.assertEqual([t for m in got for t in m.token_ids], self.clean(ids, 8))
         finally:
-            stop(att)
-            stop(expert)
+            cu.stop(att)
+            cu.stop(expert)
 
 
 class AttentionServerFaults(FaultTest):
@@ -319,7 +284,7 @@ class AttentionServerFaults(FaultTest):
         c = self.start()
         try:
             long, long_want, streams, short_want = self.setup_queue(c)
-            argv = command_line(self.att[0]["pid"])
+            argv = cu.command_line(self.att[0]["pid"])
             os.kill(self.att[0]["pid"], signal.SIGKILL)
             # The stream under way fails and says how far it got; the requests queued there had
             # no token yet and finish on attention server 1, identical to a clean run.
@@ -328,11 +293,11 @@ class AttentionServerFaults(FaultTest):
                 self.assert_identical(s.wait(), w, f"short request {i}")
             self.assertEqual(c.health(c.gateway_address), "SERVING")  # attention 1 still is
             # Restarted on the same port, it gets requests again.
-            proc = spawn(same_port(argv, self.att[0]["address"]), self.att[0]["log"])
+            proc = cu.spawn(cu.same_port(argv, self.att[0]["address"]), self.att[0]["log"])
             try:
                 self.check_rejoins(c)
             finally:
-                stop(proc)
+                cu.stop(proc)
         finally:
             c.close()
 

@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
 import load_util as lu  # noqa: E402
 
-STREAMS, TOKENS = 16, 96
+# Long enough that the streams are still generating while a rebalance loads and switches, even
+# with a fast gateway on a fast machine.
+STREAMS, TOKENS = 16, 400
 
 
 def prompts(n, vocab=512, seed=4):
@@ -203,13 +205,44 @@ class RedundancyFloor(unittest.TestCase):
             deadline = time.time() + 60
             while min(len(s.ids) for s in streams) < 8 and time.time() < deadline:
                 time.sleep(0.005)
-            os.kill(cluster.processes("expert-server")[0]["pid"], 9)
+            expert0 = cluster.processes("expert-server")[0]
+            argv = cu.command_line(expert0["pid"])
+            os.kill(expert0["pid"], 9)
             lu.wait(threads)
             for i, s in enumerate(streams):
                 self.assertIsNone(s.error, f"stream {i}")
                 self.assertEqual(s.ids, reference[i], f"stream {i}")
             got, _, _ = cluster.generate(work[0], 48)
             self.assertEqual(got, reference[0])
+            # Restarted, it comes back with its start-up placement (version 1); the attention
+            # server tells it to load what placement version 2 gives it and admits it once it
+            # serves that. Then another server may die: everything still computes.
+            log = cluster.processes("attention-server")[0]["log"]
+            line = f"expert server 0 at {expert0['address']} is serving"
+            before = cu.read(log, "r").count(line)
+            t0 = time.monotonic()
+            restarted = cu.spawn(cu.same_port(argv, expert0["address"]), expert0["log"])
+            try:
+                def resynced():
+                    try:
+                        held = cluster.expert(0).GetExperts(cu.epb.GetExpertsRequest(), timeout=2)
+                    except cu.grpc.RpcError:
+                        return False
+                    return held.placement_version == 2 and held.placement_state == cu.epb.PLACEMENT_STATE_SERVING
+                cu.wait_for(resynced, 60, "the restarted expert server re-synced to placement version 2")
+                t_resync = time.monotonic() - t0
+                # Admitted: the attention server's health checks say it serves again.
+                cu.wait_for(lambda: cu.read(log, "r").count(line) > before, 30, "the attention server to admit it")
+                print(f"\nrestarted expert server re-synced in {t_resync:.2f} s, admitted "
+                      f"{time.monotonic() - t0:.2f} s after the restart", flush=True)
+                os.kill(cluster.processes("expert-server")[1]["pid"], 9)
+                streams, threads = lu.run_streams(cluster, work, 48)
+                lu.wait(threads)
+                for i, s in enumerate(streams):
+                    self.assertIsNone(s.error, f"stream {i} after the second kill")
+                    self.assertEqual(s.ids, reference[i], f"stream {i} after the second kill")
+            finally:
+                cu.stop(restarted)
         finally:
             cluster.close()
 
