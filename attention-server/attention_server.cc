@@ -1,7 +1,5 @@
 #include "attention-server/attention_server.h"
 
-#include <cstdio>
-
 #include "attention-server/batch_runner_factory.h"
 #include "expert-server/client/nccl_transport.h"
 
@@ -73,6 +71,7 @@ absl::Status AttentionServer::Start() {
                                                        attention_metrics_.get()));
   if (dispatcher_ != nullptr) {
     RebalancerOptions rebalance = options_.rebalance;
+    rebalance.logger = options_.logger;
     if (rebalance.planner.num_replicas < 0) {
       rebalance.planner.num_replicas = expert_pool_->num_servers();
     }
@@ -114,19 +113,23 @@ absl::Status AttentionServer::ConnectExpertServers(const ModelConfig& config) {
   pool_options.health_checks = options_.expert_health;
   pool_options.health_checks->log_prefix = kLogName;
   pool_options.health_checks->target_kind = "expert server";
+  pool_options.logger = options_.logger;
   expert_pool_ = std::make_unique<ExpertServerPool>(options_.expert_servers, pool_options);
   ExpertDispatcherOptions dispatch;
   dispatch.deadline = options_.dispatch_deadline;
   dispatch.metrics = metrics_.get();
+  dispatch.logger = options_.logger;
   if (options_.expert_transport == AttentionServerOptions::ExpertTransport::kNccl) {
-    absl::StatusOr<std::unique_ptr<DispatchSideChannel>> links = OpenNcclTransport(
-        options_.device, *expert_pool_, config.hidden_size, options_.scheduler.max_batch_tokens);
+    absl::StatusOr<std::unique_ptr<DispatchSideChannel>> links =
+        OpenNcclTransport(options_.device, *expert_pool_, config.hidden_size,
+                          options_.scheduler.max_batch_tokens, options_.logger);
     if (links.ok()) {
       nccl_links_ = std::move(*links);
       dispatch.side_channel = nccl_links_.get();
     } else {  // not an error: every call then carries its tensors itself
-      std::fprintf(stderr, "%s: --expert-transport nccl: %s; using gRPC\n", kLogName,
-                   std::string(links.status().message()).c_str());
+      options_.logger->Log(LogLevel::kWarning,
+                           absl::StrCat(kLogName, ": --expert-transport nccl: ",
+                                        links.status().message(), "; using gRPC"));
     }
   }
   dispatcher_ = std::make_unique<ExpertDispatcher>(config, placement, *expert_pool_, dispatch);
@@ -137,6 +140,7 @@ absl::Status AttentionServer::StartServing() {
   rpc::ServerOptions server_options;
   server_options.security = security_;
   server_options.health_address = options_.health_listen;
+  server_options.logger = options_.logger;
   // No ready file yet: it is written once ready (Readiness).
   DSMOE_RETURN_IF_ERROR(options_.serving.Apply(*metrics_, &server_options));
   metrics_port_ = server_options.metrics_port;
@@ -145,7 +149,7 @@ absl::Status AttentionServer::StartServing() {
   // Ready means "can serve": every routed expert reachable on some live expert server.
   readiness_ = std::make_unique<rpc::Readiness>(
       running_.server.get(), internal::v1::AttentionService::service_full_name(),
-      options_.serving.ready_file, running_.port, metrics_port_, kLogName);
+      options_.serving.ready_file, running_.port, metrics_port_, kLogName, options_.logger);
   if (expert_pool_ == nullptr) {
     readiness_->Set(true);
     return absl::OkStatus();

@@ -33,6 +33,7 @@
 #include "core/rpc/serving_options.h"
 #include "core/rpc/transport_security.h"
 #include "core/util/device.h"
+#include "core/util/log.h"
 #include "expert-server/client/expert_dispatcher.h"
 #include "expert-server/client/expert_server_pool.h"
 #include "router/placement.h"
@@ -78,6 +79,10 @@ struct AttentionServerOptions {
   rpc::TransportSecurityOptions tls;
   // If set, a plain-text port serving only grpc.health.v1 Check (Kubernetes probes).
   std::string health_listen;
+  // Where the server and everything it owns log (readiness, the expert servers' health, dispatch
+  // and NCCL fallbacks, rebalancing, start-up warnings); it replaces expert_health.logger and
+  // rebalance.logger. Not owned; must outlive the server. Default: stdout/stderr as always.
+  Logger* logger = DefaultLogger();
 };
 
 class AttentionServer {

@@ -1,8 +1,9 @@
 #include "attention-server/rebalancer.h"
 
 #include <algorithm>
-#include <cstdio>
 #include <set>
+
+#include "absl/strings/str_format.h"
 
 namespace dsmoe {
 
@@ -147,7 +148,7 @@ void Rebalancer::Record(const absl::StatusOr<RebalanceOutcome>& outcome) {
     ++status_.failed;
     status_.last_error = std::string(outcome.status().message());
     if (failed_ != nullptr) failed_->Increment();
-    std::fprintf(stderr, "rebalance: failed: %s\n", status_.last_error.c_str());
+    options_.logger->Log(LogLevel::kError, absl::StrCat("rebalance: failed: ", status_.last_error));
     return;
   }
   const RebalanceOutcome& o = *outcome;
@@ -168,14 +169,13 @@ void Rebalancer::Record(const absl::StatusOr<RebalanceOutcome>& outcome) {
       after_[i]->Set(o.imbalance_after[i]);
     }
   }
-  std::printf(
-      "rebalance: placement %llu %s in %.3f s (load %.3f s, switch %.4f s; %lld experts loaded, "
-      "%lld dropped); worst layer imbalance %.3f -> %.3f\n",
-      static_cast<unsigned long long>(o.version), o.switched ? "in use" : "already in use",
-      o.duration_seconds, o.load_seconds, o.switch_seconds,
-      static_cast<long long>(o.experts_loaded), static_cast<long long>(o.experts_dropped),
-      Max(o.imbalance_before), Max(o.imbalance_after));
-  std::fflush(stdout);
+  options_.logger->Log(
+      LogLevel::kInfo,
+      absl::StrFormat("rebalance: placement %u %s in %.3f s (load %.3f s, switch %.4f s; %d "
+                      "experts loaded, %d dropped); worst layer imbalance %.3f -> %.3f",
+                      o.version, o.switched ? "in use" : "already in use", o.duration_seconds,
+                      o.load_seconds, o.switch_seconds, o.experts_loaded, o.experts_dropped,
+                      Max(o.imbalance_before), Max(o.imbalance_after)));
 }
 
 absl::Status Rebalancer::SetServerPlacement(int s, uint64_t version,
@@ -316,9 +316,10 @@ void Rebalancer::AutoLoop() {
     }
     const double after = Max(Imbalances(*plan, loads));
     if (after > before * (1 - options_.min_gain)) continue;  // not worth a change
-    std::printf("rebalance: automatic, worst layer imbalance %.3f > %.3f, plan gives %.3f\n",
-                before, options_.threshold, after);
-    std::fflush(stdout);
+    options_.logger->Log(
+        LogLevel::kInfo,
+        absl::StrFormat("rebalance: automatic, worst layer imbalance %.3f > %.3f, plan gives %.3f",
+                        before, options_.threshold, after));
     (void)Apply(std::move(*plan), /*keep_old_experts=*/false);
   }
 }

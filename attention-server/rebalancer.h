@@ -25,6 +25,7 @@
 
 #include "attention-server/scheduler.h"
 #include "core/rpc/metrics.h"
+#include "core/util/log.h"
 #include "expert-server/client/expert_dispatcher.h"
 #include "router/load_window.h"
 #include "router/planner.h"
@@ -38,6 +39,8 @@ struct RebalancerOptions {
   double min_gain = 0.03;           // ... if the plan lowers it by at least this fraction
   int64_t min_window_tokens = 512;  // ... and the window holds this many routed assignments
   std::chrono::milliseconds load_timeout{120000};  // for new replicas to serve
+  // Where each change (and each automatic decision) is logged. Not owned; must outlive this.
+  Logger* logger = DefaultLogger();
 };
 
 struct RebalanceOutcome {

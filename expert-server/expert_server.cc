@@ -62,11 +62,13 @@ absl::Status ExpertServer::Start() {
       prometheus::Labels{{"expert_server", std::to_string(options_.server_index)}});
   ExpertServiceOptions service_options;
   service_options.metrics = metrics_.get();
+  service_options.logger = options_.logger;
   service_ = std::make_unique<ExpertService>(std::move(store), service_options);
 
   rpc::ServerOptions server_options;
   server_options.security = security_;
   server_options.health_address = options_.health_listen;
+  server_options.logger = options_.logger;
   server_options.ready_file = options_.serving.ready_file;  // ready as soon as it serves
   DSMOE_RETURN_IF_ERROR(options_.serving.Apply(*metrics_, &server_options));
   metrics_port_ = server_options.metrics_port;

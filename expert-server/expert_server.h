@@ -17,6 +17,7 @@
 #include "core/rpc/server.h"
 #include "core/rpc/serving_options.h"
 #include "core/rpc/transport_security.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
 #include "expert-server/expert_service.h"
 #include "expert-server/expert_store.h"
@@ -43,6 +44,9 @@ struct ExpertServerOptions {
   rpc::TransportSecurityOptions tls;
   // If set, a plain-text port serving only grpc.health.v1 Check (Kubernetes probes).
   std::string health_listen;
+  // Where the server and everything it owns log (the service's placement changes, start-up
+  // warnings). Not owned; must outlive the server. Default: stdout/stderr as always.
+  Logger* logger = DefaultLogger();
 };
 
 class ExpertServer {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "absl/strings/str_format.h"
 #include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
@@ -112,9 +113,10 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
       if (!commit.ok()) return rpc::ToGrpc(commit.status());
       ServeTargetLocked(std::move(*commit), change.to_load);
       response->set_state(state_);
-      std::printf("expert server: placement %llu serves %zu experts (dropped %zu)\n",
-                  static_cast<unsigned long long>(version_), held_.size(), change.to_drop.size());
-      std::fflush(stdout);
+      options_.logger->Log(
+          LogLevel::kInfo,
+          absl::StrCat("expert server: placement ", version_, " serves ", held_.size(),
+                       " experts (dropped ", change.to_drop.size(), ")"));
       return grpc::Status::OK;
     }
     state_ = internal::v1::PLACEMENT_STATE_LOADING;
@@ -138,18 +140,19 @@ void ExpertService::Load(uint64_t version, PlacementChange change) {
   if (!commit.ok()) {
     state_ = internal::v1::PLACEMENT_STATE_FAILED;
     error_ = std::string(commit.status().message());
-    std::fprintf(stderr, "expert server: placement %llu failed to load: %s\n",
-                 static_cast<unsigned long long>(version), error_.c_str());
+    options_.logger->Log(LogLevel::kError, absl::StrCat("expert server: placement ", version,
+                                                        " failed to load: ", error_));
     return;
   }
   ServeTargetLocked(std::move(*commit), change.to_load);
-  std::printf(
-      "expert server: placement %llu serves %zu experts (loaded %zu in %.3f s, dropped "
-      "%zu)\n",
-      static_cast<unsigned long long>(version), held_.size(), change.to_load.size(),
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-      change.to_drop.size());
-  std::fflush(stdout);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  options_.logger->Log(
+      LogLevel::kInfo,
+      absl::StrFormat("expert server: placement %u serves %u experts (loaded %u in %.3f s, "
+                      "dropped %u)",
+                      version, held_.size(), change.to_load.size(), seconds,
+                      change.to_drop.size()));
 }
 
 void ExpertService::ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load) {
@@ -220,8 +223,8 @@ grpc::Status ExpertService::OpenNcclChannel(grpc::ServerContext* context,
       request->nccl_unique_id(), SteadyDeadline(*context, std::chrono::milliseconds(ms)));
   if (!channel.ok()) return rpc::ToGrpc(channel.status());
   response->set_channel(*channel);
-  std::printf("expert server: NCCL channel %llu open\n", static_cast<unsigned long long>(*channel));
-  std::fflush(stdout);
+  options_.logger->Log(LogLevel::kInfo,
+                       absl::StrCat("expert server: NCCL channel ", *channel, " open"));
   return grpc::Status::OK;
 }
 

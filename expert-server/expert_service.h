@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "core/rpc/metrics.h"
+#include "core/util/log.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "expert-server/expert_store.h"
 
@@ -22,6 +23,8 @@ namespace dsmoe {
 
 struct ExpertServiceOptions {
   rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
+  // Where placement changes and NCCL channels are logged. Not owned; must outlive the service.
+  Logger* logger = DefaultLogger();
 };
 
 class ExpertService final : public internal::v1::ExpertService::Service {

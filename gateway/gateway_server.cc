@@ -42,8 +42,10 @@ absl::Status GatewayServer::Start() {
   }
   // Requests go to attention servers that answer health checks; one that stops answering is
   // taken out (its streams are ended) and rejoins when it answers again.
+  rpc::HealthCheckOptions health = options_.health;
+  health.logger = options_.logger;
   health_ = std::make_unique<rpc::HealthChecker>(options_.attention_servers, o.upstream_security,
-                                                 options_.health);
+                                                 std::move(health));
   o.upstream_health = health_.get();
   service_ = std::make_unique<GatewayService>(weights->config(), weights->generation_config(),
                                               std::move(tokenizer), options_.attention_servers, o);
@@ -53,12 +55,13 @@ absl::Status GatewayServer::Start() {
   // The ready file is written once the attention servers were checked (below), not at start.
   rpc::ServerOptions server_options = options_.server;
   server_options.ready_file.clear();
+  server_options.logger = options_.logger;
   DSMOE_ASSIGN_OR_RETURN(server_, rpc::StartServer(server_options, {service_.get()}));
   // Ready (health "") when at least one attention server is. The ready file only says the
   // gateway is up and has checked its attention servers once: it serves whatever they can.
   readiness_ = std::make_unique<rpc::Readiness>(
       server_.server.get(), dsmoe::v1::Gateway::service_full_name(), /*ready_file=*/"",
-      server_.port, options_.server.metrics_port, "dsmoe-gateway");
+      server_.port, options_.server.metrics_port, "dsmoe-gateway", options_.logger);
   health_->Start([this](int index, rpc::TargetHealth now) {
     service_->OnUpstreamHealth(index, now);
     bool any = false;

@@ -18,6 +18,7 @@
 #include "core/rpc/metrics.h"
 #include "core/rpc/readiness.h"
 #include "core/rpc/server.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
 #include "gateway/auth.h"
 #include "gateway/gateway_service.h"
@@ -43,6 +44,10 @@ struct GatewayServerOptions {
   std::string api_keys_file;
   bool no_auth = false;
   RateLimits rate_limits;
+  // Where the gateway and everything it owns log (readiness, the attention servers' health,
+  // start-up warnings); it replaces server.logger and health.logger. Not owned; must outlive the
+  // server. Default: stdout/stderr as always.
+  Logger* logger = DefaultLogger();
 };
 
 class GatewayServer {

@@ -3,18 +3,22 @@
 // the expert servers equal those of an attention server that computes the routed experts itself
 // (the model code itself is checked against the PyTorch reference elsewhere), it notices an
 // expert server going away (not ready; the experts only that server held fail, named), its
-// options are validated in Create, and Shutdown is idempotent and releases Wait.
+// options are validated in Create, and Shutdown is idempotent and releases Wait. What the servers
+// log goes to the Logger their Options inject (a CapturingLogger here), read back line by line.
 #include "attention-server/attention_server.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <thread>
 
+#include "absl/strings/str_join.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
+#include "core/util/log.h"
 #include "dsmoe/internal/v1/attention.grpc.pb.h"
 #include "expert-server/expert_server.h"
 #include "tests/test_util.h"
@@ -52,8 +56,10 @@ class AttentionServerTest : public ::testing::Test {
     return o;
   }
 
-  std::unique_ptr<ExpertServer> StartExpertServer(int index, int num_replicas = 1) const {
+  std::unique_ptr<ExpertServer> StartExpertServer(int index, int num_replicas = 1,
+                                                  Logger* logger = DefaultLogger()) const {
     ExpertServerOptions o;
+    o.logger = logger;
     o.model_dir = dir_.path();
     o.num_servers = 2;
     o.num_replicas = num_replicas;
@@ -128,10 +134,14 @@ TEST_F(AttentionServerTest, WithTwoExpertServersInOneProcess) {
 }
 
 TEST_F(AttentionServerTest, AReplicaTakesOverFromAServerThatWentAway) {
+  // Declared first: the servers log into them until they are destroyed.
+  CapturingLogger attention_log, expert_log;
   // Two copies of every expert, one on each server.
-  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0, 2), StartExpertServer(1, 2)};
+  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0, 2, &expert_log),
+                                              StartExpertServer(1, 2, &expert_log)};
   ASSERT_TRUE(experts[0] != nullptr && experts[1] != nullptr);
   AttentionServerOptions o = Options({experts[0]->address(), experts[1]->address()});
+  o.logger = &attention_log;
   o.num_replicas = 2;
   o.expert_health.period = std::chrono::seconds(60);  // only a failed call takes it out here
   auto remote = AttentionServer::Create(o);
@@ -156,6 +166,40 @@ TEST_F(AttentionServerTest, AReplicaTakesOverFromAServerThatWentAway) {
   }
   EXPECT_LT(std::sqrt(diff / norm), 1e-5);
   EXPECT_TRUE((*remote)->ready()) << "every routed expert still has a serving holder";
+
+  // What the attention server said, in the words its log has always used: both expert servers
+  // found serving, ready, then server 1 taken out by the failed dispatch call.
+  const std::vector<std::string> lines = attention_log.lines();
+  auto has_line = [&](const std::string& line) {
+    return std::find(lines.begin(), lines.end(), line) != lines.end();
+  };
+  auto has_prefix = [&](const std::string& prefix) {
+    return std::any_of(lines.begin(), lines.end(),
+                       [&](const std::string& l) { return l.rfind(prefix, 0) == 0; });
+  };
+  const std::string name = "dsmoe-attention-server: expert server ";
+  EXPECT_TRUE(has_line(name + "0 at " + experts[0]->address() + " is serving"));
+  EXPECT_TRUE(has_line(name + "1 at " + experts[1]->address() + " is serving"));
+  EXPECT_TRUE(has_line("dsmoe-attention-server: ready"));
+  EXPECT_TRUE(
+      has_prefix(name + "1 at " + experts[1]->address() + " is down: a dispatch call failed: "))
+      << absl::StrJoin(lines, "\n");
+  EXPECT_FALSE(has_prefix(name + "0 at " + experts[0]->address() + " is down"))
+      << "only the server that went away";
+  // Plain text (tls.insecure) is warned about, once per server, into each server's own logger.
+  const std::string plaintext = ": WARNING: serving PLAINTEXT gRPC on 127.0.0.1:0 (--insecure)";
+  auto count = [&](const CapturingLogger& log, const std::string& needle) {
+    int n = 0;
+    for (const CapturingLogger::Entry& e : log.entries()) {
+      if (e.message.find(needle) != std::string::npos) {
+        EXPECT_EQ(e.level, LogLevel::kWarning) << e.message;
+        ++n;
+      }
+    }
+    return n;
+  };
+  EXPECT_EQ(count(attention_log, plaintext), 1);
+  EXPECT_EQ(count(expert_log, plaintext), 2);
 }
 
 TEST_F(AttentionServerTest, CreateValidatesItsOptions) {

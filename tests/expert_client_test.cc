@@ -2,7 +2,9 @@
 // server and the call named, which failures count as transport failures, and the health
 // transitions a server goes through: resting after a failure without health checks (injected
 // clock), and with health checks against a real gRPC server on 127.0.0.1 (down before the
-// first check, serving after it, kept out by `verify`, out again after MarkDown).
+// first check, serving after it, kept out by `verify`, out again after MarkDown), each change
+// logged as one line into the pool's injected Logger.
+#include <errno.h>  // program_invocation_short_name
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -11,8 +13,10 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
+#include "core/util/log.h"
 #include "expert-server/client/expert_server_pool.h"
 
 namespace dsmoe {
@@ -149,6 +153,61 @@ TEST(ExpertServerPool, WithHealthChecksAServerServesOnlyOnceCheckedAndVerified) 
   }
   EXPECT_TRUE(pool.available(0));
   EXPECT_GE(changes.load(), before + 2) << "down, then serving again, both reported";
+  server->server->Shutdown();
+}
+
+TEST(ExpertServerPool, HealthChangesAreLoggedToTheInjectedLogger) {
+  // Declared first: the server and the pool log into them until they are destroyed.
+  CapturingLogger server_log, pool_log, replaced;
+  rpc::ServerOptions so;
+  so.security = rpc::TransportSecurity::Insecure();
+  so.logger = &server_log;
+  auto server = rpc::StartServer(so, {});
+  ASSERT_TRUE(server.ok()) << server.status();
+  // The plain-text warning went to the server's logger, as the one line it always was.
+  ASSERT_EQ(server_log.entries().size(), 1u);
+  EXPECT_EQ(server_log.entries()[0].level, LogLevel::kWarning);
+  EXPECT_EQ(server_log.lines()[0],
+            std::string(program_invocation_short_name) +
+                ": WARNING: serving PLAINTEXT gRPC on 127.0.0.1:0 (--insecure): no encryption, "
+                "no client authentication; anyone who reaches the port can call every method");
+
+  ExpertServerPoolOptions o = Insecure();
+  rpc::HealthCheckOptions checks;
+  checks.period = std::chrono::seconds(60);  // only the first round and MarkDown change states
+  checks.timeout = milliseconds(1000);
+  checks.failure_threshold = 1;
+  checks.log_prefix = "dsmoe-test";
+  checks.target_kind = "expert server";
+  checks.logger = &replaced;  // the pool's own logger replaces it
+  o.health_checks = checks;
+  o.logger = &pool_log;
+  const std::string live = server->address(), dead = "127.0.0.1:1";
+  ExpertServerPool pool({live, dead}, o);
+  EXPECT_TRUE(pool_log.lines().empty()) << "nothing happened before the checks start";
+  pool.StartHealthChecks(nullptr, nullptr);
+  ASSERT_TRUE(pool.available(0));
+  ASSERT_FALSE(pool.available(1));
+  pool.MarkDown(0, "a dispatch call failed: gone");
+
+  // "<log_prefix>: <target_kind> <i> at <address> is <health>[: <reason>]", one line each.
+  const std::vector<std::string> lines = pool_log.lines();
+  // (MarkDown also wakes the checker, which may find server 0 serving again: a fourth line.)
+  ASSERT_GE(lines.size(), 3u) << absl::StrJoin(lines, "\n");
+  ASSERT_LE(lines.size(), 4u) << absl::StrJoin(lines, "\n");
+  EXPECT_EQ(lines[0], "dsmoe-test: expert server 0 at " + live + " is serving");
+  const std::string down =
+      "dsmoe-test: expert server 1 at " + dead + " is down: health check failed: ";
+  EXPECT_EQ(lines[1].substr(0, down.size()), down) << lines[1];
+  EXPECT_GT(lines[1].size(), down.size()) << "the failed check says why";
+  EXPECT_EQ(lines[2],
+            "dsmoe-test: expert server 0 at " + live + " is down: a dispatch call failed: gone");
+  if (lines.size() == 4) {
+    EXPECT_EQ(lines[3], lines[0]);
+  }
+  for (const CapturingLogger::Entry& e : pool_log.entries()) EXPECT_EQ(e.level, LogLevel::kInfo);
+  EXPECT_TRUE(replaced.lines().empty());
+  pool.StopHealthChecks();
   server->server->Shutdown();
 }
 

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "core/model/make_model.h"
+#include "core/util/log.h"
 #include "expert-server/expert_store.h"
 #include "tests/test_util.h"
 
@@ -30,7 +31,7 @@ class ExpertServiceOnDevice : public ::testing::TestWithParam<std::string> {
 
   // The service as dsmoe-expert-server --device <param> runs it, holding `experts`; null (and
   // the test skipped) where the device cannot be used.
-  std::unique_ptr<ExpertService> Open(const ExpertSet& experts) {
+  std::unique_ptr<ExpertService> Open(const ExpertSet& experts, Logger* logger = DefaultLogger()) {
     ExpertStoreOptions so;
     so.device = *ParseDevice(GetParam());
     so.model_dir = dir_.path();
@@ -45,7 +46,9 @@ class ExpertServiceOnDevice : public ::testing::TestWithParam<std::string> {
       unusable_ = std::string(store.status().message());
       return nullptr;
     }
-    return std::make_unique<ExpertService>(std::move(*store), ExpertServiceOptions{});
+    ExpertServiceOptions options;
+    options.logger = logger;
+    return std::make_unique<ExpertService>(std::move(*store), options);
   }
 
   // One ComputeExperts call: token 0 routed to `expert` of `layer` with weight 0.75.
@@ -98,7 +101,8 @@ TEST_P(ExpertServiceOnDevice, PlacementChangeAddsKeepsAndDropsExpertsWhileServin
   ExpertSet first, second;  // [0, E/2), then [E/4, E): a quarter dropped, half added
   for (int64_t e = 0; e < E / 2; ++e) first.insert({layer, e});
   for (int64_t e = E / 4; e < E; ++e) second.insert({layer, e});
-  std::unique_ptr<ExpertService> service = Open(first);
+  CapturingLogger log;  // outlives the service, which logs the change into it
+  std::unique_ptr<ExpertService> service = Open(first, &log);
   if (service == nullptr) GTEST_SKIP() << GetParam() << " cannot be used here: " << unusable_;
   EXPECT_EQ(service->num_experts_held(), E / 2);
 
@@ -146,6 +150,17 @@ TEST_P(ExpertServiceOnDevice, PlacementChangeAddsKeepsAndDropsExpertsWhileServin
   for (int i = 0; i < held.layers_size(); ++i) reported.insert({held.layers(i), held.experts(i)});
   EXPECT_EQ(reported, second);
   EXPECT_EQ(service->num_experts_held(), static_cast<int64_t>(second.size()));
+  // One line says so (logged before the state reads SERVING): "expert server: placement 1 serves
+  // <held> experts (loaded <added> in <seconds> s, dropped <dropped>)".
+  const std::vector<std::string> lines = log.lines();
+  ASSERT_EQ(lines.size(), 1u);
+  const std::string head = absl::StrCat("expert server: placement 1 serves ", second.size(),
+                                        " experts (loaded ", E - E / 2, " in "),
+                    tail = absl::StrCat(" s, dropped ", E / 4, ")");
+  ASSERT_GT(lines[0].size(), head.size() + tail.size()) << lines[0];
+  EXPECT_EQ(lines[0].substr(0, head.size()), head) << lines[0];
+  EXPECT_EQ(lines[0].substr(lines[0].size() - tail.size()), tail) << lines[0];
+  EXPECT_EQ(log.entries()[0].level, LogLevel::kInfo);
 
   EXPECT_EQ(ComputeOne(*service, layer, dropped, x, &out).error_code(),
             grpc::StatusCode::FAILED_PRECONDITION)

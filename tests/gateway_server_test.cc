@@ -1,11 +1,18 @@
 // GatewayServer inside the test process: created from options (no flags, no global state), its
 // bound port readable, two at once, and the answers a gateway gives when no attention server
-// is reachable, each with the right gRPC code and a message naming the problem.
+// is reachable, each with the right gRPC code and a message naming the problem; what it logs goes
+// to the Logger its options inject.
 #include "gateway/gateway_server.h"
 
+#include <errno.h>  // program_invocation_short_name
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_join.h"
+#include "core/util/log.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -87,6 +94,41 @@ TEST(GatewayServer, RunsInProcessAndNamesTheUnreachableAttentionServer) {
   }
   (*a)->Shutdown(std::chrono::system_clock::now());
   (*a)->Wait();
+}
+
+TEST(GatewayServer, LogsIntoTheInjectedLogger) {
+  testing::TempDir dir;
+  testing::WriteTinyModel(dir.path());
+  // Declared before the server: it logs into them until it is destroyed.
+  CapturingLogger log, replaced;
+  GatewayServerOptions o = Options(dir.path());
+  o.health.log_prefix = "dsmoe-gateway";  // as the main names them
+  o.health.target_kind = "attention server";
+  o.health.period = std::chrono::seconds(60);  // only the first round, before Create returns
+  o.health.logger = &replaced;                 // Create replaces both with o.logger
+  o.server.logger = &replaced;
+  o.logger = &log;
+  auto server = GatewayServer::Create(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  // Start-up, in order: plain text warned about, not ready (the first round's verdict), then
+  // the attention server named as down, with why.
+  const std::vector<CapturingLogger::Entry> entries = log.entries();
+  std::vector<std::string> lines;
+  for (const CapturingLogger::Entry& e : entries) lines.push_back(e.message);
+  ASSERT_EQ(entries.size(), 3u) << absl::StrJoin(lines, "\n");
+  EXPECT_EQ(entries[0].level, LogLevel::kWarning);
+  EXPECT_EQ(lines[0], std::string(program_invocation_short_name) +
+                          ": WARNING: serving PLAINTEXT gRPC on 127.0.0.1:0 (--insecure): no "
+                          "encryption, no client authentication; anyone who reaches the port can "
+                          "call every method");
+  const std::string down = "dsmoe-gateway: attention server 0 at 127.0.0.1:1 is down: ";
+  EXPECT_EQ(lines[1], "dsmoe-gateway: not ready: no attention server is ready");
+  EXPECT_EQ(lines[2].substr(0, down.size()), down) << lines[2];
+  EXPECT_GT(lines[2].size(), down.size()) << "the failed check says why";
+  EXPECT_EQ(entries[1].level, LogLevel::kInfo);
+  EXPECT_EQ(entries[2].level, LogLevel::kInfo);
+  EXPECT_TRUE(replaced.entries().empty()) << absl::StrJoin(replaced.lines(), "\n");
 }
 
 }  // namespace

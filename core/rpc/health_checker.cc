@@ -2,8 +2,6 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <cstdio>
-
 #include "core/rpc/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -197,10 +195,10 @@ bool HealthChecker::SetLocked(int target, TargetHealth h, const std::string& rea
 }
 
 void HealthChecker::Log(int target, TargetHealth h, const std::string& reason) const {
-  std::printf("%s: %s %d at %s is %s%s%s\n", options_.log_prefix.c_str(),
-              options_.target_kind.c_str(), target, addresses_[target].c_str(), TargetHealthName(h),
-              reason.empty() ? "" : ": ", reason.c_str());
-  std::fflush(stdout);
+  options_.logger->Log(LogLevel::kInfo,
+                       absl::StrCat(options_.log_prefix, ": ", options_.target_kind, " ", target,
+                                    " at ", addresses_[target], " is ", TargetHealthName(h),
+                                    reason.empty() ? "" : ": ", reason));
 }
 
 }  // namespace dsmoe::rpc

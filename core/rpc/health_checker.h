@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/rpc/transport_security.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
 
 namespace dsmoe::rpc {
@@ -41,6 +42,8 @@ struct HealthCheckOptions {
   // How log lines name the process and its targets: "<log_prefix>: <target_kind> <i> at <addr>".
   std::string log_prefix = "dsmoe";
   std::string target_kind = "server";
+  // Where the health changes are logged (one line each). Not owned; must outlive the checker.
+  Logger* logger = DefaultLogger();
 };
 
 enum class TargetHealth : int { kDown = 0, kNotServing = 1, kServing = 2 };

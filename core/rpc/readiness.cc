@@ -1,18 +1,18 @@
 #include "core/rpc/readiness.h"
 
-#include <cstdio>
-
+#include "absl/strings/str_cat.h"
 #include "core/rpc/server.h"
 
 namespace dsmoe::rpc {
 
 Readiness::Readiness(grpc::Server* server, const std::string& service, std::string ready_file,
-                     int port, int metrics_port, std::string log_prefix)
+                     int port, int metrics_port, std::string log_prefix, Logger* logger)
     : server_(server),
       ready_file_(std::move(ready_file)),
       port_(port),
       metrics_port_(metrics_port),
-      log_prefix_(std::move(log_prefix)) {
+      log_prefix_(std::move(log_prefix)),
+      logger_(logger) {
   server_->GetHealthCheckService()->SetServingStatus(service, true);  // liveness: alive
   server_->GetHealthCheckService()->SetServingStatus("", false);      // readiness: not yet
 }
@@ -23,14 +23,14 @@ void Readiness::Set(bool ready, const std::string& why_not) {
   ever_set_ = true;
   ready_ = ready;
   server_->GetHealthCheckService()->SetServingStatus("", ready);
-  std::printf("%s: %s%s%s\n", log_prefix_.c_str(), ready ? "ready" : "not ready",
-              ready || why_not.empty() ? "" : ": ", ready ? "" : why_not.c_str());
-  std::fflush(stdout);
+  logger_->Log(LogLevel::kInfo,
+               absl::StrCat(log_prefix_, ": ", ready ? "ready" : "not ready",
+                            ready || why_not.empty() ? "" : ": ", ready ? "" : why_not));
   if (ready && !ever_ready_) {
     ever_ready_ = true;
     if (!ready_file_.empty()) {
       if (absl::Status s = WriteReadyFile(ready_file_, port_, metrics_port_); !s.ok()) {
-        std::fprintf(stderr, "%s: %s\n", log_prefix_.c_str(), std::string(s.message()).c_str());
+        logger_->Log(LogLevel::kError, absl::StrCat(log_prefix_, ": ", s.message()));
       }
     }
   }

@@ -11,14 +11,17 @@
 #include <mutex>
 #include <string>
 
+#include "core/util/log.h"
+
 namespace dsmoe::rpc {
 
 class Readiness {
  public:
   // Starts NOT_SERVING; `service` (the server's own gRPC service name) SERVING from now on.
-  // REQUIRES: server outlives this. `ready_file` may be empty.
+  // REQUIRES: server and logger outlive this. `ready_file` may be empty. Changes are logged
+  // as "<log_prefix>: ready" / "<log_prefix>: not ready: <why>".
   Readiness(grpc::Server* server, const std::string& service, std::string ready_file, int port,
-            int metrics_port, std::string log_prefix);
+            int metrics_port, std::string log_prefix, Logger* logger = DefaultLogger());
   // Publishes the new state; `why_not` (logged on changes) says what is missing.
   void Set(bool ready, const std::string& why_not = "");
   bool ready() const;
@@ -28,6 +31,7 @@ class Readiness {
   std::string ready_file_;
   int port_, metrics_port_;
   std::string log_prefix_;
+  Logger* logger_;
   mutable std::mutex mu_;
   bool ready_ = false;       // guarded by mu_
   bool ever_ready_ = false;  // guarded by mu_

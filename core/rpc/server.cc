@@ -8,7 +8,7 @@
 #include <signal.h>
 
 #include <algorithm>
-#include <cstdio>
+#include <cstdio>  // std::rename
 #include <fstream>
 
 namespace dsmoe::rpc {
@@ -77,10 +77,12 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
                                           const std::vector<grpc::Service*>& services) {
   DSMOE_ASSIGN_OR_RETURN(auto credentials, options.security.ServerCredentials());
   if (options.security.insecure()) {
-    std::fprintf(stderr,
-                 "%s: WARNING: serving PLAINTEXT gRPC on %s (--insecure): no encryption, no "
-                 "client authentication; anyone who reaches the port can call every method\n",
-                 program_invocation_short_name, options.address.c_str());
+    options.logger->Log(
+        LogLevel::kWarning,
+        absl::StrCat(program_invocation_short_name, ": WARNING: serving PLAINTEXT gRPC on ",
+                     options.address,
+                     " (--insecure): no encryption, no client authentication; anyone who reaches "
+                     "the port can call every method"));
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

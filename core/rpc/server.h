@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/rpc/transport_security.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
 
 namespace dsmoe::rpc {
@@ -30,6 +31,8 @@ struct ServerOptions {
   // If set (host:port), a second, plain-text port serving only grpc.health.v1 Health/Check,
   // answered by this server's own health service: what Kubernetes gRPC probes reach.
   std::string health_address;
+  // Where the start-up warnings go (plain-text serving). Not owned; must outlive StartServer.
+  Logger* logger = DefaultLogger();
 };
 
 class HealthForwarder;

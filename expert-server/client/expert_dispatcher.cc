@@ -1,6 +1,5 @@
 #include "expert-server/client/expert_dispatcher.h"
 
-#include <cstdio>
 #include <cstring>
 #include <set>
 
@@ -128,8 +127,9 @@ void ExpertDispatcher::StageHidden(int server, Call& call, const router::ServerW
       req.clear_hidden();
       return;
     }
-    std::fprintf(stderr, "dispatch: expert server %d: this call goes by gRPC: %s\n", server,
-                 std::string(posted.message()).c_str());
+    options_.logger->Log(LogLevel::kWarning,
+                         absl::StrCat("dispatch: expert server ", server,
+                                      ": this call goes by gRPC: ", posted.message()));
   }
   req.set_nccl_channel(0);
   std::string* hidden = req.mutable_hidden();
@@ -154,8 +154,9 @@ bool ExpertDispatcher::CollectSideChannel() {
     if (call.status.ok()) {
       // The server computed, but its outputs did not arrive: the channel failed, not the
       // server, which stays available for the resend by gRPC.
-      std::fprintf(stderr, "dispatch: expert server %zu: sent again by gRPC: %s\n", s,
-                   std::string(out.status().message()).c_str());
+      options_.logger->Log(LogLevel::kWarning,
+                           absl::StrCat("dispatch: expert server ", s,
+                                        ": sent again by gRPC: ", out.status().message()));
       resend = true;
     }
   }

@@ -20,6 +20,7 @@
 
 #include "core/model/routed_experts.h"
 #include "core/rpc/metrics.h"
+#include "core/util/log.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "expert-server/client/expert_server_pool.h"
 #include "router/dispatch.h"
@@ -51,6 +52,9 @@ struct ExpertDispatcherOptions {
   // If set, calls to servers it has a channel to move their tensors through it (NCCL). Not
   // owned; must outlive the executor.
   DispatchSideChannel* side_channel = nullptr;
+  // Where calls that fall back from the side channel to gRPC are logged. Not owned; must
+  // outlive the executor.
+  Logger* logger = DefaultLogger();
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the

@@ -15,10 +15,12 @@ ExpertServerPool::ExpertServerPool(std::vector<std::string> addresses,
     stubs_.push_back(internal::v1::ExpertService::NewStub(channels_.back()));
   }
   if (options_.health_checks.has_value()) {
+    rpc::HealthCheckOptions checks = *options_.health_checks;
+    checks.logger = options_.logger;
     // The checker asks verify_ through this forwarder, so it can exist (and report every
     // server down) before the caller has what verifies a server.
     health_ = std::make_unique<rpc::HealthChecker>(
-        addresses_, channels_, *options_.health_checks,
+        addresses_, channels_, std::move(checks),
         [this](int server) { return verify_ ? verify_(server) : absl::OkStatus(); });
   }
 }

@@ -28,6 +28,7 @@
 #include "absl/strings/string_view.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/transport_security.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 
@@ -44,6 +45,9 @@ struct ExpertServerPoolOptions {
   std::chrono::milliseconds retry_down_after{2000};
   // The clock behind retry_down_after; injected by tests, steady_clock otherwise.
   std::function<Clock::time_point()> now = [] { return Clock::now(); };
+  // Where the pool's health checker logs (it replaces health_checks->logger). Not owned; must
+  // outlive the pool.
+  Logger* logger = DefaultLogger();
 };
 
 class ExpertServerPool {

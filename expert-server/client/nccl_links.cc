@@ -2,7 +2,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdio>
 #include <cstring>
 
 #include "core/ops/cuda/cuda_status.h"
@@ -62,8 +61,9 @@ void NcclLinks::Open(int server) {
   const auto deadline = std::chrono::steady_clock::now() + options_.open_timeout;
   auto fail = [&](const absl::Status& why) {
     link.retry_at = std::chrono::steady_clock::now() + options_.retry_after;
-    std::fprintf(stderr, "dispatch: %s: no NCCL channel (%s); gRPC carries its tensors\n",
-                 pool_.Name(server).c_str(), std::string(why.message()).c_str());
+    options_.logger->Log(LogLevel::kWarning,
+                         absl::StrCat("dispatch: ", pool_.Name(server), ": no NCCL channel (",
+                                      why.message(), "); gRPC carries its tensors"));
     link.state.store(kClosed, std::memory_order_release);
   };
   absl::StatusOr<std::string> unique_id = nccl::NewUniqueId();
@@ -111,9 +111,9 @@ void NcclLinks::Open(int server) {
   }
   link.channel = std::move(*channel);
   link.id = response.channel();
-  std::printf("dispatch: %s: NCCL channel %llu open (GPU %d)\n", pool_.Name(server).c_str(),
-              static_cast<unsigned long long>(link.id), options_.device);
-  std::fflush(stdout);
+  options_.logger->Log(LogLevel::kInfo,
+                       absl::StrCat("dispatch: ", pool_.Name(server), ": NCCL channel ", link.id,
+                                    " open (GPU ", options_.device, ")"));
   link.state.store(kOpen, std::memory_order_release);
 }
 
@@ -123,8 +123,9 @@ void NcclLinks::Close(int server, const absl::Status& why) {
   link.channel.reset();
   link.retry_at = std::chrono::steady_clock::now() + options_.retry_after;
   link.state.store(kClosed, std::memory_order_release);
-  std::fprintf(stderr, "dispatch: %s: NCCL channel closed (%s)\n", pool_.Name(server).c_str(),
-               std::string(why.message()).c_str());
+  options_.logger->Log(LogLevel::kWarning,
+                       absl::StrCat("dispatch: ", pool_.Name(server), ": NCCL channel closed (",
+                                    why.message(), ")"));
 }
 
 absl::Status NcclLinks::Post(int server, const float* x, const std::vector<int32_t>& rows) {

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/util/log.h"
 #include "expert-server/client/expert_dispatcher.h"
 #include "expert-server/client/expert_server_pool.h"
 #include "expert-server/nccl_channel.h"
@@ -30,6 +31,8 @@ struct NcclLinksOptions {
   std::chrono::milliseconds open_timeout{10000};
   std::chrono::milliseconds retry_after{60000};
   std::chrono::milliseconds transfer_timeout{10000};  // outputs, once the reply said OK
+  // Where channels opening, failing and closing are logged. Not owned; must outlive the links.
+  Logger* logger = DefaultLogger();
 };
 
 class NcclLinks final : public DispatchSideChannel {

@@ -9,7 +9,8 @@ namespace dsmoe {
 absl::StatusOr<std::unique_ptr<DispatchSideChannel>> OpenNcclTransport(const Device& device,
                                                                        ExpertServerPool& pool,
                                                                        int64_t hidden,
-                                                                       int64_t max_rows) {
+                                                                       int64_t max_rows,
+                                                                       Logger* logger) {
 #ifdef DSMOE_WITH_CUDA
   if (!device.is_cuda()) {
     return absl::FailedPreconditionError(
@@ -20,9 +21,10 @@ absl::StatusOr<std::unique_ptr<DispatchSideChannel>> OpenNcclTransport(const Dev
   options.device = device.index;
   options.hidden = hidden;
   options.max_rows = max_rows;
+  options.logger = logger;
   return std::unique_ptr<DispatchSideChannel>(new NcclLinks(pool, options));
 #else
-  (void)device, (void)pool, (void)hidden, (void)max_rows;
+  (void)device, (void)pool, (void)hidden, (void)max_rows, (void)logger;
   return absl::FailedPreconditionError(
       "this build of dsmoe has no CUDA backend, hence no NCCL transport");
 #endif
