@@ -182,7 +182,13 @@ bool ExpertDispatcher::MarkTransportFailures() {
   bool any = false;
   for (size_t s = 0; s < calls_.size(); ++s) {
     const Call& call = calls_[s];
-    if (!call.active || !rpc::IsTransportFailure(call.status)) continue;
+    // CANCELLED counts as well: the dispatcher never cancels its own calls, so a cancelled one
+    // was cancelled by the server, which does that to calls it has not handled when it shuts
+    // down (a graceful stop, e.g. SIGTERM in a rolling update): like a dead server, its
+    // replicas can take the work.
+    if (!call.active || !(rpc::IsTransportFailure(call.status) ||
+                          call.status.error_code() == grpc::StatusCode::CANCELLED))
+      continue;
     any = true;
     pool_.MarkDown(static_cast<int>(s),
                    absl::StrCat("a dispatch call failed: ", call.status.error_message()));
