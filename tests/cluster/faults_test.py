@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,6 @@ C = grpc.StatusCode
 def prompts(n, seed, lo=3, hi=10, vocab=512):
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class FaultTest(unittest.TestCase):
@@ -213,7 +204,7 @@ class ExpertServerFaults(FaultTest):
         # Started before its expert server (as Kubernetes may): it serves gRPC at once but is not
         # ready, writes no ready file, and becomes ready by itself when the expert server starts.
         # (Plain text: these two are started by hand, without the cluster's certificates.)
-        port = free_port()
+        port = cu.free_port()
         bin_dir = os.path.dirname(cu.DSMOE)
         d = tempfile.mkdtemp(dir=cu.TMP)
         ready = os.path.join(d, "attention.port")

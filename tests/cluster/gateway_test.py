@@ -10,7 +10,6 @@ GetModelInfo's expert servers come from the attention server (this gateway knows
 Usage: gateway_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,21 +23,13 @@ import cluster_util as cu  # noqa: E402
 C = grpc.StatusCode
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class GatewayAdmission(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.model = cu.make_model(cu.TMP, "tiny-gateway", "tiny")
         cls.cluster = cu.Cluster(cls.model, experts=1, extra=("--insecure", "--no-auth"))
         attention = cls.cluster.processes("attention-server")[0]["address"]
-        port = free_port()
+        port = cu.free_port()
         cls.log = os.path.join(cu.TMP, "gateway-limits.log")
         cls.log_file = open(cls.log, "a")
         cls.gateway_proc = subprocess.Popen(
