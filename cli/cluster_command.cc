@@ -113,9 +113,13 @@ std::string Join(const std::vector<Process>& procs, const std::string& role) {
 absl::StatusOr<fs::path> PrepareStateDir(const ClusterUpOptions& o) {
   const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
   if (fs::exists(dir / kStateFile)) {
-    return absl::AlreadyExistsError(absl::StrCat("a cluster is already up (",
-                                                 (dir / kStateFile).string(),
-                                                 "); run `dsmoe cluster down` first"));
+    // Name the state dir the way it was given, so the command to run is the one to copy.
+    const std::string down = o.state_dir.empty()
+                                 ? "dsmoe cluster down"
+                                 : absl::StrCat("dsmoe cluster down --state-dir ", o.state_dir);
+    return absl::AlreadyExistsError(absl::StrCat("a cluster is already up with state dir ",
+                                                 dir.string(), " (", kStateFile, " there); run `",
+                                                 down, "` first, or pick another --state-dir"));
   }
   std::error_code ec;
   fs::create_directories(dir, ec);

@@ -83,6 +83,12 @@ class ClusterBehaviour(unittest.TestCase):
     def tearDownClass(cls):
         cls.cluster.close()
 
+    def test_a_second_cluster_up_on_the_same_state_dir_names_it(self):
+        r = cu.run("cluster", "up", "--model", self.model, "--state-dir", self.cluster.state_dir, check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"a cluster is already up with state dir {self.cluster.state_dir}", r.stderr)
+        self.assertIn(f"`dsmoe cluster down --state-dir {self.cluster.state_dir}`", r.stderr)
+
     def test_logits_match_single_process(self):
         ids = prompts(1, 512, seed=5, lo=20, hi=21)[0]
         npy = os.path.join(cu.TMP, "single.npy")
