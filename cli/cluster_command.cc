@@ -20,6 +20,7 @@
 #include "cli/process.h"
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
+#include "core/util/cpu_quota.h"
 #include "router/placement.h"
 
 namespace dsmoe::cli {
@@ -297,8 +298,7 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   // and the thread pool never waits for a worker the OS has not scheduled, so sharing cores
   // costs little while splitting them leaves cores idle (measured: 32 streams through the
   // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1).
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const int threads = o.threads > 0 ? o.threads : static_cast<int>(cores);
+  const int threads = o.threads > 0 ? o.threads : UsableCpus();
   const fs::path bin = BinaryDir();
   const std::string model = fs::absolute(o.model).string();
   Launcher launcher(dir, tls_flags);

@@ -1,10 +1,13 @@
 #include "core/util/thread_pool.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <atomic>
 #include <chrono>
 #include <thread>
+
+#include "core/util/cpu_quota.h"
 
 namespace dsmoe {
 namespace {
@@ -40,6 +43,42 @@ TEST(ThreadPool, UsesMoreThanOneThreadWhenAsked) {
       std::this_thread::yield();
   });
   EXPECT_EQ(seen_mask.load(), 3);
+}
+
+}  // namespace
+}  // namespace dsmoe
+
+namespace dsmoe {
+namespace {
+
+TEST(UsableCpus, CgroupQuotasRoundDownToWholeCpus) {
+  EXPECT_EQ(CpusFromCgroupV2CpuMax("max 100000\n"), 0);  // no quota
+  EXPECT_EQ(CpusFromCgroupV2CpuMax("400000 100000\n"), 4);
+  EXPECT_EQ(CpusFromCgroupV2CpuMax("150000 100000"), 1);  // 1.5 CPUs: 2 threads would throttle
+  EXPECT_EQ(CpusFromCgroupV2CpuMax("50000 100000"), 1);   // at least one
+  EXPECT_EQ(CpusFromCgroupV2CpuMax("garbage"), 0);
+  EXPECT_EQ(CpusFromCgroupV1Quota(-1, 100000), 0);
+  EXPECT_EQ(CpusFromCgroupV1Quota(800000, 100000), 8);
+}
+
+TEST(UsableCpus, ThePoolsDefaultFollowsTheAffinityMask) {
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(saved), &saved), 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &saved)) {
+      CPU_SET(c, &one);
+      break;
+    }
+  }
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  const int usable = UsableCpus();
+  const int pool_threads = ThreadPool().num_threads();
+  ASSERT_EQ(sched_setaffinity(0, sizeof(saved), &saved), 0);
+  EXPECT_EQ(usable, 1);
+  EXPECT_EQ(pool_threads, 1);
+  EXPECT_LE(UsableCpus(), CPU_COUNT(&saved));
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "core/util/thread_pool.h"
 
+#include "core/util/cpu_quota.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -19,7 +21,7 @@ constexpr int kSpinRounds = 4096;
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
-  if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (num_threads <= 0) num_threads = UsableCpus();  // the container's quota, not the node's cores
   num_threads_ = num_threads < 1 ? 1 : num_threads;
   workers_.reserve(num_threads_ - 1);
   for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this, t] { WorkerLoop(t); });

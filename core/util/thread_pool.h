@@ -19,7 +19,7 @@ namespace dsmoe {
 class ThreadPool {
  public:
   // `num_threads` counts the calling thread: 1 runs everything inline, N starts N-1 workers.
-  // 0 means one per hardware thread.
+  // 0 means one per CPU this process may use (UsableCpus: affinity mask and cgroup quota).
   explicit ThreadPool(int num_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

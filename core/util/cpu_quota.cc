@@ -1,0 +1,82 @@
+#include "core/util/cpu_quota.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace dsmoe {
+
+namespace {
+
+std::string ReadSmallFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The process's cgroup v2 path ("0::<path>" in /proc/self/cgroup); "/" when unknown.
+std::string CgroupV2Path() {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "0::")) return line.substr(3);
+  }
+  return "/";
+}
+
+int QuotaCpus() {
+  // v2: the process's own cgroup, then the root of the (container's) hierarchy.
+  const std::string own = "/sys/fs/cgroup" + CgroupV2Path();
+  for (const std::string& dir : {own, std::string("/sys/fs/cgroup")}) {
+    const std::string max = ReadSmallFile(dir + "/cpu.max");
+    if (!max.empty()) return CpusFromCgroupV2CpuMax(max);
+  }
+  for (const char* dir : {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"}) {
+    int64_t quota = 0, period = 0;
+    const std::string d(dir);
+    if (absl::SimpleAtoi(absl::StripAsciiWhitespace(ReadSmallFile(d + "/cpu.cfs_quota_us")),
+                         &quota) &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(ReadSmallFile(d + "/cpu.cfs_period_us")),
+                         &period)) {
+      return CpusFromCgroupV1Quota(quota, period);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int CpusFromCgroupV2CpuMax(absl::string_view cpu_max) {
+  const std::vector<absl::string_view> fields =
+      absl::StrSplit(absl::StripAsciiWhitespace(cpu_max), ' ', absl::SkipEmpty());
+  if (fields.size() != 2 || fields[0] == "max") return 0;
+  int64_t quota = 0, period = 0;
+  if (!absl::SimpleAtoi(fields[0], &quota) || !absl::SimpleAtoi(fields[1], &period)) return 0;
+  return CpusFromCgroupV1Quota(quota, period);
+}
+
+int CpusFromCgroupV1Quota(int64_t quota_us, int64_t period_us) {
+  if (quota_us <= 0 || period_us <= 0) return 0;
+  return static_cast<int>(std::max<int64_t>(1, quota_us / period_us));
+}
+
+int UsableCpus() {
+  int cpus = static_cast<int>(std::thread::hardware_concurrency());
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) == 0) cpus = CPU_COUNT(&mask);
+  if (const int quota = QuotaCpus(); quota > 0) cpus = std::min(cpus, quota);
+  return std::max(1, cpus);
+}
+
+}  // namespace dsmoe
