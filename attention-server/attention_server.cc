@@ -1,5 +1,7 @@
 #include "attention-server/attention_server.h"
 
+#include <filesystem>
+
 #include "attention-server/batch_runner_factory.h"
 #include "expert-server/client/nccl_transport.h"
 
@@ -72,6 +74,7 @@ absl::Status AttentionServer::Start() {
   if (dispatcher_ != nullptr) {
     RebalancerOptions rebalance = options_.rebalance;
     rebalance.logger = options_.logger;
+    rebalance.state_file = options_.placement_state_file;
     if (rebalance.planner.num_replicas < 0) {
       rebalance.planner.num_replicas = expert_pool_->num_servers();
     }
@@ -98,9 +101,18 @@ absl::Status AttentionServer::Start() {
 
 absl::Status AttentionServer::ConnectExpertServers(const ModelConfig& config) {
   const int num_servers = static_cast<int>(options_.expert_servers.size());
+  const bool kept = !options_.placement_state_file.empty() &&
+                    std::filesystem::exists(options_.placement_state_file);
   DSMOE_ASSIGN_OR_RETURN(router::Placement placement,
-                         router::Placement::LoadOrCompute(options_.placement_file, config,
-                                                          num_servers, options_.num_replicas));
+                         router::Placement::LoadOrCompute(
+                             kept ? options_.placement_state_file : options_.placement_file, config,
+                             num_servers, options_.num_replicas));
+  if (kept) {
+    options_.logger->Log(
+        LogLevel::kInfo,
+        absl::StrCat(kLogName, ": placement version ", placement.version(), " from ",
+                     options_.placement_state_file, " (the one in use before the restart)"));
+  }
   if (placement.num_servers() != num_servers) {
     return absl::InvalidArgumentError(absl::StrCat("the placement names ", placement.num_servers(),
                                                    " expert servers but ", num_servers,

@@ -49,6 +49,10 @@ struct AttentionServerOptions {
   // num_replicas copies of each expert (every process computes the same).
   std::string placement_file;
   int num_replicas = 1;
+  // The placement in use, kept across restarts: read at start when it exists (instead of
+  // placement_file; expert servers that hold another set are re-synced to it), and written after
+  // each change. "": not kept (a restart starts from placement_file).
+  std::string placement_state_file;
   // Deadline of each ComputeExperts call: a slower server is taken out (replicas take over).
   std::chrono::milliseconds dispatch_deadline{10000};
   // How hidden states reach the expert servers: in the gRPC messages, or GPU to GPU over NCCL

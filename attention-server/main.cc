@@ -29,6 +29,9 @@ void AddExpertFlags(CLI::App& app, dsmoe::AttentionServerOptions* o, std::string
       ->check(CLI::ExistingFile);
   app.add_option("--replicas", o->num_replicas, "Copies of each expert in the computed placement")
       ->check(CLI::Range(1, 4096));
+  app.add_option("--placement-state", o->placement_state_file,
+                 "Keep the placement in use here: written after each change, read at start when "
+                 "it exists (instead of --placement), so a restart does not fall back");
   app.add_option("--dispatch-deadline-ms", *deadline_ms,
                  "Deadline of each expert-server call (a slower server is taken out)")
       ->check(CLI::Range(1, 3600000))

@@ -4,6 +4,7 @@
 #include <set>
 
 #include "absl/strings/str_format.h"
+#include "core/io/mapped_file.h"
 
 namespace dsmoe {
 
@@ -138,6 +139,16 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::Apply(std::optional<router::Placeme
     target.emplace(std::move(*planned));
   }
   outcome = ApplyLocked(std::move(*target), keep_old_experts);
+  if (outcome.ok() && outcome->switched && !options_.state_file.empty()) {
+    // The change stands either way; a placement not kept only means a restart falls back.
+    if (absl::Status s =
+            WriteFileAtomically(options_.state_file, dispatcher_.placement()->ToJson());
+        !s.ok()) {
+      options_.logger->Log(
+          LogLevel::kWarning,
+          absl::StrCat("rebalance: the placement in use is not kept: ", s.message()));
+    }
+  }
   Record(outcome);
   return outcome;
 }

@@ -39,6 +39,9 @@ struct RebalancerOptions {
   double min_gain = 0.03;           // ... if the plan lowers it by at least this fraction
   int64_t min_window_tokens = 512;  // ... and the window holds this many routed assignments
   std::chrono::milliseconds load_timeout{120000};  // for new replicas to serve
+  // After each switch the placement in use is written here (atomically), so that a restarted
+  // attention server starts from it rather than from its start-up placement. "": not kept.
+  std::string state_file;
   // Where each change (and each automatic decision) is logged. Not owned; must outlive this.
   Logger* logger = DefaultLogger();
 };

@@ -188,6 +188,7 @@ std::vector<std::string> HealthFlags(const ClusterUpOptions& o) {
 std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const fs::path& bin,
                                               const std::string& model,
                                               const std::string& placement,
+                                              const std::string& placement_state,
                                               const std::string& experts, int threads) {
   std::vector<std::string> argv = {(bin / "dsmoe-attention-server").string(),
                                    "--model",
@@ -208,6 +209,8 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
                                    o.expert_transport};
   for (const std::string& f : HealthFlags(o)) argv.push_back(f);
   if (o.min_copies > 0) argv.insert(argv.end(), {"--min-copies", std::to_string(o.min_copies)});
+  // A restarted attention server resumes the placement in use, not the start-up one.
+  argv.insert(argv.end(), {"--placement-state", placement_state});
   for (const auto& [flag, value] : {std::pair{"--rebalance-period", o.rebalance_period},
                                     std::pair{"--rebalance-threshold", o.rebalance_threshold},
                                     std::pair{"--load-window-seconds", o.load_window_seconds}}) {
@@ -319,7 +322,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
   const std::string experts = Join(launcher.processes(), "expert-server");
   for (int i = 0; i < o.attention_servers; ++i) {
-    auto argv = AttentionServerFlags(o, bin, model, placement, experts, threads);
+    auto argv = AttentionServerFlags(o, bin, model, placement,
+                                     (dir / "placement-in-use.json").string(), experts, threads);
     if (auto s = launcher.Start("attention-server", i, argv); !s.ok()) return launcher.Fail(s);
   }
   if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);

@@ -32,4 +32,8 @@ class MappedFile {
 
 absl::StatusOr<std::string> ReadTextFile(const std::string& path, size_t max_bytes);
 
+// Writes `contents` to a temporary file beside `path`, then renames it over `path`: a reader
+// (or a restart after a crash) sees the old file or the new one, never half of one.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
+
 }  // namespace dsmoe

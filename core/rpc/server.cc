@@ -11,6 +11,8 @@
 #include <cstdio>  // std::rename
 #include <fstream>
 
+#include "core/io/mapped_file.h"
+
 namespace dsmoe::rpc {
 
 namespace {
@@ -136,17 +138,9 @@ void ShutdownOnce::Wait() {
 }
 
 absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port) {
-  // Written whole to a temporary name, then renamed: a reader never sees half a file.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << port << "\n";
-    if (metrics_port > 0) out << metrics_port << "\n";
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
-  }
-  return absl::OkStatus();
+  // Whole or not at all: `cluster up` polls for it.
+  return WriteFileAtomically(
+      path, absl::StrCat(port, "\n", metrics_port > 0 ? absl::StrCat(metrics_port, "\n") : ""));
 }
 
 void BlockShutdownSignals() {

@@ -247,6 +247,37 @@ class RedundancyFloor(unittest.TestCase):
             cluster.close()
 
 
+class PlacementSurvivesRestarts(unittest.TestCase):
+    def test_a_restarted_attention_server_resumes_the_placement_in_use(self):
+        model = skewed_model()
+        cluster = cu.Cluster(model, attention=1, experts=3, replicas=2, extra=("--load-window-seconds", "30"))
+        restarted = None
+        try:
+            work = prompts(4, seed=11)
+            streams, threads = lu.run_streams(cluster, work, 32)
+            lu.wait(threads)
+            reference = [s.ids for s in streams]
+            applied = json.loads(placement(cluster, "apply", "--json").stdout)[0]
+            self.assertTrue(applied["switched"], applied)
+            attention = cluster.processes("attention-server")[0]
+            argv = cu.command_line(attention["pid"])
+            os.kill(attention["pid"], 9)
+            t0 = time.monotonic()
+            restarted = cu.spawn(cu.same_port(argv, attention["address"]), attention["log"])
+            cu.wait_for(lambda: cluster.health(attention["address"]) == "SERVING", 60, "the attention server ready")
+            print(f"\nrestarted attention server ready in {time.monotonic() - t0:.2f} s", flush=True)
+            self.assertIn("(the one in use before the restart)", cu.read(attention["log"], "r"))
+            report = json.loads(placement(cluster, "show", "--json").stdout)[0]
+            self.assertEqual(report["version"], "2", "the restart fell back to the start-up placement")
+            cu.wait_for(lambda: cluster.health(cluster.gateway_address) == "SERVING", 30, "the gateway ready")
+            for ids, want in zip(work, reference):
+                got, _, _ = cluster.generate(ids, 32)
+                self.assertEqual(got, want)
+        finally:
+            cu.stop(restarted)
+            cluster.close()
+
+
 class AutomaticRebalance(unittest.TestCase):
     def test_the_attention_server_rebalances_on_its_own(self):
         model = skewed_model()
