@@ -28,8 +28,8 @@ void AddClientCommands(CLI::App& app, int* rc);
 inline constexpr double kMaxTimeoutSeconds = 1e6;
 
 // Flag groups more than one subcommand shares (cli/flags_common.cc).
-// --model, --ids [, --prompt], --threads, --mmap-weights.
-void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt);
+// --model, --ids or --prompt (with the checkpoint's tokenizer), --threads, --mmap-weights.
+void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in);
 // --max-tokens, --temperature, --top-k, --top-p, --seed, --stop-ids, --ignore-eos.
 void AddSamplingFlags(CLI::App* cmd, SamplingOptions& sampling);
 

@@ -2,17 +2,14 @@
 
 namespace dsmoe::cli {
 
-void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in, bool allow_prompt) {
+void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in) {
   cmd->add_option("--model", in.model, "Checkpoint directory (Hugging Face format)")
       ->required()
       ->check(CLI::ExistingDirectory);
   auto* ids = cmd->add_option("--ids", in.ids, "Prompt token ids, comma-separated (e.g. 1,2,3)");
-  if (allow_prompt) {
-    auto* prompt = cmd->add_option("--prompt", in.prompt, "Prompt text (needs a tokenizer)");
-    ids->excludes(prompt);
-  } else {
-    ids->required();
-  }
+  auto* prompt = cmd->add_option("--prompt", in.prompt,
+                                 "Prompt text, encoded with the checkpoint's tokenizer.json");
+  ids->excludes(prompt);
   cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
   cmd->add_flag("--mmap-weights", in.mmap_weights,

@@ -1,5 +1,6 @@
 // Flags of the offline subcommands: make-model, quantize, logits, generate, route, info,
 // tokenize, detokenize.
+#include <functional>
 #include <memory>
 
 #include "cli/flags.h"
@@ -71,13 +72,13 @@ void AddForwardCommands(CLI::App& app, int* rc) {
   auto lg = std::make_shared<LogitsOptions>();
   auto* logits =
       app.add_subcommand("logits", "Write float32 logits of every position as .npy [T, vocab]");
-  AddModelInputFlags(logits, lg->input, /*allow_prompt=*/false);
+  AddModelInputFlags(logits, lg->input);
   logits->add_option("--out", lg->out, "Output .npy file")->required();
   logits->callback([lg, rc] { *rc = RunLogits(*lg); });
 
   auto gen = std::make_shared<GenerateOptions>();
   auto* generate = app.add_subcommand("generate", "Generate tokens (greedy at temperature 0)");
-  AddModelInputFlags(generate, gen->input, /*allow_prompt=*/true);
+  AddModelInputFlags(generate, gen->input);
   AddSamplingFlags(generate, gen->sampling);
   generate->add_flag("--json", gen->json,
                      "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON");
@@ -86,7 +87,7 @@ void AddForwardCommands(CLI::App& app, int* rc) {
   auto rt = std::make_shared<RouteOptions>();
   auto* route = app.add_subcommand(
       "route", "Show the routed experts and weights chosen per MoE layer and position");
-  AddModelInputFlags(route, rt->input, /*allow_prompt=*/false);
+  AddModelInputFlags(route, rt->input);
   route->add_flag("--json", rt->json,
                   "Print {\"layers\": [{\"layer\", \"positions\": [{\"experts\", \"weights\"}]}]}");
   route->callback([rt, rc] { *rc = RunRoute(*rt); });
@@ -101,14 +102,29 @@ void AddForwardCommands(CLI::App& app, int* rc) {
   info->callback([inf, rc] { *rc = RunInfo(*inf); });
 }
 
+// --tokenizer FILE, or --model DIR for the checkpoint's tokenizer.json. Returns the check the
+// command's callback runs first: one of the two is required.
+std::function<void()> AddTokenizerSource(CLI::App* cmd, std::string& tokenizer_path) {
+  auto* file = cmd->add_option("--tokenizer", tokenizer_path,
+                               "tokenizer.json (tokenizer_config.json beside it is read too)")
+                   ->check(CLI::ExistingFile);
+  auto* model = cmd->add_option_function<std::string>(
+                       "--model",
+                       [&tokenizer_path](const std::string& dir) {
+                         tokenizer_path = dir + "/tokenizer.json";
+                       },
+                       "Checkpoint directory: its tokenizer.json")
+                    ->check(CLI::ExistingDirectory);
+  file->excludes(model);
+  return [file, model] {
+    if (file->count() + model->count() == 0) throw CLI::RequiredError("--tokenizer or --model");
+  };
+}
+
 void AddTokenizerCommands(CLI::App& app, int* rc) {
   auto tk = std::make_shared<TokenizeOptions>();
   auto* tokenize = app.add_subcommand("tokenize", "Encode text with a Hugging Face tokenizer.json");
-  tokenize
-      ->add_option("--tokenizer", tk->tokenizer_path,
-                   "tokenizer.json (tokenizer_config.json beside it is read too)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  const auto tokenizer_given = AddTokenizerSource(tokenize, tk->tokenizer_path);
   auto* text = tokenize->add_option_function<std::string>(
       "--text", [tk](const std::string& v) { tk->text = v; }, "Text to encode");
   auto* file =
@@ -121,7 +137,8 @@ void AddTokenizerCommands(CLI::App& app, int* rc) {
   auto no_special = std::make_shared<bool>(false);
   tokenize->add_flag("--no-special-tokens", *no_special,
                      "Do not add BOS/EOS as the tokenizer would");
-  tokenize->callback([tk, no_special, rc] {
+  tokenize->callback([tk, no_special, rc, tokenizer_given] {
+    tokenizer_given();
     tk->add_special_tokens = !*no_special;
     *rc = RunTokenize(*tk);
   });
@@ -129,13 +146,14 @@ void AddTokenizerCommands(CLI::App& app, int* rc) {
   auto dt = std::make_shared<DetokenizeOptions>();
   auto* detokenize =
       app.add_subcommand("detokenize", "Decode token ids with a Hugging Face tokenizer.json");
-  detokenize->add_option("--tokenizer", dt->tokenizer_path, "tokenizer.json")
-      ->required()
-      ->check(CLI::ExistingFile);
+  const auto detokenizer_given = AddTokenizerSource(detokenize, dt->tokenizer_path);
   detokenize->add_option("--ids", dt->ids, "Token ids, comma-separated")->required();
   detokenize->add_flag("--skip-special-tokens", dt->skip_special_tokens,
                        "Leave special tokens out of the text");
-  detokenize->callback([dt, rc] { *rc = RunDetokenize(*dt); });
+  detokenize->callback([dt, rc, detokenizer_given] {
+    detokenizer_given();
+    *rc = RunDetokenize(*dt);
+  });
 }
 
 }  // namespace

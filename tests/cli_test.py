@@ -10,6 +10,7 @@ import tempfile
 import unittest
 
 DSMOE = None
+TOKENIZER = None  # a real tokenizer.json (tests/tokenizer/setup_reference.sh installs it)
 
 
 def run(*args):
@@ -112,9 +113,52 @@ class CliTest(unittest.TestCase):
         self.assertEqual(info["shared_experts"], 2)
 
 
+class PromptsWithTheCheckpointsTokenizer(unittest.TestCase):
+    """logits, route and generate take --prompt, tokenize and detokenize --model: all read the
+    checkpoint's own tokenizer.json, and --prompt means exactly the ids tokenize gives."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not TOKENIZER or not os.path.exists(TOKENIZER):
+            raise unittest.SkipTest(f"no tokenizer.json at {TOKENIZER} (run tests/tokenizer/setup_reference.sh)")
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.model = os.path.join(cls.tmp.name, "tiny-text")
+        r = run("make-model", "--preset", "tiny", "--tokenizer", TOKENIZER, "--out", cls.model)
+        assert r.returncode == 0, r.stderr
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_prompt_equals_its_ids(self):
+        text = "Experts, routed and shared"
+        ids = json.loads(run("tokenize", "--model", self.model, "--text", text).stdout)
+        self.assertEqual(ids, json.loads(run("tokenize", "--tokenizer", TOKENIZER, "--text", text).stdout))
+        joined = ",".join(map(str, ids))
+        for cmd in (["route", "--json"], ["generate", "--json", "--max-tokens", "4"]):
+            by_text = run(*cmd, "--model", self.model, "--prompt", text)
+            by_ids = run(*cmd, "--model", self.model, "--ids", joined)
+            self.assertEqual(by_text.returncode, 0, by_text.stderr)
+            self.assertEqual(json.loads(by_text.stdout), json.loads(by_ids.stdout), cmd)
+        a, b = os.path.join(self.tmp.name, "a.npy"), os.path.join(self.tmp.name, "b.npy")
+        self.assertEqual(run("logits", "--model", self.model, "--prompt", text, "--out", a).returncode, 0)
+        self.assertEqual(run("logits", "--model", self.model, "--ids", joined, "--out", b).returncode, 0)
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            self.assertEqual(fa.read(), fb.read())
+        out = run("detokenize", "--model", self.model, "--ids", joined)
+        self.assertEqual(out.stdout, "<｜begin▁of▁sentence｜>" + text + "\n")
+
+    def test_a_tokenizer_source_is_required(self):
+        r = run("tokenize", "--text", "hi")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--tokenizer or --model", r.stderr)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--dsmoe", required=True)
+    ap.add_argument("--tokenizer")
     a, rest = ap.parse_known_args()
     DSMOE = a.dsmoe
+    TOKENIZER = a.tokenizer
     unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
