@@ -31,6 +31,9 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   google::protobuf::RepeatedField<uint32_t> ids;
   switch (r.prompt_case()) {
     case dsmoe::v1::GenerateRequest::kText: {
+      // An empty text is an empty prompt, as empty token_ids are: refused the same way, before
+      // a tokenizer could turn it into a lone BOS.
+      if (r.text().empty()) return Invalid("the prompt is empty");
       if (tokenizer == nullptr)
         return Invalid("text prompts need a tokenizer and this model has none; send token_ids");
       auto encoded = tokenizer->Encode(r.text(), /*add_special_tokens=*/true);
