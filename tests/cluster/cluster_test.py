@@ -382,6 +382,27 @@ class TextThroughTheGateway(unittest.TestCase):
             streamed = "".join(m.text for m in self.cluster.gateway.Generate(req, timeout=60))
             self.assertEqual(streamed, want, stop)
 
+    def test_the_python_example_streams_over_tls_with_the_api_key(self):
+        """examples/python/generate.py, as proto/README.md tells a Python user to run it."""
+        example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "python",
+                               "generate.py")
+        want = json.loads(cu.run("generate", "--model", self.model, "--prompt", "The experts are", "--max-tokens",
+                                 "12", "--json").stdout)
+        sec = self.cluster.security
+        r = subprocess.run([sys.executable, example, "--gateway", self.cluster.gateway_address, "--ca", sec["ca"],
+                            "--api-key-file", sec["api_key_file"], "--prompt", "The experts are", "--max-tokens",
+                            "12"], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=cu.PY_STUBS))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, want["text"] + "\n")
+        self.assertIn(f"completion_tokens={len(want['ids'])}", r.stderr)
+        # Without the key the gateway refuses, and the example says so.
+        r = subprocess.run([sys.executable, example, "--gateway", self.cluster.gateway_address, "--ca", sec["ca"],
+                            "--prompt", "x"], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=cu.PY_STUBS))
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("UNAUTHENTICATED", r.stderr)
+
     def test_client_stop_strings_and_text_only_output(self):
         """`dsmoe client generate --prompt --stop` prints the text up to the stop string and
         nothing else (no token ids, even where a token's text is held back)."""

@@ -1,7 +1,6 @@
 """Helpers for the cluster integration tests: models, a cluster started with `dsmoe cluster up`,
 gRPC stubs for the public and internal APIs, and the single-process reference outputs."""
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -45,11 +44,8 @@ def setup(dsmoe, py_stubs):
     from dsmoe.internal.v1 import attention_pb2 as apb, attention_pb2_grpc as apbg  # noqa: F401
     from dsmoe.internal.v1 import expert_pb2 as epb, expert_pb2_grpc as epbg  # noqa: F401
     globals().update(pb=pb, pbg=pbg, apb=apb, apbg=apbg, epb=epb, epbg=epbg)
-    # grpc.health.v1 is loaded by path: the installed `grpc` package owns the `grpc` name.
-    path = os.path.join(py_stubs, "grpc_std", "grpc", "health", "v1", "health_pb2.py")
-    spec = importlib.util.spec_from_file_location("dsmoe_health_pb2", path)
-    health_pb2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(health_pb2)
+    # grpc.health.v1's messages, generated as dsmoe_std (proto/CMakeLists.txt says why).
+    from dsmoe_std.health.v1 import health_pb2
     globals()["health_pb2"] = health_pb2
 
 

@@ -17,7 +17,6 @@ and a retry-after trailer, and serve again after the wait.
 
 Usage: security_test.py --dsmoe PATH --stubs DIR [unittest args]
 """
-import importlib.util
 import json
 import os
 import socket
@@ -94,13 +93,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load_by_path(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def health_check(channel, timeout=10):
@@ -387,8 +379,7 @@ class GatewayAuth(unittest.TestCase):
         ch = grpc.secure_channel(self.cluster.gateway_address, cu.tls_credentials(self.cluster.security["ca"]))
         self.addCleanup(ch.close)
         self.assertEqual(health_check(ch), cu.health_pb2.HealthCheckResponse.SERVING)
-        refl = load_by_path("dsmoe_reflection_pb2", os.path.join(
-            cu.PY_STUBS, "grpc_std", "grpc", "reflection", "v1alpha", "reflection_pb2.py"))
+        from dsmoe_std.reflection.v1alpha import reflection_pb2 as refl
         info = ch.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                                 request_serializer=refl.ServerReflectionRequest.SerializeToString,
                                 response_deserializer=refl.ServerReflectionResponse.FromString)
