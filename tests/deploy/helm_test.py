@@ -175,8 +175,16 @@ class LintAndTemplate(unittest.TestCase):
             self.assertEqual(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], 1, kind)
             self.assertIn("--device=cuda", spec["containers"][0]["args"], kind)
             self.assertEqual(spec["initContainers"][0]["name"], "download-model", kind)
+            env = {e["name"]: e["value"] for e in spec["initContainers"][0]["env"]}
+            self.assertEqual(env["DSMOE_MODEL_FILES"], "*", kind)
             self.assertIn("emptyDir", spec["volumes"][0])
             self.assertEqual(spec["tolerations"][0]["key"], "nvidia.com/gpu")
+        # The gateway downloads the config and tokenizer, not the weights.
+        init = objs["Deployment/rel-dsmoe-gateway"]["spec"]["template"]["spec"]["initContainers"][0]
+        env = {e["name"]: e["value"] for e in init["env"]}
+        self.assertEqual((env["DSMOE_ROLE"], env["DSMOE_MODEL_FILES"]),
+                         ("gateway", "config.json generation_config.json tokenizer.json tokenizer_config.json"))
+        self.assertIn("--include $DSMOE_MODEL_FILES", init["command"][-1])
         attention_args = objs["StatefulSet/rel-dsmoe-attention"]["spec"]["template"]["spec"]["containers"][0]["args"]
         self.assertIn("--expert-transport=nccl", attention_args)
         self.assertNotIn("nvidia.com/gpu", objs["Deployment/rel-dsmoe-gateway"]["spec"]["template"]["spec"]["containers"][0]

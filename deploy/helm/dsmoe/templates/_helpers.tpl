@@ -126,20 +126,28 @@ and l % moe_layer_freq == 0 (Hugging Face's rule).
 
 {{/* The init container that downloads the model (model.source = download). */}}
 {{- define "dsmoe.modelInitContainers" -}}
-{{- if eq .Values.model.source "download" }}
+{{- $root := .root -}}
+{{- if eq $root.Values.model.source "download" }}
 initContainers:
   - name: download-model
-    image: {{ .Values.model.download.image }}
-    command: {{- toYaml .Values.model.download.command | nindent 6 }}
+    image: {{ $root.Values.model.download.image }}
+    command: {{- toYaml $root.Values.model.download.command | nindent 6 }}
     env:
       - name: MODEL_DIR
-        value: {{ .Values.model.path | quote }}
-      {{- with .Values.model.download.env }}
+        value: {{ $root.Values.model.path | quote }}
+      # What this pod reads of the checkpoint, as file patterns for the command to fetch: the
+      # gateway only the config and tokenizer files; servers everything (routed experts share
+      # safetensors shards with the other tensors).
+      - name: DSMOE_ROLE
+        value: {{ .component }}
+      - name: DSMOE_MODEL_FILES
+        value: {{ ternary "config.json generation_config.json tokenizer.json tokenizer_config.json" "*" (eq .component "gateway") | quote }}
+      {{- with $root.Values.model.download.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
     volumeMounts:
       - name: model
-        mountPath: {{ .Values.model.mountPath }}
+        mountPath: {{ $root.Values.model.mountPath }}
 {{- end }}
 {{- end -}}
 
