@@ -130,6 +130,14 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   if (!status.ok()) {
     std::cerr << "dsmoe: error: " << status.error_message() << " (gRPC code " << status.error_code()
               << ")\n";
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE && ids.empty() &&
+        !target->security.insecure() && !target->security.has_certificate()) {
+      // A gateway that requires client certificates closes the connection in the TLS
+      // handshake, before it can say why: say it here.
+      std::cerr << "dsmoe: hint: if the gateway requires a client certificate (cluster up "
+                   "--gateway-require-client-cert, or the chart's tls.gatewayClientAuth=require), "
+                   "pass --cert and --key, or --state-dir of that cluster\n";
+    }
     if (o.json) {
       // What was delivered before the failure is kept, beside the error.
       nlohmann::ordered_json j;

@@ -249,6 +249,12 @@ class TransportSecurity(unittest.TestCase):
                 finally:
                     ch.close()
             self.assertIn("peer did not return a certificate", gateway.wait_log("peer did not return a certificate"))
+            # The gateway cannot say why in the handshake it ends; `dsmoe client` says what to pass.
+            r = cu.run("client", "generate", "--gateway", gateway.address, "--ca", self.ca, "--ids", "1,2",
+                       "--timeout", "5", check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("requires a client certificate", r.stderr)
+            self.assertIn("pass --cert and --key", r.stderr)
         finally:
             gateway.stop()
 
