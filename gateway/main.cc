@@ -113,8 +113,7 @@ int main(int argc, char** argv) {
     std::printf("dsmoe-gateway: %d API key(s) from %s", (*server)->num_api_keys(),
                 o.api_keys_file.c_str());
     if (limits.enabled()) {
-      std::printf(", each limited to %g requests/s (burst %g) and %g tokens/min",
-                  limits.requests_per_second, limits.request_burst, limits.tokens_per_minute);
+      std::printf(", each limited to %s", limits.Describe().c_str());
     }
     std::printf("\n");
   }

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
 namespace dsmoe {
 
 namespace {
@@ -43,17 +46,36 @@ double TokenBucket::Level(SteadyTime now) {
   return level_;
 }
 
+double RateLimits::EffectiveRequestBurst() const {
+  return request_burst > 0 ? request_burst : std::max(1.0, requests_per_second);
+}
+
+double RateLimits::EffectiveTokenBurst() const {
+  return token_burst > 0 ? token_burst : tokens_per_minute;
+}
+
+std::string RateLimits::Describe() const {
+  const std::string requests = requests_per_second > 0
+                                   ? absl::StrFormat("%g requests/s (burst %g)",
+                                                     requests_per_second, EffectiveRequestBurst())
+                                   : "no request limit";
+  const std::string tokens =
+      tokens_per_minute > 0
+          ? absl::StrFormat("%g tokens/min (burst %g)", tokens_per_minute, EffectiveTokenBurst())
+          : "no token limit";
+  return absl::StrCat(requests, " and ", tokens);
+}
+
 RateLimiter::RateLimiter(int num_keys, const RateLimits& limits, Clock clock)
     : limits_(limits), clock_(std::move(clock)) {
   const SteadyTime now = clock_();
   if (limits_.requests_per_second > 0) {
-    const double burst = limits_.request_burst > 0 ? limits_.request_burst
-                                                   : std::max(1.0, limits_.requests_per_second);
-    requests_.assign(num_keys, TokenBucket(limits_.requests_per_second, burst, now));
+    requests_.assign(
+        num_keys, TokenBucket(limits_.requests_per_second, limits_.EffectiveRequestBurst(), now));
   }
   if (limits_.tokens_per_minute > 0) {
-    const double burst = limits_.token_burst > 0 ? limits_.token_burst : limits_.tokens_per_minute;
-    tokens_.assign(num_keys, TokenBucket(limits_.tokens_per_minute / 60.0, burst, now));
+    tokens_.assign(num_keys, TokenBucket(limits_.tokens_per_minute / 60.0,
+                                         limits_.EffectiveTokenBurst(), now));
   }
 }
 

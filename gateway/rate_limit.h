@@ -5,6 +5,7 @@
 #include <chrono>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace dsmoe {
@@ -39,6 +40,12 @@ struct RateLimits {
   // Bucket size of generated tokens; 0: tokens_per_minute (one minute's worth).
   double token_burst = 0;
   bool enabled() const { return requests_per_second > 0 || tokens_per_minute > 0; }
+  // The bucket sizes in force, the defaults above resolved.
+  double EffectiveRequestBurst() const;
+  double EffectiveTokenBurst() const;
+  // "10 requests/s (burst 20) and 6000 tokens/min (burst 6000)", for the start-up log: the
+  // limits as enforced, not as typed.
+  std::string Describe() const;
 };
 
 // The buckets of every key. A request is admitted when its key's token bucket is not in debt

@@ -135,6 +135,21 @@ struct FakeClock {
   }
 };
 
+TEST(RateLimits, DescribeSaysTheLimitsInForce) {
+  RateLimits defaults;
+  defaults.requests_per_second = 2.5;  // burst unset: max(1, rate) = 2.5
+  defaults.tokens_per_minute = 600;    // burst unset: a minute's worth
+  EXPECT_EQ(defaults.Describe(), "2.5 requests/s (burst 2.5) and 600 tokens/min (burst 600)");
+  RateLimits slow;
+  slow.requests_per_second = 0.5;  // burst unset: at least one request
+  slow.token_burst = 10;
+  EXPECT_EQ(slow.Describe(), "0.5 requests/s (burst 1) and no token limit");
+  RateLimits given;
+  given.requests_per_second = 10;
+  given.request_burst = 40;
+  EXPECT_EQ(given.Describe(), "10 requests/s (burst 40) and no token limit");
+}
+
 TEST(RateLimiter, RequestsPerSecondPerKey) {
   FakeClock clock;
   RateLimits limits;
