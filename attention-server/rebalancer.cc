@@ -4,6 +4,11 @@
 #include <cstdio>
 #include <set>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
 namespace dsmoe {
 
 namespace {
@@ -77,10 +82,10 @@ Rebalancer::Rebalancer(const ModelConfig& config, Scheduler& scheduler,
 Rebalancer::~Rebalancer() {
   stopping_ = true;
   {
-    std::lock_guard<std::mutex> lock(auto_mu_);
+    absl::MutexLock lock(&auto_mu_);
     stop_ = true;
   }
-  auto_cv_.notify_all();
+  auto_cv_.SignalAll();
   if (auto_thread_.joinable()) auto_thread_.join();
 }
 
@@ -113,27 +118,32 @@ absl::StatusOr<router::Placement> Rebalancer::Plan() const {
 }
 
 RebalanceStatusReport Rebalancer::status() const {
-  std::lock_guard<std::mutex> lock(status_mu_);
+  absl::MutexLock lock(&status_mu_);
   return status_;
 }
 
 absl::StatusOr<RebalanceOutcome> Rebalancer::Apply(std::optional<router::Placement> target,
                                                    bool keep_old_experts) {
-  std::unique_lock<std::mutex> lock(apply_mu_, std::try_to_lock);
-  if (!lock.owns_lock()) return absl::AbortedError("another placement change is running");
+  if (!apply_mu_.TryLock()) return absl::AbortedError("another placement change is running");
   absl::StatusOr<RebalanceOutcome> outcome;
   if (!target.has_value()) {
     auto planned = Plan();
-    if (!planned.ok()) return planned.status();
-    target.emplace(std::move(*planned));
+    if (planned.ok()) {
+      target.emplace(std::move(*planned));
+    } else {
+      outcome = planned.status();  // returned as is, not recorded
+    }
   }
-  outcome = ApplyLocked(std::move(*target), keep_old_experts);
-  Record(outcome);
+  if (target.has_value()) {
+    outcome = ApplyLocked(std::move(*target), keep_old_experts);
+    Record(outcome);
+  }
+  apply_mu_.Unlock();
   return outcome;
 }
 
 void Rebalancer::Record(const absl::StatusOr<RebalanceOutcome>& outcome) {
-  std::lock_guard<std::mutex> lock(status_mu_);
+  absl::MutexLock lock(&status_mu_);
   if (!outcome.ok()) {
     ++status_.failed;
     status_.last_error = std::string(outcome.status().message());
@@ -285,11 +295,15 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::ApplyLocked(router::Placement targe
 }
 
 void Rebalancer::AutoLoop() {
-  const auto period = std::chrono::duration<double>(options_.period_seconds);
+  const absl::Duration period = absl::Seconds(options_.period_seconds);
   for (;;) {
     {
-      std::unique_lock<std::mutex> lock(auto_mu_);
-      if (auto_cv_.wait_for(lock, period, [this] { return stop_; })) return;
+      absl::MutexLock lock(&auto_mu_);
+      const absl::Time deadline = absl::Now() + period;
+      while (!stop_) {
+        if (auto_cv_.WaitWithDeadline(&auto_mu_, deadline)) break;  // the period is over
+      }
+      if (stop_) return;
     }
     const auto loads = WindowLoads();
     double total = 0;

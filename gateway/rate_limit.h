@@ -4,8 +4,10 @@
 
 #include <chrono>
 #include <functional>
-#include <mutex>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe {
 
@@ -61,8 +63,9 @@ class RateLimiter {
  private:
   RateLimits limits_;
   Clock clock_;
-  std::mutex mu_;
-  std::vector<TokenBucket> requests_, tokens_;  // per key; empty when that limit is off
+  absl::Mutex mu_;
+  // Per key; empty when that limit is off.
+  std::vector<TokenBucket> requests_ ABSL_GUARDED_BY(mu_), tokens_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dsmoe

@@ -4,6 +4,10 @@
 
 #include <cstdio>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/rpc/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -70,17 +74,17 @@ HealthChecker::~HealthChecker() { Stop(); }
 
 void HealthChecker::Stop() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   if (thread_.joinable()) thread_.join();
 }
 
 void HealthChecker::Start(OnChange on_change) {
   on_change_ = std::move(on_change);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < targets_.size(); ++i) changed_.push_back(static_cast<int>(i));
   }
   Round();  // reports every target once, so the caller starts from real states
@@ -91,33 +95,36 @@ void HealthChecker::Start(OnChange on_change) {
 }
 
 std::string HealthChecker::Reason(int target) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return targets_[target]->reason;
 }
 
 void HealthChecker::MarkDown(int target, const std::string& reason) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     targets_[target]->failures = options_.failure_threshold;
     if (SetLocked(target, TargetHealth::kDown, reason)) changed_.push_back(target);
     wake_ = true;  // check it again soon: a restarted server rejoins without waiting a period
   }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void HealthChecker::CheckNow() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     wake_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void HealthChecker::Loop() {
   for (;;) {
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_for(lock, options_.period, [this] { return stop_ || wake_; });
+      absl::MutexLock lock(&mu_);
+      const absl::Time deadline = absl::Now() + absl::FromChrono(options_.period);
+      while (!stop_ && !wake_) {
+        if (cv_.WaitWithDeadline(&mu_, deadline)) break;  // the period is over
+      }
       if (stop_) return;
       wake_ = false;
     }
@@ -127,30 +134,30 @@ void HealthChecker::Loop() {
 
 void HealthChecker::Round() {
   // Every check at once; each completes by its own deadline.
-  std::mutex done_mu;
-  std::condition_variable done_cv;
-  size_t outstanding = targets_.size();
+  absl::Mutex done_mu;
+  absl::CondVar done_cv;
+  size_t outstanding = targets_.size();  // guarded by done_mu
   for (auto& t : targets_) {
     t->context = std::make_unique<grpc::ClientContext>();
     t->context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
     t->response.Clear();
     t->stub->async()->Check(t->context.get(), &t->request, &t->response,
                             [&, target = t.get()](grpc::Status status) {
-                              std::lock_guard<std::mutex> lock(done_mu);
+                              absl::MutexLock lock(&done_mu);
                               target->status = std::move(status);
-                              if (--outstanding == 0) done_cv.notify_all();
+                              if (--outstanding == 0) done_cv.SignalAll();
                             });
   }
   {
-    std::unique_lock<std::mutex> lock(done_mu);
-    done_cv.wait(lock, [&] { return outstanding == 0; });
+    absl::MutexLock lock(&done_mu);
+    while (outstanding != 0) done_cv.Wait(&done_mu);
   }
   for (size_t i = 0; i < targets_.size(); ++i) {
     Target& t = *targets_[i];
     TargetHealth next;
     std::string reason;
     if (!t.status.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       ++t.failures;
       if (t.failures < options_.failure_threshold &&
           health(static_cast<int>(i)) != TargetHealth::kDown)
@@ -173,13 +180,13 @@ void HealthChecker::Round() {
       next = TargetHealth::kNotServing;
       reason = "it reports NOT_SERVING";
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     t.failures = 0;
     if (SetLocked(static_cast<int>(i), next, reason)) changed_.push_back(static_cast<int>(i));
   }
   std::vector<int> changed;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     changed.swap(changed_);
   }
   if (on_change_) {

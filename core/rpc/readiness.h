@@ -8,8 +8,10 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <mutex>
 #include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe::rpc {
 
@@ -28,10 +30,10 @@ class Readiness {
   std::string ready_file_;
   int port_, metrics_port_;
   std::string log_prefix_;
-  mutable std::mutex mu_;
-  bool ready_ = false;       // guarded by mu_
-  bool ever_ready_ = false;  // guarded by mu_
-  bool ever_set_ = false;    // guarded by mu_
+  mutable absl::Mutex mu_;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool ever_ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool ever_set_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace dsmoe::rpc
