@@ -30,8 +30,6 @@ const char* TargetHealthName(TargetHealth h) {
 
 struct HealthChecker::Target {
   std::unique_ptr<grpc::health::v1::Health::Stub> stub;
-  int failures = 0;                        // checks failed in a row; guarded by mu_
-  std::string reason = "not checked yet";  // guarded by mu_
   // The round in progress (checker thread only).
   std::unique_ptr<grpc::ClientContext> context;
   HealthCheckRequest request;  // service "": the server as a whole
@@ -68,6 +66,8 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses,
     t->stub = grpc::health::v1::Health::NewStub(channels[i]);
     targets_.push_back(std::move(t));
   }
+  failures_.assign(addresses_.size(), 0);
+  reasons_.assign(addresses_.size(), "not checked yet");
 }
 
 HealthChecker::~HealthChecker() { Stop(); }
@@ -96,13 +96,13 @@ void HealthChecker::Start(OnChange on_change) {
 
 std::string HealthChecker::Reason(int target) const {
   absl::MutexLock lock(&mu_);
-  return targets_[target]->reason;
+  return reasons_[target];
 }
 
 void HealthChecker::MarkDown(int target, const std::string& reason) {
   {
     absl::MutexLock lock(&mu_);
-    targets_[target]->failures = options_.failure_threshold;
+    failures_[target] = options_.failure_threshold;
     if (SetLocked(target, TargetHealth::kDown, reason)) changed_.push_back(target);
     wake_ = true;  // check it again soon: a restarted server rejoins without waiting a period
   }
@@ -158,8 +158,8 @@ void HealthChecker::Round() {
     std::string reason;
     if (!t.status.ok()) {
       absl::MutexLock lock(&mu_);
-      ++t.failures;
-      if (t.failures < options_.failure_threshold &&
+      ++failures_[i];
+      if (failures_[i] < options_.failure_threshold &&
           health(static_cast<int>(i)) != TargetHealth::kDown)
         continue;  // one miss is not yet a verdict
       if (SetLocked(static_cast<int>(i), TargetHealth::kDown,
@@ -181,7 +181,7 @@ void HealthChecker::Round() {
       reason = "it reports NOT_SERVING";
     }
     absl::MutexLock lock(&mu_);
-    t.failures = 0;
+    failures_[i] = 0;
     if (SetLocked(static_cast<int>(i), next, reason)) changed_.push_back(static_cast<int>(i));
   }
   std::vector<int> changed;
@@ -195,7 +195,7 @@ void HealthChecker::Round() {
 }
 
 bool HealthChecker::SetLocked(int target, TargetHealth h, const std::string& reason) {
-  targets_[target]->reason = reason;
+  reasons_[target] = reason;
   const TargetHealth old = health(target);
   if (old == h) return false;
   health_[target].store(static_cast<int>(h), std::memory_order_release);

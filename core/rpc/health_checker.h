@@ -110,6 +110,9 @@ class HealthChecker {
   bool wake_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<int> changed_ ABSL_GUARDED_BY(mu_);  // targets changed outside the thread
+  // Per target: checks failed in a row, and why its health is what it is.
+  std::vector<int> failures_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> reasons_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 
