@@ -3,9 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <mutex>
 #include <optional>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 
@@ -34,14 +35,14 @@ class GenerateReactor final
     if (!id.ok()) {
       sink_->Detach();
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         finishing_ = true;
       }
       return Finish(rpc::ToGrpc(id.status()));
     }
     bool cancelled;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       id_ = *id;
       cancelled = cancelled_;  // OnCancel came before the id was known
     }
@@ -51,7 +52,7 @@ class GenerateReactor final
   void OnWriteDone(bool ok) override {
     bool broke = false;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       writing_ = false;
       if (!ok && !end_) {  // the stream broke: stop the sequence
         end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream to the caller broke");
@@ -63,7 +64,7 @@ class GenerateReactor final
   }
   void OnCancel() override {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       cancelled_ = true;
       if (!end_)
         end_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request");
@@ -82,33 +83,33 @@ class GenerateReactor final
    public:
     explicit Sink(GenerateReactor* reactor) : reactor_(reactor) {}
     void OnToken(int32_t id) override {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (reactor_ != nullptr) reactor_->Add(id);
     }
     void OnFinish(FinishReason reason, const absl::Status& status) override {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (reactor_ != nullptr) reactor_->End(reason, status);
     }
     void Detach() {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       reactor_ = nullptr;
     }
 
    private:
-    std::mutex mu_;  // held while calling the reactor, so Detach waits for such a call
-    GenerateReactor* reactor_;
+    absl::Mutex mu_;  // held while calling the reactor, so Detach waits for such a call
+    GenerateReactor* reactor_ ABSL_GUARDED_BY(mu_);
   };
 
   void Add(int32_t id) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       tokens_.push_back(id);
     }
     Pump();
   }
   void End(FinishReason reason, const absl::Status& status) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       finished_ = true;
       reason_ = reason;
       if (!status.ok() && !end_) end_ = rpc::ToGrpc(status);  // tokens not yet sent are dropped
@@ -118,7 +119,7 @@ class GenerateReactor final
   void CancelSequence() {
     uint64_t id;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       id = id_;
     }
     if (id != 0) scheduler_.Cancel(id);
@@ -128,7 +129,7 @@ class GenerateReactor final
     enum { kNothing, kWrite, kFinish } action = kNothing;
     grpc::Status status;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (writing_ || finishing_) return;
       if (end_) {
         finishing_ = true;
@@ -155,17 +156,17 @@ class GenerateReactor final
 
   Scheduler& scheduler_;
   std::shared_ptr<Sink> sink_;
-  std::mutex mu_;
-  uint64_t id_ = 0;              // guarded by mu_: the sequence (0 until submitted)
-  std::vector<int32_t> tokens_;  // guarded by mu_: sampled, not yet written
-  bool finished_ = false;        // guarded by mu_: the scheduler finished the sequence
-  FinishReason reason_ = FinishReason::kStop;  // guarded by mu_
-  bool last_written_ = false;                  // guarded by mu_: the message with finish_reason
-  bool writing_ = false;                       // guarded by mu_
-  bool finishing_ = false;                     // guarded by mu_: Finish was (being) called
-  bool cancelled_ = false;                     // guarded by mu_
-  std::optional<grpc::Status> end_;            // guarded by mu_: an error ending the stream
-  internal::v1::AttentionGenerateResponse response_;  // the write in flight
+  absl::Mutex mu_;
+  uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;              // the sequence (0 until submitted)
+  std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);  // sampled, not yet written
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;        // the scheduler finished the sequence
+  FinishReason reason_ ABSL_GUARDED_BY(mu_) = FinishReason::kStop;
+  bool last_written_ ABSL_GUARDED_BY(mu_) = false;  // the message with finish_reason
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;  // Finish was (being) called
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);  // an error ending the stream
+  internal::v1::AttentionGenerateResponse response_;      // the write in flight
 };
 
 }  // namespace

@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <set>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/io/mapped_file.h"
 
 namespace dsmoe {
@@ -79,10 +83,10 @@ Rebalancer::Rebalancer(const ModelConfig& config, Scheduler& scheduler,
 Rebalancer::~Rebalancer() {
   stopping_ = true;
   {
-    std::lock_guard<std::mutex> lock(auto_mu_);
+    absl::MutexLock lock(&auto_mu_);
     stop_ = true;
   }
-  auto_cv_.notify_all();
+  auto_cv_.SignalAll();
   if (auto_thread_.joinable()) auto_thread_.join();
 }
 
@@ -115,7 +119,7 @@ absl::StatusOr<router::Placement> Rebalancer::Plan() const {
 }
 
 RebalanceStatusReport Rebalancer::status() const {
-  std::lock_guard<std::mutex> lock(status_mu_);
+  absl::MutexLock lock(&status_mu_);
   return status_;
 }
 
@@ -130,31 +134,36 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::Apply(std::optional<router::Placeme
           " (--min-copies): a server's failure would lose experts; force it to apply anyway"));
     }
   }
-  std::unique_lock<std::mutex> lock(apply_mu_, std::try_to_lock);
-  if (!lock.owns_lock()) return absl::AbortedError("another placement change is running");
+  if (!apply_mu_.TryLock()) return absl::AbortedError("another placement change is running");
   absl::StatusOr<RebalanceOutcome> outcome;
   if (!target.has_value()) {
     auto planned = Plan();
-    if (!planned.ok()) return planned.status();
-    target.emplace(std::move(*planned));
-  }
-  outcome = ApplyLocked(std::move(*target), keep_old_experts);
-  if (outcome.ok() && outcome->switched && !options_.state_file.empty()) {
-    // The change stands either way; a placement not kept only means a restart falls back.
-    if (absl::Status s =
-            WriteFileAtomically(options_.state_file, dispatcher_.placement()->ToJson());
-        !s.ok()) {
-      options_.logger->Log(
-          LogLevel::kWarning,
-          absl::StrCat("rebalance: the placement in use is not kept: ", s.message()));
+    if (planned.ok()) {
+      target.emplace(std::move(*planned));
+    } else {
+      outcome = planned.status();  // returned as is, not recorded
     }
   }
-  Record(outcome);
+  if (target.has_value()) {
+    outcome = ApplyLocked(std::move(*target), keep_old_experts);
+    if (outcome.ok() && outcome->switched && !options_.state_file.empty()) {
+      // The change stands either way; a placement not kept only means a restart falls back.
+      if (absl::Status s =
+              WriteFileAtomically(options_.state_file, dispatcher_.placement()->ToJson());
+          !s.ok()) {
+        options_.logger->Log(
+            LogLevel::kWarning,
+            absl::StrCat("rebalance: the placement in use is not kept: ", s.message()));
+      }
+    }
+    Record(outcome);
+  }
+  apply_mu_.Unlock();
   return outcome;
 }
 
 void Rebalancer::Record(const absl::StatusOr<RebalanceOutcome>& outcome) {
-  std::lock_guard<std::mutex> lock(status_mu_);
+  absl::MutexLock lock(&status_mu_);
   if (!outcome.ok()) {
     ++status_.failed;
     status_.last_error = std::string(outcome.status().message());
@@ -305,11 +314,15 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::ApplyLocked(router::Placement targe
 }
 
 void Rebalancer::AutoLoop() {
-  const auto period = std::chrono::duration<double>(options_.period_seconds);
+  const absl::Duration period = absl::Seconds(options_.period_seconds);
   for (;;) {
     {
-      std::unique_lock<std::mutex> lock(auto_mu_);
-      if (auto_cv_.wait_for(lock, period, [this] { return stop_; })) return;
+      absl::MutexLock lock(&auto_mu_);
+      const absl::Time deadline = absl::Now() + period;
+      while (!stop_) {
+        if (auto_cv_.WaitWithDeadline(&auto_mu_, deadline)) break;  // the period is over
+      }
+      if (stop_) return;
     }
     const auto loads = WindowLoads();
     double total = 0;

@@ -16,13 +16,13 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "attention-server/scheduler.h"
 #include "core/rpc/metrics.h"
 #include "core/util/log.h"
@@ -89,7 +89,8 @@ class Rebalancer {
   void UpdateGauges();
 
  private:
-  absl::StatusOr<RebalanceOutcome> ApplyLocked(router::Placement target, bool keep_old_experts);
+  absl::StatusOr<RebalanceOutcome> ApplyLocked(router::Placement target, bool keep_old_experts)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(apply_mu_);
   // Asks server s to hold `experts` as `version`.
   absl::Status SetServerPlacement(int s, uint64_t version,
                                   const std::vector<std::pair<int64_t, int64_t>>& experts,
@@ -107,9 +108,9 @@ class Rebalancer {
   RebalancerOptions options_;
   std::vector<int64_t> moe_layers_;
 
-  std::mutex apply_mu_;  // one change at a time
-  mutable std::mutex status_mu_;
-  RebalanceStatusReport status_;  // guarded by status_mu_
+  absl::Mutex apply_mu_;  // one change at a time
+  mutable absl::Mutex status_mu_;
+  RebalanceStatusReport status_ ABSL_GUARDED_BY(status_mu_);
 
   // Metrics (null without a registry).
   prometheus::Gauge* version_ = nullptr;
@@ -120,9 +121,9 @@ class Rebalancer {
   prometheus::Counter* failed_ = nullptr;
   std::vector<prometheus::Gauge*> before_, after_, live_;  // [index in moe_layers_]
 
-  std::mutex auto_mu_;
-  std::condition_variable auto_cv_;
-  bool stop_ = false;                  // guarded by auto_mu_
+  absl::Mutex auto_mu_;
+  absl::CondVar auto_cv_;
+  bool stop_ ABSL_GUARDED_BY(auto_mu_) = false;
   std::atomic<bool> stopping_{false};  // ends a wait for loading replicas at shutdown
   std::thread auto_thread_;
 };

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "attention-server/batch_runner_factory.h"
 
 namespace dsmoe {
@@ -47,10 +49,10 @@ Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions
 
 Scheduler::~Scheduler() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  work_cv_.notify_all();
+  work_cv_.SignalAll();
   loop_.join();
   // Whatever is left is told it was aborted: no sequence ends silently.
   const absl::Status shutting_down =
@@ -88,7 +90,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
   seq->arrived = std::chrono::steady_clock::now();
   uint64_t id;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (stop_) return absl::UnavailableError("the attention server is shutting down");
     if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -98,32 +100,32 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
     waiting_.push_back(std::move(seq));
     PublishLoadLocked();
   }
-  work_cv_.notify_one();
+  work_cv_.Signal();
   return id;
 }
 
 void Scheduler::Cancel(uint64_t id) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     cancel_requests_.push_back(id);
   }
-  work_cv_.notify_one();
+  work_cv_.Signal();
 }
 
 SchedulerLoad Scheduler::GetLoad() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return {static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()),
           options_.num_slots};
 }
 
 template <class Job>
-absl::Status Scheduler::Enqueue(std::deque<Job*>& queue, Job* job) {
+absl::Status Scheduler::Enqueue(std::deque<Job*> Scheduler::*queue, Job* job) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (stop_) return absl::UnavailableError("the attention server is shutting down");
-    queue.push_back(job);
+    (this->*queue).push_back(job);
   }
-  work_cv_.notify_one();
+  work_cv_.Signal();
   return absl::OkStatus();
 }
 
@@ -131,7 +133,7 @@ absl::StatusOr<std::vector<float>> Scheduler::ComputeLogits(std::vector<int32_t>
   LogitsJob job;
   job.ids = std::move(ids);
   auto future = job.result.get_future();
-  DSMOE_RETURN_IF_ERROR(Enqueue(logits_jobs_, &job));
+  DSMOE_RETURN_IF_ERROR(Enqueue(&Scheduler::logits_jobs_, &job));
   return future.get();
 }
 
@@ -139,7 +141,7 @@ absl::Status Scheduler::RunBetweenSteps(std::function<void()> fn) {
   BetweenStepsJob job;
   job.fn = std::move(fn);
   auto future = job.done.get_future();
-  DSMOE_RETURN_IF_ERROR(Enqueue(between_steps_, &job));
+  DSMOE_RETURN_IF_ERROR(Enqueue(&Scheduler::between_steps_, &job));
   future.wait();
   if (job.fn) return absl::UnavailableError("the attention server is shutting down");
   return absl::OkStatus();
@@ -156,7 +158,7 @@ void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& s
     PublishKvUsage();
   }
   runner_->ReleaseSlot(seq->slot);
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   free_slots_.push_back(seq->slot);
   running_.erase(seq->id);  // destroys *seq
   PublishLoadLocked();
@@ -182,11 +184,11 @@ void Scheduler::Loop() {
     std::vector<std::unique_ptr<Sequence>> cancelled_waiting;
     running.clear();
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [this] {
-        return stop_ || !waiting_.empty() || !running_.empty() || !logits_jobs_.empty() ||
-               !cancel_requests_.empty() || !between_steps_.empty();
-      });
+      absl::MutexLock lock(&mu_);
+      while (!stop_ && waiting_.empty() && running_.empty() && logits_jobs_.empty() &&
+             cancel_requests_.empty() && between_steps_.empty()) {
+        work_cv_.Wait(&mu_);
+      }
       if (stop_) return;
       between.swap(between_steps_);
       for (uint64_t id : cancel_requests_) {

@@ -10,17 +10,17 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <future>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <unordered_map>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "attention-server/attention_metrics.h"
 #include "core/model/generator.h"
 #include "core/model/model_runner.h"
@@ -119,8 +119,8 @@ class Scheduler {
   void Step(std::vector<Sequence*>& running);
   void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
   absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids);
-  // Publishes running/waiting. REQUIRES: mu_ held.
-  void PublishLoadLocked();
+  // Publishes running/waiting.
+  void PublishLoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Publishes the KV-cache usage after kv_tokens_ changed. Loop thread only.
   void PublishKvUsage();
 
@@ -132,18 +132,18 @@ class Scheduler {
 
   // Queues `job` for the step loop and wakes it; UNAVAILABLE once stopping.
   template <class Job>
-  absl::Status Enqueue(std::deque<Job*>& queue, Job* job);
+  absl::Status Enqueue(std::deque<Job*> Scheduler::*queue, Job* job) ABSL_LOCKS_EXCLUDED(mu_);
 
-  mutable std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::deque<std::unique_ptr<Sequence>> waiting_;                    // guarded by mu_
-  std::unordered_map<uint64_t, std::unique_ptr<Sequence>> running_;  // guarded by mu_
-  std::vector<uint64_t> cancel_requests_;                            // guarded by mu_
-  std::deque<LogitsJob*> logits_jobs_;                               // guarded by mu_
-  std::deque<BetweenStepsJob*> between_steps_;                       // guarded by mu_
-  std::vector<int32_t> free_slots_;                                  // guarded by mu_
-  uint64_t next_id_ = 1;                                             // guarded by mu_
-  bool stop_ = false;                                                // guarded by mu_
+  mutable absl::Mutex mu_;
+  absl::CondVar work_cv_;
+  std::deque<std::unique_ptr<Sequence>> waiting_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<uint64_t, std::unique_ptr<Sequence>> running_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> cancel_requests_ ABSL_GUARDED_BY(mu_);
+  std::deque<LogitsJob*> logits_jobs_ ABSL_GUARDED_BY(mu_);
+  std::deque<BetweenStepsJob*> between_steps_ ABSL_GUARDED_BY(mu_);
+  std::vector<int32_t> free_slots_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
 
   // Loop-thread state: the batch being built.
   std::vector<int32_t> batch_ids_, batch_slots_, batch_pos_, batch_rows_;

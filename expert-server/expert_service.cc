@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
@@ -26,7 +28,7 @@ ExpertService::ExpertService(std::unique_ptr<ExpertStore> store,
         "Routed (token, expert) assignments computed by this expert server, per layer and expert");
     expert_tokens_.assign(c.num_hidden_layers, std::vector<prometheus::Counter*>(
                                                    std::max<int64_t>(c.n_routed_experts, 0)));
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (const auto& [l, e] : held_) CountHeld(l, e);
     tokens_ = &r.Counter("dsmoe_expert_server_rows_total",
                          "Hidden-state rows (tokens) received in ComputeExperts calls")
@@ -60,7 +62,7 @@ void ExpertService::CountHeld(int64_t l, int64_t e) {
 }
 
 int64_t ExpertService::num_experts_held() const {
-  std::lock_guard<std::mutex> lock(state_mu_);
+  absl::MutexLock lock(&state_mu_);
   return static_cast<int64_t>(held_.size());
 }
 
@@ -89,7 +91,7 @@ grpc::Status ExpertService::SetPlacement(grpc::ServerContext*,
   if (auto s = CheckExperts(want); !s.ok()) return rpc::ToGrpc(s);
   PlacementChange change;
   {
-    std::lock_guard<std::mutex> lock(state_mu_);
+    absl::MutexLock lock(&state_mu_);
     if (state_ == internal::v1::PLACEMENT_STATE_LOADING) {
       if (want == target_ && request->version() == version_) {  // a retry of the same change
         response->set_state(state_);
@@ -136,7 +138,7 @@ void ExpertService::Load(uint64_t version, PlacementChange change) {
   setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<ExpertStore::Commit> commit = store_->Prepare(change);
-  std::lock_guard<std::mutex> lock(state_mu_);
+  absl::MutexLock lock(&state_mu_);
   if (!commit.ok()) {
     state_ = internal::v1::PLACEMENT_STATE_FAILED;
     error_ = std::string(commit.status().message());
@@ -157,7 +159,7 @@ void ExpertService::Load(uint64_t version, PlacementChange change) {
 
 void ExpertService::ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load) {
   {
-    std::lock_guard<std::mutex> compute(mu_);
+    absl::MutexLock compute(&mu_);
     commit();
     for (const auto& [l, e] : to_load) CountHeld(l, e);
   }
@@ -272,7 +274,7 @@ absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r
     }
   }
   if (!over_channel) output->resize(static_cast<size_t>(T * H) * sizeof(float));
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   token_.assign(r.token().begin(), r.token().end());
   expert_.assign(r.expert().begin(), r.expert().end());
   // protobuf's repeated float is contiguous float storage.
@@ -306,7 +308,7 @@ grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1:
   const ModelConfig& c = store_->config();
   response->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
   response->set_num_layers(static_cast<uint32_t>(c.num_hidden_layers));
-  std::lock_guard<std::mutex> lock(state_mu_);
+  absl::MutexLock lock(&state_mu_);
   for (const auto& [l, e] : held_) {
     response->add_layers(static_cast<uint32_t>(l));
     response->add_experts(static_cast<uint32_t>(e));

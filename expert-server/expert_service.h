@@ -8,12 +8,12 @@
 // one already uses every core through the thread pool, or the whole GPU).
 #pragma once
 
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/metrics.h"
 #include "core/util/log.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
@@ -58,22 +58,23 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   // Prepares `change` (background thread), then serves it. Runs on loader_.
   void Load(uint64_t version, PlacementChange change);
   // Puts target_ in use: commits the prepared change between two computations, then serves it
-  // (held set, state, gauges). REQUIRES: state_mu_ held.
-  void ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load);
-  void CountHeld(int64_t layer, int64_t expert);  // REQUIRES: mu_ held
+  // (held set, state, gauges).
+  void ServeTargetLocked(ExpertStore::Commit commit, const ExpertSet& to_load)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_mu_);
+  void CountHeld(int64_t layer, int64_t expert) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   std::unique_ptr<ExpertStore> store_;  // computed and changed only under mu_
   ExpertServiceOptions options_;
-  std::mutex mu_;                        // serialises computations and commits
-  std::vector<int32_t> token_, expert_;  // guarded by mu_
+  absl::Mutex mu_;  // serialises computations and commits
+  std::vector<int32_t> token_ ABSL_GUARDED_BY(mu_), expert_ ABSL_GUARDED_BY(mu_);
 
   // Placement changes.
-  mutable std::mutex state_mu_;
-  ExpertSet held_;        // guarded by state_mu_
-  ExpertSet target_;      // guarded by state_mu_: the latest requested set
-  uint64_t version_ = 0;  // guarded by state_mu_
+  mutable absl::Mutex state_mu_;
+  ExpertSet held_ ABSL_GUARDED_BY(state_mu_);
+  ExpertSet target_ ABSL_GUARDED_BY(state_mu_);  // the latest requested set
+  uint64_t version_ ABSL_GUARDED_BY(state_mu_) = 0;
   internal::v1::PlacementState state_ = internal::v1::PLACEMENT_STATE_SERVING;
-  std::string error_;   // guarded by state_mu_
+  std::string error_ ABSL_GUARDED_BY(state_mu_);
   std::thread loader_;  // the load in progress (joined before the next)
   prometheus::Gauge* held_gauge_ = nullptr;
   prometheus::Gauge* version_gauge_ = nullptr;
@@ -85,7 +86,7 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   prometheus::Counter* tokens_ = nullptr;
   prometheus::Histogram* compute_time_ = nullptr;
   rpc::CodeCounters requests_{};
-  std::vector<int64_t> counts_;  // [n_routed_experts] scratch; guarded by mu_
+  std::vector<int64_t> counts_ ABSL_GUARDED_BY(mu_);  // [n_routed_experts] scratch
 };
 
 }  // namespace dsmoe

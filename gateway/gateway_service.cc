@@ -4,6 +4,8 @@
 #include <cmath>
 #include <optional>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/model/model_facts.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
@@ -61,7 +63,7 @@ class GatewayService::Request : public GenerateObserver {
           Start();
           break;
         case Admission::Outcome::kQueued: {
-          std::lock_guard<std::mutex> lock(mu_);
+          absl::MutexLock lock(&mu_);
           queued_ = !admitted_;  // a place may have come between Enter and here
           break;
         }
@@ -78,7 +80,7 @@ class GatewayService::Request : public GenerateObserver {
   void Admitted() {
     Ref();
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       queued_ = false;
       admitted_ = true;
     }
@@ -102,7 +104,7 @@ class GatewayService::Request : public GenerateObserver {
     std::shared_ptr<AttentionServerPool::Call> call;
     bool queued;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       cancelled_ = true;
       call = call_;
       queued = queued_;
@@ -133,7 +135,7 @@ class GatewayService::Request : public GenerateObserver {
   // Relays the request (it holds a place).
   void Start() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (cancelled_) {
         service_.admission_.Release();
         return End(grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled"));
@@ -143,7 +145,7 @@ class GatewayService::Request : public GenerateObserver {
     auto call = service_.pool_.Generate(*context_, upstream_, this);
     bool cancel;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       call_ = call;
       cancel = cancelled_;  // a Cancel() that came while the call started found no call
     }
@@ -166,11 +168,11 @@ class GatewayService::Request : public GenerateObserver {
   std::atomic<bool> client_gone_{false};
   std::atomic<int> refs_{1};  // gRPC's, until OnDone
 
-  std::mutex mu_;
-  bool queued_ = false;                              // guarded by mu_: in the admission queue
-  bool admitted_ = false;                            // guarded by mu_: given a place after waiting
-  bool cancelled_ = false;                           // guarded by mu_
-  std::shared_ptr<AttentionServerPool::Call> call_;  // guarded by mu_
+  absl::Mutex mu_;
+  bool queued_ ABSL_GUARDED_BY(mu_) = false;    // in the admission queue
+  bool admitted_ ABSL_GUARDED_BY(mu_) = false;  // given a place after waiting
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::shared_ptr<AttentionServerPool::Call> call_ ABSL_GUARDED_BY(mu_);
 };
 
 bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateResponse& m) {
@@ -248,7 +250,7 @@ class GatewayService::StreamReactor final
   void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
             const std::string& text) override {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       completion_tokens_ += ids.size();
       if (pending_.empty()) pending_.emplace_back();
       dsmoe::v1::GenerateResponse& next = pending_.back();
@@ -259,7 +261,7 @@ class GatewayService::StreamReactor final
   }
   void Finished(const grpc::Status& status) override {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (status.ok()) {
         dsmoe::v1::GenerateResponse& last = pending_.emplace_back();
         last.set_finish_reason(finish_);
@@ -275,8 +277,9 @@ class GatewayService::StreamReactor final
   // The decision is taken under mu_ (one write in flight, Finish once), the call made after.
   void Pump(bool write_done) {
     enum { kNothing, kWrite, kFinish } action = kNothing;
+    grpc::Status end;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       if (write_done) writing_ = false;
       if (writing_ || finishing_) return;
       if (!pending_.empty() && !broken_) {
@@ -286,29 +289,30 @@ class GatewayService::StreamReactor final
         action = kWrite;
       } else if (end_) {
         finishing_ = true;
+        end = *end_;
         action = kFinish;
       }
     }
     if (action == kWrite) StartWrite(&writing_msg_);
-    if (action == kFinish) Finish(*end_);
+    if (action == kFinish) Finish(end);
   }
   void ClientGone() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       broken_ = true;
     }
     Request::ClientGone();
   }
 
-  std::mutex mu_;
-  // Guarded by mu_: messages not yet written; new output is merged into the last one.
-  std::deque<dsmoe::v1::GenerateResponse> pending_;
+  absl::Mutex mu_;
+  // Messages not yet written; new output is merged into the last one.
+  std::deque<dsmoe::v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   dsmoe::v1::GenerateResponse writing_msg_;  // the write in flight
-  bool writing_ = false;                     // guarded by mu_
-  bool finishing_ = false;                   // guarded by mu_
-  bool broken_ = false;                      // guarded by mu_: a write failed
-  std::optional<grpc::Status> end_;          // guarded by mu_
-  uint32_t completion_tokens_ = 0;           // guarded by mu_
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;  // a write failed
+  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);
+  uint32_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Complete: the output is gathered into the one response.
@@ -342,7 +346,7 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
 };
 
 GatewayService::Admission::Outcome GatewayService::Admission::Enter(Request* r) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (running_ < max_running_) {
     ++running_;
     return Outcome::kRun;
@@ -355,7 +359,7 @@ GatewayService::Admission::Outcome GatewayService::Admission::Enter(Request* r) 
 }
 
 bool GatewayService::Admission::Remove(Request* r) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = std::find(waiting_.begin(), waiting_.end(), r);
   if (it == waiting_.end()) return false;
   waiting_.erase(it);
@@ -365,7 +369,7 @@ bool GatewayService::Admission::Remove(Request* r) {
 void GatewayService::Admission::Release() {
   Request* next = nullptr;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (waiting_.empty()) {
       --running_;
       return;

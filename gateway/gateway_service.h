@@ -16,10 +16,11 @@
 #include <atomic>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "attention-server/client/attention_server_pool.h"
 #include "core/model/config.h"
 #include "core/rpc/health_checker.h"
@@ -114,9 +115,9 @@ class GatewayService final : public dsmoe::v1::Gateway::CallbackService {
 
    private:
     const int64_t max_running_, max_queued_;
-    std::mutex mu_;
-    int64_t running_ = 0;           // guarded by mu_
-    std::deque<Request*> waiting_;  // guarded by mu_
+    absl::Mutex mu_;
+    int64_t running_ ABSL_GUARDED_BY(mu_) = 0;
+    std::deque<Request*> waiting_ ABSL_GUARDED_BY(mu_);
   };
 
   // Counts a finished call of `method` and returns its status.

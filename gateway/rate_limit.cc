@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe {
 
@@ -82,7 +84,7 @@ RateLimiter::RateLimiter(int num_keys, const RateLimits& limits, Clock clock)
 RateLimiter::Decision RateLimiter::Admit(int key) {
   Decision d;
   const SteadyTime now = clock_();
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   // The token limit first: a request refused for tokens must not use up a request.
   if (!tokens_.empty()) {
     const auto wait = tokens_[key].TimeUntil(1.0, now);
@@ -95,9 +97,10 @@ RateLimiter::Decision RateLimiter::Admit(int key) {
 }
 
 void RateLimiter::ChargeTokens(int key, int64_t tokens) {
-  if (tokens_.empty() || tokens <= 0) return;
+  // The limit, not tokens_ (empty exactly when it is off): tokens_ is read under mu_ only.
+  if (limits_.tokens_per_minute <= 0 || tokens <= 0) return;
   const SteadyTime now = clock_();
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   tokens_[key].Charge(static_cast<double>(tokens), now);
 }
 

@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <functional>
-#include <mutex>
 #include <string>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe {
 
@@ -68,8 +70,9 @@ class RateLimiter {
  private:
   RateLimits limits_;
   Clock clock_;
-  std::mutex mu_;
-  std::vector<TokenBucket> requests_, tokens_;  // per key; empty when that limit is off
+  absl::Mutex mu_;
+  // Per key; empty when that limit is off.
+  std::vector<TokenBucket> requests_ ABSL_GUARDED_BY(mu_), tokens_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dsmoe

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 
@@ -39,11 +41,11 @@ class AttentionServerPool::Relay final : public AttentionServerPool::Call,
   const internal::v1::AttentionGenerateRequest request_;
   GenerateObserver* const observer_;
 
-  std::mutex mu_;
-  std::vector<bool> tried_;           // guarded by mu_
-  std::string failures_;              // guarded by mu_: the attempts' errors, for the message
-  Attempt* attempt_ = nullptr;        // guarded by mu_: the attempt in flight
-  bool cancelled_ = false;            // guarded by mu_
+  absl::Mutex mu_;
+  std::vector<bool> tried_ ABSL_GUARDED_BY(mu_);
+  std::string failures_ ABSL_GUARDED_BY(mu_);        // the attempts' errors, for the message
+  Attempt* attempt_ ABSL_GUARDED_BY(mu_) = nullptr;  // the attempt in flight
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::atomic<int64_t> tokens_{0};    // relayed (only the attempt's reactor writes)
   std::atomic<bool> stopped_{false};  // the observer asked to stop
 };
@@ -61,7 +63,7 @@ class AttentionServerPool::Attempt final
   void Start() {
     server_.in_flight.fetch_add(1);
     {
-      std::lock_guard<std::mutex> lock(server_.mu);  // from now on, a "down" verdict cancels it
+      absl::MutexLock lock(&server_.mu);  // from now on, a "down" verdict cancels it
       server_.attempts.insert(this);
     }
     server_.stub->async()->Generate(context_.get(), &call_->request_, this);
@@ -69,8 +71,10 @@ class AttentionServerPool::Attempt final
     StartCall();
   }
   void TryCancel() { context_->TryCancel(); }
-  // REQUIRES: server_.mu held.
+  // Called with server_.mu held (through the server's attempts set, hence asserted, not
+  // annotated: the analysis cannot tell that set's mutex is server_.mu).
   void AbortLocked() {
+    server_.mu.AssertHeld();
     aborted_ = true;
     context_->TryCancel();
   }
@@ -86,13 +90,13 @@ class AttentionServerPool::Attempt final
   void OnDone(const grpc::Status& status) override {
     bool aborted;
     {
-      std::lock_guard<std::mutex> lock(server_.mu);
+      absl::MutexLock lock(&server_.mu);
       server_.attempts.erase(this);
       aborted = aborted_;
     }
     server_.in_flight.fetch_sub(1);
     {
-      std::lock_guard<std::mutex> lock(call_->mu_);  // Cancel() no longer reaches this attempt
+      absl::MutexLock lock(&call_->mu_);  // Cancel() no longer reaches this attempt
       call_->attempt_ = nullptr;
     }
     std::shared_ptr<Relay> call = std::move(call_);
@@ -106,11 +110,11 @@ class AttentionServerPool::Attempt final
   Server& server_;
   std::unique_ptr<grpc::ClientContext> context_;
   internal::v1::AttentionGenerateResponse message_;
-  bool aborted_ = false;  // guarded by server_.mu
+  bool aborted_ ABSL_GUARDED_BY(server_.mu) = false;
 };
 
 void AttentionServerPool::Relay::Cancel() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   cancelled_ = true;
   if (attempt_ != nullptr) attempt_->TryCancel();
 }
@@ -126,7 +130,7 @@ void AttentionServerPool::Relay::StartNext() {
   Attempt* attempt = nullptr;
   absl::Status done;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     Server* server = cancelled_ ? nullptr : pool_.Pick(tried_);
     if (cancelled_) {
       done = absl::CancelledError("the request was cancelled");
@@ -152,7 +156,7 @@ void AttentionServerPool::Relay::AttemptDone(Server& server, const grpc::Status&
   absl::Status status = rpc::FromGrpc(grpc_status);
   bool cancelled;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     cancelled = cancelled_;
   }
   if (stopped_) return Done(absl::OkStatus());  // a stop string, or the client went away
@@ -173,7 +177,7 @@ void AttentionServerPool::Relay::AttemptDone(Server& server, const grpc::Status&
   }
   if (status.code() != absl::StatusCode::kUnavailable) return Done(status);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     absl::StrAppend(&failures_, failures_.empty() ? "" : "; ", status.message());
   }
   if (pool_.health_ != nullptr) pool_.health_->CheckNow();
@@ -285,7 +289,7 @@ void AttentionServerPool::AskNext(std::shared_ptr<InfoCall> call) {
 void AttentionServerPool::OnHealthChange(int index, rpc::TargetHealth now) {
   if (now != rpc::TargetHealth::kDown) return;
   Server& s = *servers_[index];
-  std::lock_guard<std::mutex> lock(s.mu);
+  absl::MutexLock lock(&s.mu);
   for (Attempt* attempt : s.attempts) attempt->AbortLocked();
 }
 

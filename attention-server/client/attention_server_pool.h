@@ -21,11 +21,12 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/transport_security.h"
 #include "core/util/status.h"
@@ -96,8 +97,8 @@ class AttentionServerPool {
     std::string address;
     std::unique_ptr<internal::v1::AttentionService::Stub> stub;
     std::atomic<int64_t> in_flight{0};
-    std::mutex mu;
-    std::set<Attempt*> attempts;  // in flight; guarded by mu
+    absl::Mutex mu;
+    std::set<Attempt*> attempts ABSL_GUARDED_BY(mu);  // in flight
   };
 
   // The server to try next among those not yet `tried`; null if none is left.

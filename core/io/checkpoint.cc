@@ -5,6 +5,9 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+
 namespace dsmoe {
 
 namespace fs = std::filesystem;
@@ -54,6 +57,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       DSMOE_ASSIGN_OR_RETURN(const SafetensorsFile* shard, ckpt->Shard(file));
       (void)shard;
     }
+    absl::MutexLock lock(&ckpt->mu_);  // not shared yet, but shards_ is read under it
     for (auto& [tensor, file] : ckpt->tensor_to_shard_) {
       if (!ckpt->shards_.at(file)->Contains(tensor)) {
         return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": tensor '", tensor,
@@ -78,7 +82,7 @@ absl::StatusOr<std::string> Checkpoint::ReadJsonFile(const std::string& name) co
 }
 
 absl::StatusOr<const SafetensorsFile*> Checkpoint::Shard(const std::string& file_name) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = shards_.find(file_name);
   if (it != shards_.end()) return it->second.get();
   DSMOE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open((fs::path(dir_) / file_name).string()));
@@ -114,7 +118,7 @@ std::vector<std::string> Checkpoint::TensorNamesInFileOrder() const {
 }
 
 void Checkpoint::ReleaseMappings() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   shards_.clear();
 }
 

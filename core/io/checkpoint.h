@@ -6,10 +6,11 @@
 
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/io/safetensors.h"
 #include "core/util/status.h"
 
@@ -40,8 +41,8 @@ class Checkpoint {
 
   std::string dir_;
   std::map<std::string, std::string> tensor_to_shard_;  // tensor name → shard file name
-  mutable std::mutex mu_;
-  mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;  // guarded by mu_
+  mutable absl::Mutex mu_;
+  mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dsmoe

@@ -2,6 +2,12 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstdio>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/rpc/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -24,8 +30,6 @@ const char* TargetHealthName(TargetHealth h) {
 
 struct HealthChecker::Target {
   std::unique_ptr<grpc::health::v1::Health::Stub> stub;
-  int failures = 0;                        // checks failed in a row; guarded by mu_
-  std::string reason = "not checked yet";  // guarded by mu_
   // The round in progress (checker thread only).
   std::unique_ptr<grpc::ClientContext> context;
   HealthCheckRequest request;  // service "": the server as a whole
@@ -62,23 +66,25 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses,
     t->stub = grpc::health::v1::Health::NewStub(channels[i]);
     targets_.push_back(std::move(t));
   }
+  failures_.assign(addresses_.size(), 0);
+  reasons_.assign(addresses_.size(), "not checked yet");
 }
 
 HealthChecker::~HealthChecker() { Stop(); }
 
 void HealthChecker::Stop() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   if (thread_.joinable()) thread_.join();
 }
 
 void HealthChecker::Start(OnChange on_change) {
   on_change_ = std::move(on_change);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < targets_.size(); ++i) changed_.push_back(static_cast<int>(i));
   }
   Round();  // reports every target once, so the caller starts from real states
@@ -89,33 +95,36 @@ void HealthChecker::Start(OnChange on_change) {
 }
 
 std::string HealthChecker::Reason(int target) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return targets_[target]->reason;
+  absl::MutexLock lock(&mu_);
+  return reasons_[target];
 }
 
 void HealthChecker::MarkDown(int target, const std::string& reason) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    targets_[target]->failures = options_.failure_threshold;
+    absl::MutexLock lock(&mu_);
+    failures_[target] = options_.failure_threshold;
     if (SetLocked(target, TargetHealth::kDown, reason)) changed_.push_back(target);
     wake_ = true;  // check it again soon: a restarted server rejoins without waiting a period
   }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void HealthChecker::CheckNow() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     wake_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void HealthChecker::Loop() {
   for (;;) {
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_for(lock, options_.period, [this] { return stop_ || wake_; });
+      absl::MutexLock lock(&mu_);
+      const absl::Time deadline = absl::Now() + absl::FromChrono(options_.period);
+      while (!stop_ && !wake_) {
+        if (cv_.WaitWithDeadline(&mu_, deadline)) break;  // the period is over
+      }
       if (stop_) return;
       wake_ = false;
     }
@@ -125,32 +134,32 @@ void HealthChecker::Loop() {
 
 void HealthChecker::Round() {
   // Every check at once; each completes by its own deadline.
-  std::mutex done_mu;
-  std::condition_variable done_cv;
-  size_t outstanding = targets_.size();
+  absl::Mutex done_mu;
+  absl::CondVar done_cv;
+  size_t outstanding = targets_.size();  // guarded by done_mu
   for (auto& t : targets_) {
     t->context = std::make_unique<grpc::ClientContext>();
     t->context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
     t->response.Clear();
     t->stub->async()->Check(t->context.get(), &t->request, &t->response,
                             [&, target = t.get()](grpc::Status status) {
-                              std::lock_guard<std::mutex> lock(done_mu);
+                              absl::MutexLock lock(&done_mu);
                               target->status = std::move(status);
-                              if (--outstanding == 0) done_cv.notify_all();
+                              if (--outstanding == 0) done_cv.SignalAll();
                             });
   }
   {
-    std::unique_lock<std::mutex> lock(done_mu);
-    done_cv.wait(lock, [&] { return outstanding == 0; });
+    absl::MutexLock lock(&done_mu);
+    while (outstanding != 0) done_cv.Wait(&done_mu);
   }
   for (size_t i = 0; i < targets_.size(); ++i) {
     Target& t = *targets_[i];
     TargetHealth next;
     std::string reason;
     if (!t.status.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++t.failures;
-      if (t.failures < options_.failure_threshold &&
+      absl::MutexLock lock(&mu_);
+      ++failures_[i];
+      if (failures_[i] < options_.failure_threshold &&
           health(static_cast<int>(i)) != TargetHealth::kDown)
         continue;  // one miss is not yet a verdict
       if (SetLocked(static_cast<int>(i), TargetHealth::kDown,
@@ -171,13 +180,13 @@ void HealthChecker::Round() {
       next = TargetHealth::kNotServing;
       reason = "it reports NOT_SERVING";
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    t.failures = 0;
+    absl::MutexLock lock(&mu_);
+    failures_[i] = 0;
     if (SetLocked(static_cast<int>(i), next, reason)) changed_.push_back(static_cast<int>(i));
   }
   std::vector<int> changed;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     changed.swap(changed_);
   }
   if (on_change_) {
@@ -186,7 +195,7 @@ void HealthChecker::Round() {
 }
 
 bool HealthChecker::SetLocked(int target, TargetHealth h, const std::string& reason) {
-  targets_[target]->reason = reason;
+  reasons_[target] = reason;
   const TargetHealth old = health(target);
   if (old == h) return false;
   health_[target].store(static_cast<int>(h), std::memory_order_release);

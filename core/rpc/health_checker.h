@@ -15,14 +15,14 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/transport_security.h"
 #include "core/util/log.h"
 #include "core/util/status.h"
@@ -95,8 +95,9 @@ class HealthChecker {
   struct Target;
   void Loop();
   void Round();
-  // Sets the target's health (REQUIRES: mu_ held); returns whether it changed.
-  bool SetLocked(int target, TargetHealth h, const std::string& reason);
+  // Sets the target's health; returns whether it changed.
+  bool SetLocked(int target, TargetHealth h, const std::string& reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Log(int target, TargetHealth h, const std::string& reason) const;
 
   const std::vector<std::string> addresses_;
@@ -107,11 +108,14 @@ class HealthChecker {
   Verify verify_;
   OnChange on_change_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool wake_ = false;         // guarded by mu_
-  bool stop_ = false;         // guarded by mu_
-  std::vector<int> changed_;  // guarded by mu_: targets changed outside the thread
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<int> changed_ ABSL_GUARDED_BY(mu_);  // targets changed outside the thread
+  // Per target: checks failed in a row, and why its health is what it is.
+  std::vector<int> failures_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> reasons_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 

@@ -5,7 +5,9 @@
 
 #include <exception>
 #include <filesystem>
-#include <mutex>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe::rpc {
 
@@ -62,7 +64,7 @@ class MetricsRegistry::HookedCollectable final : public prometheus::Collectable 
       : registry_(std::move(registry)) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
     // Scrapes may overlap (the endpoint has two threads); hooks need not be reentrant.
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (const auto& hook : hooks_) hook();
     return registry_->Collect();
   }
@@ -70,7 +72,7 @@ class MetricsRegistry::HookedCollectable final : public prometheus::Collectable 
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
-  mutable std::mutex mu_;
+  mutable absl::Mutex mu_;
 };
 
 MetricsRegistry::MetricsRegistry(const std::string& model, prometheus::Labels constant_labels)

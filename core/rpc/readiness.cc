@@ -1,6 +1,10 @@
 #include "core/rpc/readiness.h"
 
+#include <cstdio>
+
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/server.h"
 
 namespace dsmoe::rpc {
@@ -18,7 +22,7 @@ Readiness::Readiness(grpc::Server* server, const std::string& service, std::stri
 }
 
 void Readiness::Set(bool ready, const std::string& why_not) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (ready == ready_ && ever_set_) return;
   ever_set_ = true;
   ready_ = ready;
@@ -37,7 +41,7 @@ void Readiness::Set(bool ready, const std::string& why_not) {
 }
 
 bool Readiness::ready() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return ready_;
 }
 

@@ -8,9 +8,10 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <mutex>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/util/log.h"
 
 namespace dsmoe::rpc {
@@ -32,10 +33,10 @@ class Readiness {
   int port_, metrics_port_;
   std::string log_prefix_;
   Logger* logger_;
-  mutable std::mutex mu_;
-  bool ready_ = false;       // guarded by mu_
-  bool ever_ready_ = false;  // guarded by mu_
-  bool ever_set_ = false;    // guarded by mu_
+  mutable absl::Mutex mu_;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool ever_ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool ever_set_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace dsmoe::rpc

@@ -11,6 +11,8 @@
 #include <cstdio>  // std::rename
 #include <fstream>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/io/mapped_file.h"
 
 namespace dsmoe::rpc {
@@ -125,16 +127,16 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
 }
 
 void ShutdownOnce::Shutdown(const std::function<void()>& steps) {
-  std::lock_guard<std::mutex> lock(mu_);  // held throughout: a concurrent caller waits for it
+  absl::MutexLock lock(&mu_);  // held throughout: a concurrent caller waits for it
   if (done_) return;
   steps();
   done_ = true;
-  done_cv_.notify_all();
+  done_cv_.SignalAll();
 }
 
 void ShutdownOnce::Wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [this] { return done_; });
+  absl::MutexLock lock(&mu_);
+  while (!done_) done_cv_.Wait(&mu_);
 }
 
 absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port) {

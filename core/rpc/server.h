@@ -7,13 +7,13 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/transport_security.h"
 #include "core/util/log.h"
 #include "core/util/status.h"
@@ -63,9 +63,9 @@ class ShutdownOnce {
   void Wait();
 
  private:
-  std::mutex mu_;
-  std::condition_variable done_cv_;
-  bool done_ = false;  // guarded by mu_
+  absl::Mutex mu_;
+  absl::CondVar done_cv_;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // Builds and starts a server for `services` (not owned; must outlive the server).

@@ -4,14 +4,15 @@
 // repeatedly, leftmost first on ties. ignore_merges returns a piece that is itself a token
 // whole. A bounded, sharded cache of piece → ids plays the role of the reference's word cache.
 #include <array>
-#include <mutex>
 #include <queue>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "core/tokenizer/components.h"
 #include "core/tokenizer/strings.h"
 #include "core/tokenizer/utf8.h"
@@ -38,7 +39,7 @@ class WordCache {
 
   bool Lookup(std::string_view key, std::vector<int32_t>& ids) const {
     const Shard& s = shards_[ShardOf(key)];
-    std::lock_guard<std::mutex> lock(s.mu);
+    absl::MutexLock lock(&s.mu);
     auto it = s.map.find(ToAbsl(key));
     if (it == s.map.end()) return false;
     ids.insert(ids.end(), it->second.begin(), it->second.end());
@@ -47,15 +48,15 @@ class WordCache {
   void Insert(std::string_view key, const int32_t* ids, size_t n) const {
     if (key.size() > kMaxKeyBytes) return;
     Shard& s = shards_[ShardOf(key)];
-    std::lock_guard<std::mutex> lock(s.mu);
+    absl::MutexLock lock(&s.mu);
     if (s.map.size() >= kCapacityPerShard) return;
     s.map.try_emplace(std::string(key), std::vector<int32_t>(ids, ids + n));
   }
 
  private:
   struct Shard {
-    mutable std::mutex mu;
-    absl::flat_hash_map<std::string, std::vector<int32_t>> map;
+    mutable absl::Mutex mu;
+    absl::flat_hash_map<std::string, std::vector<int32_t>> map ABSL_GUARDED_BY(mu);
   };
   static size_t ShardOf(std::string_view key) {
     return absl::Hash<std::string_view>()(key) % kShards;

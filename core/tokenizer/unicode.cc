@@ -2,6 +2,8 @@
 
 #include <unicode/utf16.h>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/tokenizer/strings.h"
 #include "core/tokenizer/utf8.h"
 
@@ -14,7 +16,6 @@
 
 #include <cstdio>
 #include <map>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
 
@@ -230,10 +231,10 @@ absl::StatusOr<std::string> ToLower(std::string_view text) {
 bool IsGeneralCategoryName(std::string_view name) { return GcMask(name) != 0; }
 
 const std::vector<std::pair<char32_t, char32_t>>& CategoryDelta(std::string_view gc_name) {
-  static std::mutex mu;
+  static absl::Mutex mu;
   static auto* cache =
       new std::map<std::string, std::vector<std::pair<char32_t, char32_t>>, std::less<>>();
-  std::lock_guard<std::mutex> lock(mu);
+  absl::MutexLock lock(&mu);
   auto it = cache->find(gc_name);
   if (it != cache->end()) return it->second;
   std::vector<std::pair<char32_t, char32_t>> ranges;

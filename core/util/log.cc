@@ -32,17 +32,17 @@ Logger* DefaultLogger() {
 }
 
 void CapturingLogger::Log(LogLevel level, std::string_view message) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   entries_.push_back(Entry{level, std::string(message)});
 }
 
 std::vector<CapturingLogger::Entry> CapturingLogger::entries() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return entries_;
 }
 
 std::vector<std::string> CapturingLogger::lines() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   std::vector<std::string> lines;
   lines.reserve(entries_.size());
   for (const Entry& e : entries_) lines.push_back(e.message);
@@ -50,7 +50,7 @@ std::vector<std::string> CapturingLogger::lines() const {
 }
 
 bool CapturingLogger::Contains(std::string_view needle) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const Entry& e : entries_) {
     if (e.message.find(needle) != std::string::npos) return true;
   }

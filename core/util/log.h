@@ -12,10 +12,12 @@
 // the libraries under them.
 #pragma once
 
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dsmoe {
 
@@ -65,8 +67,8 @@ class CapturingLogger final : public Logger {
   bool Contains(std::string_view needle) const;
 
  private:
-  mutable std::mutex mu_;
-  std::vector<Entry> entries_;  // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::vector<Entry> entries_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dsmoe

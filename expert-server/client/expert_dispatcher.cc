@@ -3,6 +3,8 @@
 #include <cstring>
 #include <set>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
@@ -71,7 +73,7 @@ absl::Status ExpertDispatcher::Send() {
   DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &planned_));
   work_.swap(planned_);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     outstanding_ = 0;
   }
   for (size_t s = 0; s < calls_.size(); ++s) {
@@ -96,7 +98,7 @@ absl::Status ExpertDispatcher::Send() {
       call.sent_at = std::chrono::steady_clock::now();
     }
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       ++outstanding_;
     }
     pool_.stub(static_cast<int>(s))
@@ -104,9 +106,9 @@ absl::Status ExpertDispatcher::Send() {
         ->ComputeExperts(call.context.get(), &call.request, &call.response,
                          [this, &call, m](grpc::Status status) {
                            if (m != nullptr) Record(*m, call, status);
-                           std::lock_guard<std::mutex> lock(mu_);
+                           absl::MutexLock lock(&mu_);
                            call.status = std::move(status);
-                           if (--outstanding_ == 0) done_cv_.notify_one();
+                           if (--outstanding_ == 0) done_cv_.Signal();
                          });
   }
   return absl::OkStatus();
@@ -174,8 +176,8 @@ void ExpertDispatcher::Record(DispatchMetrics& m, const Call& call, const grpc::
 }
 
 void ExpertDispatcher::Wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [this] { return outstanding_ == 0; });
+  absl::MutexLock lock(&mu_);
+  while (outstanding_ != 0) done_cv_.Wait(&mu_);
 }
 
 bool ExpertDispatcher::MarkTransportFailures() {
@@ -255,12 +257,12 @@ absl::Status ExpertDispatcher::Combine(float* out) const {
 
 void ExpertDispatcher::SetPlacement(std::shared_ptr<const router::Placement> placement) {
   planner_.SetPlacement(*placement);
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  absl::MutexLock lock(&placement_mu_);
   placement_ = std::move(placement);
 }
 
 std::shared_ptr<const router::Placement> ExpertDispatcher::placement() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  absl::MutexLock lock(&placement_mu_);
   return placement_;
 }
 

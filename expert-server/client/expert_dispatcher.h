@@ -11,13 +11,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/model/routed_experts.h"
 #include "core/rpc/metrics.h"
 #include "core/util/log.h"
@@ -134,8 +134,8 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
   absl::Status Combine(float* out) const;
 
   const ModelConfig& config_;
-  mutable std::mutex placement_mu_;  // guards placement_ against readers on other threads
-  std::shared_ptr<const router::Placement> placement_;
+  mutable absl::Mutex placement_mu_;  // for readers on other threads
+  std::shared_ptr<const router::Placement> placement_ ABSL_GUARDED_BY(placement_mu_);
   ExpertServerPool& pool_;
   ExpertDispatcherOptions options_;
   router::DispatchPlanner planner_;
@@ -147,9 +147,9 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
   const float* x_ = nullptr;
   const int32_t* experts_ = nullptr;
   const float* weights_ = nullptr;
-  std::mutex mu_;
-  std::condition_variable done_cv_;
-  int outstanding_ = 0;  // guarded by mu_
+  absl::Mutex mu_;
+  absl::CondVar done_cv_;
+  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace dsmoe

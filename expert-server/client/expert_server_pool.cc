@@ -1,5 +1,7 @@
 #include "expert-server/client/expert_server_pool.h"
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/grpc_status.h"
 #include "core/rpc/server.h"
 
@@ -62,7 +64,7 @@ absl::StatusOr<internal::v1::SetPlacementResponse> ExpertServerPool::SetPlacemen
 
 bool ExpertServerPool::available(int server) const {
   if (health_ != nullptr) return health_->health(server) == rpc::TargetHealth::kServing;
-  std::lock_guard<std::mutex> lock(down_mu_);
+  absl::MutexLock lock(&down_mu_);
   std::optional<ExpertServerPoolOptions::Clock::time_point>& since = down_since_[server];
   if (since.has_value() && options_.now() - *since >= options_.retry_down_after) {
     since.reset();  // rested long enough: it gets another try
@@ -75,7 +77,7 @@ void ExpertServerPool::MarkDown(int server, const std::string& reason) {
     health_->MarkDown(server, reason);
     return;
   }
-  std::lock_guard<std::mutex> lock(down_mu_);
+  absl::MutexLock lock(&down_mu_);
   down_since_[server] = options_.now();
 }
 

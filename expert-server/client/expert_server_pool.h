@@ -20,12 +20,13 @@
 #include <chrono>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "core/rpc/health_checker.h"
 #include "core/rpc/transport_security.h"
 #include "core/util/log.h"
@@ -107,9 +108,9 @@ class ExpertServerPool {
   std::unique_ptr<rpc::HealthChecker> health_;  // declared last: stopped first
 
   // Without health checks: since when each server has been down (nullopt: it is not).
-  mutable std::mutex down_mu_;
-  mutable std::vector<std::optional<ExpertServerPoolOptions::Clock::time_point>>
-      down_since_;  // guarded by down_mu_
+  mutable absl::Mutex down_mu_;
+  mutable std::vector<std::optional<ExpertServerPoolOptions::Clock::time_point>> down_since_
+      ABSL_GUARDED_BY(down_mu_);
 };
 
 }  // namespace dsmoe

@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/ops/cuda/cuda_status.h"
 #include "core/rpc/grpc_status.h"
 
@@ -17,7 +19,7 @@ NcclLinks::NcclLinks(ExpertServerPool& pool, const NcclLinksOptions& options)
 NcclLinks::~NcclLinks() {
   for (auto& link : links_) {
     link->cancel = true;
-    std::lock_guard<std::mutex> lock(link->call_mu);
+    absl::MutexLock lock(&link->call_mu);
     if (link->call != nullptr) link->call->TryCancel();
   }
   for (auto& link : links_) {
@@ -78,7 +80,7 @@ void NcclLinks::Open(int server) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + options_.open_timeout);
     {
-      std::lock_guard<std::mutex> lock(link.call_mu);
+      absl::MutexLock lock(&link.call_mu);
       if (link.cancel) return;
       link.call = &context;
     }
@@ -87,7 +89,7 @@ void NcclLinks::Open(int server) {
     request.set_timeout_ms(static_cast<uint32_t>(options_.open_timeout.count()));
     call_status = pool_.stub(server).OpenNcclChannel(&context, request, &response);
     {
-      std::lock_guard<std::mutex> lock(link.call_mu);
+      absl::MutexLock lock(&link.call_mu);
       link.call = nullptr;
     }
     if (!call_status.ok()) refused = true;

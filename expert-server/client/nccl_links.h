@@ -12,11 +12,12 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/util/log.h"
 #include "expert-server/client/expert_dispatcher.h"
 #include "expert-server/client/expert_server_pool.h"
@@ -62,8 +63,9 @@ class NcclLinks final : public DispatchSideChannel {
     size_t rows = 0;  // of the call in flight
     std::chrono::steady_clock::time_point retry_at;
     std::thread opener;
-    std::mutex call_mu;  // guards call (the set-up call in flight, cancelled on shutdown)
-    grpc::ClientContext* call = nullptr;
+    absl::Mutex call_mu;
+    // The set-up call in flight, cancelled on shutdown.
+    grpc::ClientContext* call ABSL_GUARDED_BY(call_mu) = nullptr;
     std::atomic<bool> cancel{false};
   };
   // Runs on link s's opener thread.
