@@ -166,15 +166,29 @@ absl::Status AttentionServer::StartServing() {
     readiness_->Set(true);
     return absl::OkStatus();
   }
+  expert_servers_out_ = std::make_unique<rpc::OutOfServiceGauges>(*metrics_, "expert_server");
+  experts_without_live_copy_ =
+      &metrics_
+           ->Gauge("dsmoe_routed_experts_without_live_copy",
+                   "Routed (layer, expert) pairs that no available expert server holds: requests "
+                   "that need one fail until a server holding it is back")
+           .Add({});
   expert_pool_->StartHealthChecks([this](int s) { return dispatcher_->VerifyServer(s); },
-                                  [this](int, rpc::TargetHealth) {
-                                    const std::string missing = MissingExperts();
-                                    readiness_->Set(missing.empty(), missing);
-                                  });
+                                  [this](int, rpc::TargetHealth) { OnExpertServerHealth(); });
+  OnExpertServerHealth();  // servers down from the start never change: count them now
   return absl::OkStatus();
 }
 
-std::string AttentionServer::MissingExperts() const {
+void AttentionServer::OnExpertServerHealth() {
+  const auto [num_missing, missing] = MissingExperts();
+  readiness_->Set(num_missing == 0, missing);
+  experts_without_live_copy_->Set(static_cast<double>(num_missing));
+  if (expert_pool_->health_checker() != nullptr) {
+    expert_servers_out_->Update(*expert_pool_->health_checker());
+  }
+}
+
+std::pair<int64_t, std::string> AttentionServer::MissingExperts() const {
   const ModelConfig& config = weights_->config();
   const std::shared_ptr<const router::Placement> placement = dispatcher_->placement();
   int64_t num_missing = 0;
@@ -190,9 +204,9 @@ std::string AttentionServer::MissingExperts() const {
       }
     }
   }
-  if (num_missing == 0) return "";
-  return absl::StrCat("no serving expert server holds ", num_missing, " routed experts ", first,
-                      num_missing > 8 ? ", ..." : "");
+  if (num_missing == 0) return {0, ""};
+  return {num_missing, absl::StrCat("no serving expert server holds ", num_missing,
+                                    " routed experts ", first, num_missing > 8 ? ", ..." : "")};
 }
 
 AttentionServer::~AttentionServer() { Shutdown(); }

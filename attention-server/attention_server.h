@@ -120,8 +120,10 @@ class AttentionServer {
   // and the dispatcher. REQUIRES: expert servers were given.
   absl::Status ConnectExpertServers(const ModelConfig& config);
   absl::Status StartServing();
-  // "" when every routed expert has a serving holder; else which ones have none.
-  std::string MissingExperts() const;
+  // Routed experts no available expert server holds: how many, and a message naming the first.
+  std::pair<int64_t, std::string> MissingExperts() const;
+  // After an expert server's health changed: readiness and the out-of-service gauges.
+  void OnExpertServerHealth();
 
   const AttentionServerOptions options_;
   rpc::TransportSecurity security_;
@@ -142,6 +144,10 @@ class AttentionServer {
   std::unique_ptr<AttentionService> attention_service_;
   rpc::RunningServer running_;
   std::unique_ptr<rpc::Readiness> readiness_;
+  // With expert servers: dsmoe_servers_out_of_service{role="expert_server"} and
+  // dsmoe_routed_experts_without_live_copy.
+  std::unique_ptr<rpc::OutOfServiceGauges> expert_servers_out_;
+  prometheus::Gauge* experts_without_live_copy_ = nullptr;
 
   rpc::ShutdownOnce shutdown_;
 };

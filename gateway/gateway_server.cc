@@ -62,13 +62,16 @@ absl::Status GatewayServer::Start() {
   readiness_ = std::make_unique<rpc::Readiness>(
       server_.server.get(), dsmoe::v1::Gateway::service_full_name(), /*ready_file=*/"",
       server_.port, options_.server.metrics_port, "dsmoe-gateway", options_.logger);
+  attention_servers_out_ = std::make_unique<rpc::OutOfServiceGauges>(*metrics_, "attention_server");
   health_->Start([this](int index, rpc::TargetHealth now) {
     service_->OnUpstreamHealth(index, now);
+    attention_servers_out_->Update(*health_);
     bool any = false;
     for (int i = 0; i < health_->num_targets(); ++i)
       any = any || health_->health(i) == rpc::TargetHealth::kServing;
     readiness_->Set(any, "no attention server is ready");
   });
+  attention_servers_out_->Update(*health_);  // servers down from the start never change
   if (!options_.ready_file.empty()) {
     DSMOE_RETURN_IF_ERROR(
         rpc::WriteReadyFile(options_.ready_file, server_.port, options_.server.metrics_port));

@@ -84,6 +84,8 @@ class GatewayServer {
   std::unique_ptr<GatewayService> service_;
   rpc::RunningServer server_;
   std::unique_ptr<rpc::Readiness> readiness_;
+  // dsmoe_servers_out_of_service{role="attention_server"}.
+  std::unique_ptr<rpc::OutOfServiceGauges> attention_servers_out_;
   std::atomic<bool> shut_down_{false};
 };
 

@@ -211,5 +211,33 @@ TEST(ExpertServerPool, HealthChangesAreLoggedToTheInjectedLogger) {
   server->server->Shutdown();
 }
 
+TEST(HealthChecker, ATargetThatStaysDownIsLoggedAgainNowAndThen) {
+  // A dead address checked every 10 ms: the change is logged at once, then the reason again
+  // every repeat_log_period (100 ms) — not at every failed check, and not only once.
+  CapturingLogger log;
+  rpc::HealthCheckOptions o;
+  o.period = milliseconds(10);
+  o.timeout = milliseconds(200);
+  o.failure_threshold = 1;
+  o.repeat_log_period = milliseconds(100);
+  o.log_prefix = "t";
+  o.target_kind = "server";
+  o.logger = &log;
+  const auto start = Clock::now();
+  rpc::HealthChecker checker({"127.0.0.1:1"}, rpc::TransportSecurity::Insecure(), o);
+  checker.Start(nullptr);
+  std::this_thread::sleep_for(milliseconds(550));
+  checker.Stop();
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const std::vector<std::string> lines = log.lines();
+  for (const std::string& l : lines) {
+    EXPECT_EQ(l.rfind("t: server 0 at 127.0.0.1:1 is down: health check failed: ", 0), 0u) << l;
+  }
+  // Once at the start, then at most once per 100 ms of the run (5-6 here), and at least twice
+  // more in 550 ms even on a slow machine — where there were ~50 failed checks.
+  EXPECT_GE(lines.size(), 3u) << absl::StrJoin(lines, "\n");
+  EXPECT_LE(static_cast<double>(lines.size()), 2 + seconds / 0.1) << absl::StrJoin(lines, "\n");
+}
+
 }  // namespace
 }  // namespace dsmoe

@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "core/rpc/metrics.h"
 #include "core/rpc/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -68,6 +69,8 @@ HealthChecker::HealthChecker(std::vector<std::string> addresses,
   }
   failures_.assign(addresses_.size(), 0);
   reasons_.assign(addresses_.size(), "not checked yet");
+  logged_at_.assign(addresses_.size(),
+                    std::chrono::steady_clock::now());  // Start logs the first state
 }
 
 HealthChecker::~HealthChecker() { Stop(); }
@@ -197,9 +200,18 @@ void HealthChecker::Round() {
 bool HealthChecker::SetLocked(int target, TargetHealth h, const std::string& reason) {
   reasons_[target] = reason;
   const TargetHealth old = health(target);
-  if (old == h) return false;
+  const auto now = std::chrono::steady_clock::now();
+  if (old == h) {
+    // Still out of service: say so again now and then, with the reason as it is now.
+    if (h != TargetHealth::kServing && now - logged_at_[target] >= options_.repeat_log_period) {
+      Log(target, h, reason);
+      logged_at_[target] = now;
+    }
+    return false;
+  }
   health_[target].store(static_cast<int>(h), std::memory_order_release);
   Log(target, h, reason);
+  logged_at_[target] = now;
   return true;
 }
 
@@ -208,6 +220,25 @@ void HealthChecker::Log(int target, TargetHealth h, const std::string& reason) c
                        absl::StrCat(options_.log_prefix, ": ", options_.target_kind, " ", target,
                                     " at ", addresses_[target], " is ", TargetHealthName(h),
                                     reason.empty() ? "" : ": ", reason));
+}
+
+OutOfServiceGauges::OutOfServiceGauges(MetricsRegistry& metrics, const std::string& role) {
+  auto& family = metrics.Gauge("dsmoe_servers_out_of_service",
+                               "Servers this process depends on that get no work now, by role and "
+                               "reason (down: unreachable, failing checks or refused; "
+                               "not_serving: they report NOT_SERVING)");
+  down_ = &family.Add({{"role", role}, {"reason", "down"}});
+  not_serving_ = &family.Add({{"role", role}, {"reason", "not_serving"}});
+}
+
+void OutOfServiceGauges::Update(const HealthChecker& checker) {
+  int down = 0, not_serving = 0;
+  for (int i = 0; i < checker.num_targets(); ++i) {
+    down += checker.health(i) == TargetHealth::kDown ? 1 : 0;
+    not_serving += checker.health(i) == TargetHealth::kNotServing ? 1 : 0;
+  }
+  down_->Set(down);
+  not_serving_->Set(not_serving);
 }
 
 }  // namespace dsmoe::rpc

@@ -13,6 +13,8 @@
 // and CheckNow may be called from any thread. Callbacks run on the checker's thread.
 #pragma once
 
+#include <prometheus/gauge.h>
+
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -44,10 +46,15 @@ struct HealthCheckOptions {
   std::string target_kind = "server";
   // Where the health changes are logged (one line each). Not owned; must outlive the checker.
   Logger* logger = DefaultLogger();
+  // A target that stays out of service is logged again, with its current reason, this often:
+  // an operator who looks at the log later still finds why (not only at the change).
+  std::chrono::milliseconds repeat_log_period{30000};
 };
 
 enum class TargetHealth : int { kDown = 0, kNotServing = 1, kServing = 2 };
 const char* TargetHealthName(TargetHealth h);
+
+class MetricsRegistry;
 
 class HealthChecker {
  public:
@@ -116,7 +123,23 @@ class HealthChecker {
   // Per target: checks failed in a row, and why its health is what it is.
   std::vector<int> failures_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> reasons_ ABSL_GUARDED_BY(mu_);
+  // When each target's health was last logged (a target out of service is logged again after
+  // repeat_log_period).
+  std::vector<std::chrono::steady_clock::time_point> logged_at_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
+};
+
+// The gauges dsmoe_servers_out_of_service{role, reason}: how many of one checker's targets are
+// down (unreachable, failing checks, or refused on the way up) and how many report NOT_SERVING.
+// Update() after each health change (a checker's OnChange). Thread-compatible.
+class OutOfServiceGauges {
+ public:
+  OutOfServiceGauges(MetricsRegistry& metrics, const std::string& role);
+  void Update(const HealthChecker& checker);
+
+ private:
+  prometheus::Gauge* down_;
+  prometheus::Gauge* not_serving_;
 };
 
 }  // namespace dsmoe::rpc

@@ -237,3 +237,18 @@ def stop(proc):
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def metric(url, name, **labels):
+    """The value of one series on a /metrics page (None if absent)."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if not line.startswith(name):
+                continue
+            rest = line[len(name):]
+            if rest.startswith("{") and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+            if rest.startswith(" ") and not labels:
+                return float(rest.split()[-1])
+    return None

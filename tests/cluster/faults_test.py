@@ -136,6 +136,13 @@ class ExpertServerFaults(FaultTest):
             cu.wait_for(lambda: c.health(attention["address"]) == "NOT_SERVING", 5, "attention NOT_SERVING")
             cu.wait_for(lambda: c.health(gateway["address"]) == "NOT_SERVING", 5, "gateway NOT_SERVING")
             self.assertEqual(c.health(attention["address"], "dsmoe.internal.v1.AttentionService"), "SERVING")
+            # ... and says why, to an operator: one expert server down, one routed expert with no
+            # live copy (metrics), and the reason in the log.
+            url = attention["metrics_url"]
+            self.assertEqual(cu.metric(url, "dsmoe_servers_out_of_service", role="expert_server", reason="down"), 1)
+            self.assertEqual(cu.metric(url, "dsmoe_servers_out_of_service", role="expert_server",
+                                       reason="not_serving"), 0)
+            self.assertEqual(cu.metric(url, "dsmoe_routed_experts_without_live_copy"), 1)
 
             # 2. While it is down, 24 concurrent requests: exactly those routed to E fail, at
             #    the first position that needs it; the others are untouched.
@@ -156,6 +163,8 @@ class ExpertServerFaults(FaultTest):
             try:
                 cu.wait_for(lambda: c.health(attention["address"]) == "SERVING", 15, "attention SERVING again")
                 cu.wait_for(lambda: c.health(gateway["address"]) == "SERVING", 5, "gateway SERVING again")
+                self.assertEqual(cu.metric(url, "dsmoe_servers_out_of_service", role="expert_server", reason="down"), 0)
+                self.assertEqual(cu.metric(url, "dsmoe_routed_experts_without_live_copy"), 0)
                 streams = [cu.Stream(c.gateway, p, 3) for p in short_cases]
                 for i, (s, w) in enumerate(zip(streams, short_want)):
                     self.assert_identical(s.wait(), w, f"short request {i} after the restart")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import unittest
-import urllib.request
 
 from google.protobuf import json_format
 
@@ -37,14 +36,6 @@ def skewed_model():
     # MoE layer i on server i mod 4: favouring them loads one server per layer.
     return cu.make_model(cu.TMP, "tiny-skewed", "tiny", "--router-bias-experts", "0,4,8",
                          "--router-bias", "3")
-
-
-def metric(url, name, **labels):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def placement(cluster, action, *flags, check=True):
@@ -123,12 +114,12 @@ class LiveRebalance(unittest.TestCase):
             want = {(l["layer"], e) for l in p["layers"] for e, servers in enumerate(l["servers"]) if i in servers}
             self.assertEqual(set(zip(held.layers, held.experts)), want, f"expert server {i}")
         url = self.attention_metrics()
-        self.assertEqual(metric(url, "dsmoe_placement_version"), 2)
-        self.assertEqual(metric(url, "dsmoe_rebalances_total", result="success"), 1)
-        self.assertEqual(metric(url, "dsmoe_rebalance_duration_seconds_count"), 1)
-        self.assertGreater(metric(url, "dsmoe_rebalance_last_success_timestamp_seconds"), 1.7e9)
-        self.assertGreater(metric(url, "dsmoe_rebalance_imbalance", layer="1", when="before"),
-                           metric(url, "dsmoe_rebalance_imbalance", layer="1", when="after"))
+        self.assertEqual(cu.metric(url, "dsmoe_placement_version"), 2)
+        self.assertEqual(cu.metric(url, "dsmoe_rebalances_total", result="success"), 1)
+        self.assertEqual(cu.metric(url, "dsmoe_rebalance_duration_seconds_count"), 1)
+        self.assertGreater(cu.metric(url, "dsmoe_rebalance_last_success_timestamp_seconds"), 1.7e9)
+        self.assertGreater(cu.metric(url, "dsmoe_rebalance_imbalance", layer="1", when="before"),
+                           cu.metric(url, "dsmoe_rebalance_imbalance", layer="1", when="after"))
 
     def test_3_same_placement_again_is_a_no_op(self):
         p = os.path.join(cu.TMP, "current.json")
@@ -299,10 +290,10 @@ class AutomaticRebalance(unittest.TestCase):
                 if reference is None:
                     reference = ids
                 self.assertEqual(ids, reference, f"round {rounds}")
-                if (metric(url, "dsmoe_placement_version") or 0) >= 2 and rounds >= 3:
+                if (cu.metric(url, "dsmoe_placement_version") or 0) >= 2 and rounds >= 3:
                     break
-            self.assertGreaterEqual(metric(url, "dsmoe_placement_version"), 2, "no automatic rebalance")
-            self.assertEqual(metric(url, "dsmoe_rebalances_total", result="failure"), 0)
+            self.assertGreaterEqual(cu.metric(url, "dsmoe_placement_version"), 2, "no automatic rebalance")
+            self.assertEqual(cu.metric(url, "dsmoe_rebalances_total", result="failure"), 0)
             report = json.loads(placement(cluster, "show", "--json").stdout)[0]
             self.assertTrue(report["automatic"])
             self.assertLessEqual(max(l["imbalance"] for l in report["layers"]), 1.15 + 0.1)
