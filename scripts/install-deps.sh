@@ -18,6 +18,9 @@ PACKAGES=(
   prometheus-cpp-dev
   # services: TLS certificate checks and API-key hashing (libssl)
   libssl-dev
+  # services: Boost.Asio (the expert data plane's framed protocol) and Boost.Beast (HTTP API);
+  # header-only, 1.81 (Debian 12's newest)
+  libboost1.81-dev
   # tests: GoogleTest, and the PyTorch reference implementation
   libgtest-dev libgmock-dev python3-torch python3-numpy
   # benchmarks: OpenBLAS sgemm, the reference compute rate prefill is judged by
