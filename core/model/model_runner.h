@@ -80,7 +80,22 @@ class ModelRunner final : public BatchRunner {
 
  private:
   ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options);
-  void Attention(int64_t layer, const ForwardBatch& batch);
+
+  // A contiguous range of a Forward's tokens that goes through the layers as one unit, with
+  // its own rows of the activation arena and its own lane of the routed-expert executor.
+  struct MicroBatch {
+    int64_t first = 0, size = 0;    // tokens [first, first + size) of the batch
+    int lane = 0;                   // RoutedExpertExecutor lane
+    bool routed_in_flight = false;  // Started, not yet Finished
+  };
+  // A layer for micro-batch `mb` (`batch` is its slice) up to its routed experts: attention,
+  // then a dense MLP whole, or the gate, the routed experts started and the shared experts.
+  absl::Status BeginLayer(int64_t layer, const ForwardBatch& batch, MicroBatch& mb);
+  // The rest of a MoE layer: waits for the routed experts and adds them and the shared
+  // experts to the residual stream. Nothing for a dense layer.
+  absl::Status EndLayer(int64_t layer, MicroBatch& mb);
+  // Attention of `batch` (a micro-batch whose rows start at `first` in the arena).
+  void Attention(int64_t layer, const ForwardBatch& batch, int64_t first);
 
   const ModelWeights& weights_;
   const ModelConfig& config_;
@@ -101,6 +116,7 @@ class ModelRunner final : public BatchRunner {
   // Runs of up to 8 consecutive tokens of one sequence (consecutive positions): the units
   // attention works on, each run reading its sequence's cache once for all its tokens.
   std::vector<int32_t> attention_runs_;  // first token of each run, then T (one past the last)
+  std::vector<MicroBatch> micro_batches_;  // of the Forward in progress
   int64_t AttentionScratch() const;
 };
 
