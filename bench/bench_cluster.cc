@@ -5,7 +5,7 @@
 // bytes.
 //
 //   dsmoe_bench_cluster [--model DIR] [--streams 1,8,32] [--tokens 32] [--prompt 16]
-//                       [--insecure 1]
+//                       [--insecure 1] [--cluster-flags "--micro-batches 1 ..."]
 //
 // The cluster runs as `cluster up` starts it: TLS, mutual TLS between the servers and an API
 // key at the gateway; --insecure 1 runs it in plain text instead, to measure what TLS costs.
@@ -216,7 +216,7 @@ DispatchRow MeasureDispatch(const std::string& expert_address, const Access& acc
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model, streams_arg = "1,8,32", threads = "0";
+  std::string model, streams_arg = "1,8,32", threads = "0", cluster_flags;
   bool insecure = false;
   int tokens = 32, prompt_len = 16;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -233,6 +233,8 @@ int main(int argc, char** argv) {
       threads = value;
     else if (flag == "--insecure")
       insecure = value == "1";
+    else if (flag == "--cluster-flags")
+      cluster_flags = value;
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -260,7 +262,8 @@ int main(int argc, char** argv) {
   const std::string up = (bin / "dsmoe").string() + " cluster up --model " + model +
                          " --attention-servers 1 --expert-servers 2 --json" +
                          (threads != "0" ? " --threads " + threads : std::string()) +
-                         (insecure ? " --insecure --no-auth" : "") + " --state-dir " +
+                         (insecure ? " --insecure --no-auth" : "") + " " + cluster_flags +
+                         " --state-dir " +
                          state.string() + " > " + (state.string() + ".json");
   if (std::system(up.c_str()) != 0) {
     std::fprintf(stderr, "cluster up failed\n");

@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -241,6 +242,26 @@ TEST_F(ModelRunnerTest, MicroBatchesChangeNoLogitBeyondRoundingAndOverlapTheRout
                 want);
     }
   }
+}
+
+// The profile charges every part of a forward pass to a phase: each phase the tiny model has
+// (a dense layer, MoE layers with shared experts) gains time, and together they account for
+// the call's wall time.
+TEST_F(ModelRunnerTest, ProfileChargesTheWholeForwardToItsPhases) {
+  ThreadPool pool(1);
+  auto r = MakeRunner(pool);
+  const std::vector<int32_t> ids = {9, 8, 7, 6, 5, 4, 3, 2, 1};
+  const auto start = std::chrono::steady_clock::now();
+  AllLogits(*r, ids);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const ForwardProfile& p = *r->profile();
+  double sum = 0;
+  for (size_t i = 0; i < p.seconds.size(); ++i) {
+    EXPECT_GT(p.seconds[i], 0) << ForwardPhaseName(static_cast<ForwardPhase>(i));
+    sum += p.seconds[i];
+  }
+  EXPECT_LE(sum, wall);
+  EXPECT_GE(sum, 0.5 * wall);
 }
 
 TEST_F(ModelRunnerTest, RefusesBadBatches) {

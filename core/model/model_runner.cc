@@ -121,10 +121,12 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
   const int64_t H = c.hidden_size;
   float* h = hidden_.data();
   float* xn = normed_.data();
+  PhaseClock clock(profile_);
 
   for (int64_t t = 0; t < T; ++t) {  // h = embed(tokens)  [T, H]
     kern.row_to_f32(w.embed_tokens.Row(b.token_ids[t]), w.embed_tokens.dtype, H, h + t * H);
   }
+  clock.Lap(ForwardPhase::kEmbed);
 
   // Micro-batches: contiguous ranges of the batch, one per lane of the routed-expert executor
   // (at most one per token). They go through the layers interleaved: while one micro-batch's
@@ -144,14 +146,16 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
   absl::Status status;
   for (int64_t layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
     for (MicroBatch& mb : micro_batches_) {
-      if (layer > 0) status.Update(EndLayer(layer - 1, mb));
-      if (status.ok()) status.Update(BeginLayer(layer, slice(mb), mb));
+      if (layer > 0) status.Update(EndLayer(layer - 1, mb, clock));
+      if (status.ok()) status.Update(BeginLayer(layer, slice(mb), mb, clock));
       if (!status.ok()) break;
     }
   }
   // The last layer's routed experts; after an error, what is still in flight is collected
   // (and dropped) so that no lane is left busy for the next call.
-  for (MicroBatch& mb : micro_batches_) status.Update(EndLayer(c.num_hidden_layers - 1, mb));
+  for (MicroBatch& mb : micro_batches_) {
+    status.Update(EndLayer(c.num_hidden_layers - 1, mb, clock));
+  }
   DSMOE_RETURN_IF_ERROR(status);
 
   // --- logits for the wanted rows: lm_head(rms_norm(h)) ---
@@ -161,10 +165,12 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     ops::RmsNorm(h + b.logit_rows[r] * H, w.final_norm.data(), 1, H, c.rms_norm_eps, xn + r * H);
   }
   ops::Linear(pool_, xn, R, w.lm_head, nullptr, logits);
+  clock.Lap(ForwardPhase::kLogits);
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, MicroBatch& mb) {
+absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, MicroBatch& mb,
+                                     PhaseClock& clock) {
   const ModelConfig& c = config_;
   const LayerWeights& L = weights_.layers[layer];
   const int64_t T = mb.size, H = c.hidden_size;
@@ -196,6 +202,7 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   Attention(layer, b, mb.first);  // attn [T, nh·hd]
   ops::Linear(pool_, attn, T, L.attention.o.weight, bias(L.attention.o), proj);
   ops::AddInPlace(proj, h, T * H);
+  clock.Lap(ForwardPhase::kAttention);
 
   // --- feed-forward: h += mlp(rms_norm(h)) ---
   ops::RmsNorm(h, L.post_attention_norm.data(), T, H, c.rms_norm_eps, xn);
@@ -203,6 +210,7 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
     const MlpJob job{&L.dense, xn, T, mlp_act_.data(), mlp_up_.data(), proj};
     RunMlps(pool_, &job, 1, H);
     ops::AddInPlace(proj, h, T * H);
+    clock.Lap(ForwardPhase::kDense);
     return absl::OkStatus();
   }
   const int64_t topk = c.num_experts_per_tok;
@@ -212,29 +220,34 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   ops::Linear(pool_, xn, T, L.router, nullptr, router_logits);  // [T, E]
   RouteTokens(gate_, router_logits, T, gate_scratch_.data(), route_experts, route_weights);
   if (observer_ != nullptr) observer_->OnRouting(layer, T, topk, route_experts, route_weights);
+  clock.Lap(ForwardPhase::kGate);
   // Routed experts start (possibly on expert servers); the shared experts — every token, no
   // gate — are computed here meanwhile; EndLayer combines them.
   DSMOE_RETURN_IF_ERROR(experts_->Start(mb.lane, layer, xn, T, route_experts, route_weights, topk));
   mb.routed_in_flight = true;
+  clock.Lap(ForwardPhase::kDispatch);
   if (L.shared.loaded()) {
     const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(),
                      shared_out_.data() + mb.first * H};
     RunMlps(pool_, &job, 1, H);
+    clock.Lap(ForwardPhase::kShared);
   }
   return absl::OkStatus();
 }
 
-absl::Status ModelRunner::EndLayer(int64_t layer, MicroBatch& mb) {
+absl::Status ModelRunner::EndLayer(int64_t layer, MicroBatch& mb, PhaseClock& clock) {
   if (!mb.routed_in_flight) return absl::OkStatus();  // a dense layer, or not started
   mb.routed_in_flight = false;
   const int64_t H = config_.hidden_size, T = mb.size;
   float* h = hidden_.data() + mb.first * H;
   float* proj = proj_.data() + mb.first * H;
   DSMOE_RETURN_IF_ERROR(experts_->Finish(mb.lane, proj));
+  clock.Lap(ForwardPhase::kRoutedWait);
   ops::AddInPlace(proj, h, T * H);
   if (weights_.layers[layer].shared.loaded()) {
     ops::AddInPlace(shared_out_.data() + mb.first * H, h, T * H);
   }
+  clock.Lap(ForwardPhase::kCombine);
   return absl::OkStatus();
 }
 
