@@ -234,12 +234,11 @@ TEST_F(ModelRunnerTest, MicroBatchesChangeNoLogitBeyondRoundingAndOverlapTheRout
     if (lanes == 2) {
       // Layer 1 is the first MoE layer: micro-batch 1 starts its routed experts before
       // micro-batch 0's are collected, and 0 goes on to layer 2 before 1's are collected.
-      const std::vector<std::string> want = {"start 0 layer 1 tokens 6",
-                                             "start 1 layer 1 tokens 6", "finish 0 layer 1",
-                                             "start 0 layer 2 tokens 6", "finish 1 layer 1"};
+      const std::vector<std::string> want = {"start 0 layer 1 tokens 6", "start 1 layer 1 tokens 6",
+                                             "finish 0 layer 1", "start 0 layer 2 tokens 6",
+                                             "finish 1 layer 1"};
       ASSERT_GE(experts.events.size(), want.size());
-      EXPECT_EQ(std::vector<std::string>(experts.events.begin(), experts.events.begin() + 5),
-                want);
+      EXPECT_EQ(std::vector<std::string>(experts.events.begin(), experts.events.begin() + 5), want);
     }
   }
 }
@@ -253,7 +252,8 @@ TEST_F(ModelRunnerTest, ProfileChargesTheWholeForwardToItsPhases) {
   const std::vector<int32_t> ids = {9, 8, 7, 6, 5, 4, 3, 2, 1};
   const auto start = std::chrono::steady_clock::now();
   AllLogits(*r, ids);
-  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const ForwardProfile& p = *r->profile();
   double sum = 0;
   for (size_t i = 0; i < p.seconds.size(); ++i) {
