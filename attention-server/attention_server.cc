@@ -217,14 +217,12 @@ std::pair<int64_t, std::string> AttentionServer::MissingExperts() const {
 AttentionServer::~AttentionServer() { Shutdown(); }
 
 std::string AttentionServer::Describe() const {
-  return absl::StrCat("on ", address(), " (", options_.device.ToString(), "; ",
-                      security_.Describe(), "; ", options_.expert_servers.size(),
-                      " expert servers",
-                      dispatcher_ != nullptr
-                          ? absl::StrCat(" (", dispatcher_->lanes(), " micro-batches per step)")
-                          : "",
-                      ", ", options_.scheduler.num_slots, " slots), metrics on port ",
-                      metrics_port_);
+  return absl::StrCat(
+      "on ", address(), " (", options_.device.ToString(), "; ", security_.Describe(), "; ",
+      options_.expert_servers.size(), " expert servers",
+      dispatcher_ != nullptr ? absl::StrCat(" (", dispatcher_->lanes(), " micro-batches per step)")
+                             : "",
+      ", ", options_.scheduler.num_slots, " slots), metrics on port ", metrics_port_);
 }
 
 void AttentionServer::Wait() { shutdown_.Wait(); }

@@ -263,8 +263,7 @@ int main(int argc, char** argv) {
                          " --attention-servers 1 --expert-servers 2 --json" +
                          (threads != "0" ? " --threads " + threads : std::string()) +
                          (insecure ? " --insecure --no-auth" : "") + " " + cluster_flags +
-                         " --state-dir " +
-                         state.string() + " > " + (state.string() + ".json");
+                         " --state-dir " + state.string() + " > " + (state.string() + ".json");
   if (std::system(up.c_str()) != 0) {
     std::fprintf(stderr, "cluster up failed\n");
     return 1;

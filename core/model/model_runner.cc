@@ -140,8 +140,10 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     micro_batches_.push_back({first, T * (i + 1) / m - first, static_cast<int>(i), false});
   }
   auto slice = [&](const MicroBatch& mb) {
-    return ForwardBatch{b.token_ids.subspan(mb.first, mb.size), b.slots.subspan(mb.first, mb.size),
-                        b.positions.subspan(mb.first, mb.size), {}};
+    return ForwardBatch{b.token_ids.subspan(mb.first, mb.size),
+                        b.slots.subspan(mb.first, mb.size),
+                        b.positions.subspan(mb.first, mb.size),
+                        {}};
   };
   absl::Status status;
   for (int64_t layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
@@ -227,8 +229,8 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   mb.routed_in_flight = true;
   clock.Lap(ForwardPhase::kDispatch);
   if (L.shared.loaded()) {
-    const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(),
-                     shared_out_.data() + mb.first * H};
+    const MlpJob job{
+        &L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data() + mb.first * H};
     RunMlps(pool_, &job, 1, H);
     clock.Lap(ForwardPhase::kShared);
   }

@@ -120,7 +120,7 @@ class ModelRunner final : public BatchRunner {
   FloatBuffer scores_;  // [threads, AttentionScratch()] attention scores
   // Runs of up to 8 consecutive tokens of one sequence (consecutive positions): the units
   // attention works on, each run reading its sequence's cache once for all its tokens.
-  std::vector<int32_t> attention_runs_;  // first token of each run, then T (one past the last)
+  std::vector<int32_t> attention_runs_;    // first token of each run, then T (one past the last)
   std::vector<MicroBatch> micro_batches_;  // of the Forward in progress
   ForwardProfile profile_;
   int64_t AttentionScratch() const;

@@ -79,8 +79,8 @@ absl::Status ExpertDispatcher::Start(int lane_index, int64_t layer, const float*
 absl::Status ExpertDispatcher::Send(Lane& lane) {
   // Planned aside first: if no server is left for some expert, the previous attempt's work
   // stays in place to explain which calls failed.
-  DSMOE_RETURN_IF_ERROR(
-      planner_.Plan(lane.layer, lane.num_tokens, lane.k, lane.experts, lane.weights, &lane.planned));
+  DSMOE_RETURN_IF_ERROR(planner_.Plan(lane.layer, lane.num_tokens, lane.k, lane.experts,
+                                      lane.weights, &lane.planned));
   lane.work.swap(lane.planned);
   {
     absl::MutexLock lock(&lane.mu);
@@ -148,8 +148,7 @@ void ExpertDispatcher::StageHidden(const Lane& lane, int server, Call& call,
   std::string* hidden = req.mutable_hidden();
   hidden->resize(w.rows.size() * H * sizeof(float));
   for (size_t i = 0; i < w.rows.size(); ++i) {
-    std::memcpy(hidden->data() + i * H * sizeof(float), lane.x + w.rows[i] * H,
-                H * sizeof(float));
+    std::memcpy(hidden->data() + i * H * sizeof(float), lane.x + w.rows[i] * H, H * sizeof(float));
   }
 }
 
@@ -158,8 +157,8 @@ bool ExpertDispatcher::CollectSideChannel(Lane& lane) {
   for (size_t s = 0; s < lane.calls.size(); ++s) {
     Call& call = lane.calls[s];
     if (!call.active || !call.over_side_channel || call.side_output != nullptr) continue;
-    absl::StatusOr<const float*> out = options_.side_channel->Collect(
-        static_cast<int>(s), CallResult(lane, static_cast<int>(s)));
+    absl::StatusOr<const float*> out =
+        options_.side_channel->Collect(static_cast<int>(s), CallResult(lane, static_cast<int>(s)));
     if (out.ok()) {
       call.side_output = *out;
       continue;
