@@ -460,10 +460,11 @@ TEST_F(ExpertLinksTest, ShutdownWithACallInFlightIsUnavailablePromptly) {
   const CallData small = MakeCall(config_, 1, 2, 6);
   ASSERT_TRUE(Call(caller, small).status.ok()) << caller.result(0).status;  // connected
   // A long computation occupies the server; the call behind it is in flight when it shuts down.
-  const CallData big = MakeCall(config_, 1, 1024, 7);
+  // (4096 tokens: some 0.2 s of compute here, against 30 ms for the frame to arrive.)
+  const CallData big = MakeCall(config_, 1, 4096, 7);
   const auto deadline = Clock::now() + std::chrono::seconds(30);
   ASSERT_TRUE(busy.Start(0, big.View(), deadline).ok());
-  busy.WaitAll(Clock::now() + milliseconds(50));  // sends the rest; the server computes
+  busy.WaitAll(Clock::now() + milliseconds(30));  // sends the rest; the server computes
   ASSERT_TRUE(caller.Start(0, small.View(), deadline).ok());
   std::thread stopper([&] { server->Shutdown(); });
   const auto start = Clock::now();
