@@ -76,6 +76,12 @@ struct ReplyHeader {
 };
 static_assert(sizeof(ReplyHeader) == 24);
 
+// TLS 1.3 cipher suites of both sides, AES-128-GCM first: every byte of every call is
+// encrypted, and it is the fastest of the three with AES-NI (OpenSSL's default puts AES-256
+// first).
+inline constexpr char kTls13CipherSuites[] =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
 // What a server accepts per request.
 struct Limits {
   uint32_t hidden_size = 0;

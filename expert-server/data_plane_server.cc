@@ -139,6 +139,7 @@ absl::Status DataPlaneServer::Impl::Listen(const rpc::TransportSecurity& securit
                         ssl::context::no_sslv3 | ssl::context::no_tlsv1 |
                         ssl::context::no_tlsv1_1,
                     ec);
+    SSL_CTX_set_ciphersuites(ctx.native_handle(), data_plane::kTls13CipherSuites);
     ctx.use_certificate_chain(asio::buffer(security.cert_pem()), ec);
     if (ec) return TlsError("the server certificate", ec);
     ctx.use_private_key(asio::buffer(security.key_pem()), ssl::context::pem, ec);

@@ -119,6 +119,7 @@ ExpertLinks::Impl::Impl(int num_servers, const rpc::TransportSecurity& transport
   ctx.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
                       ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1,
                   ec);
+  SSL_CTX_set_ciphersuites(ctx.native_handle(), data_plane::kTls13CipherSuites);
   // The peer is verified as gRPC verifies it: against the cluster CA (or the system roots),
   // with the name expected (server_name, or the host dialled) in its certificate.
   if (!security.ca_pem().empty()) {
