@@ -1,8 +1,10 @@
 // End-to-end decode throughput of the cluster (gateway + 1 attention server + 2 expert servers,
 // separate processes on 127.0.0.1) against the single-process engine (the same continuous-
 // batching scheduler with local experts), at 1, 8 and 32 concurrent streams, in one run; and
-// the per-layer dispatch round trip to an expert server against a bare gRPC echo of the same
-// bytes.
+// the per-layer dispatch round trip to an expert server: over gRPC against a bare gRPC echo of
+// the same bytes, and over the data plane (ExpertLinks, expert-server/README.md "Data plane")
+// against a raw TCP ping-pong of exactly its request and reply bytes (loopback, TCP_NODELAY, a
+// tiny echo peer in this process): the floor any framed protocol over TCP is judged by.
 //
 //   dsmoe_bench_cluster [--model DIR] [--streams 1,8,32] [--tokens 32] [--prompt 16]
 //                       [--insecure 1] [--cluster-flags "--micro-batches 1 ..."]
@@ -12,7 +14,12 @@
 //
 // Without --model it writes the small preset (BF16) under /tmp/dsmoe-bench. Both sides share
 // this machine's cores, as they would on one host.
+#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +41,8 @@
 #include "core/rpc/server.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
 #include "dsmoe/v1/gateway.grpc.pb.h"
+#include "expert-server/client/expert_links.h"
+#include "expert-server/data_plane_frame.h"
 #include "router/placement.h"
 
 namespace {
@@ -56,8 +65,86 @@ double Median(std::vector<double> v) {
 
 struct DispatchRow {
   int tokens;
-  size_t request_bytes;
+  size_t request_bytes, reply_bytes;  // gRPC messages (protobuf size)
   double rtt_us, compute_us, echo_us;
+  // The data plane: frame bytes each way, round trip, the server's compute, and the raw TCP
+  // ping-pong of the same bytes. 0 without a data plane.
+  size_t frame_sent = 0, frame_received = 0;
+  double dp_rtt_us = 0, dp_compute_us = 0, tcp_us = 0;
+};
+
+// Sends a whole buffer / receives exactly n bytes on a blocking socket.
+bool SendAll(int fd, const char* p, size_t n) {
+  while (n > 0) {
+    const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (k <= 0) return false;
+    p += k;
+    n -= static_cast<size_t>(k);
+  }
+  return true;
+}
+bool ReceiveAll(int fd, char* p, size_t n) {
+  while (n > 0) {
+    const ssize_t k = ::recv(fd, p, n, 0);
+    if (k <= 0) return false;
+    p += k;
+    n -= static_cast<size_t>(k);
+  }
+  return true;
+}
+
+void NoDelay(int fd) {
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+// The raw TCP floor: a peer on 127.0.0.1 that answers every request_bytes received with
+// reply_bytes, and a connected client. Plain TCP, TCP_NODELAY on both ends, no framing.
+class TcpPingPong {
+ public:
+  TcpPingPong(size_t request_bytes, size_t reply_bytes)
+      : request_(request_bytes, 'q'), reply_(reply_bytes, 'r') {
+    const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    ::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    ::listen(listener, 1);
+    ::getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len);
+    peer_ = std::thread([this, listener] {
+      const int fd = ::accept(listener, nullptr, nullptr);
+      ::close(listener);
+      NoDelay(fd);
+      std::string in(request_.size(), '\0');
+      while (ReceiveAll(fd, in.data(), in.size()) && SendAll(fd, reply_.data(), reply_.size())) {
+      }
+      ::close(fd);
+    });
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    NoDelay(fd_);
+    in_.resize(reply_.size());
+  }
+  ~TcpPingPong() {
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    peer_.join();
+  }
+  // One round trip, µs.
+  double RoundTrip() {
+    const auto t0 = Clock::now();
+    if (!SendAll(fd_, request_.data(), request_.size()) ||
+        !ReceiveAll(fd_, in_.data(), in_.size())) {
+      return 0;
+    }
+    return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+  }
+
+ private:
+  std::string request_, reply_, in_;
+  int fd_ = -1;
+  std::thread peer_;
 };
 
 DispatchRow MeasureDispatch(const std::string& expert_address,
@@ -71,38 +158,91 @@ DispatchRow MeasureDispatch(const std::string& expert_address,
   internal::v1::ComputeExpertsRequest req;
   req.set_layer(static_cast<uint32_t>(layer));
   req.set_num_tokens(static_cast<uint32_t>(tokens));
-  std::string hidden(static_cast<size_t>(tokens * H) * 4, '\0');
-  for (size_t i = 0; i < hidden.size() / 4; ++i)
-    reinterpret_cast<float*>(hidden.data())[i] = 0.01f * static_cast<float>(i % 97);
-  req.set_hidden(hidden);
+  std::vector<float> x(static_cast<size_t>(tokens * H));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97);
+  req.set_hidden(std::string(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float)));
   // Half of each token's top-k lands on this server (two servers, round-robin placement).
+  std::vector<int32_t> rows(static_cast<size_t>(tokens)), token, expert;
+  std::vector<float> weight;
   for (int t = 0; t < tokens; ++t) {
+    rows[t] = t;
     for (int64_t j = 0; j < k / 2; ++j) {
       req.add_token(static_cast<uint32_t>(t));
       req.add_expert(static_cast<uint32_t>(experts[(t * 3 + j) % experts.size()]));
       req.add_weight(0.1f);
+      token.push_back(t);
+      expert.push_back(static_cast<int32_t>(experts[(t * 3 + j) % experts.size()]));
+      weight.push_back(0.1f);
     }
   }
   internal::v1::EchoMessage echo;
   echo.set_payload(std::string(req.ByteSizeLong(), 'x'));
-  std::vector<double> rtt, compute, echo_rtt;
+
+  // The data plane of the same server: its port from GetExperts, the host of its address.
+  grpc::ClientContext gctx;
+  internal::v1::GetExpertsResponse info;
+  const int data_port = stub->GetExperts(&gctx, {}, &info).ok() ? info.data_port() : 0;
+  ExpertLinks links(1, security, H);
+  links.SetEndpoint(0, expert_address.substr(0, expert_address.rfind(':')), data_port);
+  const LinkCall call{static_cast<uint32_t>(layer), x.data(), rows, token, expert, weight};
+  const size_t frame_sent = sizeof(data_plane::RequestHeader) +
+                            data_plane::RequestPayloadBytes(tokens, token.size(), H);
+  const size_t frame_received = sizeof(data_plane::ReplyHeader) + tokens * H * sizeof(float);
+  TcpPingPong tcp(frame_sent, frame_received);
+
+  size_t reply_bytes = 0;
+  std::vector<double> rtt, compute, echo_rtt, dp_rtt, dp_compute, tcp_rtt;
   for (int i = 0; i < 60; ++i) {
     grpc::ClientContext ctx;
     internal::v1::ComputeExpertsResponse resp;
     const auto t0 = Clock::now();
     const grpc::Status s = stub->ComputeExperts(&ctx, req, &resp);
     const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    reply_bytes = resp.ByteSizeLong();
     grpc::ClientContext ectx;
     internal::v1::EchoMessage eresp;
     const auto t1 = Clock::now();
     stub->Echo(&ectx, echo, &eresp);
     const double eus = std::chrono::duration<double, std::micro>(Clock::now() - t1).count();
-    if (i < 10 || !s.ok()) continue;  // warm-up
-    rtt.push_back(us);
-    compute.push_back(resp.compute_seconds() * 1e6);
-    echo_rtt.push_back(eus);
+    double dp_us = 0;
+    bool dp_ok = false;
+    if (data_port != 0) {
+      const auto t2 = Clock::now();
+      const auto deadline = t2 + std::chrono::seconds(10);
+      dp_ok = links.Start(0, call, deadline).ok();
+      if (dp_ok) {
+        links.WaitAll(deadline);
+        dp_ok = links.result(0).status.ok();
+      }
+      dp_us = std::chrono::duration<double, std::micro>(Clock::now() - t2).count();
+      if (!dp_ok && i == 59) {
+        std::fprintf(stderr, "data plane: %s\n",
+                     std::string(links.result(0).status.message()).c_str());
+      }
+    }
+    const double tcp_us = tcp.RoundTrip();
+    if (i < 10) continue;  // warm-up
+    if (s.ok()) {
+      rtt.push_back(us);
+      compute.push_back(resp.compute_seconds() * 1e6);
+      echo_rtt.push_back(eus);
+    }
+    if (dp_ok) {
+      dp_rtt.push_back(dp_us);
+      dp_compute.push_back(links.result(0).compute_seconds * 1e6);
+    }
+    tcp_rtt.push_back(tcp_us);
   }
-  return {tokens, req.ByteSizeLong(), Median(rtt), Median(compute), Median(echo_rtt)};
+  DispatchRow row{tokens, req.ByteSizeLong(), reply_bytes, Median(rtt), Median(compute),
+                  Median(echo_rtt)};
+  if (!dp_rtt.empty()) {
+    row.frame_sent = frame_sent;
+    row.frame_received = frame_received;
+    row.dp_rtt_us = Median(dp_rtt);
+    row.dp_compute_us = Median(dp_compute);
+  }
+  row.tcp_us = Median(tcp_rtt);
+  return row;
 }
 
 }  // namespace
@@ -177,14 +317,23 @@ int main(int argc, char** argv) {
     std::printf("| %d | %.1f | %.1f | %.2f |\n", n, single, clustered, clustered / single);
     std::fflush(stdout);
   }
+  // One message each way per call on both paths (a unary gRPC call; one request and one reply
+  // frame on the data plane); bytes are per call.
   std::printf(
-      "\n| tokens | request bytes | dispatch RTT µs | expert compute µs | transport µs | bare echo "
-      "µs | transport / echo |\n|---|---|---|---|---|---|---|\n");
+      "\n| tokens | gRPC bytes req/reply | gRPC RTT µs | compute µs | gRPC transport µs | bare "
+      "echo µs | gRPC transport / echo | data-plane bytes req/reply | data-plane RTT µs | compute "
+      "µs | data-plane transport µs | raw TCP µs | data-plane transport / raw TCP "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int t : {1, 8, 32}) {
     const DispatchRow r = MeasureDispatch(expert0, security, c, placement->ExpertsOf(0), t);
-    std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.2f |\n", r.tokens, r.request_bytes,
-                r.rtt_us, r.compute_us, r.rtt_us - r.compute_us, r.echo_us,
-                (r.rtt_us - r.compute_us) / r.echo_us);
+    const double dp_transport = r.dp_rtt_us - r.dp_compute_us;
+    std::printf(
+        "| %d | %zu / %zu | %.0f | %.0f | %.0f | %.0f | %.2f | %zu / %zu | %.0f | %.0f | %.0f | "
+        "%.0f | %.2f |\n",
+        r.tokens, r.request_bytes, r.reply_bytes, r.rtt_us, r.compute_us, r.rtt_us - r.compute_us,
+        r.echo_us, (r.rtt_us - r.compute_us) / r.echo_us, r.frame_sent, r.frame_received,
+        r.dp_rtt_us, r.dp_compute_us, dp_transport, r.tcp_us, dp_transport / r.tcp_us);
+    std::fflush(stdout);
   }
   return 0;
 }
