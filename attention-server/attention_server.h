@@ -105,7 +105,9 @@ class AttentionServer {
   int port() const { return running_.port; }
   std::string address() const { return running_.address(); }  // 127.0.0.1:<port>
   int metrics_port() const { return metrics_port_; }          // 0: none
-  int health_port() const { return running_.health_port; }    // 0: none
+  // Everything this server exports (what its metrics endpoint serves).
+  const rpc::MetricsRegistry& metrics() const { return *metrics_; }
+  int health_port() const { return running_.health_port; }  // 0: none
   bool ready() const { return readiness_->ready(); }
   // "on <address> (<device>; <security>; <n> expert servers, <n> slots), metrics on port <p>".
   std::string Describe() const;

@@ -133,6 +133,35 @@ TEST_F(AttentionServerTest, WithTwoExpertServersInOneProcess) {
   EXPECT_EQ(Logits((*remote)->address(), ids).status().code(), absl::StatusCode::kUnavailable);
 }
 
+// Once the health checks have found the expert servers' data ports, every dispatch goes over
+// the data plane (framed, on connections held open), not gRPC: the calls counted by transport
+// agree, and the logits are those of local experts (checked above).
+TEST_F(AttentionServerTest, DispatchGoesOverTheDataPlane) {
+  std::unique_ptr<ExpertServer> experts[2] = {StartExpertServer(0), StartExpertServer(1)};
+  ASSERT_TRUE(experts[0] != nullptr && experts[1] != nullptr);
+  ASSERT_GT(experts[0]->data_port(), 0);
+  auto remote = AttentionServer::Create(Options({experts[0]->address(), experts[1]->address()}));
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  ASSERT_TRUE(WaitFor([&] { return (*remote)->ready(); }, std::chrono::seconds(20)));
+  ASSERT_TRUE(Logits((*remote)->address(), {1, 17, 4, 33, 2, 9}).ok());
+  const std::string text = (*remote)->metrics().Text();
+  auto sum = [&](const std::string& name) {
+    double total = 0;
+    for (size_t at = text.find("\n" + name + "{"); at != std::string::npos;
+         at = text.find("\n" + name + "{", at + 1)) {
+      const size_t end = text.find('\n', at + 1);
+      const std::string line = text.substr(at + 1, end - at - 1);
+      if (line.find("code=\"OK\"") != std::string::npos ||
+          name.find("data_plane") != std::string::npos)
+        total += std::stod(line.substr(line.rfind(' ') + 1));
+    }
+    return total;
+  };
+  const double calls = sum("dsmoe_dispatch_calls_total");
+  EXPECT_GT(calls, 0);
+  EXPECT_EQ(sum("dsmoe_dispatch_data_plane_calls_total"), calls);
+}
+
 TEST_F(AttentionServerTest, AReplicaTakesOverFromAServerThatWentAway) {
   // Declared first: the servers log into them until they are destroyed.
   CapturingLogger attention_log, expert_log;

@@ -180,7 +180,9 @@ TEST_F(ClusterInProcessTest, MicroBatchesChangeNoToken) {
       const Stream::Result& got = streams[i]->Wait();
       ASSERT_TRUE(got.status.ok()) << micro_batches << ": " << got.status.error_message();
       ASSERT_EQ(got.ids.size(), kTokens);
-      if (i % 2 == 0) EXPECT_EQ(got.ids, Reference(prompts[i], kTokens).ids) << "prompt " << i;
+      if (i % 2 == 0) {
+        EXPECT_EQ(got.ids, Reference(prompts[i], kTokens).ids) << "prompt " << i;
+      }
       runs.back().push_back(got.ids);
     }
   }

@@ -8,6 +8,20 @@
 #include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
+namespace {
+
+// The host part of a gRPC target "host:port", "[v6]:port" or "dns:///host:port".
+std::string HostOf(const std::string& address) {
+  std::string a = address;
+  for (const char* scheme : {"dns:///", "ipv4:", "ipv6:"}) {
+    if (a.rfind(scheme, 0) == 0) a = a.substr(std::strlen(scheme));
+  }
+  if (!a.empty() && a.front() == '[') return a.substr(1, a.find(']') - 1);
+  const size_t colon = a.rfind(':');
+  return colon == std::string::npos ? a : a.substr(0, colon);
+}
+
+}  // namespace
 
 ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Placement& placement,
                                    ExpertServerPool& pool, const ExpertDispatcherOptions& options)
@@ -19,7 +33,12 @@ ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Plac
   const int lanes = options_.side_channel != nullptr ? 1 : std::max(options_.lanes, 1);
   for (int i = 0; i < lanes; ++i) {
     lanes_.push_back(std::make_unique<Lane>());
-    lanes_.back()->calls.resize(pool_.num_servers());
+    Lane& lane = *lanes_.back();
+    lane.calls.resize(pool_.num_servers());
+    if (options_.data_plane && options_.side_channel == nullptr) {
+      lane.links =
+          std::make_unique<ExpertLinks>(pool_.num_servers(), pool_.security(), config.hidden_size);
+    }
   }
   if (options_.metrics != nullptr) {
     for (int s = 0; s < pool_.num_servers(); ++s) {
@@ -46,6 +65,11 @@ DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
   tokens = &r.Counter("dsmoe_dispatch_tokens_total",
                       "Hidden-state rows (tokens) sent to an expert server")
                 .Add(labels);
+  data_plane_calls =
+      &r.Counter("dsmoe_dispatch_data_plane_calls_total",
+                 "ComputeExperts calls that went over the expert server's data plane (the rest: "
+                 "gRPC)")
+           .Add(labels);
   calls = rpc::AddCodeCounters(
       r.Counter("dsmoe_dispatch_calls_total",
                 "ComputeExperts calls to an expert server, by gRPC code (failures: code != OK)"),
@@ -86,11 +110,21 @@ absl::Status ExpertDispatcher::Send(Lane& lane) {
     absl::MutexLock lock(&lane.mu);
     lane.outstanding = 0;
   }
+  lane.deadline = std::chrono::steady_clock::now() + options_.deadline;
   for (size_t s = 0; s < lane.calls.size(); ++s) {
     Call& call = lane.calls[s];
     const router::ServerWork& w = lane.work[s];
     call.active = !w.empty();
+    call.over_data_plane = false;
+    call.link_output = nullptr;
     if (!call.active) continue;
+    DispatchMetrics* m = metrics_.empty() ? nullptr : metrics_[s].get();
+    if (m != nullptr) {
+      m->assignments->Increment(static_cast<double>(w.token.size()));
+      m->tokens->Increment(static_cast<double>(w.rows.size()));
+      call.sent_at = std::chrono::steady_clock::now();
+    }
+    if (StartOnDataPlane(lane, static_cast<int>(s), call)) continue;
     auto& req = call.request;
     req.set_layer(static_cast<uint32_t>(lane.layer));
     req.set_num_tokens(static_cast<uint32_t>(w.rows.size()));
@@ -101,12 +135,6 @@ absl::Status ExpertDispatcher::Send(Lane& lane) {
     call.response.Clear();
     call.context = std::make_unique<grpc::ClientContext>();
     call.context->set_deadline(std::chrono::system_clock::now() + options_.deadline);
-    DispatchMetrics* m = metrics_.empty() ? nullptr : metrics_[s].get();
-    if (m != nullptr) {
-      m->assignments->Increment(static_cast<double>(w.token.size()));
-      m->tokens->Increment(static_cast<double>(w.rows.size()));
-      call.sent_at = std::chrono::steady_clock::now();
-    }
     {
       absl::MutexLock lock(&lane.mu);
       ++lane.outstanding;
@@ -115,7 +143,11 @@ absl::Status ExpertDispatcher::Send(Lane& lane) {
         .async()
         ->ComputeExperts(call.context.get(), &call.request, &call.response,
                          [&lane, &call, m](grpc::Status status) {
-                           if (m != nullptr) Record(*m, call, status);
+                           if (m != nullptr) {
+                             Record(*m, call.sent_at, call.request.ByteSizeLong(),
+                                    status.ok() ? call.response.ByteSizeLong() : 0,
+                                    status.error_code());
+                           }
                            absl::MutexLock lock(&lane.mu);
                            call.status = std::move(status);
                            if (--lane.outstanding == 0) lane.done_cv.Signal();
@@ -176,17 +208,54 @@ bool ExpertDispatcher::CollectSideChannel(Lane& lane) {
   return resend;
 }
 
-void ExpertDispatcher::Record(DispatchMetrics& m, const Call& call, const grpc::Status& status) {
-  // The call is complete: its request and reply are not touched by anyone else until the next
-  // Send, which waits for this callback.
+void ExpertDispatcher::Record(DispatchMetrics& m, std::chrono::steady_clock::time_point sent_at,
+                              size_t sent_bytes, size_t received_bytes, grpc::StatusCode code) {
   m.round_trip->Observe(
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - call.sent_at).count());
-  m.sent_bytes->Increment(static_cast<double>(call.request.ByteSizeLong()));
-  if (status.ok()) m.received_bytes->Increment(static_cast<double>(call.response.ByteSizeLong()));
-  rpc::CountCode(m.calls, status.error_code());
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - sent_at).count());
+  m.sent_bytes->Increment(static_cast<double>(sent_bytes));
+  m.received_bytes->Increment(static_cast<double>(received_bytes));
+  rpc::CountCode(m.calls, code);
+}
+
+bool ExpertDispatcher::StartOnDataPlane(Lane& lane, int server, Call& call) {
+  if (lane.links == nullptr || !lane.links->HasEndpoint(server)) return false;
+  if (options_.side_channel != nullptr && options_.side_channel->ChannelTo(server) != 0) {
+    return false;  // the NCCL path carries the tensors
+  }
+  const router::ServerWork& w = lane.work[server];
+  const LinkCall link{
+      static_cast<uint32_t>(lane.layer), lane.x, w.rows, w.token, w.expert, w.weight};
+  const absl::Status started = lane.links->Start(server, link, lane.deadline);
+  if (!started.ok()) {
+    options_.logger->Log(LogLevel::kWarning, absl::StrCat("dispatch: ", pool_.Name(server),
+                                                          ": data plane: ", started.message(),
+                                                          "; this call goes by gRPC"));
+    return false;
+  }
+  call.over_data_plane = true;  // counted in the metrics once collected (Wait)
+  return true;
 }
 
 void ExpertDispatcher::Wait(Lane& lane) {
+  bool any_link = false;
+  for (const Call& call : lane.calls) any_link |= call.active && call.over_data_plane;
+  if (any_link) {
+    // The data plane's I/O runs here, on the runner's thread, while gRPC's calls (if any)
+    // complete on its own threads.
+    lane.links->WaitAll(lane.deadline);
+    for (size_t s = 0; s < lane.calls.size(); ++s) {
+      Call& call = lane.calls[s];
+      if (!call.active || !call.over_data_plane) continue;
+      const ExpertLinks::Result& r = lane.links->result(static_cast<int>(s));
+      call.status = rpc::ToGrpc(r.status);
+      call.link_output = r.status.ok() ? r.output : nullptr;
+      if (!metrics_.empty()) {
+        Record(*metrics_[s], call.sent_at, r.sent_bytes, r.received_bytes,
+               call.status.error_code());
+        metrics_[s]->data_plane_calls->Increment();
+      }
+    }
+  }
   absl::MutexLock lock(&lane.mu);
   while (lane.outstanding != 0) lane.done_cv.Wait(&lane.mu);
 }
@@ -254,15 +323,16 @@ absl::Status ExpertDispatcher::Combine(const Lane& lane, float* out) const {
       first_error.Update(CallResult(lane, static_cast<int>(s)));
       continue;
     }
-    if (call.side_output == nullptr &&
-        call.response.output().size() != w.rows.size() * H * sizeof(float)) {
+    const bool carried = call.side_output != nullptr || call.link_output != nullptr;
+    if (!carried && call.response.output().size() != w.rows.size() * H * sizeof(float)) {
       first_error.Update(absl::InternalError(
           absl::StrCat(pool_.Name(static_cast<int>(s)), " answered ", call.response.output().size(),
                        " bytes for ", w.rows.size(), " tokens")));
       continue;
     }
-    const float* y = call.side_output != nullptr
-                         ? call.side_output
+    const float* y = call.side_output != nullptr ? call.side_output
+                     : call.link_output != nullptr
+                         ? call.link_output
                          : reinterpret_cast<const float*>(call.response.output().data());
     for (size_t i = 0; i < w.rows.size(); ++i) {
       float* o = out + w.rows[i] * H;
@@ -293,6 +363,12 @@ absl::Status ExpertDispatcher::VerifyServer(int s) const {
   }
   std::set<std::pair<int64_t, int64_t>> held;
   for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
+  // Its data plane, if it serves one, takes the calls from now on (a restarted server may
+  // listen on another port).
+  for (const auto& lane : lanes_) {
+    if (lane->links != nullptr)
+      lane->links->SetEndpoint(s, HostOf(pool_.address(s)), resp.data_port());
+  }
   const std::shared_ptr<const router::Placement> p = placement();
   const std::vector<std::pair<int64_t, int64_t>> assigned = p->ExpertsOf(s);
   int64_t missing = 0;

@@ -5,8 +5,13 @@
 // computes the shared experts meanwhile. A server that fails in transport is marked down in the
 // pool and the layer is dispatched again over the replicas.
 //
-// Each lane (ExpertDispatcherOptions::lanes) has calls of its own, so that several
-// micro-batches' dispatches can be in flight at once.
+// A call goes over the expert server's data plane (expert-server/client/expert_links.h: lean
+// frames on a connection held open, driven on the runner's thread) once the server's health
+// check has reported its data port, and by gRPC otherwise (no data port, a connection that
+// cannot open). Either way a failure in transport marks the server down and fails over.
+//
+// Each lane (ExpertDispatcherOptions::lanes) has calls and data-plane connections of its own,
+// so that several micro-batches' dispatches can be in flight at once.
 //
 // Thread-compatible (one model runner drives it), like every executor.
 #pragma once
@@ -25,6 +30,7 @@
 #include "core/rpc/metrics.h"
 #include "core/util/log.h"
 #include "dsmoe/internal/v1/expert.grpc.pb.h"
+#include "expert-server/client/expert_links.h"
 #include "expert-server/client/expert_server_pool.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
@@ -61,6 +67,8 @@ struct ExpertDispatcherOptions {
   // Dispatches in flight at once (the model runner's micro-batches). With a side channel: 1
   // (its transfers are one per server at a time).
   int lanes = 1;
+  // Calls go over the expert servers' data plane where they serve one; false: gRPC only.
+  bool data_plane = true;
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the
@@ -68,12 +76,13 @@ struct ExpertDispatcherOptions {
 // observations take prometheus-cpp's per-histogram lock).
 struct DispatchMetrics {
   DispatchMetrics(rpc::MetricsRegistry& registry, int server);
-  prometheus::Histogram* round_trip;    // send → reply, seconds
-  prometheus::Counter* sent_bytes;      // request messages (protobuf size)
-  prometheus::Counter* received_bytes;  // reply messages
-  prometheus::Counter* assignments;     // routed (token, expert) assignments sent
-  prometheus::Counter* tokens;          // hidden-state rows sent
-  rpc::CodeCounters calls;              // finished calls by gRPC code (OK included)
+  prometheus::Histogram* round_trip;      // send → reply, seconds
+  prometheus::Counter* sent_bytes;        // request messages (protobuf size)
+  prometheus::Counter* received_bytes;    // reply messages
+  prometheus::Counter* assignments;       // routed (token, expert) assignments sent
+  prometheus::Counter* tokens;            // hidden-state rows sent
+  prometheus::Counter* data_plane_calls;  // calls that went over the data plane (not gRPC)
+  rpc::CodeCounters calls;                // finished calls by gRPC code (OK included)
 };
 
 class ExpertDispatcher final : public RoutedExpertExecutor {
@@ -117,6 +126,8 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
     std::chrono::steady_clock::time_point sent_at;
     bool over_side_channel = false;      // tensors through options_.side_channel
     const float* side_output = nullptr;  // its outputs once collected
+    bool over_data_plane = false;        // the whole call through the lane's links
+    const float* link_output = nullptr;  // its outputs once collected
   };
   // One dispatch in flight: the layer in progress (its inputs stay valid until Finish
   // returns), its plan and its calls, one per expert server.
@@ -126,7 +137,9 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
     const int32_t* experts = nullptr;
     const float* weights = nullptr;
     std::vector<router::ServerWork> work, planned;
-    std::vector<Call> calls;  // [server]
+    std::vector<Call> calls;                         // [server]
+    std::unique_ptr<ExpertLinks> links;              // null: gRPC only
+    std::chrono::steady_clock::time_point deadline;  // of the calls in flight
     absl::Mutex mu;
     absl::CondVar done_cv;
     int outstanding ABSL_GUARDED_BY(mu) = 0;  // calls whose callback has not run
@@ -134,10 +147,14 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
 
   // Plans and sends the lane's layer's calls over the servers now considered available.
   absl::Status Send(Lane& lane);
-  // Waits for the lane's calls in flight.
-  static void Wait(Lane& lane);
-  // Counts a finished call (on gRPC's callback thread).
-  static void Record(DispatchMetrics& m, const Call& call, const grpc::Status& status);
+  // Waits for the lane's calls in flight (gRPC and data plane).
+  void Wait(Lane& lane);
+  // Starts the call to `server` over the lane's data plane; false if it cannot (no data port,
+  // no connection): the caller sends it by gRPC.
+  bool StartOnDataPlane(Lane& lane, int server, Call& call);
+  // Counts a finished call (on gRPC's callback thread, or the runner's for the data plane).
+  static void Record(DispatchMetrics& m, std::chrono::steady_clock::time_point sent_at,
+                     size_t sent_bytes, size_t received_bytes, grpc::StatusCode code);
   // Fills the call's hidden states: through the side channel when one is open to `server`,
   // else into the request.
   void StageHidden(const Lane& lane, int server, Call& call, const router::ServerWork& work);

@@ -64,6 +64,7 @@ class ExpertServerPool {
 
   int num_servers() const { return static_cast<int>(addresses_.size()); }
   const std::string& address(int server) const { return addresses_[server]; }
+  const rpc::TransportSecurity& security() const { return options_.security; }
   // The stub of `server`, for calls the pool has no helper for (ComputeExperts, asynchronous;
   // OpenNcclChannel, cancellable). Valid for the pool's lifetime.
   Stub& stub(int server) const { return *stubs_[server]; }
