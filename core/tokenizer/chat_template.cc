@@ -1264,7 +1264,15 @@ class Renderer {
     if (obj.is_dict()) {
       if (const Value* v = Find(obj.dict(), name)) return *v;
     }
-    if (obj.is_str() || obj.is_dict() || obj.is_list()) {
+    // Only the methods Method implements: anything else is undefined, as a missing key is.
+    static const std::set<std::string> kStr = {"strip", "lstrip", "rstrip", "lower", "upper",
+                                               "startswith", "endswith", "split", "replace",
+                                               "title", "capitalize", "find", "count", "join"};
+    static const std::set<std::string> kDict = {"items", "keys", "values", "get"};
+    const bool method = (obj.is_str() && kStr.count(name) > 0) ||
+                        (obj.is_dict() && kDict.count(name) > 0) ||
+                        (obj.is_list() && name == "append");
+    if (method) {
       auto self = obj;
       return Value(std::make_shared<Builtin>(
           [this, self, name](std::vector<Value>& args,
