@@ -76,9 +76,9 @@ TEST(ChatTemplate, LoopsScopesAndNamespaces) {
                    ctx),
             "0a1c");
   EXPECT_EQ(Render("{% for x in [] %}{{ x }}{% else %}none{% endfor %}", {}), "none");
-  EXPECT_EQ(Render("{{ items[-1] }}{{ items[:2]|join('+') }}{{ items|length }}{{ 'abc'[::-1] }}",
-                   ctx),
-            "ca+b3cba");
+  EXPECT_EQ(
+      Render("{{ items[-1] }}{{ items[:2]|join('+') }}{{ items|length }}{{ 'abc'[::-1] }}", ctx),
+      "ca+b3cba");
 }
 
 TEST(ChatTemplate, ExpressionsFiltersAndMethods) {
@@ -90,8 +90,7 @@ TEST(ChatTemplate, ExpressionsFiltersAndMethods) {
             "3 -4 1 3.5 8");
   EXPECT_EQ(Render("{{ 'yes' if x is defined else 'no' }} {{ y|default('d') }}", {{"x", 1}}),
             "yes d");
-  EXPECT_EQ(Render("{{ 'ab' in 'cabd' }} {{ 3 not in [1, 2] }} {{ 'Hello'.startswith('He') }}",
-                   {}),
+  EXPECT_EQ(Render("{{ 'ab' in 'cabd' }} {{ 3 not in [1, 2] }} {{ 'Hello'.startswith('He') }}", {}),
             "True True True");
   EXPECT_EQ(Render("{% macro greet(name, p='!') %}Hi {{ name }}{{ p }}{% endmacro %}{{ "
                    "greet('Bo') }}{{ greet('Al', p='?') }}",
@@ -102,8 +101,7 @@ TEST(ChatTemplate, ExpressionsFiltersAndMethods) {
 TEST(ChatTemplate, RefusesWhatItDoesNotImplementNamingIt) {
   auto include = ChatTemplate::Parse("{% include 'other.jinja' %}");
   ASSERT_FALSE(include.ok());
-  EXPECT_NE(include.status().message().find("'include'"), std::string::npos)
-      << include.status();
+  EXPECT_NE(include.status().message().find("'include'"), std::string::npos) << include.status();
   auto filter = ChatTemplate::Parse("line one\n{{ x|wordwrap(10) }}");
   ASSERT_FALSE(filter.ok());
   EXPECT_NE(filter.status().message().find("'wordwrap'"), std::string::npos) << filter.status();
@@ -149,9 +147,10 @@ bool ReferenceDeviates(const json& c) {
 }
 
 TEST(ChatTemplate, StripWithCharactersIsPythons) {
-  EXPECT_EQ(Render("[{{ '  x\n'.lstrip('\n') }}|{{ '\n\nx  '.strip('\n') }}|{{ 'xyy'.rstrip('y') }}]",
-                   {}),
-            "[  x\n|x  |x]");
+  EXPECT_EQ(
+      Render("[{{ '  x\n'.lstrip('\n') }}|{{ '\n\nx  '.strip('\n') }}|{{ 'xyy'.rstrip('y') }}]",
+             {}),
+      "[  x\n|x  |x]");
 }
 
 TEST(ChatTemplateConformance, ByteIdenticalToHuggingFaceJinja) {
@@ -190,8 +189,9 @@ TEST(ChatTemplateConformance, ByteIdenticalToHuggingFaceJinja) {
     if (*got != c["expected"].get<std::string>()) {
       ++failures;
       ADD_FAILURE() << name << " add_generation_prompt=" << c["add_generation_prompt"]
-                    << " messages=" << c["messages"].dump() << "\nexpected: "
-                    << json(c["expected"]).dump() << "\ngot:      " << json(*got).dump();
+                    << " messages=" << c["messages"].dump()
+                    << "\nexpected: " << json(c["expected"]).dump()
+                    << "\ngot:      " << json(*got).dump();
       if (failures > 10) break;
     }
   }

@@ -1265,9 +1265,9 @@ class Renderer {
       if (const Value* v = Find(obj.dict(), name)) return *v;
     }
     // Only the methods Method implements: anything else is undefined, as a missing key is.
-    static const std::set<std::string> kStr = {"strip", "lstrip", "rstrip", "lower", "upper",
-                                               "startswith", "endswith", "split", "replace",
-                                               "title", "capitalize", "find", "count", "join"};
+    static const std::set<std::string> kStr = {
+        "strip", "lstrip",  "rstrip", "lower",      "upper", "startswith", "endswith",
+        "split", "replace", "title",  "capitalize", "find",  "count",      "join"};
     static const std::set<std::string> kDict = {"items", "keys", "values", "get"};
     const bool method = (obj.is_str() && kStr.count(name) > 0) ||
                         (obj.is_dict() && kDict.count(name) > 0) ||

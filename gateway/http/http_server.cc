@@ -181,6 +181,7 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
 
   // The connection closes when the timer fires (no operation of ours has a timeout of its own).
   void Arm(std::chrono::milliseconds timeout) {
+    if (closed_) return;  // a completion that raced with Close must not keep the session alive
     timer_.expires_after(timeout);
     timer_.async_wait([self = this->shared_from_this()](ErrorCode ec) {
       if (!ec) self->Close();
@@ -204,8 +205,8 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
       // curl waits for this before it sends a body over 1 KiB.
       std::string cont = "HTTP/1.1 100 Continue\r\n\r\n";
       net::async_write(stream_, net::buffer(*(continue_ = std::make_unique<std::string>(cont))),
-                       [self = this->shared_from_this()](ErrorCode ec, size_t) {
-                         if (ec) return self->Close();
+                       [self = this->shared_from_this()](ErrorCode write_ec, size_t) {
+                         if (write_ec) return self->Close();
                          self->ReadBody();
                        });
       return;
@@ -251,6 +252,7 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
 
   void OnRequest(ErrorCode ec) {
     if (ec) return OnReadError(ec);
+    if (closed_) return;
     timer_.cancel();  // no deadline while the answer is made; a hang-up is noticed
     shared_->stats.requests.fetch_add(1);
     auto& req = parser_->get();
@@ -277,7 +279,9 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
   // or while it is idle (the next request's first bytes).
   void Watch() {
     if (watching_ || closed_) return;
-    if (buffer_.size() >= shared_->options.max_header_bytes) return;  // enough pipelined
+    // Bytes of a pipelined request are waiting already: they are read once this answer is out
+    // (a hang-up is then noticed at the next write).
+    if (answering_ && buffer_.size() > 0) return;
     watching_ = true;
     stream_.async_read_some(
         buffer_.prepare(4096),
@@ -286,7 +290,7 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
 
   void OnWatch(ErrorCode ec, size_t n) {
     watching_ = false;
-    if (ec) return Close();
+    if (ec || closed_) return Close();
     buffer_.commit(n);
     if (answering_) return Watch();
     Arm(shared_->options.read_timeout);  // a request began: it must arrive whole in time
@@ -313,7 +317,7 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
 
   void OnWritten(ErrorCode ec) {
     writing_ = false;
-    if (ec) return Close();
+    if (ec || closed_) return Close();
     pending_bytes_ -= writes_.front().size();
     writes_.pop_front();
     if (!writes_.empty()) return Write();
