@@ -1407,7 +1407,7 @@ class Renderer {
           }
           return MakeList(std::move(out));
         }
-        const std::string& sep = arg(0).str();
+        const std::string sep = arg(0).str();
         if (sep.empty()) Fail("split: empty separator");
         size_t i = 0;
         for (;;) {
