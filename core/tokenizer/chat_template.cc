@@ -254,6 +254,9 @@ bool Equal(const Value& a, const Value& b) {
   return false;
 }
 
+constexpr uint64_t kMaxString = 16 << 20;  // bytes of one string or the output
+constexpr int64_t kMaxSteps = 10'000'000;  // statements executed per render
+
 // ---- Lexer ----
 
 struct Tok {
@@ -505,6 +508,13 @@ class Parser {
   }
 
   ExprP Expression() {  // the conditional expression
+    // Nesting is bounded (the parser recurses): deeper is refused, not a stack overflow.
+    struct Depth {
+      int& d;
+      explicit Depth(int& depth) : d(depth) { ++d; }
+      ~Depth() { --d; }
+    } depth(depth_);
+    if (depth_ > 100) Err("expressions nested too deeply");
     ExprP e = Or();
     if (IsName("if")) {
       ++p_;
@@ -617,6 +627,7 @@ class Parser {
     return e;
   }
   ExprP Unary() {
+    if (++unary_ > 1000) Err("too many unary operators");
     if (IsOp("-") || IsOp("+")) {
       ExprP u = Make(Expr::kUnary);
       u->name = Next().text;
@@ -795,6 +806,8 @@ class Parser {
  private:
   std::vector<Tok> t_;
   size_t p_ = 0;
+  int depth_ = 0;
+  int unary_ = 0;
 };
 
 // Statements: the segments into a tree.
@@ -804,6 +817,7 @@ class TreeBuilder {
 
   std::vector<NodeP> Body(const std::set<std::string>& ends, std::string* end_tag,
                           std::unique_ptr<Parser>* end_parser) {
+    if (++depth_ > 100) throw Error{"blocks nested too deeply"};
     std::vector<NodeP> out;
     while (i_ < s_.size()) {
       const Segment& seg = s_[i_++];
@@ -830,6 +844,7 @@ class TreeBuilder {
       if (ends.count(word) > 0) {
         *end_tag = word;
         *end_parser = std::move(p);
+        --depth_;
         return out;
       }
       out.push_back(Statement(word, *p, seg.line));
@@ -952,6 +967,7 @@ class TreeBuilder {
 
   std::vector<Segment> s_;
   size_t i_ = 0;
+  int depth_ = 0;
 };
 
 struct Macro {
@@ -991,6 +1007,9 @@ class Renderer {
   }
 
   void Exec(const Node& n, std::string* out) {
+    // Bounded work and output, whatever the template (a runaway loop is an error, not a hang).
+    if (++steps_ > kMaxSteps) Fail("the template runs too long (over 10 million steps)");
+    if (out->size() > kMaxString) Fail("the template's output is too long");
     switch (n.kind) {
       case Node::kText:
         *out += n.text;
@@ -1120,6 +1139,7 @@ class Renderer {
       }
       scope.emplace_back(n.params[k].first, v);
     }
+    if (scopes_.size() > 200) Fail("macro calls nested too deeply");
     scopes_.push_back(std::move(scope));
     std::string s;
     Render(n.body, &s);
@@ -1165,6 +1185,7 @@ class Renderer {
         if (!v.is_num() && !v.is_bool()) Fail(absl::StrCat("bad operand for unary ", e.name));
         if (e.name == "+") return v;
         if (v.is_float()) return -v.f();
+        if (v.i() == INT64_MIN) Fail("integer overflow");
         return -v.i();
       }
       case Expr::kNot:
@@ -1226,6 +1247,8 @@ class Renderer {
       }
     }
     if (op == "*" && a.is_str() && b.is_int()) {
+      if (b.i() > 0 && a.str().size() * static_cast<uint64_t>(b.i()) > kMaxString)
+        Fail(where() + "string repetition too long");
       std::string s;
       for (int64_t k = 0; k < b.i(); ++k) s += a.str();
       return s;
@@ -1233,16 +1256,37 @@ class Renderer {
     if (!(a.is_num() || a.is_bool()) || !(b.is_num() || b.is_bool()))
       Fail(where() + "unsupported operands for " + op + ": " + Repr(a) + " and " + Repr(b));
     const bool ints = !a.is_float() && !b.is_float();
-    if (op == "+") return ints ? Value(a.i() + b.i()) : Value(a.f() + b.f());
-    if (op == "-") return ints ? Value(a.i() - b.i()) : Value(a.f() - b.f());
-    if (op == "*") return ints ? Value(a.i() * b.i()) : Value(a.f() * b.f());
-    if (op == "**")
-      return ints && b.i() >= 0 ? Value(static_cast<int64_t>(std::pow(a.i(), b.i())))
-                                : Value(std::pow(a.f(), b.f()));
+    if (ints && (op == "+" || op == "-" || op == "*" || op == "**")) {
+      // Python's integers do not overflow; ours refuse to (no undefined behaviour).
+      int64_t r = 0;
+      bool overflow = false;
+      if (op == "+") overflow = __builtin_add_overflow(a.i(), b.i(), &r);
+      if (op == "-") overflow = __builtin_sub_overflow(a.i(), b.i(), &r);
+      if (op == "*") overflow = __builtin_mul_overflow(a.i(), b.i(), &r);
+      if (op == "**") {
+        if (b.i() < 0) return std::pow(a.f(), b.f());
+        r = 1;
+        for (int64_t k = 0; k < b.i() && !overflow; ++k) {
+          overflow = __builtin_mul_overflow(r, a.i(), &r);
+          if (r == 0 || r == 1) break;  // 0**n, 1**n
+          if (a.i() == -1) {
+            r = b.i() % 2 == 0 ? 1 : -1;
+            break;
+          }
+        }
+      }
+      if (overflow) Fail(where() + "integer overflow");
+      return r;
+    }
+    if (op == "+") return a.f() + b.f();
+    if (op == "-") return a.f() - b.f();
+    if (op == "*") return a.f() * b.f();
+    if (op == "**") return std::pow(a.f(), b.f());
     if (b.f() == 0) Fail(where() + "division by zero");
     if (op == "/") return a.f() / b.f();
     if (op == "//") {
       if (ints) {
+        if (a.i() == INT64_MIN && b.i() == -1) Fail(where() + "integer overflow");
         int64_t q = a.i() / b.i();
         if ((a.i() % b.i() != 0) && ((a.i() < 0) != (b.i() < 0))) --q;
         return q;
@@ -1251,6 +1295,7 @@ class Renderer {
     }
     // %: Python's sign follows the divisor.
     if (ints) {
+      if (b.i() == -1) return int64_t{0};
       int64_t r = a.i() % b.i();
       if (r != 0 && ((r < 0) != (b.i() < 0))) r += b.i();
       return r;
@@ -1801,6 +1846,7 @@ class Renderer {
   }
 
   std::vector<Dict> scopes_;
+  int64_t steps_ = 0;
 };
 
 Value MakeBuiltin(Builtin f) { return Value(std::make_shared<Builtin>(std::move(f))); }
@@ -1875,6 +1921,8 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(const std::str
     t->root_ = std::move(root);
   } catch (const jinja::Error& e) {
     return absl::InvalidArgumentError(absl::StrCat("chat template: ", e.message));
+  } catch (const std::exception& e) {  // a number literal out of range
+    return absl::InvalidArgumentError(absl::StrCat("chat template: ", e.what()));
   }
   t->special_tokens_ =
       special_tokens.is_object() ? std::move(special_tokens) : nlohmann::json::object();
