@@ -295,15 +295,24 @@ class OpenAiApi::Generation {
       self_ = std::move(self);
       states_.resize(n);
       remaining_ = static_cast<int>(n);
+      for (size_t i = 0; i < n; ++i) {
+        states_[i].echo = choices[i].echo;
+        states_[i].prompt = choices[i].prompt;
+      }
     }
     calls_.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      states_[i].echo = choices[i].echo;
-      states_[i].prompt = choices[i].prompt;
+    for (size_t i = 0; i < n; ++i)
       calls_.push_back(std::make_unique<Call>(*this, static_cast<int>(i)));
-    }
     // Cancels the calls if the client hangs up (at once if it did already).
-    reply_.exchange->OnGone([this] { CancelAll(); });
+    // (Weak: the hang-up may come after this request ended and was destroyed.)
+    std::weak_ptr<Generation> weak;
+    {
+      absl::MutexLock lock(&mu_);
+      weak = self_;
+    }
+    reply_.exchange->OnGone([weak] {
+      if (auto g = weak.lock()) g->CancelAll();
+    });
     for (size_t i = 0; i < n; ++i) calls_[i]->Begin(std::move(choices[i].request));
   }
 
@@ -419,10 +428,13 @@ class OpenAiApi::Generation {
   }
 
   void OnCallDone(int index, const grpc::Status& status, const std::string& retry_after) {
-    std::shared_ptr<Generation> keep;  // released last, after mu_
+    // Keeps this object alive to the end of the function (another call's end may release
+    // self_ meanwhile); the last call's end releases it here.
+    std::shared_ptr<Generation> keep;
     bool cancel_others = false;
     {
       absl::MutexLock lock(&mu_);
+      keep = self_;
       states_[index].done = true;
       if (!status.ok() && !failed_) {
         failed_ = true;
@@ -520,19 +532,15 @@ class OpenAiApi::Generation {
     // The calls live as long as this object, which the caller of CancelAll keeps alive (the
     // exchange's callback runs before OnCallDone released self_, or finds calls ended).
     std::vector<Call*> calls;
+    std::shared_ptr<Generation> keep;  // alive while the calls are cancelled
     {
       absl::MutexLock lock(&mu_);
       if (self_ == nullptr) return;  // every call ended
+      keep = self_;
       for (size_t i = 0; i < calls_.size(); ++i)
         if (!states_[i].done) calls.push_back(calls_[i].get());
-      keep_for_cancel_ = self_;
     }
     for (Call* c : calls) c->Cancel();
-    std::shared_ptr<Generation> release;
-    {
-      absl::MutexLock lock(&mu_);
-      release = std::move(keep_for_cancel_);
-    }
   }
 
   OpenAiApi& api_;
@@ -545,7 +553,6 @@ class OpenAiApi::Generation {
 
   absl::Mutex mu_;
   std::shared_ptr<Generation> self_ ABSL_GUARDED_BY(mu_);
-  std::shared_ptr<Generation> keep_for_cancel_ ABSL_GUARDED_BY(mu_);
   std::vector<State> states_ ABSL_GUARDED_BY(mu_);
   int remaining_ ABSL_GUARDED_BY(mu_) = 0;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
