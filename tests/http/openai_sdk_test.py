@@ -147,6 +147,13 @@ class HttpApi(unittest.TestCase):
         self.assertEqual(code, 200, body)
         code, body = get("/v1/nothing-here")
         self.assertEqual(code, 404)
+        # The HTTP front's metrics, on the gateway's /metrics: requests by endpoint and status.
+        url = self.cluster.processes("gateway")[0]["metrics_url"]
+        self.assertGreaterEqual(cu.metric(url, "dsmoe_http_requests_total", endpoint="/v1/completions",
+                                          status="200"), 1)
+        self.assertGreaterEqual(cu.metric(url, "dsmoe_http_requests_total", endpoint="/v1/models",
+                                          status="401"), 1)
+        self.assertEqual(cu.metric(url, "dsmoe_http_sse_streams_open"), 0)
 
 
 if __name__ == "__main__":
