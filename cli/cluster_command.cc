@@ -49,6 +49,7 @@ struct Process {
   std::string log;
   std::string ready_file;
   int metrics_port = 0;  // 0: none reported
+  int http_port = 0;     // the gateway's HTTP API (a third line of its ready file); 0: none
 };
 
 // Waits until every process has written its ready file ("<grpc port>\n<metrics port>\n");
@@ -64,6 +65,7 @@ absl::Status WaitReady(std::vector<Process>& procs) {
               absl::StrSplit(*text, '\n', absl::SkipWhitespace());
           p.address = "127.0.0.1:" + std::string(absl::StripAsciiWhitespace(lines[0]));
           if (lines.size() > 1 && !absl::SimpleAtoi(lines[1], &p.metrics_port)) p.metrics_port = 0;
+          if (lines.size() > 2 && !absl::SimpleAtoi(lines[2], &p.http_port)) p.http_port = 0;
           break;
         }
       }
@@ -225,13 +227,11 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
 std::vector<std::string> GatewayFlags(const ClusterUpOptions& o, const fs::path& bin,
                                       const std::string& model, const std::string& attention,
                                       const ClusterCredentials& credentials) {
-  std::vector<std::string> argv = {(bin / "dsmoe-gateway").string(),
-                                   "--model",
-                                   model,
-                                   "--attention-servers",
-                                   attention,
-                                   "--listen",
-                                   absl::StrCat("127.0.0.1:", o.gateway_port)};
+  std::vector<std::string> argv = {(bin / "dsmoe-gateway").string(), "--model", model,
+                                   "--attention-servers", attention, "--listen",
+                                   absl::StrCat("127.0.0.1:", o.gateway_port),
+                                   // The OpenAI-compatible HTTP API, on a free port.
+                                   "--http-listen", "127.0.0.1:0"};
   if (o.no_auth) {
     argv.push_back("--no-auth");
   } else {
@@ -251,6 +251,13 @@ Json DescribeCluster(const ClusterUpOptions& o, const fs::path& dir, const std::
                      const ClusterCredentials& credentials, const std::vector<Process>& procs) {
   Json state;
   state["gateway"] = Join(procs, "gateway");
+  state["http_address"] = nullptr;
+  for (const Process& p : procs) {
+    if (p.role == "gateway" && p.http_port > 0) {
+      state["http_address"] = absl::StrCat("127.0.0.1:", p.http_port);
+      state["http_url"] = absl::StrCat(o.insecure ? "http" : "https", "://127.0.0.1:", p.http_port);
+    }
+  }
   state["state_dir"] = dir.string();
   state["placement"] = placement;
   auto or_null = [](const std::string& s) { return s.empty() ? Json(nullptr) : Json(s); };
@@ -357,6 +364,10 @@ int RunClusterUp(const ClusterUpOptions& o) {
                 << p["log"].get<std::string>() << "\n";
     }
     std::cout << "gateway: " << state["gateway"].get<std::string>() << "\n";
+    if (state["http_address"].is_string()) {
+      std::cout << "HTTP API (OpenAI-compatible): " << state["http_url"].get<std::string>()
+                << "/v1\n";
+    }
   }
   return 0;
 }

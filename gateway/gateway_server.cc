@@ -1,8 +1,11 @@
 #include "gateway/gateway_server.h"
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <utility>
 
+#include "core/io/mapped_file.h"
 #include "core/model/weights.h"
 #include "core/tokenizer/tokenizer.h"
 
@@ -47,6 +50,7 @@ absl::Status GatewayServer::Start() {
   health_ = std::make_unique<rpc::HealthChecker>(options_.attention_servers, o.upstream_security,
                                                  std::move(health));
   o.upstream_health = health_.get();
+  max_context_ = weights->config().max_position_embeddings;
   service_ = std::make_unique<GatewayService>(weights->config(), weights->generation_config(),
                                               std::move(tokenizer), options_.attention_servers, o);
   if (!options_.metrics_listen.empty()) {
@@ -72,14 +76,91 @@ absl::Status GatewayServer::Start() {
     readiness_->Set(any, "no attention server is ready");
   });
   attention_servers_out_->Update(*health_);  // servers down from the start never change
-  if (!options_.ready_file.empty()) {
+  if (!options_.http_listen.empty()) DSMOE_RETURN_IF_ERROR(StartHttp());
+  if (!options_.ready_file.empty() && http_ != nullptr) {
+    // A third line: the HTTP port (`cluster up` reports it as http_address).
+    DSMOE_RETURN_IF_ERROR(WriteFileAtomically(
+        options_.ready_file,
+        absl::StrCat(server_.port, "\n", options_.server.metrics_port, "\n", http_->port(), "\n")));
+  } else if (!options_.ready_file.empty()) {
     DSMOE_RETURN_IF_ERROR(
         rpc::WriteReadyFile(options_.ready_file, server_.port, options_.server.metrics_port));
   }
   return absl::OkStatus();
 }
 
+absl::Status GatewayServer::StartHttp() {
+  const GatewayOptions& o = options_.gateway;
+  const std::filesystem::path dir(options_.model_dir);
+  if (std::filesystem::exists(dir / "tokenizer.json")) {
+    DSMOE_ASSIGN_OR_RETURN(http_tokenizer_, Tokenizer::FromFile((dir / "tokenizer.json").string()));
+  }
+  // A template that uses something the renderer lacks is refused here, at start-up.
+  if (!options_.chat_template_file.empty()) {
+    std::ifstream in(options_.chat_template_file);
+    if (!in) {
+      return absl::NotFoundError(
+          absl::StrCat("--chat-template: cannot read ", options_.chat_template_file));
+    }
+    std::stringstream source;
+    source << in.rdbuf();
+    nlohmann::json special = nlohmann::json::object();
+    if (http_tokenizer_ != nullptr) {
+      if (auto bos = http_tokenizer_->bos_id())
+        special["bos_token"] = http_tokenizer_->IdToToken(*bos).value_or("");
+      if (auto eos = http_tokenizer_->eos_id())
+        special["eos_token"] = http_tokenizer_->IdToToken(*eos).value_or("");
+    }
+    auto t = ChatTemplate::Parse(source.str(), special);
+    if (!t.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--chat-template ", options_.chat_template_file, ": ", t.status().message()));
+    }
+    chat_template_ = std::move(*t);
+  } else if (std::filesystem::exists(dir / "tokenizer_config.json")) {
+    auto t = ChatTemplate::FromTokenizerConfig((dir / "tokenizer_config.json").string());
+    if (t.ok()) {
+      chat_template_ = std::move(*t);
+    } else if (t.status().code() != absl::StatusCode::kNotFound) {
+      return t.status();
+    }
+  }
+  http::OpenAiApiOptions api;
+  api.model_name = o.model_name;
+  api.created = std::chrono::duration_cast<std::chrono::seconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+  api.max_context = o.max_context > 0 ? o.max_context : max_context_;
+  api.max_tokens_limit = o.max_tokens_limit;
+  api.tokenizer = http_tokenizer_.get();
+  api.chat_template = chat_template_.get();
+  api.keys = auth_ == nullptr ? nullptr : &auth_->keys();
+  api.metrics = metrics_.get();
+  api.ready = [this] {
+    for (int i = 0; i < health_->num_targets(); ++i)
+      if (health_->health(i) == rpc::TargetHealth::kServing) return true;
+    return false;
+  };
+  // One request path: the HTTP API calls this gateway's own service, in process.
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  openai_ =
+      std::make_unique<http::OpenAiApi>(std::move(api), server_.server->InProcessChannel(args));
+  http::HttpServerOptions h = options_.http;
+  h.address = options_.http_listen;
+  h.security = options_.server.security;
+  DSMOE_ASSIGN_OR_RETURN(
+      http_, http::HttpServer::Start(
+                 std::move(h), [this](http::HttpRequest r, std::shared_ptr<http::HttpExchange> e) {
+                   openai_->Handle(std::move(r), std::move(e));
+                 }));
+  return absl::OkStatus();
+}
+
 void GatewayServer::Shutdown(std::chrono::system_clock::time_point deadline) {
+  // The HTTP front first: its requests' gRPC calls are cancelled (their clients hear it).
+  if (http_ != nullptr) http_->Stop();
   if (server_.server != nullptr) server_.server->Shutdown(deadline);
   shut_down_ = true;
 }

@@ -22,6 +22,8 @@
 #include "core/util/status.h"
 #include "gateway/auth.h"
 #include "gateway/gateway_service.h"
+#include "gateway/http/http_server.h"
+#include "gateway/http/openai_api.h"
 
 namespace dsmoe {
 
@@ -44,6 +46,12 @@ struct GatewayServerOptions {
   std::string api_keys_file;
   bool no_auth = false;
   RateLimits rate_limits;
+  // The OpenAI-compatible HTTP API (docs/http-api.md): "" (default) serves none. It serves TLS
+  // with server.security's certificate unless that is insecure, and asks the same API keys.
+  std::string http_listen;
+  http::HttpServerOptions http;  // its limits (address and security are set from the above)
+  // A Jinja chat template replacing tokenizer_config.json's chat_template; "": the config's.
+  std::string chat_template_file;
   // Where the gateway and everything it owns log (readiness, the attention servers' health,
   // start-up warnings); it replaces server.logger and health.logger. Not owned; must outlive the
   // server. Default: stdout/stderr as always.
@@ -62,6 +70,9 @@ class GatewayServer {
   int port() const { return server_.port; }
   std::string address() const { return server_.address(); }
   int metrics_port() const { return options_.server.metrics_port; }
+  // The HTTP API's port (0: not served) and "host:port".
+  int http_port() const { return http_ == nullptr ? 0 : http_->port(); }
+  std::string http_address() const { return http_ == nullptr ? "" : http_->address(); }
   const std::string& model_name() const { return options_.gateway.model_name; }
   int num_api_keys() const { return auth_ == nullptr ? 0 : auth_->keys().size(); }
 
@@ -74,10 +85,12 @@ class GatewayServer {
  private:
   explicit GatewayServer(GatewayServerOptions options) : options_(std::move(options)) {}
   absl::Status Start();
+  absl::Status StartHttp();
 
   // Declared in the order they are built; destroyed in reverse (the destructor first stops
   // what calls back into the others: the health checks, the /metrics endpoint).
   GatewayServerOptions options_;
+  int64_t max_context_ = 0;  // the model's
   std::unique_ptr<rpc::MetricsRegistry> metrics_;
   std::unique_ptr<Authenticator> auth_;
   std::unique_ptr<rpc::HealthChecker> health_;
@@ -86,6 +99,12 @@ class GatewayServer {
   std::unique_ptr<rpc::Readiness> readiness_;
   // dsmoe_servers_out_of_service{role="attention_server"}.
   std::unique_ptr<rpc::OutOfServiceGauges> attention_servers_out_;
+  // The HTTP front: its own tokenizer and chat template, the API over an in-process channel to
+  // service_, and the server (stopped first).
+  std::unique_ptr<Tokenizer> http_tokenizer_;
+  std::unique_ptr<ChatTemplate> chat_template_;
+  std::unique_ptr<http::OpenAiApi> openai_;
+  std::unique_ptr<http::HttpServer> http_;
   std::atomic<bool> shut_down_{false};
 };
 

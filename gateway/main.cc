@@ -85,6 +85,19 @@ int main(int argc, char** argv) {
   app.add_option("--grace-seconds", grace_seconds, "On SIGTERM, time given to streams in flight")
       ->check(CLI::Range(0, 3600))
       ->capture_default_str();
+  app.add_option("--http-listen", o.http_listen,
+                 "Also serve the OpenAI-compatible HTTP API here (host:port; docs/http-api.md); "
+                 "same TLS certificate and API keys as the gRPC API. Default: off")
+      ->group("HTTP API");
+  app.add_option("--chat-template", o.chat_template_file,
+                 "Jinja chat template replacing tokenizer_config.json's chat_template")
+      ->check(CLI::ExistingFile)
+      ->group("HTTP API");
+  app.add_option("--http-max-connections", o.http.max_connections,
+                 "Open HTTP connections at most; one more is answered 503")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str()
+      ->group("HTTP API");
   dsmoe::rpc::HealthCheckFlags health_flags(app, "attention servers");
   // The model name is also the `model` label of the gateway's metrics.
   dsmoe::rpc::AddServingFlags(app, &serving,
@@ -100,6 +113,7 @@ int main(int argc, char** argv) {
   o.gateway.model_name = serving.model_name;
   o.attention_servers = dsmoe::rpc::SplitAddresses(attention_servers);
   o.metrics_listen = serving.metrics_listen;
+  o.http.max_body_bytes = static_cast<size_t>(max_request_bytes);
   o.ready_file = serving.ready_file;
   o.health = health_flags.Options("dsmoe-gateway", "attention server");
   if (o.no_auth) {
@@ -120,6 +134,10 @@ int main(int argc, char** argv) {
   std::printf("dsmoe-gateway serving model '%s' on %s (%s), metrics on port %d\n",
               (*server)->model_name().c_str(), (*server)->address().c_str(),
               security->Describe().c_str(), (*server)->metrics_port());
+  if ((*server)->http_port() != 0) {
+    std::printf("dsmoe-gateway: OpenAI-compatible HTTP API on %s (%s)\n",
+                (*server)->http_address().c_str(), security->insecure() ? "http" : "https");
+  }
   std::fflush(stdout);
   const int sig = dsmoe::rpc::WaitForShutdownSignal();
   std::printf("dsmoe-gateway: signal %d, finishing streams in flight (up to %d s)\n", sig,

@@ -39,6 +39,15 @@ else
   "${CLIENT[@]}" --ids 100,200,300,400 --max-tokens 32 --ignore-eos
   "${CLIENT[@]}" --ids 100,200,300,400 --max-tokens 8 --ignore-eos --json
 fi
+HTTP_URL=$(sed -n 's/.*"http_url": "\([^"]*\)".*/\1/p' "$STATE/cluster.json")
+if [[ -n "$HTTP_URL" && -f "$MODEL/tokenizer_config.json" ]] && command -v curl >/dev/null &&
+   grep -q chat_template "$MODEL/tokenizer_config.json"; then
+  echo "--- one chat completion over the OpenAI-compatible HTTP API at $HTTP_URL (docs/http-api.md):"
+  curl -sS --cacert "$STATE/tls/ca.pem" -H "Authorization: Bearer $(cat "$STATE/tls/api-key")" \
+    "$HTTP_URL/v1/chat/completions" -H "Content-Type: application/json" \
+    -d '{"messages": [{"role": "user", "content": "What is a mixture of experts?"}], "max_tokens": 16}'
+  echo
+fi
 echo "--- without the API key the gateway refuses (UNAUTHENTICATED):"
 "$DSMOE" client generate --gateway "$GATEWAY" --ca "$STATE/tls/ca.pem" --ids 1,2 --max-tokens 2 || true
 echo "--- Prometheus metrics of every process (metrics_url in $STATE/cluster.json):"

@@ -1,0 +1,222 @@
+// The official OpenAI SDK (npm `openai`) against a running dsmoe cluster's HTTP API. Run by
+// tests/http/openai_sdk_test.py, which starts the cluster (TLS, API keys), a second gateway with
+// a tight rate limit, computes the single-process reference, and passes everything in the
+// environment:
+//   DSMOE_HTTP_URL, DSMOE_LIMITED_URL   https://127.0.0.1:PORT/v1 of the two gateways
+//   DSMOE_API_KEY, DSMOE_MODEL          the key and the served model name
+//   DSMOE_REFERENCE                     JSON: {prompt_ids, greedy_text, greedy_ids}: the single
+//                                       process's greedy continuation (ignore_eos) of prompt_ids
+//   DSMOE_TOKENIZER_DIR                 the checkpoint's tokenizer.json + tokenizer_config.json
+//   NODE_EXTRA_CA_CERTS                 the cluster's CA
+"use strict";
+const assert = require("assert");
+const fs = require("fs");
+const path = require("path");
+const OpenAI = require(path.join(__dirname, "node_modules/openai")).default;
+const { Template } = require(path.join(__dirname, "node_modules/@huggingface/jinja"));
+const { TokenizerLoader } = require(path.join(__dirname, "node_modules/@lenml/tokenizers"));
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set`);
+  return v;
+};
+const MODEL = env("DSMOE_MODEL");
+const REF = JSON.parse(env("DSMOE_REFERENCE"));
+const client = new OpenAI({ baseURL: env("DSMOE_HTTP_URL"), apiKey: env("DSMOE_API_KEY"), maxRetries: 0 });
+
+const tests = [];
+const test = (name, fn) => tests.push({ name, fn });
+
+test("models.list names the served model", async () => {
+  const models = [];
+  for await (const m of client.models.list()) models.push(m);
+  assert.strictEqual(models.length, 1);
+  assert.strictEqual(models[0].id, MODEL);
+  assert.strictEqual(models[0].object, "model");
+});
+
+test("completions (token-id prompt, greedy) equal the single-process reference", async () => {
+  const r = await client.completions.create({
+    model: MODEL, prompt: REF.prompt_ids, max_tokens: REF.greedy_ids.length, temperature: 0,
+    ignore_eos: true,
+  });
+  assert.strictEqual(r.object, "text_completion");
+  assert.strictEqual(r.choices.length, 1);
+  assert.strictEqual(r.choices[0].text, REF.greedy_text);
+  assert.strictEqual(r.choices[0].finish_reason, "length");
+  assert.deepStrictEqual(r.usage, {
+    prompt_tokens: REF.prompt_ids.length, completion_tokens: REF.greedy_ids.length,
+    total_tokens: REF.prompt_ids.length + REF.greedy_ids.length,
+  });
+});
+
+test("completions: echo puts the prompt first; a list of prompts gets one choice each", async () => {
+  const r = await client.completions.create({
+    model: MODEL, prompt: ["Hello", "World"], max_tokens: 3, temperature: 0, echo: true,
+  });
+  assert.strictEqual(r.choices.length, 2);
+  assert.ok(r.choices[0].text.startsWith("Hello"), r.choices[0].text);
+  assert.ok(r.choices[1].text.startsWith("World"), r.choices[1].text);
+});
+
+test("completions streamed: the pieces add up to the whole, finish_reason last, usage", async () => {
+  const stream = await client.completions.create({
+    model: MODEL, prompt: REF.prompt_ids, max_tokens: REF.greedy_ids.length, temperature: 0,
+    ignore_eos: true, stream: true, stream_options: { include_usage: true },
+  });
+  let text = "", finish = null, usage = null, afterFinish = 0;
+  for await (const chunk of stream) {
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices) {
+      if (finish !== null) ++afterFinish;
+      text += c.text;
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  }
+  assert.strictEqual(text, REF.greedy_text);
+  assert.strictEqual(finish, "length");
+  assert.strictEqual(afterFinish, 0);
+  assert.strictEqual(usage.completion_tokens, REF.greedy_ids.length);
+});
+
+// The chat prompt, as Hugging Face renders the checkpoint's template and its tokenizer encodes.
+async function referencePromptTokens(messages) {
+  const dir = env("DSMOE_TOKENIZER_DIR");
+  const config = JSON.parse(fs.readFileSync(path.join(dir, "tokenizer_config.json"), "utf8"));
+  const special = {};
+  for (const [k, v] of Object.entries(config)) {
+    if (!k.endsWith("_token")) continue;
+    if (typeof v === "string") special[k] = v;
+    else if (v && typeof v.content === "string") special[k] = v.content;
+  }
+  const text = new Template(config.chat_template).render({ messages, add_generation_prompt: true, ...special });
+  const tokenizer = TokenizerLoader.fromPreTrained({
+    tokenizerJSON: JSON.parse(fs.readFileSync(path.join(dir, "tokenizer.json"), "utf8")),
+    tokenizerConfig: config,
+  });
+  return tokenizer.encode(text, { add_special_tokens: false }).length;
+}
+
+test("chat: the checkpoint's template applied (prompt tokens as HF renders and encodes)", async () => {
+  const messages = [{ role: "system", content: "Be brief." }, { role: "user", content: "Hi there, 日本語?" }];
+  const r = await client.chat.completions.create({ model: MODEL, messages, max_tokens: 5, temperature: 0 });
+  assert.strictEqual(r.object, "chat.completion");
+  assert.strictEqual(r.choices[0].message.role, "assistant");
+  assert.strictEqual(typeof r.choices[0].message.content, "string");
+  assert.ok(["stop", "length"].includes(r.choices[0].finish_reason));
+  assert.strictEqual(r.usage.prompt_tokens, await referencePromptTokens(messages));
+});
+
+test("chat streamed equals chat not streamed (same seed); role first, finish last, usage", async () => {
+  const req = { model: MODEL, messages: [{ role: "user", content: "Tell me a story" }], max_tokens: 12,
+                temperature: 0.9, seed: 7, ignore_eos: true };
+  const whole = await client.chat.completions.create(req);
+  const stream = await client.chat.completions.create({ ...req, stream: true, stream_options: { include_usage: true } });
+  let text = "", role = null, finish = null, usage = null, chunks = 0;
+  for await (const chunk of stream) {
+    ++chunks;
+    assert.strictEqual(chunk.object, "chat.completion.chunk");
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices) {
+      if (c.delta.role) role = c.delta.role;
+      assert.strictEqual(finish, null, "nothing after finish_reason");
+      text += c.delta.content || "";
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  }
+  assert.strictEqual(role, "assistant");
+  assert.strictEqual(text, whole.choices[0].message.content);
+  assert.strictEqual(finish, "length");
+  assert.deepStrictEqual(usage, whole.usage);
+  assert.ok(chunks >= 3);
+});
+
+test("n=2: two choices, indices 0 and 1, usage counts the prompt once", async () => {
+  const r = await client.chat.completions.create({
+    model: MODEL, messages: [{ role: "user", content: "Hi" }], n: 2, max_tokens: 6, temperature: 1,
+    seed: 3, ignore_eos: true,
+  });
+  assert.deepStrictEqual(r.choices.map((c) => c.index), [0, 1]);
+  assert.strictEqual(r.usage.completion_tokens, 12);
+  const one = await client.chat.completions.create({
+    model: MODEL, messages: [{ role: "user", content: "Hi" }], max_tokens: 6, temperature: 1, seed: 3,
+    ignore_eos: true,
+  });
+  assert.strictEqual(r.usage.prompt_tokens, one.usage.prompt_tokens);
+  assert.strictEqual(r.choices[0].message.content, one.choices[0].message.content);
+});
+
+test("stop: the text ends before the stop string, finish_reason stop", async () => {
+  const text = REF.greedy_text;
+  // A stop string from the middle of the reference continuation.
+  const chars = Array.from(text);
+  const at = Math.floor(chars.length / 2);
+  const stop = chars.slice(at, at + 2).join("");
+  const expected = text.slice(0, text.indexOf(stop));
+  const r = await client.completions.create({
+    model: MODEL, prompt: REF.prompt_ids, max_tokens: REF.greedy_ids.length, temperature: 0,
+    ignore_eos: true, stop: [stop, "never-appears-zzz"],
+  });
+  assert.strictEqual(r.choices[0].text, expected);
+  assert.strictEqual(r.choices[0].finish_reason, "stop");
+});
+
+async function expectError(promise, Type, status, param) {
+  try {
+    await promise;
+  } catch (e) {
+    assert.ok(e instanceof Type, `expected ${Type.name}, got ${e.constructor.name}: ${e.message}`);
+    assert.strictEqual(e.status, status);
+    if (param !== undefined) assert.strictEqual(e.param, param, e.message);
+    assert.ok(e.error && typeof e.error.message === "string" && e.error.message.length > 0);
+    return e;
+  }
+  assert.fail(`expected ${Type.name}`);
+}
+
+test("errors: 400 naming the parameter (unknown, wrong type, bad value)", async () => {
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", bogus_option: 1 }),
+                    OpenAI.BadRequestError, 400, "bogus_option");
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", temperature: -1 }),
+                    OpenAI.BadRequestError, 400, "temperature");
+  await expectError(client.chat.completions.create({ model: MODEL, messages: [], max_tokens: 2 }),
+                    OpenAI.BadRequestError, 400, "messages");
+  await expectError(client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }],
+                                                    max_tokens: "many" }),
+                    OpenAI.BadRequestError, 400, "max_tokens");
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", max_tokens: 100000000 }),
+                    OpenAI.BadRequestError, 400, "max_tokens");
+});
+
+test("errors: 401 without a valid key, 404 for another model", async () => {
+  const bad = new OpenAI({ baseURL: env("DSMOE_HTTP_URL"), apiKey: "not-a-key", maxRetries: 0 });
+  await expectError(bad.models.list(), OpenAI.AuthenticationError, 401);
+  await expectError(bad.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }] }),
+                    OpenAI.AuthenticationError, 401);
+  await expectError(client.completions.create({ model: "no-such-model", prompt: "x" }),
+                    OpenAI.NotFoundError, 404, "model");
+});
+
+test("errors: 429 with Retry-After past the key's rate limit", async () => {
+  const limited = new OpenAI({ baseURL: env("DSMOE_LIMITED_URL"), apiKey: env("DSMOE_API_KEY"), maxRetries: 0 });
+  const req = { model: MODEL, prompt: REF.prompt_ids, max_tokens: 1 };
+  await limited.completions.create(req);  // the burst of one
+  const e = await expectError(limited.completions.create(req), OpenAI.RateLimitError, 429);
+  assert.ok(Number(e.headers["retry-after"]) >= 1, JSON.stringify(e.headers));
+});
+
+(async () => {
+  let failed = 0;
+  for (const t of tests) {
+    try {
+      await t.fn();
+      console.log(`ok   ${t.name}`);
+    } catch (e) {
+      ++failed;
+      console.log(`FAIL ${t.name}\n     ${e.stack || e}`);
+    }
+  }
+  console.log(`${tests.length - failed}/${tests.length} passed`);
+  process.exit(failed ? 1 : 0);
+})();
