@@ -409,6 +409,21 @@ TEST_F(ExpertLinksTest, MalformedFramesGetErrorRepliesAndNeverCrashTheServer) {
     EXPECT_TRUE(c.Closed()) << k.text;
   }
   {
+    // An empty request is a value error: answered, and the connection stays open.
+    RawClient c(port);
+    ASSERT_EQ(c.Hello(H), 0u);
+    data_plane::RequestHeader empty;
+    empty.layer = 1;
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_TRUE(c.Send(&empty, sizeof(empty)));
+      data_plane::ReplyHeader r;
+      ASSERT_TRUE(c.ReadReply(&r));
+      EXPECT_EQ(r.status, static_cast<uint16_t>(absl::StatusCode::kInvalidArgument));
+      EXPECT_EQ(r.flags, 0);
+      EXPECT_EQ(c.message(), "num_tokens is 0");
+    }
+  }
+  {
     // A frame cut short, then the client leaves: nothing to answer, the server carries on.
     RawClient c(port);
     ASSERT_EQ(c.Hello(H), 0u);

@@ -42,7 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                      dp::RequestPayloadBytes(h.num_tokens, h.num_assignments, limits.hidden_size));
     if (size - at < h.payload_bytes) return 0;  // the stream ends inside the payload
     payload.resize((h.payload_bytes + 3) / 4);
-    std::memcpy(payload.data(), data + at, h.payload_bytes);
+    if (h.payload_bytes > 0) std::memcpy(payload.data(), data + at, h.payload_bytes);
     at += h.payload_bytes;
     const dp::RequestView v = dp::ViewPayload(h, payload.data(), limits.hidden_size);
     const auto* begin = reinterpret_cast<const unsigned char*>(payload.data());
