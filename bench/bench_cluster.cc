@@ -185,8 +185,8 @@ DispatchRow MeasureDispatch(const std::string& expert_address,
   ExpertLinks links(1, security, H);
   links.SetEndpoint(0, expert_address.substr(0, expert_address.rfind(':')), data_port);
   const LinkCall call{static_cast<uint32_t>(layer), x.data(), rows, token, expert, weight};
-  const size_t frame_sent = sizeof(data_plane::RequestHeader) +
-                            data_plane::RequestPayloadBytes(tokens, token.size(), H);
+  const size_t frame_sent =
+      sizeof(data_plane::RequestHeader) + data_plane::RequestPayloadBytes(tokens, token.size(), H);
   const size_t frame_received = sizeof(data_plane::ReplyHeader) + tokens * H * sizeof(float);
   TcpPingPong tcp(frame_sent, frame_received);
 
@@ -233,8 +233,8 @@ DispatchRow MeasureDispatch(const std::string& expert_address,
     }
     tcp_rtt.push_back(tcp_us);
   }
-  DispatchRow row{tokens, req.ByteSizeLong(), reply_bytes, Median(rtt), Median(compute),
-                  Median(echo_rtt)};
+  DispatchRow row{tokens,      req.ByteSizeLong(), reply_bytes,
+                  Median(rtt), Median(compute),    Median(echo_rtt)};
   if (!dp_rtt.empty()) {
     row.frame_sent = frame_sent;
     row.frame_received = frame_received;

@@ -112,9 +112,8 @@ inline absl::Status CheckHello(const HelloHeader& h, const Limits& limits) {
                                                       kVersion, ")"));
   }
   if (h.hidden_size != limits.hidden_size) {
-    return absl::FailedPreconditionError(absl::StrCat("client hidden size ", h.hidden_size,
-                                                      " but this server's model has ",
-                                                      limits.hidden_size));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "client hidden size ", h.hidden_size, " but this server's model has ", limits.hidden_size));
   }
   return absl::OkStatus();
 }
@@ -124,14 +123,13 @@ inline absl::Status CheckHello(const HelloHeader& h, const Limits& limits) {
 // length over the limits, or a payload length that does not match the counts.
 inline absl::Status CheckRequestHeader(const RequestHeader& h, const Limits& limits) {
   if (h.magic != kRequestMagic) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad request magic 0x", absl::Hex(h.magic), " (expected 0x",
-                     absl::Hex(kRequestMagic), "): the stream is out of step"));
+    return absl::InvalidArgumentError(absl::StrCat("bad request magic 0x", absl::Hex(h.magic),
+                                                   " (expected 0x", absl::Hex(kRequestMagic),
+                                                   "): the stream is out of step"));
   }
   if (h.num_tokens > limits.max_tokens) {
-    return absl::ResourceExhaustedError(absl::StrCat(h.num_tokens,
-                                                     " tokens exceed this server's limit of ",
-                                                     limits.max_tokens, " per request"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        h.num_tokens, " tokens exceed this server's limit of ", limits.max_tokens, " per request"));
   }
   if (h.num_assignments > limits.max_assignments) {
     return absl::ResourceExhaustedError(absl::StrCat(h.num_assignments,
@@ -155,8 +153,8 @@ inline absl::Status CheckReplyHeader(const ReplyHeader& h, uint64_t output_bytes
   }
   if (h.status > 16) return absl::InternalError(absl::StrCat("bad reply status ", h.status));
   if (h.status == 0 && h.payload_bytes != output_bytes) {
-    return absl::InternalError(absl::StrCat("reply of ", h.payload_bytes, " bytes; expected ",
-                                            output_bytes));
+    return absl::InternalError(
+        absl::StrCat("reply of ", h.payload_bytes, " bytes; expected ", output_bytes));
   }
   if (h.status != 0 && h.payload_bytes > kMaxMessageBytes) {
     return absl::InternalError(absl::StrCat("error message of ", h.payload_bytes, " bytes"));

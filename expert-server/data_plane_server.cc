@@ -1,5 +1,6 @@
 #include "expert-server/data_plane_server.h"
 
+#include <array>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -12,7 +13,6 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <array>
 #include <chrono>
 #include <list>
 #include <optional>
@@ -52,8 +52,8 @@ absl::StatusOr<tcp::endpoint> ParseListen(const std::string& listen) {
   boost::system::error_code ec;
   const asio::ip::address address = asio::ip::make_address(host, ec);
   if (ec) {
-    return absl::InvalidArgumentError(absl::StrCat("data-plane listen address '", listen,
-                                                   "': '", host, "' is not an IP address"));
+    return absl::InvalidArgumentError(absl::StrCat("data-plane listen address '", listen, "': '",
+                                                   host, "' is not an IP address"));
   }
   return tcp::endpoint(address, static_cast<uint16_t>(port));
 }
@@ -70,8 +70,8 @@ struct Connection {
   explicit Connection(tcp::socket socket) : plain(std::move(socket)) {}
   tcp::socket& lowest() { return tls ? tls->next_layer() : *plain; }
 
-  std::optional<tcp::socket> plain;              // without TLS
-  std::optional<ssl::stream<tcp::socket>> tls;   // with TLS (the socket moved in)
+  std::optional<tcp::socket> plain;             // without TLS
+  std::optional<ssl::stream<tcp::socket>> tls;  // with TLS (the socket moved in)
   data_plane::RequestHeader request;
   std::vector<uint32_t> payload;  // the request's payload, 4-byte aligned
   std::vector<float> output;
@@ -136,8 +136,7 @@ absl::Status DataPlaneServer::Impl::Listen(const rpc::TransportSecurity& securit
     ssl::context& ctx = tls.emplace(ssl::context::tls_server);
     boost::system::error_code ec;
     ctx.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
-                        ssl::context::no_sslv3 | ssl::context::no_tlsv1 |
-                        ssl::context::no_tlsv1_1,
+                        ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1,
                     ec);
     SSL_CTX_set_ciphersuites(ctx.native_handle(), data_plane::kTls13CipherSuites);
     ctx.use_certificate_chain(asio::buffer(security.cert_pem()), ec);

@@ -65,9 +65,9 @@ class ExpertServer {
   ExpertServer& operator=(const ExpertServer&) = delete;
 
   int port() const { return running_.port; }
-  std::string address() const { return running_.address(); }  // 127.0.0.1:<port>
-  int metrics_port() const { return metrics_port_; }          // 0: none
-  int health_port() const { return running_.health_port; }    // 0: none
+  std::string address() const { return running_.address(); }               // 127.0.0.1:<port>
+  int metrics_port() const { return metrics_port_; }                       // 0: none
+  int health_port() const { return running_.health_port; }                 // 0: none
   int data_port() const { return data_plane_ ? data_plane_->port() : 0; }  // 0: none
   int server_index() const { return options_.server_index; }
   int64_t num_experts_held() const { return service_->num_experts_held(); }

@@ -111,7 +111,8 @@ absl::StatusOr<std::vector<float>> OverGrpc(const std::string& address,
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   internal::v1::ComputeExpertsResponse resp;
   const grpc::Status s = stub->ComputeExperts(&ctx, req, &resp);
-  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  if (!s.ok())
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
   std::vector<float> out(resp.output().size() / sizeof(float));
   std::memcpy(out.data(), resp.output().data(), resp.output().size());
   return out;
@@ -193,7 +194,8 @@ class ExpertLinksTest : public ::testing::Test {
         const CallData d = MakeCall(config_, layer, T, seed++);
         const ExpertLinks::Result& r = Call(links, d);
         ASSERT_TRUE(r.status.ok()) << r.status;
-        EXPECT_EQ(r.sent_bytes, sizeof(data_plane::RequestHeader) + T * H * 4 + d.token.size() * 12);
+        EXPECT_EQ(r.sent_bytes,
+                  sizeof(data_plane::RequestHeader) + T * H * 4 + d.token.size() * 12);
         EXPECT_EQ(r.received_bytes, sizeof(data_plane::ReplyHeader) + T * H * 4);
         EXPECT_GT(r.compute_seconds, 0.0);
         const auto grpc = OverGrpc(server->address(), security, d, H);
@@ -259,8 +261,7 @@ TEST_F(ExpertLinksTest, MutualTlsRefusesAClientWithoutCertificate) {
   const CallData d = MakeCall(config_, 1, 2, 5);
   const absl::Status s = links.Start(0, d.View(), Clock::now() + milliseconds(5000));
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-  EXPECT_NE(s.message().find("127.0.0.1:" + std::to_string(server->data_port())),
-            std::string::npos)
+  EXPECT_NE(s.message().find("127.0.0.1:" + std::to_string(server->data_port())), std::string::npos)
       << s;
   // A plain-text client is refused as well (no TLS handshake).
   ExpertLinks plain(1, rpc::TransportSecurity::Insecure(), config_.hidden_size);
@@ -295,7 +296,8 @@ TEST_F(ExpertLinksTest, ServerErrorsKeepTheirCodesAndMessages) {
   const ExpertLinks::Result& ok = Call(links, d);
   ASSERT_TRUE(ok.status.ok()) << ok.status;
   const std::vector<double> want = Reference(*weights_, d);
-  for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(ok.output[i], want[i], 2e-3 + 2e-3 * std::abs(want[i]));
+  for (size_t i = 0; i < want.size(); ++i)
+    ASSERT_NEAR(ok.output[i], want[i], 2e-3 + 2e-3 * std::abs(want[i]));
 }
 
 // A blocking plain-text client speaking the frames by hand.
@@ -391,11 +393,11 @@ TEST_F(ExpertLinksTest, MalformedFramesGetErrorRepliesAndNeverCrashTheServer) {
   length.num_tokens = 1;
   length.num_assignments = 1;
   length.payload_bytes = uint64_t{1} << 40;
-  for (const Case& k : {Case{magic, absl::StatusCode::kInvalidArgument, "bad request magic"},
-                        Case{tokens, absl::StatusCode::kResourceExhausted, "65 tokens exceed"},
-                        Case{assignments, absl::StatusCode::kResourceExhausted,
-                             "257 assignments exceed"},
-                        Case{length, absl::StatusCode::kInvalidArgument, "request payload of"}}) {
+  for (const Case& k :
+       {Case{magic, absl::StatusCode::kInvalidArgument, "bad request magic"},
+        Case{tokens, absl::StatusCode::kResourceExhausted, "65 tokens exceed"},
+        Case{assignments, absl::StatusCode::kResourceExhausted, "257 assignments exceed"},
+        Case{length, absl::StatusCode::kInvalidArgument, "request payload of"}}) {
     RawClient c(port);
     ASSERT_EQ(c.Hello(H), 0u) << c.message();
     ASSERT_TRUE(c.Send(&k.header, sizeof(k.header)));
@@ -405,6 +407,21 @@ TEST_F(ExpertLinksTest, MalformedFramesGetErrorRepliesAndNeverCrashTheServer) {
     EXPECT_EQ(r.flags & data_plane::kReplyCloses, data_plane::kReplyCloses) << k.text;
     EXPECT_NE(c.message().find(k.text), std::string::npos) << c.message();
     EXPECT_TRUE(c.Closed()) << k.text;
+  }
+  {
+    // An empty request is a value error: answered, and the connection stays open.
+    RawClient c(port);
+    ASSERT_EQ(c.Hello(H), 0u);
+    data_plane::RequestHeader empty;
+    empty.layer = 1;
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_TRUE(c.Send(&empty, sizeof(empty)));
+      data_plane::ReplyHeader r;
+      ASSERT_TRUE(c.ReadReply(&r));
+      EXPECT_EQ(r.status, static_cast<uint16_t>(absl::StatusCode::kInvalidArgument));
+      EXPECT_EQ(r.flags, 0);
+      EXPECT_EQ(c.message(), "num_tokens is 0");
+    }
   }
   {
     // A frame cut short, then the client leaves: nothing to answer, the server carries on.
@@ -447,7 +464,8 @@ TEST_F(ExpertLinksTest, DeadlineShorterThanTheComputeThenTheNextCallReconnects) 
   const ExpertLinks::Result& r = Call(links, next);
   ASSERT_TRUE(r.status.ok()) << r.status;
   const std::vector<double> want = Reference(*weights_, next);
-  for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(r.output[i], want[i], 2e-3 + 2e-3 * std::abs(want[i]));
+  for (size_t i = 0; i < want.size(); ++i)
+    ASSERT_NEAR(r.output[i], want[i], 2e-3 + 2e-3 * std::abs(want[i]));
 }
 
 TEST_F(ExpertLinksTest, ShutdownWithACallInFlightIsUnavailablePromptly) {

@@ -128,8 +128,8 @@ ExpertLinks::Impl::Impl(int num_servers, const rpc::TransportSecurity& transport
     ctx.set_default_verify_paths(ec);
   }
   if (ec) {
-    init_status = absl::FailedPreconditionError(
-        absl::StrCat("data plane TLS: the CA: ", ec.message()));
+    init_status =
+        absl::FailedPreconditionError(absl::StrCat("data plane TLS: the CA: ", ec.message()));
     return;
   }
   if (security.has_certificate()) {  // the client certificate mutual TLS asks for
@@ -230,8 +230,8 @@ absl::Status ExpertLinks::Impl::Connect(Link& l, Clock::time_point deadline) {
     });
     if (!Drive(done, deadline)) {
       Reset(l);
-      return absl::DeadlineExceededError(absl::StrCat(
-          "expert server ", l.index, " data plane at ", l.address, ": TLS handshake timed out"));
+      return absl::DeadlineExceededError(absl::StrCat("expert server ", l.index, " data plane at ",
+                                                      l.address, ": TLS handshake timed out"));
     }
     if (ec) {
       Reset(l);
@@ -246,12 +246,11 @@ absl::Status ExpertLinks::Impl::Connect(Link& l, Clock::time_point deadline) {
   ErrorCode write_ec, read_ec;
   WithStream(l, [&](auto& stream) {
     l.ops += 2;
-    asio::async_write(stream, asio::buffer(&hello, sizeof(hello)),
-                      [&](const ErrorCode& e, size_t) {
-                        --l.ops;
-                        write_ec = e;
-                        wrote = true;
-                      });
+    asio::async_write(stream, asio::buffer(&hello, sizeof(hello)), [&](const ErrorCode& e, size_t) {
+      --l.ops;
+      write_ec = e;
+      wrote = true;
+    });
     asio::async_read(stream, asio::buffer(&reply, sizeof(reply)), [&](const ErrorCode& e, size_t) {
       --l.ops;
       read_ec = e;
@@ -402,9 +401,9 @@ absl::Status ExpertLinks::Start(int s, const LinkCall& call, Clock::time_point d
     return absl::InvalidArgumentError("token, expert and weight lists differ in length");
   }
   if (T > l.limits.max_tokens || n > l.limits.max_assignments) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        T, " tokens and ", n, " assignments exceed the limits of expert server ", s, "'s data plane (",
-        l.limits.max_tokens, ", ", l.limits.max_assignments, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(T, " tokens and ", n, " assignments exceed the limits of expert server ", s,
+                     "'s data plane (", l.limits.max_tokens, ", ", l.limits.max_assignments, ")"));
   }
   // The frame: header, the rows gathered, then token, expert and weight.
   data_plane::RequestHeader header;
@@ -459,9 +458,9 @@ void ExpertLinks::WaitAll(Clock::time_point deadline) {
   }
   for (Link& l : m.links) {
     if (l.pending) {
-      m.Settle(l, absl::DeadlineExceededError(
-                      absl::StrCat("expert server ", l.index, " data plane at ", l.address,
-                                   ": no reply before the deadline")));
+      m.Settle(l, absl::DeadlineExceededError(absl::StrCat("expert server ", l.index,
+                                                           " data plane at ", l.address,
+                                                           ": no reply before the deadline")));
       m.CloseSocket(l);  // the reply may still come: the stream is out of step
     }
     if (!l.connected && (l.plain || l.tls)) m.Reset(l);

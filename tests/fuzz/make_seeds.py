@@ -169,6 +169,34 @@ def main():
     write("config", "bad_type.json", json.dumps(dict(model, hidden_size="64")))
 
     requests()
+    data_plane()
+
+
+def data_plane():
+    """Expert data-plane streams: a limits byte (1: H 64, 16 tokens, 96 assignments), a hello,
+    request frames (expert-server/data_plane_frame.h), maybe a reply header."""
+    H = 64
+
+    def hello(hidden=H, magic=0x4C454844, version=1):
+        return struct.pack("<4I", magic, version, hidden, 0)
+
+    def request(tokens, assignments, layer=1, magic=0x51455244, payload=None):
+        size = tokens * H * 4 + assignments * 12 if payload is None else payload
+        body = struct.pack(f"<{tokens * H}f", *([0.5] * (tokens * H)))
+        body += struct.pack(f"<{assignments}I", *[i % max(tokens, 1) for i in range(assignments)])
+        body += struct.pack(f"<{assignments}I", *[i % 8 for i in range(assignments)])
+        body += struct.pack(f"<{assignments}f", *([0.25] * assignments))
+        return struct.pack("<4IQ", magic, layer, tokens, assignments, size) + body
+
+    reply = struct.pack("<IHHdQ", 0x50455244, 0, 0, 0.001, H * 4)
+    write("data_plane", "one_token", b"\x01" + hello() + request(1, 6) + reply)
+    write("data_plane", "two_frames", b"\x01" + hello() + request(2, 12) + request(3, 18))
+    write("data_plane", "bad_hello", b"\x01" + hello(magic=0x12345678))
+    write("data_plane", "other_hidden", b"\x01" + hello(hidden=512))
+    write("data_plane", "too_many_tokens", b"\x01" + hello() + struct.pack("<4IQ", 0x51455244, 1, 17, 0, 17 * H * 4))
+    write("data_plane", "bad_length", b"\x01" + hello() + request(1, 1, payload=1 << 40))
+    write("data_plane", "truncated", (b"\x01" + hello() + request(2, 4))[:-9])
+    write("data_plane", "error_reply", b"\x01" + hello() + struct.pack("<IHHdQ", 0x50455244, 3, 1, 0, 5) + b"oops!")
 
 
 def requests():
