@@ -48,9 +48,9 @@ absl::StatusOr<DeviceLimitedRouting> DeviceLimitedRouting::Create(
                                                    num_servers));
   }
   if (max_servers < 1 || max_servers > num_servers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("device-limited routing to ", max_servers, " expert servers: must be 1 to ",
-                     num_servers, " (the expert servers of the placement)"));
+    return absl::InvalidArgumentError(absl::StrCat("device-limited routing to ", max_servers,
+                                                   " expert servers: must be 1 to ", num_servers,
+                                                   " (the expert servers of the placement)"));
   }
   DeviceLimitedRouting r;
   r.num_servers_ = num_servers;
@@ -80,8 +80,7 @@ absl::StatusOr<DeviceLimitedRouting> DeviceLimitedRouting::Create(
 absl::Status DeviceLimitedRouting::CheckCovers(const ModelConfig& c) const {
   if (static_cast<int64_t>(masks_.size()) != c.num_hidden_layers) {
     return absl::InvalidArgumentError(absl::StrCat("device-limited routing covers ", masks_.size(),
-                                                   " layers, the model has ",
-                                                   c.num_hidden_layers));
+                                                   " layers, the model has ", c.num_hidden_layers));
   }
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     const int64_t want = c.IsMoeLayer(layer) ? c.n_routed_experts : 0;

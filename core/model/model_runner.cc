@@ -67,6 +67,13 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
   attention_runs_.resize(T + 1);
 }
 
+absl::Status ModelRunner::set_device_limited_routing(
+    std::shared_ptr<const DeviceLimitedRouting> routing) {
+  if (routing != nullptr) DSMOE_RETURN_IF_ERROR(routing->CheckCovers(config_));
+  device_limit_ = std::move(routing);
+  return absl::OkStatus();
+}
+
 int64_t ModelRunner::AttentionScratch() const {
   return 8 * options_.max_context + 80 * config_.head_dim();  // ops::KernelTable::attend_causal
 }
@@ -156,7 +163,8 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     }
     const int64_t k = c.num_experts_per_tok;
     ops::Linear(pool_, xn, T, L.router, nullptr, router_logits_.data());  // [T, E]
-    RouteTokens(gate_, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
+    const GateParams gate = device_limit_ ? device_limit_->ForLayer(gate_, layer) : gate_;
+    RouteTokens(gate, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
                 route_weights_.data());
     if (observer_ != nullptr)
       observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
