@@ -4,8 +4,9 @@
 // round-robin placement, one copy each.
 //
 //   dsmoe_bench_fanout [--hidden 512] [--prompts 32] [--prompt-len 32] [--servers 1,2,4,8]
-//                      [--limits 1,2] [--timed 1] [--timed-limits 1] [--timed-streams 4]
-//                      [--timed-tokens 16]
+//                      [--limits 1,2,3] [--step-streams 1,4,32] [--timed 1] [--timed-limits 1]
+//                      [--timed-streams 4]
+//                      [--timed-tokens 32]
 //                      [--dir /tmp/dsmoe-bench-fanout]
 //
 // Counted (deterministic): a fixed stream of prompts runs through ModelRunner with a
@@ -69,10 +70,11 @@ struct Args {
   int64_t hidden = 512;
   int prompts = 32, prompt_len = 32;
   std::vector<int> servers = {1, 2, 4, 8};
-  std::vector<int> limits = {1, 2};
+  std::vector<int> limits = {1, 2, 3};         // DeepSeek-V2 trains with M = 3 of 8 devices
+  std::vector<int> step_streams = {1, 4, 32};  // decode steps of this many streams side by side
   bool timed = true;
   bool timed_limits = true;  // also time device-limited routing (--limits) on the largest N
-  int timed_streams = 4, timed_tokens = 16;
+  int timed_streams = 4, timed_tokens = 32;
   std::string dir = "/tmp/dsmoe-bench-fanout";
 };
 
@@ -159,7 +161,7 @@ absl::StatusOr<RunResult> RunPrompts(const ModelWeights& weights, ThreadPool& po
 // Counted fan-out of one routing over one placement.
 struct FanOut {
   double servers_mean = 0, servers_p99 = 0;  // distinct servers per (token, MoE layer)
-  double step_messages = 0;                  // per MoE layer and decode step of all prompts
+  std::vector<double> step_messages;         // per MoE layer and decode step, per --step-streams
   int64_t triples_per_token = 0;
 };
 
@@ -194,25 +196,30 @@ FanOut Count(const ModelConfig& c, const Routing& r, const router::Placement& pl
       per_token.size() - 1, static_cast<size_t>(0.99 * static_cast<double>(per_token.size())))];
   f.triples_per_token = k;
 
-  // Decode steps: position i of every prompt in one batch, planned as the dispatcher plans it.
+  // Decode steps of B streams: position i of prompts [b·B, b·B + B) in one batch, planned as the
+  // dispatcher plans it.
   router::DispatchPlanner planner(placement);
   std::vector<router::ServerWork> work;
-  std::vector<int32_t> experts(static_cast<size_t>(a.prompts * k));
-  std::vector<float> weights(static_cast<size_t>(a.prompts * k));
-  int64_t messages = 0, steps = 0;
-  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    if (!c.IsMoeLayer(layer)) continue;
-    for (int64_t i = 0; i < L; ++i) {
-      for (int p = 0; p < a.prompts; ++p) {
-        std::copy_n(r.experts[p][layer].begin() + i * k, k, experts.begin() + p * k);
-        std::copy_n(r.weights[p][layer].begin() + i * k, k, weights.begin() + p * k);
+  for (int B : a.step_streams) {
+    std::vector<int32_t> experts(static_cast<size_t>(B * k));
+    std::vector<float> weights(static_cast<size_t>(B * k));
+    int64_t messages = 0, steps = 0;
+    for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+      if (!c.IsMoeLayer(layer)) continue;
+      for (int first = 0; first + B <= a.prompts; first += B) {
+        for (int64_t i = 0; i < L; ++i) {
+          for (int p = 0; p < B; ++p) {
+            std::copy_n(r.experts[first + p][layer].begin() + i * k, k, experts.begin() + p * k);
+            std::copy_n(r.weights[first + p][layer].begin() + i * k, k, weights.begin() + p * k);
+          }
+          if (!planner.Plan(layer, B, k, experts.data(), weights.data(), &work).ok()) continue;
+          for (const router::ServerWork& w : work) messages += w.empty() ? 0 : 1;
+          ++steps;
+        }
       }
-      if (!planner.Plan(layer, a.prompts, k, experts.data(), weights.data(), &work).ok()) continue;
-      for (const router::ServerWork& w : work) messages += w.empty() ? 0 : 1;
-      ++steps;
     }
+    f.step_messages.push_back(steps > 0 ? static_cast<double>(messages) / steps : NAN);
   }
-  f.step_messages = static_cast<double>(messages) / static_cast<double>(steps);
   return f;
 }
 
@@ -383,7 +390,8 @@ Timed TimeCluster(const std::string& model, int64_t vocab, int servers, int limi
   }
   const Access access = AccessOf(cluster);
   const std::string gateway = cluster["gateway"];
-  Generate(gateway, access, vocab, a.timed_streams, 2, 8, 1000);  // warm-up: page weights in
+  // Warm-up: page the weights in, fill the connections.
+  Generate(gateway, access, vocab, a.timed_streams, 8, 8, 1000);
   const auto before = RoundTripBuckets(Scrape(metrics_url));
   t.tokens_per_s = Generate(gateway, access, vocab, a.timed_streams, a.timed_tokens, 8, 2000);
   auto after = RoundTripBuckets(Scrape(metrics_url));
@@ -420,6 +428,8 @@ bool ParseArgs(int argc, char** argv, Args& a) {
       a.servers = ints(value);
     else if (flag == "--limits")
       a.limits = ints(value);
+    else if (flag == "--step-streams")
+      a.step_streams = ints(value);
     else if (flag == "--timed")
       a.timed = value != "0";
     else if (flag == "--timed-limits")
@@ -482,18 +492,22 @@ int main(int argc, char** argv) {
     if (!base.ok()) return Fail(base.status());
     std::printf("(%.1f s per pass over the prompts)\n\n",
                 std::chrono::duration<double>(Clock::now() - start).count());
+    std::printf("| servers | limit M | servers/token/layer mean | p99 |");
+    for (int B : a.step_streams) std::printf(" messages/layer/step, %d streams |", B);
     std::printf(
-        "| servers | limit M | servers/token/layer mean | p99 | messages/step/layer (%d "
-        "streams) | bytes/token/layer (H %lld) | at H 2048 | top-1 agree | logits rel-L2 "
-        "|\n|---|---|---|---|---|---|---|---|---|\n",
-        a.prompts, (long long)c.hidden_size);
+        " bytes/token/layer (H %lld) | at H 2048 | top-1 agree | logits rel-L2 "
+        "|\n|---|---|---|---|",
+        (long long)c.hidden_size);
+    for (size_t i = 0; i < a.step_streams.size(); ++i) std::printf("---|");
+    std::printf("---|---|---|---|\n");
     for (int n : a.servers) {
       auto placement =
           router::Placement::Compute(c, n, 1, router::Placement::Strategy::kRoundRobin);
       if (!placement.ok()) return Fail(placement.status());
       const FanOut f = Count(c, base->routing, *placement, a);
-      std::printf("| %d | – | %.2f | %.0f | %.2f | %.0f | %.0f | 1 | 0 |\n", n, f.servers_mean,
-                  f.servers_p99, f.step_messages,
+      std::printf("| %d | – | %.2f | %.0f |", n, f.servers_mean, f.servers_p99);
+      for (double msgs : f.step_messages) std::printf(" %.2f |", msgs);
+      std::printf(" %.0f | %.0f | 1 | 0 |\n",
                   BytesPerToken(f.servers_mean, c.hidden_size, f.triples_per_token),
                   BytesPerToken(f.servers_mean, kDeepSeek16bHidden, f.triples_per_token));
       std::fflush(stdout);
@@ -506,8 +520,9 @@ int main(int argc, char** argv) {
         if (!limited.ok()) return Fail(limited.status());
         const FanOut fl = Count(c, limited->routing, *placement, a);
         const Divergence d = Compare(limited->logits, base->logits, c.vocab_size);
-        std::printf("| %d | %d | %.2f | %.0f | %.2f | %.0f | %.0f | %.3f | %.3f |\n", n, limit,
-                    fl.servers_mean, fl.servers_p99, fl.step_messages,
+        std::printf("| %d | %d | %.2f | %.0f |", n, limit, fl.servers_mean, fl.servers_p99);
+        for (double msgs : fl.step_messages) std::printf(" %.2f |", msgs);
+        std::printf(" %.0f | %.0f | %.3f | %.3f |\n",
                     BytesPerToken(fl.servers_mean, c.hidden_size, fl.triples_per_token),
                     BytesPerToken(fl.servers_mean, kDeepSeek16bHidden, fl.triples_per_token),
                     d.top1_agreement, d.rel_l2);
