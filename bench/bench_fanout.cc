@@ -24,8 +24,9 @@
 // (quantiles interpolated inside its buckets, the measured run's counts only); with
 // --timed-limits 1 also the largest N with `--device-limited-routing M` for each M of --limits.
 //
-// Random weights route near-uniformly (no expert specialises): for fan-out that is the worst
-// case; a trained model's routing is skewed and correlated, so it touches fewer servers.
+// Random weights route near-uniformly and independently (no expert specialises): for fan-out
+// that is the worst case, in that no placement can lower it; a trained model's routing is
+// skewed and correlated, which lets a placement co-locate experts that fire together.
 #include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
@@ -477,7 +478,10 @@ int main(int argc, char** argv) {
   ThreadPool pool(0);
   std::printf(
       "Random weights (seed 1, BF16), hidden %lld, %d prompts × %d tokens; round-robin placement, "
-      "1 copy per expert. Random weights route near-uniformly: the worst case for fan-out.\n",
+      "1 copy per expert.\nRandom weights route near-uniformly and independently: the worst case "
+      "for fan-out (no "
+      "placement can lower it; a trained model's correlated routing lets one co-locate experts "
+      "that fire together).\n",
       (long long)a.hidden, a.prompts, a.prompt_len);
 
   for (const Model& m : models) {

@@ -8,7 +8,7 @@
 // `topk_group` groups (of n_group contiguous experts) with the highest best score, then takes
 // the top-k inside them; a routed scaling factor multiplies the final weights.
 //
-// Device-limited routing (DeepSeek-V2 §2.1.2) bounds how many expert servers a token's routed
+// Device-limited routing (DeepSeek-V2 §2.2.2) bounds how many expert servers a token's routed
 // experts span: a server's affinity is the highest score among the experts it holds, only the
 // M servers of highest affinity are kept, and the top-k is taken over the experts they hold. It
 // is group-limited greedy with the groups = the expert servers of the placement in use (a
