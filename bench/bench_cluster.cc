@@ -5,7 +5,7 @@
 // bytes.
 //
 //   dsmoe_bench_cluster [--model DIR] [--streams 1,8,32] [--tokens 32] [--prompt 16]
-//                       [--insecure 1]
+//                       [--insecure 1] [--cluster-flags "--micro-batches 1 ..."]
 //
 // The cluster runs as `cluster up` starts it: TLS, mutual TLS between the servers and an API
 // key at the gateway; --insecure 1 runs it in plain text instead, to measure what TLS costs.
@@ -28,7 +28,7 @@
 #include <thread>
 #include <vector>
 
-#include "attention-server/scheduler.h"
+#include "bench/cluster_harness.h"
 #include "core/io/mapped_file.h"
 #include "core/model/make_model.h"
 #include "core/rpc/server.h"
@@ -49,113 +49,6 @@ std::vector<int> SplitInts(const std::string& s) {
   return out;
 }
 
-std::vector<int32_t> Prompt(int stream, int length, int64_t vocab) {
-  std::vector<int32_t> p;
-  for (int i = 0; i < length; ++i)
-    p.push_back(static_cast<int32_t>(2 + (stream * 131 + i * 7919) % (vocab - 2)));
-  return p;
-}
-
-// Counts tokens and signals when every sequence has finished.
-class CountingSink final : public SequenceSink {
- public:
-  CountingSink(std::atomic<int64_t>& tokens, std::atomic<int>& remaining,
-               std::condition_variable& cv, std::mutex& mu)
-      : tokens_(tokens), remaining_(remaining), cv_(cv), mu_(mu) {}
-  void OnToken(int32_t) override { tokens_.fetch_add(1); }
-  void OnFinish(FinishReason, const absl::Status&) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (remaining_.fetch_sub(1) == 1) cv_.notify_all();
-  }
-
- private:
-  std::atomic<int64_t>& tokens_;
-  std::atomic<int>& remaining_;
-  std::condition_variable& cv_;
-  std::mutex& mu_;
-};
-
-double SingleProcess(const ModelWeights& weights, int streams, int tokens, int prompt_len) {
-  ThreadPool pool(0);
-  SchedulerOptions options;
-  options.num_slots = 32;
-  options.max_context = prompt_len + tokens + 1;
-  auto scheduler = Scheduler::Create(weights, pool, options);
-  if (!scheduler.ok()) return 0;
-  std::atomic<int64_t> count{0};
-  std::atomic<int> remaining{streams};
-  std::condition_variable cv;
-  std::mutex mu;
-  const auto start = Clock::now();
-  for (int s = 0; s < streams; ++s) {
-    SequenceParams p;
-    p.prompt = Prompt(s, prompt_len, weights.config().vocab_size);
-    p.max_tokens = tokens;
-    (void)(*scheduler)
-        ->Submit(std::move(p), std::make_shared<CountingSink>(count, remaining, cv, mu));
-  }
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return remaining.load() == 0; });
-  return static_cast<double>(count.load()) /
-         std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// How the cluster's processes are reached: its CA and client certificate, and the API key.
-struct Access {
-  rpc::TransportSecurity security;
-  std::string api_key;
-};
-
-Access AccessOf(const nlohmann::json& cluster) {
-  const auto& s = cluster["security"];
-  if (!s["tls"].get<bool>()) return {rpc::TransportSecurity::Insecure(), ""};
-  rpc::TransportSecurityOptions tls;
-  tls.ca_file = s["ca"];
-  tls.cert_file = s["client_cert"];
-  tls.key_file = s["client_key"];
-  auto loaded = rpc::TransportSecurity::Load(tls);
-  if (!loaded.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(loaded.status().message()).c_str());
-    std::exit(1);
-  }
-  std::string key;
-  if (s["api_key_file"].is_string()) {
-    key = *ReadTextFile(s["api_key_file"].get<std::string>(), 4096);
-    while (!key.empty() && key.back() == '\n') key.pop_back();
-  }
-  return {*loaded, key};
-}
-
-double ThroughGateway(const std::string& gateway, const Access& access, int64_t vocab, int streams,
-                      int tokens, int prompt_len) {
-  auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(gateway, access.security));
-  std::atomic<int64_t> count{0};
-  std::atomic<int> failures{0};
-  const auto start = Clock::now();
-  std::vector<std::thread> threads;
-  for (int s = 0; s < streams; ++s) {
-    threads.emplace_back([&, s] {
-      dsmoe::v1::GenerateRequest req;
-      for (int32_t id : Prompt(s, prompt_len, vocab))
-        req.mutable_token_ids()->add_ids(static_cast<uint32_t>(id));
-      req.set_max_tokens(static_cast<uint32_t>(tokens));
-      req.set_temperature(0.0f);
-      req.set_ignore_eos(true);
-      grpc::ClientContext ctx;
-      if (!access.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + access.api_key);
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
-      auto reader = stub->Generate(&ctx, req);
-      dsmoe::v1::GenerateResponse m;
-      while (reader->Read(&m)) count.fetch_add(m.token_ids_size());
-      if (!reader->Finish().ok()) failures.fetch_add(1);
-    });
-  }
-  for (auto& t : threads) t.join();
-  if (failures.load() > 0) std::fprintf(stderr, "%d streams failed\n", failures.load());
-  return static_cast<double>(count.load()) /
-         std::chrono::duration<double>(Clock::now() - start).count();
-}
-
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -167,11 +60,10 @@ struct DispatchRow {
   double rtt_us, compute_us, echo_us;
 };
 
-DispatchRow MeasureDispatch(const std::string& expert_address, const Access& access,
-                            const ModelConfig& c,
+DispatchRow MeasureDispatch(const std::string& expert_address,
+                            const rpc::TransportSecurity& security, const ModelConfig& c,
                             const std::vector<std::pair<int64_t, int64_t>>& held, int tokens) {
-  auto stub =
-      internal::v1::ExpertService::NewStub(rpc::MakeChannel(expert_address, access.security));
+  auto stub = internal::v1::ExpertService::NewStub(rpc::MakeChannel(expert_address, security));
   const int64_t layer = held.front().first, H = c.hidden_size, k = c.num_experts_per_tok;
   std::vector<int64_t> experts;
   for (auto [l, e] : held)
@@ -216,7 +108,7 @@ DispatchRow MeasureDispatch(const std::string& expert_address, const Access& acc
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model, streams_arg = "1,8,32", threads = "0";
+  std::string model, streams_arg = "1,8,32", threads = "0", cluster_flags;
   bool insecure = false;
   int tokens = 32, prompt_len = 16;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -233,6 +125,8 @@ int main(int argc, char** argv) {
       threads = value;
     else if (flag == "--insecure")
       insecure = value == "1";
+    else if (flag == "--cluster-flags")
+      cluster_flags = value;
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -254,29 +148,20 @@ int main(int argc, char** argv) {
   const ModelConfig& c = (*weights)->config();
 
   // The cluster, as `dsmoe cluster up` starts it.
-  const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
-  const fs::path state =
-      fs::temp_directory_path() / ("dsmoe-bench-cluster-" + std::to_string(getpid()));
-  const std::string up = (bin / "dsmoe").string() + " cluster up --model " + model +
-                         " --attention-servers 1 --expert-servers 2 --json" +
-                         (threads != "0" ? " --threads " + threads : std::string()) +
-                         (insecure ? " --insecure --no-auth" : "") + " --state-dir " +
-                         state.string() + " > " + (state.string() + ".json");
-  if (std::system(up.c_str()) != 0) {
-    std::fprintf(stderr, "cluster up failed\n");
+  auto cluster =
+      bench::BenchCluster::Up(model, 2,
+                              (threads != "0" ? " --threads " + threads : std::string()) +
+                                  (insecure ? " --insecure --no-auth " : " ") + cluster_flags);
+  if (!cluster.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(cluster.status().message()).c_str());
     return 1;
   }
-  auto cluster = nlohmann::json::parse(*ReadTextFile(state.string() + ".json", 1 << 20));
-  const std::string gateway = cluster["gateway"];
-  const Access access = AccessOf(cluster);
-  std::string expert0;
-  for (auto& p : cluster["processes"]) {
-    if (p["role"] == "expert-server" && p["index"] == 0) expert0 = p["address"];
-  }
-  auto placement_text = ReadTextFile(cluster["placement"].get<std::string>(), 64 << 20);
+  const rpc::TransportSecurity& security = (*cluster)->security();
+  const std::string expert0 = (*cluster)->Address("expert-server", 0);
+  auto placement_text = ReadTextFile((*cluster)->info()["placement"].get<std::string>(), 64 << 20);
   auto placement = router::Placement::FromJson(*placement_text, c, "placement");
 
-  std::printf("transport: %s\n", access.security.Describe().c_str());
+  std::printf("transport: %s\n", security.Describe().c_str());
   std::printf("model %s: %lld layers, hidden %lld, %lld routed experts (top-%lld) + %lld shared\n",
               model.c_str(), (long long)c.num_hidden_layers, (long long)c.hidden_size,
               (long long)c.n_routed_experts, (long long)c.num_experts_per_tok,
@@ -284,11 +169,11 @@ int main(int argc, char** argv) {
   std::printf(
       "\n| streams | single process tok/s | cluster tok/s | cluster / single "
       "|\n|---|---|---|---|\n");
-  SingleProcess(**weights, 4, 4, prompt_len);  // warm-up: page the weights in
-  ThroughGateway(gateway, access, c.vocab_size, 4, 4, prompt_len);
+  bench::SingleProcessTokensPerSecond(**weights, 4, 4, prompt_len);  // page the weights in
+  (*cluster)->Generate(c.vocab_size, 4, 4, prompt_len);
   for (int n : SplitInts(streams_arg)) {
-    const double single = SingleProcess(**weights, n, tokens, prompt_len);
-    const double clustered = ThroughGateway(gateway, access, c.vocab_size, n, tokens, prompt_len);
+    const double single = bench::SingleProcessTokensPerSecond(**weights, n, tokens, prompt_len);
+    const double clustered = (*cluster)->Generate(c.vocab_size, n, tokens, prompt_len);
     std::printf("| %d | %.1f | %.1f | %.2f |\n", n, single, clustered, clustered / single);
     std::fflush(stdout);
   }
@@ -296,14 +181,10 @@ int main(int argc, char** argv) {
       "\n| tokens | request bytes | dispatch RTT µs | expert compute µs | transport µs | bare echo "
       "µs | transport / echo |\n|---|---|---|---|---|---|---|\n");
   for (int t : {1, 8, 32}) {
-    const DispatchRow r = MeasureDispatch(expert0, access, c, placement->ExpertsOf(0), t);
+    const DispatchRow r = MeasureDispatch(expert0, security, c, placement->ExpertsOf(0), t);
     std::printf("| %d | %zu | %.0f | %.0f | %.0f | %.0f | %.2f |\n", r.tokens, r.request_bytes,
                 r.rtt_us, r.compute_us, r.rtt_us - r.compute_us, r.echo_us,
                 (r.rtt_us - r.compute_us) / r.echo_us);
   }
-  std::system(
-      ((bin / "dsmoe").string() + " cluster down --state-dir " + state.string() + " > /dev/null")
-          .c_str());
-  fs::remove(state.string() + ".json");
   return 0;
 }
