@@ -27,33 +27,23 @@
 // Random weights route near-uniformly and independently (no expert specialises): for fan-out
 // that is the worst case, in that no placement can lower it; a trained model's routing is
 // skewed and correlated, which lets a placement co-locate experts that fire together.
-#include <arpa/inet.h>
-#include <grpcpp/grpcpp.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "bench/bench_args.h"
-#include "core/io/mapped_file.h"
+#include "bench/cluster_harness.h"
 #include "core/model/make_model.h"
 #include "core/model/model_runner.h"
-#include "core/rpc/server.h"
-#include "dsmoe/v1/gateway.grpc.pb.h"
 #include "router/device_limit.h"
 #include "router/dispatch.h"
 #include "router/placement.h"
@@ -252,27 +242,6 @@ Divergence Compare(const std::vector<float>& got, const std::vector<float>& want
 
 // --- The timed part: a real cluster ---
 
-// GET http://127.0.0.1:<port>/metrics (plain HTTP on loopback, as cluster up serves it).
-std::string Scrape(const std::string& url) {
-  const auto colon = url.rfind(':');
-  const int port = std::atoi(url.c_str() + colon + 1);
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string body;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
-      char buf[65536];
-      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
-    }
-  }
-  close(fd);
-  return body;
-}
-
 // Cumulative counts of dsmoe_dispatch_round_trip_seconds by upper bound, summed over servers.
 std::map<double, double> RoundTripBuckets(const std::string& metrics) {
   std::map<double, double> buckets;
@@ -308,60 +277,6 @@ double Quantile(const std::map<double, double>& cumulative, double q) {
   return lower;
 }
 
-struct Access {
-  rpc::TransportSecurity security = rpc::TransportSecurity::Insecure();
-  std::string api_key;
-};
-
-Access AccessOf(const nlohmann::json& cluster) {
-  const auto& s = cluster["security"];
-  Access a;
-  if (s["tls"].get<bool>()) {
-    rpc::TransportSecurityOptions tls;
-    tls.ca_file = s["ca"];
-    tls.cert_file = s["client_cert"];
-    tls.key_file = s["client_key"];
-    auto loaded = rpc::TransportSecurity::Load(tls);
-    if (loaded.ok()) a.security = *loaded;
-  }
-  if (s["api_key_file"].is_string()) {
-    a.api_key = ReadTextFile(s["api_key_file"].get<std::string>(), 4096).value_or("");
-    while (!a.api_key.empty() && a.api_key.back() == '\n') a.api_key.pop_back();
-  }
-  return a;
-}
-
-// Tokens/s of `streams` greedy generations of `tokens` each through the gateway.
-double Generate(const std::string& gateway, const Access& access, int64_t vocab, int streams,
-                int tokens, int prompt_len, int offset) {
-  auto stub = dsmoe::v1::Gateway::NewStub(rpc::MakeChannel(gateway, access.security));
-  std::atomic<int64_t> count{0};
-  std::atomic<int> failures{0};
-  const auto start = Clock::now();
-  std::vector<std::thread> threads;
-  for (int s = 0; s < streams; ++s) {
-    threads.emplace_back([&, s] {
-      dsmoe::v1::GenerateRequest req;
-      for (int32_t id : Prompt(offset + s, prompt_len, vocab))
-        req.mutable_token_ids()->add_ids(static_cast<uint32_t>(id));
-      req.set_max_tokens(static_cast<uint32_t>(tokens));
-      req.set_temperature(0.0f);
-      req.set_ignore_eos(true);
-      grpc::ClientContext ctx;
-      if (!access.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + access.api_key);
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
-      auto reader = stub->Generate(&ctx, req);
-      dsmoe::v1::GenerateResponse m;
-      while (reader->Read(&m)) count.fetch_add(m.token_ids_size());
-      if (!reader->Finish().ok()) failures.fetch_add(1);
-    });
-  }
-  for (auto& t : threads) t.join();
-  if (failures.load() > 0) std::fprintf(stderr, "%d streams failed\n", failures.load());
-  return static_cast<double>(count.load()) /
-         std::chrono::duration<double>(Clock::now() - start).count();
-}
-
 struct Timed {
   bool ok = false;
   double tokens_per_s = 0, p50_ms = 0, p99_ms = 0;
@@ -369,33 +284,24 @@ struct Timed {
 };
 
 Timed TimeCluster(const std::string& model, int64_t vocab, int servers, int limit, const Args& a) {
-  const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
-  const fs::path state = fs::path(a.dir) / ("cluster-" + std::to_string(getpid()));
-  const std::string json = state.string() + ".json";
-  std::string up = (bin / "dsmoe").string() + " cluster up --model " + model +
-                   " --expert-servers " + std::to_string(servers) + " --num-slots " +
-                   std::to_string(std::max(a.timed_streams, 1)) + " --json --state-dir " +
-                   state.string();
-  if (limit > 0) up += " --device-limited-routing " + std::to_string(limit);
+  // One micro-batch per step, so that a step's calls are the counted messages of a step.
+  std::string flags =
+      "--micro-batches 1 --num-slots " + std::to_string(std::max(a.timed_streams, 1));
+  if (limit > 0) flags += " --device-limited-routing " + std::to_string(limit);
   Timed t;
-  if (std::system((up + " > " + json).c_str()) != 0) {
-    std::fprintf(stderr, "cluster up failed: %s\n", up.c_str());
+  auto cluster = bench::BenchCluster::Up(model, servers, flags);
+  if (!cluster.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(cluster.status().message()).c_str());
     return t;
   }
-  const auto cluster =
-      nlohmann::json::parse(ReadTextFile(json, 1 << 20).value_or("{}"), nullptr, false);
-  std::string metrics_url;
-  for (const auto& p : cluster["processes"]) {
-    if (p["role"] == "attention-server" && p["metrics_url"].is_string())
-      metrics_url = p["metrics_url"];
-  }
-  const Access access = AccessOf(cluster);
-  const std::string gateway = cluster["gateway"];
-  // Warm-up: page the weights in, fill the connections.
-  Generate(gateway, access, vocab, a.timed_streams, 8, 8, 1000);
-  const auto before = RoundTripBuckets(Scrape(metrics_url));
-  t.tokens_per_s = Generate(gateway, access, vocab, a.timed_streams, a.timed_tokens, 8, 2000);
-  auto after = RoundTripBuckets(Scrape(metrics_url));
+  auto round_trips = [&] {
+    const std::vector<std::string> pages = (*cluster)->Scrape("attention-server");
+    return pages.empty() ? std::map<double, double>{} : RoundTripBuckets(pages[0]);
+  };
+  (*cluster)->Generate(vocab, a.timed_streams, 8, 8);  // warm-up: page the weights in
+  const auto before = round_trips();
+  t.tokens_per_s = (*cluster)->Generate(vocab, a.timed_streams, a.timed_tokens, 8);
+  auto after = round_trips();
   for (auto& [upper, count] : after) {
     const auto it = before.find(upper);
     if (it != before.end()) count -= it->second;
@@ -404,10 +310,6 @@ Timed TimeCluster(const std::string& model, int64_t vocab, int servers, int limi
   t.p99_ms = 1e3 * Quantile(after, 0.99);
   t.calls = after.empty() ? 0 : after.rbegin()->second;
   t.ok = true;
-  std::system(
-      ((bin / "dsmoe").string() + " cluster down --state-dir " + state.string() + " > /dev/null")
-          .c_str());
-  fs::remove(json);
   return t;
 }
 
@@ -540,7 +442,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf(
-      "\n## Timed: real clusters (cluster up, TLS; %d streams × %d tokens through the gateway; "
+      "\n## Timed: real clusters (cluster up, TLS, --micro-batches 1; %d streams × %d tokens "
+      "through "
+      "the gateway; "
       "noisy on a shared machine)\n\n| model | expert servers | limit M | tokens/s | dispatch "
       "calls | dispatch RTT p50 ms | p99 ms |\n|---|---|---|---|---|---|---|\n",
       a.timed_streams, a.timed_tokens);
