@@ -4,6 +4,7 @@
 
 #include "attention-server/batch_runner_factory.h"
 #include "expert-server/client/nccl_transport.h"
+#include "router/device_limit.h"
 
 namespace dsmoe {
 
@@ -44,6 +45,20 @@ absl::Status Validate(const AttentionServerOptions& o) {
     return absl::InvalidArgumentError(
         "expert_transport is nccl, but there are no expert servers to reach");
   }
+  if (o.device_limited_routing.has_value()) {
+    const int m = *o.device_limited_routing, n = static_cast<int>(o.expert_servers.size());
+    if (n == 0) {
+      return absl::InvalidArgumentError(
+          "device_limited_routing limits the expert servers a token's experts span, but there "
+          "are no expert servers");
+    }
+    if (m < 1 || m > n) {
+      return absl::InvalidArgumentError(absl::StrCat("device_limited_routing is ", m,
+                                                     ": must be 1 to ", n,
+                                                     " (the number of expert servers)"));
+    }
+    if (o.device.is_cuda()) DSMOE_RETURN_IF_ERROR(CheckGpuGateSupportsDeviceLimit(m));
+  }
   return absl::OkStatus();
 }
 
@@ -73,12 +88,27 @@ absl::Status AttentionServer::Start() {
   DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<BatchRunner> runner,
                          CreateBatchRunner(options_.device, *weights_, *thread_pool_,
                                            options_.scheduler, dispatcher_.get()));
+  if (options_.device_limited_routing.has_value()) {
+    model_runner_ = dynamic_cast<ModelRunner*>(runner.get());  // the CPU runner (Validate)
+    if (model_runner_ == nullptr) return CheckGpuGateSupportsDeviceLimit(1);
+    DSMOE_RETURN_IF_ERROR(SetDeviceLimit(*dispatcher_->placement()));
+  }
   DSMOE_ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(std::move(runner), options_.scheduler,
                                                        attention_metrics_.get()));
   if (dispatcher_ != nullptr) {
     RebalancerOptions rebalance = options_.rebalance;
     rebalance.logger = options_.logger;
     rebalance.state_file = options_.placement_state_file;
+    if (model_runner_ != nullptr) {  // the limit follows the servers of the placement in use
+      rebalance.on_switch = [this](const router::Placement& p) {
+        if (absl::Status s = SetDeviceLimit(p); !s.ok()) {
+          (void)model_runner_->set_device_limited_routing(nullptr);
+          options_.logger->Log(
+              LogLevel::kError,
+              absl::StrCat(kLogName, ": device-limited routing is off: ", s.message()));
+        }
+      };
+    }
     if (rebalance.planner.num_replicas < 0) {
       rebalance.planner.num_replicas = expert_pool_->num_servers();
     }
@@ -153,6 +183,14 @@ absl::Status AttentionServer::ConnectExpertServers(const ModelConfig& config) {
   return absl::OkStatus();
 }
 
+absl::Status AttentionServer::SetDeviceLimit(const router::Placement& placement) {
+  DSMOE_ASSIGN_OR_RETURN(
+      DeviceLimitedRouting routing,
+      router::DeviceLimitedRoutingFor(placement, *options_.device_limited_routing));
+  return model_runner_->set_device_limited_routing(
+      std::make_shared<const DeviceLimitedRouting>(std::move(routing)));
+}
+
 absl::Status AttentionServer::StartServing() {
   rpc::ServerOptions server_options;
   server_options.security = security_;
@@ -222,6 +260,9 @@ std::string AttentionServer::Describe() const {
       options_.expert_servers.size(), " expert servers",
       dispatcher_ != nullptr ? absl::StrCat(" (", dispatcher_->lanes(), " micro-batches per step)")
                              : "",
+      options_.device_limited_routing.has_value()
+          ? absl::StrCat(", device-limited routing to ", *options_.device_limited_routing)
+          : "",
       ", ", options_.scheduler.num_slots, " slots), metrics on port ", metrics_port_);
 }
 

@@ -55,6 +55,11 @@ struct AttentionServerOptions {
   std::string placement_state_file;
   // Deadline of each ComputeExperts call: a slower server is taken out (replicas take over).
   std::chrono::milliseconds dispatch_deadline{10000};
+  // Device-limited routing (core/model/gate.h, docs/fanout.md): each token's routed experts come
+  // from at most this many expert servers of the placement in use (rebuilt when it changes).
+  // Unset: off — a model not trained with it routes differently. Needs expert servers and the
+  // CPU runner; 1 to the number of expert servers.
+  std::optional<int> device_limited_routing;
   // How hidden states reach the expert servers: in the gRPC messages, or GPU to GPU over NCCL
   // (with a cuda device and expert servers on GPUs; gRPC wherever a channel cannot open).
   enum class ExpertTransport { kGrpc, kNccl };
@@ -126,6 +131,9 @@ class AttentionServer {
   // and the dispatcher. REQUIRES: expert servers were given.
   absl::Status ConnectExpertServers(const ModelConfig& config);
   absl::Status StartServing();
+  // Device-limited routing over `placement`'s servers, on the runner. REQUIRES: the loop
+  // thread between steps, or before the scheduler runs.
+  absl::Status SetDeviceLimit(const router::Placement& placement);
   // Routed experts no available expert server holds: how many, and a message naming the first.
   std::pair<int64_t, std::string> MissingExperts() const;
   // After an expert server's health changed: readiness and the out-of-service gauges.
@@ -145,6 +153,7 @@ class AttentionServer {
   std::unique_ptr<ExpertDispatcher> dispatcher_;     // null: local experts
   std::unique_ptr<ThreadPool> thread_pool_;
   std::unique_ptr<Scheduler> scheduler_;
+  ModelRunner* model_runner_ = nullptr;  // the scheduler's, with device-limited routing; else null
   std::unique_ptr<Rebalancer> rebalancer_;  // null: local experts
   std::unique_ptr<PlacementService> placement_service_;
   std::unique_ptr<AttentionService> attention_service_;

@@ -36,6 +36,10 @@ void AddExpertFlags(CLI::App& app, dsmoe::AttentionServerOptions* o, std::string
                  "Deadline of each expert-server call (a slower server is taken out)")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
+  app.add_option("--device-limited-routing", o->device_limited_routing,
+                 "Each token's routed experts only from the M expert servers whose best expert "
+                 "scores highest (DeepSeek-V2's device-limited routing; 1 to the number of expert "
+                 "servers; off by default: a model not trained with it routes differently)");
   app.add_option("--expert-transport", *transport,
                  "How hidden states reach the expert servers: grpc, or nccl (GPU to GPU, with "
                  "--device cuda and expert servers on GPUs; gRPC where a channel cannot open)")

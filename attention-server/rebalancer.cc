@@ -296,7 +296,10 @@ absl::StatusOr<RebalanceOutcome> Rebalancer::ApplyLocked(router::Placement targe
   out.load_seconds = Seconds(start, loaded);
   // 2. Switch between two steps.
   if (!same) {
-    DSMOE_RETURN_IF_ERROR(scheduler_.RunBetweenSteps([&] { dispatcher_.SetPlacement(next); }));
+    DSMOE_RETURN_IF_ERROR(scheduler_.RunBetweenSteps([&] {
+      dispatcher_.SetPlacement(next);
+      if (options_.on_switch) options_.on_switch(*next);
+    }));
     out.switched = true;
   }
   const auto switched = Clock::now();

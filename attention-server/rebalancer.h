@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -42,6 +43,10 @@ struct RebalancerOptions {
   // After each switch the placement in use is written here (atomically), so that a restarted
   // attention server starts from it rather than from its start-up placement. "": not kept.
   std::string state_file;
+  // Called with the new placement on the scheduler's loop thread right after the dispatcher
+  // switches to it, between the same two steps (the attention server's device-limited routing
+  // follows it). Empty: nothing.
+  std::function<void(const router::Placement&)> on_switch;
   // Where each change (and each automatic decision) is logged. Not owned; must outlive this.
   Logger* logger = DefaultLogger();
 };

@@ -210,6 +210,10 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
                                    "--expert-transport",
                                    o.expert_transport};
   for (const std::string& f : HealthFlags(o)) argv.push_back(f);
+  if (o.device_limited_routing.has_value()) {
+    argv.insert(argv.end(),
+                {"--device-limited-routing", std::to_string(*o.device_limited_routing)});
+  }
   if (o.min_copies > 0) argv.insert(argv.end(), {"--min-copies", std::to_string(o.min_copies)});
   if (o.micro_batches > 0) {
     argv.insert(argv.end(), {"--micro-batches", std::to_string(o.micro_batches)});
@@ -294,6 +298,12 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
     return absl::InvalidArgumentError(
         "--rebalance-period needs a single attention server; with several, use `dsmoe "
         "placement apply`, which switches them all before dropping old experts");
+  }
+  if (o.device_limited_routing.has_value() &&
+      (*o.device_limited_routing < 1 || *o.device_limited_routing > o.expert_servers)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device-limited-routing ", *o.device_limited_routing, ": must be 1 to ", o.expert_servers,
+        " (--expert-servers; a token's experts come from that many servers)"));
   }
   DSMOE_ASSIGN_OR_RETURN(const fs::path dir, PrepareStateDir(o));
   DSMOE_ASSIGN_OR_RETURN(const std::string placement, PlacementFile(o, dir));

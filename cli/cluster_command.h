@@ -2,6 +2,7 @@
 // servers and the gateway as separate processes — for demos, tests and benchmarks.
 #pragma once
 
+#include <optional>
 #include <string>
 
 namespace dsmoe::cli {
@@ -21,8 +22,10 @@ struct ClusterUpOptions {
   int health_check_timeout_ms = 2000;     // deadline of one check
   std::string device = "cpu";             // every attention and expert server's --device
   std::string expert_transport = "grpc";  // the attention servers' --expert-transport
-  std::string state_dir;                  // pids, ports, logs, placement; default .dsmoe-cluster
-  std::string placement;                  // placement JSON; default: computed round-robin
+  // The attention servers' --device-limited-routing (1 to expert_servers); unset: off.
+  std::optional<int> device_limited_routing;
+  std::string state_dir;  // pids, ports, logs, placement; default .dsmoe-cluster
+  std::string placement;  // placement JSON; default: computed round-robin
   // Security (docs/security.md). By default every endpoint speaks TLS with certificates made
   // for this cluster, the servers require each other's client certificates, and the gateway
   // requires the API key written to <state dir>/tls/api-key.

@@ -53,6 +53,10 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
                    "channel cannot open)")
       ->check(CLI::IsMember({"grpc", "nccl"}))
       ->capture_default_str();
+  up_cmd->add_option("--device-limited-routing", up.device_limited_routing,
+                     "Each token's routed experts only from the M expert servers whose best "
+                     "expert scores highest (DeepSeek-V2; 1 to --expert-servers; off by default: "
+                     "a model not trained with it routes differently)");
 }
 
 // Deadlines, health checks and automatic rebalancing, passed on to the servers.

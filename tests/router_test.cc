@@ -13,6 +13,7 @@
 #include <random>
 #include <set>
 
+#include "router/device_limit.h"
 #include "router/dispatch.h"
 #include "router/load_window.h"
 #include "router/placement.h"
@@ -368,6 +369,76 @@ TEST(Planner, PlacementKeepsWhatServersHoldAndBumpsTheVersion) {
   }
   EXPECT_EQ(PlanPlacement(*current, hot, {3, 4, 0}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// --- Device-limited routing --------------------------------------------------------------
+
+std::vector<float> Logits(int64_t n, uint64_t seed) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// With one copy per expert in contiguous blocks, the servers are group-limited greedy's groups:
+// device-limited routing to M servers routes exactly as n_group = S, topk_group = M.
+TEST(DeviceLimit, ContiguousPlacementRoutesAsGroupLimitedGreedy) {
+  const ModelConfig c = [] {
+    ModelConfig m = SmallMoe(64);
+    m.num_experts_per_tok = 6;
+    return m;
+  }();
+  const int64_t E = 64, k = 6, T = 300;
+  for (int S : {2, 4, 8}) {
+    auto placement = Placement::Compute(c, S, 1, Placement::Strategy::kContiguous);
+    ASSERT_TRUE(placement.ok());
+    for (int M = 1; M < S; ++M) {
+      auto routing = DeviceLimitedRoutingFor(*placement, M);
+      ASSERT_TRUE(routing.ok()) << routing.status();
+      EXPECT_TRUE(routing->CheckCovers(c).ok());
+      const std::vector<float> logits = Logits(T * E, 10 * S + M);
+      std::vector<float> scratch(E), w_dl(T * k), w_gl(T * k);
+      std::vector<int32_t> e_dl(T * k), e_gl(T * k);
+      RouteTokens(routing->ForLayer({E, k, true}, 1), logits.data(), T, scratch.data(), e_dl.data(),
+                  w_dl.data());
+      RouteTokens({E, k, true, TopkMethod::kGroupLimitedGreedy, S, M}, logits.data(), T,
+                  scratch.data(), e_gl.data(), w_gl.data());
+      EXPECT_EQ(e_dl, e_gl) << "S " << S << " M " << M;
+      EXPECT_EQ(w_dl, w_gl) << "S " << S << " M " << M;
+    }
+  }
+}
+
+// Round-robin with 2 copies: the membership is the placement's holders, layer by layer (each
+// MoE layer's round-robin starts one server later).
+TEST(DeviceLimit, MembershipFollowsEveryHolder) {
+  const ModelConfig c = SmallMoe(8);
+  auto placement = Placement::Compute(c, 4, 2, Placement::Strategy::kRoundRobin);
+  ASSERT_TRUE(placement.ok());
+  auto routing = DeviceLimitedRoutingFor(*placement, 1);
+  ASSERT_TRUE(routing.ok());
+  EXPECT_EQ(routing->ForLayer({8, 2, false}, 0).device_limit.max_servers, 0);  // dense
+  for (int layer : {1, 2}) {
+    const DeviceLimit d = routing->ForLayer({8, 2, false}, layer).device_limit;
+    EXPECT_EQ(d.max_servers, 1);
+    EXPECT_EQ(d.num_servers, 4);
+    for (int e = 0; e < 8; ++e) {
+      const uint64_t first = (e + layer - 1) % 4, second = (first + 1) % 4;
+      EXPECT_EQ(d.expert_servers[e], (uint64_t{1} << first) | (uint64_t{1} << second))
+          << "layer " << layer << " expert " << e;
+    }
+  }
+}
+
+TEST(DeviceLimit, RefusesALimitOutsideTheServers) {
+  auto placement = Placement::Compute(SmallMoe(8), 4, 1, Placement::Strategy::kRoundRobin);
+  ASSERT_TRUE(placement.ok());
+  for (int M : {0, 5}) {
+    const absl::Status s = DeviceLimitedRoutingFor(*placement, M).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("must be 1 to 4"));
+  }
 }
 
 // --- Dispatch ----------------------------------------------------------------------------

@@ -68,6 +68,13 @@ ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
   attention_runs_.resize(T + 1);
 }
 
+absl::Status ModelRunner::set_device_limited_routing(
+    std::shared_ptr<const DeviceLimitedRouting> routing) {
+  if (routing != nullptr) DSMOE_RETURN_IF_ERROR(routing->CheckCovers(config_));
+  device_limit_ = std::move(routing);
+  return absl::OkStatus();
+}
+
 int64_t ModelRunner::AttentionScratch() const {
   return 8 * options_.max_context + 80 * config_.head_dim();  // ops::KernelTable::attend_causal
 }
@@ -220,7 +227,8 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   int32_t* route_experts = route_experts_.data() + mb.first * topk;
   float* route_weights = route_weights_.data() + mb.first * topk;
   ops::Linear(pool_, xn, T, L.router, nullptr, router_logits);  // [T, E]
-  RouteTokens(gate_, router_logits, T, gate_scratch_.data(), route_experts, route_weights);
+  const GateParams gate = device_limit_ ? device_limit_->ForLayer(gate_, layer) : gate_;
+  RouteTokens(gate, router_logits, T, gate_scratch_.data(), route_experts, route_weights);
   if (observer_ != nullptr) observer_->OnRouting(layer, T, topk, route_experts, route_weights);
   clock.Lap(ForwardPhase::kGate);
   // Routed experts start (possibly on expert servers); the shared experts — every token, no

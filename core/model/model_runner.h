@@ -76,6 +76,9 @@ class ModelRunner final : public BatchRunner {
   // A slot's cache is a fixed region, overwritten by the next sequence: nothing to free.
   void ReleaseSlot(int32_t /*slot*/) override {}
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
+  // Device-limited routing (gate.h) from the next Forward on; null: off (the default). Call
+  // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts.
+  absl::Status set_device_limited_routing(std::shared_ptr<const DeviceLimitedRouting> routing);
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }
   const ForwardProfile* profile() const override { return &profile_; }
@@ -107,6 +110,7 @@ class ModelRunner final : public BatchRunner {
   ThreadPool& pool_;
   RunnerOptions options_;
   GateParams gate_;
+  std::shared_ptr<const DeviceLimitedRouting> device_limit_;  // null: off
   std::unique_ptr<LocalExpertExecutor> local_experts_;
   RoutedExpertExecutor* experts_ = nullptr;
   RoutingObserver* observer_ = nullptr;
