@@ -73,6 +73,69 @@ class GreedyMatchesSingleProcess(unittest.TestCase):
             c.close()
 
 
+def cpu_list(text):
+    """A Cpus_allowed_list ("0-3,6") as a list of CPUs: the kernel's format, read here directly."""
+    cpus = []
+    for item in filter(None, text.strip().split(",")):
+        lo, _, hi = item.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def cpus_allowed(pid, tid=None):
+    """The CPUs the kernel lets process `pid` (or its thread `tid`) run on."""
+    path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
+    with open(path) as f:
+        return cpu_list(next(l.split(":", 1)[1] for l in f if l.startswith("Cpus_allowed_list")))
+
+
+def cgroup_cpu_quota():
+    """Whole CPUs of this cgroup's quota (cgroup v2 cpu.max), or None without one."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
+class ProcessPlacement(unittest.TestCase):
+    """Where `cluster up` puts its processes and what it says about them: --cpus pins each role
+    to its CPUs (read back from the kernel's Cpus_allowed_list of every process and thread),
+    each server's compute threads follow its set, and cluster.json records both."""
+
+    def test_cpus_pin_each_role_and_its_threads(self):
+        allowed = cpus_allowed(os.getpid())
+        if len(allowed) < 2:
+            self.skipTest(f"needs 2 CPUs, this process may use {allowed}")
+        a, e = allowed[0], allowed[-1]
+        model = cu.make_model(cu.TMP, "tiny", "tiny")
+        cases = prompts(2, 512, seed=7)
+        want = [cu.single_process_generate(model, p, 8)["ids"] for p in cases]
+        c = cu.Cluster(model, 1, 2, 1, extra=("--cpus", f"attention={a};experts={e}"))
+        try:
+            expected = {"attention-server": [a], "expert-server": [e], "gateway": allowed}
+            quota = cgroup_cpu_quota()
+            for p in c.state["processes"]:
+                with self.subTest(role=p["role"], index=p["index"]):
+                    kernel = cpus_allowed(p["pid"])
+                    self.assertEqual(kernel, expected[p["role"]])
+                    self.assertEqual(cpu_list(p["cpus"]), kernel, "cluster.json")
+                    # Every thread (gRPC's, the compute pool's) inherited the pin.
+                    for tid in os.listdir(f"/proc/{p['pid']}/task"):
+                        self.assertEqual(cpus_allowed(p["pid"], tid), kernel, f"thread {tid}")
+                    if p["role"] == "gateway":
+                        continue
+                    argv = cu.command_line(p["pid"])
+                    threads = int(argv[argv.index("--threads") + 1])
+                    self.assertEqual(threads, min(len(kernel), quota or len(kernel)))
+                    self.assertEqual(p["threads"], threads, "cluster.json")
+            for p, w in zip(cases, want):
+                self.assertEqual(c.generate(p, 8)[0], w, f"prompt {p}")
+        finally:
+            c.close()
+
+
 class ClusterBehaviour(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
