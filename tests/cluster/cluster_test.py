@@ -240,6 +240,47 @@ class ClusterBehaviour(unittest.TestCase):
         got, finish, _ = self.cluster.generate([1, 2, 3], 3)  # still serving
         self.assertEqual(len(got), 3)
 
+    def test_invalid_utf8_in_a_string_field_is_invalid_argument_naming_it(self):
+        """Bytes that are not UTF-8 where the API has a `string` (no client library lets one set
+        them, so they are sent as raw request bytes): INVALID_ARGUMENT naming the field and the
+        first bad byte, counted in dsmoe_requests_total; the gateway keeps serving."""
+        pb, C = cu.pb, grpc.StatusCode
+
+        def field(number, data):  # a length-delimited field, as the wire format writes it
+            return bytes([number << 3 | 2, len(data)]) + data
+
+        ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), max_tokens=2).SerializeToString()
+        generate_cases = [
+            (field(1, b"hello, w\xffrld"), "text is not valid UTF-8 (byte 8)"),
+            (ids + field(8, b"ok") + field(8, b"ab\xc3("), "stop[1] is not valid UTF-8 (byte 2)"),
+            (ids + field(11, b"\xed\xa0\x80"), "model is not valid UTF-8 (byte 0)"),  # a surrogate
+            (ids + field(8, b"\xc0\xaf"), "stop[0] is not valid UTF-8 (byte 0)"),  # overlong '/'
+        ]
+        url = self.cluster.processes("gateway")[0]["metrics_url"]
+        before = {m: cu.metric(url, "dsmoe_requests_total", method=m, code="INVALID_ARGUMENT") or 0
+                  for m in ("Generate", "Complete", "Tokenize")}
+        ch = self.cluster.channel
+        calls = {"Generate": lambda b: list(ch.unary_stream("/dsmoe.v1.Gateway/Generate")(b, timeout=30)),
+                 "Complete": lambda b: ch.unary_unary("/dsmoe.v1.Gateway/Complete")(b, timeout=30),
+                 "Tokenize": lambda b: ch.unary_unary("/dsmoe.v1.Gateway/Tokenize")(b, timeout=30)}
+        cases = [(m, b, w) for m in ("Generate", "Complete") for b, w in generate_cases]
+        cases.append(("Tokenize", field(1, b"caf\xc3\xa9 \xe2\x82"), "text is not valid UTF-8 (byte 6)"))
+        for method, data, want in cases:
+            with self.subTest(method=method, want=want):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    calls[method](data)
+                self.assertEqual(ctx.exception.code(), C.INVALID_ARGUMENT, ctx.exception.details())
+                self.assertEqual(ctx.exception.details(), want)
+        for m, n in (("Generate", 4), ("Complete", 4), ("Tokenize", 1)):
+            self.assertEqual(cu.metric(url, "dsmoe_requests_total", method=m, code="INVALID_ARGUMENT"),
+                             before[m] + n, m)
+        # Valid UTF-8 in the same raw form still works (here: no tokenizer, so text is refused for that).
+        with self.assertRaises(grpc.RpcError) as ctx:
+            calls["Complete"](field(1, "héllo ✓".encode()))
+        self.assertIn("tokenizer", ctx.exception.details())
+        got, _, _ = self.cluster.generate([1, 2, 3], 3)  # still serving
+        self.assertEqual(len(got), 3)
+
     def test_expert_server_refuses_an_expert_it_does_not_hold(self):
         placement = json.load(open(self.cluster.state["placement"]))
         layer = placement["layers"][0]
