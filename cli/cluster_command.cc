@@ -21,6 +21,7 @@
 #include "cli/process.h"
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
+#include "core/rpc/server.h"
 #include "core/util/cpu_quota.h"
 #include "router/placement.h"
 
@@ -50,12 +51,13 @@ struct Process {
   std::string log;
   std::string ready_file;
   int metrics_port = 0;   // 0: none reported
+  int health_port = 0;    // its plain-text health port (--health-listen); 0: none reported
   std::vector<int> cpus;  // where it may run: its --cpus set, or every CPU this command may use
   int threads = 0;        // its --threads (0: the gateway, which has no compute pool)
 };
 
-// Waits until every process has written its ready file ("<grpc port>\n<metrics port>\n");
-// fails fast if one exits.
+// Waits until every process has written its ready file (rpc::ReadyPorts: its gRPC, metrics and
+// health ports); fails fast if one exits.
 absl::Status WaitReady(std::vector<Process>& procs) {
   const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
   for (Process& p : procs) {
@@ -63,10 +65,15 @@ absl::Status WaitReady(std::vector<Process>& procs) {
       if (fs::exists(p.ready_file)) {
         auto text = ReadTextFile(p.ready_file, 64);
         if (text.ok() && !text->empty()) {
-          const std::vector<std::string> lines =
-              absl::StrSplit(*text, '\n', absl::SkipWhitespace());
-          p.address = "127.0.0.1:" + std::string(absl::StripAsciiWhitespace(lines[0]));
-          if (lines.size() > 1 && !absl::SimpleAtoi(lines[1], &p.metrics_port)) p.metrics_port = 0;
+          // Written atomically: a file that is there is whole.
+          absl::StatusOr<rpc::ReadyPorts> ports = rpc::ParseReadyFile(*text);
+          if (!ports.ok()) {
+            return absl::InternalError(absl::StrCat(p.role, " ", p.index, ": ", p.ready_file, ": ",
+                                                    ports.status().message()));
+          }
+          p.address = absl::StrCat("127.0.0.1:", ports->port);
+          p.metrics_port = ports->metrics_port;
+          p.health_port = ports->health_port;
           break;
         }
       }
@@ -249,6 +256,9 @@ class Launcher {
     argv.insert(argv.end(), {"--ready-file", p.ready_file});
     // Every server exports Prometheus metrics on a port of its own, loopback only.
     argv.insert(argv.end(), {"--metrics-listen", "127.0.0.1:0"});
+    // ... and plain-text health checks on another (what a Kubernetes probe reaches; here for
+    // scripts and load balancers that have no client certificate), recorded in cluster.json.
+    argv.insert(argv.end(), {"--health-listen", "127.0.0.1:0"});
     argv.insert(argv.end(), shared_flags_.begin(), shared_flags_.end());
     DSMOE_ASSIGN_OR_RETURN(
         p.pid, Spawn(argv, p.log, pin != pinned_.end() ? pin->second : std::vector<int>{}));
@@ -361,6 +371,8 @@ Json DescribeCluster(const ClusterUpOptions& o, const fs::path& dir, const std::
          {"metrics_url", p.metrics_port > 0
                              ? Json(absl::StrCat("http://127.0.0.1:", p.metrics_port, "/metrics"))
                              : Json(nullptr)},
+         {"health_address",
+          p.health_port > 0 ? Json(absl::StrCat("127.0.0.1:", p.health_port)) : Json(nullptr)},
          {"cpus", FormatCpuList(p.cpus)},
          {"threads", p.threads > 0 ? Json(p.threads) : Json(nullptr)},
          {"log", p.log}});

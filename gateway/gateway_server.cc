@@ -61,7 +61,8 @@ absl::Status GatewayServer::Start() {
   // gateway is up and has checked its attention servers once: it serves whatever they can.
   readiness_ = std::make_unique<rpc::Readiness>(
       server_.server.get(), dsmoe::v1::Gateway::service_full_name(), /*ready_file=*/"",
-      server_.port, options_.server.metrics_port, "dsmoe-gateway", options_.logger);
+      rpc::ReadyPorts{server_.port, options_.server.metrics_port, server_.health_port},
+      "dsmoe-gateway", options_.logger);
   attention_servers_out_ = std::make_unique<rpc::OutOfServiceGauges>(*metrics_, "attention_server");
   health_->Start([this](int index, rpc::TargetHealth now) {
     service_->OnUpstreamHealth(index, now);
@@ -73,8 +74,8 @@ absl::Status GatewayServer::Start() {
   });
   attention_servers_out_->Update(*health_);  // servers down from the start never change
   if (!options_.ready_file.empty()) {
-    DSMOE_RETURN_IF_ERROR(
-        rpc::WriteReadyFile(options_.ready_file, server_.port, options_.server.metrics_port));
+    DSMOE_RETURN_IF_ERROR(rpc::WriteReadyFile(
+        options_.ready_file, {server_.port, options_.server.metrics_port, server_.health_port}));
   }
   return absl::OkStatus();
 }

@@ -136,6 +136,27 @@ class ProcessPlacement(unittest.TestCase):
             c.close()
 
 
+    def test_every_process_reports_its_ephemeral_health_port(self):
+        """cluster up asks each server for a plain-text health port as 127.0.0.1:0: cluster.json
+        names the port bound (it answers health checks without TLS while the cluster's own
+        ports require it), and so does the process's start-up log."""
+        model = cu.make_model(cu.TMP, "tiny", "tiny")
+        c = cu.Cluster(model, 1, 2, 1)
+        try:
+            self.assertTrue(c.security["tls"])
+            for p in c.state["processes"]:
+                with self.subTest(role=p["role"], index=p["index"]):
+                    address = p["health_address"]
+                    self.assertRegex(address, r"^127\.0\.0\.1:\d+$")
+                    self.assertNotEqual(address, p["address"])
+                    self.assertEqual(cu.health_status(address), "SERVING")  # plain text
+                    self.assertNotEqual(cu.health_status(p["address"]), "SERVING")  # TLS only
+                    self.assertIn(f"plain-text health checks (grpc.health.v1 Check only) on {address} "
+                                  "(--health-listen 127.0.0.1:0)", cu.read(p["log"], "r"))
+        finally:
+            c.close()
+
+
 class ClusterBehaviour(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
