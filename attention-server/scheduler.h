@@ -123,12 +123,16 @@ class Scheduler {
   void PublishLoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Publishes the KV-cache usage after kv_tokens_ changed. Loop thread only.
   void PublishKvUsage();
+  // Adds what the runner's profile gained since the last call to the phase counters. Loop
+  // thread only.
+  void CountPhases();
 
   std::unique_ptr<BatchRunner> runner_;
   SchedulerOptions options_;
-  SchedulerMetrics* metrics_;  // null: no metrics
-  int64_t kv_tokens_ = 0;      // tokens held in the running sequences' slots; loop thread only
-  int32_t scratch_slot_;       // reserved for ComputeLogits
+  SchedulerMetrics* metrics_;      // null: no metrics
+  int64_t kv_tokens_ = 0;          // tokens held in the running sequences' slots; loop thread only
+  int32_t scratch_slot_;           // reserved for ComputeLogits
+  ForwardProfile phases_counted_;  // the runner's profile as last exported; loop thread only
 
   // Queues `job` for the step loop and wakes it; UNAVAILABLE once stopping.
   template <class Job>

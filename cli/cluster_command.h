@@ -18,6 +18,7 @@ struct ClusterUpOptions {
   // not named runs on every CPU. Pinned roles' servers get one compute thread per CPU.
   std::string cpus;
   int num_slots = 32;                     // per attention server
+  int micro_batches = 0;                  // the attention servers' --micro-batches; 0: theirs
   int dispatch_deadline_ms = 10000;       // attention → expert server call deadline
   int health_check_period_ms = 1000;      // attention → expert and gateway → attention checks
   int health_check_timeout_ms = 2000;     // deadline of one check
