@@ -204,7 +204,9 @@ absl::Status AttentionServer::StartServing() {
   // Ready means "can serve": every routed expert reachable on some live expert server.
   readiness_ = std::make_unique<rpc::Readiness>(
       running_.server.get(), internal::v1::AttentionService::service_full_name(),
-      options_.serving.ready_file, running_.port, metrics_port_, kLogName, options_.logger);
+      options_.serving.ready_file,
+      rpc::ReadyPorts{running_.port, metrics_port_, running_.health_port}, kLogName,
+      options_.logger);
   if (expert_pool_ == nullptr) {
     readiness_->Set(true);
     return absl::OkStatus();

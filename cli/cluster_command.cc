@@ -4,11 +4,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
 #include <vector>
@@ -20,6 +22,7 @@
 #include "cli/process.h"
 #include "core/io/mapped_file.h"
 #include "core/model/weights.h"
+#include "core/rpc/server.h"
 #include "core/util/cpu_quota.h"
 #include "router/placement.h"
 
@@ -48,12 +51,15 @@ struct Process {
   std::string address;
   std::string log;
   std::string ready_file;
-  int metrics_port = 0;  // 0: none reported
-  int http_port = 0;     // the gateway's HTTP API (a third line of its ready file); 0: none
+  int metrics_port = 0;   // 0: none reported
+  int health_port = 0;    // its plain-text health port (--health-listen); 0: none reported
+  int http_port = 0;      // the gateway's HTTP API; 0: none
+  std::vector<int> cpus;  // where it may run: its --cpus set, or every CPU this command may use
+  int threads = 0;        // its --threads (0: the gateway, which has no compute pool)
 };
 
-// Waits until every process has written its ready file ("<grpc port>\n<metrics port>\n");
-// fails fast if one exits.
+// Waits until every process has written its ready file (rpc::ReadyPorts: its gRPC, metrics and
+// health ports); fails fast if one exits.
 absl::Status WaitReady(std::vector<Process>& procs) {
   const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
   for (Process& p : procs) {
@@ -61,11 +67,16 @@ absl::Status WaitReady(std::vector<Process>& procs) {
       if (fs::exists(p.ready_file)) {
         auto text = ReadTextFile(p.ready_file, 64);
         if (text.ok() && !text->empty()) {
-          const std::vector<std::string> lines =
-              absl::StrSplit(*text, '\n', absl::SkipWhitespace());
-          p.address = "127.0.0.1:" + std::string(absl::StripAsciiWhitespace(lines[0]));
-          if (lines.size() > 1 && !absl::SimpleAtoi(lines[1], &p.metrics_port)) p.metrics_port = 0;
-          if (lines.size() > 2 && !absl::SimpleAtoi(lines[2], &p.http_port)) p.http_port = 0;
+          // Written atomically: a file that is there is whole.
+          absl::StatusOr<rpc::ReadyPorts> ports = rpc::ParseReadyFile(*text);
+          if (!ports.ok()) {
+            return absl::InternalError(absl::StrCat(p.role, " ", p.index, ": ", p.ready_file, ": ",
+                                                    ports.status().message()));
+          }
+          p.address = absl::StrCat("127.0.0.1:", ports->port);
+          p.metrics_port = ports->metrics_port;
+          p.health_port = ports->health_port;
+          p.http_port = ports->http_port;
           break;
         }
       }
@@ -112,6 +123,74 @@ std::string Join(const std::vector<Process>& procs, const std::string& role) {
   return out;
 }
 
+// The --cpus roles and the process roles they pin.
+constexpr std::pair<const char*, const char*> kCpuRoles[] = {
+    {"gateway", "gateway"}, {"attention", "attention-server"}, {"experts", "expert-server"}};
+
+// --cpus: process role ("expert-server", ...) -> the CPUs it is pinned to. Items are separated
+// by ';' or ','; an item with '=' starts a role ("experts=2-3"), one without continues the
+// previous role's CPU list ("attention=0,1" is CPUs 0 and 1), so both "attention=0,experts=1"
+// and "attention=0-1,4;experts=2" read as meant. Every CPU must be one this command may run on
+// (`allowed`), so that a pin the kernel would refuse is refused here, before anything starts.
+absl::StatusOr<std::map<std::string, std::vector<int>>> ParseCpuPinning(
+    const std::string& spec, const std::vector<int>& allowed) {
+  std::map<std::string, std::vector<int>> pinned;
+  if (spec.empty()) return pinned;
+  auto role_of = [](absl::string_view name) -> const char* {
+    for (const auto& [flag_role, process_role] : kCpuRoles) {
+      if (name == flag_role) return process_role;
+    }
+    return nullptr;
+  };
+  std::vector<std::pair<std::string, std::string>> lists;  // (flag role, its CPU list)
+  for (absl::string_view item : absl::StrSplit(spec, absl::ByAnyChar(",;"))) {
+    item = absl::StripAsciiWhitespace(item);
+    const size_t eq = item.find('=');
+    if (eq == absl::string_view::npos) {
+      if (lists.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--cpus '", spec, "': '", item,
+            "' comes before any role; write role=CPUs (roles: gateway, attention, experts)"));
+      }
+      absl::StrAppend(&lists.back().second, lists.back().second.empty() ? "" : ",", item);
+      continue;
+    }
+    const std::string role(absl::StripAsciiWhitespace(item.substr(0, eq)));
+    if (role_of(role) == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("--cpus '", spec, "': unknown role '", role,
+                                                     "' (roles: gateway, attention, experts)"));
+    }
+    for (const auto& [seen, unused] : lists) {
+      if (seen == role) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--cpus '", spec, "': role '", role, "' is given twice"));
+      }
+    }
+    lists.emplace_back(role, std::string(absl::StripAsciiWhitespace(item.substr(eq + 1))));
+  }
+  for (const auto& [role, list] : lists) {
+    if (list.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--cpus '", spec, "': ", role, "= names no CPUs"));
+    }
+    auto cpus = ParseCpuList(list);
+    if (!cpus.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--cpus '", spec, "', ", role, ": ", cpus.status().message()));
+    }
+    for (int c : *cpus) {
+      if (!std::binary_search(allowed.begin(), allowed.end(), c)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--cpus '", spec, "', ", role, ": CPU ", c,
+                         " is not on this machine or not one this command may use (CPUs ",
+                         FormatCpuList(allowed), ")"));
+      }
+    }
+    pinned[role_of(role)] = *std::move(cpus);
+  }
+  return pinned;
+}
+
 // Makes the state directory, refusing one that already holds a running cluster's state.
 absl::StatusOr<fs::path> PrepareStateDir(const ClusterUpOptions& o) {
   const fs::path dir = fs::absolute(DefaultStateDir(o.state_dir));
@@ -151,20 +230,41 @@ absl::StatusOr<std::string> PlacementFile(const ClusterUpOptions& o, const fs::p
 // failure part-way stops the ones already started.
 class Launcher {
  public:
-  Launcher(fs::path dir, std::vector<std::string> shared_flags)
-      : dir_(std::move(dir)), shared_flags_(std::move(shared_flags)) {}
+  Launcher(fs::path dir, std::vector<std::string> shared_flags,
+           std::map<std::string, std::vector<int>> pinned, int threads)
+      : dir_(std::move(dir)),
+        shared_flags_(std::move(shared_flags)),
+        pinned_(std::move(pinned)),
+        threads_(threads) {}
+
+  // The compute threads of a server of `role`: --threads if given, else one per CPU it may use
+  // (its pinned set, or every CPU this command may use), bounded by the cgroup quota as the
+  // server itself would bound them (core/util/cpu_quota.h).
+  int Threads(const std::string& role) const {
+    if (threads_ > 0) return threads_;
+    auto it = pinned_.find(role);
+    return it == pinned_.end() ? UsableCpus()
+                               : CpusWithinQuota(static_cast<int>(it->second.size()));
+  }
 
   absl::Status Start(const std::string& role, int index, std::vector<std::string> argv) {
     Process p;
     p.role = role;
     p.index = index;
+    auto pin = pinned_.find(role);
+    p.cpus = pin != pinned_.end() ? pin->second : AllowedCpus();
+    p.threads = role == "gateway" ? 0 : Threads(role);  // what its argv says (no pool there)
     p.log = (dir_ / absl::StrCat(role, "-", index, ".log")).string();
     p.ready_file = (dir_ / absl::StrCat(role, "-", index, ".port")).string();
     argv.insert(argv.end(), {"--ready-file", p.ready_file});
     // Every server exports Prometheus metrics on a port of its own, loopback only.
     argv.insert(argv.end(), {"--metrics-listen", "127.0.0.1:0"});
+    // ... and plain-text health checks on another (what a Kubernetes probe reaches; here for
+    // scripts and load balancers that have no client certificate), recorded in cluster.json.
+    argv.insert(argv.end(), {"--health-listen", "127.0.0.1:0"});
     argv.insert(argv.end(), shared_flags_.begin(), shared_flags_.end());
-    DSMOE_ASSIGN_OR_RETURN(p.pid, Spawn(argv, p.log));
+    DSMOE_ASSIGN_OR_RETURN(
+        p.pid, Spawn(argv, p.log, pin != pinned_.end() ? pin->second : std::vector<int>{}));
     procs_.push_back(p);
     return absl::OkStatus();
   }
@@ -178,7 +278,9 @@ class Launcher {
 
  private:
   const fs::path dir_;
-  const std::vector<std::string> shared_flags_;  // TLS
+  const std::vector<std::string> shared_flags_;           // TLS
+  const std::map<std::string, std::vector<int>> pinned_;  // process role -> CPUs (--cpus)
+  const int threads_;                                     // --threads; 0: per CPUs
   std::vector<Process> procs_;
 };
 
@@ -284,6 +386,10 @@ Json DescribeCluster(const ClusterUpOptions& o, const fs::path& dir, const std::
          {"metrics_url", p.metrics_port > 0
                              ? Json(absl::StrCat("http://127.0.0.1:", p.metrics_port, "/metrics"))
                              : Json(nullptr)},
+         {"health_address",
+          p.health_port > 0 ? Json(absl::StrCat("127.0.0.1:", p.health_port)) : Json(nullptr)},
+         {"cpus", FormatCpuList(p.cpus)},
+         {"threads", p.threads > 0 ? Json(p.threads) : Json(nullptr)},
          {"log", p.log}});
   }
   state["processes"] = list;
@@ -305,6 +411,8 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
         "--device-limited-routing ", *o.device_limited_routing, ": must be 1 to ", o.expert_servers,
         " (--expert-servers; a token's experts come from that many servers)"));
   }
+  // Checked before anything is made or started.
+  DSMOE_ASSIGN_OR_RETURN(auto pinned, ParseCpuPinning(o.cpus, AllowedCpus()));
   DSMOE_ASSIGN_OR_RETURN(const fs::path dir, PrepareStateDir(o));
   DSMOE_ASSIGN_OR_RETURN(const std::string placement, PlacementFile(o, dir));
   // Credentials made for this cluster alone (cli/cluster_certs.h), and the flags that use them.
@@ -320,11 +428,11 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   // Every server gets every core by default: they compute in turns (attention, then experts),
   // and the thread pool never waits for a worker the OS has not scheduled, so sharing cores
   // costs little while splitting them leaves cores idle (measured: 32 streams through the
-  // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1).
-  const int threads = o.threads > 0 ? o.threads : UsableCpus();
+  // gateway reach 0.73 of the single process with 2 threads each, 0.63 with 1). With --cpus a
+  // pinned role gets a thread per CPU of its set instead (Launcher::Threads).
   const fs::path bin = BinaryDir();
   const std::string model = fs::absolute(o.model).string();
-  Launcher launcher(dir, tls_flags);
+  Launcher launcher(dir, tls_flags, std::move(pinned), o.threads);
   for (int i = 0; i < o.expert_servers; ++i) {
     const std::vector<std::string> argv = {(bin / "dsmoe-expert-server").string(),
                                            "--model",
@@ -334,7 +442,7 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
                                            "--server-index",
                                            std::to_string(i),
                                            "--threads",
-                                           std::to_string(threads),
+                                           std::to_string(launcher.Threads("expert-server")),
                                            "--device",
                                            o.device};
     if (auto s = launcher.Start("expert-server", i, argv); !s.ok()) return launcher.Fail(s);
@@ -342,8 +450,9 @@ absl::Status Up(const ClusterUpOptions& o, Json* state) {
   if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
   const std::string experts = Join(launcher.processes(), "expert-server");
   for (int i = 0; i < o.attention_servers; ++i) {
-    auto argv = AttentionServerFlags(o, bin, model, placement,
-                                     (dir / "placement-in-use.json").string(), experts, threads);
+    auto argv =
+        AttentionServerFlags(o, bin, model, placement, (dir / "placement-in-use.json").string(),
+                             experts, launcher.Threads("attention-server"));
     if (auto s = launcher.Start("attention-server", i, argv); !s.ok()) return launcher.Fail(s);
   }
   if (auto s = launcher.WaitReady(); !s.ok()) return launcher.Fail(s);
@@ -370,8 +479,8 @@ int RunClusterUp(const ClusterUpOptions& o) {
   } else {
     for (const auto& p : state["processes"]) {
       std::cout << p["role"].get<std::string>() << " " << p["index"].get<int>() << "  pid "
-                << p["pid"].get<int>() << "  " << p["address"].get<std::string>() << "  log "
-                << p["log"].get<std::string>() << "\n";
+                << p["pid"].get<int>() << "  " << p["address"].get<std::string>() << "  cpus "
+                << p["cpus"].get<std::string>() << "  log " << p["log"].get<std::string>() << "\n";
     }
     std::cout << "gateway: " << state["gateway"].get<std::string>() << "\n";
     if (state["http_address"].is_string()) {

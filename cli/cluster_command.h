@@ -12,11 +12,14 @@ struct ClusterUpOptions {
   int attention_servers = 1;
   int expert_servers = 2;
   int replicas = 1;
-  int min_copies = 0;     // the attention servers' --min-copies; 0: theirs (the start-up copies)
-  int gateway_port = 0;   // 0: any free port
-  int threads = 0;        // compute threads per server; 0: all cores (servers take turns)
-  int num_slots = 32;     // per attention server
-  int micro_batches = 0;  // the attention servers' --micro-batches; 0: theirs
+  int min_copies = 0;    // the attention servers' --min-copies; 0: theirs (the start-up copies)
+  int gateway_port = 0;  // 0: any free port
+  int threads = 0;       // compute threads per server; 0: its CPUs (all cores: servers take turns)
+  // CPUs per role, "gateway=0;attention=1-3;experts=4-7" (also with ',' between roles); a role
+  // not named runs on every CPU. Pinned roles' servers get one compute thread per CPU.
+  std::string cpus;
+  int num_slots = 32;                     // per attention server
+  int micro_batches = 0;                  // the attention servers' --micro-batches; 0: theirs
   int dispatch_deadline_ms = 10000;       // attention → expert server call deadline
   int health_check_period_ms = 1000;      // attention → expert and gateway → attention checks
   int health_check_timeout_ms = 2000;     // deadline of one check

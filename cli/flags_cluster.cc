@@ -38,8 +38,15 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
       ->check(CLI::Range(0, 65535));
   up_cmd
       ->add_option("--threads", up.threads,
-                   "Compute threads per server (default: all cores; the servers take turns)")
+                   "Compute threads per server (default: one per CPU it may use: all cores, the "
+                   "servers taking turns, or its --cpus set)")
       ->check(CLI::Range(1, 1024));
+  up_cmd->add_option(
+      "--cpus", up.cpus,
+      "Pin each role's processes to CPUs, as if on machines of their own: ROLE=CPULIST items "
+      "separated by ';' (or ','), ROLE one of gateway, attention, experts, CPULIST as taskset -c "
+      "takes it (0-3,6). E.g. 'attention=0;experts=1' or 'attention=0-3,8;experts=4-7'. "
+      "Every process of a role shares its set; a role not named runs on every CPU");
   up_cmd->add_option("--num-slots", up.num_slots, "Sequences per attention server")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();

@@ -13,8 +13,10 @@ namespace dsmoe::cli {
 
 // Starts `argv` (argv[0] a path, or a name looked up in PATH) in its own session, so it
 // outlives this command and the terminal's ^C, with stdin from /dev/null and stdout and stderr
-// appended to `log`.
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log);
+// appended to `log`. With `cpus` non-empty, the process starts pinned to those CPUs (its affinity
+// mask, inherited by every thread it starts); INVALID_ARGUMENT if the kernel refuses the set.
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log,
+                            const std::vector<int>& cpus = {});
 
 // Runs `argv` to completion with its output appended to `log`; an error names the command and
 // quotes the end of the log if it does not exit 0.

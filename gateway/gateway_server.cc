@@ -65,7 +65,8 @@ absl::Status GatewayServer::Start() {
   // gateway is up and has checked its attention servers once: it serves whatever they can.
   readiness_ = std::make_unique<rpc::Readiness>(
       server_.server.get(), dsmoe::v1::Gateway::service_full_name(), /*ready_file=*/"",
-      server_.port, options_.server.metrics_port, "dsmoe-gateway", options_.logger);
+      rpc::ReadyPorts{server_.port, options_.server.metrics_port, server_.health_port},
+      "dsmoe-gateway", options_.logger);
   attention_servers_out_ = std::make_unique<rpc::OutOfServiceGauges>(*metrics_, "attention_server");
   health_->Start([this](int index, rpc::TargetHealth now) {
     service_->OnUpstreamHealth(index, now);
@@ -77,14 +78,10 @@ absl::Status GatewayServer::Start() {
   });
   attention_servers_out_->Update(*health_);  // servers down from the start never change
   if (!options_.http_listen.empty()) DSMOE_RETURN_IF_ERROR(StartHttp());
-  if (!options_.ready_file.empty() && http_ != nullptr) {
-    // A third line: the HTTP port (`cluster up` reports it as http_address).
-    DSMOE_RETURN_IF_ERROR(WriteFileAtomically(
-        options_.ready_file,
-        absl::StrCat(server_.port, "\n", options_.server.metrics_port, "\n", http_->port(), "\n")));
-  } else if (!options_.ready_file.empty()) {
-    DSMOE_RETURN_IF_ERROR(
-        rpc::WriteReadyFile(options_.ready_file, server_.port, options_.server.metrics_port));
+  if (!options_.ready_file.empty()) {
+    DSMOE_RETURN_IF_ERROR(rpc::WriteReadyFile(
+        options_.ready_file, {server_.port, options_.server.metrics_port, server_.health_port,
+                              http_ != nullptr ? http_->port() : 0}));
   }
   return absl::OkStatus();
 }

@@ -38,7 +38,7 @@ struct GatewayServerOptions {
   // metrics_port is Create's to set.
   rpc::ServerOptions server;
   std::string metrics_listen;  // the Prometheus /metrics endpoint; "": none
-  // Written ("<port>\n<metrics port>\n") once the attention servers were checked once; "": none.
+  // The ports (rpc::ReadyPorts) written once the attention servers were checked once; "": none.
   std::string ready_file;
   rpc::HealthCheckOptions health;  // checks of the attention servers
   // Who may call: API keys from this file (docs/security.md) with rate_limits, or, with

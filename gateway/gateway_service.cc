@@ -22,6 +22,27 @@ grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
 
+// The bytes of a raw request, in one piece for the protobuf parser.
+std::string Flatten(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  out.reserve(buffer.Length());
+  for (const grpc::Slice& s : slices) {
+    out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return out;
+}
+
+// `message` serialized into `out` (its previous contents, a write done, released first: the
+// serializer requires an empty buffer), as gRPC would have for a typed method.
+template <class Message>
+grpc::Status Serialize(const Message& message, grpc::ByteBuffer* out) {
+  out->Clear();
+  bool own_buffer = false;
+  return grpc::SerializationTraits<Message>::Serialize(message, out, &own_buffer);
+}
+
 }  // namespace
 
 // One Generate or Complete: admission, validation, a place (or the queue), the relay through
@@ -33,13 +54,14 @@ grpc::Status Invalid(const std::string& message) {
 // runs, because the reactor may finish on another thread meanwhile. The last one deletes.
 class GatewayService::Request : public GenerateObserver {
  public:
+  // `request` is what ParseGenerateRequest made of the call's bytes (empty if it failed).
   Request(GatewayService& service, Method method, grpc::CallbackServerContext* context,
-          const dsmoe::v1::GenerateRequest& request)
+          dsmoe::v1::GenerateRequest request)
       : service_(service),
         method_(method),
         context_(context),
-        request_(request),
-        stops_(std::vector<std::string>(request.stop().begin(), request.stop().end())),
+        request_(std::move(request)),
+        stops_(std::vector<std::string>(request_.stop().begin(), request_.stop().end())),
         start_(Clock::now()),
         last_token_at_(start_) {
     if (service_.metrics_ != nullptr) service_.metrics_->in_flight->Increment();
@@ -50,11 +72,14 @@ class GatewayService::Request : public GenerateObserver {
     if (service_.metrics_ != nullptr) service_.metrics_->in_flight->Decrement();
   }
 
-  // Admits, validates and runs (or queues) the request. Called once, by the handler.
-  void Begin() {
+  // Admits, validates and runs (or queues) the request; `parsed` is how its parse went (the
+  // caller is admitted before a malformed request is refused). Called once, by the handler.
+  void Begin(const absl::Status& parsed) {
     Ref();
     if (grpc::Status s = service_.Admit(context_, &key_); !s.ok()) {
       End(s);
+    } else if (!parsed.ok()) {
+      End(rpc::ToGrpc(parsed));
     } else if (grpc::Status v = service_.Validate(request_, &upstream_); !v.ok()) {
       End(v);
     } else {
@@ -157,7 +182,7 @@ class GatewayService::Request : public GenerateObserver {
   GatewayService& service_;
   const Method method_;
   grpc::CallbackServerContext* const context_;
-  const dsmoe::v1::GenerateRequest& request_;
+  const dsmoe::v1::GenerateRequest request_;
   internal::v1::AttentionGenerateRequest upstream_;
   int key_ = -1;  // the caller's API key, charged for the tokens generated
   std::optional<StreamingDecoder> decoder_;
@@ -231,13 +256,12 @@ void GatewayService::Request::OnEnd(const absl::Status& relayed) {
 
 // Generate: the output goes out as it comes, one write in flight; what arrives meanwhile is
 // merged into the next message, so a slow client costs one pending message, not a queue.
-class GatewayService::StreamReactor final
-    : public grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>,
-      public GatewayService::Request {
+class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
+                                            public GatewayService::Request {
  public:
   StreamReactor(GatewayService& service, grpc::CallbackServerContext* context,
-                const dsmoe::v1::GenerateRequest& request)
-      : Request(service, kGenerate, context, request) {}
+                dsmoe::v1::GenerateRequest request)
+      : Request(service, kGenerate, context, std::move(request)) {}
 
   void OnWriteDone(bool ok) override {
     if (!ok) ClientGone();
@@ -293,7 +317,13 @@ class GatewayService::StreamReactor final
         action = kFinish;
       }
     }
-    if (action == kWrite) StartWrite(&writing_msg_);
+    if (action == kWrite) {
+      // The method is raw (GatewayServiceBase): the message goes out as its bytes.
+      if (grpc::Status s = Serialize(writing_msg_, &writing_bytes_); !s.ok()) {
+        return OnWriteDone(false);  // as a failed write: the stream ends
+      }
+      StartWrite(&writing_bytes_);
+    }
     if (action == kFinish) Finish(end);
   }
   void ClientGone() {
@@ -308,6 +338,7 @@ class GatewayService::StreamReactor final
   // Messages not yet written; new output is merged into the last one.
   std::deque<dsmoe::v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   dsmoe::v1::GenerateResponse writing_msg_;  // the write in flight
+  grpc::ByteBuffer writing_bytes_;           // ... serialized
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // a write failed
@@ -320,8 +351,8 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
                                               public GatewayService::Request {
  public:
   CompleteReactor(GatewayService& service, grpc::CallbackServerContext* context,
-                  const dsmoe::v1::GenerateRequest& request, dsmoe::v1::CompleteResponse* response)
-      : Request(service, kComplete, context, request), response_(response) {}
+                  dsmoe::v1::GenerateRequest request, grpc::ByteBuffer* response)
+      : Request(service, kComplete, context, std::move(request)), response_bytes_(response) {}
 
   void OnCancel() override { Cancel(); }
   void OnDone() override { Unref(); }
@@ -329,20 +360,23 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
  private:
   void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
             const std::string& text) override {
-    response_->mutable_token_ids()->Add(ids.begin(), ids.end());
-    response_->mutable_text()->append(text);
+    response_.mutable_token_ids()->Add(ids.begin(), ids.end());
+    response_.mutable_text()->append(text);
   }
   void Finished(const grpc::Status& status) override {
     if (status.ok()) {
-      response_->set_finish_reason(finish_);
-      response_->mutable_usage()->set_prompt_tokens(upstream().prompt_token_ids_size());
-      response_->mutable_usage()->set_completion_tokens(response_->token_ids_size());
-      response_->mutable_usage()->set_time_to_first_token_seconds(ttft_);
+      response_.set_finish_reason(finish_);
+      response_.mutable_usage()->set_prompt_tokens(upstream().prompt_token_ids_size());
+      response_.mutable_usage()->set_completion_tokens(response_.token_ids_size());
+      response_.mutable_usage()->set_time_to_first_token_seconds(ttft_);
+      // The method is raw (GatewayServiceBase): the answer goes out as its bytes.
+      return Finish(Serialize(response_, response_bytes_));
     }
     Finish(status);
   }
 
-  dsmoe::v1::CompleteResponse* const response_;  // gRPC's; written only by the relay's calls
+  dsmoe::v1::CompleteResponse response_;    // written only by the relay's calls
+  grpc::ByteBuffer* const response_bytes_;  // gRPC's
 };
 
 GatewayService::Admission::Outcome GatewayService::Admission::Enter(Request* r) {
@@ -451,27 +485,35 @@ void GatewayService::CountFinished(dsmoe::v1::FinishReason reason) {
       ->Increment();
 }
 
-grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>* GatewayService::Generate(
-    grpc::CallbackServerContext* context, const dsmoe::v1::GenerateRequest* request) {
-  auto* reactor = new StreamReactor(*this, context, *request);
-  reactor->Begin();
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GatewayService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+  dsmoe::v1::GenerateRequest request;
+  const absl::Status parsed = ParseGenerateRequest(Flatten(*bytes), &request);
+  auto* reactor = new StreamReactor(*this, context, std::move(request));
+  reactor->Begin(parsed);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* GatewayService::Complete(grpc::CallbackServerContext* context,
-                                                   const dsmoe::v1::GenerateRequest* request,
-                                                   dsmoe::v1::CompleteResponse* response) {
-  auto* reactor = new CompleteReactor(*this, context, *request, response);
-  reactor->Begin();
+                                                   const grpc::ByteBuffer* bytes,
+                                                   grpc::ByteBuffer* response) {
+  dsmoe::v1::GenerateRequest request;
+  const absl::Status parsed = ParseGenerateRequest(Flatten(*bytes), &request);
+  auto* reactor = new CompleteReactor(*this, context, std::move(request), response);
+  reactor->Begin(parsed);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* context,
-                                                   const dsmoe::v1::TokenizeRequest* request,
-                                                   dsmoe::v1::TokenizeResponse* response) {
+                                                   const grpc::ByteBuffer* bytes,
+                                                   grpc::ByteBuffer* response_bytes) {
   int key;
   grpc::Status s = Admit(context, &key);
-  if (s.ok()) s = TokenizeImpl(request, response);
+  dsmoe::v1::TokenizeRequest request;
+  dsmoe::v1::TokenizeResponse response;
+  if (s.ok()) s = rpc::ToGrpc(ParseTokenizeRequest(Flatten(*bytes), &request));
+  if (s.ok()) s = TokenizeImpl(&request, &response);
+  if (s.ok()) s = Serialize(response, response_bytes);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(Counted(kTokenize, s));
   return reactor;

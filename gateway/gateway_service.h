@@ -54,7 +54,16 @@ struct GatewayOptions {
   rpc::HealthChecker* upstream_health = nullptr;
 };
 
-class GatewayService final : public dsmoe::v1::Gateway::CallbackService {
+// Generate, Complete and Tokenize take their requests as bytes (gRPC's raw callback methods)
+// and parse them in the handler (ParseGenerateRequest, ParseTokenizeRequest): a request whose
+// string field is not UTF-8 then gets INVALID_ARGUMENT naming the field, where gRPC's own parse
+// of a proto3 `string` would answer a bare UNIMPLEMENTED before any handler runs. Their answers
+// are serialized here too. The contract (gateway.proto) is unchanged for clients.
+using GatewayServiceBase = dsmoe::v1::Gateway::WithRawCallbackMethod_Generate<
+    dsmoe::v1::Gateway::WithRawCallbackMethod_Complete<
+        dsmoe::v1::Gateway::WithRawCallbackMethod_Tokenize<dsmoe::v1::Gateway::CallbackService>>>;
+
+class GatewayService final : public GatewayServiceBase {
  public:
   // `tokenizer` may be null: then only token-id prompts are accepted.
   GatewayService(const ModelConfig& config, const GenerationConfig& generation,
@@ -62,14 +71,17 @@ class GatewayService final : public dsmoe::v1::Gateway::CallbackService {
                  const std::vector<std::string>& attention_servers, const GatewayOptions& options);
   ~GatewayService();
 
-  grpc::ServerWriteReactor<dsmoe::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const dsmoe::v1::GenerateRequest* request) override;
+  // Raw: a serialized GenerateRequest in, serialized GenerateResponses out.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  // Raw: a serialized GenerateRequest in, a serialized CompleteResponse out.
   grpc::ServerUnaryReactor* Complete(grpc::CallbackServerContext* context,
-                                     const dsmoe::v1::GenerateRequest* request,
-                                     dsmoe::v1::CompleteResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  // Raw: a serialized TokenizeRequest in, a serialized TokenizeResponse out.
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const dsmoe::v1::TokenizeRequest* request,
-                                     dsmoe::v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
                                        const dsmoe::v1::DetokenizeRequest* request,
                                        dsmoe::v1::DetokenizeResponse* response) override;

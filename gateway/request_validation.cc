@@ -8,7 +8,81 @@ namespace {
 
 absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentError(message); }
 
+absl::Status CheckUtf8(absl::string_view field, absl::string_view bytes) {
+  const size_t bad = FirstInvalidUtf8(bytes);
+  if (bad == absl::string_view::npos) return absl::OkStatus();
+  return Invalid(absl::StrCat(field, " is not valid UTF-8 (byte ", bad, ")"));
+}
+
+absl::Status NotA(absl::string_view message_name) {
+  return Invalid(absl::StrCat("the request is not a ", message_name, " (malformed protobuf)"));
+}
+
 }  // namespace
+
+size_t FirstInvalidUtf8(absl::string_view s) {
+  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = b[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    // The sequence's length and the range of its second byte (RFC 3629, section 4); later
+    // bytes are 80..BF.
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;  // overlong below U+0800
+      if (c == 0xED) hi = 0x9F;  // surrogates U+D800..DFFF
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;  // overlong below U+10000
+      if (c == 0xF4) hi = 0x8F;  // above U+10FFFF
+    } else {
+      return i;  // a continuation byte, C0/C1 (overlong) or F5..FF
+    }
+    if (i + len > n || b[i + 1] < lo || b[i + 1] > hi) return i;
+    for (size_t k = 2; k < len; ++k) {
+      if (b[i + k] < 0x80 || b[i + k] > 0xBF) return i;
+    }
+    i += len;
+  }
+  return absl::string_view::npos;
+}
+
+absl::Status ParseGenerateRequest(absl::string_view wire, dsmoe::v1::GenerateRequest* request) {
+  dsmoe::v1::wire::GenerateRequestStrings strings;
+  if (!strings.ParseFromArray(wire.data(), static_cast<int>(wire.size()))) {
+    return NotA("dsmoe.v1.GenerateRequest");
+  }
+  DSMOE_RETURN_IF_ERROR(CheckUtf8("text", strings.text()));
+  for (int i = 0; i < strings.stop_size(); ++i) {
+    DSMOE_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("stop[", i, "]"), strings.stop(i)));
+  }
+  DSMOE_RETURN_IF_ERROR(CheckUtf8("model", strings.model()));
+  if (!request->ParseFromArray(wire.data(), static_cast<int>(wire.size()))) {
+    return NotA("dsmoe.v1.GenerateRequest");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseTokenizeRequest(absl::string_view wire, dsmoe::v1::TokenizeRequest* request) {
+  dsmoe::v1::wire::TokenizeRequestStrings strings;
+  if (!strings.ParseFromArray(wire.data(), static_cast<int>(wire.size()))) {
+    return NotA("dsmoe.v1.TokenizeRequest");
+  }
+  DSMOE_RETURN_IF_ERROR(CheckUtf8("text", strings.text()));
+  if (!request->ParseFromArray(wire.data(), static_cast<int>(wire.size()))) {
+    return NotA("dsmoe.v1.TokenizeRequest");
+  }
+  return absl::OkStatus();
+}
 
 absl::Status ValidateTokenIds(const google::protobuf::RepeatedField<uint32_t>& ids,
                               int64_t vocab_size, absl::string_view field) {

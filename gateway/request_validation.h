@@ -12,8 +12,22 @@
 #include "core/util/status.h"
 #include "dsmoe/internal/v1/attention.pb.h"
 #include "dsmoe/v1/gateway.pb.h"
+#include "dsmoe/v1/gateway_wire.pb.h"
 
 namespace dsmoe {
+
+// The offset of the first byte of `bytes` that does not start a well-formed UTF-8 sequence
+// (RFC 3629 section 4: no overlong forms, no surrogates, nothing above U+10FFFF, no truncated
+// sequence), or npos when all of it is valid.
+size_t FirstInvalidUtf8(absl::string_view bytes);
+
+// A GenerateRequest (Generate, Complete) or TokenizeRequest from the bytes a client sent: first
+// each string field is checked to be UTF-8 (INVALID_ARGUMENT "<field> is not valid UTF-8 (byte
+// <offset>)", e.g. "stop[1] is not valid UTF-8 (byte 2)"), then the message is parsed
+// (INVALID_ARGUMENT if it is not one). Protobuf alone would refuse such a request without
+// saying why (proto/dsmoe/v1/gateway_wire.proto).
+absl::Status ParseGenerateRequest(absl::string_view wire, dsmoe::v1::GenerateRequest* request);
+absl::Status ParseTokenizeRequest(absl::string_view wire, dsmoe::v1::TokenizeRequest* request);
 
 struct RequestLimits {
   std::string model_name;         // what GenerateRequest.model may say (empty also accepted)

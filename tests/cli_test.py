@@ -105,6 +105,28 @@ class CliTest(unittest.TestCase):
                 self.assertEqual(len(p["experts"]), 4)
                 self.assertEqual(p["weights"], sorted(p["weights"], reverse=True))
 
+    def test_cluster_up_refuses_bad_cpu_pins_before_starting_anything(self):
+        """--cpus: each mistake named, and nothing made (no state dir, so no process started)."""
+        with open("/proc/self/status") as f:
+            allowed = next(l.split(":")[1].strip() for l in f if l.startswith("Cpus_allowed_list"))
+        state = os.path.join(self.tmp.name, "pins")
+        beyond = os.cpu_count() + 7  # on no machine this command runs on
+        for spec, fragments in [
+                ("frontend=0", ["unknown role 'frontend'", "gateway, attention, experts"]),
+                (f"attention={beyond}", [f"CPU {beyond} is not on this machine", f"(CPUs {allowed})"]),
+                ("experts=", ["experts= names no CPUs"]),
+                ("attention=0;attention=0", ["role 'attention' is given twice"]),
+                ("0,attention=0", ["'0' comes before any role"]),
+                ("experts=3-1", ["'3-1'", "not a CPU number or a range"]),
+                ("experts=one", ["'one'", "not a CPU number or a range"])]:
+            with self.subTest(spec=spec):
+                r = run("cluster", "up", "--model", self.model, "--state-dir", state, "--cpus", spec)
+                self.assertRefused(r, f"--cpus '{spec}'", *fragments)
+                self.assertFalse(os.path.exists(state), "refused after it started making the cluster")
+        r = run("cluster", "up", "--help")
+        self.assertIn("--cpus", r.stdout)
+        self.assertIn("gateway, attention, experts", r.stdout)
+
     def test_info(self):
         r = run("info", "--model", self.model, "--json")
         self.assertEqual(r.returncode, 0, r.stderr)

@@ -11,7 +11,10 @@
 #include <sstream>
 #include <string>
 
+#include "absl/strings/str_join.h"
+#include "core/io/mapped_file.h"
 #include "core/rpc/server.h"
+#include "core/util/log.h"
 
 namespace dsmoe::rpc {
 namespace {
@@ -72,6 +75,57 @@ TEST(StartServer, AHealthPortIsOneMoreListenerAndNothingElse) {
   std::multiset<int> added = ListeningPortsOfThisProcess();
   for (int p : before) added.erase(added.find(p));
   EXPECT_EQ(added, (std::multiset<int>{server->port, server->health_port}));
+}
+
+// A health port asked for as port 0 is found where it is reported: the ready file and the log
+// name the port the kernel shows this process listening on.
+TEST(StartServer, AnEphemeralHealthPortIsInTheReadyFileAndTheLog) {
+  const std::multiset<int> before = ListeningPortsOfThisProcess();
+  CapturingLogger log;
+  ServerOptions o = PlainText("127.0.0.1:0");
+  o.health_address = "127.0.0.1:0";
+  o.metrics_port = 9999;  // not bound here: only written
+  o.ready_file = testing::TempDir() + "/health-port.ready";
+  o.logger = &log;
+  absl::StatusOr<RunningServer> server = StartServer(o, {});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::multiset<int> added = ListeningPortsOfThisProcess();
+  for (int p : before) added.erase(added.find(p));
+  ASSERT_EQ(added.size(), 2u);
+  added.erase(added.find(server->port));
+  const int health_port = *added.begin();  // the kernel's view
+  absl::StatusOr<std::string> text = ReadTextFile(o.ready_file, 64);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, absl::StrCat(server->port, "\n9999\n", health_port, "\n"));
+  absl::StatusOr<ReadyPorts> ports = ParseReadyFile(*text);
+  ASSERT_TRUE(ports.ok()) << ports.status();
+  EXPECT_EQ(*ports, (ReadyPorts{server->port, 9999, health_port}));
+  EXPECT_TRUE(
+      log.Contains(absl::StrCat("plain-text health checks (grpc.health.v1 Check only) on "
+                                "127.0.0.1:",
+                                health_port, " (--health-listen 127.0.0.1:0)")))
+      << absl::StrJoin(log.lines(), "\n");
+}
+
+TEST(ReadyFile, EveryShapeRoundTripsAndTheOldOnesStillRead) {
+  const std::string path = testing::TempDir() + "/shapes.ready";
+  for (const ReadyPorts& p :
+       {ReadyPorts{7100, 0, 0}, ReadyPorts{7100, 9400, 0}, ReadyPorts{7100, 0, 8081},
+        ReadyPorts{7100, 9400, 8081}, ReadyPorts{7100, 0, 0, 8000},
+        ReadyPorts{7100, 9400, 8081, 8000}}) {
+    ASSERT_TRUE(WriteReadyFile(path, p).ok());
+    absl::StatusOr<std::string> text = ReadTextFile(path, 64);
+    ASSERT_TRUE(text.ok());
+    absl::StatusOr<ReadyPorts> back = ParseReadyFile(*text);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(*back, p) << *text;
+  }
+  // As servers before the health port wrote them.
+  EXPECT_EQ(*ParseReadyFile("7100\n"), (ReadyPorts{7100, 0, 0}));
+  EXPECT_EQ(*ParseReadyFile("7100\n9400\n"), (ReadyPorts{7100, 9400, 0}));
+  for (const char* bad : {"", "\n", "0\n", "x\n", "7100\n70000\n", "1\n2\n3\n4\n5\n", "-1\n"}) {
+    EXPECT_EQ(ParseReadyFile(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 TEST(StartServer, APortAnotherServerHoldsIsRefused) {

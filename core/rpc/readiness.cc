@@ -10,11 +10,10 @@
 namespace dsmoe::rpc {
 
 Readiness::Readiness(grpc::Server* server, const std::string& service, std::string ready_file,
-                     int port, int metrics_port, std::string log_prefix, Logger* logger)
+                     ReadyPorts ports, std::string log_prefix, Logger* logger)
     : server_(server),
       ready_file_(std::move(ready_file)),
-      port_(port),
-      metrics_port_(metrics_port),
+      ports_(ports),
       log_prefix_(std::move(log_prefix)),
       logger_(logger) {
   server_->GetHealthCheckService()->SetServingStatus(service, true);  // liveness: alive
@@ -33,7 +32,7 @@ void Readiness::Set(bool ready, const std::string& why_not) {
   if (ready && !ever_ready_) {
     ever_ready_ = true;
     if (!ready_file_.empty()) {
-      if (absl::Status s = WriteReadyFile(ready_file_, port_, metrics_port_); !s.ok()) {
+      if (absl::Status s = WriteReadyFile(ready_file_, ports_); !s.ok()) {
         logger_->Log(LogLevel::kError, absl::StrCat(log_prefix_, ": ", s.message()));
       }
     }

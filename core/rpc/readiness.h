@@ -12,6 +12,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "core/rpc/server.h"
 #include "core/util/log.h"
 
 namespace dsmoe::rpc {
@@ -21,8 +22,8 @@ class Readiness {
   // Starts NOT_SERVING; `service` (the server's own gRPC service name) SERVING from now on.
   // REQUIRES: server and logger outlive this. `ready_file` may be empty. Changes are logged
   // as "<log_prefix>: ready" / "<log_prefix>: not ready: <why>".
-  Readiness(grpc::Server* server, const std::string& service, std::string ready_file, int port,
-            int metrics_port, std::string log_prefix, Logger* logger = DefaultLogger());
+  Readiness(grpc::Server* server, const std::string& service, std::string ready_file,
+            ReadyPorts ports, std::string log_prefix, Logger* logger = DefaultLogger());
   // Publishes the new state; `why_not` (logged on changes) says what is missing.
   void Set(bool ready, const std::string& why_not = "");
   bool ready() const;
@@ -30,7 +31,7 @@ class Readiness {
  private:
   grpc::Server* server_;
   std::string ready_file_;
-  int port_, metrics_port_;
+  ReadyPorts ports_;  // what the ready file says
   std::string log_prefix_;
   Logger* logger_;
   mutable absl::Mutex mu_;

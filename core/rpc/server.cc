@@ -12,6 +12,9 @@
 #include <fstream>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "core/io/mapped_file.h"
 
@@ -19,6 +22,12 @@ namespace dsmoe::rpc {
 
 namespace {
 constexpr char kHealthCheck[] = "/grpc.health.v1.Health/Check";
+
+// "host" of "host:port" ("[::1]" of "[::1]:0"), as a listening address is written.
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
 }  // namespace
 
 // Serves Health/Check on the plain-text health port by asking the main server's own health
@@ -120,8 +129,17 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
           absl::StrCat("cannot listen on ", options.health_address, " (health port)"));
     }
   }
+  if (running.health_port > 0) {
+    // Asked for as port 0, it can be found only here (and in the ready file).
+    options.logger->Log(LogLevel::kInfo,
+                        absl::StrCat(program_invocation_short_name,
+                                     ": plain-text health checks (grpc.health.v1 Check only) on ",
+                                     HostOf(options.health_address), ":", running.health_port,
+                                     " (--health-listen ", options.health_address, ")"));
+  }
   if (!options.ready_file.empty()) {
-    DSMOE_RETURN_IF_ERROR(WriteReadyFile(options.ready_file, port, options.metrics_port));
+    DSMOE_RETURN_IF_ERROR(
+        WriteReadyFile(options.ready_file, {port, options.metrics_port, running.health_port}));
   }
   return running;
 }
@@ -139,10 +157,33 @@ void ShutdownOnce::Wait() {
   while (!done_) done_cv_.Wait(&mu_);
 }
 
-absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port) {
+absl::Status WriteReadyFile(const std::string& path, const ReadyPorts& ports) {
+  // Lines up to the last port there is: "<port>\n[<metrics>\n[<health>\n[<http>\n]]]".
+  const int lines[4] = {ports.port, ports.metrics_port, ports.health_port, ports.http_port};
+  int count = 4;
+  while (count > 1 && lines[count - 1] == 0) --count;
+  std::string text;
+  for (int i = 0; i < count; ++i) absl::StrAppend(&text, lines[i], "\n");
   // Whole or not at all: `cluster up` polls for it.
-  return WriteFileAtomically(
-      path, absl::StrCat(port, "\n", metrics_port > 0 ? absl::StrCat(metrics_port, "\n") : ""));
+  return WriteFileAtomically(path, text);
+}
+
+absl::StatusOr<ReadyPorts> ParseReadyFile(absl::string_view text) {
+  const std::vector<absl::string_view> lines = absl::StrSplit(text, '\n', absl::SkipWhitespace());
+  int ports[4] = {0, 0, 0, 0};
+  if (lines.empty() || lines.size() > 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a ready file holds 1 to 4 lines of ports, not ", lines.size()));
+  }
+  for (size_t i = 0; i < lines.size(); ++i) {
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(lines[i]), &ports[i]) || ports[i] < 0 ||
+        ports[i] > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("line ", i + 1, " of the ready file, '", lines[i], "', is not a port"));
+    }
+  }
+  if (ports[0] == 0) return absl::InvalidArgumentError("the ready file names no gRPC port");
+  return ReadyPorts{ports[0], ports[1], ports[2], ports[3]};
 }
 
 void BlockShutdownSignals() {

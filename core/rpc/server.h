@@ -23,8 +23,8 @@ namespace dsmoe::rpc {
 struct ServerOptions {
   std::string address = "127.0.0.1:0";  // host:port; port 0 picks a free one
   int max_message_bytes = 64 << 20;     // requests above this are refused by gRPC itself
-  std::string ready_file;               // if set, "<port>\n" is written here once serving
-  int metrics_port = 0;                 // if > 0, written as the ready file's second line
+  std::string ready_file;               // if set, the ports (ReadyPorts) are written here
+  int metrics_port = 0;                 // if > 0, the ready file's metrics port
   // TLS and who may connect. The default (TLS without a certificate) refuses to start: the
   // caller sets what it loaded, or TransportSecurity::Insecure() explicitly.
   TransportSecurity security;
@@ -72,9 +72,24 @@ class ShutdownOnce {
 absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
                                           const std::vector<grpc::Service*>& services);
 
-// Writes "<port>\n[<metrics_port>\n]" to `path` atomically. For servers that are ready later
-// than they start listening (StartServer writes it at once when options.ready_file is set).
-absl::Status WriteReadyFile(const std::string& path, int port, int metrics_port);
+// What a ready file says: the ports a started server bound, so that whoever started it (e.g.
+// `dsmoe cluster up`) learns those it asked for as port 0. The file is lines of decimal
+// ports, "<port>\n[<metrics port>\n[<health port>\n]]", a 0 for one it does not have; later
+// lines are left out when they would all be 0 (so "<port>\n" alone is a server with neither).
+struct ReadyPorts {
+  int port = 0;          // the gRPC port
+  int metrics_port = 0;  // the Prometheus /metrics port; 0: none
+  int health_port = 0;   // the plain-text health port (--health-listen); 0: none
+  int http_port = 0;     // the gateway's HTTP API (--http-listen); 0: none
+  bool operator==(const ReadyPorts&) const = default;
+};
+
+// Writes `ports` to `path` atomically. For servers that are ready later than they start
+// listening (StartServer writes it at once when options.ready_file is set).
+absl::Status WriteReadyFile(const std::string& path, const ReadyPorts& ports);
+// A ready file's text; INVALID_ARGUMENT if it is not one (the gRPC port missing or 0, a line
+// that is not a port).
+absl::StatusOr<ReadyPorts> ParseReadyFile(absl::string_view text);
 
 // Blocks SIGTERM and SIGINT in the calling thread (call first in main, before any thread
 // starts, so every thread inherits the mask), then returns.

@@ -73,6 +73,90 @@ class GreedyMatchesSingleProcess(unittest.TestCase):
             c.close()
 
 
+def cpu_list(text):
+    """A Cpus_allowed_list ("0-3,6") as a list of CPUs: the kernel's format, read here directly."""
+    cpus = []
+    for item in filter(None, text.strip().split(",")):
+        lo, _, hi = item.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def cpus_allowed(pid, tid=None):
+    """The CPUs the kernel lets process `pid` (or its thread `tid`) run on."""
+    path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
+    with open(path) as f:
+        return cpu_list(next(l.split(":", 1)[1] for l in f if l.startswith("Cpus_allowed_list")))
+
+
+def cgroup_cpu_quota():
+    """Whole CPUs of this cgroup's quota (cgroup v2 cpu.max), or None without one."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
+class ProcessPlacement(unittest.TestCase):
+    """Where `cluster up` puts its processes and what it says about them: --cpus pins each role
+    to its CPUs (read back from the kernel's Cpus_allowed_list of every process and thread),
+    each server's compute threads follow its set, and cluster.json records both."""
+
+    def test_cpus_pin_each_role_and_its_threads(self):
+        allowed = cpus_allowed(os.getpid())
+        if len(allowed) < 2:
+            self.skipTest(f"needs 2 CPUs, this process may use {allowed}")
+        a, e = allowed[0], allowed[-1]
+        model = cu.make_model(cu.TMP, "tiny", "tiny")
+        cases = prompts(2, 512, seed=7)
+        want = [cu.single_process_generate(model, p, 8)["ids"] for p in cases]
+        c = cu.Cluster(model, 1, 2, 1, extra=("--cpus", f"attention={a};experts={e}"))
+        try:
+            expected = {"attention-server": [a], "expert-server": [e], "gateway": allowed}
+            quota = cgroup_cpu_quota()
+            for p in c.state["processes"]:
+                with self.subTest(role=p["role"], index=p["index"]):
+                    kernel = cpus_allowed(p["pid"])
+                    self.assertEqual(kernel, expected[p["role"]])
+                    self.assertEqual(cpu_list(p["cpus"]), kernel, "cluster.json")
+                    # Every thread (gRPC's, the compute pool's) inherited the pin.
+                    for tid in os.listdir(f"/proc/{p['pid']}/task"):
+                        self.assertEqual(cpus_allowed(p["pid"], tid), kernel, f"thread {tid}")
+                    if p["role"] == "gateway":
+                        continue
+                    argv = cu.command_line(p["pid"])
+                    threads = int(argv[argv.index("--threads") + 1])
+                    self.assertEqual(threads, min(len(kernel), quota or len(kernel)))
+                    self.assertEqual(p["threads"], threads, "cluster.json")
+            for p, w in zip(cases, want):
+                self.assertEqual(c.generate(p, 8)[0], w, f"prompt {p}")
+        finally:
+            c.close()
+
+
+    def test_every_process_reports_its_ephemeral_health_port(self):
+        """cluster up asks each server for a plain-text health port as 127.0.0.1:0: cluster.json
+        names the port bound (it answers health checks without TLS while the cluster's own
+        ports require it), and so does the process's start-up log."""
+        model = cu.make_model(cu.TMP, "tiny", "tiny")
+        c = cu.Cluster(model, 1, 2, 1)
+        try:
+            self.assertTrue(c.security["tls"])
+            for p in c.state["processes"]:
+                with self.subTest(role=p["role"], index=p["index"]):
+                    address = p["health_address"]
+                    self.assertRegex(address, r"^127\.0\.0\.1:\d+$")
+                    self.assertNotEqual(address, p["address"])
+                    self.assertEqual(cu.health_status(address), "SERVING")  # plain text
+                    self.assertNotEqual(cu.health_status(p["address"]), "SERVING")  # TLS only
+                    self.assertIn(f"plain-text health checks (grpc.health.v1 Check only) on {address} "
+                                  "(--health-listen 127.0.0.1:0)", cu.read(p["log"], "r"))
+        finally:
+            c.close()
+
+
 class ClusterBehaviour(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -175,6 +259,47 @@ class ClusterBehaviour(unittest.TestCase):
                 self.assertEqual(ctx.exception.code(), code, f"{req} → {ctx.exception.details()}")
                 self.assertIn(fragment, ctx.exception.details() or "")
         got, finish, _ = self.cluster.generate([1, 2, 3], 3)  # still serving
+        self.assertEqual(len(got), 3)
+
+    def test_invalid_utf8_in_a_string_field_is_invalid_argument_naming_it(self):
+        """Bytes that are not UTF-8 where the API has a `string` (no client library lets one set
+        them, so they are sent as raw request bytes): INVALID_ARGUMENT naming the field and the
+        first bad byte, counted in dsmoe_requests_total; the gateway keeps serving."""
+        pb, C = cu.pb, grpc.StatusCode
+
+        def field(number, data):  # a length-delimited field, as the wire format writes it
+            return bytes([number << 3 | 2, len(data)]) + data
+
+        ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), max_tokens=2).SerializeToString()
+        generate_cases = [
+            (field(1, b"hello, w\xffrld"), "text is not valid UTF-8 (byte 8)"),
+            (ids + field(8, b"ok") + field(8, b"ab\xc3("), "stop[1] is not valid UTF-8 (byte 2)"),
+            (ids + field(11, b"\xed\xa0\x80"), "model is not valid UTF-8 (byte 0)"),  # a surrogate
+            (ids + field(8, b"\xc0\xaf"), "stop[0] is not valid UTF-8 (byte 0)"),  # overlong '/'
+        ]
+        url = self.cluster.processes("gateway")[0]["metrics_url"]
+        before = {m: cu.metric(url, "dsmoe_requests_total", method=m, code="INVALID_ARGUMENT") or 0
+                  for m in ("Generate", "Complete", "Tokenize")}
+        ch = self.cluster.channel
+        calls = {"Generate": lambda b: list(ch.unary_stream("/dsmoe.v1.Gateway/Generate")(b, timeout=30)),
+                 "Complete": lambda b: ch.unary_unary("/dsmoe.v1.Gateway/Complete")(b, timeout=30),
+                 "Tokenize": lambda b: ch.unary_unary("/dsmoe.v1.Gateway/Tokenize")(b, timeout=30)}
+        cases = [(m, b, w) for m in ("Generate", "Complete") for b, w in generate_cases]
+        cases.append(("Tokenize", field(1, b"caf\xc3\xa9 \xe2\x82"), "text is not valid UTF-8 (byte 6)"))
+        for method, data, want in cases:
+            with self.subTest(method=method, want=want):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    calls[method](data)
+                self.assertEqual(ctx.exception.code(), C.INVALID_ARGUMENT, ctx.exception.details())
+                self.assertEqual(ctx.exception.details(), want)
+        for m, n in (("Generate", 4), ("Complete", 4), ("Tokenize", 1)):
+            self.assertEqual(cu.metric(url, "dsmoe_requests_total", method=m, code="INVALID_ARGUMENT"),
+                             before[m] + n, m)
+        # Valid UTF-8 in the same raw form still works (here: no tokenizer, so text is refused for that).
+        with self.assertRaises(grpc.RpcError) as ctx:
+            calls["Complete"](field(1, "héllo ✓".encode()))
+        self.assertIn("tokenizer", ctx.exception.details())
+        got, _, _ = self.cluster.generate([1, 2, 3], 3)  # still serving
         self.assertEqual(len(got), 3)
 
     def test_expert_server_refuses_an_expert_it_does_not_hold(self):

@@ -269,6 +269,40 @@ class PlacementSurvivesRestarts(unittest.TestCase):
             cluster.close()
 
 
+class PlacementApplyReport(unittest.TestCase):
+    """What `placement apply` prints agrees with what the expert servers themselves hold
+    (GetExperts before and after): the experts it says were loaded are those the servers hold
+    now and did not before, those it says were dropped the reverse, summed over the servers;
+    with two attention servers, each line of the text report and the sum over the lines."""
+
+    def test_loaded_and_dropped_counts_match_the_servers_own(self):
+        import re
+        model = skewed_model()
+        cluster = cu.Cluster(model, attention=2, experts=3, extra=("--load-window-seconds", "30"))
+        try:
+            streams, threads = lu.run_streams(cluster, prompts(6, seed=5), 24)
+            lu.wait(threads)
+
+            def held():
+                return [set(zip(r.layers, r.experts)) for r in
+                        (cluster.expert(i).GetExperts(cu.epb.GetExpertsRequest(), timeout=10) for i in range(3))]
+
+            before = held()
+            r = placement(cluster, "apply")
+            after = held()
+            lines = re.findall(r"; (\d+) experts loaded, (\d+) dropped\)", r.stdout)
+            self.assertEqual(len(lines), 3, r.stdout)  # each attention server switches, the first drops
+            loaded = sum(int(n) for n, _ in lines)
+            dropped = sum(int(n) for _, n in lines)
+            self.assertEqual(loaded, sum(len(a - b) for a, b in zip(after, before)), r.stdout)
+            self.assertEqual(dropped, sum(len(b - a) for a, b in zip(after, before)), r.stdout)
+            self.assertGreater(loaded, 0, "the plan moved nothing: the test would prove nothing")
+            # The first line loads everything; the others find it loaded.
+            self.assertEqual([int(n) for n, _ in lines], [loaded, 0, 0], r.stdout)
+        finally:
+            cluster.close()
+
+
 class AutomaticRebalance(unittest.TestCase):
     def test_the_attention_server_rebalances_on_its_own(self):
         model = skewed_model()

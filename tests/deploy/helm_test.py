@@ -195,6 +195,33 @@ class LintAndTemplate(unittest.TestCase):
         with open(os.path.join(ROOT, "deploy", "grafana", "dsmoe-cluster.json")) as f:
             self.assertEqual(json.loads(dashboard["data"]["dsmoe-cluster.json"]), json.load(f))
 
+    def test_cpu_limits_per_role_and_threads_that_follow_them(self):
+        """Every role has a CPU request and limit as values; the compute servers get no --threads
+        by default (they take the cgroup quota the limit sets: core/util/cpu_quota.h), an explicit
+        one is passed on, and one above the limit's whole CPUs is refused naming both values."""
+        objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(None))}
+        for kind in COMPONENTS:
+            c = objs[kind]["spec"]["template"]["spec"]["containers"][0]
+            with self.subTest(kind=kind):
+                self.assertIn("cpu", c["resources"]["requests"])
+                self.assertIn("cpu", c["resources"]["limits"])
+                self.assertFalse(any(a.startswith("--threads") for a in c["args"]))
+        objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(
+            None, "attention.resources.limits.cpu=2", "attention.resources.requests.cpu=2", "attention.threads=2",
+            "experts.resources.limits.cpu=3500m", "experts.threads=3", "gateway.resources.limits.cpu=250m"))}
+        spec = lambda k: objs[k]["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+        self.assertEqual(spec("StatefulSet/rel-dsmoe-attention")["resources"]["limits"]["cpu"], 2)
+        self.assertEqual(flags(spec("StatefulSet/rel-dsmoe-attention"))["--threads"], "2")
+        self.assertEqual(flags(spec("StatefulSet/rel-dsmoe-expert"))["--threads"], "3")
+        self.assertEqual(spec("Deployment/rel-dsmoe-gateway")["resources"]["limits"]["cpu"], "250m")
+        for sets, message in [(["experts.resources.limits.cpu=3500m", "experts.threads=4"],
+                               "experts.threads=4 exceeds experts.resources.limits.cpu=3500m (3 whole CPUs)"),
+                              (["attention.threads=5"], "attention.threads=5 exceeds attention.resources.limits.cpu=4")]:
+            with self.subTest(sets=sets):
+                r = helm("template", "rel", CHART, *[a for s in sets for a in ("--set", s)], check=False)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn(message, r.stderr)
+
     def test_schema_refuses_bad_values(self):
         for bad, message in [("experts.placement.copies=0", "minimum"), ("gateway.port=notaport", "want integer"),
                              ("model.source=s3", "model/source"), ("model.path=relative/dir", "pattern"),

@@ -96,6 +96,34 @@ and l % moe_layer_freq == 0 (Hugging Face's rule).
 {{- end -}}
 {{- end -}}
 
+{{/* The whole CPUs of a Kubernetes CPU quantity ("4", 4, "3500m", "0.5"), rounded down as the
+servers round the cgroup quota down (core/util/cpu_quota.h). */}}
+{{- define "dsmoe.wholeCpus" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- div (atoi (trimSuffix "m" $q)) 1000 -}}
+{{- else -}}
+{{- floor (float64 $q) | int -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's --threads, if set: refused above its CPU limit (threads beyond the quota are
+throttled every period). 0 (unset) lets the server follow the limit itself.
+(dict "c" .Values.attention "name" "attention") */}}
+{{- define "dsmoe.threadsArg" -}}
+{{- $threads := int .c.threads -}}
+{{- if gt $threads 0 -}}
+{{- $limits := default dict (default dict .c.resources).limits -}}
+{{- if hasKey $limits "cpu" -}}
+{{- $cpus := max 1 (int (include "dsmoe.wholeCpus" $limits.cpu)) -}}
+{{- if gt $threads $cpus -}}
+{{- fail (printf "%s.threads=%d exceeds %s.resources.limits.cpu=%v (%d whole CPUs): threads beyond the quota are throttled every period; leave threads at 0 to follow the limit" .name $threads .name $limits.cpu $cpus) -}}
+{{- end -}}
+{{- end -}}
+- --threads={{ $threads }}
+{{- end -}}
+{{- end -}}
+
 {{/* Resources of a component, with its GPU request added when enabled: (dict "c" .Values.attention). */}}
 {{- define "dsmoe.resources" -}}
 {{- $res := deepCopy (default dict .c.resources) -}}
