@@ -115,6 +115,12 @@ SchedulerMetrics::SchedulerMetrics(rpc::MetricsRegistry& r)
   finished_stop = &finished.Add({{"finish_reason", "stop"}});
   finished_length = &finished.Add({{"finish_reason", "length"}});
   finished_abort = &finished.Add({{"finish_reason", "abort"}});
+  auto& phases = r.Counter("dsmoe_forward_phase_seconds_total",
+                           "Time forward passes spent per phase (attention, shared_experts, "
+                           "routed_wait: waiting for the routed experts, ...)");
+  for (size_t p = 0; p < phase_seconds.size(); ++p) {
+    phase_seconds[p] = &phases.Add({{"phase", ForwardPhaseName(static_cast<ForwardPhase>(p))}});
+  }
 }
 
 AttentionMetrics::AttentionMetrics(rpc::MetricsRegistry& registry, const ModelConfig& config,

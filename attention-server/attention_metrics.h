@@ -2,6 +2,7 @@
 // scheduler's queue, batch, KV-cache and token counts.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "core/model/config.h"
+#include "core/model/forward_profile.h"
 #include "core/model/model_runner.h"
 #include "core/rpc/metrics.h"
 #include "router/load_window.h"
@@ -74,6 +76,8 @@ struct SchedulerMetrics {
   prometheus::Counter* finished_stop;      // sequences finished by a stop token
   prometheus::Counter* finished_length;    // ... by max_tokens or the context
   prometheus::Counter* finished_abort;     // ... cancelled, failed or shut down
+  // Seconds of forward passes by phase (ForwardPhase), where the runner measures them.
+  std::array<prometheus::Counter*, static_cast<size_t>(ForwardPhase::kCount)> phase_seconds;
 };
 
 // Everything an attention server exports, on one registry.

@@ -19,6 +19,10 @@ absl::Status Validate(const AttentionServerOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_replicas is ", o.num_replicas, ", not >= 1"));
   }
+  if (o.micro_batches < 1 || o.micro_batches > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("micro_batches is ", o.micro_batches, ", not in [1, 16]"));
+  }
   if (o.dispatch_deadline.count() <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("dispatch_deadline is ", o.dispatch_deadline.count(), " ms, not > 0"));
@@ -166,6 +170,7 @@ absl::Status AttentionServer::ConnectExpertServers(const ModelConfig& config) {
   dispatch.deadline = options_.dispatch_deadline;
   dispatch.metrics = metrics_.get();
   dispatch.logger = options_.logger;
+  dispatch.lanes = options_.micro_batches;
   if (options_.expert_transport == AttentionServerOptions::ExpertTransport::kNccl) {
     absl::StatusOr<std::unique_ptr<DispatchSideChannel>> links =
         OpenNcclTransport(options_.device, *expert_pool_, config.hidden_size,
@@ -247,10 +252,12 @@ std::pair<int64_t, std::string> AttentionServer::MissingExperts() const {
 AttentionServer::~AttentionServer() { Shutdown(); }
 
 std::string AttentionServer::Describe() const {
-  return absl::StrCat("on ", address(), " (", options_.device.ToString(), "; ",
-                      security_.Describe(), "; ", options_.expert_servers.size(),
-                      " expert servers, ", options_.scheduler.num_slots,
-                      " slots), metrics on port ", metrics_port_);
+  return absl::StrCat(
+      "on ", address(), " (", options_.device.ToString(), "; ", security_.Describe(), "; ",
+      options_.expert_servers.size(), " expert servers",
+      dispatcher_ != nullptr ? absl::StrCat(" (", dispatcher_->lanes(), " micro-batches per step)")
+                             : "",
+      ", ", options_.scheduler.num_slots, " slots), metrics on port ", metrics_port_);
 }
 
 void AttentionServer::Wait() { shutdown_.Wait(); }

@@ -59,6 +59,10 @@ struct AttentionServerOptions {
   // (with a cuda device and expert servers on GPUs; gRPC wherever a channel cannot open).
   enum class ExpertTransport { kGrpc, kNccl };
   ExpertTransport expert_transport = ExpertTransport::kGrpc;
+  // Micro-batches per forward pass with expert servers: each step's batch is split in this
+  // many parts that interleave layer by layer, one's routed experts computing on the expert
+  // servers while the next runs its attention and shared experts. 1: one batch (no overlap).
+  int micro_batches = 2;
   // Health checks of the expert servers (log lines name this process "dsmoe-attention-server").
   rpc::HealthCheckOptions expert_health;
   // Slots, tokens per forward pass, context, the KV cache's budget and pages, queue limits.

@@ -42,6 +42,12 @@ void AddExpertFlags(CLI::App& app, dsmoe::AttentionServerOptions* o, std::string
                  "--device cuda and expert servers on GPUs; gRPC where a channel cannot open)")
       ->check(CLI::IsMember({"grpc", "nccl"}))
       ->capture_default_str();
+  app.add_option("--micro-batches", o->micro_batches,
+                 "Split each forward pass in this many micro-batches that overlap one's expert "
+                 "dispatch with the next's attention (1: no overlap; one with --expert-transport "
+                 "nccl)")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
 }
 
 // The scheduler's flags: --num-slots, --max-batch-tokens, --max-context, --max-waiting.

@@ -367,6 +367,7 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     metrics_->forward_time->Observe(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     metrics_->batch_tokens->Observe(static_cast<double>(batch_ids_.size()));
+    CountPhases();
   }
   if (!status.ok()) {
     std::vector<Sequence*> affected;
@@ -455,6 +456,16 @@ absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int
                          out.data() + begin * V));
   }
   return out;
+}
+
+void Scheduler::CountPhases() {
+  const ForwardProfile* profile = runner_->profile();
+  if (profile == nullptr) return;
+  for (size_t p = 0; p < profile->seconds.size(); ++p) {
+    const double added = profile->seconds[p] - phases_counted_.seconds[p];
+    if (added > 0) metrics_->phase_seconds[p]->Increment(added);
+  }
+  phases_counted_ = *profile;
 }
 
 }  // namespace dsmoe

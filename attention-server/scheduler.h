@@ -142,12 +142,16 @@ class Scheduler {
   void PublishLoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Publishes the KV cache's pages in use. Loop thread only.
   void PublishKvUsage();
+  // Adds what the runner's profile gained since the last call to the phase counters. Loop
+  // thread only.
+  void CountPhases();
 
   std::unique_ptr<BatchRunner> runner_;
   SchedulerOptions options_;
-  SchedulerMetrics* metrics_;  // null: no metrics
-  int64_t context_;            // max_context()
-  int32_t scratch_slot_;       // reserved for ComputeLogits
+  SchedulerMetrics* metrics_;      // null: no metrics
+  int64_t context_;                // max_context()
+  int32_t scratch_slot_;           // reserved for ComputeLogits
+  ForwardProfile phases_counted_;  // the runner's profile as last exported; loop thread only
 
   // Queues `job` for the step loop and wakes it; UNAVAILABLE once stopping.
   template <class Job>

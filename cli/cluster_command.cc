@@ -209,6 +209,9 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
                                    o.expert_transport};
   for (const std::string& f : HealthFlags(o)) argv.push_back(f);
   if (o.min_copies > 0) argv.insert(argv.end(), {"--min-copies", std::to_string(o.min_copies)});
+  if (o.micro_batches > 0) {
+    argv.insert(argv.end(), {"--micro-batches", std::to_string(o.micro_batches)});
+  }
   if (!o.kv_cache_memory.empty()) argv.insert(argv.end(), {"--kv-cache-memory", o.kv_cache_memory});
   if (!o.memory_limit.empty()) argv.insert(argv.end(), {"--memory-limit", o.memory_limit});
   // A restarted attention server resumes the placement in use, not the start-up one.

@@ -11,10 +11,11 @@ struct ClusterUpOptions {
   int attention_servers = 1;
   int expert_servers = 2;
   int replicas = 1;
-  int min_copies = 0;    // the attention servers' --min-copies; 0: theirs (the start-up copies)
-  int gateway_port = 0;  // 0: any free port
-  int threads = 0;       // compute threads per server; 0: all cores (servers take turns)
-  int num_slots = 32;    // per attention server
+  int min_copies = 0;     // the attention servers' --min-copies; 0: theirs (the start-up copies)
+  int gateway_port = 0;   // 0: any free port
+  int threads = 0;        // compute threads per server; 0: all cores (servers take turns)
+  int num_slots = 32;     // per attention server
+  int micro_batches = 0;  // the attention servers' --micro-batches; 0: theirs
   // The attention servers' --kv-cache-memory and --memory-limit ("16Gi", "512M"); "": theirs.
   std::string kv_cache_memory;
   std::string memory_limit;

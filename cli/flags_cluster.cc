@@ -27,6 +27,11 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
                    "Copies every routed expert keeps through placement changes (default: "
                    "--replicas)")
       ->check(CLI::Range(1, 256));
+  up_cmd
+      ->add_option("--micro-batches", up.micro_batches,
+                   "Micro-batches per step on the attention servers: one's expert dispatch "
+                   "overlaps the next's attention (default: theirs)")
+      ->check(CLI::Range(1, 16));
   up_cmd->add_option("--placement", up.placement, "Placement JSON (default: round-robin)")
       ->check(CLI::ExistingFile);
   up_cmd->add_option("--gateway-port", up.gateway_port, "Gateway port (default: any free one)")

@@ -64,6 +64,13 @@ absl::Status ExpertServer::Start() {
   service_options.metrics = metrics_.get();
   service_options.logger = options_.logger;
   service_ = std::make_unique<ExpertService>(std::move(store), service_options);
+  if (!options_.data_listen.empty()) {
+    DataPlaneServerOptions data_options;
+    data_options.listen = options_.data_listen;
+    data_options.logger = options_.logger;
+    DSMOE_ASSIGN_OR_RETURN(data_plane_, DataPlaneServer::Start(*service_, security_, data_options));
+    service_->set_data_port(data_plane_->port());  // before GetExperts can be asked
+  }
 
   rpc::ServerOptions server_options;
   server_options.security = security_;
@@ -84,13 +91,15 @@ ExpertServer::~ExpertServer() { Shutdown(); }
 std::string ExpertServer::Describe() const {
   return absl::StrCat("serving ", num_experts_held(), " routed experts on ", address(), " (",
                       options_.store.device.ToString(), ", ", security_.Describe(),
-                      "), metrics on port ", metrics_port_);
+                      "), data plane on port ", data_port(), ", metrics on port ", metrics_port_);
 }
 
 void ExpertServer::Wait() { shutdown_.Wait(); }
 
 void ExpertServer::Shutdown() {
   shutdown_.Shutdown([this] {
+    // The data plane first: its clients fail over (to replicas, or to gRPC) at once.
+    if (data_plane_ != nullptr) data_plane_->Shutdown();
     if (running_.server != nullptr) {
       running_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     }

@@ -19,6 +19,7 @@
 #include "core/rpc/transport_security.h"
 #include "core/util/log.h"
 #include "core/util/status.h"
+#include "expert-server/data_plane_server.h"
 #include "expert-server/expert_service.h"
 #include "expert-server/expert_store.h"
 
@@ -44,6 +45,10 @@ struct ExpertServerOptions {
   rpc::TransportSecurityOptions tls;
   // If set, a plain-text port serving only grpc.health.v1 Check (Kubernetes probes).
   std::string health_listen;
+  // Where the data plane (ComputeExperts framed over TCP/TLS, with `tls` as its security;
+  // data_plane_server.h) listens: ephemeral on 127.0.0.1 by default, like the gRPC port. "":
+  // none (GetExperts reports data_port 0 and attention servers keep to gRPC).
+  std::string data_listen = "127.0.0.1:0";
   // Where the server and everything it owns log (the service's placement changes, start-up
   // warnings). Not owned; must outlive the server. Default: stdout/stderr as always.
   Logger* logger = DefaultLogger();
@@ -63,14 +68,17 @@ class ExpertServer {
   std::string address() const { return running_.address(); }  // 127.0.0.1:<port>
   int metrics_port() const { return metrics_port_; }          // 0: none
   int health_port() const { return running_.health_port; }    // 0: none
+  int data_port() const { return data_plane_ ? data_plane_->port() : 0; }  // 0: none
   int server_index() const { return options_.server_index; }
   int64_t num_experts_held() const { return service_->num_experts_held(); }
-  // "serving <n> routed experts on <address> (<device>, <security>), metrics on port <p>".
+  // "serving <n> routed experts on <address> (<device>, <security>), data plane on port <d>,
+  // metrics on port <p>".
   std::string Describe() const;
 
   // Blocks until Shutdown has finished (on any thread).
   void Wait();
-  // Stops serving: calls in flight get up to 5 s to finish, then are cancelled; the metrics
+  // Stops serving: the data plane closes its connections once a computation in progress has
+  // finished; gRPC calls in flight get up to 5 s to finish, then are cancelled; the metrics
   // endpoint closes. Idempotent; safe from any thread, concurrently with Wait.
   void Shutdown();
 
@@ -84,6 +92,7 @@ class ExpertServer {
   // Declared in dependency order: destroyed server first, metrics last.
   std::unique_ptr<rpc::MetricsRegistry> metrics_;
   std::unique_ptr<ExpertService> service_;
+  std::unique_ptr<DataPlaneServer> data_plane_;
   rpc::RunningServer running_;
 
   rpc::ShutdownOnce shutdown_;

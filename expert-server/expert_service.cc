@@ -189,15 +189,28 @@ ExpertStore::Deadline SteadyDeadline(const grpc::ServerContext& context,
 grpc::Status ExpertService::ComputeExperts(grpc::ServerContext* context,
                                            const internal::v1::ComputeExpertsRequest* request,
                                            internal::v1::ComputeExpertsResponse* response) {
+  ComputeCall call;
+  call.layer = request->layer();
+  call.num_tokens = request->num_tokens();
+  call.hidden = request->hidden().empty()
+                    ? nullptr
+                    : reinterpret_cast<const float*>(request->hidden().data());
+  call.hidden_bytes = request->hidden().size();
+  // protobuf's repeated scalars are contiguous storage.
+  call.token = {request->token().data(), static_cast<size_t>(request->token_size())};
+  call.expert = {request->expert().data(), static_cast<size_t>(request->expert_size())};
+  call.weight = {request->weight().data(), static_cast<size_t>(request->weight_size())};
+  call.nccl_channel = request->nccl_channel();
+  std::string* output = response->mutable_output();
   double seconds = 0;
-  const absl::Status status = Compute(*request, response->mutable_output(), &seconds,
-                                      SteadyDeadline(*context, std::chrono::seconds(30)));
-  if (!status.ok() && request->nccl_channel() != 0) {
-    // The two sides are out of step now; the caller closes its side on any error.
-    store_->CloseChannel(request->nccl_channel());
-  }
+  const absl::Status status = Compute(
+      call,
+      [&](int64_t T) {
+        output->resize(static_cast<size_t>(T * hidden_size()) * sizeof(float));
+        return reinterpret_cast<float*>(output->data());
+      },
+      &seconds, SteadyDeadline(*context, std::chrono::seconds(30)));
   response->set_compute_seconds(seconds);
-  if (tokens_ != nullptr) rpc::CountCode(requests_, static_cast<int>(status.code()));
   return rpc::ToGrpc(status);
 }
 
@@ -230,69 +243,84 @@ grpc::Status ExpertService::OpenNcclChannel(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-absl::Status ExpertService::Compute(const internal::v1::ComputeExpertsRequest& r,
-                                    std::string* output, double* compute_seconds,
-                                    ExpertStore::Deadline deadline) {
+absl::Status ExpertService::Compute(const ComputeCall& call, OutputFn output,
+                                    double* compute_seconds, ExpertStore::Deadline deadline) {
+  *compute_seconds = 0;
+  absl::Status status = Validate(call);
+  if (status.ok()) status = Run(call, output, compute_seconds, deadline);
+  if (!status.ok() && call.nccl_channel != 0) {
+    // The two sides are out of step now; the caller closes its side on any error.
+    store_->CloseChannel(call.nccl_channel);
+  }
+  if (tokens_ != nullptr) rpc::CountCode(requests_, static_cast<int>(status.code()));
+  return status;
+}
+
+absl::Status ExpertService::Validate(const ComputeCall& r) const {
   const ModelConfig& c = store_->config();
-  const int64_t H = c.hidden_size, T = r.num_tokens();
-  if (T == 0) return absl::InvalidArgumentError("num_tokens is 0");
+  const int64_t H = c.hidden_size, T = r.num_tokens;
+  if (T <= 0) return absl::InvalidArgumentError("num_tokens is 0");
   if (T > store_->options().max_tokens) {
     return absl::ResourceExhaustedError(absl::StrCat(T, " tokens exceed this server's limit of ",
                                                      store_->options().max_tokens, " per request"));
   }
-  if (r.layer() >= c.num_hidden_layers || !c.IsMoeLayer(r.layer())) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer(), " is not a MoE layer"));
+  if (r.layer >= c.num_hidden_layers || !c.IsMoeLayer(r.layer)) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", r.layer, " is not a MoE layer"));
   }
-  const bool over_channel = r.nccl_channel() != 0;
-  if (over_channel && !r.hidden().empty()) {
+  const bool over_channel = r.nccl_channel != 0;
+  if (over_channel && r.hidden_bytes != 0) {
     return absl::InvalidArgumentError("hidden must be empty when nccl_channel carries it");
   }
-  if (!over_channel && r.hidden().size() != static_cast<size_t>(T * H) * sizeof(float)) {
-    return absl::InvalidArgumentError(absl::StrCat("hidden holds ", r.hidden().size(), " bytes; ",
-                                                   T, " tokens of hidden size ", H, " need ",
+  if (!over_channel && r.hidden_bytes != static_cast<size_t>(T * H) * sizeof(float)) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden holds ", r.hidden_bytes, " bytes; ", T,
+                                                   " tokens of hidden size ", H, " need ",
                                                    T * H * 4));
   }
-  const int n = r.token_size();
-  if (r.expert_size() != n || r.weight_size() != n) {
+  const size_t n = r.token.size();
+  if (r.expert.size() != n || r.weight.size() != n) {
     return absl::InvalidArgumentError("token, expert and weight lists differ in length");
   }
-  if (n > store_->max_assignments()) {
+  if (static_cast<int64_t>(n) > store_->max_assignments()) {
     return absl::ResourceExhaustedError(absl::StrCat(n,
                                                      " assignments exceed this server's limit of ",
                                                      store_->max_assignments(), " per request"));
   }
-  for (int i = 0; i < n; ++i) {
-    if (!std::isfinite(r.weight(i)))
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(r.weight[i]))
       return absl::InvalidArgumentError(absl::StrCat("weight ", i, " is not finite"));
-    if (r.expert(i) >= static_cast<uint32_t>(c.n_routed_experts)) {
+    if (r.expert[i] >= static_cast<uint32_t>(c.n_routed_experts)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("expert ", r.expert(i), " outside [0, ", c.n_routed_experts, ")"));
+          absl::StrCat("expert ", r.expert[i], " outside [0, ", c.n_routed_experts, ")"));
     }
-    if (r.token(i) >= static_cast<uint32_t>(T)) {
+    if (r.token[i] >= static_cast<uint32_t>(T)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("assignment ", i, " names token ", r.token(i), " of ", T));
+          absl::StrCat("assignment ", i, " names token ", r.token[i], " of ", T));
     }
   }
-  if (!over_channel) output->resize(static_cast<size_t>(T * H) * sizeof(float));
+  return absl::OkStatus();
+}
+
+absl::Status ExpertService::Run(const ComputeCall& r, OutputFn output, double* compute_seconds,
+                                ExpertStore::Deadline deadline) {
+  const int64_t T = r.num_tokens, n = static_cast<int64_t>(r.token.size());
+  const bool over_channel = r.nccl_channel != 0;
+  float* out = over_channel ? nullptr : output(T);
   absl::MutexLock lock(&mu_);
-  token_.assign(r.token().begin(), r.token().end());
-  expert_.assign(r.expert().begin(), r.expert().end());
-  // protobuf's repeated float is contiguous float storage.
-  const ExpertAssignments a{token_.data(), expert_.data(), r.weight().data(), n};
+  token_.assign(r.token.begin(), r.token.end());
+  expert_.assign(r.expert.begin(), r.expert.end());
+  const ExpertAssignments a{token_.data(), expert_.data(), r.weight.data(), n};
   const auto start = std::chrono::steady_clock::now();
   const absl::Status status =
-      over_channel
-          ? store_->RunAssignmentsOverChannel(r.nccl_channel(), r.layer(), T, a, deadline)
-          : store_->RunAssignments(r.layer(), reinterpret_cast<const float*>(r.hidden().data()), T,
-                                   a, reinterpret_cast<float*>(output->data()));
+      over_channel ? store_->RunAssignmentsOverChannel(r.nccl_channel, r.layer, T, a, deadline)
+                   : store_->RunAssignments(r.layer, r.hidden, T, a, out);
   *compute_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (status.ok() && tokens_ != nullptr) {
     // What was computed, counted per expert first: one atomic add per expert in the request.
     // Every expert was checked as held by RunAssignments, so its counter exists.
     std::fill(counts_.begin(), counts_.end(), 0);
-    for (int i = 0; i < n; ++i) ++counts_[expert_[i]];
-    const auto& layer_counters = expert_tokens_[r.layer()];
+    for (int64_t i = 0; i < n; ++i) ++counts_[expert_[i]];
+    const auto& layer_counters = expert_tokens_[r.layer];
     for (size_t e = 0; e < counts_.size(); ++e) {
       if (counts_[e] > 0 && layer_counters[e] != nullptr)
         layer_counters[e]->Increment(static_cast<double>(counts_[e]));
@@ -316,6 +344,7 @@ grpc::Status ExpertService::GetExperts(grpc::ServerContext*, const internal::v1:
   response->set_placement_version(version_);
   response->set_placement_state(state_);
   response->set_placement_error(error_);
+  response->set_data_port(data_port_.load());
   return grpc::Status::OK;
 }
 

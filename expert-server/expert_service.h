@@ -8,11 +8,15 @@
 // one already uses every core through the thread pool, or the whole GPU).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <set>
+#include <span>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/synchronization/mutex.h"
 #include "core/rpc/metrics.h"
 #include "core/util/log.h"
@@ -25,6 +29,21 @@ struct ExpertServiceOptions {
   rpc::MetricsRegistry* metrics = nullptr;  // where this server's metrics go; null: none
   // Where placement changes and NCCL channels are logged. Not owned; must outlive the service.
   Logger* logger = DefaultLogger();
+};
+
+// One ComputeExperts call, whatever carried it (a gRPC message, a data-plane frame): views into
+// the transport's buffers, valid for the call.
+struct ComputeCall {
+  uint32_t layer = 0;
+  int64_t num_tokens = 0;
+  // [num_tokens, hidden_size] f32; null with nccl_channel. hidden_bytes: what the transport
+  // carried (checked against num_tokens).
+  const float* hidden = nullptr;
+  size_t hidden_bytes = 0;
+  std::span<const uint32_t> token;   // per assignment: row of hidden
+  std::span<const uint32_t> expert;  // per assignment: routed expert of the layer
+  std::span<const float> weight;     // per assignment: routing weight
+  uint64_t nccl_channel = 0;         // non-zero: the tensors go through that NCCL channel
 };
 
 class ExpertService final : public internal::v1::ExpertService::Service {
@@ -50,9 +69,26 @@ class ExpertService final : public internal::v1::ExpertService::Service {
 
   int64_t num_experts_held() const;
 
+  // Where the output of a valid call goes: room for num_tokens rows of hidden_size floats,
+  // asked for once the call has been validated (so that an invalid one costs nothing).
+  using OutputFn = absl::FunctionRef<float*(int64_t num_tokens)>;
+  // Validates and computes one call, as ComputeExperts does for every transport: the same
+  // checks and messages, the same metrics (requests by code, compute time, tokens, per expert),
+  // serialised with the other computations. Thread-safe.
+  absl::Status Compute(const ComputeCall& call, OutputFn output, double* compute_seconds,
+                       ExpertStore::Deadline deadline);
+
+  // What a call may carry at most, and the model's hidden size.
+  int64_t max_tokens() const { return store_->options().max_tokens; }
+  int64_t max_assignments() const { return store_->max_assignments(); }
+  int64_t hidden_size() const { return store_->config().hidden_size; }
+  // The data plane's port, as GetExperts reports it (0: none). Set before serving.
+  void set_data_port(int port) { data_port_.store(static_cast<uint32_t>(port)); }
+
  private:
-  absl::Status Compute(const internal::v1::ComputeExpertsRequest& request, std::string* output,
-                       double* compute_seconds, ExpertStore::Deadline deadline);
+  absl::Status Validate(const ComputeCall& call) const;
+  absl::Status Run(const ComputeCall& call, OutputFn output, double* compute_seconds,
+                   ExpertStore::Deadline deadline);
 
   absl::Status CheckExperts(const ExpertSet& experts) const;
   // Prepares `change` (background thread), then serves it. Runs on loader_.
@@ -86,6 +122,7 @@ class ExpertService final : public internal::v1::ExpertService::Service {
   prometheus::Counter* tokens_ = nullptr;
   prometheus::Histogram* compute_time_ = nullptr;
   rpc::CodeCounters requests_{};
+  std::atomic<uint32_t> data_port_{0};
   std::vector<int64_t> counts_ ABSL_GUARDED_BY(mu_);  // [n_routed_experts] scratch
 };
 

@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
   app.add_option("--server-index", options.server_index, "This server's index in the placement")
       ->check(CLI::Range(0, 4095));
   dsmoe::rpc::AddServingFlags(app, &options.serving);
+  app.add_option("--data-listen", options.data_listen,
+                 "Where the data plane (ComputeExperts framed over TCP/TLS, the --tls-* security) "
+                 "listens, host:port; \"\": none, gRPC only")
+      ->capture_default_str();
   app.add_option("--device", device_name,
                  "Where the experts are held and computed: cpu, cuda or cuda:N")
       ->capture_default_str();

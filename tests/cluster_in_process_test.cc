@@ -90,11 +90,13 @@ class ClusterInProcessTest : public ::testing::Test {
   }
 
   static std::unique_ptr<InProcessCluster> StartCluster(int num_replicas = 1,
-                                                        const std::string& placement_file = "") {
+                                                        const std::string& placement_file = "",
+                                                        int micro_batches = 2) {
     InProcessClusterOptions o;
     o.model_dir = dir_->path();
     o.num_replicas = num_replicas;
     o.placement_file = placement_file;
+    o.micro_batches = micro_batches;
     auto cluster = InProcessCluster::Start(o);
     EXPECT_TRUE(cluster.ok()) << cluster.status();
     return cluster.ok() ? std::move(*cluster) : nullptr;
@@ -151,6 +153,39 @@ TEST_F(ClusterInProcessTest, GreedyTokensAcrossTwoExpertServersEqualTheSinglePro
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(std::vector<uint32_t>(complete.token_ids().begin(), complete.token_ids().end()),
             Reference(prompts[0], kTokens).ids);
+}
+
+// Micro-batches (one's routed experts on the expert servers while the next runs attention)
+// change no token: concurrent greedy and seeded-sampling streams give the same tokens with 1,
+// 2 and 3 micro-batches per step, the greedy ones those of the single process.
+TEST_F(ClusterInProcessTest, MicroBatchesChangeNoToken) {
+  const auto prompts = RandomPrompts(6, /*seed=*/11, 2, 12);
+  constexpr uint32_t kTokens = 16;
+  std::vector<std::vector<std::vector<uint32_t>>> runs;  // [micro-batches][stream] tokens
+  for (int micro_batches : {1, 2, 3}) {
+    auto cluster = StartCluster(1, "", micro_batches);
+    ASSERT_NE(cluster, nullptr);
+    std::vector<std::unique_ptr<Stream>> streams;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      v1::GenerateRequest req = testing::GreedyRequest(prompts[i], kTokens);
+      if (i % 2 == 1) {  // seeded sampling
+        req.set_temperature(0.9f);
+        req.set_top_p(0.95f);
+        req.set_seed(1000 + i);
+      }
+      streams.push_back(std::make_unique<Stream>(cluster->gateway(), req, kCallDeadline));
+    }
+    runs.emplace_back();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const Stream::Result& got = streams[i]->Wait();
+      ASSERT_TRUE(got.status.ok()) << micro_batches << ": " << got.status.error_message();
+      ASSERT_EQ(got.ids.size(), kTokens);
+      if (i % 2 == 0) EXPECT_EQ(got.ids, Reference(prompts[i], kTokens).ids) << "prompt " << i;
+      runs.back().push_back(got.ids);
+    }
+  }
+  EXPECT_EQ(runs[1], runs[0]) << "2 micro-batches against 1";
+  EXPECT_EQ(runs[2], runs[0]) << "3 micro-batches against 1";
 }
 
 TEST_F(ClusterInProcessTest, CancellingAStreamFreesItsSequence) {

@@ -61,6 +61,7 @@ absl::StatusOr<std::unique_ptr<InProcessCluster>> InProcessCluster::Start(
   a.expert_servers = c->expert_addresses_;
   a.placement_file = c->options_.placement_file;
   a.num_replicas = c->options_.num_replicas;
+  a.micro_batches = c->options_.micro_batches;
   a.threads = 1;
   a.scheduler.num_slots = 8;
   a.scheduler.max_batch_tokens = 64;

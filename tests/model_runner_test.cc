@@ -6,8 +6,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
+#include <optional>
 
 #include "core/model/generator.h"
 #include "core/model/make_model.h"
@@ -141,6 +144,124 @@ TEST_F(ModelRunnerTest, ThreadCountDoesNotChangeResults) {
   const std::vector<int32_t> ids = {9, 8, 7, 6, 5, 4, 3, 2, 1};
   const std::vector<float> a = AllLogits(*r1, ids), b = AllLogits(*r2, ids);
   EXPECT_LT(RelativeL2(a.data(), b.data(), static_cast<int64_t>(a.size())), 1e-6);
+}
+
+// A routed-expert executor with several lanes over local experts: Start records a lane's
+// arguments, Finish computes them (as an expert server would, in between). It logs the order
+// of the calls and fails a Start on a busy lane or a Finish on an idle one.
+class LanedLocalExecutor final : public RoutedExpertExecutor {
+ public:
+  LanedLocalExecutor(const ModelWeights& w, ThreadPool& pool, int lanes)
+      : local_(w, pool, 64 * w.config().num_experts_per_tok), pending_(lanes) {}
+  absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                   const float* weights, int64_t k, float* out) override {
+    return local_.Run(layer, x, T, experts, weights, k, out);
+  }
+  int lanes() const override { return static_cast<int>(pending_.size()); }
+  absl::Status Start(int lane, int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                     const float* weights, int64_t k) override {
+    if (pending_[lane].has_value()) return absl::InternalError("Start on a busy lane");
+    pending_[lane] = Args{layer, x, T, experts, weights, k};
+    events.push_back(absl::StrCat("start ", lane, " layer ", layer, " tokens ", T));
+    return absl::OkStatus();
+  }
+  absl::Status Finish(int lane, float* out) override {
+    if (!pending_[lane].has_value()) return absl::InternalError("Finish on an idle lane");
+    const Args a = *pending_[lane];
+    pending_[lane].reset();
+    events.push_back(absl::StrCat("finish ", lane, " layer ", a.layer));
+    return local_.Run(a.layer, a.x, a.T, a.experts, a.weights, a.k, out);
+  }
+  std::vector<std::string> events;
+
+ private:
+  struct Args {
+    int64_t layer;
+    const float* x;
+    int64_t T;
+    const int32_t* experts;
+    const float* weights;
+    int64_t k;
+  };
+  LocalExpertExecutor local_;
+  std::vector<std::optional<Args>> pending_;
+};
+
+// Micro-batches split a batch in contiguous parts that interleave layer by layer: a prompt
+// chunk split between two micro-batches, mixed with other sequences' tokens, and decode steps
+// after it give every row the logits of the whole batch — to rounding, as any change of batch
+// composition does (a token's attention runs and GEMM tiles differ), with the same top token.
+TEST_F(ModelRunnerTest, MicroBatchesChangeNoLogitBeyondRoundingAndOverlapTheRoutedExperts) {
+  ThreadPool pool(2);
+  const int64_t V = weights_->config().vocab_size;
+  RunnerOptions o;
+  o.num_slots = 3;
+  o.max_context = 64;
+  o.max_batch_tokens = 64;
+  // Prompt chunks of three sequences (slot 0's split across micro-batches), then a decode step.
+  const std::vector<int32_t> ids = {1, 2, 3, 4, 5, 6, 7, 300, 200, 42, 43, 44};
+  const std::vector<int32_t> slots = {0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2};
+  const std::vector<int32_t> pos = {0, 1, 2, 3, 4, 5, 6, 0, 1, 0, 1, 2};
+  std::vector<int32_t> rows(ids.size());
+  std::iota(rows.begin(), rows.end(), 0);
+  const std::vector<int32_t> step = {11, 12, 13}, step_slots = {0, 1, 2}, step_pos = {7, 2, 3},
+                             step_rows = {0, 1, 2};
+  auto run = [&](RoutedExpertExecutor* experts) {
+    auto r = ModelRunner::Create(*weights_, pool, o, experts);
+    EXPECT_TRUE(r.ok()) << r.status();
+    std::vector<float> logits((ids.size() + step.size()) * V);
+    EXPECT_TRUE((*r)->Forward({ids, slots, pos, rows}, logits.data()).ok());
+    EXPECT_TRUE(
+        (*r)->Forward({step, step_slots, step_pos, step_rows}, logits.data() + ids.size() * V)
+            .ok());
+    return logits;
+  };
+  const std::vector<float> whole = run(nullptr);  // local experts: one batch
+  for (int lanes : {1, 2, 3, 5}) {
+    LanedLocalExecutor experts(*weights_, pool, lanes);
+    const std::vector<float> split = run(&experts);
+    ASSERT_EQ(split.size(), whole.size());
+    for (size_t row = 0; row < whole.size() / V; ++row) {
+      const float* a = split.data() + row * V;
+      const float* b = whole.data() + row * V;
+      EXPECT_LT(RelativeL2(a, b, V), 1e-6) << lanes << " micro-batches, row " << row;
+      EXPECT_EQ(std::max_element(a, a + V) - a, std::max_element(b, b + V) - b)
+          << lanes << " micro-batches, row " << row;
+    }
+    if (lanes == 1) {  // one lane: the same computation as local experts, to the bit
+      EXPECT_EQ(std::memcmp(split.data(), whole.data(), whole.size() * sizeof(float)), 0);
+    }
+    if (lanes == 2) {
+      // Layer 1 is the first MoE layer: micro-batch 1 starts its routed experts before
+      // micro-batch 0's are collected, and 0 goes on to layer 2 before 1's are collected.
+      const std::vector<std::string> want = {"start 0 layer 1 tokens 6", "start 1 layer 1 tokens 6",
+                                             "finish 0 layer 1", "start 0 layer 2 tokens 6",
+                                             "finish 1 layer 1"};
+      ASSERT_GE(experts.events.size(), want.size());
+      EXPECT_EQ(std::vector<std::string>(experts.events.begin(), experts.events.begin() + 5), want);
+    }
+  }
+}
+
+// The profile charges every part of a forward pass to a phase: each phase the tiny model has
+// (a dense layer, MoE layers with shared experts) gains time, and together they account for
+// the call's wall time.
+TEST_F(ModelRunnerTest, ProfileChargesTheWholeForwardToItsPhases) {
+  ThreadPool pool(1);
+  auto r = MakeRunner(pool);
+  const std::vector<int32_t> ids = {9, 8, 7, 6, 5, 4, 3, 2, 1};
+  const auto start = std::chrono::steady_clock::now();
+  AllLogits(*r, ids);
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const ForwardProfile& p = *r->profile();
+  double sum = 0;
+  for (size_t i = 0; i < p.seconds.size(); ++i) {
+    EXPECT_GT(p.seconds[i], 0) << ForwardPhaseName(static_cast<ForwardPhase>(i));
+    sum += p.seconds[i];
+  }
+  EXPECT_LE(sum, wall);
+  EXPECT_GE(sum, 0.5 * wall);
 }
 
 TEST_F(ModelRunnerTest, RefusesBadBatches) {

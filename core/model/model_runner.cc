@@ -27,6 +27,7 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
           weights, pool, o.max_batch_tokens * c.num_experts_per_tok);
       runner->experts_ = runner->local_experts_.get();
     }
+    runner->micro_batches_.reserve(static_cast<size_t>(runner->experts_->lanes()));
   }
   return runner;
 }
@@ -72,7 +73,7 @@ int64_t ModelRunner::AttentionScratch() const {
   return 8 * options_.max_context + 80 * config_.head_dim();  // ops::KernelTable::attend_causal
 }
 
-void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
+void ModelRunner::Attention(int64_t layer, const ForwardBatch& b, int64_t first) {
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   const int64_t nh = c.num_attention_heads, hd = c.head_dim();
@@ -92,13 +93,15 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b) {
   attention_runs_[runs] = static_cast<int32_t>(T);
 
   const int64_t qkv_stride = nh * hd;
+  const float* q_rows = q_.data() + first * qkv_stride;
+  float* attn_rows = attn_.data() + first * qkv_stride;
   pool_.ParallelFor(runs * nh, [&](int64_t task, int thread) {
     const int64_t run = task / nh, h = task % nh;
     const int64_t t0 = attention_runs_[run], n = attention_runs_[run + 1] - t0;
     const ops::KvPages kv = kv_cache_.View(layer, b.slots[t0], h / group);
     float* scratch = scores_.data() + thread * AttentionScratch();
-    const float* q = q_.data() + t0 * qkv_stride + h * hd;
-    float* out = attn_.data() + t0 * qkv_stride + h * hd;
+    const float* q = q_rows + t0 * qkv_stride + h * hd;
+    float* out = attn_rows + t0 * qkv_stride + h * hd;
     if (n == 1) {
       k.attend(q, kv, b.positions[t0] + 1, hd, scale, scratch, out);
     } else {
@@ -116,56 +119,46 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
   const ops::KernelTable& kern = ops::Kernels();
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   const int64_t H = c.hidden_size;
-  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   float* h = hidden_.data();
   float* xn = normed_.data();
+  PhaseClock clock(profile_);
 
   for (int64_t t = 0; t < T; ++t) {  // h = embed(tokens)  [T, H]
     kern.row_to_f32(w.embed_tokens.Row(b.token_ids[t]), w.embed_tokens.dtype, H, h + t * H);
   }
+  clock.Lap(ForwardPhase::kEmbed);
 
-  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    const LayerWeights& L = w.layers[layer];
-    auto bias = [](const LinearWeights& lw) { return lw.bias.empty() ? nullptr : lw.bias.data(); };
-
-    // --- self-attention: h += o_proj(attn(rms_norm(h))) ---
-    ops::RmsNorm(h, L.input_norm.data(), T, H, c.rms_norm_eps, xn);
-    ops::Linear(pool_, xn, T, L.attention.q.weight, bias(L.attention.q), q_.data());  // [T, nh·hd]
-    ops::Linear(pool_, xn, T, L.attention.k.weight, bias(L.attention.k), k_.data());  // [T, nkv·hd]
-    ops::Linear(pool_, xn, T, L.attention.v.weight, bias(L.attention.v), v_.data());  // [T, nkv·hd]
-    rope_.Apply(q_.data(), T, nh, b.positions);
-    rope_.Apply(k_.data(), T, nkv, b.positions);
-    kv_cache_.Write(layer, b, k_.data(), v_.data());  // post-RoPE keys
-    Attention(layer, b);                              // attn_ [T, nh·hd]
-    ops::Linear(pool_, attn_.data(), T, L.attention.o.weight, bias(L.attention.o), proj_.data());
-    ops::AddInPlace(proj_.data(), h, T * H);
-
-    // --- feed-forward: h += mlp(rms_norm(h)) ---
-    ops::RmsNorm(h, L.post_attention_norm.data(), T, H, c.rms_norm_eps, xn);
-    if (!L.is_moe) {
-      const MlpJob job{&L.dense, xn, T, mlp_act_.data(), mlp_up_.data(), proj_.data()};
-      RunMlps(pool_, &job, 1, H);
-      ops::AddInPlace(proj_.data(), h, T * H);
-      continue;
-    }
-    const int64_t k = c.num_experts_per_tok;
-    ops::Linear(pool_, xn, T, L.router, nullptr, router_logits_.data());  // [T, E]
-    RouteTokens(gate_, router_logits_.data(), T, gate_scratch_.data(), route_experts_.data(),
-                route_weights_.data());
-    if (observer_ != nullptr)
-      observer_->OnRouting(layer, T, k, route_experts_.data(), route_weights_.data());
-    // Routed experts start (possibly on expert servers); the shared experts — every token,
-    // no gate — are computed here meanwhile; then the routed results are combined.
-    DSMOE_RETURN_IF_ERROR(
-        experts_->Start(layer, xn, T, route_experts_.data(), route_weights_.data(), k));
-    if (L.shared.loaded()) {
-      const MlpJob job{&L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data()};
-      RunMlps(pool_, &job, 1, H);
-    }
-    DSMOE_RETURN_IF_ERROR(experts_->Finish(proj_.data()));
-    ops::AddInPlace(proj_.data(), h, T * H);
-    if (L.shared.loaded()) ops::AddInPlace(shared_out_.data(), h, T * H);
+  // Micro-batches: contiguous ranges of the batch, one per lane of the routed-expert executor
+  // (at most one per token). They go through the layers interleaved: while one micro-batch's
+  // routed experts compute elsewhere, the next runs its attention, gate and shared experts.
+  // Within a layer they run in batch order, so a prompt chunk split between two of them still
+  // finds its earlier positions' keys and values in the cache.
+  const int64_t m = experts_ != nullptr ? std::min<int64_t>(experts_->lanes(), T) : 1;
+  micro_batches_.clear();
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t first = T * i / m;
+    micro_batches_.push_back({first, T * (i + 1) / m - first, static_cast<int>(i), false});
   }
+  auto slice = [&](const MicroBatch& mb) {
+    return ForwardBatch{b.token_ids.subspan(mb.first, mb.size),
+                        b.slots.subspan(mb.first, mb.size),
+                        b.positions.subspan(mb.first, mb.size),
+                        {}};
+  };
+  absl::Status status;
+  for (int64_t layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
+    for (MicroBatch& mb : micro_batches_) {
+      if (layer > 0) status.Update(EndLayer(layer - 1, mb, clock));
+      if (status.ok()) status.Update(BeginLayer(layer, slice(mb), mb, clock));
+      if (!status.ok()) break;
+    }
+  }
+  // The last layer's routed experts; after an error, what is still in flight is collected
+  // (and dropped) so that no lane is left busy for the next call.
+  for (MicroBatch& mb : micro_batches_) {
+    status.Update(EndLayer(c.num_hidden_layers - 1, mb, clock));
+  }
+  DSMOE_RETURN_IF_ERROR(status);
 
   // --- logits for the wanted rows: lm_head(rms_norm(h)) ---
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
@@ -174,6 +167,83 @@ absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
     ops::RmsNorm(h + b.logit_rows[r] * H, w.final_norm.data(), 1, H, c.rms_norm_eps, xn + r * H);
   }
   ops::Linear(pool_, xn, R, w.lm_head, nullptr, logits);
+  clock.Lap(ForwardPhase::kLogits);
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, MicroBatch& mb,
+                                     PhaseClock& clock) {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = weights_.layers[layer];
+  const int64_t T = mb.size, H = c.hidden_size;
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, hd = c.head_dim();
+  // This micro-batch's rows of the activation arena.
+  float* h = hidden_.data() + mb.first * H;
+  float* xn = normed_.data() + mb.first * H;
+  float* q = q_.data() + mb.first * nh * hd;
+  float* k = k_.data() + mb.first * nkv * hd;
+  float* v = v_.data() + mb.first * nkv * hd;
+  float* attn = attn_.data() + mb.first * nh * hd;
+  float* proj = proj_.data() + mb.first * H;
+  auto bias = [](const LinearWeights& lw) { return lw.bias.empty() ? nullptr : lw.bias.data(); };
+
+  // --- self-attention: h += o_proj(attn(rms_norm(h))) ---
+  ops::RmsNorm(h, L.input_norm.data(), T, H, c.rms_norm_eps, xn);
+  ops::Linear(pool_, xn, T, L.attention.q.weight, bias(L.attention.q), q);  // [T, nh·hd]
+  ops::Linear(pool_, xn, T, L.attention.k.weight, bias(L.attention.k), k);  // [T, nkv·hd]
+  ops::Linear(pool_, xn, T, L.attention.v.weight, bias(L.attention.v), v);  // [T, nkv·hd]
+  rope_.Apply(q, T, nh, b.positions);
+  rope_.Apply(k, T, nkv, b.positions);
+  kv_cache_.Write(layer, b, k, v);  // post-RoPE keys
+  Attention(layer, b, mb.first);    // attn [T, nh·hd]
+  ops::Linear(pool_, attn, T, L.attention.o.weight, bias(L.attention.o), proj);
+  ops::AddInPlace(proj, h, T * H);
+  clock.Lap(ForwardPhase::kAttention);
+
+  // --- feed-forward: h += mlp(rms_norm(h)) ---
+  ops::RmsNorm(h, L.post_attention_norm.data(), T, H, c.rms_norm_eps, xn);
+  if (!L.is_moe) {
+    const MlpJob job{&L.dense, xn, T, mlp_act_.data(), mlp_up_.data(), proj};
+    RunMlps(pool_, &job, 1, H);
+    ops::AddInPlace(proj, h, T * H);
+    clock.Lap(ForwardPhase::kDense);
+    return absl::OkStatus();
+  }
+  const int64_t topk = c.num_experts_per_tok;
+  float* router_logits = router_logits_.data() + mb.first * c.n_routed_experts;
+  int32_t* route_experts = route_experts_.data() + mb.first * topk;
+  float* route_weights = route_weights_.data() + mb.first * topk;
+  ops::Linear(pool_, xn, T, L.router, nullptr, router_logits);  // [T, E]
+  RouteTokens(gate_, router_logits, T, gate_scratch_.data(), route_experts, route_weights);
+  if (observer_ != nullptr) observer_->OnRouting(layer, T, topk, route_experts, route_weights);
+  clock.Lap(ForwardPhase::kGate);
+  // Routed experts start (possibly on expert servers); the shared experts — every token, no
+  // gate — are computed here meanwhile; EndLayer combines them.
+  DSMOE_RETURN_IF_ERROR(experts_->Start(mb.lane, layer, xn, T, route_experts, route_weights, topk));
+  mb.routed_in_flight = true;
+  clock.Lap(ForwardPhase::kDispatch);
+  if (L.shared.loaded()) {
+    const MlpJob job{
+        &L.shared, xn, T, mlp_act_.data(), mlp_up_.data(), shared_out_.data() + mb.first * H};
+    RunMlps(pool_, &job, 1, H);
+    clock.Lap(ForwardPhase::kShared);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::EndLayer(int64_t layer, MicroBatch& mb, PhaseClock& clock) {
+  if (!mb.routed_in_flight) return absl::OkStatus();  // a dense layer, or not started
+  mb.routed_in_flight = false;
+  const int64_t H = config_.hidden_size, T = mb.size;
+  float* h = hidden_.data() + mb.first * H;
+  float* proj = proj_.data() + mb.first * H;
+  DSMOE_RETURN_IF_ERROR(experts_->Finish(mb.lane, proj));
+  clock.Lap(ForwardPhase::kRoutedWait);
+  ops::AddInPlace(proj, h, T * H);
+  if (weights_.layers[layer].shared.loaded()) {
+    ops::AddInPlace(shared_out_.data() + mb.first * H, h, T * H);
+  }
+  clock.Lap(ForwardPhase::kCombine);
   return absl::OkStatus();
 }
 

@@ -20,6 +20,7 @@
 
 #include "core/model/block_manager.h"
 #include "core/model/forward_batch.h"
+#include "core/model/forward_profile.h"
 #include "core/model/gate.h"
 #include "core/model/kv_cache.h"
 #include "core/model/mlp.h"
@@ -63,6 +64,8 @@ class BatchRunner {
   virtual void set_routing_observer(RoutingObserver* observer) = 0;
   virtual const ModelConfig& config() const = 0;
   virtual int64_t max_context() const = 0;  // positions per slot
+  // Time spent per phase over every Forward so far (the Forward thread); null: not measured.
+  virtual const ForwardProfile* profile() const { return nullptr; }
 };
 
 // Thread-compatible: one owner thread calls Forward. Owns its KV cache and activation arena,
@@ -82,13 +85,30 @@ class ModelRunner final : public BatchRunner {
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }
+  const ForwardProfile* profile() const override { return &profile_; }
   const RunnerOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_cache_; }
 
  private:
   ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options,
               int64_t num_kv_pages);
-  void Attention(int64_t layer, const ForwardBatch& batch);
+
+  // A contiguous range of a Forward's tokens that goes through the layers as one unit, with
+  // its own rows of the activation arena and its own lane of the routed-expert executor.
+  struct MicroBatch {
+    int64_t first = 0, size = 0;    // tokens [first, first + size) of the batch
+    int lane = 0;                   // RoutedExpertExecutor lane
+    bool routed_in_flight = false;  // Started, not yet Finished
+  };
+  // A layer for micro-batch `mb` (`batch` is its slice) up to its routed experts: attention,
+  // then a dense MLP whole, or the gate, the routed experts started and the shared experts.
+  absl::Status BeginLayer(int64_t layer, const ForwardBatch& batch, MicroBatch& mb,
+                          PhaseClock& clock);
+  // The rest of a MoE layer: waits for the routed experts and adds them and the shared
+  // experts to the residual stream. Nothing for a dense layer.
+  absl::Status EndLayer(int64_t layer, MicroBatch& mb, PhaseClock& clock);
+  // Attention of `batch` (a micro-batch whose rows start at `first` in the arena).
+  void Attention(int64_t layer, const ForwardBatch& batch, int64_t first);
 
   const ModelWeights& weights_;
   const ModelConfig& config_;
@@ -108,7 +128,9 @@ class ModelRunner final : public BatchRunner {
   FloatBuffer scores_;  // [threads, AttentionScratch()] attention scores
   // Runs of up to 8 consecutive tokens of one sequence (consecutive positions): the units
   // attention works on, each run reading its sequence's cache once for all its tokens.
-  std::vector<int32_t> attention_runs_;  // first token of each run, then T (one past the last)
+  std::vector<int32_t> attention_runs_;    // first token of each run, then T (one past the last)
+  std::vector<MicroBatch> micro_batches_;  // of the Forward in progress
+  ForwardProfile profile_;
   int64_t AttentionScratch() const;
 };
 

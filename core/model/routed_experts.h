@@ -26,14 +26,21 @@ class RoutedExpertExecutor {
 
   // The same computation split in two, so the caller can compute the shared experts while the
   // routed ones are in flight: Start may send work elsewhere and return; Finish waits and
-  // writes `out`. The inputs must stay untouched until Finish returns. By default Start only
-  // records its arguments and Finish calls Run.
-  virtual absl::Status Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
-                             const float* weights, int64_t k) {
+  // writes `out`. The inputs must stay untouched until Finish returns.
+  //
+  // Up to lanes() computations may be in flight at once, one per lane (the model runner's
+  // micro-batches: one micro-batch's routed experts compute on the expert servers while the
+  // next runs its attention). Each lane alternates Start and Finish. By default there is one
+  // lane, Start only records its arguments and Finish calls Run.
+  virtual int lanes() const { return 1; }
+  virtual absl::Status Start(int lane, int64_t layer, const float* x, int64_t T,
+                             const int32_t* experts, const float* weights, int64_t k) {
+    if (lane != 0) return absl::InvalidArgumentError("this executor has one lane");
     pending_ = {layer, x, T, experts, weights, k};
     return absl::OkStatus();
   }
-  virtual absl::Status Finish(float* out) {
+  virtual absl::Status Finish(int lane, float* out) {
+    if (lane != 0) return absl::InvalidArgumentError("this executor has one lane");
     return Run(pending_.layer, pending_.x, pending_.T, pending_.experts, pending_.weights,
                pending_.k, out);
   }

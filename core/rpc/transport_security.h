@@ -50,6 +50,11 @@ class TransportSecurity {
   bool insecure() const { return options_.insecure; }
   bool has_certificate() const { return !cert_pem_.empty(); }
   const TransportSecurityOptions& options() const { return options_; }
+  // The loaded PEM material, for transports other than gRPC (the expert data plane's TLS).
+  // Empty when not loaded.
+  const std::string& cert_pem() const { return cert_pem_; }
+  const std::string& key_pem() const { return key_pem_; }
+  const std::string& ca_pem() const { return ca_pem_; }
 
   // What a server serves with. Fails when TLS is on and there is no certificate, or a client
   // certificate is required and there is no CA to verify it.

@@ -16,7 +16,11 @@ ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Plac
       pool_(pool),
       options_(options),
       planner_(*placement_) {
-  calls_.resize(pool_.num_servers());
+  const int lanes = options_.side_channel != nullptr ? 1 : std::max(options_.lanes, 1);
+  for (int i = 0; i < lanes; ++i) {
+    lanes_.push_back(std::make_unique<Lane>());
+    lanes_.back()->calls.resize(pool_.num_servers());
+  }
   if (options_.metrics != nullptr) {
     for (int s = 0; s < pool_.num_servers(); ++s) {
       metrics_.push_back(std::make_unique<DispatchMetrics>(*options_.metrics, s));
@@ -50,41 +54,47 @@ DispatchMetrics::DispatchMetrics(rpc::MetricsRegistry& r, int server) {
 
 absl::Status ExpertDispatcher::Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
                                    const float* weights, int64_t k, float* out) {
-  DSMOE_RETURN_IF_ERROR(Start(layer, x, T, experts, weights, k));
-  return Finish(out);
+  DSMOE_RETURN_IF_ERROR(Start(0, layer, x, T, experts, weights, k));
+  return Finish(0, out);
 }
 
-absl::Status ExpertDispatcher::Start(int64_t layer, const float* x, int64_t T,
+absl::Status ExpertDispatcher::Start(int lane_index, int64_t layer, const float* x, int64_t T,
                                      const int32_t* experts, const float* weights, int64_t k) {
-  layer_ = layer;
-  num_tokens_ = T;
-  k_ = k;
-  x_ = x;
-  experts_ = experts;
-  weights_ = weights;
+  if (lane_index < 0 || lane_index >= lanes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dispatch lane ", lane_index, " outside [0, ", lanes(), ")"));
+  }
+  Lane& lane = *lanes_[lane_index];
+  lane.layer = layer;
+  lane.num_tokens = T;
+  lane.k = k;
+  lane.x = x;
+  lane.experts = experts;
+  lane.weights = weights;
   // The pool's verdict: its health checks (current to one period), or the rest after a failure.
   for (int s = 0; s < pool_.num_servers(); ++s) planner_.SetAvailable(s, pool_.available(s));
-  return Send();
+  return Send(lane);
 }
 
-absl::Status ExpertDispatcher::Send() {
+absl::Status ExpertDispatcher::Send(Lane& lane) {
   // Planned aside first: if no server is left for some expert, the previous attempt's work
   // stays in place to explain which calls failed.
-  DSMOE_RETURN_IF_ERROR(planner_.Plan(layer_, num_tokens_, k_, experts_, weights_, &planned_));
-  work_.swap(planned_);
+  DSMOE_RETURN_IF_ERROR(planner_.Plan(lane.layer, lane.num_tokens, lane.k, lane.experts,
+                                      lane.weights, &lane.planned));
+  lane.work.swap(lane.planned);
   {
-    absl::MutexLock lock(&mu_);
-    outstanding_ = 0;
+    absl::MutexLock lock(&lane.mu);
+    lane.outstanding = 0;
   }
-  for (size_t s = 0; s < calls_.size(); ++s) {
-    Call& call = calls_[s];
-    const router::ServerWork& w = work_[s];
+  for (size_t s = 0; s < lane.calls.size(); ++s) {
+    Call& call = lane.calls[s];
+    const router::ServerWork& w = lane.work[s];
     call.active = !w.empty();
     if (!call.active) continue;
     auto& req = call.request;
-    req.set_layer(static_cast<uint32_t>(layer_));
+    req.set_layer(static_cast<uint32_t>(lane.layer));
     req.set_num_tokens(static_cast<uint32_t>(w.rows.size()));
-    StageHidden(static_cast<int>(s), call, w);
+    StageHidden(lane, static_cast<int>(s), call, w);
     req.mutable_token()->Assign(w.token.begin(), w.token.end());
     req.mutable_expert()->Assign(w.expert.begin(), w.expert.end());
     req.mutable_weight()->Assign(w.weight.begin(), w.weight.end());
@@ -98,23 +108,24 @@ absl::Status ExpertDispatcher::Send() {
       call.sent_at = std::chrono::steady_clock::now();
     }
     {
-      absl::MutexLock lock(&mu_);
-      ++outstanding_;
+      absl::MutexLock lock(&lane.mu);
+      ++lane.outstanding;
     }
     pool_.stub(static_cast<int>(s))
         .async()
         ->ComputeExperts(call.context.get(), &call.request, &call.response,
-                         [this, &call, m](grpc::Status status) {
+                         [&lane, &call, m](grpc::Status status) {
                            if (m != nullptr) Record(*m, call, status);
-                           absl::MutexLock lock(&mu_);
+                           absl::MutexLock lock(&lane.mu);
                            call.status = std::move(status);
-                           if (--outstanding_ == 0) done_cv_.Signal();
+                           if (--lane.outstanding == 0) lane.done_cv.Signal();
                          });
   }
   return absl::OkStatus();
 }
 
-void ExpertDispatcher::StageHidden(int server, Call& call, const router::ServerWork& w) {
+void ExpertDispatcher::StageHidden(const Lane& lane, int server, Call& call,
+                                   const router::ServerWork& w) {
   const int64_t H = config_.hidden_size;
   auto& req = call.request;
   call.side_output = nullptr;
@@ -122,7 +133,7 @@ void ExpertDispatcher::StageHidden(int server, Call& call, const router::ServerW
   DispatchSideChannel* side = options_.side_channel;
   const uint64_t channel = side != nullptr ? side->ChannelTo(server) : 0;
   if (channel != 0) {
-    const absl::Status posted = side->Post(server, x_, w.rows);
+    const absl::Status posted = side->Post(server, lane.x, w.rows);
     if (posted.ok()) {
       call.over_side_channel = true;
       req.set_nccl_channel(channel);
@@ -137,17 +148,17 @@ void ExpertDispatcher::StageHidden(int server, Call& call, const router::ServerW
   std::string* hidden = req.mutable_hidden();
   hidden->resize(w.rows.size() * H * sizeof(float));
   for (size_t i = 0; i < w.rows.size(); ++i) {
-    std::memcpy(hidden->data() + i * H * sizeof(float), x_ + w.rows[i] * H, H * sizeof(float));
+    std::memcpy(hidden->data() + i * H * sizeof(float), lane.x + w.rows[i] * H, H * sizeof(float));
   }
 }
 
-bool ExpertDispatcher::CollectSideChannel() {
+bool ExpertDispatcher::CollectSideChannel(Lane& lane) {
   bool resend = false;
-  for (size_t s = 0; s < calls_.size(); ++s) {
-    Call& call = calls_[s];
+  for (size_t s = 0; s < lane.calls.size(); ++s) {
+    Call& call = lane.calls[s];
     if (!call.active || !call.over_side_channel || call.side_output != nullptr) continue;
     absl::StatusOr<const float*> out =
-        options_.side_channel->Collect(static_cast<int>(s), CallResult(static_cast<int>(s)));
+        options_.side_channel->Collect(static_cast<int>(s), CallResult(lane, static_cast<int>(s)));
     if (out.ok()) {
       call.side_output = *out;
       continue;
@@ -175,15 +186,15 @@ void ExpertDispatcher::Record(DispatchMetrics& m, const Call& call, const grpc::
   rpc::CountCode(m.calls, status.error_code());
 }
 
-void ExpertDispatcher::Wait() {
-  absl::MutexLock lock(&mu_);
-  while (outstanding_ != 0) done_cv_.Wait(&mu_);
+void ExpertDispatcher::Wait(Lane& lane) {
+  absl::MutexLock lock(&lane.mu);
+  while (lane.outstanding != 0) lane.done_cv.Wait(&lane.mu);
 }
 
-bool ExpertDispatcher::MarkTransportFailures() {
+bool ExpertDispatcher::MarkTransportFailures(Lane& lane) {
   bool any = false;
-  for (size_t s = 0; s < calls_.size(); ++s) {
-    const Call& call = calls_[s];
+  for (size_t s = 0; s < lane.calls.size(); ++s) {
+    const Call& call = lane.calls[s];
     // CANCELLED counts as well: the dispatcher never cancels its own calls, so a cancelled one
     // was cancelled by the server, which does that to calls it has not handled when it shuts
     // down (a graceful stop, e.g. SIGTERM in a rolling update): like a dead server, its
@@ -199,42 +210,48 @@ bool ExpertDispatcher::MarkTransportFailures() {
   return any;
 }
 
-absl::Status ExpertDispatcher::CallResult(int server) const {
-  const Call& call = calls_[server];
+absl::Status ExpertDispatcher::CallResult(const Lane& lane, int server) const {
+  const Call& call = lane.calls[server];
   if (call.status.ok()) return absl::OkStatus();
-  const router::ServerWork& w = work_[server];
+  const router::ServerWork& w = lane.work[server];
   const std::set<int32_t> experts(w.expert.begin(), w.expert.end());
   std::string names;
   for (int32_t e : experts) absl::StrAppend(&names, names.empty() ? "" : ", ", e);
   return pool_.CallStatus(
-      server, absl::StrCat("ComputeExperts on routed experts of layer ", layer_, " [", names, "]"),
+      server,
+      absl::StrCat("ComputeExperts on routed experts of layer ", lane.layer, " [", names, "]"),
       call.status);
 }
 
-absl::Status ExpertDispatcher::Finish(float* out) {
+absl::Status ExpertDispatcher::Finish(int lane_index, float* out) {
+  if (lane_index < 0 || lane_index >= lanes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dispatch lane ", lane_index, " outside [0, ", lanes(), ")"));
+  }
+  Lane& lane = *lanes_[lane_index];
   // A server that fails in transport (dead, or past its deadline) is marked down and the layer
   // is dispatched again over the others: replicas take over with identical results. Without a
   // replica the plan fails, naming the experts no available server holds.
   for (;;) {
-    Wait();
-    bool resend = options_.side_channel != nullptr && CollectSideChannel();
-    resend = MarkTransportFailures() || resend;
+    Wait(lane);
+    bool resend = options_.side_channel != nullptr && CollectSideChannel(lane);
+    resend = MarkTransportFailures(lane) || resend;
     // No replica left for some expert: report the failed calls, which name their experts.
-    if (!resend || !Send().ok()) break;
+    if (!resend || !Send(lane).ok()) break;
   }
-  return Combine(out);
+  return Combine(lane, out);
 }
 
-absl::Status ExpertDispatcher::Combine(float* out) const {
+absl::Status ExpertDispatcher::Combine(const Lane& lane, float* out) const {
   const int64_t H = config_.hidden_size;
-  std::memset(out, 0, sizeof(float) * num_tokens_ * H);
+  std::memset(out, 0, sizeof(float) * lane.num_tokens * H);
   absl::Status first_error;
-  for (size_t s = 0; s < calls_.size(); ++s) {
-    const Call& call = calls_[s];
+  for (size_t s = 0; s < lane.calls.size(); ++s) {
+    const Call& call = lane.calls[s];
     if (!call.active) continue;
-    const router::ServerWork& w = work_[s];
+    const router::ServerWork& w = lane.work[s];
     if (!call.status.ok()) {
-      first_error.Update(CallResult(static_cast<int>(s)));
+      first_error.Update(CallResult(lane, static_cast<int>(s)));
       continue;
     }
     if (call.side_output == nullptr &&

@@ -5,6 +5,9 @@
 // computes the shared experts meanwhile. A server that fails in transport is marked down in the
 // pool and the layer is dispatched again over the replicas.
 //
+// Each lane (ExpertDispatcherOptions::lanes) has calls of its own, so that several
+// micro-batches' dispatches can be in flight at once.
+//
 // Thread-compatible (one model runner drives it), like every executor.
 #pragma once
 
@@ -55,6 +58,9 @@ struct ExpertDispatcherOptions {
   // Where calls that fall back from the side channel to gRPC are logged. Not owned; must
   // outlive the executor.
   Logger* logger = DefaultLogger();
+  // Dispatches in flight at once (the model runner's micro-batches). With a side channel: 1
+  // (its transfers are one per server at a time).
+  int lanes = 1;
 };
 
 // Per expert server (label expert_server = its index in the placement): the instruments of the
@@ -78,10 +84,11 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
                    ExpertServerPool& pool, const ExpertDispatcherOptions& options);
 
   absl::Status Run(int64_t layer, const float* x, int64_t T, const int32_t* experts,
-                   const float* weights, int64_t k, float* out) override;
-  absl::Status Start(int64_t layer, const float* x, int64_t T, const int32_t* experts,
+                   const float* weights, int64_t k, float* out) override;  // on lane 0
+  int lanes() const override { return static_cast<int>(lanes_.size()); }
+  absl::Status Start(int lane, int64_t layer, const float* x, int64_t T, const int32_t* experts,
                      const float* weights, int64_t k) override;
-  absl::Status Finish(float* out) override;
+  absl::Status Finish(int lane, float* out) override;
 
   // Asks expert server `server` which experts it holds and checks the placement against it
   // (the pool's health-check Verify: a server rejoins only if it holds what it should). A
@@ -101,13 +108,6 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
   ExpertServerPool& pool() const { return pool_; }
 
  private:
-  // Plans and sends the current layer's calls over the servers now considered available.
-  absl::Status Send();
-  // Waits for the calls in flight.
-  void Wait();
-  struct Call;
-  // Counts a finished call (on gRPC's callback thread).
-  static void Record(DispatchMetrics& m, const Call& call, const grpc::Status& status);
   struct Call {
     std::unique_ptr<grpc::ClientContext> context;
     internal::v1::ComputeExpertsRequest request;
@@ -118,38 +118,50 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
     bool over_side_channel = false;      // tensors through options_.side_channel
     const float* side_output = nullptr;  // its outputs once collected
   };
+  // One dispatch in flight: the layer in progress (its inputs stay valid until Finish
+  // returns), its plan and its calls, one per expert server.
+  struct Lane {
+    int64_t layer = 0, num_tokens = 0, k = 0;
+    const float* x = nullptr;
+    const int32_t* experts = nullptr;
+    const float* weights = nullptr;
+    std::vector<router::ServerWork> work, planned;
+    std::vector<Call> calls;  // [server]
+    absl::Mutex mu;
+    absl::CondVar done_cv;
+    int outstanding ABSL_GUARDED_BY(mu) = 0;  // calls whose callback has not run
+  };
+
+  // Plans and sends the lane's layer's calls over the servers now considered available.
+  absl::Status Send(Lane& lane);
+  // Waits for the lane's calls in flight.
+  static void Wait(Lane& lane);
+  // Counts a finished call (on gRPC's callback thread).
+  static void Record(DispatchMetrics& m, const Call& call, const grpc::Status& status);
   // Fills the call's hidden states: through the side channel when one is open to `server`,
   // else into the request.
-  void StageHidden(int server, Call& call, const router::ServerWork& work);
+  void StageHidden(const Lane& lane, int server, Call& call, const router::ServerWork& work);
   // Settles the side-channel transfers of the calls that finished (before any resend); true if
   // a call must be sent again (its server answered but the channel lost the outputs).
-  bool CollectSideChannel();
+  bool CollectSideChannel(Lane& lane);
   // Marks the servers whose calls failed in transport down (in the pool and the planner);
   // true if there was one, so the layer must be sent again.
-  bool MarkTransportFailures();
-  // The finished call to `server` as a status naming the server and the experts it was asked
-  // for.
-  absl::Status CallResult(int server) const;
-  // Adds the calls' outputs into `out` ([T, H]); the first failed call's status otherwise.
-  absl::Status Combine(float* out) const;
+  bool MarkTransportFailures(Lane& lane);
+  // The lane's finished call to `server` as a status naming the server and the experts it was
+  // asked for.
+  absl::Status CallResult(const Lane& lane, int server) const;
+  // Adds the lane's calls' outputs into `out` ([T, H]); the first failed call's status
+  // otherwise.
+  absl::Status Combine(const Lane& lane, float* out) const;
 
   const ModelConfig& config_;
   mutable absl::Mutex placement_mu_;  // for readers on other threads
   std::shared_ptr<const router::Placement> placement_ ABSL_GUARDED_BY(placement_mu_);
   ExpertServerPool& pool_;
   ExpertDispatcherOptions options_;
-  router::DispatchPlanner planner_;
-  std::vector<router::ServerWork> work_, planned_;
-  std::vector<Call> calls_;
+  router::DispatchPlanner planner_;  // shared by the lanes (one thread drives them all)
   std::vector<std::unique_ptr<DispatchMetrics>> metrics_;  // [server]; empty without metrics
-  // The layer in progress (inputs stay valid until Finish returns).
-  int64_t layer_ = 0, num_tokens_ = 0, k_ = 0;
-  const float* x_ = nullptr;
-  const int32_t* experts_ = nullptr;
-  const float* weights_ = nullptr;
-  absl::Mutex mu_;
-  absl::CondVar done_cv_;
-  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::unique_ptr<Lane>> lanes_;
 };
 
 }  // namespace dsmoe
