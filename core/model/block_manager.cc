@@ -18,6 +18,7 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_tokens, int64_t num_s
     free_pages_[i] = static_cast<int32_t>(num_pages_ - 1 - i);
   dirty_begin_ = 0;
   dirty_end_ = static_cast<int64_t>(table_.size());
+  want_.reserve(static_cast<size_t>(num_slots_));
 }
 
 int64_t BlockManager::PagesNeeded(int32_t slot, int64_t tokens) const {
@@ -52,11 +53,8 @@ absl::Status BlockManager::Grow(int32_t slot, int64_t tokens) {
 absl::Status BlockManager::Reserve(std::span<const int32_t> slots,
                                    std::span<const int32_t> positions) {
   // Per slot of the batch, in order of first appearance: lowest and highest position + 1.
-  struct Want {
-    int32_t slot;
-    int64_t first, end;
-  };
-  std::vector<Want> want;
+  std::vector<Want>& want = want_;
+  want.clear();
   for (size_t t = 0; t < slots.size(); ++t) {
     auto it =
         std::find_if(want.begin(), want.end(), [&](const Want& w) { return w.slot == slots[t]; });

@@ -59,6 +59,13 @@ class BlockManager {
   std::vector<int64_t> held_;        // pages per slot: its table's first held_[s] entries
   std::vector<int32_t> free_pages_;  // popped from the back: lowest page first
   int64_t dirty_begin_ = 0, dirty_end_ = 0;
+  // Reserve's per-slot ranges, sized once (at most num_slots entries): a decode step allocates
+  // nothing.
+  struct Want {
+    int32_t slot;
+    int64_t first, end;
+  };
+  std::vector<Want> want_;
 };
 
 }  // namespace dsmoe
