@@ -86,8 +86,15 @@ SchedulerMetrics::SchedulerMetrics(rpc::MetricsRegistry& r)
           &r.Gauge("dsmoe_requests_waiting", "Sequences accepted and waiting for a KV-cache slot")
                .Add({})),
       kv_cache_usage(&r.Gauge("dsmoe_kv_cache_usage_ratio",
-                              "Tokens held in the KV cache / tokens its slots can hold (0..1)")
+                              "KV-cache pages held by sequences / all pages (0..1)")
                           .Add({})),
+      kv_pages_used(
+          &r.Gauge("dsmoe_kv_cache_pages_used", "KV-cache pages held by sequences").Add({})),
+      kv_pages_free(&r.Gauge("dsmoe_kv_cache_pages_free", "KV-cache pages free").Add({})),
+      preemptions(&r.Counter("dsmoe_preemptions_total",
+                             "Sequences preempted when the KV cache ran out of pages (their "
+                             "pages freed, requeued to be recomputed)")
+                       .Add({})),
       queue_time(
           &r.Histogram("dsmoe_request_queue_time_seconds",
                        "Time from a sequence's arrival to its admission into a KV-cache slot")

@@ -64,7 +64,10 @@ struct SchedulerMetrics {
 
   prometheus::Gauge* running;              // sequences holding a KV-cache slot
   prometheus::Gauge* waiting;              // accepted, waiting for a slot
-  prometheus::Gauge* kv_cache_usage;       // tokens held / tokens the slots can hold
+  prometheus::Gauge* kv_cache_usage;       // KV-cache pages in use / pages
+  prometheus::Gauge* kv_pages_used;        // KV-cache pages held by sequences
+  prometheus::Gauge* kv_pages_free;        // KV-cache pages free
+  prometheus::Counter* preemptions;        // sequences preempted (pages freed, requeued)
   prometheus::Histogram* queue_time;       // submit → admitted into a slot
   prometheus::Histogram* forward_time;     // one forward pass (one scheduler step)
   prometheus::Histogram* batch_tokens;     // tokens per forward pass

@@ -3,6 +3,8 @@
 #include <filesystem>
 
 #include "attention-server/batch_runner_factory.h"
+#include "core/model/memory_plan.h"
+#include "core/util/memory_limit.h"
 #include "expert-server/client/nccl_transport.h"
 #include "router/device_limit.h"
 
@@ -72,6 +74,38 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Create(
   return server;
 }
 
+absl::Status AttentionServer::CheckMemory() {
+  // The GPU runner's KV cache and activations live in device memory (its own plan, not this).
+  if (options_.device.is_cuda()) return absl::OkStatus();
+  BatchLimits limits = options_.scheduler;
+  limits.num_slots += 1;  // the scratch slot of ComputeLogits, as CreateBatchRunner adds
+  DSMOE_ASSIGN_OR_RETURN(
+      const MemoryPlan plan,
+      PlanMemory(weights_->config(), limits, static_cast<int64_t>(weights_->MatrixBytes()),
+                 sizeof(float), options_.expert_servers.empty(), thread_pool_->num_threads()));
+  int64_t limit = options_.memory_limit;
+  std::string source = "--memory-limit";
+  if (limit == 0) {
+    limit = CgroupMemoryLimit();
+    source = "the cgroup's memory limit";
+  }
+  options_.logger->Log(LogLevel::kInfo,
+                       absl::StrCat(kLogName, ": memory plan: ", plan.Describe(), "; limit ",
+                                    limit > 0 ? FormatBytes(limit) + " (" + source + ")" : "none"));
+  auto& family = metrics_->Gauge("dsmoe_memory_plan_bytes",
+                                 "The start-up memory plan, by part (weights, kv_cache, "
+                                 "activations, runtime), and the limit it was checked against");
+  family.Add({{"part", "weights"}}).Set(static_cast<double>(plan.weight_bytes));
+  family.Add({{"part", "kv_cache"}}).Set(static_cast<double>(plan.kv_bytes()));
+  family.Add({{"part", "activations"}}).Set(static_cast<double>(plan.activation_bytes));
+  family.Add({{"part", "runtime"}}).Set(static_cast<double>(plan.runtime_bytes));
+  family.Add({{"part", "limit"}}).Set(static_cast<double>(limit));
+  metrics_->Gauge("dsmoe_kv_cache_tokens", "Tokens the KV cache's pages hold in all")
+      .Add({})
+      .Set(static_cast<double>(plan.kv_tokens()));
+  return CheckMemoryPlan(plan, limit, source);
+}
+
 absl::Status AttentionServer::Start() {
   DSMOE_ASSIGN_OR_RETURN(security_, rpc::TransportSecurity::Load(options_.tls));
   WeightSelection selection;
@@ -85,6 +119,7 @@ absl::Status AttentionServer::Start() {
   if (!options_.expert_servers.empty()) DSMOE_RETURN_IF_ERROR(ConnectExpertServers(config));
 
   thread_pool_ = std::make_unique<ThreadPool>(options_.threads);
+  DSMOE_RETURN_IF_ERROR(CheckMemory());
   DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<BatchRunner> runner,
                          CreateBatchRunner(options_.device, *weights_, *thread_pool_,
                                            options_.scheduler, dispatcher_.get()));

@@ -70,8 +70,11 @@ struct AttentionServerOptions {
   int micro_batches = 2;
   // Health checks of the expert servers (log lines name this process "dsmoe-attention-server").
   rpc::HealthCheckOptions expert_health;
-  // Slots, tokens per forward pass, context and queue limits.
+  // Slots, tokens per forward pass, context, the KV cache's budget and pages, queue limits.
   SchedulerOptions scheduler;
+  // The memory plan (weights, KV cache, activations; core/model/memory_plan.h) must fit this
+  // many bytes, or Create fails naming the numbers. 0: the cgroup's limit, if any.
+  int64_t memory_limit = 0;
   Device device;    // where the forward pass runs: cpu or cuda:N
   int threads = 0;  // CPU compute threads; 0: all cores
   // Routing load is measured over this recent window (imbalance gauges, planner).
@@ -127,6 +130,8 @@ class AttentionServer {
  private:
   explicit AttentionServer(AttentionServerOptions options) : options_(std::move(options)) {}
   absl::Status Start();
+  // Logs and exports the memory plan; RESOURCE_EXHAUSTED when it exceeds the limit.
+  absl::Status CheckMemory();
   // The placement, the pool (with its health checks, not yet started), the NCCL links if asked
   // and the dispatcher. REQUIRES: expert servers were given.
   absl::Status ConnectExpertServers(const ModelConfig& config);

@@ -21,6 +21,7 @@ absl::StatusOr<std::unique_ptr<BatchRunner>> CreateBatchRunner(const Device& dev
   cuda::CudaRunnerOptions co;
   static_cast<BatchLimits&>(co) = limits;
   co.device = device.index;
+  co.page_size = limits.kv_page_tokens;
   co.max_graph_tokens = std::min<int64_t>(limits.max_batch_tokens, co.max_graph_tokens);
   DSMOE_ASSIGN_OR_RETURN(auto runner, cuda::CudaModelRunner::Create(weights, co, experts));
   return std::unique_ptr<BatchRunner>(std::move(runner));

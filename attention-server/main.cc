@@ -9,6 +9,7 @@
 #include "core/rpc/security_flags.h"
 #include "core/rpc/server.h"
 #include "core/rpc/serving_flags.h"
+#include "core/util/memory_limit.h"
 
 namespace {
 
@@ -66,6 +67,23 @@ void AddSchedulerFlags(CLI::App& app, dsmoe::SchedulerOptions* s) {
   app.add_option("--max-waiting", s->max_waiting, "Queued sequences at most")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
+  app.add_option("--kv-page-tokens", s->kv_page_tokens,
+                 "Positions per KV-cache page (a power of two)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+}
+
+// A byte size flag ("16Gi", "512M", "1073741824") into *bytes.
+void AddByteSizeOption(CLI::App& app, const std::string& name, int64_t* bytes,
+                       const std::string& help) {
+  app.add_option_function<std::string>(
+      name,
+      [bytes, name](const std::string& text) {
+        absl::StatusOr<int64_t> v = dsmoe::ParseByteSize(text);
+        if (!v.ok()) throw CLI::ValidationError(name, std::string(v.status().message()));
+        *bytes = *v;
+      },
+      help);
 }
 
 // The load window and rebalancing flags.
@@ -117,6 +135,12 @@ int main(int argc, char** argv) {
   AddExpertFlags(app, &options, &expert_servers, &deadline_ms, &transport);
   dsmoe::rpc::HealthCheckFlags health_flags(app, "expert servers");
   AddSchedulerFlags(app, &options.scheduler);
+  AddByteSizeOption(app, "--kv-cache-memory", &options.scheduler.kv_cache_bytes,
+                    "Bytes the KV cache's pages may take (e.g. 16Gi); sequences hold only the "
+                    "pages they reach (default: enough for every slot to reach the context)");
+  AddByteSizeOption(app, "--memory-limit", &options.memory_limit,
+                    "Refuse to start when the memory plan (weights + KV cache + activations) "
+                    "exceeds this (e.g. 32Gi; default: the container's cgroup limit)");
   app.add_option("--device", device_name, "Where the forward pass runs: cpu, cuda or cuda:N")
       ->capture_default_str();
   app.add_option("--threads", options.threads, "Compute threads (default: all cores)")

@@ -7,6 +7,22 @@
 #include "attention-server/batch_runner_factory.h"
 
 namespace dsmoe {
+namespace {
+
+// Positions a sequence must have in the cache before its next decode step: its prompt, and
+// every sampled token but the last (fed by that step). Less than that after a preemption.
+template <class Sequence>
+int64_t Known(const Sequence& s) {
+  return static_cast<int64_t>(s.params.prompt.size()) + std::max<int64_t>(s.generated - 1, 0);
+}
+
+template <class Sequence>
+int32_t TokenAt(const Sequence& s, int64_t i) {
+  const int64_t P = static_cast<int64_t>(s.params.prompt.size());
+  return i < P ? s.params.prompt[i] : s.output[i - P];
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights,
                                                              ThreadPool& pool,
@@ -33,6 +49,8 @@ Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions
     : runner_(std::move(runner)),
       options_(options),
       metrics_(metrics != nullptr ? &metrics->scheduler() : nullptr),
+      context_(std::min(runner_->max_context(),
+                        runner_->blocks().num_pages() * runner_->blocks().page_tokens())),
       scratch_slot_(static_cast<int32_t>(options.num_slots)) {
   for (int64_t s = options.num_slots - 1; s >= 0; --s)
     free_slots_.push_back(static_cast<int32_t>(s));
@@ -154,10 +172,9 @@ void Scheduler::Finish(Sequence* seq, FinishReason reason, const absl::Status& s
      : reason == FinishReason::kLength ? metrics_->finished_length
                                        : metrics_->finished_stop)
         ->Increment();
-    kv_tokens_ -= seq->fed;
-    PublishKvUsage();
   }
   runner_->ReleaseSlot(seq->slot);
+  PublishKvUsage();
   absl::MutexLock lock(&mu_);
   free_slots_.push_back(seq->slot);
   running_.erase(seq->id);  // destroys *seq
@@ -171,9 +188,44 @@ void Scheduler::PublishLoadLocked() {
 }
 
 void Scheduler::PublishKvUsage() {
-  const double capacity =
-      static_cast<double>(options_.num_slots) * static_cast<double>(max_context());
-  metrics_->kv_cache_usage->Set(capacity > 0 ? static_cast<double>(kv_tokens_) / capacity : 0.0);
+  if (metrics_ == nullptr) return;
+  const BlockManager& blocks = runner_->blocks();
+  const double used = static_cast<double>(blocks.num_used_pages());
+  metrics_->kv_pages_used->Set(used);
+  metrics_->kv_pages_free->Set(static_cast<double>(blocks.num_free_pages()));
+  metrics_->kv_cache_usage->Set(blocks.num_pages() > 0 ? used / blocks.num_pages() : 0.0);
+}
+
+void Scheduler::Preempt(Sequence* seq) {
+  runner_->ReleaseSlot(seq->slot);
+  const int32_t slot = seq->slot;
+  seq->slot = -1;
+  seq->fed = 0;
+  if (metrics_ != nullptr) metrics_->preemptions->Increment();
+  PublishKvUsage();
+  absl::MutexLock lock(&mu_);
+  free_slots_.push_back(slot);
+  auto it = running_.find(seq->id);
+  std::unique_ptr<Sequence> owned = std::move(it->second);
+  running_.erase(it);
+  // Before every later arrival: it runs again as soon as pages allow.
+  auto at = std::find_if(waiting_.begin(), waiting_.end(),
+                         [&](const auto& w) { return w->id > owned->id; });
+  waiting_.insert(at, std::move(owned));
+  PublishLoadLocked();
+}
+
+bool Scheduler::GrowPreempting(int32_t slot, int64_t tokens, Sequence* self,
+                               std::vector<Sequence*>& running) {
+  BlockManager& blocks = runner_->blocks();
+  while (blocks.PagesNeeded(slot, tokens) > blocks.num_free_pages()) {
+    if (running.empty()) return false;
+    Sequence* victim = running.back();
+    running.pop_back();
+    Preempt(victim);
+    if (victim == self) return false;
+  }
+  return blocks.Grow(slot, tokens).ok();
 }
 
 void Scheduler::Loop() {
@@ -204,10 +256,19 @@ void Scheduler::Loop() {
         }
       }
       cancel_requests_.clear();
+      // Admission, first come first served: a slot, and pages for all the sequence prefills
+      // (its prompt; after a preemption, also what it had produced) plus a page of headroom per
+      // running sequence, so that their next pages do not at once preempt the newcomer.
+      BlockManager& blocks = runner_->blocks();
       while (!free_slots_.empty() && !waiting_.empty()) {
+        const int64_t known = Known(*waiting_.front());
+        const int64_t headroom = static_cast<int64_t>(running_.size());
+        if (blocks.PagesFor(known) + headroom > blocks.num_free_pages()) break;
+        const int32_t slot = free_slots_.back();
+        if (!blocks.Grow(slot, known).ok()) break;
         std::unique_ptr<Sequence> seq = std::move(waiting_.front());
         waiting_.pop_front();
-        seq->slot = free_slots_.back();
+        seq->slot = slot;
         free_slots_.pop_back();
         if (metrics_ != nullptr) {
           metrics_->queue_time->Observe(
@@ -245,7 +306,8 @@ void Scheduler::Loop() {
         live.push_back(seq);
       }
     }
-    if (job != nullptr) job->result.set_value(RunLogitsJob(job->ids));
+    if (job != nullptr) job->result.set_value(RunLogitsJob(job->ids, live));
+    PublishKvUsage();
     if (!live.empty()) Step(live);
   }
 }
@@ -257,13 +319,19 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   batch_pos_.clear();
   batch_rows_.clear();
   row_owner_.clear();
+  // Pages for the decode steps, oldest first; a sequence that needs one when none is free
+  // preempts the youngest (possibly itself, which then leaves `running`). Prompt chunks need
+  // none: admission gave them their pages.
+  for (size_t i = 0; i < running.size(); ++i) {
+    Sequence* s = running[i];
+    if (s->fed >= Known(*s)) GrowPreempting(s->slot, s->fed + 1, s, running);
+  }
   fed_in_step_.assign(running.size(), 0);
   int64_t budget = options_.max_batch_tokens;
-  std::vector<Sequence*> in_batch;
   // Decode steps first (one token each), then prompt chunks with what budget is left.
   for (size_t i = 0; i < running.size() && budget > 0; ++i) {
     Sequence* s = running[i];
-    if (s->fed < static_cast<int64_t>(s->params.prompt.size())) continue;
+    if (s->fed < Known(*s)) continue;
     batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size()));
     row_owner_.push_back(s);
     batch_ids_.push_back(s->last_token);
@@ -274,15 +342,17 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   }
   for (size_t i = 0; i < running.size() && budget > 0; ++i) {
     Sequence* s = running[i];
-    const int64_t P = static_cast<int64_t>(s->params.prompt.size());
-    if (s->fed >= P) continue;
-    const int64_t n = std::min(budget, P - s->fed);
+    const int64_t known = Known(*s);
+    if (s->fed >= known) continue;
+    const int64_t n = std::min(budget, known - s->fed);
     for (int64_t j = 0; j < n; ++j) {
-      batch_ids_.push_back(s->params.prompt[s->fed + j]);
+      batch_ids_.push_back(TokenAt(*s, s->fed + j));
       batch_slots_.push_back(s->slot);
       batch_pos_.push_back(static_cast<int32_t>(s->fed + j));
     }
-    if (s->fed + n == P) {  // the prompt is complete: its last token's logits give token 1
+    // The prompt is complete: its last token's logits give token 1. (A recomputed sequence
+    // has its next token already: it decodes from the next step on.)
+    if (s->fed + n == known && s->generated == 0) {
       batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size() - 1));
       row_owner_.push_back(s);
     }
@@ -328,7 +398,6 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
           running[i]->fed > static_cast<int64_t>(running[i]->params.prompt.size()))
         ++decode;
     }
-    kv_tokens_ += fed;
     metrics_->prompt_tokens->Increment(static_cast<double>(fed - decode));
     metrics_->generation_tokens->Increment(static_cast<double>(row_owner_.size()));
     PublishKvUsage();
@@ -337,6 +406,7 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     Sequence* s = row_owner_[r];
     const int32_t token = s->sampler->Sample(logits_.data() + r * V);
     s->last_token = token;
+    s->output.push_back(token);
     ++s->generated;
     s->sink->OnToken(token);
     const auto& stops = s->params.stop_token_ids;
@@ -348,7 +418,8 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   }
 }
 
-absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int32_t>& ids) {
+absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int32_t>& ids,
+                                                           std::vector<Sequence*>& running) {
   const int64_t T = static_cast<int64_t>(ids.size()), V = runner_->config().vocab_size;
   if (T == 0) return absl::InvalidArgumentError("no tokens");
   if (T > max_context()) {
@@ -371,6 +442,10 @@ absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int
   } release{runner_.get(), scratch_slot_};
   for (int64_t begin = 0; begin < T; begin += chunk) {
     const int64_t n = std::min(chunk, T - begin);
+    if (!GrowPreempting(scratch_slot_, begin + n, nullptr, running)) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the KV cache has no pages for ", begin + n, " positions"));
+    }
     for (int64_t i = 0; i < n; ++i) {
       pos[i] = static_cast<int32_t>(begin + i);
       rows[i] = static_cast<int32_t>(i);

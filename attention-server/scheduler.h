@@ -1,9 +1,15 @@
 // Continuous batching on one attention server. One loop thread owns the BatchRunner (CPU or
-// GPU): each step it admits waiting sequences into free KV-cache slots, builds one batch of every
-// running sequence's next token plus prompt chunks of newly admitted ones (within
-// max_batch_tokens), runs the forward pass, samples per sequence, streams tokens to each
-// sequence's sink, and frees the slot of every sequence that finished — so requests join and
-// leave between steps.
+// GPU): each step it admits waiting sequences into free slots while the KV cache has pages for
+// their prompts, builds one batch of every running sequence's next token plus prompt chunks of
+// newly admitted ones (within max_batch_tokens), runs the forward pass, samples per sequence,
+// streams tokens to each sequence's sink, and frees the slot and pages of every sequence that
+// finished — so requests join and leave between steps.
+//
+// Pages (core/model/block_manager.h): a sequence holds those of the positions it has reached.
+// When a running sequence needs a page and none is free, the youngest running sequence (the
+// latest arrival) is preempted: its pages are freed and it goes back to the head of the queue,
+// to be recomputed from its prompt and the tokens it already produced (which its sink has heard
+// and does not hear again). Nobody fails for want of pages; greedy output is unchanged.
 //
 // Thread-safe: Submit, Cancel, GetLoad and ComputeLogits may be called from any thread (the
 // RPC handlers); only the loop thread touches the runner.
@@ -45,8 +51,9 @@ class SequenceSink {
   virtual void OnFinish(FinishReason reason, const absl::Status& status) = 0;
 };
 
-// The runner's limits (num_slots: sequences running at once; the runner holds one more, the
-// scratch slot of ComputeLogits), and the queue's.
+// The runner's limits (num_slots: sequences running at once, a cap, not a reservation: the
+// runner holds one more slot, the scratch slot of ComputeLogits; kv_cache_bytes: the pages'
+// budget), and the queue's.
 struct SchedulerOptions : BatchLimits {
   SchedulerOptions() { num_slots = 32; }
   int64_t max_waiting = 1024;  // accepted but not yet running; beyond: RESOURCE_EXHAUSTED
@@ -88,7 +95,9 @@ class Scheduler {
   // is shutting down. What a placement switch needs: every step sees one placement.
   absl::Status RunBetweenSteps(std::function<void()> fn);
 
-  int64_t max_context() const { return runner_->max_context(); }
+  // Positions a sequence may reach: the runner's context, at most what all pages hold (so a
+  // sequence alone always fits).
+  int64_t max_context() const { return context_; }
   const ModelConfig& config() const { return runner_->config(); }
 
  private:
@@ -100,7 +109,8 @@ class Scheduler {
     int32_t slot = -1;
     int64_t fed = 0;  // tokens written to the KV cache
     int64_t generated = 0;
-    int32_t last_token = -1;  // sampled, not yet fed
+    std::vector<int32_t> output;  // tokens sampled, kept to recompute the cache after preemption
+    int32_t last_token = -1;      // sampled, not yet fed
     bool cancelled = false;
     std::chrono::steady_clock::time_point arrived;
   };
@@ -118,10 +128,19 @@ class Scheduler {
   void Loop();
   void Step(std::vector<Sequence*>& running);
   void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
-  absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids);
+  // `running` (oldest first): who may be preempted for the scratch slot's pages.
+  absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids,
+                                                  std::vector<Sequence*>& running);
+  // Grows `slot` to hold `tokens` positions, preempting the youngest of `running` (its last)
+  // while too few pages are free. False, having grown nothing, when `self` (the slot's
+  // sequence, or null) was preempted itself or nobody is left to preempt.
+  bool GrowPreempting(int32_t slot, int64_t tokens, Sequence* self,
+                      std::vector<Sequence*>& running);
+  // Frees a running sequence's slot and pages and puts it back in the queue, by arrival.
+  void Preempt(Sequence* seq);
   // Publishes running/waiting.
   void PublishLoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Publishes the KV-cache usage after kv_tokens_ changed. Loop thread only.
+  // Publishes the KV cache's pages in use. Loop thread only.
   void PublishKvUsage();
   // Adds what the runner's profile gained since the last call to the phase counters. Loop
   // thread only.
@@ -130,7 +149,7 @@ class Scheduler {
   std::unique_ptr<BatchRunner> runner_;
   SchedulerOptions options_;
   SchedulerMetrics* metrics_;      // null: no metrics
-  int64_t kv_tokens_ = 0;          // tokens held in the running sequences' slots; loop thread only
+  int64_t context_;                // max_context()
   int32_t scratch_slot_;           // reserved for ComputeLogits
   ForwardProfile phases_counted_;  // the runner's profile as last exported; loop thread only
 

@@ -320,6 +320,8 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
   if (o.micro_batches > 0) {
     argv.insert(argv.end(), {"--micro-batches", std::to_string(o.micro_batches)});
   }
+  if (!o.kv_cache_memory.empty()) argv.insert(argv.end(), {"--kv-cache-memory", o.kv_cache_memory});
+  if (!o.memory_limit.empty()) argv.insert(argv.end(), {"--memory-limit", o.memory_limit});
   // A restarted attention server resumes the placement in use, not the start-up one.
   argv.insert(argv.end(), {"--placement-state", placement_state});
   for (const auto& [flag, value] : {std::pair{"--rebalance-period", o.rebalance_period},

@@ -20,6 +20,9 @@ struct ClusterUpOptions {
   std::string cpus;
   int num_slots = 32;                     // per attention server
   int micro_batches = 0;                  // the attention servers' --micro-batches; 0: theirs
+  // The attention servers' --kv-cache-memory and --memory-limit ("16Gi", "512M"); "": theirs.
+  std::string kv_cache_memory;
+  std::string memory_limit;
   int dispatch_deadline_ms = 10000;       // attention → expert server call deadline
   int health_check_period_ms = 1000;      // attention → expert and gateway → attention checks
   int health_check_timeout_ms = 2000;     // deadline of one check

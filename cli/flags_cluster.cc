@@ -50,6 +50,12 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
   up_cmd->add_option("--num-slots", up.num_slots, "Sequences per attention server")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  up_cmd->add_option("--kv-cache-memory", up.kv_cache_memory,
+                     "Bytes each attention server's KV cache may take, e.g. 16Gi (default: a "
+                     "full context per slot)");
+  up_cmd->add_option("--memory-limit", up.memory_limit,
+                     "Attention servers refuse to start when their memory plan exceeds this, "
+                     "e.g. 32Gi (default: their cgroup's limit)");
   up_cmd
       ->add_option("--device", up.device,
                    "Where every attention and expert server computes: cpu, cuda or cuda:N")

@@ -7,6 +7,7 @@
 // log goes to the Logger their Options inject (a CapturingLogger here), read back line by line.
 #include "attention-server/attention_server.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -244,6 +245,22 @@ TEST_F(AttentionServerTest, CreateValidatesItsOptions) {
   o = Options({"127.0.0.1:1", "127.0.0.1:2"});
   o.dispatch_deadline = std::chrono::milliseconds(0);
   EXPECT_EQ(AttentionServer::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The memory plan is checked before the KV cache is allocated: over the limit, Create fails
+// naming the plan's parts and the limit; within it, the server starts and exports the plan.
+TEST_F(AttentionServerTest, RefusesToStartWhenTheMemoryPlanExceedsTheLimit) {
+  AttentionServerOptions o = Options({});
+  o.memory_limit = 100 << 20;  // less than the runtime allowance alone
+  const auto refused = AttentionServer::Create(o);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  for (const char* part : {"weights", "KV cache", "activations", "100.0 MiB (--memory-limit)"}) {
+    EXPECT_THAT(std::string(refused.status().message()), ::testing::HasSubstr(part));
+  }
+  o = Options({});
+  o.memory_limit = int64_t{4} << 30;
+  auto server = AttentionServer::Create(o);
+  ASSERT_TRUE(server.ok()) << server.status();
 }
 
 }  // namespace

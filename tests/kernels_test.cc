@@ -4,7 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 
 #include "core/model/quantize.h"
 #include "core/tensor/dtype.h"
@@ -209,8 +212,8 @@ TEST(Kernels, AttendMatchesDoublePrecision) {
     if (FastKernels() != nullptr) tables.push_back(FastKernels());
     for (const ops::KernelTable* k : tables) {
       std::vector<float> scores(len), out(hd, -7.0f);
-      k->attend(q.data(), keys.data(), values.data(), stride, len, hd, scale, scores.data(),
-                out.data());
+      k->attend(q.data(), ops::KvPages{keys.data(), values.data(), stride}, len, hd, scale,
+                scores.data(), out.data());
       for (int64_t d = 0; d < hd; ++d) {
         ASSERT_NEAR(out[d], want[d], 2e-5)
             << k->name << " hd=" << hd << " len=" << len << " stride=" << stride << " d=" << d;
@@ -235,8 +238,9 @@ TEST(Kernels, AttendCausalMatchesDoublePrecision) {
     if (FastKernels() != nullptr) tables.push_back(FastKernels());
     for (const ops::KernelTable* k : tables) {
       std::vector<float> scratch(8 * len + 80 * hd), out(Q * out_stride, -7.0f);
-      k->attend_causal(q.data(), q_stride, Q, first, keys.data(), values.data(), stride, hd, scale,
-                       scratch.data(), out.data(), out_stride);
+      k->attend_causal(q.data(), q_stride, Q, first,
+                       ops::KvPages{keys.data(), values.data(), stride}, hd, scale, scratch.data(),
+                       out.data(), out_stride);
       for (int64_t i = 0; i < Q; ++i) {
         const std::vector<float> qi(q.begin() + i * q_stride, q.begin() + i * q_stride + hd);
         const std::vector<double> want =
@@ -249,6 +253,90 @@ TEST(Kernels, AttendCausalMatchesDoublePrecision) {
           ASSERT_NEAR(out[i * out_stride + d], want[d], 2e-5)
               << k->name << " hd=" << hd << " Q=" << Q << " first=" << first << " i=" << i
               << " d=" << d;
+        }
+      }
+    }
+  }
+}
+
+// A contiguous cache [len][stride] scattered into pages of 2^shift rows, in shuffled page
+// order with unused pages between: what a block table points into.
+struct ScatteredPages {
+  std::vector<float> keys, values;
+  std::vector<int32_t> table;
+  ops::KvPages view;
+};
+ScatteredPages Scatter(const std::vector<float>& keys, const std::vector<float>& values,
+                       int64_t stride, int64_t len, int shift, uint32_t seed) {
+  const int64_t page = int64_t{1} << shift, num_used = (len + page - 1) / page;
+  const int64_t num_pages = 2 * num_used + 1, page_stride = page * stride;
+  std::vector<int32_t> order(num_pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937(seed));
+  ScatteredPages s;
+  s.keys.assign(num_pages * page_stride, std::nanf(""));  // unused rows would poison the sum
+  s.values.assign(num_pages * page_stride, std::nanf(""));
+  s.table.assign(order.begin(), order.begin() + num_used);
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t at = s.table[p / page] * page_stride + (p % page) * stride;
+    std::copy_n(keys.begin() + p * stride, stride, s.keys.begin() + at);
+    std::copy_n(values.begin() + p * stride, stride, s.values.begin() + at);
+  }
+  s.view = ops::KvPages{s.keys.data(), s.values.data(), stride, s.table.data(), shift, page_stride};
+  return s;
+}
+
+TEST(Kernels, PagedAttendMatchesDoublePrecision) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t hd = std::vector<int64_t>{8, 16, 64, 128, 24, 13}[trial % 6];
+    const int64_t len = 1 + rng() % (trial % 2 ? 300 : 20), stride = hd * (1 + trial % 2);
+    const int shift = std::vector<int>{0, 2, 3, 4}[trial % 4];
+    std::vector<float> q = RandomFloats(hd, trial, 3.0f),
+                       keys = RandomFloats(len * stride, 500 + trial),
+                       values = RandomFloats(len * stride, 600 + trial);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const std::vector<double> want = AttendInDouble(q, keys, values, stride, len, hd, scale);
+    const ScatteredPages paged = Scatter(keys, values, stride, len, shift, trial);
+    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+    if (FastKernels() != nullptr) tables.push_back(FastKernels());
+    for (const ops::KernelTable* k : tables) {
+      std::vector<float> scores(len), out(hd, -7.0f);
+      k->attend(q.data(), paged.view, len, hd, scale, scores.data(), out.data());
+      for (int64_t d = 0; d < hd; ++d) {
+        ASSERT_NEAR(out[d], want[d], 2e-5)
+            << k->name << " hd=" << hd << " len=" << len << " page=" << (1 << shift);
+      }
+    }
+  }
+}
+
+TEST(Kernels, PagedAttendCausalMatchesDoublePrecision) {
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t hd = std::vector<int64_t>{8, 16, 64, 128, 24, 12}[trial % 6];
+    const int64_t Q = 1 + rng() % 20, first = rng() % (trial % 2 ? 200 : 5);
+    const int64_t stride = hd * (1 + trial % 2), len = first + Q, q_stride = hd * 2;
+    const int shift = std::vector<int>{0, 2, 3, 4, 5}[trial % 5];
+    std::vector<float> q = RandomFloats(Q * q_stride, trial, 3.0f),
+                       keys = RandomFloats(len * stride, 700 + trial),
+                       values = RandomFloats(len * stride, 800 + trial);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const ScatteredPages paged = Scatter(keys, values, stride, len, shift, trial);
+    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+    if (FastKernels() != nullptr) tables.push_back(FastKernels());
+    for (const ops::KernelTable* k : tables) {
+      std::vector<float> scratch(8 * len + 80 * hd), out(Q * hd, -7.0f);
+      k->attend_causal(q.data(), q_stride, Q, first, paged.view, hd, scale, scratch.data(),
+                       out.data(), hd);
+      for (int64_t i = 0; i < Q; ++i) {
+        const std::vector<float> qi(q.begin() + i * q_stride, q.begin() + i * q_stride + hd);
+        const std::vector<double> want =
+            AttendInDouble(qi, keys, values, stride, first + i + 1, hd, scale);
+        for (int64_t d = 0; d < hd; ++d) {
+          ASSERT_NEAR(out[i * hd + d], want[d], 2e-5)
+              << k->name << " hd=" << hd << " Q=" << Q << " first=" << first
+              << " page=" << (1 << shift) << " i=" << i;
         }
       }
     }

@@ -16,6 +16,15 @@ absl::StatusOr<BatchLimits> BatchLimits::Resolve(const ModelConfig& config) cons
                                                    ") and num_slots (", resolved.num_slots,
                                                    ") must be > 0"));
   }
+  const int64_t page = resolved.kv_page_tokens;
+  if (page <= 0 || page > 4096 || (page & (page - 1)) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV page size ", page, " must be a power of two in [1, 4096] positions"));
+  }
+  if (resolved.kv_cache_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache budget ", resolved.kv_cache_bytes, " bytes is negative"));
+  }
   return resolved;
 }
 

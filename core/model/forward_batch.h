@@ -22,11 +22,16 @@ struct ForwardBatch {
 // arena). The CPU runner's options, and part of the GPU runner's and the scheduler's.
 struct BatchLimits {
   int64_t max_batch_tokens = 256;  // tokens per Forward; longer prompts are fed in chunks
-  int64_t num_slots = 1;           // sequences whose KV cache is held at once
+  int64_t num_slots = 1;           // sequences running at once (a cap, not a reservation)
   int64_t max_context = 0;         // positions per slot; 0: the model's maximum
+  // The KV cache's pages: positions per page (a power of two), and the bytes the pages may
+  // take in all (core/model/kv_cache.h). 0: enough pages for every slot to reach max_context.
+  int64_t kv_page_tokens = 16;
+  int64_t kv_cache_bytes = 0;
 
   // These limits for a model of `config`, max_context 0 made the model's maximum.
-  // INVALID_ARGUMENT when a count is not positive or the context exceeds the model's.
+  // INVALID_ARGUMENT when a count is not positive, the page size not a power of two, or the
+  // context exceeds the model's.
   absl::StatusOr<BatchLimits> Resolve(const ModelConfig& config) const;
 };
 

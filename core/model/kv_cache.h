@@ -1,34 +1,52 @@
-// The key/value cache: for every layer and sequence slot, post-RoPE keys and values of each
-// position, fp32, laid out [position][kv_head][head_dim] so one position is one contiguous row.
+// The CPU's key/value cache, paged: post-RoPE keys and values of every layer live in a pool of
+// pages of page_tokens positions, [layer][page][page_tokens][kv_head · head_dim] for keys and
+// the same for values, fp32; the BlockManager (core/model/block_manager.h) hands pages to
+// sequence slots and keeps their block tables. The pool is sized by a byte budget
+// (BatchLimits::kv_cache_bytes), so memory follows the tokens held, not num_slots × max_context.
 //
-// Thread-compatible: owned by one ModelRunner, written and read inside its Forward.
+// Thread-compatible: owned by one ModelRunner, written and read inside its Forward; its
+// BlockManager is also used by the runner's owner between calls.
 #pragma once
 
 #include <cstdint>
 
+#include "core/model/block_manager.h"
 #include "core/model/config.h"
+#include "core/model/forward_batch.h"
+#include "core/ops/kernels.h"
 #include "core/tensor/tensor.h"
 
 namespace dsmoe {
 
+// Bytes one position takes in the cache: keys and values of every layer,
+// 2 · layers · kv_heads · head_dim · element_bytes.
+int64_t KvBytesPerToken(const ModelConfig& config, int64_t element_bytes);
+// Pages a runner of `limits` (resolved) gets: kv_cache_bytes / page bytes, or, with no budget,
+// enough for every slot to reach max_context. INVALID_ARGUMENT when the budget holds no page.
+absl::StatusOr<int64_t> NumKvPages(const ModelConfig& config, const BatchLimits& limits,
+                                   int64_t element_bytes);
+
 class KvCache {
  public:
-  KvCache(const ModelConfig& config, int64_t num_slots, int64_t max_context);
+  // REQUIRES: limits resolved (BatchLimits::Resolve); num_pages from NumKvPages.
+  KvCache(const ModelConfig& config, const BatchLimits& limits, int64_t num_pages);
 
-  int64_t num_slots() const { return num_slots_; }
-  int64_t max_context() const { return max_context_; }
+  BlockManager& blocks() { return blocks_; }
+  const BlockManager& blocks() const { return blocks_; }
   int64_t row_size() const { return row_size_; }  // num_key_value_heads · head_dim
-  size_t NumBytes() const { return keys_.size() * sizeof(float) * 2; }
+  size_t NumBytes() const { return (keys_.size() + values_.size()) * sizeof(float); }
 
-  // Row of position 0 for (layer, slot); position p is p · row_size() further.
-  float* Keys(int64_t layer, int64_t slot) { return keys_.data() + Offset(layer, slot); }
-  float* Values(int64_t layer, int64_t slot) { return values_.data() + Offset(layer, slot); }
+  // Stores the keys and values of the batch's tokens ([T, row_size] each) at their slots'
+  // positions. REQUIRES: the pages of those positions were reserved (blocks().Reserve).
+  void Write(int64_t layer, const ForwardBatch& batch, const float* k, const float* v);
+  // What the attention kernels read: kv head `kv_head` of `slot` in `layer`, through the
+  // slot's block table.
+  ops::KvPages View(int64_t layer, int32_t slot, int64_t kv_head) const;
 
  private:
-  size_t Offset(int64_t layer, int64_t slot) const {
-    return static_cast<size_t>((layer * num_slots_ + slot) * max_context_ * row_size_);
-  }
-  int64_t num_slots_, max_context_, row_size_;
+  float* KeyRow(int64_t layer, int32_t slot, int64_t position);
+  int64_t row_size_, head_dim_, page_floats_, layer_floats_;
+  BlockManager blocks_;
   FloatBuffer keys_, values_;
 };
 

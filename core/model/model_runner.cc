@@ -17,7 +17,8 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
     return absl::FailedPreconditionError("model runner needs the attention-side weights loaded");
   }
   DSMOE_ASSIGN_OR_RETURN(const RunnerOptions o, options.Resolve(c));
-  auto runner = std::unique_ptr<ModelRunner>(new ModelRunner(weights, pool, o));
+  DSMOE_ASSIGN_OR_RETURN(const int64_t num_pages, NumKvPages(c, o, sizeof(float)));
+  auto runner = std::unique_ptr<ModelRunner>(new ModelRunner(weights, pool, o, num_pages));
   if (c.n_routed_experts > 0) {
     if (experts != nullptr) {
       runner->experts_ = experts;
@@ -32,13 +33,13 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
 }
 
 ModelRunner::ModelRunner(const ModelWeights& weights, ThreadPool& pool,
-                         const RunnerOptions& options)
+                         const RunnerOptions& options, int64_t num_kv_pages)
     : weights_(weights),
       config_(weights.config()),
       pool_(pool),
       options_(options),
       gate_(GateParamsFromConfig(config_)),
-      kv_cache_(config_, options.num_slots, options.max_context),
+      kv_cache_(config_, options, num_kv_pages),
       rope_(config_, options.max_context) {
   const ModelConfig& c = config_;
   const int64_t T = options.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();
@@ -84,7 +85,6 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b, int64_t first)
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   const int64_t nh = c.num_attention_heads, hd = c.head_dim();
   const int64_t group = nh / c.num_key_value_heads;  // HF repeat_kv: head h reads kv head h / group
-  const int64_t row = kv_cache_.row_size();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const ops::KernelTable& k = ops::Kernels();
 
@@ -105,22 +105,22 @@ void ModelRunner::Attention(int64_t layer, const ForwardBatch& b, int64_t first)
   pool_.ParallelFor(runs * nh, [&](int64_t task, int thread) {
     const int64_t run = task / nh, h = task % nh;
     const int64_t t0 = attention_runs_[run], n = attention_runs_[run + 1] - t0;
-    const float* keys = kv_cache_.Keys(layer, b.slots[t0]) + (h / group) * hd;
-    const float* values = kv_cache_.Values(layer, b.slots[t0]) + (h / group) * hd;
+    const ops::KvPages kv = kv_cache_.View(layer, b.slots[t0], h / group);
     float* scratch = scores_.data() + thread * AttentionScratch();
     const float* q = q_rows + t0 * qkv_stride + h * hd;
     float* out = attn_rows + t0 * qkv_stride + h * hd;
     if (n == 1) {
-      k.attend(q, keys, values, row, b.positions[t0] + 1, hd, scale, scratch, out);
+      k.attend(q, kv, b.positions[t0] + 1, hd, scale, scratch, out);
     } else {
-      k.attend_causal(q, qkv_stride, n, b.positions[t0], keys, values, row, hd, scale, scratch, out,
-                      qkv_stride);
+      k.attend_causal(q, qkv_stride, n, b.positions[t0], kv, hd, scale, scratch, out, qkv_stride);
     }
   });
 }
 
 absl::Status ModelRunner::Forward(const ForwardBatch& b, float* logits) {
   DSMOE_RETURN_IF_ERROR(CheckBatch(b, options_, config_.vocab_size));
+  // Pages for every position written (a scheduler has usually grown its slots already).
+  DSMOE_RETURN_IF_ERROR(kv_cache_.blocks().Reserve(b.slots, b.positions));
   const ModelConfig& c = config_;
   const ModelWeights& w = weights_;
   const ops::KernelTable& kern = ops::Kernels();
@@ -184,7 +184,6 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   const LayerWeights& L = weights_.layers[layer];
   const int64_t T = mb.size, H = c.hidden_size;
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, hd = c.head_dim();
-  const int64_t kv_row = kv_cache_.row_size();
   // This micro-batch's rows of the activation arena.
   float* h = hidden_.data() + mb.first * H;
   float* xn = normed_.data() + mb.first * H;
@@ -202,13 +201,8 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   ops::Linear(pool_, xn, T, L.attention.v.weight, bias(L.attention.v), v);  // [T, nkv·hd]
   rope_.Apply(q, T, nh, b.positions);
   rope_.Apply(k, T, nkv, b.positions);
-  for (int64_t t = 0; t < T; ++t) {  // the cache holds post-RoPE keys
-    std::memcpy(kv_cache_.Keys(layer, b.slots[t]) + b.positions[t] * kv_row, k + t * kv_row,
-                sizeof(float) * kv_row);
-    std::memcpy(kv_cache_.Values(layer, b.slots[t]) + b.positions[t] * kv_row, v + t * kv_row,
-                sizeof(float) * kv_row);
-  }
-  Attention(layer, b, mb.first);  // attn [T, nh·hd]
+  kv_cache_.Write(layer, b, k, v);  // post-RoPE keys
+  Attention(layer, b, mb.first);    // attn [T, nh·hd]
   ops::Linear(pool_, attn, T, L.attention.o.weight, bias(L.attention.o), proj);
   ops::AddInPlace(proj, h, T * H);
   clock.Lap(ForwardPhase::kAttention);

@@ -18,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "core/model/block_manager.h"
 #include "core/model/forward_batch.h"
 #include "core/model/forward_profile.h"
 #include "core/model/gate.h"
@@ -52,8 +53,13 @@ class BatchRunner {
   // extend their slot's sequence: position p of a slot requires positions [0, p) written by
   // this or earlier calls.
   virtual absl::Status Forward(const ForwardBatch& batch, float* logits) = 0;
-  // The sequence in `slot` is finished: its cache may be reused (a paged cache frees its pages).
+  // The sequence in `slot` is finished or preempted: its pages go back to the pool.
   virtual void ReleaseSlot(int32_t slot) = 0;
+  // The KV cache's pages and block tables. A scheduler grows a slot before a Forward that
+  // writes new positions to it (admission, preemption); Forward reserves what is missing.
+  virtual BlockManager& blocks() = 0;
+  // Bytes the KV cache's pages take.
+  virtual size_t kv_cache_bytes() const = 0;
   // Called (on the Forward thread) with every MoE layer's routing. Null: nobody.
   virtual void set_routing_observer(RoutingObserver* observer) = 0;
   virtual const ModelConfig& config() const = 0;
@@ -73,8 +79,9 @@ class ModelRunner final : public BatchRunner {
       RoutedExpertExecutor* experts = nullptr);
 
   absl::Status Forward(const ForwardBatch& batch, float* logits) override;
-  // A slot's cache is a fixed region, overwritten by the next sequence: nothing to free.
-  void ReleaseSlot(int32_t /*slot*/) override {}
+  void ReleaseSlot(int32_t slot) override { kv_cache_.blocks().Release(slot); }
+  BlockManager& blocks() override { return kv_cache_.blocks(); }
+  size_t kv_cache_bytes() const override { return kv_cache_.NumBytes(); }
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // Device-limited routing (gate.h) from the next Forward on; null: off (the default). Call
   // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts.
@@ -86,7 +93,8 @@ class ModelRunner final : public BatchRunner {
   KvCache& kv_cache() { return kv_cache_; }
 
  private:
-  ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options);
+  ModelRunner(const ModelWeights& weights, ThreadPool& pool, const RunnerOptions& options,
+              int64_t num_kv_pages);
 
   // A contiguous range of a Forward's tokens that goes through the layers as one unit, with
   // its own rows of the activation arena and its own lane of the routed-expert executor.

@@ -12,6 +12,33 @@
 
 namespace dsmoe::ops {
 
+// The cached keys and values of one sequence and one kv head, in pages of 2^page_shift
+// positions: position p lives in page pages[p >> page_shift] at row p & (page_tokens - 1), its
+// key at keys + page · page_stride + row · stride (values likewise). pages == nullptr: one
+// contiguous run, K[p] = keys + p · stride. Rows within a page are `stride` apart, so the
+// kernels read runs of 2^page_shift positions as they would an unpaged cache.
+struct KvPages {
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  int64_t stride = 0;              // floats between consecutive positions of a page
+  const int32_t* pages = nullptr;  // the sequence's block table; null: contiguous
+  int page_shift = 62;             // log2(positions per page)
+  int64_t page_stride = 0;         // floats between pages
+
+  int64_t Offset(int64_t p) const {
+    if (pages == nullptr) return p * stride;
+    return pages[p >> page_shift] * page_stride + (p & ((int64_t{1} << page_shift) - 1)) * stride;
+  }
+  const float* Key(int64_t p) const { return keys + Offset(p); }
+  const float* Value(int64_t p) const { return values + Offset(p); }
+  // Positions from p on that lie in p's page (all of [p, len) when contiguous).
+  int64_t RunFrom(int64_t p, int64_t len) const {
+    if (pages == nullptr) return len - p;
+    const int64_t end = ((p >> page_shift) + 1) << page_shift;
+    return (end < len ? end : len) - p;
+  }
+};
+
 struct KernelTable {
   const char* name;
   // y[t * ldy + n] = Σ_k x[t * W.cols + k] · W[n, k]   for t in [0, T), n in [row_begin, row_end).
@@ -24,18 +51,19 @@ struct KernelTable {
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
   // out[i] = row[i] as fp32
   void (*row_to_f32)(const void* row, DType dtype, int64_t n, float* out);
-  // One query's attention over `len` cached positions (head size hd):
+  // One query's attention over `len` cached positions of one kv head (head size hd):
   //   scores[p] = scale · q·K[p],  out = Σ_p softmax(scores)[p] · V[p],
-  // where K[p] = keys + p·stride and V[p] = values + p·stride. `scores` holds len floats.
-  void (*attend)(const float* q, const float* keys, const float* values, int64_t stride,
-                 int64_t len, int64_t hd, float scale, float* scores, float* out);
+  // with K[p] = kv.Key(p) and V[p] = kv.Value(p) (paged or contiguous, see KvPages). `scores`
+  // holds len floats.
+  void (*attend)(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale,
+                 float* scores, float* out);
   // Causal attention of Q consecutive queries of one sequence (prefill): query i (at
   // q + i·q_stride, output at out + i·out_stride) is at position first + i and attends to cached
-  // positions [0, first + i]. Same K/V layout as `attend`; `scratch` holds 8·(first + Q) + 80·hd
+  // positions [0, first + i]. Same K/V as `attend`; `scratch` holds 8·(first + Q) + 80·hd
   // floats. Reading each cached row once for several queries is what keeps long prompts fast.
   void (*attend_causal)(const float* q, int64_t q_stride, int64_t Q, int64_t first,
-                        const float* keys, const float* values, int64_t stride, int64_t hd,
-                        float scale, float* scratch, float* out, int64_t out_stride);
+                        const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
+                        int64_t out_stride);
 };
 
 const KernelTable& ReferenceKernels();

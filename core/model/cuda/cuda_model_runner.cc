@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "core/model/gate.h"
+#include "core/model/kv_cache.h"
 #include "core/model/rope.h"
 #include "core/ops/cuda/cuda_status.h"
 
@@ -87,8 +88,14 @@ absl::Status CudaModelRunner::Init(RoutedExpertExecutor* experts) {
   DeviceWeightParts parts;
   parts.routed_experts = experts == nullptr;
   DSMOE_ASSIGN_OR_RETURN(dw_, DeviceWeights::Create(weights_, parts));
+  int64_t num_pages = options_.num_pages;
+  if (num_pages == 0 && options_.kv_cache_bytes > 0) {
+    BatchLimits paged = options_;
+    paged.kv_page_tokens = options_.page_size;
+    DSMOE_ASSIGN_OR_RETURN(num_pages, NumKvPages(c, paged, /*bf16*/ 2));
+  }
   DSMOE_ASSIGN_OR_RETURN(kv_, PagedKvCache::Create(c, options_.num_slots, options_.max_context,
-                                                   options_.page_size, options_.num_pages));
+                                                   options_.page_size, num_pages));
   DSMOE_ASSIGN_OR_RETURN(gemm_, CublasGemm::Create());
 
   const int64_t T = options_.max_batch_tokens, H = c.hidden_size, hd = c.head_dim();

@@ -42,9 +42,11 @@ namespace dsmoe::cuda {
 
 // The limits the runner is sized for (BatchLimits), and the GPU's own options.
 struct CudaRunnerOptions : BatchLimits {
-  int device = 0;                  // CUDA device index
-  int64_t page_size = 16;          // KV-cache positions per page
-  int64_t num_pages = 0;           // KV-cache pages; 0: every slot can reach max_context
+  int device = 0;          // CUDA device index
+  int64_t page_size = 16;  // KV-cache positions per page (a power of two)
+  // KV-cache pages; 0: what BatchLimits::kv_cache_bytes buys (bf16), or with no budget enough
+  // for every slot to reach max_context.
+  int64_t num_pages = 0;
   bool use_cuda_graphs = true;     // replay decode steps from captured graphs
   int64_t max_graph_tokens = 256;  // largest decode batch that is captured
 };
@@ -70,6 +72,8 @@ class CudaModelRunner final : public BatchRunner {
 
   // Frees a finished sequence's KV-cache pages.
   void ReleaseSlot(int32_t slot) override { kv_->Release(slot); }
+  BlockManager& blocks() override { return kv_->blocks(); }
+  size_t kv_cache_bytes() const override { return kv_->num_bytes(); }
 
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // While set (not owned), Forward times its phases (benchmarks; per-phase profiles run without

@@ -13,8 +13,9 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(const ModelCo
                                                                    int64_t max_context,
                                                                    int64_t page_size,
                                                                    int64_t num_pages) {
-  if (num_slots <= 0 || max_context <= 0 || page_size <= 0) {
-    return absl::InvalidArgumentError("paged KV cache: slots, context and page size must be > 0");
+  if (num_slots <= 0 || max_context <= 0 || page_size <= 0 || (page_size & (page_size - 1)) != 0) {
+    return absl::InvalidArgumentError(
+        "paged KV cache: slots and context must be > 0, the page size a power of two");
   }
   auto cache = std::unique_ptr<PagedKvCache>(new PagedKvCache());
   PagedKvCache& c = *cache;
@@ -32,13 +33,7 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(const ModelCo
   const size_t table = static_cast<size_t>(num_slots * c.pages_per_slot_);
   DSMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&c.device_table_, table * sizeof(int32_t)), "page table");
   DSMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&c.host_table_, table * sizeof(int32_t)), "page table");
-  std::fill(c.host_table_, c.host_table_ + table, -1);
-  c.dirty_begin_ = 0;
-  c.dirty_end_ = static_cast<int64_t>(table);
-  // Pages are handed out lowest first (popped from the back).
-  c.free_pages_.resize(c.num_pages_);
-  for (int64_t i = 0; i < c.num_pages_; ++i)
-    c.free_pages_[i] = static_cast<int32_t>(c.num_pages_ - 1 - i);
+  c.blocks_ = std::make_unique<BlockManager>(c.num_pages_, page_size, num_slots, max_context);
   return cache;
 }
 
@@ -48,66 +43,18 @@ PagedKvCache::~PagedKvCache() {
   if (host_table_ != nullptr) cudaFreeHost(host_table_);
 }
 
-absl::Status PagedKvCache::Reserve(std::span<const int32_t> slots,
-                                   std::span<const int32_t> positions) {
-  std::vector<int64_t> taken;  // entries assigned by this call, undone if the batch is refused
-  auto undo = [&] {
-    for (int64_t entry : taken) {
-      free_pages_.push_back(host_table_[entry]);
-      host_table_[entry] = -1;
-    }
-  };
-  for (size_t t = 0; t < slots.size(); ++t) {
-    const int64_t entry = slots[t] * pages_per_slot_ + positions[t] / page_size_;
-    if (host_table_[entry] >= 0) continue;
-    if (free_pages_.empty()) {
-      undo();
-      return absl::ResourceExhaustedError(absl::StrCat("KV cache: all ", num_pages_,
-                                                       " pages are in use (slot ", slots[t],
-                                                       " position ", positions[t], ")"));
-    }
-    host_table_[entry] = free_pages_.back();
-    free_pages_.pop_back();
-    taken.push_back(entry);
-    dirty_begin_ = std::min(dirty_begin_, entry);
-    dirty_end_ = std::max(dirty_end_, entry + 1);
-  }
-  // Every page a token attends to must exist: [0, p] of its slot.
-  for (size_t t = 0; t < slots.size(); ++t) {
-    const int32_t* row = host_table_ + slots[t] * pages_per_slot_;
-    for (int64_t i = 0; i <= positions[t] / page_size_; ++i) {
-      if (row[i] < 0) {
-        undo();
-        return absl::InvalidArgumentError(absl::StrCat("slot ", slots[t], " position ",
-                                                       positions[t],
-                                                       ": earlier positions were never written"));
-      }
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status PagedKvCache::Sync(cudaStream_t stream) {
-  if (dirty_end_ <= dirty_begin_) return absl::OkStatus();
-  DSMOE_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(device_table_ + dirty_begin_, host_table_ + dirty_begin_,
-                      static_cast<size_t>(dirty_end_ - dirty_begin_) * sizeof(int32_t),
-                      cudaMemcpyHostToDevice, stream),
-      "page table upload");
-  dirty_begin_ = num_slots_ * pages_per_slot_;
-  dirty_end_ = 0;
+  const auto [begin, end] = blocks_->TakeDirty();
+  if (end <= begin) return absl::OkStatus();
+  // Staged through pinned memory so the upload is a DMA. The staging is rewritten by the next
+  // Sync only after the caller's stream has moved on (Forward synchronizes before returning).
+  const std::span<const int32_t> tables = blocks_->tables();
+  std::copy(tables.begin() + begin, tables.begin() + end, host_table_ + begin);
+  DSMOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_table_ + begin, host_table_ + begin,
+                                             static_cast<size_t>(end - begin) * sizeof(int32_t),
+                                             cudaMemcpyHostToDevice, stream),
+                             "page table upload");
   return absl::OkStatus();
-}
-
-void PagedKvCache::Release(int32_t slot) {
-  if (slot < 0 || slot >= num_slots_) return;
-  int32_t* row = host_table_ + slot * pages_per_slot_;
-  for (int64_t i = 0; i < pages_per_slot_; ++i) {
-    if (row[i] >= 0) free_pages_.push_back(row[i]);
-    row[i] = -1;
-  }
-  dirty_begin_ = std::min(dirty_begin_, slot * pages_per_slot_);
-  dirty_end_ = std::max(dirty_end_, (slot + 1) * pages_per_slot_);
 }
 
 PagedKvLayer PagedKvCache::Layer(int64_t layer) const {

@@ -3,8 +3,10 @@
 // A slot takes pages as its sequence grows and gives them back on Release, so many slots can
 // share a pool sized for the tokens actually held rather than num_slots × max_context.
 //
-// Pages are assigned on the host (Reserve, before a forward pass) and the page table is mirrored
-// to the device (Sync), so the kernels only read it and a captured CUDA graph stays valid.
+// Pages are assigned on the host by the BlockManager the CPU runner uses too (core/model/
+// block_manager.h: the allocator and the block tables), before a forward pass, and its tables
+// are mirrored to the device (Sync), so the kernels only read them and a captured CUDA graph
+// stays valid.
 //
 // Thread-compatible: owned by one CudaModelRunner.
 #pragma once
@@ -16,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "core/model/block_manager.h"
 #include "core/model/config.h"
 #include "core/ops/cuda/cuda_ops.h"
 #include "core/util/status.h"
@@ -24,7 +27,7 @@ namespace dsmoe::cuda {
 
 class PagedKvCache {
  public:
-  // num_pages == 0: enough for every slot to reach max_context.
+  // num_pages == 0: enough for every slot to reach max_context. page_size: a power of two.
   static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(const ModelConfig& config,
                                                               int64_t num_slots,
                                                               int64_t max_context,
@@ -33,17 +36,20 @@ class PagedKvCache {
   PagedKvCache(const PagedKvCache&) = delete;
   PagedKvCache& operator=(const PagedKvCache&) = delete;
 
-  // Gives every (slot, position) of a batch its page. Position p of a slot requires pages for
-  // [0, p) to exist already or to be reserved by the same call (positions are written in order).
-  // RESOURCE_EXHAUSTED when the pool is empty; INVALID_ARGUMENT when a token skips positions.
-  absl::Status Reserve(std::span<const int32_t> slots, std::span<const int32_t> positions);
-  // Copies the page-table entries changed since the last Sync to the device.
+  // Gives every (slot, position) of a batch its page (BlockManager::Reserve: positions are
+  // written in order). RESOURCE_EXHAUSTED when the pool is short; INVALID_ARGUMENT when a token
+  // skips positions.
+  absl::Status Reserve(std::span<const int32_t> slots, std::span<const int32_t> positions) {
+    return blocks_->Reserve(slots, positions);
+  }
+  // Copies the block-table entries changed since the last Sync to the device.
   absl::Status Sync(cudaStream_t stream);
-  // Returns the slot's pages to the pool (its sequence is finished).
-  void Release(int32_t slot);
+  // Returns the slot's pages to the pool (its sequence is finished or preempted).
+  void Release(int32_t slot) { blocks_->Release(slot); }
 
   PagedKvLayer Layer(int64_t layer) const;
-  int64_t num_free_pages() const { return static_cast<int64_t>(free_pages_.size()); }
+  BlockManager& blocks() { return *blocks_; }
+  int64_t num_free_pages() const { return blocks_->num_free_pages(); }
   int64_t num_pages() const { return num_pages_; }
   size_t num_bytes() const { return bytes_; }
 
@@ -55,9 +61,8 @@ class PagedKvCache {
   size_t bytes_ = 0;
   uint16_t* storage_ = nullptr;  // keys then values: [2][layers][num_pages][page_size][row]
   int32_t* device_table_ = nullptr;
-  int32_t* host_table_ = nullptr;  // pinned mirror, [num_slots][pages_per_slot], -1: none
-  std::vector<int32_t> free_pages_;
-  int64_t dirty_begin_ = 0, dirty_end_ = 0;  // entries [begin, end) to Sync
+  int32_t* host_table_ = nullptr;  // pinned staging of the tables' changed entries
+  std::unique_ptr<BlockManager> blocks_;
 };
 
 }  // namespace dsmoe::cuda

@@ -664,16 +664,23 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = ScalarLoad(row, dtype, i);
 }
 
-// Σ_p s[p] · V[p][0, 8·NV) into out (NV ≤ 8 vectors in registers across all positions).
+// Σ_p s[p] · V[p][d0, d0 + 8·NV) into out (NV ≤ 8 vectors in registers across all positions),
+// a page's run of rows at a time.
 template <int NV>
-inline void WeightedValueSum(const float* s, const float* values, int64_t stride, int64_t len,
+inline void WeightedValueSum(const float* s, const KvPages& kv, int64_t d0, int64_t len,
                              float* out) {
   __m256 acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < len; ++p) {
-    const __m256 b = _mm256_broadcast_ss(s + p);
-    for (int v = 0; v < NV; ++v)
-      acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(values + p * stride + 8 * v), acc[v]);
+  const int64_t stride = kv.stride;
+  for (int64_t p0 = 0; p0 < len;) {
+    const int64_t n = kv.RunFrom(p0, len);
+    const float* values = kv.Value(p0) + d0;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 b = _mm256_broadcast_ss(s + p0 + j);
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(values + j * stride + 8 * v), acc[v]);
+    }
+    p0 += n;
   }
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
 }
@@ -681,42 +688,51 @@ inline void WeightedValueSum(const float* s, const float* values, int64_t stride
 // Fused single-query attention: four key rows per pass share each query load and one
 // horizontal-add tree; the softmax runs on vectors; the weighted value sum keeps up to 64 output
 // dimensions in registers across all positions (instead of a function call per position).
-void Attend(const float* q, const float* keys, const float* values, int64_t stride, int64_t len,
-            int64_t hd, float scale, float* s, float* out) {
+void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale, float* s_all,
+            float* out) {
   const int64_t hd8 = hd & ~int64_t{7};
+  const int64_t stride = kv.stride;
   auto tail_dot = [&](const float* key) {
     float t = 0.0f;
     for (int64_t d = hd8; d < hd; ++d) t += q[d] * key[d];
     return t;
   };
-  int64_t p = 0;
-  for (; p + 4 <= len; p += 4) {
-    const float* k0 = keys + p * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t d = 0; d < hd8; d += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + d), qv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + stride + d), qv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 2 * stride + d), qv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 3 * stride + d), qv, a3);
+  // Scores, one page's run of rows at a time (the whole cache when it is contiguous).
+  for (int64_t p0 = 0; p0 < len;) {
+    const int64_t run = kv.RunFrom(p0, len);
+    const float* keys = kv.Key(p0);
+    float* s = s_all + p0;
+    int64_t p = 0;
+    for (; p + 4 <= run; p += 4) {
+      const float* k0 = keys + p * stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < hd8; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + d), qv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + stride + d), qv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 2 * stride + d), qv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 3 * stride + d), qv, a3);
+      }
+      // Lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the four partial sums.
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      if (hd8 < hd) {
+        dots = _mm_add_ps(dots, _mm_setr_ps(tail_dot(k0), tail_dot(k0 + stride),
+                                            tail_dot(k0 + 2 * stride), tail_dot(k0 + 3 * stride)));
+      }
+      _mm_storeu_ps(s + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
     }
-    // Lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the four partial sums.
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    if (hd8 < hd) {
-      dots = _mm_add_ps(dots, _mm_setr_ps(tail_dot(k0), tail_dot(k0 + stride),
-                                          tail_dot(k0 + 2 * stride), tail_dot(k0 + 3 * stride)));
+    for (; p < run; ++p) {
+      const float* key = keys + p * stride;
+      s[p] = (Dot(q, key, hd8) + tail_dot(key)) * scale;
     }
-    _mm_storeu_ps(s + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
-  }
-  for (; p < len; ++p) {
-    const float* key = keys + p * stride;
-    s[p] = (Dot(q, key, hd8) + tail_dot(key)) * scale;
+    p0 += run;
   }
 
   // Softmax over the scores.
+  float* s = s_all;
+  int64_t p = 0;
   __m256 vmax = _mm256_set1_ps(-INFINITY);
-  p = 0;
   for (; p + 8 <= len; p += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + p));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
@@ -736,15 +752,15 @@ void Attend(const float* q, const float* keys, const float* values, int64_t stri
   const float inv = 1.0f / sum;
 
   // out = Σ_p s[p] · V[p] / sum, 64 dimensions at a time.
-  using ValueSum = void (*)(const float*, const float*, int64_t, int64_t, float*);
+  using ValueSum = void (*)(const float*, const KvPages&, int64_t, int64_t, float*);
   static constexpr ValueSum kValueSums[] = {
       WeightedValueSum<1>, WeightedValueSum<2>, WeightedValueSum<3>, WeightedValueSum<4>,
       WeightedValueSum<5>, WeightedValueSum<6>, WeightedValueSum<7>, WeightedValueSum<8>};
   for (int64_t d0 = 0; d0 < hd8; d0 += 64)
-    kValueSums[(hd8 - d0 < 64 ? hd8 - d0 : 64) / 8 - 1](s, values + d0, stride, len, out + d0);
+    kValueSums[(hd8 - d0 < 64 ? hd8 - d0 : 64) / 8 - 1](s, kv, d0, len, out + d0);
   for (int64_t d = hd8; d < hd; ++d) {
     float t = 0.0f;
-    for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * values[pp * stride + d];
+    for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * kv.Value(pp)[d];
     out[d] = t;
   }
   const __m256 vinv = _mm256_set1_ps(inv);
@@ -760,8 +776,9 @@ void Attend(const float* q, const float* keys, const float* values, int64_t stri
 // transposed, ot[d][8] = Σ_p s[p] · V[p][d], eight dimensions per pass, then turned back. Each
 // cached row is read once for the eight queries instead of once per query.
 void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t first,
-                       const float* keys, const float* values, int64_t stride, int64_t hd,
-                       float scale, float* scratch, float* out, int64_t out_stride) {
+                       const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
+                       int64_t out_stride) {
+  const int64_t stride = kv.stride;
   const int64_t len = first + Q;  // positions the last query sees
   float* qt = scratch;            // [hd][8]
   float* s = scratch + hd * 8;    // [len][8], then the output sums and a chunk of values
@@ -772,35 +789,42 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   // to keep both FMA units busy (four left the pass latency-bound at half that rate).
   const __m256 sc = _mm256_set1_ps(scale);
   int64_t p = 0;
-  for (; p + 8 <= len; p += 8) {
-    const float* k0 = keys + p * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t d = 0; d < hd; ++d) {
-      const __m256 qv = _mm256_loadu_ps(qt + d * 8);
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + d), qv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + stride + d), qv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 2 * stride + d), qv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 3 * stride + d), qv, a3);
-      a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 4 * stride + d), qv, a4);
-      a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 5 * stride + d), qv, a5);
-      a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 6 * stride + d), qv, a6);
-      a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 7 * stride + d), qv, a7);
+  // One page's run of rows at a time (the whole cache when it is contiguous).
+  for (int64_t p0 = 0; p0 < len;) {
+    const int64_t run_end = p0 + kv.RunFrom(p0, len);
+    const float* keys = kv.Key(p0);  // row p of the run at keys + (p - p0) · stride
+    for (p = p0; p + 8 <= run_end; p += 8) {
+      const float* k0 = keys + (p - p0) * stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+             a7 = a0;
+      for (int64_t d = 0; d < hd; ++d) {
+        const __m256 qv = _mm256_loadu_ps(qt + d * 8);
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + d), qv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + stride + d), qv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 2 * stride + d), qv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 3 * stride + d), qv, a3);
+        a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 4 * stride + d), qv, a4);
+        a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 5 * stride + d), qv, a5);
+        a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 6 * stride + d), qv, a6);
+        a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 7 * stride + d), qv, a7);
+      }
+      _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a0, sc));
+      _mm256_storeu_ps(s + (p + 1) * 8, _mm256_mul_ps(a1, sc));
+      _mm256_storeu_ps(s + (p + 2) * 8, _mm256_mul_ps(a2, sc));
+      _mm256_storeu_ps(s + (p + 3) * 8, _mm256_mul_ps(a3, sc));
+      _mm256_storeu_ps(s + (p + 4) * 8, _mm256_mul_ps(a4, sc));
+      _mm256_storeu_ps(s + (p + 5) * 8, _mm256_mul_ps(a5, sc));
+      _mm256_storeu_ps(s + (p + 6) * 8, _mm256_mul_ps(a6, sc));
+      _mm256_storeu_ps(s + (p + 7) * 8, _mm256_mul_ps(a7, sc));
     }
-    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a0, sc));
-    _mm256_storeu_ps(s + (p + 1) * 8, _mm256_mul_ps(a1, sc));
-    _mm256_storeu_ps(s + (p + 2) * 8, _mm256_mul_ps(a2, sc));
-    _mm256_storeu_ps(s + (p + 3) * 8, _mm256_mul_ps(a3, sc));
-    _mm256_storeu_ps(s + (p + 4) * 8, _mm256_mul_ps(a4, sc));
-    _mm256_storeu_ps(s + (p + 5) * 8, _mm256_mul_ps(a5, sc));
-    _mm256_storeu_ps(s + (p + 6) * 8, _mm256_mul_ps(a6, sc));
-    _mm256_storeu_ps(s + (p + 7) * 8, _mm256_mul_ps(a7, sc));
-  }
-  for (; p < len; ++p) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; ++d)
-      a = _mm256_fmadd_ps(_mm256_broadcast_ss(keys + p * stride + d), _mm256_loadu_ps(qt + d * 8),
-                          a);
-    _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, sc));
+    for (; p < run_end; ++p) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; ++d)
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(keys + (p - p0) * stride + d),
+                            _mm256_loadu_ps(qt + d * 8), a);
+      _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, sc));
+    }
+    p0 = run_end;
   }
   // Causal mask: query i does not see positions after first + i (only the last Q rows).
   for (int64_t pp = first + 1; pp < len; ++pp)
@@ -812,7 +836,8 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   // rows ahead of the pass that needs them, or every first touch waits on a far cache.
   constexpr int64_t kChunk = 64;
   auto prefetch_values = [&](int64_t row) {
-    for (int64_t d = 0; d < hd; d += 16) _mm_prefetch(values + row * stride + d, _MM_HINT_T0);
+    const float* v = kv.Value(row);
+    for (int64_t d = 0; d < hd; d += 16) _mm_prefetch(v + d, _MM_HINT_T0);
   };
   __m256 sum = _mm256_setzero_ps();
   for (p = 0; p < len; ++p) {
@@ -834,8 +859,9 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   for (int64_t p0 = 0; p0 < len; p0 += kChunk) {
     const int64_t p1 = p0 + kChunk < len ? p0 + kChunk : len;
     for (p = p0; p < p1; ++p) {
+      const float* v = kv.Value(p);
       for (int64_t d = 0; d < hd; d += 8)
-        _mm256_storeu_ps(chunk + (p - p0) * hd + d, _mm256_loadu_ps(values + p * stride + d));
+        _mm256_storeu_ps(chunk + (p - p0) * hd + d, _mm256_loadu_ps(v + d));
     }
     for (int64_t d0 = 0; d0 < hd; d0 += 8) {
       __m256 a0 = _mm256_loadu_ps(ot + d0 * 8), a1 = _mm256_loadu_ps(ot + (d0 + 1) * 8),
@@ -875,20 +901,18 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   }
 }
 
-void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const float* keys,
-                  const float* values, int64_t stride, int64_t hd, float scale, float* scratch,
-                  float* out, int64_t out_stride) {
+void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const KvPages& kv,
+                  int64_t hd, float scale, float* scratch, float* out, int64_t out_stride) {
   for (int64_t i0 = 0; i0 < Q; i0 += 8) {
     const int64_t n = Q - i0 < 8 ? Q - i0 : 8;
     if (n == 1 || hd % 8 != 0) {  // one query, or a head the 8-wide transposes do not fit
       for (int64_t i = i0; i < i0 + n; ++i) {
-        Attend(q + i * q_stride, keys, values, stride, first + i + 1, hd, scale, scratch,
-               out + i * out_stride);
+        Attend(q + i * q_stride, kv, first + i + 1, hd, scale, scratch, out + i * out_stride);
       }
       continue;
     }
-    AttendCausalBlock(q + i0 * q_stride, q_stride, n, first + i0, keys, values, stride, hd, scale,
-                      scratch, out + i0 * out_stride, out_stride);
+    AttendCausalBlock(q + i0 * q_stride, q_stride, n, first + i0, kv, hd, scale, scratch,
+                      out + i0 * out_stride, out_stride);
   }
 }
 

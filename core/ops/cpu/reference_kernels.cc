@@ -37,25 +37,23 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = LoadAsF32(row, dtype, i);
 }
 
-void Attend(const float* q, const float* keys, const float* values, int64_t stride, int64_t len,
-            int64_t hd, float scale, float* scores, float* out) {
+void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale, float* scores,
+            float* out) {
   float max = -INFINITY;
   for (int64_t p = 0; p < len; ++p) {
-    scores[p] = Dot(q, keys + p * stride, hd) * scale;
+    scores[p] = Dot(q, kv.Key(p), hd) * scale;
     max = scores[p] > max ? scores[p] : max;
   }
   float sum = 0.0f;
   for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - max);
   for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
-  for (int64_t p = 0; p < len; ++p) Axpy(scores[p] / sum, values + p * stride, out, hd);
+  for (int64_t p = 0; p < len; ++p) Axpy(scores[p] / sum, kv.Value(p), out, hd);
 }
 
-void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const float* keys,
-                  const float* values, int64_t stride, int64_t hd, float scale, float* scratch,
-                  float* out, int64_t out_stride) {
+void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const KvPages& kv,
+                  int64_t hd, float scale, float* scratch, float* out, int64_t out_stride) {
   for (int64_t i = 0; i < Q; ++i) {
-    Attend(q + i * q_stride, keys, values, stride, first + i + 1, hd, scale, scratch,
-           out + i * out_stride);
+    Attend(q + i * q_stride, kv, first + i + 1, hd, scale, scratch, out + i * out_stride);
   }
 }
 

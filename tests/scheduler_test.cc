@@ -1,0 +1,187 @@
+// The scheduler under a KV-cache budget far below num_slots × max_context: requests are admitted
+// as pages allow, running sequences are preempted (and recomputed) when the pages run out, and
+// nothing is lost or changed: every greedy output equals its solo run on a plain runner
+// (core/model/generator.h, no scheduler, no preemption, a cache for the whole context).
+#include "attention-server/scheduler.h"
+
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <numeric>
+
+#include "core/model/kv_cache.h"
+#include "core/rpc/metrics.h"
+#include "tests/test_util.h"
+
+namespace dsmoe {
+namespace {
+
+class Collector final : public SequenceSink {
+ public:
+  void OnToken(int32_t id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    tokens_.push_back(id);
+  }
+  void OnFinish(FinishReason, const absl::Status& status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    status_ = status;
+    ++finishes_;
+    cv_.notify_all();
+  }
+  bool Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(120), [&] { return finishes_ > 0; });
+  }
+  std::vector<int32_t> tokens() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return tokens_;
+  }
+  absl::Status status() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return status_;
+  }
+  int finishes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return finishes_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<int32_t> tokens_;
+  absl::Status status_;
+  int finishes_ = 0;
+};
+
+class SchedulerKvTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    testing::WriteTinyModel(dir_.path(), DType::kF32);
+    weights_ = *ModelWeights::Load(dir_.path());
+  }
+  // Options with `pages` pages of 4 positions.
+  SchedulerOptions Options(int64_t pages) const {
+    SchedulerOptions o;
+    o.num_slots = 8;
+    o.max_context = 64;
+    o.max_batch_tokens = 32;
+    o.kv_page_tokens = 4;
+    o.kv_cache_bytes = KvBytesPerToken(weights_->config(), sizeof(float)) * 4 * pages;
+    return o;
+  }
+  std::vector<int32_t> Prompt(int i) const {
+    std::vector<int32_t> p(3 + i % 8);
+    for (size_t j = 0; j < p.size(); ++j)
+      p[j] = static_cast<int32_t>((i * 37 + j * 11 + 1) % weights_->config().vocab_size);
+    return p;
+  }
+  // The solo run: a plain runner (every slot reaches max_context), one sequence, no scheduler.
+  std::vector<int32_t> Solo(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+    RunnerOptions o;
+    o.num_slots = 1;
+    o.max_context = 64;
+    o.max_batch_tokens = 32;
+    auto runner = ModelRunner::Create(*weights_, solo_pool_, o);
+    EXPECT_TRUE(runner.ok());
+    GenerateRequest req;
+    req.prompt = prompt;
+    req.max_tokens = max_tokens;
+    req.ignore_eos = true;
+    auto r = Generate(**runner, weights_->generation_config(), req);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r->output_ids;
+  }
+
+  testing::TempDir dir_;
+  std::unique_ptr<ModelWeights> weights_;
+  ThreadPool pool_{2};       // the scheduler's
+  ThreadPool solo_pool_{1};  // the test thread's runners (a pool serves one thread at a time)
+};
+
+TEST_F(SchedulerKvTest, PreemptedGreedySequencesEqualTheirSoloRuns) {
+  rpc::MetricsRegistry registry("tiny");
+  AttentionMetrics metrics(registry, weights_->config());
+  // 24 pages of 4 positions: about three sequences at their full length of up to 34 positions,
+  // for 8 slots and 16 requests.
+  auto scheduler = Scheduler::Create(*weights_, pool_, Options(24), nullptr, &metrics);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  constexpr int kRequests = 16;
+  constexpr int64_t kMaxTokens = 24;
+  std::vector<std::shared_ptr<Collector>> sinks;
+  for (int i = 0; i < kRequests; ++i) {
+    SequenceParams p;
+    p.prompt = Prompt(i);
+    p.max_tokens = kMaxTokens;
+    sinks.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE((*scheduler)->Submit(std::move(p), sinks.back()).ok());
+  }
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(sinks[i]->Wait()) << "request " << i << " never finished";
+    EXPECT_TRUE(sinks[i]->status().ok()) << sinks[i]->status();
+    EXPECT_EQ(sinks[i]->finishes(), 1);
+    EXPECT_EQ(sinks[i]->tokens(), Solo(Prompt(i), kMaxTokens)) << "request " << i;
+  }
+  EXPECT_GT(metrics.scheduler().preemptions->Value(), 0) << "the budget never ran out";
+  // Everything finished: every page is back.
+  const absl::Status between = (*scheduler)->RunBetweenSteps([] {});
+  ASSERT_TRUE(between.ok());
+  EXPECT_EQ(metrics.scheduler().kv_pages_used->Value(), 0);
+  EXPECT_EQ(metrics.scheduler().kv_pages_free->Value(), 24);
+}
+
+TEST_F(SchedulerKvTest, ComputeLogitsFindsPagesAmongRunningSequences) {
+  auto scheduler = Scheduler::Create(*weights_, pool_, Options(12));
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::vector<std::shared_ptr<Collector>> sinks;
+  for (int i = 0; i < 4; ++i) {
+    SequenceParams p;
+    p.prompt = Prompt(i + 3);
+    p.max_tokens = 20;
+    sinks.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE((*scheduler)->Submit(std::move(p), sinks.back()).ok());
+  }
+  // 40 positions: 10 of the 12 pages, whatever the sequences hold meanwhile.
+  std::vector<int32_t> ids(40);
+  for (int i = 0; i < 40; ++i) ids[i] = (i * 7 + 2) % weights_->config().vocab_size;
+  auto logits = (*scheduler)->ComputeLogits(ids);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  RunnerOptions o;
+  o.max_context = 64;
+  o.max_batch_tokens = 64;
+  auto plain = ModelRunner::Create(*weights_, solo_pool_, o);
+  ASSERT_TRUE(plain.ok());
+  const int64_t V = weights_->config().vocab_size;
+  std::vector<int32_t> slots(40, 0), pos(40), rows(40);
+  std::iota(pos.begin(), pos.end(), 0);
+  std::iota(rows.begin(), rows.end(), 0);
+  std::vector<float> want(40 * V);
+  ASSERT_TRUE((*plain)->Forward({ids, slots, pos, rows}, want.data()).ok());
+  for (int64_t i = 0; i < 40 * V; ++i) ASSERT_NEAR((*logits)[i], want[i], 1e-4) << i;
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(sinks[i]->Wait());
+    EXPECT_EQ(sinks[i]->tokens(), Solo(Prompt(i + 3), 20)) << "request " << i;
+  }
+}
+
+TEST_F(SchedulerKvTest, ContextIsWhatThePagesHold) {
+  auto scheduler = Scheduler::Create(*weights_, pool_, Options(8));  // 32 positions < 64
+  ASSERT_TRUE(scheduler.ok());
+  EXPECT_EQ((*scheduler)->max_context(), 32);
+  SequenceParams p;
+  p.prompt.assign(40, 5);
+  auto refused = (*scheduler)->Submit(std::move(p), std::make_shared<Collector>());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  // A sequence alone up to the end of those pages finishes by length, not by failure.
+  SequenceParams q;
+  q.prompt = Prompt(1);
+  q.max_tokens = 100;
+  auto sink = std::make_shared<Collector>();
+  ASSERT_TRUE((*scheduler)->Submit(std::move(q), sink).ok());
+  ASSERT_TRUE(sink->Wait());
+  EXPECT_TRUE(sink->status().ok()) << sink->status();
+  EXPECT_EQ(static_cast<int64_t>(Prompt(1).size() + sink->tokens().size()), 32);
+}
+
+}  // namespace
+}  // namespace dsmoe
