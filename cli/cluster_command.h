@@ -18,8 +18,8 @@ struct ClusterUpOptions {
   // CPUs per role, "gateway=0;attention=1-3;experts=4-7" (also with ',' between roles); a role
   // not named runs on every CPU. Pinned roles' servers get one compute thread per CPU.
   std::string cpus;
-  int num_slots = 32;                     // per attention server
-  int micro_batches = 0;                  // the attention servers' --micro-batches; 0: theirs
+  int num_slots = 32;     // per attention server
+  int micro_batches = 0;  // the attention servers' --micro-batches; 0: theirs
   // The attention servers' --kv-cache-memory and --memory-limit ("16Gi", "512M"); "": theirs.
   std::string kv_cache_memory;
   std::string memory_limit;

@@ -109,10 +109,9 @@ TEST(StartServer, AnEphemeralHealthPortIsInTheReadyFileAndTheLog) {
 
 TEST(ReadyFile, EveryShapeRoundTripsAndTheOldOnesStillRead) {
   const std::string path = testing::TempDir() + "/shapes.ready";
-  for (const ReadyPorts& p :
-       {ReadyPorts{7100, 0, 0}, ReadyPorts{7100, 9400, 0}, ReadyPorts{7100, 0, 8081},
-        ReadyPorts{7100, 9400, 8081}, ReadyPorts{7100, 0, 0, 8000},
-        ReadyPorts{7100, 9400, 8081, 8000}}) {
+  for (const ReadyPorts& p : {ReadyPorts{7100, 0, 0}, ReadyPorts{7100, 9400, 0},
+                              ReadyPorts{7100, 0, 8081}, ReadyPorts{7100, 9400, 8081},
+                              ReadyPorts{7100, 0, 0, 8000}, ReadyPorts{7100, 9400, 8081, 8000}}) {
     ASSERT_TRUE(WriteReadyFile(path, p).ok());
     absl::StatusOr<std::string> text = ReadTextFile(path, 64);
     ASSERT_TRUE(text.ok());
