@@ -66,8 +66,10 @@ struct AttentionServerOptions {
   ExpertTransport expert_transport = ExpertTransport::kGrpc;
   // Micro-batches per forward pass with expert servers: each step's batch is split in this
   // many parts that interleave layer by layer, one's routed experts computing on the expert
-  // servers while the next runs its attention and shared experts. 1: one batch (no overlap).
-  int micro_batches = 2;
+  // servers while the next runs its attention and shared experts. 1 (the default): one batch.
+  // More pays only where the expert side has time to spare: on CPUs every micro-batch re-reads
+  // the experts' weights, and measured m = 2 was 0.8-1.0x of m = 1 (docs/disaggregation.md).
+  int micro_batches = 1;
   // Health checks of the expert servers (log lines name this process "dsmoe-attention-server").
   rpc::HealthCheckOptions expert_health;
   // Slots, tokens per forward pass, context, the KV cache's budget and pages, queue limits.

@@ -18,14 +18,18 @@
 // dsmoe_dispatch_round_trip_seconds (per call), the expert servers'
 // dsmoe_expert_server_compute_seconds.
 //
-// The model, per MoE layer of a step of T tokens (L MoE layers; a(T) = attention-side work per
-// layer incl. shared experts, s(T) = shared experts, r(T) = a dispatch's round trip, each
-// fitted as c0 + c1·T by least squares over the m = 1 runs):
+// The model, per MoE layer of a step of T tokens (L MoE layers). a(T) = attention-side work per
+// layer incl. shared experts, s(T) = the shared experts, both c0 + c1·T; r(T) = a dispatch's
+// round trip = c0 + c1·D(T), where D(T) = E/S · (1 − (1 − k/E)^T) is the routed experts one of
+// the S expert servers expects to run for T tokens: the expert side is bound by reading their
+// weights, so its time follows the experts touched, not the tokens. Fitted by least squares
+// over the m = 1 runs:
 //   m = 1:  t = L · (a(T) + max(0, r(T) − s(T)))        the round trip hides behind the shared
-//   m = 2:  t = L · max(2·a(T/2), 2·r(T/2))             a two-stage pipeline: each side works
-//                                                       on one half while the other has the
-//                                                       other half
-// The m = 2 formula assumes the two sides do not share cores (--cpus).
+//   m ≥ 2:  t = L · max(m·a(T/m), m·r(T/m))             a pipeline: each side works on one
+//                                                       micro-batch while the other has another
+// The pipeline formula assumes the two sides do not share cores (--cpus). It says when
+// micro-batches pay: when m·r(T/m) stays below the attention side, i.e. when the expert side
+// is compute-bound or has slack — not when every micro-batch re-reads the same expert weights.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -198,19 +202,23 @@ int main(int argc, char** argv) {
       }
     }
     // The model, fitted on the m = 1 runs.
-    std::vector<double> x, a, s, r;
+    const double E = static_cast<double>(c.n_routed_experts), S = 2;
+    const double k = static_cast<double>(c.num_experts_per_tok);
+    auto touched = [&](double T) { return E / S * (1 - std::pow(1 - k / E, T)); };
+    std::vector<double> x, d, a, s, r;
     for (const Run& run : runs) {
       if (run.micro_batches != 1) continue;
       x.push_back(run.tokens_per_step);
+      d.push_back(touched(run.tokens_per_step));
       a.push_back(run.attention_side / L);
       s.push_back(run.shared / L);
       r.push_back(run.round_trip);
     }
-    const Line fa = Fit(x, a), fs_ = Fit(x, s), fr = Fit(x, r);
+    const Line fa = Fit(x, a), fs_ = Fit(x, s), fr = Fit(d, r);
     auto predict = [&](double T, int m) {
-      if (m <= 1 || T < 2) return L * (fa(T) + std::max(0.0, fr(T) - fs_(T)));
+      if (m <= 1 || T < 2) return L * (fa(T) + std::max(0.0, fr(touched(T)) - fs_(T)));
       const double h = T / m;
-      return L * std::max(m * fa(h), m * fr(h));
+      return L * std::max(m * fa(h), m * fr(touched(h)));
     };
     std::printf(
         "| streams | m | single tok/s | cluster tok/s | cluster / single | tokens/step | step ms | "
@@ -238,7 +246,7 @@ int main(int argc, char** argv) {
     }
     std::printf(
         "fitted per MoE layer: a(T) = %.0f + %.1f·T µs, s(T) = %.0f + %.1f·T µs, "
-        "r(T) = %.0f + %.1f·T µs\n",
+        "r(T) = %.0f + %.1f·D(T) µs\n",
         fa.c0 * 1e6, fa.c1 * 1e6, fs_.c0 * 1e6, fs_.c1 * 1e6, fr.c0 * 1e6, fr.c1 * 1e6);
     std::fflush(stdout);
   }
