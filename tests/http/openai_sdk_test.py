@@ -63,9 +63,10 @@ class HttpApi(unittest.TestCase):
                 return []
             with open(ready) as f:
                 return f.read().split()
-        cu.wait_for(lambda: len(ports()) >= 3, 60, "the rate-limited gateway")
+        # The ready file: gRPC, metrics, health and HTTP ports, one per line (0: none).
+        cu.wait_for(lambda: len(ports()) >= 4, 60, "the rate-limited gateway")
         log.close()
-        return int(ports()[2])
+        return int(ports()[3])
 
     def test_openai_sdk(self):
         limited_port = self.start_limited_gateway()
