@@ -3,8 +3,6 @@
 #include <sched.h>
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <thread>
 
@@ -14,34 +12,16 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/util/cgroup.h"
 
 namespace dsmoe {
 
 namespace {
 
-std::string ReadSmallFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// The process's cgroup v2 path ("0::<path>" in /proc/self/cgroup); "/" when unknown.
-std::string CgroupV2Path() {
-  std::ifstream in("/proc/self/cgroup");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (absl::StartsWith(line, "0::")) return line.substr(3);
-  }
-  return "/";
-}
-
 int QuotaCpus() {
   // v2: the process's own cgroup, then the root of the (container's) hierarchy.
-  const std::string own = "/sys/fs/cgroup" + CgroupV2Path();
-  for (const std::string& dir : {own, std::string("/sys/fs/cgroup")}) {
-    const std::string max = ReadSmallFile(dir + "/cpu.max");
-    if (!max.empty()) return CpusFromCgroupV2CpuMax(max);
+  if (const std::string max = ReadCgroupV2File("cpu.max"); !max.empty()) {
+    return CpusFromCgroupV2CpuMax(max);
   }
   for (const char* dir : {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"}) {
     int64_t quota = 0, period = 0;

@@ -1,35 +1,15 @@
 #include "core/util/memory_limit.h"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "core/util/cgroup.h"
 
 namespace dsmoe {
-namespace {
-
-std::string ReadSmallFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-std::string CgroupV2Path() {
-  std::ifstream in("/proc/self/cgroup");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (absl::StartsWith(line, "0::")) return line.substr(3);
-  }
-  return "/";
-}
-
-}  // namespace
 
 int64_t MemoryLimitFromCgroupV2(absl::string_view memory_max) {
   int64_t bytes = 0;
@@ -48,10 +28,9 @@ int64_t MemoryLimitFromCgroupV1(absl::string_view limit_in_bytes) {
 }
 
 int64_t CgroupMemoryLimit() {
-  const std::string own = "/sys/fs/cgroup" + CgroupV2Path();
-  for (const std::string& dir : {own, std::string("/sys/fs/cgroup")}) {
-    const std::string max = ReadSmallFile(dir + "/memory.max");
-    if (!max.empty()) return MemoryLimitFromCgroupV2(max);
+  // v2: the process's own cgroup, then the root of the (container's) hierarchy.
+  if (const std::string max = ReadCgroupV2File("memory.max"); !max.empty()) {
+    return MemoryLimitFromCgroupV2(max);
   }
   return MemoryLimitFromCgroupV1(ReadSmallFile("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
 }
