@@ -91,7 +91,7 @@ class ClusterInProcessTest : public ::testing::Test {
 
   static std::unique_ptr<InProcessCluster> StartCluster(int num_replicas = 1,
                                                         const std::string& placement_file = "",
-                                                        int micro_batches = 2) {
+                                                        int micro_batches = 1) {
     InProcessClusterOptions o;
     o.model_dir = dir_->path();
     o.num_replicas = num_replicas;

@@ -41,7 +41,7 @@ struct InProcessClusterOptions {
   // Without a placement file: round-robin over the expert servers, this many copies of each.
   int num_replicas = 1;
   std::string placement_file;  // "": round-robin
-  int micro_batches = 2;       // the attention server's --micro-batches
+  int micro_batches = 1;       // the attention server's --micro-batches (its default)
 };
 
 class InProcessCluster {
