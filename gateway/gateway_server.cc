@@ -168,7 +168,10 @@ void GatewayServer::Wait() {
 
 GatewayServer::~GatewayServer() {
   if (!shut_down_) Shutdown(std::chrono::system_clock::now());
-  // Stopped before what their callbacks touch (the readiness, the service, the instruments).
+  // Stopped before what their callbacks touch (the readiness, the service, the instruments, the
+  // checker itself: a callback running now still finds health_ set, as reset() would not leave
+  // it while the checker's thread is joined).
+  if (health_ != nullptr) health_->Stop();
   health_.reset();
   if (metrics_ != nullptr) metrics_->StopServing();
 }

@@ -279,8 +279,8 @@ TEST_F(ClusterInProcessTest, AnExpertServerGoneWithoutReplicaFailsOnlyTheRequest
   }
 
   // Expert server 1 goes away; the health checks notice (the attention server is no longer
-  // ready), and requests, all at once, are answered: a request fails exactly when it needs E,
-  // after delivering the correct tokens computed before the first position that needs it, and
+  // ready), and requests, all at once, are answered: a request that needs E fails when it meets
+  // it (no later than the single process's first use), after delivering correct tokens, and
   // the error names the expert; the others, batched with the failing ones, are untouched.
   cluster->StopExpertServer(1);
   ASSERT_TRUE(WaitFor([&] { return !cluster->attention().ready(); }, seconds(10)));
@@ -298,14 +298,22 @@ TEST_F(ClusterInProcessTest, AnExpertServerGoneWithoutReplicaFailsOnlyTheRequest
         << i << ": " << results[i].status.error_message();
     EXPECT_NE(results[i].status.error_message().find(named), std::string::npos)
         << results[i].status.error_message();
-    // Position p (>= prompt length - 1) produces output token p - prompt length + 1.
+    // Position p (>= prompt length - 1) produces output token p - prompt length + 1. The
+    // cluster routes as the single process does only to rounding (its batches group tokens
+    // differently, and a gate near-tie may flip), so a request may meet the missing expert at
+    // an earlier position than the reference's — never later, and what it delivered is always
+    // a correct prefix, counted in the error.
     const int64_t delivered = std::max<int64_t>(0, first - int64_t(prompts[i].size()) + 1);
-    EXPECT_EQ(results[i].ids,
-              std::vector<uint32_t>(want[i].ids.begin(), want[i].ids.begin() + delivered))
+    const size_t got = results[i].ids.size();
+    EXPECT_LE(got, static_cast<size_t>(delivered))
         << "prompt " << i << " first needs expert " << expert << " at position " << first;
-    if (delivered > 0) {
+    EXPECT_EQ(results[i].ids,
+              std::vector<uint32_t>(want[i].ids.begin(),
+                                    want[i].ids.begin() + std::min(got, want[i].ids.size())))
+        << "prompt " << i << ": the tokens delivered are the single process's";
+    if (got > 0) {
       EXPECT_NE(results[i].status.error_message().find(
-                    absl::StrCat("after ", delivered, " tokens were delivered")),
+                    absl::StrCat("after ", got, " tokens were delivered")),
                 std::string::npos)
           << results[i].status.error_message();
     }
