@@ -21,6 +21,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/synchronization/mutex.h"
+#include "core/rpc/address.h"
 #include "expert-server/data_plane_frame.h"
 
 namespace dsmoe {
@@ -36,19 +37,13 @@ constexpr auto kAwait = asio::as_tuple(asio::use_awaitable);
 
 // "host:port" or "[v6]:port".
 absl::StatusOr<tcp::endpoint> ParseListen(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos) {
+  absl::StatusOr<rpc::HostPort> split = rpc::SplitHostPort(listen);
+  if (!split.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("data-plane listen address '", listen, "' is not host:port"));
+        absl::StrCat("data-plane listen address: ", split.status().message()));
   }
-  std::string host = listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
-    host = host.substr(1, host.size() - 2);
-  int port = -1;
-  if (!absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("data-plane listen address '", listen, "' has no port in [0, 65535]"));
-  }
+  const std::string& host = split->host;
+  const int port = split->port;
   boost::system::error_code ec;
   const asio::ip::address address = asio::ip::make_address(host, ec);
   if (ec) {

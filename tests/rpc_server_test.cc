@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_join.h"
 #include "core/io/mapped_file.h"
+#include "core/rpc/address.h"
 #include "core/rpc/server.h"
 #include "core/util/log.h"
 
@@ -105,6 +106,29 @@ TEST(StartServer, AnEphemeralHealthPortIsInTheReadyFileAndTheLog) {
                                 "127.0.0.1:",
                                 health_port, " (--health-listen 127.0.0.1:0)")))
       << absl::StrJoin(log.lines(), "\n");
+}
+
+TEST(SplitHostPort, ReadsEveryAddressShapeTheServersAndClientsUse) {
+  const struct {
+    const char* address;
+    const char* host;
+    int port;
+  } cases[] = {{"127.0.0.1:7100", "127.0.0.1", 7100},
+               {"[::1]:0", "::1", 0},
+               {"0.0.0.0:50052", "0.0.0.0", 50052},
+               {"dns:///experts-0.dsmoe:50051", "experts-0.dsmoe", 50051},
+               {"ipv4:10.0.0.2:80", "10.0.0.2", 80},
+               {":8000", "", 8000}};
+  for (const auto& c : cases) {
+    absl::StatusOr<HostPort> got = SplitHostPort(c.address);
+    ASSERT_TRUE(got.ok()) << c.address << ": " << got.status();
+    EXPECT_EQ(got->host, c.host) << c.address;
+    EXPECT_EQ(got->port, c.port) << c.address;
+  }
+  for (const char* bad : {"", "localhost", "host:", "host:x", "host:65536", "host:-1"}) {
+    absl::StatusOr<HostPort> got = SplitHostPort(bad);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 TEST(ReadyFile, EveryShapeRoundTripsAndTheOldOnesStillRead) {

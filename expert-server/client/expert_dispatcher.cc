@@ -5,23 +5,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "core/rpc/address.h"
 #include "core/rpc/grpc_status.h"
 
 namespace dsmoe {
-namespace {
-
-// The host part of a gRPC target "host:port", "[v6]:port" or "dns:///host:port".
-std::string HostOf(const std::string& address) {
-  std::string a = address;
-  for (const char* scheme : {"dns:///", "ipv4:", "ipv6:"}) {
-    if (a.rfind(scheme, 0) == 0) a = a.substr(std::strlen(scheme));
-  }
-  if (!a.empty() && a.front() == '[') return a.substr(1, a.find(']') - 1);
-  const size_t colon = a.rfind(':');
-  return colon == std::string::npos ? a : a.substr(0, colon);
-}
-
-}  // namespace
 
 ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Placement& placement,
                                    ExpertServerPool& pool, const ExpertDispatcherOptions& options)
@@ -365,9 +352,11 @@ absl::Status ExpertDispatcher::VerifyServer(int s) const {
   for (int i = 0; i < resp.layers_size(); ++i) held.insert({resp.layers(i), resp.experts(i)});
   // Its data plane, if it serves one, takes the calls from now on (a restarted server may
   // listen on another port).
+  const absl::StatusOr<rpc::HostPort> grpc_address = rpc::SplitHostPort(pool_.address(s));
   for (const auto& lane : lanes_) {
-    if (lane->links != nullptr)
-      lane->links->SetEndpoint(s, HostOf(pool_.address(s)), resp.data_port());
+    if (lane->links != nullptr && grpc_address.ok()) {
+      lane->links->SetEndpoint(s, grpc_address->host, resp.data_port());
+    }
   }
   const std::shared_ptr<const router::Placement> p = placement();
   const std::vector<std::pair<int64_t, int64_t>> assigned = p->ExpertsOf(s);

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/rpc/address.h"
 
 namespace dsmoe::http {
 
@@ -435,16 +436,13 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions 
                                                               HttpHandler handler) {
   auto impl = std::make_unique<Impl>();
   const std::string address = options.address;
-  const size_t colon = address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
-      port < 0 || port > 65535) {
+  absl::StatusOr<rpc::HostPort> split = rpc::SplitHostPort(address);
+  if (!split.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("HTTP listen address '", address, "' is not host:port"));
+        absl::StrCat("HTTP listen address: ", split.status().message()));
   }
-  std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
-    host = host.substr(1, host.size() - 2);
+  std::string host = split->host;
+  const int port = split->port;
   if (host.empty()) host = "0.0.0.0";
   if (!options.security.insecure()) {
     const auto& tls = options.security.options();
