@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <boost/asio.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -251,6 +252,33 @@ TEST_F(ExpertLinksTest, WithoutEndpointACallDoesNotStart) {
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
   links.SetEndpoint(1, "127.0.0.1", 0);
   EXPECT_FALSE(links.HasEndpoint(1));
+}
+
+// A data port nothing listens on costs one connect attempt, not one per call: the next Start
+// is refused at once, saying so (its calls go by gRPC), until the endpoint changes.
+TEST_F(ExpertLinksTest, AnUnreachableDataPortIsNotRetriedOnEveryCall) {
+  int closed_port = 0;
+  {
+    boost::asio::io_context io;
+    boost::asio::ip::tcp::acceptor probe(
+        io, {boost::asio::ip::make_address("127.0.0.1"), 0});  // bound, then closed: refuses
+    closed_port = probe.local_endpoint().port();
+  }
+  ExpertLinks links(1, rpc::TransportSecurity::Insecure(), config_.hidden_size);
+  links.SetEndpoint(0, "127.0.0.1", closed_port);
+  const CallData d = MakeCall(config_, 1, 2, 5);
+  const absl::Status first = links.Start(0, d.View(), Clock::now() + milliseconds(2000));
+  EXPECT_EQ(first.code(), absl::StatusCode::kUnavailable) << first;
+  const absl::Status second = links.Start(0, d.View(), Clock::now() + milliseconds(2000));
+  EXPECT_EQ(second.code(), absl::StatusCode::kUnavailable) << second;
+  EXPECT_NE(second.message().find("no new attempt"), std::string::npos) << second;
+  // Pointed at a serving data port, it connects at once and computes.
+  auto server = StartServer(/*insecure=*/true);
+  ASSERT_NE(server, nullptr);
+  links.SetEndpoint(0, "127.0.0.1", server->data_port());
+  ASSERT_TRUE(links.Start(0, d.View(), Clock::now() + milliseconds(5000)).ok());
+  links.WaitAll(Clock::now() + milliseconds(5000));
+  EXPECT_TRUE(links.result(0).status.ok()) << links.result(0).status;
 }
 
 TEST_F(ExpertLinksTest, MutualTlsRefusesAClientWithoutCertificate) {

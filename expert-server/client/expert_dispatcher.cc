@@ -22,6 +22,7 @@ ExpertDispatcher::ExpertDispatcher(const ModelConfig& config, const router::Plac
     lanes_.push_back(std::make_unique<Lane>());
     Lane& lane = *lanes_.back();
     lane.calls.resize(pool_.num_servers());
+    lane.link_failing.assign(pool_.num_servers(), false);
     if (options_.data_plane && options_.side_channel == nullptr) {
       lane.links =
           std::make_unique<ExpertLinks>(pool_.num_servers(), pool_.security(), config.hidden_size);
@@ -213,10 +214,15 @@ bool ExpertDispatcher::StartOnDataPlane(Lane& lane, int server, Call& call) {
   const LinkCall link{
       static_cast<uint32_t>(lane.layer), lane.x, w.rows, w.token, w.expert, w.weight};
   const absl::Status started = lane.links->Start(server, link, lane.deadline);
+  // Logged when the server's data plane starts failing, not on every call while it does.
+  const bool was_failing = lane.link_failing[server];
+  lane.link_failing[server] = !started.ok();
   if (!started.ok()) {
-    options_.logger->Log(LogLevel::kWarning, absl::StrCat("dispatch: ", pool_.Name(server),
-                                                          ": data plane: ", started.message(),
-                                                          "; this call goes by gRPC"));
+    if (!was_failing) {
+      options_.logger->Log(LogLevel::kWarning, absl::StrCat("dispatch: ", pool_.Name(server),
+                                                            ": data plane: ", started.message(),
+                                                            "; its calls go by gRPC meanwhile"));
+    }
     return false;
   }
   call.over_data_plane = true;  // counted in the metrics once collected (Wait)

@@ -137,8 +137,9 @@ class ExpertDispatcher final : public RoutedExpertExecutor {
     const int32_t* experts = nullptr;
     const float* weights = nullptr;
     std::vector<router::ServerWork> work, planned;
-    std::vector<Call> calls;                         // [server]
-    std::unique_ptr<ExpertLinks> links;              // null: gRPC only
+    std::vector<Call> calls;             // [server]
+    std::unique_ptr<ExpertLinks> links;  // null: gRPC only
+    std::vector<bool> link_failing;      // [server]: its last data-plane Start failed (logged once)
     std::chrono::steady_clock::time_point deadline;  // of the calls in flight
     absl::Mutex mu;
     absl::CondVar done_cv;

@@ -26,6 +26,9 @@ using asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 using ErrorCode = boost::system::error_code;
 
+// How long a data port that could not be reached is left alone before the next attempt.
+constexpr std::chrono::seconds kConnectRetryPeriod{5};
+
 namespace {
 
 // The connection to one server, and its buffers (grown, never shrunk). Runner thread only.
@@ -43,6 +46,10 @@ struct Link {
   data_plane::Limits limits;                    // the server's, from its hello reply
   int ops = 0;                                  // asynchronous operations not yet completed
   uint64_t generation = 0;  // bumped by every Start and close: stale handlers see a change
+  // After a failed connect, Start refuses at once until then (calls go by gRPC): an
+  // unreachable data port must not cost a connect attempt on every layer of every step.
+  Clock::time_point retry_after{};
+  absl::Status connect_error;  // why the last connect failed
 
   std::vector<uint32_t> send;  // the request frame, 4-byte aligned
   size_t send_bytes = 0;
@@ -386,6 +393,7 @@ absl::Status ExpertLinks::Start(int s, const LinkCall& call, Clock::time_point d
       l.host = e.host;
       l.port = e.port;
       l.endpoint_version = e.version;
+      l.retry_after = {};  // a new endpoint is tried at once
     }
   }
   if (l.port == 0) {
@@ -393,7 +401,15 @@ absl::Status ExpertLinks::Start(int s, const LinkCall& call, Clock::time_point d
         absl::StrCat("expert server ", s, " has no data-plane endpoint"));
   }
   if (l.connected && Impl::PeerHungUp(l)) m.Reset(l);
-  if (!l.connected) DSMOE_RETURN_IF_ERROR(m.Connect(l, deadline));
+  if (!l.connected) {
+    if (Clock::now() < l.retry_after) return l.connect_error;
+    if (absl::Status connected = m.Connect(l, deadline); !connected.ok()) {
+      l.retry_after = Clock::now() + kConnectRetryPeriod;
+      l.connect_error = absl::UnavailableError(absl::StrCat(
+          connected.message(), " (no new attempt for ", kConnectRetryPeriod.count(), " s)"));
+      return connected;
+    }
+  }
 
   const size_t T = call.rows.size(), n = call.token.size();
   const size_t H = static_cast<size_t>(m.H);

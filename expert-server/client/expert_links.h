@@ -51,7 +51,8 @@ class ExpertLinks {
   // Starts a call to s: connects and handshakes first if not connected (bounded by
   // `deadline`), then puts the request on the wire before returning, so that the server
   // computes while the caller does other work. An error means the call did not start (the
-  // caller sends it by gRPC instead). REQUIRES: no call to s in flight (WaitAll since the last).
+  // caller sends it by gRPC instead); after a failed connect, Start fails at once for 5 s
+  // before trying again. REQUIRES: no call to s in flight (WaitAll since the last).
   absl::Status Start(int s, const LinkCall& call, std::chrono::steady_clock::time_point deadline);
 
   // Drives the I/O of every started call until each has its reply or `deadline` has passed:
