@@ -257,7 +257,7 @@ bool Equal(const Value& a, const Value& b) {
 constexpr uint64_t kMaxString = 16 << 20;  // bytes of one string or the output
 // Statements executed per render. Real chat templates take a few per message; a render runs
 // on the request path, so a template that loops far beyond that is refused early.
-constexpr int64_t kMaxSteps = 1'000'000;
+constexpr int64_t kMaxSteps = 100'000;
 
 // ---- Lexer ----
 
@@ -1010,7 +1010,7 @@ class Renderer {
 
   void Exec(const Node& n, std::string* out) {
     // Bounded work and output, whatever the template (a runaway loop is an error, not a hang).
-    if (++steps_ > kMaxSteps) Fail("the template runs too long (over 1 million steps)");
+    if (++steps_ > kMaxSteps) Fail("the template runs too long (over 100,000 steps)");
     if (out->size() > kMaxString) Fail("the template's output is too long");
     switch (n.kind) {
       case Node::kText:
