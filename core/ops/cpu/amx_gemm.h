@@ -1,0 +1,37 @@
+// Matrix multiplication on Intel AMX tiles (Sapphire Rapids and later), for prompt chunks:
+// batches of 16 tokens or more, where the kernels are bound by compute, not by reading weights.
+//
+// AmxMatMulRows has exactly KernelTable::matmul_rows' contract (core/ops/kernels.h) for BF16
+// weights; it is meant to be called only where AmxUsable() is true. Numerics: the activations
+// are rounded to BF16 (round to nearest even) and every product is accumulated in fp32 by
+// TDPBF16PS, so the result equals the exact dot product of BF16(x) and W up to fp32
+// accumulation error, and differs from the fp32 reference by at most Σ_k |x_k·W[n,k]|·2^-8
+// beyond that (the relative rounding error of BF16).
+//
+// Thread-safe: each call uses thread-local scratch and its own thread's tile state; callers
+// split rows across threads as for matmul_rows.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor/tensor.h"
+
+namespace dsmoe::ops {
+
+// True when the CPU has AMX-TILE, AMX-BF16 and AMX-INT8, the kernel enabled the tile state in
+// XCR0, and Linux granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM).
+// Probed once per process, thread-safe; when false, one line on the default logger says why.
+// Runs on any x86-64 (it executes no AMX or AVX-512 instruction itself). Always false on other
+// architectures.
+bool AmxUsable();
+
+// y[t * ldy + n] = Σ_k x[t * W.cols + k] · W[n, k]   for t in [0, T), n in [row_begin, row_end).
+// REQUIRES: AmxUsable(); W.dtype is kBF16 (other dtypes leave y untouched: check
+// AmxSupports first). Any T >= 1, K and row range are correct; T >= 16 is where it pays.
+void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                   int64_t row_end, float* y, int64_t ldy);
+
+// The weight dtypes AmxMatMulRows computes.
+bool AmxSupports(DType dtype);
+
+}  // namespace dsmoe::ops
