@@ -1,0 +1,140 @@
+// The AMX BF16 GEMM against the kernel tables on DeepSeekMoE 16B's prefill shapes, in one run:
+// a chunk of 512 prompt tokens through BF16 weights [N, K] — the attention and shared-expert
+// projections (K = 2048 → N = 2048, the fused shared-expert gate/up K = 2048 → N = 10944) and
+// one routed expert (gate or up: K = 2048 → N = 1408, down: K = 1408 → N = 2048).
+//
+// Rows are split over the threads as ops::Linear does for T >= 16 (RowChunkSize(N, threads, 8,
+// 8): about 8 chunks per thread, each a multiple of 8 rows), so each kernel call sees the row
+// ranges it sees in the engine. "AMX, 1 chunk/thread" gives each thread one contiguous range
+// instead: AMX converts the activations to BF16 once per call, so fewer calls cost less.
+//
+//   dsmoe_bench_amx [--threads 1,2] [--tokens 512] [--reps 3]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench/bench_args.h"
+#include "core/ops/cpu/amx_gemm.h"
+#include "core/ops/kernels.h"
+#include "core/ops/ops.h"
+#include "core/tensor/dtype.h"
+#include "core/util/cpu_features.h"
+#include "core/util/thread_pool.h"
+
+namespace {
+
+using namespace dsmoe;
+using Clock = std::chrono::steady_clock;
+using MatMulFn = void (*)(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*,
+                          int64_t);
+
+struct Shape {
+  const char* what;
+  int64_t K, N;
+};
+
+// Best of `reps` timings of fn() after one warm-up run, in seconds.
+template <class Fn>
+double BestSeconds(int reps, Fn fn) {
+  fn();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+// y = x · Wᵀ over the pool, `chunk` rows per task, as ops::Linear runs it.
+void RunSplit(ThreadPool& pool, MatMulFn fn, const float* x, int64_t T, const MatrixView& W,
+              int64_t chunk, float* y) {
+  const int64_t N = W.rows, tasks = (N + chunk - 1) / chunk;
+  pool.ParallelFor(tasks, [&](int64_t task, int) {
+    const int64_t r0 = task * chunk, r1 = std::min(N, r0 + chunk);
+    fn(x, T, W, r0, r1, y, N);
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string threads_arg = "1,2";
+  int64_t T = 512;
+  int reps = 3;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--threads") {
+      threads_arg = argv[i + 1];
+    } else if (flag == "--tokens") {
+      T = std::stoll(argv[i + 1]);
+    } else if (flag == "--reps") {
+      reps = std::stoi(argv[i + 1]);
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  const ops::KernelTable& best = ops::Kernels();
+  const ops::KernelTable* avx2 = GetCpuFeatures().HasAvx2Kernels() ? ops::Avx2Kernels() : nullptr;
+  const bool amx = ops::AmxUsable();
+  std::printf("CPU: %s; AMX %s; Kernels() picks \"%s\"\n", GetCpuFeatures().ToString().c_str(),
+              amx ? "usable" : "not usable", best.name);
+  std::printf("BF16 weights, T = %lld tokens, best of %d runs after a warm-up\n\n", (long long)T,
+              reps);
+  if (!amx) std::printf("(AMX rows skipped: AMX is not usable on this machine)\n\n");
+
+  const Shape shapes[] = {{"expert gate/up", 2048, 1408},
+                          {"expert down", 1408, 2048},
+                          {"shared experts gate/up", 2048, 10944},
+                          {"attention projection", 2048, 2048}};
+  std::printf("| shape | K → N | threads | kernel | ms | GFLOP/s | AMX speed-up |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  for (const std::string& th : bench::SplitList(threads_arg)) {
+    const int threads = std::stoi(th);
+    ThreadPool pool(threads);
+    for (const Shape& s : shapes) {
+      std::mt19937 rng(11);
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      std::vector<uint16_t> w(s.N * s.K);
+      for (uint16_t& v : w) v = F32ToBf16(dist(rng) * 0.05f);
+      std::vector<float> x(T * s.K), y(T * s.N);
+      for (float& v : x) v = dist(rng);
+      const MatrixView W{DType::kBF16, s.N, s.K, w.data()};
+      const int64_t chunk = ops::RowChunkSize(s.N, threads, 8, 8);
+      const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
+      const double flops = 2.0 * T * s.N * s.K;
+
+      struct Row {
+        std::string name;
+        double secs;
+      };
+      std::vector<Row> rows;
+      auto time = [&](const std::string& name, MatMulFn fn, int64_t c) {
+        rows.push_back(
+            {name, BestSeconds(reps, [&] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); })});
+      };
+      if (amx) {
+        time("AMX", ops::AmxMatMulRows, chunk);
+        time("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
+      }
+      time(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
+      if (avx2 != nullptr && avx2 != &best) time("avx2", avx2->matmul_rows, chunk);
+      const double amx_secs = amx ? rows[0].secs : 0;
+      for (const Row& r : rows) {
+        std::printf("| %s | %lld → %lld | %d | %s | %.2f | %.1f | ", s.what, (long long)s.K,
+                    (long long)s.N, threads, r.name.c_str(), r.secs * 1e3, flops / r.secs / 1e9);
+        if (amx)
+          std::printf("%.2fx |\n", r.secs / amx_secs);
+        else
+          std::printf("- |\n");
+      }
+    }
+  }
+  std::printf(
+      "\nAMX speed-up: this kernel's time over AMX's (engine chunks); >1 means AMX is faster.\n");
+  return 0;
+}
