@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "core/model/quantize.h"
 #include "core/ops/cpu/amx_gemm.h"
 #include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
@@ -24,27 +25,58 @@ constexpr double kU = 1.0 / (1 << 24);
 // measured worst case in these tests is 0.82 of the bound below, a single product at K = 1).
 constexpr double kBf16Rel = 1.0 / 256;
 
-struct Bf16Matrix {
-  std::vector<uint16_t> bits;
-  std::vector<float> exact;  // the BF16 values as fp32
+// Weights [N, K] as the kernel reads them, and the values it multiplies: BF16 as stored, or
+// Q8_0 dequantized (q · d, exact in fp32) and rounded to BF16.
+struct TestMatrix {
+  std::vector<uint8_t> bytes;
+  std::vector<uint16_t> scales;
+  std::vector<float> used;  // what the tiles multiply, as fp32
+  std::vector<float> real;  // the matrix's own values (W.At)
+  double weight_rounding;   // relative error of `used` against `real`
   MatrixView view;
 };
 
-Bf16Matrix MakeBf16(int64_t N, int64_t K, uint64_t seed) {
-  Bf16Matrix m;
+TestMatrix MakeBf16(int64_t N, int64_t K, uint64_t seed) {
+  TestMatrix m;
   const std::vector<float> v = RandomFloats(N * K, seed);
-  m.bits.resize(N * K);
-  m.exact.resize(N * K);
+  m.bytes.resize(2 * N * K);
+  m.used.resize(N * K);
   for (int64_t i = 0; i < N * K; ++i) {
-    m.bits[i] = F32ToBf16(v[i]);
-    m.exact[i] = Bf16ToF32(m.bits[i]);
+    const uint16_t h = F32ToBf16(v[i]);
+    std::memcpy(m.bytes.data() + 2 * i, &h, 2);
+    m.used[i] = Bf16ToF32(h);
   }
-  m.view = MatrixView{DType::kBF16, N, K, m.bits.data()};
+  m.real = m.used;
+  m.weight_rounding = 0;
+  m.view = MatrixView{DType::kBF16, N, K, m.bytes.data()};
+  return m;
+}
+
+TestMatrix MakeQ8(int64_t N, int64_t K, uint64_t seed) {  // K a multiple of 32
+  TestMatrix m;
+  const std::vector<float> v = RandomFloats(N * K, seed);
+  m.bytes.resize(N * K);
+  m.scales.resize(N * K / kQ8Block);
+  for (int64_t r = 0; r < N; ++r) {
+    QuantizeRowQ8(v.data() + r * K, K, reinterpret_cast<int8_t*>(m.bytes.data()) + r * K,
+                  m.scales.data() + r * (K / kQ8Block));
+  }
+  m.used.resize(N * K);
+  m.real.resize(N * K);
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float q = static_cast<float>(static_cast<int8_t>(m.bytes[r * K + k]));
+      m.real[r * K + k] = q * F16ToF32(m.scales[r * (K / kQ8Block) + k / kQ8Block]);
+      m.used[r * K + k] = Bf16ToF32(F32ToBf16(m.real[r * K + k]));
+    }
+  }
+  m.weight_rounding = kBf16Rel;
+  m.view = MatrixView{DType::kQ8_0, N, K, m.bytes.data(), m.scales.data()};
   return m;
 }
 
 // Runs AmxMatMulRows on rows [r0, r1) of W with y rows ldy apart, and checks every element:
-//   - inside the range, against Σ_k bf16(x_k)·W[n,k] in double. TDPBF16PS multiplies exactly
+//   - inside the range, against Σ_k bf16(x_k)·used[n,k] in double. TDPBF16PS multiplies exactly
 //     and adds each product into an fp32 accumulator, so its error is the error of a running
 //     fp32 sum: each addition errs by at most u·|s_i| (s_i the partial sum after i terms).
 //     Those errors are independent and of mean zero, of variance ≤ (u·s_i)²/3, so the total
@@ -53,10 +85,10 @@ Bf16Matrix MakeBf16(int64_t N, int64_t K, uint64_t seed) {
 //     these tests should exceed by chance — and a wrong tail, a wrong pair order or a
 //     missing block is off by whole products, orders of magnitude more;
 //   - inside the range, against ReferenceKernels().matmul_rows (fp32 x): they differ by the
-//     BF16 rounding of x, at most Σ_k |x_k·W[n,k]|·2^-8, plus both fp32 sums' rounding
-//     (each ≤ K·u·Σ_k |x_k·W[n,k]|);
+//     BF16 rounding of x, at most Σ_k |x_k·W[n,k]|·2^-8, the same again for Q8_0's weights
+//     (rounded to BF16), plus both fp32 sums' rounding (each ≤ K·u·Σ_k |x_k·W[n,k]|);
 //   - outside it (other rows, and the ldy padding), untouched.
-void CheckAmx(const Bf16Matrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ldy, uint64_t seed) {
+void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ldy, uint64_t seed) {
   const int64_t K = W.view.cols;
   const std::vector<float> x = RandomFloats(T * K, seed, 2.0f);
   constexpr float kSentinel = -12345.0f;
@@ -74,15 +106,14 @@ void CheckAmx(const Bf16Matrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
       }
       double sum = 0, partial_sq = 0, abs_sum = 0;
       for (int64_t k = 0; k < K; ++k) {
-        const double w = W.exact[n * K + k];
-        sum += xb[k] * w;
+        sum += xb[k] * W.used[n * K + k];
         partial_sq += sum * sum;
-        abs_sum += std::fabs(static_cast<double>(x[t * K + k]) * w);
+        abs_sum += std::fabs(static_cast<double>(x[t * K + k]) * W.real[n * K + k]);
       }
       const double tol = 8 * kU * std::sqrt(partial_sq / 3) + 1e-30;
       ASSERT_NEAR(value, sum, tol) << "vs exact BF16 products: T=" << T << " K=" << K << " rows ["
                                    << r0 << "," << r1 << ") t=" << t << " n=" << n;
-      const double ref_tol = abs_sum * (kBf16Rel + 2 * K * kU);
+      const double ref_tol = abs_sum * (kBf16Rel + W.weight_rounding + 2 * K * kU);
       ASSERT_NEAR(value, ref[t * ldy + n], ref_tol)
           << "vs the fp32 reference kernel: T=" << T << " K=" << K << " t=" << t << " n=" << n;
     }
@@ -103,7 +134,7 @@ class AmxTest : public ::testing::Test {
 // 50 start and end inside 16-row panels and leave a single panel at the end of a pair.
 TEST_F(AmxTest, Bf16EveryTokenCountMatchesExactProducts) {
   for (int64_t K : {96, 100}) {
-    const Bf16Matrix W = MakeBf16(50, K, 1 + K);
+    const TestMatrix W = MakeBf16(50, K, 1 + K);
     for (int64_t T = 1; T <= 100; ++T) {
       CheckAmx(W, T, 3, 45, 50, 1000 * K + T);
       if (HasFatalFailure()) return;
@@ -114,7 +145,7 @@ TEST_F(AmxTest, Bf16EveryTokenCountMatchesExactProducts) {
 TEST_F(AmxTest, Bf16ShortAndOddK) {
   // K below one block, one value past a block, and two blocks less one.
   for (int64_t K : {1, 7, 31, 33, 63}) {
-    const Bf16Matrix W = MakeBf16(37, K, K);
+    const TestMatrix W = MakeBf16(37, K, K);
     for (int64_t T : {1, 15, 16, 17, 33}) {
       CheckAmx(W, T, 0, 37, 40, 77 * K + T);   // ldy > N: the padding stays untouched
       CheckAmx(W, T, 17, 18, 37, 78 * K + T);  // a single row inside a panel
@@ -126,7 +157,7 @@ TEST_F(AmxTest, Bf16ShortAndOddK) {
 // A prompt chunk at the model's size: 512 tokens, K = 2048 (the hidden size of DeepSeekMoE
 // 16B), more than one block of 8 packed panels (128 rows), a range ending mid-panel.
 TEST_F(AmxTest, Bf16PromptChunk) {
-  const Bf16Matrix W = MakeBf16(150, 2048, 5);
+  const TestMatrix W = MakeBf16(150, 2048, 5);
   CheckAmx(W, 512, 5, 147, 150, 6);
 }
 
@@ -136,19 +167,48 @@ TEST_F(AmxTest, Bf16RandomShapes) {
   for (int trial = 0; trial < 40; ++trial) {
     const int64_t T = 1 + rng() % 70, N = 1 + rng() % 90, K = 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
-    const Bf16Matrix W = MakeBf16(N, K, 300 + trial);
+    const TestMatrix W = MakeBf16(N, K, 300 + trial);
     CheckAmx(W, T, r0, r1, N, 400 + trial);
     if (HasFatalFailure()) return;
   }
 }
 
+// Q8_0: the weights are dequantized to BF16 as the panels are packed. Every token count 1-100
+// over a range inside 16-row panels, K of one and of several Q8_0 blocks (odd and even counts
+// of them), and a prompt chunk at the model's size.
+TEST_F(AmxTest, Q8EveryTokenCountMatchesExactProducts) {
+  for (int64_t K : {32, 160}) {
+    const TestMatrix W = MakeQ8(50, K, 2 + K);
+    for (int64_t T = 1; T <= 100; ++T) {
+      CheckAmx(W, T, 3, 45, 50, 2000 * K + T);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+TEST_F(AmxTest, Q8PromptChunk) {
+  const TestMatrix W = MakeQ8(150, 1408, 7);
+  CheckAmx(W, 512, 9, 141, 150, 8);
+}
+
+// Q8_0 rows are whole blocks of 32; a matrix that is not is refused (y left as it was), not read
+// past its scales.
+TEST_F(AmxTest, Q8RefusesPartialBlocks) {
+  std::vector<int8_t> q(4 * 40, 1);
+  std::vector<uint16_t> scales(4 * 2, F32ToF16(1.0f));
+  const MatrixView W{DType::kQ8_0, 4, 40, q.data(), scales.data()};
+  std::vector<float> x(16 * 40, 1.0f), y(16 * 4, -3.0f);
+  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4);
+  for (float v : y) EXPECT_EQ(v, -3.0f);
+}
+
 // The check above must be able to fail: a single wrong weight is caught.
 TEST_F(AmxTest, CheckDetectsAWrongWeight) {
-  Bf16Matrix W = MakeBf16(20, 64, 9);
+  TestMatrix W = MakeBf16(20, 64, 9);
   const std::vector<float> x = RandomFloats(16 * 64, 10, 2.0f);
   std::vector<float> y(16 * 20), y2(16 * 20);
   ops::AmxMatMulRows(x.data(), 16, W.view, 0, 20, y.data(), 20);
-  W.bits[5 * 64 + 40] ^= 0x4000;  // flip an exponent bit of W[5, 40]
+  W.bytes[2 * (5 * 64 + 40) + 1] ^= 0x40;  // flip an exponent bit of W[5, 40]
   ops::AmxMatMulRows(x.data(), 16, W.view, 0, 20, y2.data(), 20);
   for (int64_t t = 0; t < 16; ++t) {
     for (int64_t n = 0; n < 20; ++n) {
@@ -160,8 +220,10 @@ TEST_F(AmxTest, CheckDetectsAWrongWeight) {
   }
 }
 
-TEST(AmxSupportTest, Bf16Only) {
+TEST(AmxSupportTest, Bf16AndQ8Only) {
   EXPECT_TRUE(ops::AmxSupports(DType::kBF16) || !ops::AmxUsable());
+  EXPECT_TRUE(ops::AmxSupports(DType::kQ8_0) || !ops::AmxUsable());
+  EXPECT_FALSE(ops::AmxSupports(DType::kF16));
   EXPECT_FALSE(ops::AmxSupports(DType::kF32));
   EXPECT_FALSE(ops::AmxSupports(DType::kI8));
 }

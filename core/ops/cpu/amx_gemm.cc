@@ -19,6 +19,15 @@
 // TDPBF16PS multiplies BF16 pairs exactly and accumulates in fp32 (round to nearest even; BF16
 // denormal inputs count as zero and fp32 denormal results are flushed, as the instruction
 // defines).
+//
+// Q8_0 weights go through the same BF16 tiles: each 16-row panel is dequantized (q · d) and
+// rounded to BF16 as it is packed, once per call, then reused by every token. The int8 tiles
+// (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64 values, two
+// Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its own,
+// stored and multiplied by the outer product of the token and row scales in AVX-512 registers
+// (16 loads, converts and FMAs per 16 × 16 tile and block) — more vector work than the tile
+// work it scales — and the activations would be quantized to int8 (error up to amax/254 of
+// each block, where BF16 rounds each value to 2^-8 of itself).
 #include "core/ops/cpu/amx_gemm.h"
 
 #include <cstdint>
@@ -238,6 +247,36 @@ void PackPanelBf16(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b) {
   }
 }
 
+// Rows [n0, n0 + rows) (rows ≤ 16) of a Q8_0 matrix → one panel of BF16 B tiles, as
+// PackPanelBf16 lays them out: each weight q · d (exact in fp32: 8 × 11 significant bits) is
+// rounded to BF16. A Q8_0 block (32 values, one scale) is exactly one tile block of K.
+// REQUIRES: K % 32 == 0 (the Q8_0 format).
+void PackPanelQ8(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b) {
+  const int64_t K = W.cols, KB = K / kTileK;
+  const int8_t* base = static_cast<const int8_t*>(W.data) + n0 * K;
+  const uint16_t* scales = W.scales + n0 * KB;
+  for (int64_t j = 0; j < KB; ++j) {
+    __m512i r[16];
+    for (int64_t n = 0; n < 16; ++n) {
+      if (n >= rows) {
+        r[n] = _mm512_setzero_si512();
+        continue;
+      }
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(scales[n * KB + j]));
+      const __m256i q =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + n * K + j * kTileK));
+      const __m512 lo =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), d);
+      const __m512 hi = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), d);
+      r[n] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    Transpose16x16(r);
+    uint16_t* out = b + j * kTileElems;
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(out + p * kTileK, r[p]);
+  }
+}
+
 // _tile_stored(t, ...) pastes t into the register name, so the tile must be a literal.
 inline void StoreTile(int tile, void* base, int64_t stride) {
   switch (tile) {
@@ -297,8 +336,10 @@ void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_
   if constexpr (MA > 1 && NB > 1) StoreC(3, y + kTileRows * ldy + 16, ldy, tokens[1], rows[1]);
 }
 
-void MatMulRowsBf16(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                    int64_t row_end, float* y, int64_t ldy) {
+// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16).
+template <DType D>
+void MatMulRowsTiles(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                     int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
   const int64_t token_tiles = (T + kTileRows - 1) / kTileRows;
   const int64_t a_step = KB * kTileElems, b_step = KB * kTileElems;
@@ -312,7 +353,10 @@ void MatMulRowsBf16(const float* x, int64_t T, const MatrixView& W, int64_t row_
     const int64_t panels = (block_rows + 15) / 16;
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t rows = block_rows - 16 * p < 16 ? block_rows - 16 * p : 16;
-      PackPanelBf16(W, n0 + 16 * p, rows, b + p * b_step);
+      if constexpr (D == DType::kQ8_0)
+        PackPanelQ8(W, n0 + 16 * p, rows, b + p * b_step);
+      else
+        PackPanelBf16(W, n0 + 16 * p, rows, b + p * b_step);
     }
     // Each pair of token tiles (A: 2 · K · 32 bytes, from L2) sweeps the packed panels.
     for (int64_t i = 0; i < token_tiles; i += 2) {
@@ -350,12 +394,16 @@ bool AmxUsable() {
   return usable;
 }
 
-bool AmxSupports(DType dtype) { return dtype == DType::kBF16; }
+bool AmxSupports(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kQ8_0; }
 
 void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                    int64_t row_end, float* y, int64_t ldy) {
   if (T <= 0 || row_begin >= row_end) return;
-  if (W.dtype == DType::kBF16) MatMulRowsBf16(x, T, W, row_begin, row_end, y, ldy);
+  if (W.dtype == DType::kBF16) {
+    MatMulRowsTiles<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
+  } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
+    MatMulRowsTiles<DType::kQ8_0>(x, T, W, row_begin, row_end, y, ldy);
+  }
 }
 
 #else  // not x86-64: no AMX

@@ -2,11 +2,14 @@
 // batches of 16 tokens or more, where the kernels are bound by compute, not by reading weights.
 //
 // AmxMatMulRows has exactly KernelTable::matmul_rows' contract (core/ops/kernels.h) for BF16
-// weights; it is meant to be called only where AmxUsable() is true. Numerics: the activations
-// are rounded to BF16 (round to nearest even) and every product is accumulated in fp32 by
-// TDPBF16PS, so the result equals the exact dot product of BF16(x) and W up to fp32
+// and Q8_0 weights; it is meant to be called only where AmxUsable() is true. Numerics: the
+// activations are rounded to BF16 (round to nearest even) and every product is accumulated in
+// fp32 by TDPBF16PS, so the result equals the exact dot product of BF16(x) and W up to fp32
 // accumulation error, and differs from the fp32 reference by at most Σ_k |x_k·W[n,k]|·2^-8
-// beyond that (the relative rounding error of BF16).
+// beyond that (the relative rounding error of BF16). Q8_0 weights are dequantized (q · d,
+// exact in fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight —
+// the order of Q8_0's own quantization step, and smaller than quantizing the activations to
+// int8 per block would add (see amx_gemm.cc for why not TDPBSSD).
 //
 // Thread-safe: each call uses thread-local scratch and its own thread's tile state; callers
 // split rows across threads as for matmul_rows.
@@ -26,8 +29,9 @@ namespace dsmoe::ops {
 bool AmxUsable();
 
 // y[t * ldy + n] = Σ_k x[t * W.cols + k] · W[n, k]   for t in [0, T), n in [row_begin, row_end).
-// REQUIRES: AmxUsable(); W.dtype is kBF16 (other dtypes leave y untouched: check
-// AmxSupports first). Any T >= 1, K and row range are correct; T >= 16 is where it pays.
+// REQUIRES: AmxUsable(); AmxSupports(W.dtype) (other dtypes, and Q8_0 rows that are not whole
+// blocks of 32, leave y untouched). Any T >= 1, K and row range are correct; T >= 16 is where
+// it pays.
 void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                    int64_t row_end, float* y, int64_t ldy);
 
