@@ -8,7 +8,9 @@
 // ranges it sees in the engine. "AMX, 1 chunk/thread" gives each thread one contiguous range
 // instead: AMX converts the activations to BF16 once per call, so fewer calls cost less.
 //
-//   dsmoe_bench_amx [--threads 1,2] [--tokens 512] [--reps 3]
+// Q8_0 runs the same shapes (AMX dequantizes each panel to BF16 as it packs it).
+//
+//   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 512] [--reps 3]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "bench/bench_args.h"
+#include "core/model/quantize.h"
 #include "core/ops/cpu/amx_gemm.h"
 #include "core/ops/kernels.h"
 #include "core/ops/ops.h"
@@ -62,13 +65,15 @@ void RunSplit(ThreadPool& pool, MatMulFn fn, const float* x, int64_t T, const Ma
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string threads_arg = "1,2";
+  std::string threads_arg = "1,2", dtypes_arg = "bf16,q8";
   int64_t T = 512;
   int reps = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--threads") {
       threads_arg = argv[i + 1];
+    } else if (flag == "--dtypes") {
+      dtypes_arg = argv[i + 1];
     } else if (flag == "--tokens") {
       T = std::stoll(argv[i + 1]);
     } else if (flag == "--reps") {
@@ -83,54 +88,67 @@ int main(int argc, char** argv) {
   const bool amx = ops::AmxUsable();
   std::printf("CPU: %s; AMX %s; Kernels() picks \"%s\"\n", GetCpuFeatures().ToString().c_str(),
               amx ? "usable" : "not usable", best.name);
-  std::printf("BF16 weights, T = %lld tokens, best of %d runs after a warm-up\n\n", (long long)T,
-              reps);
+  std::printf("T = %lld tokens, best of %d runs after a warm-up\n\n", (long long)T, reps);
   if (!amx) std::printf("(AMX rows skipped: AMX is not usable on this machine)\n\n");
 
   const Shape shapes[] = {{"expert gate/up", 2048, 1408},
                           {"expert down", 1408, 2048},
                           {"shared experts gate/up", 2048, 10944},
                           {"attention projection", 2048, 2048}};
-  std::printf("| shape | K → N | threads | kernel | ms | GFLOP/s | AMX speed-up |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
-  for (const std::string& th : bench::SplitList(threads_arg)) {
-    const int threads = std::stoi(th);
-    ThreadPool pool(threads);
-    for (const Shape& s : shapes) {
-      std::mt19937 rng(11);
-      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-      std::vector<uint16_t> w(s.N * s.K);
-      for (uint16_t& v : w) v = F32ToBf16(dist(rng) * 0.05f);
-      std::vector<float> x(T * s.K), y(T * s.N);
-      for (float& v : x) v = dist(rng);
-      const MatrixView W{DType::kBF16, s.N, s.K, w.data()};
-      const int64_t chunk = ops::RowChunkSize(s.N, threads, 8, 8);
-      const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
-      const double flops = 2.0 * T * s.N * s.K;
+  std::printf("| dtype | shape | K → N | threads | kernel | ms | GFLOP/s | AMX speed-up |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const std::string& dtype : bench::SplitList(dtypes_arg)) {
+    const bool q8 = dtype == "q8";
+    for (const std::string& th : bench::SplitList(threads_arg)) {
+      const int threads = std::stoi(th);
+      ThreadPool pool(threads);
+      for (const Shape& s : shapes) {
+        std::mt19937 rng(11);
+        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+        std::vector<float> wf(s.N * s.K);
+        for (float& v : wf) v = dist(rng) * 0.05f;
+        std::vector<uint16_t> w(s.N * s.K), scales(s.N * s.K / kQ8Block);
+        std::vector<int8_t> q(q8 ? s.N * s.K : 0);
+        if (q8) {
+          for (int64_t r = 0; r < s.N; ++r)
+            QuantizeRowQ8(wf.data() + r * s.K, s.K, q.data() + r * s.K,
+                          scales.data() + r * (s.K / kQ8Block));
+        } else {
+          for (int64_t i = 0; i < s.N * s.K; ++i) w[i] = F32ToBf16(wf[i]);
+        }
+        std::vector<float> x(T * s.K), y(T * s.N);
+        for (float& v : x) v = dist(rng);
+        const MatrixView W = q8 ? MatrixView{DType::kQ8_0, s.N, s.K, q.data(), scales.data()}
+                                : MatrixView{DType::kBF16, s.N, s.K, w.data()};
+        const int64_t chunk = ops::RowChunkSize(s.N, threads, 8, 8);
+        const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
+        const double flops = 2.0 * T * s.N * s.K;
 
-      struct Row {
-        std::string name;
-        double secs;
-      };
-      std::vector<Row> rows;
-      auto time = [&](const std::string& name, MatMulFn fn, int64_t c) {
-        rows.push_back(
-            {name, BestSeconds(reps, [&] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); })});
-      };
-      if (amx) {
-        time("AMX", ops::AmxMatMulRows, chunk);
-        time("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
-      }
-      time(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
-      if (avx2 != nullptr && avx2 != &best) time("avx2", avx2->matmul_rows, chunk);
-      const double amx_secs = amx ? rows[0].secs : 0;
-      for (const Row& r : rows) {
-        std::printf("| %s | %lld → %lld | %d | %s | %.2f | %.1f | ", s.what, (long long)s.K,
-                    (long long)s.N, threads, r.name.c_str(), r.secs * 1e3, flops / r.secs / 1e9);
-        if (amx)
-          std::printf("%.2fx |\n", r.secs / amx_secs);
-        else
-          std::printf("- |\n");
+        struct Row {
+          std::string name;
+          double secs;
+        };
+        std::vector<Row> rows;
+        auto time = [&](const std::string& name, MatMulFn fn, int64_t c) {
+          rows.push_back(
+              {name, BestSeconds(reps, [&] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); })});
+        };
+        if (amx) {
+          time("AMX", ops::AmxMatMulRows, chunk);
+          time("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
+        }
+        time(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
+        if (avx2 != nullptr && avx2 != &best) time("avx2", avx2->matmul_rows, chunk);
+        const double amx_secs = amx ? rows[0].secs : 0;
+        for (const Row& r : rows) {
+          std::printf("| %s | %s | %lld → %lld | %d | %s | %.2f | %.1f | ", dtype.c_str(), s.what,
+                      (long long)s.K, (long long)s.N, threads, r.name.c_str(), r.secs * 1e3,
+                      flops / r.secs / 1e9);
+          if (amx)
+            std::printf("%.2fx |\n", r.secs / amx_secs);
+          else
+            std::printf("- |\n");
+        }
       }
     }
   }
