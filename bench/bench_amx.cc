@@ -7,13 +7,16 @@
 // 8): about 8 chunks per thread, each a multiple of 8 rows), so each kernel call sees the row
 // ranges it sees in the engine. "AMX, 1 chunk/thread" gives each thread one contiguous range
 // instead: AMX converts the activations to BF16 once per call, so fewer calls cost less.
+// "AMX, x packed once" keeps the engine's chunks but packs x once (AmxPackActivations, the
+// threads taking slices of tokens) for every chunk to read (AmxMatMulRowsPacked).
 //
 // Q8_0 runs the same shapes (AMX dequantizes each panel to BF16 as it packs it).
 //
-//   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 512] [--reps 3]
+//   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 512] [--reps 5]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -39,17 +42,12 @@ struct Shape {
   int64_t K, N;
 };
 
-// Best of `reps` timings of fn() after one warm-up run, in seconds.
+// Seconds of one run of fn().
 template <class Fn>
-double BestSeconds(int reps, Fn fn) {
+double Seconds(Fn fn) {
+  const auto t0 = Clock::now();
   fn();
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return best;
+  return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 // y = x · Wᵀ over the pool, `chunk` rows per task, as ops::Linear runs it.
@@ -62,12 +60,29 @@ void RunSplit(ThreadPool& pool, MatMulFn fn, const float* x, int64_t T, const Ma
   });
 }
 
+// The same with x packed to BF16 tiles once, the threads packing slices of 16-token tiles,
+// then every row task reading the one packed copy (AmxMatMulRowsPacked).
+void RunPackedSplit(ThreadPool& pool, const float* x, int64_t T, const MatrixView& W, int64_t chunk,
+                    uint16_t* packed, float* y) {
+  const int64_t K = W.cols, N = W.rows, tiles = (T + 15) / 16;
+  const int64_t slice = (tiles + pool.num_threads() - 1) / pool.num_threads() * 16;
+  pool.ParallelFor((T + slice - 1) / slice, [&](int64_t task, int) {
+    const int64_t t0 = task * slice, t1 = std::min(T, t0 + slice);
+    ops::AmxPackActivations(x + t0 * K, t1 - t0, K, packed + ops::AmxPackedActivationsSize(t0, K));
+  });
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  pool.ParallelFor(tasks, [&](int64_t task, int) {
+    const int64_t r0 = task * chunk, r1 = std::min(N, r0 + chunk);
+    ops::AmxMatMulRowsPacked(packed, T, W, r0, r1, y, N);
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string threads_arg = "1,2", dtypes_arg = "bf16,q8";
   int64_t T = 512;
-  int reps = 3;
+  int reps = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--threads") {
@@ -88,7 +103,7 @@ int main(int argc, char** argv) {
   const bool amx = ops::AmxUsable();
   std::printf("CPU: %s; AMX %s; Kernels() picks \"%s\"\n", GetCpuFeatures().ToString().c_str(),
               amx ? "usable" : "not usable", best.name);
-  std::printf("T = %lld tokens, best of %d runs after a warm-up\n\n", (long long)T, reps);
+  std::printf("T = %lld tokens, best of %d rounds after a warm-up round\n\n", (long long)T, reps);
   if (!amx) std::printf("(AMX rows skipped: AMX is not usable on this machine)\n\n");
 
   const Shape shapes[] = {{"expert gate/up", 2048, 1408},
@@ -124,21 +139,33 @@ int main(int argc, char** argv) {
         const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
         const double flops = 2.0 * T * s.N * s.K;
 
+        // Every variant once per round, `reps` rounds after a warm-up one, best time each: on a
+        // shared machine a burst of load then slows one round of all, not all runs of one.
         struct Row {
           std::string name;
-          double secs;
+          std::function<void()> run;
+          double secs = 1e30;
         };
         std::vector<Row> rows;
-        auto time = [&](const std::string& name, MatMulFn fn, int64_t c) {
-          rows.push_back(
-              {name, BestSeconds(reps, [&] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); })});
+        auto split = [&](const std::string& name, MatMulFn fn, int64_t c) {
+          rows.push_back({name, [&, fn, c] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); }});
         };
+        std::vector<uint16_t> packed(amx ? ops::AmxPackedActivationsSize(T, s.K) : 0);
         if (amx) {
-          time("AMX", ops::AmxMatMulRows, chunk);
-          time("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
+          split("AMX", ops::AmxMatMulRows, chunk);
+          split("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
+          rows.push_back({"AMX, x packed once", [&] {
+                            RunPackedSplit(pool, x.data(), T, W, chunk, packed.data(), y.data());
+                          }});
         }
-        time(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
-        if (avx2 != nullptr && avx2 != &best) time("avx2", avx2->matmul_rows, chunk);
+        split(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
+        if (avx2 != nullptr && avx2 != &best) split("avx2", avx2->matmul_rows, chunk);
+        for (int round = 0; round <= reps; ++round) {
+          for (Row& r : rows) {
+            const double secs = Seconds(r.run);
+            if (round > 0) r.secs = std::min(r.secs, secs);
+          }
+        }
         const double amx_secs = amx ? rows[0].secs : 0;
         for (const Row& r : rows) {
           std::printf("| %s | %s | %lld → %lld | %d | %s | %.2f | %.1f | ", dtype.c_str(), s.what,

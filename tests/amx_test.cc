@@ -92,16 +92,26 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
   const int64_t K = W.view.cols;
   const std::vector<float> x = RandomFloats(T * K, seed, 2.0f);
   constexpr float kSentinel = -12345.0f;
-  std::vector<float> got(T * ldy, kSentinel), ref(T * ldy, kSentinel);
-  ops::AmxMatMulRows(x.data(), T, W.view, r0, r1, got.data(), ldy);
+  std::vector<float> ref(T * ldy, kSentinel);
   ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, ref.data(), ldy);
+  // Both entry points: x converted by the call, and x packed beforehand — in two slices split
+  // at a 16-token boundary, as threads may pack it.
+  std::vector<float> direct(T * ldy, kSentinel), from_packed(T * ldy, kSentinel);
+  ops::AmxMatMulRows(x.data(), T, W.view, r0, r1, direct.data(), ldy);
+  std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(T, K), 0xffff);
+  const int64_t split = T / 32 * 16;
+  ops::AmxPackActivations(x.data(), split, K, packed.data());
+  ops::AmxPackActivations(x.data() + split * K, T - split, K,
+                          packed.data() + ops::AmxPackedActivationsSize(split, K));
+  ops::AmxMatMulRowsPacked(packed.data(), T, W.view, r0, r1, from_packed.data(), ldy);
   std::vector<double> xb(K);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k) xb[k] = Bf16ToF32(F32ToBf16(x[t * K + k]));
     for (int64_t n = 0; n < ldy; ++n) {
-      const float value = got[t * ldy + n];
       if (n < r0 || n >= r1) {
-        ASSERT_EQ(value, kSentinel) << "wrote outside its rows: t=" << t << " n=" << n;
+        ASSERT_EQ(direct[t * ldy + n], kSentinel)
+            << "wrote outside its rows: t=" << t << " n=" << n;
+        ASSERT_EQ(from_packed[t * ldy + n], kSentinel) << "packed: t=" << t << " n=" << n;
         continue;
       }
       double sum = 0, partial_sq = 0, abs_sum = 0;
@@ -111,11 +121,17 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
         abs_sum += std::fabs(static_cast<double>(x[t * K + k]) * W.real[n * K + k]);
       }
       const double tol = 8 * kU * std::sqrt(partial_sq / 3) + 1e-30;
-      ASSERT_NEAR(value, sum, tol) << "vs exact BF16 products: T=" << T << " K=" << K << " rows ["
-                                   << r0 << "," << r1 << ") t=" << t << " n=" << n;
       const double ref_tol = abs_sum * (kBf16Rel + W.weight_rounding + 2 * K * kU);
-      ASSERT_NEAR(value, ref[t * ldy + n], ref_tol)
-          << "vs the fp32 reference kernel: T=" << T << " K=" << K << " t=" << t << " n=" << n;
+      for (const std::vector<float>* got : {&direct, &from_packed}) {
+        const char* how = got == &direct ? "x converted by the call" : "x packed beforehand";
+        const float value = (*got)[t * ldy + n];
+        ASSERT_NEAR(value, sum, tol)
+            << "vs exact BF16 products, " << how << ": T=" << T << " K=" << K << " rows [" << r0
+            << "," << r1 << ") t=" << t << " n=" << n;
+        ASSERT_NEAR(value, ref[t * ldy + n], ref_tol)
+            << "vs the fp32 reference kernel, " << how << ": T=" << T << " K=" << K << " t=" << t
+            << " n=" << n;
+      }
     }
   }
 }

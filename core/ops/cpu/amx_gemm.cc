@@ -168,17 +168,17 @@ inline __mmask16 FirstLanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// x [T, K] fp32 → A tiles in `a`: tile (i, j) at a + (i·KB + j)·512 holds tokens 16i … 16i+15
-// and values 32j … 32j+31, rounded to BF16; zeros past T and K.
-void PackActivations(const float* x, int64_t T, int64_t K, uint16_t* a) {
-  const int64_t KB = (K + kTileK - 1) / kTileK, tiles = (T + kTileRows - 1) / kTileRows;
-  for (int64_t i = 0; i < tiles; ++i) {
+// Token tiles [i0, i1) of x [T, K] fp32 → A tiles in `a`: tile (i, j) at a + (i·KB + j)·512
+// holds tokens 16i … 16i+15 and values 32j … 32j+31, rounded to BF16; zeros past T and K.
+void PackActivations(const float* x, int64_t T, int64_t K, int64_t i0, int64_t i1, uint16_t* a) {
+  const int64_t KB = (K + kTileK - 1) / kTileK;
+  for (int64_t i = i0; i < i1; ++i) {
     for (int64_t r = 0; r < kTileRows; ++r) {
       const int64_t t = i * kTileRows + r;
       uint16_t* out = a + i * KB * kTileElems + r * kTileK;
       if (t >= T) {
         for (int64_t j = 0; j < KB; ++j)
-          _mm512_store_si512(out + j * kTileElems, _mm512_setzero_si512());
+          _mm512_storeu_si512(out + j * kTileElems, _mm512_setzero_si512());
         continue;
       }
       const float* xr = x + t * K;
@@ -193,8 +193,8 @@ void PackActivations(const float* x, int64_t T, int64_t K, uint16_t* a) {
           hi = _mm512_maskz_loadu_ps(FirstLanes(left - 16 > 0 ? left - 16 : 0), xr + k + 16);
         }
         // cvtne2ps_pbh(hi, lo): the second operand fills the low 16 values.
-        _mm512_store_si512(out + j * kTileElems,
-                           reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        _mm512_storeu_si512(out + j * kTileElems,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
       }
     }
   }
@@ -336,16 +336,18 @@ void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_
   if constexpr (MA > 1 && NB > 1) StoreC(3, y + kTileRows * ldy + 16, ldy, tokens[1], rows[1]);
 }
 
-// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16).
+// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16). The A tiles
+// come from `packed` (AmxPackActivations' layout) or, when it is null, from x, converted here.
 template <DType D>
-void MatMulRowsTiles(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                     int64_t row_end, float* y, int64_t ldy) {
+void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                     int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
   const int64_t token_tiles = (T + kTileRows - 1) / kTileRows;
   const int64_t a_step = KB * kTileElems, b_step = KB * kTileElems;
-  uint16_t* a = ActivationScratch(static_cast<size_t>(token_tiles * a_step));
+  uint16_t* scratch =
+      packed == nullptr ? ActivationScratch(static_cast<size_t>(token_tiles * a_step)) : nullptr;
+  const uint16_t* a = packed == nullptr ? scratch : packed;
   uint16_t* b = WeightScratch(static_cast<size_t>(kPanelsPerBlock * b_step));
-  PackActivations(x, T, K, a);
   ConfigureTiles();
   for (int64_t n0 = row_begin; n0 < row_end; n0 += kPanelsPerBlock * 16) {
     const int64_t block_rows =
@@ -360,6 +362,10 @@ void MatMulRowsTiles(const float* x, int64_t T, const MatrixView& W, int64_t row
     }
     // Each pair of token tiles (A: 2 · K · 32 bytes, from L2) sweeps the packed panels.
     for (int64_t i = 0; i < token_tiles; i += 2) {
+      // The activations are converted once per call, a pair of token tiles at a time as the
+      // first block of panels reaches them, so the pair is still in L1/L2 for its tiles.
+      if (n0 == row_begin && packed == nullptr)
+        PackActivations(x, T, K, i, i + 2 < token_tiles ? i + 2 : token_tiles, scratch);
       const int64_t tokens[2] = {
           T - i * kTileRows < kTileRows ? T - i * kTileRows : kTileRows,
           T - (i + 1) * kTileRows < kTileRows ? T - (i + 1) * kTileRows : kTileRows};
@@ -396,14 +402,36 @@ bool AmxUsable() {
 
 bool AmxSupports(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kQ8_0; }
 
-void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                   int64_t row_end, float* y, int64_t ldy) {
+namespace {
+void MatMulRowsAny(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                   int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   if (T <= 0 || row_begin >= row_end) return;
   if (W.dtype == DType::kBF16) {
-    MatMulRowsTiles<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
+    MatMulRowsTiles<DType::kBF16>(x, packed, T, W, row_begin, row_end, y, ldy);
   } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
-    MatMulRowsTiles<DType::kQ8_0>(x, T, W, row_begin, row_end, y, ldy);
+    MatMulRowsTiles<DType::kQ8_0>(x, packed, T, W, row_begin, row_end, y, ldy);
   }
+}
+}  // namespace
+
+void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                   int64_t row_end, float* y, int64_t ldy) {
+  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy);
+}
+
+int64_t AmxPackedActivationsSize(int64_t T, int64_t K) {
+  if (T <= 0 || K <= 0) return 0;
+  return (T + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * kTileElems;
+}
+
+void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed) {
+  if (T <= 0 || K <= 0) return;
+  PackActivations(x, T, K, 0, (T + kTileRows - 1) / kTileRows, packed);
+}
+
+void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
+                         int64_t row_end, float* y, int64_t ldy) {
+  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy);
 }
 
 #else  // not x86-64: no AMX
@@ -411,6 +439,10 @@ void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_b
 bool AmxUsable() { return false; }
 bool AmxSupports(DType) { return false; }
 void AmxMatMulRows(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t) {}
+int64_t AmxPackedActivationsSize(int64_t, int64_t) { return 0; }
+void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*) {}
+void AmxMatMulRowsPacked(const uint16_t*, int64_t, const MatrixView&, int64_t, int64_t, float*,
+                         int64_t) {}
 
 #endif
 

@@ -35,6 +35,20 @@ bool AmxUsable();
 void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                    int64_t row_end, float* y, int64_t ldy);
 
+// The same product from activations packed once for every row task of one matrix:
+// AmxMatMulRows converts x [T, K] to BF16 tiles on each call, which costs about as much as
+// reading x (T·K floats, ~0.25 ms for 512 × 2048 here: x does not fit in L2), so a matrix
+// split into 16 row chunks pays it 16 times. A caller that splits rows packs x once with
+// AmxPackActivations into AmxPackedActivationsSize(T, K) uint16_t values (any alignment;
+// 64 bytes is best) and hands the same buffer to AmxMatMulRowsPacked from every thread.
+// Tokens are packed 16 to a tile, tiles in order, so tokens [16i, T) packed from x + 16i·K
+// land at packed + AmxPackedActivationsSize(16i, K): threads may pack disjoint slices.
+int64_t AmxPackedActivationsSize(int64_t T, int64_t K);
+void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed);
+// REQUIRES: as AmxMatMulRows; `packed` holds x [T, W.cols] from AmxPackActivations.
+void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
+                         int64_t row_end, float* y, int64_t ldy);
+
 // The weight dtypes AmxMatMulRows computes.
 bool AmxSupports(DType dtype);
 
