@@ -1,21 +1,27 @@
-// AMX kernels. This file alone is compiled with -mamx-tile -mamx-bf16 -mamx-int8 and AVX-512
-// (F/BW/VL/BF16): nothing here but AmxUsable() runs unless AmxUsable() said the CPU and the OS
-// allow it. AmxUsable() itself is plain scalar code (CPUID, XGETBV, a system call and one log
-// line), so it is safe on any x86-64; like avx2_kernels.cc, this file instantiates no inline
+// AMX kernels. This file alone is compiled with -mamx-tile -mamx-bf16 -mamx-int8, AVX-512
+// (F/BW/VL/BF16) and F16C: nothing here but AmxUsable() runs unless AmxUsable() said the CPU and
+// the OS allow it. AmxUsable() itself is plain scalar code (CPUID, XGETBV, a system call and one
+// log line), so it is safe on any x86-64; like avx2_kernels.cc, this file instantiates no inline
 // function or template shared with other files (the linker could keep this copy for a CPU
 // without these instructions), hence malloc and snprintf instead of std::vector and std::string.
 //
 // How a product is computed (BF16 weights, TDPBF16PS):
 //   - the activations x [T, K] are rounded to BF16 once per call (VCVTNE2PS2BF16, round to
-//     nearest even) and laid out as A tiles: for each group of 16 tokens and each block of 32
-//     values of K, one 16 × 32 BF16 tile (1 KiB, contiguous). Tokens past T and values past K
-//     are zeros, so any T and K are exact;
+//     nearest even), or once per matrix by AmxPackActivations, and laid out as A tiles: for
+//     each group of 16 tokens and each block of 32 values of K, one 16 × 32 BF16 tile (1 KiB,
+//     contiguous). Tokens past T and values past K are zeros, so any T and K are exact;
 //   - the weights are repacked per panel of 16 rows into B tiles: block j of a panel holds, for
 //     k-pair p and row n, the two BF16 values W[n, 32j + 2p], W[n, 32j + 2p + 1] side by side
 //     (the "VNNI" pair layout TDPBF16PS reads: B row p, column n). A 16 × 16 transposition of
 //     32-bit pairs in AVX-512 registers; rows past row_end and values past K are zeros;
 //   - C tile (16 tokens × 16 rows, fp32) += A · B over all K blocks; 2 × 2 C tiles at a time
 //     (tmm0-3), two A (tmm4-5) and two B tiles (tmm6-7): each tile loaded feeds two TDPBF16PS.
+//     Blocks of 8 panels (128 rows, 512 KiB at K = 2048) are packed at a time and swept by
+//     every pair of token tiles: 4 and 16 panels were slower, 32 much slower.
+// Where the time goes (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
+// CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
+// everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
+// call ~0.8: packing the weights (~10%), converting x (~10%, it is read from L3) and storing C.
 // TDPBF16PS multiplies BF16 pairs exactly and accumulates in fp32 (round to nearest even; BF16
 // denormal inputs count as zero and fp32 denormal results are flushed, as the instruction
 // defines).
@@ -41,10 +47,14 @@
 #include <cpuid.h>
 // gcc 12's AVX-512 shuffles start from _mm512_undefined_epi32(), a deliberately uninitialised
 // value it then warns about (-Wmaybe-uninitialized) wherever they are inlined.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
