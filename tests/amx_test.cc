@@ -3,15 +3,22 @@
 // off the 32-wide tile blocks, row ranges that start and end inside 16-row panels.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <random>
+#include <sstream>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "core/model/quantize.h"
 #include "core/ops/cpu/amx_gemm.h"
 #include "core/ops/kernels.h"
 #include "core/tensor/dtype.h"
+#include "core/util/thread_pool.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -75,7 +82,8 @@ TestMatrix MakeQ8(int64_t N, int64_t K, uint64_t seed) {  // K a multiple of 32
   return m;
 }
 
-// Runs AmxMatMulRows on rows [r0, r1) of W with y rows ldy apart, and checks every element:
+// Runs the AMX GEMM on rows [r0, r1) of W with y rows ldy apart, three ways (below), and checks
+// every element of each:
 //   - inside the range, against Σ_k bf16(x_k)·used[n,k] in double. TDPBF16PS multiplies exactly
 //     and adds each product into an fp32 accumulator, so its error is the error of a running
 //     fp32 sum: each addition errs by at most u·|s_i| (s_i the partial sum after i terms).
@@ -94,24 +102,41 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
   constexpr float kSentinel = -12345.0f;
   std::vector<float> ref(T * ldy, kSentinel);
   ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, ref.data(), ldy);
-  // Both entry points: x converted by the call, and x packed beforehand — in two slices split
-  // at a 16-token boundary, as threads may pack it.
-  std::vector<float> direct(T * ldy, kSentinel), from_packed(T * ldy, kSentinel);
-  ops::AmxMatMulRows(x.data(), T, W.view, r0, r1, direct.data(), ldy);
+  // Three ways in: x converted by the call; x packed beforehand, in two slices split at a
+  // 16-token boundary as threads may pack it; and the range split into 8-row chunks over two
+  // threads, as ops::Linear splits a matrix (each thread its own tile state and scratch).
+  struct Result {
+    const char* how;
+    std::vector<float> y;
+  };
+  std::vector<Result> results;
+  results.push_back({"x converted by the call", std::vector<float>(T * ldy, kSentinel)});
+  ops::AmxMatMulRows(x.data(), T, W.view, r0, r1, results.back().y.data(), ldy);
+
+  results.push_back({"x packed beforehand", std::vector<float>(T * ldy, kSentinel)});
   std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(T, K), 0xffff);
   const int64_t split = T / 32 * 16;
   ops::AmxPackActivations(x.data(), split, K, packed.data());
   ops::AmxPackActivations(x.data() + split * K, T - split, K,
                           packed.data() + ops::AmxPackedActivationsSize(split, K));
-  ops::AmxMatMulRowsPacked(packed.data(), T, W.view, r0, r1, from_packed.data(), ldy);
+  ops::AmxMatMulRowsPacked(packed.data(), T, W.view, r0, r1, results.back().y.data(), ldy);
+
+  results.push_back({"8-row chunks on 2 threads", std::vector<float>(T * ldy, kSentinel)});
+  static ThreadPool pool(2);
+  float* chunked = results.back().y.data();
+  pool.ParallelFor((r1 - r0 + 7) / 8, [&](int64_t task, int) {
+    const int64_t c0 = r0 + 8 * task, c1 = std::min(r1, c0 + 8);
+    ops::AmxMatMulRows(x.data(), T, W.view, c0, c1, chunked, ldy);
+  });
+
   std::vector<double> xb(K);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k) xb[k] = Bf16ToF32(F32ToBf16(x[t * K + k]));
     for (int64_t n = 0; n < ldy; ++n) {
       if (n < r0 || n >= r1) {
-        ASSERT_EQ(direct[t * ldy + n], kSentinel)
-            << "wrote outside its rows: t=" << t << " n=" << n;
-        ASSERT_EQ(from_packed[t * ldy + n], kSentinel) << "packed: t=" << t << " n=" << n;
+        for (const Result& r : results)
+          ASSERT_EQ(r.y[t * ldy + n], kSentinel)
+              << "wrote outside its rows, " << r.how << ": t=" << t << " n=" << n;
         continue;
       }
       double sum = 0, partial_sq = 0, abs_sum = 0;
@@ -122,14 +147,13 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
       }
       const double tol = 8 * kU * std::sqrt(partial_sq / 3) + 1e-30;
       const double ref_tol = abs_sum * (kBf16Rel + W.weight_rounding + 2 * K * kU);
-      for (const std::vector<float>* got : {&direct, &from_packed}) {
-        const char* how = got == &direct ? "x converted by the call" : "x packed beforehand";
-        const float value = (*got)[t * ldy + n];
+      for (const Result& r : results) {
+        const float value = r.y[t * ldy + n];
         ASSERT_NEAR(value, sum, tol)
-            << "vs exact BF16 products, " << how << ": T=" << T << " K=" << K << " rows [" << r0
+            << "vs exact BF16 products, " << r.how << ": T=" << T << " K=" << K << " rows [" << r0
             << "," << r1 << ") t=" << t << " n=" << n;
         ASSERT_NEAR(value, ref[t * ldy + n], ref_tol)
-            << "vs the fp32 reference kernel, " << how << ": T=" << T << " K=" << K << " t=" << t
+            << "vs the fp32 reference kernel, " << r.how << ": T=" << T << " K=" << K << " t=" << t
             << " n=" << n;
       }
     }
@@ -234,6 +258,38 @@ TEST_F(AmxTest, CheckDetectsAWrongWeight) {
         EXPECT_EQ(y[t * 20 + n], y2[t * 20 + n]) << t << " " << n;
     }
   }
+}
+
+// What Linux says about the CPU, independently of CPUID: /proc/cpuinfo lists amx_tile,
+// amx_bf16 and amx_int8 only where the CPU has them and the kernel supports the tile state.
+TEST(AmxUsableTest, AgreesWithProcCpuinfo) {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  if (!cpuinfo) GTEST_SKIP() << "no /proc/cpuinfo (not Linux)";
+  std::string line;
+  bool tile = false, bf16 = false, int8 = false;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream flags(line.substr(line.find(':') + 1));
+    for (std::string flag; flags >> flag;) {
+      tile |= flag == "amx_tile";
+      bf16 |= flag == "amx_bf16";
+      int8 |= flag == "amx_int8";
+    }
+    break;
+  }
+  EXPECT_EQ(ops::AmxUsable(), tile && bf16 && int8)
+      << "cpuinfo: amx_tile=" << tile << " amx_bf16=" << bf16 << " amx_int8=" << int8;
+}
+
+// Probed once: threads asking at the same time all get the one answer.
+TEST(AmxUsableTest, SameAnswerOnEveryThread) {
+  const bool want = ops::AmxUsable();
+  std::vector<std::thread> threads;
+  std::atomic<int> disagree{0};
+  for (int i = 0; i < 4; ++i)
+    threads.emplace_back([&] { disagree += ops::AmxUsable() != want ? 1 : 0; });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(disagree.load(), 0);
 }
 
 TEST(AmxSupportTest, Bf16AndQ8Only) {
