@@ -1,0 +1,459 @@
+// AMX kernels. This file alone is compiled with -mamx-tile -mamx-bf16 -mamx-int8, AVX-512
+// (F/BW/VL/BF16) and F16C: nothing here but AmxUsable() runs unless AmxUsable() said the CPU and
+// the OS allow it. AmxUsable() itself is plain scalar code (CPUID, XGETBV, a system call and one
+// log line), so it is safe on any x86-64; like avx2_kernels.cc, this file instantiates no inline
+// function or template shared with other files (the linker could keep this copy for a CPU
+// without these instructions), hence malloc and snprintf instead of std::vector and std::string.
+//
+// How a product is computed (BF16 weights, TDPBF16PS):
+//   - the activations x [T, K] are rounded to BF16 once per call (VCVTNE2PS2BF16, round to
+//     nearest even), or once per matrix by AmxPackActivations, and laid out as A tiles: for
+//     each group of 16 tokens and each block of 32 values of K, one 16 × 32 BF16 tile (1 KiB,
+//     contiguous). Tokens past T and values past K are zeros, so any T and K are exact;
+//   - the weights are repacked per panel of 16 rows into B tiles: block j of a panel holds, for
+//     k-pair p and row n, the two BF16 values W[n, 32j + 2p], W[n, 32j + 2p + 1] side by side
+//     (the "VNNI" pair layout TDPBF16PS reads: B row p, column n). A 16 × 16 transposition of
+//     32-bit pairs in AVX-512 registers; rows past row_end and values past K are zeros;
+//   - C tile (16 tokens × 16 rows, fp32) += A · B over all K blocks; 2 × 2 C tiles at a time
+//     (tmm0-3), two A (tmm4-5) and two B tiles (tmm6-7): each tile loaded feeds two TDPBF16PS.
+//     Blocks of 8 panels (128 rows, 512 KiB at K = 2048) are packed at a time and swept by
+//     every pair of token tiles: 4 and 16 panels were slower, 32 much slower.
+// Where the time goes (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
+// CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
+// everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
+// call ~0.8: packing the weights (~10%), converting x (~10%, it is read from L3) and storing C.
+// TDPBF16PS multiplies BF16 pairs exactly and accumulates in fp32 (round to nearest even; BF16
+// denormal inputs count as zero and fp32 denormal results are flushed, as the instruction
+// defines).
+//
+// Q8_0 weights go through the same BF16 tiles: each 16-row panel is dequantized (q · d) and
+// rounded to BF16 as it is packed, once per call, then reused by every token. The int8 tiles
+// (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64 values, two
+// Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its own,
+// stored and multiplied by the outer product of the token and row scales in AVX-512 registers
+// (16 loads, converts and FMAs per 16 × 16 tile and block) — more vector work than the tile
+// work it scales — and the activations would be quantized to int8 (error up to amax/254 of
+// each block, where BF16 rounds each value to 2^-8 of itself).
+#include "core/ops/cpu/amx_gemm.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string_view>
+
+#include "core/util/log.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+// gcc 12's AVX-512 shuffles start from _mm512_undefined_epi32(), a deliberately uninitialised
+// value it then warns about (-Wmaybe-uninitialized) wherever they are inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#endif
+
+namespace dsmoe::ops {
+
+#if defined(__x86_64__)
+namespace {
+
+// Linux's arch_prctl codes and the XSAVE component of the tile data (arch/x86/include/uapi/
+// asm/prctl.h; Documentation/arch/x86/xstate.rst): the tile data state is "dynamic", so a
+// process must ask for it before its first AMX instruction, or that instruction faults.
+constexpr int kArchGetXcompPerm = 0x1022;
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtileCfg = 17;
+constexpr int kXfeatureXtileData = 18;
+
+uint64_t Xgetbv(uint32_t index) {
+  uint32_t eax, edx;
+  asm volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(index));
+  return eax | (static_cast<uint64_t>(edx) << 32);
+}
+
+// Null when AMX may be used; otherwise why not (written into `buf` where it needs a number).
+const char* ProbeAmx(char* buf, size_t size) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || (ecx & (1u << 27)) == 0)
+    return "the OS has not enabled XSAVE (no OSXSAVE)";
+  if (__get_cpuid_max(0, nullptr) < 7 || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+    return "CPUID has no leaf 7";
+  if ((edx & (1u << 24)) == 0) return "the CPU has no AMX-TILE";
+  if ((edx & (1u << 22)) == 0) return "the CPU has no AMX-BF16";
+  if ((edx & (1u << 25)) == 0) return "the CPU has no AMX-INT8";
+  const uint64_t xcr0 = Xgetbv(0);
+  const uint64_t tile_bits =
+      (uint64_t{1} << kXfeatureXtileCfg) | (uint64_t{1} << kXfeatureXtileData);
+  if ((xcr0 & tile_bits) != tile_bits)
+    return "the kernel has not enabled the AMX tile state (XCR0 bits 17/18)";
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) != 0) {
+    std::snprintf(buf, size, "Linux refused the AMX tile data state (arch_prctl: %s)",
+                  std::strerror(errno));
+    return buf;
+  }
+  unsigned long permitted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &permitted) != 0 ||
+      (permitted & (1ul << kXfeatureXtileData)) == 0)
+    return "Linux did not grant the AMX tile data state (ARCH_GET_XCOMP_PERM)";
+  return nullptr;
+}
+
+bool ProbeAndLog() {
+  char buf[160];
+  const char* why = ProbeAmx(buf, sizeof buf);
+  if (why == nullptr) return true;
+  char line[200];
+  const int n = std::snprintf(line, sizeof line, "AMX kernels not used: %s", why);
+  DefaultLogger()->Log(
+      LogLevel::kInfo,
+      std::string_view(line, n > 0 && n < static_cast<int>(sizeof line) ? static_cast<size_t>(n)
+                                                                        : std::strlen(line)));
+  return false;
+}
+
+constexpr int64_t kTileRows = 16;  // tokens of an A tile and C tile; k-pairs of a B tile
+constexpr int64_t kTileK = 32;     // BF16 values of K per A tile row (64 bytes)
+constexpr int64_t kTileElems = kTileRows * kTileK;  // BF16 values in one A or B tile (1 KiB)
+// Panels of 16 weight rows packed at a time: 128 rows × K = 512 KiB of BF16 at K = 2048, which
+// stays in L2 beside the tile pair of activations being swept over them.
+constexpr int64_t kPanelsPerBlock = 8;
+
+// Per-thread scratch, grown once, 64-byte aligned (one tile row per cache line).
+struct ScratchBuffer {
+  void* raw = nullptr;
+  uint16_t* data = nullptr;
+  size_t capacity = 0;  // uint16_t elements
+  ~ScratchBuffer() { std::free(raw); }
+  uint16_t* Get(size_t elems) {
+    if (capacity < elems) {
+      std::free(raw);
+      raw = std::malloc(elems * sizeof(uint16_t) + 64);
+      data = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+      capacity = elems;
+    }
+    return data;
+  }
+};
+
+uint16_t* ActivationScratch(size_t elems) {
+  thread_local ScratchBuffer buffer;
+  return buffer.Get(elems);
+}
+uint16_t* WeightScratch(size_t elems) {
+  thread_local ScratchBuffer buffer;
+  return buffer.Get(elems);
+}
+
+// The tile configuration (LDTILECFG's 64-byte operand): palette 1, all eight tiles 16 rows of
+// 64 bytes — fp32 C tiles are 16 × 16, BF16 A tiles 16 × 32, B tiles 16 pairs × 16 columns.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved0[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void ConfigureTiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = kTileRows;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Mask of the first `n` (0 … 16) 32-bit lanes.
+inline __mmask16 FirstLanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Token tiles [i0, i1) of x [T, K] fp32 → A tiles in `a`: tile (i, j) at a + (i·KB + j)·512
+// holds tokens 16i … 16i+15 and values 32j … 32j+31, rounded to BF16; zeros past T and K.
+void PackActivations(const float* x, int64_t T, int64_t K, int64_t i0, int64_t i1, uint16_t* a) {
+  const int64_t KB = (K + kTileK - 1) / kTileK;
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const int64_t t = i * kTileRows + r;
+      uint16_t* out = a + i * KB * kTileElems + r * kTileK;
+      if (t >= T) {
+        for (int64_t j = 0; j < KB; ++j)
+          _mm512_storeu_si512(out + j * kTileElems, _mm512_setzero_si512());
+        continue;
+      }
+      const float* xr = x + t * K;
+      for (int64_t j = 0; j < KB; ++j) {
+        const int64_t k = j * kTileK, left = K - k;
+        __m512 lo, hi;
+        if (left >= kTileK) {
+          lo = _mm512_loadu_ps(xr + k);
+          hi = _mm512_loadu_ps(xr + k + 16);
+        } else {
+          lo = _mm512_maskz_loadu_ps(FirstLanes(left), xr + k);
+          hi = _mm512_maskz_loadu_ps(FirstLanes(left - 16 > 0 ? left - 16 : 0), xr + k + 16);
+        }
+        // cvtne2ps_pbh(hi, lo): the second operand fills the low 16 values.
+        _mm512_storeu_si512(out + j * kTileElems,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+  }
+}
+
+// In-register transpose of a 16 × 16 matrix of 32-bit elements: r[i] lane c ↔ r[c] lane i.
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + c], 128-bit lane L: rows 4g … 4g+3 at column 4L + c.
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g + 0], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g + 0], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const __m512i a0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    const __m512i a1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+    const __m512i b0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i b1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+    r[0 + c] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(a0, b0, 0xDD);
+    r[12 + c] = _mm512_shuffle_i32x4(a1, b1, 0xDD);
+  }
+}
+
+// Rows [n0, n0 + rows) (rows ≤ 16) of a BF16 matrix → one panel of KB B tiles at `b`: tile j
+// row p column n = the pair W[n0 + n, 32j + 2p … 32j + 2p + 1]; zeros past `rows` and K.
+void PackPanelBf16(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b) {
+  const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
+  const uint16_t* base = static_cast<const uint16_t*>(W.data) + n0 * K;
+  for (int64_t j = 0; j < KB; ++j) {
+    const int64_t k = j * kTileK, left = K - k;
+    // 32 BF16 values = 16 pairs per row; a partial last block loads only its own values (never
+    // the next row's, never past the matrix).
+    const __mmask32 mask = left >= kTileK ? static_cast<__mmask32>(0xffffffffu)
+                                          : static_cast<__mmask32>((1u << left) - 1);
+    __m512i r[16];
+    for (int64_t n = 0; n < 16; ++n)
+      r[n] = n < rows ? _mm512_maskz_loadu_epi16(mask, base + n * K + k) : _mm512_setzero_si512();
+    Transpose16x16(r);
+    uint16_t* out = b + j * kTileElems;
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(out + p * kTileK, r[p]);
+  }
+}
+
+// Rows [n0, n0 + rows) (rows ≤ 16) of a Q8_0 matrix → one panel of BF16 B tiles, as
+// PackPanelBf16 lays them out: each weight q · d (exact in fp32: 8 × 11 significant bits) is
+// rounded to BF16. A Q8_0 block (32 values, one scale) is exactly one tile block of K.
+// REQUIRES: K % 32 == 0 (the Q8_0 format).
+void PackPanelQ8(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b) {
+  const int64_t K = W.cols, KB = K / kTileK;
+  const int8_t* base = static_cast<const int8_t*>(W.data) + n0 * K;
+  const uint16_t* scales = W.scales + n0 * KB;
+  for (int64_t j = 0; j < KB; ++j) {
+    __m512i r[16];
+    for (int64_t n = 0; n < 16; ++n) {
+      if (n >= rows) {
+        r[n] = _mm512_setzero_si512();
+        continue;
+      }
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(scales[n * KB + j]));
+      const __m256i q =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + n * K + j * kTileK));
+      const __m512 lo =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), d);
+      const __m512 hi = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), d);
+      r[n] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    Transpose16x16(r);
+    uint16_t* out = b + j * kTileElems;
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(out + p * kTileK, r[p]);
+  }
+}
+
+// _tile_stored(t, ...) pastes t into the register name, so the tile must be a literal.
+inline void StoreTile(int tile, void* base, int64_t stride) {
+  switch (tile) {
+    case 0:
+      _tile_stored(0, base, stride);
+      return;
+    case 1:
+      _tile_stored(1, base, stride);
+      return;
+    case 2:
+      _tile_stored(2, base, stride);
+      return;
+    default:
+      _tile_stored(3, base, stride);
+      return;
+  }
+}
+
+// Writes C tile `tile` (16 tokens × 16 rows) to y: straight from the tile when all of it is
+// valid, otherwise through a buffer, only the `tokens` × `rows` valid part.
+inline void StoreC(int tile, float* y, int64_t ldy, int64_t tokens, int64_t rows) {
+  if (tokens == kTileRows && rows == 16) {
+    StoreTile(tile, y, ldy * static_cast<int64_t>(sizeof(float)));
+    return;
+  }
+  alignas(64) float c[kTileRows][16];
+  StoreTile(tile, c, 64);
+  const __mmask16 mask = FirstLanes(rows);
+  for (int64_t t = 0; t < tokens; ++t)
+    _mm512_mask_storeu_ps(y + t * ldy, mask, _mm512_load_ps(c[t]));
+}
+
+// MA (1-2) token tiles × NB (1-2) panels over KB blocks. a: the first token tile's block 0,
+// token tiles a_step apart; b: the first panel, panels b_step apart. C tile (m, n) is tmm
+// 2m + n, A tiles tmm4-5, B tiles tmm6-7. `tokens[m]`, `rows[n]`: the valid part of each.
+template <int MA, int NB>
+void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_step, int64_t KB,
+                float* y, int64_t ldy, const int64_t tokens[2], const int64_t rows[2]) {
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (MA > 1) _tile_zero(2);
+  if constexpr (MA > 1 && NB > 1) _tile_zero(3);
+  for (int64_t j = 0; j < KB; ++j) {
+    const int64_t off = j * kTileElems;
+    _tile_loadd(4, a + off, 64);
+    if constexpr (MA > 1) _tile_loadd(5, a + a_step + off, 64);
+    _tile_loadd(6, b + off, 64);
+    if constexpr (NB > 1) _tile_loadd(7, b + b_step + off, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MA > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  StoreC(0, y, ldy, tokens[0], rows[0]);
+  if constexpr (NB > 1) StoreC(1, y + 16, ldy, tokens[0], rows[1]);
+  if constexpr (MA > 1) StoreC(2, y + kTileRows * ldy, ldy, tokens[1], rows[0]);
+  if constexpr (MA > 1 && NB > 1) StoreC(3, y + kTileRows * ldy + 16, ldy, tokens[1], rows[1]);
+}
+
+// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16). The A tiles
+// come from `packed` (AmxPackActivations' layout) or, when it is null, from x, converted here.
+template <DType D>
+void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                     int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
+  const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
+  const int64_t token_tiles = (T + kTileRows - 1) / kTileRows;
+  const int64_t a_step = KB * kTileElems, b_step = KB * kTileElems;
+  uint16_t* scratch =
+      packed == nullptr ? ActivationScratch(static_cast<size_t>(token_tiles * a_step)) : nullptr;
+  const uint16_t* a = packed == nullptr ? scratch : packed;
+  uint16_t* b = WeightScratch(static_cast<size_t>(kPanelsPerBlock * b_step));
+  ConfigureTiles();
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += kPanelsPerBlock * 16) {
+    const int64_t block_rows =
+        row_end - n0 < kPanelsPerBlock * 16 ? row_end - n0 : kPanelsPerBlock * 16;
+    const int64_t panels = (block_rows + 15) / 16;
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t rows = block_rows - 16 * p < 16 ? block_rows - 16 * p : 16;
+      if constexpr (D == DType::kQ8_0)
+        PackPanelQ8(W, n0 + 16 * p, rows, b + p * b_step);
+      else
+        PackPanelBf16(W, n0 + 16 * p, rows, b + p * b_step);
+    }
+    // Each pair of token tiles (A: 2 · K · 32 bytes, from L2) sweeps the packed panels.
+    for (int64_t i = 0; i < token_tiles; i += 2) {
+      // The activations are converted once per call, a pair of token tiles at a time as the
+      // first block of panels reaches them, so the pair is still in L1/L2 for its tiles.
+      if (n0 == row_begin && packed == nullptr)
+        PackActivations(x, T, K, i, i + 2 < token_tiles ? i + 2 : token_tiles, scratch);
+      const int64_t tokens[2] = {
+          T - i * kTileRows < kTileRows ? T - i * kTileRows : kTileRows,
+          T - (i + 1) * kTileRows < kTileRows ? T - (i + 1) * kTileRows : kTileRows};
+      const bool two_a = i + 1 < token_tiles;
+      for (int64_t p = 0; p < panels; p += 2) {
+        const int64_t rows[2] = {block_rows - 16 * p < 16 ? block_rows - 16 * p : 16,
+                                 block_rows - 16 * (p + 1) < 16 ? block_rows - 16 * (p + 1) : 16};
+        const bool two_b = p + 1 < panels;
+        const uint16_t* ap = a + i * a_step;
+        const uint16_t* bp = b + p * b_step;
+        float* yp = y + i * kTileRows * ldy + n0 + 16 * p;
+        if (two_a && two_b) {
+          TileKernel<2, 2>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+        } else if (two_a) {
+          TileKernel<2, 1>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+        } else if (two_b) {
+          TileKernel<1, 2>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+        } else {
+          TileKernel<1, 1>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+        }
+      }
+    }
+  }
+  // Back to the init state: the kernel then need not save 8 KiB of tiles at context switches.
+  _tile_release();
+}
+
+}  // namespace
+
+bool AmxUsable() {
+  static const bool usable = ProbeAndLog();
+  return usable;
+}
+
+bool AmxSupports(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kQ8_0; }
+
+namespace {
+void MatMulRowsAny(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                   int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
+  if (T <= 0 || row_begin >= row_end) return;
+  if (W.dtype == DType::kBF16) {
+    MatMulRowsTiles<DType::kBF16>(x, packed, T, W, row_begin, row_end, y, ldy);
+  } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
+    MatMulRowsTiles<DType::kQ8_0>(x, packed, T, W, row_begin, row_end, y, ldy);
+  }
+}
+}  // namespace
+
+void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
+                   int64_t row_end, float* y, int64_t ldy) {
+  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy);
+}
+
+int64_t AmxPackedActivationsSize(int64_t T, int64_t K) {
+  if (T <= 0 || K <= 0) return 0;
+  return (T + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * kTileElems;
+}
+
+void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed) {
+  if (T <= 0 || K <= 0) return;
+  PackActivations(x, T, K, 0, (T + kTileRows - 1) / kTileRows, packed);
+}
+
+void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
+                         int64_t row_end, float* y, int64_t ldy) {
+  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy);
+}
+
+#else  // not x86-64: no AMX
+
+bool AmxUsable() { return false; }
+bool AmxSupports(DType) { return false; }
+void AmxMatMulRows(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t) {}
+int64_t AmxPackedActivationsSize(int64_t, int64_t) { return 0; }
+void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*) {}
+void AmxMatMulRowsPacked(const uint16_t*, int64_t, const MatrixView&, int64_t, int64_t, float*,
+                         int64_t) {}
+
+#endif
+
+}  // namespace dsmoe::ops
