@@ -6,16 +6,18 @@
 // without these instructions), hence malloc and snprintf instead of std::vector and std::string.
 //
 // How a product is computed (BF16 weights, TDPBF16PS):
-//   - the activations x [T, K] are rounded to BF16 once per call (VCVTNE2PS2BF16, round to
-//     nearest even), or once per matrix by AmxPackActivations, and laid out as A tiles: for
-//     each group of 16 tokens and each block of 32 values of K, one 16 × 32 BF16 tile (1 KiB,
-//     contiguous). Tokens past T and values past K are zeros, so any T and K are exact;
+//   - the activations x [T, K] are converted to P BF16 parts (P = 1, 2, 3: AmxPrecision, below)
+//     once per call, or once per matrix by AmxPackActivations, and laid out as A tiles: for
+//     each group of 16 tokens and each block of 32 values of K, P 16 × 32 BF16 tiles (1 KiB
+//     each, contiguous, part after part). Tokens past T and values past K are zeros, so any T
+//     and K are exact;
 //   - the weights are repacked per panel of 16 rows into B tiles: block j of a panel holds, for
 //     k-pair p and row n, the two BF16 values W[n, 32j + 2p], W[n, 32j + 2p + 1] side by side
 //     (the "VNNI" pair layout TDPBF16PS reads: B row p, column n). A 16 × 16 transposition of
 //     32-bit pairs in AVX-512 registers; rows past row_end and values past K are zeros;
-//   - C tile (16 tokens × 16 rows, fp32) += A · B over all K blocks; 2 × 2 C tiles at a time
-//     (tmm0-3), two A (tmm4-5) and two B tiles (tmm6-7): each tile loaded feeds two TDPBF16PS.
+//   - C tile (16 tokens × 16 rows, fp32) += A · B over all K blocks and parts; 2 × 2 C tiles at
+//     a time (tmm0-3), two A (tmm4-5) and two B tiles (tmm6-7): each B tile is loaded once per
+//     block for all P parts, each A tile feeds two TDPBF16PS.
 //     Blocks of 8 panels (128 rows, 512 KiB at K = 2048) are packed at a time and swept by
 //     every pair of token tiles: 4 and 16 panels were slower, 32 much slower.
 // Where the time goes (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
@@ -26,8 +28,36 @@
 // denormal inputs count as zero and fp32 denormal results are flushed, as the instruction
 // defines).
 //
-// Q8_0 weights go through the same BF16 tiles: each 16-row panel is dequantized (q · d) and
-// rounded to BF16 as it is packed, once per call, then reused by every token. The int8 tiles
+// The activation parts (AmxPrecision):
+//   - P = 1: x rounded to nearest even (VCVTNE2PS2BF16), relative error ≤ 2^-8;
+//   - P = 3: hi = x with the low 16 bits of its fp32 encoding cleared (BF16 by truncation, same
+//     sign, |hi| ≤ |x|); r = x - hi, exact in fp32 (r is x's low 16 significand bits); mid = r
+//     truncated the same way; lo = r - mid, exact again. For normal x of exponent e, x is a
+//     multiple of 2^(e-23) and r < 2^(e-7); mid keeps r's leading 8 bits, so lo is a multiple of
+//     2^(e-23) below 2^(lead(r)-7) ≤ 2^(e-15): at most 8 significant bits, a BF16 value, and
+//     hi + mid + lo = x exactly. Round to nearest would split exactly too (r then has a sign and
+//     ≤ 16 bits), but it overflows: BF16 rounding of an x above 0x1.FEp127 is inf, and with mid
+//     rounded up the partial sum hi + mid can pass FLT_MAX where x does not. With truncation all
+//     three parts have x's sign and each partial sum (hi, hi + mid, x) is nearer zero than x.
+//     Edges: the parts are exact but TDPBF16PS reads a BF16 part below 2^-126 as zero, so for
+//     |x| < 2^-103 the parts below 2^-126 are lost (under 2^-125 per activation in all), and a
+//     denormal x is zero (as in P = 1). ±inf x: hi = x, mid = lo = 0. NaN x: hi = x, converted
+//     by VCVTNE2PS2BF16 (which keeps it a NaN; truncation could turn one whose payload is only in
+//     the low bits into inf), mid = lo = 0. A weight of ±inf gives NaN (0 · ∞ from a zero
+//     part);
+//   - P = 2: hi + mid, x - lo: relative error < 2^-15, toward zero.
+// Each part multiplies the same B tile, so the work in TDPBF16PS and A tile loads is P times
+// that of P = 1, the weight packing and the B loads are shared.
+//
+// Q8_0 weights go through the same BF16 tiles, at P = 1 only: each 16-row panel is dequantized
+// (q · d) and rounded to BF16 as it is packed, once per call, then reused by every token.
+// An exact Q8_0 mode was not built: q is exact in BF16 but q · d (8 × 11 significant bits) is
+// not, and splitting the weights as well (three parts of q · d) multiplies the tile work by 9.
+// The exact form Σ_blocks d[n, b] · (Σ_{k in b} x_k · q[n, k]) fits the tiles (a K block of 32 is
+// one Q8_0 block), but needs a fresh C tile per block, stored and scaled by the 16 rows' d in
+// AVX-512 registers: per block and 16 × 16 tile, 3 TDPBF16PS against a tile store, 16 loads, 16
+// FMAs into accumulators that do not fit in registers for 2 × 2 tiles (16 more loads and
+// stores) — likely more than the tile work itself (the TDPBSSD argument below). The int8 tiles
 // (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64 values, two
 // Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its own,
 // stored and multiplied by the outer product of the token and row scales in AVX-512 registers
@@ -178,16 +208,36 @@ inline __mmask16 FirstLanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// Token tiles [i0, i1) of x [T, K] fp32 → A tiles in `a`: tile (i, j) at a + (i·KB + j)·512
-// holds tokens 16i … 16i+15 and values 32j … 32j+31, rounded to BF16; zeros past T and K.
-void PackActivations(const float* x, int64_t T, int64_t K, int64_t i0, int64_t i1, uint16_t* a) {
+// The high 16 bits of each value's fp32 encoding, kept in place (the low 16 cleared).
+inline __m512 TruncateToBf16(__m512 v) {
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// The first `parts` (2 or 3) BF16 parts of 16 activations, each held in an fp32 lane whose low
+// 16 bits are zero (NaN lanes excepted: see the file comment): part[0] + part[1] + part[2] = v.
+inline void SplitActivations(__m512 v, int parts, __m512 part[3]) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  const __mmask16 special = _mm512_cmpeq_epi32_mask(
+      _mm512_and_si512(_mm512_castps_si512(v), exponent), exponent);  // ±inf, NaN
+  part[0] = _mm512_mask_mov_ps(TruncateToBf16(v), special, v);
+  const __m512 rest = _mm512_maskz_sub_ps(static_cast<__mmask16>(~special), v, part[0]);
+  part[1] = TruncateToBf16(rest);
+  if (parts > 2) part[2] = _mm512_sub_ps(rest, part[1]);
+}
+
+// Token tiles [i0, i1) of x [T, K] fp32 → A tiles in `a`: the `parts` (1-3) tiles of token tile
+// i and block j at a + ((i·KB + j)·parts + part)·512 hold tokens 16i … 16i+15 and values
+// 32j … 32j+31 as that BF16 part (file comment); zeros past T and K.
+void PackActivations(const float* x, int64_t T, int64_t K, int parts, int64_t i0, int64_t i1,
+                     uint16_t* a) {
   const int64_t KB = (K + kTileK - 1) / kTileK;
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t r = 0; r < kTileRows; ++r) {
       const int64_t t = i * kTileRows + r;
-      uint16_t* out = a + i * KB * kTileElems + r * kTileK;
+      uint16_t* out = a + i * KB * parts * kTileElems + r * kTileK;
       if (t >= T) {
-        for (int64_t j = 0; j < KB; ++j)
+        for (int64_t j = 0; j < KB * parts; ++j)
           _mm512_storeu_si512(out + j * kTileElems, _mm512_setzero_si512());
         continue;
       }
@@ -202,9 +252,19 @@ void PackActivations(const float* x, int64_t T, int64_t K, int64_t i0, int64_t i
           lo = _mm512_maskz_loadu_ps(FirstLanes(left), xr + k);
           hi = _mm512_maskz_loadu_ps(FirstLanes(left - 16 > 0 ? left - 16 : 0), xr + k + 16);
         }
-        // cvtne2ps_pbh(hi, lo): the second operand fills the low 16 values.
-        _mm512_storeu_si512(out + j * kTileElems,
-                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        uint16_t* block = out + j * parts * kTileElems;
+        // cvtne2ps_pbh(hi, lo): the second operand fills the low 16 values. On the split parts
+        // (low 16 bits zero) it rounds nothing: it keeps the high halves.
+        if (parts == 1) {
+          _mm512_storeu_si512(block, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+          continue;
+        }
+        __m512 lo_parts[3], hi_parts[3];
+        SplitActivations(lo, parts, lo_parts);
+        SplitActivations(hi, parts, hi_parts);
+        for (int p = 0; p < parts; ++p)
+          _mm512_storeu_si512(block + p * kTileElems, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+                                                          hi_parts[p], lo_parts[p])));
       }
     }
   }
@@ -319,10 +379,11 @@ inline void StoreC(int tile, float* y, int64_t ldy, int64_t tokens, int64_t rows
     _mm512_mask_storeu_ps(y + t * ldy, mask, _mm512_load_ps(c[t]));
 }
 
-// MA (1-2) token tiles × NB (1-2) panels over KB blocks. a: the first token tile's block 0,
-// token tiles a_step apart; b: the first panel, panels b_step apart. C tile (m, n) is tmm
-// 2m + n, A tiles tmm4-5, B tiles tmm6-7. `tokens[m]`, `rows[n]`: the valid part of each.
-template <int MA, int NB>
+// MA (1-2) token tiles × NB (1-2) panels over KB blocks, P (1-3) activation parts each. a: the
+// first token tile's block 0, token tiles a_step apart, the parts of a block 512 values apart;
+// b: the first panel, panels b_step apart. C tile (m, n) is tmm 2m + n, A tiles tmm4-5, B tiles
+// tmm6-7. `tokens[m]`, `rows[n]`: the valid part of each.
+template <int MA, int NB, int P>
 void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_step, int64_t KB,
                 float* y, int64_t ldy, const int64_t tokens[2], const int64_t rows[2]) {
   _tile_zero(0);
@@ -330,15 +391,19 @@ void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_
   if constexpr (MA > 1) _tile_zero(2);
   if constexpr (MA > 1 && NB > 1) _tile_zero(3);
   for (int64_t j = 0; j < KB; ++j) {
-    const int64_t off = j * kTileElems;
-    _tile_loadd(4, a + off, 64);
-    if constexpr (MA > 1) _tile_loadd(5, a + a_step + off, 64);
-    _tile_loadd(6, b + off, 64);
-    if constexpr (NB > 1) _tile_loadd(7, b + b_step + off, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MA > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (MA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    const uint16_t* aj = a + j * P * kTileElems;
+    _tile_loadd(6, b + j * kTileElems, 64);
+    if constexpr (NB > 1) _tile_loadd(7, b + b_step + j * kTileElems, 64);
+    // The parts in order hi, mid, lo: each partial sum of one activation's parts stays on its
+    // side of the activation's product (file comment).
+    for (int p = 0; p < P; ++p) {
+      _tile_loadd(4, aj + p * kTileElems, 64);
+      if constexpr (MA > 1) _tile_loadd(5, aj + a_step + p * kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MA > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (MA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   }
   StoreC(0, y, ldy, tokens[0], rows[0]);
   if constexpr (NB > 1) StoreC(1, y + 16, ldy, tokens[0], rows[1]);
@@ -346,14 +411,15 @@ void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_
   if constexpr (MA > 1 && NB > 1) StoreC(3, y + kTileRows * ldy + 16, ldy, tokens[1], rows[1]);
 }
 
-// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16). The A tiles
-// come from `packed` (AmxPackActivations' layout) or, when it is null, from x, converted here.
-template <DType D>
+// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16); P: the
+// activation parts. The A tiles come from `packed` (AmxPackActivations' layout) or, when it is
+// null, from x, converted here.
+template <DType D, int P>
 void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
                      int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
   const int64_t token_tiles = (T + kTileRows - 1) / kTileRows;
-  const int64_t a_step = KB * kTileElems, b_step = KB * kTileElems;
+  const int64_t a_step = KB * P * kTileElems, b_step = KB * kTileElems;
   uint16_t* scratch =
       packed == nullptr ? ActivationScratch(static_cast<size_t>(token_tiles * a_step)) : nullptr;
   const uint16_t* a = packed == nullptr ? scratch : packed;
@@ -370,12 +436,12 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
       else
         PackPanelBf16(W, n0 + 16 * p, rows, b + p * b_step);
     }
-    // Each pair of token tiles (A: 2 · K · 32 bytes, from L2) sweeps the packed panels.
+    // Each pair of token tiles (A: 2 · P · K · 32 bytes, from L2) sweeps the packed panels.
     for (int64_t i = 0; i < token_tiles; i += 2) {
       // The activations are converted once per call, a pair of token tiles at a time as the
       // first block of panels reaches them, so the pair is still in L1/L2 for its tiles.
       if (n0 == row_begin && packed == nullptr)
-        PackActivations(x, T, K, i, i + 2 < token_tiles ? i + 2 : token_tiles, scratch);
+        PackActivations(x, T, K, P, i, i + 2 < token_tiles ? i + 2 : token_tiles, scratch);
       const int64_t tokens[2] = {
           T - i * kTileRows < kTileRows ? T - i * kTileRows : kTileRows,
           T - (i + 1) * kTileRows < kTileRows ? T - (i + 1) * kTileRows : kTileRows};
@@ -388,13 +454,13 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
         const uint16_t* bp = b + p * b_step;
         float* yp = y + i * kTileRows * ldy + n0 + 16 * p;
         if (two_a && two_b) {
-          TileKernel<2, 2>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+          TileKernel<2, 2, P>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
         } else if (two_a) {
-          TileKernel<2, 1>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+          TileKernel<2, 1, P>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
         } else if (two_b) {
-          TileKernel<1, 2>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+          TileKernel<1, 2, P>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
         } else {
-          TileKernel<1, 1>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
+          TileKernel<1, 1, P>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
         }
       }
     }
@@ -410,49 +476,68 @@ bool AmxUsable() {
   return usable;
 }
 
-bool AmxSupports(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kQ8_0; }
+bool AmxSupports(DType dtype, AmxPrecision precision) {
+  const int parts = static_cast<int>(precision);
+  if (parts < 1 || parts > 3) return false;
+  return dtype == DType::kBF16 || (dtype == DType::kQ8_0 && precision == AmxPrecision::kBf16);
+}
 
 namespace {
 void MatMulRowsAny(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
-                   int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
-  if (T <= 0 || row_begin >= row_end) return;
+                   int64_t row_begin, int64_t row_end, float* y, int64_t ldy,
+                   AmxPrecision precision) {
+  if (T <= 0 || row_begin >= row_end || !AmxSupports(W.dtype, precision)) return;
   if (W.dtype == DType::kBF16) {
-    MatMulRowsTiles<DType::kBF16>(x, packed, T, W, row_begin, row_end, y, ldy);
+    switch (precision) {
+      case AmxPrecision::kBf16:
+        MatMulRowsTiles<DType::kBF16, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+      case AmxPrecision::kBf16x2:
+        MatMulRowsTiles<DType::kBF16, 2>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+      case AmxPrecision::kExact:
+        MatMulRowsTiles<DType::kBF16, 3>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+    }
   } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
-    MatMulRowsTiles<DType::kQ8_0>(x, packed, T, W, row_begin, row_end, y, ldy);
+    MatMulRowsTiles<DType::kQ8_0, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
   }
 }
 }  // namespace
 
 void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
-                   int64_t row_end, float* y, int64_t ldy) {
-  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy);
+                   int64_t row_end, float* y, int64_t ldy, AmxPrecision precision) {
+  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy, precision);
 }
 
-int64_t AmxPackedActivationsSize(int64_t T, int64_t K) {
-  if (T <= 0 || K <= 0) return 0;
-  return (T + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * kTileElems;
+int64_t AmxPackedActivationsSize(int64_t T, int64_t K, AmxPrecision precision) {
+  const int parts = static_cast<int>(precision);
+  if (T <= 0 || K <= 0 || parts < 1 || parts > 3) return 0;
+  return (T + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * parts * kTileElems;
 }
 
-void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed) {
-  if (T <= 0 || K <= 0) return;
-  PackActivations(x, T, K, 0, (T + kTileRows - 1) / kTileRows, packed);
+void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed,
+                        AmxPrecision precision) {
+  const int parts = static_cast<int>(precision);
+  if (T <= 0 || K <= 0 || parts < 1 || parts > 3) return;
+  PackActivations(x, T, K, parts, 0, (T + kTileRows - 1) / kTileRows, packed);
 }
 
 void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
-                         int64_t row_end, float* y, int64_t ldy) {
-  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy);
+                         int64_t row_end, float* y, int64_t ldy, AmxPrecision precision) {
+  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy, precision);
 }
 
 #else  // not x86-64: no AMX
 
 bool AmxUsable() { return false; }
-bool AmxSupports(DType) { return false; }
-void AmxMatMulRows(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t) {}
-int64_t AmxPackedActivationsSize(int64_t, int64_t) { return 0; }
-void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*) {}
+bool AmxSupports(DType, AmxPrecision) { return false; }
+void AmxMatMulRows(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t,
+                   AmxPrecision) {}
+int64_t AmxPackedActivationsSize(int64_t, int64_t, AmxPrecision) { return 0; }
+void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*, AmxPrecision) {}
 void AmxMatMulRowsPacked(const uint16_t*, int64_t, const MatrixView&, int64_t, int64_t, float*,
-                         int64_t) {}
+                         int64_t, AmxPrecision) {}
 
 #endif
 
