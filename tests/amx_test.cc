@@ -42,7 +42,6 @@ const char* Name(AmxPrecision precision) {
   return "?";
 }
 
-// Every precision BF16 weights have; the Q8_0 tests use kBf16, its only one.
 constexpr AmxPrecision kAllPrecisions[] = {AmxPrecision::kExact, AmxPrecision::kBf16x2,
                                            AmxPrecision::kBf16};
 
@@ -54,13 +53,14 @@ constexpr double kBf16Rel = 1.0 / 256;
 // kBf16x2's promise: each activation to within 2^-15 of itself.
 constexpr double kBf16x2Rel = 1.0 / (1 << 15);
 
-// Weights [N, K] as the kernel reads them, and the values it multiplies: BF16 as stored, or
-// Q8_0 dequantized (q · d, exact in fp32) and rounded to BF16.
+// Weights [N, K] as the kernel reads them, and the values it multiplies: BF16 as stored; Q8_0
+// dequantized (q · d, exact in fp32) and rounded to BF16 in the fast mode (kBf16), q · d itself
+// in the others (q in the tiles, d applied per block in fp32).
 struct TestMatrix {
   std::vector<uint8_t> bytes;
   std::vector<uint16_t> scales;
-  std::vector<float> used;  // what the tiles multiply, as fp32
-  std::vector<float> real;  // the matrix's own values (W.At)
+  std::vector<float> used;  // what the tiles multiply in the fast mode, as fp32
+  std::vector<float> real;  // the matrix's own values (W.At): what the other modes multiply
   double weight_rounding;   // relative error of `used` against `real`
   MatrixView view;
 };
@@ -107,8 +107,8 @@ TestMatrix MakeQ8(int64_t N, int64_t K, uint64_t seed) {  // K a multiple of 32
 // Runs the AMX GEMM at `precision` on rows [r0, r1) of W with y rows ldy apart, three ways
 // (below), and checks every element of each:
 //   - inside the range, against the exact sum in double of what the tiles are to multiply:
-//     kExact: x as given (fp32), times `used`; kBf16: bf16(x) (round to nearest even) times
-//     `used`; kBf16x2: x times `used`, give or take Σ_k |x_k·used[n,k]|·2^-15. TDPBF16PS
+//     kExact: x as given (fp32), times `real`; kBf16: bf16(x) (round to nearest even) times
+//     `used`; kBf16x2: x times `real`, give or take Σ_k |x_k·real[n,k]|·2^-15. TDPBF16PS
 //     multiplies exactly and adds each product into an fp32 accumulator, so beyond that its
 //     error is the error of a running fp32 sum: each addition errs by at most u·|s_i| (s_i the
 //     partial sum after i terms). Those errors are independent and of mean zero, of variance
@@ -120,7 +120,10 @@ TestMatrix MakeQ8(int64_t N, int64_t K, uint64_t seed) {  // K a multiple of 32
 //     a 32-wide block's P parts one after the other: every partial sum is the sum before the
 //     block plus some of the block's part products, and the parts have their activation's sign
 //     and sum to at most its magnitude, so |s_i| ≤ M = max over blocks of |sum before it| +
-//     Σ_{k in it} |x_k·used[n,k]|, and the deviation ≤ u·M·sqrt(P·K/3);
+//     Σ_{k in it} |x_k·real[n,k]|, and the deviation ≤ u·M·sqrt(P·K/3). Q8_0 at P ≥ 2 sums
+//     each block in a C tile of its own (in units of the block's scale d, the same bound once
+//     times d) and adds d·C into the output with one FMA per block, whose partial sums are
+//     bounded by M too: P·K + K/32 roundings;
 //   - inside the range, against ReferenceKernels().matmul_rows (fp32 x). kExact: with the
 //     tolerance tests/kernels_test.cc gives the AVX2 kernel against it, 1e-5·(1 + sqrt(K)),
 //     scaled by max|x_t|·max|W_n| (that test's values are within ±1, these are not); the
@@ -166,6 +169,11 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
 
   const int parts = static_cast<int>(precision);
   const double x_rel = precision == AmxPrecision::kBf16x2 ? kBf16x2Rel : 0;
+  const bool fast = precision == AmxPrecision::kBf16;
+  const std::vector<float>& used = fast ? W.used : W.real;
+  const double weight_rounding = fast ? W.weight_rounding : 0;
+  const double roundings =
+      parts * static_cast<double>(K) + (W.view.dtype == DType::kQ8_0 ? K / 32 : 0);
   std::vector<double> xb(K);
   for (int64_t t = 0; t < T; ++t) {
     double x_max = 0;
@@ -184,7 +192,7 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
       double sum = 0, partial_sq = 0, abs_sum = 0, abs_used = 0, w_max = 0, m = 0, block = 0;
       for (int64_t k = 0; k < K; ++k) {
         if (k % 32 == 0) block = std::fabs(sum);
-        const double product = xb[k] * W.used[n * K + k];
+        const double product = xb[k] * used[n * K + k];
         sum += product;
         partial_sq += sum * sum;
         block += std::fabs(product);
@@ -194,12 +202,12 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
         w_max = std::max(w_max, std::fabs(static_cast<double>(W.real[n * K + k])));
       }
       const double tol = (parts == 1 ? 8 * kU * std::sqrt(partial_sq / 3)
-                                     : 8 * kU * m * std::sqrt(parts * static_cast<double>(K) / 3)) +
+                                     : 8 * kU * m * std::sqrt(roundings / 3)) +
                          x_rel * abs_used + 1e-30;
       const double ref_tol =
           precision == AmxPrecision::kExact
               ? 1e-5 * (1 + std::sqrt(static_cast<double>(K))) * x_max * w_max
-              : abs_sum * ((parts == 1 ? kBf16Rel : kBf16x2Rel) + W.weight_rounding + 2 * K * kU);
+              : abs_sum * ((parts == 1 ? kBf16Rel : kBf16x2Rel) + weight_rounding + 2 * K * kU);
       for (const Result& r : results) {
         const float value = r.y[t * ldy + n];
         ASSERT_NEAR(value, sum, tol)
@@ -275,26 +283,28 @@ TEST_F(AmxTest, Bf16RandomShapes) {
 // rounded to BF16) are caught by them, at the model's K and at a short one.
 TEST_F(AmxTest, ExactToleranceRejectsBf16Rounding) {
   for (int64_t K : {64, 2048}) {
-    const int64_t T = 16, N = 16;
-    const TestMatrix W = MakeBf16(N, K, 11 + K);
-    const std::vector<float> x = RandomFloats(T * K, 12 + K, 2.0f);
-    std::vector<float> exact(T * N), fast(T * N), ref(T * N);
-    ops::AmxMatMulRows(x.data(), T, W.view, 0, N, exact.data(), N, AmxPrecision::kExact);
-    ops::AmxMatMulRows(x.data(), T, W.view, 0, N, fast.data(), N, AmxPrecision::kBf16);
-    ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, 0, N, ref.data(), N);
-    int64_t fast_outside = 0, exact_outside = 0;
-    for (int64_t i = 0; i < T * N; ++i) {
-      double x_max = 0, w_max = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        x_max = std::max(x_max, std::fabs(static_cast<double>(x[i / N * K + k])));
-        w_max = std::max(w_max, std::fabs(static_cast<double>(W.used[i % N * K + k])));
+    for (const bool q8 : {false, true}) {
+      const int64_t T = 16, N = 16;
+      const TestMatrix W = q8 ? MakeQ8(N, K, 11 + K) : MakeBf16(N, K, 11 + K);
+      const std::vector<float> x = RandomFloats(T * K, 12 + K, 2.0f);
+      std::vector<float> exact(T * N), fast(T * N), ref(T * N);
+      ops::AmxMatMulRows(x.data(), T, W.view, 0, N, exact.data(), N, AmxPrecision::kExact);
+      ops::AmxMatMulRows(x.data(), T, W.view, 0, N, fast.data(), N, AmxPrecision::kBf16);
+      ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, 0, N, ref.data(), N);
+      int64_t fast_outside = 0, exact_outside = 0;
+      for (int64_t i = 0; i < T * N; ++i) {
+        double x_max = 0, w_max = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          x_max = std::max(x_max, std::fabs(static_cast<double>(x[i / N * K + k])));
+          w_max = std::max(w_max, std::fabs(static_cast<double>(W.real[i % N * K + k])));
+        }
+        const double tol = 1e-5 * (1 + std::sqrt(static_cast<double>(K))) * x_max * w_max;
+        fast_outside += std::fabs(fast[i] - ref[i]) > tol ? 1 : 0;
+        exact_outside += std::fabs(exact[i] - ref[i]) > tol ? 1 : 0;
       }
-      const double tol = 1e-5 * (1 + std::sqrt(static_cast<double>(K))) * x_max * w_max;
-      fast_outside += std::fabs(fast[i] - ref[i]) > tol ? 1 : 0;
-      exact_outside += std::fabs(exact[i] - ref[i]) > tol ? 1 : 0;
+      EXPECT_GT(fast_outside, T * N / 4) << "K=" << K << " q8=" << q8;
+      EXPECT_EQ(exact_outside, 0) << "K=" << K << " q8=" << q8;
     }
-    EXPECT_GT(fast_outside, T * N / 4) << "K=" << K;
-    EXPECT_EQ(exact_outside, 0) << "K=" << K;
   }
 }
 
@@ -379,22 +389,37 @@ TEST_F(AmxTest, ExactModeEdgeValues) {
   for (int64_t i = 3 * N; i < 16 * N; ++i) EXPECT_EQ(yn[i], 0.0f) << i;
 }
 
-// Q8_0: the weights are dequantized to BF16 as the panels are packed. Every token count 1-100
-// over a range inside 16-row panels, K of one and of several Q8_0 blocks (odd and even counts
-// of them), and a prompt chunk at the model's size.
+// Q8_0: in the fast mode the weights are dequantized to BF16 as the panels are packed, in the
+// others q is multiplied and each block scaled by d after. Every token count 1-100 over a range
+// inside 16-row panels, K of one and of several Q8_0 blocks (odd and even counts of them), and
+// a prompt chunk at the model's size.
 TEST_F(AmxTest, Q8EveryTokenCountMatchesExactProducts) {
-  for (int64_t K : {32, 160}) {
-    const TestMatrix W = MakeQ8(50, K, 2 + K);
-    for (int64_t T = 1; T <= 100; ++T) {
-      CheckAmx(W, T, 3, 45, 50, 2000 * K + T, AmxPrecision::kBf16);
-      if (HasFatalFailure()) return;
+  for (AmxPrecision precision : kAllPrecisions) {
+    for (int64_t K : {32, 160}) {
+      const TestMatrix W = MakeQ8(50, K, 2 + K);
+      for (int64_t T = 1; T <= 100; ++T) {
+        CheckAmx(W, T, 3, 45, 50, 2000 * K + T, precision);
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }
 
 TEST_F(AmxTest, Q8PromptChunk) {
   const TestMatrix W = MakeQ8(150, 1408, 7);
+  CheckAmx(W, 512, 9, 141, 150, 8, AmxPrecision::kExact);
   CheckAmx(W, 512, 9, 141, 150, 8, AmxPrecision::kBf16);
+}
+
+TEST_F(AmxTest, Q8RandomShapes) {
+  std::mt19937 rng(43);
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t T = 1 + rng() % 70, N = 1 + rng() % 90, K = 32 * (1 + rng() % 9);
+    const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
+    const TestMatrix W = MakeQ8(N, K, 500 + trial);
+    CheckAmx(W, T, r0, r1, N + trial % 3, 600 + trial, kAllPrecisions[trial % 3]);
+    if (HasFatalFailure()) return;
+  }
 }
 
 // Q8_0 rows are whole blocks of 32; a matrix that is not is refused (y left as it was), not read
@@ -404,23 +429,9 @@ TEST_F(AmxTest, Q8RefusesPartialBlocks) {
   std::vector<uint16_t> scales(4 * 2, F32ToF16(1.0f));
   const MatrixView W{DType::kQ8_0, 4, 40, q.data(), scales.data()};
   std::vector<float> x(16 * 40, 1.0f), y(16 * 4, -3.0f);
-  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4, AmxPrecision::kBf16);
+  for (AmxPrecision precision : kAllPrecisions)
+    ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4, precision);
   for (float v : y) EXPECT_EQ(v, -3.0f);
-}
-
-// Q8_0 has no exact mode (its dequantized weights do not fit BF16): asked for one, the kernel
-// leaves y as it was, whatever the default.
-TEST_F(AmxTest, Q8RefusesExactModes) {
-  std::vector<int8_t> q(4 * 32, 1);
-  std::vector<uint16_t> scales(4, F32ToF16(1.0f));
-  const MatrixView W{DType::kQ8_0, 4, 32, q.data(), scales.data()};
-  std::vector<float> x(16 * 32, 1.0f), y(16 * 4, -3.0f);
-  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4);
-  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4, AmxPrecision::kExact);
-  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4, AmxPrecision::kBf16x2);
-  for (float v : y) EXPECT_EQ(v, -3.0f);
-  ops::AmxMatMulRows(x.data(), 16, W, 0, 4, y.data(), 4, AmxPrecision::kBf16);
-  for (float v : y) EXPECT_EQ(v, 32.0f);
 }
 
 // The check above must be able to fail: a single wrong weight is caught.
@@ -473,18 +484,16 @@ TEST(AmxUsableTest, SameAnswerOnEveryThread) {
   EXPECT_EQ(disagree.load(), 0);
 }
 
-TEST(AmxSupportTest, Bf16EveryPrecisionQ8FastOnly) {
+TEST(AmxSupportTest, Bf16AndQ8Only) {
   for (AmxPrecision precision : kAllPrecisions) {
     EXPECT_TRUE(ops::AmxSupports(DType::kBF16, precision) || !ops::AmxUsable()) << Name(precision);
-    if (precision == AmxPrecision::kBf16)
-      EXPECT_TRUE(ops::AmxSupports(DType::kQ8_0, precision) || !ops::AmxUsable());
-    else
-      EXPECT_FALSE(ops::AmxSupports(DType::kQ8_0, precision)) << Name(precision);
+    EXPECT_TRUE(ops::AmxSupports(DType::kQ8_0, precision) || !ops::AmxUsable()) << Name(precision);
     EXPECT_FALSE(ops::AmxSupports(DType::kF16, precision));
     EXPECT_FALSE(ops::AmxSupports(DType::kF32, precision));
     EXPECT_FALSE(ops::AmxSupports(DType::kI8, precision));
   }
-  EXPECT_FALSE(ops::AmxSupports(DType::kQ8_0));  // the default is exact
+  EXPECT_FALSE(ops::AmxSupports(DType::kF32, static_cast<AmxPrecision>(4)));
+  EXPECT_FALSE(ops::AmxSupports(DType::kBF16, static_cast<AmxPrecision>(0)));
 }
 
 }  // namespace

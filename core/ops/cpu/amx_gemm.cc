@@ -49,21 +49,22 @@
 // Each part multiplies the same B tile, so the work in TDPBF16PS and A tile loads is P times
 // that of P = 1, the weight packing and the B loads are shared.
 //
-// Q8_0 weights go through the same BF16 tiles, at P = 1 only: each 16-row panel is dequantized
-// (q · d) and rounded to BF16 as it is packed, once per call, then reused by every token.
-// An exact Q8_0 mode was not built: q is exact in BF16 but q · d (8 × 11 significant bits) is
-// not, and splitting the weights as well (three parts of q · d) multiplies the tile work by 9.
-// The exact form Σ_blocks d[n, b] · (Σ_{k in b} x_k · q[n, k]) fits the tiles (a K block of 32 is
-// one Q8_0 block), but needs a fresh C tile per block, stored and scaled by the 16 rows' d in
-// AVX-512 registers: per block and 16 × 16 tile, 3 TDPBF16PS against a tile store, 16 loads, 16
-// FMAs into accumulators that do not fit in registers for 2 × 2 tiles (16 more loads and
-// stores) — likely more than the tile work itself (the TDPBSSD argument below). The int8 tiles
-// (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64 values, two
-// Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its own,
-// stored and multiplied by the outer product of the token and row scales in AVX-512 registers
-// (16 loads, converts and FMAs per 16 × 16 tile and block) — more vector work than the tile
-// work it scales — and the activations would be quantized to int8 (error up to amax/254 of
-// each block, where BF16 rounds each value to 2^-8 of itself).
+// Q8_0 weights go through the same BF16 tiles. At P = 1 each 16-row panel is dequantized
+// (q · d) and rounded to BF16 as it is packed, once per call, then reused by every token. At
+// P ≥ 2 that rounding would undo the exact activations (q · d has up to 8 + 11 significant bits,
+// BF16 8; splitting the weights too would multiply the tile work by 3 again), so the panels hold
+// q itself, exact in BF16, and a K block of 32 is exactly one Q8_0 block: each block's products
+// go to fresh C tiles, which are stored and added into fp32 accumulators times the 16 rows'
+// scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact up to
+// fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 × 16
+// tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
+// P TDPBF16PS per tile.
+// The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64
+// values, two Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its
+// own, stored and multiplied by the outer product of the token and row scales in AVX-512
+// registers (16 loads, converts and FMAs per 16 × 16 tile and block) — the work the exact mode
+// does per block, but for a tile step of half the work — and the activations would be quantized
+// to int8 (error up to amax/254 of each block, where BF16 rounds each value to 2^-8 of itself).
 #include "core/ops/cpu/amx_gemm.h"
 
 #include <cstdint>
@@ -182,6 +183,10 @@ uint16_t* ActivationScratch(size_t elems) {
 uint16_t* WeightScratch(size_t elems) {
   thread_local ScratchBuffer buffer;
   return buffer.Get(elems);
+}
+float* ScaleScratch(size_t floats) {
+  thread_local ScratchBuffer buffer;
+  return reinterpret_cast<float*>(buffer.Get(2 * floats));
 }
 
 // The tile configuration (LDTILECFG's 64-byte operand): palette 1, all eight tiles 16 rows of
@@ -347,6 +352,35 @@ void PackPanelQ8(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b) {
   }
 }
 
+// Rows [n0, n0 + rows) (rows ≤ 16) of a Q8_0 matrix → one panel of B tiles holding q itself
+// (an int8 is exact in BF16), laid out as PackPanelBf16 lays them out, and the panel's scales:
+// d[16j + n] = the scale of row n0 + n in block j, as fp32 (zeros past `rows`).
+// REQUIRES: K % 32 == 0 (the Q8_0 format).
+void PackPanelQ8Unscaled(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* b, float* d) {
+  const int64_t K = W.cols, KB = K / kTileK;
+  const int8_t* base = static_cast<const int8_t*>(W.data) + n0 * K;
+  const uint16_t* scales = W.scales + n0 * KB;
+  for (int64_t j = 0; j < KB; ++j) {
+    __m512i r[16];
+    for (int64_t n = 0; n < 16; ++n) {
+      if (n >= rows) {
+        r[n] = _mm512_setzero_si512();
+        d[16 * j + n] = 0.0f;
+        continue;
+      }
+      d[16 * j + n] = _cvtsh_ss(scales[n * KB + j]);
+      const __m256i q =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + n * K + j * kTileK));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+      r[n] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    Transpose16x16(r);
+    uint16_t* out = b + j * kTileElems;
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(out + p * kTileK, r[p]);
+  }
+}
+
 // _tile_stored(t, ...) pastes t into the register name, so the tile must be a literal.
 inline void StoreTile(int tile, void* base, int64_t stride) {
   switch (tile) {
@@ -411,9 +445,60 @@ void TileKernel(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_
   if constexpr (MA > 1 && NB > 1) StoreC(3, y + kTileRows * ldy + 16, ldy, tokens[1], rows[1]);
 }
 
-// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16); P: the
-// activation parts. The A tiles come from `packed` (AmxPackActivations' layout) or, when it is
-// null, from x, converted here.
+// TileKernel for Q8_0 at P ≥ 2: the B tiles hold q, and each 32-wide block's products (one
+// Q8_0 block, one scale per row) go to C tiles of their own, which are stored and added into
+// fp32 accumulators times the rows' scales: y = Σ_j d[n, j] · (Σ_{k in block j} x_k · q[n, k]),
+// one FMA per block beyond the tiles' fp32 sums. d: the first panel's scales (16 per block),
+// panels d_step apart.
+template <int MA, int NB, int P>
+void TileKernelScaled(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_step,
+                      const float* d, int64_t d_step, int64_t KB, float* y, int64_t ldy,
+                      const int64_t tokens[2], const int64_t rows[2]) {
+  // acc[2m + n][t]: C tile (m, n)'s token t, its 16 rows; c: the block's C tiles as stored.
+  alignas(64) float acc[4][kTileRows][16];
+  alignas(64) float c[4][kTileRows][16];
+  for (int tile = 0; tile < 4; ++tile)
+    for (int64_t t = 0; t < kTileRows; ++t) _mm512_store_ps(acc[tile][t], _mm512_setzero_ps());
+  for (int64_t j = 0; j < KB; ++j) {
+    const uint16_t* aj = a + j * P * kTileElems;
+    _tile_zero(0);
+    if constexpr (NB > 1) _tile_zero(1);
+    if constexpr (MA > 1) _tile_zero(2);
+    if constexpr (MA > 1 && NB > 1) _tile_zero(3);
+    _tile_loadd(6, b + j * kTileElems, 64);
+    if constexpr (NB > 1) _tile_loadd(7, b + b_step + j * kTileElems, 64);
+    for (int p = 0; p < P; ++p) {
+      _tile_loadd(4, aj + p * kTileElems, 64);
+      if constexpr (MA > 1) _tile_loadd(5, aj + a_step + p * kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MA > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (MA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+    for (int m = 0; m < MA; ++m) {
+      for (int n = 0; n < NB; ++n) {
+        const int tile = 2 * m + n;
+        StoreTile(tile, c[tile], 64);
+        const __m512 scale = _mm512_loadu_ps(d + n * d_step + 16 * j);
+        for (int64_t t = 0; t < kTileRows; ++t)
+          _mm512_store_ps(acc[tile][t], _mm512_fmadd_ps(_mm512_load_ps(c[tile][t]), scale,
+                                                        _mm512_load_ps(acc[tile][t])));
+      }
+    }
+  }
+  for (int m = 0; m < MA; ++m) {
+    for (int n = 0; n < NB; ++n) {
+      const __mmask16 mask = FirstLanes(rows[n]);
+      float* out = y + m * kTileRows * ldy + 16 * n;
+      for (int64_t t = 0; t < tokens[m]; ++t)
+        _mm512_mask_storeu_ps(out + t * ldy, mask, _mm512_load_ps(acc[2 * m + n][t]));
+    }
+  }
+}
+
+// D: how weight panels are packed (kBF16: as stored; kQ8_0: dequantized to BF16 at P = 1, q and
+// the scales apart at P ≥ 2); P: the activation parts. The A tiles come from `packed`
+// (AmxPackActivations' layout) or, when it is null, from x, converted here.
 template <DType D, int P>
 void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
                      int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
@@ -424,6 +509,10 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
       packed == nullptr ? ActivationScratch(static_cast<size_t>(token_tiles * a_step)) : nullptr;
   const uint16_t* a = packed == nullptr ? scratch : packed;
   uint16_t* b = WeightScratch(static_cast<size_t>(kPanelsPerBlock * b_step));
+  // Q8_0 at P ≥ 2: the panels' scales, 16 per block (after the panels, 64-byte aligned).
+  constexpr bool kScaled = D == DType::kQ8_0 && P > 1;
+  const int64_t d_step = KB * 16;
+  float* d = kScaled ? ScaleScratch(static_cast<size_t>(kPanelsPerBlock * d_step)) : nullptr;
   ConfigureTiles();
   for (int64_t n0 = row_begin; n0 < row_end; n0 += kPanelsPerBlock * 16) {
     const int64_t block_rows =
@@ -431,7 +520,9 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
     const int64_t panels = (block_rows + 15) / 16;
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t rows = block_rows - 16 * p < 16 ? block_rows - 16 * p : 16;
-      if constexpr (D == DType::kQ8_0)
+      if constexpr (kScaled)
+        PackPanelQ8Unscaled(W, n0 + 16 * p, rows, b + p * b_step, d + p * d_step);
+      else if constexpr (D == DType::kQ8_0)
         PackPanelQ8(W, n0 + 16 * p, rows, b + p * b_step);
       else
         PackPanelBf16(W, n0 + 16 * p, rows, b + p * b_step);
@@ -453,6 +544,23 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
         const uint16_t* ap = a + i * a_step;
         const uint16_t* bp = b + p * b_step;
         float* yp = y + i * kTileRows * ldy + n0 + 16 * p;
+        if constexpr (kScaled) {
+          const float* dp = d + p * d_step;
+          if (two_a && two_b) {
+            TileKernelScaled<2, 2, P>(ap, a_step, bp, b_step, dp, d_step, KB, yp, ldy, tokens,
+                                      rows);
+          } else if (two_a) {
+            TileKernelScaled<2, 1, P>(ap, a_step, bp, b_step, dp, d_step, KB, yp, ldy, tokens,
+                                      rows);
+          } else if (two_b) {
+            TileKernelScaled<1, 2, P>(ap, a_step, bp, b_step, dp, d_step, KB, yp, ldy, tokens,
+                                      rows);
+          } else {
+            TileKernelScaled<1, 1, P>(ap, a_step, bp, b_step, dp, d_step, KB, yp, ldy, tokens,
+                                      rows);
+          }
+          continue;
+        }
         if (two_a && two_b) {
           TileKernel<2, 2, P>(ap, a_step, bp, b_step, KB, yp, ldy, tokens, rows);
         } else if (two_a) {
@@ -479,7 +587,7 @@ bool AmxUsable() {
 bool AmxSupports(DType dtype, AmxPrecision precision) {
   const int parts = static_cast<int>(precision);
   if (parts < 1 || parts > 3) return false;
-  return dtype == DType::kBF16 || (dtype == DType::kQ8_0 && precision == AmxPrecision::kBf16);
+  return dtype == DType::kBF16 || dtype == DType::kQ8_0;
 }
 
 namespace {
@@ -500,7 +608,17 @@ void MatMulRowsAny(const float* x, const uint16_t* packed, int64_t T, const Matr
         return;
     }
   } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
-    MatMulRowsTiles<DType::kQ8_0, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
+    switch (precision) {
+      case AmxPrecision::kBf16:
+        MatMulRowsTiles<DType::kQ8_0, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+      case AmxPrecision::kBf16x2:
+        MatMulRowsTiles<DType::kQ8_0, 2>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+      case AmxPrecision::kExact:
+        MatMulRowsTiles<DType::kQ8_0, 3>(x, packed, T, W, row_begin, row_end, y, ldy);
+        return;
+    }
   }
 }
 }  // namespace

@@ -1,26 +1,28 @@
 // Matrix multiplication on Intel AMX tiles (Sapphire Rapids and later), for prompt chunks:
 // batches of 16 tokens or more, where the kernels are bound by compute, not by reading weights.
 //
-// AmxMatMulRows has KernelTable::matmul_rows' contract (core/ops/kernels.h) for BF16 weights
-// (and Q8_0 in the fast mode); it is meant to be called only where AmxUsable() is true. The
-// weights are multiplied as stored (BF16: exact in a TDPBF16PS product) and every product is
-// accumulated in fp32; how the fp32 activations x reach the BF16 tiles is AmxPrecision's choice:
+// AmxMatMulRows has KernelTable::matmul_rows' contract (core/ops/kernels.h) for BF16 and Q8_0
+// weights; it is meant to be called only where AmxUsable() is true. Products are accumulated in
+// fp32 by TDPBF16PS; how the fp32 activations x reach the BF16 tiles is AmxPrecision's choice:
 //   - kExact (the default): each x is split into three BF16 parts that sum to it exactly, and
 //     every part is multiplied by the same weight tile, so y is the exact dot product of fp32 x
 //     and W up to fp32 accumulation error, like the AVX2 fp32 kernel: batching with it does not
-//     change results beyond fp32 rounding. Three times the tile work of kBf16;
-//   - kBf16x2: two parts, x to within 2^-15 of itself (rounded toward zero); twice the work;
+//     change results beyond fp32 rounding. BF16 weights are multiplied as stored; Q8_0 weights
+//     as q (exact in BF16), each 32-wide block's sum then scaled by its d in fp32. Three times
+//     the tile work of kBf16 (about half its speed in bench/bench_amx.cc);
+//   - kBf16x2: two parts, x to within 2^-15 of itself (rounded toward zero); the weights as in
+//     kExact; twice the tile work;
 //   - kBf16: x rounded to BF16 (round to nearest even), 2^-8 of itself: y differs from the fp32
-//     product by up to Σ_k |x_k·W[n,k]|·2^-8. The fastest; the only mode for Q8_0, whose weights
-//     are dequantized (q · d, exact in fp32) and rounded to BF16 as they are packed, another
-//     2^-8 relative per weight (see amx_gemm.cc for why not TDPBSSD, and why Q8_0 has no exact
-//     mode).
+//     product by up to Σ_k |x_k·W[n,k]|·2^-8. Q8_0 weights are dequantized (q · d, exact in
+//     fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight. The
+//     fastest.
 // The exact split is hi = x with its low 16 bits cleared (BF16 by truncation), mid = the same of
 // x - hi, lo = x - hi - mid (see amx_gemm.cc). Where it is not exact: TDPBF16PS counts BF16
 // denormals (below 2^-126) as zero and flushes denormal fp32 sums, so an |x| under 2^-103 loses
 // the parts that fall below 2^-126 (under 2^-125 in all, per activation), fp32 denormal x count
 // as zero (in every mode), and a weight that is ±inf gives NaN (0 · ∞ from a zero part) where
 // the fp32 product is ±inf. Infinite and NaN activations give what the fp32 product gives.
+// (Details, and why not the int8 tiles, in amx_gemm.cc.)
 //
 // Thread-safe: each call uses thread-local scratch and its own thread's tile state; callers
 // split rows across threads as for matmul_rows.
@@ -47,9 +49,8 @@ enum class AmxPrecision : int {
   kExact = 3,   // x exactly (normal x): fp32 x times the BF16 weights
 };
 
-// The weight dtypes AmxMatMulRows computes at `precision`: BF16 at every precision, Q8_0 at
-// kBf16 only (its dequantized weights are rounded to BF16, so the other modes' promises could
-// not be kept).
+// The weight dtypes AmxMatMulRows computes at `precision`: BF16 and Q8_0 (false for a value
+// that is not an AmxPrecision).
 bool AmxSupports(DType dtype, AmxPrecision precision = AmxPrecision::kExact);
 
 // y[t * ldy + n] = Σ_k x[t * W.cols + k] · W[n, k]   for t in [0, T), n in [row_begin, row_end).
