@@ -36,7 +36,7 @@
 //     multiple of 2^(e-23) and r < 2^(e-7); mid keeps r's leading 8 bits, so lo is a multiple of
 //     2^(e-23) below 2^(lead(r)-7) ≤ 2^(e-15): at most 8 significant bits, a BF16 value, and
 //     hi + mid + lo = x exactly. Round to nearest would split exactly too (r then has a sign and
-//     ≤ 16 bits), but it overflows: BF16 rounding of an x above 0x1.FEp127 is inf, and with mid
+//     ≤ 16 bits), but it overflows: BF16 rounding of an |x| ≥ 0x1.FFp127 is inf, and with mid
 //     rounded up the partial sum hi + mid can pass FLT_MAX where x does not. With truncation all
 //     three parts have x's sign and each partial sum (hi, hi + mid, x) is nearer zero than x.
 //     Edges: the parts are exact but TDPBF16PS reads a BF16 part below 2^-126 as zero, so for
