@@ -24,6 +24,9 @@
 // CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
 // everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
 // call ~0.8: packing the weights (~10%), converting x (~10%, it is read from L3) and storing C.
+// At P = 3 (exact) the whole call ran at ~0.45-0.6 of P = 1's rate per CPU-second (three times
+// the TDPBF16PS; the weight packing and B loads shared; three A tiles written per conversion,
+// which makes packing x once per matrix pay more than at P = 1).
 // TDPBF16PS multiplies BF16 pairs exactly and accumulates in fp32 (round to nearest even; BF16
 // denormal inputs count as zero and fp32 denormal results are flushed, as the instruction
 // defines).
@@ -58,7 +61,10 @@
 // scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact up to
 // fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 × 16
 // tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
-// P TDPBF16PS per tile.
+// P TDPBF16PS per tile. It costs: Q8_0 exact ran at ~0.65-0.9 of BF16 exact's rate per CPU-second
+// in bench/bench_amx.cc. Tried and not kept: 2 token tiles × 1 panel with two sets of C tiles
+// taking turns (block j + 1's products issued before block j's are stored and scaled) was ~10%
+// faster with x converted per call but ~20% slower with x packed once (twice the A tile loads).
 // The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64
 // values, two Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its
 // own, stored and multiplied by the outer product of the token and row scales in AVX-512
