@@ -46,7 +46,7 @@ bool AmxUsable();
 enum class AmxPrecision : int {
   kBf16 = 1,    // x rounded to BF16: 2^-8 relative per activation
   kBf16x2 = 2,  // x to within 2^-15 relative
-  kExact = 3,   // x exactly (normal x): fp32 x times the BF16 weights
+  kExact = 3,   // x exactly (normal x): fp32 x times the weights (Q8_0: q · d)
 };
 
 // The weight dtypes AmxMatMulRows computes at `precision`: BF16 and Q8_0 (false for a value
