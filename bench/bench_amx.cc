@@ -3,14 +3,17 @@
 // projections (K = 2048 → N = 2048, the fused shared-expert gate/up K = 2048 → N = 10944) and
 // one routed expert (gate or up: K = 2048 → N = 1408, down: K = 1408 → N = 2048).
 //
+// AMX runs at two precisions (AmxPrecision): "exact" splits each fp32 activation into three
+// BF16 parts (the fp32 product, three times the tile work), "fast" rounds it to BF16 (2^-8).
 // Rows are split over the threads as ops::Linear does for T >= 16 (RowChunkSize(N, threads, 8,
 // 8): about 8 chunks per thread, each a multiple of 8 rows), so each kernel call sees the row
-// ranges it sees in the engine. "AMX, 1 chunk/thread" gives each thread one contiguous range
+// ranges it sees in the engine. "1 chunk/thread" gives each thread one contiguous range
 // instead: AMX converts the activations to BF16 once per call, so fewer calls cost less.
-// "AMX, x packed once" keeps the engine's chunks but packs x once (AmxPackActivations, the
-// threads taking slices of tokens) for every chunk to read (AmxMatMulRowsPacked).
+// "x packed once" keeps the engine's chunks but packs x once (AmxPackActivations, the threads
+// taking slices of tokens) for every chunk to read (AmxMatMulRowsPacked).
 //
-// Q8_0 runs the same shapes (AMX dequantizes each panel to BF16 as it packs it).
+// Q8_0 runs the same shapes, AMX in the fast mode only (AMX dequantizes each panel to BF16 as
+// it packs it; it has no exact mode for Q8_0).
 //
 //   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 512] [--reps 5]
 #include <time.h>
@@ -72,20 +75,30 @@ void RunSplit(ThreadPool& pool, MatMulFn fn, const float* x, int64_t T, const Ma
   });
 }
 
+void AmxExact(const float* x, int64_t T, const MatrixView& W, int64_t r0, int64_t r1, float* y,
+              int64_t ldy) {
+  ops::AmxMatMulRows(x, T, W, r0, r1, y, ldy, ops::AmxPrecision::kExact);
+}
+void AmxFast(const float* x, int64_t T, const MatrixView& W, int64_t r0, int64_t r1, float* y,
+             int64_t ldy) {
+  ops::AmxMatMulRows(x, T, W, r0, r1, y, ldy, ops::AmxPrecision::kBf16);
+}
+
 // The same with x packed to BF16 tiles once, the threads packing slices of 16-token tiles,
 // then every row task reading the one packed copy (AmxMatMulRowsPacked).
-void RunPackedSplit(ThreadPool& pool, const float* x, int64_t T, const MatrixView& W, int64_t chunk,
-                    uint16_t* packed, float* y) {
+void RunPackedSplit(ThreadPool& pool, ops::AmxPrecision precision, const float* x, int64_t T,
+                    const MatrixView& W, int64_t chunk, uint16_t* packed, float* y) {
   const int64_t K = W.cols, N = W.rows, tiles = (T + 15) / 16;
   const int64_t slice = (tiles + pool.num_threads() - 1) / pool.num_threads() * 16;
   pool.ParallelFor((T + slice - 1) / slice, [&](int64_t task, int) {
     const int64_t t0 = task * slice, t1 = std::min(T, t0 + slice);
-    ops::AmxPackActivations(x + t0 * K, t1 - t0, K, packed + ops::AmxPackedActivationsSize(t0, K));
+    ops::AmxPackActivations(x + t0 * K, t1 - t0, K,
+                            packed + ops::AmxPackedActivationsSize(t0, K, precision), precision);
   });
   const int64_t tasks = (N + chunk - 1) / chunk;
   pool.ParallelFor(tasks, [&](int64_t task, int) {
     const int64_t r0 = task * chunk, r1 = std::min(N, r0 + chunk);
-    ops::AmxMatMulRowsPacked(packed, T, W, r0, r1, y, N);
+    ops::AmxMatMulRowsPacked(packed, T, W, r0, r1, y, N, precision);
   });
 }
 
@@ -123,8 +136,8 @@ int main(int argc, char** argv) {
                           {"shared experts gate/up", 2048, 10944},
                           {"attention projection", 2048, 2048}};
   std::printf(
-      "| dtype | shape | K → N | threads | kernel | ms | GFLOP/s | GFLOP per CPU-s | AMX "
-      "speed-up |\n");
+      "| dtype | shape | K → N | threads | kernel | ms | GFLOP/s | GFLOP per CPU-s | per CPU-s "
+      "vs avx2 |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& dtype : bench::SplitList(dtypes_arg)) {
     const bool q8 = dtype == "q8";
@@ -164,16 +177,32 @@ int main(int argc, char** argv) {
         auto split = [&](const std::string& name, MatMulFn fn, int64_t c) {
           rows.push_back({name, [&, fn, c] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); }});
         };
-        std::vector<uint16_t> packed(amx ? ops::AmxPackedActivationsSize(T, s.K) : 0);
-        if (amx) {
-          split("AMX", ops::AmxMatMulRows, chunk);
-          split("AMX, 1 chunk/thread", ops::AmxMatMulRows, one_chunk);
-          rows.push_back({"AMX, x packed once", [&] {
-                            RunPackedSplit(pool, x.data(), T, W, chunk, packed.data(), y.data());
+        const bool exact = amx && ops::AmxSupports(W.dtype, ops::AmxPrecision::kExact);
+        std::vector<uint16_t> packed(
+            amx ? ops::AmxPackedActivationsSize(T, s.K, ops::AmxPrecision::kExact) : 0);
+        auto packed_once = [&](const std::string& name, ops::AmxPrecision precision) {
+          rows.push_back({name, [&, precision] {
+                            RunPackedSplit(pool, precision, x.data(), T, W, chunk, packed.data(),
+                                           y.data());
                           }});
+        };
+        if (exact) {
+          split("AMX exact", AmxExact, chunk);
+          split("AMX exact, 1 chunk/thread", AmxExact, one_chunk);
+          packed_once("AMX exact, x packed once", ops::AmxPrecision::kExact);
         }
-        split(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
-        if (avx2 != nullptr && avx2 != &best) split("avx2", avx2->matmul_rows, chunk);
+        if (amx) {
+          split("AMX fast", AmxFast, chunk);
+          split("AMX fast, 1 chunk/thread", AmxFast, one_chunk);
+          packed_once("AMX fast, x packed once", ops::AmxPrecision::kBf16);
+        }
+        // The baseline of the last column: the AVX2 kernel, fp32 products like AMX exact.
+        int64_t baseline = -1;
+        if (avx2 != nullptr) {
+          baseline = static_cast<int64_t>(rows.size());
+          split("avx2", avx2->matmul_rows, chunk);
+        }
+        if (avx2 != &best) split(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
         for (int round = 0; round <= reps; ++round) {
           for (Row& r : rows) {
             const Timing m = Measure(r.run);
@@ -183,13 +212,13 @@ int main(int argc, char** argv) {
             }
           }
         }
-        const double amx_secs = amx ? rows[0].secs : 0;
+        const double baseline_cpu = baseline >= 0 ? rows[baseline].cpu : 0;
         for (const Row& r : rows) {
           std::printf("| %s | %s | %lld → %lld | %d | %s | %.2f | %.1f | %.1f | ", dtype.c_str(),
                       s.what, (long long)s.K, (long long)s.N, threads, r.name.c_str(), r.secs * 1e3,
                       flops / r.secs / 1e9, flops / r.cpu / 1e9);
-          if (amx)
-            std::printf("%.2fx |\n", r.secs / amx_secs);
+          if (baseline >= 0)
+            std::printf("%.2fx |\n", baseline_cpu / r.cpu);
           else
             std::printf("- |\n");
         }
@@ -197,8 +226,10 @@ int main(int argc, char** argv) {
     }
   }
   std::printf(
-      "\nAMX speed-up: this kernel's time over AMX's (engine chunks); >1 means AMX is faster.\n"
-      "GFLOP per CPU-s: the work over the process's CPU time (best round), i.e. the rate per busy\n"
-      "core; steadier than GFLOP/s where other processes share the cores.\n");
+      "\nGFLOP per CPU-s: the work over the process's CPU time (best round), i.e. the rate per "
+      "busy\n"
+      "core; steadier than GFLOP/s where other processes share the cores. per CPU-s vs avx2: the\n"
+      "avx2 kernel's CPU time over this one's; >1 means faster. AMX exact and avx2 both give the\n"
+      "fp32 product; AMX fast rounds the activations to BF16.\n");
   return 0;
 }
