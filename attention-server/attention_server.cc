@@ -1,5 +1,6 @@
 #include "attention-server/attention_server.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "attention-server/batch_runner_factory.h"
@@ -82,7 +83,7 @@ absl::Status AttentionServer::CheckMemory() {
   DSMOE_ASSIGN_OR_RETURN(
       const MemoryPlan plan,
       PlanMemory(weights_->config(), limits, static_cast<int64_t>(weights_->MatrixBytes()),
-                 sizeof(float), options_.expert_servers.empty(), thread_pool_->num_threads()));
+                 options_.expert_servers.empty(), thread_pool_->num_threads()));
   int64_t limit = options_.memory_limit;
   std::string source = "--memory-limit";
   if (limit == 0) {
@@ -103,6 +104,12 @@ absl::Status AttentionServer::CheckMemory() {
   metrics_->Gauge("dsmoe_kv_cache_tokens", "Tokens the KV cache's pages hold in all")
       .Add({})
       .Set(static_cast<double>(plan.kv_tokens()));
+  metrics_
+      ->Gauge("dsmoe_kv_cache_bytes_per_token",
+              "Bytes one cached position takes (keys and values of every layer), by the "
+              "cache's element type")
+      .Add({{"dtype", std::string(KvDTypeName(plan.kv_dtype))}})
+      .Set(static_cast<double>(plan.kv_page_bytes / std::max<int64_t>(plan.kv_page_tokens, 1)));
   return CheckMemoryPlan(plan, limit, source);
 }
 
@@ -112,6 +119,12 @@ absl::Status AttentionServer::Start() {
   selection.all_routed_experts = options_.expert_servers.empty();  // remote experts: none here
   DSMOE_ASSIGN_OR_RETURN(weights_, ModelWeights::Load(options_.model_dir, selection));
   const ModelConfig& config = weights_->config();
+  // The KV cache's element type, concrete from here on: planned, built and described alike (as
+  // ModelRunner::Create would resolve it; the GPU runner stores bf16).
+  if (options_.scheduler.kv_dtype == KvDType::kAuto) {
+    options_.scheduler.kv_dtype =
+        options_.device.is_cuda() ? KvDType::kBF16 : ResolveKvDType(KvDType::kAuto, *weights_);
+  }
   // Registered before anything runs, so every series exists from the first scrape.
   metrics_ = std::make_unique<rpc::MetricsRegistry>(options_.serving.ModelName(options_.model_dir));
   attention_metrics_ = std::make_unique<AttentionMetrics>(
@@ -300,7 +313,8 @@ std::string AttentionServer::Describe() const {
       options_.device_limited_routing.has_value()
           ? absl::StrCat(", device-limited routing to ", *options_.device_limited_routing)
           : "",
-      ", ", options_.scheduler.num_slots, " slots), metrics on port ", metrics_port_);
+      ", ", options_.scheduler.num_slots, " slots, ", KvDTypeName(options_.scheduler.kv_dtype),
+      " KV cache), metrics on port ", metrics_port_);
 }
 
 void AttentionServer::Wait() { shutdown_.Wait(); }

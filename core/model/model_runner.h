@@ -89,6 +89,7 @@ class ModelRunner final : public BatchRunner {
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }
   const ForwardProfile* profile() const override { return &profile_; }
+  // The options resolved: max_context concrete, kv_dtype kF32 or kBF16.
   const RunnerOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_cache_; }
 
