@@ -7,10 +7,10 @@ absl::StatusOr<KvDType> ParseKvDType(std::string_view name) {
   if (name == "f32") return KvDType::kF32;
   if (name == "bf16") return KvDType::kBF16;
   return absl::InvalidArgumentError(
-      absl::StrCat("KV dtype \"", name, "\" is not one of auto, f32, bf16"));
+      absl::StrCat("KV dtype \"", std::string(name), "\" is not one of auto, f32, bf16"));
 }
 
-std::string_view KvDTypeName(KvDType t) {
+const char* KvDTypeName(KvDType t) {
   switch (t) {
     case KvDType::kAuto:
       return "auto";

@@ -20,7 +20,7 @@ enum class KvDType : uint8_t { kAuto, kF32, kBF16 };
 
 // "auto", "f32", "bf16" (--kv-dtype); INVALID_ARGUMENT naming the choices otherwise.
 absl::StatusOr<KvDType> ParseKvDType(std::string_view name);
-std::string_view KvDTypeName(KvDType t);
+const char* KvDTypeName(KvDType t);
 // kAuto made concrete for weights stored as `weight_dtype`; kF32 and kBF16 stay.
 KvDType ResolveKvDType(KvDType requested, DType weight_dtype);
 // Bytes of one cached element: 4 (kF32) or 2 (kBF16). REQUIRES: t resolved (not kAuto).
