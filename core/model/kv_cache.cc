@@ -39,6 +39,7 @@ KvCache::KvCache(const ModelConfig& config, const BatchLimits& limits, int64_t n
       layers_(config.num_hidden_layers),
       row_size_(config.num_key_value_heads * config.head_dim()),
       head_dim_(config.head_dim()),
+      head_block_(limits.kv_page_tokens * head_dim_),
       page_elements_(limits.kv_page_tokens * row_size_),
       layer_elements_(num_pages * page_elements_),
       blocks_(num_pages, limits.kv_page_tokens, limits.num_slots, limits.max_context) {
@@ -50,35 +51,38 @@ KvCache::KvCache(const ModelConfig& config, const BatchLimits& limits, int64_t n
 int64_t KvCache::RowOffset(int64_t layer, int32_t slot, int64_t position) const {
   const int64_t page = blocks_.Table(slot)[position >> blocks_.page_shift()];
   const int64_t row = position & (blocks_.page_tokens() - 1);
-  return layer * layer_elements_ + page * page_elements_ + row * row_size_;
+  return layer * layer_elements_ + page * page_elements_ + row * head_dim_;
 }
 
 void KvCache::Write(int64_t layer, const ForwardBatch& b, const float* k, const float* v) {
   const int64_t T = static_cast<int64_t>(b.token_ids.size());
   for (int64_t t = 0; t < T; ++t) {  // the cache holds post-RoPE keys
-    const int64_t offset = RowOffset(layer, b.slots[t], b.positions[t]);
-    const float* key = k + t * row_size_;
-    const float* value = v + t * row_size_;
-    if (dtype_ == KvDType::kBF16) {
-      uint16_t* key_row = reinterpret_cast<uint16_t*>(keys_.data()) + offset;
-      uint16_t* value_row = reinterpret_cast<uint16_t*>(values_.data()) + offset;
-      for (int64_t i = 0; i < row_size_; ++i) {
-        key_row[i] = F32ToBf16(key[i]);
-        value_row[i] = F32ToBf16(value[i]);
+    const int64_t first = RowOffset(layer, b.slots[t], b.positions[t]);
+    for (int64_t h = 0; h < row_size_ / head_dim_; ++h) {  // each kv head's block of the page
+      const int64_t offset = first + h * head_block_;
+      const float* key = k + t * row_size_ + h * head_dim_;
+      const float* value = v + t * row_size_ + h * head_dim_;
+      if (dtype_ == KvDType::kBF16) {
+        uint16_t* key_row = reinterpret_cast<uint16_t*>(keys_.data()) + offset;
+        uint16_t* value_row = reinterpret_cast<uint16_t*>(values_.data()) + offset;
+        for (int64_t i = 0; i < head_dim_; ++i) {
+          key_row[i] = F32ToBf16(key[i]);
+          value_row[i] = F32ToBf16(value[i]);
+        }
+      } else {
+        std::memcpy(keys_.data() + offset, key, sizeof(float) * head_dim_);
+        std::memcpy(values_.data() + offset, value, sizeof(float) * head_dim_);
       }
-    } else {
-      std::memcpy(keys_.data() + offset, key, sizeof(float) * row_size_);
-      std::memcpy(values_.data() + offset, value, sizeof(float) * row_size_);
     }
   }
 }
 
 ops::KvPages KvCache::View(int64_t layer, int32_t slot, int64_t kv_head) const {
-  const int64_t offset = (layer * layer_elements_ + kv_head * head_dim_) * elem_;  // bytes
+  const int64_t offset = (layer * layer_elements_ + kv_head * head_block_) * elem_;  // bytes
   ops::KvPages view;
   view.keys = reinterpret_cast<const char*>(keys_.data()) + offset;
   view.values = reinterpret_cast<const char*>(values_.data()) + offset;
-  view.stride = row_size_;
+  view.stride = head_dim_;
   view.pages = blocks_.Table(slot);
   view.page_shift = blocks_.page_shift();
   view.page_stride = page_elements_;

@@ -1,6 +1,8 @@
 // The CPU's key/value cache, paged: post-RoPE keys and values of every layer live in a pool of
-// pages of page_tokens positions, [layer][page][page_tokens][kv_head · head_dim] for keys and
-// the same for values, in fp32 or bf16 (BatchLimits::kv_dtype); the BlockManager
+// pages of page_tokens positions, [layer][page][kv_head][page_tokens][head_dim] for keys and
+// the same for values, in fp32 or bf16 (BatchLimits::kv_dtype). Within a page each kv head's
+// rows are contiguous, so the attention of one head streams whole runs of memory (page_tokens ·
+// head_dim elements) instead of one head's slice of every row; the BlockManager
 // (core/model/block_manager.h) hands pages to sequence slots and keeps their block tables. The pool
 // is sized by a byte budget (BatchLimits::kv_cache_bytes), so memory follows the tokens held, not
 // num_slots × max_context.
@@ -52,11 +54,14 @@ class KvCache {
   ops::KvPages View(int64_t layer, int32_t slot, int64_t kv_head) const;
 
  private:
-  // Element offset of a position's row in keys_ (and values_).
+  // Element offset of a position's row of kv head 0 in keys_ (and values_); head h's row is
+  // h · head_block_ further.
   int64_t RowOffset(int64_t layer, int32_t slot, int64_t position) const;
   KvDType dtype_;
   int64_t elem_;  // bytes per element
-  int64_t layers_, row_size_, head_dim_, page_elements_, layer_elements_;
+  int64_t layers_, row_size_, head_dim_;
+  int64_t head_block_;  // page_tokens · head_dim: one kv head's rows of a page
+  int64_t page_elements_, layer_elements_;
   BlockManager blocks_;
   // The pages, bytes in units of 4 (a FloatBuffer is the aligned, huge-page-advised
   // allocation we have): fp32 elements, or two bf16 elements per float.
