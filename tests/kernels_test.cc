@@ -343,6 +343,154 @@ TEST(Kernels, PagedAttendCausalMatchesDoublePrecision) {
   }
 }
 
+// BF16 pages: the kernels read the 16-bit elements as they are and compute in fp32, so their
+// output must match double-precision attention over the BF16-rounded keys and values as
+// closely as F32 pages match over exact ones. Rounding is done here (round to nearest even,
+// what KvCache::Write does), and the reference is given the rounded values widened exactly.
+struct Bf16Cache {
+  std::vector<uint16_t> keys, values;       // as stored
+  std::vector<float> keys_f32, values_f32;  // the same values, exactly, for AttendInDouble
+  std::vector<int32_t> table;               // empty: contiguous
+  ops::KvPages view;
+};
+
+// [len][stride] random rows, rounded to bf16; with shift >= 0 scattered into shuffled pages of
+// 2^shift rows with unused (NaN) pages between, as ScatteredPages does for fp32.
+Bf16Cache MakeBf16Cache(int64_t len, int64_t stride, int shift, uint64_t seed) {
+  Bf16Cache c;
+  const std::vector<float> k = RandomFloats(len * stride, seed),
+                           v = RandomFloats(len * stride, seed + 1);
+  c.keys_f32.resize(len * stride);
+  c.values_f32.resize(len * stride);
+  std::vector<uint16_t> k16(len * stride), v16(len * stride);
+  for (int64_t i = 0; i < len * stride; ++i) {
+    k16[i] = F32ToBf16(k[i]);
+    v16[i] = F32ToBf16(v[i]);
+    c.keys_f32[i] = Bf16ToF32(k16[i]);
+    c.values_f32[i] = Bf16ToF32(v16[i]);
+  }
+  if (shift < 0) {
+    c.keys = std::move(k16);
+    c.values = std::move(v16);
+    c.view = ops::KvPages{c.keys.data(), c.values.data(), stride};
+    c.view.dtype = DType::kBF16;
+    return c;
+  }
+  const int64_t page = int64_t{1} << shift, num_used = (len + page - 1) / page;
+  const int64_t num_pages = 2 * num_used + 1, page_stride = page * stride;
+  std::vector<int32_t> order(num_pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937(static_cast<uint32_t>(seed)));
+  c.keys.assign(num_pages * page_stride, 0x7fc0);  // bf16 NaN: unused rows would poison the sum
+  c.values.assign(num_pages * page_stride, 0x7fc0);
+  c.table.assign(order.begin(), order.begin() + num_used);
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t at = c.table[p / page] * page_stride + (p % page) * stride;
+    std::copy_n(k16.begin() + p * stride, stride, c.keys.begin() + at);
+    std::copy_n(v16.begin() + p * stride, stride, c.values.begin() + at);
+  }
+  c.view = ops::KvPages{c.keys.data(), c.values.data(), stride,      c.table.data(),
+                        shift,         page_stride,     DType::kBF16};
+  return c;
+}
+
+// Every length class of the decode kernel: four-row score groups and their remainder (1-3),
+// runs cut by pages of 1 to 16 rows, value sums of 1 to 8 vectors of 8 dimensions (hd up to
+// 64 per pass, 72 and 128 taking two) and a scalar tail (hd not a multiple of 8).
+TEST(Kernels, Bf16AttendMatchesDoublePrecisionOverRoundedValues) {
+  const std::vector<int64_t> lens = {1,  2,  3,  4,  5,  7,  8,   9,   15,
+                                     16, 17, 31, 33, 64, 65, 130, 300, 601};
+  const std::vector<int64_t> hds = {8, 12, 16, 24, 40, 64, 72, 128, 7, 13};
+  int trial = 0;
+  for (int shift : {-1, 0, 2, 4}) {
+    for (int64_t len : lens) {
+      for (int64_t hd : hds) {
+        ++trial;
+        const int64_t stride = hd * (1 + trial % 2);
+        const Bf16Cache c = MakeBf16Cache(len, stride, shift, 1000 + trial);
+        const std::vector<float> q = RandomFloats(hd, trial, 3.0f);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        const std::vector<double> want =
+            AttendInDouble(q, c.keys_f32, c.values_f32, stride, len, hd, scale);
+        std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+        if (FastKernels() != nullptr) tables.push_back(FastKernels());
+        for (const ops::KernelTable* k : tables) {
+          std::vector<float> scores(len), out(hd, -7.0f);
+          k->attend(q.data(), c.view, len, hd, scale, scores.data(), out.data());
+          for (int64_t d = 0; d < hd; ++d) {
+            ASSERT_NEAR(out[d], want[d], 2e-5) << k->name << " hd=" << hd << " len=" << len
+                                               << " page shift=" << shift << " d=" << d;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Every length class of the prefill kernel: blocks of 8 queries and a remainder (a single
+// query and hd % 8 != 0 take the decode kernel), eight-key score passes and their remainder,
+// value chunks of 64 positions and a partial one, pages of 1 to 32 rows or none.
+TEST(Kernels, Bf16AttendCausalMatchesDoublePrecisionOverRoundedValues) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      // (first, Q)
+      {0, 1},  {0, 2},  {0, 7},   {0, 8},  {0, 9},  {3, 8},    {5, 16},   {0, 20},
+      {57, 7}, {56, 8}, {60, 13}, {63, 2}, {64, 8}, {120, 17}, {250, 11}, {300, 20}};
+  const std::vector<int64_t> hds = {8, 16, 24, 64, 128, 12};
+  int trial = 0;
+  for (int shift : {-1, 0, 3, 5}) {
+    for (const auto& [first, Q] : shapes) {
+      for (int64_t hd : hds) {
+        ++trial;
+        const int64_t stride = hd * (1 + trial % 2), len = first + Q;
+        const int64_t q_stride = hd * 3, out_stride = hd * 2;  // other heads between
+        const Bf16Cache c = MakeBf16Cache(len, stride, shift, 5000 + trial);
+        const std::vector<float> q = RandomFloats(Q * q_stride, trial, 3.0f);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
+        if (FastKernels() != nullptr) tables.push_back(FastKernels());
+        for (const ops::KernelTable* k : tables) {
+          std::vector<float> scratch(8 * len + 80 * hd), out(Q * out_stride, -7.0f);
+          k->attend_causal(q.data(), q_stride, Q, first, c.view, hd, scale, scratch.data(),
+                           out.data(), out_stride);
+          for (int64_t i = 0; i < Q; ++i) {
+            const std::vector<float> qi(q.begin() + i * q_stride, q.begin() + i * q_stride + hd);
+            const std::vector<double> want =
+                AttendInDouble(qi, c.keys_f32, c.values_f32, stride, first + i + 1, hd, scale);
+            for (int64_t d = 0; d < out_stride; ++d) {
+              if (d >= hd) {  // between the outputs: untouched
+                ASSERT_EQ(out[i * out_stride + d], -7.0f) << k->name;
+                continue;
+              }
+              ASSERT_NEAR(out[i * out_stride + d], want[d], 2e-5)
+                  << k->name << " hd=" << hd << " Q=" << Q << " first=" << first
+                  << " page shift=" << shift << " i=" << i << " d=" << d;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The rounding matters: attention over BF16 pages is not attention over the fp32 values they
+// came from, by about bf16's relative step (2^-8) — the comparison above is not vacuous.
+TEST(Kernels, Bf16AttendDiffersFromUnroundedAttention) {
+  const int64_t hd = 64, len = 4;  // few positions: the rounding errors do not average out
+  const Bf16Cache c = MakeBf16Cache(len, hd, -1, 77);
+  const std::vector<float> k = RandomFloats(len * hd, 77), v = RandomFloats(len * hd, 78);
+  const std::vector<float> q = RandomFloats(hd, 1, 3.0f);
+  const std::vector<double> exact = AttendInDouble(q, k, v, hd, len, hd, 0.125);
+  std::vector<float> scores(len), out(hd);
+  ops::Kernels().attend(q.data(), c.view, len, hd, 0.125f, scores.data(), out.data());
+  double max_diff = 0, max_abs = 0;
+  for (int64_t d = 0; d < hd; ++d) {
+    max_diff = std::max(max_diff, std::fabs(out[d] - exact[d]));
+    max_abs = std::max(max_abs, std::fabs(exact[d]));
+  }
+  EXPECT_GT(max_diff, 1e-4);            // well above the 2e-5 the tests above allow
+  EXPECT_LT(max_diff, 0.02 * max_abs);  // and of bf16's order, not garbage
+}
+
 TEST(Kernels, SiluHandlesExtremes) {
   const ops::KernelTable& k = ops::Kernels();
   const std::vector<float> gate = {-1000.f, -90.f, -20.f, 0.f, 20.f, 90.f, 1000.f, -0.5f};

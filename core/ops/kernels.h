@@ -14,23 +14,35 @@ namespace dsmoe::ops {
 
 // The cached keys and values of one sequence and one kv head, in pages of 2^page_shift
 // positions: position p lives in page pages[p >> page_shift] at row p & (page_tokens - 1), its
-// key at keys + page · page_stride + row · stride (values likewise). pages == nullptr: one
-// contiguous run, K[p] = keys + p · stride. Rows within a page are `stride` apart, so the
+// key at element keys + page · page_stride + row · stride (values likewise). pages == nullptr:
+// one contiguous run, K[p] = keys + p · stride. Rows within a page are `stride` apart, so the
 // kernels read runs of 2^page_shift positions as they would an unpaged cache.
+//
+// Elements are `dtype`: kF32, or kBF16 (storage only: the kernels widen each element to fp32
+// in registers, a shift, and do all arithmetic in fp32; nothing copies the cache widened).
+// Strides count elements, not bytes.
 struct KvPages {
-  const float* keys = nullptr;
-  const float* values = nullptr;
-  int64_t stride = 0;              // floats between consecutive positions of a page
+  const void* keys = nullptr;
+  const void* values = nullptr;
+  int64_t stride = 0;              // elements between consecutive positions of a page
   const int32_t* pages = nullptr;  // the sequence's block table; null: contiguous
   int page_shift = 62;             // log2(positions per page)
-  int64_t page_stride = 0;         // floats between pages
+  int64_t page_stride = 0;         // elements between pages
+  DType dtype = DType::kF32;       // kF32 or kBF16
 
   int64_t Offset(int64_t p) const {
     if (pages == nullptr) return p * stride;
     return pages[p >> page_shift] * page_stride + (p & ((int64_t{1} << page_shift) - 1)) * stride;
   }
-  const float* Key(int64_t p) const { return keys + Offset(p); }
-  const float* Value(int64_t p) const { return values + Offset(p); }
+  // Position p's key and value rows as elements of type T (float for kF32, uint16_t for kBF16).
+  template <class T = float>
+  const T* Key(int64_t p) const {
+    return static_cast<const T*>(keys) + Offset(p);
+  }
+  template <class T = float>
+  const T* Value(int64_t p) const {
+    return static_cast<const T*>(values) + Offset(p);
+  }
   // Positions from p on that lie in p's page (all of [p, len) when contiguous).
   int64_t RunFrom(int64_t p, int64_t len) const {
     if (pages == nullptr) return len - p;
@@ -53,8 +65,8 @@ struct KernelTable {
   void (*row_to_f32)(const void* row, DType dtype, int64_t n, float* out);
   // One query's attention over `len` cached positions of one kv head (head size hd):
   //   scores[p] = scale · q·K[p],  out = Σ_p softmax(scores)[p] · V[p],
-  // with K[p] = kv.Key(p) and V[p] = kv.Value(p) (paged or contiguous, see KvPages). `scores`
-  // holds len floats.
+  // with K[p] = kv.Key(p) and V[p] = kv.Value(p) (paged or contiguous, F32 or BF16, see
+  // KvPages; fp32 arithmetic either way). `scores` holds len floats.
   void (*attend)(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale,
                  float* scores, float* out);
   // Causal attention of Q consecutive queries of one sequence (prefill): query i (at
