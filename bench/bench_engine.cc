@@ -30,6 +30,7 @@
 #include "core/model/quantize.h"
 #include "core/model/sampler.h"
 #include "core/model/weights.h"
+#include "core/ops/kernels.h"
 #include "core/util/cpu_features.h"
 
 namespace {
@@ -177,7 +178,8 @@ int main(int argc, char** argv) {
   for (const auto& t : bench::SplitList(threads_arg)) thread_counts.push_back(std::stoi(t));
   for (const auto& b : bench::SplitList(batches_arg)) batches.push_back(std::stoi(b));
 
-  std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
+  std::printf("kernels: %s table; CPU: %s; weights in %s\n\n", ops::Kernels().name,
+              GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
   std::printf(
       "| threads | read GB/s (huge pages, best of 1-16 streams) | read GB/s (4 KiB pages) | "

@@ -3,9 +3,14 @@
 //   - matmul_rows over a layer's worth of expert matrices (64 × [704, 1024]) for T tokens each,
 //     weights streamed from memory as in the model: GFLOP/s and weight GB/s per dtype and T;
 //   - a projection [3072, 1024] at prefill sizes (T = 64 … 256);
-//   - OpenBLAS sgemm (fp32, row-major x · Wᵀ), the compute ceiling prefill is judged by.
+//   - OpenBLAS sgemm (fp32, row-major x · Wᵀ), the compute ceiling prefill is judged by;
+//   - every vectorised table this CPU runs (AVX2, AVX-512) side by side on the DeepSeekMoE 16B
+//     shapes, decode (T = 1) and a 512-token prefill, BF16 and Q8_0.
+// The first sections use the table Kernels() chose (DSMOE_KERNELS=avx2|avx512|reference forces
+// one); the header names it and the CPU's features.
 //
 //   dsmoe_bench_kernels [--tokens 1,2,4,8,16,24,32,48,64,128,256] [--dtypes f32,bf16,q8]
+//                       [--only-16b 1]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -76,6 +81,67 @@ double BestSeconds(int reps, Fn fn) {
   return best;
 }
 
+// The 16B model's matrices (hidden size 2048) run by each fast table in the same run: T = 1
+// over enough copies (~256 MB) that the weights come from memory, as in decode; T = 512 over
+// one copy, as a prompt chunk does.
+void CompareTablesOn16BShapes() {
+  struct Shape {
+    const char* name;
+    int64_t rows, cols;
+  };
+  const Shape shapes[] = {{"expert up/gate 2048→1408", 1408, 2048},
+                          {"dense MLP 2048→10944", 10944, 2048},
+                          {"attention 2048→2048", 2048, 2048}};
+  std::vector<const ops::KernelTable*> tables;
+  std::string header, rule;
+  for (const char* name : {"avx2", "avx512"}) {
+    const ops::KernelTable* t = ops::KernelsNamed(name);
+    if (t == nullptr) {
+      std::printf("(%s: not on this CPU)\n", name);
+      continue;
+    }
+    tables.push_back(t);
+    header += std::string(" ") + name + " GB/s | " + name + " GFLOP/s |";
+    rule += "---|---|";
+  }
+  if (tables.empty()) return;
+  std::printf(
+      "\nDeepSeekMoE 16B shapes, each table in the same run (one thread; T = 1: weights "
+      "from memory):\n\n");
+  std::printf("| matrix | dtype | T |%s%s\n|---|---|---|%s%s\n", header.c_str(),
+              tables.size() > 1 ? " speed-up |" : "", rule.c_str(),
+              tables.size() > 1 ? "---|" : "");
+  for (const Shape& shape : shapes) {
+    for (DType dtype : {DType::kBF16, DType::kQ8_0}) {
+      for (int64_t T : {1, 512}) {
+        const double bytes = static_cast<double>(shape.rows * shape.cols) *
+                             (dtype == DType::kQ8_0 ? (kQ8Block + 2.0) / kQ8Block : 2.0);
+        const int64_t copies =
+            T == 1 ? std::max<int64_t>(1, static_cast<int64_t>((256 << 20) / bytes)) : 1;
+        const MatrixSet set(dtype, shape.rows, shape.cols, copies);
+        std::vector<float> x(T * shape.cols, 0.5f), y(T * shape.rows);
+        std::printf("| %s | %s | %lld |", shape.name, std::string(DTypeName(dtype)).c_str(),
+                    (long long)T);
+        std::vector<double> secs;
+        for (const ops::KernelTable* k : tables) {
+          secs.push_back(BestSeconds(T == 1 ? 5 : 3,
+                                     [&] {
+                                       for (int64_t c = 0; c < copies; ++c)
+                                         k->matmul_rows(x.data(), T, set.At(c), 0, shape.rows,
+                                                        y.data(), shape.rows);
+                                     }) /
+                         copies);
+          std::printf(" %.1f | %.1f |", bytes / secs.back() / 1e9,
+                      2.0 * T * shape.rows * shape.cols / secs.back() / 1e9);
+        }
+        if (secs.size() > 1) std::printf(" %.2fx |", secs.front() / secs.back());
+        std::printf("\n");
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
 DType ParseDType(const std::string& name) {
   if (name == "bf16") return DType::kBF16;
   if (name == "f16") return DType::kF16;
@@ -87,12 +153,15 @@ DType ParseDType(const std::string& name) {
 
 int main(int argc, char** argv) {
   std::string tokens_arg = "1,2,4,8,16,24,32,48,64,128,256", dtypes_arg = "f32,bf16,q8";
+  bool only_16b = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--tokens") {
       tokens_arg = argv[i + 1];
     } else if (flag == "--dtypes") {
       dtypes_arg = argv[i + 1];
+    } else if (flag == "--only-16b") {
+      only_16b = std::string(argv[i + 1]) == "1";
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -101,7 +170,12 @@ int main(int argc, char** argv) {
   std::vector<int64_t> token_counts;
   for (const auto& t : bench::SplitList(tokens_arg)) token_counts.push_back(std::stoll(t));
   const ops::KernelTable& k = ops::Kernels();
-  std::printf("kernels: %s (%s), one thread\n\n", k.name, GetCpuFeatures().ToString().c_str());
+  std::printf("kernels: %s table; CPU: %s; one thread\n\n", k.name,
+              GetCpuFeatures().ToString().c_str());
+  if (only_16b) {
+    CompareTablesOn16BShapes();
+    return 0;
+  }
 
   const double blas_gflops = bench::SgemmRate(1);
   if (blas_gflops > 0)
@@ -160,5 +234,6 @@ int main(int argc, char** argv) {
                   blas_gflops > 0 ? 100.0 * gflops / blas_gflops : 0.0);
     }
   }
+  CompareTablesOn16BShapes();
   return 0;
 }

@@ -6,8 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "core/model/quantize.h"
 #include "core/tensor/dtype.h"
@@ -59,27 +64,39 @@ TestMatrix MakeMatrix(DType dtype, int64_t N, int64_t K, uint64_t seed) {
   return m;
 }
 
-// How far Q8_0's decode path (≤ 4 tokens) may stray from exact arithmetic: it rounds each
-// activation to 16 bits of its block's largest magnitude (error ≤ amax / 32767 / 2), so output
-// (t, n) may differ by Σ_k |W[n, k]| · amax(block of k) / 65534. Zero for other dtypes and for
-// batches, which multiply in fp32.
-float ActivationRoundingBound(DType dtype, const TestMatrix& W, const float* x_row, int64_t n,
-                              int64_t T) {
-  if (dtype != DType::kQ8_0 || T > 4) return 0.0f;
+// How far a fast table's matmul may stray from exact arithmetic beyond fp32 summation, by
+// formula, for output (t, n) of T tokens:
+//   - Q8_0 decode (≤ 4 tokens) rounds each activation to 16 bits of its block's largest
+//     magnitude (error ≤ amax / 32767 / 2): Σ_k |W[n, k]| · amax(block of k) / 65534;
+//   - BF16 from table.bf16_activation_min_tokens on rounds each activation to BF16 (round to
+//     nearest even: error ≤ 2^-8 |x|) and `vdpbf16ps` treats BF16 subnormals as zero (error
+//     ≤ 2^-126 per activation) and flushes subnormal partial sums (≤ 2^-126 per step):
+//     Σ_k |W[n, k]| · (2^-8 |x[k]| + 2^-126) + K · 2^-126.
+// Zero otherwise: the other paths multiply fp32 activations by exactly widened weights.
+float ActivationRoundingBound(const ops::KernelTable& table, DType dtype, const TestMatrix& W,
+                              const float* x_row, int64_t n, int64_t T) {
   const int64_t K = W.view.cols;
   double bound = 0;
-  for (int64_t b = 0; b < K / kQ8Block; ++b) {
-    float amax = 0;
-    for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
-      amax = std::max(amax, std::fabs(x_row[k]));
-    for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
-      bound += std::fabs(W.exact[n * K + k]) * amax / 65534.0;
+  if (dtype == DType::kQ8_0 && T <= 4) {
+    for (int64_t b = 0; b < K / kQ8Block; ++b) {
+      float amax = 0;
+      for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
+        amax = std::max(amax, std::fabs(x_row[k]));
+      for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
+        bound += std::fabs(W.exact[n * K + k]) * amax / 65534.0;
+    }
+  }
+  if (dtype == DType::kBF16 && table.bf16_activation_min_tokens > 0 &&
+      T >= table.bf16_activation_min_tokens) {
+    const double tiny = std::ldexp(1.0, -126);
+    for (int64_t k = 0; k < K; ++k)
+      bound += std::fabs(W.exact[n * K + k]) * (std::ldexp(std::fabs(x_row[k]), -8) + tiny) + tiny;
   }
   return static_cast<float>(bound);
 }
 
 // The fast kernel's y for rows [r0, r1) of W against the reference's, every other element
-// left untouched by both; `tolerance` beyond Q8_0's activation rounding.
+// left untouched by both; `tolerance` beyond the activation rounding above.
 void ExpectMatMulMatchesReference(const ops::KernelTable& fast, DType dtype, const TestMatrix& W,
                                   int64_t T, int64_t r0, int64_t r1, uint64_t seed,
                                   float tolerance) {
@@ -89,15 +106,68 @@ void ExpectMatMulMatchesReference(const ops::KernelTable& fast, DType dtype, con
   ops::ReferenceKernels().matmul_rows(x.data(), T, W.view, r0, r1, want.data(), N);
   fast.matmul_rows(x.data(), T, W.view, r0, r1, got.data(), N);
   for (int64_t i = 0; i < T * N; ++i) {
-    const float rounding = ActivationRoundingBound(dtype, W, x.data() + i / N * K, i % N, T);
+    const float rounding = ActivationRoundingBound(fast, dtype, W, x.data() + i / N * K, i % N, T);
     ASSERT_NEAR(got[i], want[i], tolerance + rounding)
-        << "T=" << T << " N=" << N << " K=" << K << " rows [" << r0 << "," << r1 << ") i=" << i;
+        << fast.name << " T=" << T << " N=" << N << " K=" << K << " rows [" << r0 << "," << r1
+        << ") i=" << i;
   }
 }
 
-const ops::KernelTable* FastKernels() {
-  const ops::KernelTable* t = ops::Avx2Kernels();
-  return t != nullptr && GetCpuFeatures().HasAvx2Kernels() ? t : nullptr;
+// The vectorised tables this binary has, by name, and what the CPU lacks for each.
+const std::vector<std::string>& FastTableNames() {
+  static const std::vector<std::string> names = {"avx2", "avx512"};
+  return names;
+}
+std::string MissingFeatures(const std::string& table) {
+  const CpuFeatures& f = GetCpuFeatures();
+  std::vector<std::pair<bool, const char*>> needs = {
+      {f.avx2, "AVX2"}, {f.fma, "FMA"}, {f.f16c, "F16C"}};
+  if (table == "avx512") {
+    needs.insert(needs.end(), {{f.avx512f, "AVX512F"},
+                               {f.avx512bw, "AVX512BW"},
+                               {f.avx512vl, "AVX512VL"},
+                               {f.avx512vnni, "AVX512_VNNI"},
+                               {f.avx512bf16, "AVX512_BF16"}});
+  }
+  std::string missing;
+  for (const auto& [present, name] : needs) {
+    if (!present) missing += std::string(missing.empty() ? "" : ", ") + name;
+  }
+  return missing;
+}
+// The fast tables this CPU can run (none on a CPU without AVX2).
+std::vector<const ops::KernelTable*> FastTables() {
+  std::vector<const ops::KernelTable*> tables;
+  for (const std::string& name : FastTableNames()) {
+    if (const ops::KernelTable* t = ops::KernelsNamed(name)) tables.push_back(t);
+  }
+  return tables;
+}
+// The reference and every fast table this CPU can run.
+std::vector<const ops::KernelTable*> AllTables() {
+  std::vector<const ops::KernelTable*> tables = FastTables();
+  tables.insert(tables.begin(), &ops::ReferenceKernels());
+  return tables;
+}
+
+TEST(Kernels, TablesAreNamedAndChosenByCpu) {
+  EXPECT_EQ(ops::KernelsNamed("reference"), &ops::ReferenceKernels());
+  EXPECT_EQ(ops::KernelsNamed("sse9"), nullptr);
+  for (const std::string& name : FastTableNames()) {
+    const ops::KernelTable* t = ops::KernelsNamed(name);
+    EXPECT_EQ(t != nullptr, MissingFeatures(name).empty()) << name;
+    if (t != nullptr) {
+      EXPECT_EQ(t->name, name);
+    }
+  }
+  EXPECT_EQ(ops::KernelsNamed("avx512") != nullptr, GetCpuFeatures().HasAvx512Kernels());
+  // Without DSMOE_KERNELS the widest table the CPU runs is chosen.
+  if (std::getenv("DSMOE_KERNELS") == nullptr) {
+    const ops::KernelTable* widest = ops::KernelsNamed("avx512");
+    if (widest == nullptr) widest = ops::KernelsNamed("avx2");
+    if (widest == nullptr) widest = &ops::ReferenceKernels();
+    EXPECT_EQ(&ops::Kernels(), widest) << ops::Kernels().name;
+  }
 }
 
 class MatMulTest : public ::testing::TestWithParam<DType> {};
@@ -118,10 +188,28 @@ TEST_P(MatMulTest, ReferenceMatchesDoublePrecision) {
   }
 }
 
-TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
-  const ops::KernelTable* fast = FastKernels();
-  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
-  const DType dtype = GetParam();
+INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
+                         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kQ8_0),
+                         [](const auto& param_info) {
+                           return std::string(DTypeName(param_info.param));
+                         });
+
+// Each fast table (by name) × each weight dtype, against the reference; skipped, naming what
+// the CPU lacks, where the table cannot run.
+class FastMatMulTest : public ::testing::TestWithParam<std::tuple<std::string, DType>> {
+ protected:
+  void SetUp() override {
+    table_ = ops::KernelsNamed(std::get<0>(GetParam()));
+    if (table_ == nullptr) {
+      GTEST_SKIP() << "CPU lacks " << MissingFeatures(std::get<0>(GetParam())) << " for the "
+                   << std::get<0>(GetParam()) << " kernels";
+    }
+  }
+  const ops::KernelTable* table_ = nullptr;
+};
+
+TEST_P(FastMatMulTest, MatchesReferenceOnRandomShapes) {
+  const DType dtype = std::get<1>(GetParam());
   std::mt19937 rng(42);
   for (int trial = 0; trial < 60; ++trial) {
     const int64_t T = 1 + rng() % (trial % 3 == 0 ? 150 : 9),
@@ -129,52 +217,69 @@ TEST_P(MatMulTest, FastKernelMatchesReferenceOnRandomShapes) {
     const int64_t K = dtype == DType::kQ8_0 ? kQ8Block * (1 + rng() % 12) : 1 + rng() % 300;
     const int64_t r0 = rng() % N, r1 = r0 + 1 + rng() % (N - r0);
     TestMatrix W = MakeMatrix(dtype, N, K, trial);
-    ExpectMatMulMatchesReference(*fast, dtype, W, T, r0, r1, 100 + trial,
+    ExpectMatMulMatchesReference(*table_, dtype, W, T, r0, r1, 100 + trial,
                                  1e-5f * (1.0f + std::sqrt(static_cast<float>(K))));
     if (HasFatalFailure()) return;
   }
 }
 
-// Every token count from 1 to 100 crosses each path of the fast kernel: the row stream (≤ 4
-// tokens), the broadcast tiles over panels of 24 tokens with 1–3 vectors, the weight-panel GEMM
-// (≥ 48 tokens) and its leftover rows; row ranges end inside a group of 4 rows and K is not a
-// multiple of 8 (except for Q8_0, whose blocks are 32 wide).
-TEST_P(MatMulTest, FastKernelMatchesReferenceForEveryTokenCount) {
-  const ops::KernelTable* fast = FastKernels();
-  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
-  const DType dtype = GetParam();
+// Every token count from 1 to 100 crosses each path of the fast kernels: the row streams (≤ 4
+// tokens), the broadcast tiles over token panels with every number of vectors (AVX2: panels of
+// 24, AVX-512: of 48), AVX2's weight-panel GEMM and AVX-512's BF16 pairs (≥ 48 tokens) and
+// their leftover rows; row ranges end inside a group of 4 rows and K is odd (except for Q8_0,
+// whose blocks are 32 wide).
+TEST_P(FastMatMulTest, MatchesReferenceForEveryTokenCount) {
+  const DType dtype = std::get<1>(GetParam());
   const int64_t N = 37, K = dtype == DType::kQ8_0 ? 96 : 53, r0 = 2, r1 = 35;
   TestMatrix W = MakeMatrix(dtype, N, K, 9);
   for (int64_t T = 1; T <= 100; ++T) {
-    ExpectMatMulMatchesReference(*fast, dtype, W, T, r0, r1, 500 + T, 1e-4f);
+    ExpectMatMulMatchesReference(*table_, dtype, W, T, r0, r1, 500 + T, 1e-4f);
     if (HasFatalFailure()) return;
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
-                         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kQ8_0),
+// Rows long enough that the packed tokens of one panel fill the kernels' L2 budget, so a
+// prompt is swept in several token blocks, each of which buffers the weight rows again.
+TEST_P(FastMatMulTest, MatchesReferenceOnLongRows) {
+  const DType dtype = std::get<1>(GetParam());
+  const int64_t N = 21, K = dtype == DType::kQ8_0 ? 96 * kQ8Block : 3001;
+  TestMatrix W = MakeMatrix(dtype, N, K, 11);
+  for (int64_t T : {1, 3, 7, 50, 100, 150}) {
+    ExpectMatMulMatchesReference(*table_, dtype, W, T, 1, N, 900 + T,
+                                 1e-5f * (1.0f + std::sqrt(static_cast<float>(K))));
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTablesAndDTypes, FastMatMulTest,
+                         ::testing::Combine(::testing::ValuesIn(FastTableNames()),
+                                            ::testing::Values(DType::kF32, DType::kBF16,
+                                                              DType::kF16, DType::kQ8_0)),
                          [](const auto& param_info) {
-                           return std::string(DTypeName(param_info.param));
+                           return std::get<0>(param_info.param) + "_" +
+                                  std::string(DTypeName(std::get<1>(param_info.param)));
                          });
 
 TEST(Kernels, VectorOpsMatchReference) {
-  const ops::KernelTable* fast = FastKernels();
-  if (fast == nullptr) GTEST_SKIP() << "CPU has no AVX2/FMA/F16C";
-  for (int64_t n : {1, 7, 8, 15, 16, 17, 100, 1031}) {
-    std::vector<float> a = RandomFloats(n, n), b = RandomFloats(n, n + 1, 12.0f);
-    EXPECT_NEAR(fast->dot(a.data(), b.data(), n),
-                ops::ReferenceKernels().dot(a.data(), b.data(), n), 1e-4 * n);
-    std::vector<float> y1 = a, y2 = a;
-    fast->axpy(0.37f, b.data(), y1.data(), n);
-    ops::ReferenceKernels().axpy(0.37f, b.data(), y2.data(), n);
-    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(y1[i], y2[i], 1e-5);
-    // SiLU over a wide range of gate values, against the formula in double.
-    std::vector<float> out(n);
-    fast->silu_mul(b.data(), a.data(), out.data(), n);
-    for (int64_t i = 0; i < n; ++i) {
-      const double g = b[i];
-      const double want = g / (1.0 + std::exp(-g)) * a[i];
-      ASSERT_NEAR(out[i], want, 2e-6 * (std::fabs(want) + 1e-3)) << "gate " << g;
+  if (FastTables().empty()) GTEST_SKIP() << "CPU lacks " << MissingFeatures("avx2");
+  for (const ops::KernelTable* fast : FastTables()) {
+    for (int64_t n : {1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 1031}) {
+      SCOPED_TRACE(fast->name);
+      std::vector<float> a = RandomFloats(n, n), b = RandomFloats(n, n + 1, 12.0f);
+      EXPECT_NEAR(fast->dot(a.data(), b.data(), n),
+                  ops::ReferenceKernels().dot(a.data(), b.data(), n), 1e-4 * n);
+      std::vector<float> y1 = a, y2 = a;
+      fast->axpy(0.37f, b.data(), y1.data(), n);
+      ops::ReferenceKernels().axpy(0.37f, b.data(), y2.data(), n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(y1[i], y2[i], 1e-5);
+      // SiLU over a wide range of gate values, against the formula in double.
+      std::vector<float> out(n);
+      fast->silu_mul(b.data(), a.data(), out.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double g = b[i];
+        const double want = g / (1.0 + std::exp(-g)) * a[i];
+        ASSERT_NEAR(out[i], want, 2e-6 * (std::fabs(want) + 1e-3)) << "gate " << g;
+      }
     }
   }
 }
@@ -208,9 +313,7 @@ TEST(Kernels, AttendMatchesDoublePrecision) {
                        values = RandomFloats(len * stride, 200 + trial);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const std::vector<double> want = AttendInDouble(q, keys, values, stride, len, hd, scale);
-    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-    if (FastKernels() != nullptr) tables.push_back(FastKernels());
-    for (const ops::KernelTable* k : tables) {
+    for (const ops::KernelTable* k : AllTables()) {
       std::vector<float> scores(len), out(hd, -7.0f);
       k->attend(q.data(), ops::KvPages{keys.data(), values.data(), stride}, len, hd, scale,
                 scores.data(), out.data());
@@ -234,9 +337,7 @@ TEST(Kernels, AttendCausalMatchesDoublePrecision) {
                        keys = RandomFloats(len * stride, 300 + trial),
                        values = RandomFloats(len * stride, 400 + trial);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-    if (FastKernels() != nullptr) tables.push_back(FastKernels());
-    for (const ops::KernelTable* k : tables) {
+    for (const ops::KernelTable* k : AllTables()) {
       std::vector<float> scratch(8 * len + 80 * hd), out(Q * out_stride, -7.0f);
       k->attend_causal(q.data(), q_stride, Q, first,
                        ops::KvPages{keys.data(), values.data(), stride}, hd, scale, scratch.data(),
@@ -298,9 +399,7 @@ TEST(Kernels, PagedAttendMatchesDoublePrecision) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const std::vector<double> want = AttendInDouble(q, keys, values, stride, len, hd, scale);
     const ScatteredPages paged = Scatter(keys, values, stride, len, shift, trial);
-    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-    if (FastKernels() != nullptr) tables.push_back(FastKernels());
-    for (const ops::KernelTable* k : tables) {
+    for (const ops::KernelTable* k : AllTables()) {
       std::vector<float> scores(len), out(hd, -7.0f);
       k->attend(q.data(), paged.view, len, hd, scale, scores.data(), out.data());
       for (int64_t d = 0; d < hd; ++d) {
@@ -323,9 +422,7 @@ TEST(Kernels, PagedAttendCausalMatchesDoublePrecision) {
                        values = RandomFloats(len * stride, 800 + trial);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const ScatteredPages paged = Scatter(keys, values, stride, len, shift, trial);
-    std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-    if (FastKernels() != nullptr) tables.push_back(FastKernels());
-    for (const ops::KernelTable* k : tables) {
+    for (const ops::KernelTable* k : AllTables()) {
       std::vector<float> scratch(8 * len + 80 * hd), out(Q * hd, -7.0f);
       k->attend_causal(q.data(), q_stride, Q, first, paged.view, hd, scale, scratch.data(),
                        out.data(), hd);
@@ -492,24 +589,32 @@ TEST(Kernels, Bf16AttendDiffersFromUnroundedAttention) {
 }
 
 TEST(Kernels, SiluHandlesExtremes) {
-  const ops::KernelTable& k = ops::Kernels();
-  const std::vector<float> gate = {-1000.f, -90.f, -20.f, 0.f, 20.f, 90.f, 1000.f, -0.5f};
-  const std::vector<float> up(gate.size(), 2.0f);
-  std::vector<float> out(gate.size());
-  k.silu_mul(gate.data(), up.data(), out.data(), static_cast<int64_t>(gate.size()));
-  for (size_t i = 0; i < gate.size(); ++i) {
-    const double want = 2.0 * gate[i] / (1.0 + std::exp(-static_cast<double>(gate[i])));
-    EXPECT_TRUE(std::isfinite(out[i])) << gate[i];
-    EXPECT_NEAR(out[i], want, 1e-5 * (std::fabs(want) + 1)) << gate[i];
+  for (const ops::KernelTable* table : AllTables()) {
+    const ops::KernelTable& k = *table;
+    const std::vector<float> gate = {-1000.f, -90.f, -20.f, 0.f, 20.f, 90.f, 1000.f, -0.5f};
+    const std::vector<float> up(gate.size(), 2.0f);
+    std::vector<float> out(gate.size());
+    k.silu_mul(gate.data(), up.data(), out.data(), static_cast<int64_t>(gate.size()));
+    for (size_t i = 0; i < gate.size(); ++i) {
+      const double want = 2.0 * gate[i] / (1.0 + std::exp(-static_cast<double>(gate[i])));
+      EXPECT_TRUE(std::isfinite(out[i])) << gate[i];
+      EXPECT_NEAR(out[i], want, 1e-5 * (std::fabs(want) + 1)) << k.name << " " << gate[i];
+    }
   }
 }
 
 TEST(Kernels, RowToF32ConvertsEveryDType) {
-  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
-    TestMatrix m = MakeMatrix(dtype, 1, 29, 5);
-    std::vector<float> out(29);
-    ops::Kernels().row_to_f32(m.view.data, dtype, 29, out.data());
-    for (int i = 0; i < 29; ++i) EXPECT_EQ(out[i], m.exact[i]) << DTypeName(dtype) << " " << i;
+  for (const ops::KernelTable* k : AllTables()) {
+    for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+      for (int64_t n : {1, 16, 29, 47}) {
+        TestMatrix m = MakeMatrix(dtype, 1, n, 5);
+        std::vector<float> out(n + 1, -7.0f);
+        k->row_to_f32(m.view.data, dtype, n, out.data());
+        for (int64_t i = 0; i < n; ++i)
+          EXPECT_EQ(out[i], m.exact[i]) << k->name << " " << DTypeName(dtype) << " " << i;
+        EXPECT_EQ(out[n], -7.0f) << k->name << ": wrote past the row";
+      }
+    }
   }
 }
 

@@ -1,14 +1,41 @@
 #include "core/ops/kernels.h"
 
+#include <cstdlib>
+#include <string>
+
+#include "absl/strings/str_cat.h"
 #include "core/util/cpu_features.h"
+#include "core/util/log.h"
 
 namespace dsmoe::ops {
 
+const KernelTable* KernelsNamed(std::string_view name) {
+  const CpuFeatures& cpu = GetCpuFeatures();
+  if (name == "reference") return &ReferenceKernels();
+  if (name == "avx2") return cpu.HasAvx2Kernels() ? Avx2Kernels() : nullptr;
+  if (name == "avx512") return cpu.HasAvx512Kernels() ? Avx512Kernels() : nullptr;
+  return nullptr;
+}
+
 const KernelTable& Kernels() {
   static const KernelTable& chosen = []() -> const KernelTable& {
-    const KernelTable* avx2 = Avx2Kernels();
-    if (avx2 != nullptr && GetCpuFeatures().HasAvx2Kernels()) return *avx2;
-    return ReferenceKernels();
+    const KernelTable* best = nullptr;
+    for (const char* name : {"avx512", "avx2"}) {
+      if ((best = KernelsNamed(name)) != nullptr) break;
+    }
+    if (best == nullptr) best = &ReferenceKernels();
+    const char* forced = std::getenv("DSMOE_KERNELS");
+    if (forced == nullptr || *forced == '\0') return *best;
+    if (const KernelTable* table = KernelsNamed(forced)) return *table;
+    // A typo or a table this CPU lacks must not stop a server; say so once and run the best.
+    const std::string_view name = forced;
+    const bool known = name == "reference" || name == "avx2" || name == "avx512";
+    DefaultLogger()->Log(
+        LogLevel::kWarning,
+        absl::StrCat("DSMOE_KERNELS=", forced, ": ",
+                     known ? "this CPU cannot run that table" : "not one of reference|avx2|avx512",
+                     " (CPU: ", GetCpuFeatures().ToString(), "); using ", best->name));
+    return *best;
   }();
   return chosen;
 }

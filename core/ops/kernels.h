@@ -2,11 +2,13 @@
 // converted to fp32 on the fly inside the kernels (accumulation is always fp32).
 //
 // Each ISA fills one KernelTable: `reference` (plain scalar C++, the ground truth every fast
-// kernel is tested against) and `avx2` (AVX2 + FMA + F16C). Kernels() picks the best one the
-// running CPU supports, once.
+// kernel is tested against), `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/VNNI/BF16).
+// Kernels() picks the best one the running CPU supports, once; DSMOE_KERNELS=reference|avx2|avx512
+// forces one (for benchmarks and A/B comparisons).
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "core/tensor/tensor.h"
 
@@ -76,12 +78,23 @@ struct KernelTable {
   void (*attend_causal)(const float* q, int64_t q_stride, int64_t Q, int64_t first,
                         const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
                         int64_t out_stride);
+  // From this many tokens on, matmul_rows on BF16 weights multiplies activations rounded to
+  // BF16 (round to nearest even: relative error ≤ 2^-8 each; the products are exact and summed
+  // in fp32, `vdpbf16ps`, which also treats BF16 subnormals as zero); 0: never, the activations
+  // stay fp32. Q8_0 decode (≤ 4 tokens) rounds activations to 16 bits in every fast table.
+  int64_t bf16_activation_min_tokens = 0;
 };
 
 const KernelTable& ReferenceKernels();
 // Null when this binary was built without them; callers must also check the CPU.
 const KernelTable* Avx2Kernels();
-// The best table for this CPU (thread-safe, chosen on first call).
+const KernelTable* Avx512Kernels();
+// The table called `name` ("reference", "avx2", "avx512") if this binary has it and this CPU
+// can run it, else null.
+const KernelTable* KernelsNamed(std::string_view name);
+// The best table for this CPU (thread-safe, chosen on first call), or the one DSMOE_KERNELS
+// names; a name that is unknown or that this CPU cannot run is reported on stderr once and the
+// best table used instead.
 const KernelTable& Kernels();
 
 }  // namespace dsmoe::ops
