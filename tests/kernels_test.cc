@@ -115,14 +115,14 @@ void ExpectMatMulMatchesReference(const ops::KernelTable& fast, DType dtype, con
 
 // The vectorised tables this binary has, by name, and what the CPU lacks for each.
 const std::vector<std::string>& FastTableNames() {
-  static const std::vector<std::string> names = {"avx2", "avx512"};
+  static const std::vector<std::string> names = {"avx2", "avx512", "avx512bf16"};
   return names;
 }
 std::string MissingFeatures(const std::string& table) {
   const CpuFeatures& f = GetCpuFeatures();
   std::vector<std::pair<bool, const char*>> needs = {
       {f.avx2, "AVX2"}, {f.fma, "FMA"}, {f.f16c, "F16C"}};
-  if (table == "avx512") {
+  if (table != "avx2") {
     needs.insert(needs.end(), {{f.avx512f, "AVX512F"},
                                {f.avx512bw, "AVX512BW"},
                                {f.avx512vl, "AVX512VL"},
@@ -163,7 +163,8 @@ TEST(Kernels, TablesAreNamedAndChosenByCpu) {
   EXPECT_EQ(ops::KernelsNamed("avx512") != nullptr, GetCpuFeatures().HasAvx512Kernels());
   // Without DSMOE_KERNELS the widest table the CPU runs is chosen.
   if (std::getenv("DSMOE_KERNELS") == nullptr) {
-    const ops::KernelTable* widest = ops::KernelsNamed("avx512");
+    const ops::KernelTable* widest =
+        ops::KernelsNamed(GetCpuFeatures().amd ? "avx512bf16" : "avx512");
     if (widest == nullptr) widest = ops::KernelsNamed("avx2");
     if (widest == nullptr) widest = &ops::ReferenceKernels();
     EXPECT_EQ(&ops::Kernels(), widest) << ops::Kernels().name;
@@ -225,7 +226,7 @@ TEST_P(FastMatMulTest, MatchesReferenceOnRandomShapes) {
 
 // Every token count from 1 to 100 crosses each path of the fast kernels: the row streams (≤ 4
 // tokens), the broadcast tiles over token panels with every number of vectors (AVX2: panels of
-// 24, AVX-512: of 48), AVX2's weight-panel GEMM and AVX-512's BF16 pairs (≥ 48 tokens) and
+// 24, AVX-512: of 48), AVX2's weight-panel GEMM and avx512bf16's BF16 pairs (≥ 48 tokens) and
 // their leftover rows; row ranges end inside a group of 4 rows and K is odd (except for Q8_0,
 // whose blocks are 32 wide).
 TEST_P(FastMatMulTest, MatchesReferenceForEveryTokenCount) {

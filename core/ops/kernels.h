@@ -4,7 +4,7 @@
 // Each ISA fills one KernelTable: `reference` (plain scalar C++, the ground truth every fast
 // kernel is tested against), `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/VNNI/BF16).
 // Kernels() picks the best one the running CPU supports, once; DSMOE_KERNELS=reference|avx2|avx512
-// forces one (for benchmarks and A/B comparisons).
+// (or avx512bf16) forces one (for benchmarks and A/B comparisons).
 #pragma once
 
 #include <cstdint>
@@ -89,8 +89,9 @@ const KernelTable& ReferenceKernels();
 // Null when this binary was built without them; callers must also check the CPU.
 const KernelTable* Avx2Kernels();
 const KernelTable* Avx512Kernels();
-// The table called `name` ("reference", "avx2", "avx512") if this binary has it and this CPU
-// can run it, else null.
+const KernelTable* Avx512Bf16DotKernels();
+// The table called `name` ("reference", "avx2", "avx512", "avx512bf16") if this binary has it and
+// this CPU can run it, else null.
 const KernelTable* KernelsNamed(std::string_view name);
 // The best table for this CPU (thread-safe, chosen on first call), or the one DSMOE_KERNELS
 // names; a name that is unknown or that this CPU cannot run is reported on stderr once and the

@@ -54,6 +54,9 @@ CpuFeatures Probe() {
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = f.avx2;  // every AVX2 CPU shipped has F16C; gcc 12 cannot probe it by name.
   ProbeAvx512AndAmx(f);
+  unsigned max_leaf = 0, vendor[3] = {0, 0, 0};
+  if (__get_cpuid(0, &max_leaf, &vendor[0], &vendor[2], &vendor[1]))  // EBX, EDX, ECX: in order
+    f.amd = std::memcmp(vendor, "AuthenticAMD", 12) == 0;
 #endif
   // DSMOE_FORCE_SCALAR=1 pins the portable kernels (for debugging and A/B measurement).
   if (const char* force = std::getenv("DSMOE_FORCE_SCALAR");
@@ -76,7 +79,8 @@ std::string CpuFeatures::ToString() const {
                                                 {avx512bf16, "avx512bf16"},
                                                 {amx_tile, "amx_tile"},
                                                 {amx_bf16, "amx_bf16"},
-                                                {amx_int8, "amx_int8"}};
+                                                {amx_int8, "amx_int8"},
+                                                {amd, "amd"}};
   for (const auto& [present, name] : names) {
     if (!present) continue;
     s += name;

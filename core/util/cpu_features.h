@@ -22,6 +22,9 @@ struct CpuFeatures {
   bool amx_tile = false;
   bool amx_bf16 = false;
   bool amx_int8 = false;
+  // The vendor is AMD ("AuthenticAMD"): equal feature bits do not mean equal costs (Zen 4 runs
+  // 512-bit FMAs double-pumped but `vdpbf16ps` at full rate), so some kernel choices use it.
+  bool amd = false;
 
   // True when the AVX2 kernels (which also use FMA and F16C) may run.
   bool HasAvx2Kernels() const { return avx2 && fma && f16c; }

@@ -11,9 +11,15 @@
 //   - batches and prompts (≥ 5 tokens): the tokens packed transposed into panels of up to 48
 //     (3 zmm), weight rows in groups of 16 widened to fp32 once per token block, register tiles
 //     of broadcast weights × token vectors (up to 24 accumulators of the 32 registers);
-//   - BF16 from kBf16PairMinTokens tokens on: the activations rounded to BF16 and packed in
-//     pairs along k, the raw BF16 weight pairs broadcast into `vdpbf16ps` — no widening, two
-//     products per lane per instruction (numerics: KernelTable::bf16_activation_min_tokens);
+//   - in the "avx512bf16" table, BF16 from kBf16PairMinTokens tokens on: the activations
+//     rounded to BF16 and packed in pairs along k, the raw BF16 weight pairs broadcast into
+//     `vdpbf16ps` — no widening, two products per lane per instruction (numerics:
+//     KernelTable::bf16_activation_min_tokens). The "avx512" table widens BF16 to fp32 instead:
+//     on the Xeon (Sapphire Rapids class) this was written on, `vdpbf16ps` tiles ran at 95
+//     GFLOP/s where the fp32 tiles ran at 123 (one core, [2048, 2048] × 512 tokens) — it issues
+//     at half the FMA rate there. On Zen 4, whose 512-bit FMAs are double-pumped, it should be
+//     the faster way (llama.cpp relies on it there; not measured here): ops/kernels.cc
+//     prefers "avx512bf16" on AMD CPUs, and bench_kernels prints both;
 //   - attention: the AVX2 functions (the KV cache's layout is being changed; not widened yet).
 #include <immintrin.h>
 
@@ -242,22 +248,20 @@ inline uint32_t RoundToBf16(float f) {
 template <Step S>
 void PackTokens(const float* x, int64_t T, int64_t K, int64_t steps, uint32_t* xt) {
   for (int64_t p = 0; p * kTokenPanel < T; ++p) {
-    const int64_t w = PanelWidth(T, p);
-    uint32_t* out = xt + p * kTokenPanel * steps;
-    for (int64_t i = 0; i < w; ++i) {
-      const int64_t t = p * kTokenPanel + i;
-      const float* xr = x + t * K;
-      for (int64_t j = 0; j < steps; ++j) {
-        uint32_t word = 0;
-        if (t < T) {
-          if constexpr (S == Step::kFloat) {
-            std::memcpy(&word, xr + j, 4);
-          } else {
-            word = RoundToBf16(xr[2 * j]) | (2 * j + 1 < K ? RoundToBf16(xr[2 * j + 1]) << 16 : 0);
-          }
+    const int64_t w = PanelWidth(T, p), t0 = p * kTokenPanel;
+    const int64_t n = T - t0 < w ? T - t0 : w;  // tokens in the panel; lanes [n, w) are zero
+    uint32_t* out = xt + t0 * steps;
+    // Step-major, so the writes are sequential; the reads walk n rows a cache line at a time.
+    for (int64_t j = 0; j < steps; ++j, out += w) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xr = x + (t0 + i) * K;
+        if constexpr (S == Step::kFloat) {
+          std::memcpy(out + i, xr + j, 4);
+        } else {
+          out[i] = RoundToBf16(xr[2 * j]) | (2 * j + 1 < K ? RoundToBf16(xr[2 * j + 1]) << 16 : 0);
         }
-        out[j * w + i] = word;
       }
+      for (int64_t i = n; i < w; ++i) out[i] = 0;
     }
   }
 }
@@ -411,7 +415,7 @@ void BatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
   }
 }
 
-template <DType D>
+template <DType D, bool kBf16Dot>
 void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                      int64_t row_end, float* y, int64_t ldy) {
   if constexpr (D == DType::kQ8_0) {
@@ -423,27 +427,28 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
                                             RowStream<D, 4>};
     if (T <= 4) return kStreams[T - 1](x, W.cols, W, row_begin, row_end, y, ldy);
   }
-  if constexpr (D == DType::kBF16) {
+  if constexpr (D == DType::kBF16 && kBf16Dot) {
     if (T >= kBf16PairMinTokens)
       return BatchGemm<D, Step::kBf16Pairs>(x, T, W, row_begin, row_end, y, ldy);
   }
   BatchGemm<D, Step::kFloat>(x, T, W, row_begin, row_end, y, ldy);
 }
 
+template <bool kBf16Dot>
 void MatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
                 float* y, int64_t ldy) {
   if (T <= 0 || row_begin >= row_end) return;
   switch (W.dtype) {
     case DType::kQ8_0:
-      return MatMulRowsTyped<DType::kQ8_0>(x, T, W, row_begin, row_end, y, ldy);
+      return MatMulRowsTyped<DType::kQ8_0, kBf16Dot>(x, T, W, row_begin, row_end, y, ldy);
     case DType::kI8:
       return;  // not a weight format: Q8_0 carries its scales
     case DType::kF32:
-      return MatMulRowsTyped<DType::kF32>(x, T, W, row_begin, row_end, y, ldy);
+      return MatMulRowsTyped<DType::kF32, kBf16Dot>(x, T, W, row_begin, row_end, y, ldy);
     case DType::kBF16:
-      return MatMulRowsTyped<DType::kBF16>(x, T, W, row_begin, row_end, y, ldy);
+      return MatMulRowsTyped<DType::kBF16, kBf16Dot>(x, T, W, row_begin, row_end, y, ldy);
     case DType::kF16:
-      return MatMulRowsTyped<DType::kF16>(x, T, W, row_begin, row_end, y, ldy);
+      return MatMulRowsTyped<DType::kF16, kBf16Dot>(x, T, W, row_begin, row_end, y, ldy);
   }
 }
 
@@ -528,17 +533,25 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   }
 }
 
+// Attention stays on the AVX2 functions (these tables only run where AVX2 does too).
+template <bool kBf16Dot>
+KernelTable MakeTable(const char* name) {
+  const KernelTable* avx2 = Avx2Kernels();
+  KernelTable t{name,         MatMulRows<kBf16Dot>, Dot, Axpy, SiluMul, RowToF32,
+                avx2->attend, avx2->attend_causal};
+  t.bf16_activation_min_tokens = kBf16Dot ? kBf16PairMinTokens : 0;
+  return t;
+}
+
 }  // namespace
 
 const KernelTable* Avx512Kernels() {
-  // Attention stays on the AVX2 functions (this table only runs where AVX2 does too).
-  static const KernelTable table = [] {
-    const KernelTable* avx2 = Avx2Kernels();
-    KernelTable t{"avx512", MatMulRows, Dot,          Axpy,
-                  SiluMul,  RowToF32,   avx2->attend, avx2->attend_causal};
-    t.bf16_activation_min_tokens = kBf16PairMinTokens;
-    return t;
-  }();
+  static const KernelTable table = MakeTable<false>("avx512");
+  return &table;
+}
+
+const KernelTable* Avx512Bf16DotKernels() {
+  static const KernelTable table = MakeTable<true>("avx512bf16");
   return &table;
 }
 
