@@ -17,15 +17,16 @@
 //     `vdpbf16ps` — no widening, two products per lane per instruction (numerics:
 //     KernelTable::bf16_activation_min_tokens). The "avx512" table widens BF16 to fp32 instead:
 //     on the Xeon (Sapphire Rapids class) this was written on, `vdpbf16ps` tiles ran at 95
-//     GFLOP/s where the fp32 tiles ran at 123 (one core, [2048, 2048] × 512 tokens) — it issues
-//     at half the FMA rate there. On Zen 4, whose 512-bit FMAs are double-pumped, it should be
-//     the faster way (llama.cpp relies on it there; not measured here): ops/kernels.cc
-//     prefers "avx512bf16" on AMD CPUs, and bench_kernels prints both;
+//     GFLOP/s where the fp32 tiles ran at 123 (one core, [2048, 2048] × 512 tokens): there it
+//     seems to issue at half the rate of fp32 FMAs, so its two products per lane gain nothing. On
+//     Zen 4, whose 512-bit FMAs are double-pumped, it should be the faster way (llama.cpp relies on
+//     it there; not measured here): ops/kernels.cc prefers "avx512bf16" on AMD CPUs, and
+//     bench_kernels prints both;
 //   - attention: the AVX2 functions (the KV cache's layout is being changed; not widened yet).
 #include <immintrin.h>
 
 // gcc 12 warns that its own AVX-512 intrinsics read an uninitialised value (the
-// _mm512_undefined_* placeholders they pass through): gcc bug 105593, fixed in gcc 13.
+// _mm512_undefined_* placeholders some of them pass through): a false positive.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
