@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <memory>
 #include <random>
 #include <string>
@@ -82,9 +83,19 @@ double BestSeconds(int reps, Fn fn) {
   return best;
 }
 
-// The 16B model's matrices (hidden size 2048) run by each fast table in the same run: T = 1
-// over enough copies (~256 MB) that the weights come from memory, as in decode; T = 512 over
-// one copy, as a prompt chunk does.
+// This thread's CPU time, in seconds: on a shared machine it leaves out the time the thread
+// waited for a core, so it is steadier than the wall clock (not immune: a busy sibling
+// hyperthread still slows it).
+double ThreadCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// The 16B model's matrices (hidden size 2048) run by each fast table in the same run, the
+// tables taking turns round by round so that a change in the machine's load hits them alike:
+// T = 1 over enough copies (~256 MB) that the weights come from memory, as in decode; T = 512
+// over one copy, as a prompt chunk does. Best of the rounds, wall clock and CPU time.
 void CompareTablesOn16BShapes() {
   struct Shape {
     const char* name;
@@ -101,9 +112,9 @@ void CompareTablesOn16BShapes() {
       std::printf("(%s: not on this CPU)\n", name);
       continue;
     }
-    header += std::string(" ") + name + " GB/s | " + name + " GFLOP/s |";
-    rule += "---|---|";
-    if (!tables.empty()) {  // speed against the first table, in the same run
+    header += std::string(" ") + name + " GB/s | " + name + " GFLOP/s | " + name + " GFLOP/CPU-s |";
+    rule += "---|---|---|";
+    if (!tables.empty()) {  // speed against the first table, in the same run, by CPU time
       header += std::string(" ") + name + " / " + tables.front()->name + " |";
       rule += "---|";
     }
@@ -112,7 +123,7 @@ void CompareTablesOn16BShapes() {
   if (tables.empty()) return;
   std::printf(
       "\nDeepSeekMoE 16B shapes, each table in the same run (one thread; T = 1: weights "
-      "from memory):\n\n");
+      "from memory; ratios by CPU time):\n\n");
   std::printf("| matrix | dtype | T |%s\n|---|---|---|%s\n", header.c_str(), rule.c_str());
   for (const Shape& shape : shapes) {
     for (DType dtype : {DType::kBF16, DType::kQ8_0}) {
@@ -123,21 +134,25 @@ void CompareTablesOn16BShapes() {
             T == 1 ? std::max<int64_t>(1, static_cast<int64_t>((256 << 20) / bytes)) : 1;
         const MatrixSet set(dtype, shape.rows, shape.cols, copies);
         std::vector<float> x(T * shape.cols, 0.5f), y(T * shape.rows);
+        std::vector<double> wall(tables.size(), 1e30), cpu(tables.size(), 1e30);
+        for (int round = 0; round < (T == 1 ? 5 : 3); ++round) {
+          for (size_t i = 0; i < tables.size(); ++i) {
+            const auto t0 = Clock::now();
+            const double c0 = ThreadCpuSeconds();
+            for (int64_t c = 0; c < copies; ++c)
+              tables[i]->matmul_rows(x.data(), T, set.At(c), 0, shape.rows, y.data(), shape.rows);
+            cpu[i] = std::min(cpu[i], (ThreadCpuSeconds() - c0) / copies);
+            wall[i] = std::min(wall[i],
+                               std::chrono::duration<double>(Clock::now() - t0).count() / copies);
+          }
+        }
+        const double flops = 2.0 * T * shape.rows * shape.cols;
         std::printf("| %s | %s | %lld |", shape.name, std::string(DTypeName(dtype)).c_str(),
                     (long long)T);
-        double first = 0;
-        for (const ops::KernelTable* k : tables) {
-          const double secs = BestSeconds(T == 1 ? 5 : 3,
-                                          [&] {
-                                            for (int64_t c = 0; c < copies; ++c)
-                                              k->matmul_rows(x.data(), T, set.At(c), 0, shape.rows,
-                                                             y.data(), shape.rows);
-                                          }) /
-                              copies;
-          std::printf(" %.1f | %.1f |", bytes / secs / 1e9,
-                      2.0 * T * shape.rows * shape.cols / secs / 1e9);
-          if (first > 0) std::printf(" %.2fx |", first / secs);
-          if (first == 0) first = secs;
+        for (size_t i = 0; i < tables.size(); ++i) {
+          std::printf(" %.1f | %.1f | %.1f |", bytes / wall[i] / 1e9, flops / wall[i] / 1e9,
+                      flops / cpu[i] / 1e9);
+          if (i > 0) std::printf(" %.2fx |", cpu[0] / cpu[i]);
         }
         std::printf("\n");
         std::fflush(stdout);
