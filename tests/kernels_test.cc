@@ -17,6 +17,7 @@
 #include "core/model/quantize.h"
 #include "core/tensor/dtype.h"
 #include "core/util/cpu_features.h"
+#include "core/util/log.h"
 #include "tests/test_util.h"
 
 namespace dsmoe {
@@ -168,6 +169,28 @@ TEST(Kernels, TablesAreNamedAndChosenByCpu) {
     if (widest == nullptr) widest = ops::KernelsNamed("avx2");
     if (widest == nullptr) widest = &ops::ReferenceKernels();
     EXPECT_EQ(&ops::Kernels(), widest) << ops::Kernels().name;
+  }
+}
+
+TEST(Kernels, ForcedTableIsUsedOrRefusedWithAWarning) {
+  const ops::KernelTable& best = ops::ChooseKernels(nullptr, *DefaultLogger());
+  CapturingLogger log;
+  EXPECT_EQ(&ops::ChooseKernels("", log), &best);
+  EXPECT_EQ(&ops::ChooseKernels("reference", log), &ops::ReferenceKernels());
+  EXPECT_TRUE(log.lines().empty());
+  EXPECT_EQ(&ops::ChooseKernels("sse9", log), &best);
+  EXPECT_TRUE(log.Contains("DSMOE_KERNELS=sse9: not one of"))
+      << ::testing::PrintToString(log.lines());
+  for (const std::string& name : FastTableNames()) {
+    CapturingLogger forced;
+    const ops::KernelTable& got = ops::ChooseKernels(name.c_str(), forced);
+    if (ops::KernelsNamed(name) != nullptr) {
+      EXPECT_EQ(got.name, name);
+      EXPECT_TRUE(forced.lines().empty());
+    } else {  // this CPU cannot run it: the best table, and a warning saying why
+      EXPECT_EQ(&got, &best);
+      EXPECT_TRUE(forced.Contains("this CPU cannot run that table")) << name;
+    }
   }
 }
 

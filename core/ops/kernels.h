@@ -12,6 +12,10 @@
 
 #include "core/tensor/tensor.h"
 
+namespace dsmoe {
+class Logger;
+}  // namespace dsmoe
+
 namespace dsmoe::ops {
 
 // The cached keys and values of one sequence and one kv head, in pages of 2^page_shift
@@ -93,9 +97,11 @@ const KernelTable* Avx512Bf16DotKernels();
 // The table called `name` ("reference", "avx2", "avx512", "avx512bf16") if this binary has it and
 // this CPU can run it, else null.
 const KernelTable* KernelsNamed(std::string_view name);
-// The best table for this CPU (thread-safe, chosen on first call), or the one DSMOE_KERNELS
-// names; a name that is unknown or that this CPU cannot run is reported on stderr once and the
-// best table used instead.
+// The best table for this CPU, or the one `forced` names (null or empty: none); a name that is
+// unknown or that this CPU cannot run is logged as a warning and the best table used instead.
+const KernelTable& ChooseKernels(const char* forced, Logger& logger);
+// ChooseKernels(getenv("DSMOE_KERNELS"), the default logger), once (thread-safe, on first
+// call): DSMOE_KERNELS=reference|avx2|avx512|avx512bf16 forces a table.
 const KernelTable& Kernels();
 
 }  // namespace dsmoe::ops
