@@ -67,8 +67,11 @@ TestMatrix MakeMatrix(DType dtype, int64_t N, int64_t K, uint64_t seed) {
 
 // How far a fast table's matmul may stray from exact arithmetic beyond fp32 summation, by
 // formula, for output (t, n) of T tokens:
-//   - Q8_0 decode (≤ 4 tokens) rounds each activation to 16 bits of its block's largest
-//     magnitude (error ≤ amax / 32767 / 2): Σ_k |W[n, k]| · amax(block of k) / 65534;
+//   - Q8_0 decode (≤ 4 tokens), and batches from table.q8_activation_min_tokens on, round each
+//     activation to 16 bits of its block's largest magnitude (error ≤ amax / 32767 / 2):
+//     Σ_k |W[n, k]| · amax(block of k) / 65534; batches also round each block's int32 sum to
+//     fp32 (relative error ≤ 2^-24 of Σ |W||x16·sx| ≤ Σ_k |W[n, k]| · (|x[k]| + amax / 65534)):
+//     bounded by 2^-23 · Σ_k |W[n, k]| · (|x[k]| + amax);
 //   - BF16 from table.bf16_activation_min_tokens on rounds each activation to BF16 (round to
 //     nearest even: error ≤ 2^-8 |x|) and `vdpbf16ps` treats BF16 subnormals as zero (error
 //     ≤ 2^-126 per activation) and flushes subnormal partial sums (≤ 2^-126 per step):
@@ -78,13 +81,17 @@ float ActivationRoundingBound(const ops::KernelTable& table, DType dtype, const 
                               const float* x_row, int64_t n, int64_t T) {
   const int64_t K = W.view.cols;
   double bound = 0;
-  if (dtype == DType::kQ8_0 && T <= 4) {
+  const bool q8_batch = table.q8_activation_min_tokens > 0 && T >= table.q8_activation_min_tokens;
+  if (dtype == DType::kQ8_0 && (T <= 4 || q8_batch)) {
     for (int64_t b = 0; b < K / kQ8Block; ++b) {
       float amax = 0;
       for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
         amax = std::max(amax, std::fabs(x_row[k]));
-      for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k)
-        bound += std::fabs(W.exact[n * K + k]) * amax / 65534.0;
+      for (int64_t k = b * kQ8Block; k < (b + 1) * kQ8Block; ++k) {
+        const double w = std::fabs(W.exact[n * K + k]);
+        bound += w * amax / 65534.0;
+        if (q8_batch) bound += std::ldexp(w * (std::fabs(x_row[k]) + amax), -23);
+      }
     }
   }
   if (dtype == DType::kBF16 && table.bf16_activation_min_tokens > 0 &&

@@ -85,8 +85,13 @@ struct KernelTable {
   // From this many tokens on, matmul_rows on BF16 weights multiplies activations rounded to
   // BF16 (round to nearest even: relative error ≤ 2^-8 each; the products are exact and summed
   // in fp32, `vdpbf16ps`, which also treats BF16 subnormals as zero); 0: never, the activations
-  // stay fp32. Q8_0 decode (≤ 4 tokens) rounds activations to 16 bits in every fast table.
+  // stay fp32.
   int64_t bf16_activation_min_tokens = 0;
+  // Q8_0 decode (≤ 4 tokens) rounds activations to 16 bits of their block of 32's largest
+  // magnitude in every fast table; from this many tokens on Q8_0 batches do too (the int32 sum
+  // of a block, ≤ 2^31, then rounds to fp32: relative error ≤ 2^-24); 0: never, batches
+  // multiply fp32 activations.
+  int64_t q8_activation_min_tokens = 0;
 };
 
 const KernelTable& ReferenceKernels();

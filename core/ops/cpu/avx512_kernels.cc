@@ -12,6 +12,10 @@
 //   - batches and prompts (≥ 9 tokens): the tokens packed transposed into panels of up to 48
 //     (3 zmm), weight rows in groups of 16 widened to fp32 once per token block, register tiles
 //     of broadcast weights × token vectors (up to 24 accumulators of the 32 registers);
+//   - Q8_0 from kQ8PairMinTokens tokens on: the activations rounded to 16 bits per block as in
+//     decode and packed in pairs, the weights widened to int16 (exact), `vpdpwssd` adding two
+//     products per lane into a block's int32 sums, scaled into fp32 at the block's end
+//     (numerics: KernelTable::q8_activation_min_tokens);
 //   - in the "avx512bf16" table, BF16 from kBf16PairMinTokens tokens on: the activations
 //     rounded to BF16 and packed in pairs along k, the raw BF16 weight pairs broadcast into
 //     `vdpbf16ps` — no widening, two products per lane per instruction (numerics:
@@ -219,8 +223,13 @@ void Q8Decode(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
 //   kBf16Pairs: two k per step; weight rows kept BF16, read as 32-bit pairs (W[n, 2j],
 //     W[n, 2j+1]) and broadcast; tokens rounded to BF16 and packed as pairs xt[j][token];
 //     `vdpbf16ps` adds both products of a pair into each fp32 lane.
-// Either way a step's elements are 4 bytes: a float, or a pair of BF16.
-enum class Step { kFloat, kBf16Pairs };
+//   kInt16Pairs (Q8_0): two k per step; weight rows widened to int16 (exact), followed by their
+//     block scales; tokens rounded to 16 bits per block of 32 as in decode and packed as pairs,
+//     their scales packed beside them (sxt[block][token]); `vpdpwssd` adds both products of a
+//     pair into each token lane's int32 sum for the block, and at the block's end the sums are
+//     scaled by (weight scale × token scale) into the fp32 accumulators.
+// Every way a step's elements are 4 bytes: a float, or a pair of BF16 or int16.
+enum class Step { kFloat, kBf16Pairs, kInt16Pairs };
 
 constexpr int64_t kTokenPanel = 48;  // 3 vectors of 16 tokens
 constexpr int64_t kRowGroup = 16;
@@ -229,9 +238,20 @@ constexpr int64_t kRowGroup = 16;
 constexpr int64_t kTokenBlockBytes = 512 * 1024;
 // From this many tokens on BF16 weights run as kBf16Pairs (see bench/bench_kernels.cc).
 constexpr int64_t kBf16PairMinTokens = 48;
+// From this many tokens on Q8_0 weights run as kInt16Pairs: below, a prompt chunk's expert
+// share, the per-block scaling costs more than widening the weights once.
+constexpr int64_t kQ8PairMinTokens = 48;
 
-// Buffered rows lie `steps + 16` elements apart: rows 4 KiB apart would share one L1 set.
-inline int64_t BufferStride(int64_t steps) { return steps + 16; }
+template <Step S>
+int64_t StepsPerRow(int64_t K) {
+  return S == Step::kFloat ? K : (K + 1) / 2;
+}
+// Words between buffered rows: the row's steps (and kInt16Pairs' block scales), plus 16 — rows
+// 4 KiB apart would share one L1 set.
+template <Step S>
+int64_t BufferStride(int64_t K) {
+  return StepsPerRow<S>(K) + (S == Step::kInt16Pairs ? K / kQ8Block : 0) + 16;
+}
 
 inline int64_t PanelWidth(int64_t T, int64_t p) {  // token lanes of panel p, a multiple of 16
   const int64_t n = T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
@@ -245,31 +265,56 @@ inline uint32_t RoundToBf16(float f) {
   return (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
 }
 
-// x [T, K] → panels of kTokenPanel tokens at xt + p·kTokenPanel·steps, each [steps][width],
-// zero beyond the last token (and, for pairs, beyond element K - 1).
-template <Step S>
-void PackTokens(const float* x, int64_t T, int64_t K, int64_t steps, uint32_t* xt) {
-  for (int64_t p = 0; p * kTokenPanel < T; ++p) {
-    const int64_t w = PanelWidth(T, p), t0 = p * kTokenPanel;
-    const int64_t n = T - t0 < w ? T - t0 : w;  // tokens in the panel; lanes [n, w) are zero
-    uint32_t* out = xt + t0 * steps;
+// Panels of kTokenPanel tokens at out + p·kTokenPanel·steps, each [steps][width]: word(t, j)
+// for token t < T, zero for the lanes beyond.
+template <class Word>
+void PackPanels(int64_t T, int64_t steps, uint32_t* out, Word word) {
+  for (int64_t t0 = 0; t0 < T; t0 += kTokenPanel) {
+    const int64_t w = PanelWidth(T, t0 / kTokenPanel);
+    const int64_t n = T - t0 < w ? T - t0 : w;
     // Step-major, so the writes are sequential; the reads walk n rows a cache line at a time.
     for (int64_t j = 0; j < steps; ++j, out += w) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float* xr = x + (t0 + i) * K;
-        if constexpr (S == Step::kFloat) {
-          std::memcpy(out + i, xr + j, 4);
-        } else {
-          out[i] = RoundToBf16(xr[2 * j]) | (2 * j + 1 < K ? RoundToBf16(xr[2 * j + 1]) << 16 : 0);
-        }
-      }
+      for (int64_t i = 0; i < n; ++i) out[i] = word(t0 + i, j);
       for (int64_t i = n; i < w; ++i) out[i] = 0;
     }
   }
 }
 
-// Row n of W into `out` as the tiles read it: fp32 (kFloat), or its BF16 values with a zero
-// after an odd K (kBf16Pairs).
+inline uint32_t FloatBits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+// x [T, K] → the packed tokens xt (and for kInt16Pairs their block scales sxt, after rounding
+// every token to 16 bits in x16/sx). Pairs past element K - 1 are zero.
+template <Step S>
+void PackTokens(const float* x, int64_t T, int64_t K, uint32_t* xt, float* sxt, int16_t* x16,
+                float* sx) {
+  const int64_t steps = StepsPerRow<S>(K);
+  if constexpr (S == Step::kFloat) {
+    PackPanels(T, steps, xt, [&](int64_t t, int64_t j) { return FloatBits(x[t * K + j]); });
+  } else if constexpr (S == Step::kBf16Pairs) {
+    PackPanels(T, steps, xt, [&](int64_t t, int64_t j) {
+      const float* xr = x + t * K;
+      return RoundToBf16(xr[2 * j]) | (2 * j + 1 < K ? RoundToBf16(xr[2 * j + 1]) << 16 : 0);
+    });
+  } else {
+    const int64_t blocks = K / kQ8Block;
+    for (int64_t t = 0; t < T; ++t)
+      QuantizeActivationsQ16(x + t * K, K, x16 + t * K, sx + t * blocks);
+    PackPanels(T, steps, xt, [&](int64_t t, int64_t j) {
+      uint32_t pair;
+      std::memcpy(&pair, x16 + t * K + 2 * j, 4);
+      return pair;
+    });
+    PackPanels(T, blocks, reinterpret_cast<uint32_t*>(sxt),
+               [&](int64_t t, int64_t b) { return FloatBits(sx[t * blocks + b]); });
+  }
+}
+
+// Row n of W into `out` as the tiles read it: fp32 (kFloat), its BF16 values with a zero
+// after an odd K (kBf16Pairs), or its int16 values and block scales (kInt16Pairs).
 template <DType D, Step S>
 void BufferRow(const MatrixView& W, int64_t n, uint32_t* out) {
   const int64_t K = W.cols;
@@ -277,6 +322,17 @@ void BufferRow(const MatrixView& W, int64_t n, uint32_t* out) {
   if constexpr (S == Step::kBf16Pairs) {
     std::memcpy(out, RowPtr(W, n), static_cast<size_t>(K) * 2);
     if (K % 2 != 0) reinterpret_cast<uint16_t*>(out)[K] = 0;
+  } else if constexpr (S == Step::kInt16Pairs) {  // int16 values, then the block scales
+    const int8_t* q = static_cast<const int8_t*>(W.data) + n * K;
+    const uint16_t* sc = W.scales + n * (K / kQ8Block);
+    int16_t* w16 = reinterpret_cast<int16_t*>(out);
+    float* scales = reinterpret_cast<float*>(out + K / 2);
+    for (int64_t b = 0; b < K / kQ8Block; ++b) {
+      _mm512_storeu_si512(w16 + b * kQ8Block,
+                          _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                              reinterpret_cast<const __m256i*>(q + b * kQ8Block))));
+      scales[b] = _cvtsh_ss(sc[b]);
+    }
   } else if constexpr (D == DType::kQ8_0) {
     const int8_t* q = static_cast<const int8_t*>(W.data) + n * K;
     const uint16_t* sc = W.scales + n * (K / kQ8Block);
@@ -303,17 +359,32 @@ struct Prefetch {
   int64_t stride;  // 0: nothing to bring in (begin then points at data already in cache)
 };
 
+// The accumulators of a tile (lanes = tokens) into y[t, r] for its first `tokens` tokens:
+// whole-vector stores with constant indices first (see the AVX2 tile: a store inside a loop
+// with a runtime bound keeps the accumulators in memory).
+template <int RB, int NV>
+inline void StoreTile(const __m512 (&acc)[RB][NV], float* y, int64_t ldy, int64_t tokens) {
+  alignas(64) float tile[RB][NV][16];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r][v], acc[r][v]);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int r = 0; r < RB; ++r) y[t * ldy + r] = tile[r][t / 16][t % 16];
+}
+
 // RB buffered rows (wf, `ldw` apart) × the NV token vectors of one panel (xt, width 16·NV).
 // (The loops over r and v must be unrolled whole, or gcc keeps the accumulators in memory.)
 template <Step S, int RB, int NV>
-void BroadcastTile(const uint32_t* xt, int64_t steps, const uint32_t* wf, int64_t ldw, float* y,
-                   int64_t ldy, int64_t tokens, Prefetch pf) {
+void BroadcastTile(const uint32_t* xt, const float* /*sxt*/, int64_t K, const uint32_t* wf,
+                   int64_t ldw, float* y, int64_t ldy, int64_t tokens, Prefetch pf) {
   __m512 acc[RB][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   constexpr int64_t w = 16 * NV;
+  const int64_t steps = StepsPerRow<S>(K);
   const char* ahead = pf.begin;
   for (int64_t j = 0; j < steps; ++j) {
     _mm_prefetch(ahead, _MM_HINT_T0);
@@ -334,50 +405,100 @@ void BroadcastTile(const uint32_t* xt, int64_t steps, const uint32_t* wf, int64_
       }
     }
   }
-  // Whole-vector stores with constant indices first (see the AVX2 tile: a store inside a loop
-  // with a runtime bound keeps the accumulators in memory).
-  alignas(64) float tile[RB][NV][16];
-#pragma GCC unroll 16
+  StoreTile<RB, NV>(acc, y, ldy, tokens);
+}
+
+// One Q8_0 tile (kInt16Pairs): RB buffered rows × NV token vectors, a block of 32 k (16 steps)
+// at a time. Each block's int32 sums stay below 16 · 2 · 127 · 32767 < 2^31.
+template <int RB, int NV>
+void Int16PairTile(const uint32_t* xt, const float* sxt, int64_t K, const uint32_t* wf, int64_t ldw,
+                   float* y, int64_t ldy, int64_t tokens, Prefetch pf) {
+  constexpr int64_t w = 16 * NV;
+  __m512 acc[RB][NV];
+#pragma GCC unroll 4
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r][v], acc[r][v]);
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int r = 0; r < RB; ++r) y[t * ldy + r] = tile[r][t / 16][t % 16];
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const char* ahead = pf.begin;
+  for (int64_t b = 0; b < K / kQ8Block; ++b) {
+    __m512i dot[RB][NV];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) dot[r][v] = _mm512_setzero_si512();
+    for (int64_t j = b * kQ8Block / 2; j < (b + 1) * kQ8Block / 2; ++j) {
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      ahead += pf.stride;
+      __m512i xv[NV];
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_si512(xt + j * w + 16 * v);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        const __m512i pair = _mm512_set1_epi32(static_cast<int>(wf[r * ldw + j]));
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; ++v) dot[r][v] = _mm512_dpwssd_epi32(dot[r][v], pair, xv[v]);
+      }
+    }
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) {
+      const __m512 token_scales = _mm512_loadu_ps(sxt + b * w + 16 * v);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        const float weight_scale = reinterpret_cast<const float*>(wf + r * ldw + K / 2)[b];
+        acc[r][v] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][v]),
+                            _mm512_mul_ps(token_scales, _mm512_set1_ps(weight_scale)), acc[r][v]);
+      }
+    }
+  }
+  StoreTile<RB, NV>(acc, y, ldy, tokens);
 }
 
+// The tile for S: RB rows × NV token vectors.
+template <Step S, int RB, int NV>
+void Tile(const uint32_t* xt, const float* sxt, int64_t K, const uint32_t* wf, int64_t ldw,
+          float* y, int64_t ldy, int64_t tokens, Prefetch pf) {
+  if constexpr (S == Step::kInt16Pairs) {
+    Int16PairTile<RB, NV>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
+  } else {
+    BroadcastTile<S, RB, NV>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
+  }
+}
+
+// RB rows × one panel of `tokens` tokens (1–3 vectors).
 template <Step S, int RB>
-void BroadcastPanel(const uint32_t* xt, int64_t steps, const uint32_t* wf, int64_t ldw, float* y,
-                    int64_t ldy, int64_t tokens, Prefetch pf) {
+void RowsPanel(const uint32_t* xt, const float* sxt, int64_t K, const uint32_t* wf, int64_t ldw,
+               float* y, int64_t ldy, int64_t tokens, Prefetch pf) {
   switch ((tokens + 15) / 16) {
     case 1:
-      return BroadcastTile<S, RB, 1>(xt, steps, wf, ldw, y, ldy, tokens, pf);
+      return Tile<S, RB, 1>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
     case 2:
-      return BroadcastTile<S, RB, 2>(xt, steps, wf, ldw, y, ldy, tokens, pf);
+      return Tile<S, RB, 2>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
     default:
-      return BroadcastTile<S, RB, 3>(xt, steps, wf, ldw, y, ldy, tokens, pf);
+      return Tile<S, RB, 3>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
   }
 }
 
-// One buffered row group (rb rows at wf) × one token panel: a whole group as tiles of 16 or 24
-// accumulators (16 rows × 1 vector, 8 × 2, 8 × 3), a partial one 4 rows at a time. Only the
-// first tile prefetches `pf`.
+// One buffered row group (rb rows at wf, ldw words apart) × one token panel (xt, and sxt for
+// kInt16Pairs). A whole group as tiles of 16 or 24 accumulators (16 rows × 1 vector, 8 × 2,
+// 8 × 3); kInt16Pairs, which holds an int32 sum beside each accumulator, and a partial group 4
+// rows at a time. Only the first tile prefetches `pf`.
 template <Step S>
-void GroupPanel(const uint32_t* xt, int64_t steps, int64_t tokens, int64_t rb, const uint32_t* wf,
-                float* y, int64_t ldy, Prefetch pf) {
+void GroupPanel(const uint32_t* xt, const float* sxt, int64_t K, int64_t tokens, int64_t rb,
+                const uint32_t* wf, int64_t ldw, float* y, int64_t ldy, Prefetch pf) {
   const Prefetch cached{reinterpret_cast<const char*>(wf), 0};
-  const int64_t ldw = BufferStride(steps);
-  if (rb == kRowGroup) {
-    if (tokens <= 16) return BroadcastTile<S, 16, 1>(xt, steps, wf, ldw, y, ldy, tokens, pf);
-    BroadcastPanel<S, 8>(xt, steps, wf, ldw, y, ldy, tokens, pf);
-    return BroadcastPanel<S, 8>(xt, steps, wf + 8 * ldw, ldw, y + 8, ldy, tokens, cached);
+  if (S != Step::kInt16Pairs && rb == kRowGroup) {
+    if (tokens <= 16) return Tile<S, 16, 1>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
+    RowsPanel<S, 8>(xt, sxt, K, wf, ldw, y, ldy, tokens, pf);
+    return RowsPanel<S, 8>(xt, sxt, K, wf + 8 * ldw, ldw, y + 8, ldy, tokens, cached);
   }
-  using PanelFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
-                           int64_t, Prefetch);
-  static constexpr PanelFn kPanels[] = {BroadcastPanel<S, 1>, BroadcastPanel<S, 2>,
-                                        BroadcastPanel<S, 3>, BroadcastPanel<S, 4>};
+  using PanelFn = void (*)(const uint32_t*, const float*, int64_t, const uint32_t*, int64_t, float*,
+                           int64_t, int64_t, Prefetch);
+  static constexpr PanelFn kPanels[] = {RowsPanel<S, 1>, RowsPanel<S, 2>, RowsPanel<S, 3>,
+                                        RowsPanel<S, 4>};
   for (int64_t r = 0; r < rb; r += 4) {
     const int64_t n = rb - r < 4 ? rb - r : 4;
-    kPanels[n - 1](xt, steps, wf + r * ldw, ldw, y + r, ldy, tokens, r == 0 ? pf : cached);
+    kPanels[n - 1](xt, sxt, K, wf + r * ldw, ldw, y + r, ldy, tokens, r == 0 ? pf : cached);
   }
 }
 
@@ -387,14 +508,22 @@ void GroupPanel(const uint32_t* xt, int64_t steps, int64_t tokens, int64_t rb, c
 template <DType D, Step S>
 void BatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin, int64_t row_end,
                float* y, int64_t ldy) {
-  const int64_t K = W.cols, steps = S == Step::kFloat ? K : (K + 1) / 2;
-  const int64_t ldw = BufferStride(steps), panels = (T + kTokenPanel - 1) / kTokenPanel;
+  const int64_t K = W.cols, steps = StepsPerRow<S>(K), ldw = BufferStride<S>(K);
+  const int64_t panels = (T + kTokenPanel - 1) / kTokenPanel;
+  // kInt16Pairs also packs the tokens' block scales and rounds the tokens first (x16, sx).
+  const int64_t blocks = S == Step::kInt16Pairs ? K / kQ8Block : 0;
+  const int64_t panel_words = kTokenPanel * (steps + blocks);
   thread_local ScratchBuffer buffer;
-  uint32_t* xt = static_cast<uint32_t*>(
-      buffer.Get(static_cast<size_t>(panels * kTokenPanel * steps + kRowGroup * ldw) * 4));
-  uint32_t* wf = xt + panels * kTokenPanel * steps;
-  PackTokens<S>(x, T, K, steps, xt);
-  const int64_t fit = kTokenBlockBytes / (kTokenPanel * steps * 4);
+  uint32_t* xt =
+      static_cast<uint32_t*>(buffer.Get(static_cast<size_t>(panels * panel_words + kRowGroup * ldw +
+                                                            (blocks ? T * (K / 2 + blocks) : 0)) *
+                                        4));
+  float* sxt = reinterpret_cast<float*>(xt + panels * kTokenPanel * steps);
+  uint32_t* wf = xt + panels * panel_words;
+  int16_t* x16 = reinterpret_cast<int16_t*>(wf + kRowGroup * ldw);
+  float* sx = reinterpret_cast<float*>(x16 + T * K);
+  PackTokens<S>(x, T, K, xt, sxt, x16, sx);
+  const int64_t fit = kTokenBlockBytes / (panel_words * 4);
   const int64_t panels_per_block = fit > 1 ? fit : 1;
   // Bytes of one row (Q8_0: its int8 values; the scales are few and follow their own stream).
   const int64_t row_bytes = K * (D == DType::kF32 ? 4 : D == DType::kQ8_0 ? 1 : 2);
@@ -409,8 +538,8 @@ void BatchGemm(const float* x, int64_t T, const MatrixView& W, int64_t row_begin
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t tokens =
             T - p * kTokenPanel < kTokenPanel ? T - p * kTokenPanel : kTokenPanel;
-        GroupPanel<S>(xt + p * kTokenPanel * steps, steps, tokens, rb, wf,
-                      y + p * kTokenPanel * ldy + n0, ldy, pf);
+        GroupPanel<S>(xt + p * kTokenPanel * steps, sxt + p * kTokenPanel * blocks, K, tokens, rb,
+                      wf, ldw, y + p * kTokenPanel * ldy + n0, ldy, pf);
         pf = {reinterpret_cast<const char*>(wf), 0};  // the first panel brought them in
       }
     }
@@ -422,6 +551,8 @@ void MatMulRowsTyped(const float* x, int64_t T, const MatrixView& W, int64_t row
                      int64_t row_end, float* y, int64_t ldy) {
   if constexpr (D == DType::kQ8_0) {
     if (T <= 4) return Q8Decode(x, T, W, row_begin, row_end, y, ldy);
+    if (T >= kQ8PairMinTokens)
+      return BatchGemm<D, Step::kInt16Pairs>(x, T, W, row_begin, row_end, y, ldy);
   } else {
     using StreamFn =
         void (*)(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t);
@@ -548,6 +679,7 @@ KernelTable MakeTable(const char* name) {
   KernelTable t{name,         MatMulRows<kBf16Dot>, Dot, Axpy, SiluMul, RowToF32,
                 avx2->attend, avx2->attend_causal};
   t.bf16_activation_min_tokens = kBf16Dot ? kBf16PairMinTokens : 0;
+  t.q8_activation_min_tokens = kQ8PairMinTokens;
   return t;
 }
 
