@@ -20,11 +20,12 @@
 //     rounded to BF16 and packed in pairs along k, the raw BF16 weight pairs broadcast into
 //     `vdpbf16ps` — no widening, two products per lane per instruction (numerics:
 //     KernelTable::bf16_activation_min_tokens). The "avx512" table widens BF16 to fp32 instead:
-//     on the Xeon (Sapphire Rapids class) this was written on, `vdpbf16ps` tiles ran at 95
-//     GFLOP/s where the fp32 tiles ran at 123 (one core, [2048, 2048] × 512 tokens): there it
-//     seems to issue at half the rate of fp32 FMAs, so its two products per lane gain nothing. On
-//     Zen 4, whose 512-bit FMAs are double-pumped, it should be the faster way (llama.cpp relies on
-//     it there; not measured here): ops/kernels.cc prefers "avx512bf16" on AMD CPUs, and
+//     on the Xeon this was written on (Sapphire Rapids or later: it has AMX) the `vdpbf16ps`
+//     tiles ran at 95 GFLOP per CPU-second where the fp32 tiles ran at 123 (one core,
+//     [2048, 2048] × 512 tokens); a register-only loop there issues 1.6 G `vdpbf16ps`/s against
+//     2.3 G FMAs/s (and 2.3 G `vpdpwssd`/s, hence the Q8_0 pairs above). On Zen 4, whose
+//     512-bit FMAs are double-pumped, it should be the faster way (llama.cpp relies on it
+//     there; not measured here): ops/kernels.cc prefers "avx512bf16" on AMD CPUs, and
 //     bench_kernels prints both;
 //   - attention: the AVX2 functions (the KV cache's layout is being changed; not widened yet).
 #include <immintrin.h>
