@@ -540,9 +540,7 @@ TEST(Kernels, Bf16AttendMatchesDoublePrecisionOverRoundedValues) {
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
         const std::vector<double> want =
             AttendInDouble(q, c.keys_f32, c.values_f32, stride, len, hd, scale);
-        std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-        if (FastKernels() != nullptr) tables.push_back(FastKernels());
-        for (const ops::KernelTable* k : tables) {
+        for (const ops::KernelTable* k : AllTables()) {
           std::vector<float> scores(len), out(hd, -7.0f);
           k->attend(q.data(), c.view, len, hd, scale, scores.data(), out.data());
           for (int64_t d = 0; d < hd; ++d) {
@@ -574,9 +572,7 @@ TEST(Kernels, Bf16AttendCausalMatchesDoublePrecisionOverRoundedValues) {
         const Bf16Cache c = MakeBf16Cache(len, stride, shift, 5000 + trial);
         const std::vector<float> q = RandomFloats(Q * q_stride, trial, 3.0f);
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-        std::vector<const ops::KernelTable*> tables = {&ops::ReferenceKernels()};
-        if (FastKernels() != nullptr) tables.push_back(FastKernels());
-        for (const ops::KernelTable* k : tables) {
+        for (const ops::KernelTable* k : AllTables()) {
           std::vector<float> scratch(8 * len + 80 * hd), out(Q * out_stride, -7.0f);
           k->attend_causal(q.data(), q_stride, Q, first, c.view, hd, scale, scratch.data(),
                            out.data(), out_stride);
