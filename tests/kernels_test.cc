@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/model/quantize.h"
+#include "core/ops/cpu/amx_gemm.h"
 #include "core/tensor/dtype.h"
 #include "core/util/cpu_features.h"
 #include "core/util/log.h"
@@ -123,7 +124,7 @@ void ExpectMatMulMatchesReference(const ops::KernelTable& fast, DType dtype, con
 
 // The vectorised tables this binary has, by name, and what the CPU lacks for each.
 const std::vector<std::string>& FastTableNames() {
-  static const std::vector<std::string> names = {"avx2", "avx512", "avx512bf16"};
+  static const std::vector<std::string> names = {"avx2", "avx512", "amx", "avx512bf16"};
   return names;
 }
 std::string MissingFeatures(const std::string& table) {
@@ -136,6 +137,12 @@ std::string MissingFeatures(const std::string& table) {
                                {f.avx512vl, "AVX512VL"},
                                {f.avx512vnni, "AVX512_VNNI"},
                                {f.avx512bf16, "AVX512_BF16"}});
+  }
+  if (table == "amx") {
+    needs.insert(needs.end(), {{f.amx_tile, "AMX_TILE"},
+                               {f.amx_bf16, "AMX_BF16"},
+                               {f.amx_int8, "AMX_INT8"},
+                               {ops::AmxUsable(), "the AMX tile state from Linux"}});
   }
   std::string missing;
   for (const auto& [present, name] : needs) {
@@ -169,10 +176,11 @@ TEST(Kernels, TablesAreNamedAndChosenByCpu) {
     }
   }
   EXPECT_EQ(ops::KernelsNamed("avx512") != nullptr, GetCpuFeatures().HasAvx512Kernels());
-  // Without DSMOE_KERNELS the widest table the CPU runs is chosen.
+  // Without DSMOE_KERNELS the widest table the CPU runs whose results match the reference to
+  // fp32 rounding is chosen (never avx512bf16, which rounds activations to BF16).
   if (std::getenv("DSMOE_KERNELS") == nullptr) {
-    const ops::KernelTable* widest =
-        ops::KernelsNamed(GetCpuFeatures().amd ? "avx512bf16" : "avx512");
+    const ops::KernelTable* widest = ops::KernelsNamed("amx");
+    if (widest == nullptr) widest = ops::KernelsNamed("avx512");
     if (widest == nullptr) widest = ops::KernelsNamed("avx2");
     if (widest == nullptr) widest = &ops::ReferenceKernels();
     EXPECT_EQ(&ops::Kernels(), widest) << ops::Kernels().name;

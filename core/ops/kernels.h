@@ -2,9 +2,11 @@
 // converted to fp32 on the fly inside the kernels (accumulation is always fp32).
 //
 // Each ISA fills one KernelTable: `reference` (plain scalar C++, the ground truth every fast
-// kernel is tested against), `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/VNNI/BF16).
-// Kernels() picks the best one the running CPU supports, once; DSMOE_KERNELS=reference|avx2|avx512
-// (or avx512bf16) forces one (for benchmarks and A/B comparisons).
+// kernel is tested against), `avx2` (AVX2 + FMA + F16C), `avx512` (AVX-512 F/BW/VL/VNNI/BF16),
+// `amx` (the avx512 table with batches on Intel AMX tiles, exact mode) and `avx512bf16` (BF16
+// activations from 48 tokens: faster where `vdpbf16ps` pays, not exact). Kernels() picks the best
+// exact one the running CPU supports, once; DSMOE_KERNELS=<name> forces one (for benchmarks and
+// A/B comparisons).
 #pragma once
 
 #include <cstdint>
@@ -99,14 +101,17 @@ const KernelTable& ReferenceKernels();
 const KernelTable* Avx2Kernels();
 const KernelTable* Avx512Kernels();
 const KernelTable* Avx512Bf16DotKernels();
-// The table called `name` ("reference", "avx2", "avx512", "avx512bf16") if this binary has it and
-// this CPU can run it, else null.
+// The avx512 table with batches (>= 16 tokens) of BF16 and Q8_0 weights on Intel AMX tiles, in
+// exact mode (core/ops/cpu/amx_gemm.h); callers must also check AmxUsable().
+const KernelTable* Avx512AmxKernels();
+// The table called `name` ("reference", "avx2", "avx512", "amx", "avx512bf16") if this binary
+// has it and this CPU can run it, else null.
 const KernelTable* KernelsNamed(std::string_view name);
 // The best table for this CPU, or the one `forced` names (null or empty: none); a name that is
 // unknown or that this CPU cannot run is logged as a warning and the best table used instead.
 const KernelTable& ChooseKernels(const char* forced, Logger& logger);
 // ChooseKernels(getenv("DSMOE_KERNELS"), the default logger), once (thread-safe, on first
-// call): DSMOE_KERNELS=reference|avx2|avx512|avx512bf16 forces a table.
+// call): DSMOE_KERNELS=reference|avx2|avx512|amx|avx512bf16 forces a table.
 const KernelTable& Kernels();
 
 }  // namespace dsmoe::ops
