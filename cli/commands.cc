@@ -290,6 +290,8 @@ int RunGenerate(const GenerateOptions& o) {
   request.max_tokens = o.sampling.max_tokens;
   request.sampling = {o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, o.sampling.seed};
   request.ignore_eos = o.sampling.ignore_eos;
+  request.logprobs = o.sampling.logprobs >= 0;
+  request.top_logprobs = std::max(o.sampling.logprobs, 0);
   if (auto s = request.sampling.Validate(); !s.ok()) return Fail(s);
   if (!o.sampling.stop_ids.empty()) {
     auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
@@ -333,6 +335,16 @@ int RunGenerate(const GenerateOptions& o) {
     j["finish_reason"] = FinishReasonName(result->finish_reason);
     j["usage"] = {{"prompt_tokens", m->ids.size()},
                   {"completion_tokens", result->output_ids.size()}};
+    if (request.logprobs) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const TokenLogprobs& lp : result->logprobs) {
+        nlohmann::ordered_json top = nlohmann::ordered_json::array();
+        for (const TopLogprob& t : lp.top)
+          top.push_back({{"id", t.token_id}, {"logprob", t.logprob}});
+        list.push_back({{"id", lp.token_id}, {"logprob", lp.logprob}, {"top_logprobs", top}});
+      }
+      j["logprobs"] = std::move(list);
+    }
     std::cout << j.dump() << "\n";
   } else {
     std::cout << "\n";

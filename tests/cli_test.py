@@ -99,6 +99,35 @@ class CliTest(unittest.TestCase):
         self.assertEqual(sampled[0], sampled[1], "same seed, same output")
         self.assertNotEqual(sampled[0], sampled[2], "another seed, another output")
 
+    def test_generate_logprobs_are_the_log_softmax_of_the_logits(self):
+        # The reference: log_softmax in double (numpy) of `dsmoe logits` for prompt + output, a
+        # whole-sequence prefill, where generate decodes token by token. Sampled at a high
+        # temperature with top-k: the logprobs are of the raw logits, before both.
+        import numpy as np
+        prompt = [1, 7, 42]
+        r = run("generate", "--model", self.model, "--ids", "1,7,42", "--max-tokens", "6", "--temperature", "1.5",
+                "--top-k", "3", "--seed", "4", "--ignore-eos", "--json", "--logprobs", "4")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        npy = os.path.join(self.tmp.name, "logprobs-ref.npy")
+        ids = prompt + out["ids"][:-1]
+        self.assertEqual(run("logits", "--model", self.model, "--ids", ",".join(map(str, ids)), "--out",
+                             npy).returncode, 0)
+        logits = np.load(npy).astype(np.float64)[len(prompt) - 1:]
+        self.assertEqual(len(out["logprobs"]), len(out["ids"]))
+        for row, tid, lp in zip(logits, out["ids"], out["logprobs"]):
+            ref = row - row.max() - np.log(np.exp(row - row.max()).sum())
+            self.assertEqual(lp["id"], tid)
+            self.assertAlmostEqual(lp["logprob"], ref[tid], delta=1e-4)
+            ranked = np.sort(ref)[::-1]
+            self.assertEqual(len(lp["top_logprobs"]), 4)
+            for k, t in enumerate(lp["top_logprobs"]):
+                self.assertAlmostEqual(t["logprob"], ref[t["id"]], delta=1e-4)
+                self.assertAlmostEqual(t["logprob"], ranked[k], delta=1e-4)
+        self.assertNotIn("logprobs", json.loads(run("generate", "--model", self.model, "--ids", "1", "--json").stdout))
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--json", "--logprobs", "21"),
+                           "--logprobs")
+
     def test_route_json_shape(self):
         r = run("route", "--model", self.model, "--ids", "3,4", "--json")
         self.assertEqual(r.returncode, 0, r.stderr)

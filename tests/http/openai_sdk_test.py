@@ -62,6 +62,7 @@ class HttpApi(unittest.TestCase):
         cls.ca = cls.cluster.security["ca"]
         cls.key = cls.cluster.api_key
         cls.limited = None
+        cls.max_deviation = 0.0  # largest |server - reference| over the logprob tests' values
         ref = cu.single_process_generate(cls.model, PROMPT_IDS, 10)
         cls.reference = {"prompt_ids": PROMPT_IDS, "greedy_ids": ref["ids"], "greedy_text": ref["text"]}
         # For the SDK's logprobs case: per greedy token its logprob and the top TOP_N values.
@@ -203,6 +204,8 @@ class HttpApi(unittest.TestCase):
         alternatives. Values within TOLERANCE; the set is the reference's top TOP_N up to ties
         (a token may swap with one whose logprob is within TOLERANCE of the boundary)."""
         self.assertAlmostEqual(chosen_logprob, row[chosen], delta=TOLERANCE)
+        HttpApi.max_deviation = max(HttpApi.max_deviation, abs(chosen_logprob - row[chosen]),
+                                    *(abs(lp - row[t]) for t, lp in top))
         self.assertEqual(len(top), TOP_N)
         order = np.argsort(-row, kind="stable")
         boundary = row[order[TOP_N - 1]]
@@ -250,6 +253,16 @@ class HttpApi(unittest.TestCase):
             joined = "".join(lp.token for lp in logprobs)
             if "\ufffd" not in joined:
                 self.assertEqual(joined, text)
+        # `dsmoe client generate --logprobs N --json` shows them (greedy: its default).
+        r = cu.run("client", "generate", "--state-dir", self.cluster.state_dir, "--ids",
+                   ",".join(map(str, PROMPT_IDS)), "--max-tokens", "4", "--ignore-eos", "--json",
+                   "--logprobs", str(TOP_N))
+        out = json.loads(r.stdout)
+        ref = reference_logprobs(self.model, PROMPT_IDS, out["ids"])
+        self.assertEqual([lp["id"] for lp in out["logprobs"]], out["ids"])
+        for row, lp in zip(ref, out["logprobs"]):
+            self.check_step(row, lp["id"], lp["logprob"], [(t["id"], t["logprob"]) for t in lp["top_logprobs"]])
+        print(f"largest logprob deviation from the reference so far: {HttpApi.max_deviation:.2e}")
 
     def test_logprobs_grpc_bad_values_name_the_field(self):
         for top, logprobs in ((21, True), (-1, True), (3, False)):
@@ -342,6 +355,7 @@ class HttpApi(unittest.TestCase):
                                  [(t["token"], t["logprob"]) for t in e["top_logprobs"]])
             for t in e["top_logprobs"]:
                 self.assertEqual(t["bytes"], list(t["token"].encode()))
+        print(f"largest logprob deviation from the reference so far: {HttpApi.max_deviation:.2e}")
 
     def test_logprobs_http_bad_values_are_400_naming_the_parameter(self):
         chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
