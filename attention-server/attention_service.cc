@@ -84,7 +84,21 @@ class GenerateReactor final
     explicit Sink(GenerateReactor* reactor) : reactor_(reactor) {}
     void OnToken(int32_t id) override {
       absl::MutexLock lock(&mu_);
-      if (reactor_ != nullptr) reactor_->Add(id);
+      if (reactor_ != nullptr) reactor_->Add(id, has_logprobs_ ? &logprobs_ : nullptr);
+      has_logprobs_ = false;
+    }
+    // Kept for the OnToken that follows: the token and its logprobs go out in one message.
+    void OnLogprobs(const TokenLogprobs& lp) override {
+      absl::MutexLock lock(&mu_);
+      logprobs_.Clear();
+      logprobs_.set_token_id(static_cast<uint32_t>(lp.token_id));
+      logprobs_.set_logprob(lp.logprob);
+      for (const TopLogprob& t : lp.top) {
+        dsmoe::v1::TopLogprob* top = logprobs_.add_top_logprobs();
+        top->set_token_id(static_cast<uint32_t>(t.token_id));
+        top->set_logprob(t.logprob);
+      }
+      has_logprobs_ = true;
     }
     void OnFinish(FinishReason reason, const absl::Status& status) override {
       absl::MutexLock lock(&mu_);
@@ -98,12 +112,16 @@ class GenerateReactor final
    private:
     absl::Mutex mu_;  // held while calling the reactor, so Detach waits for such a call
     GenerateReactor* reactor_ ABSL_GUARDED_BY(mu_);
+    dsmoe::v1::TokenLogprobs logprobs_ ABSL_GUARDED_BY(mu_);  // of the coming OnToken
+    bool has_logprobs_ ABSL_GUARDED_BY(mu_) = false;
   };
 
-  void Add(int32_t id) {
+  // `logprobs`: the token's, when the request asked for them.
+  void Add(int32_t id, const dsmoe::v1::TokenLogprobs* logprobs) {
     {
       absl::MutexLock lock(&mu_);
       tokens_.push_back(id);
+      if (logprobs != nullptr) *logprobs_.Add() = *logprobs;
     }
     Pump();
   }
@@ -139,6 +157,7 @@ class GenerateReactor final
         response_.Clear();
         response_.mutable_token_ids()->Assign(tokens_.begin(), tokens_.end());
         tokens_.clear();
+        response_.mutable_logprobs()->Swap(&logprobs_);  // (cleared with response_ next time)
         if (finished_) {
           response_.set_finish_reason(ToProto(reason_));
           last_written_ = true;
@@ -159,7 +178,9 @@ class GenerateReactor final
   absl::Mutex mu_;
   uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;              // the sequence (0 until submitted)
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);  // sampled, not yet written
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;        // the scheduler finished the sequence
+  // Their log-probabilities, when the request asked (one per token).
+  google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs> logprobs_ ABSL_GUARDED_BY(mu_);
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // the scheduler finished the sequence
   FinishReason reason_ ABSL_GUARDED_BY(mu_) = FinishReason::kStop;
   bool last_written_ ABSL_GUARDED_BY(mu_) = false;  // the message with finish_reason
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -182,6 +203,8 @@ grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse>* AttentionServ
   params.max_tokens = request->max_tokens();
   params.sampling = {request->temperature(), request->top_k(), request->top_p(), request->seed()};
   params.stop_token_ids.assign(request->stop_token_ids().begin(), request->stop_token_ids().end());
+  params.logprobs = request->logprobs();
+  params.top_logprobs = request->top_logprobs();  // the scheduler checks its range
   if (!request->ignore_eos()) {
     for (int64_t id : generation_.eos_token_ids)
       params.stop_token_ids.push_back(static_cast<int32_t>(id));

@@ -101,6 +101,10 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
         absl::StrCat("max_tokens must be >= 1, got ", params.max_tokens));
   }
   DSMOE_RETURN_IF_ERROR(params.sampling.Validate());
+  if (params.top_logprobs < 0 || params.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs,
+                                                   "], got ", params.top_logprobs));
+  }
   auto seq = std::make_unique<Sequence>();
   seq->sampler = std::make_unique<Sampler>(V, params.sampling);
   seq->params = std::move(params);
@@ -404,10 +408,15 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   }
   for (size_t r = 0; r < row_owner_.size(); ++r) {
     Sequence* s = row_owner_[r];
-    const int32_t token = s->sampler->Sample(logits_.data() + r * V);
+    const float* row = logits_.data() + r * V;
+    const int32_t token = s->sampler->Sample(row);
     s->last_token = token;
     s->output.push_back(token);
     ++s->generated;
+    if (s->params.logprobs) {
+      ComputeLogprobs(row, V, token, s->params.top_logprobs, &s->logprobs);
+      s->sink->OnLogprobs(s->logprobs);
+    }
     s->sink->OnToken(token);
     const auto& stops = s->params.stop_token_ids;
     if (std::find(stops.begin(), stops.end(), token) != stops.end()) {

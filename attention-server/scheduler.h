@@ -40,6 +40,8 @@ struct SequenceParams {
   int64_t max_tokens = 16;
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;  // eos ids included unless the request ignores eos
+  bool logprobs = false;                // tell the sink each token's log-probability (OnLogprobs)
+  int top_logprobs = 0;                 // and this many alternatives, in [0, kMaxTopLogprobs]
 };
 
 // Receives one sequence's output, on the scheduler's thread: implementations must not block.
@@ -47,6 +49,9 @@ class SequenceSink {
  public:
   virtual ~SequenceSink() = default;
   virtual void OnToken(int32_t id) = 0;
+  // Only for a sequence that asked for logprobs: called just before OnToken of the same token.
+  // `logprobs` is valid during the call only.
+  virtual void OnLogprobs(const TokenLogprobs& logprobs) { (void)logprobs; }
   // Last call. `status` is not OK when the sequence failed (it then carries the reason).
   virtual void OnFinish(FinishReason reason, const absl::Status& status) = 0;
 };
@@ -111,6 +116,7 @@ class Scheduler {
     int64_t generated = 0;
     std::vector<int32_t> output;  // tokens sampled, kept to recompute the cache after preemption
     int32_t last_token = -1;      // sampled, not yet fed
+    TokenLogprobs logprobs;       // the last token's, when asked (reused: no allocation)
     bool cancelled = false;
     std::chrono::steady_clock::time_point arrived;
   };

@@ -85,6 +85,10 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   request.set_top_p(static_cast<float>(o.sampling.top_p));
   request.set_seed(o.sampling.seed);
   request.set_ignore_eos(o.sampling.ignore_eos);
+  if (o.sampling.logprobs >= 0) {
+    request.set_logprobs(true);
+    request.set_top_logprobs(o.sampling.logprobs);
+  }
   if (!o.sampling.stop_ids.empty()) {
     auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
     if (!stops.ok()) {
@@ -108,6 +112,7 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   dsmoe::v1::GenerateResponse message;
   std::vector<uint32_t> ids;
   std::string text;
+  nlohmann::ordered_json logprobs = nlohmann::ordered_json::array();
   dsmoe::v1::GenerateResponse last;
   // A text prompt means the gateway has a tokenizer: print only text, so that a token whose
   // text is held back (half a UTF-8 character, a possible stop string) prints nothing until it
@@ -117,6 +122,16 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     ids.insert(ids.end(), message.token_ids().begin(), message.token_ids().end());
     text += message.text();
     text_stream = text_stream || !message.text().empty();
+    for (const dsmoe::v1::TokenLogprobs& lp : message.logprobs()) {
+      nlohmann::ordered_json top = nlohmann::ordered_json::array();
+      for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
+        top.push_back({{"id", t.token_id()}, {"token", t.token()}, {"logprob", t.logprob()}});
+      }
+      logprobs.push_back({{"id", lp.token_id()},
+                          {"token", lp.token()},
+                          {"logprob", lp.logprob()},
+                          {"top_logprobs", std::move(top)}});
+    }
     if (!o.json) {
       if (text_stream) {
         std::cout << message.text() << std::flush;
@@ -159,7 +174,8 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     j["usage"] = {{"prompt_tokens", last.usage().prompt_tokens()},
                   {"completion_tokens", last.usage().completion_tokens()},
                   {"time_to_first_token_seconds", last.usage().time_to_first_token_seconds()}};
-    std::cout << j.dump() << "\n";
+    if (request.logprobs()) j["logprobs"] = std::move(logprobs);
+    std::cout << j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
   } else {
     std::cout << "\n";
     std::cerr << "finish_reason=" << FinishName(last.finish_reason())

@@ -4,12 +4,15 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
+#include "cli/chat_template_command.h"
 #include "cli/id_list.h"
 #include "core/io/npy.h"
 #include "core/model/generator.h"
@@ -18,6 +21,7 @@
 #include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "core/model/weights.h"
+#include "core/tokenizer/chat_template.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/cpu_features.h"
 #include "core/util/thread_pool.h"
@@ -112,6 +116,53 @@ absl::StatusOr<DType> ParseDType(const std::string& s) {
       absl::StrCat("--dtype: '", s, "' is not one of f32, bf16, f16"));
 }
 
+// The text of make-model's --chat-template: a built-in's name or a Jinja file, checked to parse
+// (a template the gateway would refuse at start-up is refused here).
+absl::StatusOr<std::string> ChatTemplateSource(const std::string& arg) {
+  std::string source;
+  if (auto builtin = BuiltinChatTemplate(arg)) {
+    source = *std::move(builtin);
+  } else if (std::filesystem::is_regular_file(arg)) {
+    std::ifstream in(arg, std::ios::binary);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    if (!in) return absl::NotFoundError(absl::StrCat("--chat-template: cannot read ", arg));
+    source = std::move(ss).str();
+  } else {
+    return absl::NotFoundError(absl::StrCat("--chat-template ", arg,
+                                            " is neither a file nor a built-in template (",
+                                            BuiltinChatTemplateNames(), ")"));
+  }
+  if (auto t = ChatTemplate::Parse(source); !t.ok())
+    return absl::InvalidArgumentError(
+        absl::StrCat("--chat-template ", arg, ": ", t.status().message()));
+  return source;
+}
+
+// Sets `config_path`'s chat_template to `source`, making the file if there is none (then with the
+// tokenizer's bos_token and eos_token, which templates print).
+absl::Status WriteChatTemplate(const std::string& source, const std::filesystem::path& config_path,
+                               const Tokenizer& tokenizer) {
+  nlohmann::json config = nlohmann::json::object();
+  if (std::filesystem::exists(config_path)) {
+    std::ifstream in(config_path);
+    config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (config.is_discarded() || !config.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path.string(), " is not a JSON object"));
+    }
+  }
+  if (!config.contains("bos_token") && tokenizer.bos_id())
+    config["bos_token"] = tokenizer.IdToToken(*tokenizer.bos_id()).value_or("");
+  if (!config.contains("eos_token") && tokenizer.eos_id())
+    config["eos_token"] = tokenizer.IdToToken(*tokenizer.eos_id()).value_or("");
+  config["chat_template"] = source;
+  std::ofstream out(config_path, std::ios::binary | std::ios::trunc);
+  out << config.dump(2) << "\n";
+  if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot write ", config_path.string()));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int RunMakeModel(const MakeModelOptions& o) {
@@ -144,6 +195,16 @@ int RunMakeModel(const MakeModelOptions& o) {
   if (o.attention_bias) c.attention_bias = *o.attention_bias;
   if (o.rope_linear_factor) c.rope_scaling = {RopeScaling::Type::kLinear, *o.rope_linear_factor};
   std::unique_ptr<Tokenizer> tokenizer;
+  std::string chat_template;
+  if (!o.chat_template.empty()) {
+    if (o.tokenizer.empty()) {
+      return Fail(absl::InvalidArgumentError(
+          "--chat-template needs --tokenizer (a chat template is of no use without one)"));
+    }
+    auto source = ChatTemplateSource(o.chat_template);
+    if (!source.ok()) return Fail(source.status());
+    chat_template = *std::move(source);
+  }
   if (!o.tokenizer.empty()) {
     auto loaded = Tokenizer::FromFile(o.tokenizer);
     if (!loaded.ok()) return Fail(loaded.status());
@@ -183,6 +244,12 @@ int RunMakeModel(const MakeModelOptions& o) {
     if (ec)
       return Fail(
           absl::PermissionDeniedError(absl::StrCat("copying the tokenizer: ", ec.message())));
+    if (!o.chat_template.empty()) {
+      if (auto s = WriteChatTemplate(chat_template, fs::path(o.out) / "tokenizer_config.json",
+                                     *tokenizer);
+          !s.ok())
+        return Fail(s);
+    }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ParameterCount params = CountParameters(c);
@@ -223,6 +290,8 @@ int RunGenerate(const GenerateOptions& o) {
   request.max_tokens = o.sampling.max_tokens;
   request.sampling = {o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, o.sampling.seed};
   request.ignore_eos = o.sampling.ignore_eos;
+  request.logprobs = o.sampling.logprobs >= 0;
+  request.top_logprobs = std::max(o.sampling.logprobs, 0);
   if (auto s = request.sampling.Validate(); !s.ok()) return Fail(s);
   if (!o.sampling.stop_ids.empty()) {
     auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
@@ -266,6 +335,16 @@ int RunGenerate(const GenerateOptions& o) {
     j["finish_reason"] = FinishReasonName(result->finish_reason);
     j["usage"] = {{"prompt_tokens", m->ids.size()},
                   {"completion_tokens", result->output_ids.size()}};
+    if (request.logprobs) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const TokenLogprobs& lp : result->logprobs) {
+        nlohmann::ordered_json top = nlohmann::ordered_json::array();
+        for (const TopLogprob& t : lp.top)
+          top.push_back({{"id", t.token_id}, {"logprob", t.logprob}});
+        list.push_back({{"id", lp.token_id}, {"logprob", lp.logprob}, {"top_logprobs", top}});
+      }
+      j["logprobs"] = std::move(list);
+    }
     std::cout << j.dump() << "\n";
   } else {
     std::cout << "\n";

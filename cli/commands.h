@@ -18,6 +18,9 @@ struct MakeModelOptions {
   std::string out;
   int shards = 1;
   std::string tokenizer;  // a tokenizer.json to copy in; sizes the vocabulary to it
+  // A chat template (a Jinja file, or a name of cli/chat_template_command.h's built-ins) written
+  // into the copied tokenizer_config.json's chat_template. Needs `tokenizer`.
+  std::string chat_template;
   // Shape overrides of the preset (unset: the preset's value).
   std::optional<int64_t> layers, hidden, heads, kv_heads, routed_experts, shared_experts, top_k,
       moe_intermediate, intermediate, vocab, first_dense, moe_layer_freq, max_position;

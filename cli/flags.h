@@ -13,8 +13,8 @@
 
 namespace dsmoe::cli {
 
-// make-model, quantize, logits, generate, route, info, tokenize, detokenize: offline tools on a
-// checkpoint or tokenizer (cli/flags_model.cc).
+// make-model, quantize, logits, generate, route, info, tokenize, detokenize, chat-template:
+// offline tools on a checkpoint or tokenizer (cli/flags_model.cc).
 void AddModelCommands(CLI::App& app, int* rc);
 // cluster up|down, placement show|plan|apply: a local cluster and its expert placement
 // (cli/flags_cluster.cc).

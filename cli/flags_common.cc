@@ -48,6 +48,10 @@ void AddSamplingFlags(CLI::App* cmd, SamplingOptions& sampling) {
   cmd->add_option("--seed", sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_option("--stop-ids", sampling.stop_ids, "Extra stop token ids, comma-separated");
   cmd->add_flag("--ignore-eos", sampling.ignore_eos, "Do not stop at the model's eos token");
+  cmd->add_option("--logprobs", sampling.logprobs,
+                  "With --json: each token's log-probability (of the raw logits, before "
+                  "temperature and top-k/top-p) and this many most likely alternatives")
+      ->check(CLI::Range(0, 20));
 }
 
 }  // namespace dsmoe::cli

@@ -1,8 +1,9 @@
 // Flags of the offline subcommands: make-model, quantize, logits, generate, route, info,
-// tokenize, detokenize.
+// tokenize, detokenize, chat-template.
 #include <functional>
 #include <memory>
 
+#include "cli/chat_template_command.h"
 #include "cli/flags.h"
 #include "cli/tokenize_command.h"
 
@@ -52,6 +53,10 @@ void AddMakeModel(CLI::App& app, int* rc) {
                    "Copy this tokenizer.json (+ tokenizer_config.json beside it) and size the "
                    "vocabulary to it")
       ->check(CLI::ExistingFile);
+  make->add_option("--chat-template", mk->chat_template,
+                   "Write this chat template into the checkpoint's tokenizer_config.json: a "
+                   "Jinja file, or a built-in name (" +
+                       BuiltinChatTemplateNames() + "). Needs --tokenizer");
   AddOptional(make, "--rope-linear-factor", mk->rope_linear_factor,
               "Use linear RoPE scaling with this factor");
   make->callback([mk, rc] { *rc = RunMakeModel(*mk); });
@@ -121,6 +126,34 @@ std::function<void()> AddTokenizerSource(CLI::App* cmd, std::string& tokenizer_p
   };
 }
 
+void AddChatTemplate(CLI::App& app, int* rc) {
+  auto ct = std::make_shared<ChatTemplateOptions>();
+  auto* cmd = app.add_subcommand(
+      "chat-template",
+      "Render a chat template for a conversation (the text a chat request becomes)");
+  auto* model = cmd->add_option("--model", ct->model,
+                                "Checkpoint directory: its "
+                                "tokenizer_config.json (and tokenizer.json)")
+                    ->check(CLI::ExistingDirectory);
+  auto* config = cmd->add_option("--tokenizer-config", ct->tokenizer_config,
+                                 "A tokenizer_config.json holding chat_template")
+                     ->check(CLI::ExistingFile);
+  model->excludes(config);
+  cmd->add_option("--messages", ct->messages,
+                  "JSON list of {role, content} messages; - reads stdin")
+      ->required();
+  cmd->add_option("--chat-template", ct->chat_template,
+                  "Jinja file replacing the config's chat_template")
+      ->check(CLI::ExistingFile);
+  cmd->add_flag("--add-generation-prompt", ct->add_generation_prompt,
+                "End with the assistant's turn prompt");
+  cmd->add_flag("--jsonl", ct->jsonl,
+                "One conversation per input line, one JSON string per output line");
+  cmd->add_flag("--ids", ct->ids,
+                "Also tokenize: print {\"text\", \"ids\"} as JSON (needs tokenizer.json)");
+  cmd->callback([ct, rc] { *rc = RunChatTemplate(*ct); });
+}
+
 void AddTokenizerCommands(CLI::App& app, int* rc) {
   auto tk = std::make_shared<TokenizeOptions>();
   auto* tokenize = app.add_subcommand("tokenize", "Encode text with a Hugging Face tokenizer.json");
@@ -163,6 +196,7 @@ void AddModelCommands(CLI::App& app, int* rc) {
   AddQuantize(app, rc);
   AddForwardCommands(app, rc);
   AddTokenizerCommands(app, rc);
+  AddChatTemplate(app, rc);
 }
 
 }  // namespace dsmoe::cli

@@ -20,6 +20,8 @@ struct SamplingOptions {
   uint64_t seed = 0;
   std::string stop_ids;  // extra stop token ids, "1,2,3"
   bool ignore_eos = false;
+  // With --json: each token's log-probability and this many alternatives (0..20); -1: none.
+  int logprobs = -1;
 };
 
 }  // namespace dsmoe::cli

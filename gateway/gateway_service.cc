@@ -117,9 +117,11 @@ class GatewayService::Request : public GenerateObserver {
   void OnEnd(const absl::Status& status) override;
 
  protected:
-  // Output of the relay: token ids and the text they completed (stop strings applied).
-  virtual void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
-                    const std::string& text) = 0;
+  using Logprobs = google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs>;
+  // Output of the relay: token ids, the text they completed (stop strings applied) and, when
+  // the request asked, the ids' log-probabilities with their token strings (moved from).
+  virtual void Emit(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text,
+                    Logprobs& logprobs) = 0;
   // The request ended with `status` (counted already); on OK, finish_ and ttft_ are final.
   // Implementations finish the RPC.
   virtual void Finished(const grpc::Status& status) = 0;
@@ -228,14 +230,23 @@ bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateRes
       if (auto rest = decoder_->Finish(); rest.ok()) decoded += *rest;
     }
   }
+  // Each token's own text beside its log-probability (the attention server has no tokenizer).
+  Logprobs logprobs = m.logprobs();
+  if (service_.tokenizer_ != nullptr) {
+    for (dsmoe::v1::TokenLogprobs& lp : logprobs) {
+      lp.set_token(service_.TokenText(lp.token_id()));
+      for (dsmoe::v1::TopLogprob& top : *lp.mutable_top_logprobs())
+        top.set_token(service_.TokenText(top.token_id()));
+    }
+  }
   std::string text = stops_.Push(decoded);
   if (stops_.stopped()) {
     finish_ = dsmoe::v1::FINISH_REASON_STOP;
-    Emit(m.token_ids(), text);
+    Emit(m.token_ids(), text, logprobs);
     return false;  // stops the sequence upstream
   }
   if (last) text += stops_.Finish();
-  if (m.token_ids_size() > 0 || !text.empty()) Emit(m.token_ids(), text);
+  if (m.token_ids_size() > 0 || !text.empty()) Emit(m.token_ids(), text, logprobs);
   return !client_gone_;
 }
 
@@ -271,8 +282,8 @@ class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc
   void OnDone() override { Unref(); }
 
  private:
-  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
-            const std::string& text) override {
+  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text,
+            Logprobs& logprobs) override {
     {
       absl::MutexLock lock(&mu_);
       completion_tokens_ += ids.size();
@@ -280,6 +291,7 @@ class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc
       dsmoe::v1::GenerateResponse& next = pending_.back();
       next.mutable_token_ids()->Add(ids.begin(), ids.end());
       next.mutable_text()->append(text);
+      for (dsmoe::v1::TokenLogprobs& lp : logprobs) next.add_logprobs()->Swap(&lp);
     }
     Pump(/*write_done=*/false);
   }
@@ -358,10 +370,11 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
   void OnDone() override { Unref(); }
 
  private:
-  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids,
-            const std::string& text) override {
+  void Emit(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text,
+            Logprobs& logprobs) override {
     response_.mutable_token_ids()->Add(ids.begin(), ids.end());
     response_.mutable_text()->append(text);
+    for (dsmoe::v1::TokenLogprobs& lp : logprobs) response_.add_logprobs()->Swap(&lp);
   }
   void Finished(const grpc::Status& status) override {
     if (status.ok()) {
@@ -554,6 +567,12 @@ grpc::Status GatewayService::Validate(const dsmoe::v1::GenerateRequest& r,
   const RequestLimits limits{options_.model_name, config_.vocab_size, options_.max_prompt_tokens,
                              options_.max_tokens_limit};
   return rpc::ToGrpc(ValidateGenerateRequest(r, limits, tokenizer_.get(), up));
+}
+
+std::string GatewayService::TokenText(uint32_t id) const {
+  const int32_t one = static_cast<int32_t>(id);
+  auto text = tokenizer_->Decode(std::span<const int32_t>(&one, 1), /*skip_special_tokens=*/false);
+  return text.ok() ? *std::move(text) : std::string();
 }
 
 grpc::Status GatewayService::TokenizeImpl(const dsmoe::v1::TokenizeRequest* request,

@@ -147,6 +147,8 @@ class GatewayService final : public GatewayServiceBase {
   // What the gateway knows itself (the config, its limits); the expert servers come from an
   // attention server.
   void FillModelInfo(dsmoe::v1::ModelInfo* response);
+  // Token `id` decoded alone (special tokens kept), as logprobs report it. REQUIRES: a tokenizer.
+  std::string TokenText(uint32_t id) const;
 
   ModelConfig config_;
   GenerationConfig generation_;

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/model/sampler.h"
+
 namespace dsmoe {
 
 namespace {
@@ -146,6 +148,12 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
     if (stop.empty()) return Invalid("stop strings must not be empty");
   }
   DSMOE_RETURN_IF_ERROR(ValidateTokenIds(r.stop_token_ids(), limits.vocab_size, "stop_token_ids"));
+  if (r.top_logprobs() < 0 || r.top_logprobs() > kMaxTopLogprobs) {
+    return Invalid(
+        absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", r.top_logprobs()));
+  }
+  if (r.top_logprobs() > 0 && !r.logprobs())
+    return Invalid("top_logprobs needs logprobs to be set");
   *up->mutable_prompt_token_ids() = std::move(ids);
   up->set_max_tokens(static_cast<uint32_t>(max_tokens));
   up->set_temperature(temperature);
@@ -154,6 +162,8 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   up->set_seed(r.seed());
   up->mutable_stop_token_ids()->CopyFrom(r.stop_token_ids());
   up->set_ignore_eos(r.ignore_eos());
+  up->set_logprobs(r.logprobs());
+  up->set_top_logprobs(r.top_logprobs());
   return absl::OkStatus();
 }
 

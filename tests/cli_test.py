@@ -36,7 +36,7 @@ class CliTest(unittest.TestCase):
             self.assertIn(f, r.stderr + r.stdout)
 
     def test_help_on_every_subcommand(self):
-        for sub in ["", "make-model", "logits", "generate", "route", "info"]:
+        for sub in ["", "make-model", "logits", "generate", "route", "info", "chat-template"]:
             r = run(*([sub] if sub else []), "--help")
             self.assertEqual(r.returncode, 0, sub)
             self.assertIn("--", r.stdout)
@@ -98,6 +98,35 @@ class CliTest(unittest.TestCase):
                    for s in (1, 1, 2)]
         self.assertEqual(sampled[0], sampled[1], "same seed, same output")
         self.assertNotEqual(sampled[0], sampled[2], "another seed, another output")
+
+    def test_generate_logprobs_are_the_log_softmax_of_the_logits(self):
+        # The reference: log_softmax in double (numpy) of `dsmoe logits` for prompt + output, a
+        # whole-sequence prefill, where generate decodes token by token. Sampled at a high
+        # temperature with top-k: the logprobs are of the raw logits, before both.
+        import numpy as np
+        prompt = [1, 7, 42]
+        r = run("generate", "--model", self.model, "--ids", "1,7,42", "--max-tokens", "6", "--temperature", "1.5",
+                "--top-k", "3", "--seed", "4", "--ignore-eos", "--json", "--logprobs", "4")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        npy = os.path.join(self.tmp.name, "logprobs-ref.npy")
+        ids = prompt + out["ids"][:-1]
+        self.assertEqual(run("logits", "--model", self.model, "--ids", ",".join(map(str, ids)), "--out",
+                             npy).returncode, 0)
+        logits = np.load(npy).astype(np.float64)[len(prompt) - 1:]
+        self.assertEqual(len(out["logprobs"]), len(out["ids"]))
+        for row, tid, lp in zip(logits, out["ids"], out["logprobs"]):
+            ref = row - row.max() - np.log(np.exp(row - row.max()).sum())
+            self.assertEqual(lp["id"], tid)
+            self.assertAlmostEqual(lp["logprob"], ref[tid], delta=1e-4)
+            ranked = np.sort(ref)[::-1]
+            self.assertEqual(len(lp["top_logprobs"]), 4)
+            for k, t in enumerate(lp["top_logprobs"]):
+                self.assertAlmostEqual(t["logprob"], ref[t["id"]], delta=1e-4)
+                self.assertAlmostEqual(t["logprob"], ranked[k], delta=1e-4)
+        self.assertNotIn("logprobs", json.loads(run("generate", "--model", self.model, "--ids", "1", "--json").stdout))
+        self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--json", "--logprobs", "21"),
+                           "--logprobs")
 
     def test_route_json_shape(self):
         r = run("route", "--model", self.model, "--ids", "3,4", "--json")
@@ -179,6 +208,141 @@ class PromptsWithTheCheckpointsTokenizer(unittest.TestCase):
         r = run("tokenize", "--text", "hi")
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--tokenizer or --model", r.stderr)
+
+
+HTTP_NODE_MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http", "node_modules")
+
+
+def reference_deviates(case):
+    """As tests/chat_template_test.cc's ReferenceDeviates: @huggingface/jinja ignores the
+    characters argument of strip() (we follow Python, as transformers); such cases are not
+    compared."""
+    if "strip('" not in case["source"] and 'strip("' not in case["source"]:
+        return False
+    return any(isinstance(m.get("content"), str) and m["content"] and
+               (m["content"][0] in " \t\r" or m["content"][-1] in " \t\r") for m in case["messages"])
+
+
+class ChatTemplateCommand(unittest.TestCase):
+    """`dsmoe chat-template` renders byte-identically to Hugging Face's @huggingface/jinja (the
+    corpus tests/http/chat_template_reference.js writes: real templates x generated
+    conversations), and `make-model --chat-template` writes a template it renders."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.isdir(os.path.join(HTTP_NODE_MODULES, "@huggingface", "jinja")):
+            raise unittest.SkipTest("no @huggingface/jinja (run tests/http/setup_clients.sh)")
+        cls.tmp = tempfile.TemporaryDirectory()
+        corpus = os.path.join(cls.tmp.name, "corpus.jsonl")
+        script = os.path.join(os.path.dirname(HTTP_NODE_MODULES), "chat_template_reference.js")
+        r = subprocess.run(["node", script, corpus], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        with open(corpus) as f:
+            cls.cases = [json.loads(line) for line in f if line.strip()]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp.name, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_renders_as_huggingface_jinja(self):
+        groups = {}
+        for c in self.cases:
+            if not c["error"] and not reference_deviates(c):
+                groups.setdefault((c["template"], c["add_generation_prompt"]), []).append(c)
+        self.assertGreaterEqual(len({t for t, _ in groups}), 2)
+        compared = 0
+        for (template, agp), cases in sorted(groups.items()):
+            config = dict(cases[0]["special"], chat_template=cases[0]["source"])
+            config_path = self.write(f"{template}.json", json.dumps(config))
+            messages = self.write("messages.jsonl", "".join(json.dumps(c["messages"]) + "\n" for c in cases))
+            args = ["chat-template", "--tokenizer-config", config_path, "--messages", messages, "--jsonl"]
+            r = run(*args, *(["--add-generation-prompt"] if agp else []))
+            self.assertEqual(r.returncode, 0, r.stderr)
+            got = [json.loads(line) for line in r.stdout.splitlines()]
+            self.assertEqual(len(got), len(cases))
+            for c, text in zip(cases, got):
+                self.assertEqual(text, c["expected"], f"{template}, add_generation_prompt={agp}: {c['messages']}")
+                compared += 1
+        self.assertGreater(compared, 100)
+
+    def test_one_conversation_prints_the_text_as_is_and_reads_stdin(self):
+        c = next(c for c in self.cases if c["template"] == "deepseek-moe-16b-chat" and c["add_generation_prompt"]
+                 and not c["error"] and len(c["messages"]) > 2)
+        config = self.write("ds.json", json.dumps(dict(c["special"], chat_template=c["source"])))
+        r = subprocess.run([DSMOE, "chat-template", "--tokenizer-config", config, "--messages", "-",
+                            "--add-generation-prompt"], input=json.dumps(c["messages"]).encode(),
+                           capture_output=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.decode(), c["expected"])  # nothing added, not even a newline
+
+    def test_make_model_writes_a_builtin_template(self):
+        if not TOKENIZER or not os.path.exists(TOKENIZER):
+            self.skipTest(f"no tokenizer.json at {TOKENIZER}")
+        model = os.path.join(self.tmp.name, "chat-model")
+        r = run("make-model", "--preset", "tiny", "--tokenizer", TOKENIZER, "--chat-template", "deepseek-moe",
+                "--out", model)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(model, "tokenizer_config.json")) as f:
+            config = json.load(f)
+        # The reference renders deepseek-moe-16b-chat's template (its own copy of the text, from
+        # issue 21) with the checkpoint's special tokens.
+        cases = [c for c in self.cases if c["template"] == "deepseek-moe-16b-chat" and not c["error"]]
+        self.assertEqual(config["chat_template"], cases[0]["source"])
+        def content(token):  # a string or an AddedToken {"content": ...}
+            return token["content"] if isinstance(token, dict) else token
+        self.assertEqual((content(config["bos_token"]), content(config["eos_token"])),
+                         (cases[0]["special"]["bos_token"], cases[0]["special"]["eos_token"]))
+        for c in cases[:12]:
+            messages = self.write("m.json", json.dumps(c["messages"]))
+            args = ["chat-template", "--model", model, "--messages", messages]
+            if c["add_generation_prompt"]:
+                args.append("--add-generation-prompt")
+            r = run(*args)
+            self.assertEqual((r.returncode, r.stdout), (0, c["expected"]), r.stderr)
+            # --ids: the text tokenized without special tokens added (the template wrote the BOS).
+            r = run(*args, "--ids")
+            out = json.loads(r.stdout)
+            self.assertEqual(out["text"], c["expected"])
+            tokenized = run("tokenize", "--model", model, "--no-special-tokens", "--text", c["expected"])
+            self.assertEqual(out["ids"], json.loads(tokenized.stdout))
+        # A template file works as well; a broken one, an unknown name, no tokenizer: refused.
+        jinja = self.write("t.jinja", "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+        other = os.path.join(self.tmp.name, "file-model")
+        r = run("make-model", "--preset", "tiny", "--tokenizer", TOKENIZER, "--chat-template", jinja, "--out", other)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        msgs = self.write("m2.json", json.dumps([{"role": "user", "content": "hi"}]))
+        self.assertEqual(run("chat-template", "--model", other, "--messages", msgs).stdout, "[user]hi")
+        broken = self.write("broken.jinja", "{% for m in messages %}")
+        self.assertRefused(run("make-model", "--preset", "tiny", "--tokenizer", TOKENIZER, "--chat-template", broken,
+                               "--out", os.path.join(self.tmp.name, "x")), "broken.jinja")
+        self.assertRefused(run("make-model", "--preset", "tiny", "--tokenizer", TOKENIZER, "--chat-template",
+                               "no-such-template", "--out", os.path.join(self.tmp.name, "x")),
+                           "neither a file nor a built-in", "deepseek-moe")
+        self.assertRefused(run("make-model", "--preset", "tiny", "--chat-template", "deepseek-moe", "--out",
+                               os.path.join(self.tmp.name, "x")), "needs --tokenizer")
+
+    def test_bad_input_is_refused(self):
+        c = self.cases[0]
+        config = self.write("c.json", json.dumps(dict(c["special"], chat_template=c["source"])))
+        self.assertRefused(run("chat-template", "--tokenizer-config", config, "--messages",
+                               self.write("bad.json", '{"role": "user"}')), "JSON list")
+        self.assertRefused(run("chat-template", "--tokenizer-config", config, "--messages",
+                               self.write("bad.jsonl", '[]\nnot json\n'), "--jsonl"), "line 2")
+        self.assertRefused(run("chat-template", "--messages", self.write("ok.json", "[]")),
+                           "--model DIR or --tokenizer-config")
+        raising = self.write("r.json", json.dumps({"chat_template": "{{ raise_exception('no system role') }}"}))
+        self.assertRefused(run("chat-template", "--tokenizer-config", raising, "--messages",
+                               self.write("m.json", "[]")), "no system role")
+        self.assertRefused(run("chat-template", "--tokenizer-config", self.write("none.json", "{}"), "--messages",
+                               self.write("m.json", "[]")), "has no chat_template")
+
+    assertRefused = CliTest.assertRefused
 
 
 if __name__ == "__main__":

@@ -155,5 +155,28 @@ TEST(RequestValidation, TokenIdsPastTheVocabularyNameTheFieldAndIndex) {
   EXPECT_EQ(up.max_tokens(), 16u);  // the default
 }
 
+TEST(RequestValidation, TopLogprobsOutsideZeroToTwentyOrWithoutLogprobsNamesTheField) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->add_ids(3);
+  r.set_logprobs(true);
+  for (int bad : {-1, 21, 1000}) {
+    r.set_top_logprobs(bad);
+    const absl::Status s = Check(r);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(s.message(), absl::StrCat("top_logprobs must be in [0, 20], got ", bad));
+  }
+  r.set_top_logprobs(5);
+  r.set_logprobs(false);
+  EXPECT_EQ(Check(r).message(), "top_logprobs needs logprobs to be set");
+  r.set_logprobs(true);
+  for (int good : {0, 5, 20}) {
+    r.set_top_logprobs(good);
+    internal::v1::AttentionGenerateRequest up;
+    ASSERT_TRUE(ValidateGenerateRequest(r, kLimits, nullptr, &up).ok()) << good;
+    EXPECT_TRUE(up.logprobs());
+    EXPECT_EQ(up.top_logprobs(), good);
+  }
+}
+
 }  // namespace
 }  // namespace dsmoe

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <random>
 #include <vector>
 
 namespace dsmoe {
@@ -146,6 +148,88 @@ TEST(SamplingParams, RejectsOutOfRangeValues) {
   EXPECT_EQ(SamplingParams({1.0, 0, 0.0, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SamplingParams({1.0, 0, 1.5, 0}).Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SamplingParams({0.0, 0, 1.0, 0}).Validate().ok());
+}
+
+// The reference: log(exp(x_i) / sum_j exp(x_j)) in long double, straight from the definition
+// (no max subtraction: the test logits are small enough for that), and a full sort for the order.
+std::vector<long double> NaiveLogSoftmax(const std::vector<float>& x) {
+  long double sum = 0;
+  for (float v : x) sum += std::exp(static_cast<long double>(v));
+  std::vector<long double> out;
+  for (float v : x) out.push_back(std::log(std::exp(static_cast<long double>(v)) / sum));
+  return out;
+}
+
+TEST(Logprobs, MatchTheDefinitionOnAVocabularySizedRow) {
+  const int64_t V = 102400;  // deepseek-moe's vocabulary
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  std::vector<float> logits(V);
+  for (float& x : logits) x = normal(rng);
+  const std::vector<long double> ref = NaiveLogSoftmax(logits);
+  std::vector<int32_t> order(V);
+  for (int32_t i = 0; i < V; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int num_top : {0, 1, 5, 20}) {
+    TokenLogprobs lp;
+    ComputeLogprobs(logits.data(), V, 777, num_top, &lp);
+    EXPECT_EQ(lp.token_id, 777);
+    EXPECT_NEAR(lp.logprob, static_cast<double>(ref[777]), 1e-5);
+    ASSERT_EQ(lp.top.size(), static_cast<size_t>(num_top));
+    for (int k = 0; k < num_top; ++k) {
+      EXPECT_EQ(lp.top[k].token_id, order[k]) << k;
+      EXPECT_NEAR(lp.top[k].logprob, static_cast<double>(ref[order[k]]), 1e-5) << k;
+    }
+  }
+}
+
+TEST(Logprobs, StableForLargeLogitsAndIndependentOfAShift) {
+  // exp(1e4) overflows even a double: only a max-subtracted sum gets these right. A constant
+  // shift of every logit leaves the distribution unchanged.
+  const std::vector<float> base = {1.0f, 2.5f, -3.0f, 2.5f, 0.0f};
+  const std::vector<long double> ref = NaiveLogSoftmax(base);
+  for (float shift : {0.0f, 1e4f, -1e4f}) {
+    std::vector<float> logits = base;
+    for (float& x : logits) x += shift;
+    TokenLogprobs lp;
+    ComputeLogprobs(logits.data(), 5, 2, 3, &lp);
+    EXPECT_TRUE(std::isfinite(lp.logprob)) << shift;
+    // float rounding of x + 1e4 moves a logit by up to 5e-4.
+    const double tol = shift == 0.0f ? 1e-6 : 2e-3;
+    EXPECT_NEAR(lp.logprob, static_cast<double>(ref[2]), tol) << shift;
+    ASSERT_EQ(lp.top.size(), 3u);
+    // Ties (ids 1 and 3) come lowest id first.
+    EXPECT_EQ(lp.top[0].token_id, 1);
+    EXPECT_EQ(lp.top[1].token_id, 3);
+    EXPECT_EQ(lp.top[2].token_id, 0);
+    EXPECT_NEAR(lp.top[2].logprob, static_cast<double>(ref[0]), tol);
+  }
+}
+
+TEST(Logprobs, NaNLogitsWeighNothing) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> logits = {nan, 1.0f, nan, 0.0f};
+  TokenLogprobs lp;
+  ComputeLogprobs(logits.data(), 4, 1, 3, &lp);
+  EXPECT_NEAR(lp.logprob, -std::log1p(std::exp(-1.0)), 1e-6);
+  ASSERT_EQ(lp.top.size(), 3u);
+  EXPECT_EQ(lp.top[0].token_id, 1);
+  EXPECT_EQ(lp.top[1].token_id, 3);
+  EXPECT_TRUE(std::isinf(lp.top[2].logprob) && lp.top[2].logprob < 0);
+  ComputeLogprobs(logits.data(), 4, 0, 0, &lp);
+  EXPECT_TRUE(std::isinf(lp.logprob) && lp.logprob < 0);
+}
+
+TEST(Logprobs, MoreAlternativesThanTokensGivesEveryToken) {
+  const std::vector<float> logits = {0.0f, 1.0f};
+  TokenLogprobs lp;
+  ComputeLogprobs(logits.data(), 2, 0, 20, &lp);
+  ASSERT_EQ(lp.top.size(), 2u);
+  EXPECT_EQ(lp.top[0].token_id, 1);
+  EXPECT_NEAR(std::exp(lp.top[0].logprob) + std::exp(lp.top[1].logprob), 1.0, 1e-6);
+  EXPECT_NEAR(lp.logprob, -std::log1p(std::exp(1.0)), 1e-6);
 }
 
 }  // namespace

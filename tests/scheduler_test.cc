@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <mutex>
 #include <numeric>
@@ -22,6 +24,10 @@ class Collector final : public SequenceSink {
   void OnToken(int32_t id) override {
     std::lock_guard<std::mutex> lock(mu_);
     tokens_.push_back(id);
+  }
+  void OnLogprobs(const TokenLogprobs& logprobs) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    logprobs_.push_back(logprobs);
   }
   void OnFinish(FinishReason, const absl::Status& status) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -41,6 +47,10 @@ class Collector final : public SequenceSink {
     std::lock_guard<std::mutex> lock(mu_);
     return status_;
   }
+  std::vector<TokenLogprobs> logprobs() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return logprobs_;
+  }
   int finishes() {
     std::lock_guard<std::mutex> lock(mu_);
     return finishes_;
@@ -50,6 +60,7 @@ class Collector final : public SequenceSink {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<int32_t> tokens_;
+  std::vector<TokenLogprobs> logprobs_;
   absl::Status status_;
   int finishes_ = 0;
 };
@@ -98,6 +109,69 @@ class SchedulerKvTest : public ::testing::Test {
   ThreadPool pool_{2};       // the scheduler's
   ThreadPool solo_pool_{1};  // the test thread's runners (a pool serves one thread at a time)
 };
+
+// Logprobs of sequences decoded together (greedy and sampled, some without logprobs) equal
+// log_softmax, computed here in long double, of the logits ComputeLogits gives for the whole
+// sequence in one prefill: another path through the runner (one pass over every position).
+TEST_F(SchedulerKvTest, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
+  auto scheduler = Scheduler::Create(*weights_, pool_, Options(64));
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  constexpr int kRequests = 6;
+  std::vector<std::shared_ptr<Collector>> sinks;
+  std::vector<SequenceParams> params;
+  for (int i = 0; i < kRequests; ++i) {
+    SequenceParams p;
+    p.prompt = Prompt(i);
+    p.max_tokens = 8;
+    // Sampled ones at a high temperature with top-k: the logprobs are before both.
+    if (i % 2 == 1) p.sampling = {1.7, 3, 1.0, static_cast<uint64_t>(i)};
+    p.logprobs = i != 4;
+    p.top_logprobs = i == 0 ? 0 : i == 1 ? kMaxTopLogprobs : 4;
+    params.push_back(p);
+    sinks.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE((*scheduler)->Submit(std::move(p), sinks.back()).ok());
+  }
+  const int64_t V = weights_->config().vocab_size;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(sinks[i]->Wait());
+    const std::vector<int32_t> out = sinks[i]->tokens();
+    const std::vector<TokenLogprobs> lps = sinks[i]->logprobs();
+    if (!params[i].logprobs) {
+      EXPECT_TRUE(lps.empty());
+      continue;
+    }
+    ASSERT_EQ(lps.size(), out.size());
+    std::vector<int32_t> seq = params[i].prompt;
+    seq.insert(seq.end(), out.begin(), out.end() - 1);
+    auto logits = (*scheduler)->ComputeLogits(seq);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    const int64_t P = static_cast<int64_t>(params[i].prompt.size());
+    for (size_t t = 0; t < out.size(); ++t) {
+      const float* row = logits->data() + (P - 1 + static_cast<int64_t>(t)) * V;
+      long double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<long double>(row[v]));
+      auto ref = [&](int32_t id) { return static_cast<double>(row[id] - std::log(sum)); };
+      EXPECT_EQ(lps[t].token_id, out[t]);
+      EXPECT_NEAR(lps[t].logprob, ref(out[t]), 1e-4) << "request " << i << " token " << t;
+      std::vector<int32_t> order(V);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+      ASSERT_EQ(lps[t].top.size(), static_cast<size_t>(params[i].top_logprobs));
+      for (size_t k = 0; k < lps[t].top.size(); ++k) {
+        // The k-th most likely value; the id too unless it ties with a neighbour.
+        EXPECT_NEAR(lps[t].top[k].logprob, ref(order[k]), 1e-4);
+        EXPECT_NEAR(lps[t].top[k].logprob, ref(lps[t].top[k].token_id), 1e-4);
+      }
+    }
+  }
+  SequenceParams bad;
+  bad.prompt = Prompt(0);
+  bad.logprobs = true;
+  bad.top_logprobs = kMaxTopLogprobs + 1;
+  EXPECT_EQ((*scheduler)->Submit(bad, std::make_shared<Collector>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
 
 TEST_F(SchedulerKvTest, PreemptedGreedySequencesEqualTheirSoloRuns) {
   rpc::MetricsRegistry registry("tiny");

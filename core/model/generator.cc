@@ -26,6 +26,10 @@ absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationCon
         absl::StrCat("max_tokens must be > 0, got ", request.max_tokens));
   }
   DSMOE_RETURN_IF_ERROR(request.sampling.Validate());
+  if (request.top_logprobs < 0 || request.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs,
+                                                   "], got ", request.top_logprobs));
+  }
   std::vector<int32_t> stop_ids = request.stop_token_ids;
   if (!request.ignore_eos) {
     for (int64_t id : generation.eos_token_ids) stop_ids.push_back(static_cast<int32_t>(id));
@@ -54,7 +58,15 @@ absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationCon
   result.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   Sampler sampler(V, request.sampling);
-  int32_t token = sampler.Sample(logits.data());
+  // Log-probabilities of the token just sampled, from the same logits.
+  auto sample = [&] {
+    const int32_t t = sampler.Sample(logits.data());
+    if (request.logprobs) {
+      ComputeLogprobs(logits.data(), V, t, request.top_logprobs, &result.logprobs.emplace_back());
+    }
+    return t;
+  };
+  int32_t token = sample();
   const int32_t zero = 0;
   for (int64_t pos = P;; ++pos) {
     result.output_ids.push_back(token);
@@ -72,7 +84,7 @@ absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, const GenerationCon
     ForwardBatch step{std::span<const int32_t>(&token, 1), std::span<const int32_t>(&slot, 1),
                       std::span<const int32_t>(&position, 1), std::span<const int32_t>(&zero, 1)};
     DSMOE_RETURN_IF_ERROR(runner.Forward(step, logits.data()));
-    token = sampler.Sample(logits.data());
+    token = sample();
   }
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return result;

@@ -20,6 +20,8 @@ struct GenerateRequest {
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;  // in addition to the model's eos ids
   bool ignore_eos = false;
+  bool logprobs = false;  // fill GenerateResult.logprobs (sampler.h: ComputeLogprobs)
+  int top_logprobs = 0;   // alternatives per token, in [0, kMaxTopLogprobs]
 };
 
 enum class FinishReason { kStop, kLength };
@@ -27,6 +29,7 @@ const char* FinishReasonName(FinishReason r);
 
 struct GenerateResult {
   std::vector<int32_t> output_ids;
+  std::vector<TokenLogprobs> logprobs;  // one per output id, when the request asked
   FinishReason finish_reason = FinishReason::kLength;
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;  // all steps after the first token

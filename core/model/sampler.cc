@@ -37,6 +37,48 @@ int32_t ArgMax(const float* logits, int64_t n) {
   return 0;  // every logit NaN
 }
 
+void ComputeLogprobs(const float* logits, int64_t n, int32_t token, int num_top,
+                     TokenLogprobs* out) {
+  // log p_i = x_i - (max + log sum_j exp(x_j - max)): every exponent is <= 0, and the sum
+  // (>= 1) is accumulated in double, so neither overflow nor the loss of small terms. A NaN
+  // logit weighs nothing and is never an alternative (as the sampler never draws it).
+  const float max = logits[ArgMax(logits, n)];
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = logits[i];
+    if (x == x) sum += std::exp(static_cast<double>(x) - max);
+  }
+  const double log_z = static_cast<double>(max) + std::log(sum);
+  out->token_id = token;
+  const float chosen = logits[token];
+  out->logprob = chosen == chosen ? static_cast<float>(static_cast<double>(chosen) - log_z)
+                                  : -std::numeric_limits<float>::infinity();
+  num_top =
+      static_cast<int>(std::clamp<int64_t>(num_top, 0, std::min<int64_t>(kMaxTopLogprobs, n)));
+  out->top.resize(num_top);
+  if (num_top == 0) return;
+  // A bounded min-heap of the best num_top seen (the worst on top, replaced when beaten): one
+  // pass over the logits, each compared with the heap's worst; no copy of the vocabulary.
+  auto better = [](const TopLogprob& a, const TopLogprob& b) {
+    return a.logprob > b.logprob || (a.logprob == b.logprob && a.token_id < b.token_id);
+  };
+  std::vector<TopLogprob>& heap = out->top;  // logprob holds the raw logit until the end
+  for (int i = 0; i < num_top; ++i) {
+    heap[i] = {i, logits[i] == logits[i] ? logits[i] : -std::numeric_limits<float>::infinity()};
+  }
+  std::make_heap(heap.begin(), heap.end(), better);
+  for (int64_t i = num_top; i < n; ++i) {
+    // Ties keep the lower id already held (ids arrive in increasing order).
+    if (logits[i] > heap.front().logprob) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {static_cast<int32_t>(i), logits[i]};
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  std::sort_heap(heap.begin(), heap.end(), better);
+  for (TopLogprob& t : heap) t.logprob = static_cast<float>(static_cast<double>(t.logprob) - log_z);
+}
+
 Sampler::Sampler(int64_t vocab_size, const SamplingParams& params)
     : params_(params), rng_(params.seed), vocab_size_(vocab_size) {}
 

@@ -34,4 +34,27 @@ class Sampler {
 
 int32_t ArgMax(const float* logits, int64_t n);
 
+// Log-probabilities of one generated token, from the model's own distribution: log_softmax of
+// the raw logits, before temperature, top-k and top-p (what vLLM reports by default), so they
+// do not depend on the sampling parameters and a greedy and a sampled request agree.
+struct TopLogprob {
+  int32_t token_id = 0;
+  float logprob = 0.0f;
+};
+struct TokenLogprobs {
+  int32_t token_id = 0;  // the token sampled
+  float logprob = 0.0f;
+  std::vector<TopLogprob> top;  // the most likely tokens, most likely first (lowest id on ties)
+};
+
+// At most this many alternatives per token (OpenAI's bound on top_logprobs).
+inline constexpr int kMaxTopLogprobs = 20;
+
+// Fills `out` for `token` drawn from `logits` [n] with the `num_top` (in [0, kMaxTopLogprobs])
+// most likely tokens. The log-sum-exp runs in double, max-subtracted; the top tokens come from a
+// partial selection (O(n + num_top log num_top)), not a sort of the vocabulary. Allocation-free
+// once `out->top` has grown to num_top. NaN logits count as -inf. REQUIRES: 0 <= token < n.
+void ComputeLogprobs(const float* logits, int64_t n, int32_t token, int num_top,
+                     TokenLogprobs* out);
+
 }  // namespace dsmoe

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "core/model/sampler.h"
 #include "nlohmann/json.hpp"
 
 namespace dsmoe::http {
@@ -197,6 +198,7 @@ int HttpStatus(const grpc::Status& s, bool has_retry_after) {
 std::string ParamOf(const std::string& message, bool chat, const std::string& max_tokens_name) {
   if (absl::StartsWith(message, "max_tokens")) return max_tokens_name;
   if (absl::StartsWith(message, "temperature")) return "temperature";
+  if (absl::StartsWith(message, "top_logprobs")) return chat ? "top_logprobs" : "logprobs";
   if (absl::StartsWith(message, "top_p")) return "top_p";
   if (absl::StartsWith(message, "stop_token_ids")) return "stop_token_ids";
   if (absl::StartsWith(message, "stop")) return "stop";
@@ -222,6 +224,62 @@ std::string ContentText(const json& content, size_t i) {
     text += part["text"].get<std::string>();
   }
   return text;
+}
+
+// A token string's bytes, as OpenAI's logprobs give them (`bytes`: a list of ints).
+json TokenBytes(const std::string& token) {
+  json bytes = json::array();
+  for (unsigned char c : token) bytes.push_back(c);
+  return bytes;
+}
+
+// Characters (code points) of UTF-8 `s`: OpenAI's text_offset counts characters.
+int64_t CodePoints(const std::string& s) {
+  int64_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+using TokenLogprobList = google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs>;
+
+// Chat's format: choices[].logprobs.content[] of {token, logprob, bytes, top_logprobs[]}.
+void AppendChatLogprobs(const TokenLogprobList& logprobs, json& content) {
+  for (const dsmoe::v1::TokenLogprobs& lp : logprobs) {
+    json top = json::array();
+    for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
+      top.push_back(
+          {{"token", t.token()}, {"logprob", t.logprob()}, {"bytes", TokenBytes(t.token())}});
+    }
+    content.push_back({{"token", lp.token()},
+                       {"logprob", lp.logprob()},
+                       {"bytes", TokenBytes(lp.token())},
+                       {"top_logprobs", std::move(top)}});
+  }
+}
+
+// The legacy completions format: parallel lists tokens, token_logprobs, top_logprobs (a dict
+// token -> logprob of the N most likely and, as OpenAI's, always the token sampled) and
+// text_offset (the token's character offset in the choice's text; `offset` runs on).
+json NewLegacyLogprobs() {
+  return {{"tokens", json::array()},
+          {"token_logprobs", json::array()},
+          {"top_logprobs", json::array()},
+          {"text_offset", json::array()}};
+}
+void AppendLegacyLogprobs(const TokenLogprobList& logprobs, int64_t& offset, json& out) {
+  for (const dsmoe::v1::TokenLogprobs& lp : logprobs) {
+    out["tokens"].push_back(lp.token());
+    out["token_logprobs"].push_back(lp.logprob());
+    json top = json::object();
+    for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
+      // Two ids may decode to one string: the dict keeps the more likely (listed first).
+      if (!top.contains(t.token())) top[t.token()] = t.logprob();
+    }
+    if (!top.contains(lp.token())) top[lp.token()] = lp.logprob();
+    out["top_logprobs"].push_back(std::move(top));
+    out["text_offset"].push_back(offset);
+    offset += CodePoints(lp.token());
+  }
 }
 
 }  // namespace
@@ -275,13 +333,14 @@ class OpenAiApi::Generation {
     int prompt = 0;    // the prompt it answers (a completions request may list several)
   };
 
-  Generation(OpenAiApi& api, Reply reply, bool chat, bool stream, bool include_usage,
+  Generation(OpenAiApi& api, Reply reply, bool chat, bool stream, bool include_usage, bool logprobs,
              std::string authorization, std::string max_tokens_name)
       : api_(api),
         reply_(std::move(reply)),
         chat_(chat),
         stream_(stream),
         include_usage_(include_usage),
+        logprobs_(logprobs),
         authorization_(std::move(authorization)),
         max_tokens_name_(std::move(max_tokens_name)),
         id_(RandomId(chat ? "chatcmpl-" : "cmpl-")),
@@ -298,6 +357,7 @@ class OpenAiApi::Generation {
       for (size_t i = 0; i < n; ++i) {
         states_[i].echo = choices[i].echo;
         states_[i].prompt = choices[i].prompt;
+        states_[i].logprobs = chat_ ? json{{"content", json::array()}} : NewLegacyLogprobs();
       }
     }
     calls_.reserve(n);
@@ -353,6 +413,8 @@ class OpenAiApi::Generation {
 
   struct State {
     std::string text, echo;
+    json logprobs;            // non-streamed answers: the choice's logprobs, gathered
+    int64_t text_offset = 0;  // completions: characters of the choice's text so far
     std::vector<uint32_t> token_ids;
     int prompt = 0;
     uint32_t prompt_tokens = 0;
@@ -360,14 +422,26 @@ class OpenAiApi::Generation {
     bool done = false;
   };
 
-  json ChoiceDelta(int index, const std::string& text, const json& finish) const {
+  json ChoiceDelta(int index, const std::string& text, const json& finish,
+                   json logprobs = nullptr) const {
     if (chat_) {
       return {{"index", index},
               {"delta", {{"content", text}}},
-              {"logprobs", nullptr},
+              {"logprobs", std::move(logprobs)},
               {"finish_reason", finish}};
     }
-    return {{"index", index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish}};
+    return {{"index", index},
+            {"text", text},
+            {"logprobs", std::move(logprobs)},
+            {"finish_reason", finish}};
+  }
+  // `logprobs` in this request's format (chat or legacy), appended to `out`.
+  void AppendLogprobs(const TokenLogprobList& logprobs, State& s, json& out) const {
+    if (chat_) {
+      AppendChatLogprobs(logprobs, out["content"]);
+    } else {
+      AppendLegacyLogprobs(logprobs, s.text_offset, out);
+    }
   }
   json Chunk(json choices) const {
     return {{"id", id_},
@@ -418,12 +492,20 @@ class OpenAiApi::Generation {
     }
     if (!stream_) {
       s.text += r.text();
+      if (logprobs_) AppendLogprobs(r.logprobs(), s, s.logprobs);
       return;
     }
     StartStreamLocked();
-    if (!r.text().empty() || last) {
-      reply_.exchange->SendEvent(Dump(Chunk(json::array(
-          {ChoiceDelta(index, r.text(), last ? json(s.finish_reason) : json(nullptr))}))));
+    // A message may hold tokens but no text yet (part of a character): its logprobs go out.
+    json chunk_logprobs = nullptr;
+    if (logprobs_ && r.logprobs_size() > 0) {
+      chunk_logprobs = chat_ ? json{{"content", json::array()}} : NewLegacyLogprobs();
+      AppendLogprobs(r.logprobs(), s, chunk_logprobs);
+    }
+    if (!r.text().empty() || last || !chunk_logprobs.is_null()) {
+      reply_.exchange->SendEvent(Dump(Chunk(
+          json::array({ChoiceDelta(index, r.text(), last ? json(s.finish_reason) : json(nullptr),
+                                   std::move(chunk_logprobs))}))));
     }
   }
 
@@ -510,12 +592,12 @@ class OpenAiApi::Generation {
       if (chat_) {
         choices.push_back({{"index", i},
                            {"message", {{"role", "assistant"}, {"content", s.text}}},
-                           {"logprobs", nullptr},
+                           {"logprobs", logprobs_ ? s.logprobs : json(nullptr)},
                            {"finish_reason", s.finish_reason}});
       } else {
         choices.push_back({{"index", i},
                            {"text", s.echo + s.text},
-                           {"logprobs", nullptr},
+                           {"logprobs", logprobs_ ? s.logprobs : json(nullptr)},
                            {"finish_reason", s.finish_reason}});
       }
     }
@@ -546,6 +628,7 @@ class OpenAiApi::Generation {
   OpenAiApi& api_;
   Reply reply_;
   const bool chat_, stream_, include_usage_;
+  const bool logprobs_;  // the choices carry logprobs (the request asked)
   const std::string authorization_, max_tokens_name_;
   const std::string id_;
   const int64_t created_;
@@ -701,19 +784,26 @@ void OpenAiApi::Completions(const HttpRequest& request, bool chat, Reply& reply)
                                 options_.model_name, "')"),
                    404, "model_not_found"};
   }
-  // Logprobs need the attention server's per-token distribution (not yet in this build).
+  // Logprobs: chat's logprobs (bool) + top_logprobs, completions' logprobs (the number of
+  // alternatives). Either way at most 20 alternatives, as the attention server computes.
+  bool logprobs = false;
+  int64_t top_logprobs = 0;
   if (chat) {
-    if (p.Bool("logprobs").value_or(false)) Bad("logprobs", "'logprobs' is not supported yet");
-    if (p.Int("top_logprobs", 0, 20).value_or(0) > 0)
-      Bad("top_logprobs", "'top_logprobs' is not supported yet");
+    logprobs = p.Bool("logprobs").value_or(false);
+    top_logprobs = p.Int("top_logprobs", 0, kMaxTopLogprobs).value_or(0);
+    if (top_logprobs > 0 && !logprobs)
+      Bad("top_logprobs", "'top_logprobs' needs 'logprobs' to be true");
     if (p.Has("response_format")) {
       const json& f = body["response_format"];
       if (!f.is_object() || f.value("type", "") != "text")
         Bad("response_format", "only {\"type\": \"text\"} is supported");
     }
-  } else if (p.Has("logprobs")) {
-    p.Int("logprobs", 0, 20);
-    Bad("logprobs", "'logprobs' is not supported yet");
+  } else if (auto n_logprobs = p.Int("logprobs", 0, kMaxTopLogprobs)) {
+    logprobs = true;
+    top_logprobs = *n_logprobs;
+    // The echoed prompt's tokens would need their log-probabilities too (not computed).
+    if (p.Bool("echo").value_or(false))
+      Bad("echo", "'echo' together with 'logprobs' is not supported");
   }
   const int64_t n = p.Int("n", 1, options_.max_n).value_or(1);
   if (!chat) {
@@ -896,11 +986,13 @@ void OpenAiApi::Completions(const HttpRequest& request, bool chat, Reply& reply)
       for (const std::string& s : stops) g.add_stop(s);
       g.mutable_stop_token_ids()->Add(stop_ids.begin(), stop_ids.end());
       g.set_ignore_eos(ignore_eos);
+      g.set_logprobs(logprobs);
+      g.set_top_logprobs(static_cast<int32_t>(top_logprobs));
       choices.push_back(std::move(c));
     }
   }
   auto generation = std::make_shared<Generation>(*this, reply, chat, stream, include_usage,
-                                                 request.authorization, max_tokens_name);
+                                                 logprobs, request.authorization, max_tokens_name);
   reply.sent = true;  // the generation answers
   generation->Start(generation, std::move(choices));
 }

@@ -5,7 +5,12 @@
 //   DSMOE_HTTP_URL, DSMOE_LIMITED_URL   https://127.0.0.1:PORT/v1 of the two gateways
 //   DSMOE_API_KEY, DSMOE_MODEL          the key and the served model name
 //   DSMOE_REFERENCE                     JSON: {prompt_ids, greedy_text, greedy_ids}: the single
-//                                       process's greedy continuation (ignore_eos) of prompt_ids
+//                                       process's greedy continuation (ignore_eos) of prompt_ids;
+//                                       greedy_logprobs, greedy_top_logprobs: per greedy token,
+//                                       its logprob and the 5 largest (log_softmax in double of
+//                                       the single process's logits); chat: {messages, ids,
+//                                       logprobs, top_logprobs}, the same for a chat whose
+//                                       prompt `dsmoe chat-template --ids` rendered
 //   DSMOE_TOKENIZER_DIR                 the checkpoint's tokenizer.json + tokenizer_config.json
 //   NODE_EXTRA_CA_CERTS                 the cluster's CA
 "use strict";
@@ -162,6 +167,76 @@ test("stop: the text ends before the stop string, finish_reason stop", async () 
   assert.strictEqual(r.choices[0].finish_reason, "stop");
 });
 
+// Logprobs as the SDK types them: chat's ChatCompletionTokenLogprob (token, logprob, bytes,
+// top_logprobs of TopLogprob) and completions' Completion.Choice.Logprobs (tokens,
+// token_logprobs, top_logprobs dicts, text_offset), checked against the reference's values.
+const TOP_N = 5;
+const near = (a, b, what) => assert.ok(Math.abs(a - b) <= 1e-4, `${what}: ${a} vs ${b}`);
+
+/**
+ * @param {import("openai").OpenAI.Chat.Completions.ChatCompletionTokenLogprob[]} content
+ * @param {{ids: number[], logprobs: number[], top_logprobs: number[][]}} ref
+ */
+function checkChatLogprobs(content, ref) {
+  assert.strictEqual(content.length, ref.ids.length);
+  content.forEach((t, i) => {
+    assert.strictEqual(typeof t.token, "string");
+    assert.deepStrictEqual(t.bytes, [...Buffer.from(t.token, "utf8")]);
+    near(t.logprob, ref.logprobs[i], `content[${i}].logprob`);
+    assert.strictEqual(t.top_logprobs.length, TOP_N);
+    t.top_logprobs.forEach((alt, k) => {
+      assert.deepStrictEqual(alt.bytes, [...Buffer.from(alt.token, "utf8")]);
+      near(alt.logprob, ref.top_logprobs[i][k], `content[${i}].top_logprobs[${k}]`);
+    });
+  });
+}
+
+/** @param {import("openai").OpenAI.Completions.Completion.Choice.Logprobs} lp */
+function checkCompletionLogprobs(lp) {
+  const n = REF.greedy_ids.length;
+  assert.strictEqual(lp.tokens.length, n);
+  // Each token's own text: together the text, unless a token holds part of a character.
+  if (!lp.tokens.join("").includes("\ufffd")) assert.strictEqual(lp.tokens.join(""), REF.greedy_text);
+  let offset = 0;
+  for (let i = 0; i < n; ++i) {
+    near(lp.token_logprobs[i], REF.greedy_logprobs[i], `token_logprobs[${i}]`);
+    assert.strictEqual(lp.text_offset[i], offset);
+    offset += Array.from(lp.tokens[i]).length;
+    const values = Object.values(lp.top_logprobs[i]).sort((a, b) => b - a);
+    assert.ok(values.length >= 1 && values.length <= TOP_N);
+    values.forEach((v, k) => near(v, REF.greedy_top_logprobs[i][k], `top_logprobs[${i}]`));
+    assert.ok(lp.tokens[i] in lp.top_logprobs[i], "the chosen token is in its dict");
+  }
+}
+
+test("logprobs: completions and chat, streamed and not, equal the reference", async () => {
+  const comp = { model: MODEL, prompt: REF.prompt_ids, max_tokens: REF.greedy_ids.length, temperature: 0,
+                 ignore_eos: true, logprobs: TOP_N };
+  const whole = await client.completions.create(comp);
+  checkCompletionLogprobs(whole.choices[0].logprobs);
+  const streamed = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+  for await (const chunk of await client.completions.create({ ...comp, stream: true })) {
+    for (const c of chunk.choices) {
+      if (!c.logprobs) continue;
+      for (const k of Object.keys(streamed)) streamed[k].push(...c.logprobs[k]);
+    }
+  }
+  assert.deepStrictEqual(streamed, whole.choices[0].logprobs);
+
+  const chat = { model: MODEL, messages: REF.chat.messages, max_tokens: REF.chat.ids.length, temperature: 0,
+                 ignore_eos: true, logprobs: true, top_logprobs: TOP_N };
+  const r = await client.chat.completions.create(chat);
+  checkChatLogprobs(r.choices[0].logprobs.content, REF.chat);
+  const chunks = [];
+  for await (const chunk of await client.chat.completions.create({ ...chat, stream: true })) {
+    for (const c of chunk.choices) if (c.logprobs) chunks.push(...c.logprobs.content);
+  }
+  assert.deepStrictEqual(chunks, r.choices[0].logprobs.content);
+  // Without logprobs there are none (the SDK's type: null).
+  const plain = await client.chat.completions.create({ ...chat, logprobs: undefined, top_logprobs: undefined });
+  assert.strictEqual(plain.choices[0].logprobs, null);
+});
+
 async function expectError(promise, Type, status, param) {
   try {
     await promise;
@@ -187,6 +262,14 @@ test("errors: 400 naming the parameter (unknown, wrong type, bad value)", async 
                     OpenAI.BadRequestError, 400, "max_tokens");
   await expectError(client.completions.create({ model: MODEL, prompt: "x", max_tokens: 100000000 }),
                     OpenAI.BadRequestError, 400, "max_tokens");
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", logprobs: 21 }),
+                    OpenAI.BadRequestError, 400, "logprobs");
+  await expectError(client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }],
+                                                    logprobs: true, top_logprobs: 21 }),
+                    OpenAI.BadRequestError, 400, "top_logprobs");
+  await expectError(client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }],
+                                                    top_logprobs: 2 }),
+                    OpenAI.BadRequestError, 400, "top_logprobs");
 });
 
 test("errors: 401 without a valid key, 404 for another model", async () => {

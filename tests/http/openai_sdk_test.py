@@ -11,6 +11,11 @@ import subprocess
 import sys
 import time
 import unittest
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "cluster"))
@@ -18,6 +23,30 @@ import cluster_util as cu  # noqa: E402
 
 PROMPT_IDS = [100, 2000, 30000, 400, 5]
 NODE_MODULES = os.path.join(HERE, "node_modules")
+TOP_N = 5        # alternatives asked for in the logprobs tests
+TOLERANCE = 1e-4  # logprob agreement with the single process's logits (F32 model)
+
+
+def reference_logprobs(model, prompt, generated):
+    """The reference of every logprob test: log_softmax, in double, of the logits the
+    single-process engine (`dsmoe logits`) gives for prompt + generated; row i is the
+    distribution generated[i] was drawn from."""
+    out = os.path.join(cu.TMP, "reference-logits.npy")
+    cu.run("logits", "--model", model, "--ids", ",".join(map(str, list(prompt) + list(generated[:-1]))),
+           "--out", out, "--threads", "1")
+    logits = np.load(out).astype(np.float64)[len(prompt) - 1:]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def chat_prompt_ids(model, messages):
+    """The prompt tokens of a chat: the checkpoint's template rendered and tokenized by `dsmoe
+    chat-template` (which tests/cli_test.py checks against Hugging Face's renderer)."""
+    path = os.path.join(cu.TMP, "chat-messages.json")
+    with open(path, "w") as f:
+        json.dump(messages, f)
+    r = cu.run("chat-template", "--model", model, "--messages", path, "--add-generation-prompt", "--ids")
+    return json.loads(r.stdout)["ids"]
 
 
 class HttpApi(unittest.TestCase):
@@ -33,8 +62,20 @@ class HttpApi(unittest.TestCase):
         cls.ca = cls.cluster.security["ca"]
         cls.key = cls.cluster.api_key
         cls.limited = None
+        cls.max_deviation = 0.0  # largest |server - reference| over the logprob tests' values
         ref = cu.single_process_generate(cls.model, PROMPT_IDS, 10)
         cls.reference = {"prompt_ids": PROMPT_IDS, "greedy_ids": ref["ids"], "greedy_text": ref["text"]}
+        # For the SDK's logprobs case: per greedy token its logprob and the top TOP_N values.
+        logprobs = reference_logprobs(cls.model, PROMPT_IDS, ref["ids"])
+        cls.reference["greedy_logprobs"] = [float(row[t]) for row, t in zip(logprobs, ref["ids"])]
+        cls.reference["greedy_top_logprobs"] = [sorted(map(float, row), reverse=True)[:TOP_N] for row in logprobs]
+        messages = [{"role": "user", "content": "Hi"}]
+        prompt = chat_prompt_ids(cls.model, messages)
+        ids = cu.single_process_generate(cls.model, prompt, 4)["ids"]
+        logprobs = reference_logprobs(cls.model, prompt, ids)
+        cls.reference["chat"] = {"messages": messages, "ids": ids,
+                                 "logprobs": [float(row[t]) for row, t in zip(logprobs, ids)],
+                                 "top_logprobs": [sorted(map(float, row), reverse=True)[:TOP_N] for row in logprobs]}
 
     @classmethod
     def tearDownClass(cls):
@@ -155,6 +196,180 @@ class HttpApi(unittest.TestCase):
         self.assertGreaterEqual(cu.metric(url, "dsmoe_http_requests_total", endpoint="/v1/models",
                                           status="401"), 1)
         self.assertEqual(cu.metric(url, "dsmoe_http_sse_streams_open"), 0)
+
+    # --- logprobs, checked against reference_logprobs() ---
+
+    def check_step(self, row, chosen, chosen_logprob, top):
+        """One generated token: `chosen` (id) with its logprob, `top` the server's (id, logprob)
+        alternatives. Values within TOLERANCE; the set is the reference's top TOP_N up to ties
+        (a token may swap with one whose logprob is within TOLERANCE of the boundary)."""
+        self.assertAlmostEqual(chosen_logprob, row[chosen], delta=TOLERANCE)
+        HttpApi.max_deviation = max(HttpApi.max_deviation, abs(chosen_logprob - row[chosen]),
+                                    *(abs(lp - row[t]) for t, lp in top))
+        self.assertEqual(len(top), TOP_N)
+        order = np.argsort(-row, kind="stable")
+        boundary = row[order[TOP_N - 1]]
+        for k, (tid, lp) in enumerate(top):
+            self.assertAlmostEqual(lp, row[tid], delta=TOLERANCE)
+            self.assertAlmostEqual(lp, row[order[k]], delta=TOLERANCE, msg=f"the {k}-th most likely")
+        ids = {t for t, _ in top}
+        for t in set(int(x) for x in order[:TOP_N]) ^ ids:
+            self.assertAlmostEqual(row[t], boundary, delta=TOLERANCE, msg=f"token {t} in one top set only")
+
+    def grpc_logprobs(self, **kw):
+        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=PROMPT_IDS), max_tokens=8, ignore_eos=True,
+                                    logprobs=True, top_logprobs=TOP_N, **kw)
+        ids, logprobs, text = [], [], ""
+        for m in self.cluster.gateway.Generate(req, timeout=120):
+            self.assertEqual(len(m.logprobs), len(m.token_ids))  # one per token, in each message
+            ids += m.token_ids
+            logprobs += m.logprobs
+            text += m.text
+        whole = self.cluster.gateway.Complete(req, timeout=120)
+        return ids, logprobs, text, whole
+
+    def test_logprobs_grpc_match_the_single_process_logits(self):
+        for kw in ({"temperature": 0.0}, {"temperature": 1.5, "top_k": 3, "seed": 5}):
+            ids, logprobs, text, whole = self.grpc_logprobs(**kw)
+            self.assertEqual(list(whole.token_ids), ids)
+            self.assertEqual(len(whole.logprobs), len(ids))
+            ref = reference_logprobs(self.model, PROMPT_IDS, ids)
+            tempered_differs = False
+            for i, (tid, lp) in enumerate(zip(ids, logprobs)):
+                self.assertEqual(lp.token_id, tid)
+                self.check_step(ref[i], tid, lp.logprob, [(t.token_id, t.logprob) for t in lp.top_logprobs])
+                self.assertAlmostEqual(whole.logprobs[i].logprob, lp.logprob, delta=1e-6)
+                if kw["temperature"] == 0:
+                    self.assertEqual(tid, int(np.argmax(ref[i])))
+                    self.assertEqual(lp.top_logprobs[0].token_id, tid)
+                else:
+                    # Before temperature: log_softmax(logits / T) would differ somewhere.
+                    scaled = ref[i] / kw["temperature"]
+                    tempered = scaled - scaled.max() - np.log(np.exp(scaled - scaled.max()).sum())
+                    tempered_differs |= abs(tempered[tid] - lp.logprob) > 1e-3
+            if kw["temperature"] != 0:
+                self.assertTrue(tempered_differs)
+            # Each token's own text: they make up the text when no token splits a character.
+            joined = "".join(lp.token for lp in logprobs)
+            if "\ufffd" not in joined:
+                self.assertEqual(joined, text)
+        # `dsmoe client generate --logprobs N --json` shows them (greedy: its default).
+        r = cu.run("client", "generate", "--state-dir", self.cluster.state_dir, "--ids",
+                   ",".join(map(str, PROMPT_IDS)), "--max-tokens", "4", "--ignore-eos", "--json",
+                   "--logprobs", str(TOP_N))
+        out = json.loads(r.stdout)
+        ref = reference_logprobs(self.model, PROMPT_IDS, out["ids"])
+        self.assertEqual([lp["id"] for lp in out["logprobs"]], out["ids"])
+        for row, lp in zip(ref, out["logprobs"]):
+            self.check_step(row, lp["id"], lp["logprob"], [(t["id"], t["logprob"]) for t in lp["top_logprobs"]])
+        print(f"largest logprob deviation from the reference so far: {HttpApi.max_deviation:.2e}")
+
+    def test_logprobs_grpc_bad_values_name_the_field(self):
+        for top, logprobs in ((21, True), (-1, True), (3, False)):
+            req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=PROMPT_IDS), max_tokens=2,
+                                        logprobs=logprobs, top_logprobs=top)
+            with self.assertRaises(grpc.RpcError) as e:
+                self.cluster.gateway.Complete(req, timeout=30)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn("top_logprobs", e.exception.details())
+
+    def post(self, path, body):
+        """(status, parsed body or the list of SSE events) of one HTTP API call."""
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {self.key}",
+                                              "Content-Type": "application/json"})
+        ctx = ssl.create_default_context(cafile=self.ca)
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
+                raw = r.read().decode()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode())
+        if body.get("stream"):
+            events = re.findall(r"data: ([^\n]+)\n\n", raw)
+            self.assertEqual(events[-1], "[DONE]")
+            return status, [json.loads(e) for e in events[:-1]]
+        return status, json.loads(raw)
+
+    def token_text(self, tid):
+        return self.cluster.gateway.Detokenize(cu.pb.DetokenizeRequest(token_ids=[tid]), timeout=30).text
+
+    def check_http_step(self, row, chosen, logprob, top):
+        """As check_step, with tokens as the HTTP API gives them: strings (ids by the reference)."""
+        self.assertEqual(chosen["token"], self.token_text(chosen["id"]))
+        self.assertEqual(chosen["bytes"], list(chosen["token"].encode()))
+        order = [int(t) for t in np.argsort(-row, kind="stable")[:TOP_N + 3]]
+        by_text = {}
+        for t in order:
+            by_text.setdefault(self.token_text(t), t)
+        ids = []
+        for text, lp in top:
+            self.assertIn(text, by_text, "an alternative outside the reference's most likely")
+            ids.append((by_text[text], lp))
+        self.check_step(row, chosen["id"], logprob, ids)
+
+    def test_logprobs_http_match_the_single_process_logits(self):
+        n = len(self.reference["greedy_ids"])
+        greedy = self.reference["greedy_ids"]
+        ref = reference_logprobs(self.model, PROMPT_IDS, greedy)
+        base = {"prompt": PROMPT_IDS, "max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": TOP_N}
+        status, whole = self.post("/completions", base)
+        self.assertEqual(status, 200, whole)
+        lp = whole["choices"][0]["logprobs"]
+        status, chunks = self.post("/completions", dict(base, stream=True))
+        self.assertEqual(status, 200)
+        streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for c in chunks:
+            for ch in c["choices"]:
+                if ch["logprobs"]:
+                    for k in streamed:
+                        streamed[k] += ch["logprobs"][k]
+        self.assertEqual(streamed, lp)
+        self.assertEqual(len(lp["tokens"]), n)
+        offset = 0
+        for i in range(n):
+            self.assertEqual(lp["text_offset"][i], offset)
+            offset += len(lp["tokens"][i])
+            top = sorted(lp["top_logprobs"][i].items(), key=lambda kv: -kv[1])
+            # The legacy dict holds the top TOP_N and the chosen token (here among them: greedy).
+            self.check_http_step(ref[i], {"id": greedy[i], "token": lp["tokens"][i],
+                                          "bytes": list(lp["tokens"][i].encode())},
+                                 lp["token_logprobs"][i], top[:TOP_N])
+
+        messages = [{"role": "user", "content": "Which expert?"}]
+        prompt = chat_prompt_ids(self.model, messages)
+        chat = {"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": True,
+                "top_logprobs": TOP_N}
+        status, whole = self.post("/chat/completions", chat)
+        self.assertEqual(status, 200, whole)
+        self.assertEqual(whole["usage"]["prompt_tokens"], len(prompt))
+        content = whole["choices"][0]["logprobs"]["content"]
+        status, chunks = self.post("/chat/completions", dict(chat, stream=True))
+        streamed = [e for c in chunks for ch in c["choices"] if ch["logprobs"] for e in ch["logprobs"]["content"]]
+        self.assertEqual(streamed, content)
+        ids, _, _ = self.cluster.generate(prompt, 6)
+        ref = reference_logprobs(self.model, prompt, ids)
+        self.assertEqual(len(content), 6)
+        for i, e in enumerate(content):
+            self.check_http_step(ref[i], {"id": ids[i], "token": e["token"], "bytes": e["bytes"]}, e["logprob"],
+                                 [(t["token"], t["logprob"]) for t in e["top_logprobs"]])
+            for t in e["top_logprobs"]:
+                self.assertEqual(t["bytes"], list(t["token"].encode()))
+        print(f"largest logprob deviation from the reference so far: {HttpApi.max_deviation:.2e}")
+
+    def test_logprobs_http_bad_values_are_400_naming_the_parameter(self):
+        chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for body, param in ((dict(chat, logprobs=True, top_logprobs=21), "top_logprobs"),
+                            (dict(chat, logprobs=True, top_logprobs=-1), "top_logprobs"),
+                            (dict(chat, top_logprobs=3), "top_logprobs"),
+                            (dict(chat, logprobs=3), "logprobs")):
+            status, err = self.post("/chat/completions", body)
+            self.assertEqual((status, err["error"]["param"]), (400, param), err)
+        comp = {"prompt": PROMPT_IDS, "max_tokens": 2}
+        for body, param in ((dict(comp, logprobs=21), "logprobs"), (dict(comp, logprobs=-1), "logprobs"),
+                            (dict(comp, logprobs=True), "logprobs"), (dict(comp, logprobs=2, echo=True), "echo")):
+            status, err = self.post("/completions", body)
+            self.assertEqual((status, err["error"]["param"]), (400, param), err)
 
 
 if __name__ == "__main__":
