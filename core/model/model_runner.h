@@ -84,7 +84,8 @@ class ModelRunner final : public BatchRunner {
   size_t kv_cache_bytes() const override { return kv_cache_.NumBytes(); }
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // Device-limited routing (gate.h) from the next Forward on; null: off (the default). Call
-  // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts.
+  // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts. Clears
+  // the prefix cache (cached keys and values were computed under the old routing).
   absl::Status set_device_limited_routing(std::shared_ptr<const DeviceLimitedRouting> routing);
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }
