@@ -52,6 +52,8 @@ Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions
       context_(std::min(runner_->max_context(),
                         runner_->blocks().num_pages() * runner_->blocks().page_tokens())),
       scratch_slot_(static_cast<int32_t>(options.num_slots)) {
+  options_.enable_prefix_caching =
+      options.enable_prefix_caching && runner_->supports_prefix_caching();
   for (int64_t s = options.num_slots - 1; s >= 0; --s)
     free_slots_.push_back(static_cast<int32_t>(s));
   const int64_t B = options.max_batch_tokens;

@@ -67,6 +67,7 @@ struct SchedulerOptions : BatchLimits {
   // Reuse the KV pages of cached prefixes (see above). On by default: a hit is exact (tokens
   // and the whole chain of pages compared, not only a hash) and reads keys and values the same
   // model computed for the same positions; greedy output is identical with and without it.
+  // Off whatever this says on a runner that does not support it (the GPU runner, for now).
   bool enable_prefix_caching = true;
 };
 

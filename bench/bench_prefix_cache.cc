@@ -11,7 +11,7 @@
 //
 //   dsmoe_bench_prefix_cache [--preset small] [--dtype f32] [--threads 2] [--requests 8]
 //                            [--system 1000] [--question 24] [--max-tokens 4]
-//                            [--dir /tmp/dsmoe-bench]
+//                            [--dir /tmp/dsmoe-bench] [--mmap-weights]
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -116,7 +116,9 @@ int main(int argc, char** argv) {
     std::printf("writing %s ...\n", model_dir.c_str());
     if (!WriteRandomCheckpoint(*config, {dtype, 1, 1}, model_dir).ok()) return 1;
   }
-  auto weights = ModelWeights::Load(model_dir);
+  bool mmap_weights = false;  // map the checkpoint instead of copying it (less resident memory)
+  for (int i = 1; i < argc; ++i) mmap_weights |= std::string(argv[i]) == "--mmap-weights";
+  auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
   if (!weights.ok()) {
     std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
     return 1;

@@ -60,6 +60,9 @@ class BatchRunner {
   virtual BlockManager& blocks() = 0;
   // Bytes the KV cache's pages take.
   virtual size_t kv_cache_bytes() const = 0;
+  // Whether a scheduler may give this runner's slots cached prefix pages shared with other
+  // slots (BlockManager's prefix cache), i.e. that it was shown to produce the same output.
+  virtual bool supports_prefix_caching() const { return true; }
   // Called (on the Forward thread) with every MoE layer's routing. Null: nobody.
   virtual void set_routing_observer(RoutingObserver* observer) = 0;
   virtual const ModelConfig& config() const = 0;
