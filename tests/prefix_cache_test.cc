@@ -1,12 +1,15 @@
 // The block manager's prefix cache, against pages counted by hand: reference counts of shared
 // pages, LRU eviction order, hash chains (a page matches only after its own prefix), exact
 // matching under forced hash collisions and after a parent page was evicted and reused, and
-// what Release (a finished, cancelled or preempted sequence) gives back.
+// what Release (a finished, cancelled or preempted sequence) gives back; a runner forgets the
+// cache when its routing changes.
 #include <gtest/gtest.h>
 
 #include <vector>
 
 #include "core/model/block_manager.h"
+#include "core/model/model_runner.h"
+#include "tests/test_util.h"
 
 namespace dsmoe {
 namespace {
@@ -204,6 +207,28 @@ TEST(PrefixCache, ClearForgetsEveryPrefixAndFreesUnheldPages) {
   b.Release(0);
   EXPECT_EQ(b.num_free_pages(), 4);
   EXPECT_EQ(b.num_cached_pages(), 0);
+}
+
+// Device-limited routing changes what the MoE layers compute, and so every later layer's keys
+// and values: the runner forgets every cached prefix when it changes.
+TEST(PrefixCache, ARunnerForgetsCachedPrefixesWhenItsRoutingChanges) {
+  testing::TempDir dir;
+  testing::WriteTinyModel(dir.path(), DType::kF32);
+  auto weights = ModelWeights::Load(dir.path());
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  ThreadPool pool(1);
+  RunnerOptions o;
+  o.max_context = 16;
+  o.kv_page_tokens = 4;
+  auto runner = ModelRunner::Create(**weights, pool, o);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  BlockManager& b = (*runner)->blocks();
+  ASSERT_TRUE(b.Grow(0, 8).ok());
+  CommitUpTo(b, 0, {1, 2, 3, 4, 5, 6, 7, 8});
+  EXPECT_EQ(b.num_cached_pages(), 2);
+  ASSERT_TRUE((*runner)->set_device_limited_routing(nullptr).ok());
+  EXPECT_EQ(b.num_cached_pages(), 0);
+  EXPECT_EQ(b.FindCachedPrefix(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8}, 8).tokens, 0);
 }
 
 }  // namespace
