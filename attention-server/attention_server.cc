@@ -1,5 +1,6 @@
 #include "attention-server/attention_server.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "attention-server/batch_runner_factory.h"
@@ -34,6 +35,11 @@ absl::Status Validate(const AttentionServerOptions& o) {
                                                    ") and max_batch_tokens (", s.max_batch_tokens,
                                                    ") must be >= 1, max_context (", s.max_context,
                                                    ") and max_waiting (", s.max_waiting, ") >= 0"));
+  }
+  if (o.device.is_cuda() && s.kv_dtype == KvDType::kF32) {
+    return absl::InvalidArgumentError(
+        "KV dtype f32 is for the CPU runner: the GPU runner's KV cache is bf16 (--kv-dtype auto "
+        "or bf16 with --device cuda)");
   }
   if (o.threads < 0) {
     return absl::InvalidArgumentError(absl::StrCat("threads is ", o.threads, ", not >= 0"));
@@ -77,12 +83,12 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Create(
 absl::Status AttentionServer::CheckMemory() {
   // The GPU runner's KV cache and activations live in device memory (its own plan, not this).
   if (options_.device.is_cuda()) return absl::OkStatus();
-  BatchLimits limits = options_.scheduler;
+  BatchLimits limits = scheduler_options_;
   limits.num_slots += 1;  // the scratch slot of ComputeLogits, as CreateBatchRunner adds
   DSMOE_ASSIGN_OR_RETURN(
       const MemoryPlan plan,
       PlanMemory(weights_->config(), limits, static_cast<int64_t>(weights_->MatrixBytes()),
-                 sizeof(float), options_.expert_servers.empty(), thread_pool_->num_threads()));
+                 options_.expert_servers.empty(), thread_pool_->num_threads()));
   int64_t limit = options_.memory_limit;
   std::string source = "--memory-limit";
   if (limit == 0) {
@@ -103,6 +109,12 @@ absl::Status AttentionServer::CheckMemory() {
   metrics_->Gauge("dsmoe_kv_cache_tokens", "Tokens the KV cache's pages hold in all")
       .Add({})
       .Set(static_cast<double>(plan.kv_tokens()));
+  metrics_
+      ->Gauge("dsmoe_kv_cache_bytes_per_token",
+              "Bytes one cached position takes (keys and values of every layer), by the "
+              "cache's element type")
+      .Add({{"dtype", KvDTypeName(plan.kv_dtype)}})
+      .Set(static_cast<double>(plan.kv_page_bytes / std::max<int64_t>(plan.kv_page_tokens, 1)));
   return CheckMemoryPlan(plan, limit, source);
 }
 
@@ -112,6 +124,13 @@ absl::Status AttentionServer::Start() {
   selection.all_routed_experts = options_.expert_servers.empty();  // remote experts: none here
   DSMOE_ASSIGN_OR_RETURN(weights_, ModelWeights::Load(options_.model_dir, selection));
   const ModelConfig& config = weights_->config();
+  // The KV cache's element type, concrete from here on: planned, built and described alike (as
+  // ModelRunner::Create would resolve it; the GPU runner stores bf16).
+  scheduler_options_ = options_.scheduler;
+  if (scheduler_options_.kv_dtype == KvDType::kAuto) {
+    scheduler_options_.kv_dtype =
+        options_.device.is_cuda() ? KvDType::kBF16 : ResolveKvDType(KvDType::kAuto, *weights_);
+  }
   // Registered before anything runs, so every series exists from the first scrape.
   metrics_ = std::make_unique<rpc::MetricsRegistry>(options_.serving.ModelName(options_.model_dir));
   attention_metrics_ = std::make_unique<AttentionMetrics>(
@@ -122,13 +141,13 @@ absl::Status AttentionServer::Start() {
   DSMOE_RETURN_IF_ERROR(CheckMemory());
   DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<BatchRunner> runner,
                          CreateBatchRunner(options_.device, *weights_, *thread_pool_,
-                                           options_.scheduler, dispatcher_.get()));
+                                           scheduler_options_, dispatcher_.get()));
   if (options_.device_limited_routing.has_value()) {
     model_runner_ = dynamic_cast<ModelRunner*>(runner.get());  // the CPU runner (Validate)
     if (model_runner_ == nullptr) return CheckGpuGateSupportsDeviceLimit(1);
     DSMOE_RETURN_IF_ERROR(SetDeviceLimit(*dispatcher_->placement()));
   }
-  DSMOE_ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(std::move(runner), options_.scheduler,
+  DSMOE_ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(std::move(runner), scheduler_options_,
                                                        attention_metrics_.get()));
   if (dispatcher_ != nullptr) {
     RebalancerOptions rebalance = options_.rebalance;
@@ -300,7 +319,8 @@ std::string AttentionServer::Describe() const {
       options_.device_limited_routing.has_value()
           ? absl::StrCat(", device-limited routing to ", *options_.device_limited_routing)
           : "",
-      ", ", options_.scheduler.num_slots, " slots), metrics on port ", metrics_port_);
+      ", ", options_.scheduler.num_slots, " slots, ", KvDTypeName(scheduler_options_.kv_dtype),
+      " KV cache), metrics on port ", metrics_port_);
 }
 
 void AttentionServer::Wait() { shutdown_.Wait(); }

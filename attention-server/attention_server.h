@@ -147,6 +147,9 @@ class AttentionServer {
   void OnExpertServerHealth();
 
   const AttentionServerOptions options_;
+  // options_.scheduler with its KV dtype made concrete for the loaded weights (Start): what
+  // the plan, the runner and Describe use.
+  SchedulerOptions scheduler_options_;
   rpc::TransportSecurity security_;
   int metrics_port_ = 0;
   // Declared in dependency order: each member is used only by those declared after it, so

@@ -141,6 +141,15 @@ int main(int argc, char** argv) {
   AddByteSizeOption(app, "--kv-cache-memory", &options.scheduler.kv_cache_bytes,
                     "Bytes the KV cache's pages may take (e.g. 16Gi); sequences hold only the "
                     "pages they reach (default: enough for every slot to reach the context)");
+  app.add_option_function<std::string>(
+      "--kv-dtype",
+      [&options](const std::string& text) {
+        absl::StatusOr<dsmoe::KvDType> t = dsmoe::ParseKvDType(text);
+        if (!t.ok()) throw CLI::ValidationError("--kv-dtype", std::string(t.status().message()));
+        options.scheduler.kv_dtype = *t;
+      },
+      "KV cache element type: auto (default: f32 for an F32 checkpoint, bf16 for BF16, F16 "
+      "and Q8_0 ones), f32, or bf16 (half the bytes per token; fp32 arithmetic)");
   AddByteSizeOption(app, "--memory-limit", &options.memory_limit,
                     "Refuse to start when the memory plan (weights + KV cache + activations) "
                     "exceeds this (e.g. 32Gi; default: the container's cgroup limit)");

@@ -1,12 +1,14 @@
 // The single-process engine against this machine's limits, in one run:
-//   machine:  streaming read bandwidth (1..N threads, huge and 4 KiB pages), the register-only
-//             FMA peak, the FMA rate of dsmoe's GEMM kernel and of OpenBLAS sgemm (when built
-//             with it);
-//   per preset × dtype × threads: decode tokens/s at batch 1/4/16/64 (median step), prefill
-//   tokens/s of a 512-token prompt (best of 3), weight bytes read per decoded token, the
-//   fraction of the roofline reached (bandwidth for batch-1 decode, GEMM rate for prefill),
-//   prefill against the sgemm-bound rate (OpenBLAS GFLOP/s / 2·active parameters per token),
-//   and peak resident memory per model against its weights on disk + KV cache.
+//   machine:  read bandwidth (1..N threads; 1-16 streams per thread; huge and 4 KiB pages), the
+//             rate the decode kernel itself reads, the register-only FMA peak, the FMA rate of
+//             dsmoe's GEMM kernel and of OpenBLAS sgemm (when built with it);
+//   per preset × dtype × threads: decode tokens/s at batch 1/4/16/64 (median step), batch-1
+//             decode as `dsmoe generate` runs it (Generate(), timed between streamed tokens),
+//             prefill tokens/s of a 512-token prompt (best of 3), weight bytes read per decoded
+//             token, the fraction of the roofline reached (bandwidth for batch-1 decode, GEMM
+//             rate for prefill), prefill against the sgemm-bound rate (OpenBLAS GFLOP/s /
+//             2·active parameters per token), and peak resident memory per model against its
+//             weights on disk + KV cache.
 //
 //   dsmoe_bench_engine [--presets small,medium] [--dtypes f32,bf16,q8] [--threads 1,2]
 //                      [--batches 1,4,16,64] [--prompt 512] [--steps 16] [--mmap-weights]
@@ -21,12 +23,14 @@
 
 #include "bench/bench_args.h"
 #include "bench/machine_probe.h"
+#include "core/model/generator.h"
 #include "core/model/make_model.h"
 #include "core/model/model_facts.h"
 #include "core/model/model_runner.h"
 #include "core/model/quantize.h"
 #include "core/model/sampler.h"
 #include "core/model/weights.h"
+#include "core/ops/kernels.h"
 #include "core/util/cpu_features.h"
 
 namespace {
@@ -93,6 +97,32 @@ double Seconds(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// Batch-1 decode as `dsmoe generate` runs it (the same Generate() call, sampling and all),
+// timed between the streamed tokens: what a user sees, beside the bench's median step.
+struct GenerateTiming {
+  double mean_tps = 0;    // tokens after the first / their time
+  double median_tps = 0;  // 1 / the median gap between consecutive tokens
+};
+
+GenerateTiming TimeGenerate(ModelRunner& runner, const GenerationConfig& generation, int64_t V,
+                            int64_t steps) {
+  GenerateRequest request;
+  for (int i = 0; i < 8; ++i) request.prompt.push_back(static_cast<int32_t>(5 + i * 13 % (V - 5)));
+  request.max_tokens = steps + 1;
+  request.ignore_eos = true;
+  std::vector<Clock::time_point> stamps;
+  stamps.reserve(steps + 1);
+  auto result =
+      Generate(runner, generation, request, 0, [&](int32_t) { stamps.push_back(Clock::now()); });
+  if (!result.ok() || stamps.size() < 3) return {};
+  std::vector<double> gaps;
+  for (size_t i = 1; i < stamps.size(); ++i)
+    gaps.push_back(std::chrono::duration<double>(stamps[i] - stamps[i - 1]).count());
+  const double total = std::chrono::duration<double>(stamps.back() - stamps.front()).count();
+  std::nth_element(gaps.begin(), gaps.begin() + gaps.size() / 2, gaps.end());
+  return {static_cast<double>(gaps.size()) / total, 1.0 / gaps[gaps.size() / 2]};
+}
+
 struct Result {
   std::string preset, dtype;
   int threads;
@@ -100,6 +130,7 @@ struct Result {
   std::vector<double> experts_per_layer;  // distinct routed experts per MoE layer per step
   double prefill_tps;
   double bytes_per_token;
+  GenerateTiming generate;
 };
 
 }  // namespace
@@ -147,22 +178,29 @@ int main(int argc, char** argv) {
   for (const auto& t : bench::SplitList(threads_arg)) thread_counts.push_back(std::stoi(t));
   for (const auto& b : bench::SplitList(batches_arg)) batches.push_back(std::stoi(b));
 
-  std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
+  std::printf("kernels: %s table; CPU: %s; weights in %s\n\n", ops::Kernels().name,
+              GetCpuFeatures().ToString().c_str(),
               mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
   std::printf(
-      "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | FMA peak GFLOP/s (registers "
-      "only) | dsmoe GEMM GFLOP/s | OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|---|\n");
+      "| threads | read GB/s (huge pages, best of 1-16 streams) | read GB/s (4 KiB pages) | "
+      "decode kernel GB/s (BF16 GEMV, 1 GiB) | FMA peak GFLOP/s (registers only) | dsmoe GEMM "
+      "GFLOP/s | OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|---|---|\n");
+  // The roofline's bandwidth: the most any read reached, the decode kernel's own included, so
+  // that no decode can claim more than 100% of it by reading in a way the probe does not.
   std::vector<double> bandwidth(thread_counts.size()), gemm(thread_counts.size()),
       sgemm(thread_counts.size()), peak(thread_counts.size());
   for (size_t i = 0; i < thread_counts.size(); ++i) {
     ThreadPool pool(thread_counts[i]);
-    bandwidth[i] = bench::ReadBandwidth(pool, size_t{1} << 30, true);
+    int streams = 0;
+    const double huge = bench::ReadBandwidth(pool, size_t{1} << 30, true, &streams);
     const double plain = bench::ReadBandwidth(pool, size_t{1} << 30, false);
+    const double gemv = bench::GemvBandwidth(pool, size_t{1} << 30);
+    bandwidth[i] = std::max(huge, gemv);
     gemm[i] = bench::GemmRate(pool);
     sgemm[i] = bench::SgemmRate(thread_counts[i]);
     peak[i] = bench::FmaPeak(pool);
-    std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %.1f |\n", thread_counts[i], bandwidth[i],
-                plain, peak[i], gemm[i], sgemm[i]);
+    std::printf("| %d | %.1f (%d streams) | %.1f | %.1f | %.1f | %.1f | %.1f |\n", thread_counts[i],
+                huge, streams, plain, gemv, peak[i], gemm[i], sgemm[i]);
   }
   std::fflush(stdout);
 
@@ -292,13 +330,15 @@ int main(int argc, char** argv) {
           r.set_routing_observer(nullptr);
           res.experts_per_layer.push_back(distinct.PerLayer());
         }
+        res.generate = TimeGenerate(r, (*weights)->generation_config(), V, steps);
         results.push_back(res);
         memory.peak = std::max(memory.peak, PeakResidentBytes() - resident_before);
         std::printf("%s %s threads=%d: prefill %.1f tok/s, decode", preset.c_str(),
                     dtype_name.c_str(), threads, res.prefill_tps);
         for (size_t i = 0; i < batches.size(); ++i)
           std::printf(" b%d %.1f", batches[i], res.decode_tps[i]);
-        std::printf(" tok/s\n");
+        std::printf(" tok/s; generate() b1 %.1f tok/s (mean of streamed tokens)\n",
+                    res.generate.mean_tps);
         std::fflush(stdout);
       }
       memories.push_back(memory);
@@ -344,12 +384,12 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
   std::printf(
-      "\n| preset | dtype | threads | weights/token | decode b1 tok/s | b1 %% of bandwidth "
-      "roofline |");
+      "\n| preset | dtype | threads | weights/token | decode b1 tok/s (median step) | generate() "
+      "b1 tok/s (mean, streamed) | generate / step | b1 %% of bandwidth roofline |");
   for (size_t i = 1; i < batches.size(); ++i) std::printf(" decode b%d tok/s |", batches[i]);
   std::printf(
       " prefill %lld tok/s | prefill %% of GEMM roofline | prefill / sgemm-bound rate "
-      "|\n|---|---|---|---|---|---|",
+      "|\n|---|---|---|---|---|---|---|---|",
       (long long)prompt_len);
   for (size_t i = 1; i < batches.size(); ++i) std::printf("---|");
   std::printf("---|---|---|\n");
@@ -361,8 +401,9 @@ int main(int argc, char** argv) {
     const double active =
         CountParameters(c).active - static_cast<double>(c.vocab_size * c.hidden_size);
     const double prefill_roofline = gemm[ti] * 1e9 / (2.0 * active);
-    std::printf("| %s | %s | %d | %.0f MB | %.1f | %.0f%% |", r.preset.c_str(), r.dtype.c_str(),
-                r.threads, r.bytes_per_token / 1e6, r.decode_tps[0],
+    std::printf("| %s | %s | %d | %.0f MB | %.1f | %.1f | %.2f | %.0f%% |", r.preset.c_str(),
+                r.dtype.c_str(), r.threads, r.bytes_per_token / 1e6, r.decode_tps[0],
+                r.generate.mean_tps, r.generate.mean_tps / r.decode_tps[0],
                 100.0 * r.decode_tps[0] / roofline_tps);
     for (size_t i = 1; i < r.decode_tps.size(); ++i) std::printf(" %.1f |", r.decode_tps[i]);
     std::printf(" %.1f | %.0f%% |", r.prefill_tps, 100.0 * r.prefill_tps / prefill_roofline);

@@ -1,5 +1,6 @@
 // What this machine can do, measured in the same run as the benchmarks that are judged
-// against it: streaming read bandwidth (huge pages and 4 KiB pages), the fp32 FMA rate of
+// against it: read bandwidth (1–16 streams per thread, huge pages and 4 KiB pages), the rate
+// at which the decode kernel reads, the fp32 FMA rate of
 // dsmoe's own GEMM kernel, and OpenBLAS sgemm where the binary was built with it.
 #pragma once
 
@@ -23,40 +24,117 @@
 
 namespace dsmoe::bench {
 
-// Best-of-3 GB/s of summing `bytes` of floats, split over the pool's threads.
-inline double ReadBandwidth(ThreadPool& pool, size_t bytes, bool huge_pages) {
+// Sums `streams` separate regions of [begin, end) at once, one 64-byte line of each per
+// iteration, as the decode kernel reads several weight rows side by side: the hardware
+// prefetchers track each stream, so more streams keep more lines in flight than one sequential
+// read does. Integer adds on independent accumulators, so no arithmetic latency bounds the rate.
+// A template, so that the accumulators stay in registers.
+template <int kStreams>
+__attribute__((target("avx2"))) inline int64_t SumStreams(const std::byte* begin,
+                                                          const std::byte* end) {
+  constexpr size_t kLine = 64;
+  const size_t lines = static_cast<size_t>(end - begin) / kLine / kStreams;
+  __m256i acc[kStreams];
+  for (int s = 0; s < kStreams; ++s) acc[s] = _mm256_setzero_si256();
+  for (size_t i = 0; i < lines; ++i) {
+    for (int s = 0; s < kStreams; ++s) {
+      const auto* line =
+          reinterpret_cast<const __m256i*>(begin + (static_cast<size_t>(s) * lines + i) * kLine);
+      acc[s] = _mm256_add_epi32(
+          acc[s], _mm256_add_epi32(_mm256_load_si256(line), _mm256_load_si256(line + 1)));
+    }
+  }
+  int64_t total = 0;
+  for (int s = 0; s < kStreams; ++s) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[s]);
+    for (int32_t v : lanes) total += v;
+  }
+  return total;
+}
+
+inline int64_t SumStreams(const std::byte* begin, const std::byte* end, int streams) {
+  switch (streams) {
+    case 1:
+      return SumStreams<1>(begin, end);
+    case 2:
+      return SumStreams<2>(begin, end);
+    case 4:
+      return SumStreams<4>(begin, end);
+    case 8:
+      return SumStreams<8>(begin, end);
+    default:
+      return SumStreams<16>(begin, end);
+  }
+}
+
+// What reading memory can reach: the best GB/s (of 3 tries each) of summing `bytes`, split over
+// the pool's threads, each thread reading 1, 2, 4, 8 or 16 streams at once. Decode reads
+// weights at most this fast, so it is the roofline's bandwidth (the old probe — one sequential
+// stream per thread — read less than decode itself moved on a Zen 4 machine). With
+// `streams_used`, also the stream count that reached it. 0 without AVX2.
+inline double ReadBandwidth(ThreadPool& pool, size_t bytes, bool huge_pages,
+                            int* streams_used = nullptr) {
+  if (!GetCpuFeatures().avx2) return 0;
   std::unique_ptr<HugePageBuffer> huge;
   void* plain = nullptr;
-  float* data;
+  std::byte* data;
   if (huge_pages) {
     huge = *HugePageBuffer::Allocate(bytes);
-    data = reinterpret_cast<float*>(huge->data());
+    data = huge->data();
   } else {
     plain = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     madvise(plain, bytes, MADV_NOHUGEPAGE);
-    data = static_cast<float*>(plain);
+    data = static_cast<std::byte*>(plain);
   }
-  const size_t n = bytes / sizeof(float);
-  for (size_t i = 0; i < n; ++i) data[i] = static_cast<float>(i & 1023) * 1e-3f;
+  std::memset(data, 1, bytes);  // every page present before timing
+  const int threads = pool.num_threads();
+  const size_t per_thread = bytes / threads / 4096 * 4096;
+  std::vector<int64_t> sink(threads);
+  double best = 0;
+  for (int streams : {1, 2, 4, 8, 16}) {
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      pool.ParallelFor(threads, [&](int64_t task, int) {
+        const std::byte* begin = data + per_thread * task;
+        sink[task] = SumStreams(begin, begin + per_thread, streams);
+      });
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double gbs = static_cast<double>(per_thread * threads) / secs / 1e9;
+      if (gbs > best) {
+        best = gbs;
+        if (streams_used != nullptr) *streams_used = streams;
+      }
+    }
+  }
+  if (plain != nullptr) munmap(plain, bytes);
+  return best;
+}
+
+// GB/s the decode kernel itself reads: the table's matmul_rows for one token over a BF16
+// matrix of `bytes` (rows split over the threads, as the engine splits them), best of 3. A
+// bandwidth probe below this figure is no upper bound.
+inline double GemvBandwidth(ThreadPool& pool, size_t bytes) {
+  const int64_t K = 2048, N = static_cast<int64_t>(bytes / (2 * K));
+  std::unique_ptr<HugePageBuffer> buffer =
+      *HugePageBuffer::Allocate(static_cast<size_t>(N * K * 2));
+  std::memset(buffer->data(), 0x3c, buffer->size());  // bf16 0x3c3c ≈ 0.0115
+  const MatrixView W{DType::kBF16, N, K, buffer->data()};
+  std::vector<float> x(K, 1.0f), y(N);
   const ops::KernelTable& k = ops::Kernels();
   const int threads = pool.num_threads();
-  std::vector<float> ones(4096, 1.0f), partial(threads);
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     pool.ParallelFor(threads, [&](int64_t task, int) {
-      const size_t begin = n / threads * task,
-                   end = task + 1 == threads ? n : n / threads * (task + 1);
-      float s = 0;
-      for (size_t i = begin; i < end; i += 4096)
-        s += k.dot(data + i, ones.data(), static_cast<int64_t>(std::min<size_t>(4096, end - i)));
-      partial[task] = s;
+      const int64_t r0 = N * task / threads, r1 = N * (task + 1) / threads;
+      k.matmul_rows(x.data(), 1, W, r0, r1, y.data(), N);
     });
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(bytes) / secs / 1e9);
+    best = std::max(best, static_cast<double>(N * K * 2) / secs / 1e9);
   }
-  if (plain != nullptr) munmap(plain, bytes);
   return best;
 }
 

@@ -95,9 +95,12 @@ absl::Status Prefill(ModelRunner& runner, const std::vector<int32_t>& ids,
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const LoadedModel& m, int64_t context) {
+absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const LoadedModel& m,
+                                                        const ModelInputOptions& in,
+                                                        int64_t context) {
   RunnerOptions options;
   options.max_context = context;
+  DSMOE_ASSIGN_OR_RETURN(options.kv_dtype, ParseKvDType(in.kv_dtype));
   return ModelRunner::Create(*m.weights, *m.pool, options);
 }
 
@@ -206,7 +209,7 @@ int RunQuantize(const QuantizeOptions& o) {
 int RunLogits(const LogitsOptions& o) {
   auto m = Load(o.input);
   if (!m.ok()) return Fail(m.status());
-  auto runner = MakeRunner(*m, static_cast<int64_t>(m->ids.size()));
+  auto runner = MakeRunner(*m, o.input, static_cast<int64_t>(m->ids.size()));
   if (!runner.ok()) return Fail(runner.status());
   std::vector<float> logits;
   if (auto s = Prefill(**runner, m->ids, &logits); !s.ok()) return Fail(s);
@@ -232,7 +235,7 @@ int RunGenerate(const GenerateOptions& o) {
   const ModelConfig& c = m->weights->config();
   const int64_t context = std::min<int64_t>(
       c.MaxContext(), static_cast<int64_t>(m->ids.size()) + o.sampling.max_tokens);
-  auto runner = MakeRunner(*m, context);
+  auto runner = MakeRunner(*m, o.input, context);
   if (!runner.ok()) return Fail(runner.status());
   const bool stream = !o.json;
   std::optional<StreamingDecoder> pieces;
@@ -308,7 +311,7 @@ class RouteRecorder final : public RoutingObserver {
 int RunRoute(const RouteOptions& o) {
   auto m = Load(o.input);
   if (!m.ok()) return Fail(m.status());
-  auto runner = MakeRunner(*m, static_cast<int64_t>(m->ids.size()));
+  auto runner = MakeRunner(*m, o.input, static_cast<int64_t>(m->ids.size()));
   if (!runner.ok()) return Fail(runner.status());
   RouteRecorder recorder;
   (*runner)->set_routing_observer(&recorder);

@@ -29,10 +29,11 @@ struct MakeModelOptions {
 
 struct ModelInputOptions {
   std::string model;
-  std::string ids;            // "1,2,3"
-  std::string prompt;         // needs a tokenizer
-  int threads = 0;            // 0: all cores
-  bool mmap_weights = false;  // serve weights from the file mapping instead of a huge-page copy
+  std::string ids;                // "1,2,3"
+  std::string prompt;             // needs a tokenizer
+  int threads = 0;                // 0: all cores
+  bool mmap_weights = false;      // serve weights from the file mapping instead of a huge-page copy
+  std::string kv_dtype = "auto";  // the KV cache's element type: auto, f32 or bf16
 };
 
 struct LogitsOptions {

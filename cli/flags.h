@@ -28,8 +28,11 @@ void AddClientCommands(CLI::App& app, int* rc);
 inline constexpr double kMaxTimeoutSeconds = 1e6;
 
 // Flag groups more than one subcommand shares (cli/flags_common.cc).
-// --model, --ids or --prompt (with the checkpoint's tokenizer), --threads, --mmap-weights.
+// --model, --ids or --prompt (with the checkpoint's tokenizer), --threads, --mmap-weights,
+// --kv-dtype.
 void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in);
+// Accepts what ParseKvDType does (auto, f32, bf16); its message otherwise.
+CLI::Validator KvDTypeValidator();
 // --max-tokens, --temperature, --top-k, --top-p, --seed, --stop-ids, --ignore-eos.
 void AddSamplingFlags(CLI::App* cmd, SamplingOptions& sampling);
 

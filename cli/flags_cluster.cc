@@ -53,6 +53,11 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
   up_cmd->add_option("--kv-cache-memory", up.kv_cache_memory,
                      "Bytes each attention server's KV cache may take, e.g. 16Gi (default: a "
                      "full context per slot)");
+  up_cmd
+      ->add_option("--kv-dtype", up.kv_dtype,
+                   "Each attention server's KV cache element type: auto (f32 for an F32 "
+                   "checkpoint, bf16 otherwise), f32 or bf16 (default: theirs, auto)")
+      ->check(KvDTypeValidator());
   up_cmd->add_option("--memory-limit", up.memory_limit,
                      "Attention servers refuse to start when their memory plan exceeds this, "
                      "e.g. 32Gi (default: their cgroup's limit)");

@@ -1,6 +1,16 @@
 #include "cli/flags.h"
+#include "core/model/forward_batch.h"
 
 namespace dsmoe::cli {
+
+CLI::Validator KvDTypeValidator() {
+  return CLI::Validator(
+      [](std::string& name) {
+        absl::StatusOr<KvDType> t = ParseKvDType(name);
+        return t.ok() ? std::string() : std::string(t.status().message());
+      },
+      "auto|f32|bf16");
+}
 
 void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in) {
   cmd->add_option("--model", in.model, "Checkpoint directory (Hugging Face format)")
@@ -15,6 +25,11 @@ void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in) {
   cmd->add_flag("--mmap-weights", in.mmap_weights,
                 "Read weights through the file mapping (4 KiB pages) instead of copying them into "
                 "huge pages");
+  cmd->add_option("--kv-dtype", in.kv_dtype,
+                  "KV cache element type: bf16 (half the bytes, fp32 arithmetic), f32, or auto "
+                  "(f32 for an F32 checkpoint, bf16 otherwise)")
+      ->check(KvDTypeValidator())
+      ->capture_default_str();
 }
 
 void AddSamplingFlags(CLI::App* cmd, SamplingOptions& sampling) {

@@ -263,5 +263,29 @@ TEST_F(AttentionServerTest, RefusesToStartWhenTheMemoryPlanExceedsTheLimit) {
   ASSERT_TRUE(server.ok()) << server.status();
 }
 
+// The KV dtype: auto is f32 for this F32 checkpoint; bf16 on request, and the plan in the
+// refusal names it; f32 is refused for the GPU runner (its cache is bf16) before loading.
+TEST_F(AttentionServerTest, ResolvesAndDescribesItsKvDtype) {
+  auto server = AttentionServer::Create(Options({}));
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_THAT((*server)->Describe(), ::testing::HasSubstr("f32 KV cache"));
+  (*server)->Shutdown();
+  AttentionServerOptions o = Options({});
+  o.scheduler.kv_dtype = KvDType::kBF16;
+  auto bf16 = AttentionServer::Create(o);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_THAT((*bf16)->Describe(), ::testing::HasSubstr("bf16 KV cache"));
+  (*bf16)->Shutdown();
+  o.memory_limit = 100 << 20;
+  EXPECT_THAT(std::string(AttentionServer::Create(o).status().message()),
+              ::testing::HasSubstr(" each, bf16)"));
+  o = Options({});
+  o.device = *ParseDevice("cuda");
+  o.scheduler.kv_dtype = KvDType::kF32;
+  const auto refused = AttentionServer::Create(o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()), ::testing::HasSubstr("bf16"));
+}
+
 }  // namespace
 }  // namespace dsmoe

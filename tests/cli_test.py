@@ -56,6 +56,11 @@ class CliTest(unittest.TestCase):
         self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--temperature", "-1"), "temperature")
         self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--top-p", "1.5"), "top-p")
         self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--threads", "0"), "threads")
+        for bad in ["fp16", "BF16", ""]:
+            self.assertRefused(run("generate", "--model", self.model, "--ids", "1", "--kv-dtype", bad),
+                               "--kv-dtype", "is not one of auto, f32, bf16")
+        self.assertRefused(run("cluster", "up", "--model", self.model, "--kv-dtype", "q8"),
+                           "--kv-dtype", "\"q8\" is not one of auto, f32, bf16")
         self.assertRefused(run("generate", "--model", self.model), "one of --ids or --prompt is required")
         self.assertRefused(run("generate", "--model", self.model, "--prompt", "hello"), "tokenizer")
         self.assertRefused(run("logits", "--model", "/nonexistent", "--ids", "1", "--out", "x.npy"), "nonexistent")

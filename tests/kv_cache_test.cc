@@ -225,8 +225,9 @@ TEST(MemoryPlan, CountsTheRolesWeightsTheBudgetAndTheArena) {
   l.num_slots = 33;
   l.max_batch_tokens = 256;
   l.kv_page_tokens = 16;
-  // Today's reservation: every slot a full 4096-token context, 448 KiB a token.
-  auto full = PlanMemory(*c, l, 2 * attention_side, 4, false, 64);
+  l.kv_dtype = KvDType::kF32;
+  // Today's reservation: every slot a full 4096-token context, 448 KiB a token in fp32.
+  auto full = PlanMemory(*c, l, 2 * attention_side, false, 64);
   ASSERT_TRUE(full.ok()) << full.status();
   EXPECT_EQ(full->kv_bytes(), 33LL * 4096 * 458752);
   const absl::Status refused = CheckMemoryPlan(*full, int64_t{32} << 30, "the cgroup's limit");
@@ -235,7 +236,7 @@ TEST(MemoryPlan, CountsTheRolesWeightsTheBudgetAndTheArena) {
   EXPECT_TRUE(absl::StrContains(refused.message(), "32.0 GiB (the cgroup's limit)"));
   // A budget: what it buys, in whole pages of 16 tokens.
   l.kv_cache_bytes = int64_t{8} << 30;
-  auto budget = PlanMemory(*c, l, 2 * attention_side, 4, false, 64);
+  auto budget = PlanMemory(*c, l, 2 * attention_side, false, 64);
   ASSERT_TRUE(budget.ok());
   EXPECT_EQ(budget->kv_pages, (int64_t{8} << 30) / (16 * 458752));
   EXPECT_EQ(budget->kv_tokens(), budget->kv_pages * 16);
@@ -247,6 +248,19 @@ TEST(MemoryPlan, CountsTheRolesWeightsTheBudgetAndTheArena) {
   EXPECT_EQ(budget->activation_bytes, 4 * arena);
   EXPECT_TRUE(CheckMemoryPlan(*budget, int64_t{32} << 30, "x").ok());
   EXPECT_TRUE(CheckMemoryPlan(*full, 0, "none").ok());
+
+  // BF16: 2 · 28 · 16 · 128 · 2 = 224 KiB a token, so the same budget holds twice the pages.
+  l.kv_dtype = KvDType::kBF16;
+  auto bf16 = PlanMemory(*c, l, 2 * attention_side, false, 64);
+  ASSERT_TRUE(bf16.ok());
+  EXPECT_EQ(bf16->kv_page_bytes, 16 * 229376);
+  EXPECT_EQ(bf16->kv_pages, (int64_t{8} << 30) / (16 * 229376));
+  EXPECT_EQ(bf16->kv_pages, 2 * budget->kv_pages);
+  EXPECT_TRUE(absl::StrContains(bf16->Describe(), "224.0 KiB each, bf16")) << bf16->Describe();
+  // The type must be concrete: what auto means depends on the weights, which a plan has not.
+  l.kv_dtype = KvDType::kAuto;
+  EXPECT_EQ(PlanMemory(*c, l, 2 * attention_side, false, 64).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // The value of `key:` (with its indentation) in the top-level `block:` of a values file, comments
@@ -285,6 +299,10 @@ TEST(MemoryPlan, ChartDefaultsForTheSixteenBModelFitThePodLimit) {
   ASSERT_TRUE(absl::SimpleAtoi(ChartValue(yaml, "attention", "  kvPageTokens"), &l.kv_page_tokens));
   const std::string kv = ChartValue(yaml, "attention", "  kvCacheMemory");
   if (!kv.empty() && kv != "\"\"") l.kv_cache_bytes = *ParseByteSize(kv);
+  // The KV dtype as the server resolves it for the 16B checkpoint's bf16 weights.
+  const absl::StatusOr<KvDType> kv_dtype = ParseKvDType(ChartValue(yaml, "attention", "  kvDtype"));
+  ASSERT_TRUE(kv_dtype.ok()) << kv_dtype.status();
+  l.kv_dtype = ResolveKvDType(*kv_dtype, DType::kBF16);
   // "    limits: {memory: 32Gi}" under attention.resources.
   const std::string limits = ChartValue(yaml, "attention", "    limits");
   const size_t at = limits.find("memory:");
@@ -297,7 +315,7 @@ TEST(MemoryPlan, ChartDefaultsForTheSixteenBModelFitThePodLimit) {
   auto c = ModelConfig::FromJson(k16B, "config.json");
   ASSERT_TRUE(c.ok());
   // threads 0 means all the node's cores: plan for 128.
-  auto plan = PlanMemory(*c, l, RoleWeightBytes(*c, 2.0, false), 4, false, 128);
+  auto plan = PlanMemory(*c, l, RoleWeightBytes(*c, 2.0, false), false, 128);
   ASSERT_TRUE(plan.ok()) << plan.status();
   std::printf("[chart 16B plan] %s; limit %s\n", plan->Describe().c_str(),
               FormatBytes(*limit).c_str());

@@ -47,12 +47,15 @@ TEST(DecodeLoop, AllocatesNothing) {
   std::vector<int32_t> ids = {3, 4, 5, 6}, slots = {0, 0, 1, 1}, pos = {0, 1, 0, 1}, rows = {1, 3};
   ASSERT_TRUE((*runner)->Forward({ids, slots, pos, rows}, logits.data()).ok());  // prefill both
 
-  Sampler greedy(V, {}), sampled(V, {0.9, 50, 0.9, 1});
+  Sampler greedy(V, {}), sampled(V, {0.9, 50, 0.9, 1}), nucleus(V, {0.8, 0, 0.95, 2});
+  // The draws' scratch is per thread, sized on the thread's first draw (not per sequence).
+  (void)sampled.Sample(logits.data() + V);
+  (void)nucleus.Sample(logits.data() + V);
   std::vector<int32_t> step_ids(2), step_slots = {0, 1}, step_pos = {2, 2}, step_rows = {0, 1};
   counting = true;
   for (int step = 0; step < 20; ++step) {
     step_ids[0] = greedy.Sample(logits.data());
-    step_ids[1] = sampled.Sample(logits.data() + V);
+    step_ids[1] = (step % 2 ? sampled : nucleus).Sample(logits.data() + V);
     const absl::Status s =
         (*runner)->Forward({step_ids, step_slots, step_pos, step_rows}, logits.data());
     if (!s.ok()) break;

@@ -85,10 +85,11 @@ class SchedulerKvTest : public ::testing::Test {
   }
   // The solo run: a plain runner (every slot reaches max_context), one sequence, no scheduler.
   std::vector<int32_t> Solo(const std::vector<int32_t>& prompt, int64_t max_tokens,
-                            int64_t max_context = 64) {
+                            int64_t max_context = 64, KvDType kv_dtype = KvDType::kAuto) {
     RunnerOptions o;
     o.num_slots = 1;
     o.max_context = max_context;
+    o.kv_dtype = kv_dtype;
     o.max_batch_tokens = 32;
     auto runner = ModelRunner::Create(*weights_, solo_pool_, o);
     EXPECT_TRUE(runner.ok());
@@ -200,6 +201,10 @@ class PrefixCacheTest : public SchedulerKvTest {
   static constexpr int64_t kContext = 128;
   SchedulerOptions CachingOptions(int64_t pages, bool caching) const {
     SchedulerOptions o = Options(pages);
+    o.kv_dtype = kv_dtype_;
+    o.kv_cache_bytes = KvBytesPerToken(weights_->config(),
+                                       KvElementBytes(ResolveKvDType(kv_dtype_, DType::kF32))) *
+                       4 * pages;
     o.max_context = kContext;
     o.max_batch_tokens = 24;  // long prompts are prefilled in chunks
     o.enable_prefix_caching = caching;
@@ -263,9 +268,23 @@ class PrefixCacheTest : public SchedulerKvTest {
     run.prompt_tokens = m.prompt_tokens->Value();
     return run;
   }
+
+  // Request i's prompt, outputs with and without the cache, and its solo run agree.
+  void ExpectSameOutputs();
+  KvDType kv_dtype_ = KvDType::kF32;
 };
 
 TEST_F(PrefixCacheTest, GreedyOutputIsTheSameWithAndWithoutTheCacheUnderPreemption) {
+  ExpectSameOutputs();
+}
+
+// BF16 pages: a cached page holds the same rounded values a recomputation would write.
+TEST_F(PrefixCacheTest, GreedyOutputIsTheSameWithAndWithoutTheCacheWithBf16Pages) {
+  kv_dtype_ = KvDType::kBF16;
+  ExpectSameOutputs();
+}
+
+void PrefixCacheTest::ExpectSameOutputs() {
   constexpr int kRequests = 18;
   constexpr int64_t kMaxTokens = 12;
   // 36 pages of 4: the shared 10 pages plus about two sequences' own, for 8 slots.
@@ -275,7 +294,7 @@ TEST_F(PrefixCacheTest, GreedyOutputIsTheSameWithAndWithoutTheCacheUnderPreempti
     SCOPED_TRACE(::testing::Message() << "request " << i);
     EXPECT_EQ(static_cast<int64_t>(cached.outputs[i].size()), kMaxTokens);
     EXPECT_EQ(cached.outputs[i], plain.outputs[i]);
-    EXPECT_EQ(cached.outputs[i], Solo(SharedPrompt(i), kMaxTokens, kContext));
+    EXPECT_EQ(cached.outputs[i], Solo(SharedPrompt(i), kMaxTokens, kContext, kv_dtype_));
   }
   // Sharing lets more sequences in than pages allow them to finish: some are preempted (and
   // find their own pages again when readmitted). Without the cache admission lets in fewer.

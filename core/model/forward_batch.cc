@@ -2,6 +2,31 @@
 
 namespace dsmoe {
 
+absl::StatusOr<KvDType> ParseKvDType(std::string_view name) {
+  if (name == "auto") return KvDType::kAuto;
+  if (name == "f32") return KvDType::kF32;
+  if (name == "bf16") return KvDType::kBF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("KV dtype \"", std::string(name), "\" is not one of auto, f32, bf16"));
+}
+
+const char* KvDTypeName(KvDType t) {
+  switch (t) {
+    case KvDType::kAuto:
+      return "auto";
+    case KvDType::kF32:
+      return "f32";
+    case KvDType::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
+KvDType ResolveKvDType(KvDType requested, DType weight_dtype) {
+  if (requested != KvDType::kAuto) return requested;
+  return weight_dtype == DType::kF32 ? KvDType::kF32 : KvDType::kBF16;
+}
+
 absl::StatusOr<BatchLimits> BatchLimits::Resolve(const ModelConfig& config) const {
   BatchLimits resolved = *this;
   const int64_t model_max = config.MaxContext();

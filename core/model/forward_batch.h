@@ -5,11 +5,28 @@
 
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "core/model/config.h"
+#include "core/tensor/dtype.h"
 #include "core/util/status.h"
 
 namespace dsmoe {
+
+// How the KV cache stores keys and values; attention arithmetic is fp32 either way. kAuto: F32
+// for an F32 checkpoint (the exact reference tests keep their tolerance), BF16 for BF16, F16
+// and Q8_0 ones (half the bytes per token; their weights already round at that level).
+enum class KvDType : uint8_t { kAuto, kF32, kBF16 };
+
+// "auto", "f32", "bf16" (--kv-dtype); INVALID_ARGUMENT naming the choices otherwise.
+absl::StatusOr<KvDType> ParseKvDType(std::string_view name);
+const char* KvDTypeName(KvDType t);
+// kAuto made concrete for weights stored as `weight_dtype`; kF32 and kBF16 stay.
+KvDType ResolveKvDType(KvDType requested, DType weight_dtype);
+// Bytes of one cached element: 4 (kF32) or 2 (kBF16). REQUIRES: t resolved (not kAuto).
+inline int64_t KvElementBytes(KvDType t) { return t == KvDType::kBF16 ? 2 : 4; }
+// The ops-layer element type of a resolved KvDType (what ops::KvPages::dtype holds).
+inline DType KvStorageDType(KvDType t) { return t == KvDType::kBF16 ? DType::kBF16 : DType::kF32; }
 
 struct ForwardBatch {
   std::span<const int32_t> token_ids;
@@ -28,6 +45,9 @@ struct BatchLimits {
   // take in all (core/model/kv_cache.h). 0: enough pages for every slot to reach max_context.
   int64_t kv_page_tokens = 16;
   int64_t kv_cache_bytes = 0;
+  // The cache's element type; kAuto is resolved from the weights by whoever builds the cache
+  // (ResolveKvDType), so the same flag means the same thing for every checkpoint.
+  KvDType kv_dtype = KvDType::kAuto;
 
   // These limits for a model of `config`, max_context 0 made the model's maximum.
   // INVALID_ARGUMENT when a count is not positive, the page size not a power of two, or the

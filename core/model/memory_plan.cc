@@ -9,12 +9,12 @@
 namespace dsmoe {
 
 std::string MemoryPlan::Describe() const {
-  return absl::StrCat("weights ", FormatBytes(weight_bytes), " + KV cache ",
-                      FormatBytes(kv_bytes()), " (", kv_pages, " pages of ", kv_page_tokens,
-                      " tokens: ", kv_tokens(), " tokens, ",
-                      FormatBytes(kv_page_tokens > 0 ? kv_page_bytes / kv_page_tokens : 0),
-                      " each) + activations ", FormatBytes(activation_bytes), " + runtime ",
-                      FormatBytes(runtime_bytes), " = ", FormatBytes(total_bytes()));
+  return absl::StrCat(
+      "weights ", FormatBytes(weight_bytes), " + KV cache ", FormatBytes(kv_bytes()), " (",
+      kv_pages, " pages of ", kv_page_tokens, " tokens: ", kv_tokens(), " tokens, ",
+      FormatBytes(kv_page_tokens > 0 ? kv_page_bytes / kv_page_tokens : 0), " each, ",
+      KvDTypeName(kv_dtype), ") + activations ", FormatBytes(activation_bytes), " + runtime ",
+      FormatBytes(runtime_bytes), " = ", FormatBytes(total_bytes()));
 }
 
 int64_t RoleWeightBytes(const ModelConfig& c, double bytes_per_weight, bool routed_experts) {
@@ -27,11 +27,16 @@ int64_t RoleWeightBytes(const ModelConfig& c, double bytes_per_weight, bool rout
 }
 
 absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& c, const BatchLimits& limits,
-                                      int64_t weight_bytes, int64_t kv_element_bytes,
-                                      bool local_routed_experts, int threads) {
+                                      int64_t weight_bytes, bool local_routed_experts,
+                                      int threads) {
   DSMOE_ASSIGN_OR_RETURN(const BatchLimits l, limits.Resolve(c));
+  if (l.kv_dtype == KvDType::kAuto) {
+    return absl::InvalidArgumentError("memory plan: the KV dtype must be resolved (not auto)");
+  }
+  const int64_t kv_element_bytes = KvElementBytes(l.kv_dtype);
   MemoryPlan plan;
   plan.weight_bytes = weight_bytes;
+  plan.kv_dtype = l.kv_dtype;
   DSMOE_ASSIGN_OR_RETURN(plan.kv_pages, NumKvPages(c, l, kv_element_bytes));
   plan.kv_page_tokens = l.kv_page_tokens;
   plan.kv_page_bytes = KvBytesPerToken(c, kv_element_bytes) * l.kv_page_tokens;

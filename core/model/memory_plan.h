@@ -22,6 +22,7 @@ struct MemoryPlan {
   int64_t kv_pages = 0;
   int64_t kv_page_tokens = 0;
   int64_t kv_page_bytes = 0;  // kv_page_tokens · KvBytesPerToken
+  KvDType kv_dtype = KvDType::kF32;
   int64_t activation_bytes = 0;
   int64_t runtime_bytes = kRuntimeAllowance;
 
@@ -30,8 +31,8 @@ struct MemoryPlan {
   int64_t total_bytes() const {
     return weight_bytes + kv_bytes() + activation_bytes + runtime_bytes;
   }
-  // "weights 2.7 GiB + KV cache 16.0 GiB (2340 pages of 16 tokens: 37440 tokens, 448.0 KiB
-  // each) + activations 40.1 MiB + runtime 512.0 MiB = 19.2 GiB".
+  // "weights 2.7 GiB + KV cache 16.0 GiB (4681 pages of 16 tokens: 74896 tokens, 224.0 KiB
+  // each, bf16) + activations 40.1 MiB + runtime 512.0 MiB = 19.2 GiB".
   std::string Describe() const;
 };
 
@@ -41,11 +42,11 @@ struct MemoryPlan {
 int64_t RoleWeightBytes(const ModelConfig& config, double bytes_per_weight, bool routed_experts);
 
 // The plan of a CPU runner (ModelRunner) with `limits` and `threads` compute threads, holding
-// `weight_bytes` of weights, its KV cache in elements of `kv_element_bytes`, routed experts
-// computed locally or not. INVALID_ARGUMENT as BatchLimits::Resolve and NumKvPages.
+// `weight_bytes` of weights, its KV cache in limits.kv_dtype (resolved: kF32 or kBF16, as
+// ResolveKvDType gives it for the weights), routed experts computed locally or not.
+// INVALID_ARGUMENT as BatchLimits::Resolve and NumKvPages, or for kv_dtype kAuto.
 absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& config, const BatchLimits& limits,
-                                      int64_t weight_bytes, int64_t kv_element_bytes,
-                                      bool local_routed_experts, int threads);
+                                      int64_t weight_bytes, bool local_routed_experts, int threads);
 
 // OK when the plan fits `limit_bytes` (0: no limit). Otherwise RESOURCE_EXHAUSTED naming every
 // number, where the limit comes from (`limit_source`), and what to lower.

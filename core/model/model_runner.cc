@@ -16,8 +16,9 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelWeig
   if (weights.embed_tokens.empty()) {
     return absl::FailedPreconditionError("model runner needs the attention-side weights loaded");
   }
-  DSMOE_ASSIGN_OR_RETURN(const RunnerOptions o, options.Resolve(c));
-  DSMOE_ASSIGN_OR_RETURN(const int64_t num_pages, NumKvPages(c, o, sizeof(float)));
+  DSMOE_ASSIGN_OR_RETURN(RunnerOptions o, options.Resolve(c));
+  o.kv_dtype = ResolveKvDType(o.kv_dtype, weights);
+  DSMOE_ASSIGN_OR_RETURN(const int64_t num_pages, NumKvPages(c, o, KvElementBytes(o.kv_dtype)));
   auto runner = std::unique_ptr<ModelRunner>(new ModelRunner(weights, pool, o, num_pages));
   if (c.n_routed_experts > 0) {
     if (experts != nullptr) {

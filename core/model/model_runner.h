@@ -1,5 +1,6 @@
 // The forward pass of a DeepSeekMoE model over a batch of tokens from any number of sequences,
-// exactly as Hugging Face's DeepseekForCausalLM computes it, in fp32:
+// exactly as Hugging Face's DeepseekForCausalLM computes it, in fp32 (the KV cache may store its
+// keys and values in bf16, RunnerOptions::kv_dtype; attention still computes in fp32):
 //
 //   h = embed(tokens)                                                  [T, H]
 //   per layer:  h += o_proj(attention(rope(q), rope(k), v | KV cache))  pre-norm
@@ -93,6 +94,7 @@ class ModelRunner final : public BatchRunner {
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }
   const ForwardProfile* profile() const override { return &profile_; }
+  // The options resolved: max_context concrete, kv_dtype kF32 or kBF16.
   const RunnerOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_cache_; }
 

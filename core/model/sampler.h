@@ -20,7 +20,7 @@ struct SamplingParams {
   absl::Status Validate() const;
 };
 
-// Thread-compatible. Holds its scratch (sized to the vocabulary) and random state.
+// Thread-compatible. Holds the random state; the scratch of a draw is per thread.
 class Sampler {
  public:
   Sampler(int64_t vocab_size, const SamplingParams& params);
@@ -29,7 +29,6 @@ class Sampler {
  private:
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<std::pair<float, int32_t>> candidates_;
   int64_t vocab_size_;
 };
 

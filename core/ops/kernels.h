@@ -2,35 +2,53 @@
 // converted to fp32 on the fly inside the kernels (accumulation is always fp32).
 //
 // Each ISA fills one KernelTable: `reference` (plain scalar C++, the ground truth every fast
-// kernel is tested against) and `avx2` (AVX2 + FMA + F16C). Kernels() picks the best one the
-// running CPU supports, once.
+// kernel is tested against), `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/VNNI/BF16).
+// Kernels() picks the best one the running CPU supports, once; DSMOE_KERNELS=reference|avx2|avx512
+// (or avx512bf16) forces one (for benchmarks and A/B comparisons).
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "core/tensor/tensor.h"
+
+namespace dsmoe {
+class Logger;
+}  // namespace dsmoe
 
 namespace dsmoe::ops {
 
 // The cached keys and values of one sequence and one kv head, in pages of 2^page_shift
 // positions: position p lives in page pages[p >> page_shift] at row p & (page_tokens - 1), its
-// key at keys + page · page_stride + row · stride (values likewise). pages == nullptr: one
-// contiguous run, K[p] = keys + p · stride. Rows within a page are `stride` apart, so the
+// key at element keys + page · page_stride + row · stride (values likewise). pages == nullptr:
+// one contiguous run, K[p] = keys + p · stride. Rows within a page are `stride` apart, so the
 // kernels read runs of 2^page_shift positions as they would an unpaged cache.
+//
+// Elements are `dtype`: kF32, or kBF16 (storage only: the kernels widen each element to fp32
+// in registers, a shift, and do all arithmetic in fp32; nothing copies the cache widened).
+// Strides count elements, not bytes.
 struct KvPages {
-  const float* keys = nullptr;
-  const float* values = nullptr;
-  int64_t stride = 0;              // floats between consecutive positions of a page
+  const void* keys = nullptr;
+  const void* values = nullptr;
+  int64_t stride = 0;              // elements between consecutive positions of a page
   const int32_t* pages = nullptr;  // the sequence's block table; null: contiguous
   int page_shift = 62;             // log2(positions per page)
-  int64_t page_stride = 0;         // floats between pages
+  int64_t page_stride = 0;         // elements between pages
+  DType dtype = DType::kF32;       // kF32 or kBF16
 
   int64_t Offset(int64_t p) const {
     if (pages == nullptr) return p * stride;
     return pages[p >> page_shift] * page_stride + (p & ((int64_t{1} << page_shift) - 1)) * stride;
   }
-  const float* Key(int64_t p) const { return keys + Offset(p); }
-  const float* Value(int64_t p) const { return values + Offset(p); }
+  // Position p's key and value rows as elements of type T (float for kF32, uint16_t for kBF16).
+  template <class T = float>
+  const T* Key(int64_t p) const {
+    return static_cast<const T*>(keys) + Offset(p);
+  }
+  template <class T = float>
+  const T* Value(int64_t p) const {
+    return static_cast<const T*>(values) + Offset(p);
+  }
   // Positions from p on that lie in p's page (all of [p, len) when contiguous).
   int64_t RunFrom(int64_t p, int64_t len) const {
     if (pages == nullptr) return len - p;
@@ -53,8 +71,8 @@ struct KernelTable {
   void (*row_to_f32)(const void* row, DType dtype, int64_t n, float* out);
   // One query's attention over `len` cached positions of one kv head (head size hd):
   //   scores[p] = scale · q·K[p],  out = Σ_p softmax(scores)[p] · V[p],
-  // with K[p] = kv.Key(p) and V[p] = kv.Value(p) (paged or contiguous, see KvPages). `scores`
-  // holds len floats.
+  // with K[p] = kv.Key(p) and V[p] = kv.Value(p) (paged or contiguous, F32 or BF16, see
+  // KvPages; fp32 arithmetic either way). `scores` holds len floats.
   void (*attend)(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale,
                  float* scores, float* out);
   // Causal attention of Q consecutive queries of one sequence (prefill): query i (at
@@ -64,12 +82,31 @@ struct KernelTable {
   void (*attend_causal)(const float* q, int64_t q_stride, int64_t Q, int64_t first,
                         const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
                         int64_t out_stride);
+  // From this many tokens on, matmul_rows on BF16 weights multiplies activations rounded to
+  // BF16 (round to nearest even: relative error ≤ 2^-8 each; the products are exact and summed
+  // in fp32, `vdpbf16ps`, which also treats BF16 subnormals as zero); 0: never, the activations
+  // stay fp32.
+  int64_t bf16_activation_min_tokens = 0;
+  // Q8_0 decode (≤ 4 tokens) rounds activations to 16 bits of their block of 32's largest
+  // magnitude in every fast table; from this many tokens on Q8_0 batches do too (the int32 sum
+  // of a block, ≤ 2^31, then rounds to fp32: relative error ≤ 2^-24); 0: never, batches
+  // multiply fp32 activations.
+  int64_t q8_activation_min_tokens = 0;
 };
 
 const KernelTable& ReferenceKernels();
 // Null when this binary was built without them; callers must also check the CPU.
 const KernelTable* Avx2Kernels();
-// The best table for this CPU (thread-safe, chosen on first call).
+const KernelTable* Avx512Kernels();
+const KernelTable* Avx512Bf16DotKernels();
+// The table called `name` ("reference", "avx2", "avx512", "avx512bf16") if this binary has it and
+// this CPU can run it, else null.
+const KernelTable* KernelsNamed(std::string_view name);
+// The best table for this CPU, or the one `forced` names (null or empty: none); a name that is
+// unknown or that this CPU cannot run is logged as a warning and the best table used instead.
+const KernelTable& ChooseKernels(const char* forced, Logger& logger);
+// ChooseKernels(getenv("DSMOE_KERNELS"), the default logger), once (thread-safe, on first
+// call): DSMOE_KERNELS=reference|avx2|avx512|avx512bf16 forces a table.
 const KernelTable& Kernels();
 
 }  // namespace dsmoe::ops

@@ -145,6 +145,36 @@ class LintAndTemplate(unittest.TestCase):
             vol = objs[kind]["spec"]["template"]["spec"]["volumes"][0]
             self.assertEqual(vol["persistentVolumeClaim"]["claimName"], "deepseek-moe-16b", kind)
 
+    def test_ingress_reaches_the_gateways_http_port_and_streams_unbuffered(self):
+        self.assertNotIn("Ingress", [o["kind"] for o in objects(render(None))], "off by default")
+        objs = {f'{o["kind"]}/{o["metadata"]["name"]}': o for o in objects(render(VALUES["replicas"]))}
+        ing = objs["Ingress/rel-dsmoe-gateway"]
+        self.assertEqual(ing["spec"]["ingressClassName"], "nginx")
+        self.assertEqual(ing["spec"]["tls"], [{"secretName": "llm-example-com-tls", "hosts": ["llm.example.com"]}])
+        rule = ing["spec"]["rules"][0]
+        self.assertEqual(rule["host"], "llm.example.com")
+        backend = rule["http"]["paths"][0]["backend"]["service"]
+        # The backend is the gateway Service's port named http, which targets the container's
+        # --http-listen port.
+        svc = objs["Service/rel-dsmoe-gateway"]
+        self.assertEqual(backend["name"], svc["metadata"]["name"])
+        http_port = [p for p in svc["spec"]["ports"] if p["name"] == backend["port"]["name"]]
+        self.assertEqual(len(http_port), 1)
+        container = objs["Deployment/rel-dsmoe-gateway"]["spec"]["template"]["spec"]["containers"][0]
+        target = [p["containerPort"] for p in container["ports"] if p["name"] == http_port[0]["targetPort"]]
+        self.assertIn(f"--http-listen=0.0.0.0:{target[0]}", container["args"])
+        notes = ing["metadata"]["annotations"]
+        self.assertEqual(notes["nginx.ingress.kubernetes.io/backend-protocol"], "HTTPS", "the gateway speaks TLS")
+        self.assertEqual(notes["nginx.ingress.kubernetes.io/proxy-buffering"], "off", "SSE must not be buffered")
+        # Plain text when TLS is off; the user's own annotation wins over the chart's.
+        plain = [o for o in objects(render(VALUES["replicas"], "tls.enabled=false")) if o["kind"] == "Ingress"][0]
+        self.assertNotIn("nginx.ingress.kubernetes.io/backend-protocol", plain["metadata"]["annotations"])
+        mine = [o for o in objects(render(VALUES["replicas"], "gateway.http.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/backend-protocol=GRPCS"))
+                if o["kind"] == "Ingress"][0]
+        self.assertEqual(mine["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"], "GRPCS")
+        # No HTTP API, no Ingress.
+        self.assertNotIn("Ingress", [o["kind"] for o in objects(render(VALUES["replicas"], "gateway.http.enabled=false"))])
+
     def test_expert_copies_spread_over_nodes_and_survive_drains(self):
         """Copies of an expert on different nodes, and a drain never takes every copy."""
         for copies, when, budget in ((1, "ScheduleAnyway", 1), (2, "DoNotSchedule", 1), (3, "DoNotSchedule", 2)):
@@ -226,7 +256,8 @@ class LintAndTemplate(unittest.TestCase):
         for bad, message in [("experts.placement.copies=0", "minimum"), ("gateway.port=notaport", "want integer"),
                              ("model.source=s3", "model/source"), ("model.path=relative/dir", "pattern"),
                              ("model.source=download", "minItems"), ("attention.gpu.enabled=maybe", "want boolean"),
-                             ("attention.expertTransport=rdma", "expertTransport")]:
+                             ("attention.expertTransport=rdma", "expertTransport"),
+                             ("gateway.http.ingress.hosts[0].paths[0].path=v1", "pattern")]:
             with self.subTest(bad=bad):
                 r = helm("lint", CHART, "--set", bad, check=False)
                 self.assertNotEqual(r.returncode, 0, bad)

@@ -44,6 +44,10 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
     return absl::FailedPreconditionError(
         "GPU model runner needs the attention-side weights loaded");
   }
+  if (options.kv_dtype == KvDType::kF32) {  // kAuto and kBF16: its paged cache is bf16
+    return absl::InvalidArgumentError(
+        "the GPU runner's KV cache is bf16 only: KV dtype f32 is for the CPU runner");
+  }
   if (c.head_dim() > 256 || c.head_dim() % 2 != 0) {
     return absl::UnimplementedError(
         absl::StrCat("GPU attention supports even head_dim <= 256, not ", c.head_dim()));
@@ -92,7 +96,7 @@ absl::Status CudaModelRunner::Init(RoutedExpertExecutor* experts) {
   if (num_pages == 0 && options_.kv_cache_bytes > 0) {
     BatchLimits paged = options_;
     paged.kv_page_tokens = options_.page_size;
-    DSMOE_ASSIGN_OR_RETURN(num_pages, NumKvPages(c, paged, /*bf16*/ 2));
+    DSMOE_ASSIGN_OR_RETURN(num_pages, NumKvPages(c, paged, KvElementBytes(KvDType::kBF16)));
   }
   DSMOE_ASSIGN_OR_RETURN(kv_, PagedKvCache::Create(c, options_.num_slots, options_.max_context,
                                                    options_.page_size, num_pages));

@@ -45,7 +45,8 @@ struct CudaRunnerOptions : BatchLimits {
   int device = 0;          // CUDA device index
   int64_t page_size = 16;  // KV-cache positions per page (a power of two)
   // KV-cache pages; 0: what BatchLimits::kv_cache_bytes buys (bf16), or with no budget enough
-  // for every slot to reach max_context.
+  // for every slot to reach max_context. The cache is bf16 whatever BatchLimits::kv_dtype says
+  // but kF32, which Create refuses.
   int64_t num_pages = 0;
   bool use_cuda_graphs = true;     // replay decode steps from captured graphs
   int64_t max_graph_tokens = 256;  // largest decode batch that is captured

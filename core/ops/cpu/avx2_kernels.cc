@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "core/ops/kernels.h"
 
@@ -664,9 +665,25 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = ScalarLoad(row, dtype, i);
 }
 
+// The cache's element type for a KvPages dtype: fp32 rows, or bf16 rows widened in registers.
+template <DType D>
+using KvElem = std::conditional_t<D == DType::kF32, float, uint16_t>;
+
+// Element k of a row, in all eight lanes, as fp32. BF16: the 16 bits in every 16-bit lane,
+// shifted into the top half of each 32-bit lane (which drops the low copy): bf16 -> fp32.
+template <DType D>
+inline __m256 Broadcast1(const void* row, int64_t k) {
+  if constexpr (D == DType::kF32) {
+    return _mm256_broadcast_ss(static_cast<const float*>(row) + k);
+  } else {
+    const __m256i h = _mm256_set1_epi16(static_cast<const int16_t*>(row)[k]);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+}
+
 // Σ_p s[p] · V[p][d0, d0 + 8·NV) into out (NV ≤ 8 vectors in registers across all positions),
 // a page's run of rows at a time.
-template <int NV>
+template <int NV, DType D>
 inline void WeightedValueSum(const float* s, const KvPages& kv, int64_t d0, int64_t len,
                              float* out) {
   __m256 acc[NV];
@@ -674,11 +691,11 @@ inline void WeightedValueSum(const float* s, const KvPages& kv, int64_t d0, int6
   const int64_t stride = kv.stride;
   for (int64_t p0 = 0; p0 < len;) {
     const int64_t n = kv.RunFrom(p0, len);
-    const float* values = kv.Value(p0) + d0;
+    const KvElem<D>* values = kv.Value<KvElem<D>>(p0) + d0;
     for (int64_t j = 0; j < n; ++j) {
       const __m256 b = _mm256_broadcast_ss(s + p0 + j);
       for (int v = 0; v < NV; ++v)
-        acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(values + j * stride + 8 * v), acc[v]);
+        acc[v] = _mm256_fmadd_ps(b, Load8<D>(values + j * stride, 8 * v), acc[v]);
     }
     p0 += n;
   }
@@ -688,30 +705,33 @@ inline void WeightedValueSum(const float* s, const KvPages& kv, int64_t d0, int6
 // Fused single-query attention: four key rows per pass share each query load and one
 // horizontal-add tree; the softmax runs on vectors; the weighted value sum keeps up to 64 output
 // dimensions in registers across all positions (instead of a function call per position).
+// BF16 pages are read as they are, each 8 elements widened in a register (Load8).
+template <DType D>
 void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale, float* s_all,
             float* out) {
+  using E = KvElem<D>;
   const int64_t hd8 = hd & ~int64_t{7};
   const int64_t stride = kv.stride;
-  auto tail_dot = [&](const float* key) {
+  auto tail_dot = [&](const E* key) {
     float t = 0.0f;
-    for (int64_t d = hd8; d < hd; ++d) t += q[d] * key[d];
+    for (int64_t d = hd8; d < hd; ++d) t += q[d] * ScalarLoad(key, D, d);
     return t;
   };
   // Scores, one page's run of rows at a time (the whole cache when it is contiguous).
   for (int64_t p0 = 0; p0 < len;) {
     const int64_t run = kv.RunFrom(p0, len);
-    const float* keys = kv.Key(p0);
+    const E* keys = kv.Key<E>(p0);
     float* s = s_all + p0;
     int64_t p = 0;
     for (; p + 4 <= run; p += 4) {
-      const float* k0 = keys + p * stride;
+      const E* k0 = keys + p * stride;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < hd8; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + d), qv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + stride + d), qv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 2 * stride + d), qv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + 3 * stride + d), qv, a3);
+        a0 = _mm256_fmadd_ps(Load8<D>(k0, d), qv, a0);
+        a1 = _mm256_fmadd_ps(Load8<D>(k0 + stride, d), qv, a1);
+        a2 = _mm256_fmadd_ps(Load8<D>(k0 + 2 * stride, d), qv, a2);
+        a3 = _mm256_fmadd_ps(Load8<D>(k0 + 3 * stride, d), qv, a3);
       }
       // Lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the four partial sums.
       const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -723,8 +743,17 @@ void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float sc
       _mm_storeu_ps(s + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
     }
     for (; p < run; ++p) {
-      const float* key = keys + p * stride;
-      s[p] = (Dot(q, key, hd8) + tail_dot(key)) * scale;
+      const E* key = keys + p * stride;
+      float dot;
+      if constexpr (D == DType::kF32) {
+        dot = Dot(q, key, hd8);
+      } else {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd8; d += 8)
+          a = _mm256_fmadd_ps(Load8<D>(key, d), _mm256_loadu_ps(q + d), a);
+        dot = HorizontalSum(a);
+      }
+      s[p] = (dot + tail_dot(key)) * scale;
     }
     p0 += run;
   }
@@ -753,14 +782,15 @@ void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float sc
 
   // out = Σ_p s[p] · V[p] / sum, 64 dimensions at a time.
   using ValueSum = void (*)(const float*, const KvPages&, int64_t, int64_t, float*);
-  static constexpr ValueSum kValueSums[] = {
-      WeightedValueSum<1>, WeightedValueSum<2>, WeightedValueSum<3>, WeightedValueSum<4>,
-      WeightedValueSum<5>, WeightedValueSum<6>, WeightedValueSum<7>, WeightedValueSum<8>};
+  static constexpr ValueSum kValueSums[] = {WeightedValueSum<1, D>, WeightedValueSum<2, D>,
+                                            WeightedValueSum<3, D>, WeightedValueSum<4, D>,
+                                            WeightedValueSum<5, D>, WeightedValueSum<6, D>,
+                                            WeightedValueSum<7, D>, WeightedValueSum<8, D>};
   for (int64_t d0 = 0; d0 < hd8; d0 += 64)
     kValueSums[(hd8 - d0 < 64 ? hd8 - d0 : 64) / 8 - 1](s, kv, d0, len, out + d0);
   for (int64_t d = hd8; d < hd; ++d) {
     float t = 0.0f;
-    for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * kv.Value(pp)[d];
+    for (int64_t pp = 0; pp < len; ++pp) t += s[pp] * ScalarLoad(kv.Value<E>(pp), D, d);
     out[d] = t;
   }
   const __m256 vinv = _mm256_set1_ps(inv);
@@ -774,10 +804,13 @@ void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float sc
 // the queries packed transposed (qt[d][8]) and each key element broadcast, four keys per pass;
 // the softmax then runs on whole vectors (each lane its own query), and the output is built
 // transposed, ot[d][8] = Σ_p s[p] · V[p][d], eight dimensions per pass, then turned back. Each
-// cached row is read once for the eight queries instead of once per query.
+// cached row is read once for the eight queries instead of once per query. BF16 keys are
+// widened as they are broadcast (Broadcast1), BF16 values as each chunk is gathered.
+template <DType D>
 void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t first,
                        const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
                        int64_t out_stride) {
+  using E = KvElem<D>;
   const int64_t stride = kv.stride;
   const int64_t len = first + Q;  // positions the last query sees
   float* qt = scratch;            // [hd][8]
@@ -792,21 +825,21 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   // One page's run of rows at a time (the whole cache when it is contiguous).
   for (int64_t p0 = 0; p0 < len;) {
     const int64_t run_end = p0 + kv.RunFrom(p0, len);
-    const float* keys = kv.Key(p0);  // row p of the run at keys + (p - p0) · stride
+    const E* keys = kv.Key<E>(p0);  // row p of the run at keys + (p - p0) · stride
     for (p = p0; p + 8 <= run_end; p += 8) {
-      const float* k0 = keys + (p - p0) * stride;
+      const E* k0 = keys + (p - p0) * stride;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
              a7 = a0;
       for (int64_t d = 0; d < hd; ++d) {
         const __m256 qv = _mm256_loadu_ps(qt + d * 8);
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + d), qv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + stride + d), qv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 2 * stride + d), qv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 3 * stride + d), qv, a3);
-        a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 4 * stride + d), qv, a4);
-        a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 5 * stride + d), qv, a5);
-        a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 6 * stride + d), qv, a6);
-        a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(k0 + 7 * stride + d), qv, a7);
+        a0 = _mm256_fmadd_ps(Broadcast1<D>(k0, d), qv, a0);
+        a1 = _mm256_fmadd_ps(Broadcast1<D>(k0 + stride, d), qv, a1);
+        a2 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 2 * stride, d), qv, a2);
+        a3 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 3 * stride, d), qv, a3);
+        a4 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 4 * stride, d), qv, a4);
+        a5 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 5 * stride, d), qv, a5);
+        a6 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 6 * stride, d), qv, a6);
+        a7 = _mm256_fmadd_ps(Broadcast1<D>(k0 + 7 * stride, d), qv, a7);
       }
       _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a0, sc));
       _mm256_storeu_ps(s + (p + 1) * 8, _mm256_mul_ps(a1, sc));
@@ -820,8 +853,8 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
     for (; p < run_end; ++p) {
       __m256 a = _mm256_setzero_ps();
       for (int64_t d = 0; d < hd; ++d)
-        a = _mm256_fmadd_ps(_mm256_broadcast_ss(keys + (p - p0) * stride + d),
-                            _mm256_loadu_ps(qt + d * 8), a);
+        a = _mm256_fmadd_ps(Broadcast1<D>(keys + (p - p0) * stride, d), _mm256_loadu_ps(qt + d * 8),
+                            a);
       _mm256_storeu_ps(s + p * 8, _mm256_mul_ps(a, sc));
     }
     p0 = run_end;
@@ -835,9 +868,10 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   // Value rows are hd floats each, one cache row apart (other heads between): fetch a chunk's
   // rows ahead of the pass that needs them, or every first touch waits on a far cache.
   constexpr int64_t kChunk = 64;
+  const int64_t row_bytes = hd * static_cast<int64_t>(sizeof(E));
   auto prefetch_values = [&](int64_t row) {
-    const float* v = kv.Value(row);
-    for (int64_t d = 0; d < hd; d += 16) _mm_prefetch(v + d, _MM_HINT_T0);
+    const char* v = reinterpret_cast<const char*>(kv.Value<E>(row));
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
   };
   __m256 sum = _mm256_setzero_ps();
   for (p = 0; p < len; ++p) {
@@ -859,9 +893,9 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   for (int64_t p0 = 0; p0 < len; p0 += kChunk) {
     const int64_t p1 = p0 + kChunk < len ? p0 + kChunk : len;
     for (p = p0; p < p1; ++p) {
-      const float* v = kv.Value(p);
+      const E* v = kv.Value<E>(p);
       for (int64_t d = 0; d < hd; d += 8)
-        _mm256_storeu_ps(chunk + (p - p0) * hd + d, _mm256_loadu_ps(v + d));
+        _mm256_storeu_ps(chunk + (p - p0) * hd + d, Load8<D>(v, d));
     }
     for (int64_t d0 = 0; d0 < hd; d0 += 8) {
       __m256 a0 = _mm256_loadu_ps(ot + d0 * 8), a1 = _mm256_loadu_ps(ot + (d0 + 1) * 8),
@@ -901,26 +935,44 @@ void AttendCausalBlock(const float* q, int64_t q_stride, int64_t Q, int64_t firs
   }
 }
 
-void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const KvPages& kv,
-                  int64_t hd, float scale, float* scratch, float* out, int64_t out_stride) {
+template <DType D>
+void AttendCausalTyped(const float* q, int64_t q_stride, int64_t Q, int64_t first,
+                       const KvPages& kv, int64_t hd, float scale, float* scratch, float* out,
+                       int64_t out_stride) {
   for (int64_t i0 = 0; i0 < Q; i0 += 8) {
     const int64_t n = Q - i0 < 8 ? Q - i0 : 8;
     if (n == 1 || hd % 8 != 0) {  // one query, or a head the 8-wide transposes do not fit
       for (int64_t i = i0; i < i0 + n; ++i) {
-        Attend(q + i * q_stride, kv, first + i + 1, hd, scale, scratch, out + i * out_stride);
+        Attend<D>(q + i * q_stride, kv, first + i + 1, hd, scale, scratch, out + i * out_stride);
       }
       continue;
     }
-    AttendCausalBlock(q + i0 * q_stride, q_stride, n, first + i0, kv, hd, scale, scratch,
-                      out + i0 * out_stride, out_stride);
+    AttendCausalBlock<D>(q + i0 * q_stride, q_stride, n, first + i0, kv, hd, scale, scratch,
+                         out + i0 * out_stride, out_stride);
   }
+}
+
+// The table's entries: one instantiation per KV dtype.
+void AttendAny(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale,
+               float* scores, float* out) {
+  if (kv.dtype == DType::kBF16) return Attend<DType::kBF16>(q, kv, len, hd, scale, scores, out);
+  Attend<DType::kF32>(q, kv, len, hd, scale, scores, out);
+}
+
+void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const KvPages& kv,
+                  int64_t hd, float scale, float* scratch, float* out, int64_t out_stride) {
+  if (kv.dtype == DType::kBF16) {
+    return AttendCausalTyped<DType::kBF16>(q, q_stride, Q, first, kv, hd, scale, scratch, out,
+                                           out_stride);
+  }
+  AttendCausalTyped<DType::kF32>(q, q_stride, Q, first, kv, hd, scale, scratch, out, out_stride);
 }
 
 }  // namespace
 
 const KernelTable* Avx2Kernels() {
-  static const KernelTable table{"avx2",  MatMulRows, Dot,    Axpy,
-                                 SiluMul, RowToF32,   Attend, AttendCausal};
+  static const KernelTable table{"avx2",  MatMulRows, Dot,       Axpy,
+                                 SiluMul, RowToF32,   AttendAny, AttendCausal};
   return &table;
 }
 

@@ -37,17 +37,28 @@ void RowToF32(const void* row, DType dtype, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = LoadAsF32(row, dtype, i);
 }
 
+// Element d of a cached row (F32 or BF16) as fp32.
+float KvElement(const void* row, DType dtype, int64_t d) { return LoadAsF32(row, dtype, d); }
+
 void Attend(const float* q, const KvPages& kv, int64_t len, int64_t hd, float scale, float* scores,
             float* out) {
+  const size_t elem = DTypeSize(kv.dtype);
+  auto key = [&](int64_t p) { return static_cast<const char*>(kv.keys) + kv.Offset(p) * elem; };
+  auto value = [&](int64_t p) { return static_cast<const char*>(kv.values) + kv.Offset(p) * elem; };
   float max = -INFINITY;
   for (int64_t p = 0; p < len; ++p) {
-    scores[p] = Dot(q, kv.Key(p), hd) * scale;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) dot += q[d] * KvElement(key(p), kv.dtype, d);
+    scores[p] = dot * scale;
     max = scores[p] > max ? scores[p] : max;
   }
   float sum = 0.0f;
   for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - max);
   for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
-  for (int64_t p = 0; p < len; ++p) Axpy(scores[p] / sum, kv.Value(p), out, hd);
+  for (int64_t p = 0; p < len; ++p) {
+    const float w = scores[p] / sum;
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * KvElement(value(p), kv.dtype, d);
+  }
 }
 
 void AttendCausal(const float* q, int64_t q_stride, int64_t Q, int64_t first, const KvPages& kv,
