@@ -90,11 +90,25 @@ SchedulerMetrics::SchedulerMetrics(rpc::MetricsRegistry& r)
                           .Add({})),
       kv_pages_used(
           &r.Gauge("dsmoe_kv_cache_pages_used", "KV-cache pages held by sequences").Add({})),
-      kv_pages_free(&r.Gauge("dsmoe_kv_cache_pages_free", "KV-cache pages free").Add({})),
+      kv_pages_free(&r.Gauge("dsmoe_kv_cache_pages_free",
+                             "KV-cache pages free (never used, or cached and held by nobody)")
+                         .Add({})),
       preemptions(&r.Counter("dsmoe_preemptions_total",
                              "Sequences preempted when the KV cache ran out of pages (their "
                              "pages freed, requeued to be recomputed)")
                        .Add({})),
+      prefix_cache_queries(&r.Counter("dsmoe_prefix_cache_queries_total",
+                                      "Tokens looked up in the prefix cache when sequences were "
+                                      "admitted (vllm:prefix_cache_queries)")
+                                .Add({})),
+      prefix_cache_hits(&r.Counter("dsmoe_prefix_cache_hits_total",
+                                   "Of those, tokens found cached: their keys and values were "
+                                   "not computed again (vllm:prefix_cache_hits)")
+                             .Add({})),
+      prefix_cache_pages(&r.Gauge("dsmoe_prefix_cache_pages",
+                                  "KV-cache pages in the prefix cache (held by sequences or "
+                                  "kept unreferenced until evicted)")
+                              .Add({})),
       queue_time(
           &r.Histogram("dsmoe_request_queue_time_seconds",
                        "Time from a sequence's arrival to its admission into a KV-cache slot")

@@ -62,20 +62,23 @@ class ExpertLoadMetrics final : public RoutingObserver {
 struct SchedulerMetrics {
   explicit SchedulerMetrics(rpc::MetricsRegistry& registry);
 
-  prometheus::Gauge* running;              // sequences holding a KV-cache slot
-  prometheus::Gauge* waiting;              // accepted, waiting for a slot
-  prometheus::Gauge* kv_cache_usage;       // KV-cache pages in use / pages
-  prometheus::Gauge* kv_pages_used;        // KV-cache pages held by sequences
-  prometheus::Gauge* kv_pages_free;        // KV-cache pages free
-  prometheus::Counter* preemptions;        // sequences preempted (pages freed, requeued)
-  prometheus::Histogram* queue_time;       // submit → admitted into a slot
-  prometheus::Histogram* forward_time;     // one forward pass (one scheduler step)
-  prometheus::Histogram* batch_tokens;     // tokens per forward pass
-  prometheus::Counter* prompt_tokens;      // prompt tokens prefilled
-  prometheus::Counter* generation_tokens;  // tokens sampled
-  prometheus::Counter* finished_stop;      // sequences finished by a stop token
-  prometheus::Counter* finished_length;    // ... by max_tokens or the context
-  prometheus::Counter* finished_abort;     // ... cancelled, failed or shut down
+  prometheus::Gauge* running;                 // sequences holding a KV-cache slot
+  prometheus::Gauge* waiting;                 // accepted, waiting for a slot
+  prometheus::Gauge* kv_cache_usage;          // KV-cache pages in use / pages
+  prometheus::Gauge* kv_pages_used;           // KV-cache pages held by sequences
+  prometheus::Gauge* kv_pages_free;           // KV-cache pages free (incl. cached, unheld)
+  prometheus::Counter* preemptions;           // sequences preempted (pages freed, requeued)
+  prometheus::Counter* prefix_cache_queries;  // tokens looked up in the prefix cache
+  prometheus::Counter* prefix_cache_hits;     // ... of them found cached
+  prometheus::Gauge* prefix_cache_pages;      // pages in the prefix index
+  prometheus::Histogram* queue_time;          // submit → admitted into a slot
+  prometheus::Histogram* forward_time;        // one forward pass (one scheduler step)
+  prometheus::Histogram* batch_tokens;        // tokens per forward pass
+  prometheus::Counter* prompt_tokens;         // prompt tokens prefilled
+  prometheus::Counter* generation_tokens;     // tokens sampled
+  prometheus::Counter* finished_stop;         // sequences finished by a stop token
+  prometheus::Counter* finished_length;       // ... by max_tokens or the context
+  prometheus::Counter* finished_abort;        // ... cancelled, failed or shut down
   // Seconds of forward passes by phase (ForwardPhase), where the runner measures them.
   std::array<prometheus::Counter*, static_cast<size_t>(ForwardPhase::kCount)> phase_seconds;
 };

@@ -54,7 +54,8 @@ void AddExpertFlags(CLI::App& app, dsmoe::AttentionServerOptions* o, std::string
       ->capture_default_str();
 }
 
-// The scheduler's flags: --num-slots, --max-batch-tokens, --max-context, --max-waiting.
+// The scheduler's flags: --num-slots, --max-batch-tokens, --max-context, --max-waiting,
+// --kv-page-tokens, --enable-prefix-caching.
 void AddSchedulerFlags(CLI::App& app, dsmoe::SchedulerOptions* s) {
   app.add_option("--num-slots", s->num_slots, "Sequences running at once")
       ->check(CLI::Range(1, 4096))
@@ -71,6 +72,8 @@ void AddSchedulerFlags(CLI::App& app, dsmoe::SchedulerOptions* s) {
                  "Positions per KV-cache page (a power of two)")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  app.add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", s->enable_prefix_caching,
+               "Reuse the KV-cache pages of cached prompt prefixes (default on)");
 }
 
 // A byte size flag ("16Gi", "512M", "1073741824") into *bytes.

@@ -52,6 +52,8 @@ Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions
       context_(std::min(runner_->max_context(),
                         runner_->blocks().num_pages() * runner_->blocks().page_tokens())),
       scratch_slot_(static_cast<int32_t>(options.num_slots)) {
+  options_.enable_prefix_caching =
+      options.enable_prefix_caching && runner_->supports_prefix_caching();
   for (int64_t s = options.num_slots - 1; s >= 0; --s)
     free_slots_.push_back(static_cast<int32_t>(s));
   const int64_t B = options.max_batch_tokens;
@@ -198,6 +200,7 @@ void Scheduler::PublishKvUsage() {
   metrics_->kv_pages_used->Set(used);
   metrics_->kv_pages_free->Set(static_cast<double>(blocks.num_free_pages()));
   metrics_->kv_cache_usage->Set(blocks.num_pages() > 0 ? used / blocks.num_pages() : 0.0);
+  metrics_->prefix_cache_pages->Set(static_cast<double>(blocks.num_cached_pages()));
 }
 
 void Scheduler::Preempt(Sequence* seq) {
@@ -217,6 +220,46 @@ void Scheduler::Preempt(Sequence* seq) {
                          [&](const auto& w) { return w->id > owned->id; });
   waiting_.insert(at, std::move(owned));
   PublishLoadLocked();
+}
+
+bool Scheduler::AdmitPages(Sequence& seq, int32_t slot, int64_t headroom) {
+  BlockManager& blocks = runner_->blocks();
+  const int64_t known = Known(seq);
+  CachedPrefix prefix;
+  if (options_.enable_prefix_caching) {
+    prefix_tokens_.resize(static_cast<size_t>(known));
+    for (int64_t i = 0; i < known; ++i) prefix_tokens_[i] = TokenAt(seq, i);
+    // A new prompt's last token is computed whatever is cached: its logits give token 1, and
+    // the page it lies in is then the sequence's own. A recomputed sequence already has its
+    // next token: all it had may be found.
+    const int64_t most = seq.generated == 0 ? known - 1 : known;
+    prefix = blocks.FindCachedPrefix(prefix_tokens_, most);
+  }
+  // Cached pages nobody holds count as free until attached.
+  const int64_t take =
+      blocks.PagesFor(known) - static_cast<int64_t>(prefix.pages.size()) + prefix.unreferenced;
+  if (take + headroom > blocks.num_free_pages()) return false;
+  blocks.AttachPrefix(slot, prefix);
+  if (!blocks.Grow(slot, known).ok()) {
+    blocks.Release(slot);
+    return false;
+  }
+  seq.fed = prefix.tokens;
+  if (metrics_ != nullptr && options_.enable_prefix_caching) {
+    metrics_->prefix_cache_queries->Increment(static_cast<double>(known));
+    metrics_->prefix_cache_hits->Increment(static_cast<double>(prefix.tokens));
+  }
+  return true;
+}
+
+void Scheduler::CommitFullPages(const Sequence& seq) {
+  BlockManager& blocks = runner_->blocks();
+  const int64_t page = blocks.page_tokens();
+  prefix_tokens_.resize(static_cast<size_t>(page));
+  for (int64_t i = blocks.committed_pages(seq.slot); (i + 1) * page <= seq.fed; ++i) {
+    for (int64_t j = 0; j < page; ++j) prefix_tokens_[j] = TokenAt(seq, i * page + j);
+    blocks.CommitPage(seq.slot, prefix_tokens_);
+  }
 }
 
 bool Scheduler::GrowPreempting(int32_t slot, int64_t tokens, Sequence* self,
@@ -263,13 +306,10 @@ void Scheduler::Loop() {
       // Admission, first come first served: a slot, and pages for all the sequence prefills
       // (its prompt; after a preemption, also what it had produced) plus a page of headroom per
       // running sequence, so that their next pages do not at once preempt the newcomer.
-      BlockManager& blocks = runner_->blocks();
       while (!free_slots_.empty() && !waiting_.empty()) {
-        const int64_t known = Known(*waiting_.front());
         const int64_t headroom = static_cast<int64_t>(running_.size());
-        if (blocks.PagesFor(known) + headroom > blocks.num_free_pages()) break;
         const int32_t slot = free_slots_.back();
-        if (!blocks.Grow(slot, known).ok()) break;
+        if (!AdmitPages(*waiting_.front(), slot, headroom)) break;
         std::unique_ptr<Sequence> seq = std::move(waiting_.front());
         waiting_.pop_front();
         seq->slot = slot;
@@ -392,7 +432,10 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     for (Sequence* seq : affected) Finish(seq, FinishReason::kStop, status);
     return;
   }
-  for (size_t i = 0; i < running.size(); ++i) running[i]->fed += fed_in_step_[i];
+  for (size_t i = 0; i < running.size(); ++i) {
+    running[i]->fed += fed_in_step_[i];
+    if (options_.enable_prefix_caching && fed_in_step_[i] > 0) CommitFullPages(*running[i]);
+  }
   if (metrics_ != nullptr) {
     // Every token fed is held in the KV cache; decode rows are one per sequence, the rest prompt.
     const int64_t fed = static_cast<int64_t>(batch_ids_.size());

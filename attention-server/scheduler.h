@@ -11,6 +11,13 @@
 // to be recomputed from its prompt and the tokens it already produced (which its sink has heard
 // and does not hear again). Nobody fails for want of pages; greedy output is unchanged.
 //
+// Prefix caching (options.enable_prefix_caching): at admission a sequence takes the cached
+// pages of the longest cached prefix of its tokens (BlockManager::FindCachedPrefix) and starts
+// its prefill after them; a new prompt's last token is always computed, for its logits. After
+// each forward pass every page a sequence has filled is committed to the cache, prompt or
+// generated, so later requests sharing a system prompt or a chat history skip that prefill, and
+// a preempted sequence finds its own pages again unless they were evicted meanwhile.
+//
 // Thread-safe: Submit, Cancel, GetLoad and ComputeLogits may be called from any thread (the
 // RPC handlers); only the loop thread touches the runner.
 #pragma once
@@ -62,6 +69,11 @@ class SequenceSink {
 struct SchedulerOptions : BatchLimits {
   SchedulerOptions() { num_slots = 32; }
   int64_t max_waiting = 1024;  // accepted but not yet running; beyond: RESOURCE_EXHAUSTED
+  // Reuse the KV pages of cached prefixes (see above). On by default: a hit is exact (tokens
+  // and the whole chain of pages compared, not only a hash) and reads keys and values the same
+  // model computed for the same positions; greedy output is identical with and without it.
+  // Off whatever this says on a runner that does not support it (the GPU runner, for now).
+  bool enable_prefix_caching = true;
 };
 
 struct SchedulerLoad {
@@ -142,6 +154,12 @@ class Scheduler {
   // sequence, or null) was preempted itself or nobody is left to preempt.
   bool GrowPreempting(int32_t slot, int64_t tokens, Sequence* self,
                       std::vector<Sequence*>& running);
+  // Admits the sequence into `slot` if pages allow: attaches its cached prefix (if caching is
+  // on) and grows the slot to the positions it must prefill, keeping `headroom` pages free.
+  // False, having taken nothing, when too few pages are free. Loop thread, under mu_.
+  bool AdmitPages(Sequence& seq, int32_t slot, int64_t headroom);
+  // Commits to the prefix cache the pages `seq` has filled since the last call. Loop thread.
+  void CommitFullPages(const Sequence& seq);
   // Frees a running sequence's slot and pages and puts it back in the queue, by arrival.
   void Preempt(Sequence* seq);
   // Publishes running/waiting.
@@ -179,6 +197,7 @@ class Scheduler {
   std::vector<Sequence*> row_owner_;
   std::vector<int64_t> fed_in_step_;
   std::vector<float> logits_;
+  std::vector<int32_t> prefix_tokens_;  // a sequence's tokens, for the prefix-cache lookup
   std::thread loop_;
 };
 

@@ -322,6 +322,7 @@ std::vector<std::string> AttentionServerFlags(const ClusterUpOptions& o, const f
   }
   if (!o.kv_cache_memory.empty()) argv.insert(argv.end(), {"--kv-cache-memory", o.kv_cache_memory});
   if (!o.memory_limit.empty()) argv.insert(argv.end(), {"--memory-limit", o.memory_limit});
+  if (!o.enable_prefix_caching) argv.push_back("--no-enable-prefix-caching");
   if (!o.kv_dtype.empty()) argv.insert(argv.end(), {"--kv-dtype", o.kv_dtype});
   // A restarted attention server resumes the placement in use, not the start-up one.
   argv.insert(argv.end(), {"--placement-state", placement_state});

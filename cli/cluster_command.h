@@ -23,6 +23,7 @@ struct ClusterUpOptions {
   // The attention servers' --kv-cache-memory and --memory-limit ("16Gi", "512M"); "": theirs.
   std::string kv_cache_memory;
   std::string memory_limit;
+  bool enable_prefix_caching = true;  // the attention servers' --enable-prefix-caching
   std::string kv_dtype;  // the attention servers' --kv-dtype (auto, f32, bf16); "": theirs
   int dispatch_deadline_ms = 10000;       // attention → expert server call deadline
   int health_check_period_ms = 1000;      // attention → expert and gateway → attention checks

@@ -61,6 +61,8 @@ void AddClusterShapeFlags(CLI::App* up_cmd, ClusterUpOptions& up) {
   up_cmd->add_option("--memory-limit", up.memory_limit,
                      "Attention servers refuse to start when their memory plan exceeds this, "
                      "e.g. 32Gi (default: their cgroup's limit)");
+  up_cmd->add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", up.enable_prefix_caching,
+                   "Attention servers reuse the KV pages of cached prompt prefixes (default on)");
   up_cmd
       ->add_option("--device", up.device,
                    "Where every attention and expert server computes: cpu, cuda or cuda:N")

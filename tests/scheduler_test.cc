@@ -24,6 +24,7 @@ class Collector final : public SequenceSink {
   void OnToken(int32_t id) override {
     std::lock_guard<std::mutex> lock(mu_);
     tokens_.push_back(id);
+    cv_.notify_all();
   }
   void OnLogprobs(const TokenLogprobs& logprobs) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -38,6 +39,12 @@ class Collector final : public SequenceSink {
   bool Wait() {
     std::unique_lock<std::mutex> lock(mu_);
     return cv_.wait_for(lock, std::chrono::seconds(120), [&] { return finishes_ > 0; });
+  }
+  // Waits until at least `n` tokens arrived (or the sequence finished).
+  void WaitTokens(size_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::seconds(120),
+                 [&] { return tokens_.size() >= n || finishes_ > 0; });
   }
   std::vector<int32_t> tokens() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -88,10 +95,12 @@ class SchedulerKvTest : public ::testing::Test {
     return p;
   }
   // The solo run: a plain runner (every slot reaches max_context), one sequence, no scheduler.
-  std::vector<int32_t> Solo(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  std::vector<int32_t> Solo(const std::vector<int32_t>& prompt, int64_t max_tokens,
+                            int64_t max_context = 64, KvDType kv_dtype = KvDType::kAuto) {
     RunnerOptions o;
     o.num_slots = 1;
-    o.max_context = 64;
+    o.max_context = max_context;
+    o.kv_dtype = kv_dtype;
     o.max_batch_tokens = 32;
     auto runner = ModelRunner::Create(*weights_, solo_pool_, o);
     EXPECT_TRUE(runner.ok());
@@ -255,6 +264,151 @@ TEST_F(SchedulerKvTest, ContextIsWhatThePagesHold) {
   ASSERT_TRUE(sink->Wait());
   EXPECT_TRUE(sink->status().ok()) << sink->status();
   EXPECT_EQ(static_cast<int64_t>(Prompt(1).size() + sink->tokens().size()), 32);
+}
+
+// Prefix caching: many requests sharing a long "system prompt" (and some a chat history
+// after it) run interleaved under a budget that forces preemption. Each greedy output must
+// equal the same workload with caching off and the request's solo run (F32 KV: a cached page
+// holds what recomputing it would write).
+class PrefixCacheTest : public SchedulerKvTest {
+ protected:
+  static constexpr int64_t kContext = 128;
+  SchedulerOptions CachingOptions(int64_t pages, bool caching) const {
+    SchedulerOptions o = Options(pages);
+    o.kv_dtype = kv_dtype_;
+    o.kv_cache_bytes = KvBytesPerToken(weights_->config(),
+                                       KvElementBytes(ResolveKvDType(kv_dtype_, DType::kF32))) *
+                       4 * pages;
+    o.max_context = kContext;
+    o.max_batch_tokens = 24;  // long prompts are prefilled in chunks
+    o.enable_prefix_caching = caching;
+    return o;
+  }
+  // A 40-token system prompt (10 whole pages of 4), then for some a 10-token history shared
+  // by a third of the requests, then a tail of its own. Request 0 is the system prompt alone
+  // (its last token lies in a full, cached page: it must be computed anyway), request 1 a
+  // prefix of request 2's prompt.
+  std::vector<int32_t> SharedPrompt(int i) const {
+    const int32_t V = static_cast<int32_t>(weights_->config().vocab_size);
+    std::vector<int32_t> p;
+    for (int j = 0; j < 40; ++j) p.push_back((j * 13 + 5) % V);
+    if (i == 0) return p;
+    if (i % 3 != 0) {
+      for (int j = 0; j < 10; ++j) p.push_back((j * 7 + 100 * (i % 3)) % V);
+    }
+    if (i == 1) return p;
+    for (int j = 0; j < 1 + i % 6; ++j) p.push_back((i * 31 + j * 17 + 3) % V);
+    return p;
+  }
+  struct Run {
+    std::vector<std::vector<int32_t>> outputs;
+    double preemptions = 0, queried = 0, hits = 0, prompt_tokens = 0;
+  };
+  // Request 0 alone first (its pages are then cached), then the rest at once.
+  Run RunAll(int num_requests, int64_t max_tokens, int64_t pages, bool caching) {
+    rpc::MetricsRegistry registry("tiny");
+    AttentionMetrics metrics(registry, weights_->config());
+    auto scheduler =
+        Scheduler::Create(*weights_, pool_, CachingOptions(pages, caching), nullptr, &metrics);
+    EXPECT_TRUE(scheduler.ok()) << scheduler.status();
+    std::vector<std::shared_ptr<Collector>> sinks;
+    for (int i = 0; i < num_requests; ++i) {
+      SequenceParams p;
+      p.prompt = SharedPrompt(i);
+      p.max_tokens = max_tokens;
+      sinks.push_back(std::make_shared<Collector>());
+      EXPECT_TRUE((*scheduler)->Submit(std::move(p), sinks.back()).ok());
+      if (i == 0) sinks[0]->WaitTokens(2);
+    }
+    Run run;
+    for (int i = 0; i < num_requests; ++i) {
+      EXPECT_TRUE(sinks[i]->Wait()) << "request " << i << " never finished";
+      EXPECT_TRUE(sinks[i]->status().ok()) << sinks[i]->status();
+      run.outputs.push_back(sinks[i]->tokens());
+    }
+    EXPECT_TRUE((*scheduler)->RunBetweenSteps([] {}).ok());
+    const SchedulerMetrics& m = metrics.scheduler();
+    // Every page is back: none held, cached ones count as free.
+    EXPECT_EQ(m.kv_pages_used->Value(), 0);
+    EXPECT_EQ(m.kv_pages_free->Value(), static_cast<double>(pages));
+    if (caching) {
+      EXPECT_GT(m.prefix_cache_pages->Value(), 0);
+    } else {
+      EXPECT_EQ(m.prefix_cache_pages->Value(), 0);
+    }
+    run.preemptions = m.preemptions->Value();
+    run.queried = m.prefix_cache_queries->Value();
+    run.hits = m.prefix_cache_hits->Value();
+    run.prompt_tokens = m.prompt_tokens->Value();
+    return run;
+  }
+
+  // Request i's prompt, outputs with and without the cache, and its solo run agree.
+  void ExpectSameOutputs();
+  KvDType kv_dtype_ = KvDType::kF32;
+};
+
+TEST_F(PrefixCacheTest, GreedyOutputIsTheSameWithAndWithoutTheCacheUnderPreemption) {
+  ExpectSameOutputs();
+}
+
+// BF16 pages: a cached page holds the same rounded values a recomputation would write.
+TEST_F(PrefixCacheTest, GreedyOutputIsTheSameWithAndWithoutTheCacheWithBf16Pages) {
+  kv_dtype_ = KvDType::kBF16;
+  ExpectSameOutputs();
+}
+
+void PrefixCacheTest::ExpectSameOutputs() {
+  constexpr int kRequests = 18;
+  constexpr int64_t kMaxTokens = 12;
+  // 36 pages of 4: the shared 10 pages plus about two sequences' own, for 8 slots.
+  const Run cached = RunAll(kRequests, kMaxTokens, 36, /*caching=*/true);
+  const Run plain = RunAll(kRequests, kMaxTokens, 36, /*caching=*/false);
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    EXPECT_EQ(static_cast<int64_t>(cached.outputs[i].size()), kMaxTokens);
+    EXPECT_EQ(cached.outputs[i], plain.outputs[i]);
+    EXPECT_EQ(cached.outputs[i], Solo(SharedPrompt(i), kMaxTokens, kContext, kv_dtype_));
+  }
+  // Sharing lets more sequences in than pages allow them to finish: some are preempted (and
+  // find their own pages again when readmitted). Without the cache admission lets in fewer.
+  EXPECT_GT(cached.preemptions, 0) << "the budget never ran out";
+  // Requests after the first find the system prompt's 10 pages (unless evicted meanwhile:
+  // at least half of them do).
+  EXPECT_GE(cached.hits, 40.0 * (kRequests - 1) / 2);
+  EXPECT_LE(cached.hits, cached.queried);
+  EXPECT_EQ(plain.queried, 0);
+  // What was found was not prefilled again.
+  EXPECT_LE(cached.prompt_tokens, plain.prompt_tokens - 40.0 * (kRequests - 1) / 2);
+}
+
+TEST_F(PrefixCacheTest, CancelledSequencesGiveBackSharedPages) {
+  rpc::MetricsRegistry registry("tiny");
+  AttentionMetrics metrics(registry, weights_->config());
+  auto scheduler = Scheduler::Create(*weights_, pool_, CachingOptions(64, true), nullptr, &metrics);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::vector<std::shared_ptr<Collector>> sinks;
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 6; ++i) {
+    SequenceParams p;
+    p.prompt = SharedPrompt(i);
+    p.max_tokens = 1000;  // runs until cancelled (or the context ends)
+    sinks.push_back(std::make_shared<Collector>());
+    auto id = (*scheduler)->Submit(std::move(p), sinks.back());
+    ASSERT_TRUE(id.ok());
+    ids.push_back(*id);
+    if (i == 0) sinks[0]->WaitTokens(2);
+  }
+  for (auto& sink : sinks) sink->WaitTokens(3);
+  for (uint64_t id : ids) (*scheduler)->Cancel(id);
+  for (auto& sink : sinks) {
+    ASSERT_TRUE(sink->Wait());
+    EXPECT_EQ(sink->finishes(), 1);
+  }
+  ASSERT_TRUE((*scheduler)->RunBetweenSteps([] {}).ok());
+  EXPECT_EQ(metrics.scheduler().kv_pages_used->Value(), 0);
+  EXPECT_EQ(metrics.scheduler().kv_pages_free->Value(), 64);
+  EXPECT_GT(metrics.scheduler().prefix_cache_hits->Value(), 0);
 }
 
 }  // namespace

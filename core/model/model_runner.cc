@@ -74,6 +74,9 @@ absl::Status ModelRunner::set_device_limited_routing(
     std::shared_ptr<const DeviceLimitedRouting> routing) {
   if (routing != nullptr) DSMOE_RETURN_IF_ERROR(routing->CheckCovers(config_));
   device_limit_ = std::move(routing);
+  // Routing decides the MoE layers' outputs and so every later layer's keys and values: a
+  // prefix cached under the old routing is not what the new one computes.
+  kv_cache_.blocks().ClearPrefixCache();
   return absl::OkStatus();
 }
 

@@ -61,6 +61,9 @@ class BatchRunner {
   virtual BlockManager& blocks() = 0;
   // Bytes the KV cache's pages take.
   virtual size_t kv_cache_bytes() const = 0;
+  // Whether a scheduler may give this runner's slots cached prefix pages shared with other
+  // slots (BlockManager's prefix cache), i.e. that it was shown to produce the same output.
+  virtual bool supports_prefix_caching() const { return true; }
   // Called (on the Forward thread) with every MoE layer's routing. Null: nobody.
   virtual void set_routing_observer(RoutingObserver* observer) = 0;
   virtual const ModelConfig& config() const = 0;
@@ -85,7 +88,8 @@ class ModelRunner final : public BatchRunner {
   size_t kv_cache_bytes() const override { return kv_cache_.NumBytes(); }
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // Device-limited routing (gate.h) from the next Forward on; null: off (the default). Call
-  // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts.
+  // between Forwards. INVALID_ARGUMENT unless it covers this model's layers and experts. Clears
+  // the prefix cache (cached keys and values were computed under the old routing).
   absl::Status set_device_limited_routing(std::shared_ptr<const DeviceLimitedRouting> routing);
   const ModelConfig& config() const override { return config_; }
   int64_t max_context() const override { return options_.max_context; }

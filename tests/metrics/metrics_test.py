@@ -174,6 +174,10 @@ class MetricsExactness(unittest.TestCase):
         gen_tokens = sum(len(o) for _, o, _ in self.requests)
         self.assertEqual(gen_tokens, self.PROMPTS * self.MAX_TOKENS)
         self.assertEqual(sum(samples(att, "dsmoe_prompt_tokens_total").values()), prompt_tokens)
+        # Prefix caching (on by default): every prompt token is looked up; prompts shorter than
+        # a page (16) can never hit, so every one was prefilled (above).
+        self.assertEqual(sum(samples(att, "dsmoe_prefix_cache_queries_total").values()), prompt_tokens)
+        self.assertEqual(sum(samples(att, "dsmoe_prefix_cache_hits_total").values()), 0)
         self.assertEqual(sum(samples(att, "dsmoe_generation_tokens_total").values()), gen_tokens)
         finished = by(samples(att, "dsmoe_sequences_finished_total"), "finish_reason")
         self.assertEqual(finished[("length",)], self.PROMPTS)

@@ -75,6 +75,9 @@ class CudaModelRunner final : public BatchRunner {
   void ReleaseSlot(int32_t slot) override { kv_->Release(slot); }
   BlockManager& blocks() override { return kv_->blocks(); }
   size_t kv_cache_bytes() const override { return kv_->num_bytes(); }
+  // Off until verified on a GPU: the paged kernels read pages through the block tables and
+  // should need nothing more, but no GPU test has compared shared-page output yet.
+  bool supports_prefix_caching() const override { return false; }
 
   void set_routing_observer(RoutingObserver* observer) override { observer_ = observer; }
   // While set (not owned), Forward times its phases (benchmarks; per-phase profiles run without
