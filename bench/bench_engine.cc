@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
   for (const auto& b : bench::SplitList(batches_arg)) batches.push_back(std::stoi(b));
 
   std::printf("kernels: %s; weights in %s\n\n", GetCpuFeatures().ToString().c_str(),
-              mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
+              mmap_weights ? "the file mapping" : "an anonymous huge-page copy");
   std::printf(
       "| threads | read GB/s (huge pages) | read GB/s (4 KiB pages) | FMA peak GFLOP/s (registers "
       "only) | dsmoe GEMM GFLOP/s | OpenBLAS sgemm GFLOP/s |\n|---|---|---|---|---|---|\n");
@@ -193,7 +193,11 @@ int main(int argc, char** argv) {
       ResetPeakResident();  // this model's peak alone, not the probes' or the last model's
       const double resident_before = PeakResidentBytes();
       Memory memory{preset, dtype_name, BytesOnDisk(model_dir), 0, 0};
-      auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
+      WeightLoadOptions load;
+      load.placement =
+          mmap_weights ? WeightLoadOptions::Placement::kMap : WeightLoadOptions::Placement::kCopy;
+      load.logger = nullptr;  // stdout is the table
+      auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), load);
       if (!weights.ok()) {
         std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
         return 1;
