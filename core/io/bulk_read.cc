@@ -79,7 +79,12 @@ absl::StatusOr<std::unique_ptr<ReadOnlyFile>> ReadOnlyFile::Open(const std::stri
 
 ReadOnlyFile::~ReadOnlyFile() { ::close(fd_); }
 
-void ReadOnlyFile::DropFromPageCache(uint64_t offset, uint64_t size) const {
+void ReadOnlyFile::DropFromPageCache(uint64_t offset, uint64_t size, bool write_back_first) const {
+  if (write_back_first) {
+    (void)::sync_file_range(
+        fd_, static_cast<off_t>(offset), static_cast<off_t>(size),
+        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+  }
   (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(size),
                         POSIX_FADV_DONTNEED);
 }

@@ -28,9 +28,10 @@ class ReadOnlyFile {
   int fd() const { return fd_; }
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
-  // Asks the kernel to drop the file's clean page-cache pages in [offset, offset + size) (whole
-  // pages only; pages another process maps stay). Advisory: errors are ignored.
-  void DropFromPageCache(uint64_t offset, uint64_t size) const;
+  // Asks the kernel to drop the file's page-cache pages in [offset, offset + size) (whole pages
+  // only; pages a process maps stay, and dirty ones unless `write_back_first` waits for their
+  // write-back). Advisory: errors are ignored.
+  void DropFromPageCache(uint64_t offset, uint64_t size, bool write_back_first = false) const;
 
  private:
   ReadOnlyFile(std::string path, int fd, uint64_t size)

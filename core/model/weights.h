@@ -111,8 +111,11 @@ struct WeightLoadReport {
   int64_t huge_bytes = 0;      // of what this process holds of them, bytes in 2 MiB pages
   int64_t resident_bytes = 0;  // what this process holds of the weight mappings or buffer
   int64_t num_shards = 0;
-  double open_seconds = 0;  // config, headers, names and shapes checked
-  double read_seconds = 0;  // fault-in or copy, including any re-read
+  double open_seconds = 0;      // config, headers, names and shapes checked
+  double read_seconds = 0;      // placing the weights: the three below
+  double populate_seconds = 0;  // faulting the mapping in (kMap, kAuto)
+  double reread_seconds = 0;    // kAuto: re-reading shards the cache held in 4 KiB pages
+  double copy_seconds = 0;      // kCopy: pread into the buffer
   double total_seconds = 0;
   std::string Describe() const;  // the log line
 };
