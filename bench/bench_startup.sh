@@ -5,6 +5,7 @@
 #
 #   bench/bench_startup.sh [--layers 28] [--dir /tmp/dsmoe-startup] [--dsmoe build/bin/dsmoe]
 #                          [--baseline OTHER_DSMOE] [--threads 2] [--tokens 32] [--keep]
+#                          [--modes auto,copy,mmap] [--baseline-modes default,mmap]
 #
 # The checkpoint is the 16B shape (hidden 2048, 16 heads, 64 routed experts of width 1408 + 2
 # shared, top-6, a first dense layer of width 10944, vocabulary 102400) at --layers layers: 28
@@ -18,6 +19,7 @@
 set -euo pipefail
 
 LAYERS=28 DIR=/tmp/dsmoe-startup DSMOE=build/bin/dsmoe BASELINE="" THREADS=2 TOKENS=32 KEEP=0
+MODES=auto,copy,mmap BASELINE_MODES=default,mmap
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --layers) LAYERS=$2; shift 2 ;;
@@ -27,6 +29,8 @@ while [[ $# -gt 0 ]]; do
     --threads) THREADS=$2; shift 2 ;;
     --tokens) TOKENS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --modes) MODES=$2; shift 2 ;;
+    --baseline-modes) BASELINE_MODES=$2; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -41,10 +45,10 @@ if [[ ! -f $MODEL/config.json ]]; then
 fi
 [[ $KEEP == 1 ]] || trap 'rm -rf "$MODEL"' EXIT
 
-/usr/bin/python3 - "$MODEL" "$DSMOE" "$BASELINE" "$THREADS" "$TOKENS" <<'EOF'
+/usr/bin/python3 - "$MODEL" "$DSMOE" "$BASELINE" "$THREADS" "$TOKENS" "$MODES" "$BASELINE_MODES" <<'EOF'
 import glob, os, re, subprocess, sys, time
 
-model, dsmoe, baseline, threads, tokens = sys.argv[1:6]
+model, dsmoe, baseline, threads, tokens, modes, baseline_modes = sys.argv[1:8]
 shards = sorted(glob.glob(os.path.join(model, "*.safetensors")))
 size = sum(os.path.getsize(s) for s in shards)
 
@@ -91,10 +95,10 @@ print(f"threads {threads}, {tokens} tokens; {os.uname().release}; "
 print()
 print("| binary | mode | start | first token (s) | x disk read | peak RSS (GB) | decode tok/s | load |")
 print("|---|---|---|---|---|---|---|---|")
-runs = [(dsmoe, "auto", []), (dsmoe, "--copy-weights", ["--copy-weights"]),
-        (dsmoe, "--mmap-weights", ["--mmap-weights"])]
+flags_of = {"auto": [], "default": [], "copy": ["--copy-weights"], "mmap": ["--mmap-weights"]}
+runs = [(dsmoe, m, flags_of[m]) for m in modes.split(",") if m]
 if baseline:
-    runs += [(baseline, "default", []), (baseline, "--mmap-weights", ["--mmap-weights"])]
+    runs += [(baseline, m, flags_of[m]) for m in baseline_modes.split(",") if m]
 for binary, mode, flags in runs:
     evict()
     for state in ("cold", "warm"):

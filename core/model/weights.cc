@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -132,11 +133,11 @@ std::string WeightLoadReport::Describe() const {
                           : "mapped from the page cache";
   return absl::StrFormat(
       "weights: %.2f GB from %d shard%s %s, %.0f%% in 2 MiB pages, in %.2f s (%.2f GB/s): open "
-      "%.2f s, fault-in %.2f s, re-read %.2f s, copy %.2f s; %s",
+      "%.2f s, fault-in %.2f s, re-read %.2f s, copy %.2f s%s; %s",
       gb, num_shards, num_shards == 1 ? "" : "s", where,
       resident_bytes > 0 ? 100.0 * static_cast<double>(huge_bytes) / resident_bytes : 0.0,
       total_seconds, read_seconds > 0 ? gb / read_seconds : 0.0, open_seconds, populate_seconds,
-      reread_seconds, copy_seconds, reason);
+      reread_seconds, copy_seconds, locked ? ", locked in memory" : "", reason);
 }
 
 namespace {
@@ -235,10 +236,25 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::stri
   w->report_.num_shards = static_cast<int64_t>(w->checkpoint_->ShardNames().size());
 
   const Clock::time_point read_start = Clock::now();
+  const int64_t available = AvailableMemoryBytes();  // before this load takes any
   std::atomic<uint64_t> progress{0};
   {
     ThreadPool pool(options.threads > 0 ? options.threads : std::max(4, UsableCpus()));
     DSMOE_RETURN_IF_ERROR(w->Place(options, pool, progress));
+  }
+  if (w->report_.placement == WeightLoadOptions::Placement::kMap && options.lock_mapped &&
+      options.populate && w->report_.bytes > 0) {
+    const int64_t bytes = w->report_.bytes;
+    if (available <= 0 || available >= bytes + bytes / 10) {
+      w->LockMappings();
+    } else {
+      // Short of memory, paging weights in and out beats failing to start.
+      w->report_.reason =
+          absl::StrCat(w->report_.reason, "; not locked in memory (", FormatBytes(available),
+                       " available for ", FormatBytes(bytes),
+                       " of weights): the kernel may evict "
+                       "weights under pressure and decode read them again");
+    }
   }
   w->report_.read_seconds = SecondsSince(read_start);
   w->report_.total_seconds = SecondsSince(start);
@@ -304,10 +320,24 @@ absl::Status ModelWeights::Place(const WeightLoadOptions& options, ThreadPool& p
   if (options.placement == Placement::kMap) {
     report_.placement = Placement::kMap;
     report_.reason = "--mmap-weights / placement map";
-    const Clock::time_point t = Clock::now();
+    Clock::time_point t = Clock::now();
     if (options.populate) DSMOE_RETURN_IF_ERROR(Populate(pieces, pool, progress));
     report_.populate_seconds = SecondsSince(t);
-    const ResidentPages r = ResidentOf(checkpoint_->MappedShards());
+    ResidentPages r = ResidentOf(checkpoint_->MappedShards());
+    if (options.populate && !MostlyHuge(r) && TransparentHugePagesAvailable()) {
+      // The cache holds the file in small folios (another program read or wrote it): read it
+      // again into huge ones if the kernel makes them, still one copy.
+      bool works = false;
+      int64_t reread = 0;
+      t = Clock::now();
+      DSMOE_RETURN_IF_ERROR(RereadSmallPagedShards(pieces, pool, progress, works, reread));
+      report_.reread_seconds = SecondsSince(t);
+      if (works) {
+        report_.reason = absl::StrFormat("%s; re-read %.2f GB that the cache held in 4 KiB pages",
+                                         report_.reason, static_cast<double>(reread) / 1e9);
+      }
+      r = ResidentOf(checkpoint_->MappedShards());
+    }
     report_.resident_bytes = static_cast<int64_t>(r.rss);
     report_.huge_bytes = static_cast<int64_t>(r.huge);
     return absl::OkStatus();
@@ -365,6 +395,25 @@ absl::Status ModelWeights::Place(const WeightLoadOptions& options, ThreadPool& p
   report_.resident_bytes = static_cast<int64_t>(r.rss);
   report_.huge_bytes = static_cast<int64_t>(r.huge);
   return absl::OkStatus();
+}
+
+void ModelWeights::LockMappings() {
+  report_.locked = true;
+  for (const auto& shard : checkpoint_->MappedShards()) {
+    if (mlock2(shard.data, shard.size, MLOCK_ONFAULT) != 0) {
+      const int err = errno;
+      for (const auto& s : checkpoint_->MappedShards()) (void)munlock(s.data, s.size);
+      report_.locked = false;
+      report_.reason = absl::StrCat(
+          report_.reason, "; not locked in memory (", std::strerror(err),
+          err == ENOMEM || err == EPERM
+              ? ": RLIMIT_MEMLOCK too low; raise it (ulimit -l, a container's memlock limit) or "
+                "grant CAP_IPC_LOCK"
+              : "",
+          "): under memory pressure the kernel may evict weights and decode read them again");
+      return;
+    }
+  }
 }
 
 absl::Status ModelWeights::Populate(const std::vector<Piece>& pieces, ThreadPool& pool,
