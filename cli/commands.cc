@@ -355,7 +355,12 @@ int RunRoute(const RouteOptions& o) {
 }
 
 int RunInfo(const InfoOptions& o) {
-  auto w = ModelWeights::Load(o.model);
+  // Shapes and dtypes only: the weights stay mapped and unread, and stdout is the JSON.
+  WeightLoadOptions unread;
+  unread.placement = WeightLoadOptions::Placement::kMap;
+  unread.populate = false;
+  unread.logger = nullptr;
+  auto w = ModelWeights::Load(o.model, WeightSelection::Everything(), unread);
   if (!w.ok()) return Fail(w.status());
   const ModelConfig& c = (*w)->config();
   const ParameterCount params = CountParameters(c);
