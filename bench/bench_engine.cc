@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
 
   std::printf("kernels: %s table; CPU: %s; weights in %s\n\n", ops::Kernels().name,
               GetCpuFeatures().ToString().c_str(),
-              mmap_weights ? "the file mapping (4 KiB pages)" : "huge pages");
+              mmap_weights ? "the file mapping" : "an anonymous huge-page copy");
   std::printf(
       "| threads | read GB/s (huge pages, best of 1-16 streams) | read GB/s (4 KiB pages) | "
       "decode kernel GB/s (BF16 GEMV, 1 GiB) | FMA peak GFLOP/s (registers only) | dsmoe GEMM "
@@ -231,7 +231,11 @@ int main(int argc, char** argv) {
       ResetPeakResident();  // this model's peak alone, not the probes' or the last model's
       const double resident_before = PeakResidentBytes();
       Memory memory{preset, dtype_name, BytesOnDisk(model_dir), 0, 0};
-      auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
+      WeightLoadOptions load;
+      load.placement =
+          mmap_weights ? WeightLoadOptions::Placement::kMap : WeightLoadOptions::Placement::kCopy;
+      load.logger = nullptr;  // stdout is the table
+      auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), load);
       if (!weights.ok()) {
         std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
         return 1;

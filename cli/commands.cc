@@ -24,6 +24,7 @@
 #include "core/tokenizer/chat_template.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/cpu_features.h"
+#include "core/util/log.h"
 #include "core/util/thread_pool.h"
 
 namespace dsmoe::cli {
@@ -33,6 +34,21 @@ namespace {
 int Fail(const absl::Status& status) {
   std::cerr << "dsmoe: error: " << status.message() << "\n";
   return 1;
+}
+
+// Library lines (the weight load's summary and progress) on stderr, beside the errors.
+Logger* StderrLogger() {
+  class Stderr final : public Logger {
+   public:
+    void Log(LogLevel level, std::string_view message) override {
+      // One fprintf per line keeps the line whole when threads log at once.
+      std::fprintf(stderr, "%s%s%.*s\n", level == LogLevel::kInfo ? "" : LogLevelName(level),
+                   level == LogLevel::kInfo ? "" : ": ", static_cast<int>(message.size()),
+                   message.data());
+    }
+  };
+  static Stderr* logger = new Stderr();
+  return logger;
 }
 
 // A loaded model with what a computing subcommand needs.
@@ -63,8 +79,13 @@ absl::StatusOr<LoadedModel> Load(const ModelInputOptions& in) {
   } else {
     DSMOE_ASSIGN_OR_RETURN(m.ids, ParseIdList(in.ids, "--ids"));
   }
-  DSMOE_ASSIGN_OR_RETURN(m.weights, ModelWeights::Load(in.model, WeightSelection::Everything(),
-                                                       {/*copy_to_huge_pages=*/!in.mmap_weights}));
+  WeightLoadOptions load;
+  load.placement = in.mmap_weights   ? WeightLoadOptions::Placement::kMap
+                   : in.copy_weights ? WeightLoadOptions::Placement::kCopy
+                                     : WeightLoadOptions::Placement::kAuto;
+  load.logger = StderrLogger();  // stdout carries the command's output
+  DSMOE_ASSIGN_OR_RETURN(m.weights,
+                         ModelWeights::Load(in.model, WeightSelection::Everything(), load));
   const int64_t V = m.weights->config().vocab_size;
   for (int32_t id : m.ids) {
     if (id >= V) {
@@ -416,7 +437,12 @@ int RunRoute(const RouteOptions& o) {
 }
 
 int RunInfo(const InfoOptions& o) {
-  auto w = ModelWeights::Load(o.model);
+  // Shapes and dtypes only: the weights stay mapped and unread, and stdout is the JSON.
+  WeightLoadOptions unread;
+  unread.placement = WeightLoadOptions::Placement::kMap;
+  unread.populate = false;
+  unread.logger = nullptr;
+  auto w = ModelWeights::Load(o.model, WeightSelection::Everything(), unread);
   if (!w.ok()) return Fail(w.status());
   const ModelConfig& c = (*w)->config();
   const ParameterCount params = CountParameters(c);

@@ -35,7 +35,8 @@ struct ModelInputOptions {
   std::string ids;                // "1,2,3"
   std::string prompt;             // needs a tokenizer
   int threads = 0;                // 0: all cores
-  bool mmap_weights = false;      // serve weights from the file mapping instead of a huge-page copy
+  bool mmap_weights = false;      // serve weights from the file mapping (page cache)
+  bool copy_weights = false;      // copy them into anonymous huge pages; neither: chosen per start
   std::string kv_dtype = "auto";  // the KV cache's element type: auto, f32 or bf16
 };
 

@@ -22,9 +22,14 @@ void AddModelInputFlags(CLI::App* cmd, ModelInputOptions& in) {
   ids->excludes(prompt);
   cmd->add_option("--threads", in.threads, "Compute threads (default: all cores)")
       ->check(CLI::Range(1, 1024));
-  cmd->add_flag("--mmap-weights", in.mmap_weights,
-                "Read weights through the file mapping (4 KiB pages) instead of copying them into "
-                "huge pages");
+  auto* mmap = cmd->add_flag("--mmap-weights", in.mmap_weights,
+                             "Serve weights from the checkpoint's file mapping (the page cache: "
+                             "held once, 2 MiB pages where the kernel allows) instead of choosing "
+                             "per start");
+  auto* copy =
+      cmd->add_flag("--copy-weights", in.copy_weights,
+                    "Copy weights into anonymous huge pages instead of choosing per start");
+  mmap->excludes(copy);
   cmd->add_option("--kv-dtype", in.kv_dtype,
                   "KV cache element type: bf16 (half the bytes, fp32 arithmetic), f32, or auto "
                   "(f32 for an F32 checkpoint, bf16 otherwise)")

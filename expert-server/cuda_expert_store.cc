@@ -17,7 +17,8 @@ absl::StatusOr<std::unique_ptr<CudaExpertExecutor>> Upload(const ExpertStoreOpti
                                                            std::unique_ptr<ModelConfig>* config,
                                                            ExpertSet* held) {
   WeightLoadOptions mapped;
-  mapped.copy_to_huge_pages = false;
+  mapped.placement = WeightLoadOptions::Placement::kMap;
+  mapped.populate = false;
   DSMOE_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> weights,
                          ModelWeights::Load(options.model_dir, selection, mapped));
   if (config != nullptr) *config = std::make_unique<ModelConfig>(weights->config());

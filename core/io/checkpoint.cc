@@ -117,6 +117,15 @@ std::vector<std::string> Checkpoint::TensorNamesInFileOrder() const {
   return names;
 }
 
+std::vector<Checkpoint::MappedShard> Checkpoint::MappedShards() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<MappedShard> out;
+  for (const auto& [name, file] : shards_) {
+    out.push_back({file->path(), file->mapping().data(), file->mapping().size()});
+  }
+  return out;
+}
+
 void Checkpoint::ReleaseMappings() {
   absl::MutexLock lock(&mu_);
   shards_.clear();

@@ -31,6 +31,14 @@ class Checkpoint {
   std::vector<std::string> ShardNames() const;
   // Every tensor name, shard by shard in file order, each shard's tensors by data offset.
   std::vector<std::string> TensorNamesInFileOrder() const;
+  // Every shard mapped so far (the ones whose tensors were asked for, or all after Open of a
+  // sharded checkpoint), with where its mapping lies: views from Tensor() point into these.
+  struct MappedShard {
+    std::string path;
+    const std::byte* data = nullptr;
+    size_t size = 0;
+  };
+  std::vector<MappedShard> MappedShards() const;
   // Unmaps every opened shard: views from Tensor() become invalid. Shards are mapped again
   // on the next Tensor() call.
   void ReleaseMappings();

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -27,21 +28,45 @@ absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& 
   }
   const size_t size = static_cast<size_t>(st.st_size);
   const std::byte* data = nullptr;
+  std::byte* mapping = nullptr;
+  size_t mapping_size = 0;
   if (size > 0) {
-    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    // Reserve one huge page more than the file, then map the file over the reservation at the
+    // first 2 MiB boundary: a 2 MiB-aligned file offset must sit at a 2 MiB-aligned address
+    // for the kernel to map a huge folio with one entry.
+    constexpr size_t kHugePage = size_t{2} << 20;
+    mapping_size = size + kHugePage;
+    void* reserved = ::mmap(nullptr, mapping_size, PROT_NONE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (reserved == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      return absl::ResourceExhaustedError(
+          absl::StrCat(path, ": cannot reserve address space: ", std::strerror(err)));
+    }
+    mapping = static_cast<std::byte*>(reserved);
+    const uintptr_t aligned =
+        (reinterpret_cast<uintptr_t>(reserved) + kHugePage - 1) / kHugePage * kHugePage;
+    void* p =
+        ::mmap(reinterpret_cast<void*>(aligned), size, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
     if (p == MAP_FAILED) {
       const int err = errno;
+      ::munmap(reserved, mapping_size);
       ::close(fd);
       return absl::InternalError(absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
     }
+    // Advisory: without THP support (or a file system without large folios) the pages are
+    // simply 4 KiB.
+    (void)::madvise(p, size, MADV_HUGEPAGE);
     data = static_cast<const std::byte*>(p);
   }
   ::close(fd);  // the mapping keeps the file alive
-  return std::unique_ptr<MappedFile>(new MappedFile(path, data, size));
+  return std::unique_ptr<MappedFile>(new MappedFile(path, data, size, mapping, mapping_size));
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+  // One munmap covers the file mapping and the reservation around it.
+  if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
 }
 
 absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {

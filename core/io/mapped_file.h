@@ -1,5 +1,11 @@
 // A read-only memory map of a whole file. Pages are read lazily by the kernel, so mapping a
 // checkpoint shard costs nothing until its tensors are touched.
+//
+// The mapping starts on a 2 MiB boundary and is advised MADV_HUGEPAGE: where the kernel keeps
+// the file's page cache in 2 MiB folios (Linux 6.x on ext4 and XFS, filled by a fault on such a
+// mapping or by large sequential reads), it then maps them with 2 MiB page-table entries, and
+// reading the weights through the mapping costs no more TLB misses than a huge-page copy
+// (docs/startup.md).
 #pragma once
 
 #include <cstddef>
@@ -23,11 +29,18 @@ class MappedFile {
   const std::string& path() const { return path_; }
 
  private:
-  MappedFile(std::string path, const std::byte* data, size_t size)
-      : path_(std::move(path)), data_(data), size_(size) {}
+  MappedFile(std::string path, const std::byte* data, size_t size, std::byte* mapping,
+             size_t mapping_size)
+      : path_(std::move(path)),
+        data_(data),
+        size_(size),
+        mapping_(mapping),
+        mapping_size_(mapping_size) {}
   std::string path_;
   const std::byte* data_;
   size_t size_;
+  std::byte* mapping_;  // the whole reservation data_ lies in (over-mapped to align)
+  size_t mapping_size_;
 };
 
 absl::StatusOr<std::string> ReadTextFile(const std::string& path, size_t max_bytes);

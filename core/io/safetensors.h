@@ -42,6 +42,8 @@ class SafetensorsFile {
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
 
   const std::string& path() const { return file_->path(); }
+  // The whole file's mapping, which every view from Tensor() points into.
+  const MappedFile& mapping() const { return *file_; }
   bool Contains(const std::string& name) const { return header_.entries.count(name) != 0; }
   const std::map<std::string, SafetensorsEntry>& entries() const { return header_.entries; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }

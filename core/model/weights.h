@@ -4,17 +4,21 @@
 // core/model/tensor_roles.h.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "core/io/checkpoint.h"
 #include "core/model/config.h"
 #include "core/tensor/tensor.h"
 #include "core/util/huge_pages.h"
+#include "core/util/log.h"
 #include "core/util/status.h"
+#include "core/util/thread_pool.h"
 
 namespace dsmoe {
 
@@ -70,11 +74,61 @@ struct WeightSelection {
 };
 
 struct WeightLoadOptions {
-  // Copy the selected weights, in the order the forward pass reads them, into one anonymous
-  // buffer advised for transparent huge pages, then drop the file mappings. Off: the views
-  // point into the memory-mapped checkpoint (4 KiB pages; nothing is copied).
-  bool copy_to_huge_pages = true;
+  // Where the weights live once loaded (docs/startup.md has the figures behind the choice).
+  enum class Placement {
+    // kMap when the kernel maps the checkpoint's page cache with 2 MiB pages (held once, a warm
+    // start costs no copy); else kCopy when memory holds a copy; else kMap with 4 KiB pages.
+    // The choice and why are logged.
+    kAuto,
+    // Views into the checkpoint's file mapping (MADV_HUGEPAGE), faulted in at load when
+    // `populate` (and shards the cache holds in 4 KiB folios read again, as kAuto does): the
+    // page cache is the only copy (--mmap-weights).
+    kMap,
+    // Read with parallel pread, in the order the forward pass reads them, into one anonymous
+    // buffer advised for transparent huge pages; the file mappings are dropped, and so is the
+    // file's page cache as it is read when memory cannot hold both.
+    kCopy,
+  };
+  Placement placement = Placement::kAuto;
+  // kMap: fault every selected page in during Load, so that no forward pass waits for the disk.
+  // Off: pages are read at first touch (a store that uploads the weights elsewhere and drops
+  // them).
+  bool populate = true;
+  // Mapped placements: lock the mapped weights in memory (mlock2 MLOCK_ONFAULT), so that they
+  // stay resident as an anonymous copy would (no swap): otherwise the kernel evicts mapped
+  // page cache under memory pressure, and decode reads it from disk again (measured: a 17.6 GB
+  // checkpoint on a 24 GiB box fell to 0.2 tok/s). Not when memory available at the start
+  // holds less than the weights + 10% (then paging beats not starting), nor where
+  // RLIMIT_MEMLOCK forbids it: the load goes on unlocked and says so.
+  bool lock_mapped = true;
+  // Threads that read or fault in (0: the usable CPUs, at least 4: a cold start needs several
+  // reads in flight to reach the disk's speed).
+  int threads = 0;
+  // The summary line (kInfo) and progress lines of loads that last longer than `progress_after`
+  // (then every `progress_every`). Null: silent.
+  Logger* logger = DefaultLogger();
+  absl::Duration progress_after = absl::Seconds(3);
+  absl::Duration progress_every = absl::Seconds(3);
 };
+
+// What Load did: for its log line, tests and benchmarks.
+struct WeightLoadReport {
+  WeightLoadOptions::Placement placement = WeightLoadOptions::Placement::kMap;
+  std::string reason;          // why this placement (kAuto), in words
+  int64_t bytes = 0;           // distinct weight matrix bytes selected
+  int64_t huge_bytes = 0;      // of what this process holds of them, bytes in 2 MiB pages
+  int64_t resident_bytes = 0;  // what this process holds of the weight mappings or buffer
+  int64_t num_shards = 0;
+  bool locked = false;          // mapped weights locked in memory (WeightLoadOptions::lock_mapped)
+  double open_seconds = 0;      // config, headers, names and shapes checked
+  double read_seconds = 0;      // placing the weights: the three below
+  double populate_seconds = 0;  // faulting the mapping in (kMap, kAuto)
+  double reread_seconds = 0;    // kAuto: re-reading shards the cache held in 4 KiB pages
+  double copy_seconds = 0;      // kCopy: pread into the buffer
+  double total_seconds = 0;
+  std::string Describe() const;  // the log line
+};
+const char* PlacementName(WeightLoadOptions::Placement placement);  // "auto", "map", "copy"
 
 // Const after Load; thread-safe. Owns the memory the views point into: the weight buffer, or
 // the checkpoint's mappings.
@@ -90,7 +144,9 @@ class ModelWeights {
   void ForEachMatrix(Fn&& fn);
   // Bytes of all distinct loaded weight matrices.
   size_t MatrixBytes();
+  // Whether the weights were copied into an anonymous buffer (kCopy) rather than mapped.
   bool in_huge_pages() const { return buffer_ != nullptr; }
+  const WeightLoadReport& load_report() const { return report_; }
 
   const ModelConfig& config() const { return config_; }
   const GenerationConfig& generation_config() const { return generation_config_; }
@@ -105,12 +161,33 @@ class ModelWeights {
   ModelWeights() = default;
   absl::Status LoadTensors(const WeightSelection& selection);
 
-  absl::Status CopyToHugePages();
+  // A distinct piece of weight bytes (values or Q8_0 scales), in forward order.
+  struct Piece {
+    const std::byte* data;
+    size_t size;
+  };
+  std::vector<Piece> DistinctPieces();
+  absl::Status Place(const WeightLoadOptions& options, ThreadPool& pool,
+                     std::atomic<uint64_t>& progress);
+  // mlock2(MLOCK_ONFAULT) of every shard mapping: what was faulted in stays; sets
+  // report_.locked, or says in report_.reason why not.
+  void LockMappings();
+  absl::Status Populate(const std::vector<Piece>& pieces, ThreadPool& pool,
+                        std::atomic<uint64_t>& progress);
+  // Moves the weights into huge pages: parallel pread of every piece into the buffer.
+  absl::Status CopyIn(const std::vector<Piece>& pieces, ThreadPool& pool, bool drop_cache,
+                      std::atomic<uint64_t>& progress);
+  // Re-reads shards whose page cache holds small folios, if this kernel maps the file with
+  // 2 MiB pages at all (tried on one 2 MiB range). Sets `works` to what the trial showed.
+  absl::Status RereadSmallPagedShards(const std::vector<Piece>& pieces, ThreadPool& pool,
+                                      std::atomic<uint64_t>& progress, bool& works,
+                                      int64_t& reread_bytes);
 
   ModelConfig config_;
   GenerationConfig generation_config_;
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<HugePageBuffer> buffer_;
+  WeightLoadReport report_;
 };
 
 template <class Fn>

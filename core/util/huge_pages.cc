@@ -2,10 +2,13 @@
 
 #include <sys/mman.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <string>
 
 namespace dsmoe {
@@ -51,6 +54,42 @@ size_t ProcessHugePageBytes() {
     std::getline(in, unit);
   }
   return 0;
+}
+
+ResidentPages ResidentPagesIn(const void* begin, size_t size) {
+  ResidentPages out;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(begin), hi = lo + size;
+  std::ifstream in("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    // A VMA's header line: "7f12a0000000-7f12a4000000 r--p 00000000 fd:00 1234  /path".
+    const size_t dash = line.find('-');
+    if (dash != std::string::npos && dash > 0 &&
+        std::isxdigit(static_cast<unsigned char>(line[0])) && line.find(':') > dash) {
+      const uintptr_t vma_begin = std::strtoull(line.c_str(), nullptr, 16);
+      const uintptr_t vma_end = std::strtoull(line.c_str() + dash + 1, nullptr, 16);
+      inside = vma_begin >= lo && vma_begin < hi && vma_end > vma_begin;
+      continue;
+    }
+    if (!inside) continue;
+    auto field = [&](const char* key) -> std::optional<size_t> {
+      const size_t n = std::strlen(key);
+      if (line.compare(0, n, key) != 0) return std::nullopt;
+      return std::strtoull(line.c_str() + n, nullptr, 10) * 1024;  // "Rss:   1234 kB"
+    };
+    if (auto v = field("Rss:")) out.rss += *v;
+    if (auto v = field("FilePmdMapped:")) out.huge += *v;
+    if (auto v = field("AnonHugePages:")) out.huge += *v;
+  }
+  return out;
+}
+
+bool TransparentHugePagesAvailable() {
+  std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string text;
+  std::getline(in, text);
+  return text.find("[never]") == std::string::npos;
 }
 
 }  // namespace dsmoe

@@ -35,4 +35,19 @@ class HugePageBuffer {
 // /proc/self/smaps_rollup); 0 where the kernel does not say.
 size_t ProcessHugePageBytes();
 
+// What this process has resident of the mappings that start inside [begin, begin + size), summed
+// over those VMAs of /proc/self/smaps (so pass whole mappings): resident
+// bytes, and those mapped with 2 MiB page-table entries (FilePmdMapped for a file mapping,
+// AnonHugePages for anonymous memory). Zeros where the kernel does not say.
+struct ResidentPages {
+  size_t rss = 0;
+  size_t huge = 0;
+};
+ResidentPages ResidentPagesIn(const void* begin, size_t size);
+
+// The kernel's transparent huge page policy (/sys/kernel/mm/transparent_hugepage/enabled): false
+// only when it says "never" (then madvise(MADV_HUGEPAGE) does nothing, for anonymous memory and
+// files alike).
+bool TransparentHugePagesAvailable();
+
 }  // namespace dsmoe

@@ -1,11 +1,13 @@
 #include "core/util/memory_limit.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "core/util/cgroup.h"
 
@@ -33,6 +35,24 @@ int64_t CgroupMemoryLimit() {
     return MemoryLimitFromCgroupV2(max);
   }
   return MemoryLimitFromCgroupV1(ReadSmallFile("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+}
+
+int64_t AvailableMemoryBytes() {
+  int64_t available = 0;
+  for (absl::string_view line : absl::StrSplit(ReadSmallFile("/proc/meminfo"), '\n')) {
+    if (!absl::ConsumePrefix(&line, "MemAvailable:")) continue;
+    absl::ConsumeSuffix(&line, "kB");
+    if (absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &available)) available *= 1024;
+    break;
+  }
+  const int64_t limit = CgroupMemoryLimit();
+  int64_t used = 0;
+  if (limit > 0 &&
+      absl::SimpleAtoi(absl::StripAsciiWhitespace(ReadCgroupV2File("memory.current")), &used)) {
+    const int64_t left = std::max<int64_t>(0, limit - used);
+    available = available > 0 ? std::min(available, left) : left;
+  }
+  return available;
 }
 
 absl::StatusOr<int64_t> ParseByteSize(absl::string_view text) {

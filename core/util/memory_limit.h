@@ -14,6 +14,13 @@ namespace dsmoe {
 // v1 `memory.limit_in_bytes`); 0: none. Reads /proc and /sys each call; thread-safe.
 int64_t CgroupMemoryLimit();
 
+// Memory this process could still take without the kernel reclaiming anything it cannot drop:
+// /proc/meminfo's MemAvailable (free memory plus page cache that can be dropped), lowered to
+// what the cgroup limit leaves above the cgroup's current use (v2 `memory.current`; the page
+// cache it counts is not subtracted back, so this is a lower bound there). 0 where neither can
+// be read. Reads /proc and /sys each call; thread-safe.
+int64_t AvailableMemoryBytes();
+
 // Pure, for tests. cgroup v2 memory.max: "<bytes>" or "max" (0). v1 limit_in_bytes: a number,
 // where anything from 2^60 up (the kernel's "unlimited", page-rounded LONG_MAX) means none.
 int64_t MemoryLimitFromCgroupV2(absl::string_view memory_max);
