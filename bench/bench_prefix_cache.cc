@@ -116,9 +116,12 @@ int main(int argc, char** argv) {
     std::printf("writing %s ...\n", model_dir.c_str());
     if (!WriteRandomCheckpoint(*config, {dtype, 1, 1}, model_dir).ok()) return 1;
   }
-  bool mmap_weights = false;  // map the checkpoint instead of copying it (less resident memory)
-  for (int i = 1; i < argc; ++i) mmap_weights |= std::string(argv[i]) == "--mmap-weights";
-  auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), {!mmap_weights});
+  WeightLoadOptions load;  // placement chosen per start, or the file mapping when asked
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--mmap-weights")
+      load.placement = WeightLoadOptions::Placement::kMap;
+  }
+  auto weights = ModelWeights::Load(model_dir, WeightSelection::Everything(), load);
   if (!weights.ok()) {
     std::fprintf(stderr, "%s\n", std::string(weights.status().message()).c_str());
     return 1;

@@ -156,8 +156,7 @@ TEST(KvDType, Bf16CacheStaysWithinBoundOfF32OnTheSmallPreset) {
   testing::TempDir dir;
   const ModelConfig config = *PresetConfig("small");
   ASSERT_TRUE(WriteRandomCheckpoint(config, {DType::kBF16, 29, 1}, dir.path()).ok());
-  auto weights =
-      ModelWeights::Load(dir.path(), WeightSelection::Everything(), {/*copy_to_huge_pages=*/false});
+  auto weights = ModelWeights::Load(dir.path(), WeightSelection::Everything());
   ASSERT_TRUE(weights.ok()) << weights.status();
   ThreadPool pool(2);
   RunnerOptions o;
