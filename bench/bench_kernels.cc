@@ -106,7 +106,7 @@ void CompareTablesOn16BShapes() {
                           {"attention 2048→2048", 2048, 2048}};
   std::vector<const ops::KernelTable*> tables;
   std::string header, rule;
-  for (const char* name : {"avx2", "avx512", "avx512bf16"}) {
+  for (const char* name : {"avx2", "avx512", "amx", "avx512bf16"}) {
     const ops::KernelTable* t = ops::KernelsNamed(name);
     if (t == nullptr) {
       std::printf("(%s: not on this CPU)\n", name);
