@@ -18,21 +18,26 @@ class Stream:
     def __init__(self, prompt, max_tokens):
         self.prompt, self.max_tokens = prompt, max_tokens
         self.ids, self.times, self.error, self.finish = [], [], None, None
+        # With margins=True: per token, the log-probability gap between the two likeliest tokens.
+        self.margins = []
 
 
-def run_streams(cluster, prompts, max_tokens, timeout=300):
+def run_streams(cluster, prompts, max_tokens, timeout=300, margins=False):
     """One greedy request per prompt, all at once; returns the Streams when all are done."""
     streams = [Stream(p, max_tokens) for p in prompts]
 
     def one(s):
         try:
             req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=s.prompt), max_tokens=s.max_tokens,
-                                        temperature=0.0, ignore_eos=True)
+                                        temperature=0.0, ignore_eos=True, logprobs=margins,
+                                        top_logprobs=2 if margins else 0)
             for m in cluster.gateway.Generate(req, timeout=timeout):
                 now = time.monotonic()
                 if m.token_ids:
                     s.ids.extend(m.token_ids)
                     s.times.append(now)
+                    s.margins.extend(lp.top_logprobs[0].logprob - lp.top_logprobs[1].logprob
+                                     for lp in m.logprobs)
                 if m.finish_reason:
                     s.finish = cu.pb.FinishReason.Name(m.finish_reason)
         except cu.grpc.RpcError as e:
@@ -42,6 +47,25 @@ def run_streams(cluster, prompts, max_tokens, timeout=300):
     for t in threads:
         t.start()
     return streams, threads
+
+
+# Two greedy runs of the same requests batch them differently, and batching changes logits
+# only by fp32 rounding (~1e-6 relative). Where the two likeliest tokens are closer than this, in
+# log-probability, rounding may pick either: the runs may then part ways, and not before.
+NEAR_TIE = 1e-3
+
+
+def first_difference_at_a_near_tie(got, want):
+    """None when the two Streams' tokens are equal. Otherwise the first index where they
+    differ, if both runs saw a near tie there (greedy choice decided by rounding); raises
+    AssertionError naming the index and the margins if not."""
+    if got.ids == want.ids:
+        return None
+    j = next((i for i, (a, b) in enumerate(zip(got.ids, want.ids)) if a != b), min(len(got.ids), len(want.ids)))
+    if j < len(got.margins) and j < len(want.margins) and max(got.margins[j], want.margins[j]) < NEAR_TIE:
+        return j
+    raise AssertionError(f"token {j} differs ({got.ids[j:j + 1]} vs {want.ids[j:j + 1]}) with margins "
+                         f"{got.margins[j:j + 1]} / {want.margins[j:j + 1]} (a near tie is < {NEAR_TIE})")
 
 
 def wait(threads):

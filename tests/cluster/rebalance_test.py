@@ -49,9 +49,9 @@ class LiveRebalance(unittest.TestCase):
         cls.cluster = cu.Cluster(cls.model, attention=1, experts=4, extra=("--load-window-seconds", "30"))
         cls.prompts = prompts(STREAMS)
         # The reference: the same workload, placement unchanged (this also fills the window).
-        streams, threads = lu.run_streams(cls.cluster, cls.prompts, TOKENS)
+        streams, threads = lu.run_streams(cls.cluster, cls.prompts, TOKENS, margins=True)
         lu.wait(threads)
-        cls.reference = [s.ids for s in streams]
+        cls.reference = streams
         assert all(s.error is None and len(s.ids) == TOKENS for s in streams), [s.error for s in streams]
 
     @classmethod
@@ -77,7 +77,7 @@ class LiveRebalance(unittest.TestCase):
         self.assertEqual(again["version"], "1")
 
     def test_2_live_rebalance_under_16_streams(self):
-        streams, threads = lu.run_streams(self.cluster, self.prompts, TOKENS)
+        streams, threads = lu.run_streams(self.cluster, self.prompts, TOKENS, margins=True)
         # Start once every stream is decoding, so the switch lands mid-generation.
         deadline = time.time() + 120
         while min(len(s.ids) for s in streams) < TOKENS // 4 and time.time() < deadline:
@@ -96,10 +96,22 @@ class LiveRebalance(unittest.TestCase):
         self.assertEqual(applied["version"], "2")
         self.assertGreater(applied["experts_loaded"], 0)
         self.assertGreater(n_in, 0, "no stream was generating during the rebalance")
+        # Every stream equals the run without rebalancing, except where both runs met a near tie
+        # (the batches differ between runs; lu.NEAR_TIE): from there a stream may part ways. Few
+        # may: a wrong expert output would part many streams, at ordinary margins.
+        parted = []
         for i, s in enumerate(streams):
             self.assertIsNone(s.error, f"stream {i}")
             self.assertEqual(s.finish, "FINISH_REASON_LENGTH")
-            self.assertEqual(s.ids, self.reference[i], f"stream {i} differs from the run without rebalancing")
+            try:
+                at = lu.first_difference_at_a_near_tie(s, self.reference[i])
+            except AssertionError as e:
+                self.fail(f"stream {i} differs from the run without rebalancing: {e}")
+            if at is not None:
+                parted.append((i, at))
+        if parted:
+            print(f"streams that parted at a near tie (stream, token): {parted}", flush=True)
+        self.assertLessEqual(len(parted), 2, f"too many streams parted at near ties: {parted}")
         self.assertGreater(still_running + n_in, 0)
         # The placement in use, and the expert servers hold exactly it: old replicas dropped.
         report = json.loads(placement(self.cluster, "show", "--json").stdout)[0]
@@ -148,8 +160,10 @@ class LiveRebalance(unittest.TestCase):
             self.cluster.expert(0).SetPlacement(cu.epb.SetPlacementRequest(version=9, layers=[1], experts=[99]),
                                                 timeout=10)
         self.assertEqual(e.exception.code(), cu.grpc.StatusCode.INVALID_ARGUMENT)
-        got, finish, _ = self.cluster.generate(self.prompts[0], TOKENS)
-        self.assertEqual(got, self.reference[0])
+        streams, threads = lu.run_streams(self.cluster, self.prompts[:1], TOKENS, margins=True)
+        lu.wait(threads)
+        self.assertIsNone(streams[0].error)
+        lu.first_difference_at_a_near_tie(streams[0], self.reference[0])  # equal, or parted at a near tie
         r = placement(self.cluster, "show", "--attention", "127.0.0.1:1", "--timeout", "2", check=False)
         self.assertEqual(r.returncode, 1)
         self.assertIn("127.0.0.1:1", r.stderr)
