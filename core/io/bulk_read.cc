@@ -11,6 +11,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "core/io/mapped_file.h"
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14; older C libraries lack the name
@@ -62,19 +63,9 @@ class FirstError {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ReadOnlyFile>> ReadOnlyFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    return (err == ENOENT ? absl::NotFoundError : absl::PermissionDeniedError)(
-        absl::StrCat(path, ": cannot open: ", std::strerror(err)));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
+  DSMOE_ASSIGN_OR_RETURN(const OpenedFile file, OpenRegularFile(path));
   return std::unique_ptr<ReadOnlyFile>(
-      new ReadOnlyFile(path, fd, static_cast<uint64_t>(st.st_size)));
+      new ReadOnlyFile(path, file.fd, static_cast<uint64_t>(file.size)));
 }
 
 ReadOnlyFile::~ReadOnlyFile() { ::close(fd_); }

@@ -14,7 +14,7 @@
 
 namespace dsmoe {
 
-absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
+absl::StatusOr<OpenedFile> OpenRegularFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -26,7 +26,13 @@ absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& 
     ::close(fd);
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
   }
-  const size_t size = static_cast<size_t>(st.st_size);
+  return OpenedFile{fd, static_cast<size_t>(st.st_size)};
+}
+
+absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
+  DSMOE_ASSIGN_OR_RETURN(const OpenedFile file, OpenRegularFile(path));
+  const int fd = file.fd;
+  const size_t size = file.size;
   const std::byte* data = nullptr;
   std::byte* mapping = nullptr;
   size_t mapping_size = 0;

@@ -16,6 +16,15 @@
 
 namespace dsmoe {
 
+// A regular file opened read-only (O_CLOEXEC): its descriptor, which the caller then owns, and
+// its size. NOT_FOUND or PERMISSION_DENIED when it cannot be opened, INVALID_ARGUMENT when it
+// is not a regular file; every message names the path.
+struct OpenedFile {
+  int fd;
+  size_t size;
+};
+absl::StatusOr<OpenedFile> OpenRegularFile(const std::string& path);
+
 // Thread-safe after construction (immutable). Owns the mapping; unmaps on destruction.
 class MappedFile {
  public:
