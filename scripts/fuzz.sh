@@ -12,7 +12,8 @@ SECONDS_PER_TARGET=${1:-40}
 shift || true
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
-  TARGETS=(safetensors config tokenizer_json tokenizer_encode request chat_template data_plane)
+  TARGETS=(safetensors config tokenizer_json tokenizer_encode request chat_template data_plane
+    http_request)
 fi
 BUILD_DIR=${DSMOE_FUZZ_BUILD_DIR:-build-fuzz}
 JOBS=$(($(nproc) < 2 ? $(nproc) : 2))

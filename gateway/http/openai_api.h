@@ -2,11 +2,11 @@
 // /v1/completions, /v1/chat/completions, /health, /ready, /tokenize, /detokenize.
 //
 // One request path, two wire formats: every request is checked here for what only HTTP has
-// (the JSON body, OpenAI's parameter names, the chat template), then becomes dsmoe.v1.Gateway
-// calls on an in-process channel to the gateway's own GatewayService. So API keys, per-key rate
-// limits, request validation, admission (--max-concurrent/--max-queued), the attention-server
-// pool with its retries, stop strings, UTF-8-safe text and the request metrics are the gRPC
-// API's own, not a copy. n choices are n Generate calls (n sequences in the batch).
+// (the JSON body, OpenAI's parameter names, the chat template: completion_request.h), then becomes
+// dsmoe.v1.Gateway calls on an in-process channel to the gateway's own GatewayService. So API keys,
+// per-key rate limits, request validation, admission (--max-concurrent/--max-queued), the
+// attention-server pool with its retries, stop strings, UTF-8-safe text and the request metrics are
+// the gRPC API's own, not a copy. n choices are n Generate calls (n sequences in the batch).
 //
 // Nothing blocks an I/O thread: the Generate calls are gRPC client reactors whose reactions
 // format a chunk and hand it to the HttpExchange. A client that hangs up cancels its calls,

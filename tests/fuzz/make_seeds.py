@@ -170,6 +170,7 @@ def main():
 
     requests()
     data_plane()
+    http_requests()
 
 
 def data_plane():
@@ -227,5 +228,64 @@ def requests():
         write("request", name, data)
 
 
+def http_requests():
+    """JSON bodies of /v1/completions and /v1/chat/completions for the HTTP request parsing
+    target (each input is tried as both): valid ones of every prompt shape and parameter, wrong
+    types, out-of-range and huge numbers, unicode, and nested junk."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    cases = dict(
+        completion_text=dict(model="tiny", prompt="The experts are", max_tokens=8, temperature=0.0),
+        completion_ids=dict(prompt=[1, 2, 3], max_tokens=4, ignore_eos=True, seed=7, n=2),
+        completion_list=dict(prompt=["a", "b"], n=2, stop=["\n", "are"], logprobs=5, top_p=0.9),
+        completion_id_lists=dict(prompt=[[1, 2], [3]], echo=True, top_k=-1, stop_token_ids=[2]),
+        completion_stream=dict(prompt="x", stream=True, stream_options={"include_usage": True},
+                               logprobs=0, best_of=1, user="u", presence_penalty=0,
+                               frequency_penalty=0.0, logit_bias={}),
+        chat=dict(model="tiny", messages=chat, max_completion_tokens=16, logprobs=True,
+                  top_logprobs=20, response_format={"type": "text"}, seed=-1),
+        chat_parts=dict(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                              {"type": "text", "text": "b"}]},
+                                  {"role": "assistant", "content": None},
+                                  {"role": "developer", "content": "d"}],
+                        add_generation_prompt=False, stream=True),
+        chat_unicode=dict(messages=[{"role": "user", "content": "混合专家 はい é\u0301 \U0001F600 \u0000"}],
+                          stop="专家"),
+        wrong_types=dict(prompt=5, messages="hi", max_tokens="8", temperature=[], top_p={}, n=True,
+                         stream="yes", stop=3, logprobs="1"),
+        huge_numbers=dict(prompt=[18446744073709551615, 4294967296], max_tokens=1e400, n=99999999999,
+                          temperature=1e308, top_p=1.0000001, seed=18446744073709551615, top_k=2**63,
+                          top_logprobs=21),
+        negative=dict(prompt="x", max_tokens=-1, temperature=-0.0, top_p=0, n=0, logprobs=-1),
+        unknown=dict(prompt="x", tools=[], functions=None),
+        other_model=dict(model="gpt-9", prompt="x", messages=chat),
+        nested_junk=dict(prompt=[[[[[[1]]]]], {"a": [None]}], messages=[[{"role": "user"}], 7, None],
+                         stream_options={"include_usage": "yes", "x": 1}, stop=[["a"]] * 17),
+        empty_prompts=dict(prompt=[[]], messages=[{"role": "user", "content": ""}]),
+        bad_roles=dict(messages=[{"role": "wizard", "content": "x"}, {"content": "no role"}]),
+        echo_logprobs=dict(prompt="x", echo=True, logprobs=1),
+        prompts_times_n=dict(prompt=["a", "b", "c"], n=4),
+    )
+    for name, body in cases.items():
+        write("http_request", name, json.dumps(body, ensure_ascii=False))
+    raw = {
+        "not_json": b"{\"prompt\": ",
+        "not_object": b"[1, 2, 3]",
+        "empty": b"",
+        "invalid_utf8": b'{"prompt": "\xff\xfe", "messages": [{"role": "user", "content": "\xc3"}]}',
+        "deep_nesting": b"[" * 2000 + b"]" * 2000,
+        # A message's extra field nested deep: copied and rendered, never recursed into.
+        "deep_message": b'{"messages": [{"role": "user", "content": "x", "name": ' + b"[" * 32000 + b"]" * 32000
+                        + b"}]}",
+        "duplicate_keys": b'{"prompt": "a", "prompt": 1, "n": 1, "n": 2}',
+        "numbers": b'{"prompt": [1e2, 1.5, -0, 0.0], "max_tokens": 1.0, "temperature": NaN}',
+    }
+    for name, data in raw.items():
+        write("http_request", name, data)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["http_request"]:  # this target's seeds alone
+        http_requests()
+    else:
+        main()
