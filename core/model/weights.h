@@ -76,8 +76,9 @@ struct WeightSelection {
 struct WeightLoadOptions {
   // Where the weights live once loaded (docs/startup.md has the figures behind the choice).
   enum class Placement {
-    // kMap when the kernel maps the checkpoint's page cache with 2 MiB pages (held once, a warm
-    // start costs no copy); else kCopy when memory holds a copy; else kMap with 4 KiB pages.
+    // kMap when the kernel maps the checkpoint's page cache with 2 MiB pages, even if only in
+    // part (held once, a warm start costs no copy); else (no 2 MiB file pages at all) kCopy
+    // when memory holds a copy; else kMap with 4 KiB pages.
     // The choice and why are logged.
     kAuto,
     // Views into the checkpoint's file mapping (MADV_HUGEPAGE), faulted in at load when
