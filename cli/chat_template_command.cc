@@ -17,15 +17,6 @@ namespace {
 
 using json = nlohmann::json;
 
-// deepseek-ai/deepseek-moe-16b-chat's tokenizer_config.json chat_template (issue 21 quotes it).
-constexpr const char* kDeepseekMoe =
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "{{ 'Assistant:' }}{% endif %}";
-
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
@@ -68,13 +59,6 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> LoadTemplate(const ChatTemplateOpt
 }
 
 }  // namespace
-
-std::optional<std::string> BuiltinChatTemplate(const std::string& name) {
-  if (name == "deepseek-moe") return std::string(kDeepseekMoe);
-  return std::nullopt;
-}
-
-std::string BuiltinChatTemplateNames() { return "deepseek-moe"; }
 
 int RunChatTemplate(const ChatTemplateOptions& o, std::istream& in, std::ostream& out,
                     std::ostream& err) {

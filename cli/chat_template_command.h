@@ -21,7 +21,6 @@
 #pragma once
 
 #include <iosfwd>
-#include <optional>
 #include <string>
 
 namespace dsmoe::cli {
@@ -39,10 +38,5 @@ struct ChatTemplateOptions {
 int RunChatTemplate(const ChatTemplateOptions& options, std::istream& in, std::ostream& out,
                     std::ostream& err);
 int RunChatTemplate(const ChatTemplateOptions& options);  // stdin / stdout / stderr
-
-// Templates make-model can write by name (`--chat-template deepseek-moe`): the text, or nullopt
-// for an unknown name. `names` lists them for messages.
-std::optional<std::string> BuiltinChatTemplate(const std::string& name);
-std::string BuiltinChatTemplateNames();
 
 }  // namespace dsmoe::cli

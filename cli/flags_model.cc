@@ -6,6 +6,7 @@
 #include "cli/chat_template_command.h"
 #include "cli/flags.h"
 #include "cli/tokenize_command.h"
+#include "core/tokenizer/chat_template.h"
 
 namespace dsmoe::cli {
 namespace {

@@ -1995,4 +1995,23 @@ absl::StatusOr<std::string> ChatTemplate::RenderContext(const nlohmann::json& co
   return out;
 }
 
+namespace {
+
+constexpr const char* kDeepseekMoe =
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'Assistant:' }}{% endif %}";
+
+}  // namespace
+
+std::optional<std::string> BuiltinChatTemplate(const std::string& name) {
+  if (name == "deepseek-moe") return std::string(kDeepseekMoe);
+  return std::nullopt;
+}
+
+std::string BuiltinChatTemplateNames() { return "deepseek-moe"; }
+
 }  // namespace dsmoe

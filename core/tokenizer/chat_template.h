@@ -17,6 +17,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "core/util/status.h"
@@ -50,5 +51,12 @@ class ChatTemplate {
   std::shared_ptr<const jinja::Node> root_;
   nlohmann::json special_tokens_;
 };
+
+// Chat templates known by name (`make-model --chat-template deepseek-moe`): the text, or nullopt
+// for an unknown name. deepseek-moe is deepseek-ai/deepseek-moe-16b-chat's tokenizer_config.json
+// chat_template.
+std::optional<std::string> BuiltinChatTemplate(const std::string& name);
+// Their names, comma-separated, for help texts and errors.
+std::string BuiltinChatTemplateNames();
 
 }  // namespace dsmoe

@@ -288,9 +288,9 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
       static const std::set<std::string> kRoles = {"system", "user", "assistant", "developer",
                                                    "tool"};
       if (kRoles.count(role) == 0) Bad(param + ".role", absl::StrCat("unknown role '", role, "'"));
-      json out = m;
-      out["content"] = ContentText(m.contains("content") ? m["content"] : json(nullptr), i);
-      rendered_messages.push_back(std::move(out));
+      json message = m;
+      message["content"] = ContentText(m.contains("content") ? m["content"] : json(nullptr), i);
+      rendered_messages.push_back(std::move(message));
     }
     const bool add_generation_prompt = p.Bool("add_generation_prompt").value_or(true);
     auto text = chat_template->Render(rendered_messages, add_generation_prompt);

@@ -20,29 +20,15 @@
 #include "gateway/http/completion_request.h"
 #include "gateway/request_validation.h"
 #include "tests/fuzz/fuzz_check.h"
+#include "tests/fuzz/fuzz_tokenizer.h"
 
 namespace {
 
-const dsmoe::Tokenizer* SharedTokenizer() {
-  static const dsmoe::Tokenizer* t = [] {
-    auto loaded = dsmoe::Tokenizer::FromFile(std::string(DSMOE_FUZZ_TOKENIZERS) + "/deepseek.json");
-    if (!loaded.ok()) std::abort();
-    return loaded->release();
-  }();
-  return t;
-}
-
-// deepseek-ai/deepseek-moe-16b-chat's chat template (issue 21 quotes it).
+// deepseek-ai/deepseek-moe-16b-chat's chat template, the one make-model writes.
 const dsmoe::ChatTemplate* SharedTemplate() {
   static const dsmoe::ChatTemplate* t = [] {
-    auto parsed = dsmoe::ChatTemplate::Parse(
-        "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-        "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' "
-        "%}{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' "
-        "%}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == "
-        "'system' %}{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if "
-        "add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
-        {{"bos_token", "<s>"}, {"eos_token", "</s>"}});
+    auto parsed = dsmoe::ChatTemplate::Parse(*dsmoe::BuiltinChatTemplate("deepseek-moe"),
+                                             {{"bos_token", "<s>"}, {"eos_token", "</s>"}});
     if (!parsed.ok()) std::abort();
     return parsed->release();
   }();
@@ -111,7 +97,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > 64 << 10) return 0;
   const std::string_view body(reinterpret_cast<const char*>(data), size);
   for (bool chat : {false, true}) {
-    Check(body, chat, SharedTokenizer(), SharedTemplate());
+    Check(body, chat, dsmoe::fuzz::DeepSeekTokenizer(), SharedTemplate());
     Check(body, chat, nullptr, nullptr);
   }
   return 0;

@@ -10,26 +10,15 @@
 #include "core/tokenizer/tokenizer.h"
 #include "gateway/request_validation.h"
 #include "tests/fuzz/fuzz_check.h"
-
-namespace {
-
-const dsmoe::Tokenizer* SharedTokenizer() {
-  static const dsmoe::Tokenizer* t = [] {
-    auto loaded = dsmoe::Tokenizer::FromFile(std::string(DSMOE_FUZZ_TOKENIZERS) + "/deepseek.json");
-    if (!loaded.ok()) std::abort();
-    return loaded->release();
-  }();
-  return t;
-}
-
-}  // namespace
+#include "tests/fuzz/fuzz_tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   dsmoe::v1::GenerateRequest request;
   if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
   const dsmoe::RequestLimits limits{"tiny", /*vocab_size=*/512, /*max_prompt_tokens=*/64,
                                     /*max_tokens_limit=*/100};
-  for (const dsmoe::Tokenizer* tokenizer : {SharedTokenizer(), (const dsmoe::Tokenizer*)nullptr}) {
+  for (const dsmoe::Tokenizer* tokenizer :
+       {dsmoe::fuzz::DeepSeekTokenizer(), (const dsmoe::Tokenizer*)nullptr}) {
     dsmoe::internal::v1::AttentionGenerateRequest up;
     const absl::Status s = dsmoe::ValidateGenerateRequest(request, limits, tokenizer, &up);
     if (!s.ok()) {
