@@ -130,7 +130,9 @@ class GenerateReactor final
       absl::MutexLock lock(&mu_);
       finished_ = true;
       reason_ = reason;
-      if (!status.ok() && !end_) end_ = rpc::ToGrpc(status);  // tokens not yet sent are dropped
+      // The tokens sampled before the failure are right and the client is still there: they
+      // go out first, then the error (which counts them).
+      if (!status.ok()) failure_ = rpc::ToGrpc(status);
     }
     Pump();
   }
@@ -153,17 +155,21 @@ class GenerateReactor final
         finishing_ = true;
         status = *end_;
         action = kFinish;
-      } else if (!tokens_.empty() || (finished_ && !last_written_)) {
+      } else if (!tokens_.empty() || (finished_ && !failure_ && !last_written_)) {
         response_.Clear();
         response_.mutable_token_ids()->Assign(tokens_.begin(), tokens_.end());
         tokens_.clear();
         response_.mutable_logprobs()->Swap(&logprobs_);  // (cleared with response_ next time)
-        if (finished_) {
+        if (finished_ && !failure_) {
           response_.set_finish_reason(ToProto(reason_));
           last_written_ = true;
         }
         writing_ = true;
         action = kWrite;
+      } else if (failure_) {
+        finishing_ = true;
+        status = *failure_;
+        action = kFinish;
       } else if (last_written_) {
         finishing_ = true;
         action = kFinish;  // with OK
@@ -186,8 +192,11 @@ class GenerateReactor final
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;  // Finish was (being) called
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);  // an error ending the stream
-  internal::v1::AttentionGenerateResponse response_;      // the write in flight
+  // Ends the stream at once, unsent tokens dropped: the client cancelled, or its stream broke.
+  std::optional<grpc::Status> end_ ABSL_GUARDED_BY(mu_);
+  // The sequence failed: ends the stream once the tokens sampled before were written.
+  std::optional<grpc::Status> failure_ ABSL_GUARDED_BY(mu_);
+  internal::v1::AttentionGenerateResponse response_;  // the write in flight
 };
 
 }  // namespace

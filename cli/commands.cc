@@ -383,18 +383,30 @@ int RunGenerate(const GenerateOptions& o) {
 }
 
 namespace {
-// Collects `dsmoe route` output: per MoE layer, per position, the chosen experts and weights.
+// Collects `dsmoe route` output: per MoE layer, per position, the chosen experts and weights,
+// and the gate's logits over every routed expert (how clear each choice was).
 class RouteRecorder final : public RoutingObserver {
  public:
+  void OnGateLogits(int64_t /*layer*/, int64_t T, int64_t num_experts,
+                    const float* logits) override {
+    gate_logits_.assign(logits, logits + T * num_experts);
+    num_experts_ = num_experts;
+  }
   void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
                  const float* weights) override {
     nlohmann::ordered_json& positions = layers_[layer];
+    const bool have_logits = gate_logits_.size() == static_cast<size_t>(T * num_experts_);
     for (int64_t t = 0; t < T; ++t) {
       nlohmann::ordered_json p;
       p["experts"] = std::vector<int32_t>(experts + t * k, experts + (t + 1) * k);
       p["weights"] = std::vector<float>(weights + t * k, weights + (t + 1) * k);
+      if (have_logits) {
+        const float* row = gate_logits_.data() + t * num_experts_;
+        p["gate_logits"] = std::vector<float>(row, row + num_experts_);
+      }
       positions.push_back(std::move(p));
     }
+    gate_logits_.clear();
   }
   nlohmann::ordered_json ToJson() const {
     nlohmann::ordered_json layers = nlohmann::ordered_json::array();
@@ -405,6 +417,8 @@ class RouteRecorder final : public RoutingObserver {
 
  private:
   std::map<int64_t, nlohmann::ordered_json> layers_;
+  std::vector<float> gate_logits_;  // [T, num_experts_] of the layer being routed
+  int64_t num_experts_ = 0;
 };
 }  // namespace
 

@@ -123,18 +123,24 @@ absl::StatusOr<internal::v1::LoadReport> InProcessCluster::AttentionLoad() {
 
 namespace {
 
-// Records, per MoE layer, the routed experts of every position in the order computed.
+// Records, per MoE layer, the routed experts and gate logits of every position in the order
+// computed.
 class RoutingRecorder final : public RoutingObserver {
  public:
-  explicit RoutingRecorder(std::map<int64_t, std::vector<std::set<int32_t>>>* out) : out_(out) {}
+  explicit RoutingRecorder(SingleProcessEngine::Run* out) : out_(out) {}
+  void OnGateLogits(int64_t layer, int64_t T, int64_t num_experts, const float* logits) override {
+    for (int64_t t = 0; t < T; ++t)
+      out_->gate_logits[layer].emplace_back(logits + t * num_experts,
+                                            logits + (t + 1) * num_experts);
+  }
   void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
                  const float* /*weights*/) override {
     for (int64_t t = 0; t < T; ++t)
-      (*out_)[layer].emplace_back(experts + t * k, experts + (t + 1) * k);
+      out_->routing[layer].emplace_back(experts + t * k, experts + (t + 1) * k);
   }
 
  private:
-  std::map<int64_t, std::vector<std::set<int32_t>>>* out_;
+  SingleProcessEngine::Run* out_;
 };
 
 }  // namespace
@@ -151,7 +157,7 @@ absl::StatusOr<SingleProcessEngine::Run> SingleProcessEngine::Generate(
   limits.max_context = static_cast<int64_t>(prompt.size()) + max_tokens;
   DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(*weights_, pool_, limits));
   Run run;
-  RoutingRecorder recorder(&run.routing);
+  RoutingRecorder recorder(&run);
   runner->set_routing_observer(&recorder);
   GenerateRequest request;
   request.prompt.assign(prompt.begin(), prompt.end());

@@ -91,6 +91,8 @@ class SingleProcessEngine {
     // MoE layer -> per computed position (the prompt, then every generated token but the last,
     // which is never fed back) -> the routed experts it chose.
     std::map<int64_t, std::vector<std::set<int32_t>>> routing;
+    // The same positions' gate logits over every routed expert: how clear each choice was.
+    std::map<int64_t, std::vector<std::vector<float>>> gate_logits;
   };
   // Greedy, ignoring end-of-sequence tokens: what a cluster must answer token for token.
   absl::StatusOr<Run> Generate(const std::vector<uint32_t>& prompt, int64_t max_tokens);

@@ -227,7 +227,10 @@ absl::Status ModelRunner::BeginLayer(int64_t layer, const ForwardBatch& b, Micro
   ops::Linear(pool_, xn, T, L.router, nullptr, router_logits);  // [T, E]
   const GateParams gate = device_limit_ ? device_limit_->ForLayer(gate_, layer) : gate_;
   RouteTokens(gate, router_logits, T, gate_scratch_.data(), route_experts, route_weights);
-  if (observer_ != nullptr) observer_->OnRouting(layer, T, topk, route_experts, route_weights);
+  if (observer_ != nullptr) {
+    observer_->OnGateLogits(layer, T, c.n_routed_experts, router_logits);
+    observer_->OnRouting(layer, T, topk, route_experts, route_weights);
+  }
   clock.Lap(ForwardPhase::kGate);
   // Routed experts start (possibly on expert servers); the shared experts — every token, no
   // gate — are computed here meanwhile; EndLayer combines them.

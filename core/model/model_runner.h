@@ -43,6 +43,11 @@ class RoutingObserver {
   // experts/weights: [T, k] as RouteTokens produced them.
   virtual void OnRouting(int64_t layer, int64_t T, int64_t k, const int32_t* experts,
                          const float* weights) = 0;
+  // logits: [T, num_experts], the gate's raw scores before top-k, called just before OnRouting
+  // of the same layer (for `dsmoe route` and tests that must tell a clear choice from a
+  // near-tie that rounding may flip). The CPU runner reports them; others may not.
+  virtual void OnGateLogits(int64_t /*layer*/, int64_t /*T*/, int64_t /*num_experts*/,
+                            const float* /*logits*/) {}
 };
 
 // What a scheduler drives: forward passes over batches of tokens from many sequences, each in
