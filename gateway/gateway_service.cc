@@ -122,6 +122,9 @@ class GatewayService::Request : public GenerateObserver {
   // the request asked, the ids' log-probabilities with their token strings (moved from).
   virtual void Emit(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text,
                     Logprobs& logprobs) = 0;
+  // The prompt's log-probabilities (GenerateRequest.prompt_logprobs), once, before any Emit;
+  // moved from.
+  virtual void EmitPromptLogprobs(Logprobs& logprobs) = 0;
   // The request ended with `status` (counted already); on OK, finish_ and ttft_ are final.
   // Implementations finish the RPC.
   virtual void Finished(const grpc::Status& status) = 0;
@@ -231,14 +234,22 @@ bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateRes
     }
   }
   // Each token's own text beside its log-probability (the attention server has no tokenizer).
-  Logprobs logprobs = m.logprobs();
-  if (service_.tokenizer_ != nullptr) {
-    for (dsmoe::v1::TokenLogprobs& lp : logprobs) {
+  auto name_tokens = [&](Logprobs& lps) {
+    if (service_.tokenizer_ == nullptr) return;
+    for (dsmoe::v1::TokenLogprobs& lp : lps) {
       lp.set_token(service_.TokenText(lp.token_id()));
       for (dsmoe::v1::TopLogprob& top : *lp.mutable_top_logprobs())
         top.set_token(service_.TokenText(top.token_id()));
     }
+  };
+  // The prompt's come once, with the first token (or alone with max_tokens 0): they go first.
+  if (m.prompt_logprobs_size() > 0) {
+    Logprobs prompt = m.prompt_logprobs();
+    name_tokens(prompt);
+    EmitPromptLogprobs(prompt);
   }
+  Logprobs logprobs = m.logprobs();
+  name_tokens(logprobs);
   std::string text = stops_.Push(decoded);
   if (stops_.stopped()) {
     finish_ = dsmoe::v1::FINISH_REASON_STOP;
@@ -292,6 +303,15 @@ class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc
       next.mutable_token_ids()->Add(ids.begin(), ids.end());
       next.mutable_text()->append(text);
       for (dsmoe::v1::TokenLogprobs& lp : logprobs) next.add_logprobs()->Swap(&lp);
+    }
+    Pump(/*write_done=*/false);
+  }
+  void EmitPromptLogprobs(Logprobs& logprobs) override {
+    {
+      absl::MutexLock lock(&mu_);
+      // Nothing was emitted before: this is the stream's first message.
+      if (pending_.empty()) pending_.emplace_back();
+      pending_.back().mutable_prompt_logprobs()->Swap(&logprobs);
     }
     Pump(/*write_done=*/false);
   }
@@ -375,6 +395,9 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
     response_.mutable_token_ids()->Add(ids.begin(), ids.end());
     response_.mutable_text()->append(text);
     for (dsmoe::v1::TokenLogprobs& lp : logprobs) response_.add_logprobs()->Swap(&lp);
+  }
+  void EmitPromptLogprobs(Logprobs& logprobs) override {
+    response_.mutable_prompt_logprobs()->Swap(&logprobs);
   }
   void Finished(const grpc::Status& status) override {
     if (status.ok()) {
