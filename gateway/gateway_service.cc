@@ -306,14 +306,12 @@ class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc
     }
     Pump(/*write_done=*/false);
   }
+  // No write started here: the first token's Emit (or the end) follows at once, and they go
+  // out together in the stream's first message.
   void EmitPromptLogprobs(Logprobs& logprobs) override {
-    {
-      absl::MutexLock lock(&mu_);
-      // Nothing was emitted before: this is the stream's first message.
-      if (pending_.empty()) pending_.emplace_back();
-      pending_.back().mutable_prompt_logprobs()->Swap(&logprobs);
-    }
-    Pump(/*write_done=*/false);
+    absl::MutexLock lock(&mu_);
+    if (pending_.empty()) pending_.emplace_back();  // nothing was emitted before
+    pending_.back().mutable_prompt_logprobs()->Swap(&logprobs);
   }
   void Finished(const grpc::Status& status) override {
     {
