@@ -188,21 +188,21 @@ void AppendLegacyLogprobs(const TokenLogprobList& logprobs, int64_t& offset, jso
 
 // The echoed prompt's part of the legacy logprobs: its first token with null logprob and
 // alternatives (nothing predicts it), then `prompt` (the gateway's prompt_logprobs, from the 2nd
-// token on). text_offset: each token's character offset in the echoed text, counted on the
-// prompt decoded as far as the token before it (special tokens skipped for a text prompt, whose
-// echo is the text as sent, without the BOS the tokenizer added). `tokenizer` may be null (no
-// text: offsets 0, token strings as given).
+// token on). text_offset counts the characters of the tokens before, as for generated tokens
+// (and OpenAI's and vLLM's); for a text prompt, whose echo is the text as sent, special tokens
+// the tokenizer added (BOS) take no room. `tokenizer` may be null (no strings: offsets 0).
 json PromptLegacyLogprobs(uint32_t first, const TokenLogprobList& prompt, bool text_prompt,
                           const Tokenizer* tokenizer) {
   json out = NewLegacyLogprobs();
-  std::optional<StreamingDecoder> decoder;
-  if (tokenizer != nullptr) decoder.emplace(*tokenizer, /*skip_special_tokens=*/text_prompt);
   int64_t offset = 0;
-  auto advance = [&](uint32_t id) {
+  auto add = [&](uint32_t id, const std::string& token, json logprob, json top) {
+    out["tokens"].push_back(token);
+    out["token_logprobs"].push_back(std::move(logprob));
+    out["top_logprobs"].push_back(std::move(top));
     out["text_offset"].push_back(offset);
-    if (!decoder) return;
-    if (auto piece = decoder->Push(static_cast<int32_t>(id)); piece.ok())
-      offset += CodePoints(*piece);
+    const bool in_text = !(text_prompt && tokenizer != nullptr &&
+                           tokenizer->IsSpecialToken(static_cast<int32_t>(id)));
+    if (in_text) offset += CodePoints(token);
   };
   std::string first_text;
   if (tokenizer != nullptr) {
@@ -210,20 +210,14 @@ json PromptLegacyLogprobs(uint32_t first, const TokenLogprobList& prompt, bool t
     auto t = tokenizer->Decode(std::span<const int32_t>(&one, 1), /*skip_special_tokens=*/false);
     if (t.ok()) first_text = *std::move(t);
   }
-  out["tokens"].push_back(first_text);
-  out["token_logprobs"].push_back(nullptr);
-  out["top_logprobs"].push_back(nullptr);
-  advance(first);
+  add(first, first_text, nullptr, nullptr);
   for (const dsmoe::v1::TokenLogprobs& lp : prompt) {
-    out["tokens"].push_back(lp.token());
-    out["token_logprobs"].push_back(lp.logprob());
     json top = json::object();
     for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
       if (!top.contains(t.token())) top[t.token()] = t.logprob();
     }
     if (!top.contains(lp.token())) top[lp.token()] = lp.logprob();
-    out["top_logprobs"].push_back(std::move(top));
-    advance(lp.token_id());
+    add(lp.token_id(), lp.token(), lp.logprob(), std::move(top));
   }
   return out;
 }
