@@ -120,9 +120,8 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
                                                    "], got ", params.top_logprobs));
   }
   if (params.prompt_top_logprobs < 0 || params.prompt_top_logprobs > kMaxTopLogprobs) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt_logprobs must be in [0, ",
-                                                   kMaxTopLogprobs, "], got ",
-                                                   params.prompt_top_logprobs));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", params.prompt_top_logprobs));
   }
   auto seq = std::make_unique<Sequence>();
   if (params.prompt_logprobs) seq->prompt_logprobs.reserve(static_cast<size_t>(P - 1));

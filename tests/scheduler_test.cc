@@ -444,8 +444,8 @@ TEST_F(PrefixCacheTest, CancelledSequencesGiveBackSharedPages) {
 // double-precision log-softmax over the vocabulary.
 class PromptLogprobsTest : public SchedulerKvTest {
  protected:
-  static constexpr int64_t kChunk = 8;    // max_batch_tokens: longer prompts come in chunks
-  static constexpr int64_t kRowCap = 5;   // prompt-logprob rows per step, all sequences together
+  static constexpr int64_t kChunk = 8;   // max_batch_tokens: longer prompts come in chunks
+  static constexpr int64_t kRowCap = 5;  // prompt-logprob rows per step, all sequences together
   SchedulerOptions PromptOptions(int64_t pages) const {
     SchedulerOptions o = Options(pages);
     o.max_batch_tokens = kChunk;

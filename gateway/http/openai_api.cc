@@ -451,8 +451,8 @@ class OpenAiApi::Generation {
     }
     StartStreamLocked();
     if (!prompt_logprobs.is_null()) {
-      reply_.exchange->SendEvent(
-          Dump(Chunk(json::array({ChoiceDelta(index, s.echo, nullptr, std::move(prompt_logprobs))}))));
+      reply_.exchange->SendEvent(Dump(
+          Chunk(json::array({ChoiceDelta(index, s.echo, nullptr, std::move(prompt_logprobs))}))));
     }
     // A message may hold tokens but no text yet (part of a character): its logprobs go out.
     json chunk_logprobs = nullptr;
@@ -689,10 +689,9 @@ void OpenAiApi::Completions(const HttpRequest& request, bool chat, Reply& reply)
     return reply.Error(503, "no attention server is ready", "", "", {{"Retry-After", "1"}});
   }
   CompletionRequest& r = parsed.request;
-  auto generation =
-      std::make_shared<Generation>(*this, reply, chat, r.stream, r.include_usage, r.logprobs,
-                                   r.echo_logprobs, request.authorization,
-                                   std::move(r.max_tokens_name));
+  auto generation = std::make_shared<Generation>(*this, reply, chat, r.stream, r.include_usage,
+                                                 r.logprobs, r.echo_logprobs, request.authorization,
+                                                 std::move(r.max_tokens_name));
   reply.sent = true;  // the generation answers
   generation->Start(generation, std::move(r.choices));
 }
