@@ -194,7 +194,8 @@ class GatewayService::Request : public GenerateObserver {
   StopStringFilter stops_;
   const Clock::time_point start_;
   Clock::time_point last_token_at_;
-  bool relaying_ = false;  // holds a place (released when the relay ends)
+  bool relaying_ = false;                 // holds a place (released when the relay ends)
+  bool prompt_logprobs_emitted_ = false;  // the relay's calls never overlap: no lock
   std::atomic<bool> client_gone_{false};
   std::atomic<int> refs_{1};  // gRPC's, until OnDone
 
@@ -243,7 +244,9 @@ bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateRes
     }
   };
   // The prompt's come once, with the first token (or alone with max_tokens 0): they go first.
-  if (m.prompt_logprobs_size() > 0) {
+  // (Once only: a request without tokens yet may be retried on another attention server.)
+  if (m.prompt_logprobs_size() > 0 && !prompt_logprobs_emitted_) {
+    prompt_logprobs_emitted_ = true;
     Logprobs prompt = m.prompt_logprobs();
     name_tokens(prompt);
     EmitPromptLogprobs(prompt);
