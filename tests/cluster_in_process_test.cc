@@ -3,7 +3,8 @@
 // against the single-process engine on the same checkpoint: greedy tokens equal across the
 // servers; a cancelled stream frees its sequence; an expert server gone without a replica fails
 // exactly the requests that need its expert; with replicas nothing changes; stop strings cut the
-// text where the single process's text contains them. The same scenarios as tests/cluster/*.py
+// text where the single process's text contains them; the prompt's logprobs come once and equal a
+// local runner's. The same scenarios as tests/cluster/*.py
 // with real processes, here in the unit suite, in seconds, without a GPU.
 #include <gtest/gtest.h>
 
