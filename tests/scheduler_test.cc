@@ -567,6 +567,7 @@ TEST_F(PromptLogprobsTest, PromptLogprobsAreTheLogSoftmaxOfTheWholePromptsLogits
             absl::StatusCode::kInvalidArgument);
 }
 
+// A prompt alone takes as many prefill steps as the row cap makes it (its chunks shortened).
 // With the prefix cache on, a prompt already cached (its pages committed by a first request)
 // still gets every logprob: the second request computes the whole prompt, identical to the
 // first, while a request without prompt logprobs does reuse the cached pages.
@@ -588,7 +589,13 @@ TEST_F(PromptLogprobsTest, CachedPromptsStillGetAllTheirLogprobs) {
     EXPECT_TRUE(sink->status().ok()) << sink->status();
     return sink;
   };
+  const auto forward_passes = [&] {
+    return metrics.scheduler().forward_time->Collect().histogram.sample_count;
+  };
   const auto first = run(true);
+  // Alone, its 29 prompt rows at most kRowCap (5) a step: 6 prefill steps where chunks of kChunk
+  // (8) would take 4, then 3 decode steps.
+  EXPECT_EQ(forward_passes(), 6u + 3u);
   const double hits_before = metrics.scheduler().prefix_cache_hits->Value();
   const auto second = run(true);
   EXPECT_EQ(metrics.scheduler().prefix_cache_hits->Value(), hits_before)
