@@ -4,6 +4,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <span>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
@@ -16,6 +17,17 @@ namespace {
 
 dsmoe::v1::FinishReason ToProto(FinishReason r) {
   return r == FinishReason::kStop ? dsmoe::v1::FINISH_REASON_STOP : dsmoe::v1::FINISH_REASON_LENGTH;
+}
+
+// `lp` as the API gives it; token strings are left to the gateway (it has the tokenizer).
+void ToProto(const TokenLogprobs& lp, dsmoe::v1::TokenLogprobs* out) {
+  out->set_token_id(static_cast<uint32_t>(lp.token_id));
+  out->set_logprob(lp.logprob);
+  for (const TopLogprob& t : lp.top) {
+    dsmoe::v1::TopLogprob* top = out->add_top_logprobs();
+    top->set_token_id(static_cast<uint32_t>(t.token_id));
+    top->set_logprob(t.logprob);
+  }
 }
 
 // One Generate stream. The scheduler's thread pushes tokens (through the Sink, which it may
@@ -91,14 +103,16 @@ class GenerateReactor final
     void OnLogprobs(const TokenLogprobs& lp) override {
       absl::MutexLock lock(&mu_);
       logprobs_.Clear();
-      logprobs_.set_token_id(static_cast<uint32_t>(lp.token_id));
-      logprobs_.set_logprob(lp.logprob);
-      for (const TopLogprob& t : lp.top) {
-        dsmoe::v1::TopLogprob* top = logprobs_.add_top_logprobs();
-        top->set_token_id(static_cast<uint32_t>(t.token_id));
-        top->set_logprob(t.logprob);
-      }
+      ToProto(lp, &logprobs_);
       has_logprobs_ = true;
+    }
+    // Once, before the first OnToken (or OnFinish): they go out with it, in one message.
+    void OnPromptLogprobs(std::span<const TokenLogprobs> lps) override {
+      google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs> out;
+      out.Reserve(static_cast<int>(lps.size()));
+      for (const TokenLogprobs& lp : lps) ToProto(lp, out.Add());
+      absl::MutexLock lock(&mu_);
+      if (reactor_ != nullptr) reactor_->SetPromptLogprobs(std::move(out));
     }
     void OnFinish(FinishReason reason, const absl::Status& status) override {
       absl::MutexLock lock(&mu_);
@@ -124,6 +138,11 @@ class GenerateReactor final
       if (logprobs != nullptr) *logprobs_.Add() = *logprobs;
     }
     Pump();
+  }
+  // Held for the next write (the one of the first token, or the last one): no Pump here.
+  void SetPromptLogprobs(google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs> lps) {
+    absl::MutexLock lock(&mu_);
+    prompt_logprobs_ = std::move(lps);
   }
   void End(FinishReason reason, const absl::Status& status) {
     {
@@ -160,6 +179,7 @@ class GenerateReactor final
         response_.mutable_token_ids()->Assign(tokens_.begin(), tokens_.end());
         tokens_.clear();
         response_.mutable_logprobs()->Swap(&logprobs_);  // (cleared with response_ next time)
+        response_.mutable_prompt_logprobs()->Swap(&prompt_logprobs_);
         if (finished_ && !failure_) {
           response_.set_finish_reason(ToProto(reason_));
           last_written_ = true;
@@ -186,6 +206,9 @@ class GenerateReactor final
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);  // sampled, not yet written
   // Their log-probabilities, when the request asked (one per token).
   google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs> logprobs_ ABSL_GUARDED_BY(mu_);
+  // The prompt's, when the request asked: sent once, with the first token (or the end).
+  google::protobuf::RepeatedPtrField<dsmoe::v1::TokenLogprobs> prompt_logprobs_
+      ABSL_GUARDED_BY(mu_);
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // the scheduler finished the sequence
   FinishReason reason_ ABSL_GUARDED_BY(mu_) = FinishReason::kStop;
   bool last_written_ ABSL_GUARDED_BY(mu_) = false;  // the message with finish_reason
@@ -214,6 +237,8 @@ grpc::ServerWriteReactor<internal::v1::AttentionGenerateResponse>* AttentionServ
   params.stop_token_ids.assign(request->stop_token_ids().begin(), request->stop_token_ids().end());
   params.logprobs = request->logprobs();
   params.top_logprobs = request->top_logprobs();  // the scheduler checks its range
+  params.prompt_logprobs = request->has_prompt_logprobs();
+  params.prompt_top_logprobs = request->prompt_logprobs();  // ... and this one's
   if (!request->ignore_eos()) {
     for (int64_t id : generation_.eos_token_ids)
       params.stop_token_ids.push_back(static_cast<int32_t>(id));

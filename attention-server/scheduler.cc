@@ -22,6 +22,12 @@ int32_t TokenAt(const Sequence& s, int64_t i) {
   return i < P ? s.params.prompt[i] : s.output[i - P];
 }
 
+// The sequence still needs logits rows for its prompt's logprobs.
+template <class Sequence>
+bool WantsPromptRows(const Sequence& s) {
+  return s.params.prompt_logprobs && !s.prompt_logprobs_sent;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const ModelWeights& weights,
@@ -38,6 +44,10 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Bat
                                                              AttentionMetrics* metrics) {
   if (options.num_slots < 1 || options.max_batch_tokens < 1 || options.max_waiting < 0) {
     return absl::InvalidArgumentError("num_slots and max_batch_tokens must be >= 1");
+  }
+  if (options.max_prompt_logprob_rows < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_prompt_logprob_rows must be >= 1, got ",
+                                                   options.max_prompt_logprob_rows));
   }
   // Set before the loop thread starts: the runner calls the observer from that thread only.
   if (metrics != nullptr) runner->set_routing_observer(&metrics->expert_load());
@@ -62,6 +72,7 @@ Scheduler::Scheduler(std::unique_ptr<BatchRunner> runner, const SchedulerOptions
   batch_pos_.reserve(B);
   batch_rows_.reserve(B);
   row_owner_.reserve(B);
+  row_prompt_pos_.reserve(B);
   logits_.resize(
       static_cast<size_t>(std::min(options.num_slots, B) * runner_->config().vocab_size));
   loop_ = std::thread([this] { Loop(); });
@@ -98,16 +109,22 @@ absl::StatusOr<uint64_t> Scheduler::Submit(SequenceParams params,
           absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
     }
   }
-  if (params.max_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens must be >= 1, got ", params.max_tokens));
+  // 0: the prompt's logprobs are the whole answer.
+  if (params.max_tokens < 1 && !(params.max_tokens == 0 && params.prompt_logprobs)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens must be >= 1 (0 only with prompt_logprobs), got ", params.max_tokens));
   }
   DSMOE_RETURN_IF_ERROR(params.sampling.Validate());
   if (params.top_logprobs < 0 || params.top_logprobs > kMaxTopLogprobs) {
     return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs,
                                                    "], got ", params.top_logprobs));
   }
+  if (params.prompt_top_logprobs < 0 || params.prompt_top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", params.prompt_top_logprobs));
+  }
   auto seq = std::make_unique<Sequence>();
+  if (params.prompt_logprobs) seq->prompt_logprobs.reserve(static_cast<size_t>(P - 1));
   seq->sampler = std::make_unique<Sampler>(V, params.sampling);
   seq->params = std::move(params);
   seq->sink = std::move(sink);
@@ -226,7 +243,9 @@ bool Scheduler::AdmitPages(Sequence& seq, int32_t slot, int64_t headroom) {
   BlockManager& blocks = runner_->blocks();
   const int64_t known = Known(seq);
   CachedPrefix prefix;
-  if (options_.enable_prefix_caching) {
+  // Cached positions would have no logits: a sequence that still needs its prompt's logprobs
+  // computes them all (its pages are committed as anyone's).
+  if (options_.enable_prefix_caching && !WantsPromptRows(seq)) {
     prefix_tokens_.resize(static_cast<size_t>(known));
     for (int64_t i = 0; i < known; ++i) prefix_tokens_[i] = TokenAt(seq, i);
     // A new prompt's last token is computed whatever is cached: its logits give token 1, and
@@ -245,7 +264,7 @@ bool Scheduler::AdmitPages(Sequence& seq, int32_t slot, int64_t headroom) {
     return false;
   }
   seq.fed = prefix.tokens;
-  if (metrics_ != nullptr && options_.enable_prefix_caching) {
+  if (metrics_ != nullptr && options_.enable_prefix_caching && !WantsPromptRows(seq)) {
     metrics_->prefix_cache_queries->Increment(static_cast<double>(known));
     metrics_->prefix_cache_hits->Increment(static_cast<double>(prefix.tokens));
   }
@@ -363,6 +382,8 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
   batch_pos_.clear();
   batch_rows_.clear();
   row_owner_.clear();
+  row_prompt_pos_.clear();
+  unsampled_.clear();
   // Pages for the decode steps, oldest first; a sequence that needs one when none is free
   // preempts the youngest (possibly itself, which then leaves `running`). Prompt chunks need
   // none: admission gave them their pages.
@@ -378,32 +399,65 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
     if (s->fed < Known(*s)) continue;
     batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size()));
     row_owner_.push_back(s);
+    row_prompt_pos_.push_back(-1);
     batch_ids_.push_back(s->last_token);
     batch_slots_.push_back(s->slot);
     batch_pos_.push_back(static_cast<int32_t>(s->fed));
     fed_in_step_[i] = 1;
     --budget;
   }
+  int64_t prompt_rows_left = options_.max_prompt_logprob_rows;
+  int64_t num_prompt_rows = 0;
   for (size_t i = 0; i < running.size() && budget > 0; ++i) {
     Sequence* s = running[i];
     const int64_t known = Known(*s);
     if (s->fed >= known) continue;
-    const int64_t n = std::min(budget, known - s->fed);
+    int64_t n = std::min(budget, known - s->fed);
+    // Prompt logprobs: a row for each position in [rows_from, rows_end) of this chunk, the
+    // chunk shortened to the rows left this step (positions computed before a preemption have
+    // theirs already).
+    int64_t rows_from = 0, rows_end = 0;
+    if (WantsPromptRows(*s)) {
+      const int64_t P = static_cast<int64_t>(s->params.prompt.size());
+      rows_from = std::max(s->fed, static_cast<int64_t>(s->prompt_logprobs.size()));
+      if (rows_from < P - 1) n = std::min(n, rows_from + prompt_rows_left - s->fed);
+      rows_end = std::min(s->fed + n, P - 1);
+      if (n <= 0) continue;  // no rows left this step
+      prompt_rows_left -= std::max<int64_t>(rows_end - rows_from, 0);
+    }
     for (int64_t j = 0; j < n; ++j) {
-      batch_ids_.push_back(TokenAt(*s, s->fed + j));
+      const int64_t p = s->fed + j;
+      if (p >= rows_from && p < rows_end) {
+        batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size()));
+        row_owner_.push_back(s);
+        row_prompt_pos_.push_back(static_cast<int32_t>(p));
+        ++num_prompt_rows;
+      }
+      batch_ids_.push_back(TokenAt(*s, p));
       batch_slots_.push_back(s->slot);
-      batch_pos_.push_back(static_cast<int32_t>(s->fed + j));
+      batch_pos_.push_back(static_cast<int32_t>(p));
     }
     // The prompt is complete: its last token's logits give token 1. (A recomputed sequence
     // has its next token already: it decodes from the next step on.)
     if (s->fed + n == known && s->generated == 0) {
-      batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size() - 1));
-      row_owner_.push_back(s);
+      if (s->params.max_tokens == 0) {
+        unsampled_.push_back(s);
+      } else {
+        batch_rows_.push_back(static_cast<int32_t>(batch_ids_.size() - 1));
+        row_owner_.push_back(s);
+        row_prompt_pos_.push_back(-1);
+      }
     }
     fed_in_step_[i] = n;
     budget -= n;
   }
   if (batch_ids_.empty()) return;
+  // Prompt logprob rows beyond one per sequence: the buffer grows once, to its bound.
+  if (batch_rows_.size() * V > logits_.size()) {
+    logits_.resize(static_cast<size_t>(
+        std::min(options_.num_slots + options_.max_prompt_logprob_rows, options_.max_batch_tokens) *
+        V));
+  }
   const auto start = std::chrono::steady_clock::now();
   const absl::Status status =
       runner_->Forward({batch_ids_, batch_slots_, batch_pos_, batch_rows_}, logits_.data());
@@ -446,12 +500,20 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
         ++decode;
     }
     metrics_->prompt_tokens->Increment(static_cast<double>(fed - decode));
-    metrics_->generation_tokens->Increment(static_cast<double>(row_owner_.size()));
+    metrics_->generation_tokens->Increment(
+        static_cast<double>(static_cast<int64_t>(row_owner_.size()) - num_prompt_rows));
     PublishKvUsage();
   }
   for (size_t r = 0; r < row_owner_.size(); ++r) {
     Sequence* s = row_owner_[r];
     const float* row = logits_.data() + r * V;
+    if (const int32_t p = row_prompt_pos_[r]; p >= 0) {
+      // Rows come in position order: entry p is appended here.
+      ComputeLogprobs(row, V, s->params.prompt[p + 1], s->params.prompt_top_logprobs,
+                      &s->prompt_logprobs.emplace_back());
+      continue;
+    }
+    if (WantsPromptRows(*s)) SendPromptLogprobs(*s);
     const int32_t token = s->sampler->Sample(row);
     s->last_token = token;
     s->output.push_back(token);
@@ -468,6 +530,18 @@ void Scheduler::Step(std::vector<Sequence*>& running) {
       Finish(s, FinishReason::kLength, absl::OkStatus());
     }
   }
+  // Prompts asked for their logprobs only (max_tokens 0). None of them had a row to sample,
+  // so none was finished above.
+  for (Sequence* s : unsampled_) {
+    SendPromptLogprobs(*s);
+    Finish(s, FinishReason::kLength, absl::OkStatus());
+  }
+}
+
+void Scheduler::SendPromptLogprobs(Sequence& seq) {
+  seq.sink->OnPromptLogprobs(seq.prompt_logprobs);
+  seq.prompt_logprobs_sent = true;
+  std::vector<TokenLogprobs>().swap(seq.prompt_logprobs);  // not needed again
 }
 
 absl::StatusOr<std::vector<float>> Scheduler::RunLogitsJob(const std::vector<int32_t>& ids,

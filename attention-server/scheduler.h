@@ -11,6 +11,16 @@
 // to be recomputed from its prompt and the tokens it already produced (which its sink has heard
 // and does not hear again). Nobody fails for want of pages; greedy output is unchanged.
 //
+// Prompt logprobs (SequenceParams.prompt_logprobs): the prefill chunks of such a sequence also
+// ask the runner for the logits of its prompt positions, each turned at once into the logprob
+// of the next prompt token (ComputeLogprobs, the definition of generated tokens' logprobs), and
+// the sink hears them all once, before the first token. A step computes at most
+// options.max_prompt_logprob_rows of those rows (a chunk is shortened to fit), so the logits
+// buffer stays bounded; it grows to that size the first time a sequence asks, and a scheduler
+// that never sees one keeps its one row per sequence. Such a sequence takes no cached prefix
+// (the cached positions would have no logits); after a preemption the positions already
+// computed are not computed or sent again.
+//
 // Prefix caching (options.enable_prefix_caching): at admission a sequence takes the cached
 // pages of the longest cached prefix of its tokens (BlockManager::FindCachedPrefix) and starts
 // its prefill after them; a new prompt's last token is always computed, for its logits. After
@@ -28,6 +38,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <span>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -49,6 +60,11 @@ struct SequenceParams {
   std::vector<int32_t> stop_token_ids;  // eos ids included unless the request ignores eos
   bool logprobs = false;                // tell the sink each token's log-probability (OnLogprobs)
   int top_logprobs = 0;                 // and this many alternatives, in [0, kMaxTopLogprobs]
+  // Tell the sink the logprob of every prompt token from the 2nd on (OnPromptLogprobs), with
+  // prompt_top_logprobs alternatives each, in [0, kMaxTopLogprobs]. With it max_tokens may be 0:
+  // the prompt is computed, its logprobs sent, and the sequence finishes (kLength) unsampled.
+  bool prompt_logprobs = false;
+  int prompt_top_logprobs = 0;
 };
 
 // Receives one sequence's output, on the scheduler's thread: implementations must not block.
@@ -59,6 +75,9 @@ class SequenceSink {
   // Only for a sequence that asked for logprobs: called just before OnToken of the same token.
   // `logprobs` is valid during the call only.
   virtual void OnLogprobs(const TokenLogprobs& logprobs) { (void)logprobs; }
+  // Only for a sequence that asked for prompt logprobs, once: before its first OnToken (or its
+  // OnFinish when max_tokens is 0). logprobs[i] is prompt token i + 1's. Valid during the call.
+  virtual void OnPromptLogprobs(std::span<const TokenLogprobs> logprobs) { (void)logprobs; }
   // Last call. `status` is not OK when the sequence failed (it then carries the reason).
   virtual void OnFinish(FinishReason reason, const absl::Status& status) = 0;
 };
@@ -74,6 +93,11 @@ struct SchedulerOptions : BatchLimits {
   // model computed for the same positions; greedy output is identical with and without it.
   // Off whatever this says on a runner that does not support it (the GPU runner, for now).
   bool enable_prefix_caching = true;
+  // Logits rows one step computes for prompt logprobs, all sequences together. A row is
+  // vocab_size floats (400 KB for the real 102,400-token vocabulary) plus an lm_head product of
+  // hidden_size x vocab_size: 32 rows bound the buffer to ~13 MB and a step's extra work to
+  // about that of 32 decode rows; a longer prompt asking for them is fed over more steps.
+  int64_t max_prompt_logprob_rows = 32;
 };
 
 struct SchedulerLoad {
@@ -129,6 +153,10 @@ class Scheduler {
     std::vector<int32_t> output;  // tokens sampled, kept to recompute the cache after preemption
     int32_t last_token = -1;      // sampled, not yet fed
     TokenLogprobs logprobs;       // the last token's, when asked (reused: no allocation)
+    // With params.prompt_logprobs: those of prompt positions [0, size()) so far (entry p is
+    // prompt token p + 1's), kept across a preemption; released once sent.
+    std::vector<TokenLogprobs> prompt_logprobs;
+    bool prompt_logprobs_sent = false;
     bool cancelled = false;
     std::chrono::steady_clock::time_point arrived;
   };
@@ -146,6 +174,8 @@ class Scheduler {
   void Loop();
   void Step(std::vector<Sequence*>& running);
   void Finish(Sequence* seq, FinishReason reason, const absl::Status& status);
+  // Hands the sink the prompt's logprobs (all computed) and marks them sent. Loop thread.
+  void SendPromptLogprobs(Sequence& seq);
   // `running` (oldest first): who may be preempted for the scratch slot's pages.
   absl::StatusOr<std::vector<float>> RunLogitsJob(const std::vector<int32_t>& ids,
                                                   std::vector<Sequence*>& running);
@@ -195,6 +225,9 @@ class Scheduler {
   // Loop-thread state: the batch being built.
   std::vector<int32_t> batch_ids_, batch_slots_, batch_pos_, batch_rows_;
   std::vector<Sequence*> row_owner_;
+  // Per logits row: the prompt position whose logprobs it gives, or -1 for a row to sample.
+  std::vector<int32_t> row_prompt_pos_;
+  std::vector<Sequence*> unsampled_;  // prompts complete this step with max_tokens 0
   std::vector<int64_t> fed_in_step_;
   std::vector<float> logits_;
   std::vector<int32_t> prefix_tokens_;  // a sequence's tokens, for the prefix-cache lookup

@@ -122,6 +122,9 @@ class GatewayService::Request : public GenerateObserver {
   // the request asked, the ids' log-probabilities with their token strings (moved from).
   virtual void Emit(const google::protobuf::RepeatedField<uint32_t>& ids, const std::string& text,
                     Logprobs& logprobs) = 0;
+  // The prompt's log-probabilities (GenerateRequest.prompt_logprobs), once, before any Emit;
+  // moved from.
+  virtual void EmitPromptLogprobs(Logprobs& logprobs) = 0;
   // The request ended with `status` (counted already); on OK, finish_ and ttft_ are final.
   // Implementations finish the RPC.
   virtual void Finished(const grpc::Status& status) = 0;
@@ -191,7 +194,8 @@ class GatewayService::Request : public GenerateObserver {
   StopStringFilter stops_;
   const Clock::time_point start_;
   Clock::time_point last_token_at_;
-  bool relaying_ = false;  // holds a place (released when the relay ends)
+  bool relaying_ = false;                 // holds a place (released when the relay ends)
+  bool prompt_logprobs_emitted_ = false;  // the relay's calls never overlap: no lock
   std::atomic<bool> client_gone_{false};
   std::atomic<int> refs_{1};  // gRPC's, until OnDone
 
@@ -231,14 +235,24 @@ bool GatewayService::Request::OnMessage(const internal::v1::AttentionGenerateRes
     }
   }
   // Each token's own text beside its log-probability (the attention server has no tokenizer).
-  Logprobs logprobs = m.logprobs();
-  if (service_.tokenizer_ != nullptr) {
-    for (dsmoe::v1::TokenLogprobs& lp : logprobs) {
+  auto name_tokens = [&](Logprobs& lps) {
+    if (service_.tokenizer_ == nullptr) return;
+    for (dsmoe::v1::TokenLogprobs& lp : lps) {
       lp.set_token(service_.TokenText(lp.token_id()));
       for (dsmoe::v1::TopLogprob& top : *lp.mutable_top_logprobs())
         top.set_token(service_.TokenText(top.token_id()));
     }
+  };
+  // The prompt's come once, with the first token (or alone with max_tokens 0): they go first.
+  // (Once only: a request without tokens yet may be retried on another attention server.)
+  if (m.prompt_logprobs_size() > 0 && !prompt_logprobs_emitted_) {
+    prompt_logprobs_emitted_ = true;
+    Logprobs prompt = m.prompt_logprobs();
+    name_tokens(prompt);
+    EmitPromptLogprobs(prompt);
   }
+  Logprobs logprobs = m.logprobs();
+  name_tokens(logprobs);
   std::string text = stops_.Push(decoded);
   if (stops_.stopped()) {
     finish_ = dsmoe::v1::FINISH_REASON_STOP;
@@ -294,6 +308,13 @@ class GatewayService::StreamReactor final : public grpc::ServerWriteReactor<grpc
       for (dsmoe::v1::TokenLogprobs& lp : logprobs) next.add_logprobs()->Swap(&lp);
     }
     Pump(/*write_done=*/false);
+  }
+  // No write started here: the first token's Emit (or the end) follows at once, and they go
+  // out together in the stream's first message.
+  void EmitPromptLogprobs(Logprobs& logprobs) override {
+    absl::MutexLock lock(&mu_);
+    if (pending_.empty()) pending_.emplace_back();  // nothing was emitted before
+    pending_.back().mutable_prompt_logprobs()->Swap(&logprobs);
   }
   void Finished(const grpc::Status& status) override {
     {
@@ -375,6 +396,9 @@ class GatewayService::CompleteReactor final : public grpc::ServerUnaryReactor,
     response_.mutable_token_ids()->Add(ids.begin(), ids.end());
     response_.mutable_text()->append(text);
     for (dsmoe::v1::TokenLogprobs& lp : logprobs) response_.add_logprobs()->Swap(&lp);
+  }
+  void EmitPromptLogprobs(Logprobs& logprobs) override {
+    response_.mutable_prompt_logprobs()->Swap(&logprobs);
   }
   void Finished(const grpc::Status& status) override {
     if (status.ok()) {

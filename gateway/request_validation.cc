@@ -130,7 +130,12 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   }
   DSMOE_RETURN_IF_ERROR(ValidateTokenIds(ids, limits.vocab_size, "token_ids"));
   const int64_t max_tokens = r.has_max_tokens() ? r.max_tokens() : 16;
-  if (max_tokens < 1 || max_tokens > limits.max_tokens_limit) {
+  // 0: only the prompt's logprobs are wanted (what scoring a text needs).
+  if (max_tokens == 0 && !r.has_prompt_logprobs()) {
+    return Invalid(absl::StrCat("max_tokens must be in [1, ", limits.max_tokens_limit,
+                                "], got 0 (0 is allowed only with prompt_logprobs)"));
+  }
+  if (max_tokens < 0 || max_tokens > limits.max_tokens_limit) {
     return Invalid(
         absl::StrCat("max_tokens must be in [1, ", limits.max_tokens_limit, "], got ", max_tokens));
   }
@@ -154,6 +159,11 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   }
   if (r.top_logprobs() > 0 && !r.logprobs())
     return Invalid("top_logprobs needs logprobs to be set");
+  if (r.has_prompt_logprobs() &&
+      (r.prompt_logprobs() < 0 || r.prompt_logprobs() > kMaxTopLogprobs)) {
+    return Invalid(absl::StrCat("prompt_logprobs must be in [0, ", kMaxTopLogprobs, "], got ",
+                                r.prompt_logprobs()));
+  }
   *up->mutable_prompt_token_ids() = std::move(ids);
   up->set_max_tokens(static_cast<uint32_t>(max_tokens));
   up->set_temperature(temperature);
@@ -164,6 +174,7 @@ absl::Status ValidateGenerateRequest(const dsmoe::v1::GenerateRequest& r,
   up->set_ignore_eos(r.ignore_eos());
   up->set_logprobs(r.logprobs());
   up->set_top_logprobs(r.top_logprobs());
+  if (r.has_prompt_logprobs()) up->set_prompt_logprobs(r.prompt_logprobs());
   return absl::OkStatus();
 }
 

@@ -3,7 +3,8 @@
 // against the single-process engine on the same checkpoint: greedy tokens equal across the
 // servers; a cancelled stream frees its sequence; an expert server gone without a replica fails
 // exactly the requests that need its expert; with replicas nothing changes; stop strings cut the
-// text where the single process's text contains them. The same scenarios as tests/cluster/*.py
+// text where the single process's text contains them; the prompt's logprobs come once and equal a
+// local runner's. The same scenarios as tests/cluster/*.py
 // with real processes, here in the unit suite, in seconds, without a GPU.
 #include <gtest/gtest.h>
 
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/model_runner.h"
 #include "tests/in_process_cluster.h"
 #include "tests/test_util.h"
 
@@ -433,6 +435,129 @@ TEST_F(ClusterInProcessTest, AStopStringEndsTheTextWhereTheSingleProcessTextHasI
     ASSERT_TRUE(streamed.status.ok()) << streamed.status.error_message();
     EXPECT_EQ(streamed.text, want) << "stop " << stop << " in " << full;
     EXPECT_EQ(streamed.finish_reason, v1::FINISH_REASON_STOP);
+  }
+}
+
+// Prompt logprobs through the public API (GenerateRequest.prompt_logprobs): in the first message
+// of a stream only, in Complete's answer, for token ids and text, alone with max_tokens 0; each
+// with its token string, and equal to log_softmax (in double, here) of the logits a local runner
+// gives for the whole prompt in one pass (its routed experts computed in this process, not on the
+// expert servers).
+TEST_F(ClusterInProcessTest, PromptLogprobsComeOnceAndEqualTheLogitsOfTheWholePrompt) {
+  auto cluster = StartCluster();
+  ASSERT_NE(cluster, nullptr);
+  // "tuvwxyz" (ids 19..25, see AStopStringEnds...) then a few pairs.
+  const std::vector<uint32_t> prompt = {19, 20, 21, 22, 23, 24, 25, 40, 300, 7, 511};
+  const int64_t P = static_cast<int64_t>(prompt.size()), V = config_.vocab_size;
+  std::vector<std::vector<double>> ref(P - 1, std::vector<double>(V));
+  {
+    auto weights = ModelWeights::Load(dir_->path());
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    ThreadPool pool(1);
+    RunnerOptions o;
+    o.max_context = 64;
+    o.max_batch_tokens = 64;
+    auto runner = ModelRunner::Create(**weights, pool, o);
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    const std::vector<int32_t> ids(prompt.begin(), prompt.end());
+    std::vector<int32_t> slots(P, 0), pos(P), rows(P);
+    for (int64_t i = 0; i < P; ++i) pos[i] = rows[i] = static_cast<int32_t>(i);
+    std::vector<float> logits(P * V);
+    ASSERT_TRUE((*runner)->Forward({ids, slots, pos, rows}, logits.data()).ok());
+    for (int64_t p = 0; p + 1 < P; ++p) {
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(logits[p * V + v]));
+      for (int64_t v = 0; v < V; ++v) ref[p][v] = logits[p * V + v] - std::log(sum);
+    }
+  }
+  constexpr int kTop = 3;
+  auto check = [&](const google::protobuf::RepeatedPtrField<v1::TokenLogprobs>& got,
+                   const std::string& what) {
+    SCOPED_TRACE(what);
+    ASSERT_EQ(got.size(), P - 1);
+    for (int64_t p = 0; p + 1 < P; ++p) {
+      const v1::TokenLogprobs& lp = got[static_cast<int>(p)];
+      EXPECT_EQ(lp.token_id(), prompt[p + 1]);
+      EXPECT_EQ(lp.token(), Piece(prompt[p + 1]));
+      EXPECT_NEAR(lp.logprob(), ref[p][prompt[p + 1]], 1e-5) << "prompt token " << p + 1;
+      ASSERT_EQ(lp.top_logprobs_size(), kTop);
+      std::vector<double> sorted = ref[p];
+      std::sort(sorted.begin(), sorted.end(), std::greater<>());
+      for (int k = 0; k < kTop; ++k) {
+        const v1::TopLogprob& t = lp.top_logprobs(k);
+        EXPECT_NEAR(t.logprob(), sorted[k], 1e-5);
+        EXPECT_NEAR(t.logprob(), ref[p][t.token_id()], 1e-5);
+        EXPECT_EQ(t.token(), Piece(t.token_id()));
+      }
+    }
+  };
+  v1::GenerateRequest request = testing::GreedyRequest(prompt, 4);
+  request.set_prompt_logprobs(kTop);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kCallDeadline);
+    auto reader = cluster->gateway().Generate(&ctx, request);
+    v1::GenerateResponse m;
+    int messages = 0;
+    std::vector<uint32_t> ids;
+    while (reader->Read(&m)) {
+      if (messages++ == 0) {
+        EXPECT_GT(m.token_ids_size(), 0) << "the prompt's logprobs come with the first token";
+        check(m.prompt_logprobs(), "Generate");
+      } else {
+        EXPECT_EQ(m.prompt_logprobs_size(), 0) << "message " << messages - 1;
+      }
+      ids.insert(ids.end(), m.token_ids().begin(), m.token_ids().end());
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(ids, Reference(prompt, 4).ids);  // the generated tokens are unchanged
+  }
+  auto complete = [&](const v1::GenerateRequest& r, v1::CompleteResponse* response) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kCallDeadline);
+    return cluster->gateway().Complete(&ctx, r, response);
+  };
+  {
+    v1::CompleteResponse response;
+    ASSERT_TRUE(complete(request, &response).ok());
+    check(response.prompt_logprobs(), "Complete");
+    EXPECT_EQ(response.token_ids_size(), 4);
+  }
+  {
+    // max_tokens 0: the prompt's logprobs are the whole answer.
+    v1::GenerateRequest only = request;
+    only.set_max_tokens(0);
+    v1::CompleteResponse response;
+    ASSERT_TRUE(complete(only, &response).ok());
+    check(response.prompt_logprobs(), "Complete, max_tokens 0");
+    EXPECT_EQ(response.token_ids_size(), 0);
+    EXPECT_EQ(response.finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(response.usage().prompt_tokens(), P);
+    EXPECT_EQ(response.usage().completion_tokens(), 0u);
+    Stream stream(cluster->gateway(), only, kCallDeadline);
+    const Stream::Result& streamed = stream.Wait();
+    ASSERT_TRUE(streamed.status.ok()) << streamed.status.error_message();
+    EXPECT_TRUE(streamed.ids.empty());
+    EXPECT_EQ(streamed.finish_reason, v1::FINISH_REASON_LENGTH);
+    // Without prompt_logprobs, 0 is refused, naming the field.
+    only.clear_prompt_logprobs();
+    const grpc::Status refused = complete(only, &response);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(refused.error_message().find("max_tokens"), std::string::npos);
+  }
+  {
+    // A text prompt: the gateway's tokens ("tuvwxyz" has no pairs: one letter each).
+    v1::GenerateRequest text = request;
+    text.set_text("tuvwxyz");
+    v1::CompleteResponse response;
+    ASSERT_TRUE(complete(text, &response).ok());
+    ASSERT_EQ(response.prompt_logprobs_size(), 6);
+    for (int i = 0; i < 6; ++i) {
+      EXPECT_EQ(response.prompt_logprobs(i).token_id(), static_cast<uint32_t>(20 + i));
+      EXPECT_NEAR(response.prompt_logprobs(i).logprob(), ref[i][20 + i], 1e-5);
+    }
+    text.set_prompt_logprobs(21);
+    EXPECT_EQ(complete(text, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
 }
 

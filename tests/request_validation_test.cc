@@ -178,5 +178,45 @@ TEST(RequestValidation, TopLogprobsOutsideZeroToTwentyOrWithoutLogprobsNamesTheF
   }
 }
 
+TEST(RequestValidation, PromptLogprobsOutsideZeroToTwentyNamesTheField) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->add_ids(3);
+  for (int bad : {-1, 21, 1000}) {
+    r.set_prompt_logprobs(bad);
+    const absl::Status s = Check(r);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(s.message(), absl::StrCat("prompt_logprobs must be in [0, 20], got ", bad));
+  }
+  for (int good : {0, 1, 20}) {
+    r.set_prompt_logprobs(good);
+    internal::v1::AttentionGenerateRequest up;
+    ASSERT_TRUE(ValidateGenerateRequest(r, kLimits, nullptr, &up).ok()) << good;
+    EXPECT_TRUE(up.has_prompt_logprobs());
+    EXPECT_EQ(up.prompt_logprobs(), good);
+  }
+  // Unset: not asked upstream either (0 would still ask for them).
+  r.clear_prompt_logprobs();
+  internal::v1::AttentionGenerateRequest up;
+  ASSERT_TRUE(ValidateGenerateRequest(r, kLimits, nullptr, &up).ok());
+  EXPECT_FALSE(up.has_prompt_logprobs());
+}
+
+TEST(RequestValidation, MaxTokensZeroOnlyWithPromptLogprobs) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->add_ids(3);
+  r.set_max_tokens(0);
+  const absl::Status s = Check(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("max_tokens must be in [1, 128], got 0"));
+  EXPECT_THAT(s.message(), HasSubstr("prompt_logprobs"));
+  r.set_prompt_logprobs(0);
+  internal::v1::AttentionGenerateRequest up;
+  ASSERT_TRUE(ValidateGenerateRequest(r, kLimits, nullptr, &up).ok());
+  EXPECT_EQ(up.max_tokens(), 0u);
+  EXPECT_TRUE(up.has_prompt_logprobs());
+  r.set_max_tokens(129);  // the limit still holds
+  EXPECT_EQ(Check(r).message(), "max_tokens must be in [1, 128], got 129");
+}
+
 }  // namespace
 }  // namespace dsmoe

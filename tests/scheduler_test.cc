@@ -30,8 +30,15 @@ class Collector final : public SequenceSink {
     std::lock_guard<std::mutex> lock(mu_);
     logprobs_.push_back(logprobs);
   }
-  void OnFinish(FinishReason, const absl::Status& status) override {
+  void OnPromptLogprobs(std::span<const TokenLogprobs> logprobs) override {
     std::lock_guard<std::mutex> lock(mu_);
+    prompt_logprobs_.assign(logprobs.begin(), logprobs.end());
+    ++prompt_logprob_calls_;
+    prompt_logprobs_before_tokens_ = tokens_.empty();
+  }
+  void OnFinish(FinishReason reason, const absl::Status& status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    reason_ = reason;
     status_ = status;
     ++finishes_;
     cv_.notify_all();
@@ -62,12 +69,32 @@ class Collector final : public SequenceSink {
     std::lock_guard<std::mutex> lock(mu_);
     return finishes_;
   }
+  FinishReason reason() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return reason_;
+  }
+  std::vector<TokenLogprobs> prompt_logprobs() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return prompt_logprobs_;
+  }
+  int prompt_logprob_calls() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return prompt_logprob_calls_;
+  }
+  bool prompt_logprobs_before_tokens() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return prompt_logprobs_before_tokens_;
+  }
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<int32_t> tokens_;
   std::vector<TokenLogprobs> logprobs_;
+  std::vector<TokenLogprobs> prompt_logprobs_;
+  int prompt_logprob_calls_ = 0;
+  bool prompt_logprobs_before_tokens_ = false;
+  FinishReason reason_ = FinishReason::kStop;
   absl::Status status_;
   int finishes_ = 0;
 };
@@ -409,6 +436,228 @@ TEST_F(PrefixCacheTest, CancelledSequencesGiveBackSharedPages) {
   EXPECT_EQ(metrics.scheduler().kv_pages_used->Value(), 0);
   EXPECT_EQ(metrics.scheduler().kv_pages_free->Value(), 64);
   EXPECT_GT(metrics.scheduler().prefix_cache_hits->Value(), 0);
+}
+
+// Prompt logprobs: for every prompt token from the 2nd on, log_softmax of the logits at the
+// position before it, evaluated at it. The reference is computed here: a plain ModelRunner's
+// logits for the whole prompt in one pass (no scheduler, no chunks, no cache), and a naive
+// double-precision log-softmax over the vocabulary.
+class PromptLogprobsTest : public SchedulerKvTest {
+ protected:
+  static constexpr int64_t kChunk = 8;   // max_batch_tokens: longer prompts come in chunks
+  static constexpr int64_t kRowCap = 5;  // prompt-logprob rows per step, all sequences together
+  SchedulerOptions PromptOptions(int64_t pages) const {
+    SchedulerOptions o = Options(pages);
+    o.max_batch_tokens = kChunk;
+    o.max_prompt_logprob_rows = kRowCap;
+    o.enable_prefix_caching = true;
+    return o;
+  }
+  // Prompts of 1 (no logprob at all), 2, 5, 9, 13 and 30 tokens.
+  std::vector<int32_t> LongPrompt(int i) const {
+    static constexpr int kLengths[] = {1, 2, 5, 9, 13, 30};
+    std::vector<int32_t> p(kLengths[i % 6]);
+    for (size_t j = 0; j < p.size(); ++j)
+      p[j] = static_cast<int32_t>((i * 53 + j * 29 + 7) % weights_->config().vocab_size);
+    return p;
+  }
+  // Reference log-probabilities [P - 1][V] of `prompt`: row p is log_softmax of the logits at
+  // position p (which predict token p + 1).
+  std::vector<std::vector<double>> Reference(const std::vector<int32_t>& prompt) {
+    const int64_t P = static_cast<int64_t>(prompt.size()), V = weights_->config().vocab_size;
+    RunnerOptions o;
+    o.num_slots = 1;
+    o.max_context = 64;
+    o.max_batch_tokens = 64;
+    auto runner = ModelRunner::Create(*weights_, solo_pool_, o);
+    EXPECT_TRUE(runner.ok()) << runner.status();
+    std::vector<int32_t> slots(P, 0), pos(P), rows(P);
+    std::iota(pos.begin(), pos.end(), 0);
+    std::iota(rows.begin(), rows.end(), 0);
+    std::vector<float> logits(P * V);
+    EXPECT_TRUE((*runner)->Forward({prompt, slots, pos, rows}, logits.data()).ok());
+    std::vector<std::vector<double>> out(P - 1, std::vector<double>(V));
+    for (int64_t p = 0; p + 1 < P; ++p) {
+      const float* row = logits.data() + p * V;
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]));
+      for (int64_t v = 0; v < V; ++v) out[p][v] = static_cast<double>(row[v]) - std::log(sum);
+    }
+    return out;
+  }
+  void ExpectMatchesReference(const std::vector<int32_t>& prompt,
+                              const std::vector<TokenLogprobs>& got, int num_top) {
+    const auto ref = Reference(prompt);
+    const int64_t V = weights_->config().vocab_size;
+    ASSERT_EQ(got.size(), prompt.size() - 1);
+    for (size_t p = 0; p < got.size(); ++p) {
+      SCOPED_TRACE(::testing::Message() << "prompt token " << p + 1);
+      EXPECT_EQ(got[p].token_id, prompt[p + 1]);
+      EXPECT_NEAR(got[p].logprob, ref[p][prompt[p + 1]], 1e-5);
+      std::vector<int32_t> order(V);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return ref[p][a] > ref[p][b]; });
+      ASSERT_EQ(got[p].top.size(), static_cast<size_t>(num_top));
+      for (size_t k = 0; k < got[p].top.size(); ++k) {
+        EXPECT_NEAR(got[p].top[k].logprob, ref[p][order[k]], 1e-5) << "alternative " << k;
+        EXPECT_NEAR(got[p].top[k].logprob, ref[p][got[p].top[k].token_id], 1e-5);
+      }
+    }
+  }
+};
+
+// Several prompts at once, one longer than a chunk and several together beyond the per-step
+// row cap, under a page budget that preempts some: each sink hears its prompt's logprobs once,
+// before its first token, equal to the reference; the generated tokens are unchanged (their
+// solo runs), and a prompt asking only for logprobs (max_tokens 0) finishes by length with none.
+TEST_F(PromptLogprobsTest, PromptLogprobsAreTheLogSoftmaxOfTheWholePromptsLogits) {
+  rpc::MetricsRegistry registry("tiny");
+  AttentionMetrics metrics(registry, weights_->config());
+
+  // 16 pages of 4: the longest sequence alone (30 + 24 positions), far less than the 12
+  // sequences' prompts and outputs together.
+  auto scheduler = Scheduler::Create(*weights_, pool_, PromptOptions(16), nullptr, &metrics);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  constexpr int kRequests = 12;
+  constexpr int64_t kMaxTokens = 24;
+  std::vector<std::shared_ptr<Collector>> sinks;
+  std::vector<SequenceParams> params;
+  for (int i = 0; i < kRequests; ++i) {
+    SequenceParams p;
+    p.prompt = LongPrompt(i);
+    p.max_tokens = i == 7 ? 0 : kMaxTokens;
+    p.prompt_logprobs = i != 4;  // one without, beside the others
+    p.prompt_top_logprobs = i % 3 == 0 ? 0 : i % 3 == 1 ? kMaxTopLogprobs : 3;
+    params.push_back(p);
+    sinks.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE((*scheduler)->Submit(std::move(p), sinks.back()).ok());
+  }
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(::testing::Message() << "request " << i);
+    ASSERT_TRUE(sinks[i]->Wait());
+    ASSERT_TRUE(sinks[i]->status().ok()) << sinks[i]->status();
+    if (!params[i].prompt_logprobs) {
+      EXPECT_EQ(sinks[i]->prompt_logprob_calls(), 0);
+      continue;
+    }
+    EXPECT_EQ(sinks[i]->prompt_logprob_calls(), 1);
+    EXPECT_TRUE(sinks[i]->prompt_logprobs_before_tokens());
+    ExpectMatchesReference(params[i].prompt, sinks[i]->prompt_logprobs(),
+                           params[i].prompt_top_logprobs);
+    if (params[i].max_tokens == 0) {
+      EXPECT_TRUE(sinks[i]->tokens().empty());
+      EXPECT_EQ(sinks[i]->reason(), FinishReason::kLength);
+    } else {
+      EXPECT_EQ(sinks[i]->tokens(), Solo(params[i].prompt, kMaxTokens));
+    }
+  }
+  EXPECT_GT(metrics.scheduler().preemptions->Value(), 0) << "the budget never ran out";
+  // Bad requests.
+  SequenceParams bad;
+  bad.prompt = LongPrompt(3);
+  bad.prompt_logprobs = true;
+  bad.prompt_top_logprobs = kMaxTopLogprobs + 1;
+  EXPECT_EQ((*scheduler)->Submit(bad, std::make_shared<Collector>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.prompt_top_logprobs = 0;
+  bad.prompt_logprobs = false;
+  bad.max_tokens = 0;  // 0 only with prompt logprobs
+  EXPECT_EQ((*scheduler)->Submit(bad, std::make_shared<Collector>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A prompt alone takes as many prefill steps as the row cap makes it (its chunks shortened).
+// With the prefix cache on, a prompt already cached (its pages committed by a first request)
+// still gets every logprob: the second request computes the whole prompt, identical to the
+// first, while a request without prompt logprobs does reuse the cached pages.
+TEST_F(PromptLogprobsTest, CachedPromptsStillGetAllTheirLogprobs) {
+  rpc::MetricsRegistry registry("tiny");
+  AttentionMetrics metrics(registry, weights_->config());
+  auto scheduler = Scheduler::Create(*weights_, pool_, PromptOptions(64), nullptr, &metrics);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  const std::vector<int32_t> prompt = LongPrompt(5);  // 30 tokens: 7 full pages
+  auto run = [&](bool prompt_logprobs) {
+    SequenceParams p;
+    p.prompt = prompt;
+    p.max_tokens = 4;
+    p.prompt_logprobs = prompt_logprobs;
+    p.prompt_top_logprobs = 4;
+    auto sink = std::make_shared<Collector>();
+    EXPECT_TRUE((*scheduler)->Submit(std::move(p), sink).ok());
+    EXPECT_TRUE(sink->Wait());
+    EXPECT_TRUE(sink->status().ok()) << sink->status();
+    return sink;
+  };
+  const auto forward_passes = [&] {
+    return metrics.scheduler().forward_time->Collect().histogram.sample_count;
+  };
+  const auto first = run(true);
+  // Alone, its 29 prompt rows at most kRowCap (5) a step: 6 prefill steps where chunks of kChunk
+  // (8) would take 4, then 3 decode steps.
+  EXPECT_EQ(forward_passes(), 6u + 3u);
+  const double hits_before = metrics.scheduler().prefix_cache_hits->Value();
+  const auto second = run(true);
+  EXPECT_EQ(metrics.scheduler().prefix_cache_hits->Value(), hits_before)
+      << "a sequence asking for prompt logprobs took cached pages";
+  ExpectMatchesReference(prompt, first->prompt_logprobs(), 4);
+  const std::vector<TokenLogprobs> a = first->prompt_logprobs(), b = second->prompt_logprobs();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t p = 0; p < a.size(); ++p) {
+    EXPECT_EQ(a[p].token_id, b[p].token_id);
+    EXPECT_EQ(a[p].logprob, b[p].logprob) << "prompt token " << p + 1;
+    ASSERT_EQ(a[p].top.size(), b[p].top.size());
+    for (size_t k = 0; k < a[p].top.size(); ++k) {
+      EXPECT_EQ(a[p].top[k].token_id, b[p].top[k].token_id);
+      EXPECT_EQ(a[p].top[k].logprob, b[p].top[k].logprob);
+    }
+  }
+  EXPECT_EQ(first->tokens(), second->tokens());
+  // The pages were published: a plain request finds them.
+  const auto plain = run(false);
+  EXPECT_GE(metrics.scheduler().prefix_cache_hits->Value(), hits_before + 28);
+  EXPECT_EQ(plain->tokens(), first->tokens());
+}
+
+// A long prompt asking for its logprobs is admitted beside decoding sequences that soon need
+// its pages: being the youngest, it is preempted in the middle of its prefill (one prompt row
+// per step makes that prefill 30 steps long), and recomputed later. The logprobs of the
+// positions done before are neither computed again nor sent twice.
+TEST_F(PromptLogprobsTest, PreemptedInThePrefillSendsEachLogprobOnce) {
+  rpc::MetricsRegistry registry("tiny");
+  AttentionMetrics metrics(registry, weights_->config());
+  SchedulerOptions o = PromptOptions(16);
+  o.max_prompt_logprob_rows = 1;
+  auto scheduler = Scheduler::Create(*weights_, pool_, o, nullptr, &metrics);
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  std::vector<std::shared_ptr<Collector>> decoders;
+  SequenceParams p;
+  p.prompt = LongPrompt(5);
+  p.max_tokens = 4;
+  p.prompt_logprobs = true;
+  p.prompt_top_logprobs = 2;
+  auto sink = std::make_shared<Collector>();
+  // All submitted between two steps, so admitted together: the decoders take a page each, the
+  // long prompt its 8 (and 3 of headroom); the decoders need 8 more pages each before it ends.
+  ASSERT_TRUE((*scheduler)
+                  ->RunBetweenSteps([&] {
+                    for (int i = 0; i < 3; ++i) {
+                      SequenceParams d;
+                      d.prompt = {static_cast<int32_t>(3 + i), static_cast<int32_t>(11 + i)};
+                      d.max_tokens = 20;
+                      decoders.push_back(std::make_shared<Collector>());
+                      EXPECT_TRUE((*scheduler)->Submit(std::move(d), decoders.back()).ok());
+                    }
+                    EXPECT_TRUE((*scheduler)->Submit(p, sink).ok());
+                  })
+                  .ok());
+  ASSERT_TRUE(sink->Wait());
+  ASSERT_TRUE(sink->status().ok()) << sink->status();
+  EXPECT_EQ(sink->prompt_logprob_calls(), 1);
+  ExpectMatchesReference(p.prompt, sink->prompt_logprobs(), 2);
+  EXPECT_EQ(sink->tokens(), Solo(p.prompt, 4));
+  for (auto& d : decoders) ASSERT_TRUE(d->Wait());
+  EXPECT_GT(metrics.scheduler().preemptions->Value(), 0) << "the budget never ran out";
 }
 
 }  // namespace

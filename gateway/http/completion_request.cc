@@ -196,9 +196,6 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
   } else if (auto n_logprobs = p.Int("logprobs", 0, kMaxTopLogprobs)) {
     logprobs = true;
     top_logprobs = *n_logprobs;
-    // The echoed prompt's tokens would need their log-probabilities too (not computed).
-    if (p.Bool("echo").value_or(false))
-      Bad("echo", "'echo' together with 'logprobs' is not supported");
   }
   const int64_t n = p.Int("n", 1, limits.max_n).value_or(1);
   if (!chat) {
@@ -206,10 +203,17 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
       Bad("best_of", "'best_of' other than n is not supported");
   }
   std::string max_tokens_name = "max_tokens";
-  std::optional<int64_t> max_tokens = p.Int("max_tokens", 1, INT32_MAX);
+  const bool echo = !chat && p.Bool("echo").value_or(false);
+  // 0 with echo: nothing generated, the answer is the prompt (and its logprobs), as evaluation
+  // harnesses ask to score a text.
+  std::optional<int64_t> max_tokens = p.Int("max_tokens", 0, INT32_MAX);
   if (chat && p.Has("max_completion_tokens")) {
     max_tokens_name = "max_completion_tokens";
-    max_tokens = p.Int("max_completion_tokens", 1, INT32_MAX);
+    max_tokens = p.Int("max_completion_tokens", 0, INT32_MAX);
+  }
+  if (max_tokens && *max_tokens == 0 && !echo) {
+    Bad(max_tokens_name, absl::StrCat("'", max_tokens_name, "' must be >= 1",
+                                      chat ? "" : " (0 only with 'echo': true)", ", got 0"));
   }
   const auto temperature = p.Number("temperature", 0, 1e6);
   const auto top_p = p.Number("top_p", 0, 1);
@@ -266,7 +270,6 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
     std::vector<uint32_t> ids;
   };
   std::vector<Prompt> prompts;
-  const bool echo = !chat && p.Bool("echo").value_or(false);
   if (chat) {
     if (!p.Has("messages")) Bad("messages", "'messages' is required");
     const json& messages = body["messages"];
@@ -337,6 +340,12 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
   for (size_t pi = 0; pi < prompts.size(); ++pi) {
     const Prompt& pr = prompts[pi];
     std::string echo_text;
+    uint32_t first_token = pr.ids.empty() ? 0 : pr.ids[0];
+    if (echo && logprobs && pr.text && tokenizer != nullptr) {
+      // As the gateway will tokenize it (an empty text is refused there).
+      auto ids = tokenizer->Encode(*pr.text, /*add_special_tokens=*/true);
+      if (ids.ok() && !ids->empty()) first_token = static_cast<uint32_t>((*ids)[0]);
+    }
     if (echo) {
       if (pr.text) {
         echo_text = *pr.text;
@@ -354,6 +363,8 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
       CompletionChoice c;
       c.prompt = static_cast<int>(pi);
       c.echo = echo_text;
+      c.first_prompt_token = first_token;
+      c.text_prompt = pr.text.has_value();
       dsmoe::v1::GenerateRequest& g = c.request;
       g.set_model(limits.model_name);
       if (pr.text) {
@@ -379,12 +390,17 @@ void Parse(std::string_view body_text, bool chat, const CompletionLimits& limits
       g.set_ignore_eos(ignore_eos);
       g.set_logprobs(logprobs);
       g.set_top_logprobs(static_cast<int32_t>(top_logprobs));
+      // The echoed prompt's logprobs; with max_tokens 0 the gateway needs them asked even when
+      // not shown (they are then the whole of the work, and cheap beside the prefill).
+      if (echo && (logprobs || (max_tokens && *max_tokens == 0)))
+        g.set_prompt_logprobs(static_cast<int32_t>(top_logprobs));
       choices.push_back(std::move(c));
     }
   }
   out.stream = stream;
   out.include_usage = include_usage;
   out.logprobs = logprobs;
+  out.echo_logprobs = echo && logprobs;
   out.max_tokens_name = max_tokens_name;
 }
 

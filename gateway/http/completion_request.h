@@ -45,6 +45,11 @@ struct CompletionChoice {
   dsmoe::v1::GenerateRequest request;
   std::string echo;  // the prompt text, when echo
   int prompt = 0;    // the prompt it answers (a completions request may list several)
+  // echo with logprobs: the prompt's first token (the gateway's prompt_logprobs start at the
+  // 2nd), and whether the prompt was text (its echo then leaves out the special tokens the
+  // tokenizer added, e.g. BOS, and so do the text offsets of its tokens).
+  uint32_t first_prompt_token = 0;
+  bool text_prompt = false;
 };
 
 // An accepted request: its choices in order (prompt-major, n per prompt), and how to answer.
@@ -52,6 +57,7 @@ struct CompletionRequest {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   bool logprobs = false;
+  bool echo_logprobs = false;  // echo with logprobs: the choices' logprobs begin with the prompt
   std::string max_tokens_name = "max_tokens";  // the parameter the client used for it
   std::vector<CompletionChoice> choices;
 };

@@ -3,8 +3,10 @@
 #include <chrono>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
+#include <span>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -184,6 +186,42 @@ void AppendLegacyLogprobs(const TokenLogprobList& logprobs, int64_t& offset, jso
   }
 }
 
+// The echoed prompt's part of the legacy logprobs: its first token with null logprob and
+// alternatives (nothing predicts it), then `prompt` (the gateway's prompt_logprobs, from the 2nd
+// token on). text_offset counts the characters of the tokens before, as for generated tokens
+// (and OpenAI's and vLLM's); for a text prompt, whose echo is the text as sent, special tokens
+// the tokenizer added (BOS) take no room. `tokenizer` may be null (no strings: offsets 0).
+json PromptLegacyLogprobs(uint32_t first, const TokenLogprobList& prompt, bool text_prompt,
+                          const Tokenizer* tokenizer) {
+  json out = NewLegacyLogprobs();
+  int64_t offset = 0;
+  auto add = [&](uint32_t id, const std::string& token, json logprob, json top) {
+    out["tokens"].push_back(token);
+    out["token_logprobs"].push_back(std::move(logprob));
+    out["top_logprobs"].push_back(std::move(top));
+    out["text_offset"].push_back(offset);
+    const bool in_text = !(text_prompt && tokenizer != nullptr &&
+                           tokenizer->IsSpecialToken(static_cast<int32_t>(id)));
+    if (in_text) offset += CodePoints(token);
+  };
+  std::string first_text;
+  if (tokenizer != nullptr) {
+    const int32_t one = static_cast<int32_t>(first);
+    auto t = tokenizer->Decode(std::span<const int32_t>(&one, 1), /*skip_special_tokens=*/false);
+    if (t.ok()) first_text = *std::move(t);
+  }
+  add(first, first_text, nullptr, nullptr);
+  for (const dsmoe::v1::TokenLogprobs& lp : prompt) {
+    json top = json::object();
+    for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
+      if (!top.contains(t.token())) top[t.token()] = t.logprob();
+    }
+    if (!top.contains(lp.token())) top[lp.token()] = lp.logprob();
+    add(lp.token_id(), lp.token(), lp.logprob(), std::move(top));
+  }
+  return out;
+}
+
 }  // namespace
 
 struct OpenAiApi::Metrics {
@@ -232,13 +270,14 @@ class OpenAiApi::Generation {
   using Choice = CompletionChoice;
 
   Generation(OpenAiApi& api, Reply reply, bool chat, bool stream, bool include_usage, bool logprobs,
-             std::string authorization, std::string max_tokens_name)
+             bool echo_logprobs, std::string authorization, std::string max_tokens_name)
       : api_(api),
         reply_(std::move(reply)),
         chat_(chat),
         stream_(stream),
         include_usage_(include_usage),
         logprobs_(logprobs),
+        echo_logprobs_(echo_logprobs),
         authorization_(std::move(authorization)),
         max_tokens_name_(std::move(max_tokens_name)),
         id_(RandomId(chat ? "chatcmpl-" : "cmpl-")),
@@ -255,6 +294,9 @@ class OpenAiApi::Generation {
       for (size_t i = 0; i < n; ++i) {
         states_[i].echo = choices[i].echo;
         states_[i].prompt = choices[i].prompt;
+        states_[i].prompt_pending = echo_logprobs_;
+        states_[i].first_prompt_token = choices[i].first_prompt_token;
+        states_[i].text_prompt = choices[i].text_prompt;
         states_[i].logprobs = chat_ ? json{{"content", json::array()}} : NewLegacyLogprobs();
       }
     }
@@ -316,6 +358,10 @@ class OpenAiApi::Generation {
     std::vector<uint32_t> token_ids;
     int prompt = 0;
     uint32_t prompt_tokens = 0;
+    // echo with logprobs: the prompt's part is still to come (with the choice's first message).
+    bool prompt_pending = false;
+    uint32_t first_prompt_token = 0;
+    bool text_prompt = false;
     std::string finish_reason;
     bool done = false;
   };
@@ -368,8 +414,8 @@ class OpenAiApi::Generation {
       }
       reply_.exchange->SendEvent(Dump(Chunk(std::move(choices))));
     } else {
-      // echo: the prompt goes first.
-      for (size_t i = 0; i < states_.size(); ++i) {
+      // echo: the prompt goes first (with logprobs, once they came: OnResponse).
+      for (size_t i = 0; i < states_.size() && !echo_logprobs_; ++i) {
         if (!states_[i].echo.empty()) {
           reply_.exchange->SendEvent(
               Dump(Chunk(json::array({ChoiceDelta(i, states_[i].echo, nullptr)}))));
@@ -388,12 +434,26 @@ class OpenAiApi::Generation {
       s.finish_reason = FinishReasonName(r.finish_reason());
       s.prompt_tokens = r.usage().prompt_tokens();
     }
+    // The prompt's logprobs come in the choice's first message: the echoed text's offsets,
+    // then the completion's from the end of it.
+    json prompt_logprobs = nullptr;
+    if (s.prompt_pending) {
+      s.prompt_pending = false;
+      prompt_logprobs = PromptLegacyLogprobs(s.first_prompt_token, r.prompt_logprobs(),
+                                             s.text_prompt, api_.options_.tokenizer);
+      s.text_offset = CodePoints(s.echo);
+      if (!stream_) s.logprobs = std::move(prompt_logprobs);
+    }
     if (!stream_) {
       s.text += r.text();
       if (logprobs_) AppendLogprobs(r.logprobs(), s, s.logprobs);
       return;
     }
     StartStreamLocked();
+    if (!prompt_logprobs.is_null()) {
+      reply_.exchange->SendEvent(Dump(
+          Chunk(json::array({ChoiceDelta(index, s.echo, nullptr, std::move(prompt_logprobs))}))));
+    }
     // A message may hold tokens but no text yet (part of a character): its logprobs go out.
     json chunk_logprobs = nullptr;
     if (logprobs_ && r.logprobs_size() > 0) {
@@ -526,7 +586,8 @@ class OpenAiApi::Generation {
   OpenAiApi& api_;
   Reply reply_;
   const bool chat_, stream_, include_usage_;
-  const bool logprobs_;  // the choices carry logprobs (the request asked)
+  const bool logprobs_;       // the choices carry logprobs (the request asked)
+  const bool echo_logprobs_;  // ... beginning with the echoed prompt's
   const std::string authorization_, max_tokens_name_;
   const std::string id_;
   const int64_t created_;
@@ -628,9 +689,9 @@ void OpenAiApi::Completions(const HttpRequest& request, bool chat, Reply& reply)
     return reply.Error(503, "no attention server is ready", "", "", {{"Retry-After", "1"}});
   }
   CompletionRequest& r = parsed.request;
-  auto generation =
-      std::make_shared<Generation>(*this, reply, chat, r.stream, r.include_usage, r.logprobs,
-                                   request.authorization, std::move(r.max_tokens_name));
+  auto generation = std::make_shared<Generation>(*this, reply, chat, r.stream, r.include_usage,
+                                                 r.logprobs, r.echo_logprobs, request.authorization,
+                                                 std::move(r.max_tokens_name));
   reply.sent = true;  // the generation answers
   generation->Start(generation, std::move(r.choices));
 }

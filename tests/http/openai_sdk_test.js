@@ -10,7 +10,10 @@
 //                                       its logprob and the 5 largest (log_softmax in double of
 //                                       the single process's logits); chat: {messages, ids,
 //                                       logprobs, top_logprobs}, the same for a chat whose
-//                                       prompt `dsmoe chat-template --ids` rendered
+//                                       prompt `dsmoe chat-template --ids` rendered;
+//                                       prompt_logprobs: each prompt token's logprob from the
+//                                       2nd on, prompt_top1: the largest logprob at each prompt
+//                                       position (the last: the first generated token's)
 //   DSMOE_TOKENIZER_DIR                 the checkpoint's tokenizer.json + tokenizer_config.json
 //   NODE_EXTRA_CA_CERTS                 the cluster's CA
 "use strict";
@@ -237,6 +240,75 @@ test("logprobs: completions and chat, streamed and not, equal the reference", as
   assert.strictEqual(plain.choices[0].logprobs, null);
 });
 
+// What evaluation harnesses (lm-evaluation-harness's local-completions) ask to score a text:
+// echo with logprobs. The legacy logprobs then cover the prompt, then the completion.
+const PROMPT_TOLERANCE = 1e-5;
+const nearPrompt = (a, b, what) => assert.ok(Math.abs(a - b) <= PROMPT_TOLERANCE, `${what}: ${a} vs ${b}`);
+
+/** @param {import("openai").OpenAI.Completions.Completion.Choice} choice */
+function checkEchoLogprobs(choice, generated) {
+  const P = REF.prompt_ids.length;
+  const lp = choice.logprobs;
+  assert.strictEqual(lp.tokens.length, P + generated);
+  assert.strictEqual(lp.token_logprobs.length, P + generated);
+  assert.strictEqual(lp.top_logprobs.length, P + generated);
+  assert.strictEqual(lp.text_offset.length, P + generated);
+  // Nothing predicts the first prompt token.
+  assert.strictEqual(lp.token_logprobs[0], null);
+  assert.strictEqual(lp.top_logprobs[0], null);
+  for (let p = 1; p < P; ++p) {
+    nearPrompt(lp.token_logprobs[p], REF.prompt_logprobs[p - 1], `token_logprobs[${p}]`);
+    assert.ok(lp.tokens[p] in lp.top_logprobs[p], "the prompt token is in its dict");
+    nearPrompt(Math.max(...Object.values(lp.top_logprobs[p])), REF.prompt_top1[p - 1], `top_logprobs[${p}]`);
+  }
+  // Greedy: the first generated token is the most likely after the prompt.
+  if (generated > 0) nearPrompt(lp.token_logprobs[P], REF.prompt_top1[P - 1], `token_logprobs[${P}]`);
+  // text_offset: characters into the text (echo + completion), from 0, never decreasing; each
+  // token's text is found at its offset (unless it holds part of a character).
+  const chars = Array.from(choice.text);
+  assert.strictEqual(lp.text_offset[0], 0);
+  lp.tokens.forEach((tok, i) => {
+    if (i > 0) assert.ok(lp.text_offset[i] >= lp.text_offset[i - 1], `text_offset[${i}]`);
+    if (tok.includes("\ufffd")) return;
+    const at = lp.text_offset[i];
+    assert.strictEqual(chars.slice(at, at + Array.from(tok).length).join(""), tok, `token ${i} at ${at}`);
+  });
+}
+
+test("echo with logprobs: the prompt's logprobs (first null) equal the reference; max_tokens 0", async () => {
+  const P = REF.prompt_ids.length;
+  const req = { model: MODEL, prompt: REF.prompt_ids, echo: true, logprobs: 1, max_tokens: 1, temperature: 0 };
+  const r = await client.completions.create(req);
+  checkEchoLogprobs(r.choices[0], 1);
+  const echo = Array.from(r.choices[0].text).slice(0, r.choices[0].logprobs.text_offset[P]).join("");
+  // Streamed: the same, the prompt's part with the echo in the first chunk.
+  const streamed = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+  let text = "", first = null;
+  for await (const chunk of await client.completions.create({ ...req, stream: true })) {
+    for (const c of chunk.choices) {
+      if (first === null) first = c;
+      text += c.text;
+      if (!c.logprobs) continue;
+      for (const k of Object.keys(streamed)) streamed[k].push(...c.logprobs[k]);
+    }
+  }
+  assert.strictEqual(first.text, echo);
+  assert.strictEqual(first.logprobs.tokens.length, P);
+  assert.strictEqual(text, r.choices[0].text);
+  assert.deepStrictEqual(streamed, r.choices[0].logprobs);
+  // max_tokens 0 (as some harnesses send): nothing generated, the prompt and its logprobs.
+  const only = await client.completions.create({ ...req, max_tokens: 0, logprobs: 5 });
+  assert.strictEqual(only.choices[0].text, echo);
+  assert.strictEqual(only.choices[0].finish_reason, "length");
+  assert.strictEqual(only.usage.completion_tokens, 0);
+  assert.strictEqual(only.usage.prompt_tokens, P);
+  checkEchoLogprobs(only.choices[0], 0);
+  for (let p = 1; p < P; ++p) {
+    assert.ok(Object.keys(only.choices[0].logprobs.top_logprobs[p]).length <= 6);
+    nearPrompt(only.choices[0].logprobs.token_logprobs[p], r.choices[0].logprobs.token_logprobs[p], `again ${p}`);
+  }
+});
+
 async function expectError(promise, Type, status, param) {
   try {
     await promise;
@@ -264,6 +336,13 @@ test("errors: 400 naming the parameter (unknown, wrong type, bad value)", async 
                     OpenAI.BadRequestError, 400, "max_tokens");
   await expectError(client.completions.create({ model: MODEL, prompt: "x", logprobs: 21 }),
                     OpenAI.BadRequestError, 400, "logprobs");
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", echo: true, logprobs: 21 }),
+                    OpenAI.BadRequestError, 400, "logprobs");
+  // max_tokens 0 only with echo (nothing else to answer).
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", max_tokens: 0 }),
+                    OpenAI.BadRequestError, 400, "max_tokens");
+  await expectError(client.completions.create({ model: MODEL, prompt: "x", max_tokens: 0, logprobs: 1 }),
+                    OpenAI.BadRequestError, 400, "max_tokens");
   await expectError(client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }],
                                                     logprobs: true, top_logprobs: 21 }),
                     OpenAI.BadRequestError, 400, "top_logprobs");

@@ -39,6 +39,20 @@ def reference_logprobs(model, prompt, generated):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def prompt_reference_logprobs(model, prompt):
+    """log_softmax, in double, of the single process's logits at every position of `prompt`:
+    row p is the distribution prompt token p + 1 is scored by (the last row: the first token
+    generated)."""
+    out = os.path.join(cu.TMP, "reference-prompt-logits.npy")
+    cu.run("logits", "--model", model, "--ids", ",".join(map(str, prompt)), "--out", out, "--threads", "1")
+    logits = np.load(out).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+PROMPT_TOLERANCE = 1e-5  # prompt logprobs against the single process's logits (F32 model)
+
+
 def chat_prompt_ids(model, messages):
     """The prompt tokens of a chat: the checkpoint's template rendered and tokenized by `dsmoe
     chat-template` (which tests/cli_test.py checks against Hugging Face's renderer)."""
@@ -73,6 +87,11 @@ class HttpApi(unittest.TestCase):
         prompt = chat_prompt_ids(cls.model, messages)
         ids = cu.single_process_generate(cls.model, prompt, 4)["ids"]
         logprobs = reference_logprobs(cls.model, prompt, ids)
+        # For the SDK's echo case: each prompt token's logprob (from the 2nd on) and the largest
+        # value at its position, and the same for the first generated token.
+        rows = prompt_reference_logprobs(cls.model, PROMPT_IDS)
+        cls.reference["prompt_logprobs"] = [float(rows[p - 1][t]) for p, t in enumerate(PROMPT_IDS) if p > 0]
+        cls.reference["prompt_top1"] = [float(rows[p].max()) for p in range(len(PROMPT_IDS))]
         cls.reference["chat"] = {"messages": messages, "ids": ids,
                                  "logprobs": [float(row[t]) for row, t in zip(logprobs, ids)],
                                  "top_logprobs": [sorted(map(float, row), reverse=True)[:TOP_N] for row in logprobs]}
@@ -367,9 +386,145 @@ class HttpApi(unittest.TestCase):
             self.assertEqual((status, err["error"]["param"]), (400, param), err)
         comp = {"prompt": PROMPT_IDS, "max_tokens": 2}
         for body, param in ((dict(comp, logprobs=21), "logprobs"), (dict(comp, logprobs=-1), "logprobs"),
-                            (dict(comp, logprobs=True), "logprobs"), (dict(comp, logprobs=2, echo=True), "echo")):
+                            (dict(comp, logprobs=True), "logprobs"), (dict(comp, max_tokens=0), "max_tokens"),
+                            (dict(comp, max_tokens=0, logprobs=1), "max_tokens"),
+                            (dict(comp, echo=True, logprobs=21), "logprobs")):
             status, err = self.post("/completions", body)
             self.assertEqual((status, err["error"]["param"]), (400, param), err)
+        status, err = self.post("/chat/completions", dict(chat, max_tokens=0))
+        self.assertEqual((status, err["error"]["param"]), (400, "max_tokens"), err)
+        # gRPC: prompt_logprobs outside [0, 20], and max_tokens 0 without them.
+        for kw, field in (({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"),
+                          ({"max_tokens": 0}, "max_tokens")):
+            req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=PROMPT_IDS), **dict({"max_tokens": 2}, **kw))
+            with self.assertRaises(grpc.RpcError) as e:
+                self.cluster.gateway.Complete(req, timeout=30)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertTrue(e.exception.details().startswith(field), e.exception.details())
+
+    # --- prompt logprobs (echo with logprobs), checked against prompt_reference_logprobs() ---
+
+    def check_echo_logprobs(self, lp, text, prompt, rows, n_top, n_generated, special_first=False):
+        """The legacy logprobs of an echoed prompt and its completion: `prompt` ids (their
+        reference rows `rows`), then n_generated tokens; text_offset consistent with `text`."""
+        P = len(prompt)
+        self.assertEqual(len(lp["tokens"]), P + n_generated)
+        for k in ("token_logprobs", "top_logprobs", "text_offset"):
+            self.assertEqual(len(lp[k]), P + n_generated, k)
+        # The first prompt token: nothing predicts it.
+        self.assertIsNone(lp["token_logprobs"][0])
+        self.assertIsNone(lp["top_logprobs"][0])
+        self.assertEqual(lp["tokens"][0], self.token_text(prompt[0]))
+        for p in range(1, P):
+            self.assertEqual(lp["tokens"][p], self.token_text(prompt[p]))
+            want = rows[p - 1][prompt[p]]
+            self.assertAlmostEqual(lp["token_logprobs"][p], want, delta=PROMPT_TOLERANCE, msg=f"prompt token {p}")
+            HttpApi.max_deviation = max(HttpApi.max_deviation, abs(lp["token_logprobs"][p] - want))
+            top = lp["top_logprobs"][p]
+            # The n_top most likely and, as OpenAI's, the prompt token itself.
+            self.assertIn(lp["tokens"][p], top)
+            self.assertLessEqual(len(top), n_top + 1)
+            self.assertAlmostEqual(max(top.values()), rows[p - 1].max(), delta=PROMPT_TOLERANCE)
+        if n_generated > 0:  # the first generated token (greedy): from the last prompt position
+            self.assertAlmostEqual(lp["token_logprobs"][P], rows[P - 1].max(), delta=PROMPT_TOLERANCE)
+        # text_offset: from 0, never decreasing, each token's text found there (special tokens
+        # the tokenizer added to a text prompt are not in its echo: they take no room).
+        offsets = lp["text_offset"]
+        self.assertEqual(offsets[0], 0)
+        self.assertEqual(offsets, sorted(offsets))
+        for i, tok in enumerate(lp["tokens"]):
+            if "\ufffd" in tok or (special_first and i == 0):
+                continue
+            self.assertEqual(text[offsets[i]:offsets[i] + len(tok)], tok, f"token {i} at {offsets[i]}")
+
+    def test_echo_logprobs_match_the_single_process_logits(self):
+        rows = prompt_reference_logprobs(self.model, PROMPT_IDS)
+        P = len(PROMPT_IDS)
+        # What evaluation harnesses send (lm-evaluation-harness's local-completions).
+        base = {"prompt": PROMPT_IDS, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+        status, whole = self.post("/completions", base)
+        self.assertEqual(status, 200, whole)
+        choice = whole["choices"][0]
+        echo = self.cluster.gateway.Detokenize(cu.pb.DetokenizeRequest(token_ids=PROMPT_IDS), timeout=30).text
+        self.assertTrue(choice["text"].startswith(echo))
+        self.check_echo_logprobs(choice["logprobs"], choice["text"], PROMPT_IDS, rows, 1, 1)
+        # The generated token's offset: the end of the echo.
+        self.assertEqual(choice["logprobs"]["text_offset"][P], len(echo))
+        self.assertEqual(choice["logprobs"]["tokens"][P], self.token_text(int(np.argmax(rows[P - 1]))))
+        # Streamed: the echo and the prompt's logprobs in one chunk, first; the same in all.
+        status, chunks = self.post("/completions", dict(base, stream=True))
+        self.assertEqual(status, 200)
+        first = chunks[0]["choices"][0]
+        self.assertEqual(first["text"], echo)
+        self.assertEqual(len(first["logprobs"]["tokens"]), P)
+        streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        text = ""
+        for c in chunks:
+            for ch in c["choices"]:
+                text += ch["text"]
+                if ch["logprobs"]:
+                    for k in streamed:
+                        streamed[k] += ch["logprobs"][k]
+        self.assertEqual(streamed, choice["logprobs"])
+        self.assertEqual(text, choice["text"])
+        # max_tokens 0: the prompt and its logprobs only; more alternatives.
+        for stream in (False, True):
+            status, r = self.post("/completions", dict(base, max_tokens=0, logprobs=3, stream=stream))
+            self.assertEqual(status, 200, r)
+            if stream:
+                lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                text, finish = "", None
+                for c in r:
+                    for ch in c["choices"]:
+                        text += ch["text"]
+                        finish = ch["finish_reason"] or finish
+                        if ch["logprobs"]:
+                            for k in lp:
+                                lp[k] += ch["logprobs"][k]
+            else:
+                lp, text, finish = r["choices"][0]["logprobs"], r["choices"][0]["text"], r["choices"][0]["finish_reason"]
+                self.assertEqual(r["usage"]["completion_tokens"], 0)
+                self.assertEqual(r["usage"]["prompt_tokens"], P)
+            self.assertEqual(text, echo)
+            self.assertEqual(finish, "length")
+            self.check_echo_logprobs(lp, text, PROMPT_IDS, rows, 3, 0)
+        # max_tokens 0 with echo but no logprobs: the echo alone.
+        status, r = self.post("/completions", dict(base, max_tokens=0, logprobs=None))
+        self.assertEqual(status, 200, r)
+        self.assertEqual((r["choices"][0]["text"], r["choices"][0]["logprobs"]), (echo, None))
+        # A text prompt: the gateway's tokens (with the BOS the tokenizer adds, offset 0 and not
+        # in the echoed text), offsets into the text as sent.
+        prompt_text = "Hello world, experts"
+        ids = list(self.cluster.gateway.Tokenize(cu.pb.TokenizeRequest(text=prompt_text, add_special_tokens=True),
+                                                 timeout=30).token_ids)
+        text_rows = prompt_reference_logprobs(self.model, ids)
+        status, r = self.post("/completions", dict(base, prompt=prompt_text, max_tokens=2, ignore_eos=True))
+        self.assertEqual(status, 200, r)
+        choice = r["choices"][0]
+        self.assertTrue(choice["text"].startswith(prompt_text))
+        self.check_echo_logprobs(choice["logprobs"], choice["text"], ids, text_rows, 1, 2,
+                                 special_first=self.token_text(ids[0]) not in prompt_text)
+        self.assertEqual(choice["logprobs"]["text_offset"][len(ids)], len(prompt_text))
+        print(f"largest logprob deviation from the reference so far: {HttpApi.max_deviation:.2e}")
+
+    def test_prompt_logprobs_grpc_match_the_single_process_logits(self):
+        rows = prompt_reference_logprobs(self.model, PROMPT_IDS)
+        req = cu.pb.GenerateRequest(token_ids=cu.pb.TokenIds(ids=PROMPT_IDS), max_tokens=3, ignore_eos=True,
+                                    temperature=0, prompt_logprobs=TOP_N)
+        messages = list(self.cluster.gateway.Generate(req, timeout=120))
+        self.assertGreater(len(messages[0].token_ids), 0)
+        self.assertTrue(all(len(m.prompt_logprobs) == 0 for m in messages[1:]))
+        whole = self.cluster.gateway.Complete(req, timeout=120)
+        for got in (messages[0].prompt_logprobs, whole.prompt_logprobs):
+            self.assertEqual([lp.token_id for lp in got], PROMPT_IDS[1:])
+            for p, lp in enumerate(got, start=1):
+                self.assertAlmostEqual(lp.logprob, rows[p - 1][PROMPT_IDS[p]], delta=PROMPT_TOLERANCE)
+                self.assertEqual(lp.token, self.token_text(lp.token_id))
+                order = np.argsort(-rows[p - 1], kind="stable")
+                self.assertEqual(len(lp.top_logprobs), TOP_N)
+                for k, t in enumerate(lp.top_logprobs):
+                    self.assertAlmostEqual(t.logprob, rows[p - 1][order[k]], delta=PROMPT_TOLERANCE)
+                    self.assertAlmostEqual(t.logprob, rows[p - 1][t.token_id], delta=PROMPT_TOLERANCE)
 
 
 if __name__ == "__main__":
