@@ -348,7 +348,12 @@ class AttentionServerFaults(FaultTest):
         single slot, two concurrent requests run on both at once."""
         cu.wait_for(lambda: c.health(self.att[0]["address"]) == "SERVING", 15, "attention 0 SERVING")
         cu.wait_for(lambda: self.load(c, 0) == (0, 0), 10, "attention 0 idle")
-        time.sleep(1)  # a few gateway health periods: it has seen attention 0 serve again
+        # The gateway's own health checks have seen it serve again (a fixed sleep was not enough
+        # on a busy machine: both requests then went to attention server 1).
+        url = c.processes("gateway")[0]["metrics_url"]
+        for reason in ("down", "not_serving"):
+            cu.wait_for(lambda: cu.metric(url, "dsmoe_servers_out_of_service", role="attention_server",
+                                          reason=reason) == 0, 15, f"the gateway counts no attention server {reason}")
         ids = [[7, 8, 9], [9, 8, 7]]
         want = [self.clean(p, 1500) for p in ids]
         streams = [cu.Stream(c.gateway, p, 1500) for p in ids]
