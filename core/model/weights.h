@@ -173,6 +173,9 @@ class ModelWeights {
   // mlock2(MLOCK_ONFAULT) of every shard mapping: what was faulted in stays; sets
   // report_.locked, or says in report_.reason why not.
   void LockMappings();
+  // After LockMappings: faults in again what the kernel evicted from the mapping before it was
+  // locked; says so in report_.reason.
+  absl::Status RefaultEvicted(ThreadPool& pool, std::atomic<uint64_t>& progress);
   absl::Status Populate(const std::vector<Piece>& pieces, ThreadPool& pool,
                         std::atomic<uint64_t>& progress);
   // Moves the weights into huge pages: parallel pread of every piece into the buffer.
