@@ -17,9 +17,11 @@
 #include <thread>
 #include <vector>
 
+#include "core/model/mlp.h"
 #include "core/model/quantize.h"
 #include "core/ops/cpu/amx_gemm.h"
 #include "core/ops/kernels.h"
+#include "core/ops/ops.h"
 #include "core/tensor/dtype.h"
 #include "core/util/thread_pool.h"
 #include "tests/test_util.h"
@@ -166,6 +168,30 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
     const int64_t c0 = r0 + 8 * task, c1 = std::min(r1, c0 + 8);
     ops::AmxMatMulRows(x.data(), T, W.view, c0, c1, chunked, ldy, precision);
   });
+
+  // Exact mode only: the amx table's hooks (KernelTable::prepare, matmul_rows_prepared), x
+  // prepared in 16-token slices by two threads in reverse order, rows in 8-row chunks. They
+  // prepare nothing below 16 tokens (the table's matmul_rows then leaves AMX).
+  if (precision == AmxPrecision::kExact) {
+    const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+    const int64_t bytes = amx.prepared_size(T, K, W.view.dtype);
+    if (T < 16) {
+      EXPECT_EQ(bytes, 0) << "T=" << T;
+    } else {
+      results.push_back({"the amx table's prepared hooks", std::vector<float>(T * ldy, kSentinel)});
+      std::vector<uint64_t> prepared((bytes + 7) / 8, ~uint64_t{0});
+      const int64_t slices = (T + 15) / 16;
+      pool.ParallelFor(slices, [&](int64_t task, int) {
+        const int64_t t0 = 16 * (slices - 1 - task);
+        amx.prepare(x.data(), T, K, W.view.dtype, t0, std::min(T, t0 + 16), prepared.data());
+      });
+      float* out = results.back().y.data();
+      pool.ParallelFor((r1 - r0 + 7) / 8, [&](int64_t task, int) {
+        const int64_t c0 = r0 + 8 * task, c1 = std::min(r1, c0 + 8);
+        amx.matmul_rows_prepared(prepared.data(), T, W.view, c0, c1, out, ldy);
+      });
+    }
+  }
 
   const int parts = static_cast<int>(precision);
   const double x_rel = precision == AmxPrecision::kBf16x2 ? kBf16x2Rel : 0;
@@ -448,6 +474,130 @@ TEST_F(AmxTest, CheckDetectsAWrongWeight) {
         EXPECT_NE(y[t * 20 + n], y2[t * 20 + n]) << t;
       else
         EXPECT_EQ(y[t * 20 + n], y2[t * 20 + n]) << t << " " << n;
+    }
+  }
+}
+
+// The fp32 kernels' bound for one product y[t, n] of x [T, K] and W (kernels_test gives AVX2
+// against the reference 1e-5·(1 + sqrt(K)) on values within ±1), scaled to the largest
+// magnitudes of the token's x and the row's weights.
+double ExactBound(const std::vector<float>& x, const TestMatrix& W, int64_t t, int64_t n) {
+  const int64_t K = W.view.cols;
+  double x_max = 0, w_max = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    x_max = std::max(x_max, std::fabs(static_cast<double>(x[t * K + k])));
+    w_max = std::max(w_max, std::fabs(static_cast<double>(W.real[n * K + k])));
+  }
+  return 1e-5 * (1 + std::sqrt(static_cast<double>(K))) * x_max * w_max;
+}
+
+// ops::Linear with the amx table (x prepared once per matrix from 16 tokens on, the rows in
+// 8 chunks per thread) against ops::Linear with the reference table: within the exact bound,
+// on token counts that cross the preparation's threshold and its 32-token slices, BF16 with K
+// off the 32-wide blocks and Q8_0, a bias, and rows not a multiple of 16.
+TEST_F(AmxTest, LinearWithTheAmxTableMatchesTheReferenceTable) {
+  ThreadPool pool(2);
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  for (const bool q8 : {false, true}) {
+    const int64_t K = q8 ? 160 : 100, N = 70;
+    const TestMatrix W = q8 ? MakeQ8(N, K, 21) : MakeBf16(N, K, 22);
+    const std::vector<float> bias = RandomFloats(N, 23);
+    for (int64_t T : {1, 15, 16, 17, 31, 33, 48, 100}) {
+      const std::vector<float> x = RandomFloats(T * K, 24 + T, 2.0f);
+      std::vector<float> y(T * N, -1.0f), ref(T * N, -2.0f);
+      ops::Linear(pool, amx, x.data(), T, W.view, bias.data(), y.data());
+      ops::Linear(pool, ops::ReferenceKernels(), x.data(), T, W.view, bias.data(), ref.data());
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t n = 0; n < N; ++n) {
+          // Both add the bias in fp32 after the product: one more rounding, ≤ 2^-24·|y| each.
+          const double tol = ExactBound(x, W, t, n) + 2 * kU * std::fabs(ref[t * N + n]);
+          ASSERT_NEAR(y[t * N + n], ref[t * N + n], tol)
+              << (q8 ? "Q8_0" : "BF16") << " T=" << T << " t=" << t << " n=" << n;
+        }
+      }
+    }
+  }
+}
+
+// RunMlps with the amx table (each job's x prepared once for gate and up, act once for down)
+// against RunMlps with the reference table. Jobs of BF16 and Q8_0 weights and different widths
+// (not multiples of 16) in one call, token counts below the threshold (the table's matmul_rows)
+// and above it. The bounds: gate and up within the exact bound Δg, Δu of their products, so
+// act = silu(g)·u within 1.1·Δg·(|u| + Δu) + |silu(g)|·Δu (silu' ≤ 1.1) plus the two silu
+// kernels' difference (2e-6 relative, kernels_test's bound for each against double); out then
+// within Σ_k Δact_k·|down[n, k]| plus the exact bound of its own product.
+TEST_F(AmxTest, RunMlpsWithTheAmxTableMatchesTheReferenceTable) {
+  ThreadPool pool(2);
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  const int64_t H = 64;
+  struct Expert {
+    TestMatrix gate, up, down;
+    MlpWeights mlp;
+  };
+  std::vector<Expert> experts(4);
+  const int64_t widths[] = {40, 96, 24, 64};
+  for (int e = 0; e < 4; ++e) {
+    const int64_t F = widths[e];
+    const bool q8 = e % 2 == 1;  // Q8_0 needs widths of whole blocks: 96, 64
+    Expert& x = experts[e];
+    x.gate = q8 ? MakeQ8(F, H, 30 + e) : MakeBf16(F, H, 30 + e);
+    x.up = q8 ? MakeQ8(F, H, 40 + e) : MakeBf16(F, H, 40 + e);
+    x.down = q8 ? MakeQ8(H, F, 50 + e) : MakeBf16(H, F, 50 + e);
+    x.mlp = MlpWeights{x.gate.view, x.up.view, x.down.view};
+  }
+  for (const std::vector<int64_t>& counts :
+       std::vector<std::vector<int64_t>>{{48, 5, 16, 33}, {1, 100, 17, 15}, {64, 64, 64, 64}}) {
+    struct Buffers {
+      std::vector<float> x, act, up, out;
+    };
+    std::vector<Buffers> amx_buf(4), ref_buf(4);
+    std::vector<MlpJob> amx_jobs, ref_jobs;
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = counts[e], F = widths[e];
+      for (auto* b : {&amx_buf[e], &ref_buf[e]}) {
+        b->x = RandomFloats(n * H, 60 + e + n, 2.0f);
+        b->act.assign(n * F, 0.0f);
+        b->up.assign(n * F, 0.0f);
+        b->out.assign(n * H, -1.0f);
+      }
+      amx_jobs.push_back({&experts[e].mlp, amx_buf[e].x.data(), n, amx_buf[e].act.data(),
+                          amx_buf[e].up.data(), amx_buf[e].out.data()});
+      ref_jobs.push_back({&experts[e].mlp, ref_buf[e].x.data(), n, ref_buf[e].act.data(),
+                          ref_buf[e].up.data(), ref_buf[e].out.data()});
+    }
+    RunMlps(pool, amx, amx_jobs.data(), 4, H);
+    RunMlps(pool, ops::ReferenceKernels(), ref_jobs.data(), 4, H);
+    for (int e = 0; e < 4; ++e) {
+      const Expert& ex = experts[e];
+      const int64_t n = counts[e], F = widths[e];
+      const std::vector<float>& x = ref_buf[e].x;
+      std::vector<double> act_tol(n * F);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t f = 0; f < F; ++f) {
+          double g = 0, u = 0;
+          for (int64_t k = 0; k < H; ++k) {
+            g += static_cast<double>(x[t * H + k]) * ex.gate.real[f * H + k];
+            u += static_cast<double>(x[t * H + k]) * ex.up.real[f * H + k];
+          }
+          const double dg = ExactBound(x, ex.gate, t, f), du = ExactBound(x, ex.up, t, f);
+          const double silu = g / (1 + std::exp(-g));
+          const double want = ref_buf[e].act[t * F + f];
+          act_tol[t * F + f] = 1.1 * dg * (std::fabs(u) + du) + (std::fabs(silu) + 1.1 * dg) * du +
+                               4e-6 * (std::fabs(want) + 1e-3);
+          ASSERT_NEAR(amx_buf[e].act[t * F + f], want, act_tol[t * F + f])
+              << "act, expert " << e << " n=" << n << " t=" << t << " f=" << f;
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          double propagated = 0;
+          for (int64_t f = 0; f < F; ++f)
+            propagated += act_tol[t * F + f] * std::fabs(ex.down.real[h * F + f]);
+          const double tol = propagated + ExactBound(ref_buf[e].act, ex.down, t, h);
+          ASSERT_NEAR(amx_buf[e].out[t * H + h], ref_buf[e].out[t * H + h], tol)
+              << "out, expert " << e << " n=" << n << " t=" << t << " h=" << h;
+        }
+      }
     }
   }
 }

@@ -27,6 +27,29 @@ void AmxBatchMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t 
   }
 }
 
+// Prepared activations for the AMX tiles: x split into its three exact BF16 parts and laid out
+// as tiles once per matrix (AmxPackActivations), for batches AmxBatchMatMulRows sends to AMX.
+int64_t AmxPreparedSize(int64_t T, int64_t K, DType dtype) {
+  if (T < kAmxMinTokens || !AmxSupports(dtype, AmxPrecision::kExact)) return 0;
+  return AmxPackedActivationsSize(T, K, AmxPrecision::kExact) *
+         static_cast<int64_t>(sizeof(uint16_t));
+}
+
+void AmxPrepare(const float* x, int64_t, int64_t K, DType, int64_t t0, int64_t t1, void* prepared) {
+  // Tiles hold 16 tokens in order, so tokens from t0 (a multiple of 16) start where the packed
+  // size of the first t0 tokens ends.
+  AmxPackActivations(
+      x + t0 * K, t1 - t0, K,
+      static_cast<uint16_t*>(prepared) + AmxPackedActivationsSize(t0, K, AmxPrecision::kExact),
+      AmxPrecision::kExact);
+}
+
+void AmxMatMulRowsPrepared(const void* prepared, int64_t T, const MatrixView& W, int64_t row_begin,
+                           int64_t row_end, float* y, int64_t ldy) {
+  AmxMatMulRowsPacked(static_cast<const uint16_t*>(prepared), T, W, row_begin, row_end, y, ldy,
+                      AmxPrecision::kExact);
+}
+
 }  // namespace
 
 const KernelTable* Avx512AmxKernels() {
@@ -35,6 +58,9 @@ const KernelTable* Avx512AmxKernels() {
     KernelTable t = *Avx512Kernels();
     t.name = "amx";
     t.matmul_rows = &AmxBatchMatMulRows;
+    t.prepared_size = &AmxPreparedSize;
+    t.prepare = &AmxPrepare;
+    t.matmul_rows_prepared = &AmxMatMulRowsPrepared;
     return t;
   }();
   return &table;
