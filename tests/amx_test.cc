@@ -161,6 +161,23 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
   ops::AmxMatMulRowsPacked(packed.data(), T, W.view, r0, r1, results.back().y.data(), ldy,
                            precision);
 
+  // The transposed orientation (AmxLayout::kWeightTiles: x packed as B tiles, yᵀ = W·xᵀ), from
+  // x packed in the same two slices. Its Q8_0 weights are q times d at every precision, so at
+  // kBf16 (where the checks below expect weights rounded to BF16) Q8_0 is checked in
+  // WeightTilesQ8FastModeMultipliesExactWeights instead.
+  if (!(precision == AmxPrecision::kBf16 && W.view.dtype == DType::kQ8_0)) {
+    results.push_back(
+        {"weight tiles, x packed transposed", std::vector<float>(T * ldy, kSentinel)});
+    std::vector<uint16_t> packed_t(ops::AmxPackedActivationsSize(T, K, precision), 0xffff);
+    ops::AmxPackActivations(x.data(), split, K, packed_t.data(), precision,
+                            ops::AmxLayout::kWeightTiles);
+    ops::AmxPackActivations(x.data() + split * K, T - split, K,
+                            packed_t.data() + ops::AmxPackedActivationsSize(split, K, precision),
+                            precision, ops::AmxLayout::kWeightTiles);
+    ops::AmxMatMulRowsPacked(packed_t.data(), T, W.view, r0, r1, results.back().y.data(), ldy,
+                             precision, ops::AmxLayout::kWeightTiles);
+  }
+
   results.push_back({"8-row chunks on 2 threads", std::vector<float>(T * ldy, kSentinel)});
   static ThreadPool pool(2);
   float* chunked = results.back().y.data();
@@ -383,36 +400,51 @@ TEST_F(AmxTest, ExactModeEdgeValues) {
       ASSERT_FALSE((7 * t + 40) % K == (7 * u + 40) % K &&
                    cases[t % num_cases].w != cases[u % num_cases].w);
   const MatrixView W{DType::kBF16, N, K, w.data()};
-  std::vector<float> y(T * N, -1.0f);
-  ops::AmxMatMulRows(x.data(), T, W, 0, N, y.data(), N, AmxPrecision::kExact);
-  for (int64_t t = 0; t < T; ++t) {
-    const Case& c = cases[t % num_cases];
-    for (int64_t n = 0; n < N; ++n) {
-      const float scale = n + 1 == 3 ? 4.0f : static_cast<float>(n + 1);
-      const float want = c.want * scale, got = y[t * N + n];
-      if (c.slack == 0)
-        EXPECT_EQ(got, want) << c.what << ", weight scale " << scale;
-      else
-        EXPECT_NEAR(got, want, c.slack * scale) << c.what << ", weight scale " << scale;
+  // Each check in both orientations: x converted by the call (token tiles), and x packed as B
+  // tiles for the transposed product (weight tiles).
+  auto multiply = [](const std::vector<float>& xs, int64_t tokens, const MatrixView& m, float* out,
+                     ops::AmxLayout layout) {
+    if (layout == ops::AmxLayout::kTokenTiles) {
+      ops::AmxMatMulRows(xs.data(), tokens, m, 0, m.rows, out, m.rows, AmxPrecision::kExact);
+      return;
     }
+    std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(tokens, m.cols));
+    ops::AmxPackActivations(xs.data(), tokens, m.cols, packed.data(), AmxPrecision::kExact, layout);
+    ops::AmxMatMulRowsPacked(packed.data(), tokens, m, 0, m.rows, out, m.rows, AmxPrecision::kExact,
+                             layout);
+  };
+  for (const ops::AmxLayout layout : {ops::AmxLayout::kTokenTiles, ops::AmxLayout::kWeightTiles}) {
+    SCOPED_TRACE(layout == ops::AmxLayout::kTokenTiles ? "token tiles" : "weight tiles");
+    std::vector<float> y(T * N, -1.0f);
+    multiply(x, T, W, y.data(), layout);
+    for (int64_t t = 0; t < T; ++t) {
+      const Case& c = cases[t % num_cases];
+      for (int64_t n = 0; n < N; ++n) {
+        const float scale = n + 1 == 3 ? 4.0f : static_cast<float>(n + 1);
+        const float want = c.want * scale, got = y[t * N + n];
+        if (c.slack == 0)
+          EXPECT_EQ(got, want) << c.what << ", weight scale " << scale;
+        else
+          EXPECT_NEAR(got, want, c.slack * scale) << c.what << ", weight scale " << scale;
+      }
+    }
+    // NaN stays NaN, also one whose payload is only in the low 16 bits (truncated, it would be
+    // inf), and so does an inf times a zero weight.
+    std::vector<float> xn(16 * K, 0.0f), yn(16 * N, 0.0f);
+    xn[0] = from_bits(0x7f800001);
+    xn[K + 3] = from_bits(0xffc00000);
+    std::vector<uint16_t> wn(N * K, F32ToBf16(1.0f));
+    wn[2 * K + 5] = 0;
+    xn[2 * K + 5] = kInf;
+    multiply(xn, 16, MatrixView{DType::kBF16, N, K, wn.data()}, yn.data(), layout);
+    for (int64_t n = 0; n < N; ++n) {
+      EXPECT_TRUE(std::isnan(yn[n])) << n;
+      EXPECT_TRUE(std::isnan(yn[N + n])) << n;
+    }
+    EXPECT_EQ(yn[2 * N + 0], kInf);
+    EXPECT_TRUE(std::isnan(yn[2 * N + 2]));
+    for (int64_t i = 3 * N; i < 16 * N; ++i) EXPECT_EQ(yn[i], 0.0f) << i;
   }
-  // NaN stays NaN, also one whose payload is only in the low 16 bits (truncated, it would be
-  // inf), and so does an inf times a zero weight.
-  std::vector<float> xn(16 * K, 0.0f), yn(16 * N, 0.0f);
-  xn[0] = from_bits(0x7f800001);
-  xn[K + 3] = from_bits(0xffc00000);
-  std::vector<uint16_t> wn(N * K, F32ToBf16(1.0f));
-  wn[2 * K + 5] = 0;
-  xn[2 * K + 5] = kInf;
-  ops::AmxMatMulRows(xn.data(), 16, MatrixView{DType::kBF16, N, K, wn.data()}, 0, N, yn.data(), N,
-                     AmxPrecision::kExact);
-  for (int64_t n = 0; n < N; ++n) {
-    EXPECT_TRUE(std::isnan(yn[n])) << n;
-    EXPECT_TRUE(std::isnan(yn[N + n])) << n;
-  }
-  EXPECT_EQ(yn[2 * N + 0], kInf);
-  EXPECT_TRUE(std::isnan(yn[2 * N + 2]));
-  for (int64_t i = 3 * N; i < 16 * N; ++i) EXPECT_EQ(yn[i], 0.0f) << i;
 }
 
 // Q8_0: in the fast mode the weights are dequantized to BF16 as the panels are packed, in the
@@ -478,6 +510,41 @@ TEST_F(AmxTest, CheckDetectsAWrongWeight) {
   }
 }
 
+// The transposed orientation multiplies Q8_0's q and scales each block in fp32 at every
+// precision: at kBf16 its weights are exact (only x is rounded to BF16), where the other
+// orientation rounds q · d to BF16 as it packs. Against Σ bf16(x)·(q·d) in double, to a bound
+// (1e-6 of Σ|products|) that the other orientation's rounded weights exceed.
+TEST_F(AmxTest, WeightTilesQ8FastModeMultipliesExactWeights) {
+  const int64_t N = 20, K = 64;
+  const TestMatrix W = MakeQ8(N, K, 17);
+  for (int64_t T : {16, 33}) {
+    const std::vector<float> x = RandomFloats(T * K, 18 + T, 2.0f);
+    std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(T, K, AmxPrecision::kBf16));
+    ops::AmxPackActivations(x.data(), T, K, packed.data(), AmxPrecision::kBf16,
+                            ops::AmxLayout::kWeightTiles);
+    std::vector<float> y(T * N), rounded(T * N);
+    ops::AmxMatMulRowsPacked(packed.data(), T, W.view, 0, N, y.data(), N, AmxPrecision::kBf16,
+                             ops::AmxLayout::kWeightTiles);
+    ops::AmxMatMulRows(x.data(), T, W.view, 0, N, rounded.data(), N, AmxPrecision::kBf16);
+    int64_t rounded_outside = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t n = 0; n < N; ++n) {
+        double sum = 0, abs_sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double p =
+              Bf16ToF32(F32ToBf16(x[t * K + k])) * static_cast<double>(W.real[n * K + k]);
+          sum += p;
+          abs_sum += std::fabs(p);
+        }
+        const double tol = 1e-6 * abs_sum;
+        ASSERT_NEAR(y[t * N + n], sum, tol) << "T=" << T << " t=" << t << " n=" << n;
+        rounded_outside += std::fabs(rounded[t * N + n] - sum) > tol ? 1 : 0;
+      }
+    }
+    EXPECT_GT(rounded_outside, T * N / 2) << "T=" << T;
+  }
+}
+
 // The fp32 kernels' bound for one product y[t, n] of x [T, K] and W (kernels_test gives AVX2
 // against the reference 1e-5·(1 + sqrt(K)) on values within ±1), scaled to the largest
 // magnitudes of the token's x and the row's weights.
@@ -502,7 +569,7 @@ TEST_F(AmxTest, LinearWithTheAmxTableMatchesTheReferenceTable) {
     const int64_t K = q8 ? 160 : 100, N = 70;
     const TestMatrix W = q8 ? MakeQ8(N, K, 21) : MakeBf16(N, K, 22);
     const std::vector<float> bias = RandomFloats(N, 23);
-    for (int64_t T : {1, 15, 16, 17, 31, 33, 48, 100}) {
+    for (int64_t T : {1, 15, 16, 17, 31, 33, 48, 49, 100, 260}) {
       const std::vector<float> x = RandomFloats(T * K, 24 + T, 2.0f);
       std::vector<float> y(T * N, -1.0f), ref(T * N, -2.0f);
       ops::Linear(pool, amx, x.data(), T, W.view, bias.data(), y.data());
