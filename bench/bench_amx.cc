@@ -12,8 +12,7 @@
 // "x packed once" keeps the engine's chunks but packs x once (AmxPackActivations, the threads
 // taking slices of tokens) for every chunk to read (AmxMatMulRowsPacked).
 //
-// Q8_0 runs the same shapes, AMX in the fast mode only (AMX dequantizes each panel to BF16 as
-// it packs it; it has no exact mode for Q8_0).
+// Q8_0 runs the same shapes (exact mode: q in the tiles, each block scaled by its d in fp32).
 //
 // "weight tiles" packs x transposed for the other orientation (AmxLayout::kWeightTiles: the
 // weight rows read in place as A tiles, nothing repacked per call); "ops::Linear, amx table" is

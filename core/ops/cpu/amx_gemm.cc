@@ -20,7 +20,47 @@
 //     block for all P parts, each A tile feeds two TDPBF16PS.
 //     Blocks of 8 panels (128 rows, 512 KiB at K = 2048) are packed at a time and swept by
 //     every pair of token tiles: 4 and 16 panels were slower, 32 much slower.
-// Where the time goes (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
+// That is the token-tile orientation (AmxLayout::kTokenTiles). With few tokens each packed
+// weight block feeds few TDPBF16PS (a routed expert sees ~48 tokens of a 512-token chunk: 3
+// token tiles, 9 TDPBF16PS per 16 × 32 block transposed in exact mode), so the transposition
+// costs a large share. The transposed orientation (AmxLayout::kWeightTiles, from x packed
+// once per matrix) computes yᵀ = W · xᵀ instead:
+//   - x's parts are the B tiles: the A-tile layout above read as 16 × 16 32-bit pairs and
+//     transposed once, as x is packed (tile (i, j, part) at the same place);
+//   - a panel of 16 weight rows is the A tile as the matrix stores it: 16 rows × 32 BF16,
+//     TILELOADD straight from W with the row pitch as stride. Copied instead (zeros past the
+//     rows and K) where the panel passes the matrix's end or K is not whole blocks, and where
+//     rows are a multiple of 4 KiB apart (K = 2048: the 16 rows of a tile in one L1 set; a copy
+//     with one spare cache line per row measured 5-15% faster). Q8_0 panels hold q widened to
+//     BF16 (exact, no transposition) and their scales, per block, as below;
+//   - C tile (16 rows × 16 tokens) += A · B, 2 × 2 at a time as above, groups of 8 panels
+//     swept by every pair of token tiles (2 panels at a time was 25-30% slower from 256
+//     tokens: the activations then stream from L3 for every panel pair); each C tile is
+//     stored, transposed in registers and written to y once per full K.
+//   Each product and its place in the fp32 sum are those of the token-tile orientation (the
+//   parts of a block in the same order, hi, mid, lo), so everything said below of exactness
+//   holds for both. The caller picks one per call: ops::KernelTable's prepared hooks for the
+//   amx table (core/ops/kernels.cc) use weight tiles up to 48 tokens for BF16, 256 for Q8_0.
+// Where the time goes. In the model (perf record of a 512-token prefill of the medium preset,
+// BF16, 2 threads, before x was packed once per matrix): PackPanelBf16 26.6%, the tile loop
+// 17.1%, converting x 13.5% — x was converted by each of ~16 row tasks per matrix (ops::Linear)
+// and per (expert, row chunk) for gate and up each (RunMlps). Now x is prepared once per
+// matrix, once for gate and up together (KernelTable::prepare), and small batches skip the
+// weight transposition (weight tiles). bench/bench_amx.cc, exact mode, GFLOP per CPU-second,
+// rows split as ops::Linear splits them, x converted per row task (before) → ops::Linear with
+// the amx table (after), measured on a shared 2-vCPU Xeon (load average 2.3-2.7):
+//   K = 2048 → N = 1408 (a routed expert), 1 thread:  BF16 T = 16: 161 → 179, T = 48: 255 →
+//   297, T = 128: 253 → 326; Q8_0 T = 16: 127 → 169, T = 48: 171 → 217, T = 128: 196 → 224.
+//   2 threads (which then got about one core between them): BF16 T = 48: 193 → 303, T = 128:
+//   196 → 311; Q8_0 T = 48: 154 → 229, T = 128: 156 → 235;
+//   K = 2048 → N = 10944 (shared experts, dense layer), T = 512, 1 thread: BF16 389 → 400,
+//   Q8_0 240 → 247 (converting x is a small share there; 2 threads: BF16 342 → 397).
+// dsmoe_bench_engine --presets medium --prompt 512 (chunks of 256: ~24 tokens per routed
+// expert), prefill tok/s, main's binary and this one alternated 6 times each on the same
+// shared machine (load average 2-9), best (median): 1 thread BF16 277 (267) → 304 (279), Q8_0
+// 219 (213) → 251 (243); 2 threads BF16 511 → 514, Q8_0 372 → 415, where the other
+// processes decided the spread (200-510 for either binary).
+// The kernel alone (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
 // CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
 // everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
 // call ~0.8: packing the weights (~10%), converting x (~10%, it is read from L3) and storing C.
@@ -49,28 +89,31 @@
 //     the low bits into inf), mid = lo = 0. A weight of ±inf gives NaN (0 · ∞ from a zero
 //     part);
 //   - P = 2: hi + mid, x - lo: relative error < 2^-15, toward zero.
-// Each part multiplies the same B tile, so the work in TDPBF16PS and A tile loads is P times
-// that of P = 1, the weight packing and the B loads are shared.
+// Each part multiplies the same weight tile (B in token tiles, A in weight tiles), so the work
+// in TDPBF16PS and activation tile loads is P times that of P = 1, the weight packing and loads
+// are shared.
 //
-// Q8_0 weights go through the same BF16 tiles. At P = 1 each 16-row panel is dequantized
-// (q · d) and rounded to BF16 as it is packed, once per call, then reused by every token. At
-// P ≥ 2 that rounding would undo the exact activations (q · d has up to 8 + 11 significant bits,
-// BF16 8; splitting the weights too would multiply the tile work by 3 again), so the panels hold
-// q itself, exact in BF16, and a K block of 32 is exactly one Q8_0 block: each block's products
-// go to fresh C tiles, which are stored and added into fp32 accumulators times the 16 rows'
-// scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact up to
-// fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 × 16
-// tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
-// P TDPBF16PS per tile. It costs: Q8_0 exact ran at ~0.65-0.9 of BF16 exact's rate per CPU-second
-// in bench/bench_amx.cc. Tried and not kept: 2 token tiles × 1 panel with two sets of C tiles
-// taking turns (block j + 1's products issued before block j's are stored and scaled) was ~10%
-// faster with x converted per call but ~20% slower with x packed once (twice the A tile loads).
-// The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64
-// values, two Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its
-// own, stored and multiplied by the outer product of the token and row scales in AVX-512
-// registers (16 loads, converts and FMAs per 16 × 16 tile and block) — the work the exact mode
-// does per block, but for a tile step of half the work — and the activations would be quantized
-// to int8 (error up to amax/254 of each block, where BF16 rounds each value to 2^-8 of itself).
+// Q8_0 weights go through the same BF16 tiles. In token tiles at P = 1 each 16-row panel is
+// dequantized (q · d) and rounded to BF16 as it is packed, once per call, then reused by every
+// token. At P ≥ 2 that rounding would undo the exact activations (q · d has up to 8 + 11
+// significant bits, BF16 8; splitting the weights too would multiply the tile work by 3 again), so
+// the panels hold q itself, exact in BF16, and a K block of 32 is exactly one Q8_0 block: each
+// block's products go to fresh C tiles, which are stored and added into fp32 accumulators times the
+// 16 rows' scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact
+// up to fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 ×
+// 16 tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
+// P TDPBF16PS per tile. Weight tiles do the same at every P (P = 1 too: q, not q · d rounded),
+// with a row's scale broadcast over a row of C (rows are C's rows there). It costs: Q8_0 exact ran
+// at ~0.65-0.9 of BF16 exact's rate per CPU-second in bench/bench_amx.cc. Tried and not kept: 2
+// token tiles × 1 panel with two sets of C tiles taking turns (block j + 1's products issued before
+// block j's are stored and scaled) was ~10% faster with x converted per call but ~20% slower with x
+// packed once (twice the A tile loads). The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper)
+// were not used: their K step is 64 values, two Q8_0 blocks of different scales, so every 32-wide
+// block would need a C tile of its own, stored and multiplied by the outer product of the token and
+// row scales in AVX-512 registers (16 loads, converts and FMAs per 16 × 16 tile and block) — the
+// work the exact mode does per block, but for a tile step of half the work — and the activations
+// would be quantized to int8 (error up to amax/254 of each block, where BF16 rounds each value to
+// 2^-8 of itself).
 #include "core/ops/cpu/amx_gemm.h"
 
 #include <cstdint>
@@ -688,7 +731,7 @@ template <int MA, int NB, int P, bool kScaled>
 void TileKernelT(const PanelSource w[2], const uint16_t* b, int64_t b_step, int64_t KB, float* y,
                  int64_t ldy, const int64_t rows[2], const int64_t tokens[2]) {
   alignas(64) float c[4][16][16];
-  alignas(64) float acc[kScaled ? 4 : 1][16][16];
+  alignas(64) float acc[4][16][16];  // kScaled only
   if constexpr (kScaled) {
     for (int tile = 0; tile < 4; ++tile)
       for (int n = 0; n < 16; ++n) _mm512_store_ps(acc[tile][n], _mm512_setzero_ps());
@@ -730,9 +773,13 @@ void TileKernelT(const PanelSource w[2], const uint16_t* b, int64_t b_step, int6
   for (int m = 0; m < MA; ++m) {
     for (int n = 0; n < NB; ++n) {
       const int tile = 2 * m + n;
-      float(*out)[16] = kScaled ? acc[kScaled ? tile : 0] : c[tile];
-      if constexpr (!kScaled) StoreTile(tile, c[tile], 64);
-      StoreTransposed(out, y + n * kTileRows * ldy + 16 * m, ldy, tokens[n], rows[m]);
+      float* out = y + n * kTileRows * ldy + 16 * m;
+      if constexpr (kScaled) {
+        StoreTransposed(acc[tile], out, ldy, tokens[n], rows[m]);
+      } else {
+        StoreTile(tile, c[tile], 64);
+        StoreTransposed(c[tile], out, ldy, tokens[n], rows[m]);
+      }
     }
   }
 }

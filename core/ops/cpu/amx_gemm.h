@@ -14,7 +14,8 @@
 //     kExact; twice the tile work;
 //   - kBf16: x rounded to BF16 (round to nearest even), 2^-8 of itself: y differs from the fp32
 //     product by up to Σ_k |x_k·W[n,k]|·2^-8. Q8_0 weights are dequantized (q · d, exact in
-//     fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight. The
+//     fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight (in the
+//     token-tile orientation; the weight-tile one, AmxLayout below, multiplies q · d exactly). The
 //     fastest.
 // The exact split is hi = x with its low 16 bits cleared (BF16 by truncation), mid = the same of
 // x - hi, lo = x - hi - mid (see amx_gemm.cc). Where it is not exact: TDPBF16PS counts BF16
