@@ -1,7 +1,10 @@
 // The AMX GEMM against references written here: exact (double) products of the fp32 activations
 // (exact mode) or of the BF16-rounded ones (fast mode), and the scalar reference kernel, on
 // every token count 1-100 and 512, K on and off the 32-wide tile blocks, row ranges that start
-// and end inside 16-row panels; the exact mode's edge values against hand-worked results.
+// and end inside 16-row panels; the exact mode's edge values against hand-worked results. Every
+// check runs both orientations (x as A tiles, and x packed as B tiles for yᵀ = W·xᵀ) and, in
+// exact mode, the amx table's prepared hooks; ops::Linear and RunMlps with the amx table are
+// checked against the same calls with the reference table.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -543,6 +546,31 @@ TEST_F(AmxTest, WeightTilesQ8FastModeMultipliesExactWeights) {
     }
     EXPECT_GT(rounded_outside, T * N / 2) << "T=" << T;
   }
+}
+
+// Only the amx table prepares activations, and only where its matmul_rows would use AMX (16
+// tokens or more, BF16 and Q8_0): everywhere else ops::Linear and RunMlps call matmul_rows as
+// before (decode included).
+TEST_F(AmxTest, OnlyTheAmxTablePreparesAndOnlyForBatches) {
+  EXPECT_EQ(ops::ReferenceKernels().prepared_size, nullptr);
+  if (const ops::KernelTable* avx512 = ops::Avx512Kernels()) {
+    EXPECT_EQ(avx512->prepared_size, nullptr);
+    EXPECT_EQ(avx512->prepare, nullptr);
+    EXPECT_EQ(avx512->matmul_rows_prepared, nullptr);
+  }
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  ASSERT_NE(amx.prepared_size, nullptr);
+  ASSERT_NE(amx.prepare, nullptr);
+  ASSERT_NE(amx.matmul_rows_prepared, nullptr);
+  for (const DType dtype : {DType::kBF16, DType::kQ8_0}) {
+    EXPECT_EQ(amx.prepared_size(1, 64, dtype), 0);
+    EXPECT_EQ(amx.prepared_size(15, 64, dtype), 0);
+    // 16 and 17 tokens: one and two tiles of 16 tokens × 2 blocks × 3 parts of 1 KiB.
+    EXPECT_EQ(amx.prepared_size(16, 64, dtype), 6 * 1024);
+    EXPECT_EQ(amx.prepared_size(17, 64, dtype), 12 * 1024);
+  }
+  for (const DType dtype : {DType::kF32, DType::kF16})
+    EXPECT_EQ(amx.prepared_size(64, 64, dtype), 0);
 }
 
 // The fp32 kernels' bound for one product y[t, n] of x [T, K] and W (kernels_test gives AVX2
