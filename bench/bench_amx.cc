@@ -19,7 +19,7 @@
 // what the model runs (x prepared once, the layout chosen by T).
 //
 //   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 16,48,512] [--reps 5]
-//                   [--shapes gateup,down,shared,attn] [--only-exact 1]
+//                   [--shapes gateup,down,shared,attn,mgateup,mdown] [--only-exact 1]
 #include <time.h>
 
 #include <algorithm>
@@ -146,11 +146,14 @@ int main(int argc, char** argv) {
   const Shape all_shapes[] = {{"gateup", "expert gate/up", 2048, 1408},
                               {"down", "expert down", 1408, 2048},
                               {"shared", "shared experts gate/up", 2048, 10944},
-                              {"attn", "attention projection", 2048, 2048}};
+                              {"attn", "attention projection", 2048, 2048},
+                              // The medium preset of make-model / bench_engine (not in "all").
+                              {"mgateup", "medium expert gate/up", 1024, 704},
+                              {"mdown", "medium expert down", 704, 1024}};
   std::vector<Shape> shapes;
   for (const Shape& s : all_shapes) {
     for (const std::string& name : bench::SplitList(shapes_arg))
-      if (name == "all" || name == s.key) shapes.push_back(s);
+      if ((name == "all" && s.key[0] != 'm') || name == s.key) shapes.push_back(s);
   }
   std::printf(
       "| dtype | shape | K → N | T | threads | kernel | ms | GFLOP/s | GFLOP per CPU-s | per "
