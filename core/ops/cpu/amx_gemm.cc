@@ -56,10 +56,15 @@
 //   K = 2048 → N = 10944 (shared experts, dense layer), T = 512, 1 thread: BF16 389 → 400,
 //   Q8_0 240 → 247 (converting x is a small share there; 2 threads: BF16 342 → 397).
 // dsmoe_bench_engine --presets medium --prompt 512 (chunks of 256: ~24 tokens per routed
-// expert), prefill tok/s, main's binary and this one alternated 6 times each on the same
-// shared machine (load average 2-9), best (median): 1 thread BF16 277 (267) → 304 (279), Q8_0
-// 219 (213) → 251 (243); 2 threads BF16 511 → 514, Q8_0 372 → 415, where the other
-// processes decided the spread (200-510 for either binary).
+// expert), prefill tok/s, main's binary and this one alternated on the same machine. In a quiet
+// spell (load average 0.3-1.4, two runs each, best): BF16 1 thread 322 → 336, 2 threads 566 →
+// 609; Q8_0 1 thread 241 → 284, 2 threads 426 → 508. Under other builds (load 2-9, six runs
+// each, best (median)): BF16 1 thread 277 (267) → 304 (279), Q8_0 219 (213) → 251 (243); the 2-
+// thread figures there spread 200-510 for either binary. perf of `dsmoe logits` on 512 tokens
+// (medium BF16, 2 threads) after: the weight-tile product 51% (its time in the weight tiles'
+// loads from memory), the fp32 kernels for batches of 5-15 tokens (routed experts that few
+// tokens reach: avx512 BatchGemm, avx2) 18%, the lm_head's token tiles (T = 512) 13%
+// (PackPanelBf16 10%), PackActivations 0.8%.
 // The kernel alone (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
 // CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
 // everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
