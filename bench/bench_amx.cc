@@ -12,10 +12,14 @@
 // "x packed once" keeps the engine's chunks but packs x once (AmxPackActivations, the threads
 // taking slices of tokens) for every chunk to read (AmxMatMulRowsPacked).
 //
-// Q8_0 runs the same shapes, AMX in the fast mode only (AMX dequantizes each panel to BF16 as
-// it packs it; it has no exact mode for Q8_0).
+// Q8_0 runs the same shapes (exact mode: q in the tiles, each block scaled by its d in fp32).
 //
-//   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 512] [--reps 5]
+// "weight tiles" packs x transposed for the other orientation (AmxLayout::kWeightTiles: the
+// weight rows read in place as A tiles, nothing repacked per call); "ops::Linear, amx table" is
+// what the model runs (x prepared once, the layout chosen by T).
+//
+//   dsmoe_bench_amx [--threads 1,2] [--dtypes bf16,q8] [--tokens 16,48,512] [--reps 5]
+//                   [--shapes gateup,down,shared,attn,mgateup,mdown] [--only-exact 1]
 #include <time.h>
 
 #include <algorithm>
@@ -43,6 +47,7 @@ using MatMulFn = void (*)(const float*, int64_t, const MatrixView&, int64_t, int
                           int64_t);
 
 struct Shape {
+  const char* key;  // --shapes name
   const char* what;
   int64_t K, N;
 };
@@ -86,28 +91,30 @@ void AmxFast(const float* x, int64_t T, const MatrixView& W, int64_t r0, int64_t
 
 // The same with x packed to BF16 tiles once, the threads packing slices of 16-token tiles,
 // then every row task reading the one packed copy (AmxMatMulRowsPacked).
-void RunPackedSplit(ThreadPool& pool, ops::AmxPrecision precision, const float* x, int64_t T,
-                    const MatrixView& W, int64_t chunk, uint16_t* packed, float* y) {
+void RunPackedSplit(ThreadPool& pool, ops::AmxPrecision precision, ops::AmxLayout layout,
+                    const float* x, int64_t T, const MatrixView& W, int64_t chunk, uint16_t* packed,
+                    float* y) {
   const int64_t K = W.cols, N = W.rows, tiles = (T + 15) / 16;
   const int64_t slice = (tiles + pool.num_threads() - 1) / pool.num_threads() * 16;
   pool.ParallelFor((T + slice - 1) / slice, [&](int64_t task, int) {
     const int64_t t0 = task * slice, t1 = std::min(T, t0 + slice);
     ops::AmxPackActivations(x + t0 * K, t1 - t0, K,
-                            packed + ops::AmxPackedActivationsSize(t0, K, precision), precision);
+                            packed + ops::AmxPackedActivationsSize(t0, K, precision), precision,
+                            layout);
   });
   const int64_t tasks = (N + chunk - 1) / chunk;
   pool.ParallelFor(tasks, [&](int64_t task, int) {
     const int64_t r0 = task * chunk, r1 = std::min(N, r0 + chunk);
-    ops::AmxMatMulRowsPacked(packed, T, W, r0, r1, y, N, precision);
+    ops::AmxMatMulRowsPacked(packed, T, W, r0, r1, y, N, precision, layout);
   });
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string threads_arg = "1,2", dtypes_arg = "bf16,q8";
-  int64_t T = 512;
+  std::string threads_arg = "1,2", dtypes_arg = "bf16,q8", tokens_arg = "512", shapes_arg = "all";
   int reps = 5;
+  bool only_exact = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--threads") {
@@ -115,7 +122,11 @@ int main(int argc, char** argv) {
     } else if (flag == "--dtypes") {
       dtypes_arg = argv[i + 1];
     } else if (flag == "--tokens") {
-      T = std::stoll(argv[i + 1]);
+      tokens_arg = argv[i + 1];
+    } else if (flag == "--shapes") {
+      shapes_arg = argv[i + 1];
+    } else if (flag == "--only-exact") {
+      only_exact = std::string(argv[i + 1]) == "1";
     } else if (flag == "--reps") {
       reps = std::stoi(argv[i + 1]);
     } else {
@@ -128,99 +139,124 @@ int main(int argc, char** argv) {
   const bool amx = ops::AmxUsable();
   std::printf("CPU: %s; AMX %s; Kernels() picks \"%s\"\n", GetCpuFeatures().ToString().c_str(),
               amx ? "usable" : "not usable", best.name);
-  std::printf("T = %lld tokens, best of %d rounds after a warm-up round\n\n", (long long)T, reps);
+  std::printf("T = %s tokens, best of %d rounds after a warm-up round\n\n", tokens_arg.c_str(),
+              reps);
   if (!amx) std::printf("(AMX rows skipped: AMX is not usable on this machine)\n\n");
 
-  const Shape shapes[] = {{"expert gate/up", 2048, 1408},
-                          {"expert down", 1408, 2048},
-                          {"shared experts gate/up", 2048, 10944},
-                          {"attention projection", 2048, 2048}};
+  const Shape all_shapes[] = {{"gateup", "expert gate/up", 2048, 1408},
+                              {"down", "expert down", 1408, 2048},
+                              {"shared", "shared experts gate/up", 2048, 10944},
+                              {"attn", "attention projection", 2048, 2048},
+                              // The medium preset of make-model / bench_engine (not in "all").
+                              {"mgateup", "medium expert gate/up", 1024, 704},
+                              {"mdown", "medium expert down", 704, 1024}};
+  std::vector<Shape> shapes;
+  for (const Shape& s : all_shapes) {
+    for (const std::string& name : bench::SplitList(shapes_arg))
+      if ((name == "all" && s.key[0] != 'm') || name == s.key) shapes.push_back(s);
+  }
   std::printf(
-      "| dtype | shape | K → N | threads | kernel | ms | GFLOP/s | GFLOP per CPU-s | per CPU-s "
-      "vs avx2 |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+      "| dtype | shape | K → N | T | threads | kernel | ms | GFLOP/s | GFLOP per CPU-s | per "
+      "CPU-s vs avx2 |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& dtype : bench::SplitList(dtypes_arg)) {
     const bool q8 = dtype == "q8";
     for (const std::string& th : bench::SplitList(threads_arg)) {
       const int threads = std::stoi(th);
       ThreadPool pool(threads);
       for (const Shape& s : shapes) {
-        std::mt19937 rng(11);
-        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-        std::vector<float> wf(s.N * s.K);
-        for (float& v : wf) v = dist(rng) * 0.05f;
-        std::vector<uint16_t> w(s.N * s.K), scales(s.N * s.K / kQ8Block);
-        std::vector<int8_t> q(q8 ? s.N * s.K : 0);
-        if (q8) {
-          for (int64_t r = 0; r < s.N; ++r)
-            QuantizeRowQ8(wf.data() + r * s.K, s.K, q.data() + r * s.K,
-                          scales.data() + r * (s.K / kQ8Block));
-        } else {
-          for (int64_t i = 0; i < s.N * s.K; ++i) w[i] = F32ToBf16(wf[i]);
-        }
-        std::vector<float> x(T * s.K), y(T * s.N);
-        for (float& v : x) v = dist(rng);
-        const MatrixView W = q8 ? MatrixView{DType::kQ8_0, s.N, s.K, q.data(), scales.data()}
-                                : MatrixView{DType::kBF16, s.N, s.K, w.data()};
-        const int64_t chunk = ops::RowChunkSize(s.N, threads, 8, 8);
-        const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
-        const double flops = 2.0 * T * s.N * s.K;
+        for (const std::string& tokens : bench::SplitList(tokens_arg)) {
+          const int64_t T = std::stoll(tokens);
+          std::mt19937 rng(11);
+          std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+          std::vector<float> wf(s.N * s.K);
+          for (float& v : wf) v = dist(rng) * 0.05f;
+          std::vector<uint16_t> w(s.N * s.K), scales(s.N * s.K / kQ8Block);
+          std::vector<int8_t> q(q8 ? s.N * s.K : 0);
+          if (q8) {
+            for (int64_t r = 0; r < s.N; ++r)
+              QuantizeRowQ8(wf.data() + r * s.K, s.K, q.data() + r * s.K,
+                            scales.data() + r * (s.K / kQ8Block));
+          } else {
+            for (int64_t i = 0; i < s.N * s.K; ++i) w[i] = F32ToBf16(wf[i]);
+          }
+          std::vector<float> x(T * s.K), y(T * s.N);
+          for (float& v : x) v = dist(rng);
+          const MatrixView W = q8 ? MatrixView{DType::kQ8_0, s.N, s.K, q.data(), scales.data()}
+                                  : MatrixView{DType::kBF16, s.N, s.K, w.data()};
+          const int64_t chunk = ops::RowChunkSize(s.N, threads, 8, 8);
+          const int64_t one_chunk = ops::RowChunkSize(s.N, threads, 16, 1);
+          const double flops = 2.0 * T * s.N * s.K;
 
-        // Every variant once per round, `reps` rounds after a warm-up one, best time each: on a
-        // shared machine a burst of load then slows one round of all, not all runs of one.
-        struct Row {
-          std::string name;
-          std::function<void()> run;
-          double secs = 1e30, cpu = 1e30;
-        };
-        std::vector<Row> rows;
-        auto split = [&](const std::string& name, MatMulFn fn, int64_t c) {
-          rows.push_back({name, [&, fn, c] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); }});
-        };
-        const bool exact = amx && ops::AmxSupports(W.dtype, ops::AmxPrecision::kExact);
-        std::vector<uint16_t> packed(
-            amx ? ops::AmxPackedActivationsSize(T, s.K, ops::AmxPrecision::kExact) : 0);
-        auto packed_once = [&](const std::string& name, ops::AmxPrecision precision) {
-          rows.push_back({name, [&, precision] {
-                            RunPackedSplit(pool, precision, x.data(), T, W, chunk, packed.data(),
-                                           y.data());
-                          }});
-        };
-        if (exact) {
-          split("AMX exact", AmxExact, chunk);
-          split("AMX exact, 1 chunk/thread", AmxExact, one_chunk);
-          packed_once("AMX exact, x packed once", ops::AmxPrecision::kExact);
-        }
-        if (amx) {
-          split("AMX fast", AmxFast, chunk);
-          split("AMX fast, 1 chunk/thread", AmxFast, one_chunk);
-          packed_once("AMX fast, x packed once", ops::AmxPrecision::kBf16);
-        }
-        // The baseline of the last column: the AVX2 kernel, fp32 products like AMX exact.
-        int64_t baseline = -1;
-        if (avx2 != nullptr) {
-          baseline = static_cast<int64_t>(rows.size());
-          split("avx2", avx2->matmul_rows, chunk);
-        }
-        if (avx2 != &best) split(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
-        for (int round = 0; round <= reps; ++round) {
-          for (Row& r : rows) {
-            const Timing m = Measure(r.run);
-            if (round > 0) {
-              r.secs = std::min(r.secs, m.wall);
-              r.cpu = std::min(r.cpu, m.cpu);
+          // Every variant once per round, `reps` rounds after a warm-up one, best time each: on a
+          // shared machine a burst of load then slows one round of all, not all runs of one.
+          struct Row {
+            std::string name;
+            std::function<void()> run;
+            double secs = 1e30, cpu = 1e30;
+          };
+          std::vector<Row> rows;
+          auto split = [&](const std::string& name, MatMulFn fn, int64_t c) {
+            rows.push_back({name, [&, fn, c] { RunSplit(pool, fn, x.data(), T, W, c, y.data()); }});
+          };
+          const bool exact = amx && ops::AmxSupports(W.dtype, ops::AmxPrecision::kExact);
+          std::vector<uint16_t> packed(
+              amx ? ops::AmxPackedActivationsSize(T, s.K, ops::AmxPrecision::kExact) : 0);
+          auto packed_once = [&](const std::string& name, ops::AmxPrecision precision,
+                                 ops::AmxLayout layout) {
+            rows.push_back({name, [&, precision, layout] {
+                              RunPackedSplit(pool, precision, layout, x.data(), T, W, chunk,
+                                             packed.data(), y.data());
+                            }});
+          };
+          if (exact) {
+            split("AMX exact", AmxExact, chunk);
+            if (!only_exact) split("AMX exact, 1 chunk/thread", AmxExact, one_chunk);
+            packed_once("AMX exact, x packed once", ops::AmxPrecision::kExact,
+                        ops::AmxLayout::kTokenTiles);
+            packed_once("AMX exact, x packed once, weight tiles", ops::AmxPrecision::kExact,
+                        ops::AmxLayout::kWeightTiles);
+            // What the model runs: ops::Linear with the amx table (prepared x, its choice of
+            // layout by T).
+            rows.push_back({"ops::Linear, amx table", [&] {
+                              ops::Linear(pool, *ops::Avx512AmxKernels(), x.data(), T, W, nullptr,
+                                          y.data());
+                            }});
+          }
+          if (amx && !only_exact) {
+            split("AMX fast", AmxFast, chunk);
+            split("AMX fast, 1 chunk/thread", AmxFast, one_chunk);
+            packed_once("AMX fast, x packed once", ops::AmxPrecision::kBf16,
+                        ops::AmxLayout::kTokenTiles);
+          }
+          // The baseline of the last column: the AVX2 kernel, fp32 products like AMX exact.
+          int64_t baseline = -1;
+          if (avx2 != nullptr) {
+            baseline = static_cast<int64_t>(rows.size());
+            split("avx2", avx2->matmul_rows, chunk);
+          }
+          if (avx2 != &best)
+            split(std::string("Kernels() = ") + best.name, best.matmul_rows, chunk);
+          for (int round = 0; round <= reps; ++round) {
+            for (Row& r : rows) {
+              const Timing m = Measure(r.run);
+              if (round > 0) {
+                r.secs = std::min(r.secs, m.wall);
+                r.cpu = std::min(r.cpu, m.cpu);
+              }
             }
           }
-        }
-        const double baseline_cpu = baseline >= 0 ? rows[baseline].cpu : 0;
-        for (const Row& r : rows) {
-          std::printf("| %s | %s | %lld → %lld | %d | %s | %.2f | %.1f | %.1f | ", dtype.c_str(),
-                      s.what, (long long)s.K, (long long)s.N, threads, r.name.c_str(), r.secs * 1e3,
-                      flops / r.secs / 1e9, flops / r.cpu / 1e9);
-          if (baseline >= 0)
-            std::printf("%.2fx |\n", baseline_cpu / r.cpu);
-          else
-            std::printf("- |\n");
+          const double baseline_cpu = baseline >= 0 ? rows[baseline].cpu : 0;
+          for (const Row& r : rows) {
+            std::printf("| %s | %s | %lld → %lld | %lld | %d | %s | %.2f | %.1f | %.1f | ",
+                        dtype.c_str(), s.what, (long long)s.K, (long long)s.N, (long long)T,
+                        threads, r.name.c_str(), r.secs * 1e3, flops / r.secs / 1e9,
+                        flops / r.cpu / 1e9);
+            if (baseline >= 0)
+              std::printf("%.2fx |\n", baseline_cpu / r.cpu);
+            else
+              std::printf("- |\n");
+          }
         }
       }
     }

@@ -1,7 +1,10 @@
 // The AMX GEMM against references written here: exact (double) products of the fp32 activations
 // (exact mode) or of the BF16-rounded ones (fast mode), and the scalar reference kernel, on
 // every token count 1-100 and 512, K on and off the 32-wide tile blocks, row ranges that start
-// and end inside 16-row panels; the exact mode's edge values against hand-worked results.
+// and end inside 16-row panels; the exact mode's edge values against hand-worked results. Every
+// check runs both orientations (x as A tiles, and x packed as B tiles for yᵀ = W·xᵀ) and, in
+// exact mode, the amx table's prepared hooks; ops::Linear and RunMlps with the amx table are
+// checked against the same calls with the reference table.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,9 +20,11 @@
 #include <thread>
 #include <vector>
 
+#include "core/model/mlp.h"
 #include "core/model/quantize.h"
 #include "core/ops/cpu/amx_gemm.h"
 #include "core/ops/kernels.h"
+#include "core/ops/ops.h"
 #include "core/tensor/dtype.h"
 #include "core/util/thread_pool.h"
 #include "tests/test_util.h"
@@ -159,6 +164,23 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
   ops::AmxMatMulRowsPacked(packed.data(), T, W.view, r0, r1, results.back().y.data(), ldy,
                            precision);
 
+  // The transposed orientation (AmxLayout::kWeightTiles: x packed as B tiles, yᵀ = W·xᵀ), from
+  // x packed in the same two slices. Its Q8_0 weights are q times d at every precision, so at
+  // kBf16 (where the checks below expect weights rounded to BF16) Q8_0 is checked in
+  // WeightTilesQ8FastModeMultipliesExactWeights instead.
+  if (!(precision == AmxPrecision::kBf16 && W.view.dtype == DType::kQ8_0)) {
+    results.push_back(
+        {"weight tiles, x packed transposed", std::vector<float>(T * ldy, kSentinel)});
+    std::vector<uint16_t> packed_t(ops::AmxPackedActivationsSize(T, K, precision), 0xffff);
+    ops::AmxPackActivations(x.data(), split, K, packed_t.data(), precision,
+                            ops::AmxLayout::kWeightTiles);
+    ops::AmxPackActivations(x.data() + split * K, T - split, K,
+                            packed_t.data() + ops::AmxPackedActivationsSize(split, K, precision),
+                            precision, ops::AmxLayout::kWeightTiles);
+    ops::AmxMatMulRowsPacked(packed_t.data(), T, W.view, r0, r1, results.back().y.data(), ldy,
+                             precision, ops::AmxLayout::kWeightTiles);
+  }
+
   results.push_back({"8-row chunks on 2 threads", std::vector<float>(T * ldy, kSentinel)});
   static ThreadPool pool(2);
   float* chunked = results.back().y.data();
@@ -166,6 +188,30 @@ void CheckAmx(const TestMatrix& W, int64_t T, int64_t r0, int64_t r1, int64_t ld
     const int64_t c0 = r0 + 8 * task, c1 = std::min(r1, c0 + 8);
     ops::AmxMatMulRows(x.data(), T, W.view, c0, c1, chunked, ldy, precision);
   });
+
+  // Exact mode only: the amx table's hooks (KernelTable::prepare, matmul_rows_prepared), x
+  // prepared in 16-token slices by two threads in reverse order, rows in 8-row chunks. They
+  // prepare nothing below 16 tokens (the table's matmul_rows then leaves AMX).
+  if (precision == AmxPrecision::kExact) {
+    const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+    const int64_t bytes = amx.prepared_size(T, K, W.view.dtype);
+    if (T < 16) {
+      EXPECT_EQ(bytes, 0) << "T=" << T;
+    } else {
+      results.push_back({"the amx table's prepared hooks", std::vector<float>(T * ldy, kSentinel)});
+      std::vector<uint64_t> prepared((bytes + 7) / 8, ~uint64_t{0});
+      const int64_t slices = (T + 15) / 16;
+      pool.ParallelFor(slices, [&](int64_t task, int) {
+        const int64_t t0 = 16 * (slices - 1 - task);
+        amx.prepare(x.data(), T, K, W.view.dtype, t0, std::min(T, t0 + 16), prepared.data());
+      });
+      float* out = results.back().y.data();
+      pool.ParallelFor((r1 - r0 + 7) / 8, [&](int64_t task, int) {
+        const int64_t c0 = r0 + 8 * task, c1 = std::min(r1, c0 + 8);
+        amx.matmul_rows_prepared(prepared.data(), T, W.view, c0, c1, out, ldy);
+      });
+    }
+  }
 
   const int parts = static_cast<int>(precision);
   const double x_rel = precision == AmxPrecision::kBf16x2 ? kBf16x2Rel : 0;
@@ -357,36 +403,51 @@ TEST_F(AmxTest, ExactModeEdgeValues) {
       ASSERT_FALSE((7 * t + 40) % K == (7 * u + 40) % K &&
                    cases[t % num_cases].w != cases[u % num_cases].w);
   const MatrixView W{DType::kBF16, N, K, w.data()};
-  std::vector<float> y(T * N, -1.0f);
-  ops::AmxMatMulRows(x.data(), T, W, 0, N, y.data(), N, AmxPrecision::kExact);
-  for (int64_t t = 0; t < T; ++t) {
-    const Case& c = cases[t % num_cases];
-    for (int64_t n = 0; n < N; ++n) {
-      const float scale = n + 1 == 3 ? 4.0f : static_cast<float>(n + 1);
-      const float want = c.want * scale, got = y[t * N + n];
-      if (c.slack == 0)
-        EXPECT_EQ(got, want) << c.what << ", weight scale " << scale;
-      else
-        EXPECT_NEAR(got, want, c.slack * scale) << c.what << ", weight scale " << scale;
+  // Each check in both orientations: x converted by the call (token tiles), and x packed as B
+  // tiles for the transposed product (weight tiles).
+  auto multiply = [](const std::vector<float>& xs, int64_t tokens, const MatrixView& m, float* out,
+                     ops::AmxLayout layout) {
+    if (layout == ops::AmxLayout::kTokenTiles) {
+      ops::AmxMatMulRows(xs.data(), tokens, m, 0, m.rows, out, m.rows, AmxPrecision::kExact);
+      return;
     }
+    std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(tokens, m.cols));
+    ops::AmxPackActivations(xs.data(), tokens, m.cols, packed.data(), AmxPrecision::kExact, layout);
+    ops::AmxMatMulRowsPacked(packed.data(), tokens, m, 0, m.rows, out, m.rows, AmxPrecision::kExact,
+                             layout);
+  };
+  for (const ops::AmxLayout layout : {ops::AmxLayout::kTokenTiles, ops::AmxLayout::kWeightTiles}) {
+    SCOPED_TRACE(layout == ops::AmxLayout::kTokenTiles ? "token tiles" : "weight tiles");
+    std::vector<float> y(T * N, -1.0f);
+    multiply(x, T, W, y.data(), layout);
+    for (int64_t t = 0; t < T; ++t) {
+      const Case& c = cases[t % num_cases];
+      for (int64_t n = 0; n < N; ++n) {
+        const float scale = n + 1 == 3 ? 4.0f : static_cast<float>(n + 1);
+        const float want = c.want * scale, got = y[t * N + n];
+        if (c.slack == 0)
+          EXPECT_EQ(got, want) << c.what << ", weight scale " << scale;
+        else
+          EXPECT_NEAR(got, want, c.slack * scale) << c.what << ", weight scale " << scale;
+      }
+    }
+    // NaN stays NaN, also one whose payload is only in the low 16 bits (truncated, it would be
+    // inf), and so does an inf times a zero weight.
+    std::vector<float> xn(16 * K, 0.0f), yn(16 * N, 0.0f);
+    xn[0] = from_bits(0x7f800001);
+    xn[K + 3] = from_bits(0xffc00000);
+    std::vector<uint16_t> wn(N * K, F32ToBf16(1.0f));
+    wn[2 * K + 5] = 0;
+    xn[2 * K + 5] = kInf;
+    multiply(xn, 16, MatrixView{DType::kBF16, N, K, wn.data()}, yn.data(), layout);
+    for (int64_t n = 0; n < N; ++n) {
+      EXPECT_TRUE(std::isnan(yn[n])) << n;
+      EXPECT_TRUE(std::isnan(yn[N + n])) << n;
+    }
+    EXPECT_EQ(yn[2 * N + 0], kInf);
+    EXPECT_TRUE(std::isnan(yn[2 * N + 2]));
+    for (int64_t i = 3 * N; i < 16 * N; ++i) EXPECT_EQ(yn[i], 0.0f) << i;
   }
-  // NaN stays NaN, also one whose payload is only in the low 16 bits (truncated, it would be
-  // inf), and so does an inf times a zero weight.
-  std::vector<float> xn(16 * K, 0.0f), yn(16 * N, 0.0f);
-  xn[0] = from_bits(0x7f800001);
-  xn[K + 3] = from_bits(0xffc00000);
-  std::vector<uint16_t> wn(N * K, F32ToBf16(1.0f));
-  wn[2 * K + 5] = 0;
-  xn[2 * K + 5] = kInf;
-  ops::AmxMatMulRows(xn.data(), 16, MatrixView{DType::kBF16, N, K, wn.data()}, 0, N, yn.data(), N,
-                     AmxPrecision::kExact);
-  for (int64_t n = 0; n < N; ++n) {
-    EXPECT_TRUE(std::isnan(yn[n])) << n;
-    EXPECT_TRUE(std::isnan(yn[N + n])) << n;
-  }
-  EXPECT_EQ(yn[2 * N + 0], kInf);
-  EXPECT_TRUE(std::isnan(yn[2 * N + 2]));
-  for (int64_t i = 3 * N; i < 16 * N; ++i) EXPECT_EQ(yn[i], 0.0f) << i;
 }
 
 // Q8_0: in the fast mode the weights are dequantized to BF16 as the panels are packed, in the
@@ -448,6 +509,190 @@ TEST_F(AmxTest, CheckDetectsAWrongWeight) {
         EXPECT_NE(y[t * 20 + n], y2[t * 20 + n]) << t;
       else
         EXPECT_EQ(y[t * 20 + n], y2[t * 20 + n]) << t << " " << n;
+    }
+  }
+}
+
+// The transposed orientation multiplies Q8_0's q and scales each block in fp32 at every
+// precision: at kBf16 its weights are exact (only x is rounded to BF16), where the other
+// orientation rounds q · d to BF16 as it packs. Against Σ bf16(x)·(q·d) in double, to a bound
+// (1e-6 of Σ|products|) that the other orientation's rounded weights exceed.
+TEST_F(AmxTest, WeightTilesQ8FastModeMultipliesExactWeights) {
+  const int64_t N = 20, K = 64;
+  const TestMatrix W = MakeQ8(N, K, 17);
+  for (int64_t T : {16, 33}) {
+    const std::vector<float> x = RandomFloats(T * K, 18 + T, 2.0f);
+    std::vector<uint16_t> packed(ops::AmxPackedActivationsSize(T, K, AmxPrecision::kBf16));
+    ops::AmxPackActivations(x.data(), T, K, packed.data(), AmxPrecision::kBf16,
+                            ops::AmxLayout::kWeightTiles);
+    std::vector<float> y(T * N), rounded(T * N);
+    ops::AmxMatMulRowsPacked(packed.data(), T, W.view, 0, N, y.data(), N, AmxPrecision::kBf16,
+                             ops::AmxLayout::kWeightTiles);
+    ops::AmxMatMulRows(x.data(), T, W.view, 0, N, rounded.data(), N, AmxPrecision::kBf16);
+    int64_t rounded_outside = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t n = 0; n < N; ++n) {
+        double sum = 0, abs_sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double p =
+              Bf16ToF32(F32ToBf16(x[t * K + k])) * static_cast<double>(W.real[n * K + k]);
+          sum += p;
+          abs_sum += std::fabs(p);
+        }
+        const double tol = 1e-6 * abs_sum;
+        ASSERT_NEAR(y[t * N + n], sum, tol) << "T=" << T << " t=" << t << " n=" << n;
+        rounded_outside += std::fabs(rounded[t * N + n] - sum) > tol ? 1 : 0;
+      }
+    }
+    EXPECT_GT(rounded_outside, T * N / 2) << "T=" << T;
+  }
+}
+
+// Only the amx table prepares activations, and only where its matmul_rows would use AMX (16
+// tokens or more, BF16 and Q8_0): everywhere else ops::Linear and RunMlps call matmul_rows as
+// before (decode included).
+TEST_F(AmxTest, OnlyTheAmxTablePreparesAndOnlyForBatches) {
+  EXPECT_EQ(ops::ReferenceKernels().prepared_size, nullptr);
+  if (const ops::KernelTable* avx512 = ops::Avx512Kernels()) {
+    EXPECT_EQ(avx512->prepared_size, nullptr);
+    EXPECT_EQ(avx512->prepare, nullptr);
+    EXPECT_EQ(avx512->matmul_rows_prepared, nullptr);
+  }
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  ASSERT_NE(amx.prepared_size, nullptr);
+  ASSERT_NE(amx.prepare, nullptr);
+  ASSERT_NE(amx.matmul_rows_prepared, nullptr);
+  for (const DType dtype : {DType::kBF16, DType::kQ8_0}) {
+    EXPECT_EQ(amx.prepared_size(1, 64, dtype), 0);
+    EXPECT_EQ(amx.prepared_size(15, 64, dtype), 0);
+    // 16 and 17 tokens: one and two tiles of 16 tokens × 2 blocks × 3 parts of 1 KiB.
+    EXPECT_EQ(amx.prepared_size(16, 64, dtype), 6 * 1024);
+    EXPECT_EQ(amx.prepared_size(17, 64, dtype), 12 * 1024);
+  }
+  for (const DType dtype : {DType::kF32, DType::kF16})
+    EXPECT_EQ(amx.prepared_size(64, 64, dtype), 0);
+}
+
+// The fp32 kernels' bound for one product y[t, n] of x [T, K] and W (kernels_test gives AVX2
+// against the reference 1e-5·(1 + sqrt(K)) on values within ±1), scaled to the largest
+// magnitudes of the token's x and the row's weights.
+double ExactBound(const std::vector<float>& x, const TestMatrix& W, int64_t t, int64_t n) {
+  const int64_t K = W.view.cols;
+  double x_max = 0, w_max = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    x_max = std::max(x_max, std::fabs(static_cast<double>(x[t * K + k])));
+    w_max = std::max(w_max, std::fabs(static_cast<double>(W.real[n * K + k])));
+  }
+  return 1e-5 * (1 + std::sqrt(static_cast<double>(K))) * x_max * w_max;
+}
+
+// ops::Linear with the amx table (x prepared once per matrix from 16 tokens on, the rows in
+// 8 chunks per thread) against ops::Linear with the reference table: within the exact bound,
+// on token counts that cross the preparation's threshold and its 32-token slices, BF16 with K
+// off the 32-wide blocks and Q8_0, a bias, and rows not a multiple of 16.
+TEST_F(AmxTest, LinearWithTheAmxTableMatchesTheReferenceTable) {
+  ThreadPool pool(2);
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  for (const bool q8 : {false, true}) {
+    const int64_t K = q8 ? 160 : 100, N = 70;
+    const TestMatrix W = q8 ? MakeQ8(N, K, 21) : MakeBf16(N, K, 22);
+    const std::vector<float> bias = RandomFloats(N, 23);
+    for (int64_t T : {1, 15, 16, 17, 31, 33, 48, 49, 100, 260}) {
+      const std::vector<float> x = RandomFloats(T * K, 24 + T, 2.0f);
+      std::vector<float> y(T * N, -1.0f), ref(T * N, -2.0f);
+      ops::Linear(pool, amx, x.data(), T, W.view, bias.data(), y.data());
+      ops::Linear(pool, ops::ReferenceKernels(), x.data(), T, W.view, bias.data(), ref.data());
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t n = 0; n < N; ++n) {
+          // Both add the bias in fp32 after the product: one more rounding, ≤ 2^-24·|y| each.
+          const double tol = ExactBound(x, W, t, n) + 2 * kU * std::fabs(ref[t * N + n]);
+          ASSERT_NEAR(y[t * N + n], ref[t * N + n], tol)
+              << (q8 ? "Q8_0" : "BF16") << " T=" << T << " t=" << t << " n=" << n;
+        }
+      }
+    }
+  }
+}
+
+// RunMlps with the amx table (each job's x prepared once for gate and up, act once for down)
+// against RunMlps with the reference table. Jobs of BF16 and Q8_0 weights and different widths
+// (not multiples of 16) in one call, token counts below the threshold (the table's matmul_rows)
+// and above it. The bounds: gate and up within the exact bound Δg, Δu of their products, so
+// act = silu(g)·u within 1.1·Δg·(|u| + Δu) + |silu(g)|·Δu (silu' ≤ 1.1) plus the two silu
+// kernels' difference (2e-6 relative, kernels_test's bound for each against double); out then
+// within Σ_k Δact_k·|down[n, k]| plus the exact bound of its own product.
+TEST_F(AmxTest, RunMlpsWithTheAmxTableMatchesTheReferenceTable) {
+  ThreadPool pool(2);
+  const ops::KernelTable& amx = *ops::Avx512AmxKernels();
+  const int64_t H = 64;
+  struct Expert {
+    TestMatrix gate, up, down;
+    MlpWeights mlp;
+  };
+  std::vector<Expert> experts(4);
+  const int64_t widths[] = {40, 96, 24, 64};
+  for (int e = 0; e < 4; ++e) {
+    const int64_t F = widths[e];
+    const bool q8 = e % 2 == 1;  // Q8_0 needs widths of whole blocks: 96, 64
+    Expert& x = experts[e];
+    x.gate = q8 ? MakeQ8(F, H, 30 + e) : MakeBf16(F, H, 30 + e);
+    x.up = q8 ? MakeQ8(F, H, 40 + e) : MakeBf16(F, H, 40 + e);
+    x.down = q8 ? MakeQ8(H, F, 50 + e) : MakeBf16(H, F, 50 + e);
+    x.mlp = MlpWeights{x.gate.view, x.up.view, x.down.view};
+  }
+  for (const std::vector<int64_t>& counts :
+       std::vector<std::vector<int64_t>>{{48, 5, 16, 33}, {1, 100, 17, 15}, {64, 64, 64, 64}}) {
+    struct Buffers {
+      std::vector<float> x, act, up, out;
+    };
+    std::vector<Buffers> amx_buf(4), ref_buf(4);
+    std::vector<MlpJob> amx_jobs, ref_jobs;
+    for (int e = 0; e < 4; ++e) {
+      const int64_t n = counts[e], F = widths[e];
+      for (auto* b : {&amx_buf[e], &ref_buf[e]}) {
+        b->x = RandomFloats(n * H, 60 + e + n, 2.0f);
+        b->act.assign(n * F, 0.0f);
+        b->up.assign(n * F, 0.0f);
+        b->out.assign(n * H, -1.0f);
+      }
+      amx_jobs.push_back({&experts[e].mlp, amx_buf[e].x.data(), n, amx_buf[e].act.data(),
+                          amx_buf[e].up.data(), amx_buf[e].out.data()});
+      ref_jobs.push_back({&experts[e].mlp, ref_buf[e].x.data(), n, ref_buf[e].act.data(),
+                          ref_buf[e].up.data(), ref_buf[e].out.data()});
+    }
+    RunMlps(pool, amx, amx_jobs.data(), 4, H);
+    RunMlps(pool, ops::ReferenceKernels(), ref_jobs.data(), 4, H);
+    for (int e = 0; e < 4; ++e) {
+      const Expert& ex = experts[e];
+      const int64_t n = counts[e], F = widths[e];
+      const std::vector<float>& x = ref_buf[e].x;
+      std::vector<double> act_tol(n * F);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t f = 0; f < F; ++f) {
+          double g = 0, u = 0;
+          for (int64_t k = 0; k < H; ++k) {
+            g += static_cast<double>(x[t * H + k]) * ex.gate.real[f * H + k];
+            u += static_cast<double>(x[t * H + k]) * ex.up.real[f * H + k];
+          }
+          const double dg = ExactBound(x, ex.gate, t, f), du = ExactBound(x, ex.up, t, f);
+          const double silu = g / (1 + std::exp(-g));
+          const double want = ref_buf[e].act[t * F + f];
+          act_tol[t * F + f] = 1.1 * dg * (std::fabs(u) + du) + (std::fabs(silu) + 1.1 * dg) * du +
+                               4e-6 * (std::fabs(want) + 1e-3);
+          ASSERT_NEAR(amx_buf[e].act[t * F + f], want, act_tol[t * F + f])
+              << "act, expert " << e << " n=" << n << " t=" << t << " f=" << f;
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          double propagated = 0;
+          for (int64_t f = 0; f < F; ++f)
+            propagated += act_tol[t * F + f] * std::fabs(ex.down.real[h * F + f]);
+          const double tol = propagated + ExactBound(ref_buf[e].act, ex.down, t, h);
+          ASSERT_NEAR(amx_buf[e].out[t * H + h], ref_buf[e].out[t * H + h], tol)
+              << "out, expert " << e << " n=" << n << " t=" << t << " h=" << h;
+        }
+      }
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/model/weights.h"
+#include "core/ops/kernels.h"
 #include "core/util/thread_pool.h"
 
 namespace dsmoe {
@@ -21,6 +22,11 @@ struct MlpJob {
   float* out = nullptr;      // [n, H] result
 };
 
+// Where the kernel table prepares activations (ops::KernelTable::prepared_size), each job's x is
+// prepared once for both its gate and up rows, and its act once for its down rows, all jobs'
+// in one parallel loop before the rows'. The first form uses ops::Kernels().
 void RunMlps(ThreadPool& pool, const MlpJob* jobs, int64_t num_jobs, int64_t hidden);
+void RunMlps(ThreadPool& pool, const ops::KernelTable& kernels, const MlpJob* jobs,
+             int64_t num_jobs, int64_t hidden);
 
 }  // namespace dsmoe

@@ -27,6 +27,45 @@ void AmxBatchMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t 
   }
 }
 
+// Up to this many tokens, prepared batches use the transposed orientation (AmxLayout::
+// kWeightTiles: weight rows read in place, or copied or widened without a transposition);
+// beyond, x as A tiles and the weights transposed into B tiles per call, which shares each
+// packed block among more token tiles. Measured with bench/bench_amx.cc (exact mode, one
+// thread, DeepSeekMoE 16B's shapes, a shared machine: ±10% between runs): BF16 weight tiles
+// were up to 1.4x faster at 16 tokens, level with the other from 48 on (0.85-1.05); Q8_0's
+// (whose other orientation widens and transposes q per call) 1.03-1.25x up to 256 tokens,
+// level at 512 (0.96-1.09).
+int64_t WeightTilesMaxTokens(DType dtype) { return dtype == DType::kQ8_0 ? 256 : 48; }
+
+AmxLayout PreparedLayout(int64_t T, DType dtype) {
+  return T <= WeightTilesMaxTokens(dtype) ? AmxLayout::kWeightTiles : AmxLayout::kTokenTiles;
+}
+
+// Prepared activations for the AMX tiles: x split into its three exact BF16 parts and laid out
+// as tiles once per matrix (AmxPackActivations) in the orientation PreparedLayout picks, for
+// batches AmxBatchMatMulRows sends to AMX.
+int64_t AmxPreparedSize(int64_t T, int64_t K, DType dtype) {
+  if (T < kAmxMinTokens || !AmxSupports(dtype, AmxPrecision::kExact)) return 0;
+  return AmxPackedActivationsSize(T, K, AmxPrecision::kExact) *
+         static_cast<int64_t>(sizeof(uint16_t));
+}
+
+void AmxPrepare(const float* x, int64_t T, int64_t K, DType dtype, int64_t t0, int64_t t1,
+                void* prepared) {
+  // Tiles hold 16 tokens in order, so tokens from t0 (a multiple of 16) start where the packed
+  // size of the first t0 tokens ends.
+  AmxPackActivations(
+      x + t0 * K, t1 - t0, K,
+      static_cast<uint16_t*>(prepared) + AmxPackedActivationsSize(t0, K, AmxPrecision::kExact),
+      AmxPrecision::kExact, PreparedLayout(T, dtype));
+}
+
+void AmxMatMulRowsPrepared(const void* prepared, int64_t T, const MatrixView& W, int64_t row_begin,
+                           int64_t row_end, float* y, int64_t ldy) {
+  AmxMatMulRowsPacked(static_cast<const uint16_t*>(prepared), T, W, row_begin, row_end, y, ldy,
+                      AmxPrecision::kExact, PreparedLayout(T, W.dtype));
+}
+
 }  // namespace
 
 const KernelTable* Avx512AmxKernels() {
@@ -35,6 +74,9 @@ const KernelTable* Avx512AmxKernels() {
     KernelTable t = *Avx512Kernels();
     t.name = "amx";
     t.matmul_rows = &AmxBatchMatMulRows;
+    t.prepared_size = &AmxPreparedSize;
+    t.prepare = &AmxPrepare;
+    t.matmul_rows_prepared = &AmxMatMulRowsPrepared;
     return t;
   }();
   return &table;

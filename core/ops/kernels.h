@@ -94,6 +94,23 @@ struct KernelTable {
   // of a block, ≤ 2^31, then rounds to fp32: relative error ≤ 2^-24); 0: never, batches
   // multiply fp32 activations.
   int64_t q8_activation_min_tokens = 0;
+
+  // Optional (null in tables that convert x inside matmul_rows): the activations of a batch
+  // prepared once for every row task of a matrix. A caller that splits a matrix's rows over
+  // tasks (ops::Linear, RunMlps) would otherwise pay the conversion of all of x in every task.
+  // prepared_size(T, K, dtype): bytes that x [T, K] takes prepared for weights of `dtype` (a
+  // buffer 64-byte aligned is fastest); 0: this table does not prepare for this case (decode,
+  // a dtype it multiplies otherwise) and the caller uses matmul_rows.
+  int64_t (*prepared_size)(int64_t T, int64_t K, DType dtype) = nullptr;
+  // Prepares tokens [t0, t1) of x [T, K] (t0 a multiple of 16; t1 ≤ T) into `prepared`, which
+  // holds prepared_size(T, K, dtype) bytes for all T tokens: several threads may prepare
+  // disjoint slices of one buffer at once.
+  void (*prepare)(const float* x, int64_t T, int64_t K, DType dtype, int64_t t0, int64_t t1,
+                  void* prepared) = nullptr;
+  // matmul_rows' result (same contract and numerics) from x prepared for W.cols and W.dtype.
+  // Read-only on `prepared`: every row task of the matrix, on any thread, reads the same one.
+  void (*matmul_rows_prepared)(const void* prepared, int64_t T, const MatrixView& W,
+                               int64_t row_begin, int64_t row_end, float* y, int64_t ldy) = nullptr;
 };
 
 const KernelTable& ReferenceKernels();

@@ -20,7 +20,52 @@
 //     block for all P parts, each A tile feeds two TDPBF16PS.
 //     Blocks of 8 panels (128 rows, 512 KiB at K = 2048) are packed at a time and swept by
 //     every pair of token tiles: 4 and 16 panels were slower, 32 much slower.
-// Where the time goes (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
+// That is the token-tile orientation (AmxLayout::kTokenTiles). With few tokens each packed
+// weight block feeds few TDPBF16PS (a routed expert sees ~48 tokens of a 512-token chunk: 3
+// token tiles, 9 TDPBF16PS per 16 × 32 block transposed in exact mode), so the transposition
+// costs a large share. The transposed orientation (AmxLayout::kWeightTiles, from x packed
+// once per matrix) computes yᵀ = W · xᵀ instead:
+//   - x's parts are the B tiles: the A-tile layout above read as 16 × 16 32-bit pairs and
+//     transposed once, as x is packed (tile (i, j, part) at the same place);
+//   - a panel of 16 weight rows is the A tile as the matrix stores it: 16 rows × 32 BF16,
+//     TILELOADD straight from W with the row pitch as stride. Copied instead (zeros past the
+//     rows and K) where the panel passes the matrix's end or K is not whole blocks, and where
+//     rows are a multiple of 4 KiB apart (K = 2048: the 16 rows of a tile in one L1 set; a copy
+//     with one spare cache line per row measured 5-15% faster). Q8_0 panels hold q widened to
+//     BF16 (exact, no transposition) and their scales, per block, as below;
+//   - C tile (16 rows × 16 tokens) += A · B, 2 × 2 at a time as above, groups of 8 panels
+//     swept by every pair of token tiles (2 panels at a time was 25-30% slower from 256
+//     tokens: the activations then stream from L3 for every panel pair); each C tile is
+//     stored, transposed in registers and written to y once per full K.
+//   Each product and its place in the fp32 sum are those of the token-tile orientation (the
+//   parts of a block in the same order, hi, mid, lo), so everything said below of exactness
+//   holds for both. The caller picks one per call: ops::KernelTable's prepared hooks for the
+//   amx table (core/ops/kernels.cc) use weight tiles up to 48 tokens for BF16, 256 for Q8_0.
+// Where the time goes. In the model (perf record of a 512-token prefill of the medium preset,
+// BF16, 2 threads, before x was packed once per matrix): PackPanelBf16 26.6%, the tile loop
+// 17.1%, converting x 13.5% — x was converted by each of ~16 row tasks per matrix (ops::Linear)
+// and per (expert, row chunk) for gate and up each (RunMlps). Now x is prepared once per
+// matrix, once for gate and up together (KernelTable::prepare), and small batches skip the
+// weight transposition (weight tiles). bench/bench_amx.cc, exact mode, GFLOP per CPU-second,
+// rows split as ops::Linear splits them, x converted per row task (before) → ops::Linear with
+// the amx table (after), measured on a shared 2-vCPU Xeon (load average 2.3-2.7):
+//   K = 2048 → N = 1408 (a routed expert), 1 thread:  BF16 T = 16: 161 → 179, T = 48: 255 →
+//   297, T = 128: 253 → 326; Q8_0 T = 16: 127 → 169, T = 48: 171 → 217, T = 128: 196 → 224.
+//   2 threads (which then got about one core between them): BF16 T = 48: 193 → 303, T = 128:
+//   196 → 311; Q8_0 T = 48: 154 → 229, T = 128: 156 → 235;
+//   K = 2048 → N = 10944 (shared experts, dense layer), T = 512, 1 thread: BF16 389 → 400,
+//   Q8_0 240 → 247 (converting x is a small share there; 2 threads: BF16 342 → 397).
+// dsmoe_bench_engine --presets medium --prompt 512 (chunks of 256: ~24 tokens per routed
+// expert), prefill tok/s, main's binary and this one alternated on the same machine. In a quiet
+// spell (load average 0.3-1.4, two runs each, best): BF16 1 thread 322 → 336, 2 threads 566 →
+// 609; Q8_0 1 thread 241 → 284, 2 threads 426 → 508. Under other builds (load 2-9, six runs
+// each, best (median)): BF16 1 thread 277 (267) → 304 (279), Q8_0 219 (213) → 251 (243); the 2-
+// thread figures there spread 200-510 for either binary. perf of `dsmoe logits` on 512 tokens
+// (medium BF16, 2 threads) after: the weight-tile product 51% (its time in the weight tiles'
+// loads from memory), the fp32 kernels for batches of 5-15 tokens (routed experts that few
+// tokens reach: avx512 BatchGemm, avx2) 18%, the lm_head's token tiles (T = 512) 13%
+// (PackPanelBf16 10%), PackActivations 0.8%.
+// The kernel alone (one core of the Xeon this was written on, K = 2048, N = 1408, T = 512,
 // CPU time): the tile loop alone reaches 1.1-1.3 TFLOP/s with these working sets (2.5-3 with
 // everything in L1) — each step loads 4 KiB of tiles from L2 for 4 TDPBF16PS — and the whole
 // call ~0.8: packing the weights (~10%), converting x (~10%, it is read from L3) and storing C.
@@ -49,28 +94,31 @@
 //     the low bits into inf), mid = lo = 0. A weight of ±inf gives NaN (0 · ∞ from a zero
 //     part);
 //   - P = 2: hi + mid, x - lo: relative error < 2^-15, toward zero.
-// Each part multiplies the same B tile, so the work in TDPBF16PS and A tile loads is P times
-// that of P = 1, the weight packing and the B loads are shared.
+// Each part multiplies the same weight tile (B in token tiles, A in weight tiles), so the work
+// in TDPBF16PS and activation tile loads is P times that of P = 1, the weight packing and loads
+// are shared.
 //
-// Q8_0 weights go through the same BF16 tiles. At P = 1 each 16-row panel is dequantized
-// (q · d) and rounded to BF16 as it is packed, once per call, then reused by every token. At
-// P ≥ 2 that rounding would undo the exact activations (q · d has up to 8 + 11 significant bits,
-// BF16 8; splitting the weights too would multiply the tile work by 3 again), so the panels hold
-// q itself, exact in BF16, and a K block of 32 is exactly one Q8_0 block: each block's products
-// go to fresh C tiles, which are stored and added into fp32 accumulators times the 16 rows'
-// scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact up to
-// fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 × 16
-// tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
-// P TDPBF16PS per tile. It costs: Q8_0 exact ran at ~0.65-0.9 of BF16 exact's rate per CPU-second
-// in bench/bench_amx.cc. Tried and not kept: 2 token tiles × 1 panel with two sets of C tiles
-// taking turns (block j + 1's products issued before block j's are stored and scaled) was ~10%
-// faster with x converted per call but ~20% slower with x packed once (twice the A tile loads).
-// The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper) were not used: their K step is 64
-// values, two Q8_0 blocks of different scales, so every 32-wide block would need a C tile of its
-// own, stored and multiplied by the outer product of the token and row scales in AVX-512
-// registers (16 loads, converts and FMAs per 16 × 16 tile and block) — the work the exact mode
-// does per block, but for a tile step of half the work — and the activations would be quantized
-// to int8 (error up to amax/254 of each block, where BF16 rounds each value to 2^-8 of itself).
+// Q8_0 weights go through the same BF16 tiles. In token tiles at P = 1 each 16-row panel is
+// dequantized (q · d) and rounded to BF16 as it is packed, once per call, then reused by every
+// token. At P ≥ 2 that rounding would undo the exact activations (q · d has up to 8 + 11
+// significant bits, BF16 8; splitting the weights too would multiply the tile work by 3 again), so
+// the panels hold q itself, exact in BF16, and a K block of 32 is exactly one Q8_0 block: each
+// block's products go to fresh C tiles, which are stored and added into fp32 accumulators times the
+// 16 rows' scales (one FMA per value and block), y = Σ_j d[n, j] · Σ_{k in j} x_k · q[n, k] — exact
+// up to fp32 rounding, like the AVX2 kernel's q · d in fp32. That vector work (per block and 16 ×
+// 16 tile: a tile store, 16 loads and 16 FMAs into accumulators kept in L1) runs beside the block's
+// P TDPBF16PS per tile. Weight tiles do the same at every P (P = 1 too: q, not q · d rounded),
+// with a row's scale broadcast over a row of C (rows are C's rows there). It costs: Q8_0 exact ran
+// at ~0.65-0.9 of BF16 exact's rate per CPU-second in bench/bench_amx.cc. Tried and not kept: 2
+// token tiles × 1 panel with two sets of C tiles taking turns (block j + 1's products issued before
+// block j's are stored and scaled) was ~10% faster with x converted per call but ~20% slower with x
+// packed once (twice the A tile loads). The int8 tiles (TDPBSSD, twice TDPBF16PS's rate on paper)
+// were not used: their K step is 64 values, two Q8_0 blocks of different scales, so every 32-wide
+// block would need a C tile of its own, stored and multiplied by the outer product of the token and
+// row scales in AVX-512 registers (16 loads, converts and FMAs per 16 × 16 tile and block) — the
+// work the exact mode does per block, but for a tile step of half the work — and the activations
+// would be quantized to int8 (error up to amax/254 of each block, where BF16 rounds each value to
+// 2^-8 of itself).
 #include "core/ops/cpu/amx_gemm.h"
 
 #include <cstdint>
@@ -83,10 +131,12 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 // gcc 12's AVX-512 shuffles start from _mm512_undefined_epi32(), a deliberately uninitialised
-// value it then warns about (-Wmaybe-uninitialized) wherever they are inlined.
+// value it then warns about (-Wmaybe-uninitialized, and -Wuninitialized where the shuffled
+// values come from a tile store, which it does not see write memory) wherever they are inlined.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__)
@@ -583,6 +633,213 @@ void MatMulRowsTiles(const float* x, const uint16_t* packed, int64_t T, const Ma
   _tile_release();
 }
 
+// ---- The transposed orientation, C^T = W · X^T (AmxLayout::kWeightTiles) ----
+
+// Token tiles [i0, i1) of x as B tiles: tile (i, j, part) — at the place PackActivations gives
+// A tile (i, j, part) — holds at row q, column t the pair of x[16i + t, 32j + 2q … 2q + 1]'s
+// part: the A tile read as 16 × 16 32-bit pairs and transposed.
+void PackActivationsTransposed(const float* x, int64_t T, int64_t K, int parts, int64_t i0,
+                               int64_t i1, uint16_t* b) {
+  PackActivations(x, T, K, parts, i0, i1, b);
+  const int64_t KB = (K + kTileK - 1) / kTileK;
+  for (int64_t i = i0; i < i1; ++i) {
+    uint16_t* tiles = b + i * KB * parts * kTileElems;
+    for (int64_t tile = 0; tile < KB * parts; ++tile) {
+      uint16_t* t = tiles + tile * kTileElems;
+      __m512i r[16];
+      for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_si512(t + q * kTileK);
+      Transpose16x16(r);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(t + q * kTileK, r[q]);
+    }
+  }
+}
+
+// Where a panel of 16 weight rows is read as A tiles (16 rows × 32 BF16 per block): `data`,
+// rows `stride` bytes apart; d: Q8_0 scales, 16 per block (null for BF16).
+struct PanelSource {
+  const uint16_t* data;
+  int64_t stride;
+  const float* d;
+};
+
+// Values between the rows of a panel copied to scratch: one cache line more than the rows, so
+// that the 16 rows of a tile do not all fall in one L1 set (K = 2048 BF16 is 4 KiB a row).
+inline int64_t PanelStride(int64_t KB) { return KB * kTileK + kTileK; }
+
+// Rows [n0, n0 + rows) of W as A tiles. BF16 with 16 rows inside the matrix and K a multiple of
+// 32: the matrix itself, no copy (rows past `rows` are read and their results dropped). Else a
+// copy into `scratch` (16 × KB·32 values, zeros past `rows` and K): BF16 as stored, Q8_0 as q
+// widened to BF16 (exact), its scales into `d` (zeros past `rows`).
+template <DType D>
+PanelSource LoadPanel(const MatrixView& W, int64_t n0, int64_t rows, uint16_t* scratch, float* d) {
+  const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK, stride = PanelStride(KB);
+  if constexpr (D == DType::kBF16) {
+    const uint16_t* base = static_cast<const uint16_t*>(W.data) + n0 * K;
+    // Read in place unless the rows are 4 KiB apart or a multiple of it: a tile's 16 rows would
+    // then share one L1 set (12 ways), and sweeps after the first reread them from L2 slower
+    // than a copy costs (bench/bench_amx.cc, K = 2048: 5-15% faster with the copy).
+    const int64_t pitch = K * static_cast<int64_t>(sizeof(uint16_t));
+    if (K % kTileK == 0 && n0 + 16 <= W.rows && pitch % 4096 != 0)
+      return {base, K * static_cast<int64_t>(sizeof(uint16_t)), nullptr};
+    for (int64_t n = 0; n < 16; ++n) {
+      for (int64_t j = 0; j < KB; ++j) {
+        const int64_t left = K - j * kTileK;
+        const __mmask32 mask = n >= rows        ? 0
+                               : left >= kTileK ? static_cast<__mmask32>(0xffffffffu)
+                                                : static_cast<__mmask32>((1u << left) - 1);
+        _mm512_store_si512(scratch + n * stride + j * kTileK,
+                           _mm512_maskz_loadu_epi16(mask, base + n * K + j * kTileK));
+      }
+    }
+    return {scratch, stride * static_cast<int64_t>(sizeof(uint16_t)), nullptr};
+  } else {
+    const int8_t* base = static_cast<const int8_t*>(W.data) + n0 * K;
+    const uint16_t* scales = W.scales + n0 * KB;
+    for (int64_t n = 0; n < 16; ++n) {
+      for (int64_t j = 0; j < KB; ++j) {
+        __m512i w = _mm512_setzero_si512();
+        if (n < rows) {
+          const __m256i q =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + n * K + j * kTileK));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+          const __m512 hi =
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+          w = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        _mm512_store_si512(scratch + n * stride + j * kTileK, w);
+        d[16 * j + n] = n < rows ? _cvtsh_ss(scales[n * KB + j]) : 0.0f;
+      }
+    }
+    return {scratch, stride * static_cast<int64_t>(sizeof(uint16_t)), d};
+  }
+}
+
+// Writes a C^T tile c [16 weight rows][16 tokens] to y [token, row]: transposed in registers,
+// only the `tokens` × `rows` valid part.
+inline void StoreTransposed(const float c[16][16], float* y, int64_t ldy, int64_t tokens,
+                            int64_t rows) {
+  __m512i r[16];
+  for (int n = 0; n < 16; ++n) r[n] = _mm512_load_si512(c[n]);
+  Transpose16x16(r);
+  const __mmask16 mask = FirstLanes(rows);
+  for (int64_t t = 0; t < tokens; ++t)
+    _mm512_mask_storeu_ps(y + t * ldy, mask, _mm512_castsi512_ps(r[t]));
+}
+
+// MA (1-2) weight panels × NB (1-2) token tiles over KB blocks, P activation parts: C^T tile
+// (m, n) is tmm 2m + n, the weight A tiles tmm4-5, the activation B tiles tmm6-7 (each block's
+// P parts in order hi, mid, lo, as in TileKernel). b: the first token tile's block 0, token
+// tiles b_step apart. y: the first token's first row. kScaled (Q8_0): each block's products go
+// to fresh tiles, added into fp32 accumulators times their rows' scales, as TileKernelScaled
+// does but with a scale per row of C^T (a broadcast) instead of per column.
+template <int MA, int NB, int P, bool kScaled>
+void TileKernelT(const PanelSource w[2], const uint16_t* b, int64_t b_step, int64_t KB, float* y,
+                 int64_t ldy, const int64_t rows[2], const int64_t tokens[2]) {
+  alignas(64) float c[4][16][16];
+  alignas(64) float acc[4][16][16];  // kScaled only
+  if constexpr (kScaled) {
+    for (int tile = 0; tile < 4; ++tile)
+      for (int n = 0; n < 16; ++n) _mm512_store_ps(acc[tile][n], _mm512_setzero_ps());
+  }
+  auto zero = [] {
+    _tile_zero(0);
+    if constexpr (NB > 1) _tile_zero(1);
+    if constexpr (MA > 1) _tile_zero(2);
+    if constexpr (MA > 1 && NB > 1) _tile_zero(3);
+  };
+  if constexpr (!kScaled) zero();
+  for (int64_t j = 0; j < KB; ++j) {
+    if constexpr (kScaled) zero();
+    _tile_loadd(4, w[0].data + j * kTileK, w[0].stride);
+    if constexpr (MA > 1) _tile_loadd(5, w[1].data + j * kTileK, w[1].stride);
+    const uint16_t* bj = b + j * P * kTileElems;
+    for (int p = 0; p < P; ++p) {
+      _tile_loadd(6, bj + p * kTileElems, 64);
+      if constexpr (NB > 1) _tile_loadd(7, bj + b_step + p * kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MA > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (MA > 1 && NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+    if constexpr (kScaled) {
+      for (int m = 0; m < MA; ++m) {
+        for (int n = 0; n < NB; ++n) {
+          const int tile = 2 * m + n;
+          StoreTile(tile, c[tile], 64);
+          const float* d = w[m].d + 16 * j;
+          for (int r = 0; r < 16; ++r)
+            _mm512_store_ps(acc[tile][r],
+                            _mm512_fmadd_ps(_mm512_load_ps(c[tile][r]), _mm512_set1_ps(d[r]),
+                                            _mm512_load_ps(acc[tile][r])));
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MA; ++m) {
+    for (int n = 0; n < NB; ++n) {
+      const int tile = 2 * m + n;
+      float* out = y + n * kTileRows * ldy + 16 * m;
+      if constexpr (kScaled) {
+        StoreTransposed(acc[tile], out, ldy, tokens[n], rows[m]);
+      } else {
+        StoreTile(tile, c[tile], 64);
+        StoreTransposed(c[tile], out, ldy, tokens[n], rows[m]);
+      }
+    }
+  }
+}
+
+// MatMulRowsTiles in the transposed orientation, from activations packed by
+// PackActivationsTransposed: weight rows are A tiles read in place (BF16) or widened without a
+// transpose (Q8_0: q, the scales applied per block), so nothing is transposed per call but
+// the C^T tiles, once per full K. Two panels (32 rows) at a time, swept by every pair of token
+// tiles (the panels stay in L2 after the first pair).
+template <DType D, int P>
+void MatMulRowsTransposed(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
+                          int64_t row_end, float* y, int64_t ldy) {
+  constexpr bool kScaled = D == DType::kQ8_0;
+  const int64_t K = W.cols, KB = (K + kTileK - 1) / kTileK;
+  const int64_t token_tiles = (T + kTileRows - 1) / kTileRows;
+  const int64_t b_step = KB * P * kTileElems, panel_elems = 16 * PanelStride(KB);
+  const int64_t group = kPanelsPerBlock;
+  uint16_t* scratch = WeightScratch(static_cast<size_t>(group * panel_elems));
+  float* d = kScaled ? ScaleScratch(static_cast<size_t>(group * 16 * KB)) : nullptr;
+  ConfigureTiles();
+  PanelSource w[kPanelsPerBlock * 4];
+  int64_t rows[kPanelsPerBlock * 4 + 1];
+  for (int64_t g0 = row_begin; g0 < row_end; g0 += group * 16) {
+    const int64_t group_rows = row_end - g0 < group * 16 ? row_end - g0 : group * 16;
+    const int64_t panels = (group_rows + 15) / 16;
+    for (int64_t p = 0; p < panels; ++p) {
+      rows[p] = group_rows - 16 * p < 16 ? group_rows - 16 * p : 16;
+      w[p] = LoadPanel<D>(W, g0 + 16 * p, rows[p], scratch + p * panel_elems,
+                          kScaled ? d + p * 16 * KB : nullptr);
+    }
+    rows[panels] = 0;
+    for (int64_t i = 0; i < token_tiles; i += 2) {
+      const int64_t tokens[2] = {
+          T - i * kTileRows < kTileRows ? T - i * kTileRows : kTileRows,
+          T - (i + 1) * kTileRows < kTileRows ? T - (i + 1) * kTileRows : kTileRows};
+      const bool two_b = i + 1 < token_tiles;
+      const uint16_t* bp = packed + i * b_step;
+      for (int64_t p = 0; p < panels; p += 2) {
+        const bool two_a = p + 1 < panels;
+        float* yp = y + i * kTileRows * ldy + g0 + 16 * p;
+        if (two_a && two_b) {
+          TileKernelT<2, 2, P, kScaled>(w + p, bp, b_step, KB, yp, ldy, rows + p, tokens);
+        } else if (two_a) {
+          TileKernelT<2, 1, P, kScaled>(w + p, bp, b_step, KB, yp, ldy, rows + p, tokens);
+        } else if (two_b) {
+          TileKernelT<1, 2, P, kScaled>(w + p, bp, b_step, KB, yp, ldy, rows + p, tokens);
+        } else {
+          TileKernelT<1, 1, P, kScaled>(w + p, bp, b_step, KB, yp, ldy, rows + p, tokens);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 bool AmxUsable() {
@@ -597,41 +854,51 @@ bool AmxSupports(DType dtype, AmxPrecision precision) {
 }
 
 namespace {
+template <DType D, int P>
+void MatMulRowsAnyLayout(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                         int64_t row_begin, int64_t row_end, float* y, int64_t ldy,
+                         AmxLayout layout) {
+  if (packed != nullptr && layout == AmxLayout::kWeightTiles)
+    MatMulRowsTransposed<D, P>(packed, T, W, row_begin, row_end, y, ldy);
+  else
+    MatMulRowsTiles<D, P>(x, packed, T, W, row_begin, row_end, y, ldy);
+}
+
+template <DType D>
+void MatMulRowsAnyPrecision(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
+                            int64_t row_begin, int64_t row_end, float* y, int64_t ldy,
+                            AmxPrecision precision, AmxLayout layout) {
+  switch (precision) {
+    case AmxPrecision::kBf16:
+      MatMulRowsAnyLayout<D, 1>(x, packed, T, W, row_begin, row_end, y, ldy, layout);
+      return;
+    case AmxPrecision::kBf16x2:
+      MatMulRowsAnyLayout<D, 2>(x, packed, T, W, row_begin, row_end, y, ldy, layout);
+      return;
+    case AmxPrecision::kExact:
+      MatMulRowsAnyLayout<D, 3>(x, packed, T, W, row_begin, row_end, y, ldy, layout);
+      return;
+  }
+}
+
 void MatMulRowsAny(const float* x, const uint16_t* packed, int64_t T, const MatrixView& W,
                    int64_t row_begin, int64_t row_end, float* y, int64_t ldy,
-                   AmxPrecision precision) {
+                   AmxPrecision precision, AmxLayout layout) {
   if (T <= 0 || row_begin >= row_end || !AmxSupports(W.dtype, precision)) return;
+  if (layout != AmxLayout::kTokenTiles && layout != AmxLayout::kWeightTiles) return;
   if (W.dtype == DType::kBF16) {
-    switch (precision) {
-      case AmxPrecision::kBf16:
-        MatMulRowsTiles<DType::kBF16, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-      case AmxPrecision::kBf16x2:
-        MatMulRowsTiles<DType::kBF16, 2>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-      case AmxPrecision::kExact:
-        MatMulRowsTiles<DType::kBF16, 3>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-    }
+    MatMulRowsAnyPrecision<DType::kBF16>(x, packed, T, W, row_begin, row_end, y, ldy, precision,
+                                         layout);
   } else if (W.dtype == DType::kQ8_0 && W.cols % kQ8Block == 0) {
-    switch (precision) {
-      case AmxPrecision::kBf16:
-        MatMulRowsTiles<DType::kQ8_0, 1>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-      case AmxPrecision::kBf16x2:
-        MatMulRowsTiles<DType::kQ8_0, 2>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-      case AmxPrecision::kExact:
-        MatMulRowsTiles<DType::kQ8_0, 3>(x, packed, T, W, row_begin, row_end, y, ldy);
-        return;
-    }
+    MatMulRowsAnyPrecision<DType::kQ8_0>(x, packed, T, W, row_begin, row_end, y, ldy, precision,
+                                         layout);
   }
 }
 }  // namespace
 
 void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_begin,
                    int64_t row_end, float* y, int64_t ldy, AmxPrecision precision) {
-  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy, precision);
+  MatMulRowsAny(x, nullptr, T, W, row_begin, row_end, y, ldy, precision, AmxLayout::kTokenTiles);
 }
 
 int64_t AmxPackedActivationsSize(int64_t T, int64_t K, AmxPrecision precision) {
@@ -641,15 +908,19 @@ int64_t AmxPackedActivationsSize(int64_t T, int64_t K, AmxPrecision precision) {
 }
 
 void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed,
-                        AmxPrecision precision) {
+                        AmxPrecision precision, AmxLayout layout) {
   const int parts = static_cast<int>(precision);
   if (T <= 0 || K <= 0 || parts < 1 || parts > 3) return;
-  PackActivations(x, T, K, parts, 0, (T + kTileRows - 1) / kTileRows, packed);
+  if (layout == AmxLayout::kWeightTiles)
+    PackActivationsTransposed(x, T, K, parts, 0, (T + kTileRows - 1) / kTileRows, packed);
+  else if (layout == AmxLayout::kTokenTiles)
+    PackActivations(x, T, K, parts, 0, (T + kTileRows - 1) / kTileRows, packed);
 }
 
 void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
-                         int64_t row_end, float* y, int64_t ldy, AmxPrecision precision) {
-  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy, precision);
+                         int64_t row_end, float* y, int64_t ldy, AmxPrecision precision,
+                         AmxLayout layout) {
+  MatMulRowsAny(nullptr, packed, T, W, row_begin, row_end, y, ldy, precision, layout);
 }
 
 #else  // not x86-64: no AMX
@@ -659,9 +930,9 @@ bool AmxSupports(DType, AmxPrecision) { return false; }
 void AmxMatMulRows(const float*, int64_t, const MatrixView&, int64_t, int64_t, float*, int64_t,
                    AmxPrecision) {}
 int64_t AmxPackedActivationsSize(int64_t, int64_t, AmxPrecision) { return 0; }
-void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*, AmxPrecision) {}
+void AmxPackActivations(const float*, int64_t, int64_t, uint16_t*, AmxPrecision, AmxLayout) {}
 void AmxMatMulRowsPacked(const uint16_t*, int64_t, const MatrixView&, int64_t, int64_t, float*,
-                         int64_t, AmxPrecision) {}
+                         int64_t, AmxPrecision, AmxLayout) {}
 
 #endif
 

@@ -14,7 +14,8 @@
 //     kExact; twice the tile work;
 //   - kBf16: x rounded to BF16 (round to nearest even), 2^-8 of itself: y differs from the fp32
 //     product by up to Σ_k |x_k·W[n,k]|·2^-8. Q8_0 weights are dequantized (q · d, exact in
-//     fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight. The
+//     fp32) and rounded to BF16 as they are packed, another 2^-8 relative per weight (in the
+//     token-tile orientation; the weight-tile one, AmxLayout below, multiplies q · d exactly). The
 //     fastest.
 // The exact split is hi = x with its low 16 bits cleared (BF16 by truncation), mid = the same of
 // x - hi, lo = x - hi - mid (see amx_gemm.cc). Where it is not exact: TDPBF16PS counts BF16
@@ -70,14 +71,33 @@ void AmxMatMulRows(const float* x, int64_t T, const MatrixView& W, int64_t row_b
 // precision, from every thread. Tokens are packed 16 to a tile, tiles in order, so tokens
 // [16i, T) packed from x + 16i·K land at packed + AmxPackedActivationsSize(16i, K, precision):
 // threads may pack disjoint slices.
+//
+// Packed activations also choose the orientation of the product (AmxLayout):
+//   - kTokenTiles: x as A tiles (16 tokens × 32 values), the weights repacked on every call into
+//     B tiles (VNNI pairs: a 16 × 16 transposition per 16 rows × 32 values). What
+//     AmxMatMulRows does; best when many token tiles share each packed weight block;
+//   - kWeightTiles: yᵀ = W · xᵀ, x packed once as B tiles and the weight rows read in place as
+//     A tiles (BF16 rows are already an A tile's layout; Q8_0's q are widened to BF16, no
+//     transposition), each 16 rows × 16 tokens result transposed once as it is stored. Nothing
+//     is repacked per call, which pays for the few tokens a routed expert sees in a prompt
+//     chunk. Q8_0 weights are multiplied as q, each block's sum scaled by its d in fp32, at
+//     every precision (kBf16 too: its weights are then exact, not rounded to BF16).
+// Same numerics otherwise (each product exact in TDPBF16PS, the parts of each block in the same
+// order), so kExact's guarantee holds in both.
+enum class AmxLayout : int {
+  kTokenTiles = 0,
+  kWeightTiles = 1,
+};
 int64_t AmxPackedActivationsSize(int64_t T, int64_t K,
                                  AmxPrecision precision = AmxPrecision::kExact);
 void AmxPackActivations(const float* x, int64_t T, int64_t K, uint16_t* packed,
-                        AmxPrecision precision = AmxPrecision::kExact);
+                        AmxPrecision precision = AmxPrecision::kExact,
+                        AmxLayout layout = AmxLayout::kTokenTiles);
 // REQUIRES: as AmxMatMulRows; `packed` holds x [T, W.cols] from AmxPackActivations at this
-// `precision`.
+// `precision` and `layout`.
 void AmxMatMulRowsPacked(const uint16_t* packed, int64_t T, const MatrixView& W, int64_t row_begin,
                          int64_t row_end, float* y, int64_t ldy,
-                         AmxPrecision precision = AmxPrecision::kExact);
+                         AmxPrecision precision = AmxPrecision::kExact,
+                         AmxLayout layout = AmxLayout::kTokenTiles);
 
 }  // namespace dsmoe::ops
