@@ -65,6 +65,17 @@ absl::StatusOr<Target> ResolveTarget(const ClientGenerateOptions& o) {
   return t;
 }
 
+nlohmann::ordered_json LogprobsJson(const dsmoe::v1::TokenLogprobs& lp) {
+  nlohmann::ordered_json top = nlohmann::ordered_json::array();
+  for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
+    top.push_back({{"id", t.token_id()}, {"token", t.token()}, {"logprob", t.logprob()}});
+  }
+  return {{"id", lp.token_id()},
+          {"token", lp.token()},
+          {"logprob", lp.logprob()},
+          {"top_logprobs", std::move(top)}};
+}
+
 }  // namespace
 
 int RunClientGenerate(const ClientGenerateOptions& o) {
@@ -89,6 +100,7 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     request.set_logprobs(true);
     request.set_top_logprobs(o.sampling.logprobs);
   }
+  if (o.prompt_logprobs >= 0) request.set_prompt_logprobs(o.prompt_logprobs);
   if (!o.sampling.stop_ids.empty()) {
     auto stops = ParseIdList(o.sampling.stop_ids, "--stop-ids");
     if (!stops.ok()) {
@@ -113,6 +125,7 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
   std::vector<uint32_t> ids;
   std::string text;
   nlohmann::ordered_json logprobs = nlohmann::ordered_json::array();
+  nlohmann::ordered_json prompt_logprobs = nlohmann::ordered_json::array();
   dsmoe::v1::GenerateResponse last;
   // A text prompt means the gateway has a tokenizer: print only text, so that a token whose
   // text is held back (half a UTF-8 character, a possible stop string) prints nothing until it
@@ -122,16 +135,10 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
     ids.insert(ids.end(), message.token_ids().begin(), message.token_ids().end());
     text += message.text();
     text_stream = text_stream || !message.text().empty();
-    for (const dsmoe::v1::TokenLogprobs& lp : message.logprobs()) {
-      nlohmann::ordered_json top = nlohmann::ordered_json::array();
-      for (const dsmoe::v1::TopLogprob& t : lp.top_logprobs()) {
-        top.push_back({{"id", t.token_id()}, {"token", t.token()}, {"logprob", t.logprob()}});
-      }
-      logprobs.push_back({{"id", lp.token_id()},
-                          {"token", lp.token()},
-                          {"logprob", lp.logprob()},
-                          {"top_logprobs", std::move(top)}});
-    }
+    for (const dsmoe::v1::TokenLogprobs& lp : message.logprobs())
+      logprobs.push_back(LogprobsJson(lp));
+    for (const dsmoe::v1::TokenLogprobs& lp : message.prompt_logprobs())
+      prompt_logprobs.push_back(LogprobsJson(lp));
     if (!o.json) {
       if (text_stream) {
         std::cout << message.text() << std::flush;
@@ -175,6 +182,7 @@ int RunClientGenerate(const ClientGenerateOptions& o) {
                   {"completion_tokens", last.usage().completion_tokens()},
                   {"time_to_first_token_seconds", last.usage().time_to_first_token_seconds()}};
     if (request.logprobs()) j["logprobs"] = std::move(logprobs);
+    if (request.has_prompt_logprobs()) j["prompt_logprobs"] = std::move(prompt_logprobs);
     std::cout << j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
   } else {
     std::cout << "\n";

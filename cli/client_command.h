@@ -23,6 +23,7 @@ struct ClientGenerateOptions {
   std::string prompt;  // text (the gateway tokenizes)
   SamplingOptions sampling;
   std::vector<std::string> stop;  // stop strings (the gateway needs a tokenizer)
+  int prompt_logprobs = -1;       // >= 0: the prompt tokens' logprobs, with this many alternatives
   bool json = false;
   double timeout_seconds = 600;
 };

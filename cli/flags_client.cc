@@ -47,6 +47,11 @@ void AddClientCommands(CLI::App& app, int* rc) {
   AddSamplingFlags(generate, cg->sampling);
   generate->add_option("--stop", cg->stop,
                        "Stop when the text contains this string (not included; repeat for more)");
+  generate
+      ->add_option("--prompt-logprobs", cg->prompt_logprobs,
+                   "With --json: each prompt token's log-probability (from the second on: what "
+                   "the model gives it after the tokens before it) and this many alternatives")
+      ->check(CLI::Range(0, 20));
   generate->add_flag("--json", cg->json,
                      "Print {\"ids\", \"text\", \"finish_reason\", \"usage\"} as JSON (on a "
                      "failure: {\"ids\", \"text\", \"error\"}, what was delivered before it)");

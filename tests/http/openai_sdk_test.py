@@ -525,6 +525,19 @@ class HttpApi(unittest.TestCase):
                 for k, t in enumerate(lp.top_logprobs):
                     self.assertAlmostEqual(t.logprob, rows[p - 1][order[k]], delta=PROMPT_TOLERANCE)
                     self.assertAlmostEqual(t.logprob, rows[p - 1][t.token_id], delta=PROMPT_TOLERANCE)
+        # The same through `dsmoe client generate --prompt-logprobs N --json`.
+        out = json.loads(cu.run("client", "generate", "--state-dir", self.cluster.state_dir, "--ids",
+                                ",".join(map(str, PROMPT_IDS)), "--max-tokens", "3", "--ignore-eos",
+                                "--prompt-logprobs", str(TOP_N), "--json").stdout)
+        got = out["prompt_logprobs"]
+        self.assertEqual([lp["id"] for lp in got], PROMPT_IDS[1:])
+        for p, lp in enumerate(got, start=1):
+            self.assertAlmostEqual(lp["logprob"], rows[p - 1][PROMPT_IDS[p]], delta=PROMPT_TOLERANCE)
+            order = np.argsort(-rows[p - 1], kind="stable")
+            self.assertEqual(len(lp["top_logprobs"]), TOP_N)
+            for k, t in enumerate(lp["top_logprobs"]):
+                self.assertAlmostEqual(t["logprob"], rows[p - 1][order[k]], delta=PROMPT_TOLERANCE)
+                self.assertAlmostEqual(t["logprob"], rows[p - 1][t["id"]], delta=PROMPT_TOLERANCE)
 
 
 if __name__ == "__main__":
