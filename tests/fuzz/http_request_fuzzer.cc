@@ -5,7 +5,8 @@
 //
 // Beyond not crashing: a refusal is a 4xx with a message; an accepted request has 1..max_n
 // choices, each for the served model, with max_tokens in [1, 2^31) when set (chat always sets
-// it), a finite non-negative temperature, top_p in (0, 1],
+// it; 0 only for an echo asking the prompt's logprobs), a finite non-negative temperature, top_p
+// in (0, 1],
 // top_logprobs in [0, 20] and only with logprobs, and a prompt (text or ids). A choice the
 // gateway's validation accepts as well has a non-empty prompt within the limits.
 #include <cmath>
@@ -85,7 +86,11 @@ void Check(std::string_view body, bool chat, const dsmoe::Tokenizer* tokenizer,
     }
     DSMOE_FUZZ_CHECK(up.prompt_token_ids_size() >= 1 &&
                      up.prompt_token_ids_size() <= validation.max_prompt_tokens);
-    DSMOE_FUZZ_CHECK(up.max_tokens() >= 1 && up.max_tokens() <= validation.max_tokens_limit);
+    // 0 only for an echo that asks the prompt's logprobs (then they are the whole answer).
+    DSMOE_FUZZ_CHECK((up.max_tokens() >= 1 || (!chat && up.has_prompt_logprobs())) &&
+                     up.max_tokens() <= validation.max_tokens_limit);
+    DSMOE_FUZZ_CHECK(!up.has_prompt_logprobs() ||
+                     (up.prompt_logprobs() >= 0 && up.prompt_logprobs() <= dsmoe::kMaxTopLogprobs));
     DSMOE_FUZZ_CHECK(std::isfinite(up.temperature()) && up.temperature() >= 0);
     DSMOE_FUZZ_CHECK(up.top_p() > 0 && up.top_p() <= 1);
   }
