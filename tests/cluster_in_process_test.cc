@@ -448,27 +448,16 @@ TEST_F(ClusterInProcessTest, PromptLogprobsComeOnceAndEqualTheLogitsOfTheWholePr
   ASSERT_NE(cluster, nullptr);
   // "tuvwxyz" (ids 19..25, see AStopStringEnds...) then a few pairs.
   const std::vector<uint32_t> prompt = {19, 20, 21, 22, 23, 24, 25, 40, 300, 7, 511};
-  const int64_t P = static_cast<int64_t>(prompt.size()), V = config_.vocab_size;
-  std::vector<std::vector<double>> ref(P - 1, std::vector<double>(V));
+  const int64_t P = static_cast<int64_t>(prompt.size());
+  std::vector<std::vector<double>> ref;
   {
     auto weights = ModelWeights::Load(dir_->path());
     ASSERT_TRUE(weights.ok()) << weights.status();
     ThreadPool pool(1);
-    RunnerOptions o;
-    o.max_context = 64;
-    o.max_batch_tokens = 64;
-    auto runner = ModelRunner::Create(**weights, pool, o);
-    ASSERT_TRUE(runner.ok()) << runner.status();
-    const std::vector<int32_t> ids(prompt.begin(), prompt.end());
-    std::vector<int32_t> slots(P, 0), pos(P), rows(P);
-    for (int64_t i = 0; i < P; ++i) pos[i] = rows[i] = static_cast<int32_t>(i);
-    std::vector<float> logits(P * V);
-    ASSERT_TRUE((*runner)->Forward({ids, slots, pos, rows}, logits.data()).ok());
-    for (int64_t p = 0; p + 1 < P; ++p) {
-      double sum = 0;
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(logits[p * V + v]));
-      for (int64_t v = 0; v < V; ++v) ref[p][v] = logits[p * V + v] - std::log(sum);
-    }
+    auto rows = testing::WholeSequenceLogSoftmax(
+        **weights, pool, std::vector<int32_t>(prompt.begin(), prompt.end()));
+    ASSERT_TRUE(rows.ok()) << rows.status();
+    ref = *std::move(rows);
   }
   constexpr int kTop = 3;
   auto check = [&](const google::protobuf::RepeatedPtrField<v1::TokenLogprobs>& got,

@@ -461,29 +461,12 @@ class PromptLogprobsTest : public SchedulerKvTest {
       p[j] = static_cast<int32_t>((i * 53 + j * 29 + 7) % weights_->config().vocab_size);
     return p;
   }
-  // Reference log-probabilities [P - 1][V] of `prompt`: row p is log_softmax of the logits at
-  // position p (which predict token p + 1).
+  // Reference log-probabilities of `prompt`: row p is log_softmax of the logits at position p
+  // (which predict token p + 1).
   std::vector<std::vector<double>> Reference(const std::vector<int32_t>& prompt) {
-    const int64_t P = static_cast<int64_t>(prompt.size()), V = weights_->config().vocab_size;
-    RunnerOptions o;
-    o.num_slots = 1;
-    o.max_context = 64;
-    o.max_batch_tokens = 64;
-    auto runner = ModelRunner::Create(*weights_, solo_pool_, o);
-    EXPECT_TRUE(runner.ok()) << runner.status();
-    std::vector<int32_t> slots(P, 0), pos(P), rows(P);
-    std::iota(pos.begin(), pos.end(), 0);
-    std::iota(rows.begin(), rows.end(), 0);
-    std::vector<float> logits(P * V);
-    EXPECT_TRUE((*runner)->Forward({prompt, slots, pos, rows}, logits.data()).ok());
-    std::vector<std::vector<double>> out(P - 1, std::vector<double>(V));
-    for (int64_t p = 0; p + 1 < P; ++p) {
-      const float* row = logits.data() + p * V;
-      double sum = 0;
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]));
-      for (int64_t v = 0; v < V; ++v) out[p][v] = static_cast<double>(row[v]) - std::log(sum);
-    }
-    return out;
+    auto rows = testing::WholeSequenceLogSoftmax(*weights_, solo_pool_, prompt);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    return rows.ok() ? *std::move(rows) : std::vector<std::vector<double>>();
   }
   void ExpectMatchesReference(const std::vector<int32_t>& prompt,
                               const std::vector<TokenLogprobs>& got, int num_top) {

@@ -2,10 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <sstream>
+
+#include "core/model/model_runner.h"
+#include "core/util/status.h"
 
 namespace dsmoe::testing {
 
@@ -59,6 +64,29 @@ std::vector<double> NaiveExpert(const MlpWeights& m, const float* x) {
   }
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t r = 0; r < W; ++r) out[h] += act[r] * LoadAsF32(m.down.Row(h), m.down.dtype, r);
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::vector<double>>> WholeSequenceLogSoftmax(
+    const ModelWeights& weights, ThreadPool& pool, const std::vector<int32_t>& ids) {
+  const int64_t T = static_cast<int64_t>(ids.size()), V = weights.config().vocab_size;
+  RunnerOptions o;
+  o.num_slots = 1;
+  o.max_context = std::max<int64_t>(T, 64);
+  o.max_batch_tokens = std::max<int64_t>(T, 64);
+  DSMOE_ASSIGN_OR_RETURN(auto runner, ModelRunner::Create(weights, pool, o));
+  std::vector<int32_t> slots(T, 0), positions(T), rows(T);
+  std::iota(positions.begin(), positions.end(), 0);
+  std::iota(rows.begin(), rows.end(), 0);
+  std::vector<float> logits(T * V);
+  DSMOE_RETURN_IF_ERROR(runner->Forward({ids, slots, positions, rows}, logits.data()));
+  std::vector<std::vector<double>> out(T, std::vector<double>(V));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = logits.data() + t * V;
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]));
+    for (int64_t v = 0; v < V; ++v) out[t][v] = static_cast<double>(row[v]) - std::log(sum);
   }
   return out;
 }

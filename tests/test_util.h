@@ -6,9 +6,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "core/model/config.h"
 #include "core/model/make_model.h"
 #include "core/model/weights.h"
+#include "core/util/thread_pool.h"
 
 namespace dsmoe::testing {
 
@@ -34,5 +36,11 @@ ModelConfig WriteTinyModel(const std::string& dir, DType dtype = DType::kF32);
 // One routed expert (any MLP) on one token, straight from the definition
 // down(silu(gate x) ⊙ up x), in double precision.
 std::vector<double> NaiveExpert(const MlpWeights& m, const float* x);
+
+// The reference of the prompt-logprob tests: log_softmax, in double, of the logits a fresh
+// one-slot ModelRunner gives for every position of `ids` in one forward pass; row p ([vocab]) is
+// the distribution token p + 1 is scored by.
+absl::StatusOr<std::vector<std::vector<double>>> WholeSequenceLogSoftmax(
+    const ModelWeights& weights, ThreadPool& pool, const std::vector<int32_t>& ids);
 
 }  // namespace dsmoe::testing
